@@ -1,0 +1,179 @@
+"""TrainingRun: one fine-tuning job (SFT, DPO or GRPO) producing one Adapter."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .common import (
+    ARTIFACT_URI,
+    DNS_SUBDOMAIN,
+    CommonStatus,
+    ComputeResources,
+    Decimal,
+    KindInfo,
+    LocalObjectReference,
+    Metric,
+    Model,
+    Name,
+    PrinterColumn,
+    Resource,
+    age_column,
+    cel,
+    exactly_one_of,
+    validations,
+)
+
+Method = Literal["SFT", "DPO", "GRPO"]
+
+
+class FeedbackSnapshot(Model):
+    """Exactly these segments of a Deployment's feedback store (written by the operator)."""
+
+    deployment_ref: LocalObjectReference = Field(description="The Deployment whose feedback is used.")
+    store_uri: str | None = Field(default=None, max_length=2048, description="The feedback store (fsspec URI); the Deployment's if unset.")
+    segments: list[str] = Field(default_factory=list, max_length=10000, description="Segment object names, relative to `storeUri`. Empty means every segment present when the run starts.")
+    min_rating: Decimal | None = Field(default=None, description="Only responses rated at least this (in [0, 1]) become SFT rows.")
+
+
+class DatasetSource(Model):
+    """A dataset: a file (or directory) URI, or a snapshot of a Deployment's feedback."""
+
+    name: Name = Field(description="Dataset name (lineage and metrics refer to it).")
+    uri: str | None = Field(default=None, max_length=2048, description="`file://`, `s3://`, `gs://`, `pvc://<claim>/<path>` or an absolute path to a JSONL or Parquet file.")
+    feedback: FeedbackSnapshot | None = Field(default=None, description="Build the data from collected feedback instead.")
+    format: Literal["Auto", "JSONL", "Parquet"] = Field(default="Auto", description="File format; `Auto` goes by the extension.")
+    split: Literal["Train", "Eval"] = Field(default="Train", description="`Eval` datasets are used only for evaluation.")
+    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$", description="Expected content hash; the run fails if the data differs.")
+
+    model_config = Model.model_config | {"json_schema_extra": validations(exactly_one_of("uri", "feedback"))}
+
+
+class Hyperparameters(Model):
+    """Training hyperparameters; unset fields take the method's defaults."""
+
+    learning_rate: Decimal | None = Field(default=None, description="Learning rate, e.g. `\"2e-4\"`. Default: SFT 2e-4, DPO 5e-5, GRPO 1e-5.")
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="Epochs over the training data.")
+    max_steps: int | None = Field(default=None, ge=1, le=10000000, description="Stop after this many optimizer steps (overrides `epochs`).")
+    batch_size: int | None = Field(default=None, ge=1, le=4096, description="Per-device batch size (for GRPO: completions per step; a multiple of `numGenerations`).")
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=1024, description="Gradient accumulation steps.")
+    max_length: int | None = Field(default=None, ge=16, le=1048576, description="Maximum sequence length in tokens.")
+    warmup_ratio: Decimal | None = Field(default=None, description="Fraction of steps for learning-rate warm-up.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed.")
+    beta: Decimal | None = Field(default=None, description="DPO beta / GRPO KL coefficient.")
+    num_generations: int | None = Field(default=None, ge=2, le=256, description="GRPO: completions sampled per prompt.")
+    max_completion_length: int | None = Field(default=None, ge=1, le=65536, description="GRPO: maximum completion length in tokens.")
+    temperature: Decimal | None = Field(default=None, description="GRPO: sampling temperature.")
+    entropy_coef: Decimal | None = Field(default=None, description="GRPO: entropy bonus coefficient.")
+
+
+class LoRAConfig(Model):
+    """Shape of the LoRA adapter."""
+
+    rank: int = Field(default=16, ge=1, le=512, description="LoRA rank `r`.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha.")
+    dropout: Decimal = Field(default="0.05", description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64, description="Modules to adapt (`all-linear` or module names).")
+
+
+class Evaluation(Model):
+    """Held-out evaluation against the parent adapter (or the base model)."""
+
+    enabled: bool = Field(default=True, description="Evaluate the new adapter and its baseline after training.")
+    held_out_percent: int = Field(default=10, ge=0, le=50, description="Percent of the training data held out when no `Eval` dataset is given.")
+    max_samples: int = Field(default=256, ge=1, le=100000, description="At most this many evaluation prompts.")
+    reward_spec_ref: LocalObjectReference | None = Field(default=None, description="Graders for evaluation; the run's `rewardSpecRef` if unset.")
+
+
+class Output(Model):
+    """Where the adapter goes and what it is called."""
+
+    adapter_family: Name = Field(description="Adapter family; the Adapter is named `<family>-v<N>` (a Deployment can track a family).")
+    artifact_uri: str | None = Field(default=None, max_length=2048, pattern=ARTIFACT_URI, description="Prefix under which the artifact is written (`<prefix>/<namespace>/<run>`); the operator's default store if unset.")
+    credentials_secret_ref: LocalObjectReference | None = Field(default=None, description="Secret with credentials for the artifact store, mounted by reference.")
+
+
+class RunPolicy(Model):
+    """How the Job runs."""
+
+    backoff_limit: int = Field(default=2, ge=0, le=20, description="Pod restarts before the run fails; restarts resume from the last checkpoint.")
+    active_deadline_seconds: int | None = Field(default=None, ge=60, le=30 * 86400, description="Fail the run after this long.")
+    ttl_seconds_after_finished: int = Field(default=86400, ge=0, le=30 * 86400, description="Delete the finished Job after this long (the TrainingRun keeps its status).")
+    checkpoint_every_steps: int = Field(default=50, ge=1, le=1000000, description="Checkpoint interval in optimizer steps.")
+    image: str | None = Field(default=None, max_length=512, description="Trainer image; the operator's default if unset.")
+    service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="ServiceAccount of the training pod (e.g. for workload identity to the artifact store).")
+
+
+class TrainingRunSpec(Model):
+    """One fine-tuning job. Immutable once created."""
+
+    method: Method = Field(description="`SFT`, `DPO` or `GRPO` (reinforcement fine-tuning against a RewardSpec).")
+    base_model_ref: LocalObjectReference = Field(description="The BaseModel to adapt.")
+    parent_adapter_ref: LocalObjectReference | None = Field(default=None, description="Continue training this Adapter (it must be of the same base model).")
+    reward_spec_ref: LocalObjectReference | None = Field(default=None, description="Graders: required for `GRPO`, used for evaluation otherwise.")
+    datasets: list[DatasetSource] = Field(min_length=1, max_length=16, description="Training (and optional evaluation) data.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Hyperparameters.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape.")
+    resources: ComputeResources = Field(default_factory=lambda: ComputeResources(gpus=1), description="What the training pod needs.")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="Evaluation settings.")
+    output: Output = Field(description="Where the adapter goes.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Job policy.")
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel("self == oldSelf", "`spec` is immutable; create a new TrainingRun instead"),
+            cel("self.method != 'GRPO' || has(self.rewardSpecRef)", "`rewardSpecRef` is required when `method` is 'GRPO'", field_path=".rewardSpecRef", reason="FieldValueRequired"),
+            cel("self.datasets.exists(d, d.split == 'Train')", "at least one dataset must have `split` 'Train'", field_path=".datasets"),
+            cel("self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))", "dataset names must be unique", field_path=".datasets"),
+        )
+    }
+
+
+class Progress(Model):
+    """Live training progress, read from the trainer's progress lines."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps planned.")
+    percent: int = Field(default=0, ge=0, le=100, description="Percent done.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    loss: str | None = Field(default=None, max_length=32, description="Last training loss.")
+    mean_reward: str | None = Field(default=None, max_length=32, description="Last mean reward (GRPO).")
+    frac_reward_zero_std: str | None = Field(default=None, max_length=32, description="GRPO: fraction of prompts whose completions all got the same reward (1.0 = no learning signal).")
+    updated_at: str | None = Field(default=None, max_length=64, description="When progress was last read.")
+
+
+class TrainingRunStatus(CommonStatus):
+    phase: Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"] | None = Field(default=None, description="Derived from conditions, for humans.")
+    job_name: str | None = Field(default=None, max_length=253, description="Name of the training Job.")
+    start_time: str | None = Field(default=None, max_length=64, description="When the trainer started.")
+    completion_time: str | None = Field(default=None, max_length=64, description="When the run finished.")
+    progress: Progress | None = None
+    progress_text: str | None = Field(default=None, max_length=32, description="`step/total` for display.")
+    adapter_ref: LocalObjectReference | None = Field(default=None, description="The Adapter this run produced.")
+    artifact_uri: str | None = Field(default=None, max_length=2048, description="Where the artifact was written.")
+    metrics: list[Metric] | None = Field(default=None, max_length=64, description="Final metrics from the trainer.")
+    attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far.")
+
+
+class TrainingRunResource(Resource, KindInfo):
+    kind: Literal["TrainingRun"] = "TrainingRun"
+    spec: TrainingRunSpec
+    status: TrainingRunStatus | None = None
+
+    plural: ClassVar[str] = "trainingruns"
+    singular: ClassVar[str] = "trainingrun"
+    short_names: ClassVar[list[str]] = ["tr", "ptr"]
+    description: ClassVar[str] = "One fine-tuning job (SFT, DPO or GRPO reinforcement fine-tuning) that trains a LoRA adapter on a GPU Job and produces an Adapter."
+    printer_columns: ClassVar[list[PrinterColumn]] = [
+        PrinterColumn(name="Method", type="string", json_path=".spec.method"),
+        PrinterColumn(name="Base", type="string", json_path=".spec.baseModelRef.name"),
+        PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
+        PrinterColumn(name="Progress", type="string", json_path=".status.progressText"),
+        PrinterColumn(name="Loss", type="string", json_path=".status.progress.loss", priority=1),
+        PrinterColumn(name="Reward", type="string", json_path=".status.progress.meanReward"),
+        PrinterColumn(name="ETA", type="integer", json_path=".status.progress.etaSeconds", priority=1),
+        PrinterColumn(name="Adapter", type="string", json_path=".status.adapterRef.name"),
+        PrinterColumn(name="Succeeded", type="string", json_path='.status.conditions[?(@.type=="Succeeded")].status', priority=1),
+        age_column(),
+    ]
