@@ -1,0 +1,746 @@
+"""An embedded, in-memory Kubernetes API server for laptops and tests.
+
+Speaks enough of kube-apiserver's HTTP API for kopf 1.45, the ``kubernetes``
+Python client and kubectl 1.32: discovery, OpenAPI v3 (for ``kubectl explain``
+and server-side field validation), CRUD with resourceVersion/generation/status
+subresource semantics, patches, finalizers, ownerReference garbage collection,
+label/field selectors, watches with resume and bookmarks, CustomResourceDefinitions
+with structural-schema pruning, defaulting and validation (CEL included), Table
+output, and pod logs fed in-process.
+
+Usage::
+
+    server = APIServer()
+    await server.start()                 # or: handle = start_in_thread()
+    write_kubeconfig(path, server.url)
+    server.apply_crd(crd_dict)           # same as POSTing the CRD
+    server.set_pod_log("ns", "pod-0", "hello\\n")
+    await server.stop()                  #     handle.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from .store import APIError, ResourceType, Store, Watcher, parse_field_selector, parse_label_selector
+
+__all__ = ["APIServer", "APIError", "ServerThread", "start_in_thread", "write_kubeconfig"]
+
+log = logging.getLogger(__name__)
+
+KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-perennial", "gitCommit": "perennial",
+                "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
+                "compiler": "gc", "platform": "linux/amd64"}
+BOOKMARK_INTERVAL = 20.0  # seconds of idle before a BOOKMARK (real servers: about a minute)
+PATCH_TYPES = {
+    "application/json-patch+json": "json",
+    "application/merge-patch+json": "merge",
+    "application/strategic-merge-patch+json": "strategic",
+    "application/apply-patch+yaml": "apply",
+}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _json(obj: Any, status: int = 200, warnings: list[str] | None = None) -> web.Response:
+    resp = web.Response(text=_dumps(obj), status=status, content_type="application/json")
+    for w in warnings or []:
+        resp.headers.add("Warning", f'299 - "{w}"'.replace('\\', ''))
+    return resp
+
+
+def _error(err: APIError) -> web.Response:
+    return _json(err.status(), err.code)
+
+
+def _human_age(ts: str | None) -> str | None:
+    if not ts:
+        return None
+    try:
+        then = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        return ts
+    secs = int((_dt.datetime.now(_dt.timezone.utc) - then).total_seconds())
+    secs = max(secs, 0)
+    if secs < 120:
+        return f"{secs}s"
+    mins = secs // 60
+    if mins < 10:
+        return f"{mins}m{secs % 60}s" if secs % 60 else f"{mins}m"
+    if mins < 180:
+        return f"{mins}m"
+    hours = mins // 60
+    if hours < 48:
+        return f"{hours}h"
+    return f"{hours // 24}d"
+
+
+# --------------------------------------------------------------------------- JSONPath (printer columns)
+
+_TOKEN = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]|\[\?\(@\.([A-Za-z0-9_.\-]+)\s*==\s*['\"]([^'\"]*)['\"]\)\]|\['([^']+)'\]")
+
+
+def jsonpath(obj: Any, path: str) -> Any:
+    """Evaluate the simple JSONPaths CRD printer columns use (``.a.b``, ``[0]``, ``[?(@.t=="x")]``)."""
+    path = path.strip()
+    if path.startswith("{") and path.endswith("}"):
+        path = path[1:-1]
+    if path.startswith("$"):
+        path = path[1:]
+    cur: Any = obj
+    pos = 0
+    while pos < len(path):
+        m = _TOKEN.match(path, pos)
+        if not m:
+            return None
+        pos = m.end()
+        name, index, fkey, fval, quoted = m.groups()
+        if name is not None or quoted is not None:
+            key = name if name is not None else quoted
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        elif index is not None:
+            cur = cur[int(index)] if isinstance(cur, list) and int(index) < len(cur) else None
+        else:
+            if not isinstance(cur, list):
+                return None
+            cur = next((x for x in cur if isinstance(x, dict) and str(jsonpath(x, "." + fkey)) == fval), None)
+        if cur is None:
+            return None
+    return cur
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class APIServer:
+    """An in-memory Kubernetes API server on aiohttp."""
+
+    def __init__(self) -> None:
+        self.store = Store()
+        self.url: str = ""
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._watch_tasks: set[asyncio.Task] = set()
+        self._openapi_cache: dict[tuple[int, str], tuple[str, str]] = {}
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "APIServer":
+        self._stopping = False
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.host, self.port = host, sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        return self
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for w in self.store.all_watchers():
+            w.push(None)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> "ServerThread":
+        """Run this server in a background thread with its own event loop."""
+        return ServerThread(self, host, port)
+
+    # ------------------------------------------------------------------ in-process hooks
+
+    def set_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        self.store.set_pod_log(namespace, pod, text)
+
+    def append_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        self.store.append_pod_log(namespace, pod, text)
+
+    def _rt(self, group: str, version: str, plural: str) -> ResourceType:
+        rt = self.store.lookup(group, version, plural)
+        if rt is None:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        return rt
+
+    def apply_crd(self, crd: dict) -> dict:
+        """Create or replace a CustomResourceDefinition (registers its resource at once)."""
+        rt = self._rt("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        name = crd["metadata"]["name"]
+        with self.store.lock:
+            try:
+                old = self.store.get(rt, None, name)
+            except APIError:
+                return self.store.create(rt, None, crd)
+            body = dict(crd)
+            body["metadata"] = {**crd["metadata"], "resourceVersion": old["metadata"]["resourceVersion"]}
+            return self.store.update(rt, None, name, body)
+
+    def load_crds(self, path: str | Path) -> list[dict]:
+        """Apply every CRD in a YAML file or a directory of YAML files."""
+        p = Path(path)
+        files = sorted(p.glob("*.y*ml")) if p.is_dir() else [p]
+        out = []
+        for f in files:
+            for doc in yaml.safe_load_all(f.read_text()):
+                if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
+                    out.append(self.apply_crd(doc))
+        return out
+
+    def create(self, api_version: str, plural: str, body: dict, namespace: str | None = None) -> dict:
+        """Create an object in-process (e.g. a runtime marking Pods)."""
+        group, _, version = api_version.rpartition("/")
+        return self.store.create(self._rt(group, version, plural), namespace, body)
+
+    def get(self, api_version: str, plural: str, name: str, namespace: str | None = None) -> dict:
+        group, _, version = api_version.rpartition("/")
+        return self.store.get(self._rt(group, version, plural), namespace, name)
+
+    def list(self, api_version: str, plural: str, namespace: str | None = None) -> list[dict]:
+        group, _, version = api_version.rpartition("/")
+        return self.store.list(self._rt(group, version, plural), namespace)[0]
+
+    def patch(self, api_version: str, plural: str, name: str, patch: dict, namespace: str | None = None,
+              subresource: str | None = None) -> dict:
+        """Merge-patch an object in-process (``subresource="status"`` for status)."""
+        group, _, version = api_version.rpartition("/")
+        return self.store.patch(self._rt(group, version, plural), namespace, name, "merge", patch,
+                                subresource=subresource)[0]
+
+    def delete(self, api_version: str, plural: str, name: str, namespace: str | None = None) -> dict:
+        group, _, version = api_version.rpartition("/")
+        return self.store.delete(self._rt(group, version, plural), namespace, name)
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/") or "/"
+        try:
+            ctype = request.headers.get("Content-Type", "")
+            if "protobuf" in ctype or "cbor" in ctype:
+                raise APIError(415, "UnsupportedMediaType",
+                               f'the body of the request was in an unknown format - accepted media types include: '
+                               f'application/json, application/yaml')
+            parts = [p for p in path.split("/") if p]
+            if path in ("/healthz", "/readyz", "/livez"):
+                return web.Response(text="ok")
+            if path == "/version":
+                return _json(KUBE_VERSION)
+            if path == "/api":
+                return _json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}]})
+            if path == "/apis":
+                return _json(self._group_list())
+            if parts and parts[0] == "openapi":
+                return self._openapi(parts, request)
+            if parts[:2] == ["api", "v1"]:
+                group, version, rest = "", "v1", parts[2:]
+            elif parts and parts[0] == "apis" and len(parts) >= 3:
+                group, version, rest = parts[1], parts[2], parts[3:]
+            elif parts and parts[0] == "apis" and len(parts) == 2:
+                for g in self._group_list()["groups"]:
+                    if g["name"] == parts[1]:
+                        return _json({"kind": "APIGroup", "apiVersion": "v1", **g})
+                raise APIError(404, "NotFound", "the server could not find the requested resource")
+            else:
+                raise APIError(404, "NotFound", "the server could not find the requested resource")
+            if not rest:
+                return _json(self._resource_list(group, version))
+            return await self._resource(request, group, version, rest)
+        except APIError as err:
+            return _error(err)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug here must not kill the connection silently
+            log.exception("Internal error serving %s %s", request.method, request.path)
+            return _error(APIError(500, "InternalError", f"Internal error occurred: {exc!r}"))
+
+    # ------------------------------------------------------------------ discovery
+
+    def _group_list(self) -> dict:
+        groups: dict[str, dict[str, ResourceType]] = {}
+        with self.store.lock:
+            for rt in self.store.types.values():
+                if rt.group:
+                    groups.setdefault(rt.group, {})[rt.version] = rt
+        out = []
+        for name in sorted(groups):
+            versions = sorted(groups[name], key=_version_priority)
+            preferred = next((v for v in versions if groups[name][v].storage), versions[0])
+            out.append({
+                "name": name,
+                "versions": [{"groupVersion": f"{name}/{v}", "version": v} for v in versions],
+                "preferredVersion": {"groupVersion": f"{name}/{preferred}", "version": preferred},
+            })
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": out}
+
+    def _resource_list(self, group: str, version: str) -> dict:
+        with self.store.lock:
+            rts = [rt for (g, v, _), rt in self.store.types.items() if g == group and v == version]
+        if not rts:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        resources = []
+        for rt in sorted(rts, key=lambda r: r.plural):
+            entry: dict[str, Any] = {
+                "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced,
+                "kind": rt.kind, "verbs": list(rt.verbs),
+                "storageVersionHash": hashlib.sha256(f"{rt.group}/{rt.plural}".encode()).hexdigest()[:12],
+            }
+            if rt.short_names:
+                entry["shortNames"] = list(rt.short_names)
+            if rt.categories:
+                entry["categories"] = list(rt.categories)
+            resources.append(entry)
+            for sub in rt.subresources:
+                verbs = ["get"] if sub == "log" else ["get", "patch", "update"]
+                kind = "Scale" if sub == "scale" else rt.kind
+                sub_entry = {"name": f"{rt.plural}/{sub}", "singularName": "", "namespaced": rt.namespaced,
+                             "kind": kind, "verbs": verbs}
+                if sub == "scale":
+                    sub_entry["group"], sub_entry["version"] = "autoscaling", "v1"
+                resources.append(sub_entry)
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+    # ------------------------------------------------------------------ OpenAPI v3
+
+    def _openapi(self, parts: list[str], request: web.Request) -> web.Response:
+        if parts == ["openapi", "v3"]:
+            paths = {}
+            gvs = sorted({(rt.group, rt.version) for rt in list(self.store.types.values())})
+            for g, v in gvs:
+                key = f"apis/{g}/{v}" if g else f"api/{v}"
+                paths[key] = {"serverRelativeURL": f"/openapi/v3/{key}?hash={self._openapi_doc(g, v)[1]}"}
+            return _json({"paths": paths})
+        if parts[:2] == ["openapi", "v3"]:
+            rest = parts[2:]
+            if rest[:2] == ["api", "v1"] and len(rest) == 2:
+                g, v = "", "v1"
+            elif rest[:1] == ["apis"] and len(rest) == 3:
+                g, v = rest[1], rest[2]
+            else:
+                raise APIError(404, "NotFound", "the server could not find the requested resource")
+            text, _ = self._openapi_doc(g, v)
+            return web.Response(text=text, content_type="application/json")
+        # /openapi/v2 is protobuf-first in kubectl; absent here (kubectl uses v3).
+        raise APIError(404, "NotFound", "the server could not find the requested resource")
+
+    def _openapi_doc(self, group: str, version: str) -> tuple[str, str]:
+        with self.store.lock:
+            epoch = self.store.epoch
+            cached = self._openapi_cache.get((epoch, f"{group}/{version}"))
+            if cached:
+                return cached
+            rts = [rt for (g, v, _), rt in self.store.types.items() if g == group and v == version]
+        if not rts:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        rev_group = ".".join(reversed(group.split("."))) if group else "io.k8s.api.core"
+        paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {
+            "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta": {
+                "type": "object",
+                "description": "ObjectMeta is metadata that all persisted resources must have, which includes "
+                               "all objects users must create.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+        }
+        for rt in rts:
+            gvk = {"group": rt.group, "version": rt.version, "kind": rt.kind}
+            schema_name = f"{rev_group}.{version}.{rt.kind}"
+            schema = dict(rt.schema) if rt.schema else {
+                "type": "object", "description": f"{rt.kind} is a built-in Kubernetes resource.",
+                "x-kubernetes-preserve-unknown-fields": True}
+            props = dict(schema.get("properties") or {})
+            props.setdefault("apiVersion", {"type": "string", "description": "APIVersion defines the versioned "
+                                            "schema of this representation of an object."})
+            props.setdefault("kind", {"type": "string", "description": "Kind is a string value representing the "
+                                      "REST resource this object represents."})
+            props["metadata"] = {"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1."
+                                                    "ObjectMeta"}],
+                                 "description": "Standard object's metadata. More info: https://git.k8s.io/"
+                                                "community/contributors/devel/sig-architecture/api-conventions.md"
+                                                "#metadata", "default": {}}
+            schema["properties"] = props
+            schema["x-kubernetes-group-version-kind"] = [gvk]
+            schemas[schema_name] = schema
+            ref = {"$ref": f"#/components/schemas/{schema_name}"}
+            body = {"content": {"application/json": {"schema": ref}}}
+            common = [{"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+                      {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+                      {"name": "fieldValidation", "in": "query",
+                       "schema": {"type": "string", "uniqueItems": True}}]
+
+            def op(action: str, op_id: str, with_body: bool = False) -> dict:
+                o: dict[str, Any] = {
+                    "operationId": op_id, "parameters": list(common) if with_body else [],
+                    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}},
+                    "x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
+                }
+                if with_body:
+                    o["requestBody"] = body
+                return o
+
+            base = f"{prefix}/namespaces/{{namespace}}/{rt.plural}" if rt.namespaced else f"{prefix}/{rt.plural}"
+            kind = rt.kind
+            paths[base] = {"get": op("list", f"list{kind}"), "post": op("post", f"create{kind}", True)}
+            item = {"get": op("get", f"read{kind}"), "put": op("put", f"replace{kind}", True),
+                    "patch": op("patch", f"patch{kind}", True), "delete": op("delete", f"delete{kind}")}
+            item["patch"]["requestBody"] = {"content": {
+                "application/json-patch+json": {"schema": {"type": "object"}},
+                "application/merge-patch+json": {"schema": {"type": "object"}},
+                "application/apply-patch+yaml": {"schema": {"type": "object"}},
+                **({} if rt.crd else {"application/strategic-merge-patch+json": {"schema": {"type": "object"}}}),
+            }}
+            paths[base + "/{name}"] = item
+            if "status" in rt.subresources:
+                paths[base + "/{name}/status"] = {"get": op("get", f"read{kind}Status"),
+                                                  "put": op("put", f"replace{kind}Status", True),
+                                                  "patch": op("patch", f"patch{kind}Status", True)}
+        doc = {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBE_VERSION["gitVersion"]},
+               "paths": paths, "components": {"schemas": schemas}}
+        text = _dumps(doc)
+        digest = hashlib.sha512(text.encode()).hexdigest()[:128].upper()
+        with self.store.lock:
+            self._openapi_cache[(epoch, f"{group}/{version}")] = (text, digest)
+        return text, digest
+
+    # ------------------------------------------------------------------ resources
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw:
+            return {}
+        ctype = request.headers.get("Content-Type", "")
+        try:
+            if "yaml" in ctype:
+                return yaml.safe_load(raw)
+            return json.loads(raw)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise APIError(400, "BadRequest", f"the body of the request was in an unknown format: {exc}") from None
+
+    async def _resource(self, request: web.Request, group: str, version: str, rest: list[str]) -> web.StreamResponse:
+        store = self.store
+        ns: str | None = None
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            candidate = store.lookup(group, version, rest[2])
+            if candidate is not None and candidate.namespaced:
+                ns, rest = rest[1], rest[2:]
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        if len(rest) > 3:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        rt = self._rt(group, version, plural)
+        if sub is not None and sub not in rt.subresources:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        if rt.namespaced and name is not None and ns is None:
+            raise APIError(404, "NotFound", "the server could not find the requested resource")
+        q = request.query
+        method = request.method
+        dry_run = bool(q.getall("dryRun", []))
+        strict = q.get("fieldValidation", "") == "Strict"
+        warnings: list[str] | None = [] if q.get("fieldValidation", "Warn") in ("Warn", "Strict") else None
+        table = "as=Table" in request.headers.get("Accept", "")
+
+        if name is None:
+            if method == "GET":
+                if q.get("watch") in ("true", "1", "True"):
+                    return await self._watch(request, rt, ns, table)
+                items, rv = store.list(rt, ns, q.get("labelSelector"), q.get("fieldSelector"))
+                if table:
+                    return _json(self._table(rt, items, rv, q.get("includeObject", "Metadata")))
+                return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
+                              "metadata": {"resourceVersion": str(rv)},
+                              "items": [self._out(rt, o) for o in items]})
+            if method == "POST":
+                if rt.namespaced and ns is None:
+                    raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                                            "requested resource")
+                body = await self._body(request)
+                obj = store.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings)
+                return _json(self._out(rt, obj), 201, warnings)
+            if method == "DELETE":
+                items, rv = store.list(rt, ns, q.get("labelSelector"), q.get("fieldSelector"))
+                deleted = []
+                for o in items:
+                    try:
+                        deleted.append(store.delete(rt, o["metadata"].get("namespace"), o["metadata"]["name"],
+                                                    dry_run=dry_run))
+                    except APIError:
+                        pass
+                return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
+                              "metadata": {"resourceVersion": str(store.last_rv)},
+                              "items": [self._out(rt, o) for o in deleted]})
+            raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+        if sub == "log":
+            if method != "GET":
+                raise APIError(405, "MethodNotAllowed", "the server does not allow this method")
+            store.get(rt, ns, name)
+            text = store.pod_logs.get((ns or "", name), "")
+            tail = q.get("tailLines")
+            if tail is not None:
+                try:
+                    n = int(tail)
+                except ValueError:
+                    n = -1
+                if n >= 0:
+                    lines = text.splitlines(keepends=True)
+                    text = "".join(lines[-n:]) if n else ""
+            return web.Response(text=text, content_type="text/plain")
+
+        if method == "GET":
+            obj = store.get(rt, ns, name)
+            if table:
+                return _json(self._table(rt, [obj], store.last_rv, q.get("includeObject", "Metadata")))
+            return _json(self._out(rt, obj))
+        if method == "PUT":
+            body = await self._body(request)
+            obj = store.update(rt, ns, name, body, subresource=sub, dry_run=dry_run, strict=strict,
+                               warnings=warnings)
+            return _json(self._out(rt, obj), 200, warnings)
+        if method == "PATCH":
+            ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+            patch_type = PATCH_TYPES.get(ctype)
+            if patch_type is None:
+                raise APIError(415, "UnsupportedMediaType", f"the server does not support patch type {ctype!r}")
+            if patch_type == "strategic" and rt.crd is not None:
+                raise APIError(415, "UnsupportedMediaType",
+                               f"the body of the request was in an unknown format - accepted media types include: "
+                               f"application/json-patch+json, application/merge-patch+json, "
+                               f"application/apply-patch+yaml")
+            body = await self._body(request)
+            obj, created = store.patch(rt, ns, name, patch_type, body, subresource=sub, dry_run=dry_run,
+                                       strict=strict, warnings=warnings)
+            return _json(self._out(rt, obj), 201 if created else 200, warnings)
+        if method == "DELETE":
+            options = await self._body(request)
+            for key in ("propagationPolicy",):
+                if key in q:
+                    options[key] = q[key]
+            with store.lock:
+                obj = store.delete(rt, ns, name, options if isinstance(options, dict) else {}, dry_run=dry_run)
+                still = store.objects[rt.key].get((ns or "", name)) is not None
+            if still or rt.crd is not None or rt.key == ("", "pods"):
+                return _json(self._out(rt, obj))
+            return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                          "details": {"name": name, "group": rt.group, "kind": rt.plural,
+                                      "uid": obj["metadata"].get("uid")}})
+        raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    @staticmethod
+    def _out(rt: ResourceType, obj: dict) -> dict:
+        if obj.get("apiVersion") != rt.api_version:
+            return {**obj, "apiVersion": rt.api_version}
+        return obj
+
+    # ------------------------------------------------------------------ tables
+
+    def _table(self, rt: ResourceType, items: list[dict], rv: int, include: str) -> dict:
+        cols: list[dict[str, Any]] = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                                       "description": "Name must be unique within a namespace."}]
+        printer = [c for c in rt.printer_columns]
+        if not printer:
+            printer = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        for c in printer:
+            cols.append({"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
+                         "description": c.get("description", ""), "priority": c.get("priority", 0)})
+        rows = []
+        for obj in items:
+            cells: list[Any] = [obj["metadata"]["name"]]
+            for c in printer:
+                value = jsonpath(obj, c.get("jsonPath", ""))
+                if c.get("type") == "date":
+                    value = _human_age(value) if isinstance(value, str) else value
+                elif isinstance(value, (dict, list)):
+                    value = _dumps(value)
+                cells.append(value)
+            if include == "None":
+                embedded: Any = None
+            elif include == "Object":
+                embedded = self._out(rt, obj)
+            else:
+                embedded = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                            "metadata": obj["metadata"]}
+            row: dict[str, Any] = {"cells": cells}
+            if embedded is not None:
+                row["object"] = embedded
+            rows.append(row)
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(rv)},
+                "columnDefinitions": cols, "rows": rows}
+
+    # ------------------------------------------------------------------ watch
+
+    async def _watch(self, request: web.Request, rt: ResourceType, ns: str | None, table: bool) -> web.StreamResponse:
+        q = request.query
+        loop = asyncio.get_running_loop()
+        w = Watcher(loop=loop, queue=asyncio.Queue(), namespace=ns,
+                    labels=parse_label_selector(q.get("labelSelector")),
+                    fields=parse_field_selector(q.get("fieldSelector")))
+        since = q.get("resourceVersion")
+        initial = self.store.watch(rt, w, since)
+        timeout = q.get("timeoutSeconds")
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1", "True")
+        include = q.get("includeObject", "Metadata")
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                       "Cache-Control": "no-cache, private"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+
+        def render(etype: str, obj: dict) -> bytes:
+            out = self._out(rt, obj)
+            if table and etype in ("ADDED", "MODIFIED", "DELETED"):
+                out = self._table(rt, [obj], int(obj["metadata"]["resourceVersion"]), include)
+            return (_dumps({"type": etype, "object": out}) + "\n").encode()
+
+        try:
+            if initial is None:
+                await resp.write((_dumps({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": f"too old resource version: {since} ({self.store.compacted.get(rt.key, 0)})",
+                    "reason": "Expired", "code": 410}}) + "\n").encode())
+                return resp
+            for etype, obj in initial:
+                await resp.write(render(etype, obj))
+            last_rv = self.store.last_rv
+            while not self._stopping:
+                wait = BOOKMARK_INTERVAL
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait = min(wait, left)
+                try:
+                    item = await asyncio.wait_for(w.queue.get(), timeout=wait)
+                except asyncio.TimeoutError:
+                    if bookmarks and (deadline is None or deadline - time.monotonic() > 0):
+                        await resp.write((_dumps({"type": "BOOKMARK", "object": {
+                            "kind": rt.kind, "apiVersion": rt.api_version,
+                            "metadata": {"resourceVersion": str(max(last_rv, self.store.last_rv))}}}) + "\n").encode())
+                    continue
+                if item is None:
+                    break
+                etype, obj = item
+                last_rv = int(obj["metadata"]["resourceVersion"])
+                await resp.write(render(etype, obj))
+        except (ConnectionResetError, asyncio.CancelledError, RuntimeError):
+            pass
+        finally:
+            self.store.unwatch(rt, w)
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return resp
+
+
+def _version_priority(v: str) -> tuple:
+    """Kubernetes version ordering: GA > beta > alpha, higher numbers first."""
+    m = re.match(r"^v(\d+)(?:(alpha|beta)(\d+))?$", v)
+    if not m:
+        return (3, v)
+    major, stage, minor = int(m[1]), m[2], int(m[3] or 0)
+    rank = {None: 0, "beta": 1, "alpha": 2}[stage]
+    return (rank, -major, -minor)
+
+
+# --------------------------------------------------------------------------- background thread
+
+
+class ServerThread:
+    """An :class:`APIServer` running in its own thread and event loop (for sync tests)."""
+
+    def __init__(self, server: APIServer | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = server or APIServer()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(host, port), name="perennial-apiserver",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, host: str, port: int) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.server.start(host, port))
+        except BaseException as exc:  # report to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def store(self) -> Store:
+        return self.server.store
+
+    def stop(self) -> None:
+        if not self._loop.is_running():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)
+        try:
+            fut.result(15)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(15)
+
+    def __getattr__(self, item: str) -> Any:  # set_pod_log, apply_crd, create, get, ...
+        return getattr(self.server, item)
+
+    def __enter__(self) -> "ServerThread":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> ServerThread:
+    """Start a fresh :class:`APIServer` in a background thread; ``.url``, ``.stop()``."""
+    return ServerThread(APIServer(), host, port)
+
+
+def write_kubeconfig(path: str | Path, url: str, *, namespace: str = "default",
+                     context: str = "perennial-local") -> Path:
+    """Write a kubeconfig pointing at ``url`` (no credentials: the embedded server needs none)."""
+    cfg = {
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": context, "cluster": {"server": url}}],
+        "users": [{"name": context, "user": {}}],
+        "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
+        "current-context": context,
+    }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p

@@ -1,0 +1,883 @@
+"""In-memory object store of the embedded API server: resource types, objects, watch history.
+
+All state lives behind one ``threading.RLock``; stored objects are never mutated in
+place (every write stores a fresh dict), so readers may serialise them outside the lock.
+Watchers are asyncio queues fed through their loop's ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import datetime as _dt
+import itertools
+import random
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import validation
+from .patches import PatchError, json_patch, merge_patch, strategic_merge_patch
+
+ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+HISTORY = 2000  # watch events kept per resource type
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered as a ``Status`` body."""
+
+    def __init__(self, code: int, reason: str, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.details = details
+
+    def status(self) -> dict:
+        body: dict[str, Any] = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+# --------------------------------------------------------------------------- resource types
+
+
+@dataclass
+class ResourceType:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    singular: str = ""
+    short_names: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    verbs: list[str] = field(default_factory=lambda: list(ALL_VERBS))
+    subresources: tuple[str, ...] = ()
+    has_generation: bool = False
+    schema: dict | None = None  # openAPIV3Schema (custom resources)
+    printer_columns: list[dict] = field(default_factory=list)
+    crd: str | None = None  # name of the defining CRD
+    storage: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.singular:
+            self.singular = self.kind.lower()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.group, self.plural)
+
+    @property
+    def group_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def api_version(self) -> str:
+        return self.group_version
+
+    @property
+    def resource_name(self) -> str:
+        """``configmaps`` or ``trainingruns.perennial.ai`` as used in error messages."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def kind_name(self) -> str:
+        """``ConfigMap`` or ``TrainingRun.perennial.ai`` as used in Invalid messages."""
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+
+def _rt(group: str, version: str, plural: str, kind: str, **kw: Any) -> ResourceType:
+    return ResourceType(group=group, version=version, plural=plural, kind=kind, **kw)
+
+
+def builtin_types() -> list[ResourceType]:
+    no_dc = [v for v in ALL_VERBS if v != "deletecollection"]
+    return [
+        _rt("", "v1", "namespaces", "Namespace", namespaced=False, short_names=["ns"], verbs=no_dc,
+            subresources=("status",)),
+        _rt("", "v1", "configmaps", "ConfigMap", short_names=["cm"]),
+        _rt("", "v1", "secrets", "Secret"),
+        _rt("", "v1", "services", "Service", short_names=["svc"], categories=["all"], subresources=("status",),
+            verbs=no_dc),
+        _rt("", "v1", "pods", "Pod", short_names=["po"], categories=["all"], subresources=("status", "log")),
+        _rt("", "v1", "events", "Event", short_names=["ev"]),
+        _rt("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", short_names=["pvc"],
+            subresources=("status",)),
+        _rt("", "v1", "serviceaccounts", "ServiceAccount", short_names=["sa"]),
+        _rt("", "v1", "endpoints", "Endpoints", short_names=["ep"]),
+        _rt("events.k8s.io", "v1", "events", "Event", short_names=["ev"]),
+        _rt("apps", "v1", "deployments", "Deployment", short_names=["deploy"], categories=["all"],
+            subresources=("status",), has_generation=True),
+        _rt("apps", "v1", "replicasets", "ReplicaSet", short_names=["rs"], categories=["all"],
+            subresources=("status",), has_generation=True),
+        _rt("batch", "v1", "jobs", "Job", categories=["all"], subresources=("status",), has_generation=True),
+        _rt("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short_names=["hpa"],
+            categories=["all"], subresources=("status",)),
+        _rt("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=["pdb"],
+            subresources=("status",), has_generation=True),
+        _rt("coordination.k8s.io", "v1", "leases", "Lease"),
+        _rt("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+        _rt("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+        _rt("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+        _rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+        _rt("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+            namespaced=False, short_names=["crd", "crds"], categories=["api-extensions"],
+            subresources=("status",), has_generation=True),
+    ]
+
+
+# --------------------------------------------------------------------------- selectors
+
+_REQ = re.compile(
+    r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9_./-]+)\s*"
+    r"(?:(?P<op>==|!=|=|\s+in\s+|\s+notin\s+)\s*(?P<val>\([^)]*\)|[A-Za-z0-9_.-]*))?\s*$"
+)
+
+
+def _split_selector(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur)
+    return parts
+
+
+def parse_label_selector(text: str | None) -> Callable[[dict], bool]:
+    """Parse ``a=b,c!=d,e in (f,g),!h,i`` into a predicate over a labels dict."""
+    if not text:
+        return lambda labels: True
+    checks: list[Callable[[dict], bool]] = []
+    for part in _split_selector(text):
+        m = _REQ.match(part)
+        if not m:
+            raise APIError(400, "BadRequest", f"unable to parse requirement: {part!r}")
+        key, op, val, neg = m["key"], (m["op"] or "").strip(), m["val"], m["neg"]
+        if neg:
+            checks.append(lambda l, k=key: k not in l)
+        elif not op:
+            checks.append(lambda l, k=key: k in l)
+        elif op in ("=", "=="):
+            checks.append(lambda l, k=key, v=val: l.get(k) == v)
+        elif op == "!=":
+            checks.append(lambda l, k=key, v=val: l.get(k) != v)
+        else:
+            values = {v.strip() for v in (val or "").strip("()").split(",") if v.strip()}
+            if op == "in":
+                checks.append(lambda l, k=key, vs=values: l.get(k) in vs)
+            else:
+                checks.append(lambda l, k=key, vs=values: l.get(k) not in vs)
+    return lambda labels: all(c(labels) for c in checks)
+
+
+def _dotted(obj: dict, path: str) -> Any:
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def parse_field_selector(text: str | None) -> Callable[[dict], bool]:
+    """``metadata.name=x,metadata.namespace!=y`` (any dotted field, compared as strings)."""
+    if not text:
+        return lambda obj: True
+    checks = []
+    for part in _split_selector(text):
+        m = re.match(r"^\s*([A-Za-z0-9_.]+)\s*(==|!=|=)\s*(.*?)\s*$", part)
+        if not m:
+            raise APIError(400, "BadRequest", f"invalid selector: '{text}'; can't understand '{part}'")
+        path, op, val = m.groups()
+
+        def check(obj: dict, p: str = path, o: str = op, v: str = val) -> bool:
+            actual = _dotted(obj, p)
+            actual_s = "" if actual is None else (str(actual).lower() if isinstance(actual, bool) else str(actual))
+            return (actual_s == v) if o in ("=", "==") else (actual_s != v)
+
+        checks.append(check)
+    return lambda obj: all(c(obj) for c in checks)
+
+
+# --------------------------------------------------------------------------- watchers
+
+
+@dataclass(eq=False)
+class Watcher:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    namespace: str | None
+    labels: Callable[[dict], bool]
+    fields: Callable[[dict], bool]
+
+    def matches(self, obj: dict | None) -> bool:
+        if obj is None:
+            return False
+        meta = obj.get("metadata") or {}
+        if self.namespace is not None and meta.get("namespace") != self.namespace:
+            return False
+        return self.labels(meta.get("labels") or {}) and self.fields(obj)
+
+    def push(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # loop closed
+            pass
+
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_GEN_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def _strip_volatile(obj: dict) -> dict:
+    out = dict(obj)
+    meta = dict(out.get("metadata") or {})
+    meta.pop("resourceVersion", None)
+    meta.pop("managedFields", None)
+    out["metadata"] = meta
+    return out
+
+
+def _without(obj: dict, keys: Iterable[str]) -> dict:
+    return {k: v for k, v in obj.items() if k not in keys}
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._rv = itertools.count(1)
+        self.last_rv = 0
+        self.types: dict[tuple[str, str, str], ResourceType] = {}  # (group, version, plural)
+        self.objects: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
+        self.history: dict[tuple[str, str], collections.deque] = {}
+        self.compacted: dict[tuple[str, str], int] = {}
+        self.watchers: dict[tuple[str, str], set[Watcher]] = {}
+        self.uids: dict[str, tuple[tuple[str, str], str, str]] = {}
+        self.dependents: dict[str, set[tuple[tuple[str, str], str, str]]] = {}
+        self.pod_logs: dict[tuple[str, str], str] = {}
+        self.epoch = 0  # bumped whenever the set of types changes (discovery/openapi caches)
+        for rt in builtin_types():
+            self.register(rt)
+        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            self.create(self.lookup("", "v1", "namespaces"), None, {"metadata": {"name": ns}})
+
+    # ------------------------------------------------------------------ types
+
+    def register(self, rt: ResourceType) -> None:
+        with self.lock:
+            self.types[(rt.group, rt.version, rt.plural)] = rt
+            self.objects.setdefault(rt.key, {})
+            self.history.setdefault(rt.key, collections.deque(maxlen=HISTORY))
+            self.compacted.setdefault(rt.key, 0)
+            self.watchers.setdefault(rt.key, set())
+            self.epoch += 1
+
+    def unregister(self, group: str, plural: str) -> None:
+        with self.lock:
+            for key in [k for k in self.types if k[0] == group and k[2] == plural]:
+                del self.types[key]
+            self.epoch += 1
+
+    def lookup(self, group: str, version: str, plural: str) -> ResourceType | None:
+        return self.types.get((group, version, plural))
+
+    def types_of(self, group: str, plural: str) -> list[ResourceType]:
+        return [rt for (g, _, p), rt in self.types.items() if g == group and p == plural]
+
+    def storage_type(self, key: tuple[str, str]) -> ResourceType | None:
+        candidates = self.types_of(*key)
+        for rt in candidates:
+            if rt.storage:
+                return rt
+        return candidates[0] if candidates else None
+
+    def next_rv(self) -> int:
+        self.last_rv = next(self._rv)
+        return self.last_rv
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, rt_key: tuple[str, str], etype: str, obj: dict, old: dict | None = None) -> None:
+        rv = int(obj["metadata"]["resourceVersion"])
+        hist = self.history[rt_key]
+        if len(hist) == hist.maxlen:
+            self.compacted[rt_key] = hist[0][0]
+        hist.append((rv, etype, obj, old))
+        for w in list(self.watchers.get(rt_key, ())):
+            self._deliver(w, etype, obj, old)
+
+    @staticmethod
+    def _deliver(w: Watcher, etype: str, obj: dict, old: dict | None) -> None:
+        now = w.matches(obj)
+        if etype == "MODIFIED" and old is not None:
+            before = w.matches(old)
+            if now and not before:
+                w.push(("ADDED", obj))
+            elif before and not now:
+                w.push(("DELETED", obj))
+            elif now:
+                w.push((etype, obj))
+        elif now:
+            w.push((etype, obj))
+
+    def watch(self, rt: ResourceType, w: Watcher, since: str | None) -> list[tuple[str, dict]] | None:
+        """Register a watcher; return the initial events, or None when ``since`` is too old."""
+        with self.lock:
+            initial: list[tuple[str, dict]] = []
+            if since in (None, "", "0"):
+                for obj in self.objects[rt.key].values():
+                    if w.matches(obj):
+                        initial.append(("ADDED", obj))
+            else:
+                try:
+                    rv = int(since)
+                except ValueError:
+                    raise APIError(400, "BadRequest", f'invalid resource version: "{since}"') from None
+                if rv < self.compacted[rt.key]:
+                    return None
+                for erv, etype, obj, old in self.history[rt.key]:
+                    if erv > rv:
+                        box: list = []
+
+                        class _Collect:
+                            def push(self, item: Any) -> None:
+                                box.append(item)
+
+                        collector = _Collect()
+                        collector.matches = w.matches  # type: ignore[attr-defined]
+                        self._deliver(collector, etype, obj, old)  # type: ignore[arg-type]
+                        initial.extend(box)
+            self.watchers[rt.key].add(w)
+            return initial
+
+    def unwatch(self, rt: ResourceType, w: Watcher) -> None:
+        with self.lock:
+            self.watchers.get(rt.key, set()).discard(w)
+
+    def all_watchers(self) -> list[Watcher]:
+        with self.lock:
+            return [w for ws in self.watchers.values() for w in ws]
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, rt: ResourceType, ns: str | None, name: str) -> dict:
+        obj = self.objects[rt.key].get((ns or "", name))
+        if obj is None:
+            raise self.not_found(rt, name)
+        return obj
+
+    @staticmethod
+    def not_found(rt: ResourceType, name: str) -> APIError:
+        return APIError(404, "NotFound", f'{rt.resource_name} "{name}" not found',
+                        {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
+                        {"name": name, "kind": rt.plural})
+
+    def list(self, rt: ResourceType, ns: str | None, labels: str | None = None,
+             fields: str | None = None) -> tuple[list[dict], int]:
+        lsel, fsel = parse_label_selector(labels), parse_field_selector(fields)
+        with self.lock:
+            items = []
+            for (ons, _), obj in self.objects[rt.key].items():
+                if ns is not None and ons != ns:
+                    continue
+                meta = obj["metadata"]
+                if lsel(meta.get("labels") or {}) and fsel(obj):
+                    items.append(obj)
+            return sorted(items, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])), self.last_rv
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_namespace(self, rt: ResourceType, ns: str | None) -> None:
+        if not rt.namespaced:
+            return
+        nsobj = self.objects[("", "namespaces")].get(("", ns or ""))
+        if nsobj is None:
+            raise APIError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
+        if nsobj["metadata"].get("deletionTimestamp"):
+            raise APIError(403, "Forbidden",
+                           f'{rt.resource_name} "" is forbidden: unable to create new content in namespace {ns} '
+                           "because it is being terminated",
+                           {"kind": rt.plural, "group": rt.group,
+                            "causes": [{"reason": "NamespaceTerminating",
+                                        "message": f"namespace {ns} is being terminated",
+                                        "field": "metadata.namespace"}]})
+
+    def _invalid(self, rt: ResourceType, name: str, errors: list[validation.FieldError]) -> APIError:
+        return APIError(422, "Invalid", validation.invalid_message(rt.kind_name, name, errors),
+                        {"name": name, "group": rt.group, "kind": rt.kind,
+                         "causes": [e.as_cause() for e in errors]})
+
+    def _admit_custom(self, rt: ResourceType, obj: dict, old: dict | None, strict: bool,
+                      warnings: list[str] | None) -> dict:
+        """Prune, default and validate a custom object against its schema."""
+        if rt.schema is None:
+            return obj
+        schema = rt.schema
+        unknown = validation.unknown_fields(schema, obj, root=True)
+        if unknown and strict:
+            raise APIError(400, "BadRequest",
+                           f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
+                           f"strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown))
+        if unknown and warnings is not None:
+            warnings.extend(f'unknown field "{u}"' for u in unknown)
+        obj = validation.prune(schema, copy.deepcopy(obj), root=True)
+        obj = validation.apply_defaults(schema, obj)
+        errors = validation.validate(schema, obj, validation._MISSING if old is None else old)
+        name = obj["metadata"].get("name", "")
+        meta_schema = (schema.get("properties") or {}).get("metadata")
+        if meta_schema:
+            errors = [e for e in errors if not e.field.startswith("metadata")] + validation.validate(
+                {"type": "object", "properties": {"metadata": meta_schema}}, {"metadata": obj["metadata"]},
+                root=False)
+        if errors:
+            raise self._invalid(rt, name, errors)
+        return obj
+
+    def _admit_builtin(self, rt: ResourceType, obj: dict, old: dict | None) -> dict:
+        if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
+            self._validate_crd(rt, obj)
+        if rt.key == ("", "namespaces"):
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+            obj.setdefault("status", {}).setdefault("phase", "Active")
+            labels = obj["metadata"].setdefault("labels", {})
+            labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+        if rt.key == ("", "pods") and old is None:
+            obj.setdefault("status", {}).setdefault("phase", "Pending")
+            obj.setdefault("spec", {})
+        if rt.key == ("", "services") and old is None:
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("type", "ClusterIP")
+            if "clusterIP" not in spec:
+                n = self.last_rv
+                spec["clusterIP"] = f"10.96.{(n >> 8) % 256}.{n % 254 + 1}"
+                spec["clusterIPs"] = [spec["clusterIP"]]
+        if rt.key == ("", "services") and old is not None:
+            spec = obj.setdefault("spec", {})
+            for k in ("clusterIP", "clusterIPs"):
+                if k not in spec and k in (old.get("spec") or {}):
+                    spec[k] = old["spec"][k]
+        return obj
+
+    def _validate_crd(self, rt: ResourceType, crd: dict) -> None:
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        errors: list[validation.FieldError] = []
+        name = crd["metadata"].get("name", "")
+        for req in ("group", "scope", "names", "versions"):
+            if not spec.get(req):
+                errors.append(validation.FieldError("FieldValueRequired", f"spec.{req}", "Required value"))
+        if names and not names.get("plural"):
+            errors.append(validation.FieldError("FieldValueRequired", "spec.names.plural", "Required value"))
+        if names and not names.get("kind"):
+            errors.append(validation.FieldError("FieldValueRequired", "spec.names.kind", "Required value"))
+        if spec.get("group") and names.get("plural") and name != f"{names['plural']}.{spec['group']}":
+            errors.append(validation.FieldError(
+                "FieldValueInvalid", "metadata.name",
+                f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'))
+        versions = spec.get("versions") or []
+        if versions and sum(1 for v in versions if v.get("storage")) != 1:
+            errors.append(validation.FieldError("FieldValueInvalid", "spec.versions",
+                                                'Invalid value: []apiextensions.CustomResourceDefinitionVersion{...}: '
+                                                "must have exactly one version marked as storage version"))
+        for i, v in enumerate(versions):
+            schema = (v.get("schema") or {}).get("openAPIV3Schema")
+            if schema:
+                for e in validation.check_cel_rules(schema):
+                    e.field = e.field.replace("spec.validation", f"spec.versions[{i}].schema", 1)
+                    errors.append(e)
+        if errors:
+            raise self._invalid(rt, name, errors)
+
+    def create(self, rt: ResourceType, ns: str | None, body: dict, *, dry_run: bool = False,
+               strict: bool = False, warnings: list[str] | None = None) -> dict:
+        with self.lock:
+            obj = copy.deepcopy(body)
+            if not isinstance(obj, dict):
+                raise APIError(400, "BadRequest", "the body of the request was in an unknown format")
+            meta = obj.setdefault("metadata", {})
+            if not isinstance(meta, dict):
+                raise APIError(400, "BadRequest", "metadata must be an object")
+            obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+            if rt.namespaced:
+                if meta.get("namespace") and ns and meta["namespace"] != ns:
+                    raise APIError(400, "BadRequest",
+                                   "the namespace of the provided object does not match the namespace sent on "
+                                   "the request")
+                ns = ns or meta.get("namespace") or "default"
+                meta["namespace"] = ns
+            else:
+                meta.pop("namespace", None)
+                ns = None
+            if not meta.get("name"):
+                if meta.get("generateName"):
+                    for _ in range(100):
+                        cand = meta["generateName"] + "".join(random.choice(_GEN_CHARS) for _ in range(5))
+                        if (ns or "", cand) not in self.objects[rt.key]:
+                            break
+                    meta["name"] = cand
+                else:
+                    raise self._invalid(rt, "", [validation.FieldError(
+                        "FieldValueRequired", "metadata.name", "Required value: name or generateName is required")])
+            name = meta["name"]
+            if not isinstance(name, str) or len(name) > 253 or not _NAME_RE.match(name):
+                raise self._invalid(rt, str(name), [validation.FieldError(
+                    "FieldValueInvalid", "metadata.name",
+                    f"Invalid value: {validation.go_repr(name)}: a lowercase RFC 1123 subdomain must consist of "
+                    "lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric "
+                    "character (e.g. 'example.com', regex used for validation is "
+                    r"'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")])
+            self._check_namespace(rt, ns)
+            if (ns or "", name) in self.objects[rt.key]:
+                raise APIError(409, "AlreadyExists", f'{rt.resource_name} "{name}" already exists',
+                               {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
+                               {"name": name, "kind": rt.plural})
+            for k in ("resourceVersion", "uid", "creationTimestamp", "deletionTimestamp",
+                      "deletionGracePeriodSeconds", "generation", "selfLink"):
+                meta.pop(k, None)
+            if "status" in rt.subresources and rt.crd is not None:
+                obj.pop("status", None)
+            if rt.crd is not None:
+                obj = self._admit_custom(rt, obj, None, strict, warnings)
+            else:
+                obj = self._admit_builtin(rt, obj, None)
+            meta = obj["metadata"]
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = now_iso()
+            if rt.has_generation or rt.crd is not None:
+                meta["generation"] = 1
+            if dry_run:
+                meta["resourceVersion"] = str(self.last_rv)
+                return obj
+            meta["resourceVersion"] = str(self.next_rv())
+            self._store(rt, obj, None)
+            self._emit(rt.key, "ADDED", obj)
+            if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
+                obj = self._crd_registered(obj)
+            return obj
+
+    def _store(self, rt: ResourceType, obj: dict, old: dict | None) -> None:
+        meta = obj["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
+        self.objects[rt.key][key] = obj
+        uid = meta["uid"]
+        self.uids[uid] = (rt.key, key[0], key[1])
+        old_refs = {r.get("uid") for r in ((old or {}).get("metadata", {}).get("ownerReferences") or [])}
+        new_refs = {r.get("uid") for r in (meta.get("ownerReferences") or [])}
+        for ref in old_refs - new_refs:
+            self.dependents.get(ref, set()).discard((rt.key, key[0], key[1]))
+        for ref in new_refs - old_refs:
+            if ref:
+                self.dependents.setdefault(ref, set()).add((rt.key, key[0], key[1]))
+
+    def update(self, rt: ResourceType, ns: str | None, name: str, body: dict, *, subresource: str | None = None,
+               dry_run: bool = False, strict: bool = False, warnings: list[str] | None = None,
+               check_rv: bool = True) -> dict:
+        with self.lock:
+            if not isinstance(body, dict):
+                raise APIError(400, "BadRequest", "the body of the request was in an unknown format")
+            old = self.get(rt, ns, name)
+            new = copy.deepcopy(body)
+            meta = new.setdefault("metadata", {})
+            if meta.get("name") and meta["name"] != name:
+                raise APIError(400, "BadRequest",
+                               "the name of the object (%s) does not match the name on the URL (%s)"
+                               % (meta["name"], name))
+            body_rv = meta.get("resourceVersion")
+            if check_rv and body_rv and str(body_rv) != old["metadata"]["resourceVersion"]:
+                raise APIError(409, "Conflict",
+                               f'Operation cannot be fulfilled on {rt.resource_name} "{name}": the object has been '
+                               "modified; please apply your changes to the latest version and try again",
+                               {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
+                               {"name": name, "kind": rt.plural})
+            if subresource == "status":
+                merged = copy.deepcopy(old)
+                if "status" in new:
+                    merged["status"] = new["status"]
+                else:
+                    merged.pop("status", None)
+                new = merged
+            else:
+                if "status" in rt.subresources:
+                    if "status" in old:
+                        new["status"] = copy.deepcopy(old["status"])
+                    else:
+                        new.pop("status", None)
+                meta = new["metadata"]
+                for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                          "generation", "namespace", "name"):
+                    if k in old["metadata"]:
+                        meta[k] = old["metadata"][k]
+                    else:
+                        meta.pop(k, None)
+            new["apiVersion"], new["kind"] = rt.api_version, rt.kind
+            # finalizers may not be added to an object being deleted
+            if old["metadata"].get("deletionTimestamp"):
+                added = [f for f in new["metadata"].get("finalizers") or []
+                         if f not in (old["metadata"].get("finalizers") or [])]
+                if added:
+                    raise self._invalid(rt, name, [validation.FieldError(
+                        "FieldValueForbidden", "metadata.finalizers",
+                        "Forbidden: no new finalizers can be added if the object is being deleted, found new "
+                        "finalizers []string{%s}" % ", ".join(f'"{f}"' for f in added))])
+            if rt.crd is not None:
+                new = self._admit_custom(rt, new, old, strict, warnings)
+            else:
+                new = self._admit_builtin(rt, new, old)
+            # generation: bumped on changes outside metadata (and status, when it is a subresource)
+            if "generation" in old["metadata"]:
+                skip = {"metadata", "status"} if "status" in rt.subresources else {"metadata"}
+                if _without(new, skip) != _without(old, skip):
+                    new["metadata"]["generation"] = old["metadata"]["generation"] + 1
+            new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            if _strip_volatile(new) == _strip_volatile(old):
+                return old  # a no-op write changes nothing, not even the resourceVersion
+            if dry_run:
+                return new
+            new["metadata"]["resourceVersion"] = str(self.next_rv())
+            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+                self._store(rt, new, old)
+                self._remove(rt, new)
+                return new
+            self._store(rt, new, old)
+            self._emit(rt.key, "MODIFIED", new, old)
+            if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
+                new = self._crd_registered(new)
+            return new
+
+    def patch(self, rt: ResourceType, ns: str | None, name: str, patch_type: str, patch: Any, *,
+              subresource: str | None = None, dry_run: bool = False, strict: bool = False,
+              warnings: list[str] | None = None) -> tuple[dict, bool]:
+        """Apply a patch; returns (object, created) — created only for server-side apply."""
+        with self.lock:
+            try:
+                current = self.get(rt, ns, name)
+            except APIError:
+                if patch_type == "apply" and subresource is None:
+                    body = copy.deepcopy(patch) if isinstance(patch, dict) else {}
+                    body.setdefault("metadata", {})["name"] = name
+                    return self.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings), True
+                raise
+            try:
+                if patch_type == "json":
+                    new = json_patch(current, patch)
+                elif patch_type == "merge":
+                    new = merge_patch(current, patch)
+                elif patch_type in ("strategic", "apply"):
+                    if not isinstance(patch, dict):
+                        raise PatchError("patch must be an object", 400)
+                    new = strategic_merge_patch(current, patch)
+                else:
+                    raise APIError(415, "UnsupportedMediaType", f"the server does not support patch type {patch_type}")
+            except PatchError as exc:
+                reason = "Invalid" if exc.code == 422 else "BadRequest"
+                raise APIError(exc.code, reason, str(exc)) from None
+            if not isinstance(new, dict):
+                raise APIError(422, "Invalid", "the patched object is not an object")
+            check = patch_type != "apply" or bool(((patch or {}).get("metadata") or {}).get("resourceVersion"))
+            return self.update(rt, ns, name, new, subresource=subresource, dry_run=dry_run, strict=strict,
+                               warnings=warnings, check_rv=check), False
+
+    def delete(self, rt: ResourceType, ns: str | None, name: str, options: dict | None = None, *,
+               dry_run: bool = False) -> dict:
+        options = options or {}
+        with self.lock:
+            obj = self.get(rt, ns, name)
+            pre = options.get("preconditions") or {}
+            if pre.get("uid") and pre["uid"] != obj["metadata"]["uid"]:
+                raise APIError(409, "Conflict",
+                               f'Operation cannot be fulfilled on {rt.resource_name} "{name}": Precondition failed: '
+                               f"UID in precondition: {pre['uid']}, UID in object meta: {obj['metadata']['uid']}")
+            if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+                raise APIError(409, "Conflict",
+                               f'Operation cannot be fulfilled on {rt.resource_name} "{name}": Precondition failed: '
+                               f"ResourceVersion in precondition: {pre['resourceVersion']}, ResourceVersion in "
+                               f"object meta: {obj['metadata']['resourceVersion']}")
+            if dry_run:
+                return obj
+            orphan = options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents") is True
+            finalizers = obj["metadata"].get("finalizers") or []
+            if rt.key == ("", "namespaces"):
+                return self._delete_namespace(rt, obj)
+            if finalizers:
+                if obj["metadata"].get("deletionTimestamp"):
+                    return obj
+                new = copy.deepcopy(obj)
+                new["metadata"]["deletionTimestamp"] = now_iso()
+                new["metadata"]["deletionGracePeriodSeconds"] = 0
+                if "generation" in new["metadata"]:
+                    new["metadata"]["generation"] += 1
+                new["metadata"]["resourceVersion"] = str(self.next_rv())
+                self._store(rt, new, obj)
+                self._emit(rt.key, "MODIFIED", new, obj)
+                return new
+            return self._remove(rt, obj, orphan=orphan)
+
+    def _remove(self, rt: ResourceType, obj: dict, *, orphan: bool = False) -> dict:
+        """Drop an object now, emit DELETED, then collect garbage."""
+        meta = obj["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
+        if self.objects[rt.key].get(key) is None:
+            return obj
+        del self.objects[rt.key][key]
+        gone = copy.deepcopy(obj)
+        gone["metadata"]["resourceVersion"] = str(self.next_rv())
+        self.uids.pop(meta["uid"], None)
+        for ref in meta.get("ownerReferences") or []:
+            self.dependents.get(ref.get("uid"), set()).discard((rt.key, key[0], key[1]))
+        self._emit(rt.key, "DELETED", gone)
+        if rt.key == ("", "pods"):
+            self.pod_logs.pop(key, None)
+        if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
+            self._crd_removed(obj)
+        deps = self.dependents.pop(meta["uid"], set())
+        if not orphan:
+            for dep_key, dns, dname in sorted(deps):
+                dep = self.objects.get(dep_key, {}).get((dns, dname))
+                if dep is None:
+                    continue
+                if any(r.get("uid") in self.uids for r in dep["metadata"].get("ownerReferences") or []):
+                    continue  # another owner is still alive
+                drt = self.storage_type(dep_key)
+                if drt is not None:
+                    self.delete(drt, dns or None, dname, {"propagationPolicy": "Background"})
+        if rt.namespaced and key[0]:
+            self._maybe_finish_namespace(key[0])
+        return gone
+
+    def _delete_namespace(self, rt: ResourceType, ns_obj: dict) -> dict:
+        name = ns_obj["metadata"]["name"]
+        new = ns_obj
+        if not ns_obj["metadata"].get("deletionTimestamp"):
+            new = copy.deepcopy(ns_obj)
+            new["metadata"]["deletionTimestamp"] = now_iso()
+            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new.setdefault("status", {})["phase"] = "Terminating"
+            new["metadata"]["resourceVersion"] = str(self.next_rv())
+            self._store(rt, new, ns_obj)
+            self._emit(rt.key, "MODIFIED", new, ns_obj)
+        for rkey, objs in list(self.objects.items()):
+            srt = self.storage_type(rkey)
+            if srt is None or not srt.namespaced:
+                continue
+            for (ons, oname) in [k for k in objs if k[0] == name]:
+                if (ons, oname) in objs:
+                    self.delete(srt, ons, oname)
+        self._maybe_finish_namespace(name)
+        return new
+
+    def _maybe_finish_namespace(self, ns: str) -> None:
+        nsrt = self.lookup("", "v1", "namespaces")
+        ns_obj = self.objects[("", "namespaces")].get(("", ns))
+        if nsrt is None or ns_obj is None or not ns_obj["metadata"].get("deletionTimestamp"):
+            return
+        for rkey, objs in self.objects.items():
+            srt = self.storage_type(rkey)
+            if srt is not None and srt.namespaced and any(k[0] == ns for k in objs):
+                return
+        if not ns_obj["metadata"].get("finalizers"):
+            self._remove(nsrt, ns_obj)
+
+    # ------------------------------------------------------------------ CRDs
+
+    def _crd_registered(self, crd: dict) -> dict:
+        """Register (or re-register) the resource a CRD defines and mark it Established."""
+        spec = crd["spec"]
+        names = spec["names"]
+        group = spec["group"]
+        plural = names["plural"]
+        for key in [k for k in self.types if k[0] == group and k[2] == plural]:
+            del self.types[key]
+        for v in spec.get("versions") or []:
+            if not v.get("served", True):
+                continue
+            subs = tuple(k for k in (v.get("subresources") or {}) if k in ("status", "scale"))
+            self.register(ResourceType(
+                group=group, version=v["name"], plural=plural, kind=names["kind"],
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                singular=names.get("singular") or names["kind"].lower(),
+                short_names=list(names.get("shortNames") or []),
+                categories=list(names.get("categories") or []),
+                subresources=subs, has_generation=True,
+                schema=(v.get("schema") or {}).get("openAPIV3Schema"),
+                printer_columns=list(v.get("additionalPrinterColumns") or []),
+                crd=crd["metadata"]["name"], storage=bool(v.get("storage")),
+            ))
+        crdrt = self.lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        assert crdrt is not None
+        ts = now_iso()
+        status = {
+            "acceptedNames": {k: v for k, v in names.items()},
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                 "message": "no conflicts found", "lastTransitionTime": ts},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                 "message": "the initial names have been accepted", "lastTransitionTime": ts},
+            ],
+            "storedVersions": [v["name"] for v in spec.get("versions") or [] if v.get("storage")],
+        }
+        old_status = crd.get("status") or {}
+        if {k: v for k, v in old_status.items() if k != "conditions"} == {
+                k: v for k, v in status.items() if k != "conditions"} and old_status.get("conditions"):
+            return crd
+        new = copy.deepcopy(crd)
+        new["status"] = status
+        new["metadata"]["resourceVersion"] = str(self.next_rv())
+        self._store(crdrt, new, crd)
+        self._emit(crdrt.key, "MODIFIED", new, crd)
+        return new
+
+    def _crd_removed(self, crd: dict) -> None:
+        group = crd["spec"]["group"]
+        plural = crd["spec"]["names"]["plural"]
+        key = (group, plural)
+        rt = self.storage_type(key)
+        if rt is not None:
+            for obj in list(self.objects.get(key, {}).values()):
+                self._remove(rt, obj)
+        self.unregister(group, plural)
+        self.objects.pop(key, None)
+        self.history.pop(key, None)
+        self.compacted.pop(key, None)
+        for w in self.watchers.pop(key, set()):
+            w.push(None)
+
+    # ------------------------------------------------------------------ pod logs
+
+    def set_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        with self.lock:
+            self.pod_logs[(namespace, pod)] = text
+
+    def append_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        with self.lock:
+            self.pod_logs[(namespace, pod)] = self.pod_logs.get((namespace, pod), "") + text

@@ -1,0 +1,472 @@
+"""CRD structural-schema handling for the embedded API server.
+
+Pruning, defaulting and validation of custom objects against a CRD's
+``openAPIV3Schema``, including CEL ``x-kubernetes-validations`` (evaluated with
+``cel-expr-python``), with error messages shaped like kube-apiserver's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+_MISSING = object()
+
+
+@dataclass
+class FieldError:
+    """One cause of a 422 Invalid, as in ``metav1.StatusCause``."""
+
+    reason: str  # FieldValueRequired, FieldValueNotSupported, FieldValueInvalid, ...
+    field: str  # e.g. "spec.method"; "<nil>" for the root
+    detail: str  # e.g. 'Unsupported value: "XYZ": supported values: "SFT"'
+
+    @property
+    def message(self) -> str:
+        return f"{self.field}: {self.detail}"
+
+    def as_cause(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.detail, "field": self.field}
+
+
+def go_repr(value: Any) -> str:
+    """Render a value the way kube-apiserver's field errors do."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+    if value is None:
+        return "null"
+    return f'"{type_name(value)}"'
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _idx(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def _matches_type(typ: str, value: Any) -> bool:
+    if typ == "object":
+        return isinstance(value, dict)
+    if typ == "array":
+        return isinstance(value, list)
+    if typ == "string":
+        return isinstance(value, str)
+    if typ == "boolean":
+        return isinstance(value, bool)
+    if typ == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    if typ == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def prune(schema: dict | None, value: Any, *, root: bool = False) -> Any:
+    """Drop fields unknown to a structural schema (in place where possible)."""
+    if schema is None:
+        return value
+    if schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties"):
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        addl = schema.get("additionalProperties")
+        preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
+        embedded = bool(schema.get("x-kubernetes-embedded-resource"))
+        for key in list(value):
+            if root and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if embedded and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if props is not None and key in props:
+                value[key] = prune(props[key], value[key])
+            elif isinstance(addl, dict):
+                value[key] = prune(addl, value[key])
+            elif addl is True or preserve:
+                continue
+            elif props is not None or addl is False or schema.get("type") == "object":
+                del value[key]
+        return value
+    if isinstance(value, list):
+        items = schema.get("items")
+        if isinstance(items, dict):
+            return [prune(items, v) for v in value]
+    return value
+
+
+def unknown_fields(schema: dict | None, value: Any, path: str = "", *, root: bool = False) -> list[str]:
+    """Paths of fields that pruning would drop (for fieldValidation=Strict)."""
+    out: list[str] = []
+    if schema is None or (schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties")):
+        return out
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        addl = schema.get("additionalProperties")
+        preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
+        for key, sub in value.items():
+            if (root or schema.get("x-kubernetes-embedded-resource")) and key in ("apiVersion", "kind", "metadata"):
+                continue
+            p = _join(path, key)
+            if props is not None and key in props:
+                out += unknown_fields(props[key], sub, p)
+            elif isinstance(addl, dict):
+                out += unknown_fields(addl, sub, p)
+            elif addl is True or preserve:
+                continue
+            elif props is not None or schema.get("type") == "object":
+                out.append(p)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, sub in enumerate(value):
+            out += unknown_fields(schema["items"], sub, _idx(path, i))
+    return out
+
+
+# --------------------------------------------------------------------------- defaulting
+
+
+def apply_defaults(schema: dict | None, value: Any) -> Any:
+    """Fill in ``default`` values of absent properties, recursively."""
+    if schema is None:
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        for key, sub in props.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            elif key in value and value[key] is None and "default" in sub and not sub.get("nullable"):
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+        addl = schema.get("additionalProperties")
+        if isinstance(addl, dict):
+            for key in list(value):
+                if key not in props:
+                    value[key] = apply_defaults(addl, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- CEL
+
+_cel_lock = threading.Lock()
+_cel_env: Any = None
+_cel_cache: dict[str, Any] = {}
+
+
+def _env() -> Any:
+    global _cel_env
+    if _cel_env is None:
+        from cel_expr_python import cel
+        from cel_expr_python.ext import ext_optional, ext_strings
+
+        _cel_env = cel.NewEnv(
+            variables={"self": cel.Type.DYN, "oldSelf": cel.Type.DYN},
+            extensions=[ext_optional.ExtOptional(), ext_strings.ExtStrings()],
+        )
+    return _cel_env
+
+
+def compile_rule(rule: str) -> Any:
+    """Compile (and cache) a CEL expression; raises ``ValueError`` on a bad rule."""
+    with _cel_lock:
+        if rule in _cel_cache:
+            return _cel_cache[rule]
+        try:
+            expr = _env().compile(rule)
+        except Exception as exc:  # cel raises RuntimeError with the compiler message
+            raise ValueError(f"compilation failed: {exc}") from None
+        _cel_cache[rule] = expr
+        return expr
+
+
+def _eval(rule: str, data: dict[str, Any]) -> tuple[Any, str | None]:
+    from cel_expr_python import cel
+
+    expr = compile_rule(rule)
+    with _cel_lock:
+        result = expr.eval(data=data)
+        if result.type() == cel.Type.ERROR:
+            return None, str(result.value())
+        return result.value(), None
+
+
+_OLDSELF = re.compile(r"\boldSelf\b")
+
+
+def check_cel_rules(schema: dict) -> list[FieldError]:
+    """Compile every CEL rule of a schema (CRD admission)."""
+    errors: list[FieldError] = []
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for i, rule in enumerate(node.get("x-kubernetes-validations") or []):
+            for key in ("rule", "messageExpression"):
+                if key in rule:
+                    try:
+                        compile_rule(rule[key])
+                    except ValueError as exc:
+                        errors.append(FieldError("FieldValueInvalid", f"{path}.x-kubernetes-validations[{i}].{key}",
+                                                 f"Invalid value: {json.dumps(rule[key])}: {exc}"))
+        for key, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.properties[{key}]")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key], f"{path}.{key}")
+
+    walk(schema, "spec.validation.openAPIV3Schema")
+    return errors
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(schema: dict | None, value: Any, old: Any = _MISSING, *, root: bool = True) -> list[FieldError]:
+    """Validate ``value`` against a structural schema; ``old`` enables transition rules."""
+    errors: list[FieldError] = []
+    if schema is None:
+        return errors
+    _validate(schema, value, old, "", errors, root=root)
+    return errors
+
+
+def _validate(schema: dict, value: Any, old: Any, path: str, errors: list[FieldError], root: bool = False) -> None:
+    field = path or "<nil>"
+    if value is None:
+        if schema.get("nullable"):
+            return
+        typ = schema.get("type")
+        if typ:
+            errors.append(FieldError("FieldValueTypeInvalid", field,
+                                     f'Invalid value: "null": {field} in body must be of type {typ}: "null"'))
+        return
+
+    typ = schema.get("type")
+    if schema.get("x-kubernetes-int-or-string"):
+        if not (isinstance(value, str) or _matches_type("integer", value)):
+            errors.append(FieldError("FieldValueTypeInvalid", field,
+                                     f'Invalid value: "{type_name(value)}": {field} in body must be of type '
+                                     f'integer,string: "{type_name(value)}"'))
+            return
+    elif typ and not _matches_type(typ, value):
+        errors.append(FieldError("FieldValueTypeInvalid", field,
+                                 f'Invalid value: "{type_name(value)}": {field} in body must be of type {typ}: '
+                                 f'"{type_name(value)}"'))
+        return
+
+    if "enum" in schema and value not in schema["enum"]:
+        supported = ", ".join(go_repr(v) for v in schema["enum"])
+        errors.append(FieldError("FieldValueNotSupported", field,
+                                 f"Unsupported value: {go_repr(value)}: supported values: {supported}"))
+
+    if isinstance(value, str):
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append(FieldError("FieldValueTooLong", field,
+                                     f"Too long: may not be more than {schema['maxLength']} bytes"))
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body should be at least "
+                                     f"{schema['minLength']} chars long"))
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body should match "
+                                     f"'{schema['pattern']}'"))
+        fmt = schema.get("format")
+        if fmt and not _check_format(fmt, value):
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body must be of type {fmt}: "
+                                     f"{go_repr(value)}"))
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema:
+            lo = schema["minimum"]
+            if schema.get("exclusiveMinimum") is True and value <= lo:
+                errors.append(FieldError("FieldValueInvalid", field,
+                                         f"Invalid value: {go_repr(value)}: {field} in body should be greater than {go_repr(lo)}"))
+            elif value < lo:
+                errors.append(FieldError("FieldValueInvalid", field,
+                                         f"Invalid value: {go_repr(value)}: {field} in body should be greater than "
+                                         f"or equal to {go_repr(lo)}"))
+        if "maximum" in schema:
+            hi = schema["maximum"]
+            if schema.get("exclusiveMaximum") is True and value >= hi:
+                errors.append(FieldError("FieldValueInvalid", field,
+                                         f"Invalid value: {go_repr(value)}: {field} in body should be less than {go_repr(hi)}"))
+            elif value > hi:
+                errors.append(FieldError("FieldValueInvalid", field,
+                                         f"Invalid value: {go_repr(value)}: {field} in body should be less than "
+                                         f"or equal to {go_repr(hi)}"))
+        if "multipleOf" in schema and schema["multipleOf"] and (value / schema["multipleOf"]) % 1:
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body should be a multiple of "
+                                     f"{go_repr(schema['multipleOf'])}"))
+
+    if isinstance(value, list):
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            errors.append(FieldError("FieldValueTooMany", field,
+                                     f"Too many: {len(value)}: must have at most {schema['maxItems']} items"))
+        if "minItems" in schema and len(value) < schema["minItems"]:
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {len(value)}: {field} in body should have at least "
+                                     f"{schema['minItems']} items"))
+        if schema.get("uniqueItems") or schema.get("x-kubernetes-list-type") == "set":
+            seen: list[Any] = []
+            for i, item in enumerate(value):
+                if item in seen:
+                    errors.append(FieldError("FieldValueDuplicate", _idx(path, i),
+                                             f"Duplicate value: {go_repr(item)}"))
+                seen.append(item)
+        if schema.get("x-kubernetes-list-type") == "map":
+            keys = schema.get("x-kubernetes-list-map-keys") or []
+            seen_keys: list[Any] = []
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    k = tuple(item.get(x) for x in keys)
+                    if k in seen_keys:
+                        errors.append(FieldError("FieldValueDuplicate", _idx(path, i),
+                                                 f"Duplicate value: {json.dumps(dict(zip(keys, k)))}"))
+                    seen_keys.append(k)
+        items = schema.get("items")
+        if isinstance(items, dict):
+            for i, item in enumerate(value):
+                _validate(items, item, _MISSING, _idx(path, i), errors)
+
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        for req in schema.get("required") or []:
+            if req not in value:
+                errors.append(FieldError("FieldValueRequired", _join(path, req), "Required value"))
+        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+            errors.append(FieldError("FieldValueTooMany", field,
+                                     f"Too many: {len(value)}: must have at most {schema['maxProperties']} items"))
+        if "minProperties" in schema and len(value) < schema["minProperties"]:
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {len(value)}: {field} in body should have at least "
+                                     f"{schema['minProperties']} properties"))
+        addl = schema.get("additionalProperties")
+        for key, sub in value.items():
+            if root and key in ("apiVersion", "kind", "metadata"):
+                continue
+            sub_old = old.get(key, _MISSING) if isinstance(old, dict) else _MISSING
+            if key in props:
+                _validate(props[key], sub, sub_old, _join(path, key), errors)
+            elif isinstance(addl, dict):
+                _validate(addl, sub, sub_old, _join(path, key), errors)
+
+    for combinator in ("allOf",):
+        for sub in schema.get(combinator) or []:
+            _validate(sub, value, old, path, errors)
+    if schema.get("anyOf"):
+        if not any(not validate(sub, value, root=False) for sub in schema["anyOf"]):
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body must match at least one schema in anyOf"))
+    if schema.get("oneOf"):
+        n = sum(1 for sub in schema["oneOf"] if not validate(sub, value, root=False))
+        if n != 1:
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(value)}: {field} in body must match exactly one schema in oneOf"))
+    if isinstance(schema.get("not"), dict) and not validate(schema["not"], value, root=False):
+        errors.append(FieldError("FieldValueInvalid", field,
+                                 f"Invalid value: {go_repr(value)}: {field} in body must not match the schema"))
+
+    for rule in schema.get("x-kubernetes-validations") or []:
+        _check_rule(rule, value, old, path, errors)
+
+
+def _check_rule(rule: dict, value: Any, old: Any, path: str, errors: list[FieldError]) -> None:
+    text = rule.get("rule", "")
+    transition = bool(_OLDSELF.search(text))
+    if transition and old is _MISSING:
+        return
+    data = {"self": value}
+    if transition:
+        data["oldSelf"] = old
+    field = path or "<nil>"
+    if rule.get("fieldPath"):
+        fp = rule["fieldPath"].lstrip(".")
+        field = _join(path, fp) if path else fp
+    try:
+        result, err = _eval(text, data)
+    except ValueError as exc:
+        errors.append(FieldError("FieldValueInvalid", field, f"Invalid value: {go_repr(value)}: {exc}"))
+        return
+    if err is not None:
+        errors.append(FieldError("FieldValueInvalid", field,
+                                 f"Invalid value: {go_repr(value)}: {err} evaluating rule: {text}"))
+        return
+    if result is True:
+        return
+    message = rule.get("message") or f"failed rule: {text}"
+    if rule.get("messageExpression"):
+        try:
+            msg, merr = _eval(rule["messageExpression"], data)
+            if merr is None and isinstance(msg, str) and msg.strip():
+                message = msg
+        except ValueError:
+            pass
+    reason = {
+        "FieldValueRequired": "FieldValueRequired",
+        "FieldValueForbidden": "FieldValueForbidden",
+        "FieldValueDuplicate": "FieldValueDuplicate",
+    }.get(rule.get("reason", ""), "FieldValueInvalid")
+    if reason == "FieldValueRequired":
+        detail = f"Required value: {message}"
+    elif reason == "FieldValueForbidden":
+        detail = f"Forbidden: {message}"
+    else:
+        detail = f"Invalid value: {go_repr(value)}: {message}"
+    errors.append(FieldError(reason, field, detail))
+
+
+_FORMATS = {
+    "date-time": re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"),
+    "date": re.compile(r"^\d{4}-\d{2}-\d{2}$"),
+    "uuid": re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
+    "hostname": re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+}
+
+
+def _check_format(fmt: str, value: str) -> bool:
+    pattern = _FORMATS.get(fmt)
+    return pattern is None or bool(pattern.match(value))
+
+
+def invalid_message(kind_group: str, name: str, errors: list[FieldError]) -> str:
+    """``TrainingRun.perennial.ai "foo" is invalid: spec.x: ...`` (bracketed when several)."""
+    msgs = [e.message for e in errors]
+    body = msgs[0] if len(msgs) == 1 else "[" + ", ".join(msgs) + "]"
+    return f'{kind_group} "{name}" is invalid: {body}'
