@@ -148,9 +148,10 @@ class APIServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "APIServer":
         self._stopping = False
-        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.host, self.port = host, sock.getsockname()[1]

@@ -1,0 +1,252 @@
+"""The embedded API server driven by real clients: kopf 1.45 and kubectl 1.32."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from perennial.local.apiserver import start_in_thread, write_kubeconfig
+
+GROUP = "itest.perennial.ai"
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"gadgets.{GROUP}"},
+    "spec": {
+        "group": GROUP,
+        "scope": "Namespaced",
+        "names": {"kind": "Gadget", "plural": "gadgets", "singular": "gadget", "shortNames": ["gdg"],
+                  "categories": ["perennial"]},
+        "versions": [{
+            "name": "v1alpha1", "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "additionalPrinterColumns": [
+                {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+                {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
+            "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "description": "A Gadget is a test kind.",
+                "properties": {
+                    "spec": {
+                        "type": "object", "description": "What the gadget should do.", "required": ["method"],
+                        "properties": {
+                            "method": {"type": "string", "enum": ["SFT", "DPO", "GRPO"],
+                                       "description": "Training method of the gadget."},
+                            "steps": {"type": "integer", "minimum": 1, "default": 10},
+                        },
+                    },
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            }},
+        }],
+    },
+}
+
+GADGET = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Gadget",
+          "metadata": {"name": "g1", "namespace": "default"}, "spec": {"method": "SFT"}}
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {predicate}")
+
+
+@pytest.fixture
+def server():
+    srv = start_in_thread()
+    srv.apply_crd(CRD)
+    yield srv
+    srv.stop()
+
+
+# --------------------------------------------------------------------------- kopf
+
+
+def test_kopf_operator_finalizer_child_and_garbage_collection(server):
+    kopf = pytest.importorskip("kopf")
+    from kubernetes import client
+
+    registry = kopf.OperatorRegistry()
+    url = server.url
+    created: list[float] = []
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return kopf.ConnectionInfo(server=url, scheme="Bearer", token="x", insecure=True)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_):
+        settings.posting.enabled = True
+        settings.watching.server_timeout = 30
+        settings.persistence.finalizer = "itest.perennial.ai/finalizer"
+
+    @kopf.on.create(GROUP, "v1alpha1", "gadgets", registry=registry)
+    def on_create(body, namespace, name, **_):
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-child"},
+              "data": {"method": body["spec"]["method"]}}
+        kopf.adopt(cm, owner=body)
+        api = client.CoreV1Api(_api_client(url))
+        api.create_namespaced_config_map(namespace, cm)
+        created.append(time.monotonic())
+
+    @kopf.on.delete(GROUP, "v1alpha1", "gadgets", registry=registry)
+    def on_delete(**_):
+        pass
+
+    stop, ready = threading.Event(), threading.Event()
+
+    def run() -> None:
+        import asyncio
+
+        asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True,
+                                  stop_flag=stop, ready_flag=ready))
+
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(15), "kopf did not become ready"
+        api = client.CustomObjectsApi(_api_client(url))
+        core = client.CoreV1Api(_api_client(url))
+        t0 = time.monotonic()
+        api.create_namespaced_custom_object(GROUP, "v1alpha1", "default", "gadgets", GADGET)
+        cm = wait_for(lambda: _try(lambda: core.read_namespaced_config_map("g1-child", "default")))
+        assert cm.data == {"method": "SFT"}
+        owner = api.get_namespaced_custom_object(GROUP, "v1alpha1", "default", "gadgets", "g1")
+        assert cm.metadata.owner_references[0].uid == owner["metadata"]["uid"]
+        assert "itest.perennial.ai/finalizer" in owner["metadata"]["finalizers"]
+        print(f"create -> child ConfigMap in {1000 * (created[0] - t0):.1f} ms")
+
+        api.delete_namespaced_custom_object(GROUP, "v1alpha1", "default", "gadgets", "g1")
+        wait_for(lambda: _gone(lambda: api.get_namespaced_custom_object(GROUP, "v1alpha1", "default",
+                                                                        "gadgets", "g1")))
+        wait_for(lambda: _gone(lambda: core.read_namespaced_config_map("g1-child", "default")))
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+def _api_client(url: str):
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = url
+    return client.ApiClient(cfg)
+
+
+def _try(fn):
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return fn()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _gone(fn) -> bool:
+    return _try(fn) is None
+
+
+# --------------------------------------------------------------------------- kubectl
+
+kubectl_bin = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(kubectl_bin is None, reason="kubectl is not on PATH")
+
+
+@pytest.fixture
+def kubectl(server, tmp_path: Path):
+    cfg = write_kubeconfig(tmp_path / "kubeconfig", server.url)
+    env = {**os.environ, "KUBECONFIG": str(cfg), "HOME": str(tmp_path)}
+
+    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([kubectl_bin, "--cache-dir", str(tmp_path / "cache"), *args], input=input,
+                              capture_output=True, text=True, env=env, timeout=30)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+@needs_kubectl
+@pytest.mark.kubectl
+def test_kubectl_apply_get_describe_explain_delete(server, kubectl, tmp_path: Path):
+    manifest = tmp_path / "gadget.yaml"
+    manifest.write_text(yaml.safe_dump(GADGET))
+    assert "gadget.itest.perennial.ai/g1 created" in kubectl("apply", "-f", str(manifest)).stdout
+    assert "unchanged" in kubectl("apply", "-f", str(manifest)).stdout
+    changed = dict(GADGET, spec={"method": "DPO"})
+    manifest.write_text(yaml.safe_dump(changed))
+    assert "configured" in kubectl("apply", "-f", str(manifest)).stdout
+    obj = json.loads(kubectl("get", "gadget", "g1", "-o", "json").stdout)
+    assert obj["spec"] == {"method": "DPO", "steps": 10}  # defaulted by the schema
+    assert obj["metadata"]["generation"] == 2
+
+    # a ConfigMap through client-side apply (strategic merge patch on re-apply)
+    cm = tmp_path / "cm.yaml"
+    cm.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+                                  "data": {"a": "1"}}))
+    kubectl("apply", "-f", str(cm))
+    cm.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+                                  "data": {"b": "2"}}))
+    kubectl("apply", "-f", str(cm))
+    assert json.loads(kubectl("get", "cm", "cfg", "-o", "json").stdout)["data"] == {"b": "2"}
+
+    # invalid objects are rejected with the apiserver's message
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(GADGET, metadata={"name": "bad"}, spec={"method": "XYZ"})))
+    proc = kubectl("apply", "-f", str(bad), check=False)
+    assert proc.returncode != 0
+    assert 'spec.method: Unsupported value: "XYZ": supported values: "SFT", "DPO", "GRPO"' in proc.stderr
+
+    table = kubectl("get", "gadgets").stdout
+    assert table.split("\n")[0].split() == ["NAME", "METHOD", "READY", "AGE"]
+    assert table.split("\n")[1].split()[:2] == ["g1", "DPO"]
+    assert "g1" in kubectl("get", "perennial").stdout  # category
+    assert "g1" in kubectl("get", "gdg", "-A").stdout  # short name, all namespaces
+    assert "cfg" in kubectl("get", "configmaps").stdout
+
+    described = kubectl("describe", "gadget", "g1").stdout
+    assert "Method:  DPO" in described and "Name:" in described
+
+    explained = kubectl("explain", "gadget.spec").stdout
+    assert "Training method of the gadget." in explained
+    assert "method\t<string> -required-" in explained
+
+    kubectl("wait", "--for=jsonpath={.spec.method}=DPO", "gadget/g1", "--timeout=5s")
+    assert "deleted" in kubectl("delete", "-f", str(manifest)).stdout
+    assert "NotFound" in kubectl("get", "gadget", "g1", check=False).stderr
+
+
+@needs_kubectl
+@pytest.mark.kubectl
+def test_kubectl_server_side_apply_and_watch(server, kubectl, tmp_path: Path):
+    manifest = tmp_path / "gadget.yaml"
+    manifest.write_text(yaml.safe_dump(GADGET))
+    kubectl("apply", "--server-side", "-f", str(manifest))
+    assert json.loads(kubectl("get", "gadget", "g1", "-o", "json").stdout)["spec"]["method"] == "SFT"
+    kubectl("patch", "gadget", "g1", "--type=merge", "-p", '{"spec":{"method":"GRPO"}}')
+    assert json.loads(kubectl("get", "gadget", "g1", "-o", "json").stdout)["spec"]["method"] == "GRPO"
+    proc = kubectl("get", "gadgets", "-w", "--request-timeout=2s", check=False)
+    assert "g1" in proc.stdout
