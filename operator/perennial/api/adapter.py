@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -45,7 +45,7 @@ class Lineage(Model):
 class AdapterLoRA(Model):
     rank: int = Field(ge=1, le=512, description="LoRA rank.")
     alpha: int | None = Field(default=None, ge=1, le=4096, description="LoRA alpha.")
-    target_modules: list[str] = Field(default_factory=list, max_length=64, description="Adapted modules.")
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=64, description="Adapted modules.")
 
 
 class AdapterSpec(Model):

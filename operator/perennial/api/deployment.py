@@ -108,7 +108,7 @@ class Region(Model):
 
     name: Name = Field(description="Region name.")
     cluster_secret_ref: LocalObjectReference | None = Field(default=None, description="Secret with a `kubeconfig` key for a remote cluster; this cluster if unset.")
-    node_selector: dict[str, str] | None = Field(default=None, max_length=16, description="Node labels of this region in a stretched cluster.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=16, description="Node labels of this region in a stretched cluster.")
     replicas: int | None = Field(default=None, ge=0, le=1000, description="Replicas here; `spec.replicas` if unset.")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -33,7 +33,7 @@ class FeedbackSnapshot(Model):
 
     deployment_ref: LocalObjectReference = Field(description="The Deployment whose feedback is used.")
     store_uri: str | None = Field(default=None, max_length=2048, description="The feedback store (fsspec URI); the Deployment's if unset.")
-    segments: list[str] = Field(default_factory=list, max_length=10000, description="Segment object names, relative to `storeUri`. Empty means every segment present when the run starts.")
+    segments: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=10000, description="Segment object names, relative to `storeUri`. Empty means every segment present when the run starts.")
     min_rating: Decimal | None = Field(default=None, description="Only responses rated at least this (in [0, 1]) become SFT rows.")
 
 
@@ -45,7 +45,7 @@ class DatasetSource(Model):
     feedback: FeedbackSnapshot | None = Field(default=None, description="Build the data from collected feedback instead.")
     format: Literal["Auto", "JSONL", "Parquet"] = Field(default="Auto", description="File format; `Auto` goes by the extension.")
     split: Literal["Train", "Eval"] = Field(default="Train", description="`Eval` datasets are used only for evaluation.")
-    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$", description="Expected content hash; the run fails if the data differs.")
+    sha256: str | None = Field(default=None, max_length=64, pattern=r"^[a-f0-9]{64}$", description="Expected content hash; the run fails if the data differs.")
 
     model_config = Model.model_config | {"json_schema_extra": validations(exactly_one_of("uri", "feedback"))}
 
@@ -74,7 +74,7 @@ class LoRAConfig(Model):
     rank: int = Field(default=16, ge=1, le=512, description="LoRA rank `r`.")
     alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha.")
     dropout: Decimal = Field(default="0.05", description="LoRA dropout.")
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64, description="Modules to adapt (`all-linear` or module names).")
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64, description="Modules to adapt (`all-linear` or module names).")
 
 
 class Evaluation(Model):

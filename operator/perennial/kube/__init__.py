@@ -1,0 +1,5 @@
+"""The only code that talks to the Kubernetes API server."""
+
+from .client import ApiError, Kube, connect
+
+__all__ = ["ApiError", "Kube", "connect"]

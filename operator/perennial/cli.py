@@ -1,0 +1,160 @@
+"""`perennial`: generate CRDs, run the operator, or run everything locally (`perennial dev`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from . import crdgen
+
+    if args.action == "write":
+        for path in crdgen.write():
+            print(f"wrote {path}")
+        return 0
+    problems = crdgen.check()
+    if problems:
+        print("crds/ is stale; run `perennial crds write` and commit the result:\n", file=sys.stderr)
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    print("crds/ matches the API models")
+    return 0
+
+
+def _configure_logging(fmt: str, verbose: bool) -> None:
+    import kopf
+
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if fmt == "json" else kopf.LogFormat.PLAIN)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runtime import run
+
+    _configure_logging(args.log_format, args.verbose)
+    run(
+        kubeconfig=args.kubeconfig,
+        namespaces=args.namespace or None,
+        health_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        metrics_port=args.metrics_port or None,
+        standalone=args.standalone,
+    )
+    return 0
+
+
+def load_manifests(paths: list[str]) -> list[dict[str, Any]]:
+    """YAML documents of the given files and directories (sorted, recursive), in a dependency-friendly order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml")) if p.is_dir() else [p]
+    docs = []
+    for f in files:
+        for doc in yaml.safe_load_all(f.read_text()):
+            if isinstance(doc, dict) and doc.get("kind"):
+                docs.append(doc)
+    order = {"Namespace": 0, "CustomResourceDefinition": 1, "Secret": 2, "ConfigMap": 2, "BaseModel": 3, "RewardSpec": 3}
+    return sorted(docs, key=lambda d: order.get(d["kind"], 5))
+
+
+def install_crds(kube: Any) -> None:
+    from .crdgen import all_crds
+
+    for crd in all_crds():
+        kube.apply(crd)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from .kube import connect
+    from .local.apiserver import start_in_thread, write_kubeconfig
+
+    _configure_logging(args.log_format, args.verbose)
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    server = start_in_thread(args.host, args.port)
+    kubeconfig = write_kubeconfig(state / "kubeconfig", server.url)
+    kube = connect(server=server.url)
+    install_crds(kube)
+    applied = []
+    for doc in load_manifests(args.apply or []):
+        doc.setdefault("metadata", {}).setdefault("namespace", "default")
+        _, action = kube.apply(doc)
+        applied.append(f"{doc['kind']}/{doc['metadata']['name']} {action}")
+    print(
+        f"""
+Perennial dev is running.
+  control plane  {server.url}
+  kubeconfig     {kubeconfig}
+  metrics        http://127.0.0.1:{args.metrics_port}/metrics
+  health         http://127.0.0.1:{args.health_port}/healthz
+{''.join(f'  applied        {a}{chr(10)}' for a in applied)}
+In another shell:
+  export KUBECONFIG={kubeconfig}
+  kubectl get perennial
+  kubectl describe basemodels
+  kubectl explain trainingrun.spec
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+    from .config import OperatorConfig
+    from .runtime import run
+
+    pvc_root = state / "pvc"
+    config = OperatorConfig(pvc_root=str(pvc_root), artifact_uri=f"file://{state / 'artifacts'}", feedback_store_uri=f"file://{state / 'feedback'}")
+    try:
+        run(
+            server=server.url,
+            config=config,
+            standalone=True,
+            health_endpoint=f"http://127.0.0.1:{args.health_port}/healthz",
+            metrics_port=args.metrics_port,
+        )
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="perennial", description="Perennial: the lifecycle of specialized LLMs on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="generate or check crds/ from the API models")
+    crds.add_argument("action", choices=["write", "check"])
+    crds.set_defaults(func=_crds)
+
+    run = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
+    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    run.add_argument("--namespace", "-n", action="append", help="watch only this namespace (repeatable); all by default")
+    run.add_argument("--metrics-port", type=int, default=8080)
+    run.add_argument("--health-port", type=int, default=8081)
+    run.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    run.add_argument("--log-format", choices=["plain", "json"], default="json")
+    run.add_argument("--verbose", action="store_true")
+    run.set_defaults(func=_run)
+
+    dev = sub.add_parser("dev", help="embedded control plane + operator on this machine")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=6444)
+    dev.add_argument("--state-dir", default=".perennial")
+    dev.add_argument("--apply", action="append", help="manifest file or directory to apply at start (repeatable)")
+    dev.add_argument("--metrics-port", type=int, default=9090)
+    dev.add_argument("--health-port", type=int, default=9091)
+    dev.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    dev.add_argument("--verbose", action="store_true")
+    dev.set_defaults(func=_dev)
+
+    args = parser.parse_args(argv)
+    if args.command == "crds":
+        logging.basicConfig(level=logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Operator-wide settings, from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default) or default
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str = field(default_factory=lambda: _env("PERENNIAL_TRAINER_IMAGE", "ghcr.io/perennial-ai/perennial-trainer:0.1.0"))
+    server_image: str = field(default_factory=lambda: _env("PERENNIAL_SERVER_IMAGE", "ghcr.io/perennial-ai/perennial-server:0.1.0"))
+    #: Where artifacts go when a TrainingRun names no `output.artifactUri`.
+    artifact_uri: str = field(default_factory=lambda: _env("PERENNIAL_ARTIFACT_URI", "pvc://perennial-artifacts/adapters"))
+    #: Feedback store when a Deployment names none.
+    feedback_store_uri: str = field(default_factory=lambda: _env("PERENNIAL_FEEDBACK_STORE_URI", "pvc://perennial-feedback/store"))
+    #: Where the operator's own pod mounts the PVCs it reads (`pvc://<claim>/<path>` -> `<root>/<claim>/<path>`).
+    pvc_root: str = field(default_factory=lambda: _env("PERENNIAL_PVC_ROOT", "/mnt/pvc"))
+    #: Seconds between periodic reconciles of long-lived kinds.
+    resync_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_RESYNC_SECONDS", "30")))
+    #: Seconds between reconciles of running TrainingRuns (progress).
+    progress_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_SECONDS", "5")))

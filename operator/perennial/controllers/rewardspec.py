@@ -1,0 +1,118 @@
+"""RewardSpec controller: static validation of the rubric (the test Job comes with the TrainingRun controller)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+from typing import Any
+
+import kopf
+import pydantic
+
+from ..api.common import GROUP, VERSION
+from ..api.rewardspec import Grader, RewardSpecSpec
+from ..resources import conditions as cond
+from .base import REGISTRY, RESYNC_SECONDS, Context, context, first_error, forget, generation, reconciler, write_status
+
+KIND = "RewardSpec"
+PLURAL = "rewardspecs"
+
+
+def _python_problems(name: str, source: str) -> list[str]:
+    try:
+        tree = ast.parse(source, filename=f"<grader {name}>")
+    except SyntaxError as exc:
+        return [f"grader {name!r}: Python source does not parse: {exc.msg} (line {exc.lineno})"]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "grade":
+            params = node.args.posonlyargs + node.args.args
+            if len(params) < 2 and node.args.vararg is None:
+                return [f"grader {name!r}: `grade` must accept two arguments, `(sample, item)`"]
+            if isinstance(node, ast.AsyncFunctionDef):
+                return [f"grader {name!r}: `grade` must be a plain function, not `async def`"]
+            return []
+    return [f"grader {name!r}: Python source must define `def grade(sample, item)`"]
+
+
+def grader_problems(grader: Grader) -> list[str]:
+    """Static checks of one grader (pure)."""
+    problems: list[str] = []
+    name = grader.name
+    if grader.regex is not None:
+        flags = (re.IGNORECASE if grader.regex.ignore_case else 0) | (re.MULTILINE | re.DOTALL if grader.regex.multiline else 0)
+        try:
+            re.compile(grader.regex.pattern, flags)
+        except re.error as exc:
+            problems.append(f"grader {name!r}: `regex.pattern` does not compile: {exc}")
+    if grader.json_schema is not None:
+        try:
+            import jsonschema
+
+            jsonschema.validators.validator_for(grader.json_schema.schema_).check_schema(grader.json_schema.schema_)
+        except jsonschema.SchemaError as exc:
+            problems.append(f"grader {name!r}: `jsonSchema.schema` is not a valid JSON Schema: {exc.message}")
+    if grader.python is not None:
+        problems += _python_problems(name, grader.python.source)
+    if grader.llm_judge is not None and grader.llm_judge.min_score >= grader.llm_judge.max_score:
+        problems.append(f"grader {name!r}: `llmJudge.minScore` must be less than `maxScore`")
+    if grader.code is not None and float(grader.code.format_points) + float(grader.code.compile_points) + float(grader.code.test_points) <= 0:
+        problems.append(f"grader {name!r}: the points of `code` must add up to more than 0")
+    return problems
+
+
+def spec_problems(spec: RewardSpecSpec) -> list[str]:
+    """Everything statically wrong with a RewardSpec (pure)."""
+    problems: list[str] = []
+    for grader in spec.graders:
+        problems += grader_problems(grader)
+    weights = [float(g.weight) for g in spec.graders]
+    if all(w == 0 for w in weights):
+        problems.append("`graders[].weight` must not all be 0")
+    for test in spec.tests:
+        lo, hi = test.expect.min, test.expect.max
+        if lo is None and hi is None:
+            problems.append(f"test {test.name!r}: `expect` must set `min` or `max`")
+        elif lo is not None and hi is not None and float(lo) > float(hi):
+            problems.append(f"test {test.name!r}: `expect.min` must not exceed `expect.max`")
+    return problems
+
+
+async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
+    status = dict(body.get("status") or {})
+    gen = generation(body)
+    status["observedGeneration"] = gen
+    try:
+        spec = RewardSpecSpec.model_validate(body.get("spec") or {})
+    except pydantic.ValidationError as exc:
+        status["conditions"] = cond.set_condition(status.get("conditions"), "Ready", False, "InvalidSpec", first_error(exc), gen)
+        await write_status(ctx, body, status, logger)
+        return
+    problems = spec_problems(spec)
+    status["graders"] = [{"name": g.name, "value": g.weight} for g in spec.graders]
+    if problems:
+        status["conditions"] = cond.set_condition(status.get("conditions"), "Ready", False, "InvalidGrader", "; ".join(problems), gen)
+    else:
+        status["conditions"] = cond.set_condition(
+            status.get("conditions"), "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen
+        )
+    await write_status(ctx, body, status, logger)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, registry=REGISTRY)
+@kopf.on.create(GROUP, VERSION, PLURAL, registry=REGISTRY)
+@kopf.on.update(GROUP, VERSION, PLURAL, registry=REGISTRY)
+@reconciler(KIND)
+async def rewardspec_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await reconcile(body, context(memo), logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=REGISTRY)
+@reconciler(KIND)
+async def rewardspec_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await reconcile(body, context(memo), logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, registry=REGISTRY, optional=True)
+async def rewardspec_deleted(body: kopf.Body, **_: Any) -> None:
+    forget(KIND, body)

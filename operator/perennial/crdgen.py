@@ -1,0 +1,192 @@
+"""Generate the CustomResourceDefinitions from the pydantic models.
+
+`perennial crds write` writes `crds/*.yaml` (and the Helm chart's copy);
+`perennial crds check` exits non-zero with a unified diff when they are stale.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .api import KINDS
+from .api.common import CATEGORY, GROUP, VERSION
+
+# Keywords a structural schema may carry (everything else from pydantic is dropped).
+_KEEP = {
+    "type", "description", "properties", "required", "items", "enum", "default", "pattern",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
+    "minItems", "maxItems", "minProperties", "maxProperties", "additionalProperties", "format",
+    "nullable", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type",
+}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline $refs and turn pydantic's JSON Schema into an OpenAPI v3 structural schema."""
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        # Field-level keywords (description, default) win over the referenced type's.
+        merged = {**target, **node}
+        if "description" in node:
+            merged["description"] = node["description"]
+        return _resolve(merged, defs)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"unions are not structural: {options}")
+        rest = {k: v for k, v in node.items() if k != "default" or v is not None}
+        return _resolve({**options[0], **rest, **({"description": node["description"]} if "description" in node else {})}, defs)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if node.get("default", 0) is None:
+        del node["default"]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key not in _KEEP:
+            continue
+        if key == "properties":
+            out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
+        elif key in ("items",):
+            out[key] = _resolve(value, defs)
+        elif key == "additionalProperties":
+            if value is False:
+                continue  # structural schemas forbid unknown fields by pruning; extra=forbid is implicit
+            out[key] = _resolve(value, defs) if isinstance(value, dict) else value
+        else:
+            out[key] = value
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if out.get("x-kubernetes-preserve-unknown-fields"):
+        out.pop("additionalProperties", None)
+        out.setdefault("type", "object")
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def openapi_schema(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    schema = _resolve(raw, defs)
+    props = schema["properties"]
+    kind = model.model_fields["kind"].default
+    spec = props.pop("spec")
+    props.clear()
+    props["apiVersion"] = {"type": "string", "maxLength": 64, "description": "APIVersion of this object: `perennial.ai/v1alpha1`."}
+    props["kind"] = {"type": "string", "maxLength": 64, "description": f"Kind of this object: `{kind}`."}
+    props["metadata"] = {"type": "object"}
+    props["spec"] = spec
+    status_model = model.model_fields["status"].annotation.__args__[0]
+    status_raw = status_model.model_json_schema(by_alias=True, mode="validation")
+    status = _resolve(status_raw, status_raw.pop("$defs", {}))
+    status["description"] = "Observed state, written by the operator."
+    props["status"] = status
+    schema["required"] = ["spec"]
+    schema["description"] = model.description
+    return schema
+
+
+def crd(model: type) -> dict[str, Any]:
+    kind = model.model_fields["kind"].default
+    columns = []
+    for c in model.printer_columns:
+        col = {"name": c.name, "type": c.type, "jsonPath": c.json_path}
+        if c.description:
+            col["description"] = c.description
+        if c.priority:
+            col["priority"] = c.priority
+        columns.append(col)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{model.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "perennial", "app.kubernetes.io/part-of": "perennial"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": model.plural,
+                "singular": model.singular,
+                "shortNames": list(model.short_names),
+                "categories": [CATEGORY],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(model)},
+                }
+            ],
+        },
+    }
+
+
+def all_crds() -> list[dict[str, Any]]:
+    return [crd(m) for m in KINDS]
+
+
+HEADER = "# Generated by `perennial crds write` from operator/perennial/api. Do not edit.\n"
+
+
+def render(obj: dict[str, Any]) -> str:
+    return HEADER + yaml.safe_dump(obj, sort_keys=False, width=120, allow_unicode=True)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def targets(root: Path | None = None) -> list[Path]:
+    root = root or repo_root()
+    return [root / "crds", root / "charts" / "perennial" / "crds"]
+
+
+def expected_files(root: Path | None = None) -> dict[Path, str]:
+    files = {}
+    for directory in targets(root):
+        for obj in all_crds():
+            files[directory / f"{obj['metadata']['name']}.yaml"] = render(obj)
+    return files
+
+
+def write(root: Path | None = None) -> list[Path]:
+    written = []
+    for path, text in expected_files(root).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def check(root: Path | None = None) -> list[str]:
+    """Return diffs (empty when everything is up to date)."""
+    problems = []
+    expected = expected_files(root)
+    for path, text in expected.items():
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            diff = difflib.unified_diff(current.splitlines(True), text.splitlines(True), f"{path} (on disk)", f"{path} (from the models)")
+            problems.append("".join(diff) or f"{path}: missing")
+    for directory in targets(root):
+        for stray in sorted(directory.glob("*.yaml")) if directory.exists() else []:
+            if stray not in expected:
+                problems.append(f"{stray}: not generated from any model; remove it")
+    return problems

@@ -1,0 +1,228 @@
+"""A small generic client over the `kubernetes` library's ApiClient.
+
+Controllers hand it manifests (dicts) built by `perennial.resources`; it knows the
+REST paths of the kinds Perennial touches, applies idempotently (a 409 on create
+is not an error) and never blocks the event loop (calls run in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from ..api.common import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+# (apiVersion, kind) -> plural. Every kind the operator reads or writes.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Secret"): "secrets",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("v1", "Namespace"): "namespaces",
+    ("v1", "Event"): "events",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "Job"): "jobs",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
+}
+for _kind, _plural in (
+    ("BaseModel", "basemodels"),
+    ("RewardSpec", "rewardspecs"),
+    ("TrainingRun", "trainingruns"),
+    ("Adapter", "adapters"),
+    ("Deployment", "deployments"),
+):
+    PLURALS[(f"{GROUP}/{VERSION}", _kind)] = _plural
+
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
+
+
+class ApiError(Exception):
+    """An API server error with its HTTP status and Status body."""
+
+    def __init__(self, status: int, body: Any, method: str = "", path: str = ""):
+        self.status = status
+        self.body = body if isinstance(body, dict) else {"message": str(body)}
+        self.reason = self.body.get("reason", "")
+        super().__init__(f"{method} {path}: {status} {self.body.get('message', '')}".strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.body.get("message", ""))
+
+
+def path_for(api_version: str, kind: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+    plural = PLURALS.get((api_version, kind))
+    if plural is None:
+        raise KeyError(f"unknown kind {api_version}/{kind}")
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    if namespace and kind not in CLUSTER_SCOPED:
+        base += f"/namespaces/{namespace}"
+    path = f"{base}/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def _subset(desired: Any, actual: Any) -> bool:
+    """True when every field of `desired` is present and equal in `actual`."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(_subset(v, actual.get(k)) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(actual, list) and len(desired) == len(actual) and all(_subset(d, a) for d, a in zip(desired, actual))
+    return desired == actual
+
+
+class Kube:
+    """Synchronous primitives plus `a*` coroutine twins that run them in a thread."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient):
+        self.api = api_client
+
+    # -- raw -----------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None, content_type: str | None = None, raw: bool = False) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        query_params = [(k, v) for k, v in (query or {}).items() if v is not None]
+        _method, url, hdrs, _body, _post = self.api.param_serialize(
+            method, path, query_params=query_params, header_params=headers, body=None, auth_settings=["BearerToken"]
+        )
+        try:
+            # The REST layer serialises dict bodies for every JSON content type (merge-patch included).
+            response = self.api.call_api(method, url, header_params=hdrs, body=body, _request_timeout=30)
+            data = response.read()
+        except ApiException as exc:
+            try:
+                parsed = json.loads(exc.body or b"{}")
+            except ValueError:
+                parsed = {"message": exc.body or exc.reason}
+            raise ApiError(exc.status or 0, parsed, method, path) from None
+        status = getattr(response, "status", 200)
+        if status >= 400:
+            try:
+                parsed = json.loads(data or b"{}")
+            except ValueError:
+                parsed = {"message": data.decode(errors="replace")}
+            raise ApiError(status, parsed, method, path)
+        if raw:
+            return data.decode(errors="replace") if isinstance(data, bytes) else data
+        return json.loads(data) if data else {}
+
+    # -- typed helpers -------------------------------------------------------
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", path_for(api_version, kind, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+        result = self.request("GET", path_for(api_version, kind, namespace), query={"labelSelector": label_selector})
+        return list(result.get("items") or [])
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return self.request("POST", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace")), body=obj)
+
+    def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
+        return self.request(
+            "PATCH", path_for(api_version, kind, namespace, name, subresource), body=patch, content_type="application/merge-patch+json"
+        )
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
+        try:
+            self.request("DELETE", path_for(api_version, kind, namespace, name), body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
+            return True
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def apply(self, obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Create `obj`, or bring an existing one up to it. Returns (object, "created"|"updated"|"unchanged").
+
+        Fields the manifest does not set are left alone (merge-patch semantics);
+        `status` is never written here.
+        """
+        meta = obj["metadata"]
+        desired = {k: v for k, v in obj.items() if k != "status"}
+        try:
+            return self.create(desired), "created"
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        current = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if current is None:  # deleted between our create and get: try once more
+            return self.create(desired), "created"
+        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+        if _subset(patch, current):
+            return current, "unchanged"
+        if obj["kind"] == "Job":
+            # A Job's pod template is immutable: only labels/annotations may change.
+            patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
+            if _subset(patch, current):
+                return current, "unchanged"
+        updated = self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
+        return updated, "updated"
+
+    def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self.patch(api_version, kind, namespace, name, {"status": status}, subresource="status")
+
+    def pod_log(self, namespace: str, pod: str, tail_lines: int | None = None, container: str | None = None) -> str:
+        return self.request(
+            "GET", path_for("v1", "Pod", namespace, pod, "log"), query={"tailLines": tail_lines, "container": container}, raw=True
+        )
+
+    # -- async twins ---------------------------------------------------------
+    async def aget(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.get, *args, **kwargs)
+
+    async def alist(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.list, *args, **kwargs)
+
+    async def aapply(self, obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        return await asyncio.to_thread(self.apply, obj)
+
+    async def acreate(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.create, obj)
+
+    async def apatch(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(self.patch, *args, **kwargs)
+
+    async def adelete(self, *args: Any, **kwargs: Any) -> bool:
+        return await asyncio.to_thread(self.delete, *args, **kwargs)
+
+    async def apatch_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(self.patch_status, *args, **kwargs)
+
+    async def apod_log(self, *args: Any, **kwargs: Any) -> str:
+        return await asyncio.to_thread(self.pod_log, *args, **kwargs)
+
+
+def connect(server: str | None = None, kubeconfig: str | None = None, context: str | None = None) -> Kube:
+    """A client for `server` (no auth, the embedded control plane), a kubeconfig, or the in-cluster config."""
+    configuration = kubernetes.client.Configuration()
+    if server:
+        configuration.host = server
+        configuration.verify_ssl = False
+    else:
+        try:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+    return Kube(kubernetes.client.ApiClient(configuration))

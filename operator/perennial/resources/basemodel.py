@@ -1,0 +1,107 @@
+"""Children of a BaseModel: the weight cache PVC and its download Job (pure builders)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.basemodel import BaseModelSpec
+from .common import child_name, labels, owner_reference, restricted_security_context, short_hash
+
+CACHE_MOUNT = "/cache"
+
+
+def cache_claim_name(name: str) -> str:
+    return child_name(name, "weights")
+
+
+def download_job_name(name: str, spec: BaseModelSpec) -> str:
+    # The source is part of the name: a changed source downloads again under a new Job.
+    return child_name(name, f"download-{short_hash([spec.source.uri, spec.source.revision])}")
+
+
+def cache_pvc(body: dict[str, Any], spec: BaseModelSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    pvc_spec: dict[str, Any] = {
+        "accessModes": [spec.cache.access_mode],
+        "resources": {"requests": {"storage": spec.cache.size}},
+    }
+    if spec.cache.storage_class_name:
+        pvc_spec["storageClassName"] = spec.cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": cache_claim_name(name),
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels("BaseModel", name, "weight-cache"),
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": pvc_spec,
+    }
+
+
+def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    args = ["--source", spec.source.uri, "--dest", f"{CACHE_MOUNT}/model"]
+    if spec.source.revision:
+        args += ["--revision", spec.source.revision]
+    container: dict[str, Any] = {
+        "name": "download",
+        "image": image,
+        "command": ["python", "-m", "perennial_trainer.download"],
+        "args": args,
+        "env": [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf"}],
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        "securityContext": restricted_security_context(),
+    }
+    if spec.source.credentials_secret_ref:
+        container["envFrom"] = [{"secretRef": {"name": spec.source.credentials_secret_ref.name}}]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": download_job_name(name, spec),
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels("BaseModel", name, "weight-download"),
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "backoffLimit": 4,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {
+                "metadata": {"labels": labels("BaseModel", name, "weight-download")},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+                    "containers": [container],
+                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim_name(name)}}],
+                },
+            },
+        },
+    }
+
+
+# Keys a credentials Secret must hold, per source scheme (any one of the alternatives).
+CREDENTIAL_KEYS: dict[str, list[list[str]]] = {
+    "hf": [["HF_TOKEN"], ["HUGGING_FACE_HUB_TOKEN"]],
+    "s3": [["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]],
+    "gs": [["GOOGLE_APPLICATION_CREDENTIALS_JSON"]],
+}
+
+
+def missing_credential_keys(scheme: str, secret: dict[str, Any]) -> list[str]:
+    """Keys missing from `secret` for `scheme` ([] when one alternative is complete)."""
+    alternatives = CREDENTIAL_KEYS.get(scheme)
+    if not alternatives:
+        return []
+    present = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
+    best: list[str] | None = None
+    for keys in alternatives:
+        missing = [k for k in keys if k not in present]
+        if not missing:
+            return []
+        if best is None or len(missing) < len(best):
+            best = missing
+    return best or []
