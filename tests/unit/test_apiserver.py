@@ -1,0 +1,661 @@
+"""Semantics of the embedded API server, each asserted as kube-apiserver behaves."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from perennial.local import apiserver as apiserver_mod
+from perennial.local.apiserver import APIServer, jsonpath, start_in_thread, write_kubeconfig
+
+GROUP = "test.perennial.ai"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["method"],
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.maxSteps) || self.maxSteps >= self.minSteps",
+                 "message": "`maxSteps` must be greater than or equal to `minSteps`"},
+                {"rule": "self.method == oldSelf.method", "message": "`method` is immutable"},
+                {"rule": "size(self.tags) < 2 || self.tags[0] != self.tags[1]",
+                 "messageExpression": "'duplicate tag ' + self.tags[0]"},
+            ],
+            "properties": {
+                "method": {"type": "string", "enum": ["SFT", "DPO", "GRPO"]},
+                "name": {"type": "string", "pattern": "^[a-z]*$", "maxLength": 10, "minLength": 1},
+                "minSteps": {"type": "integer", "default": 1, "minimum": 0},
+                "maxSteps": {"type": "integer", "maximum": 1000},
+                "tags": {"type": "array", "maxItems": 2, "items": {"type": "string"}, "default": []},
+                "note": {"type": "string", "nullable": True},
+                "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "rate": {"x-kubernetes-int-or-string": True},
+            },
+        },
+        "status": {
+            "type": "object",
+            "properties": {
+                "phase": {"type": "string", "enum": ["Pending", "Done"]},
+                "observedGeneration": {"type": "integer"},
+                "conditions": {"type": "array", "items": {"type": "object", "properties": {
+                    "type": {"type": "string"}, "status": {"type": "string"}}}},
+            },
+        },
+    },
+}
+
+
+def widget_crd(*, status: bool = True, plural: str = "widgets", kind: str = "Widget",
+               schema: dict | None = None) -> dict:
+    version = {"name": "v1", "served": True, "storage": True,
+               "schema": {"openAPIV3Schema": schema or SCHEMA},
+               "additionalPrinterColumns": [
+                   {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+                   {"name": "Ready", "type": "string",
+                    "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                   {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]}
+    if status:
+        version["subresources"] = {"status": {}}
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{GROUP}"},
+            "spec": {"group": GROUP, "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "shortNames": ["wdg"],
+                               "categories": ["perennial"]},
+                     "versions": [version]}}
+
+
+def widget(name: str = "w1", **spec) -> dict:
+    return {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": name},
+            "spec": {"method": "SFT", **spec}}
+
+
+@pytest.fixture(scope="module")
+def srv():
+    server = start_in_thread()
+    server.apply_crd(widget_crd())
+    yield server
+    server.stop()
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.s = requests.Session()
+
+    def req(self, method: str, path: str, body=None, ctype: str = "application/json", **params):
+        data = None if body is None else (body if isinstance(body, (str, bytes)) else json.dumps(body))
+        return self.s.request(method, self.url + path, data=data, params=params or None,
+                              headers={"Content-Type": ctype})
+
+    def ok(self, method: str, path: str, body=None, ctype: str = "application/json", **params) -> dict:
+        r = self.req(method, path, body, ctype, **params)
+        assert r.status_code < 300, r.text
+        return r.json()
+
+
+@pytest.fixture
+def c(srv) -> Client:
+    return Client(srv.url)
+
+
+_ns_counter = itertools.count()
+
+
+@pytest.fixture
+def ns(c, request) -> str:
+    name = f"t{next(_ns_counter)}-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[5:40].strip("-")
+    c.ok("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+    return name
+
+
+def W(ns: str, name: str = "") -> str:
+    return f"/apis/{GROUP}/v1/namespaces/{ns}/widgets" + (f"/{name}" if name else "")
+
+
+def CM(ns: str, name: str = "") -> str:
+    return f"/api/v1/namespaces/{ns}/configmaps" + (f"/{name}" if name else "")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_core_discovery_has_group_version_v1_and_subresources(c):
+    assert c.ok("GET", "/api")["versions"] == ["v1"]
+    rl = c.ok("GET", "/api/v1")
+    assert rl["kind"] == "APIResourceList" and rl["groupVersion"] == "v1"
+    by_name = {r["name"]: r for r in rl["resources"]}
+    assert by_name["namespaces"]["namespaced"] is False
+    assert by_name["configmaps"]["shortNames"] == ["cm"] and by_name["configmaps"]["singularName"] == "configmap"
+    assert "watch" in by_name["pods"]["verbs"] and by_name["pods"]["kind"] == "Pod"
+    assert {"pods/status", "pods/log"} <= set(by_name)
+    assert c.ok("GET", "/version")["major"] == "1"
+
+
+def test_group_discovery_lists_builtin_groups_and_crd_names(c):
+    groups = {g["name"]: g for g in c.ok("GET", "/apis")["groups"]}
+    for g in ("apps", "batch", "events.k8s.io", "autoscaling", "policy", "coordination.k8s.io",
+              "rbac.authorization.k8s.io", "apiextensions.k8s.io", GROUP):
+        assert g in groups, g
+    assert groups["autoscaling"]["preferredVersion"]["groupVersion"] == "autoscaling/v2"
+    rl = c.ok("GET", f"/apis/{GROUP}/v1")
+    res = {r["name"]: r for r in rl["resources"]}
+    assert res["widgets"]["categories"] == ["perennial"] and res["widgets"]["shortNames"] == ["wdg"]
+    assert res["widgets/status"]["verbs"] == ["get", "patch", "update"]
+    crds = {r["name"]: r for r in c.ok("GET", "/apis/apiextensions.k8s.io/v1")["resources"]}
+    assert crds["customresourcedefinitions"]["namespaced"] is False
+    assert c.ok("GET", "/apis/apps")["preferredVersion"]["version"] == "v1"
+
+
+def test_openapi_v3_serves_crd_schema_with_gvk(c):
+    root = c.ok("GET", "/openapi/v3")["paths"]
+    url = root[f"apis/{GROUP}/v1"]["serverRelativeURL"]
+    doc = c.ok("GET", url.split("?")[0])
+    schema = doc["components"]["schemas"][f"ai.perennial.test.v1.Widget"]
+    assert schema["x-kubernetes-group-version-kind"] == [{"group": GROUP, "version": "v1", "kind": "Widget"}]
+    assert schema["properties"]["spec"]["properties"]["method"]["enum"] == ["SFT", "DPO", "GRPO"]
+    patch_op = doc["paths"][f"/apis/{GROUP}/v1/namespaces/{{namespace}}/widgets/{{name}}"]["patch"]
+    assert any(p["name"] == "fieldValidation" for p in patch_op["parameters"])
+    assert "api/v1" in root
+
+
+# --------------------------------------------------------------------------- object semantics
+
+
+def test_create_assigns_uid_timestamp_and_monotonic_string_resource_version(c, ns):
+    a = c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    b = c.ok("POST", CM(ns), {"metadata": {"name": "b"}})
+    assert a["metadata"]["uid"] != b["metadata"]["uid"]
+    assert a["metadata"]["creationTimestamp"].endswith("Z")
+    assert isinstance(a["metadata"]["resourceVersion"], str)
+    assert int(b["metadata"]["resourceVersion"]) > int(a["metadata"]["resourceVersion"])
+    assert a["kind"] == "ConfigMap" and a["apiVersion"] == "v1"
+
+
+def test_create_existing_name_is_409_already_exists(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    r = c.req("POST", CM(ns), {"metadata": {"name": "a"}})
+    assert r.status_code == 409
+    assert r.json()["reason"] == "AlreadyExists"
+    assert r.json()["message"] == 'configmaps "a" already exists'
+
+
+def test_get_missing_is_404_status(c, ns):
+    r = c.req("GET", W(ns, "nope"))
+    assert r.status_code == 404
+    body = r.json()
+    assert body["kind"] == "Status" and body["reason"] == "NotFound"
+    assert body["message"] == f'widgets.{GROUP} "nope" not found'
+    assert body["details"] == {"name": "nope", "group": GROUP, "kind": "widgets"}
+
+
+def test_create_in_missing_namespace_is_404(c):
+    r = c.req("POST", CM("does-not-exist"), {"metadata": {"name": "a"}})
+    assert r.status_code == 404 and r.json()["message"] == 'namespaces "does-not-exist" not found'
+
+
+def test_generate_name(c, ns):
+    obj = c.ok("POST", CM(ns), {"metadata": {"generateName": "job-"}})
+    assert obj["metadata"]["name"].startswith("job-") and len(obj["metadata"]["name"]) == 9
+
+
+def test_invalid_name_is_422(c, ns):
+    r = c.req("POST", CM(ns), {"metadata": {"name": "Bad_Name"}})
+    assert r.status_code == 422
+    assert r.json()["message"].startswith('ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name"')
+
+
+def test_stale_resource_version_update_is_409_conflict(c, ns):
+    obj = c.ok("POST", CM(ns), {"metadata": {"name": "a"}, "data": {"x": "1"}})
+    c.ok("PUT", CM(ns, "a"), {**obj, "data": {"x": "2"}})
+    r = c.req("PUT", CM(ns, "a"), {**obj, "data": {"x": "3"}})
+    assert r.status_code == 409 and r.json()["reason"] == "Conflict"
+    assert r.json()["message"] == ('Operation cannot be fulfilled on configmaps "a": the object has been modified; '
+                                   "please apply your changes to the latest version and try again")
+
+
+def test_no_op_update_keeps_resource_version(c, ns):
+    obj = c.ok("POST", CM(ns), {"metadata": {"name": "a"}, "data": {"x": "1"}})
+    again = c.ok("PATCH", CM(ns, "a"), {"data": {"x": "1"}}, "application/merge-patch+json")
+    assert again["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
+
+
+def test_generation_bumps_only_on_spec_changes(c, ns):
+    obj = c.ok("POST", W(ns), widget())
+    assert obj["metadata"]["generation"] == 1
+    obj = c.ok("PATCH", W(ns, "w1"), {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json")
+    assert obj["metadata"]["generation"] == 1
+    obj = c.ok("PATCH", W(ns, "w1") + "/status", {"status": {"phase": "Done"}}, "application/merge-patch+json")
+    assert obj["metadata"]["generation"] == 1
+    obj = c.ok("PATCH", W(ns, "w1"), {"spec": {"maxSteps": 5}}, "application/merge-patch+json")
+    assert obj["metadata"]["generation"] == 2
+
+
+def test_status_subresource_split(c, ns):
+    obj = c.ok("POST", W(ns), {**widget(), "status": {"phase": "Done"}})
+    assert "status" not in obj  # status is dropped on create
+    obj = c.ok("PUT", W(ns, "w1") + "/status",
+               {**obj, "spec": {"method": "DPO"}, "metadata": {**obj["metadata"], "labels": {"x": "y"}},
+                "status": {"phase": "Pending"}})
+    assert obj["status"] == {"phase": "Pending"} and obj["spec"]["method"] == "SFT"
+    assert "labels" not in obj["metadata"]
+    obj = c.ok("PUT", W(ns, "w1"), {**obj, "spec": {**obj["spec"], "maxSteps": 3}, "status": {"phase": "Done"}})
+    assert obj["status"] == {"phase": "Pending"} and obj["spec"]["maxSteps"] == 3
+
+
+def test_status_is_validated_on_status_subresource(c, ns):
+    c.ok("POST", W(ns), widget())
+    r = c.req("PATCH", W(ns, "w1") + "/status", {"status": {"phase": "Bogus"}}, "application/merge-patch+json")
+    assert r.status_code == 422
+    assert 'status.phase: Unsupported value: "Bogus": supported values: "Pending", "Done"' in r.json()["message"]
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def test_json_patch_test_op_failure_is_422(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+           {"op": "add", "path": "/data", "value": {"k": "v"}}]
+    r = c.req("PATCH", CM(ns, "a"), ops, "application/json-patch+json")
+    assert r.status_code == 422 and r.json()["reason"] == "Invalid"
+    cur = c.ok("GET", CM(ns, "a"))
+    ops[0]["value"] = cur["metadata"]["resourceVersion"]
+    assert c.ok("PATCH", CM(ns, "a"), ops, "application/json-patch+json")["data"] == {"k": "v"}
+
+
+def test_merge_patch_with_stale_resource_version_is_409(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    r = c.req("PATCH", CM(ns, "a"), {"metadata": {"resourceVersion": "1"}, "data": {"a": "b"}},
+              "application/merge-patch+json")
+    assert r.status_code == 409
+
+
+def test_strategic_merge_patch_merges_containers_and_env_by_name(c, ns):
+    dep = {"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": [
+        {"name": "app", "image": "a:1", "env": [{"name": "A", "value": "1"}]},
+        {"name": "sidecar", "image": "s:1"}]}}}}
+    c.ok("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", dep)
+    patch = {"spec": {"template": {"spec": {"containers": [
+        {"name": "app", "image": "a:2", "env": [{"name": "B", "value": "2"}]}]}}}}
+    out = c.ok("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/d", patch,
+               "application/strategic-merge-patch+json")
+    containers = out["spec"]["template"]["spec"]["containers"]
+    assert [x["name"] for x in containers] == ["app", "sidecar"]
+    assert containers[0]["image"] == "a:2"
+    assert containers[0]["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]
+    assert out["metadata"]["generation"] == 2
+
+
+def test_strategic_merge_patch_on_custom_resource_is_415(c, ns):
+    c.ok("POST", W(ns), widget())
+    r = c.req("PATCH", W(ns, "w1"), {"spec": {"maxSteps": 2}}, "application/strategic-merge-patch+json")
+    assert r.status_code == 415
+
+
+def test_server_side_apply_creates_then_merges(c, ns):
+    body = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  x: '1'\n"
+    r = c.req("PATCH", CM(ns, "a"), body, "application/apply-patch+yaml", fieldManager="t")
+    assert r.status_code == 201 and r.json()["data"] == {"x": "1"}
+    out = c.ok("PATCH", CM(ns, "a"), {"data": {"y": "2"}}, "application/apply-patch+yaml", fieldManager="t")
+    assert out["data"] == {"x": "1", "y": "2"}
+
+
+def test_protobuf_body_is_415(c, ns):
+    r = c.req("POST", CM(ns), b"k8s\x00\x0a", "application/vnd.kubernetes.protobuf")
+    assert r.status_code == 415 and r.json()["reason"] == "UnsupportedMediaType"
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+def test_delete_with_finalizers_sets_deletion_timestamp_until_finalizers_go(c, ns):
+    c.ok("POST", W(ns), {**widget(), "metadata": {"name": "w1", "finalizers": ["x/y"]}})
+    out = c.ok("DELETE", W(ns, "w1"))
+    assert out["metadata"]["deletionTimestamp"] and out["metadata"]["deletionGracePeriodSeconds"] == 0
+    assert c.ok("GET", W(ns, "w1"))["metadata"]["deletionTimestamp"]
+    r = c.req("PATCH", W(ns, "w1"), {"metadata": {"finalizers": ["x/y", "new/one"]}}, "application/merge-patch+json")
+    assert r.status_code == 422 and "no new finalizers can be added" in r.json()["message"]
+    c.ok("PATCH", W(ns, "w1"), {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    assert c.req("GET", W(ns, "w1")).status_code == 404
+
+
+def test_delete_without_finalizers_removes_immediately(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    out = c.ok("DELETE", CM(ns, "a"))
+    assert out["status"] == "Success"
+    assert c.req("GET", CM(ns, "a")).status_code == 404
+
+
+def test_owner_deletion_garbage_collects_dependents_recursively(c, ns):
+    owner = c.ok("POST", W(ns), widget())
+    ref = lambda o: [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
+                      "uid": o["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    child = c.ok("POST", f"/apis/batch/v1/namespaces/{ns}/jobs",
+                 {"metadata": {"name": "job", "ownerReferences": ref(owner)}})
+    c.ok("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": "pod", "ownerReferences": ref(child)}})
+    other = c.ok("POST", CM(ns), {"metadata": {"name": "other-owner"}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "shared", "ownerReferences": ref(owner) + ref(other)}})
+    c.ok("DELETE", W(ns, "w1"))
+    assert c.req("GET", f"/apis/batch/v1/namespaces/{ns}/jobs/job").status_code == 404
+    assert c.req("GET", f"/api/v1/namespaces/{ns}/pods/pod").status_code == 404
+    assert c.req("GET", CM(ns, "shared")).status_code == 200  # another owner is alive
+
+
+def test_deleting_namespace_deletes_its_objects(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    c.ok("POST", W(ns), {**widget(), "metadata": {"name": "w1", "finalizers": ["x/y"]}})
+    c.ok("DELETE", f"/api/v1/namespaces/{ns}")
+    assert c.req("GET", CM(ns, "a")).status_code == 404
+    assert c.ok("GET", f"/api/v1/namespaces/{ns}")["status"]["phase"] == "Terminating"
+    r = c.req("POST", CM(ns), {"metadata": {"name": "b"}})
+    assert r.status_code == 403
+    c.ok("PATCH", W(ns, "w1"), {"metadata": {"finalizers": []}}, "application/merge-patch+json")
+    assert c.req("GET", f"/api/v1/namespaces/{ns}").status_code == 404
+
+
+# --------------------------------------------------------------------------- lists and selectors
+
+
+def test_list_kinds_cluster_wide_and_namespaced(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    lst = c.ok("GET", CM(ns))
+    assert lst["kind"] == "ConfigMapList" and lst["apiVersion"] == "v1"
+    assert int(lst["metadata"]["resourceVersion"]) > 0 and [i["metadata"]["name"] for i in lst["items"]] == ["a"]
+    everywhere = c.ok("GET", "/api/v1/configmaps")
+    assert any(i["metadata"]["namespace"] == ns for i in everywhere["items"])
+    assert c.ok("GET", f"/apis/{GROUP}/v1/widgets")["kind"] == "WidgetList"
+
+
+@pytest.mark.parametrize("selector,expected", [
+    ("app=a", ["a1", "a2"]), ("app==a", ["a1", "a2"]), ("app!=a", ["b", "none"]),
+    ("app in (a,b)", ["a1", "a2", "b"]), ("app notin (a)", ["b", "none"]), ("tier", ["a1"]),
+    ("!tier", ["a2", "b", "none"]), ("app=a,tier=web", ["a1"]),
+])
+def test_label_selectors(c, ns, selector, expected):
+    for name, labels in [("a1", {"app": "a", "tier": "web"}), ("a2", {"app": "a"}), ("b", {"app": "b"}),
+                         ("none", {})]:
+        c.ok("POST", CM(ns), {"metadata": {"name": name, "labels": labels}})
+    got = [i["metadata"]["name"] for i in c.ok("GET", CM(ns), labelSelector=selector)["items"]]
+    assert got == expected
+
+
+def test_field_selectors(c, ns):
+    for name in ("a", "b"):
+        c.ok("POST", CM(ns), {"metadata": {"name": name}})
+    assert [i["metadata"]["name"] for i in c.ok("GET", CM(ns), fieldSelector="metadata.name=b")["items"]] == ["b"]
+    names = {i["metadata"]["name"] for i in c.ok("GET", "/api/v1/configmaps",
+                                                 fieldSelector=f"metadata.namespace={ns}")["items"]}
+    assert names == {"a", "b"}
+    assert [i["metadata"]["name"] for i in c.ok("GET", CM(ns), fieldSelector="metadata.name!=b")["items"]] == ["a"]
+
+
+# --------------------------------------------------------------------------- watch
+
+
+def _events(resp, n: int) -> list[dict]:
+    out = []
+    for line in resp.iter_lines():
+        if line:
+            out.append(json.loads(line))
+            if len(out) == n:
+                break
+    return out
+
+
+def test_watch_streams_added_modified_deleted(c, ns):
+    r = requests.get(c.url + CM(ns), params={"watch": "true"}, stream=True, timeout=10)
+    assert r.headers["Content-Type"].startswith("application/json")
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    c.ok("PATCH", CM(ns, "a"), {"data": {"k": "v"}}, "application/merge-patch+json")
+    c.ok("DELETE", CM(ns, "a"))
+    events = _events(r, 3)
+    r.close()
+    assert [e["type"] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert events[1]["object"]["data"] == {"k": "v"}
+
+
+def test_watch_resumes_from_resource_version(c, ns):
+    first = c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "b"}})
+    r = requests.get(c.url + CM(ns), params={"watch": "1", "resourceVersion": first["metadata"]["resourceVersion"]},
+                     stream=True, timeout=10)
+    events = _events(r, 1)
+    r.close()
+    assert events[0]["type"] == "ADDED" and events[0]["object"]["metadata"]["name"] == "b"
+
+
+def test_watch_with_too_old_resource_version_is_410(c, ns, monkeypatch):
+    server = APIServer()
+    store = server.store
+    rt = store.lookup("", "v1", "configmaps")
+    store.history[rt.key] = type(store.history[rt.key])(maxlen=2)
+    for i in range(4):
+        store.create(rt, "default", {"metadata": {"name": f"c{i}"}})
+    import asyncio
+
+    async def go():
+        await server.start()
+        try:
+            def get():
+                r = requests.get(server.url + "/api/v1/namespaces/default/configmaps",
+                                 params={"watch": "true", "resourceVersion": "1"}, stream=True, timeout=10)
+                return _events(r, 1)
+            return await asyncio.to_thread(get)
+        finally:
+            await server.stop()
+
+    (event,) = asyncio.run(go())
+    assert event["type"] == "ERROR"
+    assert event["object"]["code"] == 410 and event["object"]["reason"] == "Expired"
+    assert event["object"]["message"].startswith("too old resource version: 1")
+
+
+def test_watch_honours_timeout_and_sends_bookmarks(c, ns, monkeypatch):
+    monkeypatch.setattr(apiserver_mod, "BOOKMARK_INTERVAL", 0.2)
+    t0 = time.monotonic()
+    r = requests.get(c.url + CM(ns), params={"watch": "true", "timeoutSeconds": "1", "allowWatchBookmarks": "true"},
+                     stream=True, timeout=10)
+    lines = [json.loads(x) for x in r.iter_lines() if x]
+    elapsed = time.monotonic() - t0
+    assert 0.9 < elapsed < 5
+    assert lines and all(e["type"] == "BOOKMARK" for e in lines)
+    assert lines[0]["object"]["metadata"]["resourceVersion"]
+
+
+def test_watch_label_selector_sends_deleted_when_object_stops_matching(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a", "labels": {"app": "x"}}})
+    r = requests.get(c.url + CM(ns), params={"watch": "true", "labelSelector": "app=x"}, stream=True, timeout=10)
+    c.ok("PATCH", CM(ns, "a"), {"metadata": {"labels": {"app": "y"}}}, "application/merge-patch+json")
+    events = _events(r, 2)
+    r.close()
+    assert [e["type"] for e in events] == ["ADDED", "DELETED"]
+
+
+# --------------------------------------------------------------------------- CRDs
+
+
+def test_crd_creation_registers_resource_and_sets_conditions(c, ns):
+    crd = c.ok("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+               widget_crd(plural="gizmos", kind="Gizmo"))
+    assert crd["metadata"]["generation"] == 1
+    got = c.ok("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gizmos.{GROUP}")
+    conds = {x["type"]: x["status"] for x in got["status"]["conditions"]}
+    assert conds == {"NamesAccepted": "True", "Established": "True"}
+    c.ok("POST", f"/apis/{GROUP}/v1/namespaces/{ns}/gizmos", {**widget("g"), "kind": "Gizmo"})
+    c.ok("DELETE", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gizmos.{GROUP}")
+    assert c.req("GET", f"/apis/{GROUP}/v1/namespaces/{ns}/gizmos/g").status_code == 404
+    assert "gizmos" not in {r["name"] for r in c.ok("GET", f"/apis/{GROUP}/v1")["resources"]}
+
+
+def test_crd_with_broken_cel_rule_is_rejected(c):
+    schema = copy.deepcopy(SCHEMA)
+    schema["properties"]["spec"]["x-kubernetes-validations"] = [{"rule": "self.method =="}]
+    r = c.req("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+              widget_crd(plural="brokens", kind="Broken", schema=schema))
+    assert r.status_code == 422 and "compilation failed" in r.json()["message"]
+
+
+# --------------------------------------------------------------------------- schema validation
+
+
+@pytest.mark.parametrize("spec,reason,message", [
+    ({"method": "XYZ"}, "FieldValueNotSupported",
+     'spec.method: Unsupported value: "XYZ": supported values: "SFT", "DPO", "GRPO"'),
+    ({}, "FieldValueRequired", "spec.method: Required value"),
+    ({"method": "SFT", "name": "ABC"}, "FieldValueInvalid",
+     "spec.name: Invalid value: \"ABC\": spec.name in body should match '^[a-z]*$'"),
+    ({"method": "SFT", "minSteps": "ten"}, "FieldValueTypeInvalid",
+     'spec.minSteps: Invalid value: "string": spec.minSteps in body must be of type integer: "string"'),
+    ({"method": "SFT", "tags": ["a", "b", "c"]}, "FieldValueTooMany",
+     "spec.tags: Too many: 3: must have at most 2 items"),
+    ({"method": "SFT", "name": "abcdefghijk"}, "FieldValueTooLong",
+     "spec.name: Too long: may not be more than 10 bytes"),
+    ({"method": "SFT", "name": ""}, "FieldValueInvalid",
+     'spec.name: Invalid value: "": spec.name in body should be at least 1 chars long'),
+    ({"method": "SFT", "maxSteps": 5000}, "FieldValueInvalid",
+     "spec.maxSteps: Invalid value: 5000: spec.maxSteps in body should be less than or equal to 1000"),
+    ({"method": "SFT", "minSteps": -1}, "FieldValueInvalid",
+     "spec.minSteps: Invalid value: -1: spec.minSteps in body should be greater than or equal to 0"),
+    ({"method": "SFT", "minSteps": 5, "maxSteps": 2}, "FieldValueInvalid",
+     'spec: Invalid value: "object": `maxSteps` must be greater than or equal to `minSteps`'),
+    ({"method": "SFT", "tags": ["a", "a"]}, "FieldValueInvalid", 'spec: Invalid value: "object": duplicate tag a'),
+    ({"method": "SFT", "labels": {"a": 1}}, "FieldValueTypeInvalid",
+     'spec.labels.a: Invalid value: "integer": spec.labels.a in body must be of type string: "integer"'),
+    ({"method": "SFT", "note": None, "rate": True}, "FieldValueTypeInvalid",
+     'spec.rate: Invalid value: "boolean": spec.rate in body must be of type integer,string: "boolean"'),
+])
+def test_schema_violation_is_422_with_apiserver_message(c, ns, spec, reason, message):
+    r = c.req("POST", W(ns), {**widget(), "spec": spec})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["reason"] == "Invalid" and body["code"] == 422 and body["status"] == "Failure"
+    assert body["message"] == f'Widget.{GROUP} "w1" is invalid: {message}'
+    assert body["details"]["name"] == "w1" and body["details"]["group"] == GROUP
+    assert body["details"]["kind"] == "Widget"
+    cause = body["details"]["causes"][0]
+    assert cause["reason"] == reason and message == f"{cause['field']}: {cause['message']}"
+
+
+def test_several_violations_are_bracketed(c, ns):
+    r = c.req("POST", W(ns), {**widget(), "spec": {"method": "XYZ", "name": "ABC"}})
+    assert r.status_code == 422
+    msg = r.json()["message"]
+    assert msg.startswith(f'Widget.{GROUP} "w1" is invalid: [') and msg.endswith("]")
+    assert len(r.json()["details"]["causes"]) == 2
+
+
+def test_cel_transition_rule_uses_old_self_on_update(c, ns):
+    c.ok("POST", W(ns), widget())
+    r = c.req("PATCH", W(ns, "w1"), {"spec": {"method": "DPO"}}, "application/merge-patch+json")
+    assert r.status_code == 422
+    assert r.json()["message"] == f'Widget.{GROUP} "w1" is invalid: spec: Invalid value: "object": `method` is immutable'
+
+
+def test_defaults_are_applied_and_unknown_fields_pruned(c, ns):
+    obj = c.ok("POST", W(ns), {**widget(), "spec": {"method": "SFT", "bogus": 1, "note": None,
+                                                    "extra": {"free": {"form": True}}, "rate": "50%"},
+                               "junk": 1})
+    assert obj["spec"] == {"method": "SFT", "minSteps": 1, "tags": [], "note": None,
+                           "extra": {"free": {"form": True}}, "rate": "50%"}
+    assert "junk" not in obj
+
+
+def test_strict_field_validation_rejects_unknown_fields(c, ns):
+    r = c.req("POST", W(ns), {**widget(), "spec": {"method": "SFT", "bogus": 1}}, fieldValidation="Strict")
+    assert r.status_code == 400
+    assert r.json()["message"] == ('Widget in version "v1" cannot be handled as a Widget: strict decoding error: '
+                                   'unknown field "spec.bogus"')
+    r = c.req("POST", W(ns), {**widget(), "spec": {"method": "SFT", "bogus": 1}}, fieldValidation="Warn")
+    assert r.status_code == 201 and 'unknown field \\"spec.bogus\\"' in r.headers["Warning"] or \
+        "spec.bogus" in r.headers["Warning"]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+
+
+def test_table_output_uses_printer_columns(c, ns):
+    c.ok("POST", W(ns), widget())
+    c.ok("PATCH", W(ns, "w1") + "/status", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}},
+         "application/merge-patch+json")
+    t = requests.get(c.url + W(ns), headers={"Accept": TABLE}).json()
+    assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1"
+    assert [col["name"] for col in t["columnDefinitions"]] == ["Name", "Method", "Ready", "Age"]
+    assert t["rows"][0]["cells"][:3] == ["w1", "SFT", "True"]
+    assert t["rows"][0]["object"]["kind"] == "PartialObjectMetadata"
+
+
+def test_table_output_for_builtins_has_name_and_age(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    t = requests.get(c.url + CM(ns, "a"), headers={"Accept": TABLE}).json()
+    assert [col["name"] for col in t["columnDefinitions"]] == ["Name", "Age"]
+    assert t["rows"][0]["cells"][0] == "a"
+
+
+def test_jsonpath_subset():
+    obj = {"a": {"b": [{"t": "x", "v": 1}, {"t": "y", "v": 2}]}}
+    assert jsonpath(obj, ".a.b[1].v") == 2
+    assert jsonpath(obj, '.a.b[?(@.t=="y")].v') == 2
+    assert jsonpath(obj, ".a.missing") is None
+
+
+# --------------------------------------------------------------------------- pods, events, kubernetes client
+
+
+def test_pod_logs_are_served_from_the_in_process_hook(srv, c, ns):
+    c.ok("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": "p"}, "spec": {"containers": []}})
+    srv.set_pod_log(ns, "p", "one\ntwo\n")
+    srv.append_pod_log(ns, "p", "three\n")
+    r = requests.get(c.url + f"/api/v1/namespaces/{ns}/pods/p/log")
+    assert r.status_code == 200 and r.text == "one\ntwo\nthree\n"
+    assert requests.get(c.url + f"/api/v1/namespaces/{ns}/pods/p/log", params={"tailLines": 1}).text == "three\n"
+    assert requests.get(c.url + f"/api/v1/namespaces/{ns}/pods/q/log").status_code == 404
+
+
+def test_kubernetes_client_roundtrip(srv, ns):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    cfg = client.Configuration()
+    cfg.host = srv.url
+    api = client.ApiClient(cfg)
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="a"),
+                                                             data={"k": "v"}))
+    assert core.read_namespaced_config_map("a", ns).data == {"k": "v"}
+    assert [x.metadata.name for x in core.list_namespaced_config_map(ns).items] == ["a"]
+    core.patch_namespaced_config_map("a", ns, {"data": {"k": "w"}})
+    assert core.read_namespaced_config_map("a", ns).data == {"k": "w"}
+    core.create_namespaced_event(ns, client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name="a."), involved_object=client.V1ObjectReference(name="a"),
+        reason="Tested", message="hello", type="Normal"))
+    assert core.list_namespaced_event(ns).items[0].reason == "Tested"
+    custom.create_namespaced_custom_object(GROUP, "v1", ns, "widgets", widget())
+    with pytest.raises(ApiException) as exc:
+        custom.create_namespaced_custom_object(GROUP, "v1", ns, "widgets", widget())
+    assert exc.value.status == 409
+    custom.patch_namespaced_custom_object_status(GROUP, "v1", ns, "widgets", "w1", {"status": {"phase": "Done"}})
+    assert custom.get_namespaced_custom_object(GROUP, "v1", ns, "widgets", "w1")["status"] == {"phase": "Done"}
+    core.delete_namespaced_config_map("a", ns)
+    with pytest.raises(ApiException) as exc:
+        core.read_namespaced_config_map("a", ns)
+    assert exc.value.status == 404
+
+
+def test_write_kubeconfig(tmp_path):
+    import yaml
+
+    path = write_kubeconfig(tmp_path / "cfg", "http://127.0.0.1:1234")
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["clusters"][0]["cluster"]["server"] == "http://127.0.0.1:1234"
+    assert cfg["current-context"] == cfg["contexts"][0]["name"]
