@@ -241,6 +241,20 @@ def test_kubectl_apply_get_describe_explain_delete(server, kubectl, tmp_path: Pa
 
 @needs_kubectl
 @pytest.mark.kubectl
+def test_kubectl_imperative_create_sends_protobuf_and_works(server, kubectl):
+    kubectl("create", "namespace", "team")
+    kubectl("-n", "team", "create", "configmap", "c", "--from-literal=a=b")
+    kubectl("-n", "team", "create", "secret", "generic", "hf-token", "--from-literal=token=abc")
+    cm = json.loads(kubectl("-n", "team", "get", "cm", "c", "-o", "json").stdout)
+    assert cm["data"] == {"a": "b"} and "generateName" not in cm["metadata"]
+    secret = json.loads(kubectl("-n", "team", "get", "secret", "hf-token", "-o", "json").stdout)
+    assert secret["data"] == {"token": "YWJj"} and secret["type"] == "Opaque"
+    kubectl("delete", "namespace", "team")
+    assert "NotFound" in kubectl("get", "namespace", "team", check=False).stderr
+
+
+@needs_kubectl
+@pytest.mark.kubectl
 def test_kubectl_server_side_apply_and_watch(server, kubectl, tmp_path: Path):
     manifest = tmp_path / "gadget.yaml"
     manifest.write_text(yaml.safe_dump(GADGET))

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from . import protobuf
 from .store import APIError, ResourceType, Store, Watcher, parse_field_selector, parse_label_selector
 
 __all__ = ["APIServer", "APIError", "ServerThread", "start_in_thread", "write_kubeconfig"]
@@ -238,7 +239,7 @@ class APIServer:
         path = request.path.rstrip("/") or "/"
         try:
             ctype = request.headers.get("Content-Type", "")
-            if "protobuf" in ctype or "cbor" in ctype:
+            if "cbor" in ctype:
                 raise APIError(415, "UnsupportedMediaType",
                                f'the body of the request was in an unknown format - accepted media types include: '
                                f'application/json, application/yaml')
@@ -433,6 +434,13 @@ class APIServer:
         if not raw:
             return {}
         ctype = request.headers.get("Content-Type", "")
+        if "protobuf" in ctype:
+            try:
+                return protobuf.decode(raw)
+            except protobuf.ProtobufError as exc:
+                raise APIError(415, "UnsupportedMediaType",
+                               f"the body of the request was in an unknown format - accepted media types include: "
+                               f"application/json, application/yaml ({exc})") from None
         try:
             if "yaml" in ctype:
                 return yaml.safe_load(raw)

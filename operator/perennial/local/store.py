@@ -8,6 +8,7 @@ Watchers are asyncio queues fed through their loop's ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import datetime as _dt
@@ -472,6 +473,14 @@ class Store:
             obj.setdefault("status", {}).setdefault("phase", "Active")
             labels = obj["metadata"].setdefault("labels", {})
             labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+        if rt.key == ("", "secrets"):
+            if not obj.get("type"):
+                obj["type"] = "Opaque"
+            string_data = obj.pop("stringData", None) or {}
+            if string_data:
+                data = obj.setdefault("data", {})
+                for k, v in string_data.items():
+                    data[k] = base64.b64encode(str(v).encode()).decode()
         if rt.key == ("", "pods") and old is None:
             obj.setdefault("status", {}).setdefault("phase", "Pending")
             obj.setdefault("spec", {})
