@@ -60,7 +60,7 @@ def _dumps(obj: Any) -> str:
 def _json(obj: Any, status: int = 200, warnings: list[str] | None = None) -> web.Response:
     resp = web.Response(text=_dumps(obj), status=status, content_type="application/json")
     for w in warnings or []:
-        resp.headers.add("Warning", f'299 - "{w}"'.replace('\\', ''))
+        resp.headers.add("Warning", "299 - " + json.dumps(w))
     return resp
 
 
@@ -539,6 +539,8 @@ class APIServer:
                                f"the body of the request was in an unknown format - accepted media types include: "
                                f"application/json-patch+json, application/merge-patch+json, "
                                f"application/apply-patch+yaml")
+            if patch_type == "apply" and not q.get("fieldManager"):
+                raise APIError(400, "BadRequest", "PATCH requests with apply patch type require fieldManager")
             body = await self._body(request)
             obj, created = store.patch(rt, ns, name, patch_type, body, subresource=sub, dry_run=dry_run,
                                        strict=strict, warnings=warnings)
@@ -608,7 +610,8 @@ class APIServer:
                     labels=parse_label_selector(q.get("labelSelector")),
                     fields=parse_field_selector(q.get("fieldSelector")))
         since = q.get("resourceVersion")
-        initial = self.store.watch(rt, w, since)
+        send_initial = q.get("sendInitialEvents") in ("true", "1", "True")
+        initial = self.store.watch(rt, w, None if send_initial else since)
         timeout = q.get("timeoutSeconds")
         deadline = time.monotonic() + float(timeout) if timeout else None
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1", "True")
@@ -634,16 +637,28 @@ class APIServer:
             for etype, obj in initial:
                 await resp.write(render(etype, obj))
             last_rv = self.store.last_rv
+            if send_initial:
+                await resp.write((_dumps({"type": "BOOKMARK", "object": {
+                    "kind": rt.kind, "apiVersion": rt.api_version,
+                    "metadata": {"resourceVersion": str(last_rv),
+                                 "annotations": {"k8s.io/initial-events-end": "true"}}}}) + "\n").encode())
+            idle = 0.0
             while not self._stopping:
-                wait = BOOKMARK_INTERVAL
+                wait = min(BOOKMARK_INTERVAL - idle, 5.0)
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     wait = min(wait, left)
                 try:
-                    item = await asyncio.wait_for(w.queue.get(), timeout=wait)
+                    item = await asyncio.wait_for(w.queue.get(), timeout=max(wait, 0.0))
                 except asyncio.TimeoutError:
+                    if request.transport is None or request.transport.is_closing():
+                        break  # the client went away
+                    idle += wait
+                    if idle < BOOKMARK_INTERVAL - 1e-6:
+                        continue
+                    idle = 0.0
                     if bookmarks and (deadline is None or deadline - time.monotonic() > 0):
                         await resp.write((_dumps({"type": "BOOKMARK", "object": {
                             "kind": rt.kind, "apiVersion": rt.api_version,
@@ -651,6 +666,7 @@ class APIServer:
                     continue
                 if item is None:
                     break
+                idle = 0.0
                 etype, obj = item
                 last_rv = int(obj["metadata"]["resourceVersion"])
                 await resp.write(render(etype, obj))

@@ -559,6 +559,12 @@ class Store:
                     raise self._invalid(rt, "", [validation.FieldError(
                         "FieldValueRequired", "metadata.name", "Required value: name or generateName is required")])
             name = meta["name"]
+            if rt.key == ("", "namespaces") and isinstance(name, str) and (len(name) > 63 or "." in name):
+                raise self._invalid(rt, name, [validation.FieldError(
+                    "FieldValueInvalid", "metadata.name",
+                    f"Invalid value: {validation.go_repr(name)}: a lowercase RFC 1123 label must consist of lower "
+                    "case alphanumeric characters or '-', and must start and end with an alphanumeric character "
+                    "(e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")])
             if not isinstance(name, str) or len(name) > 253 or not _NAME_RE.match(name):
                 raise self._invalid(rt, str(name), [validation.FieldError(
                     "FieldValueInvalid", "metadata.name",
@@ -830,7 +836,7 @@ class Store:
         for v in spec.get("versions") or []:
             if not v.get("served", True):
                 continue
-            subs = tuple(k for k in (v.get("subresources") or {}) if k in ("status", "scale"))
+            subs = tuple(k for k in (v.get("subresources") or {}) if k == "status")
             self.register(ResourceType(
                 group=group, version=v["name"], plural=plural, kind=names["kind"],
                 namespaced=spec.get("scope", "Namespaced") == "Namespaced",
