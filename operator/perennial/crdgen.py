@@ -11,7 +11,9 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
 from .api import KINDS
 from .api.common import CATEGORY, GROUP, VERSION
@@ -24,6 +26,19 @@ _KEEP = {
     "nullable", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type",
 }
+
+
+class _SchemaGenerator(GenerateJsonSchema):
+    """Also publishes defaults made by `default_factory`, so the API server fills them in
+    (CEL rules can then rely on `self.feedback.enabled` or `self.tests` being present)."""
+
+    def get_default_value(self, schema: Any) -> Any:
+        if "default_factory" in schema and not schema.get("default_factory_takes_data"):
+            value = schema["default_factory"]()
+            if isinstance(value, pydantic.BaseModel):
+                return value.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+            return value
+        return schema.get("default", NoDefault)
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -75,7 +90,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
 
 
 def openapi_schema(model: type) -> dict[str, Any]:
-    raw = model.model_json_schema(by_alias=True, mode="validation")
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_SchemaGenerator)
     defs = raw.pop("$defs", {})
     schema = _resolve(raw, defs)
     props = schema["properties"]
@@ -87,7 +102,7 @@ def openapi_schema(model: type) -> dict[str, Any]:
     props["metadata"] = {"type": "object"}
     props["spec"] = spec
     status_model = model.model_fields["status"].annotation.__args__[0]
-    status_raw = status_model.model_json_schema(by_alias=True, mode="validation")
+    status_raw = status_model.model_json_schema(by_alias=True, mode="validation", schema_generator=_SchemaGenerator)
     status = _resolve(status_raw, status_raw.pop("$defs", {}))
     status["description"] = "Observed state, written by the operator."
     props["status"] = status

@@ -1,0 +1,106 @@
+"""Test harness: the real operator (kopf) against the embedded control plane, each in its own thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perennial.cli import install_crds
+from perennial.config import OperatorConfig
+from perennial.kube import Kube, connect
+from perennial.local.apiserver import ServerThread, start_in_thread
+
+API = "perennial.ai/v1alpha1"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}; last value: {last!r}")
+
+
+class OperatorThread:
+    """`perennial.runtime.run` in a thread, stoppable and restartable."""
+
+    def __init__(self, url: str, config: OperatorConfig):
+        from perennial.runtime import run
+
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                run(server=url, config=config, standalone=True, health_endpoint=None, metrics_port=None, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
+            except BaseException as exc:  # surfaced by stop()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, name="perennial-operator", daemon=True)
+        self.thread.start()
+        assert self.ready_flag.wait(30), "operator did not start"
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "operator did not stop"
+        if self.error:
+            raise self.error
+
+
+@dataclass
+class Cluster:
+    server: ServerThread
+    kube: Kube
+    config: OperatorConfig
+    operator: OperatorThread | None = None
+    _history: list[OperatorThread] = field(default_factory=list)
+
+    def start_operator(self) -> OperatorThread:
+        self.operator = OperatorThread(self.server.url, self.config)
+        return self.operator
+
+    def stop_operator(self) -> None:
+        if self.operator:
+            self.operator.stop()
+            self.operator = None
+
+    def restart_operator(self) -> None:
+        self.stop_operator()
+        self.start_operator()
+
+    # -- convenience ---------------------------------------------------------
+    def create(self, kind: str, name: str, spec: dict[str, Any], namespace: str = "default", api: str = API) -> dict[str, Any]:
+        return self.kube.create({"apiVersion": api, "kind": kind, "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+
+    def get(self, kind: str, name: str, namespace: str = "default", api: str = API) -> dict[str, Any] | None:
+        return self.kube.get(api, kind, namespace, name)
+
+    def condition(self, kind: str, name: str, ctype: str = "Ready", namespace: str = "default") -> dict[str, Any] | None:
+        obj = self.get(kind, name, namespace)
+        for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+            if c["type"] == ctype:
+                return c
+        return None
+
+    def wait_condition(self, kind: str, name: str, ctype: str, status: str, reason: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            c = self.condition(kind, name, ctype)
+            if c and c["status"] == status and (reason is None or c["reason"] == reason):
+                return c
+            return None
+
+        return wait_for(check, timeout, message=f"{kind}/{name} {ctype}={status} {reason or ''}")
+
+    def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return [e for e in self.kube.list("v1", "Event", namespace) if e.get("involvedObject", {}).get("name") == name]
+
+
