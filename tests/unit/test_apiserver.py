@@ -613,11 +613,19 @@ def test_table_output_uses_printer_columns(c, ns):
     assert t["rows"][0]["object"]["kind"] == "PartialObjectMetadata"
 
 
-def test_table_output_for_builtins_has_name_and_age(c, ns):
-    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+def test_table_output_for_builtins_mirrors_kubectl_columns(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}, "data": {"x": "1", "y": "2"}})
     t = requests.get(c.url + CM(ns, "a"), headers={"Accept": TABLE}).json()
+    assert [col["name"] for col in t["columnDefinitions"]] == ["Name", "Data", "Age"]
+    assert t["rows"][0]["cells"][:2] == ["a", 2]
+    c.ok("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}})
+    t = requests.get(c.url + f"/api/v1/namespaces/{ns}/pods", headers={"Accept": TABLE}).json()
+    assert [col["name"] for col in t["columnDefinitions"] if col["priority"] == 0] == \
+        ["Name", "Ready", "Status", "Restarts", "Age"]
+    assert t["rows"][0]["cells"][:4] == ["p", "0/1", "Pending", 0]
+    c.ok("POST", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", {"metadata": {"name": "l"}})
+    t = requests.get(c.url + f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", headers={"Accept": TABLE}).json()
     assert [col["name"] for col in t["columnDefinitions"]] == ["Name", "Age"]
-    assert t["rows"][0]["cells"][0] == "a"
 
 
 def test_jsonpath_subset():

@@ -35,6 +35,7 @@ import yaml
 from aiohttp import web
 
 from . import protobuf
+from .tables import BUILTIN_COLUMNS, human_age
 from .store import APIError, ResourceType, Store, Watcher, parse_field_selector, parse_label_selector
 
 __all__ = ["APIServer", "APIError", "ServerThread", "start_in_thread", "write_kubeconfig"]
@@ -68,26 +69,13 @@ def _error(err: APIError) -> web.Response:
     return _json(err.status(), err.code)
 
 
-def _human_age(ts: str | None) -> str | None:
-    if not ts:
-        return None
-    try:
-        then = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
-    except ValueError:
-        return ts
-    secs = int((_dt.datetime.now(_dt.timezone.utc) - then).total_seconds())
-    secs = max(secs, 0)
-    if secs < 120:
-        return f"{secs}s"
-    mins = secs // 60
-    if mins < 10:
-        return f"{mins}m{secs % 60}s" if secs % 60 else f"{mins}m"
-    if mins < 180:
-        return f"{mins}m"
-    hours = mins // 60
-    if hours < 48:
-        return f"{hours}h"
-    return f"{hours // 24}d"
+def _printer_cell(obj: dict, column: dict) -> Any:
+    value = jsonpath(obj, column.get("jsonPath", ""))
+    if column.get("type") == "date":
+        return human_age(value) if isinstance(value, str) else value
+    if isinstance(value, (dict, list)):
+        return _dumps(value)
+    return value
 
 
 # --------------------------------------------------------------------------- JSONPath (printer columns)
@@ -569,24 +557,26 @@ class APIServer:
     # ------------------------------------------------------------------ tables
 
     def _table(self, rt: ResourceType, items: list[dict], rv: int, include: str) -> dict:
-        cols: list[dict[str, Any]] = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                                       "description": "Name must be unique within a namespace."}]
-        printer = [c for c in rt.printer_columns]
-        if not printer:
-            printer = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
-        for c in printer:
-            cols.append({"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
-                         "description": c.get("description", ""), "priority": c.get("priority", 0)})
+        builtin = BUILTIN_COLUMNS.get(rt.key) if rt.crd is None else None
+        if builtin is None:
+            printer = list(rt.printer_columns) or [
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+            columns: list[tuple[str, str, int, Any]] = [("Name", "string", 0, lambda o: o["metadata"]["name"])]
+            for c in printer:
+                columns.append((c["name"], c.get("type", "string"), c.get("priority", 0),
+                                lambda o, c=c: _printer_cell(o, c)))
+            descriptions = {c["name"]: c.get("description", "") for c in printer}
+            formats = {c["name"]: c.get("format", "") for c in printer}
+        else:
+            columns, descriptions, formats = builtin, {}, {}
+        cols = [{"name": name, "type": "string" if typ == "date" and builtin is not None else typ,
+                 "format": "name" if name == "Name" else formats.get(name, ""),
+                 "description": "Name must be unique within a namespace." if name == "Name"
+                 else descriptions.get(name, ""), "priority": prio}
+                for name, typ, prio, _ in columns]
         rows = []
         for obj in items:
-            cells: list[Any] = [obj["metadata"]["name"]]
-            for c in printer:
-                value = jsonpath(obj, c.get("jsonPath", ""))
-                if c.get("type") == "date":
-                    value = _human_age(value) if isinstance(value, str) else value
-                elif isinstance(value, (dict, list)):
-                    value = _dumps(value)
-                cells.append(value)
+            cells = [fn(obj) for _, _, _, fn in columns]
             if include == "None":
                 embedded: Any = None
             elif include == "Object":
