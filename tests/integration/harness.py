@@ -104,3 +104,49 @@ class Cluster:
         return [e for e in self.kube.list("v1", "Event", namespace) if e.get("involvedObject", {}).get("name") == name]
 
 
+
+
+class FakeKubelet:
+    """Plays the kubelet and the Job controller for tests: pods, their status and their logs."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+
+    def _pod_name(self, job: str, attempt: int = 0) -> str:
+        return f"{job}-{attempt}"
+
+    def start(self, job: str, namespace: str = "default", attempt: int = 0) -> str:
+        kube = self.cluster.kube
+        j = wait_for(lambda: kube.get("batch/v1", "Job", namespace, job), message=f"Job {job}")
+        pod = self._pod_name(job, attempt)
+        tpl = j["spec"]["template"]
+        kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod,
+                    "namespace": namespace,
+                    "labels": {**tpl["metadata"].get("labels", {}), "job-name": job, "batch.kubernetes.io/job-name": job},
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job, "uid": j["metadata"]["uid"], "controller": True}],
+                },
+                "spec": tpl["spec"],
+            }
+        )
+        kube.patch("v1", "Pod", namespace, pod, {"status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}}, subresource="status")
+        kube.patch("batch/v1", "Job", namespace, job, {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}, subresource="status")
+        return pod
+
+    def log(self, pod: str, text: str, namespace: str = "default") -> None:
+        self.cluster.server.append_pod_log(namespace, pod, text)
+
+    def finish(self, job: str, pod: str, *, exit_code: int, message: str = "", reason: str | None = None, job_condition: str, job_reason: str = "", namespace: str = "default") -> None:
+        kube = self.cluster.kube
+        terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"), "message": message, "finishedAt": "2026-01-01T00:10:00Z"}
+        kube.patch("v1", "Pod", namespace, pod, {"status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": {"terminated": terminated}}]}}, subresource="status")
+        job_status: dict[str, Any] = {"active": 0, "conditions": [{"type": job_condition, "status": "True", "reason": job_reason, "message": job_reason}]}
+        if job_condition == "Complete":
+            job_status |= {"succeeded": 1, "completionTime": "2026-01-01T00:10:00Z"}
+        else:
+            job_status |= {"failed": 1}
+        kube.patch("batch/v1", "Job", namespace, job, {"status": job_status}, subresource="status")

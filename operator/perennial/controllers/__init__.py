@@ -3,6 +3,6 @@
 from .base import REGISTRY
 
 # Importing a controller module registers its handlers.
-from . import adapter, basemodel, rewardspec  # noqa: E402,F401
+from . import adapter, basemodel, rewardspec, trainingrun  # noqa: E402,F401
 
 __all__ = ["REGISTRY"]

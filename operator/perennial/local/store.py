@@ -466,6 +466,9 @@ class Store:
         return obj
 
     def _admit_builtin(self, rt: ResourceType, obj: dict, old: dict | None) -> dict:
+        errors = validation.validate_builtin(rt.group, rt.plural, obj, old)
+        if errors:
+            raise self._invalid(rt, obj["metadata"].get("name", ""), errors)
         if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._validate_crd(rt, obj)
         if rt.key == ("", "namespaces"):
@@ -582,6 +585,9 @@ class Store:
                 meta.pop(k, None)
             if "status" in rt.subresources and rt.crd is not None:
                 obj.pop("status", None)
+            meta_errors = validation.validate_metadata(obj)
+            if meta_errors:
+                raise self._invalid(rt, name, meta_errors)
             if rt.crd is not None:
                 obj = self._admit_custom(rt, obj, None, strict, warnings)
             else:
@@ -665,6 +671,9 @@ class Store:
                         "FieldValueForbidden", "metadata.finalizers",
                         "Forbidden: no new finalizers can be added if the object is being deleted, found new "
                         "finalizers []string{%s}" % ", ".join(f'"{f}"' for f in added))])
+            meta_errors = validation.validate_metadata(new)
+            if meta_errors:
+                raise self._invalid(rt, name, meta_errors)
             if rt.crd is not None:
                 new = self._admit_custom(rt, new, old, strict, warnings)
             else:

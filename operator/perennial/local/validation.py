@@ -470,3 +470,136 @@ def invalid_message(kind_group: str, name: str, errors: list[FieldError]) -> str
     msgs = [e.message for e in errors]
     body = msgs[0] if len(msgs) == 1 else "[" + ", ".join(msgs) + "]"
     return f'{kind_group} "{name}" is invalid: {body}'
+
+
+# --------------------------------------------------------------------------- metadata and built-in kinds
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_MSG = ("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and "
+              "must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', "
+              "regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')")
+_QNAME_MSG = ("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
+              "alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is "
+              "'([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')")
+
+
+def _qualified_name_errors(key: str, field: str) -> list[FieldError]:
+    errors = []
+    prefix, _, name = key.rpartition("/")
+    if prefix:
+        if len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix):
+            errors.append(FieldError("FieldValueInvalid", field,
+                                     f"Invalid value: {go_repr(key)}: prefix part a lowercase RFC 1123 subdomain "
+                                     "must consist of lower case alphanumeric characters, '-' or '.', and must "
+                                     "start and end with an alphanumeric character"))
+    if not name:
+        errors.append(FieldError("FieldValueInvalid", field,
+                                 f"Invalid value: {go_repr(key)}: name part must be non-empty"))
+    elif len(name) > 63:
+        errors.append(FieldError("FieldValueInvalid", field,
+                                 f"Invalid value: {go_repr(key)}: name part must be no more than 63 characters"))
+    elif not _QUALIFIED_NAME.match(name):
+        errors.append(FieldError("FieldValueInvalid", field, f"Invalid value: {go_repr(key)}: {_QNAME_MSG}"))
+    return errors
+
+
+def validate_metadata(obj: dict) -> list[FieldError]:
+    """Labels, annotation keys and ownerReferences, as ObjectMeta validation does."""
+    meta = obj.get("metadata") or {}
+    errors: list[FieldError] = []
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        return [FieldError("FieldValueTypeInvalid", "metadata.labels", "Invalid value: must be an object")]
+    for key, value in labels.items():
+        errors += _qualified_name_errors(str(key), "metadata.labels")
+        if not isinstance(value, str):
+            errors.append(FieldError("FieldValueTypeInvalid", f"metadata.labels.{key}",
+                                     f'Invalid value: "{type_name(value)}": must be of type string'))
+        elif len(value) > 63:
+            errors.append(FieldError("FieldValueInvalid", "metadata.labels",
+                                     f"Invalid value: {go_repr(value)}: must be no more than 63 characters"))
+        elif not _LABEL_VALUE.match(value):
+            errors.append(FieldError("FieldValueInvalid", "metadata.labels",
+                                     f"Invalid value: {go_repr(value)}: {_LABEL_MSG}"))
+    annotations = meta.get("annotations") or {}
+    for key, value in annotations.items() if isinstance(annotations, dict) else ():
+        errors += _qualified_name_errors(str(key), "metadata.annotations")
+        if not isinstance(value, str):
+            errors.append(FieldError("FieldValueTypeInvalid", f"metadata.annotations.{key}",
+                                     f'Invalid value: "{type_name(value)}": must be of type string'))
+    if isinstance(annotations, dict) and sum(len(k) + len(str(v)) for k, v in annotations.items()) > 262144:
+        errors.append(FieldError("FieldValueTooLong", "metadata.annotations",
+                                 "Too long: may not be more than 262144 bytes"))
+    controllers = 0
+    for i, ref in enumerate(meta.get("ownerReferences") or []):
+        for req in ("apiVersion", "kind", "name", "uid"):
+            if not (ref or {}).get(req):
+                detail = "Invalid value: \"\": uid must not be empty" if req == "uid" else (
+                    "Invalid value: \"\": name must not be empty" if req == "name" else
+                    f"Invalid value: \"\": {req} must not be empty" if req == "kind" else
+                    "Invalid value: \"\": version must not be empty")
+                errors.append(FieldError("FieldValueInvalid", f"metadata.ownerReferences[{i}].{req}", detail))
+        controllers += bool((ref or {}).get("controller"))
+    if controllers > 1:
+        errors.append(FieldError("FieldValueInvalid", "metadata.ownerReferences",
+                                 "Invalid value: []v1.OwnerReference{...}: Only one reference can have "
+                                 "Controller set to true"))
+    return errors
+
+
+def validate_builtin(group: str, plural: str, obj: dict, old: dict | None) -> list[FieldError]:
+    """The few built-in rules operators trip over: name formats and immutable fields."""
+    errors: list[FieldError] = []
+    name = (obj.get("metadata") or {}).get("name", "")
+    spec = obj.get("spec") or {}
+    old_spec = (old or {}).get("spec") or {}
+    if (group, plural) == ("", "services") and old is None and not (len(name) <= 63 and _DNS1035_LABEL.match(name)):
+        errors.append(FieldError("FieldValueInvalid", "metadata.name",
+                                 f"Invalid value: {go_repr(name)}: a DNS-1035 label must consist of lower case "
+                                 "alphanumeric characters or '-', start with an alphabetic character, and end with "
+                                 "an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for "
+                                 "validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"))
+    if (group, plural) == ("batch", "jobs") and old is None and len(name) > 63:
+        errors.append(FieldError("FieldValueInvalid", "metadata.name",
+                                 f"Invalid value: {go_repr(name)}: must be no more than 63 characters"))
+    if old is None:
+        return errors
+    if (group, plural) == ("batch", "jobs"):
+        if spec.get("template") != old_spec.get("template"):
+            errors.append(FieldError("FieldValueInvalid", "spec.template",
+                                     "Invalid value: core.PodTemplateSpec{...}: field is immutable"))
+        for f in ("completions", "selector", "completionMode"):
+            if f in old_spec and spec.get(f) != old_spec.get(f):
+                errors.append(FieldError("FieldValueInvalid", f"spec.{f}",
+                                         f"Invalid value: {go_repr(spec.get(f))}: field is immutable"))
+    if (group, plural) in (("apps", "deployments"), ("apps", "replicasets")):
+        if "selector" in old_spec and spec.get("selector") != old_spec.get("selector"):
+            errors.append(FieldError("FieldValueInvalid", "spec.selector",
+                                     "Invalid value: v1.LabelSelector{...}: field is immutable"))
+    if (group, plural) in (("", "configmaps"), ("", "secrets")) and old.get("immutable"):
+        if obj.get("data") != old.get("data") or obj.get("binaryData") != old.get("binaryData"):
+            errors.append(FieldError("FieldValueForbidden", "data",
+                                     "Forbidden: field is immutable when `immutable` is set"))
+        if not obj.get("immutable"):
+            errors.append(FieldError("FieldValueForbidden", "immutable",
+                                     "Forbidden: field is immutable when `immutable` is set"))
+    if (group, plural) == ("", "secrets") and old.get("type") and obj.get("type") != old.get("type"):
+        errors.append(FieldError("FieldValueInvalid", "type",
+                                 f"Invalid value: {go_repr(obj.get('type'))}: field is immutable"))
+    if (group, plural) == ("", "services"):
+        if old_spec.get("clusterIP") not in (None, "", "None") and spec.get("clusterIP") not in (
+                None, old_spec.get("clusterIP")):
+            errors.append(FieldError("FieldValueInvalid", "spec.clusterIPs[0]",
+                                     f"Invalid value: []string{{{go_repr(spec.get('clusterIP'))}}}: may not change "
+                                     "once set"))
+    if (group, plural) == ("", "persistentvolumeclaims"):
+        a = {k: v for k, v in spec.items() if k not in ("resources", "volumeName", "volumeAttributesClassName")}
+        b = {k: v for k, v in old_spec.items() if k not in ("resources", "volumeName", "volumeAttributesClassName")}
+        if a != b:
+            errors.append(FieldError("FieldValueForbidden", "spec",
+                                     "Forbidden: spec is immutable after creation except resources.requests and "
+                                     "volumeAttributesClassName for bound claims"))
+    return errors

@@ -1,0 +1,283 @@
+"""Children of a TrainingRun: the resolved run config and the training Job (pure builders).
+
+The run config is the trainer's contract (`perennial_trainer.config.RunConfig`):
+the TrainingRun spec plus everything the operator resolved (weights, parent
+artifact, RewardSpec, output URI). It holds no secrets (those are mounted by
+reference), so it is a ConfigMap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from ..api.rewardspec import RewardSpecSpec
+from ..api.trainingrun import TrainingRunSpec
+from .common import child_name, labels, owner_reference, restricted_security_context
+
+CONFIG_MOUNT = "/etc/perennial"
+CONFIG_FILE = f"{CONFIG_MOUNT}/run.yaml"
+PVC_ROOT = "/mnt/pvc"
+SECRETS_DIR = "/var/run/secrets/perennial"
+CHECKPOINT_DIR = "/var/lib/perennial/checkpoints"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def config_name(run: str) -> str:
+    return child_name(run, "config")
+
+
+def job_name(run: str) -> str:
+    return child_name(run, "train")
+
+
+def output_uri(spec: TrainingRunSpec, default_prefix: str, namespace: str, run: str) -> str:
+    prefix = (spec.output.artifact_uri or default_prefix).rstrip("/")
+    return f"{prefix}/{namespace}/{run}"
+
+
+def is_local_uri(uri: str) -> bool:
+    return uri.startswith("/") or urlparse(uri).scheme in ("pvc", "file")
+
+
+def run_config(
+    body: dict[str, Any],
+    spec: TrainingRunSpec,
+    *,
+    base_model_uri: str,
+    output: str,
+    parent_adapter_uri: str | None,
+    reward_spec: RewardSpecSpec | None,
+    eval_reward_spec: RewardSpecSpec | None,
+    feedback_store_uri: str | None,
+) -> dict[str, Any]:
+    meta = body["metadata"]
+    config: dict[str, Any] = {
+        "runName": meta["name"],
+        "namespace": meta["namespace"],
+        "runUid": meta.get("uid"),
+        "spec": spec.to_dict(),
+        "baseModelUri": base_model_uri,
+        "outputUri": output,
+    }
+    if parent_adapter_uri:
+        config["parentAdapterUri"] = parent_adapter_uri
+    if reward_spec is not None:
+        config["rewardSpec"] = reward_spec.to_dict()
+    if eval_reward_spec is not None:
+        config["evalRewardSpec"] = eval_reward_spec.to_dict()
+    if feedback_store_uri:
+        config["feedbackStoreUri"] = feedback_store_uri
+    if not is_local_uri(output):
+        # Object-store outputs: checkpoints live in an emptyDir, which survives container restarts
+        # (restartPolicy OnFailure), so a restarted trainer resumes instead of starting over.
+        config["checkpointDir"] = CHECKPOINT_DIR
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def config_map(body: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_name(name),
+            "namespace": body["metadata"]["namespace"],
+            "labels": labels("TrainingRun", name, "run-config"),
+            "ownerReferences": [owner_reference(body)],
+        },
+        "data": {"run.yaml": yaml.safe_dump(config, sort_keys=False)},
+    }
+
+
+def _claims(uris: list[str | None]) -> list[str]:
+    out: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = urlparse(uri).netloc
+            if claim and claim not in out:
+                out.append(claim)
+    return out
+
+
+def _resources(spec: TrainingRunSpec) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if res.gpus:
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = res.gpus
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def judge_secrets(*specs: RewardSpecSpec | None) -> list[tuple[str, str]]:
+    """(secret, key) pairs the graders need (LLM judge API keys)."""
+    out: list[tuple[str, str]] = []
+    for rs in specs:
+        for g in rs.graders if rs else []:
+            ref = g.llm_judge.api_key_secret_ref if g.llm_judge else None
+            if ref and (ref.name, ref.key) not in out:
+                out.append((ref.name, ref.key))
+    return out
+
+
+def job(
+    body: dict[str, Any],
+    spec: TrainingRunSpec,
+    config: dict[str, Any],
+    *,
+    image: str,
+    credential_secrets: list[str],
+    judge_keys: list[tuple[str, str]],
+) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    ns = body["metadata"]["namespace"]
+    pod_labels = labels("TrainingRun", name, "trainer")
+    volumes: list[dict[str, Any]] = [
+        {"name": "run-config", "configMap": {"name": config_name(name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": spec.resources.shared_memory} if spec.resources.shared_memory else {})}},
+        {"name": "checkpoints", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "run-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    uris = [config.get("baseModelUri"), config.get("parentAdapterUri"), config.get("outputUri"), config.get("feedbackStoreUri")]
+    uris += [d.uri for d in spec.datasets] + [d.feedback.store_uri for d in spec.datasets if d.feedback]
+    for i, claim in enumerate(_claims(uris)):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    if judge_keys:
+        volumes.append(
+            {
+                "name": "grader-secrets",
+                "projected": {"sources": [{"secret": {"name": s, "items": [{"key": k, "path": f"{s}/{k}"}]}} for s, k in judge_keys]},
+            }
+        )
+        mounts.append({"name": "grader-secrets", "mountPath": SECRETS_DIR, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": image,
+        "command": ["perennial-trainer"],
+        "args": ["train", "--config", CONFIG_FILE],
+        "env": [
+            {"name": "PERENNIAL_PVC_ROOT", "value": PVC_ROOT},
+            {"name": "PERENNIAL_SECRETS_DIR", "value": SECRETS_DIR},
+            {"name": "PERENNIAL_TERMINATION_LOG", "value": TERMINATION_LOG},
+            {"name": "HF_HOME", "value": "/tmp/hf"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "envFrom": [{"secretRef": {"name": s}} for s in credential_secrets],
+        "volumeMounts": mounts,
+        "resources": _resources(spec),
+        "securityContext": restricted_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if not container["envFrom"]:
+        del container["envFrom"]
+    pod_spec: dict[str, Any] = {
+        # OnFailure: a crashed trainer restarts in the same pod and resumes from the checkpoint emptyDir.
+        "restartPolicy": "OnFailure",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_dict() for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if spec.run_policy.service_account_name:
+        pod_spec["serviceAccountName"] = spec.run_policy.service_account_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name(name), "namespace": ns, "labels": pod_labels, "ownerReferences": [owner_reference(body)]},
+        "spec": job_spec,
+    }
+
+
+def adapter_name(family: str, version: int) -> str:
+    return f"{family}-v{version}"
+
+
+def adapter(
+    body: dict[str, Any],
+    spec: TrainingRunSpec,
+    *,
+    version: int,
+    artifact_uri: str,
+    lineage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The Adapter a successful run produces. No ownerReference: adapters outlive their runs."""
+    meta = body["metadata"]
+    family = spec.output.adapter_family
+    lineage = lineage or {}
+    datasets = []
+    for d in lineage.get("datasets") or []:
+        entry = {"name": str(d.get("name", ""))[:63], "uri": str(d.get("uri", "")), "sha256": str(d.get("sha256", ""))}
+        if isinstance(d.get("rows"), int):
+            entry["rows"] = d["rows"]
+        datasets.append(entry)
+    if not datasets:
+        datasets = [{"name": d.name, "uri": d.uri or "feedback", "sha256": d.sha256 or ""} for d in spec.datasets]
+    adapter_lineage: dict[str, Any] = {
+        "trainingRunRef": {"name": meta["name"]},
+        "trainingRunUid": meta["uid"],
+        "method": spec.method,
+        "datasets": datasets[:16],
+    }
+    if spec.parent_adapter_ref:
+        adapter_lineage["parentAdapterRef"] = {"name": spec.parent_adapter_ref.name}
+    if lineage.get("configHash"):
+        adapter_lineage["configHash"] = str(lineage["configHash"])[:64]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": "Adapter",
+        "metadata": {
+            "name": adapter_name(family, version),
+            "namespace": meta["namespace"],
+            "labels": {
+                "app.kubernetes.io/name": "perennial",
+                "app.kubernetes.io/part-of": "perennial",
+                "app.kubernetes.io/managed-by": "perennial-operator",
+                "perennial.ai/adapter-family": family,
+                "perennial.ai/trainingrun": meta["name"],
+                "perennial.ai/basemodel": spec.base_model_ref.name,
+            },
+        },
+        "spec": {
+            "baseModelRef": {"name": spec.base_model_ref.name},
+            "family": family,
+            "version": version,
+            "artifactUri": artifact_uri,
+            "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "targetModules": list(spec.lora.target_modules)},
+            "lineage": adapter_lineage,
+        },
+    }
