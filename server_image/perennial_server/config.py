@@ -1,0 +1,106 @@
+"""Sidecar configuration: CLI flags, each with a PERENNIAL_* environment default.
+
+Maps onto the Deployment CRD: `spec.feedback` (FeedbackCapture: storeUri,
+samplePercent, tokenSecretRef -> token file, redaction, maxBodyBytes,
+rateLimitPerSecond) plus the pod's identity (deployment, namespace, revision,
+region, pod name from the downward API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class SidecarConfig:
+    upstream: str = "http://127.0.0.1:8000"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    deployment: str = "default"
+    namespace: str = ""
+    revision: str = ""
+    region: str = ""
+    pod: str = field(default_factory=socket.gethostname)
+    base_model_name: str = ""
+    spool_dir: str = "/var/spool/perennial"
+    store_uri: str = ""
+    token_file: str = ""
+    sample_percent: float = 100.0
+    redaction_enabled: bool = True
+    redaction_extra_patterns: str = "[]"
+    max_body_bytes: int = 1048576
+    rate_limit_per_second: float = 50.0
+    segment_max_bytes: int = 16 * 1024 * 1024
+    segment_max_age_s: float = 60.0
+    ship_interval_s: float = 2.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 600.0
+    engine_health_path: str = "/health"
+    drain_timeout_s: float = 30.0
+    capture_queue_max: int = 10000
+
+    def validate(self) -> None:
+        if not 0 <= self.sample_percent <= 100:
+            raise ValueError("`sample_percent` must be within 0..100")
+        if self.max_body_bytes < 1024:
+            raise ValueError("`max_body_bytes` must be at least 1024")
+        if self.rate_limit_per_second <= 0:
+            raise ValueError("`rate_limit_per_second` must be positive")
+        json.loads(self.redaction_extra_patterns or "[]")
+
+
+_HELP = {
+    "upstream": "engine base URL (localhost only)",
+    "host": "listen address",
+    "port": "listen port (the Service port)",
+    "deployment": "Perennial Deployment name (records, object names)",
+    "namespace": "namespace of the Deployment",
+    "revision": "served revision / color",
+    "region": "region name",
+    "pod": "pod name (downward API); part of segment object names",
+    "base_model_name": "served name of the base model (requests for other names are adapters)",
+    "spool_dir": "local spool dir for segments (a volume)",
+    "store_uri": "feedback store fsspec URI: path, file://, s3://; empty = keep segments in the spool",
+    "token_file": "file holding the bearer token for POST /v1/feedback (a mounted Secret key); re-read on change",
+    "sample_percent": "percent of interactions captured (0..100)",
+    "redaction_enabled": "redact PII before anything touches disk",
+    "redaction_extra_patterns": 'JSON list of {"name": ..., "regex": ...}',
+    "max_body_bytes": "largest request body accepted (413 above)",
+    "rate_limit_per_second": "feedback requests per second per client (429 above)",
+    "segment_max_bytes": "roll segments at this size",
+    "segment_max_age_s": "roll segments at this age",
+    "ship_interval_s": "shipper poll interval",
+    "upstream_connect_timeout_s": "engine connect timeout (502 on failure)",
+    "upstream_timeout_s": "engine total timeout (504 on expiry)",
+    "engine_health_path": "engine path probed by /readyz",
+    "drain_timeout_s": "on SIGTERM, wait this long for in-flight requests",
+    "capture_queue_max": "captured interactions waiting for the writer before new ones are dropped",
+}
+
+
+def _bool(s: str | bool) -> bool:
+    if isinstance(s, bool):
+        return s
+    return str(s).strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_sidecar_args(p: argparse.ArgumentParser) -> None:
+    defaults = SidecarConfig()
+    for f in fields(SidecarConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = "PERENNIAL_" + f.name.upper()
+        default = getattr(defaults, f.name)
+        conv = {int: int, float: float, bool: _bool}.get(type(default), str)
+        if env in os.environ:
+            default = conv(os.environ[env])
+        p.add_argument(flag, dest=f.name, type=conv, default=default, help=f"{_HELP.get(f.name, '')} (env {env}; default %(default)s)")
+
+
+def sidecar_config_from_args(ns: argparse.Namespace) -> SidecarConfig:
+    cfg = SidecarConfig(**{f.name: getattr(ns, f.name) for f in fields(SidecarConfig)})
+    cfg.validate()
+    return cfg

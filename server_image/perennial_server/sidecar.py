@@ -1,0 +1,678 @@
+"""The feedback sidecar: the pod's front door, in front of the engine on localhost.
+
+Routes (thin) -> `Sidecar` handlers:
+    POST /v1/feedback        ratings, authenticated by a bearer token, answered once fsync'd
+    GET  /healthz            process alive (and its spool writer)
+    GET  /readyz             ready only when the engine answers
+    GET  /metrics            Prometheus
+    *    /{anything else}    proxied to the engine; chat/completions captured
+
+The sidecar needs no Kubernetes API access and never reads a service-account token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import pydantic
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
+
+from perennial.api.records import FeedbackRecord, InteractionRecord
+
+from .config import SidecarConfig
+from .errors import json_error
+from .redact import Redactor
+from .shipper import Shipper, Store
+from .spool import Spool
+
+log = logging.getLogger("perennial_server.sidecar")
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding",
+    )
+)
+RESP_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding", "Date", "Server", "X-Request-Id"))
+CAPTURED = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/healthz", "/readyz", "/metrics", "/health")
+FEEDBACK_FIELDS = {
+    "id": "id", "response_id": "response_id", "responseId": "response_id", "type": "type", "score": "score",
+    "thumbs": "thumbs", "label": "label", "correction": "correction", "other_response_id": "other_response_id",
+    "otherResponseId": "other_response_id", "chosen": "chosen", "comment": "comment", "user": "user",
+}
+FEEDBACK_TEXT = ("label", "correction", "comment")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("perennial_sidecar_requests", "Requests by route and status code.", ["route", "code"], registry=r)
+        self.added_latency = Histogram(
+            "perennial_sidecar_proxy_added_latency_seconds", "Time the sidecar adds to a proxied request (excluding the engine).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r,
+        )
+        self.captured = Counter("perennial_sidecar_captured_records", "Records handed to the spool.", ["kind"], registry=r)
+        self.capture_dropped = Counter("perennial_sidecar_capture_dropped", "Interactions not captured (queue full or unparseable).", ["reason"], registry=r)
+        self.feedback = Counter("perennial_sidecar_feedback", "Accepted feedback by type.", ["type"], registry=r)
+        self.backlog_bytes = Gauge("perennial_sidecar_spool_backlog_bytes", "Bytes in the spool not yet shipped.", registry=r)
+        self.backlog_segments = Gauge("perennial_sidecar_spool_backlog_segments", "Segments in the spool not yet shipped.", registry=r)
+        self.ship_failures = Counter("perennial_sidecar_ship_failures", "Failed segment uploads.", registry=r)
+        self.shipped = Counter("perennial_sidecar_shipped_segments", "Segments uploaded to the store.", registry=r)
+        self.upstream_errors = Counter("perennial_sidecar_upstream_errors", "Engine errors by kind.", ["kind"], registry=r)
+
+    def route(self, path: str) -> str:
+        return path if path in KNOWN_ROUTES else "other"
+
+
+class TokenFile:
+    """Bearer token from a mounted Secret file, re-read when the file changes."""
+
+    def __init__(self, path: str, check_interval_s: float = 1.0) -> None:
+        self.path = path
+        self.check_interval_s = check_interval_s
+        self._token: bytes | None = None
+        self._stamp: tuple | None = None
+        self._checked = -1e9
+
+    def token(self) -> bytes | None:
+        if not self.path:
+            return None
+        now = time.monotonic()
+        if now - self._checked >= self.check_interval_s:
+            self._checked = now
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if stamp != self._stamp:
+                    with open(self.path, "rb") as f:
+                        tok = f.read().strip()
+                    self._token = tok or None
+                    self._stamp = stamp
+            except OSError:
+                self._token, self._stamp = None, None
+        return self._token
+
+    def check(self, authorization: str | None) -> bool:
+        expected = self.token()
+        if expected is None or not authorization:
+            return False
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), expected)
+
+
+class RateLimiter:
+    """Token bucket per client key; bounded number of tracked clients."""
+
+    def __init__(self, rate: float, burst: float | None = None, max_clients: int = 10000) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self.max_clients = max_clients
+        self._b: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+
+    def allow(self, key: str) -> tuple[bool, float]:
+        now = time.monotonic()
+        b = self._b.get(key)
+        if b is None:
+            b = [self.burst, now]
+            self._b[key] = b
+            if len(self._b) > self.max_clients:
+                self._b.popitem(last=False)
+        else:
+            self._b.move_to_end(key)
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] >= 1.0:
+            b[0] -= 1.0
+            return True, 0.0
+        return False, (1.0 - b[0]) / self.rate
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    cl = request.content_length
+    if cl is not None and cl > limit:
+        raise BodyTooLarge
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _sse_events(raw: bytes) -> list[dict]:
+    out = []
+    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            ev = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            out.append(ev)
+    return out
+
+
+def assemble_stream(raw: bytes, endpoint: str) -> dict:
+    """Response text, finish reason, usage and model from an SSE stream (choice 0)."""
+    parts: list[str] = []
+    finish = usage = model = None
+    for ev in _sse_events(raw):
+        model = ev.get("model") or model
+        if isinstance(ev.get("usage"), dict):
+            usage = ev["usage"]
+        for ch in ev.get("choices") or []:
+            if not isinstance(ch, dict) or ch.get("index", 0) != 0:
+                continue
+            if endpoint == "chat.completions":
+                delta = ch.get("delta") or {}
+                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    parts.append(delta["content"])
+            elif isinstance(ch.get("text"), str):
+                parts.append(ch["text"])
+            if ch.get("finish_reason"):
+                finish = ch["finish_reason"]
+    return {"response": "".join(parts), "finish_reason": finish, "usage": usage, "model": model}
+
+
+def assemble_json(body: dict, endpoint: str) -> dict:
+    text = ""
+    finish = None
+    choices = body.get("choices") or []
+    if choices and isinstance(choices[0], dict):
+        ch = choices[0]
+        if endpoint == "chat.completions":
+            msg = ch.get("message") or {}
+            text = msg.get("content") or "" if isinstance(msg, dict) else ""
+        else:
+            text = ch.get("text") or ""
+        finish = ch.get("finish_reason")
+    return {"response": text if isinstance(text, str) else str(text), "finish_reason": finish, "usage": body.get("usage"), "model": body.get("model")}
+
+
+class Capture:
+    """Builds, redacts and spools interaction records off the response path."""
+
+    def __init__(self, sidecar: "Sidecar") -> None:
+        self.s = sidecar
+        self.q: collections.deque[dict] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, item: dict) -> None:
+        if len(self.q) >= self.s.cfg.capture_queue_max:
+            self.s.metrics.capture_dropped.labels("queue_full").inc()
+            return
+        self.q.append(item)
+        self._wake.set()
+
+    def build(self, it: dict) -> InteractionRecord:
+        cfg, red = self.s.cfg, self.s.redactor
+        req = it["request"]
+        model = req.get("model") if isinstance(req.get("model"), str) else ""
+        params = {k: v for k, v in req.items() if k not in ("messages", "prompt", "model")}
+        messages = prompt = None
+        if it["endpoint"] == "chat.completions":
+            messages = red.value(req.get("messages"))
+        else:
+            p = req.get("prompt")
+            prompt = red.text(p) if isinstance(p, str) else red.text(json.dumps(p))
+        out = it["out"]
+        usage = out.get("usage") if isinstance(out.get("usage"), dict) else None
+        return InteractionRecord(
+            id=it["id"], deployment=cfg.deployment, namespace=cfg.namespace, revision=cfg.revision, region=cfg.region,
+            model=model or "", adapter=(model if model and model != cfg.base_model_name else None),
+            endpoint=it["endpoint"], messages=messages, prompt=prompt, params=red.value(params),
+            response=red.text(out.get("response") or ""), finish_reason=out.get("finish_reason"),
+            usage=usage, latency_ms=round(it["latency_s"] * 1000.0, 3), stream=it["stream"],
+        )
+
+    def drain_some(self, n: int = 256) -> None:
+        for _ in range(min(n, len(self.q))):
+            it = self.q.popleft()
+            try:
+                line = self.build(it).to_json()
+            except (pydantic.ValidationError, ValueError, TypeError) as e:
+                log.debug("Dropped uncapturable interaction id=%s error=%s", it.get("id"), e)
+                self.s.metrics.capture_dropped.labels("invalid").inc()
+                continue
+            self.s.spool.append_nowait(line)
+            self.s.metrics.captured.labels("interaction").inc()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.q:
+                self.drain_some()
+                await asyncio.sleep(0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="capture")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        while self.q:
+            self.drain_some(len(self.q))
+
+
+class Sidecar:
+    def __init__(self, cfg: SidecarConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.redactor = Redactor.from_config(cfg.redaction_enabled, cfg.redaction_extra_patterns)
+        self.token = TokenFile(cfg.token_file)
+        self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
+        self.upstream = cfg.upstream.rstrip("/")
+        self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s)
+        self.shipper: Shipper | None = None
+        self.capture = Capture(self)
+        self.session: aiohttp.ClientSession | None = None
+        self._sample = cfg.sample_percent / 100.0
+
+    # ------------------------------------------------------------ lifecycle
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, handler_args={"max_field_size": 16384})
+        app.router.add_post("/v1/feedback", self.feedback)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_route("*", "/v1/feedback", self.method_not_allowed)
+        app.router.add_route("*", "/{tail:.*}", self.proxy)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _app: web.Application) -> None:
+        if self.cfg.store_uri:
+            self.shipper = Shipper(
+                self.cfg.spool_dir, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=self.cfg.pod,
+                interval_s=self.cfg.ship_interval_s,
+                on_shipped=lambda s, w: self.metrics.shipped.inc(),
+                on_failure=lambda s, e: self.metrics.ship_failures.inc(),
+                on_backlog=self._set_backlog,
+            )
+            self.spool.on_closed = self.shipper.kick
+        await self.spool.start()  # recovers a crashed predecessor's segments
+        if self.shipper:
+            self.shipper.start()  # ships them
+        self.capture.start()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.upstream_connect_timeout_s, sock_read=self.cfg.upstream_timeout_s)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+            timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        log.info("Started sidecar upstream=%s spool=%s store=%s", self.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
+
+    def _set_backlog(self, segments: int, size: int) -> None:
+        self.metrics.backlog_segments.set(segments)
+        self.metrics.backlog_bytes.set(size)
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        await self.capture.stop()
+        await self.spool.close()
+        if self.shipper:
+            await self.shipper.stop()
+        if self.session:
+            await self.session.close()
+        log.info("Stopped sidecar records=%d fsyncs=%d", self.spool.records, self.spool.fsyncs)
+
+    # ------------------------------------------------------------ small routes
+    def _count(self, path: str, code: int) -> None:
+        self.metrics.requests.labels(self.metrics.route(path), str(code)).inc()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        t = self.spool._task
+        ok = t is not None and not t.done()
+        self._count("/healthz", 200 if ok else 503)
+        if not ok:
+            return json_error(503, "spool writer is not running", "spool_dead")
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        try:
+            async with self.session.get(self.upstream + self.cfg.engine_health_path, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+                await r.read()
+                ok = r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        self._count("/readyz", 200 if ok else 503)
+        if not ok:
+            return json_error(503, "engine is not ready", "engine_not_ready")
+        return web.json_response({"status": "ready"})
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        self._count("/metrics", 200)
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def method_not_allowed(self, request: web.Request) -> web.Response:
+        self._count(request.path, 405)
+        return json_error(405, f"method `{request.method}` is not allowed on `{request.path}`; use `POST`", "method_not_allowed", headers={"Allow": "POST"})
+
+    # ------------------------------------------------------------ feedback
+    async def feedback(self, request: web.Request) -> web.Response:
+        resp = await self._feedback(request)
+        self._count("/v1/feedback", resp.status)
+        return resp
+
+    async def _feedback(self, request: web.Request) -> web.Response:
+        ok, retry = self.limiter.allow(request.remote or "?")
+        if not ok:
+            return json_error(429, "too many feedback requests; slow down", "rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(retry)))})
+        if not self.token.check(request.headers.get("Authorization")):
+            return json_error(401, "a valid bearer token is required (`Authorization: Bearer <token>`)", "invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="perennial-feedback"'})
+        try:
+            raw = await read_body(request, self.cfg.max_body_bytes)
+        except BodyTooLarge:
+            return json_error(413, f"request body must not exceed {self.cfg.max_body_bytes} bytes", "body_too_large")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return json_error(400, "request body must be a JSON object", "invalid_json")
+        if not isinstance(body, dict):
+            return json_error(400, "request body must be a JSON object", "invalid_json")
+        fields: dict[str, Any] = {}
+        for k, v in body.items():
+            name = FEEDBACK_FIELDS.get(k)
+            if name is None:
+                return json_error(400, f"unknown field `{k}`", "unknown_field", param=k[:64])
+            fields[name] = v
+        if "type" not in fields:
+            present = [t for t in ("score", "thumbs", "label", "correction") if fields.get(t) is not None]
+            if fields.get("other_response_id") is not None or fields.get("chosen") is not None:
+                present.append("preference")
+            if len(present) != 1:
+                return json_error(400, "`type` must be one of 'score', 'thumbs', 'label', 'correction', 'preference'", "missing_type", param="type")
+            fields["type"] = present[0]
+        sc = fields.get("score")
+        if isinstance(sc, float) and not math.isfinite(sc):
+            return json_error(400, "`score` must be a finite number", "invalid_value", param="score")
+        if isinstance(sc, bool):
+            return json_error(400, "`score` must be a number", "invalid_value", param="score")
+        for t in FEEDBACK_TEXT:
+            if isinstance(fields.get(t), str):
+                fields[t] = self.redactor.text(fields[t])
+        try:
+            rec = FeedbackRecord(**fields, deployment=self.cfg.deployment, namespace=self.cfg.namespace)
+            line = rec.to_json()
+        except pydantic.ValidationError as e:
+            err = e.errors()[0] if e.errors() else {}
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+            msg = str(err.get("msg", "invalid feedback")).removeprefix("Value error, ")
+            return json_error(400, f"`{loc}`: {msg}" if loc else msg, "invalid_feedback", param=loc or None)
+        except (ValueError, TypeError) as e:  # e.g. unencodable strings
+            return json_error(400, f"invalid feedback: {e}"[:300], "invalid_feedback")
+        try:
+            await self.spool.append(line, durable=True)
+        except (OSError, RuntimeError) as e:
+            return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
+        self.metrics.feedback.labels(rec.type).inc()
+        self.metrics.captured.labels("feedback").inc()
+        return web.json_response({"id": rec.id, "object": "feedback", "response_id": rec.response_id, "type": rec.type, "status": "recorded"})
+
+    # ------------------------------------------------------------ proxy
+    def _fwd_headers(self, request: web.Request) -> dict[str, str]:
+        h = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        h["X-Forwarded-For"] = request.remote or ""
+        return h
+
+    @staticmethod
+    def _resp_headers(up: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
+        h = {k: v for k, v in up.headers.items() if k.lower() not in RESP_DROP}
+        h["X-Request-Id"] = rid
+        return h
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        path = request.path
+        try:
+            resp, t_up = await self._proxy(request, t0)
+        except BodyTooLarge:
+            resp, t_up = json_error(413, f"request body must not exceed {self.cfg.max_body_bytes} bytes", "body_too_large"), None
+        self._count(path, resp.status)
+        return resp
+
+    async def _proxy(self, request: web.Request, t0: float) -> tuple[web.StreamResponse, float | None]:
+        assert self.session is not None
+        body = await read_body(request, self.cfg.max_body_bytes)
+        endpoint = CAPTURED.get(request.path) if request.method == "POST" else None
+        req_json: dict | None = None
+        if endpoint and body:
+            try:
+                j = json.loads(body)
+                req_json = j if isinstance(j, dict) else None
+            except ValueError:
+                req_json = None
+        capture = req_json is not None and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
+        url = URL(self.upstream + request.raw_path, encoded=True)
+        t_send = time.perf_counter()
+        try:
+            async with self.session.request(request.method, url, headers=self._fwd_headers(request), data=body or None, allow_redirects=False) as up:
+                t_head = time.perf_counter()
+                ctype = up.headers.get("Content-Type", "")
+                if endpoint and ctype.startswith("text/event-stream"):
+                    return await self._stream(request, up, endpoint, req_json, capture, t0, t_send, t_head), t_send
+                if endpoint:
+                    data = await up.read()
+                    t_done = time.perf_counter()
+                    rid = None
+                    out_json = None
+                    if ctype.startswith("application/json"):
+                        try:
+                            out_json = json.loads(data)
+                        except ValueError:
+                            out_json = None
+                    if isinstance(out_json, dict) and up.status < 400:
+                        rid = out_json.get("id") if isinstance(out_json.get("id"), str) and out_json.get("id") else None
+                        if rid is None:
+                            rid = self._new_id(endpoint)
+                            out_json["id"] = rid
+                            data = json.dumps(out_json).encode()
+                    rid = rid or self._new_id(endpoint)
+                    resp = web.Response(body=data, status=up.status, headers=self._resp_headers(up, rid))
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                    t_end = time.perf_counter()
+                    self.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
+                    if capture and up.status == 200 and isinstance(out_json, dict):
+                        self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
+                    return resp, t_send
+                # any other path: stream it through untouched
+                rid = up.headers.get("X-Request-Id") or uuid.uuid4().hex
+                resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
+                if up.content_length is not None:
+                    resp.content_length = up.content_length
+                await resp.prepare(request)
+                try:
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                    # headers are out: nothing to do but cut the connection
+                    self.metrics.upstream_errors.labels("stream").inc()
+                    if request.transport is not None:
+                        request.transport.close()
+                self.metrics.added_latency.observe(t_send - t0)
+                return resp, t_send
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            return json_error(504, "the engine did not answer in time", "upstream_timeout"), t_send
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+            if isinstance(e, (ConnectionResetError, aiohttp.ClientConnectionResetError)) and request.transport is None:
+                raise  # the client went away
+            self.metrics.upstream_errors.labels("connection").inc()
+            return json_error(502, "the engine is unavailable", "upstream_unavailable"), t_send
+
+    @staticmethod
+    def _new_id(endpoint: str) -> str:
+        return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+
+    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, endpoint: str, req_json: dict | None,
+                      capture: bool, t0: float, t_send: float, t_head: float) -> web.StreamResponse:
+        """SSE: forward chunk by chunk; the response id is the engine's first chunk id (or one we assign)."""
+        pending = bytearray()
+        rid: str | None = None
+        rewrite = False
+        resp: web.StreamResponse | None = None
+        raw_all = bytearray() if capture else None
+        added = t_send - t0
+        try:
+            async for chunk in up.content.iter_any():
+                if resp is not None and not rewrite:
+                    await resp.write(chunk)
+                    if raw_all is not None:
+                        raw_all += chunk
+                    continue
+                pending += chunk
+                if resp is None:
+                    rid, rewrite = self._first_id(pending, endpoint)
+                    if rid is None:
+                        continue  # no complete event yet
+                    t = time.perf_counter()
+                    resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
+                    await resp.prepare(request)
+                    added += time.perf_counter() - t
+                if rewrite:
+                    pending = await self._write_rewritten(resp, pending, rid, raw_all, final=False)
+                else:
+                    await resp.write(bytes(pending))
+                    if raw_all is not None:
+                        raw_all += pending
+                    pending = bytearray()
+            if resp is None:
+                rid = self._new_id(endpoint)
+                resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
+                await resp.prepare(request)
+                rewrite = True
+            if rewrite and pending:
+                await self._write_rewritten(resp, pending, rid, raw_all, final=True)
+            await resp.write_eof()
+        except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            if isinstance(e, aiohttp.ClientConnectionResetError) or request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("client went away") from e
+            # engine failed mid-stream: tell the client in-band, then end the stream
+            self.metrics.upstream_errors.labels("stream").inc()
+            if resp is None:
+                raise
+            err = {"error": {"message": "the engine stream ended abnormally", "type": "upstream_error", "code": "upstream_stream_error"}}
+            try:
+                await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                await resp.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                pass
+            return resp
+        t_end = time.perf_counter()
+        self.metrics.added_latency.observe(added)
+        if capture and up.status == 200 and raw_all is not None and rid:
+            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint), "latency_s": t_end - t0, "stream": True})
+        return resp
+
+    def _first_id(self, buf: bytearray, endpoint: str) -> tuple[str | None, bool]:
+        """Once a complete data event is buffered: (id, must_rewrite)."""
+        text = bytes(buf).replace(b"\r\n", b"\n")
+        if b"\n\n" not in text:
+            return None, False
+        for ev in text.split(b"\n\n")[:-1]:
+            for line in ev.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    try:
+                        j = json.loads(payload)
+                    except ValueError:
+                        return self._new_id(endpoint), True
+                    if isinstance(j, dict) and isinstance(j.get("id"), str) and j["id"]:
+                        return j["id"], False
+                    return self._new_id(endpoint), True
+        return self._new_id(endpoint), True
+
+    async def _write_rewritten(self, resp: web.StreamResponse, buf: bytearray, rid: str, raw_all: bytearray | None, final: bool) -> bytearray:
+        """Write every complete event with `id` set to `rid`; return the incomplete rest."""
+        text = bytes(buf).replace(b"\r\n", b"\n")
+        events = text.split(b"\n\n")
+        rest = events.pop() if not final else b""
+        out = bytearray()
+        for ev in events:
+            if not ev:
+                continue
+            lines = []
+            for line in ev.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    try:
+                        j = json.loads(payload)
+                    except ValueError:
+                        j = None
+                    if isinstance(j, dict):
+                        j["id"] = rid
+                        line = b"data: " + json.dumps(j).encode()
+                lines.append(line)
+            out += b"\n".join(lines) + b"\n\n"
+        if final and rest:
+            out += rest
+        if out:
+            await resp.write(bytes(out))
+            if raw_all is not None:
+                raw_all += out
+        return bytearray(rest)
+
+
+# ---------------------------------------------------------------- entrypoint
+async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    sidecar = Sidecar(cfg)
+    app = sidecar.make_app()
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.drain_timeout_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True)
+    await site.start()
+    log.info("Listening host=%s port=%d", cfg.host, cfg.port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("Draining in-flight requests timeout=%.0fs", cfg.drain_timeout_s)
+    await runner.cleanup()  # stop listening, drain handlers, flush + ship (on_cleanup)
+
+
+def main(cfg: SidecarConfig) -> None:
+    asyncio.run(serve(cfg))

@@ -1,0 +1,300 @@
+"""Append-only, fsync'd segment files on the local spool dir, with group commit.
+
+Layout of the spool dir:
+
+    next_seq                       next segment number (survives restarts, so
+                                   object names are never reused by this pod)
+    <seq:08d>-<yyyymmdd>.open      the segment being written
+    <seq:08d>-<yyyymmdd>.jsonl     closed segments waiting for the shipper
+
+Writers call `append(line, durable=...)`. Lines accumulate in a buffer; one
+flusher task writes the whole buffer with a single `write` and, when a durable
+writer is waiting, a single `fsync` (group commit: every writer that arrived
+while the previous fsync ran shares the next one). Non-durable appends
+(interactions) return immediately. Segments roll by size and age; closing
+fsyncs the file, renames it to `.jsonl` and fsyncs the directory.
+
+On start, `recover()` closes what a crashed predecessor left open, dropping a
+torn final line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+_SEG_RE = re.compile(r"^(\d{8})-(\d{8})\.(open|jsonl)$")
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: Path
+    seq: int
+    day: _dt.date
+
+    @property
+    def when(self) -> _dt.datetime:
+        return _dt.datetime(self.day.year, self.day.month, self.day.day, tzinfo=_dt.timezone.utc)
+
+
+def parse_segment(path: Path) -> Segment | None:
+    m = _SEG_RE.match(path.name)
+    if not m:
+        return None
+    d = _dt.datetime.strptime(m.group(2), "%Y%m%d").date()
+    return Segment(path=path, seq=int(m.group(1)), day=d)
+
+
+def closed_segments(spool_dir: Path) -> list[Segment]:
+    segs = [s for p in spool_dir.glob("*.jsonl") if (s := parse_segment(p))]
+    return sorted(segs, key=lambda s: s.seq)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(
+        self,
+        spool_dir: str | os.PathLike[str],
+        *,
+        max_segment_bytes: int = 16 * 1024 * 1024,
+        max_segment_age_s: float = 60.0,
+        interaction_fsync_interval_s: float = 1.0,
+        on_closed: Callable[[Segment], None] | None = None,
+    ) -> None:
+        self.dir = Path(spool_dir)
+        self.max_segment_bytes = max_segment_bytes
+        self.max_segment_age_s = max_segment_age_s
+        self.interaction_fsync_interval_s = interaction_fsync_interval_s
+        self.on_closed = on_closed
+        self._buf: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._age_task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._seg: Segment | None = None
+        self._seg_bytes = 0
+        self._seg_opened = 0.0
+        self._dirty = False  # written but not fsync'd
+        self._last_fsync = time.monotonic()
+        self._closing = False
+        self._io_lock = asyncio.Lock()
+        self.fsyncs = 0
+        self.records = 0
+
+    # ---------------------------------------------------------------- startup
+    def recover(self) -> list[Segment]:
+        """Close segments left open by a crashed predecessor (torn last line dropped)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        recovered = []
+        for p in sorted(self.dir.glob("*.open")):
+            seg = parse_segment(p)
+            if seg is None:
+                continue
+            data = p.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            if cut != len(data):
+                log.warning("Dropped torn final line of recovered segment path=%s bytes=%d", p, len(data) - cut)
+                with open(p, "r+b") as f:
+                    f.truncate(cut)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if cut == 0:
+                p.unlink()
+                continue
+            final = p.with_suffix(".jsonl")
+            os.replace(p, final)
+            recovered.append(Segment(final, seg.seq, seg.day))
+        # drop empty closed segments
+        for s in closed_segments(self.dir):
+            if s.path.stat().st_size == 0:
+                s.path.unlink()
+        _fsync_dir(self.dir)
+        return recovered
+
+    def _next_seq(self) -> int:
+        state = self.dir / "next_seq"
+        try:
+            n = int(state.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            n = 0
+        for p in self.dir.iterdir():
+            seg = parse_segment(p)
+            if seg is not None:
+                n = max(n, seg.seq + 1)
+        tmp = self.dir / "next_seq.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(n + 1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state)
+        return n
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.recover)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._flusher(), name="spool-flusher")
+        self._age_task = asyncio.create_task(self._ager(), name="spool-ager")
+
+    # ---------------------------------------------------------------- writing
+    def append_nowait(self, line: str | bytes) -> None:
+        """Queue a record; it reaches disk with the next flush (no fsync awaited)."""
+        if self._closing:
+            raise RuntimeError("spool is closed")
+        b = line.encode() if isinstance(line, str) else line
+        self._buf.append(b if b.endswith(b"\n") else b + b"\n")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def append(self, line: str | bytes, durable: bool = True) -> None:
+        """Append a record; with `durable`, return only once it is fsync'd."""
+        self.append_nowait(line)
+        if durable:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def _open_segment(self) -> None:
+        seq = self._next_seq()
+        day = _dt.datetime.now(_dt.timezone.utc).date()
+        path = self.dir / f"{seq:08d}-{day:%Y%m%d}.open"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        _fsync_dir(self.dir)
+        self._seg = Segment(path, seq, day)
+        self._seg_bytes = 0
+        self._seg_opened = time.monotonic()
+
+    def _close_segment(self) -> Segment | None:
+        if self._fd is None or self._seg is None:
+            return None
+        os.fsync(self._fd)
+        self.fsyncs += 1
+        os.close(self._fd)
+        self._fd = None
+        seg, self._seg = self._seg, None
+        if self._seg_bytes == 0:
+            seg.path.unlink(missing_ok=True)
+            _fsync_dir(self.dir)
+            return None
+        final = seg.path.with_suffix(".jsonl")
+        os.replace(seg.path, final)
+        _fsync_dir(self.dir)
+        self._dirty = False
+        return Segment(final, seg.seq, seg.day)
+
+    def _write_batch(self, data: bytes, sync: bool) -> Segment | None:
+        """Runs in a worker thread: write (and fsync) one batch, roll if due."""
+        if self._fd is None:
+            self._open_segment()
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._seg_bytes += len(data)
+        self._dirty = True
+        now = time.monotonic()
+        if sync or now - self._last_fsync >= self.interaction_fsync_interval_s:
+            os.fsync(self._fd)
+            self.fsyncs += 1
+            self._dirty = False
+            self._last_fsync = now
+        if self._seg_bytes >= self.max_segment_bytes:
+            return self._close_segment()
+        return None
+
+    async def _flush_once(self) -> None:
+        if not self._buf:
+            return
+        buf, self._buf = self._buf, []
+        waiters, self._waiters = self._waiters, []
+        data = b"".join(buf)
+        try:
+            async with self._io_lock:
+                closed = await asyncio.to_thread(self._write_batch, data, bool(waiters))
+        except BaseException as e:  # disk full, I/O error: fail the waiters, keep going
+            log.error("Failed to write spool batch error=%r", e)
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(OSError(f"spool write failed: {e}"))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            await asyncio.sleep(0.1)
+            return
+        self.records += len(buf)
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        if closed is not None and self.on_closed:
+            self.on_closed(closed)
+
+    async def _flusher(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush_once()
+            if self._closing and not self._buf:
+                return
+
+    async def _ager(self) -> None:
+        tick = max(0.05, min(1.0, self.max_segment_age_s / 4, self.interaction_fsync_interval_s))
+        while not self._closing:
+            await asyncio.sleep(tick)
+            if not self._closing:
+                await self.roll_if_due()
+
+    async def roll_if_due(self, force: bool = False) -> Segment | None:
+        now = time.monotonic()
+        async with self._io_lock:
+            if self._fd is None:
+                return None
+            if force or now - self._seg_opened >= self.max_segment_age_s:
+                closed = await asyncio.to_thread(self._close_segment)
+            elif self._dirty and now - self._last_fsync >= self.interaction_fsync_interval_s:
+                await asyncio.to_thread(os.fsync, self._fd)
+                self._dirty = False
+                self._last_fsync = now
+                return None
+            else:
+                return None
+        if closed is not None and self.on_closed:
+            self.on_closed(closed)
+        return closed
+
+    async def close(self) -> None:
+        """Flush everything, close the open segment (it becomes shippable)."""
+        if self._closing:
+            return
+        self._closing = True
+        # let the flusher and ager finish what they are doing (never cancel a write mid-way)
+        if self._wake is not None:
+            self._wake.set()
+        for t in (self._task, self._age_task):
+            if t:
+                try:
+                    await asyncio.wait_for(asyncio.shield(t), timeout=30)
+                except (asyncio.CancelledError, asyncio.TimeoutError, Exception) as e:
+                    log.warning("Spool task did not stop cleanly task=%s error=%r", t.get_name(), e)
+        await self._flush_once()
+        await self.roll_if_due(force=True)

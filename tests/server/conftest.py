@@ -1,0 +1,70 @@
+"""Fixtures for the server image: a tiny offline model with two LoRA adapters,
+the CPU engine and the feedback sidecar running in background threads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tinymodel
+
+from srvutil import TOKEN, AppThread, make_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tinymodel import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = build_tiny_model(root / "base")
+    return {
+        "base": base,
+        "adapters": {"fruit-a": make_adapter(base, root / "lora-a", 1), "fruit-b": make_adapter(base, root / "lora-b", 2)},
+    }
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: dict):
+    from perennial_server.engine import Engine, EngineServer
+
+    eng = Engine(tiny_model["base"], "tiny-base", list(tiny_model["adapters"].items()))
+    t = AppThread(lambda: EngineServer(eng).make_app()).start()
+    yield t
+    t.stop()
+    eng.shutdown()
+
+
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path: Path):
+    from perennial_server.config import SidecarConfig
+    from perennial_server.sidecar import Sidecar
+
+    started: list[AppThread] = []
+
+    def make(upstream: str, **overrides: Any) -> tuple[AppThread, Sidecar, SidecarConfig]:
+        token_file = tmp_path / "token"
+        if not token_file.exists():
+            token_file.write_text(TOKEN + "\n")
+        cfg = SidecarConfig(
+            upstream=upstream, host="127.0.0.1", port=0, deployment="demo", namespace="ns", revision="blue", region="eu",
+            pod="demo-pod-1", base_model_name="tiny-base", spool_dir=str(tmp_path / "spool"), store_uri=str(tmp_path / "store"),
+            token_file=str(token_file), segment_max_age_s=0.5, ship_interval_s=0.2, rate_limit_per_second=1000,
+        )
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        sc = Sidecar(cfg)
+        t = AppThread(sc.make_app).start()
+        started.append(t)
+        return t, sc, cfg
+
+    yield make
+    for t in started:
+        t.stop()
+
+
