@@ -13,6 +13,8 @@ import pydantic
 from ..api.common import GROUP, VERSION
 from ..api.rewardspec import Grader, RewardSpecSpec
 from ..resources import conditions as cond
+from ..resources import rewardspec as build
+from .trainingrun import parse_termination
 from .base import REGISTRY, RESYNC_SECONDS, Context, context, first_error, forget, generation, reconciler, write_status
 
 KIND = "RewardSpec"
@@ -90,13 +92,54 @@ async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
         return
     problems = spec_problems(spec)
     status["graders"] = [{"name": g.name, "value": g.weight} for g in spec.graders]
+    conds = status.get("conditions")
     if problems:
-        status["conditions"] = cond.set_condition(status.get("conditions"), "Ready", False, "InvalidGrader", "; ".join(problems), gen)
+        conds = cond.set_condition(conds, "Ready", False, "InvalidGrader", "; ".join(problems), gen)
+        conds = cond.set_condition(conds, "Validated", False, "InvalidGrader", "tests do not run while the graders are invalid", gen)
     else:
-        status["conditions"] = cond.set_condition(
-            status.get("conditions"), "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen
-        )
+        conds = cond.set_condition(conds, "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen)
+        conds = await validate_tests(body, spec, ctx, status, conds, gen, logger)
+    status["conditions"] = conds
     await write_status(ctx, body, status, logger)
+
+
+async def validate_tests(body: Any, spec: RewardSpecSpec, ctx: Context, status: dict[str, Any], conds: Any, gen: int | None, logger: logging.Logger) -> Any:
+    """Run the spec's tests in a sandboxed Job (once per spec content) and report `Validated`."""
+    if not spec.tests:
+        status.pop("testResults", None)
+        status.pop("validatedGeneration", None)
+        return cond.set_condition(conds, "Validated", True, "NoTests", "the RewardSpec has no `tests`; add some to check the rubric", gen)
+    ns = body["metadata"]["namespace"]
+    cm = build.validation_config(body, spec)
+    job = build.validation_job(body, spec, ctx.config.trainer_image)
+    await ctx.kube.aapply(cm)
+    job_obj, action = await ctx.kube.aapply(job)
+    job_name = job["metadata"]["name"]
+    if action == "created":
+        logger.info("Created Job, name=%s, namespace=%s", job_name, ns)
+        kopf.event(body, type="Normal", reason="ValidationStarted", message=f"Created validation Job {job_name} for {len(spec.tests)} test(s)")
+    job_conds = (job_obj.get("status") or {}).get("conditions") or []
+    if not (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")):
+        return cond.set_condition(conds, "Validated", "Unknown", "ValidationRunning", f"validation Job {job_name} is running the tests", gen)
+    pods = await ctx.kube.alist("v1", "Pod", ns, f"job-name={job_name}")
+    message = None
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or message
+    result = parse_termination(message) or {}
+    results = result.get("results")
+    status["validatedGeneration"] = gen
+    if isinstance(results, list):
+        status["testResults"] = [
+            {"name": str(r.get("name", ""))[:63], "passed": bool(r.get("passed")), "score": str(r.get("score", ""))[:64], "message": str(r.get("message", ""))[:1024]}
+            for r in results[:64]
+        ]
+        failed = [r["name"] for r in status["testResults"] if not r["passed"]]
+        if not failed and cond.is_true(job_conds, "Complete"):
+            return cond.set_condition(conds, "Validated", True, "TestsPassed", f"{len(results)}/{len(results)} tests passed", gen)
+        return cond.set_condition(conds, "Validated", False, "TestsFailed", str(result.get("message") or f"failed: {', '.join(failed)}")[:1024], gen)
+    failed_cond = cond.get(job_conds, "Failed") or {}
+    return cond.set_condition(conds, "Validated", False, "ValidationJobFailed", f"validation Job {job_name} failed without results: {failed_cond.get('reason', '')} {message or ''}".strip()[:1024], gen)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, registry=REGISTRY)
