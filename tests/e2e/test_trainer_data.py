@@ -1,0 +1,145 @@
+"""Trainer plumbing without training: config, URIs, datasets, feedback snapshots, errors, termination message."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perennial.api import FeedbackRecord, InteractionRecord  # noqa: E402
+from perennial_trainer.config import RunConfig, load_config  # noqa: E402
+from perennial_trainer.data import check_columns, feedback_to_rows, load_feedback_dataset, load_uri_dataset, split_held_out  # noqa: E402
+from perennial_trainer.errors import TrainerError  # noqa: E402
+from perennial_trainer.progress import write_termination  # noqa: E402
+from perennial_trainer.storage import resolve_uri  # noqa: E402
+from trainer_support import FRUIT_REWARD_SPEC, run_config, write_config  # noqa: E402
+
+
+def _cfg(tmp_path, **kw):
+    kw.setdefault("datasets", [{"name": "d", "uri": str(tmp_path / "d.jsonl")}])
+    return run_config(name="r", method=kw.pop("method", "SFT"), base="/models/x", output=str(tmp_path / "out"), **kw)
+
+
+def test_run_config_round_trip_and_overrides(tmp_path):
+    cfg = _cfg(tmp_path, method="GRPO", reward_spec=FRUIT_REWARD_SPEC, hp={"maxSteps": 5})
+    path = write_config(tmp_path / "run.yaml", cfg)
+    rc = load_config(path, {"spec.hyperparameters.maxSteps": 7, "outputUri": "s3://b/x", "checkpointDir": None})
+    assert rc.spec.hyperparameters.max_steps == 7 and rc.output_uri == "s3://b/x"
+    assert rc.reward_spec.graders[0].name == "format" and rc.grading_spec() is rc.reward_spec
+    assert RunConfig.model_validate(rc.to_dict()) == rc
+    assert len(rc.config_hash()) == 64
+    with pytest.raises(TrainerError, match="invalid"):
+        load_config(write_config(tmp_path / "bad.yaml", {**cfg, "bogus": 1}))
+
+
+def test_uri_resolution(monkeypatch):
+    monkeypatch.setenv("PERENNIAL_PVC_ROOT", "/data/pvc")
+    assert resolve_uri("pvc://claim/a/b.jsonl") == "/data/pvc/claim/a/b.jsonl"
+    assert resolve_uri("file:///x/y") == "/x/y" and resolve_uri("/x/y") == "/x/y"
+    assert resolve_uri("s3://bucket/k") == "s3://bucket/k"
+
+
+def test_jsonl_parquet_pvc_and_hash(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PERENNIAL_PVC_ROOT", str(tmp_path))
+    (tmp_path / "claim").mkdir()
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    (tmp_path / "claim" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "claim" / "b.parquet")
+    a = load_uri_dataset("a", "pvc://claim/a.jsonl")
+    b = load_uri_dataset("b", "file://" + str(tmp_path / "claim" / "b.parquet"))
+    assert a.rows == rows == b.rows and len(a.sha256) == 64
+    both = load_uri_dataset("dir", "pvc://claim")
+    assert len(both.rows) == 4
+    with pytest.raises(TrainerError, match="differs"):
+        load_uri_dataset("a", "pvc://claim/a.jsonl", expected_sha256="0" * 64)
+    with pytest.raises(TrainerError, match="does not exist"):
+        load_uri_dataset("gone", "pvc://claim/none.jsonl")
+
+
+def test_missing_column_error_names_dataset_file_and_column(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    ds = load_uri_dataset("pairs", str(f))
+    with pytest.raises(TrainerError) as e:
+        check_columns(ds, "DPO")
+    msg = str(e.value)
+    assert "'pairs'" in msg and str(f) in msg and "'rejected'" in msg and e.value.reason == "MissingColumn"
+
+
+def test_missing_column_fails_the_run_cleanly(tmp_path):
+    from perennial_trainer.cli import main
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    path = write_config(tmp_path / "run.yaml", _cfg(tmp_path))
+    term = tmp_path / "term"
+    assert main(["--config", path, "--termination-log", str(term)]) == 1
+    res = json.loads(term.read_text())
+    assert res["status"] == "Failed" and res["reason"] == "MissingColumn" and "'completion'" in res["message"]
+
+
+def _records():
+    chat = lambda q: [{"role": "user", "content": q}]  # noqa: E731
+    return [
+        InteractionRecord(id="r1", messages=chat("colour of banana?"), response="<answer>yellow</answer>"),
+        InteractionRecord(id="r2", messages=chat("colour of banana?"), response="<answer>blue</answer>"),
+        InteractionRecord(id="r3", messages=chat("colour of lime?"), response="<answer>red</answer>"),
+        InteractionRecord(id="r4", prompt="plain prompt", response="meh"),
+        FeedbackRecord(response_id="r1", type="thumbs", thumbs="up"),
+        FeedbackRecord(response_id="r2", type="score", score=0.1),
+        FeedbackRecord(response_id="r3", type="correction", correction="<answer>green</answer>"),
+        FeedbackRecord(response_id="r4", type="preference", other_response_id="r1", chosen="other"),
+        FeedbackRecord(response_id="missing", type="thumbs", thumbs="up"),
+    ]
+
+
+def test_feedback_to_rows():
+    recs = _records()
+    sft = feedback_to_rows(recs, "SFT")
+    assert {r["completion"][0]["content"] for r in sft} == {"<answer>yellow</answer>", "<answer>green</answer>"}
+    assert feedback_to_rows(recs, "SFT", min_rating=0.05) and len(feedback_to_rows(recs, "SFT", min_rating=0.05)) == 3
+    dpo = feedback_to_rows(recs, "DPO")
+    pairs = {(r["chosen"][0]["content"] if isinstance(r["chosen"], list) else r["chosen"],
+              r["rejected"][0]["content"] if isinstance(r["rejected"], list) else r["rejected"]) for r in dpo}
+    assert ("<answer>green</answer>", "<answer>red</answer>") in pairs   # correction vs original
+    assert ("<answer>yellow</answer>", "<answer>blue</answer>") in pairs  # differently rated, same prompt
+    assert ("<answer>yellow</answer>", "meh") in pairs                    # explicit preference
+    grpo = feedback_to_rows(recs, "GRPO")
+    assert len(grpo) == 3 and all("prompt" in r for r in grpo)
+    banana = [r for r in grpo if r["prompt"] == [{"role": "user", "content": "colour of banana?"}]][0]
+    assert "feedback_score" in banana
+
+
+def test_feedback_snapshot_from_store(tmp_path):
+    seg = tmp_path / "store" / "dep" / "2026" / "11" / "25"
+    seg.mkdir(parents=True)
+    (seg / "pod-00000001.jsonl").write_text("\n".join(r.to_json() for r in _records()) + "\nnot json\n")
+    ds = load_feedback_dataset("fb", str(tmp_path / "store"), [], "SFT", None)
+    assert len(ds.rows) == 2 and len(ds.sha256) == 64
+    only = load_feedback_dataset("fb", str(tmp_path / "store"), ["dep/2026/11/25/pod-00000001.jsonl"], "DPO", None)
+    assert len(only.rows) == 3
+    with pytest.raises(TrainerError, match="not found"):
+        load_feedback_dataset("fb", str(tmp_path / "store"), ["dep/nope.jsonl"], "SFT", None)
+
+
+def test_held_out_split_is_deterministic():
+    rows = [{"i": i} for i in range(20)]
+    a, b = split_held_out(rows, 25, 1)
+    assert len(b) == 5 and len(a) == 15 and split_held_out(rows, 25, 1) == (a, b)
+
+
+def test_termination_message_stays_under_4k(tmp_path):
+    big = {"status": "Succeeded", "reason": "Trained", "message": "m" * 10000, "artifactUri": "/x",
+           "metrics": {f"train/m{i}": 1.0 for i in range(300)} | {"eval/mean_reward": 1.5},
+           "lineage": {"datasets": [{"name": str(i), "sha256": "a" * 64} for i in range(40)], "configHash": "c"}}
+    text = write_termination(big, str(tmp_path / "t"))
+    assert len(text.encode()) < 4096 and (tmp_path / "t").read_text() == text
+    res = json.loads(text)
+    assert res["metrics"] == {"eval/mean_reward": 1.5} and res["status"] == "Succeeded"

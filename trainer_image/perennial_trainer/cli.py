@@ -1,0 +1,168 @@
+"""`perennial-trainer` / `python -m perennial_trainer`.
+
+    perennial-trainer train --config run.yaml [--max-steps N --learning-rate X --output-uri URI ...]
+    perennial-trainer --config run.yaml                  # same as `train`
+    perennial-trainer grade --reward-spec rs.yaml --samples samples.jsonl [--json]
+    perennial-trainer grade --reward-spec rs.yaml --tests  # run the RewardSpec's own tests
+
+`train` exits 0 on success, 1 on failure; either way the termination message is written.
+`grade --tests` prints one JSON line per test, writes {"status", "results"} to the termination
+log, and exits 1 if any test fails. `--reward-spec` accepts a RewardSpec resource or its spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("perennial_trainer")
+
+# flag -> dotted RunConfig key
+OVERRIDES = {
+    "run_name": "runName", "namespace": "namespace", "output_uri": "outputUri", "checkpoint_dir": "checkpointDir",
+    "base_model_uri": "baseModelUri", "parent_adapter_uri": "parentAdapterUri",
+    "feedback_store_uri": "feedbackStoreUri",
+    "method": "spec.method",
+    "max_steps": "spec.hyperparameters.maxSteps", "epochs": "spec.hyperparameters.epochs",
+    "learning_rate": "spec.hyperparameters.learningRate", "batch_size": "spec.hyperparameters.batchSize",
+    "seed": "spec.hyperparameters.seed", "num_generations": "spec.hyperparameters.numGenerations",
+    "max_completion_length": "spec.hyperparameters.maxCompletionLength",
+    "checkpoint_every_steps": "spec.runPolicy.checkpointEverySteps",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perennial-trainer", description="Perennial trainer: LoRA SFT / DPO / GRPO with TRL + PEFT, and RewardSpec graders.")
+    p.add_argument("--config", help="run config (RunConfig YAML); implies `train`")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="train an adapter from a RunConfig")
+    t.add_argument("--config", dest="train_config", default=None, help="RunConfig YAML (default /etc/perennial/run.yaml)")
+    t.add_argument("--termination-log", default=None, help="termination message path (default $PERENNIAL_TERMINATION_LOG or /dev/termination-log)")
+    for flag in OVERRIDES:
+        kind: Any = str
+        if flag in ("max_steps", "epochs", "batch_size", "seed", "num_generations", "max_completion_length", "checkpoint_every_steps"):
+            kind = int
+        t.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides `{OVERRIDES[flag]}`")
+    g = sub.add_parser("grade", help="grade samples with a RewardSpec, or run its tests")
+    g.add_argument("--reward-spec", required=True, help="RewardSpec YAML (a resource or a bare spec)")
+    g.add_argument("--samples", help="JSONL: one object per line with `completion` (or `output_text`), optional `prompt`, `item`")
+    g.add_argument("--tests", action="store_true", help="run the RewardSpec's own tests; exit 1 if any fails")
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    g.add_argument("--termination-log", default=None)
+    return p
+
+
+def load_reward_spec(path: str):
+    import yaml
+
+    from perennial.api import RewardSpecSpec
+
+    from .errors import TrainerError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TrainerError(f"cannot read RewardSpec {path}: {e}", "InvalidRewardSpec") from None
+    if isinstance(raw, dict) and "spec" in raw and "graders" not in raw:
+        raw = raw["spec"]
+    try:
+        return RewardSpecSpec.model_validate(raw)
+    except Exception as e:  # noqa: BLE001
+        raise TrainerError(f"RewardSpec {path} is invalid: {e}", "InvalidRewardSpec") from None
+
+
+def cmd_grade(a) -> int:
+    from .graders import run_tests, score_all
+    from .progress import write_termination
+
+    spec = load_reward_spec(a.reward_spec)
+    if a.tests:
+        results = run_tests(spec)
+        for r in results:
+            print(json.dumps(r, separators=(",", ":")), flush=True)
+        failed = [r["name"] for r in results if not r["passed"]]
+        summary = {"status": "Failed" if failed else "Succeeded", "reason": "TestsFailed" if failed else "TestsPassed",
+                   "message": f"{len(results) - len(failed)}/{len(results)} tests passed" + (f"; failed: {', '.join(failed)}" if failed else ""),
+                   "results": [{k: r[k] for k in ("name", "passed", "score", "message")} for r in results]}
+        write_termination(summary, a.termination_log)
+        print(summary["message"], file=sys.stderr)
+        return 1 if failed else 0
+    if not a.samples:
+        print("grade: give --samples FILE or --tests", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in Path(a.samples).read_text().splitlines() if line.strip()]
+    samples = [{"output_text": r.get("completion", r.get("output_text", "")), "prompt": r.get("prompt")} for r in rows]
+    items = [r.get("item") or {k: v for k, v in r.items() if k not in ("completion", "output_text", "prompt")} for r in rows]
+    scored = score_all(spec, samples, items)
+    names = [g.name for g in spec.graders]
+    if a.json:
+        for i, s in enumerate(scored):
+            print(json.dumps({"index": i, "total": s.total, "scores": s.scores, "reasons": s.reasons}, separators=(",", ":")))
+    else:
+        w = max([5] + [len(n) for n in names])
+        print("  ".join(["#".rjust(4)] + [n.rjust(w) for n in names] + ["total".rjust(w)]))
+        for i, s in enumerate(scored):
+            print("  ".join([str(i).rjust(4)] + [f"{s.scores[n]:.3f}".rjust(w) for n in names] + [f"{s.total:.3f}".rjust(w)]))
+        if scored:
+            print("  ".join(["mean"] + [f"{sum(s.scores[n] for s in scored) / len(scored):.3f}".rjust(w) for n in names]
+                            + [f"{sum(s.total for s in scored) / len(scored):.3f}".rjust(w)]))
+    return 0
+
+
+def cmd_train(a, config_path: str) -> int:
+    from .config import DEFAULT_CONFIG_PATH, load_config
+    from .errors import TrainerError
+    from .progress import write_termination
+
+    overrides = {OVERRIDES[k]: getattr(a, k, None) for k in OVERRIDES}
+    if overrides.get("spec.hyperparameters.learningRate") is not None:
+        overrides["spec.hyperparameters.learningRate"] = str(overrides["spec.hyperparameters.learningRate"])
+    try:
+        cfg = load_config(config_path or DEFAULT_CONFIG_PATH, overrides)
+        from .train import run
+
+        result = run(cfg)
+    except TrainerError as e:
+        log.error("run failed: %s", e)
+        write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
+        return 1
+    except Exception as e:  # noqa: BLE001 - report, never a silent crash
+        traceback.print_exc()
+        write_termination({"status": "Failed", "reason": "TrainerCrashed", "message": f"{e.__class__.__name__}: {e}"}, a.termination_log)
+        return 1
+    text = write_termination(result, a.termination_log)
+    print("PERENNIAL_RESULT " + text, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _parser()
+    if not any(x in ("train", "grade") for x in argv) and any(x == "--config" or x.startswith("--config=") for x in argv):
+        # `perennial-trainer --config run.yaml [flags]` means `train`
+        pre = []
+        if "--log-level" in argv:
+            i = argv.index("--log-level")
+            pre = argv[i:i + 2]
+            argv = argv[:i] + argv[i + 2:]
+        argv = pre + ["train"] + argv
+    a = p.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(a.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if a.command == "grade":
+        from .errors import TrainerError
+
+        try:
+            return cmd_grade(a)
+        except TrainerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if a.command == "train":
+        return cmd_train(a, a.train_config or a.config)
+    p.print_help()
+    return 2

@@ -1,0 +1,419 @@
+"""One training run: data -> TRL (SFT / DPO / GRPO) + PEFT LoRA -> evaluation -> artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
+from .errors import TrainerError
+from .progress import ProgressCallback, atomic_write_json
+from .storage import is_local, localize, resolve_uri, upload_dir
+
+log = logging.getLogger("perennial_trainer")
+
+DEFAULT_LR = {"SFT": 2e-4, "DPO": 5e-5, "GRPO": 1e-5}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _f(v: str | None) -> float | None:
+    return None if v is None else float(v)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_datasets(cfg: RunConfig) -> tuple[list[LoadedDataset], list[dict], list[dict]]:
+    """(datasets, train rows, eval rows)."""
+    spec = cfg.spec
+    loaded: list[LoadedDataset] = []
+    for d in spec.datasets:
+        if d.uri:
+            ds = load_uri_dataset(d.name, d.uri, d.format, d.split, d.sha256)
+        else:
+            fb = d.feedback
+            store = fb.store_uri or cfg.feedback_store_uri
+            if not store:
+                raise TrainerError(f"dataset {d.name!r}: feedback snapshot without a store URI (set feedback.storeUri or feedbackStoreUri)", "InvalidConfig")
+            ds = load_feedback_dataset(d.name, store, fb.segments, spec.method, _f(fb.min_rating), d.split)
+        if d.split == "Train":
+            check_columns(ds, spec.method)
+        loaded.append(ds)
+    train = [r for ds in loaded if ds.split == "Train" for r in ds.rows]
+    evals = [r for ds in loaded if ds.split == "Eval" for r in ds.rows]
+    if spec.evaluation.enabled and not evals:
+        train, evals = split_held_out(train, spec.evaluation.held_out_percent, spec.hyperparameters.seed)
+    return loaded, train, evals[: spec.evaluation.max_samples]
+
+
+def normalise_rows(rows: list[dict], method: str) -> list[dict]:
+    """Make column types uniform for `datasets` (TRL reads prompt/completion/messages/chosen/rejected)."""
+    if method == "SFT":
+        out = []
+        for r in rows:
+            if "messages" in r or "text" in r:
+                out.append(r)
+            else:
+                p, c = r["prompt"], r["completion"]
+                if isinstance(p, list) and isinstance(c, str):
+                    c = [{"role": "assistant", "content": c}]
+                out.append({**r, "prompt": p, "completion": c})
+        return out
+    if method == "DPO":
+        out = []
+        for r in rows:
+            p = r["prompt"]
+            ch, rj = r["chosen"], r["rejected"]
+            if isinstance(p, list):
+                ch = [{"role": "assistant", "content": ch}] if isinstance(ch, str) else ch
+                rj = [{"role": "assistant", "content": rj}] if isinstance(rj, str) else rj
+            out.append({**r, "chosen": ch, "rejected": rj})
+        return out
+    return rows
+
+
+def eval_prompt(row: dict) -> Any:
+    """The prompt of a row (chat messages without the final assistant turn, or a string)."""
+    if "prompt" in row:
+        return row["prompt"]
+    if "messages" in row:
+        msgs = list(row["messages"])
+        while msgs and msgs[-1].get("role") == "assistant":
+            msgs.pop()
+        return msgs
+    return row.get("text", "")
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def device_setup() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    return {"cuda": cuda, "use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": cuda,
+            "dtype": torch.bfloat16 if bf16 else torch.float32}
+
+
+def load_base(path: str, dev: dict[str, Any]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dev["dtype"])
+    except (OSError, ValueError) as e:
+        raise TrainerError(f"cannot load base model from {path}: {e}", "BaseModelUnavailable") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if dev["cuda"]:
+        model = model.to("cuda")
+    return tok, model
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+
+    lo = cfg.spec.lora
+    targets = lo.target_modules
+    return LoraConfig(
+        r=lo.rank, lora_alpha=lo.alpha, lora_dropout=float(lo.dropout), task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    )
+
+
+def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train: int, weights: list[float] | None):
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    spec, hp = cfg.spec, cfg.spec.hyperparameters
+    method = spec.method
+    common: dict[str, Any] = dict(
+        output_dir=checkpoint_dir,
+        learning_rate=_f(hp.learning_rate) or DEFAULT_LR[method],
+        num_train_epochs=hp.epochs or (1 if method == "GRPO" else 3),
+        max_steps=hp.max_steps or -1,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps or 1,
+        warmup_steps=_f(hp.warmup_ratio) or 0,  # transformers 5: a float < 1 is a ratio
+        seed=hp.seed, data_seed=hp.seed,
+        logging_steps=1, logging_first_step=True,
+        save_strategy="steps", save_steps=spec.run_policy.checkpoint_every_steps, save_total_limit=2,
+        report_to="none", disable_tqdm=True,
+        use_cpu=dev["use_cpu"], bf16=dev["bf16"], fp16=False,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant_with_warmup" if method == "GRPO" else "linear",
+    )
+    if dev["gradient_checkpointing"]:  # GPU only: on CPU it only costs time
+        common["gradient_checkpointing"] = True
+    if method == "SFT":
+        return SFTConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024, **common)
+    if method == "DPO":
+        return DPOConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024,
+                         beta=_f(hp.beta) if hp.beta is not None else 0.1, **common)
+    ng = hp.num_generations or 8
+    bs = hp.batch_size or ng
+    if bs % ng:
+        raise TrainerError(f"hyperparameters.batchSize ({bs}) must be a multiple of numGenerations ({ng}) for GRPO", "InvalidConfig")
+    extra: dict[str, Any] = {}
+    if hp.entropy_coef is not None:
+        extra["entropy_coef"] = float(hp.entropy_coef)
+    return GRPOConfig(
+        per_device_train_batch_size=bs, num_generations=ng,
+        max_completion_length=hp.max_completion_length or 256,
+        temperature=_f(hp.temperature) if hp.temperature is not None else 1.0,
+        beta=_f(hp.beta) if hp.beta is not None else 0.0,
+        reward_weights=weights, log_completions=False,
+        **extra, **common,
+    )
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def generate(model, tok, prompts: list[Any], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    import torch
+
+    texts = []
+    for p in prompts:
+        if isinstance(p, list):
+            texts.append(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(p)
+    out: list[str] = []
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for row in gen[:, enc["input_ids"].shape[1]:]:
+            out.append(tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+def evaluate(cfg: RunConfig, base_path: str, adapter_dir: str, parent_dir: str | None, eval_rows: list[dict], dev) -> dict[str, float]:
+    """Greedy-generate with the new adapter and its baseline (parent or base) and grade both."""
+    from peft import PeftModel
+
+    from .graders import completion_text, score_all
+
+    spec = cfg.grading_spec()
+    if spec is None or not eval_rows:
+        return {}
+    tok, base = load_base(base_path, dev)
+    model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="new")
+    if parent_dir:
+        model.load_adapter(parent_dir, adapter_name="parent")
+    prompts = [eval_prompt(r) for r in eval_rows]
+    hp = cfg.spec.hyperparameters
+    max_new = hp.max_completion_length or 128
+    model.set_adapter("new")
+    new_out = generate(model, tok, prompts, max_new)
+    if parent_dir:
+        model.set_adapter("parent")
+        base_out = generate(model, tok, prompts, max_new)
+    else:
+        with model.disable_adapter():
+            base_out = generate(model, tok, prompts, max_new)
+    items = [dict(r) for r in eval_rows]
+    new_sc = score_all(spec, [{"output_text": o, "prompt": p} for o, p in zip(new_out, prompts)], items)
+    base_sc = score_all(spec, [{"output_text": o, "prompt": p} for o, p in zip(base_out, prompts)], items)
+    n = len(eval_rows)
+    m: dict[str, float] = {
+        "eval/samples": float(n),
+        "eval/mean_reward": sum(s.total for s in new_sc) / n,
+        "eval/baseline_mean_reward": sum(s.total for s in base_sc) / n,
+    }
+    m["eval/improvement"] = m["eval/mean_reward"] - m["eval/baseline_mean_reward"]
+    for g in spec.graders:
+        a = sum(s.scores[g.name] for s in new_sc) / n
+        b = sum(s.scores[g.name] for s in base_sc) / n
+        m[f"eval/rewards/{g.name}"] = a
+        m[f"eval/baseline_rewards/{g.name}"] = b
+        m[f"eval/improvement/{g.name}"] = a - b
+    log.info("eval: mean reward %.3f (baseline %.3f) on %d prompts; e.g. %r", m["eval/mean_reward"], m["eval/baseline_mean_reward"], n, completion_text(new_out[0])[:80])
+    return m
+
+
+def plot_curves(history: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "reward")}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_xlabel("step")
+        ax.set_ylabel(k)
+        ax.set_title(k)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+def default_checkpoint_dir(cfg: RunConfig) -> str:
+    if cfg.checkpoint_dir:
+        return resolve_uri(cfg.checkpoint_dir)
+    if is_local(cfg.output_uri):
+        return os.path.join(resolve_uri(cfg.output_uri), "checkpoints")
+    return os.path.join(tempfile.gettempdir(), "perennial-checkpoints", cfg.namespace, cfg.run_name)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train, evaluate and write the artifact; returns the result (termination message content)."""
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    t_start = time.monotonic()
+    spec = cfg.spec
+    method = spec.method
+    set_seed(spec.hyperparameters.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    dev = device_setup()
+    if method == "GRPO" and cfg.reward_spec is None:
+        raise TrainerError("method GRPO needs a rewardSpec", "InvalidConfig")
+
+    datasets_, train_rows, eval_rows = load_datasets(cfg)
+    if not train_rows:
+        raise TrainerError("no training rows left after the held-out split", "EmptyDataset")
+    log.info("%s run %s/%s: %d train rows, %d eval rows, device %s", method, cfg.namespace, cfg.run_name, len(train_rows), len(eval_rows), "cuda" if dev["cuda"] else "cpu")
+
+    work = Path(tempfile.mkdtemp(prefix="perennial-run-"))
+    staging = work / "artifact"
+    staging.mkdir()
+    base_path = localize(cfg.base_model_uri, work)
+    parent_path = None
+    if cfg.parent_adapter_uri:
+        (work / "parent").mkdir()
+        parent_path = localize(cfg.parent_adapter_uri, work / "parent")
+        if not (Path(parent_path) / "adapter_config.json").exists():
+            raise TrainerError(f"parent adapter {cfg.parent_adapter_uri} has no adapter_config.json", "ParentAdapterInvalid")
+
+    ckpt_dir = default_checkpoint_dir(cfg)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    progress_paths = [str(staging / "progress.json")]
+    if is_local(cfg.output_uri):
+        progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
+
+    tok, model = load_base(base_path, dev)
+    peft_config = None
+    if parent_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, parent_path, is_trainable=True)
+    else:
+        peft_config = lora_config(cfg)
+
+    from datasets import Dataset
+
+    rows = normalise_rows(train_rows, method)
+    try:
+        train_ds = Dataset.from_list(rows)
+    except Exception as e:  # noqa: BLE001 - mixed column types
+        raise TrainerError(f"training rows have inconsistent columns/types: {e}", "InvalidDataset") from None
+
+    reward_names: list[str] = []
+    weights = None
+    reward_funcs = None
+    if method == "GRPO":
+        from .graders import reward_functions
+
+        reward_funcs, weights = reward_functions(cfg.reward_spec)
+        reward_names = [g.name for g in cfg.reward_spec.graders]
+    args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
+    progress = ProgressCallback(progress_paths, reward_names)
+    common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[progress], peft_config=peft_config)
+    if method == "SFT":
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(**common)
+    elif method == "DPO":
+        from trl import DPOTrainer
+
+        trainer = DPOTrainer(**common)
+    else:
+        from trl import GRPOTrainer
+
+        trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
+
+    last = get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if last:
+        log.info("resuming from checkpoint %s", last)
+        print(f"PERENNIAL_RESUME {json.dumps({'checkpoint': last})}", flush=True)
+    train_out = trainer.train(resume_from_checkpoint=last)
+    trainer.model.save_pretrained(str(staging))
+    tok.save_pretrained(str(staging))
+    train_seconds = time.monotonic() - t_start
+
+    metrics: dict[str, float] = {f"train/{k}": float(v) for k, v in train_out.metrics.items() if isinstance(v, (int, float))}
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    rewards = [h["reward"] for h in progress.history if "reward" in h]
+    if losses:
+        metrics["train/loss"] = float(losses[-1])
+    if rewards:
+        metrics["train/mean_reward"] = float(rewards[-1])
+        metrics["train/first_mean_reward"] = float(rewards[0])
+    fz = [h["frac_reward_zero_std"] for h in progress.history if "frac_reward_zero_std" in h]
+    if fz:
+        metrics["train/frac_reward_zero_std"] = float(fz[-1])
+    metrics["train/steps"] = float(trainer.state.global_step)
+    metrics["train/resumed_from_step"] = float(progress.start_step)
+    metrics["train/seconds"] = train_seconds
+
+    del trainer
+    if spec.evaluation.enabled:
+        metrics.update(evaluate(cfg, base_path, str(staging), parent_path, eval_rows, dev))
+
+    lineage = {
+        "trainingRun": cfg.run_name, "namespace": cfg.namespace, "trainingRunUid": cfg.run_uid,
+        "method": method, "baseModel": {"ref": spec.base_model_ref.name, "uri": cfg.base_model_uri},
+        "parentAdapter": {"ref": spec.parent_adapter_ref.name, "uri": cfg.parent_adapter_uri} if spec.parent_adapter_ref or cfg.parent_adapter_uri else None,
+        "datasets": [{"name": d.name, "uri": d.uri, "sha256": d.sha256, "rows": len(d.rows), "split": d.split} for d in datasets_],
+        "configHash": cfg.config_hash(),
+    }
+    if lineage["parentAdapter"] and spec.parent_adapter_ref is None:
+        lineage["parentAdapter"]["ref"] = None
+    lo = spec.lora
+    files = {}
+    for f in sorted(staging.iterdir()):
+        if f.is_file() and f.name != "progress.json":
+            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    manifest = {
+        "apiVersion": "perennial.ai/v1alpha1", "kind": "AdapterArtifact",
+        "adapterFamily": spec.output.adapter_family, "lineage": lineage,
+        "lora": {"rank": lo.rank, "alpha": lo.alpha, "targetModules": lo.target_modules},
+        "files": files,
+    }
+    atomic_write_json(staging / "metrics.json", metrics)
+    atomic_write_json(staging / "manifest.json", manifest)
+    try:
+        plot_curves(progress.history, str(staging / "curves.png"))
+    except Exception as e:  # noqa: BLE001 - a plot never fails the run
+        log.warning("cannot plot curves: %s", e)
+    upload_dir(staging, cfg.output_uri)
+    if os.path.isdir(ckpt_dir) and not cfg.checkpoint_dir and is_local(cfg.output_uri):
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the default checkpoints live inside the artifact dir
+    shutil.rmtree(work, ignore_errors=True)
+    message = f"{method} trained {int(metrics['train/steps'])} steps"
+    if "eval/mean_reward" in metrics:
+        message += f"; eval mean reward {metrics['eval/mean_reward']:.3f} vs baseline {metrics['eval/baseline_mean_reward']:.3f}"
+    return {"status": "Succeeded", "reason": "Trained", "message": message, "artifactUri": cfg.output_uri,
+            "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage}
