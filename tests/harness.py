@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,6 @@ class Cluster:
     kube: Kube
     config: OperatorConfig
     operator: OperatorThread | None = None
-    _history: list[OperatorThread] = field(default_factory=list)
 
     def start_operator(self) -> OperatorThread:
         self.operator = OperatorThread(self.server.url, self.config)
@@ -150,3 +150,27 @@ class FakeKubelet:
         else:
             job_status |= {"failed": 1}
         kube.patch("batch/v1", "Job", namespace, job, {"status": job_status}, subresource="status")
+
+
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path, **config: Any) -> Iterator[Cluster]:
+    """The embedded control plane with the CRDs installed and the operator running."""
+    server = start_in_thread()
+    kube = connect(server=server.url)
+    install_crds(kube)
+    settings = dict(
+        pvc_root=str(tmp_path / "pvc"),
+        artifact_uri=f"file://{tmp_path}/artifacts",
+        feedback_store_uri=f"file://{tmp_path}/feedback",
+        trainer_image="perennial-trainer:test",
+    )
+    settings.update(config)
+    c = Cluster(server=server, kube=kube, config=OperatorConfig(**settings))
+    c.start_operator()
+    try:
+        yield c
+    finally:
+        try:
+            c.stop_operator()
+        finally:
+            server.stop()
