@@ -319,6 +319,38 @@ def test_protobuf_body_is_415(c, ns):
     assert r.status_code == 415 and r.json()["reason"] == "UnsupportedMediaType"
 
 
+def test_label_values_are_validated(c, ns):
+    r = c.req("POST", CM(ns), {"metadata": {"name": "a", "labels": {"perennial.ai/run": "x" * 64}}})
+    assert r.status_code == 422
+    assert r.json()["message"] == (f'ConfigMap "a" is invalid: metadata.labels: Invalid value: "{"x" * 64}": '
+                                   "must be no more than 63 characters")
+    r = c.req("POST", CM(ns), {"metadata": {"name": "a", "labels": {"app": "has space"}}})
+    assert r.status_code == 422 and "a valid label must be an empty string" in r.json()["message"]
+
+
+def test_owner_reference_needs_uid_and_one_controller(c, ns):
+    r = c.req("POST", CM(ns), {"metadata": {"name": "a", "ownerReferences": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "o"}]}})
+    assert r.status_code == 422
+    assert "metadata.ownerReferences[0].uid: Invalid value: \"\": uid must not be empty" in r.json()["message"]
+
+
+def test_job_pod_template_is_immutable(c, ns):
+    job = c.ok("POST", f"/apis/batch/v1/namespaces/{ns}/jobs",
+               {"metadata": {"name": "j"}, "spec": {"template": {"spec": {"containers": [{"name": "t", "image": "a"}]}}}})
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = "b"
+    r = c.req("PUT", f"/apis/batch/v1/namespaces/{ns}/jobs/j", job)
+    assert r.status_code == 422
+    assert r.json()["message"] == ('Job.batch "j" is invalid: spec.template: Invalid value: core.PodTemplateSpec{...}: '
+                                   "field is immutable")
+    c.ok("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/j", {"spec": {"suspend": True}}, "application/merge-patch+json")
+
+
+def test_service_names_must_be_dns_1035_labels(c, ns):
+    r = c.req("POST", f"/api/v1/namespaces/{ns}/services", {"metadata": {"name": "1svc"}, "spec": {"ports": []}})
+    assert r.status_code == 422 and "a DNS-1035 label must consist of" in r.json()["message"]
+
+
 # --------------------------------------------------------------------------- deletion
 
 
@@ -342,13 +374,15 @@ def test_delete_without_finalizers_removes_immediately(c, ns):
 
 def test_owner_deletion_garbage_collects_dependents_recursively(c, ns):
     owner = c.ok("POST", W(ns), widget())
-    ref = lambda o: [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
-                      "uid": o["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    def ref(o: dict, controller: bool = True) -> list[dict]:
+        return [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
+                 "uid": o["metadata"]["uid"], "controller": controller, "blockOwnerDeletion": True}]
+
     child = c.ok("POST", f"/apis/batch/v1/namespaces/{ns}/jobs",
                  {"metadata": {"name": "job", "ownerReferences": ref(owner)}})
     c.ok("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": "pod", "ownerReferences": ref(child)}})
     other = c.ok("POST", CM(ns), {"metadata": {"name": "other-owner"}})
-    c.ok("POST", CM(ns), {"metadata": {"name": "shared", "ownerReferences": ref(owner) + ref(other)}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "shared", "ownerReferences": ref(owner) + ref(other, False)}})
     c.ok("DELETE", W(ns, "w1"))
     assert c.req("GET", f"/apis/batch/v1/namespaces/{ns}/jobs/job").status_code == 404
     assert c.req("GET", f"/api/v1/namespaces/{ns}/pods/pod").status_code == 404
