@@ -520,7 +520,7 @@ class _JobWorker:
             self._patch_job({"failed": self.failed})
             self._patch_pod(pod_name, {"phase": "Running", "conditions": _pod_conditions(False),
                                        "containerStatuses": [self._container_status(False, {"waiting": {
-                                           "reason": "CrashLoopBackOff", "message": f"back-off restarting failed container"}}, restarts, last)]})
+                                           "reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}}, restarts, last)]})
             if self._wait_or_deadline(self.k.restart_delay_seconds):
                 return self._interrupted(pod_name, restarts, last, started=None)
 
