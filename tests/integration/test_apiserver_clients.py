@@ -210,7 +210,8 @@ def test_kubectl_apply_get_describe_explain_delete(server, kubectl, tmp_path: Pa
     kubectl("apply", "-f", str(cm))
     cm.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
                                   "data": {"b": "2"}}))
-    kubectl("apply", "-f", str(cm))
+    proc = kubectl("apply", "-f", str(cm))
+    assert "configured" in proc.stdout and "warning" not in proc.stderr.lower(), proc.stderr
     assert json.loads(kubectl("get", "cm", "cfg", "-o", "json").stdout)["data"] == {"b": "2"}
 
     # invalid objects are rejected with the apiserver's message
@@ -264,3 +265,12 @@ def test_kubectl_server_side_apply_and_watch(server, kubectl, tmp_path: Path):
     assert json.loads(kubectl("get", "gadget", "g1", "-o", "json").stdout)["spec"]["method"] == "GRPO"
     proc = kubectl("get", "gadgets", "-w", "--request-timeout=2s", check=False)
     assert "g1" in proc.stdout
+
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                           "template": {"metadata": {"labels": {"app": "web"}},
+                                        "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}
+    manifest.write_text(yaml.safe_dump(deployment))
+    kubectl("apply", "-f", str(manifest))
+    kubectl("scale", "deployment", "web", "--replicas=3")
+    assert json.loads(kubectl("get", "deploy", "web", "-o", "json").stdout)["spec"]["replicas"] == 3

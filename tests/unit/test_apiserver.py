@@ -346,6 +346,19 @@ def test_job_pod_template_is_immutable(c, ns):
     c.ok("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/j", {"spec": {"suspend": True}}, "application/merge-patch+json")
 
 
+def test_scale_subresource_of_deployments(c, ns):
+    dep = {"metadata": {"name": "d"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "d"}},
+                                               "template": {"metadata": {"labels": {"app": "d"}}}}}
+    c.ok("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", dep)
+    scale = c.ok("GET", f"/apis/apps/v1/namespaces/{ns}/deployments/d/scale")
+    assert scale["kind"] == "Scale" and scale["spec"] == {"replicas": 1}
+    assert scale["status"]["selector"] == "app=d"
+    out = c.ok("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/d/scale", {"spec": {"replicas": 3}},
+               "application/merge-patch+json")
+    assert out["spec"]["replicas"] == 3
+    assert c.ok("GET", f"/apis/apps/v1/namespaces/{ns}/deployments/d")["spec"]["replicas"] == 3
+
+
 def test_service_names_must_be_dns_1035_labels(c, ns):
     r = c.req("POST", f"/api/v1/namespaces/{ns}/services", {"metadata": {"name": "1svc"}, "spec": {"ports": []}})
     assert r.status_code == 422 and "a DNS-1035 label must consist of" in r.json()["message"]

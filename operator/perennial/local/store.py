@@ -78,6 +78,7 @@ class ResourceType:
     schema: dict | None = None  # openAPIV3Schema (custom resources)
     printer_columns: list[dict] = field(default_factory=list)
     crd: str | None = None  # name of the defining CRD
+    scale: dict | None = None  # specReplicasPath / statusReplicasPath / labelSelectorPath
     storage: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +112,10 @@ def _rt(group: str, version: str, plural: str, kind: str, **kw: Any) -> Resource
     return ResourceType(group=group, version=version, plural=plural, kind=kind, **kw)
 
 
+_BUILTIN_SCALE = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                  "labelSelectorPath": ".spec.selector"}
+
+
 def builtin_types() -> list[ResourceType]:
     no_dc = [v for v in ALL_VERBS if v != "deletecollection"]
     return [
@@ -128,9 +133,9 @@ def builtin_types() -> list[ResourceType]:
         _rt("", "v1", "endpoints", "Endpoints", short_names=["ep"]),
         _rt("events.k8s.io", "v1", "events", "Event", short_names=["ev"]),
         _rt("apps", "v1", "deployments", "Deployment", short_names=["deploy"], categories=["all"],
-            subresources=("status",), has_generation=True),
+            subresources=("status", "scale"), has_generation=True, scale=_BUILTIN_SCALE),
         _rt("apps", "v1", "replicasets", "ReplicaSet", short_names=["rs"], categories=["all"],
-            subresources=("status",), has_generation=True),
+            subresources=("status", "scale"), has_generation=True, scale=_BUILTIN_SCALE),
         _rt("batch", "v1", "jobs", "Job", categories=["all"], subresources=("status",), has_generation=True),
         _rt("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short_names=["hpa"],
             categories=["all"], subresources=("status",)),
@@ -845,7 +850,7 @@ class Store:
         for v in spec.get("versions") or []:
             if not v.get("served", True):
                 continue
-            subs = tuple(k for k in (v.get("subresources") or {}) if k == "status")
+            subs = tuple(k for k in (v.get("subresources") or {}) if k in ("status", "scale"))
             self.register(ResourceType(
                 group=group, version=v["name"], plural=plural, kind=names["kind"],
                 namespaced=spec.get("scope", "Namespaced") == "Namespaced",
@@ -856,6 +861,7 @@ class Store:
                 schema=(v.get("schema") or {}).get("openAPIV3Schema"),
                 printer_columns=list(v.get("additionalPrinterColumns") or []),
                 crd=crd["metadata"]["name"], storage=bool(v.get("storage")),
+                scale=(v.get("subresources") or {}).get("scale"),
             ))
         crdrt = self.lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
         assert crdrt is not None
@@ -905,3 +911,76 @@ class Store:
     def append_pod_log(self, namespace: str, pod: str, text: str) -> None:
         with self.lock:
             self.pod_logs[(namespace, pod)] = self.pod_logs.get((namespace, pod), "") + text
+
+
+# --------------------------------------------------------------------------- scale subresource
+
+
+def _path_get(obj: Any, path: str) -> Any:
+    cur = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _path_set(obj: dict, path: str, value: Any) -> dict:
+    out = copy.deepcopy(obj)
+    cur = out
+    parts = path.strip(".").split(".")
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _selector_string(sel: Any) -> str:
+    if isinstance(sel, str):
+        return sel
+    if not isinstance(sel, dict):
+        return ""
+    parts = [f"{k}={v}" for k, v in (sel.get("matchLabels") or {}).items()]
+    for expr in sel.get("matchExpressions") or []:
+        op, key, values = expr.get("operator"), expr.get("key"), expr.get("values") or []
+        if op == "In":
+            parts.append(f"{key} in ({','.join(values)})")
+        elif op == "NotIn":
+            parts.append(f"{key} notin ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+    return ",".join(parts)
+
+
+def to_scale(rt: ResourceType, obj: dict) -> dict:
+    """The ``autoscaling/v1`` Scale view of an object with a scale subresource."""
+    paths = rt.scale or {}
+    meta = obj["metadata"]
+    scale: dict[str, Any] = {
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                     if k in meta},
+        "spec": {"replicas": _path_get(obj, paths.get("specReplicasPath", ".spec.replicas")) or 0},
+        "status": {"replicas": _path_get(obj, paths.get("statusReplicasPath", ".status.replicas")) or 0},
+    }
+    if paths.get("labelSelectorPath"):
+        selector = _selector_string(_path_get(obj, paths["labelSelectorPath"]))
+        if selector:
+            scale["status"]["selector"] = selector
+    return scale
+
+
+def from_scale(rt: ResourceType, obj: dict, scale: dict) -> dict:
+    """Write a Scale's ``spec.replicas`` back into the object."""
+    replicas = (scale.get("spec") or {}).get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        raise APIError(422, "Invalid", f'Scale.autoscaling "{obj["metadata"]["name"]}" is invalid: spec.replicas: '
+                                       f"Invalid value: {validation.go_repr(replicas)}: must be greater than or equal "
+                                       "to 0")
+    new = _path_set(obj, (rt.scale or {}).get("specReplicasPath", ".spec.replicas"), replicas)
+    rv = (scale.get("metadata") or {}).get("resourceVersion")
+    if rv:
+        new["metadata"]["resourceVersion"] = rv
+    return new
