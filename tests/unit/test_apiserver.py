@@ -732,3 +732,16 @@ def test_write_kubeconfig(tmp_path):
     cfg = yaml.safe_load(path.read_text())
     assert cfg["clusters"][0]["cluster"]["server"] == "http://127.0.0.1:1234"
     assert cfg["current-context"] == cfg["contexts"][0]["name"]
+
+
+def test_transition_rules_correlate_list_items_by_map_keys():
+    from perennial.local import validation
+
+    schema = {"type": "object", "properties": {"regions": {
+        "type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+        "items": {"type": "object", "properties": {"name": {"type": "string"}, "size": {"type": "integer"}},
+                  "x-kubernetes-validations": [{"rule": "self.size >= oldSelf.size", "message": "may not shrink"}]}}}}
+    old = {"regions": [{"name": "a", "size": 3}, {"name": "b", "size": 1}]}
+    new = {"regions": [{"name": "b", "size": 2}, {"name": "a", "size": 2}, {"name": "c", "size": 0}]}
+    errors = validation.validate(schema, new, old, root=False)
+    assert [e.message for e in errors] == ['regions[1]: Invalid value: "object": may not shrink']

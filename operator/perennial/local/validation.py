@@ -362,8 +362,18 @@ def _validate(schema: dict, value: Any, old: Any, path: str, errors: list[FieldE
                     seen_keys.append(k)
         items = schema.get("items")
         if isinstance(items, dict):
+            # transition rules correlate list items only through listType=map keys, as kube-apiserver does
+            old_by_key: dict[tuple, Any] = {}
+            map_keys = schema.get("x-kubernetes-list-map-keys") or []
+            if schema.get("x-kubernetes-list-type") == "map" and isinstance(old, list):
+                for o in old:
+                    if isinstance(o, dict):
+                        old_by_key[tuple(o.get(k) for k in map_keys)] = o
             for i, item in enumerate(value):
-                _validate(items, item, _MISSING, _idx(path, i), errors)
+                item_old = _MISSING
+                if old_by_key and isinstance(item, dict):
+                    item_old = old_by_key.get(tuple(item.get(k) for k in map_keys), _MISSING)
+                _validate(items, item, item_old, _idx(path, i), errors)
 
     if isinstance(value, dict):
         props = schema.get("properties") or {}
