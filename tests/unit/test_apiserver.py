@@ -695,6 +695,20 @@ def test_pod_logs_are_served_from_the_in_process_hook(srv, c, ns):
     assert requests.get(c.url + f"/api/v1/namespaces/{ns}/pods/q/log").status_code == 404
 
 
+def test_pod_log_follow_streams_until_the_pod_ends(srv, c, ns):
+    c.ok("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": "p"}, "spec": {"containers": []}})
+    srv.set_pod_log(ns, "p", "step 1\n")
+    r = requests.get(c.url + f"/api/v1/namespaces/{ns}/pods/p/log", params={"follow": "true"}, stream=True,
+                     timeout=10)
+    chunks = r.iter_content(chunk_size=None, decode_unicode=True)
+    assert next(chunks) == "step 1\n"
+    srv.append_pod_log(ns, "p", "step 2\n")
+    assert next(chunks) == "step 2\n"
+    c.ok("PATCH", f"/api/v1/namespaces/{ns}/pods/p/status", {"status": {"phase": "Succeeded"}},
+         "application/merge-patch+json")
+    assert list(chunks) == []  # the stream ends with the pod
+
+
 def test_kubernetes_client_roundtrip(srv, ns):
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException

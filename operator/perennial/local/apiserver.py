@@ -48,6 +48,7 @@ KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-perennial", 
                 "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
                 "compiler": "gc", "platform": "linux/amd64"}
 BOOKMARK_INTERVAL = 20.0  # seconds of idle before a BOOKMARK (real servers: about a minute)
+LOG_POLL_INTERVAL = 0.1  # seconds between checks of a followed pod log
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -507,6 +508,8 @@ class APIServer:
                 if n >= 0:
                     lines = text.splitlines(keepends=True)
                     text = "".join(lines[-n:]) if n else ""
+            if q.get("follow") in ("true", "1", "True"):
+                return await self._follow_log(request, rt, ns or "", name, text)
             return web.Response(text=text, content_type="text/plain")
 
         if sub == "scale":
@@ -551,6 +554,39 @@ class APIServer:
                           "details": {"name": name, "group": rt.group, "kind": rt.plural,
                                       "uid": obj["metadata"].get("uid")}})
         raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    async def _follow_log(self, request: web.Request, rt: ResourceType, ns: str, name: str,
+                          first: str) -> web.StreamResponse:
+        """Stream a pod's log as it grows, until the pod ends (Succeeded/Failed), goes away, or the client leaves."""
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        store = self.store
+        sent = len(store.pod_logs.get((ns, name), ""))
+        try:
+            if first:
+                await resp.write(first.encode())
+            while not self._stopping:
+                text = store.pod_logs.get((ns, name), "")
+                if len(text) > sent:
+                    await resp.write(text[sent:].encode())
+                    sent = len(text)
+                elif len(text) < sent:  # the log was replaced
+                    sent = 0
+                    continue
+                pod = store.objects[rt.key].get((ns, name))
+                if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    break
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(LOG_POLL_INTERVAL)
+        except (ConnectionResetError, asyncio.CancelledError, RuntimeError):
+            pass
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return resp
 
     async def _scale(self, request: web.Request, rt: ResourceType, ns: str | None, name: str,
                      dry_run: bool) -> web.Response:
