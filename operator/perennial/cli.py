@@ -70,9 +70,14 @@ def install_crds(kube: Any) -> None:
         kube.apply(crd)
 
 
+LOCAL_TRAINER_IMAGE = "perennial-trainer:local"
+LOCAL_SERVER_IMAGE = "perennial-server:local"
+
+
 def _dev(args: argparse.Namespace) -> int:
     from .kube import connect
     from .local.apiserver import start_in_thread, write_kubeconfig
+    from .local.kubelet import LocalKubelet
 
     _configure_logging(args.log_format, args.verbose)
     state = Path(args.state_dir).resolve()
@@ -107,7 +112,24 @@ Press Ctrl-C to stop.
     from .runtime import run
 
     pvc_root = state / "pvc"
-    config = OperatorConfig(pvc_root=str(pvc_root), artifact_uri=f"file://{state / 'artifacts'}", feedback_store_uri=f"file://{state / 'feedback'}")
+    config = OperatorConfig(
+        pvc_root=str(pvc_root),
+        artifact_uri=f"file://{state / 'artifacts'}",
+        feedback_store_uri=f"file://{state / 'feedback'}",
+        trainer_image=LOCAL_TRAINER_IMAGE,
+        server_image=LOCAL_SERVER_IMAGE,
+    )
+    # The local runtime: Pods of Jobs that run Perennial's own images become local processes.
+    kubelet = LocalKubelet(
+        kube,
+        server,
+        workdir=state / "pods",
+        pvc_root=str(pvc_root),
+        images={
+            LOCAL_TRAINER_IMAGE: [sys.executable, "-m", "perennial_trainer"],
+            LOCAL_SERVER_IMAGE: [sys.executable, "-m", "perennial_server"],
+        },
+    ).start()
     try:
         run(
             server=server.url,
@@ -117,6 +139,7 @@ Press Ctrl-C to stop.
             metrics_port=args.metrics_port,
         )
     finally:
+        kubelet.stop()
         server.stop()
     return 0
 
