@@ -505,8 +505,11 @@ class Sidecar:
                             data = json.dumps(out_json).encode()
                     rid = rid or self._new_id(endpoint)
                     resp = web.Response(body=data, status=up.status, headers=self._resp_headers(up, rid))
-                    await resp.prepare(request)
-                    await resp.write_eof()
+                    try:
+                        await resp.prepare(request)
+                        await resp.write_eof()
+                    except ConnectionResetError:
+                        pass  # the client went away; the interaction still happened
                     t_end = time.perf_counter()
                     self.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
                     if capture and up.status == 200 and isinstance(out_json, dict):
@@ -582,9 +585,15 @@ class Sidecar:
             if rewrite and pending:
                 await self._write_rewritten(resp, pending, rid, raw_all, final=True)
             await resp.write_eof()
-        except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            if isinstance(e, aiohttp.ClientConnectionResetError) or request.transport is None or request.transport.is_closing():
-                raise ConnectionResetError("client went away") from e
+        except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError) as e:
+            if isinstance(e, (aiohttp.ClientConnectionResetError, ConnectionResetError)) or request.transport is None or request.transport.is_closing():
+                # the client went away (often right after reading `[DONE]`): keep what it was sent
+                if capture and up.status == 200 and raw_all and rid:
+                    self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint),
+                                         "latency_s": time.perf_counter() - t0, "stream": True})
+                if resp is None:
+                    raise ConnectionResetError("client went away") from e
+                return resp
             # engine failed mid-stream: tell the client in-band, then end the stream
             self.metrics.upstream_errors.labels("stream").inc()
             if resp is None:

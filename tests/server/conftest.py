@@ -48,12 +48,13 @@ def sidecar_factory(tmp_path: Path):
     started: list[AppThread] = []
 
     def make(upstream: str, **overrides: Any) -> tuple[AppThread, Sidecar, SidecarConfig]:
+        n = len(started)
         token_file = tmp_path / "token"
         if not token_file.exists():
             token_file.write_text(TOKEN + "\n")
         cfg = SidecarConfig(
             upstream=upstream, host="127.0.0.1", port=0, deployment="demo", namespace="ns", revision="blue", region="eu",
-            pod="demo-pod-1", base_model_name="tiny-base", spool_dir=str(tmp_path / "spool"), store_uri=str(tmp_path / "store"),
+            pod="demo-pod-1", base_model_name="tiny-base", spool_dir=str(tmp_path / f"spool{n}"), store_uri=str(tmp_path / f"store{n}"),
             token_file=str(token_file), segment_max_age_s=0.5, ship_interval_s=0.2, rate_limit_per_second=1000,
         )
         for k, v in overrides.items():

@@ -1,0 +1,134 @@
+"""vLLM launcher: an engine spec (perennial.api.deployment.EngineSpec) + a model
+path + adapters -> the vLLM command line, then exec it.
+
+vLLM binds 127.0.0.1 only: the sidecar is the pod's front door.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from perennial.api.deployment import EngineSpec
+
+# vLLM's LoRAConfig accepts only these `max_lora_rank` values
+SUPPORTED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+RESERVED_FLAGS = ("--host", "--port", "--model", "--served-model-name", "--lora-modules")
+
+
+def lora_rank(r: int) -> int:
+    """The smallest rank vLLM supports that is at least `r`."""
+    for s in SUPPORTED_LORA_RANKS:
+        if s >= r:
+            return s
+    raise ValueError(f"`maxLoraRank` must not exceed {SUPPORTED_LORA_RANKS[-1]}")
+
+
+def build_vllm_command(
+    engine: EngineSpec,
+    model_path: str,
+    adapters: Sequence[tuple[str, str]] = (),
+    *,
+    served_model_name: str | None = None,
+    max_model_len: int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    entrypoint: str = "serve",
+    runtime_lora: bool = False,
+    python: str = "python3",
+) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server for this spec.
+
+    `entrypoint`: "serve" (`vllm serve <model>`) or "module"
+    (`python -m vllm.entrypoints.openai.api_server --model <model>`).
+    """
+    if engine.type != "VLLM":
+        raise ValueError(f"engine `type` must be 'VLLM' for the vLLM launcher, got {engine.type!r}")
+    if not model_path:
+        raise ValueError("a model path is required")
+    names = [n for n, _ in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError("adapter names must be unique")
+    served = served_model_name or engine.served_model_name
+    if served and served in names:
+        raise ValueError(f"adapter name {served!r} must differ from the served model name")
+    for n, p in adapters:
+        if not n or "=" in n or " " in n or not p:
+            raise ValueError(f"adapter {n!r} must have a name without '=' or spaces and a path")
+    for a in engine.extra_args:
+        flag = a.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise ValueError(f"`extraArgs` must not set `{flag}`: the launcher owns it")
+
+    if entrypoint == "serve":
+        cmd = ["vllm", "serve", model_path]
+    elif entrypoint == "module":
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
+    else:
+        raise ValueError("`entrypoint` must be 'serve' or 'module'")
+    if served:
+        cmd += ["--served-model-name", served]
+    cmd += ["--host", host, "--port", str(port)]
+    if adapters or runtime_lora:
+        cmd += ["--enable-lora", "--max-loras", str(engine.max_loras), "--max-lora-rank", str(lora_rank(engine.max_lora_rank))]
+        if engine.max_cpu_loras is not None:
+            cmd += ["--max-cpu-loras", str(max(engine.max_cpu_loras, engine.max_loras))]
+        if adapters:
+            cmd += ["--lora-modules", *[f"{n}={p}" for n, p in adapters]]
+    mml = engine.max_model_len or max_model_len
+    if mml:
+        cmd += ["--max-model-len", str(mml)]
+    cmd += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.gpu_memory_utilization is not None:
+        g = float(engine.gpu_memory_utilization)
+        if not 0 < g <= 1:
+            raise ValueError("`gpuMemoryUtilization` must be within (0, 1]")
+        cmd += ["--gpu-memory-utilization", engine.gpu_memory_utilization]
+    cmd += list(engine.extra_args)
+    return cmd
+
+
+def build_vllm_env(runtime_lora: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    if runtime_lora:  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def _spec(text: str | None) -> EngineSpec:
+    if not text:
+        return EngineSpec()
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    return EngineSpec.model_validate(json.loads(text))
+
+
+def add_vllm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or id")
+    p.add_argument("--engine-spec", default=os.environ.get("PERENNIAL_ENGINE_SPEC"), help="EngineSpec as JSON, or @file (env PERENNIAL_ENGINE_SPEC)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--lora-modules", nargs="*", default=[], help="adapters as name=path")
+    p.add_argument("--max-model-len", type=int, default=None, help="used when the spec has none (the BaseModel's)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--entrypoint", choices=["serve", "module"], default="serve")
+    p.add_argument("--runtime-lora", action="store_true", help="allow loading adapters at runtime")
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .engine import parse_lora_modules
+
+    cmd = build_vllm_command(
+        _spec(args.engine_spec), args.model, parse_lora_modules(args.lora_modules), served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len, port=args.port, entrypoint=args.entrypoint, runtime_lora=args.runtime_lora, python=sys.executable,
+    )
+    if args.dry_run:
+        print(json.dumps(cmd))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, build_vllm_env(args.runtime_lora))
+    return 127  # not reached

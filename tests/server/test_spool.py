@@ -1,0 +1,125 @@
+"""Spool (group commit, rolling, crash recovery), shipper, redaction: unit level."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from perennial.api.records import segment_name
+from perennial_server.redact import Redactor, iban_ok, luhn_ok
+from perennial_server.shipper import Shipper, Store
+from perennial_server.spool import Spool, closed_segments
+
+
+async def test_group_commit_batches_concurrent_durable_writers(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, max_segment_bytes=1 << 30, max_segment_age_s=3600)
+    await sp.start()
+    n = 3000
+    await asyncio.gather(*(sp.append(json.dumps({"i": i}), durable=True) for i in range(n)))
+    assert sp.fsyncs < n / 10, f"{sp.fsyncs} fsyncs for {n} durable records: no group commit"
+    await sp.close()
+    lines = [json.loads(x) for s in closed_segments(tmp_path) for x in s.path.read_text().splitlines()]
+    assert sorted(r["i"] for r in lines) == list(range(n))
+
+
+async def test_segments_roll_by_size_and_age_and_never_reuse_numbers(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, max_segment_bytes=200, max_segment_age_s=3600)
+    await sp.start()
+    for i in range(40):
+        await sp.append(json.dumps({"i": i, "pad": "x" * 20}), durable=True)
+    await sp.close()
+    segs = closed_segments(tmp_path)
+    assert len(segs) >= 5 and [s.seq for s in segs] == list(range(len(segs)))
+    for s in segs:
+        s.path.unlink()  # as if shipped
+    sp2 = Spool(tmp_path, max_segment_bytes=1 << 20, max_segment_age_s=0.2)
+    await sp2.start()
+    sp2.append_nowait('{"late": 1}')
+    await asyncio.sleep(0.6)  # rolled by age
+    segs2 = closed_segments(tmp_path)
+    assert len(segs2) == 1 and segs2[0].seq == len(segs), "a restarted spool continues the numbering"
+    await sp2.close()
+
+
+def test_recover_closes_open_segment_and_drops_torn_line(tmp_path: Path) -> None:
+    (tmp_path / "00000007-20260102.open").write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": 3, "tor')
+    (tmp_path / "00000008-20260102.open").write_bytes(b'{"only": "torn')
+    Spool(tmp_path).recover()
+    segs = closed_segments(tmp_path)
+    assert [s.seq for s in segs] == [7]
+    assert segs[0].path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    assert segs[0].when == dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+
+
+class FlakyStore(Store):
+    def __init__(self, uri: str, fail: int) -> None:
+        super().__init__(uri)
+        self.fail = fail
+
+    def put(self, name: str, data: bytes) -> str:
+        if self.fail > 0:
+            self.fail -= 1
+            raise OSError("store unavailable")
+        return super().put(name, data)
+
+
+def test_shipper_keeps_segments_until_upload_succeeds(tmp_path: Path) -> None:
+    spool, store = tmp_path / "spool", tmp_path / "store"
+    spool.mkdir()
+    (spool / "00000003-20260105.jsonl").write_text('{"x": 1}\n')
+    sh = Shipper(spool, FlakyStore(f"file://{store}", fail=1), deployment="demo", pod="p-1")
+    with pytest.raises(OSError):
+        sh.ship_all()
+    assert sh.failures == 1 and (spool / "00000003-20260105.jsonl").exists()
+    assert sh.ship_all() == 1 and not list(spool.iterdir())
+    expect = store / segment_name("demo", "p-1", 3, dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc))
+    assert expect.read_text() == '{"x": 1}\n'
+    assert not [p for p in store.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_store_over_fsspec_memory_filesystem() -> None:
+    import fsspec
+
+    st = Store("memory://perennial-test/fb")
+    st.put("demo/2026/01/05/p-00000001.jsonl", b'{"x": 1}\n')
+    assert fsspec.filesystem("memory").cat_file("/perennial-test/fb/demo/2026/01/05/p-00000001.jsonl") == b'{"x": 1}\n'
+
+
+@pytest.mark.parametrize("text,marker", [
+    ("write to john.doe+work@mail.example.co.uk now", "email"),
+    ("call +44 20 7946 0958 today", "phone"),
+    ("call (415) 555-0134", "phone"),
+    ("card 4111-1111-1111-1111 ok", "card"),
+    ("card 5500 0000 0000 0004", "card"),
+    ("iban GB82 WEST 1234 5698 7654 32", "iban"),
+    ("iban DE89370400440532013000", "iban"),
+    ("from 10.0.12.7 port", "ipv4"),
+    ("from 2001:db8:85a3::8a2e:370:7334 ok", "ipv6"),
+])
+def test_redacts_default_pii(text: str, marker: str) -> None:
+    out = Redactor().text(text)
+    assert f"[REDACTED:{marker}]" in out, out
+
+
+@pytest.mark.parametrize("text", [
+    "card 4111 1111 1111 1112 fails Luhn",  # (and is too long for a phone)
+    "on 2024-01-15 at 12:30:45 we sold 1234567 items",
+    "version 1.2.3 of std::vector, answer 42",
+])
+def test_keeps_what_is_not_pii(text: str) -> None:
+    assert Redactor().text(text) == text
+
+
+def test_extra_patterns_and_disabled() -> None:
+    r = Redactor.from_config(True, '[{"name": "employee-id", "regex": "EMP-\\\\d{6}"}]')
+    assert r.text("ask EMP-123456") == "ask [REDACTED:employee-id]"
+    assert r.value({"a": ["EMP-000001", 3]}) == {"a": ["[REDACTED:employee-id]", 3]}
+    assert Redactor(enabled=False).text("a@b.example") == "a@b.example"
+    with pytest.raises(ValueError):
+        Redactor.from_config(True, '[{"name": "x"}]')
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("GB82WEST12345698765432") and not iban_ok("GB83WEST12345698765432")
