@@ -568,6 +568,30 @@ def test_crd_with_broken_cel_rule_is_rejected(c):
     assert r.status_code == 422 and "compilation failed" in r.json()["message"]
 
 
+@pytest.mark.parametrize("mutate,message", [
+    (lambda s: s["properties"]["spec"]["properties"].update(free={"description": "no type"}),
+     "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[free].type: Required value: "
+     "must not be empty for specified object fields"),
+    (lambda s: s["properties"]["spec"].update(additionalProperties={"type": "string"}),
+     "spec.versions[0].schema.openAPIV3Schema.properties[spec].additionalProperties: Forbidden: "
+     "additionalProperties and properties are mutual exclusive"),
+    (lambda s: s["properties"]["spec"]["properties"]["tags"].update(uniqueItems=True),
+     "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[tags].uniqueItems: Forbidden: "
+     "uniqueItems cannot be set to true since the runtime complexity becomes quadratic"),
+    (lambda s: s["properties"]["spec"]["properties"].update(
+        choice={"type": "string", "anyOf": [{"type": "string", "enum": ["a"]}]}),
+     "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[choice].anyOf[0].type: Forbidden: "
+     "must be empty to be structural"),
+])
+def test_crd_with_non_structural_schema_is_rejected(c, mutate, message):
+    schema = copy.deepcopy(SCHEMA)
+    mutate(schema)
+    r = c.req("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+              widget_crd(plural="structs", kind="Struct", schema=schema))
+    assert r.status_code == 422
+    assert r.json()["message"] == f'CustomResourceDefinition.apiextensions.k8s.io "structs.{GROUP}" is invalid: {message}'
+
+
 # --------------------------------------------------------------------------- schema validation
 
 

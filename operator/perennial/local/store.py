@@ -529,7 +529,11 @@ class Store:
                                                 "must have exactly one version marked as storage version"))
         for i, v in enumerate(versions):
             schema = (v.get("schema") or {}).get("openAPIV3Schema")
+            if not schema:
+                errors.append(validation.FieldError("FieldValueRequired", f"spec.versions[{i}].schema.openAPIV3Schema",
+                                                    "Required value: schemas are required"))
             if schema:
+                errors += validation.structural_errors(schema, f"spec.versions[{i}].schema.openAPIV3Schema")
                 for e in validation.check_cel_rules(schema):
                     e.field = e.field.replace("spec.validation", f"spec.versions[{i}].schema", 1)
                     errors.append(e)

@@ -613,3 +613,103 @@ def validate_builtin(group: str, plural: str, obj: dict, old: dict | None) -> li
                                      "Forbidden: spec is immutable after creation except resources.requests and "
                                      "volumeAttributesClassName for bound claims"))
     return errors
+
+
+# --------------------------------------------------------------------------- structural schemas (CRD admission)
+
+_FORBIDDEN_KEYWORDS = ("$ref", "$schema", "id", "definitions", "additionalItems", "patternProperties",
+                       "dependencies")
+_JUNCTOR_FORBIDDEN = ("type", "description", "default", "additionalProperties", "nullable")
+
+
+def structural_errors(schema: dict, path: str) -> list[FieldError]:
+    """The structural-schema rules kube-apiserver enforces on a CRD version's ``openAPIV3Schema``."""
+    errors: list[FieldError] = []
+    if not isinstance(schema, dict):
+        return [FieldError("FieldValueRequired", path, "Required value: must be an object")]
+    if not schema.get("type"):
+        errors.append(FieldError("FieldValueRequired", f"{path}.type", "Required value: must not be empty at the root"))
+    elif schema["type"] != "object":
+        errors.append(FieldError("FieldValueInvalid", f"{path}.type",
+                                 f"Invalid value: {go_repr(schema['type'])}: must be object at the root"))
+    meta = (schema.get("properties") or {}).get("metadata")
+    if isinstance(meta, dict):
+        extra = set((meta.get("properties") or {})) - {"name", "generateName"}
+        if extra or set(meta) - {"type", "properties", "description"}:
+            errors.append(FieldError("FieldValueForbidden", f"{path}.properties[metadata]",
+                                     "Forbidden: must not specify anything other than name and generateName, but "
+                                     "metadata is implicitly specified"))
+    _structural(schema, path, errors, root=True)
+    return errors
+
+
+def _structural(node: Any, path: str, errors: list[FieldError], *, root: bool = False,
+                where: str = "") -> None:
+    if not isinstance(node, dict):
+        return
+    for kw in _FORBIDDEN_KEYWORDS:
+        if kw in node:
+            errors.append(FieldError("FieldValueForbidden", f"{path}.{kw}", f"Forbidden: {kw} is not supported"))
+    if where and not node.get("type") and not node.get("x-kubernetes-int-or-string") \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        errors.append(FieldError("FieldValueRequired", f"{path}.type",
+                                 f"Required value: must not be empty for specified {where}"))
+    if node.get("properties") and node.get("additionalProperties") not in (None, False) and \
+            node.get("additionalProperties") is not True:
+        errors.append(FieldError("FieldValueForbidden", f"{path}.additionalProperties",
+                                 "Forbidden: additionalProperties and properties are mutual exclusive"))
+    if node.get("uniqueItems") is True:
+        errors.append(FieldError("FieldValueForbidden", f"{path}.uniqueItems",
+                                 "Forbidden: uniqueItems cannot be set to true since the runtime complexity becomes "
+                                 "quadratic"))
+    if node.get("x-kubernetes-list-type") == "map":
+        if not node.get("x-kubernetes-list-map-keys"):
+            errors.append(FieldError("FieldValueRequired", f"{path}.x-kubernetes-list-map-keys",
+                                     "Required value: must not be empty if x-kubernetes-list-type is map"))
+        items = node.get("items") or {}
+        if isinstance(items, dict) and items.get("type") != "object":
+            errors.append(FieldError("FieldValueInvalid", f"{path}.items.type",
+                                     f"Invalid value: {go_repr(items.get('type'))}: must be object if parent array's "
+                                     "x-kubernetes-list-type is map"))
+        for key in node.get("x-kubernetes-list-map-keys") or []:
+            ks = ((items or {}).get("properties") or {}).get(key) if isinstance(items, dict) else None
+            if ks is None:
+                errors.append(FieldError("FieldValueRequired", f"{path}.items.properties[{key}]",
+                                         "Required value: must be defined for list map keys"))
+            elif key not in (items.get("required") or []) and "default" not in ks:
+                errors.append(FieldError("FieldValueRequired", f"{path}.items.required",
+                                         f"Required value: all map keys must be required or have a default, "
+                                         f"{key!r} is not"))
+    for junctor in ("allOf", "anyOf", "oneOf", "not"):
+        if node.get("x-kubernetes-int-or-string") and junctor in ("anyOf", "allOf"):
+            continue  # the int-or-string patterns are the allowed exception
+        subs = node.get(junctor)
+        subs = [subs] if isinstance(subs, dict) else (subs or [])
+        for i, sub in enumerate(subs):
+            sub_path = f"{path}.{junctor}" if junctor == "not" else f"{path}.{junctor}[{i}]"
+            _junctor_check(sub, sub_path, errors)
+    for key, sub in (node.get("properties") or {}).items():
+        _structural(sub, f"{path}.properties[{key}]", errors, where="object fields")
+    if isinstance(node.get("additionalProperties"), dict):
+        _structural(node["additionalProperties"], f"{path}.additionalProperties", errors, where="object fields")
+    if isinstance(node.get("items"), dict):
+        _structural(node["items"], f"{path}.items", errors, where="array items")
+    elif isinstance(node.get("items"), list):
+        errors.append(FieldError("FieldValueForbidden", f"{path}.items",
+                                 "Forbidden: items must be a schema object and not an array"))
+    elif node.get("type") == "array" and "items" not in node:
+        errors.append(FieldError("FieldValueRequired", f"{path}.items",
+                                 "Required value: must be specified"))
+
+
+def _junctor_check(node: Any, path: str, errors: list[FieldError]) -> None:
+    """Inside allOf/anyOf/oneOf/not, only value validations are allowed (kube's structural rule)."""
+    if not isinstance(node, dict):
+        return
+    for kw in _JUNCTOR_FORBIDDEN:
+        if kw in node:
+            errors.append(FieldError("FieldValueForbidden", f"{path}.{kw}", "Forbidden: must be empty to be structural"))
+    for key, sub in (node.get("properties") or {}).items():
+        _junctor_check(sub, f"{path}.properties[{key}]", errors)
+    if isinstance(node.get("items"), dict):
+        _junctor_check(node["items"], f"{path}.items", errors)
