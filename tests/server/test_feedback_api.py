@@ -49,10 +49,13 @@ def fake_upstream():
             out["id"] = "chatcmpl-up2"
         return web.json_response(out)
 
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
     def make() -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/health", lambda r: asyncio.sleep(0, web.json_response({})))
+        app.router.add_get("/health", health)
         return app
 
     t = AppThread(make).start()

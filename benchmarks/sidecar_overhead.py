@@ -1,0 +1,279 @@
+"""Feedback sidecar overhead: direct vs through-the-sidecar, all on 127.0.0.1.
+
+A fast local aiohttp upstream answers like an OpenAI server (JSON and SSE). The
+load generator (this process) runs closed-loop clients against the upstream
+directly, then through the sidecar (capture on, 100% sampled, redaction on),
+and reports:
+
+  * added latency p50/p99 (sidecar minus direct) at 1 client (pure proxy cost)
+    and at N clients (includes queueing on a shared CPU), throughput ratio;
+  * the sidecar's own histogram of the time it adds (from /metrics);
+  * durable feedback records per second: over HTTP (POST /v1/feedback, each
+    answered after fsync) and at the spool (group commit, in-process).
+
+Targets: < 1 ms p50, < 5 ms p99 added, >= 0.9x throughput, >= 10,000 durable
+feedback records/s. Bounded: about 30 s. Usage:
+
+    python benchmarks/sidecar_overhead.py [--clients 64] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+HOST = "127.0.0.1"  # never anything else
+TOKEN = "bench-token"
+
+
+# ---------------------------------------------------------------- upstream
+def run_upstream(port: int) -> None:
+    body = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "The answer is green, as usual."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}
+    raw = json.dumps(body).encode()
+    chunks = [b"data: " + json.dumps({"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}).encode() + b"\n\n"
+              for w in ("The ", "answer ", "is ", "green, ", "as ", "usual", ".", "")]
+    chunks.append(b"data: " + json.dumps({"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                          "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n")
+    chunks.append(b"data: [DONE]\n\n")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        req = await request.read()
+        if b'"stream": true' not in req:
+            return web.Response(body=raw, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for c in chunks:
+            await resp.write(c)
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
+# ---------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process for {url} exited")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+CHAT = json.dumps({"model": "fruit-a", "messages": [{"role": "user", "content": "Mail me at a.b@example.com: what colour is a kiwi?"}], "max_tokens": 16}).encode()
+CHAT_STREAM = json.dumps({"model": "fruit-a", "messages": [{"role": "user", "content": "Call +1 415 555 0134: what colour is a kiwi?"}], "max_tokens": 16, "stream": True}).encode()
+
+
+async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict | None = None, stream: bool = False) -> tuple[list[float], float, int]:
+    """Closed loop: `clients` workers for `seconds`; returns (latencies s, rps, errors)."""
+    lat: list[float] = []
+    errors = 0
+    h = {"Content-Type": "application/json", **(headers or {})}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        # warm up connections
+        await asyncio.gather(*(s.post(url, data=body, headers=h) for _ in range(min(clients, 8))), return_exceptions=True)
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    async with s.post(url, data=body, headers=h) as r:
+                        if stream:
+                            async for _ in r.content.iter_any():
+                                pass
+                        else:
+                            await r.read()
+                        if r.status >= 300:
+                            errors += 1
+                            continue
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return lat, len(lat) / wall, errors
+
+
+def hist_quantiles(metrics_text: str, name: str) -> tuple[float, float, int]:
+    """p50 / p99 upper bucket bounds of a Prometheus histogram."""
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0
+    def q(p: float) -> float:
+        for le, c in buckets:
+            if c >= p * total:
+                return le
+        return float("nan")
+    return q(0.5), q(0.99), int(total)
+
+
+async def spool_rate(seconds: float, writers: int) -> tuple[float, int]:
+    from perennial_server.spool import Spool
+
+    with tempfile.TemporaryDirectory(prefix="bench-spool-") as d:
+        sp = Spool(d, max_segment_bytes=64 << 20, max_segment_age_s=3600)
+        await sp.start()
+        line = json.dumps({"kind": "feedback", "responseId": "chatcmpl-x", "type": "score", "score": 0.5, "id": "fb-" + "0" * 32})
+        n = 0
+        end = time.perf_counter() + seconds
+
+        async def w() -> None:
+            nonlocal n
+            while time.perf_counter() < end:
+                await sp.append(line, durable=True)
+                n += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(w() for _ in range(writers)))
+        wall = time.perf_counter() - t0
+        fs = sp.fsyncs
+        await sp.close()
+    return n / wall, fs
+
+
+# ---------------------------------------------------------------- main
+async def bench(args: argparse.Namespace) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
+    (tmp / "token").write_text(TOKEN)
+    up_port, sc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_")}
+    up = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)], env=env)
+    sc = subprocess.Popen([
+        sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", f"http://{HOST}:{up_port}",
+        "--host", HOST, "--port", str(sc_port), "--spool-dir", str(tmp / "spool"), "--store-uri", str(tmp / "store"),
+        "--token-file", str(tmp / "token"), "--sample-percent", "100", "--rate-limit-per-second", "1000000",
+        "--deployment", "bench", "--pod", "bench-0", "--base-model-name", "base",
+    ], env=env)
+    res: dict = {}
+    try:
+        wait_http(f"http://{HOST}:{up_port}/health", up)
+        wait_http(f"http://{HOST}:{sc_port}/readyz", sc)
+        direct = f"http://{HOST}:{up_port}/v1/chat/completions"
+        proxied = f"http://{HOST}:{sc_port}/v1/chat/completions"
+        S, N = args.seconds, args.clients
+
+        # 1 client: the proxy's own cost per request
+        d1, _, _ = await load(direct, CHAT, 1, S / 2)
+        p1, _, _ = await load(proxied, CHAT, 1, S / 2)
+        res["unloaded"] = {"direct_p50_ms": pct(d1, .5) * 1e3, "sidecar_p50_ms": pct(p1, .5) * 1e3,
+                           "added_p50_ms": (pct(p1, .5) - pct(d1, .5)) * 1e3, "added_p99_ms": (pct(p1, .99) - pct(d1, .99)) * 1e3}
+        # N clients, JSON and SSE
+        for kind, body, stream in (("json", CHAT, False), ("sse", CHAT_STREAM, True)):
+            dl, drps, de = await load(direct, body, N, S, stream=stream)
+            pl, prps, pe = await load(proxied, body, N, S, stream=stream)
+            res[f"{N}_clients_{kind}"] = {
+                "direct_rps": drps, "sidecar_rps": prps, "throughput_ratio": prps / drps if drps else float("nan"),
+                "direct_p50_ms": pct(dl, .5) * 1e3, "direct_p99_ms": pct(dl, .99) * 1e3,
+                "sidecar_p50_ms": pct(pl, .5) * 1e3, "sidecar_p99_ms": pct(pl, .99) * 1e3,
+                "added_p50_ms": (pct(pl, .5) - pct(dl, .5)) * 1e3, "added_p99_ms": (pct(pl, .99) - pct(dl, .99)) * 1e3,
+                "errors": de + pe,
+            }
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{HOST}:{sc_port}/metrics") as r:
+                mt = await r.text()
+        h50, h99, hn = hist_quantiles(mt, "perennial_sidecar_proxy_added_latency_seconds")
+        res["sidecar_histogram"] = {"p50_le_ms": h50 * 1e3, "p99_le_ms": h99 * 1e3, "observations": hn}
+        captured = [l for l in mt.splitlines() if l.startswith('perennial_sidecar_captured_records_total{kind="interaction"}')]
+        res["captured_interactions"] = int(float(captured[0].rsplit(" ", 1)[1])) if captured else 0
+
+        # durable feedback over HTTP
+        fb = json.dumps({"response_id": "chatcmpl-bench", "type": "thumbs", "thumbs": "up"}).encode()
+        fl, frps, fe = await load(f"http://{HOST}:{sc_port}/v1/feedback", fb, N, S, headers={"Authorization": f"Bearer {TOKEN}"})
+        res["feedback_http"] = {"durable_records_per_s": frps, "p50_ms": pct(fl, .5) * 1e3, "p99_ms": pct(fl, .99) * 1e3, "errors": fe}
+    finally:
+        sc.terminate()
+        try:
+            sc.wait(30)
+        except subprocess.TimeoutExpired:
+            sc.kill()
+        up.terminate()
+        up.wait(10)
+    stored = sum(1 for p in (tmp / "store").rglob("*.jsonl") for _ in p.open())
+    res["stored_records_after_shutdown"] = stored
+    rate, fs = await spool_rate(min(3.0, args.seconds), N)
+    res["feedback_spool"] = {"durable_records_per_s": rate, "fsyncs": fs}
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=4.0, help="per phase (5 phases over HTTP + 1 at the spool)")
+    p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    args = p.parse_args()
+    if args.serve_upstream:
+        run_upstream(args.serve_upstream)
+        return
+    args.seconds = max(0.5, min(args.seconds, 10.0))
+    t0 = time.time()
+    r = asyncio.run(bench(args))
+    if args.json:
+        print(json.dumps(r, indent=2))
+    N = args.clients
+    print(f"cores={os.cpu_count()} clients={N} seconds/phase={args.seconds} total={time.time() - t0:.1f}s (load generator, upstream and sidecar share the CPU)")
+    u = r["unloaded"]
+    print(f"1 client          : direct p50 {u['direct_p50_ms']:.3f} ms, sidecar p50 {u['sidecar_p50_ms']:.3f} ms -> added p50 {u['added_p50_ms']:.3f} ms, p99 {u['added_p99_ms']:.3f} ms   (target < 1 / < 5 ms)")
+    for kind in ("json", "sse"):
+        x = r[f"{N}_clients_{kind}"]
+        print(f"{N} clients {kind:4s}   : direct {x['direct_rps']:.0f} req/s p50 {x['direct_p50_ms']:.2f} p99 {x['direct_p99_ms']:.2f} ms | sidecar {x['sidecar_rps']:.0f} req/s p50 {x['sidecar_p50_ms']:.2f} p99 {x['sidecar_p99_ms']:.2f} ms"
+              f" | added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x (target >= 0.9) errors {x['errors']}")
+    h = r["sidecar_histogram"]
+    print(f"sidecar histogram : time added in the sidecar p50 <= {h['p50_le_ms']:.2f} ms, p99 <= {h['p99_le_ms']:.2f} ms over {h['observations']} requests; captured interactions {r['captured_interactions']}")
+    f = r["feedback_http"]
+    print(f"feedback (HTTP)   : {f['durable_records_per_s']:.0f} durable records/s (fsync before 200), p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms, errors {f['errors']}")
+    s = r["feedback_spool"]
+    print(f"feedback (spool)  : {s['durable_records_per_s']:.0f} durable records/s with {N} concurrent writers, {s['fsyncs']} fsyncs (group commit)   (target >= 10,000/s)")
+    print(f"store             : {r['stored_records_after_shutdown']} records shipped after SIGTERM")
+
+
+if __name__ == "__main__":
+    main()
