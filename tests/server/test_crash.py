@@ -92,3 +92,53 @@ def test_kill_9_loses_no_acknowledged_feedback(tmp_path: Path) -> None:
     # object names are idempotent and never reused across the restart
     names = [p.name for p in (tmp_path / "store").rglob("*.jsonl")]
     assert len(names) == len(set(names)) and all(n.startswith("demo-pod-1-") for n in names)
+
+
+def test_sigterm_drains_in_flight_requests_then_ships(tmp_path: Path) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from srvutil import AppThread
+
+    async def slow_chat(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.json_response({"id": "chatcmpl-slow", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}]})
+
+    def make() -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", slow_chat)
+        return app
+
+    up = AppThread(make).start()
+    (tmp_path / "token").write_text(TOKEN)
+    port = free_port()
+    args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", up.url, "--host", "127.0.0.1",
+            "--port", str(port), "--spool-dir", str(tmp_path / "spool"), "--store-uri", str(tmp_path / "store"), "--token-file", str(tmp_path / "token"),
+            "--deployment", "demo", "--pod", "p0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except requests.RequestException:
+                assert time.time() < deadline
+                time.sleep(0.05)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(r=requests.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # while the request is in flight
+        t.join(10)
+        assert result["r"].status_code == 200 and result["r"].json()["id"] == "chatcmpl-slow"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        up.stop()
+    ids = [r["id"] for r in read_store(tmp_path / "store") if r["kind"] == "interaction"]
+    assert ids == ["chatcmpl-slow"]
