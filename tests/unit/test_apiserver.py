@@ -582,6 +582,9 @@ def test_crd_with_broken_cel_rule_is_rejected(c):
         choice={"type": "string", "anyOf": [{"type": "string", "enum": ["a"]}]}),
      "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[choice].anyOf[0].type: Forbidden: "
      "must be empty to be structural"),
+    (lambda s: s["properties"]["spec"]["properties"]["method"].update(default="PPO"),
+     "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[method].default: Unsupported value: "
+     '"PPO": supported values: "SFT", "DPO", "GRPO"'),
 ])
 def test_crd_with_non_structural_schema_is_rejected(c, mutate, message):
     schema = copy.deepcopy(SCHEMA)

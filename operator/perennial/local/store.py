@@ -534,6 +534,7 @@ class Store:
                                                     "Required value: schemas are required"))
             if schema:
                 errors += validation.structural_errors(schema, f"spec.versions[{i}].schema.openAPIV3Schema")
+                errors += validation.default_errors(schema, f"spec.versions[{i}].schema.openAPIV3Schema")
                 for e in validation.check_cel_rules(schema):
                     e.field = e.field.replace("spec.validation", f"spec.versions[{i}].schema", 1)
                     errors.append(e)

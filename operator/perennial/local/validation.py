@@ -702,6 +702,29 @@ def _structural(node: Any, path: str, errors: list[FieldError], *, root: bool = 
                                  "Required value: must be specified"))
 
 
+def default_errors(schema: dict, path: str) -> list[FieldError]:
+    """Every ``default`` must itself be valid against its schema (after pruning), as kube-apiserver checks."""
+    errors: list[FieldError] = []
+
+    def walk(node: Any, p: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if "default" in node and node["default"] is not None:
+            value = apply_defaults(node, prune(node, copy.deepcopy(node["default"])))
+            for e in validate(node, value, root=False):
+                detail = e.detail
+                sub = "" if e.field == "<nil>" else "." + e.field
+                errors.append(FieldError(e.reason, f"{p}.default{sub}", detail))
+        for key, sub_node in (node.get("properties") or {}).items():
+            walk(sub_node, f"{p}.properties[{key}]")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key], f"{p}.{key}")
+
+    walk(schema, path)
+    return errors
+
+
 def _junctor_check(node: Any, path: str, errors: list[FieldError]) -> None:
     """Inside allOf/anyOf/oneOf/not, only value validations are allowed (kube's structural rule)."""
     if not isinstance(node, dict):
