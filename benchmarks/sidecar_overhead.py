@@ -92,6 +92,13 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -103,39 +110,62 @@ CHAT = json.dumps({"model": "fruit-a", "messages": [{"role": "user", "content": 
 CHAT_STREAM = json.dumps({"model": "fruit-a", "messages": [{"role": "user", "content": "Call +1 415 555 0134: what colour is a kiwi?"}], "max_tokens": 16, "stream": True}).encode()
 
 
+async def _read_response(r: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked); return its status."""
+    head = await r.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lower = head.lower()
+    i = lower.find(b"content-length:")
+    if i >= 0:
+        n = int(lower[i + 15:lower.index(b"\r\n", i)])
+        await r.readexactly(n)
+    elif b"transfer-encoding: chunked" in lower:
+        while True:
+            size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
+            await r.readexactly(size + 2)
+            if size == 0:
+                break
+    return status
+
+
 async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict | None = None, stream: bool = False) -> tuple[list[float], float, int]:
-    """Closed loop: `clients` workers for `seconds`; returns (latencies s, rps, errors)."""
+    """Closed loop: `clients` keep-alive connections for `seconds`; returns (latencies s, rps, errors).
+
+    A minimal HTTP/1.1 client on asyncio streams (like wrk), so that the load
+    generator takes as little of the shared CPU as possible.
+    """
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    assert u.hostname == HOST, "load tests only ever target 127.0.0.1"
+    hdrs = {"Host": f"{u.hostname}:{u.port}", "Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    req = (f"POST {u.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + body
     lat: list[float] = []
     errors = 0
-    h = {"Content-Type": "application/json", **(headers or {})}
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as s:
-        # warm up connections
-        await asyncio.gather(*(s.post(url, data=body, headers=h) for _ in range(min(clients, 8))), return_exceptions=True)
-        end = time.perf_counter() + seconds
+    end = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            nonlocal errors
+    async def worker() -> None:
+        nonlocal errors
+        r, w = await asyncio.open_connection(u.hostname, u.port)
+        try:
+            w.write(req)  # warm-up request
+            await _read_response(r)
             while time.perf_counter() < end:
                 t = time.perf_counter()
-                try:
-                    async with s.post(url, data=body, headers=h) as r:
-                        if stream:
-                            async for _ in r.content.iter_any():
-                                pass
-                        else:
-                            await r.read()
-                        if r.status >= 300:
-                            errors += 1
-                            continue
-                except aiohttp.ClientError:
+                w.write(req)
+                status = await _read_response(r)
+                if status >= 300:
                     errors += 1
                     continue
                 lat.append(time.perf_counter() - t)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+        finally:
+            w.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
     return lat, len(lat) / wall, errors
 
 
@@ -208,13 +238,15 @@ async def bench(args: argparse.Namespace) -> dict:
         # N clients, JSON and SSE
         for kind, body, stream in (("json", CHAT, False), ("sse", CHAT_STREAM, True)):
             dl, drps, de = await load(direct, body, N, S, stream=stream)
+            c0 = cpu_seconds(sc.pid)
             pl, prps, pe = await load(proxied, body, N, S, stream=stream)
+            cpu_us = (cpu_seconds(sc.pid) - c0) / max(1, len(pl)) * 1e6
             res[f"{N}_clients_{kind}"] = {
                 "direct_rps": drps, "sidecar_rps": prps, "throughput_ratio": prps / drps if drps else float("nan"),
                 "direct_p50_ms": pct(dl, .5) * 1e3, "direct_p99_ms": pct(dl, .99) * 1e3,
                 "sidecar_p50_ms": pct(pl, .5) * 1e3, "sidecar_p99_ms": pct(pl, .99) * 1e3,
                 "added_p50_ms": (pct(pl, .5) - pct(dl, .5)) * 1e3, "added_p99_ms": (pct(pl, .99) - pct(dl, .99)) * 1e3,
-                "errors": de + pe,
+                "errors": de + pe, "sidecar_cpu_us_per_request": cpu_us,
             }
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://{HOST}:{sc_port}/metrics") as r:
@@ -226,8 +258,10 @@ async def bench(args: argparse.Namespace) -> dict:
 
         # durable feedback over HTTP
         fb = json.dumps({"response_id": "chatcmpl-bench", "type": "thumbs", "thumbs": "up"}).encode()
+        c0 = cpu_seconds(sc.pid)
         fl, frps, fe = await load(f"http://{HOST}:{sc_port}/v1/feedback", fb, N, S, headers={"Authorization": f"Bearer {TOKEN}"})
-        res["feedback_http"] = {"durable_records_per_s": frps, "p50_ms": pct(fl, .5) * 1e3, "p99_ms": pct(fl, .99) * 1e3, "errors": fe}
+        fcpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl)) * 1e6
+        res["feedback_http"] = {"durable_records_per_s": frps, "p50_ms": pct(fl, .5) * 1e3, "p99_ms": pct(fl, .99) * 1e3, "errors": fe, "sidecar_cpu_us_per_request": fcpu}
     finally:
         sc.terminate()
         try:
@@ -265,11 +299,11 @@ def main() -> None:
     for kind in ("json", "sse"):
         x = r[f"{N}_clients_{kind}"]
         print(f"{N} clients {kind:4s}   : direct {x['direct_rps']:.0f} req/s p50 {x['direct_p50_ms']:.2f} p99 {x['direct_p99_ms']:.2f} ms | sidecar {x['sidecar_rps']:.0f} req/s p50 {x['sidecar_p50_ms']:.2f} p99 {x['sidecar_p99_ms']:.2f} ms"
-              f" | added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x (target >= 0.9) errors {x['errors']}")
+              f" | added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x (target >= 0.9) errors {x['errors']} | sidecar CPU {x['sidecar_cpu_us_per_request']:.0f} us/request")
     h = r["sidecar_histogram"]
     print(f"sidecar histogram : time added in the sidecar p50 <= {h['p50_le_ms']:.2f} ms, p99 <= {h['p99_le_ms']:.2f} ms over {h['observations']} requests; captured interactions {r['captured_interactions']}")
     f = r["feedback_http"]
-    print(f"feedback (HTTP)   : {f['durable_records_per_s']:.0f} durable records/s (fsync before 200), p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms, errors {f['errors']}")
+    print(f"feedback (HTTP)   : {f['durable_records_per_s']:.0f} durable records/s (fsync before 200), p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms, errors {f['errors']}, sidecar CPU {f['sidecar_cpu_us_per_request']:.0f} us/request")
     s = r["feedback_spool"]
     print(f"feedback (spool)  : {s['durable_records_per_s']:.0f} durable records/s with {N} concurrent writers, {s['fsyncs']} fsyncs (group commit)   (target >= 10,000/s)")
     print(f"store             : {r['stored_records_after_shutdown']} records shipped after SIGTERM")
