@@ -1,0 +1,82 @@
+"""Overhead of perennial_trainer over a bare TRL script on the same GRPO task.
+
+    python benchmarks/trainer_overhead.py [--steps 40] [--repeats 2]
+
+Builds the tiny offline model, trains a short SFT format warm-up (not timed), then runs
+the same GRPO job (fruit→colour toy, format + correct graders, 16 generations, batch 32,
+LoRA continued from the warm-up adapter, same seed) end to end as a fresh process:
+
+* `python -m perennial_trainer --config run.yaml` (evaluation off: the bare script has none;
+  progress lines, progress.json, graders through the RewardSpec, artifact + manifest + curves);
+* `python benchmarks/bare_trl_grpo.py` (plain TRL GRPOTrainer with two inline reward functions).
+
+Runs alternate (A B B A ...) and the minimum wall time of each is compared. Target ratio <= 1.05.
+Both produce identical training trajectories (same loss), so the ratio is pure overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from tinymodel import build_tiny_model  # noqa: E402
+from trainer_support import FRUIT_REWARD_SPEC, run_config, trainer_env, write_config, write_fruit_data  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="perennial-bench-"))
+    base = build_tiny_model(tmp / "model")
+    data = write_fruit_data(tmp / "data")
+    env = trainer_env(tmp)
+    sft = write_config(tmp / "sft.yaml", run_config(name="warmup", method="SFT", base=base, output=str(tmp / "sft"),
+                       datasets=[{"name": "format", "uri": data["sft"]}], hp={"learningRate": "3e-3", "maxSteps": 30, "batchSize": 16}))
+    subprocess.run([sys.executable, "-m", "perennial_trainer", "--config", sft], cwd=REPO, env=env, check=True, capture_output=True)
+
+    def perennial(i: int) -> list[str]:
+        cfg = write_config(tmp / f"grpo{i}.yaml", run_config(
+            name=f"bench{i}", method="GRPO", base=base, output=str(tmp / f"out-p{i}"), parent=str(tmp / "sft"),
+            datasets=[{"name": "prompts", "uri": data["grpo"]}], reward_spec=FRUIT_REWARD_SPEC,
+            hp={"learningRate": "3e-4", "maxSteps": a.steps, "batchSize": 32, "numGenerations": 16,
+                "maxCompletionLength": 12, "entropyCoef": "0.05", "temperature": "1.0", "seed": 42}))
+        return [sys.executable, "-m", "perennial_trainer", "--config", cfg]
+
+    def bare(i: int) -> list[str]:
+        return [sys.executable, str(REPO / "benchmarks" / "bare_trl_grpo.py"), base, str(tmp / "sft"), data["grpo"], str(tmp / f"out-b{i}"), str(a.steps)]
+
+    times: dict[str, list[float]] = {"perennial": [], "bare_trl": []}
+    order = []
+    for r in range(a.repeats):
+        order += [("perennial", perennial), ("bare_trl", bare)] if r % 2 == 0 else [("bare_trl", bare), ("perennial", perennial)]
+    for i, (name, make) in enumerate(order):
+        t = time.monotonic()
+        p = subprocess.run(make(i), cwd=REPO, env=env, capture_output=True, text=True)
+        dt = time.monotonic() - t
+        if p.returncode != 0:
+            print(p.stderr[-3000:], file=sys.stderr)
+            return 1
+        times[name].append(dt)
+        loss = [l for l in p.stdout.splitlines() if "'train_loss'" in l]
+        print(f"{name:9s} run {i}: {dt:6.2f} s  {loss[-1][:80] if loss else ''}", flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    ratio = best["perennial"] / best["bare_trl"]
+    print(json.dumps({"steps": a.steps, "perennial_seconds": [round(x, 2) for x in times["perennial"]],
+                      "bare_trl_seconds": [round(x, 2) for x in times["bare_trl"]],
+                      "min_perennial": round(best["perennial"], 2), "min_bare_trl": round(best["bare_trl"], 2),
+                      "ratio": round(ratio, 3), "target": 1.05}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
