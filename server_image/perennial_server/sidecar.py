@@ -76,9 +76,22 @@ class Metrics:
         self.ship_failures = Counter("perennial_sidecar_ship_failures", "Failed segment uploads.", registry=r)
         self.shipped = Counter("perennial_sidecar_shipped_segments", "Segments uploaded to the store.", registry=r)
         self.upstream_errors = Counter("perennial_sidecar_upstream_errors", "Engine errors by kind.", ["kind"], registry=r)
+        self._req_children: dict[tuple[str, int], Any] = {}
+        self.captured_interaction = self.captured.labels("interaction")
+        self.captured_feedback = self.captured.labels("feedback")
 
     def route(self, path: str) -> str:
         return path if path in KNOWN_ROUTES else "other"
+
+    def count(self, path: str, code: int) -> None:
+        """requests{route, code} += 1, with the labelled child cached (labels() costs a lock and a dict build)."""
+        key = (path, code)
+        child = self._req_children.get(key)
+        if child is None:
+            child = self.requests.labels(self.route(path), str(code))
+            if len(self._req_children) < 4096:
+                self._req_children[key] = child
+        child.inc()
 
 
 class TokenFile:
@@ -265,7 +278,7 @@ class Capture:
                 self.s.metrics.capture_dropped.labels("invalid").inc()
                 continue
             self.s.spool.append_nowait(line)
-            self.s.metrics.captured.labels("interaction").inc()
+            self.s.metrics.captured_interaction.inc()
 
     async def _loop(self) -> None:
         while True:
@@ -353,7 +366,7 @@ class Sidecar:
 
     # ------------------------------------------------------------ small routes
     def _count(self, path: str, code: int) -> None:
-        self.metrics.requests.labels(self.metrics.route(path), str(code)).inc()
+        self.metrics.count(path, code)
 
     async def healthz(self, request: web.Request) -> web.Response:
         t = self.spool._task
@@ -442,7 +455,7 @@ class Sidecar:
         except (OSError, RuntimeError) as e:
             return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
         self.metrics.feedback.labels(rec.type).inc()
-        self.metrics.captured.labels("feedback").inc()
+        self.metrics.captured_feedback.inc()
         return web.json_response({"id": rec.id, "object": "feedback", "response_id": rec.response_id, "type": rec.type, "status": "recorded"})
 
     # ------------------------------------------------------------ proxy
@@ -683,5 +696,18 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
     await runner.cleanup()  # stop listening, drain handlers, flush + ship (on_cleanup)
 
 
+def _loop_factory():
+    """uvloop when installed (the `server` extra): a C event loop and transports roughly halve
+    the sidecar's CPU per proxied request; plain asyncio otherwise."""
+    if os.environ.get("PERENNIAL_SIDECAR_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(cfg: SidecarConfig) -> None:
-    asyncio.run(serve(cfg))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(cfg))
