@@ -279,7 +279,8 @@ def test_merge_patch_with_stale_resource_version_is_409(c, ns):
 
 
 def test_strategic_merge_patch_merges_containers_and_env_by_name(c, ns):
-    dep = {"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": [
+    dep = {"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "d"}}, "template": {
+        "metadata": {"labels": {"app": "d"}}, "spec": {"containers": [
         {"name": "app", "image": "a:1", "env": [{"name": "A", "value": "1"}]},
         {"name": "sidecar", "image": "s:1"}]}}}}
     c.ok("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", dep)
@@ -357,6 +358,42 @@ def test_scale_subresource_of_deployments(c, ns):
                "application/merge-patch+json")
     assert out["spec"]["replicas"] == 3
     assert c.ok("GET", f"/apis/apps/v1/namespaces/{ns}/deployments/d")["spec"]["replicas"] == 3
+
+
+def _deployment(**container) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+            "spec": {"selector": {"matchLabels": {"app": "d"}},
+                     "template": {"metadata": {"labels": {"app": "d"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i", **container}]}}}}
+
+
+def test_builtin_unknown_fields_are_dropped_with_a_warning_or_refused_when_strict(c, ns):
+    pytest.importorskip("kubernetes_validate")
+    path = f"/apis/apps/v1/namespaces/{ns}/deployments"
+    r = c.req("POST", path, _deployment(imagee="typo"), fieldValidation="Strict")
+    assert r.status_code == 400
+    assert r.json()["message"] == ('Deployment in version "v1" cannot be handled as a Deployment: strict decoding '
+                                   'error: unknown field "spec.template.spec.containers[0].imagee"')
+    r = c.req("POST", path, _deployment(imagee="typo"))
+    assert r.status_code == 201
+    assert "imagee" not in r.json()["spec"]["template"]["spec"]["containers"][0]
+    assert r.headers["Warning"] == '299 - "unknown field \\"spec.template.spec.containers[0].imagee\\""'
+
+
+def test_builtin_wrong_types_and_missing_required_fields(c, ns):
+    pytest.importorskip("kubernetes_validate")
+    path = f"/apis/apps/v1/namespaces/{ns}/deployments"
+    r = c.req("POST", path, _deployment(ports=[{"containerPort": "80"}]))
+    assert r.status_code == 400
+    assert r.json()["message"].startswith('Deployment in version "v1" cannot be handled as a Deployment: json: '
+                                          "cannot unmarshal string into Go struct field "
+                                          ".spec.template.spec.containers[0].ports[0].containerPort")
+    bad = _deployment()
+    del bad["spec"]["template"]["spec"]["containers"][0]["name"]
+    r = c.req("POST", path, bad)
+    assert r.status_code == 422
+    assert r.json()["message"] == ('Deployment.apps "d" is invalid: spec.template.spec.containers[0].name: '
+                                   "Required value")
 
 
 def test_service_names_must_be_dns_1035_labels(c, ns):

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from . import validation
+from . import builtin_schema, validation
 from .patches import PatchError, json_patch, merge_patch, strategic_merge_patch
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -470,10 +470,29 @@ class Store:
             raise self._invalid(rt, name, errors)
         return obj
 
-    def _admit_builtin(self, rt: ResourceType, obj: dict, old: dict | None) -> dict:
+    def _admit_builtin(self, rt: ResourceType, obj: dict, old: dict | None, strict: bool = False,
+                       warnings: list[str] | None = None) -> dict:
+        name = obj["metadata"].get("name", "")
+        if rt.key != ("apiextensions.k8s.io", "customresourcedefinitions"):
+            found = builtin_schema.check(obj)
+            if found is not None:
+                if found.unknown and strict:
+                    raise APIError(400, "BadRequest",
+                                   f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
+                                   "strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in found.unknown))
+                if found.type_errors:
+                    raise APIError(400, "BadRequest",
+                                   f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
+                                   + found.type_errors[0])
+                if found.invalid:
+                    raise self._invalid(rt, name, found.invalid)
+                if found.unknown:
+                    builtin_schema.drop(obj, found.unknown)
+                    if warnings is not None:
+                        warnings.extend(f'unknown field "{u}"' for u in found.unknown)
         errors = validation.validate_builtin(rt.group, rt.plural, obj, old)
         if errors:
-            raise self._invalid(rt, obj["metadata"].get("name", ""), errors)
+            raise self._invalid(rt, name, errors)
         if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._validate_crd(rt, obj)
         if rt.key == ("", "namespaces"):
@@ -601,7 +620,7 @@ class Store:
             if rt.crd is not None:
                 obj = self._admit_custom(rt, obj, None, strict, warnings)
             else:
-                obj = self._admit_builtin(rt, obj, None)
+                obj = self._admit_builtin(rt, obj, None, strict, warnings)
             meta = obj["metadata"]
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = now_iso()
@@ -687,7 +706,7 @@ class Store:
             if rt.crd is not None:
                 new = self._admit_custom(rt, new, old, strict, warnings)
             else:
-                new = self._admit_builtin(rt, new, old)
+                new = self._admit_builtin(rt, new, old, strict, warnings)
             # generation: bumped on changes outside metadata (and status, when it is a subresource)
             if "generation" in old["metadata"]:
                 skip = {"metadata", "status"} if "status" in rt.subresources else {"metadata"}
