@@ -143,3 +143,39 @@ def test_termination_message_stays_under_4k(tmp_path):
     assert len(text.encode()) < 4096 and (tmp_path / "t").read_text() == text
     res = json.loads(text)
     assert res["metrics"] == {"eval/mean_reward": 1.5} and res["status"] == "Succeeded"
+
+
+def test_upload_to_object_store(tmp_path):
+    import fsspec
+
+    from perennial_trainer.storage import localize, upload_dir
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "x.bin").write_bytes(b"xyz")
+    upload_dir(tmp_path / "a", "memory://artifacts/ns/run")
+    fs = fsspec.filesystem("memory")
+    assert fs.cat("/artifacts/ns/run/sub/x.bin") == b"xyz"
+    got = localize("memory://artifacts/ns/run", tmp_path / "dl")
+    assert (Path(got) / "adapter_config.json").read_text() == "{}"
+
+
+def test_progress_callback_lines_and_zero_std_warning(tmp_path, capsys):
+    import io
+    from types import SimpleNamespace
+
+    from perennial_trainer.callbacks import ProgressCallback
+
+    out = io.StringIO()
+    cb = ProgressCallback([str(tmp_path / "progress.json")], ["format"], stream=out)
+    state = SimpleNamespace(global_step=0, max_steps=10, epoch=0.0)
+    cb.on_train_begin(None, state, None)
+    state.global_step, state.epoch = 1, 0.1
+    cb.on_log(None, state, None, logs={"loss": 0.5, "reward": 0.0, "rewards/format/mean": 0.0, "frac_reward_zero_std": 1.0})
+    lines = [json.loads(l.split(" ", 1)[1]) for l in out.getvalue().splitlines()]
+    assert all(l.startswith("PERENNIAL_PROGRESS {") for l in out.getvalue().splitlines())
+    assert lines[-1] | {"etaSeconds": None} == {"step": 1, "totalSteps": 10, "loss": 0.5, "meanReward": 0.0, "rewards": {"format": 0.0},
+                                                 "fracRewardZeroStd": 1.0, "etaSeconds": None, "epoch": 0.1, "resumedFromStep": 0, "phase": "Training"}
+    assert "NO learning signal" in capsys.readouterr().err
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 1

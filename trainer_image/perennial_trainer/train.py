@@ -15,7 +15,8 @@ from typing import Any
 from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
-from .progress import ProgressCallback, atomic_write_json
+from .callbacks import ProgressCallback
+from .progress import atomic_write_json
 from .storage import is_local, localize, resolve_uri, upload_dir
 
 log = logging.getLogger("perennial_trainer")
@@ -339,7 +340,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         reward_funcs, weights = reward_functions(cfg.reward_spec)
         reward_names = [g.name for g in cfg.reward_spec.graders]
     args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
-    progress = ProgressCallback(progress_paths, reward_names)
+    progress = ProgressCallback(progress_paths, reward_names, remote_uri=None if is_local(cfg.output_uri) else cfg.output_uri)
     common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[progress], peft_config=peft_config)
     if method == "SFT":
         from trl import SFTTrainer
