@@ -311,7 +311,8 @@ class Sidecar:
         self.token = TokenFile(cfg.token_file)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
         self.upstream = cfg.upstream.rstrip("/")
-        self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s)
+        self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
+                           coalesce_s=0.005)
         self.shipper: Shipper | None = None
         self.capture = Capture(self)
         self.session: aiohttp.ClientSession | None = None
@@ -348,6 +349,9 @@ class Sidecar:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
             timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # the engine's cookies are the client's business (passed through as headers): never keep them
+            # in a jar shared by every client, and skip the jar's per-request work
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         log.info("Started sidecar upstream=%s spool=%s store=%s", self.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
 

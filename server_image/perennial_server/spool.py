@@ -67,6 +67,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Spool:
     def __init__(
         self,
@@ -76,12 +81,17 @@ class Spool:
         max_segment_age_s: float = 60.0,
         interaction_fsync_interval_s: float = 1.0,
         on_closed: Callable[[Segment], None] | None = None,
+        coalesce_s: float = 0.0,
     ) -> None:
         self.dir = Path(spool_dir)
         self.max_segment_bytes = max_segment_bytes
         self.max_segment_age_s = max_segment_age_s
         self.interaction_fsync_interval_s = interaction_fsync_interval_s
         self.on_closed = on_closed
+        # non-durable records only: wait this long after the first one before writing, so that
+        # one worker-thread hop writes many (a hop costs far more CPU than the write itself)
+        self.coalesce_s = coalesce_s
+        self._coalescing: asyncio.Future[None] | None = None
         self._buf: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
@@ -168,6 +178,8 @@ class Spool:
         if durable:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
+            if self._coalescing is not None:
+                _resolve(self._coalescing)
             await fut
 
     @property
@@ -252,6 +264,15 @@ class Spool:
         assert self._wake is not None
         while True:
             await self._wake.wait()
+            if self.coalesce_s > 0 and not self._waiters and not self._closing and len(self._buf) < 1024:
+                loop = asyncio.get_running_loop()
+                self._coalescing = fut = loop.create_future()
+                h = loop.call_later(self.coalesce_s, _resolve, fut)
+                try:
+                    await fut  # ended early by a durable append or close()
+                finally:
+                    h.cancel()
+                    self._coalescing = None
             self._wake.clear()
             await self._flush_once()
             if self._closing and not self._buf:
@@ -290,6 +311,8 @@ class Spool:
         # let the flusher and ager finish what they are doing (never cancel a write mid-way)
         if self._wake is not None:
             self._wake.set()
+        if self._coalescing is not None:
+            _resolve(self._coalescing)
         for t in (self._task, self._age_task):
             if t:
                 try:
