@@ -1,21 +1,37 @@
 """An embedded, in-memory Kubernetes API server for laptops and tests.
 
 Speaks enough of kube-apiserver's HTTP API for kopf 1.45, the ``kubernetes``
-Python client and kubectl 1.32: discovery, OpenAPI v3 (for ``kubectl explain``
-and server-side field validation), CRUD with resourceVersion/generation/status
-subresource semantics, patches, finalizers, ownerReference garbage collection,
-label/field selectors, watches with resume and bookmarks, CustomResourceDefinitions
-with structural-schema pruning, defaulting and validation (CEL included), Table
-output, and pod logs fed in-process.
+Python client and kubectl 1.32 (get/apply/describe/explain/delete/logs/scale/wait):
+
+* discovery (``/api``, ``/apis``, ``/apis/<g>/<v>``, ``/version``; kubectl falls back from
+  aggregated discovery), OpenAPI v3 built from the registered schemas (``kubectl explain``,
+  server-side field validation), no ``/openapi/v2``;
+* CRUD with uid/creationTimestamp/resourceVersion/generation, 409 Conflict/AlreadyExists,
+  404 NotFound, generateName, status and scale subresources, no-op writes keep the
+  resourceVersion, dry runs;
+* patches: merge, JSON (a failed ``test`` is 422), strategic merge (approximate; merge keys
+  of the built-in lists), server-side apply (approximate: merge, create if missing);
+* finalizers and deletionTimestamp, namespace deletion, ownerReference garbage collection;
+* label and field selectors; watches with resume, 410 Expired, timeouts, bookmarks,
+  ``sendInitialEvents``;
+* CustomResourceDefinitions: registration, structural-schema checks, pruning, defaulting,
+  validation with kube-apiserver's messages, CEL rules (``cel-expr-python``), printer columns;
+* built-in kinds checked against Kubernetes' OpenAPI schemas when ``kubernetes-validate`` is
+  installed; Table output (``kubectl get`` columns); pod logs fed in-process (``-f`` too);
+  protobuf bodies of ``kubectl create namespace|configmap|secret|serviceaccount``.
 
 Usage::
 
     server = APIServer()
-    await server.start()                 # or: handle = start_in_thread()
+    await server.start()                 # or: handle = start_in_thread() (sync, own thread)
     write_kubeconfig(path, server.url)
-    server.apply_crd(crd_dict)           # same as POSTing the CRD
-    server.set_pod_log("ns", "pod-0", "hello\\n")
+    server.apply_crd(crd_dict)           # same as POSTing the CRD; load_crds("crds/") too
+    server.set_pod_log("ns", "pod-0", "hello\\n"); server.append_pod_log(...)
+    server.create("v1", "pods", body, namespace="ns"); server.patch(...); server.get(...)
     await server.stop()                  #     handle.stop()
+
+Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward,
+authn/authz, managedFields and apply conflicts, CRD version conversion, aggregated discovery.
 """
 
 from __future__ import annotations
