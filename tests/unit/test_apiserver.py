@@ -823,3 +823,30 @@ def test_transition_rules_correlate_list_items_by_map_keys():
     new = {"regions": [{"name": "b", "size": 2}, {"name": "a", "size": 2}, {"name": "c", "size": 0}]}
     errors = validation.validate(schema, new, old, root=False)
     assert [e.message for e in errors] == ['regions[1]: Invalid value: "object": may not shrink']
+
+
+def test_concurrent_writers_from_threads_and_http_lose_no_watch_events(srv, c, ns):
+    import threading
+
+    r = requests.get(c.url + CM(ns), params={"watch": "true"}, stream=True, timeout=30)
+
+    def http_writer(k: int) -> None:
+        session = Client(c.url)
+        for i in range(25):
+            session.ok("POST", CM(ns), {"metadata": {"name": f"h{k}-{i}"}})
+
+    def inproc_writer(k: int) -> None:
+        for i in range(25):
+            srv.create("v1", "configmaps", {"metadata": {"name": f"p{k}-{i}"}}, namespace=ns)
+
+    threads = [threading.Thread(target=fn, args=(k,)) for k in range(4) for fn in (http_writer, inproc_writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = _events(r, 200)
+    r.close()
+    rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert rvs == sorted(rvs) and len(set(rvs)) == 200
+    assert {e["object"]["metadata"]["name"] for e in events} == {
+        f"{p}{k}-{i}" for p in "hp" for k in range(4) for i in range(25)}
