@@ -447,6 +447,8 @@ def test_deleting_namespace_deletes_its_objects(c, ns):
     assert c.ok("GET", f"/api/v1/namespaces/{ns}")["status"]["phase"] == "Terminating"
     r = c.req("POST", CM(ns), {"metadata": {"name": "b"}})
     assert r.status_code == 403
+    assert r.json()["message"] == (f'configmaps "b" is forbidden: unable to create new content in namespace {ns} '
+                                   "because it is being terminated")
     c.ok("PATCH", W(ns, "w1"), {"metadata": {"finalizers": []}}, "application/merge-patch+json")
     assert c.req("GET", f"/api/v1/namespaces/{ns}").status_code == 404
 

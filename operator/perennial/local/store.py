@@ -424,7 +424,7 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def _check_namespace(self, rt: ResourceType, ns: str | None) -> None:
+    def _check_namespace(self, rt: ResourceType, ns: str | None, name: str = "") -> None:
         if not rt.namespaced:
             return
         nsobj = self.objects[("", "namespaces")].get(("", ns or ""))
@@ -432,7 +432,7 @@ class Store:
             raise APIError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
         if nsobj["metadata"].get("deletionTimestamp"):
             raise APIError(403, "Forbidden",
-                           f'{rt.resource_name} "" is forbidden: unable to create new content in namespace {ns} '
+                           f'{rt.resource_name} "{name}" is forbidden: unable to create new content in namespace {ns} '
                            "because it is being terminated",
                            {"kind": rt.plural, "group": rt.group,
                             "causes": [{"reason": "NamespaceTerminating",
@@ -604,7 +604,7 @@ class Store:
                     "lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric "
                     "character (e.g. 'example.com', regex used for validation is "
                     r"'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")])
-            self._check_namespace(rt, ns)
+            self._check_namespace(rt, ns, name)
             if (ns or "", name) in self.objects[rt.key]:
                 raise APIError(409, "AlreadyExists", f'{rt.resource_name} "{name}" already exists',
                                {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
