@@ -574,6 +574,27 @@ def test_watch_honours_timeout_and_sends_bookmarks(c, ns, monkeypatch):
     assert lines[0]["object"]["metadata"]["resourceVersion"]
 
 
+def test_watch_stays_open_across_idle_periods(c, ns, monkeypatch):
+    monkeypatch.setattr(apiserver_mod, "BOOKMARK_INTERVAL", 0.2)  # many idle turns of the watch loop
+    r = requests.get(c.url + CM(ns), params={"watch": "true"}, stream=True, timeout=10)
+    time.sleep(1.0)
+    c.ok("POST", CM(ns), {"metadata": {"name": "late"}})
+    (event,) = _events(r, 1)
+    r.close()
+    assert event["type"] == "ADDED" and event["object"]["metadata"]["name"] == "late"
+
+
+def test_watch_cluster_scoped_namespaces(c):
+    r = requests.get(c.url + "/api/v1/namespaces", params={"watch": "true", "fieldSelector": "metadata.name=w-ns"},
+                     stream=True, timeout=10)
+    c.ok("POST", "/api/v1/namespaces", {"metadata": {"name": "w-ns"}})
+    c.ok("DELETE", "/api/v1/namespaces/w-ns")
+    events = _events(r, 3)
+    r.close()
+    assert [e["type"] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert events[1]["object"]["status"]["phase"] == "Terminating"
+
+
 def test_watch_label_selector_sends_deleted_when_object_stops_matching(c, ns):
     c.ok("POST", CM(ns), {"metadata": {"name": "a", "labels": {"app": "x"}}})
     r = requests.get(c.url + CM(ns), params={"watch": "true", "labelSelector": "app=x"}, stream=True, timeout=10)
