@@ -317,6 +317,7 @@ class Sidecar:
         self.capture = Capture(self)
         self.session: aiohttp.ClientSession | None = None
         self._sample = cfg.sample_percent / 100.0
+        self._urls: dict[str, URL] = {}
 
     # ------------------------------------------------------------ lifecycle
     def make_app(self) -> web.Application:
@@ -496,7 +497,12 @@ class Sidecar:
             except ValueError:
                 req_json = None
         capture = req_json is not None and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
-        url = URL(self.upstream + request.raw_path, encoded=True)
+        raw_path = request.raw_path
+        url = self._urls.get(raw_path)
+        if url is None:
+            url = URL(self.upstream + raw_path, encoded=True)
+            if len(self._urls) < 1024:  # the few engine paths; not every distinct query string
+                self._urls[raw_path] = url
         t_send = time.perf_counter()
         try:
             async with self.session.request(request.method, url, headers=self._fwd_headers(request), data=body or None, allow_redirects=False) as up:

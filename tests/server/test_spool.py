@@ -26,6 +26,32 @@ async def test_group_commit_batches_concurrent_durable_writers(tmp_path: Path) -
     assert sorted(r["i"] for r in lines) == list(range(n))
 
 
+async def test_coalescing_batches_interactions_and_never_delays_a_durable_append(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, max_segment_bytes=1 << 30, max_segment_age_s=3600, coalesce_s=10.0)
+    await sp.start()
+    writes = 0
+    real = sp._write_batch
+
+    def counting(data: bytes, sync: bool):
+        nonlocal writes
+        writes += 1
+        return real(data, sync)
+
+    sp._write_batch = counting  # type: ignore[method-assign]
+    for i in range(50):
+        sp.append_nowait(json.dumps({"i": i}))
+        await asyncio.sleep(0)
+    assert writes == 0 and sp.pending == 50  # still coalescing
+    # a durable append ends the wait at once and takes the interactions with it, in one write
+    await asyncio.wait_for(sp.append(json.dumps({"i": 50}), durable=True), timeout=2)
+    assert writes == 1 and sp.pending == 0
+    sp.append_nowait(json.dumps({"i": 51}))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(sp.close(), timeout=2)  # close ends it too
+    lines = [json.loads(x) for s in closed_segments(tmp_path) for x in s.path.read_text().splitlines()]
+    assert [r["i"] for r in lines] == list(range(52))
+
+
 async def test_segments_roll_by_size_and_age_and_never_reuse_numbers(tmp_path: Path) -> None:
     sp = Spool(tmp_path, max_segment_bytes=200, max_segment_age_s=3600)
     await sp.start()
