@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import hmac
 import json
 import logging
@@ -692,6 +693,11 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True)
     await site.start()
     log.info("Listening host=%s port=%d", cfg.host, cfg.port)
+    # Everything allocated so far (modules, pydantic schemas, the app) lives as long as the process:
+    # move it out of the collector's sight, so that a full collection under load does not stall the
+    # loop scanning it (about 20 ms for ~54k objects on a slow core; a p99 spike on every request in flight).
+    gc.collect()
+    gc.freeze()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
