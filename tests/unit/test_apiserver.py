@@ -212,6 +212,13 @@ def test_invalid_name_is_422(c, ns):
     assert r.json()["message"].startswith('ConfigMap "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name"')
 
 
+def test_body_of_another_kind_is_400(c, ns):
+    r = c.req("POST", CM(ns), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}})
+    assert r.status_code == 400 and r.json()["reason"] == "BadRequest"
+    r = c.req("POST", W(ns), {**widget(), "apiVersion": f"{GROUP}/v2"})
+    assert r.status_code == 400
+
+
 def test_stale_resource_version_update_is_409_conflict(c, ns):
     obj = c.ok("POST", CM(ns), {"metadata": {"name": "a"}, "data": {"x": "1"}})
     c.ok("PUT", CM(ns, "a"), {**obj, "data": {"x": "2"}})
@@ -873,3 +880,22 @@ def test_concurrent_writers_from_threads_and_http_lose_no_watch_events(srv, c, n
     assert rvs == sorted(rvs) and len(set(rvs)) == 200
     assert {e["object"]["metadata"]["name"] for e in events} == {
         f"{p}{k}-{i}" for p in "hp" for k in range(4) for i in range(25)}
+
+
+def test_multi_version_crd_serves_each_version_from_one_storage(c, ns):
+    crd = widget_crd(plural="doodads", kind="Doodad")
+    v1 = crd["spec"]["versions"][0]
+    v1beta1 = {**copy.deepcopy(v1), "name": "v1beta1", "storage": False}
+    crd["spec"]["versions"] = [v1, v1beta1]
+    c.ok("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    c.ok("POST", f"/apis/{GROUP}/v1beta1/namespaces/{ns}/doodads",
+         {**widget("d"), "apiVersion": f"{GROUP}/v1beta1", "kind": "Doodad"})
+    got = c.ok("GET", f"/apis/{GROUP}/v1/namespaces/{ns}/doodads/d")
+    assert got["apiVersion"] == f"{GROUP}/v1"
+    out = c.ok("PATCH", f"/apis/{GROUP}/v1/namespaces/{ns}/doodads/d", {"spec": {"maxSteps": 4}},
+               "application/merge-patch+json")
+    assert out["spec"]["maxSteps"] == 4 and out["apiVersion"] == f"{GROUP}/v1"
+    old = c.ok("GET", f"/apis/{GROUP}/v1beta1/namespaces/{ns}/doodads/d")
+    assert old["apiVersion"] == f"{GROUP}/v1beta1" and old["spec"]["maxSteps"] == 4
+    groups = {g["name"]: g for g in c.ok("GET", "/apis")["groups"]}
+    assert groups[GROUP]["preferredVersion"]["version"] == "v1"

@@ -272,6 +272,17 @@ def _strip_volatile(obj: dict) -> dict:
     return out
 
 
+def _check_type_meta(rt: ResourceType, obj: dict) -> None:
+    """A body whose apiVersion/kind name another type is refused, as the decoder does."""
+    kind, api_version = obj.get("kind"), obj.get("apiVersion")
+    if kind and kind != rt.kind:
+        raise APIError(400, "BadRequest", f'the kind in the data ("{kind}") does not match the expected kind '
+                                          f'("{rt.kind}") of {rt.resource_name}')
+    if api_version and api_version != rt.api_version:
+        raise APIError(400, "BadRequest", f"the API version in the data ({api_version}) does not match the expected "
+                                          f"API version ({rt.api_version})")
+
+
 def _without(obj: dict, keys: Iterable[str]) -> dict:
     return {k: v for k, v in obj.items() if k not in keys}
 
@@ -569,6 +580,7 @@ class Store:
             meta = obj.setdefault("metadata", {})
             if not isinstance(meta, dict):
                 raise APIError(400, "BadRequest", "metadata must be an object")
+            _check_type_meta(rt, obj)
             obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
             if rt.namespaced:
                 if meta.get("namespace") and ns and meta["namespace"] != ns:
@@ -663,6 +675,8 @@ class Store:
                 raise APIError(400, "BadRequest",
                                "the name of the object (%s) does not match the name on the URL (%s)"
                                % (meta["name"], name))
+            if subresource is None:
+                _check_type_meta(rt, new)
             body_rv = meta.get("resourceVersion")
             if check_rv and body_rv and str(body_rv) != old["metadata"]["resourceVersion"]:
                 raise APIError(409, "Conflict",
@@ -741,6 +755,7 @@ class Store:
                     body.setdefault("metadata", {})["name"] = name
                     return self.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings), True
                 raise
+            current = {**current, "apiVersion": rt.api_version}  # patches apply to this version's view
             try:
                 if patch_type == "json":
                     new = json_patch(current, patch)
@@ -1004,6 +1019,7 @@ def from_scale(rt: ResourceType, obj: dict, scale: dict) -> dict:
                                        f"Invalid value: {validation.go_repr(replicas)}: must be greater than or equal "
                                        "to 0")
     new = _path_set(obj, (rt.scale or {}).get("specReplicasPath", ".spec.replicas"), replicas)
+    new["apiVersion"] = rt.api_version
     rv = (scale.get("metadata") or {}).get("resourceVersion")
     if rv:
         new["metadata"]["resourceVersion"] = rv
