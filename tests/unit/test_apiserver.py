@@ -899,3 +899,22 @@ def test_multi_version_crd_serves_each_version_from_one_storage(c, ns):
     assert old["apiVersion"] == f"{GROUP}/v1beta1" and old["spec"]["maxSteps"] == 4
     groups = {g["name"]: g for g in c.ok("GET", "/apis")["groups"]}
     assert groups[GROUP]["preferredVersion"]["version"] == "v1"
+
+
+def test_deleting_a_crd_waits_for_the_finalizers_of_its_objects(c, ns):
+    crd_path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/thingies.{GROUP}"
+    c.ok("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", widget_crd(plural="thingies", kind="Thingy"))
+    path = f"/apis/{GROUP}/v1/namespaces/{ns}/thingies"
+    c.ok("POST", path, {**widget("t1"), "kind": "Thingy", "metadata": {"name": "t1", "finalizers": ["x/y"]}})
+    c.ok("POST", path, {**widget("t2"), "kind": "Thingy"})
+    c.ok("DELETE", crd_path)
+    crd = c.ok("GET", crd_path)
+    assert crd["metadata"]["deletionTimestamp"]
+    assert {x["type"]: x["status"] for x in crd["status"]["conditions"]}["Terminating"] == "True"
+    assert c.req("GET", f"{path}/t2").status_code == 404
+    assert c.ok("GET", f"{path}/t1")["metadata"]["deletionTimestamp"]
+    r = c.req("POST", path, {**widget("t3"), "kind": "Thingy"})
+    assert r.status_code == 405
+    c.ok("PATCH", f"{path}/t1", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    assert c.req("GET", crd_path).status_code == 404
+    assert c.req("GET", path).status_code == 404

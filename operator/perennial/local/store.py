@@ -112,6 +112,9 @@ def _rt(group: str, version: str, plural: str, kind: str, **kw: Any) -> Resource
     return ResourceType(group=group, version=version, plural=plural, kind=kind, **kw)
 
 
+_CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
+_CRD_GVR = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+CRD_CLEANUP = "customresourcecleanup.apiextensions.k8s.io"
 _BUILTIN_SCALE = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
                   "labelSelectorPath": ".spec.selector"}
 
@@ -617,6 +620,9 @@ class Store:
                     "character (e.g. 'example.com', regex used for validation is "
                     r"'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")])
             self._check_namespace(rt, ns, name)
+            if rt.crd is not None and self.crd_terminating(rt):
+                raise APIError(405, "MethodNotAllowed",
+                               "create not allowed while custom resource definition is terminating")
             if (ns or "", name) in self.objects[rt.key]:
                 raise APIError(409, "AlreadyExists", f'{rt.resource_name} "{name}" already exists',
                                {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
@@ -797,6 +803,8 @@ class Store:
             finalizers = obj["metadata"].get("finalizers") or []
             if rt.key == ("", "namespaces"):
                 return self._delete_namespace(rt, obj)
+            if rt.key == _CRD_KEY:
+                return self._delete_crd(rt, obj)
             if finalizers:
                 if obj["metadata"].get("deletionTimestamp"):
                     return obj
@@ -841,6 +849,8 @@ class Store:
                     self.delete(drt, dns or None, dname, {"propagationPolicy": "Background"})
         if rt.namespaced and key[0]:
             self._maybe_finish_namespace(key[0])
+        if rt.crd is not None:
+            self._maybe_finish_crd(rt.key)
         return gone
 
     def _delete_namespace(self, rt: ResourceType, ns_obj: dict) -> dict:
@@ -877,6 +887,43 @@ class Store:
             self._remove(nsrt, ns_obj)
 
     # ------------------------------------------------------------------ CRDs
+
+    def _delete_crd(self, rt: ResourceType, crd: dict) -> dict:
+        """Like kube-apiserver: delete every custom object first (their finalizers honoured), then the CRD."""
+        key = (crd["spec"]["group"], crd["spec"]["names"]["plural"])
+        if not self.objects.get(key):
+            return self._remove(rt, crd)
+        new = crd
+        if not crd["metadata"].get("deletionTimestamp"):
+            new = copy.deepcopy(crd)
+            new["metadata"]["deletionTimestamp"] = now_iso()
+            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new["metadata"]["finalizers"] = list(new["metadata"].get("finalizers") or []) + [CRD_CLEANUP]
+            status = new.setdefault("status", {})
+            status["conditions"] = [c for c in status.get("conditions") or [] if c.get("type") != "Terminating"] + [
+                {"type": "Terminating", "status": "True", "reason": "InstanceDeletionInProgress",
+                 "message": "CustomResource deletion is in progress", "lastTransitionTime": now_iso()}]
+            new["metadata"]["resourceVersion"] = str(self.next_rv())
+            self._store(rt, new, crd)
+            self._emit(rt.key, "MODIFIED", new, crd)
+        crt = self.storage_type(key)
+        if crt is not None:
+            for (ons, oname) in list(self.objects.get(key, {})):
+                if (ons, oname) in self.objects.get(key, {}):
+                    self.delete(crt, ons or None, oname)
+        self._maybe_finish_crd(key)
+        return self.objects[rt.key].get(("", crd["metadata"]["name"]), new)
+
+    def _maybe_finish_crd(self, key: tuple[str, str]) -> None:
+        crdrt = self.lookup(*_CRD_GVR)
+        crd = self.objects[_CRD_KEY].get(("", f"{key[1]}.{key[0]}"))
+        if crdrt is None or crd is None or not crd["metadata"].get("deletionTimestamp") or self.objects.get(key):
+            return
+        self._remove(crdrt, crd)
+
+    def crd_terminating(self, rt: ResourceType) -> bool:
+        crd = self.objects[_CRD_KEY].get(("", rt.crd or ""))
+        return bool(crd and crd["metadata"].get("deletionTimestamp"))
 
     def _crd_registered(self, crd: dict) -> dict:
         """Register (or re-register) the resource a CRD defines and mark it Established."""
