@@ -185,3 +185,21 @@ def test_sigkilled_run_resumes_from_checkpoint(tmp_path):
     assert lines[-1]["step"] == 150
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["train/resumed_from_step"] >= 25 and metrics["train/steps"] == 150
+
+
+def test_sft_on_chat_messages_from_parquet_on_a_pvc(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PERENNIAL_PVC_ROOT", str(tmp_path / "pvc"))
+    (tmp_path / "pvc" / "data").mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": r["prompt"][0]["content"]},
+                          {"role": "assistant", "content": f"<answer>{r['answer']}</answer>"}]} for r in fruit_rows()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pvc" / "data" / "chat.parquet")
+    res, _ = _train(tmp_path, "chat", run_config(
+        name="chat", method="SFT", base=tiny_model_path(), output="pvc://data/out",
+        datasets=[{"name": "chat", "uri": "pvc://data/chat.parquet"}], hp={"maxSteps": 3, "batchSize": 8},
+        reward_spec=FRUIT_REWARD_SPEC, evaluation={"enabled": True, "heldOutPercent": 10}))
+    assert res["artifactUri"] == "pvc://data/out"
+    assert (tmp_path / "pvc" / "data" / "out" / "adapter_model.safetensors").is_file()
+    assert res["metrics"]["eval/samples"] == 5 and "eval/baseline_mean_reward" in res["metrics"]

@@ -393,6 +393,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if lineage["parentAdapter"] and spec.parent_adapter_ref is None:
         lineage["parentAdapter"]["ref"] = None
     lo = spec.lora
+    lora_shape = {"rank": lo.rank, "alpha": lo.alpha, "targetModules": lo.target_modules}
+    try:  # a continued parent keeps its own shape: report what was saved
+        saved = json.loads((staging / "adapter_config.json").read_text())
+        tm = saved.get("target_modules")
+        lora_shape = {"rank": saved["r"], "alpha": saved.get("lora_alpha"),
+                      "targetModules": sorted(tm) if isinstance(tm, (list, set)) else [tm] if tm else lo.target_modules}
+    except (OSError, KeyError, ValueError):
+        pass
     files = {}
     for f in sorted(staging.iterdir()):
         if f.is_file() and f.name != "progress.json":
@@ -400,7 +408,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     manifest = {
         "apiVersion": "perennial.ai/v1alpha1", "kind": "AdapterArtifact",
         "adapterFamily": spec.output.adapter_family, "lineage": lineage,
-        "lora": {"rank": lo.rank, "alpha": lo.alpha, "targetModules": lo.target_modules},
+        "lora": lora_shape,
         "files": files,
     }
     atomic_write_json(staging / "metrics.json", metrics)
