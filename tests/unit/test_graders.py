@@ -205,11 +205,12 @@ def test_llm_judge_retries_parses_and_authenticates(judge, monkeypatch, tmp_path
     g = G(type="LLMJudge", llmJudge={"endpoint": judge, "model": "judge", "rubric": "Is {{item.answer}} right?",
                                      "apiKeySecretRef": {"name": "judge-key", "key": "token"}, "maxRetries": 2})
     _Judge.answers = [500, "no idea", "Score: 7/10"]
-    r = grade(g, "red", {"answer": "red"})
+    r = graders.grade_batch(g, ["red"], [{"answer": "red"}], [[{"role": "user", "content": "colour of a cherry?"}]])[0]
     assert r.score == pytest.approx(0.7) and not r.failed
     assert len(_Judge.seen) == 3
     auth, body = _Judge.seen[-1]
     assert auth == "Bearer sk-test" and "Is red right?" in body["messages"][1]["content"]
+    assert "user: colour of a cherry?" in body["messages"][1]["content"] and "Response:\nred" in body["messages"][1]["content"]
 
 
 def test_llm_judge_failure_score(judge):

@@ -334,7 +334,9 @@ def _judge_one(g: Grader, sample: dict, item: dict) -> GradeResult:
     prompt = sample.get("prompt")
     user = f"Rubric:\n{rubric}\n\n"
     if prompt:
-        user += f"Prompt:\n{completion_text(prompt) if isinstance(prompt, list) and prompt and prompt[0].get('role') == 'assistant' else (json.dumps(prompt) if not isinstance(prompt, str) else prompt)}\n\n"
+        if isinstance(prompt, list):
+            prompt = "\n".join(f"{m.get('role', 'user')}: {completion_text(m)}" for m in prompt if isinstance(m, dict))
+        user += f"Prompt:\n{prompt}\n\n"
     user += f"Response:\n{sample['output_text']}\n"
     body = json.dumps({
         "model": c.model, "temperature": float(c.temperature), "max_tokens": 256,
