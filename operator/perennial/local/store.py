@@ -355,21 +355,21 @@ class Store:
             self.compacted[rt_key] = hist[0][0]
         hist.append((rv, etype, obj, old))
         for w in list(self.watchers.get(rt_key, ())):
-            self._deliver(w, etype, obj, old)
+            event = self._route(w, etype, obj, old)
+            if event is not None:
+                w.push(event)
 
     @staticmethod
-    def _deliver(w: Watcher, etype: str, obj: dict, old: dict | None) -> None:
+    def _route(w: Watcher, etype: str, obj: dict, old: dict | None) -> tuple[str, dict] | None:
+        """The event a filtered watcher sees: objects entering/leaving its selection are ADDED/DELETED."""
         now = w.matches(obj)
         if etype == "MODIFIED" and old is not None:
             before = w.matches(old)
             if now and not before:
-                w.push(("ADDED", obj))
-            elif before and not now:
-                w.push(("DELETED", obj))
-            elif now:
-                w.push((etype, obj))
-        elif now:
-            w.push((etype, obj))
+                return ("ADDED", obj)
+            if before and not now:
+                return ("DELETED", obj)
+        return (etype, obj) if now else None
 
     def watch(self, rt: ResourceType, w: Watcher, since: str | None) -> list[tuple[str, dict]] | None:
         """Register a watcher; return the initial events, or None when ``since`` is too old."""
@@ -388,16 +388,9 @@ class Store:
                     return None
                 for erv, etype, obj, old in self.history[rt.key]:
                     if erv > rv:
-                        box: list = []
-
-                        class _Collect:
-                            def push(self, item: Any) -> None:
-                                box.append(item)
-
-                        collector = _Collect()
-                        collector.matches = w.matches  # type: ignore[attr-defined]
-                        self._deliver(collector, etype, obj, old)  # type: ignore[arg-type]
-                        initial.extend(box)
+                        event = self._route(w, etype, obj, old)
+                        if event is not None:
+                            initial.append(event)
             self.watchers[rt.key].add(w)
             return initial
 
