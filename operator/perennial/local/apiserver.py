@@ -37,7 +37,6 @@ authn/authz, managedFields and apply conflicts, CRD version conversion, aggregat
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -51,10 +50,10 @@ import yaml
 from aiohttp import web
 
 from . import protobuf
-from .tables import BUILTIN_COLUMNS, human_age
 from .patches import PatchError, json_patch, merge_patch
 from .store import (APIError, ResourceType, Store, Watcher, from_scale, parse_field_selector, parse_label_selector,
                     to_scale)
+from .tables import BUILTIN_COLUMNS, human_age
 
 __all__ = ["APIServer", "APIError", "ServerThread", "start_in_thread", "write_kubeconfig"]
 

@@ -140,8 +140,6 @@ def _json_type(value: Any) -> str:
 
 def drop(obj: dict, dotted_paths: list[str]) -> dict:
     """Remove the fields at the given paths (in place); returns obj."""
-    import re
-
     for p in dotted_paths:
         tokens = re.findall(r"[^.\[\]]+|\[\d+\]", p)
         cur: Any = obj
