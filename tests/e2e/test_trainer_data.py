@@ -179,3 +179,17 @@ def test_progress_callback_lines_and_zero_std_warning(tmp_path, capsys):
                                                  "fracRewardZeroStd": 1.0, "etaSeconds": None, "epoch": 0.1, "resumedFromStep": 0, "phase": "Training"}
     assert "NO learning signal" in capsys.readouterr().err
     assert json.loads((tmp_path / "progress.json").read_text())["step"] == 1
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
+    from perennial_trainer.train import last_complete_checkpoint
+
+    for n, complete in [(10, True), (20, True), (30, False)]:
+        c = tmp_path / f"checkpoint-{n}"
+        c.mkdir()
+        (c / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (c / "trainer_state.json").write_text("{}")  # written last by the Trainer
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
+    assert not (tmp_path / "checkpoint-30").exists()
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None

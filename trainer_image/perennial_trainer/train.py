@@ -277,11 +277,33 @@ def default_checkpoint_dir(cfg: RunConfig) -> str:
     return os.path.join(tempfile.gettempdir(), "perennial-checkpoints", cfg.namespace, cfg.run_name)
 
 
+def last_complete_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest `checkpoint-N` that was completely written (a kill mid-save leaves a partial one)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    found = []
+    for d in Path(ckpt_dir).glob("checkpoint-*"):
+        suffix = d.name.split("-", 1)[1]
+        if suffix.isdigit() and (d / "trainer_state.json").is_file():
+            try:
+                json.loads((d / "trainer_state.json").read_text())
+            except ValueError:
+                continue
+            if any(d.glob("*.safetensors")) or any(d.glob("*.bin")):
+                found.append((int(suffix), str(d)))
+    if not found:
+        return None
+    partial = [d for d in Path(ckpt_dir).glob("checkpoint-*") if str(d) != max(found)[1] and d.name.split("-", 1)[1].isdigit() and int(d.name.split("-", 1)[1]) > max(found)[0]]
+    for d in partial:
+        log.warning("ignoring incomplete checkpoint %s", d)
+        shutil.rmtree(d, ignore_errors=True)
+    return max(found)[1]
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train, evaluate and write the artifact; returns the result (termination message content)."""
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     t_start = time.monotonic()
     spec = cfg.spec
@@ -355,7 +377,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
 
-    last = get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    last = last_complete_checkpoint(ckpt_dir)
     if last:
         log.info("resuming from checkpoint %s", last)
         print(f"PERENNIAL_RESUME {json.dumps({'checkpoint': last})}", flush=True)
