@@ -59,7 +59,7 @@ def load_manifests(paths: list[str]) -> list[dict[str, Any]]:
         for doc in yaml.safe_load_all(f.read_text()):
             if isinstance(doc, dict) and doc.get("kind"):
                 docs.append(doc)
-    order = {"Namespace": 0, "CustomResourceDefinition": 1, "Secret": 2, "ConfigMap": 2, "BaseModel": 3, "RewardSpec": 3}
+    order = {"Namespace": 0, "CustomResourceDefinition": 1, "Secret": 2, "ConfigMap": 2, "PersistentVolumeClaim": 2, "BaseModel": 3, "RewardSpec": 3}
     return sorted(docs, key=lambda d: order.get(d["kind"], 5))
 
 
@@ -82,6 +82,12 @@ def _dev(args: argparse.Namespace) -> int:
     _configure_logging(args.log_format, args.verbose)
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    pvc_root = state / "pvc"
+    if args.demo:
+        from perennial_trainer.demo import prepare
+
+        print(f"Preparing the demo: a tiny offline model and toy data under {pvc_root} ...", flush=True)
+        prepare(pvc_root)
     server = start_in_thread(args.host, args.port)
     kubeconfig = write_kubeconfig(state / "kubeconfig", server.url)
     kube = connect(server=server.url)
@@ -99,10 +105,12 @@ Perennial dev is running.
   metrics        http://127.0.0.1:{args.metrics_port}/metrics
   health         http://127.0.0.1:{args.health_port}/healthz
 {''.join(f'  applied        {a}{chr(10)}' for a in applied)}
+Jobs of the trainer image run here as local processes (logs: kubectl logs -l perennial.ai/trainingrun=<name>).
 In another shell:
   export KUBECONFIG={kubeconfig}
   kubectl get perennial
-  kubectl describe basemodels
+  kubectl get trainingruns -w          # progress, reward, adapter
+  kubectl describe trainingrun <name>
   kubectl explain trainingrun.spec
 Press Ctrl-C to stop.
 """,
@@ -111,7 +119,6 @@ Press Ctrl-C to stop.
     from .config import OperatorConfig
     from .runtime import run
 
-    pvc_root = state / "pvc"
     config = OperatorConfig(
         pvc_root=str(pvc_root),
         artifact_uri=f"file://{state / 'artifacts'}",
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--port", type=int, default=6444)
     dev.add_argument("--state-dir", default=".perennial")
     dev.add_argument("--apply", action="append", help="manifest file or directory to apply at start (repeatable)")
+    dev.add_argument("--demo", action="store_true", help="build a tiny offline model and toy data for examples/local (trains on a laptop CPU)")
     dev.add_argument("--metrics-port", type=int, default=9090)
     dev.add_argument("--health-port", type=int, default=9091)
     dev.add_argument("--log-format", choices=["plain", "json"], default="plain")

@@ -98,7 +98,7 @@ def test_job_progress_success_adapter_and_delete(cluster: Cluster, tmp_path):
     assert config.reward_spec is not None and [g.name for g in config.reward_spec.graders] == ["fmt", "judge"]
     assert config.run_uid == run["metadata"]["uid"]
 
-    cluster.wait_condition("TrainingRun", "run1", "Succeeded", "Unknown", "JobCreated")
+    cluster.wait_condition("TrainingRun", "run1", "Succeeded", "Unknown", "JobPending")
     assert cluster.get("TrainingRun", "run1")["status"]["phase"] == "Pending"
     pod_name = kubelet.start("run1-train")
     kubelet.log(pod_name, "loading model\n" + progress(1) + progress(5, reward=1.4))

@@ -56,7 +56,11 @@ async def write_status(ctx: Context, body: Any, status: dict[str, Any], logger: 
     CONDITIONS.observe(kind, meta["namespace"], meta["name"], status.get("conditions") or current.get("conditions") or [])
     if not cond.status_differs(current, status):
         return False
+    posted: set[tuple[str, str]] = set()
     for c in cond.transitions(current.get("conditions"), status.get("conditions")):
+        if (c["reason"], c.get("message", "")) in posted:
+            continue  # two conditions moved for one reason (e.g. Waiting and Succeeded): one Event
+        posted.add((c["reason"], c.get("message", "")))
         healthy = c["status"] == "True" or c["type"] not in ("Ready", "Succeeded", "Validated", "ArtifactAvailable")
         if c["status"] == "Unknown":
             healthy = True

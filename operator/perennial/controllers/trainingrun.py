@@ -392,7 +392,7 @@ async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
         note = f" (resumed after {restarts} restart(s))" if restarts else ""
         conds = cond.set_condition(conds, "Succeeded", "Unknown", "Training", f"the trainer is running{note}", gen)
     else:
-        conds = cond.set_condition(conds, "Succeeded", "Unknown", "JobCreated", f"waiting for training Job {job_name} to start", gen)
+        conds = cond.set_condition(conds, "Succeeded", "Unknown", "JobPending", f"waiting for training Job {job_name} to start", gen)
     await done()
 
 
