@@ -105,6 +105,7 @@ def test_kopf_operator_finalizer_child_and_garbage_collection(server):
         api = client.CoreV1Api(_api_client(url))
         api.create_namespaced_config_map(namespace, cm)
         created.append(time.monotonic())
+        kopf.info(body, reason="Created", message=f"Created ConfigMap {name}-child")
 
     @kopf.on.delete(GROUP, "v1alpha1", "gadgets", registry=registry)
     def on_delete(**_):
@@ -133,6 +134,10 @@ def test_kopf_operator_finalizer_child_and_garbage_collection(server):
         assert cm.metadata.owner_references[0].uid == owner["metadata"]["uid"]
         assert "itest.perennial.ai/finalizer" in owner["metadata"]["finalizers"]
         print(f"create -> child ConfigMap in {1000 * (created[0] - t0):.1f} ms")
+        # kopf posts its handler events through the core v1 Events API
+        events = wait_for(lambda: core.list_namespaced_event(
+            "default", field_selector="involvedObject.name=g1,involvedObject.kind=Gadget").items)
+        assert events[0].reason == "Created" and events[0].source.component == "kopf"
 
         api.delete_namespaced_custom_object(GROUP, "v1alpha1", "default", "gadgets", "g1")
         wait_for(lambda: _gone(lambda: api.get_namespaced_custom_object(GROUP, "v1alpha1", "default",
