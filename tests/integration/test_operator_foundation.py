@@ -22,7 +22,8 @@ def test_basemodel_ready_without_cache_and_stable(cluster: Cluster):
     assert obj["status"]["resolvedUri"] == "hf://org/model"
     assert FINALIZER in obj["metadata"]["finalizers"]
     assert c["lastTransitionTime"]
-    # Stable: several resync periods pass without any write.
+    # Stable: once kopf has recorded the handled state, resync periods pass without any write.
+    obj = wait_for(lambda: (o := cluster.get("BaseModel", "m1")) and "perennial.ai/last-handled-configuration" in (o["metadata"].get("annotations") or {}) and o)
     rv = obj["metadata"]["resourceVersion"]
     time.sleep(3.5)
     assert cluster.get("BaseModel", "m1")["metadata"]["resourceVersion"] == rv
