@@ -39,11 +39,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="pin torch/OpenMP threads (1 makes CPU times robust on a shared machine)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="perennial-bench-"))
     base = build_tiny_model(tmp / "model")
     data = write_fruit_data(tmp / "data")
     env = trainer_env(tmp)
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     sft = write_config(tmp / "sft.yaml", run_config(name="warmup", method="SFT", base=base, output=str(tmp / "sft"),
                        datasets=[{"name": "format", "uri": data["sft"]}], hp={"learningRate": "3e-3", "maxSteps": 30, "batchSize": 16}))
     subprocess.run([sys.executable, "-m", "perennial_trainer", "--config", sft], cwd=REPO, env=env, check=True, capture_output=True)
