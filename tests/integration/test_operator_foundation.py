@@ -145,6 +145,12 @@ def test_adapter_ready_reflects_artifact_and_lineage(cluster: Cluster, tmp_path)
     cluster.wait_condition("Adapter", "fam-v1", "Ready", "False", "LineageBroken")
     assert cluster.get("Adapter", "fam-v1") is not None
 
+    # Deleting an Adapter releases the operator's finalizer; its child adapters report the broken lineage.
+    assert FINALIZER in cluster.get("Adapter", "fam-v1")["metadata"]["finalizers"]
+    cluster.kube.delete(API, "Adapter", "default", "fam-v1")
+    wait_for(lambda: cluster.get("Adapter", "fam-v1") is None, message="Adapter deleted")
+    wait_for(lambda: "parent Adapter 'fam-v1' does not exist" in (cluster.condition("Adapter", "fam-v2") or {}).get("message", ""), message="fam-v2 lineage")
+
 
 def test_adapter_spec_is_immutable(cluster: Cluster):
     from perennial.kube import ApiError
