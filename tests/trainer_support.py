@@ -80,7 +80,7 @@ def trainer_env(tmp: str | os.PathLike, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PERENNIAL_TERMINATION_LOG"] = str(Path(tmp) / "termination-log")
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.pop("OMP_NUM_THREADS", None)  # the trainer picks 1 thread for tiny models on CPU
     env.update(extra)
     return env
 

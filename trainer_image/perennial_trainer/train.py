@@ -121,6 +121,21 @@ def load_base(path: str, dev: dict[str, Any]):
     return tok, model
 
 
+def cpu_threads(model, dev: dict[str, Any]) -> None:
+    """Small model on CPU: one intra-op thread. Tiny matmuls gain nothing from threads, and on a busy
+    machine every parallel region waits for a descheduled peer (10x slower). Explicit
+    OMP_NUM_THREADS / PERENNIAL_TORCH_THREADS settings win."""
+    import torch
+
+    if dev["cuda"]:
+        return
+    explicit = os.environ.get("PERENNIAL_TORCH_THREADS")
+    if explicit:
+        torch.set_num_threads(max(1, int(explicit)))
+    elif "OMP_NUM_THREADS" not in os.environ and sum(p.numel() for p in model.parameters()) < 50_000_000:
+        torch.set_num_threads(1)
+
+
 def lora_config(cfg: RunConfig):
     from peft import LoraConfig
 
@@ -309,7 +324,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     spec = cfg.spec
     method = spec.method
     set_seed(spec.hyperparameters.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     dev = device_setup()
     if method == "GRPO" and cfg.reward_spec is None:
         raise TrainerError("method GRPO needs a rewardSpec", "InvalidConfig")
@@ -337,6 +351,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
 
     tok, model = load_base(base_path, dev)
+    cpu_threads(model, dev)
     peft_config = None
     if parent_path:
         from peft import PeftModel
