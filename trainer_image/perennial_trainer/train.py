@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,16 @@ def evaluate(cfg: RunConfig, base_path: str, adapter_dir: str, parent_dir: str |
     return m
 
 
+def _prewarm_matplotlib() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -321,6 +332,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     t_start = time.monotonic()
+    # matplotlib (for the curves) takes ~1 s to import: do it off the critical path
+    threading.Thread(target=_prewarm_matplotlib, name="prewarm", daemon=True).start()
     spec = cfg.spec
     method = spec.method
     set_seed(spec.hyperparameters.seed)
