@@ -39,6 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="perennial's checkpoint cadence (the bare script saves none); 1000000 = off")
     ap.add_argument("--threads", type=int, default=0, help="pin torch/OpenMP threads (1 makes CPU times robust on a shared machine)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="perennial-bench-"))
@@ -54,7 +55,7 @@ def main() -> int:
     def perennial(i: int) -> list[str]:
         cfg = write_config(tmp / f"grpo{i}.yaml", run_config(
             name=f"bench{i}", method="GRPO", base=base, output=str(tmp / f"out-p{i}"), parent=str(tmp / "sft"),
-            datasets=[{"name": "prompts", "uri": data["grpo"]}], reward_spec=FRUIT_REWARD_SPEC,
+            datasets=[{"name": "prompts", "uri": data["grpo"]}], reward_spec=FRUIT_REWARD_SPEC, checkpoint_every=a.checkpoint_every,
             hp={"learningRate": "3e-4", "maxSteps": a.steps, "batchSize": 32, "numGenerations": 16,
                 "maxCompletionLength": 12, "entropyCoef": "0.05", "temperature": "1.0", "seed": 42}))
         return [sys.executable, "-m", "perennial_trainer", "--config", cfg]
