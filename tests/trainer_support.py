@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tinymodel import COLOURS, FRUITS, QUESTION_TEMPLATES, fruit_rows, write_jsonl
+from perennial_trainer.demo import write_fruit_data  # noqa: F401  (the demo's data is the tests' data)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,24 +27,6 @@ FRUIT_REWARD_SPEC: dict[str, Any] = {
         {"name": "unformatted", "completion": "red", "item": {"answer": "red"}, "expect": {"max": "0"}},
     ],
 }
-
-
-def write_fruit_data(d: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """SFT format warm-up rows (random colours), GRPO prompts (train templates), eval prompts (held-out template)."""
-    d = Path(d)
-    rnd = random.Random(seed)
-    train_t, eval_t = QUESTION_TEMPLATES[:3], QUESTION_TEMPLATES[3:]
-    # format only: a random colour per question (no answer leaks), every phrasing
-    sft = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": f"<answer>{rnd.choice(COLOURS)}</answer>"}]}
-           for r in fruit_rows(QUESTION_TEMPLATES)]
-    dpo = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": f"<answer>{r['answer']}</answer>"}],
-            "rejected": [{"role": "assistant", "content": "I do not know"}]} for r in fruit_rows(train_t)]
-    return {
-        "sft": write_jsonl(d / "sft.jsonl", sft),
-        "dpo": write_jsonl(d / "dpo.jsonl", dpo),
-        "grpo": write_jsonl(d / "grpo.jsonl", fruit_rows(train_t)),
-        "eval": write_jsonl(d / "eval.jsonl", fruit_rows(eval_t)),
-    }
 
 
 def run_config(*, name: str, method: str, base: str, output: str, datasets: list[dict], hp: dict | None = None,
