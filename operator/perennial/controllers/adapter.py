@@ -9,14 +9,20 @@ import asyncio
 import logging
 from typing import Any
 
-import kopf
 import pydantic
 
-from ..api.adapter import AdapterSpec
-from ..api.common import GROUP, VERSION
-from ..resources import conditions as cond
 from .. import storage
-from .base import API_VERSION, REGISTRY, RESYNC_SECONDS, Context, context, first_error, forget, generation, reconciler, write_status
+from ..api.adapter import AdapterSpec
+from ..resources import conditions as cond
+from .base import (
+    API_VERSION,
+    RESYNC_SECONDS,
+    Context,
+    first_error,
+    generation,
+    register,
+    write_status,
+)
 
 KIND = "Adapter"
 PLURAL = "adapters"
@@ -84,20 +90,4 @@ async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
     await write_status(ctx, body, status, logger)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@kopf.on.create(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@kopf.on.update(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@reconciler(KIND)
-async def adapter_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=REGISTRY)
-@reconciler(KIND)
-async def adapter_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, registry=REGISTRY, optional=True)
-async def adapter_deleted(body: kopf.Body, **_: Any) -> None:
-    forget(KIND, body)
+register(KIND, PLURAL, reconcile, interval=RESYNC_SECONDS)

@@ -107,3 +107,26 @@ def reconciler(kind: str) -> Callable[[Callable[..., Awaitable[None]]], Callable
 
 def forget(kind: str, body: Any) -> None:
     CONDITIONS.forget(kind, body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+def register(kind: str, plural: str, reconcile: Callable[[Any, Context, logging.Logger], Awaitable[None]], *, interval: float, on_update: bool = True) -> None:
+    """Run `reconcile` on create, resume, spec update (unless the spec is immutable) and every `interval` seconds."""
+    name = kind.lower()
+
+    @reconciler(kind)
+    async def changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+        await reconcile(body, context(memo), logger)
+
+    @reconciler(kind)
+    async def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+        await reconcile(body, context(memo), logger)
+
+    async def deleted(body: kopf.Body, **_: Any) -> None:
+        # Children go by ownerReferences; only the metrics forget the object.
+        forget(kind, body)
+
+    events = [kopf.on.resume, kopf.on.create] + ([kopf.on.update] if on_update else [])
+    for on in events:
+        on(GROUP, VERSION, plural, registry=REGISTRY, id=f"{name}_changed")(changed)
+    kopf.timer(GROUP, VERSION, plural, interval=interval, initial_delay=interval, registry=REGISTRY, id=f"{name}_resync")(resync)
+    kopf.on.delete(GROUP, VERSION, plural, registry=REGISTRY, optional=True, id=f"{name}_deleted")(deleted)

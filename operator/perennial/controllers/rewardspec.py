@@ -10,12 +10,18 @@ from typing import Any
 import kopf
 import pydantic
 
-from ..api.common import GROUP, VERSION
 from ..api.rewardspec import Grader, RewardSpecSpec
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
+from .base import (
+    RESYNC_SECONDS,
+    Context,
+    first_error,
+    generation,
+    register,
+    write_status,
+)
 from .trainingrun import parse_termination
-from .base import REGISTRY, RESYNC_SECONDS, Context, context, first_error, forget, generation, reconciler, write_status
 
 KIND = "RewardSpec"
 PLURAL = "rewardspecs"
@@ -142,20 +148,4 @@ async def validate_tests(body: Any, spec: RewardSpecSpec, ctx: Context, status: 
     return cond.set_condition(conds, "Validated", False, "ValidationJobFailed", f"validation Job {job_name} failed without results: {failed_cond.get('reason', '')} {message or ''}".strip()[:1024], gen)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@kopf.on.create(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@kopf.on.update(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@reconciler(KIND)
-async def rewardspec_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=REGISTRY)
-@reconciler(KIND)
-async def rewardspec_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, registry=REGISTRY, optional=True)
-async def rewardspec_deleted(body: kopf.Body, **_: Any) -> None:
-    forget(KIND, body)
+register(KIND, PLURAL, reconcile, interval=RESYNC_SECONDS)

@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from ..api.common import GROUP, VERSION, now_rfc3339
+from ..api.common import now_rfc3339
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec
 from ..config import OperatorConfig
@@ -25,7 +25,7 @@ from ..kube import ApiError
 from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
 from ..resources import trainingrun as build
-from .base import API_VERSION, REGISTRY, Context, context, first_error, forget, generation, reconciler, write_status
+from .base import API_VERSION, Context, first_error, generation, register, write_status
 
 KIND = "TrainingRun"
 PLURAL = "trainingruns"
@@ -396,20 +396,4 @@ async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
     await done()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@kopf.on.create(GROUP, VERSION, PLURAL, registry=REGISTRY)
-@reconciler(KIND)
-async def trainingrun_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_SECONDS, initial_delay=PROGRESS_SECONDS, registry=REGISTRY)
-@reconciler(KIND)
-async def trainingrun_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(body, context(memo), logger)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, registry=REGISTRY, optional=True)
-async def trainingrun_deleted(body: kopf.Body, **_: Any) -> None:
-    # The Job and its config go with the run (ownerReferences); the Adapter stays.
-    forget(KIND, body)
+register(KIND, PLURAL, reconcile, interval=PROGRESS_SECONDS, on_update=False)
