@@ -29,10 +29,20 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+class _QuietTimers(logging.Filter):
+    """Drop kopf's "Timer '…' succeeded." lines: one per object every few seconds says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not (record.getMessage().startswith("Timer '") and record.getMessage().endswith("' succeeded."))
+
+
 def _configure_logging(fmt: str, verbose: bool) -> None:
     import kopf
 
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if fmt == "json" else kopf.LogFormat.PLAIN)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietTimers())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,10 +60,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def load_manifests(paths: list[str]) -> list[dict[str, Any]]:
-    """YAML documents of the given files and directories (sorted, recursive), in a dependency-friendly order."""
+    """YAML documents of the given files and directories (sorted; like `kubectl apply -f`, not recursive), in a dependency-friendly order."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml")) if p.is_dir() else [p]
+        files += sorted(x for x in p.glob("*") if x.suffix in (".yaml", ".yml")) if p.is_dir() else [p]
     docs = []
     for f in files:
         for doc in yaml.safe_load_all(f.read_text()):

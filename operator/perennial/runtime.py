@@ -67,7 +67,10 @@ def run(
     if metrics_port:
         from .metrics import start_server
 
-        start_server(metrics_port)
+        try:
+            start_server(metrics_port)
+        except OSError as exc:
+            raise SystemExit(f"perennial: cannot serve metrics on port {metrics_port}: {exc.strerror}; choose another with --metrics-port") from None
     memo = build_memo(server, kubeconfig, config)
     kwargs: dict[str, Any] = {}
     if namespaces:
