@@ -35,8 +35,8 @@ def test_apply_examples_get_describe_explain(cluster: Cluster, kubectl):
     out = kubectl("apply", "-f", str(ROOT / "examples")).stdout
     assert "basemodel.perennial.ai/qwen-0-5b created" in out
     assert "trainingrun.perennial.ai/fruit-grpo-1 created" in out
-    cluster.wait_condition("BaseModel", "qwen-0-5b", "Ready", "True")
-    cluster.wait_condition("RewardSpec", "fruit-colours", "Ready", "True")
+    cluster.wait_condition("BaseModel", "qwen-0-5b", "Ready", "True", timeout=60)
+    cluster.wait_condition("RewardSpec", "fruit-colours", "Ready", "True", timeout=60)
 
     listing = kubectl("get", "perennial").stdout
     for name in ("basemodel.perennial.ai/qwen-0-5b", "rewardspec.perennial.ai/python-functions", "trainingrun.perennial.ai/fruit-grpo-1", "deployment.perennial.ai/fruit-assistant"):
@@ -44,7 +44,7 @@ def test_apply_examples_get_describe_explain(cluster: Cluster, kubectl):
     runs = kubectl("get", "trainingruns").stdout
     assert "METHOD" in runs and "PROGRESS" in runs and "GRPO" in runs
     assert "fruit-assistant" in kubectl("get", "pdeploy").stdout
-    wait_for(lambda: "True" in kubectl("get", "bm", "qwen-0-5b").stdout)
+    wait_for(lambda: "True" in kubectl("get", "bm", "qwen-0-5b").stdout, timeout=60)
 
     described = kubectl("describe", "rewardspec", "python-functions").stdout
     assert "Valid" in described and "Events:" in described
@@ -57,7 +57,7 @@ def test_apply_examples_get_describe_explain(cluster: Cluster, kubectl):
     # Re-applying is a no-op.
     assert "unchanged" in kubectl("apply", "-f", str(ROOT / "examples" / "01-basemodel.yaml")).stdout
     kubectl("delete", "-f", str(ROOT / "examples"))
-    wait_for(lambda: "No resources found" in (kubectl("get", "perennial").stdout + kubectl("get", "perennial").stderr), timeout=30)
+    wait_for(lambda: "No resources found" in (kubectl("get", "perennial").stdout + kubectl("get", "perennial").stderr), timeout=90)
 
 
 BAD = {
