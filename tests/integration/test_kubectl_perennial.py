@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import Cluster, wait_for
+from harness import API, Cluster, wait_for
 
 from perennial.local.apiserver import write_kubeconfig
 
@@ -56,8 +56,17 @@ def test_apply_examples_get_describe_explain(cluster: Cluster, kubectl):
 
     # Re-applying is a no-op.
     assert "unchanged" in kubectl("apply", "-f", str(ROOT / "examples" / "01-basemodel.yaml")).stdout
-    kubectl("delete", "-f", str(ROOT / "examples"))
-    wait_for(lambda: "No resources found" in (kubectl("get", "perennial").stdout + kubectl("get", "perennial").stderr), timeout=90)
+    kubectl("delete", "-f", str(ROOT / "examples"), "--wait=false")
+
+    def leftovers():
+        return [
+            (kind, o["metadata"]["name"], o["metadata"].get("finalizers"), o["metadata"].get("annotations"))
+            for kind in ("BaseModel", "RewardSpec", "TrainingRun", "Deployment")
+            for o in cluster.kube.list(API, kind, "default")
+        ]
+
+    wait_for(lambda: not leftovers(), timeout=90, message="every example deleted")
+    assert "No resources found" in kubectl("get", "perennial").stderr
 
 
 BAD = {
