@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .storage import resolve_uri
+
 MARKER = ".perennial-download.json"
 
 
@@ -36,13 +38,7 @@ def download(source: str, dest: str, revision: str | None = None) -> Path:
     else:
         import fsspec
 
-        if parsed.scheme == "pvc":
-            url = os.path.join(os.environ.get("PERENNIAL_PVC_ROOT", "/mnt/pvc"), parsed.netloc, parsed.path.lstrip("/"))
-        elif parsed.scheme == "file":
-            url = parsed.path
-        else:
-            url = source
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(resolve_uri(source))
         if not fs.exists(path):
             raise FileNotFoundError(f"{source} does not exist")
         fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)

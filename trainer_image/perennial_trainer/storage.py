@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from perennial.storage import fsspec_url
+
 from .errors import TrainerError
 
 
@@ -15,11 +17,7 @@ def pvc_root() -> str:
 
 def resolve_uri(uri: str) -> str:
     """Map `pvc://claim/path` to `<PERENNIAL_PVC_ROOT>/claim/path` and `file://` to a path; other URIs unchanged."""
-    if uri.startswith("pvc://"):
-        return os.path.join(pvc_root(), uri[len("pvc://"):])
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return uri
+    return fsspec_url(uri, pvc_root())
 
 
 def is_local(uri: str) -> bool:
