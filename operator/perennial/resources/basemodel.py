@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.basemodel import BaseModelSpec
-from .common import child_name, labels, owner_reference, restricted_security_context, short_hash
+from .common import child_name, labels, owned_metadata, restricted_security_context, short_hash
 
 CACHE_MOUNT = "/cache"
 
@@ -30,12 +30,7 @@ def cache_pvc(body: dict[str, Any], spec: BaseModelSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": cache_claim_name(name),
-            "namespace": body["metadata"]["namespace"],
-            "labels": labels("BaseModel", name, "weight-cache"),
-            "ownerReferences": [owner_reference(body)],
-        },
+        "metadata": owned_metadata(body, cache_claim_name(name), labels("BaseModel", name, "weight-cache")),
         "spec": pvc_spec,
     }
 
@@ -60,12 +55,7 @@ def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str) -> dict[
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": download_job_name(name, spec),
-            "namespace": body["metadata"]["namespace"],
-            "labels": labels("BaseModel", name, "weight-download"),
-            "ownerReferences": [owner_reference(body)],
-        },
+        "metadata": owned_metadata(body, download_job_name(name, spec), labels("BaseModel", name, "weight-download")),
         "spec": {
             "backoffLimit": 4,
             "ttlSecondsAfterFinished": 86400,

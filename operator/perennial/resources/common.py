@@ -54,6 +54,16 @@ def owner_reference(owner: dict[str, Any], controller: bool = True) -> dict[str,
     }
 
 
+def owned_metadata(owner: dict[str, Any], name: str, child_labels: dict[str, str]) -> dict[str, Any]:
+    """Metadata of a child in its owner's namespace, garbage-collected with it."""
+    return {
+        "name": name,
+        "namespace": owner["metadata"]["namespace"],
+        "labels": child_labels,
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
 def restricted_security_context() -> dict[str, Any]:
     """Container security context of the `restricted` Pod Security Standard."""
     return {

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from ..api.rewardspec import RewardSpecSpec
-from .common import child_name, labels, owner_reference, restricted_security_context, short_hash
+from .common import child_name, labels, owned_metadata, restricted_security_context, short_hash
 from .trainingrun import SECRETS_DIR, TERMINATION_LOG, judge_secrets
 
 MOUNT = "/etc/perennial"
@@ -29,12 +29,7 @@ def validation_config(body: dict[str, Any], spec: RewardSpecSpec) -> dict[str, A
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": cm_name,
-            "namespace": body["metadata"]["namespace"],
-            "labels": labels("RewardSpec", name, "validation"),
-            "ownerReferences": [owner_reference(body)],
-        },
+        "metadata": owned_metadata(body, cm_name, labels("RewardSpec", name, "validation")),
         "data": {"rewardspec.yaml": yaml.safe_dump(spec.to_dict(), sort_keys=False)},
     }
 
@@ -52,7 +47,7 @@ def validation_job(body: dict[str, Any], spec: RewardSpecSpec, image: str) -> di
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name, "namespace": body["metadata"]["namespace"], "labels": pod_labels, "ownerReferences": [owner_reference(body)]},
+        "metadata": owned_metadata(body, job_name, pod_labels),
         "spec": {
             "backoffLimit": 0,
             "activeDeadlineSeconds": 600,

@@ -15,7 +15,7 @@ import yaml
 
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec
-from .common import child_name, labels, owner_reference, restricted_security_context
+from .common import child_name, labels, owned_metadata, restricted_security_context
 
 CONFIG_MOUNT = "/etc/perennial"
 CONFIG_FILE = f"{CONFIG_MOUNT}/run.yaml"
@@ -82,12 +82,7 @@ def config_map(body: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": config_name(name),
-            "namespace": body["metadata"]["namespace"],
-            "labels": labels("TrainingRun", name, "run-config"),
-            "ownerReferences": [owner_reference(body)],
-        },
+        "metadata": owned_metadata(body, config_name(name), labels("TrainingRun", name, "run-config")),
         "data": {"run.yaml": yaml.safe_dump(config, sort_keys=False)},
     }
 
@@ -141,7 +136,6 @@ def job(
     judge_keys: list[tuple[str, str]],
 ) -> dict[str, Any]:
     name = body["metadata"]["name"]
-    ns = body["metadata"]["namespace"]
     pod_labels = labels("TrainingRun", name, "trainer")
     volumes: list[dict[str, Any]] = [
         {"name": "run-config", "configMap": {"name": config_name(name)}},
@@ -218,7 +212,7 @@ def job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(name), "namespace": ns, "labels": pod_labels, "ownerReferences": [owner_reference(body)]},
+        "metadata": owned_metadata(body, job_name(name), pod_labels),
         "spec": job_spec,
     }
 
