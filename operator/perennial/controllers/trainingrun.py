@@ -216,10 +216,15 @@ async def resolve(ctx: Context, body: dict[str, Any], spec: TrainingRunSpec) -> 
 # ----------------------------------------------------------------------------- the Adapter
 
 
-async def ensure_adapter(ctx: Context, body: dict[str, Any], spec: TrainingRunSpec, result: dict[str, Any], logger: logging.Logger) -> str:
-    """Create (once) the Adapter of a successful run; returns its name."""
+async def ensure_adapter(ctx: Context, body: dict[str, Any], spec: TrainingRunSpec, result: dict[str, Any], logger: logging.Logger, known: str | None = None) -> str:
+    """Create (once) the Adapter of a successful run; returns its name. `known`: the name status already links."""
     meta = body["metadata"]
     ns = meta["namespace"]
+    if known:  # the common case on every later pass: one GET, no list of the family
+        linked = await ctx.kube.aget(API_VERSION, "Adapter", ns, known)
+        if linked is not None and (linked["spec"].get("lineage") or {}).get("trainingRunUid") == meta["uid"]:
+            await _adapter_metrics(ctx, linked, result)
+            return known
     family = spec.output.adapter_family
     existing = await ctx.kube.alist(API_VERSION, "Adapter", ns, f"perennial.ai/adapter-family={family}")
     for a in existing:
@@ -305,7 +310,8 @@ async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
             if key in old:
                 status[key] = old[key]
         result = {"metrics": {m["name"]: float(m["value"]) for m in old.get("metrics") or []}, "artifactUri": old.get("artifactUri")}
-        status["adapterRef"] = {"name": await ensure_adapter(ctx, body, spec, result, logger)}
+        known = (old.get("adapterRef") or {}).get("name")
+        status["adapterRef"] = {"name": await ensure_adapter(ctx, body, spec, result, logger, known=known)}
         await done()
         return
     if succeeded.get("status") == "False":
