@@ -39,6 +39,7 @@ args = GRPOConfig(
     max_completion_length=12, temperature=1.0, beta=0.0, entropy_coef=0.05, reward_weights=[1.0, 1.0],
     logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=42, data_seed=42,
     lr_scheduler_type="constant_with_warmup", disable_tqdm=True,
+    activation_checkpointing=False,  # TRL's default is on; on CPU it only recomputes (FACTS.md)
 )
 trainer = GRPOTrainer(model=model, reward_funcs=[format, correct], args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
 trainer.train()

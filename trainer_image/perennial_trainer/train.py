@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
 from .callbacks import ProgressCallback
+from .curves import CurvePlotter
 from .progress import atomic_write_json
 from .storage import is_local, localize, resolve_uri, upload_dir
 
@@ -168,8 +168,9 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
         dataloader_num_workers=0,
         lr_scheduler_type="constant_with_warmup" if method == "GRPO" else "linear",
     )
-    if dev["gradient_checkpointing"]:  # GPU only: on CPU it only costs time
-        common["gradient_checkpointing"] = True
+    # TRL turns activation (gradient) checkpointing on by default: worth its recomputation on a GPU
+    # short of memory, pure cost on CPU (about 10% of a GRPO step on the tiny model). Always explicit.
+    common["activation_checkpointing"] = bool(dev["gradient_checkpointing"])
     if method == "SFT":
         return SFTConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024, **common)
     if method == "DPO":
@@ -260,38 +261,6 @@ def evaluate(cfg: RunConfig, base_path: str, adapter_dir: str, parent_dir: str |
     return m
 
 
-def _prewarm_matplotlib() -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def plot_curves(history: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "reward")}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts])
-        ax.set_xlabel("step")
-        ax.set_ylabel(k)
-        ax.set_title(k)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------ run
 
 
@@ -332,8 +301,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     t_start = time.monotonic()
-    # matplotlib (for the curves) takes ~1 s to import: do it off the critical path
-    threading.Thread(target=_prewarm_matplotlib, name="prewarm", daemon=True).start()
     spec = cfg.spec
     method = spec.method
     set_seed(spec.hyperparameters.seed)
@@ -349,6 +316,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="perennial-run-"))
     staging = work / "artifact"
     staging.mkdir()
+    plotter = CurvePlotter(str(staging / "curves.png"))  # imports matplotlib on another core meanwhile
+    try:
+        return _run(cfg, dev, datasets_, train_rows, eval_rows, work, staging, plotter, t_start)
+    finally:
+        plotter.cancel()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], train_rows: list[dict], eval_rows: list[dict],
+         work: Path, staging: Path, plotter: CurvePlotter, t_start: float) -> dict[str, Any]:
+    spec = cfg.spec
+    method = spec.method
     base_path = localize(cfg.base_model_uri, work)
     parent_path = None
     if cfg.parent_adapter_uri:
@@ -410,6 +389,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.info("resuming from checkpoint %s", last)
         print(f"PERENNIAL_RESUME {json.dumps({'checkpoint': last})}", flush=True)
     train_out = trainer.train(resume_from_checkpoint=last)
+    plotter.send(progress.history)  # drawn while the adapter is saved and evaluated
     trainer.model.save_pretrained(str(staging))
     tok.save_pretrained(str(staging))
     train_seconds = time.monotonic() - t_start
@@ -453,7 +433,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         pass
     files = {}
     for f in sorted(staging.iterdir()):
-        if f.is_file() and f.name != "progress.json":
+        if f.is_file() and f.name != "progress.json" and not f.name.startswith("curves."):  # the plot is being drawn
             files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     manifest = {
         "apiVersion": "perennial.ai/v1alpha1", "kind": "AdapterArtifact",
@@ -463,14 +443,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     atomic_write_json(staging / "metrics.json", metrics)
     atomic_write_json(staging / "manifest.json", manifest)
-    try:
-        plot_curves(progress.history, str(staging / "curves.png"))
-    except Exception as e:  # noqa: BLE001 - a plot never fails the run
-        log.warning("cannot plot curves: %s", e)
+    plotter.wait()
     upload_dir(staging, cfg.output_uri)
     if os.path.isdir(ckpt_dir) and not cfg.checkpoint_dir and is_local(cfg.output_uri):
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the default checkpoints live inside the artifact dir
-    shutil.rmtree(work, ignore_errors=True)
     message = f"{method} trained {int(metrics['train/steps'])} steps"
     if "eval/mean_reward" in metrics:
         message += f"; eval mean reward {metrics['eval/mean_reward']:.3f} vs baseline {metrics['eval/baseline_mean_reward']:.3f}"
