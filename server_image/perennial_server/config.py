@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field, fields
+from urllib.parse import SplitResult, urlsplit
 
 
 @dataclass
@@ -42,12 +43,29 @@ class SidecarConfig:
     engine_health_path: str = "/health"
     drain_timeout_s: float = 30.0
     capture_queue_max: int = 10000
+    feedback_batch_max: int = 1000
+
+    def upstream_url(self) -> SplitResult:
+        """The engine's base URL: plain HTTP (it sits in the same pod), host and port, optional path prefix."""
+        u = urlsplit(self.upstream)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"`upstream` must be an http://host:port URL of the engine in this pod, not {self.upstream!r}")
+        try:
+            u.port
+        except ValueError:
+            raise ValueError(f"`upstream` has an invalid port: {self.upstream!r}") from None
+        if u.query or u.fragment:
+            raise ValueError(f"`upstream` must not have a query or fragment: {self.upstream!r}")
+        return u
 
     def validate(self) -> None:
+        self.upstream_url()
         if not 0 <= self.sample_percent <= 100:
             raise ValueError("`sample_percent` must be within 0..100")
         if self.max_body_bytes < 1024:
             raise ValueError("`max_body_bytes` must be at least 1024")
+        if not 1 <= self.feedback_batch_max <= 100000:
+            raise ValueError("`feedback_batch_max` must be within 1..100000")
         if self.rate_limit_per_second <= 0:
             raise ValueError("`rate_limit_per_second` must be positive")
         json.loads(self.redaction_extra_patterns or "[]")
@@ -75,10 +93,11 @@ _HELP = {
     "segment_max_age_s": "roll segments at this age",
     "ship_interval_s": "shipper poll interval",
     "upstream_connect_timeout_s": "engine connect timeout (502 on failure)",
-    "upstream_timeout_s": "engine total timeout (504 on expiry)",
+    "upstream_timeout_s": "engine read timeout: no byte for this long is a 504 (mid-stream: the stream is cut)",
     "engine_health_path": "engine path probed by /readyz",
     "drain_timeout_s": "on SIGTERM, wait this long for in-flight requests",
     "capture_queue_max": "captured interactions waiting for the writer before new ones are dropped",
+    "feedback_batch_max": "most feedback objects in one POST /v1/feedback array (stored all or none)",
 }
 
 

@@ -24,14 +24,13 @@ import random
 import signal
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
-import aiohttp
 import pydantic
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from yarl import URL
+from multidict import CIMultiDict
 
 from perennial.api.records import FeedbackRecord, InteractionRecord
 
@@ -40,6 +39,7 @@ from .errors import json_error
 from .redact import Redactor
 from .shipper import Shipper, Store
 from .spool import Spool
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("perennial_server.sidecar")
 
@@ -50,6 +50,7 @@ HOP_BY_HOP = frozenset(
         "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding",
     )
 )
+HOP_BY_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
 RESP_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding", "Date", "Server", "X-Request-Id"))
 CAPTURED = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/healthz", "/readyz", "/metrics", "/health")
@@ -162,6 +163,12 @@ class RateLimiter:
 
 class BodyTooLarge(Exception):
     pass
+
+
+class FeedbackError(NamedTuple):
+    message: str
+    code: str
+    param: str | None = None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -313,12 +320,13 @@ class Sidecar:
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
         self.upstream = cfg.upstream.rstrip("/")
         self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
-                           coalesce_s=0.005)
+                           coalesce_s=0.05)  # interactions: one write per 50 ms (their fsync is once a second anyway)
         self.shipper: Shipper | None = None
         self.capture = Capture(self)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
+        up = cfg.upstream_url()
+        self.upstream_host, self.upstream_port, self.upstream_prefix = up.hostname or "127.0.0.1", up.port or 80, up.path.rstrip("/")
         self._sample = cfg.sample_percent / 100.0
-        self._urls: dict[str, URL] = {}
 
     # ------------------------------------------------------------ lifecycle
     def make_app(self) -> web.Application:
@@ -347,14 +355,8 @@ class Sidecar:
         if self.shipper:
             self.shipper.start()  # ships them
         self.capture.start()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.upstream_connect_timeout_s, sock_read=self.cfg.upstream_timeout_s)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-            timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            # the engine's cookies are the client's business (passed through as headers): never keep them
-            # in a jar shared by every client, and skip the jar's per-request work
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self.pool = UpstreamPool(self.upstream_host, self.upstream_port, connect_timeout_s=self.cfg.upstream_connect_timeout_s,
+                                 read_timeout_s=self.cfg.upstream_timeout_s)
         log.info("Started sidecar upstream=%s spool=%s store=%s", self.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
 
     def _set_backlog(self, segments: int, size: int) -> None:
@@ -366,8 +368,8 @@ class Sidecar:
         await self.spool.close()
         if self.shipper:
             await self.shipper.stop()
-        if self.session:
-            await self.session.close()
+        if self.pool:
+            await self.pool.close()
         log.info("Stopped sidecar records=%d fsyncs=%d", self.spool.records, self.spool.fsyncs)
 
     # ------------------------------------------------------------ small routes
@@ -383,12 +385,17 @@ class Sidecar:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        assert self.session is not None
+        assert self.pool is not None
+        ok = False
         try:
-            async with self.session.get(self.upstream + self.cfg.engine_health_path, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
-                await r.read()
-                ok = r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            async with asyncio.timeout(2.0):
+                r = await self.pool.request("GET", self.upstream_prefix + self.cfg.engine_health_path, [])
+                try:
+                    await r.read()
+                    ok = r.status == 200
+                finally:
+                    r.release()
+        except (UpstreamError, TimeoutError, OSError):
             ok = False
         self._count("/readyz", 200 if ok else 503)
         if not ok:
@@ -410,6 +417,7 @@ class Sidecar:
         return resp
 
     async def _feedback(self, request: web.Request) -> web.Response:
+        """One feedback object, or a JSON array of up to `feedback_batch_max` of them (all or none)."""
         ok, retry = self.limiter.allow(request.remote or "?")
         if not ok:
             return json_error(429, "too many feedback requests; slow down", "rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(retry)))})
@@ -422,57 +430,77 @@ class Sidecar:
         try:
             body = json.loads(raw)
         except ValueError:
-            return json_error(400, "request body must be a JSON object", "invalid_json")
+            return json_error(400, "request body must be a JSON object (or an array of them)", "invalid_json")
+        batch = isinstance(body, list)
+        items = body if batch else [body]
+        if batch and not 1 <= len(items) <= self.cfg.feedback_batch_max:
+            return json_error(400, f"a feedback array must hold 1 to {self.cfg.feedback_batch_max} objects, not {len(items)}", "invalid_batch_size")
+        recs: list[FeedbackRecord] = []
+        lines: list[str] = []
+        for i, item in enumerate(items):
+            res = self._feedback_record(item)
+            if isinstance(res, FeedbackError):
+                where = f"[{i}]" if batch else ""
+                param = (where + ("." if res.param and batch else "") + (res.param or "")) or None
+                return json_error(400, (f"feedback{where}: " if batch else "") + res.message, res.code, param=param)
+            recs.append(res[0])
+            lines.append(res[1])
+        try:
+            for line in lines:  # no await in between: one write and one fsync carry the whole batch
+                self.spool.append_nowait(line)
+            await self.spool.sync()
+        except (OSError, RuntimeError) as e:
+            return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
+        for rec in recs:
+            self.metrics.feedback.labels(rec.type).inc()
+        self.metrics.captured_feedback.inc(len(recs))
+        out = [{"id": r.id, "object": "feedback", "response_id": r.response_id, "type": r.type, "status": "recorded"} for r in recs]
+        return web.json_response({"object": "list", "data": out} if batch else out[0])
+
+    def _feedback_record(self, body: Any) -> tuple[FeedbackRecord, str] | "FeedbackError":
         if not isinstance(body, dict):
-            return json_error(400, "request body must be a JSON object", "invalid_json")
+            return FeedbackError("request body must be a JSON object (or an array of them)", "invalid_json")
         fields: dict[str, Any] = {}
         for k, v in body.items():
             name = FEEDBACK_FIELDS.get(k)
             if name is None:
-                return json_error(400, f"unknown field `{k}`", "unknown_field", param=k[:64])
+                return FeedbackError(f"unknown field `{k}`", "unknown_field", k[:64])
             fields[name] = v
         if "type" not in fields:
             present = [t for t in ("score", "thumbs", "label", "correction") if fields.get(t) is not None]
             if fields.get("other_response_id") is not None or fields.get("chosen") is not None:
                 present.append("preference")
             if len(present) != 1:
-                return json_error(400, "`type` must be one of 'score', 'thumbs', 'label', 'correction', 'preference'", "missing_type", param="type")
+                return FeedbackError("`type` must be one of 'score', 'thumbs', 'label', 'correction', 'preference'", "missing_type", "type")
             fields["type"] = present[0]
         sc = fields.get("score")
         if isinstance(sc, float) and not math.isfinite(sc):
-            return json_error(400, "`score` must be a finite number", "invalid_value", param="score")
+            return FeedbackError("`score` must be a finite number", "invalid_value", "score")
         if isinstance(sc, bool):
-            return json_error(400, "`score` must be a number", "invalid_value", param="score")
+            return FeedbackError("`score` must be a number", "invalid_value", "score")
         for t in FEEDBACK_TEXT:
             if isinstance(fields.get(t), str):
                 fields[t] = self.redactor.text(fields[t])
         try:
             rec = FeedbackRecord(**fields, deployment=self.cfg.deployment, namespace=self.cfg.namespace)
-            line = rec.to_json()
+            return rec, rec.to_json()
         except pydantic.ValidationError as e:
             err = e.errors()[0] if e.errors() else {}
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
             msg = str(err.get("msg", "invalid feedback")).removeprefix("Value error, ")
-            return json_error(400, f"`{loc}`: {msg}" if loc else msg, "invalid_feedback", param=loc or None)
+            return FeedbackError(f"`{loc}`: {msg}" if loc else msg, "invalid_feedback", loc or None)
         except (ValueError, TypeError) as e:  # e.g. unencodable strings
-            return json_error(400, f"invalid feedback: {e}"[:300], "invalid_feedback")
-        try:
-            await self.spool.append(line, durable=True)
-        except (OSError, RuntimeError) as e:
-            return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
-        self.metrics.feedback.labels(rec.type).inc()
-        self.metrics.captured_feedback.inc()
-        return web.json_response({"id": rec.id, "object": "feedback", "response_id": rec.response_id, "type": rec.type, "status": "recorded"})
+            return FeedbackError(f"invalid feedback: {e}"[:300], "invalid_feedback")
 
     # ------------------------------------------------------------ proxy
-    def _fwd_headers(self, request: web.Request) -> dict[str, str]:
-        h = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        h["X-Forwarded-For"] = request.remote or ""
+    def _fwd_headers(self, request: web.Request) -> list[tuple[str, str]]:
+        h = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers if k.lower() not in HOP_BY_HOP_B]
+        h.append(("X-Forwarded-For", request.remote or ""))
         return h
 
     @staticmethod
-    def _resp_headers(up: aiohttp.ClientResponse, rid: str) -> dict[str, str]:
-        h = {k: v for k, v in up.headers.items() if k.lower() not in RESP_DROP}
+    def _resp_headers(up: UpstreamResponse, rid: str) -> CIMultiDict[str]:
+        h: CIMultiDict[str] = CIMultiDict((k, v) for k, v in up.headers if k.lower() not in RESP_DROP)
         h["X-Request-Id"] = rid
         return h
 
@@ -480,14 +508,14 @@ class Sidecar:
         t0 = time.perf_counter()
         path = request.path
         try:
-            resp, t_up = await self._proxy(request, t0)
+            resp = await self._proxy(request, t0)
         except BodyTooLarge:
-            resp, t_up = json_error(413, f"request body must not exceed {self.cfg.max_body_bytes} bytes", "body_too_large"), None
+            resp = json_error(413, f"request body must not exceed {self.cfg.max_body_bytes} bytes", "body_too_large")
         self._count(path, resp.status)
         return resp
 
-    async def _proxy(self, request: web.Request, t0: float) -> tuple[web.StreamResponse, float | None]:
-        assert self.session is not None
+    async def _proxy(self, request: web.Request, t0: float) -> web.StreamResponse:
+        assert self.pool is not None
         body = await read_body(request, self.cfg.max_body_bytes)
         endpoint = CAPTURED.get(request.path) if request.method == "POST" else None
         req_json: dict | None = None
@@ -498,79 +526,88 @@ class Sidecar:
             except ValueError:
                 req_json = None
         capture = req_json is not None and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
-        raw_path = request.raw_path
-        url = self._urls.get(raw_path)
-        if url is None:
-            url = URL(self.upstream + raw_path, encoded=True)
-            if len(self._urls) < 1024:  # the few engine paths; not every distinct query string
-                self._urls[raw_path] = url
         t_send = time.perf_counter()
         try:
-            async with self.session.request(request.method, url, headers=self._fwd_headers(request), data=body or None, allow_redirects=False) as up:
-                t_head = time.perf_counter()
-                ctype = up.headers.get("Content-Type", "")
-                if endpoint and ctype.startswith("text/event-stream"):
-                    return await self._stream(request, up, endpoint, req_json, capture, t0, t_send, t_head), t_send
-                if endpoint:
-                    data = await up.read()
-                    t_done = time.perf_counter()
-                    rid = None
-                    out_json = None
-                    if ctype.startswith("application/json"):
-                        try:
-                            out_json = json.loads(data)
-                        except ValueError:
-                            out_json = None
-                    if isinstance(out_json, dict) and up.status < 400:
-                        rid = out_json.get("id") if isinstance(out_json.get("id"), str) and out_json.get("id") else None
-                        if rid is None:
-                            rid = self._new_id(endpoint)
-                            out_json["id"] = rid
-                            data = json.dumps(out_json).encode()
-                    rid = rid or self._new_id(endpoint)
-                    resp = web.Response(body=data, status=up.status, headers=self._resp_headers(up, rid))
-                    try:
-                        await resp.prepare(request)
-                        await resp.write_eof()
-                    except ConnectionResetError:
-                        pass  # the client went away; the interaction still happened
-                    t_end = time.perf_counter()
-                    self.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
-                    if capture and up.status == 200 and isinstance(out_json, dict):
-                        self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
-                    return resp, t_send
-                # any other path: stream it through untouched
-                rid = up.headers.get("X-Request-Id") or uuid.uuid4().hex
-                resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
-                if up.content_length is not None:
-                    resp.content_length = up.content_length
-                await resp.prepare(request)
-                try:
-                    async for chunk in up.content.iter_any():
-                        await resp.write(chunk)
-                    await resp.write_eof()
-                except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
-                    # headers are out: nothing to do but cut the connection
-                    self.metrics.upstream_errors.labels("stream").inc()
-                    if request.transport is not None:
-                        request.transport.close()
-                self.metrics.added_latency.observe(t_send - t0)
-                return resp, t_send
-        except asyncio.TimeoutError:
+            up = await self.pool.request(request.method, self.upstream_prefix + request.raw_path, self._fwd_headers(request), body or None)
+        except UpstreamTimeout:
             self.metrics.upstream_errors.labels("timeout").inc()
-            return json_error(504, "the engine did not answer in time", "upstream_timeout"), t_send
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
-            if isinstance(e, (ConnectionResetError, aiohttp.ClientConnectionResetError)) and request.transport is None:
-                raise  # the client went away
+            return json_error(504, "the engine did not answer in time", "upstream_timeout")
+        except UpstreamError as e:
             self.metrics.upstream_errors.labels("connection").inc()
-            return json_error(502, "the engine is unavailable", "upstream_unavailable"), t_send
+            log.debug("Engine request failed error=%s", e)
+            return json_error(502, "the engine is unavailable", "upstream_unavailable")
+        try:
+            ctype = up.header("Content-Type") or ""
+            if endpoint and ctype.startswith("text/event-stream"):
+                return await self._stream(request, up, endpoint, req_json, capture, t0, t_send)
+            if endpoint:
+                return await self._json(request, up, endpoint, ctype, req_json, capture, t0, t_send)
+            return await self._passthrough(request, up, t0, t_send)
+        except UpstreamTimeout:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            return json_error(504, "the engine did not answer in time", "upstream_timeout")
+        except UpstreamError:
+            self.metrics.upstream_errors.labels("connection").inc()
+            return json_error(502, "the engine is unavailable", "upstream_unavailable")
+        finally:
+            up.release()
+
+    async def _json(self, request: web.Request, up: UpstreamResponse, endpoint: str, ctype: str, req_json: dict | None,
+                    capture: bool, t0: float, t_send: float) -> web.StreamResponse:
+        """A whole (non-streamed) completion: make sure it has an id, answer, capture."""
+        data = await up.read()
+        t_done = time.perf_counter()
+        rid = None
+        out_json = None
+        if ctype.startswith("application/json"):
+            try:
+                out_json = json.loads(data)
+            except ValueError:
+                out_json = None
+        if isinstance(out_json, dict) and up.status < 400:
+            rid = out_json.get("id") if isinstance(out_json.get("id"), str) and out_json.get("id") else None
+            if rid is None:
+                rid = self._new_id(endpoint)
+                out_json["id"] = rid
+                data = json.dumps(out_json).encode()
+        rid = rid or self._new_id(endpoint)
+        resp = web.Response(body=data, status=up.status, headers=self._resp_headers(up, rid))
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; the interaction still happened
+        t_end = time.perf_counter()
+        self.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
+        if capture and up.status == 200 and isinstance(out_json, dict):
+            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
+        return resp
+
+    async def _passthrough(self, request: web.Request, up: UpstreamResponse, t0: float, t_send: float) -> web.StreamResponse:
+        """Any other path: stream it through untouched."""
+        rid = up.header("X-Request-Id") or uuid.uuid4().hex
+        resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
+        if up.content_length is not None:
+            resp.content_length = up.content_length
+        await resp.prepare(request)
+        try:
+            async for chunk in up.iter_chunks():
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (UpstreamError, OSError):
+            # headers are out: nothing to do but cut the connection
+            self.metrics.upstream_errors.labels("stream").inc()
+            if request.transport is not None:
+                request.transport.close()
+        self.metrics.added_latency.observe(t_send - t0)
+        return resp
 
     @staticmethod
     def _new_id(endpoint: str) -> str:
         return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
 
-    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, endpoint: str, req_json: dict | None,
-                      capture: bool, t0: float, t_send: float, t_head: float) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, up: UpstreamResponse, endpoint: str, req_json: dict | None,
+                      capture: bool, t0: float, t_send: float) -> web.StreamResponse:
         """SSE: forward chunk by chunk; the response id is the engine's first chunk id (or one we assign)."""
         pending = bytearray()
         rid: str | None = None
@@ -579,7 +616,7 @@ class Sidecar:
         raw_all = bytearray() if capture else None
         added = t_send - t0
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_chunks():
                 if resp is not None and not rewrite:
                     await resp.write(chunk)
                     if raw_all is not None:
@@ -609,8 +646,8 @@ class Sidecar:
             if rewrite and pending:
                 await self._write_rewritten(resp, pending, rid, raw_all, final=True)
             await resp.write_eof()
-        except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError) as e:
-            if isinstance(e, (aiohttp.ClientConnectionResetError, ConnectionResetError)) or request.transport is None or request.transport.is_closing():
+        except (UpstreamError, ConnectionResetError) as e:
+            if isinstance(e, ConnectionResetError) or request.transport is None or request.transport.is_closing():
                 # the client went away (often right after reading `[DONE]`): keep what it was sent
                 if capture and up.status == 200 and raw_all and rid:
                     self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint),
@@ -626,7 +663,7 @@ class Sidecar:
             try:
                 await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
                 await resp.write_eof()
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            except ConnectionResetError:
                 pass
             return resp
         t_end = time.perf_counter()

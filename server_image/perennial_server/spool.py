@@ -176,11 +176,19 @@ class Spool:
         """Append a record; with `durable`, return only once it is fsync'd."""
         self.append_nowait(line)
         if durable:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            if self._coalescing is not None:
-                _resolve(self._coalescing)
-            await fut
+            await self.sync()
+
+    async def sync(self) -> None:
+        """Return once everything appended so far is fsync'd (group commit with other waiters)."""
+        if self._closing:
+            raise RuntimeError("spool is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if self._coalescing is not None:
+            _resolve(self._coalescing)
+        assert self._wake is not None
+        self._wake.set()
+        await fut
 
     @property
     def pending(self) -> int:
@@ -236,7 +244,7 @@ class Spool:
         return None
 
     async def _flush_once(self) -> None:
-        if not self._buf:
+        if not self._buf and not self._waiters:
             return
         buf, self._buf = self._buf, []
         waiters, self._waiters = self._waiters, []

@@ -101,6 +101,41 @@ def test_feedback_validation_errors(fake_upstream, sidecar_factory) -> None:
     assert _err(requests.get(url, headers=AUTH), 405)["code"] == "method_not_allowed"
 
 
+def _spooled(spool_dir: str) -> list[dict]:
+    """Every record on the sidecar's local disk (open and closed segments)."""
+    out = []
+    for p in sorted(Path(spool_dir).glob("*-*.*")):
+        if p.suffix in (".open", ".jsonl"):
+            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def test_feedback_batch_is_stored_all_or_none(fake_upstream, sidecar_factory) -> None:
+    t, _, cfg = sidecar_factory(fake_upstream.url, feedback_batch_max=5, store_uri="")
+    url = t.url + "/v1/feedback"
+    batch = [{"id": "fb-a", "response_id": "chatcmpl-1", "thumbs": "up"},
+             {"id": "fb-b", "response_id": "chatcmpl-2", "score": 0.25},
+             {"id": "fb-c", "response_id": "chatcmpl-3", "correction": "mail me at jane@example.com"}]
+    r = requests.post(url, json=batch, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["id"] for d in body["data"]] == ["fb-a", "fb-b", "fb-c"]
+    assert [d["type"] for d in body["data"]] == ["thumbs", "score", "correction"]
+    stored = {rec["id"]: rec for rec in _spooled(cfg.spool_dir)}  # answered 200: already on disk
+    assert set(stored) == {"fb-a", "fb-b", "fb-c"}
+    assert "jane@example.com" not in stored["fb-c"]["correction"]
+
+    # one bad object: a 400 naming it, and none of the batch is stored
+    bad = [{"id": "fb-d", "response_id": "chatcmpl-4", "thumbs": "up"}, {"id": "fb-e", "response_id": "chatcmpl-5", "type": "score", "score": True}]
+    e = _err(requests.post(url, json=bad, headers=AUTH), 400)
+    assert e["param"] == "[1].score" and e["message"].startswith("feedback[1]: ")
+    e = _err(requests.post(url, json=[GOOD, {**GOOD, "nope": 1}], headers=AUTH), 400)
+    assert e["param"] == "[1].nope" and e["code"] == "unknown_field"
+    assert _err(requests.post(url, json=[], headers=AUTH), 400)["code"] == "invalid_batch_size"
+    assert _err(requests.post(url, json=[GOOD] * 6, headers=AUTH), 400)["code"] == "invalid_batch_size"
+    assert {rec["id"] for rec in _spooled(cfg.spool_dir)} == {"fb-a", "fb-b", "fb-c"}
+
+
 def test_feedback_rate_limit(fake_upstream, sidecar_factory) -> None:
     t, _, _ = sidecar_factory(fake_upstream.url, rate_limit_per_second=5)
     s = requests.Session()
