@@ -247,6 +247,7 @@ class Capture:
         self.q: collections.deque[dict] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.batch_wait_s = 0.02
 
     def submit(self, item: dict) -> None:
         if len(self.q) >= self.s.cfg.capture_queue_max:
@@ -291,6 +292,9 @@ class Capture:
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            # let interactions gather for a moment: one wake-up then builds many (the records are
+            # written every 50 ms anyway), instead of a task switch per response
+            await asyncio.sleep(self.batch_wait_s)
             self._wake.clear()
             while self.q:
                 self.drain_some()
@@ -616,28 +620,33 @@ class Sidecar:
         raw_all = bytearray() if capture else None
         added = t_send - t0
         try:
-            async for chunk in up.iter_chunks():
-                if resp is not None and not rewrite:
-                    await resp.write(chunk)
-                    if raw_all is not None:
-                        raw_all += chunk
-                    continue
-                pending += chunk
-                if resp is None:
-                    rid, rewrite = self._first_id(pending, endpoint)
-                    if rid is None:
-                        continue  # no complete event yet
-                    t = time.perf_counter()
-                    resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
-                    await resp.prepare(request)
-                    added += time.perf_counter() - t
-                if rewrite:
-                    pending = await self._write_rewritten(resp, pending, rid, raw_all, final=False)
-                else:
-                    await resp.write(bytes(pending))
-                    if raw_all is not None:
-                        raw_all += pending
-                    pending = bytearray()
+            passthrough = False
+            chunks = up.iter_chunks()
+            try:
+                async for chunk in chunks:
+                    pending += chunk
+                    if resp is None:
+                        rid, rewrite = self._first_id(pending, endpoint)
+                        if rid is None:
+                            continue  # no complete event yet
+                        t = time.perf_counter()
+                        resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
+                        await resp.prepare(request)
+                        added += time.perf_counter() - t
+                    if rewrite:
+                        pending = await self._write_rewritten(resp, pending, rid, raw_all, final=False)
+                    else:
+                        await resp.write(bytes(pending))  # the head goes out with it
+                        if raw_all is not None:
+                            raw_all += pending
+                        pending = bytearray()
+                        passthrough = True
+                        break
+            finally:
+                await chunks.aclose()
+            if passthrough:
+                assert resp is not None
+                await self._pump(request, resp, up, raw_all)
             if resp is None:
                 rid = self._new_id(endpoint)
                 resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
@@ -671,6 +680,33 @@ class Sidecar:
         if capture and up.status == 200 and raw_all is not None and rid:
             self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint), "latency_s": t_end - t0, "stream": True})
         return resp
+
+    @staticmethod
+    async def _pump(request: web.Request, resp: web.StreamResponse, up: UpstreamResponse, raw_all: bytearray | None) -> None:
+        """The rest of an SSE stream whose id needs no rewriting, event by event as the engine sends them.
+
+        Written to the client's transport from the engine connection's callback (HTTP/1.1 chunked
+        framing, as aiohttp's writer would, which still writes the last chunk): no task wake-up
+        per event. When the client reads slower than the engine writes, waits for it to drain."""
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        # aiohttp chose the framing in prepare(): chunked for HTTP/1.1 (no Content-Length is known)
+        chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
+        high = transport.get_write_buffer_limits()[1]
+
+        def sink(data: bytes) -> bool:
+            if transport.is_closing():
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            if raw_all is not None:
+                raw_all.extend(data)
+            return transport.get_write_buffer_size() <= high
+
+        while not await up.pump(sink):
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
+            await request.writer.drain()
 
     def _first_id(self, buf: bytearray, endpoint: str) -> tuple[str | None, bool]:
         """Once a complete data event is buffered: (id, must_rewrite)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import httptools
 
@@ -55,7 +55,7 @@ _HIGH_WATER = 1 << 20  # pause reading from the engine past this much unconsumed
 class UpstreamResponse:
     """Status and headers of one response; its body arrives in chunks."""
 
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_done", "_error", "_waiter", "_released")
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_done", "_error", "_waiter", "_released", "_sink")
 
     def __init__(self, conn: "_Connection") -> None:
         self.status = 0
@@ -67,6 +67,7 @@ class UpstreamResponse:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+        self._sink: Callable[[bytes], bool] | None = None
 
     def header(self, name: str, default: str | None = None) -> str | None:
         n = name.lower()
@@ -87,6 +88,15 @@ class UpstreamResponse:
             w.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        if self._sink is not None and not self._chunks:
+            try:
+                keep = self._sink(data)
+            except Exception as e:  # noqa: BLE001 - the consumer failed: hand it the error
+                keep, self._error = False, e
+            if not keep:
+                self._sink = None
+                self._wake()
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -100,14 +110,24 @@ class UpstreamResponse:
         self._wake()
 
     # ---------------------------------------------------------- read by the proxy
-    async def _wait(self) -> None:
-        self._waiter = self._conn.loop.create_future()
+    async def _wait(self, idle: bool = False) -> None:
+        """Wait for the next event. `idle`: chunks may go to a sink meanwhile, so the timeout
+        counts from the connection's last received byte rather than from now."""
+        conn = self._conn
+        limit = conn.pool.read_timeout_s
+        self._waiter = conn.loop.create_future()
         try:
-            async with asyncio.timeout(self._conn.pool.read_timeout_s):
-                await self._waiter
-        except TimeoutError:
-            self._conn.close()
-            raise UpstreamTimeout(f"the engine sent nothing for {self._conn.pool.read_timeout_s:g}s") from None
+            while True:
+                budget = limit - (time.monotonic() - conn.last_rx) if idle else limit
+                try:
+                    async with asyncio.timeout(max(0.0, budget)):
+                        await asyncio.shield(self._waiter) if idle else await self._waiter
+                    return
+                except TimeoutError:
+                    if idle and time.monotonic() - conn.last_rx < limit:
+                        continue  # data flowed to the sink meanwhile: keep waiting
+                    conn.close()
+                    raise UpstreamTimeout(f"the engine sent nothing for {limit:g}s") from None
         finally:
             self._waiter = None
 
@@ -127,6 +147,30 @@ class UpstreamResponse:
                 self.release()
                 return
             await self._wait()
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand every body chunk to `sink` as it arrives, from the connection's callback: no task
+        wake-up per chunk (an SSE stream is many small ones). `sink` returns False to stop (its
+        consumer is full or gone). Returns True once the body is complete, False when stopped."""
+        while self._chunks:  # what arrived before
+            data = self._chunks.popleft()
+            self._buffered -= len(data)
+            if not sink(data):
+                self._conn.resume()
+                return False
+        self._conn.resume()
+        self._sink = sink
+        try:
+            while not self._done and self._sink is not None and self._error is None:
+                await self._wait(idle=True)
+        finally:
+            self._sink = None
+        if self._error is not None:
+            raise self._error
+        if self._done and not self._chunks:
+            self.release()
+            return True
+        return False
 
     async def read(self) -> bytes:
         parts = [c async for c in self.iter_chunks()]
@@ -154,6 +198,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.head_only = False
         self.idle_since = 0.0
+        self.last_rx = time.monotonic()
         self._paused = False
         self._length_known = False
 
@@ -163,6 +208,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        self.last_rx = time.monotonic()
         if self.resp is None:  # bytes nobody asked for: the connection is unusable
             self.close()
             return
@@ -212,7 +258,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.resp is not None and not self.head_only:
-            self.resp._feed(bytes(body))
+            self.resp._feed(body)
 
     def on_message_complete(self) -> None:
         if self.resp is not None and self.resp.status >= 200:
