@@ -277,7 +277,7 @@ class Capture:
             usage=usage, latency_ms=round(it["latency_s"] * 1000.0, 3), stream=it["stream"],
         )
 
-    def drain_some(self, n: int = 256) -> None:
+    def drain_some(self, n: int = 16) -> None:  # small slices: responses wait at most ~1 ms behind a build
         for _ in range(min(n, len(self.q))):
             it = self.q.popleft()
             try:
