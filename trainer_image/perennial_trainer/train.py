@@ -297,7 +297,6 @@ def last_complete_checkpoint(ckpt_dir: str) -> str | None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train, evaluate and write the artifact; returns the result (termination message content)."""
-    import torch
     from transformers import set_seed
 
     t_start = time.monotonic()
