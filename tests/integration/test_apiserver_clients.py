@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import wait_for
 
 from perennial.local.apiserver import start_in_thread, write_kubeconfig
 
@@ -56,16 +57,6 @@ CRD = {
 
 GADGET = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Gadget",
           "metadata": {"name": "g1", "namespace": "default"}, "spec": {"method": "SFT"}}
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .validation import FieldError, go_repr
+from .validation import FieldError, go_repr, type_name
 
 KUBE_SCHEMA_VERSION = "1.32.0"
 _lock = threading.Lock()
@@ -125,17 +125,9 @@ def _classify(e: Any, found: Findings) -> None:
 
 
 def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
+    """Go's encoding/json names for a JSON value (bool, number, ...), as its unmarshal errors print them."""
+    name = type_name(value)
+    return {"boolean": "bool", "integer": "number"}.get(name, name)
 
 
 def drop(obj: dict, dotted_paths: list[str]) -> dict:
