@@ -147,7 +147,7 @@ async def _read_response(r: asyncio.StreamReader) -> int:
     return status
 
 
-async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict | None = None, stream: bool = False) -> tuple[list[float], float, int]:
+async def load(url: str, body: bytes, clients: int, seconds: float, headers: dict | None = None) -> tuple[list[float], float, int]:
     """Closed loop: `clients` keep-alive connections for `seconds`; returns (latencies s, rps, errors).
 
     A minimal HTTP/1.1 client on asyncio streams (like wrk), so that the load

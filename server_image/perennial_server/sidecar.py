@@ -185,18 +185,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def sse_data(line: bytes) -> tuple[bool, Any]:
+    """(is it a `data:` line, its JSON value; None when it is not JSON, e.g. `[DONE]`)."""
+    if not line.startswith(b"data:"):
+        return False, None
+    try:
+        return True, json.loads(line[5:].strip())
+    except ValueError:
+        return True, None
+
+
 def _sse_events(raw: bytes) -> list[dict]:
     out = []
     for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if not payload or payload == b"[DONE]":
-            continue
-        try:
-            ev = json.loads(payload)
-        except ValueError:
-            continue
+        _, ev = sse_data(line)
         if isinstance(ev, dict):
             out.append(ev)
     return out
@@ -322,7 +324,6 @@ class Sidecar:
         self.redactor = Redactor.from_config(cfg.redaction_enabled, cfg.redaction_extra_patterns)
         self.token = TokenFile(cfg.token_file)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
-        self.upstream = cfg.upstream.rstrip("/")
         self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
                            coalesce_s=0.05)  # interactions: one write per 50 ms (their fsync is once a second anyway)
         self.shipper: Shipper | None = None
@@ -361,7 +362,7 @@ class Sidecar:
         self.capture.start()
         self.pool = UpstreamPool(self.upstream_host, self.upstream_port, connect_timeout_s=self.cfg.upstream_connect_timeout_s,
                                  read_timeout_s=self.cfg.upstream_timeout_s)
-        log.info("Started sidecar upstream=%s spool=%s store=%s", self.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
+        log.info("Started sidecar upstream=%s spool=%s store=%s", self.cfg.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
 
     def _set_backlog(self, segments: int, size: int) -> None:
         self.metrics.backlog_segments.set(segments)
@@ -715,12 +716,8 @@ class Sidecar:
             return None, False
         for ev in text.split(b"\n\n")[:-1]:
             for line in ev.split(b"\n"):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    try:
-                        j = json.loads(payload)
-                    except ValueError:
-                        return self._new_id(endpoint), True
+                is_data, j = sse_data(line)
+                if is_data:
                     if isinstance(j, dict) and isinstance(j.get("id"), str) and j["id"]:
                         return j["id"], False
                     return self._new_id(endpoint), True
@@ -737,15 +734,10 @@ class Sidecar:
                 continue
             lines = []
             for line in ev.split(b"\n"):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    try:
-                        j = json.loads(payload)
-                    except ValueError:
-                        j = None
-                    if isinstance(j, dict):
-                        j["id"] = rid
-                        line = b"data: " + json.dumps(j).encode()
+                _, j = sse_data(line)
+                if isinstance(j, dict):
+                    j["id"] = rid
+                    line = b"data: " + json.dumps(j).encode()
                 lines.append(line)
             out += b"\n".join(lines) + b"\n\n"
         if final and rest:
