@@ -43,14 +43,14 @@ from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTim
 
 log = logging.getLogger("perennial_server.sidecar")
 
+# request headers not forwarded to the engine (lower-case bytes, as aiohttp's raw_headers compare)
 HOP_BY_HOP = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
         "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding",
     )
 )
-HOP_BY_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
 RESP_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding", "Date", "Server", "X-Request-Id"))
 CAPTURED = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/healthz", "/readyz", "/metrics", "/health")
@@ -499,7 +499,7 @@ class Sidecar:
 
     # ------------------------------------------------------------ proxy
     def _fwd_headers(self, request: web.Request) -> list[tuple[str, str]]:
-        h = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers if k.lower() not in HOP_BY_HOP_B]
+        h = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers if k.lower() not in HOP_BY_HOP]
         h.append(("X-Forwarded-For", request.remote or ""))
         return h
 
