@@ -19,9 +19,34 @@ _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]?\d{2,4}){1,5}(?![\w])")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{4}$")
-_ANY_DIGIT = re.compile(r"\d")
 _IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})(?![\w:])")
+
+# Gates: cheap necessary conditions checked before each detector. The detectors run in Python's
+# regex engine at 20-90 ns per character each (a 2 KB system prompt cost ~0.4 ms to redact);
+# a gate looks at the text's byte "shape" (one bytes.translate, ~1 ns per character): ASCII
+# digits -> '0', A-Z -> 'A', ASCII whitespace and . - ( ) + kept, any other ASCII -> 'x', and
+# every non-ASCII byte -> '0' (it may belong to a Unicode digit or space, which `\d`/`\s` match).
+# A gate only skips a detector that could not have matched (property-tested against ungated runs).
+def _shape_table() -> bytes:
+    t = bytearray(b"x" * 256)
+    t[0x80:] = b"0" * 128
+    t[ord("0"):ord("9") + 1] = b"0" * 10
+    t[ord("A"):ord("Z") + 1] = b"A" * 26
+    for c in range(128):
+        if chr(c).isspace() or chr(c) in ".-()+":
+            t[c] = c
+    return bytes(t)
+
+
+_SHAPE = _shape_table()
+_CARD_SEPARATORS = b" -"  # `[ -]` in _CARD
+_PHONE_SEPARATORS = bytes(c for c in range(128) if chr(c).isspace()) + b".-()+"  # `[\s.-]`, `\+`, `\(`, `\)` in _PHONE
+_CARD_GATE = b"0" * 13  # 13+ digits with at most single separators between them
+_PHONE_GATE = b"0" * 7  # _phone() keeps anything with fewer than 7 digits
+_IBAN_GATE = b"AA00"  # two capitals, then the two check digits
+_IPV4_GATE = re.compile(rb"0\.0+\.0+\.0")
+_IPV6_GATE = re.compile(r":[0-9A-Fa-f]{0,4}:")  # two colons at most 4 hex digits apart
 
 
 def luhn_ok(digits: str) -> bool:
@@ -106,14 +131,21 @@ class Redactor:
             s = rx.sub(_marker(name), s)
         if "@" in s:
             s = _EMAIL.sub(_marker("email"), s)
-        if ":" in s:
+        if ":" in s and _IPV6_GATE.search(s):
             s = _IPV6.sub(_ipv6, s)
-        if _ANY_DIGIT.search(s) is None:
+        shape = s.encode("utf-8", "surrogatepass").translate(_SHAPE)
+        if b"0" not in shape:
             return s
-        s = _CARD.sub(_card, s)
-        s = _IBAN.sub(_iban, s)
-        s = _IPV4.sub(_marker("ipv4"), s)
-        s = _PHONE.sub(_phone, s)
+        # a marker has no run of digits or capitals+digits, so a replacement never opens a later
+        # gate: the shape taken before them stays a necessary condition
+        if _CARD_GATE in shape.translate(None, _CARD_SEPARATORS):
+            s = _CARD.sub(_card, s)
+        if _IBAN_GATE in shape:
+            s = _IBAN.sub(_iban, s)
+        if _IPV4_GATE.search(shape):
+            s = _IPV4.sub(_marker("ipv4"), s)
+        if _PHONE_GATE in shape.translate(None, _PHONE_SEPARATORS):
+            s = _PHONE.sub(_phone, s)
         return s
 
     def value(self, v: Any) -> Any:

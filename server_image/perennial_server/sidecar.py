@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import pydantic
 from aiohttp import web
+from pydantic_core import from_json
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from multidict import CIMultiDict
@@ -190,18 +191,36 @@ def sse_data(line: bytes) -> tuple[bool, Any]:
     if not line.startswith(b"data:"):
         return False, None
     try:
-        return True, json.loads(line[5:].strip())
+        return True, from_json(line[5:].strip())
     except ValueError:
         return True, None
 
 
 def _sse_events(raw: bytes) -> list[dict]:
-    out = []
-    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
-        _, ev = sse_data(line)
-        if isinstance(ev, dict):
-            out.append(ev)
-    return out
+    """The JSON objects of an SSE stream's `data:` lines, in order.
+
+    All payloads are parsed in one call (a JSON array of them); a stream with a line that is
+    not exactly one JSON value falls back to line by line, skipping what does not parse."""
+    payloads = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            p = line[5:].strip()
+            if p and p != b"[DONE]":
+                payloads.append(p)
+    if not payloads:
+        return []
+    try:
+        events = from_json(b"[" + b",".join(payloads) + b"]")
+    except ValueError:
+        events = None
+    if events is None or len(events) != len(payloads):
+        events = []
+        for p in payloads:
+            try:
+                events.append(from_json(p))
+            except ValueError:
+                pass
+    return [e for e in events if isinstance(e, dict)]
 
 
 def assemble_stream(raw: bytes, endpoint: str) -> dict:
@@ -259,8 +278,11 @@ class Capture:
         self._wake.set()
 
     def build(self, it: dict) -> InteractionRecord:
+        """Parse what the response path kept as bytes, redact, validate. ValueError: not capturable."""
         cfg, red = self.s.cfg, self.s.redactor
-        req = it["request"]
+        req = from_json(it["request"])
+        if not isinstance(req, dict):
+            raise ValueError("the request body is not a JSON object")
         model = req.get("model") if isinstance(req.get("model"), str) else ""
         params = {k: v for k, v in req.items() if k not in ("messages", "prompt", "model")}
         messages = prompt = None
@@ -269,7 +291,7 @@ class Capture:
         else:
             p = req.get("prompt")
             prompt = red.text(p) if isinstance(p, str) else red.text(json.dumps(p))
-        out = it["out"]
+        out = it["out"] if it.get("out") is not None else assemble_stream(it["raw"], it["endpoint"])
         usage = out.get("usage") if isinstance(out.get("usage"), dict) else None
         return InteractionRecord(
             id=it["id"], deployment=cfg.deployment, namespace=cfg.namespace, revision=cfg.revision, region=cfg.region,
@@ -279,8 +301,12 @@ class Capture:
             usage=usage, latency_ms=round(it["latency_s"] * 1000.0, 3), stream=it["stream"],
         )
 
-    def drain_some(self, n: int = 16) -> None:  # small slices: responses wait at most ~1 ms behind a build
+    def drain_some(self, n: int = 64, budget_s: float = 0.0005) -> None:
+        """Build up to `n` records, stopping after `budget_s`: responses wait at most about that long."""
+        deadline = time.perf_counter() + budget_s
         for _ in range(min(n, len(self.q))):
+            if time.perf_counter() > deadline:
+                break
             it = self.q.popleft()
             try:
                 line = self.build(it).to_json()
@@ -313,7 +339,7 @@ class Capture:
             except (asyncio.CancelledError, Exception):
                 pass
         while self.q:
-            self.drain_some(len(self.q))
+            self.drain_some(len(self.q), budget_s=math.inf)
 
 
 class Sidecar:
@@ -523,14 +549,8 @@ class Sidecar:
         assert self.pool is not None
         body = await read_body(request, self.cfg.max_body_bytes)
         endpoint = CAPTURED.get(request.path) if request.method == "POST" else None
-        req_json: dict | None = None
-        if endpoint and body:
-            try:
-                j = json.loads(body)
-                req_json = j if isinstance(j, dict) else None
-            except ValueError:
-                req_json = None
-        capture = req_json is not None and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
+        # the request is parsed (and redacted) later, in the capture batch, not on the response path
+        capture = bool(endpoint and body) and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
         t_send = time.perf_counter()
         try:
             up = await self.pool.request(request.method, self.upstream_prefix + request.raw_path, self._fwd_headers(request), body or None)
@@ -544,9 +564,9 @@ class Sidecar:
         try:
             ctype = up.header("Content-Type") or ""
             if endpoint and ctype.startswith("text/event-stream"):
-                return await self._stream(request, up, endpoint, req_json, capture, t0, t_send)
+                return await self._stream(request, up, endpoint, body, capture, t0, t_send)
             if endpoint:
-                return await self._json(request, up, endpoint, ctype, req_json, capture, t0, t_send)
+                return await self._json(request, up, endpoint, ctype, body, capture, t0, t_send)
             return await self._passthrough(request, up, t0, t_send)
         except UpstreamTimeout:
             self.metrics.upstream_errors.labels("timeout").inc()
@@ -557,7 +577,7 @@ class Sidecar:
         finally:
             up.release()
 
-    async def _json(self, request: web.Request, up: UpstreamResponse, endpoint: str, ctype: str, req_json: dict | None,
+    async def _json(self, request: web.Request, up: UpstreamResponse, endpoint: str, ctype: str, req_body: bytes,
                     capture: bool, t0: float, t_send: float) -> web.StreamResponse:
         """A whole (non-streamed) completion: make sure it has an id, answer, capture."""
         data = await up.read()
@@ -566,7 +586,7 @@ class Sidecar:
         out_json = None
         if ctype.startswith("application/json"):
             try:
-                out_json = json.loads(data)
+                out_json = from_json(data)
             except ValueError:
                 out_json = None
         if isinstance(out_json, dict) and up.status < 400:
@@ -585,7 +605,7 @@ class Sidecar:
         t_end = time.perf_counter()
         self.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
         if capture and up.status == 200 and isinstance(out_json, dict):
-            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
+            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
         return resp
 
     async def _passthrough(self, request: web.Request, up: UpstreamResponse, t0: float, t_send: float) -> web.StreamResponse:
@@ -611,7 +631,7 @@ class Sidecar:
     def _new_id(endpoint: str) -> str:
         return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
 
-    async def _stream(self, request: web.Request, up: UpstreamResponse, endpoint: str, req_json: dict | None,
+    async def _stream(self, request: web.Request, up: UpstreamResponse, endpoint: str, req_body: bytes,
                       capture: bool, t0: float, t_send: float) -> web.StreamResponse:
         """SSE: forward chunk by chunk; the response id is the engine's first chunk id (or one we assign)."""
         pending = bytearray()
@@ -660,7 +680,7 @@ class Sidecar:
             if isinstance(e, ConnectionResetError) or request.transport is None or request.transport.is_closing():
                 # the client went away (often right after reading `[DONE]`): keep what it was sent
                 if capture and up.status == 200 and raw_all and rid:
-                    self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint),
+                    self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw_all),
                                          "latency_s": time.perf_counter() - t0, "stream": True})
                 if resp is None:
                     raise ConnectionResetError("client went away") from e
@@ -679,7 +699,7 @@ class Sidecar:
         t_end = time.perf_counter()
         self.metrics.added_latency.observe(added)
         if capture and up.status == 200 and raw_all is not None and rid:
-            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_json, "out": assemble_stream(bytes(raw_all), endpoint), "latency_s": t_end - t0, "stream": True})
+            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw_all), "latency_s": t_end - t0, "stream": True})
         return resp
 
     @staticmethod
