@@ -30,9 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     if args.command == "sidecar":
         from .config import sidecar_config_from_args
+
+        cfg = sidecar_config_from_args(args)
+        if cfg.worker_index >= 0:
+            # a worker stopped while still starting would skip recovering and shipping its spool:
+            # hold SIGTERM/SIGINT until serve() has its handlers (it unblocks them)
+            import signal
+
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        if cfg.workers > 1 and cfg.worker_index < 0:
+            from .workers import supervise
+
+            return supervise(cfg, args.log_level)
         from .sidecar import main as sidecar_main
 
-        sidecar_main(sidecar_config_from_args(args))
+        sidecar_main(cfg)
         return 0
     if args.command == "engine":
         from .engine import main as engine_main

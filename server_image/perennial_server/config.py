@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from urllib.parse import SplitResult, urlsplit
 
 
@@ -44,6 +44,8 @@ class SidecarConfig:
     drain_timeout_s: float = 30.0
     capture_queue_max: int = 10000
     feedback_batch_max: int = 1000
+    workers: int = 1
+    worker_index: int = -1
 
     def upstream_url(self) -> SplitResult:
         """The engine's base URL: plain HTTP (it sits in the same pod), host and port, optional path prefix."""
@@ -68,7 +70,18 @@ class SidecarConfig:
             raise ValueError("`feedback_batch_max` must be within 1..100000")
         if self.rate_limit_per_second <= 0:
             raise ValueError("`rate_limit_per_second` must be positive")
+        if not 1 <= self.workers <= 64:
+            raise ValueError("`workers` must be within 1..64")
+        if not -1 <= self.worker_index < self.workers:
+            raise ValueError("`worker_index` must be within 0..workers-1 (or -1: not a worker)")
         json.loads(self.redaction_extra_patterns or "[]")
+
+    def for_worker(self) -> "SidecarConfig":
+        """What worker `worker_index` of several uses: worker 0 the spool dir and pod name as given,
+        worker i a spool subdir `w<i>` and pod name `<pod>-w<i>` (segment object names stay unique)."""
+        if self.worker_index <= 0:
+            return self
+        return replace(self, spool_dir=os.path.join(self.spool_dir, f"w{self.worker_index}"), pod=f"{self.pod}-w{self.worker_index}")
 
 
 _HELP = {
@@ -88,7 +101,7 @@ _HELP = {
     "redaction_enabled": "redact PII before anything touches disk",
     "redaction_extra_patterns": 'JSON list of {"name": ..., "regex": ...}',
     "max_body_bytes": "largest request body accepted (413 above)",
-    "rate_limit_per_second": "feedback requests per second per client (429 above)",
+    "rate_limit_per_second": "feedback requests per second per client and worker process (429 above)",
     "segment_max_bytes": "roll segments at this size",
     "segment_max_age_s": "roll segments at this age",
     "ship_interval_s": "shipper poll interval",
@@ -98,6 +111,8 @@ _HELP = {
     "drain_timeout_s": "on SIGTERM, wait this long for in-flight requests",
     "capture_queue_max": "captured interactions waiting for the writer before new ones are dropped",
     "feedback_batch_max": "most feedback objects in one POST /v1/feedback array (stored all or none)",
+    "workers": "worker processes sharing the port (SO_REUSEPORT), one per CPU given to the sidecar; each has its own spool subdir",
+    "worker_index": "set by the supervisor on each worker process (-1: a single process)",
 }
 
 

@@ -21,9 +21,11 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pydantic
@@ -39,7 +41,7 @@ from .config import SidecarConfig
 from .errors import json_error
 from .redact import Redactor
 from .shipper import Shipper, Store
-from .spool import Spool
+from .spool import Spool, closed_segments
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("perennial_server.sidecar")
@@ -64,7 +66,10 @@ FEEDBACK_TEXT = ("label", "correction", "comment")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        """`multiprocess`: one of several worker processes (prometheus_client's multiprocess mode,
+        PROMETHEUS_MULTIPROC_DIR set before the import): /metrics sums every worker's files."""
+        self.multiprocess = multiprocess
         self.registry = r = CollectorRegistry()
         self.requests = Counter("perennial_sidecar_requests", "Requests by route and status code.", ["route", "code"], registry=r)
         self.added_latency = Histogram(
@@ -74,14 +79,23 @@ class Metrics:
         self.captured = Counter("perennial_sidecar_captured_records", "Records handed to the spool.", ["kind"], registry=r)
         self.capture_dropped = Counter("perennial_sidecar_capture_dropped", "Interactions not captured (queue full or unparseable).", ["reason"], registry=r)
         self.feedback = Counter("perennial_sidecar_feedback", "Accepted feedback by type.", ["type"], registry=r)
-        self.backlog_bytes = Gauge("perennial_sidecar_spool_backlog_bytes", "Bytes in the spool not yet shipped.", registry=r)
-        self.backlog_segments = Gauge("perennial_sidecar_spool_backlog_segments", "Segments in the spool not yet shipped.", registry=r)
+        self.backlog_bytes = Gauge("perennial_sidecar_spool_backlog_bytes", "Bytes in the spool not yet shipped.", registry=r, multiprocess_mode="livesum")
+        self.backlog_segments = Gauge("perennial_sidecar_spool_backlog_segments", "Segments in the spool not yet shipped.", registry=r, multiprocess_mode="livesum")
         self.ship_failures = Counter("perennial_sidecar_ship_failures", "Failed segment uploads.", registry=r)
         self.shipped = Counter("perennial_sidecar_shipped_segments", "Segments uploaded to the store.", registry=r)
         self.upstream_errors = Counter("perennial_sidecar_upstream_errors", "Engine errors by kind.", ["kind"], registry=r)
         self._req_children: dict[tuple[str, int], Any] = {}
         self.captured_interaction = self.captured.labels("interaction")
         self.captured_feedback = self.captured.labels("feedback")
+
+    def exposition(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        r = CollectorRegistry()
+        multiprocess.MultiProcessCollector(r)
+        return generate_latest(r)
 
     def route(self, path: str) -> str:
         return path if path in KNOWN_ROUTES else "other"
@@ -345,14 +359,16 @@ class Capture:
 class Sidecar:
     def __init__(self, cfg: SidecarConfig) -> None:
         cfg.validate()
-        self.cfg = cfg
-        self.metrics = Metrics()
+        self.root_spool_dir = Path(cfg.spool_dir)
+        self.cfg = cfg = cfg.for_worker()
+        self.metrics = Metrics(multiprocess=cfg.worker_index >= 0 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
         self.redactor = Redactor.from_config(cfg.redaction_enabled, cfg.redaction_extra_patterns)
         self.token = TokenFile(cfg.token_file)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
         self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
                            coalesce_s=0.05)  # interactions: one write per 50 ms (their fsync is once a second anyway)
         self.shipper: Shipper | None = None
+        self.adopted: list[Shipper] = []
         self.capture = Capture(self)
         self.pool: UpstreamPool | None = None
         up = cfg.upstream_url()
@@ -385,10 +401,31 @@ class Sidecar:
         await self.spool.start()  # recovers a crashed predecessor's segments
         if self.shipper:
             self.shipper.start()  # ships them
+        if self.cfg.worker_index <= 0:
+            for d in await asyncio.to_thread(self._recover_orphans):
+                sh = Shipper(d, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=f"{self.cfg.pod}-{d.name}",
+                             interval_s=self.cfg.ship_interval_s, on_shipped=lambda s, w: self.metrics.shipped.inc(),
+                             on_failure=lambda s, e: self.metrics.ship_failures.inc())
+                sh.start()
+                self.adopted.append(sh)
+                log.info("Shipping the spool of a former worker dir=%s", d)
         self.capture.start()
         self.pool = UpstreamPool(self.upstream_host, self.upstream_port, connect_timeout_s=self.cfg.upstream_connect_timeout_s,
                                  read_timeout_s=self.cfg.upstream_timeout_s)
         log.info("Started sidecar upstream=%s spool=%s store=%s", self.cfg.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
+
+    def _recover_orphans(self) -> list[Path]:
+        """Spools of workers this configuration no longer runs (the pod ran more workers before):
+        close what they left open; return those with segments to ship under their own pod names."""
+        out = []
+        for d in sorted(self.root_spool_dir.glob("w*")):
+            m = re.fullmatch(r"w(\d+)", d.name)
+            if not m or not d.is_dir() or int(m.group(1)) < self.cfg.workers:
+                continue
+            Spool(d).recover()
+            if self.cfg.store_uri and closed_segments(d):
+                out.append(d)
+        return out
 
     def _set_backlog(self, segments: int, size: int) -> None:
         self.metrics.backlog_segments.set(segments)
@@ -399,6 +436,8 @@ class Sidecar:
         await self.spool.close()
         if self.shipper:
             await self.shipper.stop()
+        for sh in self.adopted:
+            await sh.stop()
         if self.pool:
             await self.pool.close()
         log.info("Stopped sidecar records=%d fsyncs=%d", self.spool.records, self.spool.fsyncs)
@@ -435,7 +474,7 @@ class Sidecar:
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         self._count("/metrics", 200)
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def method_not_allowed(self, request: web.Request) -> web.Response:
         self._count(request.path, 405)
@@ -775,7 +814,8 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
     app = sidecar.make_app()
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.drain_timeout_s, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True)
+    # several workers (see workers.py) share the port; the kernel spreads connections over them
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True, reuse_port=cfg.workers > 1 or None)
     await site.start()
     log.info("Listening host=%s port=%d", cfg.host, cfg.port)
     # Everything allocated so far (modules, pydantic schemas, the app) lives as long as the process:
@@ -790,6 +830,8 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # held by a worker until now (cli.py)
     if ready is not None:
         ready.set()
     await stop.wait()
