@@ -132,7 +132,8 @@ class FeedbackCapture(Model):
     redaction: Redaction = Field(default_factory=Redaction, description="PII redaction.")
     spool_size: Quantity = Field(default="1Gi", description="Size of the local spool volume.")
     max_body_bytes: int = Field(default=1048576, ge=1024, le=67108864, description="Largest request body accepted.")
-    rate_limit_per_second: int = Field(default=50, ge=1, le=100000, description="Feedback requests per second per client.")
+    rate_limit_per_second: int = Field(default=50, ge=1, le=100000, description="Feedback requests per second per client (enforced by each sidecar worker).")
+    workers: int = Field(default=1, ge=1, le=64, description="Sidecar worker processes sharing the port; one proxies on about one CPU, so give the sidecar container as many CPUs.")
 
 
 class PromotionGate(Model):
