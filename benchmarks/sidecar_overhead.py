@@ -20,9 +20,11 @@ alternating rounds, and reports:
 
 Placement: like a pod, where the sidecar container has its own CPU, the sidecar is
 pinned to the last CPU and the upstream + load generator to the others (`--no-pin`:
-everything shares every CPU). Bounded: about a minute. Usage:
+everything shares every CPU). `--workers N` runs the sidecar as N processes on the port
+(`perennial-server sidecar --workers N`, as a pod that gives the sidecar N CPUs would), pinned
+to the last N CPUs when the machine has more than N. Bounded: about a minute. Usage:
 
-    python benchmarks/sidecar_overhead.py [--clients 64] [--seconds 3] [--rounds 3] [--ttft-ms 20] [--itl-ms 5] [--no-pin]
+    python benchmarks/sidecar_overhead.py [--clients 64] [--seconds 3] [--rounds 3] [--ttft-ms 20] [--itl-ms 5] [--no-pin] [--workers 1]
 """
 
 from __future__ import annotations
@@ -112,10 +114,19 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its children alive now (the sidecar's workers; Linux /proc)."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(d) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -229,12 +240,12 @@ async def spool_rate(seconds: float, writers: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------- main
-def placement(pin: bool) -> tuple[set[int] | None, set[int] | None]:
-    """(CPUs for the load generator + upstream, CPUs for the sidecar)."""
+def placement(pin: bool, sidecar_cpus: int) -> tuple[set[int] | None, set[int] | None]:
+    """(CPUs for the load generator + upstream, CPUs for the sidecar: the last `sidecar_cpus`)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not pin or len(cpus) < 2:
+    if not pin or len(cpus) <= sidecar_cpus:
         return None, None
-    return set(cpus[:-1]), {cpus[-1]}
+    return set(cpus[:-sidecar_cpus]), set(cpus[-sidecar_cpus:])
 
 
 def spawn(cmd: list[str], env: dict, cpus: set[int] | None) -> subprocess.Popen:
@@ -277,7 +288,7 @@ async def bench(args: argparse.Namespace) -> dict:
     (tmp / "token").write_text(TOKEN)
     up_port, sc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_")}
-    load_cpus, sc_cpus = placement(not args.no_pin)
+    load_cpus, sc_cpus = placement(not args.no_pin, args.sidecar_cpus or args.workers)
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)
     up = spawn([sys.executable, __file__, "--serve-upstream", str(up_port), "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms)], env, load_cpus)
@@ -285,8 +296,8 @@ async def bench(args: argparse.Namespace) -> dict:
         sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", f"http://{HOST}:{up_port}",
         "--host", HOST, "--port", str(sc_port), "--spool-dir", str(tmp / "spool"), "--store-uri", str(tmp / "store"),
         "--token-file", str(tmp / "token"), "--sample-percent", "100", "--rate-limit-per-second", "1000000",
-        "--deployment", "bench", "--pod", "bench-0", "--base-model-name", "base",
-    ], env, sc_cpus)
+        "--deployment", "bench", "--pod", "bench-0", "--base-model-name", "base", "--workers", str(args.workers),
+    ], env, sc_cpus)  # workers inherit the supervisor's CPUs
     res: dict = {"placement": {"load_generator_and_upstream": sorted(load_cpus) if load_cpus else "all", "sidecar": sorted(sc_cpus) if sc_cpus else "all"}}
     try:
         wait_http(f"http://{HOST}:{up_port}/health", up)
@@ -346,6 +357,8 @@ def main() -> None:
     p.add_argument("--itl-ms", type=float, default=5.0, help="upstream time per further token (8 tokens per answer)")
     p.add_argument("--batch", type=int, default=100, help="feedback records per request in the batched phase")
     p.add_argument("--no-pin", action="store_true", help="do not pin: sidecar, upstream and load generator share every CPU")
+    p.add_argument("--workers", type=int, default=1, help="sidecar worker processes (needs more CPUs than this to pin)")
+    p.add_argument("--sidecar-cpus", type=int, default=0, help="CPUs pinned for the sidecar (default: --workers)")
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = p.parse_args()
@@ -360,7 +373,7 @@ def main() -> None:
         print(json.dumps(r, indent=2))
     N = args.clients
     pl = r["placement"]
-    print(f"cores={os.cpu_count()} clients={N} rounds={args.rounds}x{args.seconds}s total={time.time() - t0:.1f}s; "
+    print(f"cores={os.cpu_count()} clients={N} rounds={args.rounds}x{args.seconds}s sidecar workers={args.workers} total={time.time() - t0:.1f}s; "
           f"CPUs: load generator + upstream {pl['load_generator_and_upstream']}, sidecar {pl['sidecar']}")
     u = r["unloaded"]
     print(f"1 client, instant engine   : direct p50 {u['direct_p50_ms']:.3f} ms, sidecar p50 {u['sidecar_p50_ms']:.3f} ms -> added p50 {u['added_p50_ms']:.3f} ms, p99 {u['added_p99_ms']:.3f} ms   (target < 1 / < 5 ms)")
