@@ -90,6 +90,59 @@ def run_upstream(port: int, ttft_s: float, itl_s: float) -> None:
     web.run_app(app, host=HOST, port=port, access_log=None, print=None)
 
 
+# ---------------------------------------------------------------- relay floor
+def run_relay(port: int, upstream_port: int) -> None:
+    """The least any proxy process must do: a byte relay (no HTTP parsing, no capture) on
+    uvloop, one engine connection per client connection. Placed like the sidecar, it shows what
+    an extra process in the path costs on this machine (the scheduler's cross-CPU wake-ups)."""
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: asyncio.Transport) -> None:
+            self.client = client
+
+        def data_received(self, data: bytes) -> None:
+            self.client.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.client.close()
+
+    class Client(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.pending: list[bytes] = []
+            self.up: asyncio.Transport | None = None
+            transport.pause_reading()
+            loop.create_task(self.connect())
+
+        async def connect(self) -> None:
+            self.up, _ = await loop.create_connection(lambda: Upstream(self.transport), HOST, upstream_port)
+            for data in self.pending:
+                self.up.write(data)
+            self.transport.resume_reading()
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is None:
+                self.pending.append(data)
+            else:
+                self.up.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.close()
+
+    async def main() -> None:
+        server = await loop.create_server(Client, HOST, port, backlog=2048)
+        async with server:
+            await server.serve_forever()
+
+    loop.run_until_complete(main())
+
+
 # ---------------------------------------------------------------- helpers
 def free_port() -> int:
     with socket.socket() as s:
@@ -314,6 +367,18 @@ async def bench(args: argparse.Namespace) -> dict:
         for engine, hdrs in (("engine", {}), ("instant", instant)):
             for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
                 res[f"{engine}_{kind}"] = await compare(direct, proxied, body, hdrs, args, sc.pid)
+        if not args.no_floor:
+            # the same fast-engine comparisons through a bare byte relay placed like the sidecar
+            relay_port = free_port()
+            relay = spawn([sys.executable, __file__, "--serve-relay", str(relay_port), str(up_port)], env, sc_cpus)
+            try:
+                wait_http(f"http://{HOST}:{relay_port}/health", relay)
+                relayed = f"http://{HOST}:{relay_port}/v1/chat/completions"
+                for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
+                    res[f"floor_{kind}"] = await compare(direct, relayed, body, {}, args, relay.pid)
+            finally:
+                relay.terminate()
+                relay.wait(10)
 
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://{HOST}:{sc_port}/metrics") as r:
@@ -360,8 +425,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="sidecar worker processes (needs more CPUs than this to pin)")
     p.add_argument("--sidecar-cpus", type=int, default=0, help="CPUs pinned for the sidecar (default: --workers)")
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-relay", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-floor", action="store_true", help="skip the byte-relay floor (what any extra process in the path costs here)")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = p.parse_args()
+    if args.serve_relay:
+        run_relay(*args.serve_relay)
+        return
     if args.serve_upstream:
         run_upstream(args.serve_upstream, args.ttft_ms / 1e3, args.itl_ms / 1e3)
         return
@@ -383,6 +453,10 @@ def main() -> None:
             target = "(target >= 0.9x, < 1 / < 5 ms)" if engine == "engine" else f"(1 sidecar core ~ {1e6 / max(1.0, x['sidecar_cpu_us_per_request']):.0f} req/s)"
             print(f"{N} clients {kind:4s} {label:28s}: direct {x['direct_rps']:.0f} req/s p50 {x['direct_p50_ms']:.2f} p99 {x['direct_p99_ms']:.2f} ms | sidecar {x['sidecar_rps']:.0f} req/s p50 {x['sidecar_p50_ms']:.2f} p99 {x['sidecar_p99_ms']:.2f} ms"
                   f" | added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x {x['round_ratios']} | errors {x['errors']} | sidecar CPU {x['sidecar_cpu_us_per_request']:.0f} us/request {target}")
+    for kind in ("json", "sse") if "floor_json" in r else ():
+        x = r[f"floor_{kind}"]
+        print(f"{N} clients {kind:4s} {'byte relay, same engine':28s}: added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x {x['round_ratios']}"
+              f" | relay CPU {x['sidecar_cpu_us_per_request']:.0f} us/request   (the floor for any proxy process placed like the sidecar here)")
     h = r["sidecar_histogram"]
     print(f"sidecar histogram          : time added in the sidecar p50 <= {h['p50_le_ms']:.2f} ms, p99 <= {h['p99_le_ms']:.2f} ms over {h['observations']} requests; captured interactions {r['captured_interactions']}")
     for name in ("feedback_http", "feedback_http_batch"):
