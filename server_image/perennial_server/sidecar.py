@@ -24,7 +24,6 @@ import random
 import re
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from multidict import CIMultiDict
 
-from perennial.api.records import FeedbackRecord, InteractionRecord
+from perennial.api.records import FeedbackRecord, InteractionRecord, random_hex
 
 from .config import SidecarConfig
 from .errors import json_error
@@ -649,7 +648,7 @@ class Sidecar:
 
     async def _passthrough(self, request: web.Request, up: UpstreamResponse, t0: float, t_send: float) -> web.StreamResponse:
         """Any other path: stream it through untouched."""
-        rid = up.header("X-Request-Id") or uuid.uuid4().hex
+        rid = up.header("X-Request-Id") or random_hex()
         resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
         if up.content_length is not None:
             resp.content_length = up.content_length
@@ -668,7 +667,7 @@ class Sidecar:
 
     @staticmethod
     def _new_id(endpoint: str) -> str:
-        return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+        return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + random_hex()
 
     async def _stream(self, request: web.Request, up: UpstreamResponse, endpoint: str, req_body: bytes,
                       capture: bool, t0: float, t_send: float) -> web.StreamResponse:
