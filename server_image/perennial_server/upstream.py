@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import httptools
 
@@ -111,24 +111,33 @@ class UpstreamResponse:
 
     # ---------------------------------------------------------- read by the proxy
     async def _wait(self, idle: bool = False) -> None:
-        """Wait for the next event. `idle`: chunks may go to a sink meanwhile, so the timeout
-        counts from the connection's last received byte rather than from now."""
+        """Wait for the next event, at most the read timeout. `idle`: chunks may go to a sink
+        meanwhile, so the timeout counts from the connection's last received byte, not from now."""
         conn = self._conn
+        loop = conn.loop
         limit = conn.pool.read_timeout_s
-        self._waiter = conn.loop.create_future()
+        waiter = self._waiter = loop.create_future()
+        since = conn.last_rx if idle else time.monotonic()
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:  # one timer handle, re-armed while data flows (asyncio.timeout costs more per wait)
+            nonlocal timer
+            if waiter.done():
+                return
+            quiet = time.monotonic() - (conn.last_rx if idle else since)
+            if quiet < limit:
+                timer = loop.call_later(limit - quiet, check)
+                return
+            waiter.set_exception(TimeoutError())
+
+        timer = loop.call_later(max(0.0, limit - (time.monotonic() - since)), check)
         try:
-            while True:
-                budget = limit - (time.monotonic() - conn.last_rx) if idle else limit
-                try:
-                    async with asyncio.timeout(max(0.0, budget)):
-                        await asyncio.shield(self._waiter) if idle else await self._waiter
-                    return
-                except TimeoutError:
-                    if idle and time.monotonic() - conn.last_rx < limit:
-                        continue  # data flowed to the sink meanwhile: keep waiting
-                    conn.close()
-                    raise UpstreamTimeout(f"the engine sent nothing for {limit:g}s") from None
+            await waiter
+        except TimeoutError:
+            conn.close()
+            raise UpstreamTimeout(f"the engine sent nothing for {limit:g}s") from None
         finally:
+            timer.cancel()
             self._waiter = None
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -182,6 +191,11 @@ class UpstreamResponse:
             return
         self._released = True
         self._conn.response_released(self, complete=self._done and self._error is None and not self._chunks)
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class _Connection(asyncio.Protocol):
@@ -381,9 +395,9 @@ class UpstreamPool:
         for _ in range(2):
             conn = self._take_idle() or await self._connect()
             fut = conn.start(data, head_only)
+            timer = self.loop.call_later(self.read_timeout_s, _expire, fut)
             try:
-                async with asyncio.timeout(self.read_timeout_s):
-                    return await fut
+                return await fut
             except _Stale:
                 continue  # the engine had closed this idle connection: once more on a fresh one
             except TimeoutError:
@@ -392,6 +406,8 @@ class UpstreamPool:
             except BaseException:
                 conn.close()
                 raise
+            finally:
+                timer.cancel()
         raise UpstreamProtocolError("the engine closed two connections in a row without answering")
 
     async def close(self) -> None:

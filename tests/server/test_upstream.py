@@ -237,6 +237,43 @@ async def test_errors_are_typed():
         await pool.request("GET", "/", [])
 
 
+async def test_read_timeout_counts_silence_not_stream_length():
+    """A stream pumped for longer than the read timeout, one chunk per 0.1 s, is not cut; a stream
+    that then falls silent for the read timeout is."""
+
+    def steady(stall_after: int | None):
+        async def h(r, w, req) -> bool:
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(10):
+                if stall_after is not None and i == stall_after:
+                    await asyncio.sleep(10)
+                w.write(b"2\r\n%02d\r\n" % i)
+                await w.drain()
+                await asyncio.sleep(0.1)
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+            return True
+        return h
+
+    for stall_after, expect_timeout in ((None, False), (4, True)):
+        async with Scripted(steady(stall_after)) as srv:
+            pool = UpstreamPool("127.0.0.1", srv.port, read_timeout_s=0.35)
+            resp = await pool.request("GET", "/", [])
+            got: list[bytes] = []
+            t0 = asyncio.get_running_loop().time()
+            if expect_timeout:
+                with pytest.raises(UpstreamTimeout):
+                    await resp.pump(lambda d: got.append(d) is None)
+                assert b"".join(got) == b"00010203"
+                assert 0.3 < asyncio.get_running_loop().time() - t0 < 2
+            else:
+                assert await resp.pump(lambda d: got.append(d) is None) is True
+                assert b"".join(got) == b"".join(b"%02d" % i for i in range(10))
+                assert asyncio.get_running_loop().time() - t0 > 0.7  # longer than the read timeout, uncut
+            resp.release()
+            await pool.close()
+
+
 async def test_unread_response_closes_its_connection_and_large_bodies_flow():
     big = b"x" * (5 << 20)
 
