@@ -17,6 +17,10 @@ alternating rounds, and reports:
   * durable feedback records per second over HTTP (each answered after fsync): one
     record per request, and arrays of `--batch` records per request (target >= 10,000/s);
     and at the spool (group commit, in-process).
+  * floors, placed like the sidecar: a bare byte relay (no HTTP parsing, no capture) compared
+    the same way on the fast engine, i.e. what any extra process in the path costs on this
+    machine, and an empty aiohttp endpoint's requests/s, the ceiling for one feedback record
+    per request in one process (`--no-floor` skips them).
 
 Placement: like a pod, where the sidecar container has its own CPU, the sidecar is
 pinned to the last CPU and the upstream + load generator to the others (`--no-pin`:
@@ -141,6 +145,27 @@ def run_relay(port: int, upstream_port: int) -> None:
             await server.serve_forever()
 
     loop.run_until_complete(main())
+
+
+def run_hello(port: int) -> None:
+    """The least an aiohttp endpoint does (read the body, answer JSON), on uvloop like the
+    sidecar: the ceiling of one-record-per-request feedback in one process on this core."""
+    async def feedback(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "fb-0", "object": "feedback", "status": "recorded"})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/health", health)
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None, loop=loop)
 
 
 # ---------------------------------------------------------------- helpers
@@ -398,6 +423,16 @@ async def bench(args: argparse.Namespace) -> dict:
             fcpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl) * per) * 1e6
             res[name] = {"records_per_request": per, "durable_records_per_s": frps * per, "requests_per_s": frps, "p50_ms": pct(fl, .5) * 1e3,
                          "p99_ms": pct(fl, .99) * 1e3, "errors": fe, "sidecar_cpu_us_per_record": fcpu}
+        if not args.no_floor:
+            hello_port = free_port()
+            hello = spawn([sys.executable, __file__, "--serve-hello", str(hello_port)], env, sc_cpus)
+            try:
+                wait_http(f"http://{HOST}:{hello_port}/health", hello)
+                hl, hrps, he = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
+                res["floor_feedback"] = {"requests_per_s": hrps, "p50_ms": pct(hl, .5) * 1e3, "errors": he}
+            finally:
+                hello.terminate()
+                hello.wait(10)
     finally:
         sc.terminate()
         try:
@@ -426,11 +461,15 @@ def main() -> None:
     p.add_argument("--sidecar-cpus", type=int, default=0, help="CPUs pinned for the sidecar (default: --workers)")
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--serve-relay", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-floor", action="store_true", help="skip the byte-relay floor (what any extra process in the path costs here)")
+    p.add_argument("--serve-hello", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-floor", action="store_true", help="skip the floors: a byte relay and an empty aiohttp endpoint placed like the sidecar")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = p.parse_args()
     if args.serve_relay:
         run_relay(*args.serve_relay)
+        return
+    if args.serve_hello:
+        run_hello(args.serve_hello)
         return
     if args.serve_upstream:
         run_upstream(args.serve_upstream, args.ttft_ms / 1e3, args.itl_ms / 1e3)
@@ -462,6 +501,9 @@ def main() -> None:
     for name in ("feedback_http", "feedback_http_batch"):
         f = r[name]
         print(f"feedback, {f['records_per_request']:3d} per request  : {f['durable_records_per_s']:.0f} durable records/s ({f['requests_per_s']:.0f} requests/s, fsync before 200), p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms, errors {f['errors']}, sidecar CPU {f['sidecar_cpu_us_per_record']:.0f} us/record   (target >= 10,000 records/s)")
+    if "floor_feedback" in r:
+        f = r["floor_feedback"]
+        print(f"aiohttp endpoint, no work  : {f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.2f} ms   (the ceiling for one record per request in one process here)")
     s = r["feedback_spool"]
     print(f"feedback at the spool      : {s['durable_records_per_s']:.0f} durable records/s with {N} concurrent writers, {s['fsyncs']} fsyncs (group commit)")
     print(f"store                      : {r['stored_records_after_shutdown']} records shipped after SIGTERM")
