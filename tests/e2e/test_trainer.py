@@ -4,7 +4,6 @@ parent, artifacts, progress lines, termination message, and resuming after a SIG
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinymodel import FRUITS, QUESTION_TEMPLATES, fruit_rows, tiny_model_path  # noqa: E402
+from tinymodel import FRUITS, fruit_rows, tiny_model_path  # noqa: E402
 from trainer_support import (  # noqa: E402
     FRUIT_REWARD_SPEC,
     REPO,

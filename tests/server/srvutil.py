@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tinymodel
 

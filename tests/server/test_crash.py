@@ -3,7 +3,6 @@ feedback request that got a 2xx is in the store, at least once."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -3,7 +3,6 @@ serving a tiny model with two adapters; then ratings through /v1/feedback."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import openai
@@ -12,7 +11,7 @@ import requests
 
 from perennial.api.records import FeedbackRecord, InteractionRecord, parse_record
 
-from srvutil import TOKEN, read_store
+from srvutil import TOKEN
 
 EMAIL = "jane.doe@example.com"
 PHONE = "+1 415 555 0134"

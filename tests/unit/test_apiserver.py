@@ -158,7 +158,7 @@ def test_openapi_v3_serves_crd_schema_with_gvk(c):
     root = c.ok("GET", "/openapi/v3")["paths"]
     url = root[f"apis/{GROUP}/v1"]["serverRelativeURL"]
     doc = c.ok("GET", url.split("?")[0])
-    schema = doc["components"]["schemas"][f"ai.perennial.test.v1.Widget"]
+    schema = doc["components"]["schemas"]["ai.perennial.test.v1.Widget"]
     assert schema["x-kubernetes-group-version-kind"] == [{"group": GROUP, "version": "v1", "kind": "Widget"}]
     assert schema["properties"]["spec"]["properties"]["method"]["enum"] == ["SFT", "DPO", "GRPO"]
     patch_op = doc["paths"][f"/apis/{GROUP}/v1/namespaces/{{namespace}}/widgets/{{name}}"]["patch"]

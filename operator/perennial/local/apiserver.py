@@ -247,8 +247,8 @@ class APIServer:
             ctype = request.headers.get("Content-Type", "")
             if "cbor" in ctype:
                 raise APIError(415, "UnsupportedMediaType",
-                               f'the body of the request was in an unknown format - accepted media types include: '
-                               f'application/json, application/yaml')
+                               'the body of the request was in an unknown format - accepted media types include: '
+                               'application/json, application/yaml')
             parts = [p for p in path.split("/") if p]
             if path in ("/healthz", "/readyz", "/livez"):
                 return web.Response(text="ok")
@@ -546,9 +546,9 @@ class APIServer:
                 raise APIError(415, "UnsupportedMediaType", f"the server does not support patch type {ctype!r}")
             if patch_type == "strategic" and rt.crd is not None:
                 raise APIError(415, "UnsupportedMediaType",
-                               f"the body of the request was in an unknown format - accepted media types include: "
-                               f"application/json-patch+json, application/merge-patch+json, "
-                               f"application/apply-patch+yaml")
+                               "the body of the request was in an unknown format - accepted media types include: "
+                               "application/json-patch+json, application/merge-patch+json, "
+                               "application/apply-patch+yaml")
             if patch_type == "apply" and not q.get("fieldManager"):
                 raise APIError(400, "BadRequest", "PATCH requests with apply patch type require fieldManager")
             body = await self._body(request)
