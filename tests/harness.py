@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,9 @@ from perennial.cli import install_crds
 from perennial.config import OperatorConfig
 from perennial.kube import Kube, connect
 from perennial.local.apiserver import ServerThread, start_in_thread
+from waiting import wait_for  # noqa: F401 - re-exported for the tests
 
 API = "perennial.ai/v1alpha1"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}; last value: {last!r}")
 
 
 class OperatorThread:

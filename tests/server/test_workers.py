@@ -3,6 +3,7 @@ restarted when they die, and every acknowledged feedback record shipped exactly 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,11 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
 from srvutil import TOKEN, free_port, read_store
+from waiting import wait_for
 
 
 def start(tmp: Path, port: int, workers: int, *extra: str) -> subprocess.Popen:
@@ -58,16 +61,6 @@ def workers_of(pid: int) -> dict[int, int]:
     return out
 
 
-def wait_for(cond, timeout: float = 30, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def send_feedback(port: int, ids: list[str]) -> list[str]:
     acked = []
     for fid in ids:
@@ -84,71 +77,71 @@ def metric(port: int, line_prefix: str) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(line_prefix))
 
 
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(60)
+class Running:
+    def __init__(self, proc: subprocess.Popen, port: int, workers: dict[int, int]) -> None:
+        self.proc, self.port, self.workers = proc, port, workers
+        self.rc: int | None = None
+
+
+@contextlib.contextmanager
+def running(tmp: Path, workers: int) -> Iterator[Running]:
+    """A healthy sidecar with `workers` worker processes; SIGTERM on leaving (exit code in `.rc`)."""
+    (tmp / "token").write_text(TOKEN)
+    port = free_port()
+    proc = start(tmp, port, workers)
+    r = Running(proc, port, {})
+    try:
+        wait_healthy(port, proc)
+        if workers > 1:
+            r.workers = wait_for(lambda: len(w := workers_of(proc.pid)) == workers and w, message=f"{workers} workers")
+        yield r
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        r.rc = proc.wait(60)
+
+
+def stored_feedback_ids(tmp: Path) -> list[str]:
+    return sorted(r["id"] for r in read_store(tmp / "store") if r["kind"] == "feedback")
 
 
 def test_workers_share_the_port_metrics_and_ship_every_record_once(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text(TOKEN)
-    port = free_port()
-    proc = start(tmp_path, port, 2)
-    try:
-        wait_healthy(port, proc)
-        pids = wait_for(lambda: len(workers_of(proc.pid)) == 2 and workers_of(proc.pid), what="two workers")
-        acked = send_feedback(port, [f"fb-{i}" for i in range(80)])
+    with running(tmp_path, 2) as sc:
+        acked = send_feedback(sc.port, [f"fb-{i}" for i in range(80)])
         # one /metrics answer counts what both workers accepted
-        assert metric(port, 'perennial_sidecar_feedback_total{type="thumbs"}') == 80
+        assert metric(sc.port, 'perennial_sidecar_feedback_total{type="thumbs"}') == 80
         # both workers took connections: each has written to its own spool
         assert {p.parent.name for p in (tmp_path / "spool").rglob("next_seq")} == {"spool", "w1"}
-    finally:
-        rc = stop(proc)
-    assert rc == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values()), "workers outlived the supervisor"
-    records = read_store(tmp_path / "store")
-    ids = sorted(r["id"] for r in records if r["kind"] == "feedback")
-    assert ids == sorted(acked), "every acknowledged record exactly once"
+    assert sc.rc == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in sc.workers.values()), "workers outlived the supervisor"
+    assert stored_feedback_ids(tmp_path) == sorted(acked), "every acknowledged record exactly once"
     names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "store").rglob("*.jsonl")}
     assert names == {"demo-pod", "demo-pod-w1"}, names
 
 
 def test_a_killed_worker_is_replaced_and_nothing_it_acknowledged_is_lost(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text(TOKEN)
-    port = free_port()
-    proc = start(tmp_path, port, 2)
-    try:
-        wait_healthy(port, proc)
-        first = wait_for(lambda: len(workers_of(proc.pid)) == 2 and workers_of(proc.pid), what="two workers")
-        acked = send_feedback(port, [f"a-{i}" for i in range(40)])
+    with running(tmp_path, 2) as sc:
+        first = sc.workers
+        acked = send_feedback(sc.port, [f"a-{i}" for i in range(40)])
         os.kill(first[1], signal.SIGKILL)
-        again = wait_for(lambda: (w := workers_of(proc.pid)).get(1) not in (None, first[1]) and w, what="worker 1 restarted")
+        again = wait_for(lambda: (w := workers_of(sc.proc.pid)).get(1) not in (None, first[1]) and w, message="worker 1 restarted")
         assert again[0] == first[0], "the other worker keeps serving"
-        wait_healthy(port, proc)
-        acked += send_feedback(port, [f"b-{i}" for i in range(40)])
-    finally:
-        rc = stop(proc)
-    assert rc == 0
-    ids = sorted(r["id"] for r in read_store(tmp_path / "store") if r["kind"] == "feedback")
-    assert ids == sorted(acked)
+        acked += send_feedback(sc.port, [f"b-{i}" for i in range(40)])
+    assert sc.rc == 0
+    assert stored_feedback_ids(tmp_path) == sorted(acked)
 
 
 def test_spools_of_former_workers_are_recovered_and_shipped(tmp_path: Path) -> None:
     """The pod ran 4 workers before; now 1: what workers 2 and 3 left is shipped under their names."""
-    (tmp_path / "token").write_text(TOKEN)
     line = lambda i: json.dumps({"kind": "feedback", "schemaVersion": 1, "id": f"old-{i}", "responseId": "chatcmpl-x", "type": "thumbs", "thumbs": "down"})
     w2, w3 = tmp_path / "spool" / "w2", tmp_path / "spool" / "w3"
     w2.mkdir(parents=True)
     w3.mkdir()
     (w2 / "00000004-20261120.jsonl").write_text(line(1) + "\n" + line(2) + "\n")
     (w3 / "00000007-20261121.open").write_text(line(3) + "\n" + line(4)[:20])  # torn by a crash
-    port = free_port()
-    proc = start(tmp_path, port, 1)
-    try:
-        wait_healthy(port, proc)
+    with running(tmp_path, 1) as sc:
         store = tmp_path / "store"
-        wait_for(lambda: len(list(store.rglob("*.jsonl"))) == 2, what="the orphaned segments shipped")
-    finally:
-        assert stop(proc) == 0
+        wait_for(lambda: len(list(store.rglob("*.jsonl"))) == 2, message="the orphaned segments shipped")
+    assert sc.rc == 0
     names = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*.jsonl"))
     assert names == ["demo/2026/11/20/demo-pod-w2-00000004.jsonl", "demo/2026/11/21/demo-pod-w3-00000007.jsonl"]
     assert sorted(r["id"] for r in read_store(tmp_path / "store")) == ["old-1", "old-2", "old-3"]
@@ -167,18 +160,10 @@ def test_workers_that_cannot_start_stop_the_sidecar_instead_of_looping(tmp_path:
 
 
 def test_what_a_worker_killed_during_shutdown_left_is_shipped_by_the_supervisor(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text(TOKEN)
-    port = free_port()
-    proc = start(tmp_path, port, 2)
-    try:
-        wait_healthy(port, proc)
-        pids = wait_for(lambda: len(workers_of(proc.pid)) == 2 and workers_of(proc.pid), what="two workers")
-        acked = send_feedback(port, [f"fb-{i}" for i in range(60)])
+    with running(tmp_path, 2) as sc:
+        acked = send_feedback(sc.port, [f"fb-{i}" for i in range(60)])
         assert any((tmp_path / "spool" / "w1").glob("*.open")), "worker 1 holds records in its open segment"
-        os.kill(pids[1], signal.SIGKILL)  # dies holding them, and the pod is going away:
-    finally:
-        rc = stop(proc)
-    assert rc == 0
-    ids = sorted(r["id"] for r in read_store(tmp_path / "store") if r["kind"] == "feedback")
-    assert ids == sorted(acked)
+        os.kill(sc.workers[1], signal.SIGKILL)  # dies holding them, and the pod is going away (SIGTERM next):
+    assert sc.rc == 0
+    assert stored_feedback_ids(tmp_path) == sorted(acked)
     assert "Shipped what a worker left behind" in "".join(p.read_text() for p in tmp_path.glob("sidecar-*.log"))

@@ -6,7 +6,7 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from perennial.kube import connect
 from perennial.kube.client import Kube
 from perennial.local.apiserver import start_in_thread
 from perennial.local.kubelet import LocalKubelet
+from waiting import wait_for
 
 NS = "default"
 
@@ -55,16 +56,6 @@ class Env:
             if c["type"] == type_ and c["status"] == "True":
                 return c
         return None
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -107,7 +98,7 @@ def test_job_runs_with_volumes_env_and_termination_message(env: Env, monkeypatch
     }, pod={"volumes": [{"name": "cfg", "configMap": {"name": "demo", "items": [{"key": "greeting", "path": "greeting"}]}},
                         {"name": "scratch", "emptyDir": {}}]})
 
-    wait_for(lambda: env.condition("demo", "Complete"), what="Job Complete")
+    wait_for(lambda: env.condition("demo", "Complete"), message="Job Complete")
     job = env.get_job("demo")
     assert env.condition("demo", "SuccessCriteriaMet")
     assert job["status"]["succeeded"] == 1 and job["status"]["active"] == 0
@@ -142,8 +133,8 @@ def test_log_streams_while_running(env: Env) -> None:
         print("started", flush=True)
         time.sleep(30)
     """)
-    pod = wait_for(lambda: env.pods("stream"), what="pod")[0]
-    wait_for(lambda: "started" in env.kube.pod_log(NS, pod["metadata"]["name"]), what="streamed line")
+    pod = wait_for(lambda: env.pods("stream"), message="pod")[0]
+    wait_for(lambda: "started" in env.kube.pod_log(NS, pod["metadata"]["name"]), message="streamed line")
     running = env.pods("stream")[0]
     assert running["status"]["phase"] == "Running"
     assert "startedAt" in running["status"]["containerStatuses"][0]["state"]["running"]
@@ -153,7 +144,7 @@ def test_log_streams_while_running(env: Env) -> None:
 def test_failing_job_never_creates_new_pods_until_backoff_limit(env: Env) -> None:
     env.start_kubelet()
     env.job("fail", "import sys; print('boom'); sys.exit(3)", backoff=1)
-    wait_for(lambda: env.condition("fail", "Failed"), what="Job Failed")
+    wait_for(lambda: env.condition("fail", "Failed"), message="Job Failed")
     assert env.condition("fail", "Failed")["reason"] == "BackoffLimitExceeded"
     job = env.get_job("fail")
     assert job["status"]["failed"] == 2 and job["status"]["active"] == 0 and not env.condition("fail", "Complete")
@@ -181,7 +172,7 @@ def test_on_failure_restarts_in_the_same_pod_and_keeps_empty_dir(env: Env) -> No
         sys.exit(7)
     """, args=["/ckpt"], restart="OnFailure", backoff=2, container={
         "volumeMounts": [{"name": "ckpt", "mountPath": "/ckpt"}]}, pod={"volumes": [{"name": "ckpt", "emptyDir": {}}]})
-    wait_for(lambda: env.condition("retry", "Complete"), what="Job Complete")
+    wait_for(lambda: env.condition("retry", "Complete"), message="Job Complete")
     [pod] = env.pods("retry")
     status = pod["status"]["containerStatuses"][0]
     assert status["restartCount"] == 1
@@ -201,7 +192,7 @@ def test_deleting_a_running_job_kills_its_process(env: Env) -> None:
     """, args=["/data"], container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
         pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "claim"}}]})
     pid_file = env.tmp / "pvc" / "claim" / "pid"
-    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="pid file"))
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), message="pid file"))
     os.kill(pid, 0)  # alive
     env.kube.delete("batch/v1", "Job", NS, "sleeper")
 
@@ -212,15 +203,15 @@ def test_deleting_a_running_job_kills_its_process(env: Env) -> None:
             return True
         return False
 
-    wait_for(gone, what="process killed")
-    wait_for(lambda: not env.kubelet.running(), what="worker exit")  # type: ignore[union-attr]
+    wait_for(gone, message="process killed")
+    wait_for(lambda: not env.kubelet.running(), message="worker exit")  # type: ignore[union-attr]
     assert env.pods("sleeper") == []
 
 
 def test_active_deadline_kills_and_fails_the_job(env: Env) -> None:
     env.start_kubelet()
     env.job("slow", "import time; time.sleep(60)", backoff=3, activeDeadlineSeconds=1)
-    wait_for(lambda: env.condition("slow", "Failed"), what="Job Failed")
+    wait_for(lambda: env.condition("slow", "Failed"), message="Job Failed")
     assert env.condition("slow", "Failed")["reason"] == "DeadlineExceeded"
     [pod] = env.pods("slow")
     assert pod["status"]["phase"] == "Failed" and pod["status"]["reason"] == "DeadlineExceeded"
@@ -230,7 +221,7 @@ def test_unmapped_image_is_left_alone(env: Env) -> None:
     kubelet = env.start_kubelet()
     env.job("foreign", "print('never')", image="somebody-else:1")
     env.job("mine", "print('ran')")
-    wait_for(lambda: env.condition("mine", "Complete"), what="mapped Job Complete")
+    wait_for(lambda: env.condition("mine", "Complete"), message="mapped Job Complete")
     kubelet.sync_once()
     assert env.pods("foreign") == []
     assert not (env.get_job("foreign").get("status") or {}).get("active")
@@ -248,13 +239,13 @@ def test_restarted_kubelet_marks_lost_pod_failed_and_retries(env: Env) -> None:
         time.sleep(60)
     """, args=["/data"], backoff=2, container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
         pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "lost"}}]})
-    wait_for(lambda: (env.tmp / "pvc" / "lost" / "first-attempt").exists(), what="first attempt")
+    wait_for(lambda: (env.tmp / "pvc" / "lost" / "first-attempt").exists(), message="first attempt")
     first = env.pods("lost")[0]["metadata"]["name"]
     kubelet.stop()
     assert env.pods("lost")[0]["status"]["phase"] == "Running"  # the node vanished: the API still says Running
 
     env.start_kubelet()
-    wait_for(lambda: env.condition("lost", "Complete"), what="Job Complete")
+    wait_for(lambda: env.condition("lost", "Complete"), message="Job Complete")
     pods = {p["metadata"]["name"]: p for p in env.pods("lost")}
     assert len(pods) == 2
     assert pods[first]["status"]["phase"] == "Failed" and pods[first]["status"]["reason"] == "NodeLost"
@@ -275,10 +266,10 @@ def test_deleted_pod_counts_as_a_failure_and_is_replaced(env: Env) -> None:
     """, args=["/data"], backoff=1, container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
         pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "evicted"}}]})
     pid_file = env.tmp / "pvc" / "evicted" / "pid"
-    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="pid file"))
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), message="pid file"))
     first = env.pods("evicted")[0]["metadata"]["name"]
     env.kube.delete("v1", "Pod", NS, first)
-    wait_for(lambda: env.condition("evicted", "Complete"), what="Job Complete")
+    wait_for(lambda: env.condition("evicted", "Complete"), message="Job Complete")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     [second] = env.pods("evicted")
@@ -297,10 +288,10 @@ def test_missing_config_map_waits_then_runs(env: Env) -> None:
         statuses = pods[0]["status"].get("containerStatuses") if pods else None
         return ((statuses or [{}])[0].get("state") or {}).get("waiting", {}).get("reason")
 
-    assert wait_for(lambda: waiting_reason() == "CreateContainerConfigError", what="config error")
+    assert wait_for(lambda: waiting_reason() == "CreateContainerConfigError", message="config error")
     assert not env.condition("later", "Complete")
     env.kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "late", "namespace": NS}, "data": {"k": "value"}})
-    wait_for(lambda: env.condition("later", "Complete"), what="Job Complete")
+    wait_for(lambda: env.condition("later", "Complete"), message="Job Complete")
     assert env.kube.pod_log(NS, env.pods("later")[0]["metadata"]["name"]) == "value\n"
 
 
@@ -309,9 +300,9 @@ def test_max_parallel_holds_back_extra_jobs(env: Env) -> None:
                            images={"tiny:1": [sys.executable, "-c"]}, poll_seconds=0.05, max_parallel=1)
     env.kubelet = kubelet.start()
     env.job("first", "import time; time.sleep(60)")
-    wait_for(lambda: env.pods("first"), what="first pod")
+    wait_for(lambda: env.pods("first"), message="first pod")
     env.job("second", "print('ok')")
     time.sleep(0.3)
     assert env.pods("second") == []
     env.kube.delete("batch/v1", "Job", NS, "first")
-    wait_for(lambda: env.condition("second", "Complete"), what="second Job Complete")
+    wait_for(lambda: env.condition("second", "Complete"), message="second Job Complete")
