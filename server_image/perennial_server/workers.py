@@ -57,8 +57,7 @@ class Supervisor:
         self.mp_dir = metrics_dir(cfg)
 
     def _spawn(self, index: int) -> None:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.mp_dir)}
-        p = subprocess.Popen(worker_argv(self.cfg, index, self.log_level), env=env)
+        p = subprocess.Popen(worker_argv(self.cfg, index, self.log_level))  # inherits PROMETHEUS_MULTIPROC_DIR (run())
         self.procs[index] = p
         log.info("Started sidecar worker index=%d pid=%d", index, p.pid)
 
@@ -74,7 +73,7 @@ class Supervisor:
         # counters of a previous container run would otherwise be summed into this one's
         shutil.rmtree(self.mp_dir, ignore_errors=True)
         self.mp_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.mp_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.mp_dir)  # for the workers, set before they import prometheus_client
         from prometheus_client import multiprocess
 
         signal.signal(signal.SIGTERM, self._stop)
