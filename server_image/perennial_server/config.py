@@ -12,8 +12,13 @@ import argparse
 import json
 import os
 import socket
+import re
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
+
+
+_WORKER_DIR = re.compile(r"w([1-9]\d*)")
 
 
 @dataclass
@@ -76,12 +81,24 @@ class SidecarConfig:
             raise ValueError("`worker_index` must be within 0..workers-1 (or -1: not a worker)")
         json.loads(self.redaction_extra_patterns or "[]")
 
+    def worker_spool(self, index: int) -> tuple[str, str]:
+        """(spool dir, pod name) of worker `index`: worker 0 (or a single process) the spool dir and
+        pod name as given, worker i the subdir `w<i>` and `<pod>-w<i>` (segment object names stay unique)."""
+        if index <= 0:
+            return self.spool_dir, self.pod
+        return os.path.join(self.spool_dir, f"w{index}"), f"{self.pod}-w{index}"
+
+    def worker_spools(self) -> list[tuple[int, str, str]]:
+        """(index, spool dir, pod name) of every worker spool present under the spool dir, worker 0 first."""
+        found = sorted(int(m.group(1)) for d in Path(self.spool_dir).glob("w*") if d.is_dir() and (m := _WORKER_DIR.fullmatch(d.name)))
+        return [(i, *self.worker_spool(i)) for i in [0, *found]]
+
     def for_worker(self) -> "SidecarConfig":
-        """What worker `worker_index` of several uses: worker 0 the spool dir and pod name as given,
-        worker i a spool subdir `w<i>` and pod name `<pod>-w<i>` (segment object names stay unique)."""
+        """The configuration worker `worker_index` runs with (its own spool dir and pod name)."""
         if self.worker_index <= 0:
             return self
-        return replace(self, spool_dir=os.path.join(self.spool_dir, f"w{self.worker_index}"), pod=f"{self.pod}-w{self.worker_index}")
+        spool_dir, pod = self.worker_spool(self.worker_index)
+        return replace(self, spool_dir=spool_dir, pod=pod)
 
 
 _HELP = {

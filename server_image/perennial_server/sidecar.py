@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -358,7 +357,7 @@ class Capture:
 class Sidecar:
     def __init__(self, cfg: SidecarConfig) -> None:
         cfg.validate()
-        self.root_spool_dir = Path(cfg.spool_dir)
+        self.root_cfg = cfg  # the spool dir and pod name of the pod, not of this worker
         self.cfg = cfg = cfg.for_worker()
         self.metrics = Metrics(multiprocess=cfg.worker_index >= 0 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
         self.redactor = Redactor.from_config(cfg.redaction_enabled, cfg.redaction_extra_patterns)
@@ -389,22 +388,14 @@ class Sidecar:
 
     async def _startup(self, _app: web.Application) -> None:
         if self.cfg.store_uri:
-            self.shipper = Shipper(
-                self.cfg.spool_dir, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=self.cfg.pod,
-                interval_s=self.cfg.ship_interval_s,
-                on_shipped=lambda s, w: self.metrics.shipped.inc(),
-                on_failure=lambda s, e: self.metrics.ship_failures.inc(),
-                on_backlog=self._set_backlog,
-            )
+            self.shipper = self._shipper(self.cfg.spool_dir, self.cfg.pod, on_backlog=self._set_backlog)
             self.spool.on_closed = self.shipper.kick
         await self.spool.start()  # recovers a crashed predecessor's segments
         if self.shipper:
             self.shipper.start()  # ships them
         if self.cfg.worker_index <= 0:
-            for d in await asyncio.to_thread(self._recover_orphans):
-                sh = Shipper(d, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=f"{self.cfg.pod}-{d.name}",
-                             interval_s=self.cfg.ship_interval_s, on_shipped=lambda s, w: self.metrics.shipped.inc(),
-                             on_failure=lambda s, e: self.metrics.ship_failures.inc())
+            for d, pod in await asyncio.to_thread(self._recover_orphans):
+                sh = self._shipper(d, pod)
                 sh.start()
                 self.adopted.append(sh)
                 log.info("Shipping the spool of a former worker dir=%s", d)
@@ -413,17 +404,20 @@ class Sidecar:
                                  read_timeout_s=self.cfg.upstream_timeout_s)
         log.info("Started sidecar upstream=%s spool=%s store=%s", self.cfg.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
 
-    def _recover_orphans(self) -> list[Path]:
+    def _shipper(self, spool_dir: str, pod: str, **kw: Any) -> Shipper:
+        return Shipper(spool_dir, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=pod, interval_s=self.cfg.ship_interval_s,
+                       on_shipped=lambda s, w: self.metrics.shipped.inc(), on_failure=lambda s, e: self.metrics.ship_failures.inc(), **kw)
+
+    def _recover_orphans(self) -> list[tuple[str, str]]:
         """Spools of workers this configuration no longer runs (the pod ran more workers before):
-        close what they left open; return those with segments to ship under their own pod names."""
+        close what they left open; return (dir, pod name) of those with segments to ship."""
         out = []
-        for d in sorted(self.root_spool_dir.glob("w*")):
-            m = re.fullmatch(r"w(\d+)", d.name)
-            if not m or not d.is_dir() or int(m.group(1)) < self.cfg.workers:
+        for i, d, pod in self.root_cfg.worker_spools():
+            if i < self.cfg.workers:
                 continue
             Spool(d).recover()
-            if self.cfg.store_uri and closed_segments(d):
-                out.append(d)
+            if self.cfg.store_uri and closed_segments(Path(d)):
+                out.append((d, pod))
         return out
 
     def _set_backlog(self, segments: int, size: int) -> None:
@@ -590,16 +584,9 @@ class Sidecar:
         # the request is parsed (and redacted) later, in the capture batch, not on the response path
         capture = bool(endpoint and body) and self._sample > 0 and (self._sample >= 1 or random.random() < self._sample)
         t_send = time.perf_counter()
+        up: UpstreamResponse | None = None
         try:
             up = await self.pool.request(request.method, self.upstream_prefix + request.raw_path, self._fwd_headers(request), body or None)
-        except UpstreamTimeout:
-            self.metrics.upstream_errors.labels("timeout").inc()
-            return json_error(504, "the engine did not answer in time", "upstream_timeout")
-        except UpstreamError as e:
-            self.metrics.upstream_errors.labels("connection").inc()
-            log.debug("Engine request failed error=%s", e)
-            return json_error(502, "the engine is unavailable", "upstream_unavailable")
-        try:
             ctype = up.header("Content-Type") or ""
             if endpoint and ctype.startswith("text/event-stream"):
                 return await self._stream(request, up, endpoint, body, capture, t0, t_send)
@@ -609,11 +596,13 @@ class Sidecar:
         except UpstreamTimeout:
             self.metrics.upstream_errors.labels("timeout").inc()
             return json_error(504, "the engine did not answer in time", "upstream_timeout")
-        except UpstreamError:
+        except UpstreamError as e:
             self.metrics.upstream_errors.labels("connection").inc()
+            log.debug("Engine request failed error=%s", e)
             return json_error(502, "the engine is unavailable", "upstream_unavailable")
         finally:
-            up.release()
+            if up is not None:
+                up.release()
 
     async def _json(self, request: web.Request, up: UpstreamResponse, endpoint: str, ctype: str, req_body: bytes,
                     capture: bool, t0: float, t_send: float) -> web.StreamResponse:
@@ -718,8 +707,7 @@ class Sidecar:
             if isinstance(e, ConnectionResetError) or request.transport is None or request.transport.is_closing():
                 # the client went away (often right after reading `[DONE]`): keep what it was sent
                 if capture and up.status == 200 and raw_all and rid:
-                    self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw_all),
-                                         "latency_s": time.perf_counter() - t0, "stream": True})
+                    self._capture_stream(rid, endpoint, req_body, raw_all, t0)
                 if resp is None:
                     raise ConnectionResetError("client went away") from e
                 return resp
@@ -734,11 +722,13 @@ class Sidecar:
             except ConnectionResetError:
                 pass
             return resp
-        t_end = time.perf_counter()
         self.metrics.added_latency.observe(added)
         if capture and up.status == 200 and raw_all is not None and rid:
-            self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw_all), "latency_s": t_end - t0, "stream": True})
+            self._capture_stream(rid, endpoint, req_body, raw_all, t0)
         return resp
+
+    def _capture_stream(self, rid: str, endpoint: str, req_body: bytes, raw: bytearray, t0: float) -> None:
+        self.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw), "latency_s": time.perf_counter() - t0, "stream": True})
 
     @staticmethod
     async def _pump(request: web.Request, resp: web.StreamResponse, up: UpstreamResponse, raw_all: bytearray | None) -> None:

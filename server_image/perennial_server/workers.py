@@ -122,9 +122,8 @@ class Supervisor:
         from .shipper import Shipper, Store
         from .spool import Spool, closed_segments
 
-        root = Path(self.cfg.spool_dir)
-        dirs = [(root, self.cfg.pod)] + [(d, f"{self.cfg.pod}-{d.name}") for d in sorted(root.glob("w*")) if d.is_dir() and d.name[1:].isdigit()]
-        for d, pod in dirs:
+        for _, spool_dir, pod in self.cfg.worker_spools():
+            d = Path(spool_dir)
             if not any(d.glob("*.open")) and not closed_segments(d):
                 continue
             try:
