@@ -94,16 +94,19 @@ def run_upstream(port: int, ttft_s: float, itl_s: float) -> None:
     web.run_app(app, host=HOST, port=port, access_log=None, print=None)
 
 
-# ---------------------------------------------------------------- relay floor
+# ---------------------------------------------------------------- floors
+def sidecar_loop() -> asyncio.AbstractEventLoop:
+    """The event loop the sidecar runs on (uvloop when installed), for a fair floor."""
+    from perennial_server.sidecar import loop_factory
+
+    return (loop_factory() or asyncio.new_event_loop)()
+
+
 def run_relay(port: int, upstream_port: int) -> None:
     """The least any proxy process must do: a byte relay (no HTTP parsing, no capture) on
     uvloop, one engine connection per client connection. Placed like the sidecar, it shows what
     an extra process in the path costs on this machine (the scheduler's cross-CPU wake-ups)."""
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
+    loop = sidecar_loop()
 
     class Upstream(asyncio.Protocol):
         def __init__(self, client: asyncio.Transport) -> None:
@@ -160,11 +163,7 @@ def run_hello(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/feedback", feedback)
     app.router.add_get("/health", health)
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
+    loop = sidecar_loop()
     web.run_app(app, host=HOST, port=port, access_log=None, print=None, loop=loop)
 
 

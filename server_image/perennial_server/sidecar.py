@@ -828,7 +828,7 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
     await runner.cleanup()  # stop listening, drain handlers, flush + ship (on_cleanup)
 
 
-def _loop_factory():
+def loop_factory():
     """uvloop when installed (the `server` extra): a C event loop and transports roughly halve
     the sidecar's CPU per proxied request; plain asyncio otherwise."""
     if os.environ.get("PERENNIAL_SIDECAR_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -841,5 +841,5 @@ def _loop_factory():
 
 
 def main(cfg: SidecarConfig) -> None:
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(cfg))
