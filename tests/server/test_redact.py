@@ -76,7 +76,22 @@ def test_gates_never_change_what_is_redacted(text: str) -> None:
     assert Redactor().text(text) == ungated(text)
 
 
-def test_gates_skip_detectors_on_long_text_without_pii() -> None:
+class _MustNotRun:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def sub(self, *_a: object, **_k: object) -> str:
+        raise AssertionError(f"detector {self.name} ran although its gate is closed")
+
+
+def test_gates_skip_detectors_on_long_text_without_pii(monkeypatch: pytest.MonkeyPatch) -> None:
     prompt = "You are a helpful assistant for ACME Corp. Orders from 2024 ship in 3 to 5 days: ask us. " * 25
-    assert Redactor().text(prompt) == prompt == ungated(prompt)
-    assert Redactor().text(prompt + "Call +1 415 555 0134.").endswith("Call [REDACTED:phone].")
+    expected = ungated(prompt + "Call +1 415 555 0134.")
+    for name in ("_EMAIL", "_IPV6", "_CARD", "_IBAN", "_IPV4"):
+        monkeypatch.setattr(redact, name, _MustNotRun(name))
+    assert Redactor().text(prompt) == prompt  # no detector ran
+    # only the phone detector's gate opens for a phone number
+    assert Redactor().text(prompt + "Call +1 415 555 0134.") == expected
+    assert expected.endswith("Call [REDACTED:phone].")
+    monkeypatch.setattr(redact, "_PHONE", _MustNotRun("_PHONE"))
+    assert Redactor().text(prompt) == prompt
