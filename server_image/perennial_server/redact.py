@@ -149,13 +149,14 @@ class Redactor:
         return s
 
     def value(self, v: Any) -> Any:
-        """Redact every string inside a JSON-like value (dict keys are kept)."""
+        """Redact every string inside a JSON-like value, dict keys included (free-form maps such
+        as `metadata` are keyed by whatever the client chose; two keys redacted alike keep the last value)."""
         if isinstance(v, str):
             return self.text(v)
         if isinstance(v, list):
             return [self.value(x) for x in v]
         if isinstance(v, dict):
-            return {k: self.value(x) for k, x in v.items()}
+            return {(self.text(k) if isinstance(k, str) else k): self.value(x) for k, x in v.items()}
         return v
 
 

@@ -40,6 +40,7 @@ def test_extra_patterns_and_disabled() -> None:
     r = Redactor.from_config(True, '[{"name": "employee-id", "regex": "EMP-\\\\d{6}"}]')
     assert r.text("ask EMP-123456") == "ask [REDACTED:employee-id]"
     assert r.value({"a": ["EMP-000001", 3]}) == {"a": ["[REDACTED:employee-id]", 3]}
+    assert r.value({"EMP-000002": {"to": "a@b.example"}, 7: "x"}) == {"[REDACTED:employee-id]": {"to": "[REDACTED:email]"}, 7: "x"}
     assert Redactor(enabled=False).text("a@b.example") == "a@b.example"
     with pytest.raises(ValueError):
         Redactor.from_config(True, '[{"name": "x"}]')
