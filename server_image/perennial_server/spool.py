@@ -198,8 +198,16 @@ class Spool:
         seq = self._next_seq()
         day = _dt.datetime.now(_dt.timezone.utc).date()
         path = self.dir / f"{seq:08d}-{day:%Y%m%d}.open"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        _fsync_dir(self.dir)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            _fsync_dir(self.dir)
+        except BaseException:
+            # never write (and acknowledge) records into a file whose directory entry is not
+            # durable: drop it (empty; its number stays used) and open a new one next time
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd = fd
         self._seg = Segment(path, seq, day)
         self._seg_bytes = 0
         self._seg_opened = time.monotonic()

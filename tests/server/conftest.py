@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -47,7 +47,8 @@ def sidecar_factory(tmp_path: Path):
 
     started: list[AppThread] = []
 
-    def make(upstream: str, **overrides: Any) -> tuple[AppThread, Sidecar, SidecarConfig]:
+    def make(upstream: str, app_hook: Callable[[Any], None] | None = None, **overrides: Any) -> tuple[AppThread, Sidecar, SidecarConfig]:
+        """A running sidecar in front of `upstream`; `app_hook(app)` may add to its aiohttp app before it starts."""
         n = len(started)
         token_file = tmp_path / "token"
         if not token_file.exists():
@@ -60,7 +61,14 @@ def sidecar_factory(tmp_path: Path):
         for k, v in overrides.items():
             setattr(cfg, k, v)
         sc = Sidecar(cfg)
-        t = AppThread(sc.make_app).start()
+
+        def make_app() -> Any:
+            app = sc.make_app()
+            if app_hook is not None:
+                app_hook(app)
+            return app
+
+        t = AppThread(make_app).start()
         started.append(t)
         return t, sc, cfg
 
