@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,8 @@ def fake_upstream():
 
 
 def test_feedback_requires_the_token(fake_upstream, sidecar_factory, tmp_path: Path) -> None:
-    t, _, cfg = sidecar_factory(fake_upstream.url)
+    t, sc, cfg = sidecar_factory(fake_upstream.url)
+    sc.token.check_interval_s = 0.0  # the token file is looked at on every request: no sleeping past the interval
     url = t.url + "/v1/feedback"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer "},
                     {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": f"Bearer {TOKEN[:-1]}"}):
@@ -75,12 +75,10 @@ def test_feedback_requires_the_token(fake_upstream, sidecar_factory, tmp_path: P
 
     # the mounted Secret changes: the new token works, the old one stops working
     Path(cfg.token_file).write_text("rotated-token-value-which-is-longer\n")
-    time.sleep(1.1)
     assert requests.post(url, json=GOOD, headers=AUTH).status_code == 401
     assert requests.post(url, json=GOOD, headers={"Authorization": "Bearer rotated-token-value-which-is-longer"}).status_code == 200
     # no token file: everything refused
     Path(cfg.token_file).unlink()
-    time.sleep(1.1)
     assert requests.post(url, json=GOOD, headers={"Authorization": "Bearer rotated-token-value-which-is-longer"}).status_code == 401
 
 
@@ -137,13 +135,23 @@ def test_feedback_batch_is_stored_all_or_none(fake_upstream, sidecar_factory) ->
 
 
 def test_feedback_rate_limit(fake_upstream, sidecar_factory) -> None:
-    t, _, _ = sidecar_factory(fake_upstream.url, rate_limit_per_second=5)
+    # a bucket of one request, refilled at 0.01/s: after the first request every one within the
+    # next 100 s is limited, however slow the machine
+    t, _, cfg = sidecar_factory(fake_upstream.url, rate_limit_per_second=0.01, store_uri="")
     s = requests.Session()
-    codes = [s.post(t.url + "/v1/feedback", json=GOOD, headers=AUTH).status_code for _ in range(20)]
-    assert codes.count(200) >= 5 and 429 in codes
-    r = s.post(t.url + "/v1/feedback", json=GOOD, headers=AUTH)
-    if r.status_code == 429:
-        assert _err(r, 429)["type"] == "rate_limit_error" and int(r.headers["Retry-After"]) >= 1
+    url = t.url + "/v1/feedback"
+    assert s.post(url, json={**GOOD, "id": "fb-first"}, headers=AUTH).status_code == 200
+    for i in range(3):
+        r = s.post(url, json={**GOOD, "id": f"fb-limited-{i}"}, headers=AUTH)
+        e = _err(r, 429)
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert e["type"] == "rate_limit_error" and e["code"] == "rate_limit_exceeded", e
+        # whole seconds until the next token (at most the 100 s a token takes), never 0
+        assert 1 <= int(r.headers["Retry-After"]) <= 100, r.headers["Retry-After"]
+    # a limited request is refused before anything else: even without a token, and nothing is stored
+    r = s.post(url, json=GOOD)
+    assert _err(r, 429)["code"] == "rate_limit_exceeded" and "Retry-After" in r.headers
+    assert [rec["id"] for rec in _spooled(cfg.spool_dir)] == ["fb-first"]
 
 
 def test_proxy_errors_and_ids(fake_upstream, sidecar_factory) -> None:
