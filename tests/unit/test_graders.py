@@ -144,9 +144,28 @@ def test_grader_cannot_see_trainer_secrets(monkeypatch):
     assert r.score == 0.0  # empty environment, and no other process's environment readable
 
 
-def test_grader_runs_in_scratch_dir():
-    src = "import os\ndef grade(sample, item):\n    open('scratch.txt', 'w').write('x')\n    return float(os.getcwd().startswith('/tmp') or 'sandbox' in os.getcwd())\n"
+def test_grader_runs_in_scratch_dir(tmp_path, monkeypatch):
+    """The grader's cwd is the sandbox's own fresh directory (the one holding its child script, and
+    nothing else), not the caller's, wherever the checkout and the caller's cwd are; removed afterwards."""
+    from perennial_trainer import sandbox
+
+    made = []
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1])
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    src = (
+        "import os, sys\n"
+        "def grade(sample, item):\n"
+        "    open('scratch.txt', 'w').write('x')\n"
+        "    here = os.path.realpath(os.getcwd())\n"
+        "    own = os.path.dirname(os.path.realpath(sys.argv[0]))\n"
+        "    return float(here == own and sorted(os.listdir(here)) == ['_child.py', 'scratch.txt'])\n"
+    )
     assert grade(G(type="Python", python={"source": src}), "x").score == 1
+    assert made and not any(os.path.exists(d) for d in made), "the scratch directory is removed"
+    assert not list(caller.iterdir()), "nothing written to the caller's cwd"
 
 
 def test_broken_grader_source():
