@@ -77,6 +77,35 @@ def test_short_names_are_unique_and_pdeploy_is_ours():
     assert "deploy" not in all_short
 
 
+# Short names of kubectl's built-in resources (Kubernetes 1.32 `kubectl api-resources`): kubectl resolves a
+# short name to the built-in kind first, so a CRD short name equal to one of these is never reachable.
+BUILTIN_SHORT_NAMES = {
+    "cs", "cm", "ep", "ev", "limits", "ns", "no", "pvc", "pv", "po", "rc", "quota", "sa", "svc",  # v1
+    "crd", "crds", "ds", "deploy", "rs", "sts", "hpa", "cj", "csr", "ing", "netpol", "pdb", "pc", "sc", "ip",
+    "ingress", "ingresses",
+}
+
+
+def test_no_short_name_collides_with_a_builtin_kind():
+    for crd in crdgen.all_crds():
+        names = crd["spec"]["names"]
+        assert not set(names["shortNames"]) & BUILTIN_SHORT_NAMES, (names["kind"], names["shortNames"])
+    assert "rspec" in crdgen.crd(KIND_BY_NAME["RewardSpec"])["spec"]["names"]["shortNames"]
+
+
+def test_wide_columns_show_the_grpo_learning_signal():
+    from perennial.local.apiserver import jsonpath
+
+    cols = {c["name"]: c for c in crdgen.crd(KIND_BY_NAME["TrainingRun"])["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert cols["Signal"]["priority"] == 1 and cols["ZeroStd"]["priority"] == 1
+    run = {"status": {"progress": {"fracRewardZeroStd": "1"}, "conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "Trained"},
+        {"type": "LearningSignal", "status": "False", "reason": "NoRewardVariance"}]}}
+    # The embedded API server's printer-column JSONPath evaluates the condition filter.
+    assert jsonpath(run, cols["Signal"]["jsonPath"]) == "NoRewardVariance"
+    assert jsonpath(run, cols["ZeroStd"]["jsonPath"]) == "1"
+
+
 def _walk(node, path=""):
     yield path, node
     for key, sub in (node.get("properties") or {}).items():
@@ -172,6 +201,21 @@ CASES = [
     ("TrainingRun", with_spec(RUN, datasets=[{"name": "d", "uri": "file:///x", "split": "Eval"}]), None, "at least one dataset must have `split` 'Train'"),
     ("TrainingRun", with_spec(RUN, datasets=[{"name": "d", "uri": "file:///x"}, {"name": "d", "uri": "file:///y"}]), None, "dataset names must be unique"),
     ("TrainingRun", with_spec(RUN, method="DPO"), RUN, "`spec` is immutable"),
+    # GRPO groups: the batch counts completions, whole groups of `numGenerations` (8 when unset).
+    ("TrainingRun", with_spec(RUN, method="GRPO", rewardSpecRef={"name": "rs"}, hyperparameters={"batchSize": 12, "numGenerations": 8}), None,
+     "`hyperparameters.batchSize` must be a multiple of `hyperparameters.numGenerations` (8 when unset) when `method` is 'GRPO'"),
+    ("TrainingRun", with_spec(RUN, method="GRPO", rewardSpecRef={"name": "rs"}, hyperparameters={"batchSize": 12}), None,
+     "`hyperparameters.batchSize` must be a multiple of `hyperparameters.numGenerations`"),
+    ("TrainingRun", with_spec(RUN, method="GRPO", rewardSpecRef={"name": "rs"}, hyperparameters={"batchSize": 12, "numGenerations": 4}), None, None),
+    ("TrainingRun", with_spec(RUN, method="GRPO", rewardSpecRef={"name": "rs"}, hyperparameters={"numGenerations": 6}), None, None),
+    ("TrainingRun", with_spec(RUN, method="SFT", hyperparameters={"batchSize": 12, "numGenerations": 8}), None, None),
+    # Parents: by Adapter, by the TrainingRun that produces it, or the newest of a family; at most one.
+    ("TrainingRun", with_spec(RUN, parentTrainingRunRef={"name": "sft"}), None, None),
+    ("TrainingRun", with_spec(RUN, parentAdapterFamily="fam"), None, None),
+    ("TrainingRun", with_spec(RUN, parentAdapterRef={"name": "fam-v1"}, parentTrainingRunRef={"name": "sft"}), None,
+     "at most one of `parentAdapterRef`, `parentTrainingRunRef`, `parentAdapterFamily` may be set"),
+    ("TrainingRun", with_spec(RUN, parentTrainingRunRef={"name": "sft"}, parentAdapterFamily="fam"), None, "at most one of"),
+    ("TrainingRun", with_spec(RUN, parentTrainingRunRef={"name": "other"}), with_spec(RUN, parentTrainingRunRef={"name": "sft"}), "`spec` is immutable"),
     ("TrainingRun", RUN, RUN, None),
     ("RewardSpec", RS, None, None),
     ("RewardSpec", with_spec(RS, graders=[{"name": "fmt", "type": "Regex", "python": {"source": "def grade(s, i): return 1"}}]), None, "`regex` must be set if and only if `type` is 'Regex'"),
@@ -190,6 +234,9 @@ CASES = [
     ("Deployment", with_spec(DEP, autoscaling={"minReplicas": 0, "maxReplicas": 2, "provider": "KEDA"}), None, None),
     ("Deployment", with_spec(DEP, feedback={"enabled": False}, continuousLearning={"enabled": True, "adapterFamily": "f"}), None, "`continuousLearning` needs `feedback.enabled`"),
     ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {"method": "GRPO"}}), None, "`rewardSpecRef` is required when `method` is 'GRPO'"),
+    ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
+        "method": "GRPO", "rewardSpecRef": {"name": "rs"}, "hyperparameters": {"batchSize": 6, "numGenerations": 4}}}), None,
+     "`hyperparameters.batchSize` must be a multiple of `hyperparameters.numGenerations`"),
 ]
 
 # Every grader type without its sub-object.

@@ -47,6 +47,12 @@ def exactly_one_of(*fields: str) -> dict[str, str]:
     return cel(f"{terms} == 1", f"exactly one of {names} must be set")
 
 
+def at_most_one_of(*fields: str) -> dict[str, str]:
+    terms = " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
+    names = ", ".join(f"`{f}`" for f in fields)
+    return cel(f"{terms} <= 1", f"at most one of {names} may be set")
+
+
 class Model(pydantic.BaseModel):
     """Base of every API type: camelCase on the wire, unknown fields rejected."""
 

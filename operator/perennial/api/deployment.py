@@ -24,7 +24,7 @@ from .common import (
     ready_column,
     validations,
 )
-from .trainingrun import Evaluation, Hyperparameters, LoRAConfig, Method, RunPolicy
+from .trainingrun import Evaluation, Hyperparameters, LoRAConfig, Method, RunPolicy, grpo_batch_rule
 
 
 class AdapterTrack(Model):
@@ -157,7 +157,10 @@ class TrainingRunTemplate(Model):
     continue_from_served: bool = Field(default=True, description="Use the currently served adapter of the family as parent.")
 
     model_config = Model.model_config | {
-        "json_schema_extra": validations(cel("self.method != 'GRPO' || has(self.rewardSpecRef)", "`rewardSpecRef` is required when `method` is 'GRPO'", field_path=".rewardSpecRef"))
+        "json_schema_extra": validations(
+            cel("self.method != 'GRPO' || has(self.rewardSpecRef)", "`rewardSpecRef` is required when `method` is 'GRPO'", field_path=".rewardSpecRef", reason="FieldValueRequired"),
+            grpo_batch_rule(),
+        )
     }
 
 

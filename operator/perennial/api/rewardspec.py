@@ -231,7 +231,7 @@ class RewardSpecResource(Resource, KindInfo):
 
     plural: ClassVar[str] = "rewardspecs"
     singular: ClassVar[str] = "rewardspec"
-    short_names: ClassVar[list[str]] = ["rspec", "rs"]
+    short_names: ClassVar[list[str]] = ["rspec"]
     description: ClassVar[str] = "A reusable rubric of weighted graders (regex, JSON schema, string check, similarity, code + unit tests, Python, LLM judge, human feedback) with self-tests."
     printer_columns: ClassVar[list[PrinterColumn]] = [
         ready_column(),

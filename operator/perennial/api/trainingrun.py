@@ -20,12 +20,30 @@ from .common import (
     PrinterColumn,
     Resource,
     age_column,
+    at_most_one_of,
     cel,
     exactly_one_of,
     validations,
 )
 
 Method = Literal["SFT", "DPO", "GRPO"]
+
+#: GRPO completions per prompt when `hyperparameters.numGenerations` is unset (the trainer's default too).
+GRPO_DEFAULT_NUM_GENERATIONS = 8
+#: Evaluation's generation length when neither `evaluation.maxCompletionLength` nor
+#: `hyperparameters.maxCompletionLength` is set.
+EVAL_DEFAULT_MAX_COMPLETION_LENGTH = 128
+
+
+def grpo_batch_rule() -> dict[str, str]:
+    """GRPO: the per-device batch counts completions, so it must hold whole groups of `numGenerations`."""
+    return cel(
+        "self.method != 'GRPO' || !has(self.hyperparameters.batchSize) || "
+        f"self.hyperparameters.batchSize % (has(self.hyperparameters.numGenerations) ? self.hyperparameters.numGenerations : {GRPO_DEFAULT_NUM_GENERATIONS}) == 0",
+        f"`hyperparameters.batchSize` must be a multiple of `hyperparameters.numGenerations` ({GRPO_DEFAULT_NUM_GENERATIONS} when unset) when `method` is 'GRPO'",
+        field_path=".hyperparameters.batchSize",
+        reason="FieldValueInvalid",
+    )
 
 
 class FeedbackSnapshot(Model):
@@ -41,8 +59,14 @@ class DatasetSource(Model):
     """A dataset: a file (or directory) URI, or a snapshot of a Deployment's feedback."""
 
     name: Name = Field(description="Dataset name (lineage and metrics refer to it).")
-    uri: str | None = Field(default=None, max_length=2048, description="`file://`, `s3://`, `gs://`, `pvc://<claim>/<path>` or an absolute path to a JSONL or Parquet file.")
-    feedback: FeedbackSnapshot | None = Field(default=None, description="Build the data from collected feedback instead.")
+    uri: str | None = Field(default=None, max_length=2048, description=(
+        "`file://`, `s3://`, `gs://`, `pvc://<claim>/<path>` or an absolute path to a JSONL file (one JSON object per line) "
+        "or a Parquet file, or to a directory: every `.jsonl`, `.json` and `.parquet` file under it, in name order. "
+        "The row format depends on `method` (see `datasets`)."))
+    feedback: FeedbackSnapshot | None = Field(default=None, description=(
+        "Build the data from collected feedback instead. SFT: responses rated at least `minRating` (default 0.5; thumbs up is 1) "
+        "and corrections; DPO: a correction over the original response, explicit preferences, and differently rated responses "
+        "to the same prompt; GRPO: each distinct prompt, with its rating as `feedback_score` and its correction as `reference`."))
     format: Literal["Auto", "JSONL", "Parquet"] = Field(default="Auto", description="File format; `Auto` goes by the extension.")
     split: Literal["Train", "Eval"] = Field(default="Train", description="`Eval` datasets are used only for evaluation.")
     sha256: str | None = Field(default=None, max_length=64, pattern=r"^[a-f0-9]{64}$", description="Expected content hash; the run fails if the data differs.")
@@ -56,14 +80,16 @@ class Hyperparameters(Model):
     learning_rate: Decimal | None = Field(default=None, description="Learning rate, e.g. `\"2e-4\"`. Default: SFT 2e-4, DPO 5e-5, GRPO 1e-5.")
     epochs: int | None = Field(default=None, ge=1, le=1000, description="Epochs over the training data.")
     max_steps: int | None = Field(default=None, ge=1, le=10000000, description="Stop after this many optimizer steps (overrides `epochs`).")
-    batch_size: int | None = Field(default=None, ge=1, le=4096, description="Per-device batch size (for GRPO: completions per step; a multiple of `numGenerations`).")
+    batch_size: int | None = Field(default=None, ge=1, le=4096, description="Per-device batch size (for GRPO: completions per step; a multiple of `numGenerations`, and `numGenerations` when unset).")
     gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=1024, description="Gradient accumulation steps.")
     max_length: int | None = Field(default=None, ge=16, le=1048576, description="Maximum sequence length in tokens.")
     warmup_ratio: Decimal | None = Field(default=None, description="Fraction of steps for learning-rate warm-up.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed.")
     beta: Decimal | None = Field(default=None, description="DPO beta / GRPO KL coefficient.")
-    num_generations: int | None = Field(default=None, ge=2, le=256, description="GRPO: completions sampled per prompt.")
-    max_completion_length: int | None = Field(default=None, ge=1, le=65536, description="GRPO: maximum completion length in tokens.")
+    num_generations: int | None = Field(default=None, ge=2, le=256, description=f"GRPO: completions sampled per prompt (default {GRPO_DEFAULT_NUM_GENERATIONS}).")
+    max_completion_length: int | None = Field(default=None, ge=1, le=65536, description=(
+        "Maximum length in tokens of generated completions: GRPO's sampled completions (default 256), and, for every method, "
+        "evaluation's generations unless `evaluation.maxCompletionLength` is set."))
     temperature: Decimal | None = Field(default=None, description="GRPO: sampling temperature.")
     entropy_coef: Decimal | None = Field(default=None, description="GRPO: entropy bonus coefficient.")
 
@@ -84,6 +110,9 @@ class Evaluation(Model):
     held_out_percent: int = Field(default=10, ge=0, le=50, description="Percent of the training data held out when no `Eval` dataset is given.")
     max_samples: int = Field(default=256, ge=1, le=100000, description="At most this many evaluation prompts.")
     reward_spec_ref: LocalObjectReference | None = Field(default=None, description="Graders for evaluation; the run's `rewardSpecRef` if unset.")
+    max_completion_length: int | None = Field(default=None, ge=1, le=65536, description=(
+        "Maximum length in tokens of the completions generated for evaluation (greedy), for every method; "
+        f"`hyperparameters.maxCompletionLength` if unset, else {EVAL_DEFAULT_MAX_COMPLETION_LENGTH}."))
 
 
 class Output(Model):
@@ -97,7 +126,9 @@ class Output(Model):
 class RunPolicy(Model):
     """How the Job runs."""
 
-    backoff_limit: int = Field(default=2, ge=0, le=20, description="Pod restarts before the run fails; restarts resume from the last checkpoint.")
+    backoff_limit: int = Field(default=2, ge=0, le=20, description=(
+        "Failed pods retried before the run fails; a retry resumes from the last checkpoint. Permanent trainer errors "
+        "(invalid config, dataset, reward spec or model) fail the run at once; evicted or preempted pods are not counted."))
     active_deadline_seconds: int | None = Field(default=None, ge=60, le=30 * 86400, description="Fail the run after this long.")
     ttl_seconds_after_finished: int = Field(default=86400, ge=0, le=30 * 86400, description="Delete the finished Job after this long (the TrainingRun keeps its status).")
     checkpoint_every_steps: int = Field(default=50, ge=1, le=1000000, description="Checkpoint interval in optimizer steps.")
@@ -105,14 +136,34 @@ class RunPolicy(Model):
     service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="ServiceAccount of the training pod (e.g. for workload identity to the artifact store).")
 
 
+DATASETS_HELP = (
+    "Training (and optional evaluation) data. Each row is a JSON object; its fields depend on `method`. "
+    "SFT: `messages` (a chat: a list of `{role, content}`), or `prompt` and `completion` (strings, or `prompt` a chat and "
+    "`completion` the assistant's reply as a string or a list of messages), or `text`. "
+    "DPO: `prompt`, `chosen` and `rejected` (strings; with a chat `prompt`, the replies as strings or lists of messages). "
+    "GRPO: `prompt` (a string or a chat; graders see it as `sample.prompt`); the row's other fields are the graders' `item` "
+    "(e.g. `answer` for `{{item.answer}}`, `tests` for a Code grader, `feedback_score` for a HumanFeedback grader). "
+    "Evaluation generates from the same `prompt` (or `messages` without its final assistant turns, or `text`) and grades "
+    "with the row as `item`. A row missing its method's fields fails the run with reason `MissingColumn`."
+)
+
+
 class TrainingRunSpec(Model):
     """One fine-tuning job. Immutable once created."""
 
     method: Method = Field(description="`SFT`, `DPO` or `GRPO` (reinforcement fine-tuning against a RewardSpec).")
     base_model_ref: LocalObjectReference = Field(description="The BaseModel to adapt.")
-    parent_adapter_ref: LocalObjectReference | None = Field(default=None, description="Continue training this Adapter (it must be of the same base model).")
+    parent_adapter_ref: LocalObjectReference | None = Field(default=None, description=(
+        "Continue training this Adapter (it must be of the same base model). At most one of `parentAdapterRef`, "
+        "`parentTrainingRunRef` and `parentAdapterFamily` may be set; none trains a new adapter from the base model."))
+    parent_training_run_ref: LocalObjectReference | None = Field(default=None, description=(
+        "Continue training the Adapter that this TrainingRun produces: the run waits until that run has succeeded, "
+        "so both runs can be applied at once. The resolved Adapter is recorded in `status.parentAdapterRef`."))
+    parent_adapter_family: Name | None = Field(default=None, description=(
+        "Continue training the newest Ready Adapter of this family, chosen when the run starts and recorded in "
+        "`status.parentAdapterRef` (later Adapters of the family do not change it)."))
     reward_spec_ref: LocalObjectReference | None = Field(default=None, description="Graders: required for `GRPO`, used for evaluation otherwise.")
-    datasets: list[DatasetSource] = Field(min_length=1, max_length=16, description="Training (and optional evaluation) data.")
+    datasets: list[DatasetSource] = Field(min_length=1, max_length=16, description=DATASETS_HELP)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Hyperparameters.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape.")
     resources: ComputeResources = Field(default_factory=lambda: ComputeResources(gpus=1), description="What the training pod needs.")
@@ -126,6 +177,8 @@ class TrainingRunSpec(Model):
             cel("self.method != 'GRPO' || has(self.rewardSpecRef)", "`rewardSpecRef` is required when `method` is 'GRPO'", field_path=".rewardSpecRef", reason="FieldValueRequired"),
             cel("self.datasets.exists(d, d.split == 'Train')", "at least one dataset must have `split` 'Train'", field_path=".datasets"),
             cel("self.datasets.all(d, self.datasets.exists_one(e, e.name == d.name))", "dataset names must be unique", field_path=".datasets"),
+            at_most_one_of("parentAdapterRef", "parentTrainingRunRef", "parentAdapterFamily"),
+            grpo_batch_rule(),
         )
     }
 
@@ -151,6 +204,9 @@ class TrainingRunStatus(CommonStatus):
     progress: Progress | None = None
     progress_text: str | None = Field(default=None, max_length=32, description="`step/total` for display.")
     adapter_ref: LocalObjectReference | None = Field(default=None, description="The Adapter this run produced.")
+    parent_adapter_ref: LocalObjectReference | None = Field(default=None, description=(
+        "The parent Adapter this run continues, resolved from `spec.parentAdapterRef`, `spec.parentTrainingRunRef` "
+        "or `spec.parentAdapterFamily`."))
     artifact_uri: str | None = Field(default=None, max_length=2048, description="Where the artifact was written.")
     metrics: list[Metric] | None = Field(default=None, max_length=64, description="Final metrics from the trainer.")
     attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far.")
@@ -175,5 +231,9 @@ class TrainingRunResource(Resource, KindInfo):
         PrinterColumn(name="ETA", type="integer", json_path=".status.progress.etaSeconds", priority=1),
         PrinterColumn(name="Adapter", type="string", json_path=".status.adapterRef.name"),
         PrinterColumn(name="Succeeded", type="string", json_path='.status.conditions[?(@.type=="Succeeded")].status', priority=1),
+        PrinterColumn(name="Signal", type="string", json_path='.status.conditions[?(@.type=="LearningSignal")].reason', priority=1,
+                      description="GRPO: whether the rewards varied within groups (the `LearningSignal` condition's reason)."),
+        PrinterColumn(name="ZeroStd", type="string", json_path=".status.progress.fracRewardZeroStd", priority=1,
+                      description="GRPO: fraction of prompts whose completions all got the same reward (1 = no learning signal)."),
         age_column(),
     ]
