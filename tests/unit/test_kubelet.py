@@ -306,3 +306,112 @@ def test_max_parallel_holds_back_extra_jobs(env: Env) -> None:
     assert env.pods("second") == []
     env.kube.delete("batch/v1", "Job", NS, "first")
     wait_for(lambda: env.condition("second", "Complete"), message="second Job Complete")
+
+
+# ---------------------------------------------------------------- podFailurePolicy
+
+POLICY = {"rules": [
+    {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [10, 11]}},
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    {"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [10, 11]}},
+]}
+
+# Counts attempts on a PVC; exits with the code of its attempt (argv[2:]), 0 after the list.
+ATTEMPTS = """
+    import os, sys
+    marker = os.path.join(sys.argv[1], "attempts")
+    n = int(open(marker).read()) if os.path.exists(marker) else 0
+    open(marker, "w").write(str(n + 1))
+    codes = [int(c) for c in sys.argv[2:]]
+    print("attempt", n + 1)
+    sys.exit(codes[n] if n < len(codes) else 0)
+"""
+
+
+def _attempts_job(env: Env, name: str, codes: list[int], backoff: int) -> None:
+    env.job(name, ATTEMPTS, args=["/data", *map(str, codes)], backoff=backoff, podFailurePolicy=POLICY,
+            container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]})
+
+
+def test_fail_job_rule_fails_the_job_at_once_with_kubernetes_reason_and_message(env: Env) -> None:
+    env.start_kubelet()
+    _attempts_job(env, "permanent", [11], backoff=5)
+    wait_for(lambda: env.condition("permanent", "Failed"), message="Job Failed")
+    [pod] = env.pods("permanent")  # no retry although backoffLimit is 5
+    failed = env.condition("permanent", "Failed")
+    assert failed["reason"] == "PodFailurePolicy"
+    assert failed["message"] == (f"Container main for pod {NS}/{pod['metadata']['name']} failed with exit code 11 "
+                                 "matching FailJob rule at index 0")
+    assert env.condition("permanent", "FailureTarget")["reason"] == "PodFailurePolicy"
+    assert env.get_job("permanent")["status"]["failed"] == 1
+    time.sleep(0.3)
+    assert len(env.pods("permanent")) == 1 and (env.tmp / "pvc" / "permanent" / "attempts").read_text() == "1"
+
+
+def test_count_rule_and_unmatched_failures_count_against_backoff_limit(env: Env) -> None:
+    env.start_kubelet()
+    _attempts_job(env, "transient", [1, 1, 1], backoff=1)
+    wait_for(lambda: env.condition("transient", "Failed"), message="Job Failed")
+    assert env.condition("transient", "Failed")["reason"] == "BackoffLimitExceeded"
+    assert env.get_job("transient")["status"]["failed"] == 2 and len(env.pods("transient")) == 2
+
+    _attempts_job(env, "flaky", [1], backoff=1)  # one transient failure, then success
+    wait_for(lambda: env.condition("flaky", "Complete"), message="Job Complete")
+    assert env.get_job("flaky")["status"]["failed"] == 1 and len(env.pods("flaky")) == 2
+
+
+def test_ignore_rule_replaces_the_pod_without_counting(env: Env) -> None:
+    ignore_exit_3 = {"rules": [{"action": "Ignore", "onExitCodes": {"operator": "In", "values": [3]}}]}
+    env.start_kubelet()
+    env.job("ignored", ATTEMPTS, args=["/data", "3", "3"], backoff=0, podFailurePolicy=ignore_exit_3,
+            container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "ignored"}}]})
+    wait_for(lambda: env.condition("ignored", "Complete"), message="Job Complete")
+    assert env.get_job("ignored")["status"]["failed"] == 0  # backoffLimit 0, yet two failed pods were replaced
+    assert sorted(p["status"]["phase"] for p in env.pods("ignored")) == ["Failed", "Failed", "Succeeded"]
+
+
+def test_lost_pod_is_a_disruption_the_policy_ignores(env: Env) -> None:
+    kubelet = env.start_kubelet()
+    env.job("disrupted", """
+        import os, sys, time
+        marker = os.path.join(sys.argv[1], "first-attempt")
+        if os.path.exists(marker):
+            sys.exit(0)
+        open(marker, "w").write("")
+        time.sleep(60)
+    """, args=["/data"], backoff=0, podFailurePolicy=POLICY,
+        container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+        pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "disrupted"}}]})
+    wait_for(lambda: (env.tmp / "pvc" / "disrupted" / "first-attempt").exists(), message="first attempt")
+    kubelet.stop()
+    env.start_kubelet()
+    wait_for(lambda: env.condition("disrupted", "Complete"), message="Job Complete")
+    pods = env.pods("disrupted")
+    [first] = [p for p in pods if p["status"].get("reason") == "NodeLost"]
+    [second] = [p for p in pods if p is not first]
+    assert any(c["type"] == "DisruptionTarget" and c["status"] == "True" for c in first["status"]["conditions"])
+    assert second["status"]["phase"] == "Succeeded"
+    assert env.get_job("disrupted")["status"]["failed"] == 0  # backoffLimit 0 and not failed: the loss was not counted
+
+
+def test_match_pod_failure_policy_table() -> None:
+    from perennial.local.kubelet import match_pod_failure_policy
+
+    def pod(code: int | None = None, name: str = "main", conditions: list[dict] | None = None) -> dict:
+        statuses = [] if code is None else [{"name": name, "state": {"terminated": {"exitCode": code}}}]
+        return {"metadata": {"namespace": "ns", "name": "p"}, "status": {"containerStatuses": statuses, "conditions": conditions or []}}
+
+    assert match_pod_failure_policy(None, pod(10)) == (None, None)
+    assert match_pod_failure_policy(POLICY, pod(10)) == ("FailJob", "Container main for pod ns/p failed with exit code 10 matching FailJob rule at index 0")
+    assert match_pod_failure_policy(POLICY, pod(10, name="sidecar")) == (None, None)  # containerName restricts rule 0; 10 is not NotIn [10, 11]
+    assert match_pod_failure_policy(POLICY, pod(12, name="sidecar")) == ("Count", None)
+    assert match_pod_failure_policy(POLICY, pod(1)) == ("Count", None)
+    assert match_pod_failure_policy(POLICY, pod(0)) == (None, None)  # exit code 0 never matches
+    disrupted = [{"type": "DisruptionTarget", "status": "True"}]
+    assert match_pod_failure_policy(POLICY, pod(137, conditions=disrupted)) == ("Ignore", None)
+    assert match_pod_failure_policy(POLICY, pod(10, conditions=disrupted)) == ("FailJob", "Container main for pod ns/p failed with exit code 10 matching FailJob rule at index 0")
+    fail_on_condition = {"rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    assert match_pod_failure_policy(fail_on_condition, pod(conditions=disrupted)) == ("FailJob", "Pod ns/p has condition DisruptionTarget matching FailJob rule at index 0")
+    assert match_pod_failure_policy(fail_on_condition, pod(conditions=[{"type": "DisruptionTarget", "status": "False"}])) == (None, None)

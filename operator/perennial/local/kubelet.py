@@ -17,9 +17,15 @@ Perennial's own (a key of `images`) and runs each Job's Pod as a local process:
   `BackoffLimitExceeded` and `DeadlineExceeded`; `restartPolicy: OnFailure`
   restarts the process in the same pod (emptyDir contents survive),
   `Never` creates a new pod;
+- a failed pod is matched against the Job's `podFailurePolicy` as the Job
+  controller does (rules in order, `onExitCodes` of non-zero exits, `onPodConditions`):
+  `FailJob` fails the Job at once (condition reason `PodFailurePolicy`, Kubernetes'
+  message), `Ignore` replaces the pod without counting it against `backoffLimit`,
+  `Count` (or no match) counts it;
 - a deleted Job or Pod kills its process; a Pod left non-terminal by a previous
-  kubelet is marked Failed (`NodeLost`) and counts as a failed attempt, so a Job
-  never runs twice at once.
+  kubelet is marked Failed (`NodeLost`, with the `DisruptionTarget` condition the
+  taint manager sets on pods of an unreachable node) and counts as a failed attempt
+  unless the policy ignores it, so a Job never runs twice at once.
 
 Jobs of other images are left alone (a real cluster would run them). Usage::
 
@@ -91,6 +97,41 @@ def _container_of(job: dict[str, Any]) -> dict[str, Any]:
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
+
+
+def match_pod_failure_policy(policy: dict[str, Any] | None, pod: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(action, Job failure message) of the first `podFailurePolicy` rule matching a failed pod, as
+    Kubernetes' Job controller matches them; (None, None) when no rule does (the failure counts)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    for index, rule in enumerate((policy or {}).get("rules") or []):
+        action = rule.get("action")
+        req = rule.get("onExitCodes")
+        if req is not None:
+            values = {int(v) for v in req.get("values") or []}
+            for cs in list(status.get("containerStatuses") or []) + list(status.get("initContainerStatuses") or []):
+                terminated = (cs.get("state") or {}).get("terminated")
+                if terminated is None or (req.get("containerName") and req["containerName"] != cs.get("name")):
+                    continue
+                code = int(terminated.get("exitCode") or 0)
+                if code == 0:
+                    continue
+                if (req.get("operator") == "In" and code in values) or (req.get("operator") == "NotIn" and code not in values):
+                    if action == "FailJob":
+                        return action, (f"Container {cs.get('name')} for pod {meta.get('namespace')}/{meta.get('name')} failed "
+                                        f"with exit code {code} matching FailJob rule at index {index}")
+                    if action in ("Ignore", "Count", "FailIndex"):
+                        return action, None
+        elif rule.get("onPodConditions") is not None:
+            for cond in status.get("conditions") or []:
+                if any(cond.get("type") == pat.get("type") and cond.get("status") == pat.get("status", "True")
+                       for pat in rule["onPodConditions"]):
+                    if action == "FailJob":
+                        return action, (f"Pod {meta.get('namespace')}/{meta.get('name')} has condition {cond.get('type')} "
+                                        f"matching FailJob rule at index {index}")
+                    if action in ("Ignore", "Count", "FailIndex"):
+                        return action, None
+                    break
+    return None, None
 
 
 def _exit_code(returncode: int) -> int:
@@ -267,6 +308,7 @@ class _JobWorker:
         self.template = spec.get("template") or {}
         self.pod_spec: dict[str, Any] = dict(self.template.get("spec") or {})
         self.restart_policy = self.pod_spec.get("restartPolicy") or "Never"
+        self.pod_failure_policy: dict[str, Any] | None = spec.get("podFailurePolicy")
         self.container: dict[str, Any] = (self.pod_spec.get("containers") or [{}])[0]
         status = job.get("status") or {}
         self.failed = int(status.get("failed") or 0)
@@ -329,8 +371,8 @@ class _JobWorker:
             if outcome == "Succeeded":
                 self._complete_job()
                 return True
-            if outcome == "DeadlineExceeded":
-                return True  # _interrupted wrote the Job's condition
+            if outcome in ("DeadlineExceeded", "PodFailurePolicy"):
+                return True  # the Job's Failed condition is written
             if outcome == "BackoffLimitExceeded":
                 continue  # the check above writes the Job's condition
             # "Failed" (restartPolicy Never) or "PodDeleted": a new pod, per backoff
@@ -352,19 +394,36 @@ class _JobWorker:
                 self._finished_early = True
                 return
             if phase == "Failed":
-                failed_pods += 1
+                action, message = match_pod_failure_policy(self.pod_failure_policy, pod)
+                if action == "FailJob":
+                    self.failed = max(self.failed, failed_pods + 1)
+                    self._fail_job("PodFailurePolicy", message or "")
+                    self._finished_early = True
+                    return
+                if action != "Ignore":
+                    failed_pods += 1
                 continue
             log.info("Marked lost Pod failed pod=%s job=%s namespace=%s", name, self.job_name, self.ns)
-            self._patch_pod(name, {
+            lost = {
                 "phase": "Failed", "reason": "NodeLost",
                 "message": f"Node {self.k.node_name} which was running pod {name} is unresponsive",
-                "conditions": _pod_conditions(False),
+                "conditions": _pod_conditions(False) + [{
+                    "type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "lastTransitionTime": _now(),
+                    "message": "Taint manager: deleting due to NoExecute taint"}],
                 "containerStatuses": [self._container_status(False, {"terminated": {
                     "exitCode": 137, "reason": "NodeLost", "finishedAt": _now(),
                     "message": "the local kubelet restarted while the container ran"}}, 0)],
-            })
+            }
+            self._patch_pod(name, lost)
+            action, message = match_pod_failure_policy(self.pod_failure_policy, {"metadata": pod["metadata"], "status": lost})
+            if action == "Ignore":
+                continue
             failed_pods += 1
             self.failed += 1
+            if action == "FailJob":
+                self._fail_job("PodFailurePolicy", message or "")
+                self._finished_early = True
+                return
         if self.restart_policy == "Never":
             self.failed = max(self.failed, failed_pods)
 
@@ -508,12 +567,25 @@ class _JobWorker:
                 self._patch_pod(pod_name, {"phase": "Succeeded", "conditions": _pod_conditions(False, done=True),
                                            "containerStatuses": [self._container_status(False, {"terminated": terminated}, restarts, last)]})
                 return "Succeeded"
+            if self.restart_policy != "OnFailure":
+                failed_status = {"phase": "Failed", "conditions": _pod_conditions(False, done=True),
+                                 "containerStatuses": [self._container_status(False, {"terminated": terminated}, restarts, last)]}
+                self._patch_pod(pod_name, failed_status)
+                action, policy_message = match_pod_failure_policy(
+                    self.pod_failure_policy, {"metadata": {"namespace": self.ns, "name": pod_name}, "status": failed_status})
+                if action != "Ignore":
+                    self.failed += 1
+                if action == "FailJob":
+                    self._fail_job("PodFailurePolicy", policy_message or "")
+                    return "PodFailurePolicy"
+                self._patch_job({"active": 0, "failed": self.failed})
+                return "Failed"
             self.failed += 1
-            if self.restart_policy != "OnFailure" or self.failed > self.backoff_limit:
+            if self.failed > self.backoff_limit:
                 self._patch_pod(pod_name, {"phase": "Failed", "conditions": _pod_conditions(False, done=True),
                                            "containerStatuses": [self._container_status(False, {"terminated": terminated}, restarts, last)]})
                 self._patch_job({"active": 0, "failed": self.failed})
-                return "Failed" if self.restart_policy != "OnFailure" else "BackoffLimitExceeded"
+                return "BackoffLimitExceeded"
             # OnFailure: the kubelet restarts the container in the same pod (same pod dir: emptyDirs survive).
             restarts += 1
             last = {"terminated": terminated}

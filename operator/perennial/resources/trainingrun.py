@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from ..api.exitcodes import PERMANENT_EXIT_CODES
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec
 from .common import child_name, labels, owned_metadata, restricted_security_context
@@ -71,8 +72,9 @@ def run_config(
     if feedback_store_uri:
         config["feedbackStoreUri"] = feedback_store_uri
     if not is_local_uri(output):
-        # Object-store outputs: checkpoints live in an emptyDir, which survives container restarts
-        # (restartPolicy OnFailure), so a restarted trainer resumes instead of starting over.
+        # Object-store outputs: the trainer checkpoints into an emptyDir and mirrors each checkpoint to
+        # `<output>/checkpoints`, from which a retried pod (restartPolicy Never: a new pod) resumes.
+        # Local outputs keep their checkpoints on the volume, next to the artifact.
         config["checkpointDir"] = CHECKPOINT_DIR
     return {k: v for k, v in config.items() if v is not None}
 
@@ -124,6 +126,17 @@ def judge_secrets(*specs: RewardSpecSpec | None) -> list[tuple[str, str]]:
             if ref and (ref.name, ref.key) not in out:
                 out.append((ref.name, ref.key))
     return out
+
+
+def pod_failure_policy(container: str = "trainer") -> dict[str, Any]:
+    """Permanent trainer failures (`perennial.api.exitcodes`) fail the Job at once; evictions and
+    preemptions (`DisruptionTarget`) are not counted against `backoffLimit`; other failures count."""
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def job(
@@ -184,8 +197,9 @@ def job(
     if not container["envFrom"]:
         del container["envFrom"]
     pod_spec: dict[str, Any] = {
-        # OnFailure: a crashed trainer restarts in the same pod and resumes from the checkpoint emptyDir.
-        "restartPolicy": "OnFailure",
+        # Never (podFailurePolicy requires it): a retry is a new pod; it resumes from the checkpoints on the
+        # output volume, or mirrored to the object store (see run_config).
+        "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
@@ -204,6 +218,7 @@ def job(
         pod_spec["serviceAccountName"] = spec.run_policy.service_account_name
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.run_policy.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(container["name"]),
         "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
@@ -247,8 +262,11 @@ def adapter(
         "method": spec.method,
         "datasets": datasets[:16],
     }
-    if spec.parent_adapter_ref:
-        adapter_lineage["parentAdapterRef"] = {"name": spec.parent_adapter_ref.name}
+    # The parent as resolved (from parentAdapterRef, parentTrainingRunRef or parentAdapterFamily) into the status.
+    parent = ((body.get("status") or {}).get("parentAdapterRef") or {}).get("name") or (
+        spec.parent_adapter_ref.name if spec.parent_adapter_ref else None)
+    if parent:
+        adapter_lineage["parentAdapterRef"] = {"name": parent}
     if lineage.get("configHash"):
         adapter_lineage["configHash"] = str(lineage["configHash"])[:64]
     return {
