@@ -1,4 +1,8 @@
-"""A newcomer's kubectl session against `perennial dev`'s control plane and operator."""
+"""A newcomer's kubectl session against `perennial dev`'s control plane and operator.
+
+What kubectl prints comes from the API server: printer columns from its Table output, short
+names and categories from discovery. Those are checked through the API on every machine; the
+sessions with the real kubectl binary skip where it is not installed."""
 
 from __future__ import annotations
 
@@ -7,15 +11,79 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 from harness import API, Cluster, wait_for
 
+from perennial.crdgen import all_crds
 from perennial.local.apiserver import write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [
-    pytest.mark.kubectl,
-    pytest.mark.skipif(shutil.which("kubectl") is None, reason="the kubectl binary is not on PATH"),
-]
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="the kubectl binary is not on PATH")
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+
+
+def apply_examples(cluster: Cluster) -> None:
+    """`kubectl apply -f examples/`, through the API."""
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj:
+                obj["metadata"].setdefault("namespace", "default")
+                cluster.kube.apply(obj)
+
+
+def table(cluster: Cluster, plural: str) -> dict:
+    r = requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1/namespaces/default/{plural}", headers={"Accept": TABLE}, timeout=30)
+    assert r.status_code == 200, r.text
+    t = r.json()
+    assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1", t
+    return t
+
+
+def cells(t: dict, name: str) -> dict:
+    """Column name -> cell of the row named `name`."""
+    rows = [row for row in t["rows"] if row["cells"][0] == name]
+    assert len(rows) == 1, (name, t["rows"])
+    return dict(zip([c["name"] for c in t["columnDefinitions"]], rows[0]["cells"]))
+
+
+def test_printer_columns_short_names_and_categories_without_kubectl(cluster: Cluster):
+    """What `kubectl get` shows for every kind, read from the API server (the Table kubectl renders)."""
+    apply_examples(cluster)
+    cluster.wait_condition("BaseModel", "qwen-0-5b", "Ready", "True", timeout=60)
+    crds = {c["spec"]["names"]["plural"]: c for c in all_crds()}
+    # the columns a newcomer reads, by kind: (shown by `kubectl get`, shown only with `-o wide`)
+    must = {
+        "trainingruns": ({"Method", "Base", "Phase", "Progress", "Adapter", "Age"}, {"Loss", "ETA"}),
+        "basemodels": ({"Source", "Ready", "Age"}, set()),
+        "rewardspecs": ({"Ready", "Age"}, set()),
+        "deployments": ({"Base", "Ready", "Age"}, set()),
+        "adapters": ({"Base", "Family", "Version", "Ready", "Age"}, set()),
+    }
+    for plural, (default_cols, wide_cols) in must.items():
+        t = table(cluster, plural)
+        printer = crds[plural]["spec"]["versions"][0]["additionalPrinterColumns"]
+        got = [(c["name"], c["type"], c["priority"]) for c in t["columnDefinitions"]]
+        assert got == [("Name", "string", 0)] + [(c["name"], c["type"], c.get("priority", 0)) for c in printer], plural
+        assert default_cols <= {n for n, _, p in got if p == 0}, (plural, got)
+        assert wide_cols <= {n for n, _, p in got if p > 0}, (plural, got)
+        assert all(len(row["cells"]) == len(got) for row in t["rows"]), plural
+
+    run = cells(table(cluster, "trainingruns"), "fruit-grpo-1")
+    assert run["Method"] == "GRPO" and run["Base"] == "qwen-0-5b", run
+    # `kubectl get bm` shows Ready as soon as the condition is True (the cell is read through a jsonPath filter)
+    wait_for(lambda: cells(table(cluster, "basemodels"), "qwen-0-5b")["Ready"] == "True", timeout=60, message="Ready column True")
+    assert cells(table(cluster, "basemodels"), "qwen-0-5b")["Source"] == "hf://Qwen/Qwen2.5-0.5B-Instruct"
+    assert {"python-functions", "fruit-colours"} <= {row["cells"][0] for row in table(cluster, "rewardspecs")["rows"]}
+    assert cells(table(cluster, "deployments"), "fruit-assistant")["Base"] == "qwen-0-5b"
+
+    # discovery: what `kubectl get perennial`, `kubectl get tr` and friends resolve
+    resources = {r["name"]: r for r in requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1", timeout=30).json()["resources"]}
+    for plural, crd in crds.items():
+        names = crd["spec"]["names"]
+        assert resources[plural]["kind"] == names["kind"]
+        assert sorted(resources[plural].get("shortNames") or []) == sorted(names.get("shortNames") or []), plural
+        assert "perennial" in (resources[plural].get("categories") or []), plural
 
 
 @pytest.fixture
@@ -31,6 +99,8 @@ def kubectl(cluster: Cluster, tmp_path: Path):
     return run
 
 
+@pytest.mark.kubectl
+@needs_kubectl
 def test_apply_examples_get_describe_explain(cluster: Cluster, kubectl):
     out = kubectl("apply", "-f", str(ROOT / "examples")).stdout
     assert "basemodel.perennial.ai/qwen-0-5b created" in out
@@ -85,6 +155,8 @@ BAD = {
 }
 
 
+@pytest.mark.kubectl
+@needs_kubectl
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_invalid_manifest_is_rejected_naming_the_field(cluster: Cluster, kubectl, case):
     method, expected = BAD[case]
