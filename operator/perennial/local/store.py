@@ -13,6 +13,7 @@ import collections
 import copy
 import datetime as _dt
 import itertools
+import json
 import random
 import re
 import threading
@@ -20,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from . import builtin_schema, validation
+from . import builtin_schema, defaults, validation
 from .patches import PatchError, json_patch, merge_patch, strategic_merge_patch
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -80,6 +81,9 @@ class ResourceType:
     crd: str | None = None  # name of the defining CRD
     scale: dict | None = None  # specReplicasPath / statusReplicasPath / labelSelectorPath
     storage: bool = True
+    # Version conversion of a built-in kind served in several versions (None: the stored form as is)
+    to_storage: Callable[[dict], dict] | None = None
+    from_storage: Callable[[dict], dict] | None = None
 
     def __post_init__(self) -> None:
         if not self.singular:
@@ -113,6 +117,9 @@ def _rt(group: str, version: str, plural: str, kind: str, **kw: Any) -> Resource
 
 
 _CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
+FOREGROUND = "foregroundDeletion"
+ORPHAN = "orphan"
+PROPAGATION_POLICIES = ("Foreground", "Background", "Orphan")
 _CRD_GVR = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 CRD_CLEANUP = "customresourcecleanup.apiextensions.k8s.io"
 _BUILTIN_SCALE = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
@@ -142,6 +149,9 @@ def builtin_types() -> list[ResourceType]:
         _rt("batch", "v1", "jobs", "Job", categories=["all"], subresources=("status",), has_generation=True),
         _rt("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short_names=["hpa"],
             categories=["all"], subresources=("status",)),
+        _rt("autoscaling", "v1", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short_names=["hpa"],
+            categories=["all"], subresources=("status",), storage=False,
+            to_storage=hpa_v1_to_v2, from_storage=hpa_v2_to_v1),
         _rt("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=["pdb"],
             subresources=("status",), has_generation=True),
         _rt("coordination.k8s.io", "v1", "leases", "Lease"),
@@ -306,6 +316,9 @@ class Store:
         self.uids: dict[str, tuple[tuple[str, str], str, str]] = {}
         self.dependents: dict[str, set[tuple[tuple[str, str], str, str]]] = {}
         self.pod_logs: dict[tuple[str, str], str] = {}
+        self._ips = itertools.count(10)
+        self._ips_used: set[str] = set()
+        self._node_ports = itertools.count()
         self.epoch = 0  # bumped whenever the set of types changes (discovery/openapi caches)
         for rt in builtin_types():
             self.register(rt)
@@ -341,6 +354,33 @@ class Store:
             if rt.storage:
                 return rt
         return candidates[0] if candidates else None
+
+    def _to_storage(self, rt: ResourceType, obj: dict, strict: bool = False,
+                    warnings: list[str] | None = None) -> tuple[ResourceType, dict]:
+        """A body of a converted version (autoscaling/v1) in its storage version, and that version's type."""
+        if rt.to_storage is None:
+            return rt, obj
+        found = builtin_schema.check(obj)  # unknown fields of the version the client wrote
+        if found is not None and found.unknown:
+            if strict:
+                raise APIError(400, "BadRequest", f'{rt.kind} in version "{rt.version}" cannot be handled as a '
+                                                  f"{rt.kind}: strict decoding error: "
+                               + ", ".join(f'unknown field "{u}"' for u in found.unknown))
+            builtin_schema.drop(obj, found.unknown)
+            if warnings is not None:
+                warnings.extend(f'unknown field "{u}"' for u in found.unknown)
+        storage = self.storage_type(rt.key)
+        assert storage is not None and storage.to_storage is None
+        return storage, rt.to_storage(obj)
+
+    @staticmethod
+    def view(rt: ResourceType, obj: dict) -> dict:
+        """A stored object as version ``rt`` shows it."""
+        if obj.get("apiVersion") == rt.api_version:
+            return obj
+        if rt.from_storage is not None:
+            return rt.from_storage(obj)
+        return {**obj, "apiVersion": rt.api_version}
 
     def next_rv(self) -> int:
         self.last_rv = next(self._rv)
@@ -497,6 +537,8 @@ class Store:
                     builtin_schema.drop(obj, found.unknown)
                     if warnings is not None:
                         warnings.extend(f'unknown field "{u}"' for u in found.unknown)
+        defaults.apply(rt.group, rt.plural, obj, old, allocate_ip=self._allocate_ip,
+                       allocate_node_port=self._allocate_node_port)
         errors = validation.validate_builtin(rt.group, rt.plural, obj, old)
         if errors:
             raise self._invalid(rt, name, errors)
@@ -518,19 +560,19 @@ class Store:
         if rt.key == ("", "pods") and old is None:
             obj.setdefault("status", {}).setdefault("phase", "Pending")
             obj.setdefault("spec", {})
-        if rt.key == ("", "services") and old is None:
-            spec = obj.setdefault("spec", {})
-            spec.setdefault("type", "ClusterIP")
-            if "clusterIP" not in spec:
-                n = self.last_rv
-                spec["clusterIP"] = f"10.96.{(n >> 8) % 256}.{n % 254 + 1}"
-                spec["clusterIPs"] = [spec["clusterIP"]]
-        if rt.key == ("", "services") and old is not None:
-            spec = obj.setdefault("spec", {})
-            for k in ("clusterIP", "clusterIPs"):
-                if k not in spec and k in (old.get("spec") or {}):
-                    spec[k] = old["spec"][k]
         return obj
+
+    def _allocate_ip(self) -> str:
+        """The next free cluster IP of the fake service range 10.96.0.0/12 (10.96.0.1 is the API server's)."""
+        while True:
+            n = next(self._ips)
+            ip = f"10.{96 + (n >> 16) % 16}.{(n >> 8) % 256}.{n % 256}"
+            if n % 256 not in (0, 255) and ip not in self._ips_used:
+                self._ips_used.add(ip)
+                return ip
+
+    def _allocate_node_port(self) -> int:
+        return 30000 + next(self._node_ports) % 2768
 
     def _validate_crd(self, rt: ResourceType, crd: dict) -> None:
         spec = crd.get("spec") or {}
@@ -578,6 +620,8 @@ class Store:
                 raise APIError(400, "BadRequest", "metadata must be an object")
             _check_type_meta(rt, obj)
             obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+            rt, obj = self._to_storage(rt, obj, strict, warnings)
+            meta = obj["metadata"]
             if rt.namespaced:
                 if meta.get("namespace") and ns and meta["namespace"] != ns:
                     raise APIError(400, "BadRequest",
@@ -628,12 +672,12 @@ class Store:
             meta_errors = validation.validate_metadata(obj)
             if meta_errors:
                 raise self._invalid(rt, name, meta_errors)
+            meta["uid"] = str(uuid.uuid4())  # before admission, as the Job strategy's generated selector needs it
             if rt.crd is not None:
                 obj = self._admit_custom(rt, obj, None, strict, warnings)
             else:
                 obj = self._admit_builtin(rt, obj, None, strict, warnings)
             meta = obj["metadata"]
-            meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = now_iso()
             if rt.has_generation or rt.crd is not None:
                 meta["generation"] = 1
@@ -676,6 +720,9 @@ class Store:
                                % (meta["name"], name))
             if subresource is None:
                 _check_type_meta(rt, new)
+            new["apiVersion"], new["kind"] = rt.api_version, rt.kind
+            rt, new = self._to_storage(rt, new, strict, warnings)
+            meta = new["metadata"]
             body_rv = meta.get("resourceVersion")
             if check_rv and body_rv and str(body_rv) != old["metadata"]["resourceVersion"]:
                 raise APIError(409, "Conflict",
@@ -739,6 +786,8 @@ class Store:
             self._emit(rt.key, "MODIFIED", new, old)
             if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
                 new = self._crd_registered(new)
+            for ref in old["metadata"].get("ownerReferences") or []:  # a blocking reference may have gone
+                self._maybe_finish_foreground(ref.get("uid", ""))
             return new
 
     def patch(self, rt: ResourceType, ns: str | None, name: str, patch_type: str, patch: Any, *,
@@ -754,7 +803,7 @@ class Store:
                     body.setdefault("metadata", {})["name"] = name
                     return self.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings), True
                 raise
-            current = {**current, "apiVersion": rt.api_version}  # patches apply to this version's view
+            current = self.view(rt, current)  # patches apply to this version's view
             try:
                 if patch_type == "json":
                     new = json_patch(current, patch)
@@ -776,7 +825,8 @@ class Store:
                                warnings=warnings, check_rv=check), False
 
     def delete(self, rt: ResourceType, ns: str | None, name: str, options: dict | None = None, *,
-               dry_run: bool = False) -> dict:
+               dry_run: bool = False, warnings: list[str] | None = None) -> dict:
+        """Delete with the garbage collector's propagation policies (Background, Foreground, Orphan)."""
         options = options or {}
         with self.lock:
             obj = self.get(rt, ns, name)
@@ -790,29 +840,143 @@ class Store:
                                f'Operation cannot be fulfilled on {rt.resource_name} "{name}": Precondition failed: '
                                f"ResourceVersion in precondition: {pre['resourceVersion']}, ResourceVersion in "
                                f"object meta: {obj['metadata']['resourceVersion']}")
+            policy = self._propagation_policy(rt, obj, options, warnings)
             if dry_run:
                 return obj
-            orphan = options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents") is True
-            finalizers = obj["metadata"].get("finalizers") or []
             if rt.key == ("", "namespaces"):
                 return self._delete_namespace(rt, obj)
             if rt.key == _CRD_KEY:
                 return self._delete_crd(rt, obj)
+            if policy == "Orphan":
+                self._orphan_dependents(obj["metadata"]["uid"])
+            finalizers = list(obj["metadata"].get("finalizers") or [])
+            if policy == "Foreground" and FOREGROUND not in finalizers:
+                finalizers.append(FOREGROUND)
             if finalizers:
-                if obj["metadata"].get("deletionTimestamp"):
+                if obj["metadata"].get("deletionTimestamp") and finalizers == obj["metadata"].get("finalizers"):
                     return obj
                 new = copy.deepcopy(obj)
-                new["metadata"]["deletionTimestamp"] = now_iso()
-                new["metadata"]["deletionGracePeriodSeconds"] = 0
-                if "generation" in new["metadata"]:
+                new["metadata"].setdefault("deletionTimestamp", now_iso())
+                new["metadata"].setdefault("deletionGracePeriodSeconds", 0)
+                new["metadata"]["finalizers"] = finalizers
+                if "generation" in new["metadata"] and not obj["metadata"].get("deletionTimestamp"):
                     new["metadata"]["generation"] += 1
                 new["metadata"]["resourceVersion"] = str(self.next_rv())
                 self._store(rt, new, obj)
                 self._emit(rt.key, "MODIFIED", new, obj)
+                if policy == "Foreground":
+                    self._delete_dependents_foreground(new)
+                    return self.objects[rt.key].get((ns or "", name), new)
                 return new
-            return self._remove(rt, obj, orphan=orphan)
+            return self._remove(rt, obj)
 
-    def _remove(self, rt: ResourceType, obj: dict, *, orphan: bool = False) -> dict:
+    @staticmethod
+    def _propagation_policy(rt: ResourceType, obj: dict, options: dict, warnings: list[str] | None) -> str:
+        """The policy a DELETE asks for, else the one the object's finalizers or kind imply."""
+        policy = options.get("propagationPolicy")
+        if policy is not None:
+            if options.get("orphanDependents") is not None:
+                raise APIError(422, "Invalid", 'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
+                                               "Invalid value: \"%s\": orphanDependents and deletionPropagation "
+                                               "cannot be both set" % policy)
+            if policy not in PROPAGATION_POLICIES:
+                raise APIError(422, "Invalid", 'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
+                                               f'Unsupported value: "{policy}": supported values: "Foreground", '
+                                               '"Background", "Orphan", "nil"')
+            return policy
+        if options.get("orphanDependents") is not None:
+            return "Orphan" if options["orphanDependents"] else "Background"
+        finalizers = obj["metadata"].get("finalizers") or []
+        if ORPHAN in finalizers:
+            return "Orphan"
+        if FOREGROUND in finalizers:
+            return "Foreground"
+        if rt.key == ("batch", "jobs"):  # batch/v1 keeps a Job's Pods unless told otherwise
+            if warnings is not None:
+                warnings.append("child pods are preserved by default when jobs are deleted; set "
+                                "propagationPolicy=Background to remove them or set propagationPolicy=Orphan to "
+                                "suppress this warning")
+            return "Orphan"
+        return "Background"
+
+    def _dependents_of(self, uid: str) -> list[tuple[ResourceType, dict]]:
+        out = []
+        for dep_key, dns, dname in sorted(self.dependents.get(uid, set())):
+            dep = self.objects.get(dep_key, {}).get((dns, dname))
+            drt = self.storage_type(dep_key)
+            if dep is not None and drt is not None:
+                out.append((drt, dep))
+        return out
+
+    def _rewrite(self, rt: ResourceType, obj: dict, new: dict) -> dict:
+        """Store a changed object as the garbage collector's own update does."""
+        new["metadata"]["resourceVersion"] = str(self.next_rv())
+        self._store(rt, new, obj)
+        self._emit(rt.key, "MODIFIED", new, obj)
+        return new
+
+    def _orphan_dependents(self, uid: str) -> None:
+        """Orphan: remove the ownerReferences to ``uid`` from its dependents."""
+        for drt, dep in self._dependents_of(uid):
+            new = copy.deepcopy(dep)
+            refs = [r for r in new["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+            if refs:
+                new["metadata"]["ownerReferences"] = refs
+            else:
+                new["metadata"].pop("ownerReferences", None)
+            self._rewrite(drt, dep, new)
+
+    def _delete_dependents_foreground(self, owner: dict) -> None:
+        """Foreground: delete the dependents (foreground again when they own others), then maybe the owner."""
+        uid = owner["metadata"]["uid"]
+        for drt, dep in self._dependents_of(uid):
+            dmeta = dep["metadata"]
+            if dmeta.get("deletionTimestamp"):
+                continue
+            others = [r for r in dmeta.get("ownerReferences") or [] if r.get("uid") != uid and self._solid(r)]
+            if others:  # kept alive by another owner: only the reference to this one goes
+                new = copy.deepcopy(dep)
+                new["metadata"]["ownerReferences"] = [r for r in dmeta["ownerReferences"] if r.get("uid") != uid]
+                self._rewrite(drt, dep, new)
+                continue
+            policy = "Foreground" if self.dependents.get(dmeta["uid"]) else None
+            self.delete(drt, dmeta.get("namespace") or None, dmeta["name"],
+                        {"propagationPolicy": policy} if policy else {"propagationPolicy": "Background"})
+        self._maybe_finish_foreground(uid)
+
+    def _solid(self, ref: dict) -> bool:
+        """An owner that exists and is not itself waiting for its dependents to go."""
+        where = self.uids.get(ref.get("uid", ""))
+        if where is None:
+            return False
+        owner = self.objects.get(where[0], {}).get((where[1], where[2]))
+        return owner is not None and FOREGROUND not in (owner["metadata"].get("finalizers") or [])
+
+    def _maybe_finish_foreground(self, uid: str) -> None:
+        """Drop an owner's ``foregroundDeletion`` finalizer once no dependent blocks it (then it goes)."""
+        where = self.uids.get(uid)
+        if where is None:
+            return
+        owner = self.objects.get(where[0], {}).get((where[1], where[2]))
+        if owner is None or FOREGROUND not in (owner["metadata"].get("finalizers") or []):
+            return
+        for _, dep in self._dependents_of(uid):
+            if any(r.get("uid") == uid and r.get("blockOwnerDeletion") for r in
+                   dep["metadata"].get("ownerReferences") or []):
+                return
+        ort = self.storage_type(where[0])
+        assert ort is not None
+        new = copy.deepcopy(owner)
+        new["metadata"]["finalizers"] = [f for f in owner["metadata"]["finalizers"] if f != FOREGROUND]
+        if not new["metadata"]["finalizers"]:
+            del new["metadata"]["finalizers"]
+            new["metadata"]["resourceVersion"] = str(self.next_rv())
+            self._store(ort, new, owner)
+            self._remove(ort, new)
+        else:
+            self._rewrite(ort, owner, new)
+
+    def _remove(self, rt: ResourceType, obj: dict) -> dict:
         """Drop an object now, emit DELETED, then collect garbage."""
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
@@ -830,16 +994,17 @@ class Store:
         if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._crd_removed(obj)
         deps = self.dependents.pop(meta["uid"], set())
-        if not orphan:
-            for dep_key, dns, dname in sorted(deps):
-                dep = self.objects.get(dep_key, {}).get((dns, dname))
-                if dep is None:
-                    continue
-                if any(r.get("uid") in self.uids for r in dep["metadata"].get("ownerReferences") or []):
-                    continue  # another owner is still alive
-                drt = self.storage_type(dep_key)
-                if drt is not None:
-                    self.delete(drt, dns or None, dname, {"propagationPolicy": "Background"})
+        for dep_key, dns, dname in sorted(deps):
+            dep = self.objects.get(dep_key, {}).get((dns, dname))
+            if dep is None:
+                continue
+            if any(r.get("uid") in self.uids for r in dep["metadata"].get("ownerReferences") or []):
+                continue  # another owner is still alive
+            drt = self.storage_type(dep_key)
+            if drt is not None:
+                self.delete(drt, dns or None, dname, {"propagationPolicy": "Background"})
+        for ref in meta.get("ownerReferences") or []:
+            self._maybe_finish_foreground(ref.get("uid", ""))
         if rt.namespaced and key[0]:
             self._maybe_finish_namespace(key[0])
         if rt.crd is not None:
@@ -1064,3 +1229,141 @@ def from_scale(rt: ResourceType, obj: dict, scale: dict) -> dict:
     if rv:
         new["metadata"]["resourceVersion"] = rv
     return new
+
+
+# --------------------------------------------------------------------------- autoscaling/v1 <-> v2
+
+HPA_METRICS_ANNOTATION = "autoscaling.alpha.kubernetes.io/metrics"
+HPA_BEHAVIOR_ANNOTATION = "autoscaling.alpha.kubernetes.io/behavior"
+HPA_CONDITIONS_ANNOTATION = "autoscaling.alpha.kubernetes.io/conditions"
+HPA_CURRENT_METRICS_ANNOTATION = "autoscaling.alpha.kubernetes.io/current-metrics"
+_HPA_ANNOTATIONS = (HPA_METRICS_ANNOTATION, HPA_BEHAVIOR_ANNOTATION, HPA_CONDITIONS_ANNOTATION,
+                    HPA_CURRENT_METRICS_ANNOTATION)
+
+
+def _cpu_metric(field_name: str, value: Any) -> dict:
+    quantity = {"type": "Utilization", "averageUtilization": value} if field_name == "target" else {
+        "averageUtilization": value}
+    return {"type": "Resource", "resource": {"name": "cpu", field_name: quantity}}
+
+
+def _cpu_index(metrics: list, field_name: str) -> int | None:
+    """Index of the CPU utilization metric (a v1 ``…CPUUtilizationPercentage``) in v2 metrics."""
+    for i, m in enumerate(metrics):
+        res = m.get("resource") if isinstance(m, dict) else None
+        quantity = res.get(field_name) if isinstance(res, dict) else None
+        if (isinstance(quantity, dict) and m.get("type") == "Resource" and res.get("name") == "cpu"
+                and "averageUtilization" in quantity
+                and (field_name == "current" or quantity.get("type") == "Utilization")):
+            return i
+    return None
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _metrics_to_v1(metrics: list, field_name: str, annotations: dict, key: str) -> int | None:
+    """The CPU percentage v1 shows; the whole list goes to an annotation unless that percentage says it all."""
+    i = _cpu_index(metrics, field_name)
+    value = metrics[i]["resource"][field_name]["averageUtilization"] if i is not None else None
+    if metrics and metrics != [_cpu_metric(field_name, value)]:
+        annotations[key] = _dump(metrics)
+    return value
+
+
+def _metrics_from_v1(annotations: dict, key: str, field_name: str, value: Any) -> list:
+    metrics = _annotation(annotations, key)
+    metrics = [m for m in metrics if isinstance(m, dict)] if isinstance(metrics, list) else []
+    i = _cpu_index(metrics, field_name)
+    if value is None:
+        return metrics if i is None else metrics[:i] + metrics[i + 1:]
+    if i is None:
+        return [_cpu_metric(field_name, value)] + metrics
+    metrics[i] = copy.deepcopy(metrics[i])
+    metrics[i]["resource"][field_name]["averageUtilization"] = value
+    return metrics
+
+
+def _annotation(annotations: dict, key: str) -> Any:
+    text = annotations.pop(key, None)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise APIError(422, "Invalid", f"metadata.annotations[{key}]: Invalid value: must be JSON") from None
+
+
+def hpa_v2_to_v1(obj: dict) -> dict:
+    """An ``autoscaling/v2`` HorizontalPodAutoscaler as ``autoscaling/v1`` shows it.
+
+    The CPU utilization target becomes ``targetCPUUtilizationPercentage`` (the current one
+    ``currentCPUUtilizationPercentage``); what v1 cannot express (other metrics, behavior,
+    conditions) travels in the ``autoscaling.alpha.kubernetes.io/*`` annotations, as
+    kube-apiserver does (here as v2 JSON), so a v1 round trip loses nothing.
+    """
+    out = {k: v for k, v in obj.items() if k not in ("spec", "status")}
+    out["apiVersion"] = "autoscaling/v1"
+    meta = out["metadata"] = dict(obj.get("metadata") or {})
+    annotations = dict(meta.get("annotations") or {})
+    if "spec" in obj:
+        spec = obj.get("spec") or {}
+        v1spec = {k: spec[k] for k in ("scaleTargetRef", "minReplicas", "maxReplicas") if k in spec}
+        cpu = _metrics_to_v1(spec.get("metrics") or [], "target", annotations, HPA_METRICS_ANNOTATION)
+        if cpu is not None:
+            v1spec["targetCPUUtilizationPercentage"] = cpu
+        if spec.get("behavior") is not None:
+            annotations[HPA_BEHAVIOR_ANNOTATION] = _dump(spec["behavior"])
+        out["spec"] = v1spec
+    if "status" in obj:
+        status = obj.get("status") or {}
+        v1status = {k: status[k] for k in ("observedGeneration", "lastScaleTime", "currentReplicas",
+                                          "desiredReplicas") if k in status}
+        cpu = _metrics_to_v1(status.get("currentMetrics") or [], "current", annotations,
+                             HPA_CURRENT_METRICS_ANNOTATION)
+        if cpu is not None:
+            v1status["currentCPUUtilizationPercentage"] = cpu
+        if status.get("conditions"):
+            annotations[HPA_CONDITIONS_ANNOTATION] = _dump(status["conditions"])
+        out["status"] = v1status
+    if annotations:
+        meta["annotations"] = annotations
+    return out
+
+
+def hpa_v1_to_v2(obj: dict) -> dict:
+    """An ``autoscaling/v1`` HorizontalPodAutoscaler in its stored ``autoscaling/v2`` form (see :func:`hpa_v2_to_v1`)."""
+    out = {k: v for k, v in obj.items() if k not in ("spec", "status")}
+    out["apiVersion"] = "autoscaling/v2"
+    meta = out["metadata"] = dict(obj["metadata"]) if isinstance(obj.get("metadata"), dict) else {}
+    annotations = dict(meta.get("annotations") or {}) if isinstance(meta.get("annotations"), dict) else {}
+    behavior = _annotation(annotations, HPA_BEHAVIOR_ANNOTATION)
+    if isinstance(obj.get("spec"), dict):
+        spec = obj["spec"]
+        v2spec = {k: spec[k] for k in ("scaleTargetRef", "minReplicas", "maxReplicas") if k in spec}
+        metrics = _metrics_from_v1(annotations, HPA_METRICS_ANNOTATION, "target",
+                                   spec.get("targetCPUUtilizationPercentage"))
+        if metrics:
+            v2spec["metrics"] = metrics
+        if behavior is not None:
+            v2spec["behavior"] = behavior
+        out["spec"] = v2spec
+    conditions = _annotation(annotations, HPA_CONDITIONS_ANNOTATION)
+    current = _metrics_from_v1(annotations, HPA_CURRENT_METRICS_ANNOTATION, "current",
+                               (obj.get("status") or {}).get("currentCPUUtilizationPercentage")
+                               if isinstance(obj.get("status"), dict) else None)
+    if isinstance(obj.get("status"), dict):
+        status = obj["status"]
+        v2status = {k: status[k] for k in ("observedGeneration", "lastScaleTime", "currentReplicas",
+                                          "desiredReplicas") if k in status}
+        if current:
+            v2status["currentMetrics"] = current
+        if conditions:
+            v2status["conditions"] = conditions
+        out["status"] = v2status
+    if annotations:
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    return out

@@ -575,6 +575,8 @@ def validate_builtin(group: str, plural: str, obj: dict, old: dict | None) -> li
     if (group, plural) == ("batch", "jobs") and old is None and len(name) > 63:
         errors.append(FieldError("FieldValueInvalid", "metadata.name",
                                  f"Invalid value: {go_repr(name)}: must be no more than 63 characters"))
+    if (group, plural) == ("batch", "jobs") and old is None:
+        errors += _generated_selector_errors(obj)
     if old is None:
         return errors
     if (group, plural) == ("batch", "jobs"):
@@ -736,3 +738,36 @@ def _junctor_check(node: Any, path: str, errors: list[FieldError]) -> None:
         _junctor_check(sub, f"{path}.properties[{key}]", errors)
     if isinstance(node.get("items"), dict):
         _junctor_check(node["items"], f"{path}.items", errors)
+
+
+def selector_matches(selector: Any, labels: dict) -> bool:
+    """Whether a metav1.LabelSelector (matchLabels, matchExpressions) selects ``labels``."""
+    if not isinstance(selector, dict):
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _generated_selector_errors(job: dict) -> list[FieldError]:
+    """The Job strategy's ValidateGeneratedSelector: unless ``manualSelector``, the selector is the server's."""
+    spec = job.get("spec") or {}
+    uid = (job.get("metadata") or {}).get("uid")
+    if spec.get("manualSelector") is True or not uid:
+        return []
+    errors = []
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    for key in ("controller-uid", "batch.kubernetes.io/controller-uid"):
+        if key in labels and labels[key] != uid:
+            errors.append(FieldError("FieldValueInvalid", f"spec.template.metadata.labels[{key}]",
+                                     f"Invalid value: {go_repr(labels[key])}: must be '{uid}'"))
+    if not selector_matches(spec.get("selector"), {"batch.kubernetes.io/controller-uid": uid}):
+        errors.append(FieldError("FieldValueInvalid", "spec.selector",
+                                 "Invalid value: v1.LabelSelector{...}: `selector` not auto-generated"))
+    return errors
