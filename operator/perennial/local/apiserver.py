@@ -50,12 +50,13 @@ import yaml
 from aiohttp import web
 
 from . import protobuf
+from .faults import Fault, FaultConfig, FaultInjector, RequestCounter, client_of
 from .patches import PatchError, json_patch, merge_patch
 from .store import (APIError, ResourceType, Store, Watcher, from_scale, parse_field_selector, parse_label_selector,
                     to_scale)
 from .tables import BUILTIN_COLUMNS, human_age
 
-__all__ = ["APIServer", "APIError", "ServerThread", "start_in_thread", "write_kubeconfig"]
+__all__ = ["APIServer", "APIError", "FaultConfig", "ServerThread", "start_in_thread", "write_kubeconfig"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-perennial", 
                 "compiler": "gc", "platform": "linux/amd64"}
 BOOKMARK_INTERVAL = 20.0  # seconds of idle before a BOOKMARK (real servers: about a minute)
 LOG_POLL_INTERVAL = 0.1  # seconds between checks of a followed pod log
+DEBUG_PREFIX = "/debug/perennial/"
+_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12; plain strings before
+# request keys: (client, verb, resource), counted when the response starts; seconds after which an
+# injected fault cuts a watch
+ACCOUNT: Any = _RequestKey("perennial.account", tuple) if _RequestKey else "perennial.account"
+CLOSE_AFTER: Any = _RequestKey("perennial.close_after", float) if _RequestKey else "perennial.close_after"
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -136,8 +144,11 @@ def jsonpath(obj: Any, path: str) -> Any:
 class APIServer:
     """An in-memory Kubernetes API server on aiohttp."""
 
-    def __init__(self) -> None:
+    def __init__(self, faults: FaultConfig | None = None, *, count_requests: bool = True) -> None:
         self.store = Store()
+        self.injector = FaultInjector(faults)
+        self.requests = RequestCounter()
+        self.count_requests = count_requests
         self.url: str = ""
         self.host = "127.0.0.1"
         self.port = 0
@@ -151,6 +162,7 @@ class APIServer:
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.on_response_prepare.append(self._account)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> "APIServer":
@@ -172,6 +184,32 @@ class APIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    # ------------------------------------------------------------------ faults and request accounting
+
+    @property
+    def faults(self) -> FaultConfig:
+        return self.injector.config
+
+    def set_faults(self, config: FaultConfig | None) -> None:
+        """Inject faults from now on (None: none); resets the seeded draws and the injected counts."""
+        self.injector.configure(config or FaultConfig())
+
+    def fault_counts(self) -> dict[str, int]:
+        """Faults injected since the last :meth:`set_faults`, by kind (``{"500": 3, "slow": 1}``)."""
+        return self.injector.counts()
+
+    def request_counts(self) -> dict[str, Any]:
+        """Requests served since the last reset (see :meth:`RequestCounter.snapshot`)."""
+        return self.requests.snapshot()
+
+    def count(self, client: str | None = None, verb: str | None = None, resource: str | None = None,
+              code: int | None = None) -> int:
+        """How many requests matched, e.g. ``count(client="kopf", verb="patch", resource="perennial.ai/trainingruns/status")``."""
+        return self.requests.count(client, verb, resource, code)
+
+    def reset_request_counts(self) -> None:
+        self.requests.reset()
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> "ServerThread":
         """Run this server in a background thread with its own event loop."""
@@ -243,6 +281,94 @@ class APIServer:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
+        if path.startswith(DEBUG_PREFIX):
+            return await self._debug(request, path)
+        verb, resource, name = self._classify(request, path)
+        user_agent = request.headers.get("User-Agent", "")
+        request[ACCOUNT] = (client_of(user_agent, self.requests.clients), verb, resource or path)
+        fault = self.injector.draw(user_agent, verb, "resourceVersion" in request.query) if resource else None
+        if fault is not None:
+            return await self._inject(request, fault, resource, name)
+        return await self._serve(request, path)
+
+    async def _account(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Count a request when its response starts (a watch counts when its stream opens)."""
+        key = request.get(ACCOUNT)
+        if key is not None and self.count_requests:
+            self.requests.add(*key, response.status)
+
+    def _classify(self, request: web.Request, path: str) -> tuple[str, str, str | None]:
+        """(verb, resource, name) as kube-apiserver's request info names them; resource is "" off the API paths."""
+        method = request.method
+        parts = path.split("/")[1:]
+        if parts[:2] == ["api", "v1"]:
+            group, version, rest = "", "v1", parts[2:]
+        elif len(parts) >= 4 and parts[0] == "apis":
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return method.lower(), "", None
+        if not rest:
+            return method.lower(), "", None
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            candidate = self.store.types.get((group, version, rest[2]))
+            if candidate is not None and candidate.namespaced:
+                rest = rest[2:]
+        resource = f"{group}/{'/'.join(rest[:1] + rest[2:3])}" if group else "/".join(rest[:1] + rest[2:3])
+        name = rest[1] if len(rest) > 1 else None
+        if method == "GET":
+            verb = "get" if name else ("watch" if request.query.get("watch") in ("true", "1", "True") else "list")
+        elif method == "DELETE":
+            verb = "delete" if name else "deletecollection"
+        else:
+            verb = _VERBS.get(method, method.lower())
+        return verb, resource, name
+
+    async def _inject(self, request: web.Request, fault: Fault, resource: str, name: str | None) -> web.StreamResponse:
+        config = self.injector.config
+        if fault.kind == "slow":
+            await asyncio.sleep(config.slow_ms / 1000)
+            return await self._serve(request, request.path.rstrip("/") or "/")
+        if fault.kind == "watch-close":
+            request[CLOSE_AFTER] = fault.close_after
+            return await self._serve(request, request.path.rstrip("/") or "/")
+        group, _, plural = resource.rpartition("/") if "/" in resource else ("", "", resource)
+        if fault.kind == "410":
+            since = request.query.get("resourceVersion", "")
+            return await self._expired_watch(request, since, self.store.last_rv)
+        if fault.kind == "429":
+            seconds = config.retry_after_seconds
+            resp = _error(APIError(429, "TooManyRequests", "Too many requests, please try again later.",
+                                   {"causes": [{"message": "injected by perennial fault injection"}],
+                                    "retryAfterSeconds": seconds}))
+            resp.headers["Retry-After"] = str(seconds)
+            return resp
+        if fault.kind == "409":
+            what = f"{plural.split('/')[0]}.{group}" if group else plural.split("/")[0]
+            return _error(APIError(409, "Conflict",
+                                   f'Operation cannot be fulfilled on {what} "{name}": the object has been modified; '
+                                   "please apply your changes to the latest version and try again",
+                                   {"name": name, "group": group, "kind": plural.split("/")[0]}))
+        return _error(APIError(500, "InternalError", "Internal error occurred: injected fault",
+                               {"causes": [{"message": "injected by perennial fault injection"}]}))
+
+    async def _debug(self, request: web.Request, path: str) -> web.Response:
+        """``/debug/perennial/faults`` (GET, PUT a FaultConfig as JSON) and ``/debug/perennial/requests`` (GET, DELETE)."""
+        what = path[len(DEBUG_PREFIX):]
+        if what == "faults" and request.method in ("GET", "PUT"):
+            if request.method == "PUT":
+                try:
+                    self.set_faults(FaultConfig.from_dict(json.loads(await request.read() or b"{}")))
+                except (ValueError, TypeError) as exc:
+                    return _error(APIError(400, "BadRequest", f"invalid fault configuration: {exc}"))
+            return _json({"config": self.faults.to_dict(), "injected": self.fault_counts()})
+        if what == "requests" and request.method in ("GET", "DELETE"):
+            snapshot = self.request_counts()
+            if request.method == "DELETE":
+                self.reset_request_counts()
+            return _json(snapshot)
+        return _error(APIError(404, "NotFound", "the server could not find the requested resource"))
+
+    async def _serve(self, request: web.Request, path: str) -> web.StreamResponse:
         try:
             ctype = request.headers.get("Content-Type", "")
             if "cbor" in ctype:
@@ -496,17 +622,22 @@ class APIServer:
                 obj = store.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings)
                 return _json(self._out(rt, obj), 201, warnings)
             if method == "DELETE":
+                warnings = []
+                options = await self._body(request)
+                options = dict(options) if isinstance(options, dict) else {}
+                if "propagationPolicy" in q:
+                    options["propagationPolicy"] = q["propagationPolicy"]
                 items, rv = store.list(rt, ns, q.get("labelSelector"), q.get("fieldSelector"))
                 deleted = []
                 for o in items:
                     try:
                         deleted.append(store.delete(rt, o["metadata"].get("namespace"), o["metadata"]["name"],
-                                                    dry_run=dry_run))
+                                                    options, dry_run=dry_run, warnings=warnings))
                     except APIError:
                         pass
                 return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
                               "metadata": {"resourceVersion": str(store.last_rv)},
-                              "items": [self._out(rt, o) for o in deleted]})
+                              "items": [self._out(rt, o) for o in deleted]}, 200, list(dict.fromkeys(warnings or [])))
             raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
         if sub == "log":
@@ -556,18 +687,20 @@ class APIServer:
                                        strict=strict, warnings=warnings)
             return _json(self._out(rt, obj), 201 if created else 200, warnings)
         if method == "DELETE":
+            warnings = []  # the Job's orphaning default warns whatever the field validation
             options = await self._body(request)
             for key in ("propagationPolicy",):
                 if key in q:
                     options[key] = q[key]
             with store.lock:
-                obj = store.delete(rt, ns, name, options if isinstance(options, dict) else {}, dry_run=dry_run)
+                obj = store.delete(rt, ns, name, options if isinstance(options, dict) else {}, dry_run=dry_run,
+                                   warnings=warnings)
                 still = store.objects[rt.key].get((ns or "", name)) is not None
             if still or rt.crd is not None or rt.key == ("", "pods"):
-                return _json(self._out(rt, obj))
+                return _json(self._out(rt, obj), 200, warnings)
             return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                           "details": {"name": name, "group": rt.group, "kind": rt.plural,
-                                      "uid": obj["metadata"].get("uid")}})
+                                      "uid": obj["metadata"].get("uid")}}, 200, warnings)
         raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     async def _follow_log(self, request: web.Request, rt: ResourceType, ns: str, name: str,
@@ -634,9 +767,7 @@ class APIServer:
 
     @staticmethod
     def _out(rt: ResourceType, obj: dict) -> dict:
-        if obj.get("apiVersion") != rt.api_version:
-            return {**obj, "apiVersion": rt.api_version}
-        return obj
+        return Store.view(rt, obj)
 
     # ------------------------------------------------------------------ tables
 
@@ -677,6 +808,23 @@ class APIServer:
 
     # ------------------------------------------------------------------ watch
 
+    @staticmethod
+    async def _write_expired(resp: web.StreamResponse, since: str, compacted: int) -> None:
+        await resp.write((_dumps({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": f"too old resource version: {since} ({compacted})",
+            "reason": "Expired", "code": 410}}) + "\n").encode())
+
+    async def _expired_watch(self, request: web.Request, since: str, compacted: int) -> web.StreamResponse:
+        """A watch answered as kube-apiserver answers one from a compacted version: 200, one ERROR 410 event."""
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                       "Cache-Control": "no-cache, private"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await self._write_expired(resp, since, compacted)
+        await resp.write_eof()
+        return resp
+
     async def _watch(self, request: web.Request, rt: ResourceType, ns: str | None, table: bool) -> web.StreamResponse:
         q = request.query
         loop = asyncio.get_running_loop()
@@ -688,6 +836,7 @@ class APIServer:
         initial = self.store.watch(rt, w, None if send_initial else since)
         timeout = q.get("timeoutSeconds")
         deadline = time.monotonic() + float(timeout) if timeout else None
+        cut_at = time.monotonic() + request[CLOSE_AFTER] if CLOSE_AFTER in request else None
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1", "True")
         include = q.get("includeObject", "Metadata")
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
@@ -703,10 +852,7 @@ class APIServer:
 
         try:
             if initial is None:
-                await resp.write((_dumps({"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": f"too old resource version: {since} ({self.store.compacted.get(rt.key, 0)})",
-                    "reason": "Expired", "code": 410}}) + "\n").encode())
+                await self._write_expired(resp, since or "", self.store.compacted.get(rt.key, 0))
                 return resp
             for etype, obj in initial:
                 await resp.write(render(etype, obj))
@@ -719,6 +865,13 @@ class APIServer:
             idle = 0.0
             while not self._stopping:
                 wait = min(BOOKMARK_INTERVAL - idle, 5.0)
+                if cut_at is not None:
+                    if cut_at - time.monotonic() <= 0:
+                        # an injected fault: the connection drops mid-stream, no end of the chunked body
+                        if request.transport is not None:
+                            request.transport.close()
+                        return resp
+                    wait = min(wait, cut_at - time.monotonic())
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -824,9 +977,12 @@ class ServerThread:
         self.stop()
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0) -> ServerThread:
-    """Start a fresh :class:`APIServer` in a background thread; ``.url``, ``.stop()``."""
-    return ServerThread(APIServer(), host, port)
+def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, faults: FaultConfig | None = None) -> ServerThread:
+    """Start a fresh :class:`APIServer` in a background thread; ``.url``, ``.stop()``.
+
+    ``faults`` turns on fault injection from the first request (``.set_faults()`` changes it later).
+    """
+    return ServerThread(APIServer(faults), host, port)
 
 
 def write_kubeconfig(path: str | Path, url: str, *, namespace: str = "default",
