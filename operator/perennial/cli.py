@@ -84,9 +84,49 @@ LOCAL_TRAINER_IMAGE = "perennial-trainer:local"
 LOCAL_SERVER_IMAGE = "perennial-server:local"
 
 
-def _dev(args: argparse.Namespace) -> int:
+def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, crds: bool = True) -> tuple[Any, Path, Any]:
+    """The embedded API server in a background thread, a kubeconfig for it under `state`, and a client (CRDs installed, then `faults` on)."""
     from .kube import connect
     from .local.apiserver import start_in_thread, write_kubeconfig
+
+    server = start_in_thread(host, port)
+    kubeconfig = write_kubeconfig(state / "kubeconfig", server.url)
+    kube = connect(server=server.url)
+    if crds:
+        install_crds(kube)
+    server.set_faults(faults)  # after the CRDs: faults are for the clients under test, not for the setup
+    return server, kubeconfig, kube
+
+
+def _control_plane(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .local.faults import FaultConfig
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    faults = None
+    if args.faults_rate:
+        faults = FaultConfig(rate=args.faults_rate, faults=tuple(args.faults.split(",")), seed=args.faults_seed,
+                             user_agents=tuple(args.faults_clients.split(",")))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server, kubeconfig, _ = _start_control_plane(args.host, args.port, state, faults, args.crds)
+    print(f"control plane  {server.url}\nkubeconfig     {kubeconfig}\n"
+          f"faults         {server.faults.to_dict() if faults else 'off'} (PUT {server.url}/debug/perennial/faults)\n"
+          f"requests       {server.url}/debug/perennial/requests\nPress Ctrl-C to stop.", flush=True)
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
     from .local.kubelet import LocalKubelet
 
     _configure_logging(args.log_format, args.verbose)
@@ -98,10 +138,7 @@ def _dev(args: argparse.Namespace) -> int:
 
         print(f"Preparing the demo: a tiny offline model and toy data under {pvc_root} ...", flush=True)
         prepare(pvc_root)
-    server = start_in_thread(args.host, args.port)
-    kubeconfig = write_kubeconfig(state / "kubeconfig", server.url)
-    kube = connect(server=server.url)
-    install_crds(kube)
+    server, kubeconfig, kube = _start_control_plane(args.host, args.port, state)
     applied = []
     for doc in load_manifests(args.apply or []):
         doc.setdefault("metadata", {}).setdefault("namespace", "default")
@@ -190,6 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--log-format", choices=["plain", "json"], default="plain")
     dev.add_argument("--verbose", action="store_true")
     dev.set_defaults(func=_dev)
+
+    cp = sub.add_parser("control-plane", help="only the embedded control plane (API server, CRDs installed), in this process")
+    cp.add_argument("--host", default="127.0.0.1")
+    cp.add_argument("--port", type=int, default=6444)
+    cp.add_argument("--state-dir", default=".perennial", help="where the kubeconfig is written")
+    cp.add_argument("--crds", action=argparse.BooleanOptionalAction, default=True, help="install Perennial's CRDs")
+    cp.add_argument("--faults-rate", type=float, default=0.0, help="probability per request of an injected fault (0: none)")
+    cp.add_argument("--faults", default="500,429,409,slow,watch-close,410", help="comma-separated kinds of faults to inject")
+    cp.add_argument("--faults-seed", type=int, default=None)
+    cp.add_argument("--faults-clients", default="kopf,perennial-operator", help="comma-separated User-Agent prefixes faults hit")
+    cp.add_argument("--verbose", action="store_true")
+    cp.set_defaults(func=_control_plane)
 
     args = parser.parse_args(argv)
     if args.command == "crds":
