@@ -79,7 +79,7 @@ def test_missing_column_fails_the_run_cleanly(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
     path = write_config(tmp_path / "run.yaml", _cfg(tmp_path))
     term = tmp_path / "term"
-    assert main(["--config", path, "--termination-log", str(term)]) == 1
+    assert main(["--config", path, "--termination-log", str(term)]) == 11  # a permanent dataset error (perennial.api.exitcodes)
     res = json.loads(term.read_text())
     assert res["status"] == "Failed" and res["reason"] == "MissingColumn" and "'completion'" in res["message"]
 

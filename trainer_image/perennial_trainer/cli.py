@@ -5,7 +5,9 @@
     perennial-trainer grade --reward-spec rs.yaml --samples samples.jsonl [--json]
     perennial-trainer grade --reward-spec rs.yaml --tests  # run the RewardSpec's own tests
 
-`train` exits 0 on success, 1 on failure; either way the termination message is written.
+`train` exits 0 on success; on failure 1 when a retry may help, or a permanent exit code (10 invalid
+config, 11 dataset, 12 reward spec, 13 model; the table is `perennial.api.exitcodes`); either way the
+termination message (JSON `status`, `reason`, `message`) is written.
 `grade --tests` prints one JSON line per test, writes {"status", "results"} to the termination
 log, and exits 1 if any test fails. `--reward-spec` accepts a RewardSpec resource or its spec.
 """
@@ -131,7 +133,7 @@ def cmd_train(a, config_path: str) -> int:
     except TrainerError as e:
         log.error("run failed: %s", e)
         write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
-        return 1
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - report, never a silent crash
         traceback.print_exc()
         write_termination({"status": "Failed", "reason": "TrainerCrashed", "message": f"{e.__class__.__name__}: {e}"}, a.termination_log)

@@ -108,4 +108,6 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     try:
         return RunConfig.model_validate(raw)
     except pydantic.ValidationError as e:
+        if all(err["loc"] and err["loc"][0] in ("rewardSpec", "reward_spec", "evalRewardSpec", "eval_reward_spec") for err in e.errors()):
+            raise TrainerError(f"run config {path}: the reward spec is invalid: {e}", "InvalidRewardSpec") from None
         raise TrainerError(f"run config {path} is invalid: {e}", "InvalidConfig") from None

@@ -458,6 +458,38 @@ def make_reward_function(g: Grader, on_result: Callable[[str, list[GradeResult]]
     return reward
 
 
+def check_reward_spec(spec: RewardSpecSpec, what: str = "rewardSpec") -> None:
+    """Fail fast (`InvalidRewardSpec`, a permanent error) on graders that could never score anything:
+    a regex that does not compile, Python source that does not compile or defines no `grade`, a JSON
+    Schema that is not one."""
+    import ast
+
+    from .errors import TrainerError
+
+    for g in spec.graders:
+        c = g.config()
+        where = f"{what}: grader {g.name!r}"
+        if g.type == "Regex" and "{{" not in c.pattern:
+            try:
+                re.compile(c.pattern)
+            except re.error as e:
+                raise TrainerError(f"{where}: `regex.pattern` must be a valid regular expression: {e}", "InvalidRewardSpec") from None
+        elif g.type == "Python":
+            try:
+                tree = ast.parse(c.source)
+            except SyntaxError as e:
+                raise TrainerError(f"{where}: `python.source` must be valid Python: {e.msg} (line {e.lineno})", "InvalidRewardSpec") from None
+            if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "grade" for n in tree.body):
+                raise TrainerError(f"{where}: `python.source` must define `def grade(sample, item)`", "InvalidRewardSpec")
+        elif g.type == "JSONSchema":
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(c.schema_)
+            except jsonschema.SchemaError as e:
+                raise TrainerError(f"{where}: `jsonSchema.schema` must be a valid JSON Schema: {e.message}", "InvalidRewardSpec") from None
+
+
 def reward_functions(spec: RewardSpecSpec, on_result=None) -> tuple[list[Callable[..., list[float]]], list[float]]:
     """(one reward function per grader, their weights) for ``GRPOTrainer(reward_funcs=..., args=GRPOConfig(reward_weights=...))``."""
     return [make_reward_function(g, on_result) for g in spec.graders], [float(g.weight) for g in spec.graders]

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from perennial.api.trainingrun import EVAL_DEFAULT_MAX_COMPLETION_LENGTH, GRPO_DEFAULT_NUM_GENERATIONS
+
+from . import checkpoints
 from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
@@ -148,6 +151,23 @@ def lora_config(cfg: RunConfig):
     )
 
 
+def grpo_group(cfg: RunConfig) -> tuple[int, int]:
+    """GRPO's (numGenerations, per-device batch size in completions)."""
+    hp = cfg.spec.hyperparameters
+    ng = hp.num_generations or GRPO_DEFAULT_NUM_GENERATIONS
+    return ng, hp.batch_size or ng
+
+
+def check_hyperparameters(cfg: RunConfig) -> None:
+    """What the CRD's CEL rules also check at admission, checked again before any work (a run config can
+    come from elsewhere): a permanent `InvalidConfig`."""
+    if cfg.spec.method == "GRPO":
+        ng, bs = grpo_group(cfg)
+        if bs % ng:
+            raise TrainerError(f"`hyperparameters.batchSize` ({bs}) must be a multiple of `hyperparameters.numGenerations` ({ng}) "
+                               "when `method` is 'GRPO'", "InvalidConfig")
+
+
 def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train: int, weights: list[float] | None):
     from trl import DPOConfig, GRPOConfig, SFTConfig
 
@@ -176,10 +196,7 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
     if method == "DPO":
         return DPOConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024,
                          beta=_f(hp.beta) if hp.beta is not None else 0.1, **common)
-    ng = hp.num_generations or 8
-    bs = hp.batch_size or ng
-    if bs % ng:
-        raise TrainerError(f"hyperparameters.batchSize ({bs}) must be a multiple of numGenerations ({ng}) for GRPO", "InvalidConfig")
+    ng, bs = grpo_group(cfg)
     extra: dict[str, Any] = {}
     if hp.entropy_coef is not None:
         extra["entropy_coef"] = float(hp.entropy_coef)
@@ -217,6 +234,13 @@ def generate(model, tok, prompts: list[Any], max_new_tokens: int, batch_size: in
     return out
 
 
+def eval_max_completion_length(cfg: RunConfig) -> int:
+    """Tokens generated per evaluation prompt, for every method: `evaluation.maxCompletionLength`, else
+    `hyperparameters.maxCompletionLength` (what existing manifests set), else the default."""
+    spec = cfg.spec
+    return spec.evaluation.max_completion_length or spec.hyperparameters.max_completion_length or EVAL_DEFAULT_MAX_COMPLETION_LENGTH
+
+
 def evaluate(cfg: RunConfig, base_path: str, adapter_dir: str, parent_dir: str | None, eval_rows: list[dict], dev) -> dict[str, float]:
     """Greedy-generate with the new adapter and its baseline (parent or base) and grade both."""
     from peft import PeftModel
@@ -231,8 +255,7 @@ def evaluate(cfg: RunConfig, base_path: str, adapter_dir: str, parent_dir: str |
     if parent_dir:
         model.load_adapter(parent_dir, adapter_name="parent")
     prompts = [eval_prompt(r) for r in eval_rows]
-    hp = cfg.spec.hyperparameters
-    max_new = hp.max_completion_length or 128
+    max_new = eval_max_completion_length(cfg)
     model.set_adapter("new")
     new_out = generate(model, tok, prompts, max_new)
     if parent_dir:
@@ -306,6 +329,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     dev = device_setup()
     if method == "GRPO" and cfg.reward_spec is None:
         raise TrainerError("method GRPO needs a rewardSpec", "InvalidConfig")
+    check_hyperparameters(cfg)
+    if cfg.reward_spec is not None or cfg.eval_reward_spec is not None:
+        from .graders import check_reward_spec
+
+        if cfg.reward_spec is not None:
+            check_reward_spec(cfg.reward_spec, "rewardSpec")
+        if cfg.eval_reward_spec is not None:
+            check_reward_spec(cfg.eval_reward_spec, "evalRewardSpec")
 
     datasets_, train_rows, eval_rows = load_datasets(cfg)
     if not train_rows:
@@ -337,6 +368,9 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
     ckpt_dir = default_checkpoint_dir(cfg)
     os.makedirs(ckpt_dir, exist_ok=True)
+    mirror = checkpoints.mirror_uri(cfg.output_uri)
+    if mirror and last_complete_checkpoint(ckpt_dir) is None:
+        checkpoints.restore_checkpoint(mirror, ckpt_dir)  # a new pod: the local checkpoint dir is empty
     progress_paths = [str(staging / "progress.json")]
     if is_local(cfg.output_uri):
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
@@ -369,7 +403,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         reward_names = [g.name for g in cfg.reward_spec.graders]
     args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
     progress = ProgressCallback(progress_paths, reward_names, remote_uri=None if is_local(cfg.output_uri) else cfg.output_uri)
-    common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[progress], peft_config=peft_config)
+    callbacks = [progress] + ([checkpoints.mirror_callback(mirror)] if mirror else [])
+    common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=callbacks, peft_config=peft_config)
     if method == "SFT":
         from trl import SFTTrainer
 
@@ -446,6 +481,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     upload_dir(staging, cfg.output_uri)
     if os.path.isdir(ckpt_dir) and not cfg.checkpoint_dir and is_local(cfg.output_uri):
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the default checkpoints live inside the artifact dir
+    if mirror:
+        checkpoints.remove_mirror(mirror)
     message = f"{method} trained {int(metrics['train/steps'])} steps"
     if "eval/mean_reward" in metrics:
         message += f"; eval mean reward {metrics['eval/mean_reward']:.3f} vs baseline {metrics['eval/baseline_mean_reward']:.3f}"
