@@ -20,7 +20,9 @@ class OperatorConfig:
     feedback_store_uri: str = field(default_factory=lambda: _env("PERENNIAL_FEEDBACK_STORE_URI", "pvc://perennial-feedback/store"))
     #: Where the operator's own pod mounts the PVCs it reads (`pvc://<claim>/<path>` -> `<root>/<claim>/<path>`).
     pvc_root: str = field(default_factory=lambda: _env("PERENNIAL_PVC_ROOT", "/mnt/pvc"))
-    #: Seconds between periodic reconciles of long-lived kinds.
+    #: Seconds between looks for what cannot be watched (an Adapter's missing artifact in storage).
     resync_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_RESYNC_SECONDS", "30")))
-    #: Seconds between reconciles of running TrainingRuns (progress).
+    #: Seconds between reads of a running trainer's progress (its pod log).
     progress_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_SECONDS", "5")))
+    #: Concurrent reconciles (all kinds).
+    workers: int = field(default_factory=lambda: int(_env("PERENNIAL_WORKERS", "16")))

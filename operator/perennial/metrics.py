@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 RECONCILES = Counter("perennial_reconcile_total", "Reconciles by kind and result.", ["kind", "result"])
@@ -16,6 +16,9 @@ TRAINING_RUNS = Counter("perennial_trainingruns_finished_total", "Finished Train
 TRAINING_SECONDS = Histogram(
     "perennial_trainingrun_duration_seconds", "Wall time of finished TrainingRuns, start to completion.", buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 )
+API_ERRORS = Counter("perennial_api_errors_total", "API errors that made a reconcile retry, by HTTP status (0: no answer).", ["code"])
+STATUS_WRITES = Counter("perennial_status_writes_total", "Status writes by kind (none when nothing changed).", ["kind"])
+QUEUE_DEPTH = Gauge("perennial_workqueue_depth", "Objects waiting for a reconcile.")
 QUEUE_SECONDS = Histogram(
     "perennial_trainingrun_queue_seconds", "Time from TrainingRun creation to trainer start.", buckets=(1, 5, 15, 60, 300, 900, 3600, 14400)
 )

@@ -1,53 +1,87 @@
-"""The operator runtime: kopf with Perennial's settings, login, health and metrics."""
+"""The operator runtime: builds the kopf registry explicitly (config, clock, one client per cluster) and runs it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
+import kubernetes
 
-from .api.common import GROUP
 from .config import OperatorConfig
-from .controllers import REGISTRY
+from .controllers import all_controllers
 from .controllers.base import Context
-from .kube import connect
+from .controllers.manager import Manager
+from .kube.aio import AsyncKube, configuration
+from .kube.cache import Cache
 from .resources.common import FINALIZER
 
 log = logging.getLogger(__name__)
 
 
-@kopf.on.startup(registry=REGISTRY)
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
-    settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.queueing.error_delays = [1, 2, 5, 10, 30, 60]
-    settings.execution.max_workers = 8
-    settings.networking.request_timeout = 60
-    if memo.get("server"):
-        # The embedded control plane: quick reconnects, no long waits on shutdown.
-        settings.watching.reconnect_backoff = 0.2
-        settings.background.instant_exiting_timeout = 0.5
+def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration our own client uses (kubeconfig, in-cluster or a URL)."""
+    token = cfg.get_api_key_with_prefix("authorization") or None
+    scheme = None
+    if token and " " in token:
+        scheme, token = token.split(" ", 1)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert or None,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file or None,
+        private_key_path=cfg.key_file or None,
+        default_namespace="default",
+    )
 
 
-@kopf.on.login(registry=REGISTRY)
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    if memo.get("server"):
-        return kopf.ConnectionInfo(server=memo["server"], insecure=True, default_namespace="default")
-    return kopf.login_via_client(memo=memo, **kwargs)
+def build_registry(
+    config: OperatorConfig,
+    *,
+    server: str | None = None,
+    kubeconfig: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tuple[kopf.OperatorRegistry, Manager]:
+    """Everything the operator registers, wired explicitly: settings, login, health, and the controllers."""
+    registry = kopf.OperatorRegistry()
+    clusters = {"local": AsyncKube(configuration(server, kubeconfig), name="local")}
+    ctx = Context(clusters=clusters, cache=Cache(), config=config, clock=clock)
+    manager = Manager(all_controllers(), ctx, workers=config.workers)
 
+    @kopf.on.startup(registry=registry, id="settings")
+    def settings_(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER  # kopf adds it only for handlers that need one: ours do not
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.queueing.error_delays = [1, 2, 5, 10, 30, 60]
+        settings.networking.request_timeout = 60
+        settings.networking.error_backoffs = [0.5, 1, 2, 5, 10]
+        if server:
+            # The embedded control plane: quick reconnects, no long waits on shutdown.
+            settings.watching.reconnect_backoff = 0.2
+            settings.background.instant_exiting_timeout = 0.5
 
-def build_memo(server: str | None, kubeconfig: str | None, config: OperatorConfig | None) -> kopf.Memo:
-    memo = kopf.Memo()
-    memo["server"] = server
-    memo["perennial"] = Context(kube=connect(server=server, kubeconfig=kubeconfig), config=config or OperatorConfig())
-    return memo
+    @kopf.on.login(registry=registry, id="login")
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # Read afresh at every (re-)login: rotated service-account tokens and exec-plugin tokens.
+        return connection_info(configuration(server, kubeconfig))
+
+    @kopf.on.probe(registry=registry, id="api")
+    async def api_reachable(**_: Any) -> str:
+        """`/healthz` fails while the API server cannot be reached with the operator's credentials."""
+        version = await clusters["local"].request("GET", "/version")
+        return str(version.get("gitVersion") or "reachable")
+
+    manager.register(registry)
+    return registry, manager
 
 
 def run(
@@ -71,7 +105,7 @@ def run(
             start_server(metrics_port)
         except OSError as exc:
             raise SystemExit(f"perennial: cannot serve metrics on port {metrics_port}: {exc.strerror}; choose another with --metrics-port") from None
-    memo = build_memo(server, kubeconfig, config)
+    registry, _ = build_registry(config or OperatorConfig(), server=server, kubeconfig=kubeconfig)
     kwargs: dict[str, Any] = {}
     if namespaces:
         kwargs["namespaces"] = namespaces
@@ -84,15 +118,14 @@ def run(
         try:
             runner.run(
                 kopf.operator(
-                registry=REGISTRY,
-                memo=memo,
-                standalone=standalone,
-                peering_name=None if standalone else peering_name,
-                liveness_endpoint=health_endpoint,
-                stop_flag=stop_flag,
-                ready_flag=ready_flag,
-                **kwargs,
-            )
+                    registry=registry,
+                    standalone=standalone,
+                    peering_name=None if standalone else peering_name,
+                    liveness_endpoint=health_endpoint,
+                    stop_flag=stop_flag,
+                    ready_flag=ready_flag,
+                    **kwargs,
+                )
             )
         finally:
             stop_flag.set()

@@ -84,7 +84,7 @@ def test_job_progress_success_adapter_and_delete(cluster: Cluster, tmp_path):
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert pod["restartPolicy"] == "OnFailure"
+    assert pod["restartPolicy"] == "Never" and job["spec"]["podFailurePolicy"]["rules"]
     assert job["spec"]["backoffLimit"] == 3 and job["spec"]["activeDeadlineSeconds"] == 3600 and job["spec"]["ttlSecondsAfterFinished"] == 86400
     assert job["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
     assert job["metadata"]["labels"]["perennial.ai/trainingrun"] == "run1"

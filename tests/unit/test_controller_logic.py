@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from perennial.api.basemodel import BaseModelSpec
 from perennial.api.rewardspec import RewardSpecSpec
+from perennial.controllers.manager import status_patch
 from perennial.controllers.rewardspec import spec_problems
 from perennial.resources import basemodel as bm
 from perennial.resources import conditions as cond
@@ -20,11 +21,13 @@ def test_transition_time_moves_only_when_status_flips():
     assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z" and stamp
 
 
-def test_status_differs_ignores_transition_times_only():
+def test_status_patch_ignores_transition_times_only_and_removes_dropped_fields():
     a = {"observedGeneration": 1, "conditions": cond.set_condition(None, "Ready", True, "Ok", "", 1)}
     b = {"observedGeneration": 1, "conditions": [dict(a["conditions"][0], lastTransitionTime="1999-01-01T00:00:00Z")]}
-    assert not cond.status_differs(a, b)
-    assert cond.status_differs(a, {**b, "observedGeneration": 2})
+    assert status_patch(a, b) is None
+    assert status_patch(a, {**b, "observedGeneration": 2}) == {"observedGeneration": 2}
+    # A field the new status no longer has is removed (merge patch null), e.g. a moved source's old resolvedUri.
+    assert status_patch({**a, "resolvedUri": "hf://old"}, a) == {"resolvedUri": None}
     assert cond.transitions(a["conditions"], cond.set_condition(a["conditions"], "Ready", False, "Broken", "", 1))
 
 

@@ -1,7 +1,14 @@
-"""kopf controllers, one module per kind, all registered on `REGISTRY`."""
+"""Controllers, one module per kind; `runtime.build_registry` wires them (nothing registers at import)."""
 
-# Importing a controller module registers its handlers.
-from . import adapter, basemodel, rewardspec, trainingrun  # noqa: E402,F401
-from .base import REGISTRY
+from __future__ import annotations
 
-__all__ = ["REGISTRY"]
+from .base import Controller
+
+
+def all_controllers() -> list[Controller]:
+    from . import adapter, basemodel, rewardspec, trainingrun
+
+    return [basemodel.CONTROLLER, rewardspec.CONTROLLER, trainingrun.CONTROLLER, adapter.CONTROLLER]
+
+
+__all__ = ["Controller", "all_controllers"]

@@ -1,43 +1,83 @@
-"""What every controller shares: the registry, status writes, Events, metrics, error mapping."""
+"""What every controller shares: the context a reconcile gets, what it returns, and small helpers.
+
+A controller is one `Controller` value (kind, typed status model, the keys of
+the objects it depends on, and `reconcile`). `reconcile` observes (from the
+cache), decides (a pure function, table-tested), acts (through the async
+client) and returns an `Outcome`: the whole desired status, the notes worth an
+Event, and when time itself should wake it again. The manager writes the
+status (only when it changed) and the Events, after the write.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+import datetime as _dt
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import kopf
 import pydantic
 
 from ..api.common import GROUP, VERSION
 from ..config import OperatorConfig
-from ..kube import ApiError, Kube
-from ..metrics import CONDITIONS, RECONCILE_SECONDS, RECONCILES
-from ..resources import conditions as cond
+from ..kube.aio import AsyncKube
+from ..kube.cache import Cache
 
-REGISTRY = kopf.OperatorRegistry()
-#: Timer intervals are fixed at import (kopf registers them then).
-RESYNC_SECONDS = OperatorConfig().resync_seconds
 API_VERSION = f"{GROUP}/{VERSION}"
+
+#: What an object depends on: ("apiVersion", "kind", namespace, name), or a named group of
+#: objects such as (API_VERSION, "AdapterFamily", namespace, family).
+Dependency = tuple[str, str, str, str]
 
 
 @dataclass
 class Context:
-    """What a reconcile needs besides the object: the API client and operator settings."""
+    """What a reconcile needs besides the object: clients per cluster, the cache, settings, a clock."""
 
-    kube: Kube
+    clusters: dict[str, AsyncKube]
+    cache: Cache
     config: OperatorConfig
+    clock: Callable[[], float]
+
+    @property
+    def kube(self) -> AsyncKube:
+        """The client of the cluster the operator runs in."""
+        return self.clusters["local"]
+
+    def now(self) -> str:
+        return _dt.datetime.fromtimestamp(self.clock(), _dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def context(memo: Any) -> Context:
-    return memo.perennial
+@dataclass(frozen=True)
+class Note:
+    """Something that happened in a reconcile and deserves an Event."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    notes: list[Note] = field(default_factory=list)
+    #: Reconcile again after this many seconds (time is the trigger), even if nothing changes.
+    requeue_after: float | None = None
+    #: Run once the status is written (metrics of transitions: counted once, not per attempt).
+    after_write: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Controller:
+    kind: str
+    plural: str
+    status_model: type[pydantic.BaseModel]
+    reconcile: Callable[[dict[str, Any], Context], Awaitable[Outcome]]
+    #: The objects a change of which must wake this one (beyond its own children, found by ownerReferences).
+    dependencies: Callable[[dict[str, Any]], Iterable[Dependency]] = lambda obj: ()
 
 
 def generation(body: Any) -> int | None:
-    return body.get("metadata", {}).get("generation")
+    return (body.get("metadata") or {}).get("generation")
 
 
 def first_error(exc: pydantic.ValidationError) -> str:
@@ -48,85 +88,18 @@ def first_error(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def write_status(ctx: Context, body: Any, status: dict[str, Any], logger: logging.Logger) -> bool:
-    """Patch the status subresource if `status` changes anything; post Events for condition transitions."""
-    meta = body["metadata"]
-    current = dict(body.get("status") or {})
-    kind = body["kind"]
-    CONDITIONS.observe(kind, meta["namespace"], meta["name"], status.get("conditions") or current.get("conditions") or [])
-    if not cond.status_differs(current, status):
-        return False
-    posted: set[tuple[str, str]] = set()
-    for c in cond.transitions(current.get("conditions"), status.get("conditions")):
-        if (c["reason"], c.get("message", "")) in posted:
-            continue  # two conditions moved for one reason (e.g. Waiting and Succeeded): one Event
-        posted.add((c["reason"], c.get("message", "")))
-        healthy = c["status"] == "True" or c["type"] not in ("Ready", "Succeeded", "Validated", "ArtifactAvailable")
-        if c["status"] == "Unknown":
-            healthy = True
-        kopf.event(body, type="Normal" if healthy else "Warning", reason=c["reason"] or c["type"], message=c.get("message") or f"{c['type']} is {c['status']}")
-    try:
-        await ctx.kube.apatch_status(API_VERSION, kind, meta["namespace"], meta["name"], status)
-    except ApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    logger.info("Updated status, kind=%s, name=%s, namespace=%s", kind, meta["name"], meta["namespace"])
-    return True
+def condition_notes(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[Note]:
+    """One note per condition whose status or reason moved (the transitions a status write records)."""
+    from ..resources import conditions as cond
+
+    notes = []
+    for c in cond.transitions(old, new):
+        unhealthy = c["status"] == "False" and c["type"] in HEALTH_CONDITIONS
+        notes.append(Note(c.get("reason") or c["type"], c.get("message") or f"{c['type']} is {c['status']}", unhealthy))
+    return notes
 
 
-def reconciler(kind: str) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
-    """Wrap a reconcile with metrics and error mapping: API failures requeue, nothing escapes as a retry storm."""
+#: Condition types whose False means something is wrong (a Warning Event), per kind convention.
+HEALTH_CONDITIONS = frozenset({"Ready", "Succeeded", "Validated", "ArtifactAvailable", "LineageConsistent", "LearningSignal"})
 
-    def wrap(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        @functools.wraps(fn)
-        async def run(*args: Any, **kwargs: Any) -> None:
-            started = time.perf_counter()
-            result = "success"
-            try:
-                await fn(*args, **kwargs)
-            except ApiError as exc:
-                result = "error"
-                if exc.status in (409, 429) or exc.status >= 500 or exc.status == 0:
-                    raise kopf.TemporaryError(f"API call failed, will retry: {exc}", delay=5) from None
-                raise kopf.TemporaryError(f"API call rejected: {exc}", delay=30) from None
-            except kopf.TemporaryError:
-                result = "requeue"
-                raise
-            except Exception:
-                result = "error"
-                raise
-            finally:
-                RECONCILES.labels(kind, result).inc()
-                RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
-
-        return run
-
-    return wrap
-
-
-def forget(kind: str, body: Any) -> None:
-    CONDITIONS.forget(kind, body["metadata"]["namespace"], body["metadata"]["name"])
-
-
-def register(kind: str, plural: str, reconcile: Callable[[Any, Context, logging.Logger], Awaitable[None]], *, interval: float, on_update: bool = True) -> None:
-    """Run `reconcile` on create, resume, spec update (unless the spec is immutable) and every `interval` seconds."""
-    name = kind.lower()
-
-    @reconciler(kind)
-    async def changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-        await reconcile(body, context(memo), logger)
-
-    @reconciler(kind)
-    async def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-        await reconcile(body, context(memo), logger)
-
-    async def deleted(body: kopf.Body, **_: Any) -> None:
-        # Children go by ownerReferences; only the metrics forget the object.
-        forget(kind, body)
-
-    events = [kopf.on.resume, kopf.on.create] + ([kopf.on.update] if on_update else [])
-    for on in events:
-        on(GROUP, VERSION, plural, registry=REGISTRY, id=f"{name}_changed")(changed)
-    kopf.timer(GROUP, VERSION, plural, interval=interval, initial_delay=interval, registry=REGISTRY, id=f"{name}_resync")(resync)
-    kopf.on.delete(GROUP, VERSION, plural, registry=REGISTRY, optional=True, id=f"{name}_deleted")(deleted)
+EventType = Literal["Normal", "Warning"]

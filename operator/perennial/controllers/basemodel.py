@@ -1,97 +1,121 @@
-"""BaseModel controller: validate the source, optionally cache the weights, report `Ready`."""
+"""BaseModel controller: validate the source, optionally cache the weights, report `Ready`.
+
+observe (cache: credentials Secret, source claim, cache PVC, download Job) →
+decide (pure: status + children) → act (apply the children).
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-import kopf
 import pydantic
 
-from ..api.basemodel import BaseModelSpec
+from ..api.basemodel import BaseModelSpec, BaseModelStatus
 from ..resources import basemodel as build
 from ..resources import conditions as cond
-from .base import (
-    RESYNC_SECONDS,
-    Context,
-    first_error,
-    generation,
-    register,
-    write_status,
-)
+from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
+from .children import apply_all
 
 KIND = "BaseModel"
-PLURAL = "basemodels"
 
 
-async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
-    meta = body["metadata"]
-    status = dict(body.get("status") or {})
-    gen = generation(body)
-    conditions = status.get("conditions")
+@dataclass
+class World:
+    """What a BaseModel's reconcile reads, all from the cache."""
 
-    def ready(state: str | bool, reason: str, message: str) -> None:
-        status["conditions"] = cond.set_condition(conditions, "Ready", state, reason, message, gen)
+    secret: dict[str, Any] | None = None
+    source_claim: dict[str, Any] | None = None
+    job: dict[str, Any] | None = None
 
-    status["observedGeneration"] = gen
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _spec(obj: dict[str, Any]) -> BaseModelSpec:
+    return BaseModelSpec.model_validate(obj.get("spec") or {})
+
+
+def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
+    """The BaseModel's status and children from what was observed (pure)."""
+    gen = generation(obj)
+    old = (obj.get("status") or {}).get("conditions")
+    status: dict[str, Any] = {"observedGeneration": gen}
+
+    def ready(state: str | bool, reason: str, message: str, children: list[dict[str, Any]] | None = None) -> Decision:
+        status["conditions"] = cond.set_condition(old, "Ready", state, reason, message, gen)
+        return Decision(status, children or [])
+
     try:
-        spec = BaseModelSpec.model_validate(body.get("spec") or {})
+        spec = _spec(obj)
     except pydantic.ValidationError as exc:
-        ready(False, "InvalidSpec", first_error(exc))
-        await write_status(ctx, body, status, logger)
-        return
-
-    ns = meta["namespace"]
+        return ready(False, "InvalidSpec", first_error(exc))
+    ns = obj["metadata"]["namespace"]
     scheme = urlparse(spec.source.uri).scheme
     ref = spec.source.credentials_secret_ref
     if ref is not None:
-        secret = await ctx.kube.aget("v1", "Secret", ns, ref.name)
-        if secret is None:
-            ready(False, "SecretNotFound", f"credentials Secret {ref.name!r} does not exist in namespace {ns!r}")
-            await write_status(ctx, body, status, logger)
-            return
-        missing = build.missing_credential_keys(scheme, secret)
+        if world.secret is None:
+            return ready(False, "SecretNotFound", f"credentials Secret {ref.name!r} does not exist in namespace {ns!r}")
+        missing = build.missing_credential_keys(scheme, world.secret)
         if missing:
-            ready(False, "SecretKeyMissing", f"credentials Secret {ref.name!r} must have key(s) {', '.join(missing)} for {scheme}:// sources")
-            await write_status(ctx, body, status, logger)
-            return
-    if scheme == "pvc":
-        claim = urlparse(spec.source.uri).netloc
-        if await ctx.kube.aget("v1", "PersistentVolumeClaim", ns, claim) is None:
-            ready(False, "ClaimNotFound", f"PersistentVolumeClaim {claim!r} of `spec.source.uri` does not exist")
-            await write_status(ctx, body, status, logger)
-            return
-
+            return ready(False, "SecretKeyMissing", f"credentials Secret {ref.name!r} must have key(s) {', '.join(missing)} for {scheme}:// sources")
+    if scheme == "pvc" and world.source_claim is None:
+        return ready(False, "ClaimNotFound", f"PersistentVolumeClaim {urlparse(spec.source.uri).netloc!r} of `spec.source.uri` does not exist")
     if not spec.cache.enabled:
         status["resolvedUri"] = spec.source.uri
-        status.pop("cacheClaimName", None)
-        status.pop("downloadJobName", None)
-        ready(True, "SourceAvailable", f"weights are read from {spec.source.uri}")
-        await write_status(ctx, body, status, logger)
-        return
+        return ready(True, "SourceAvailable", f"weights are read from {spec.source.uri}")
 
-    pvc = build.cache_pvc(body, spec)
-    _, pvc_action = await ctx.kube.aapply(pvc)
-    job = build.download_job(body, spec, ctx.config.trainer_image)
-    job_obj, job_action = await ctx.kube.aapply(job)
-    for action, obj in ((pvc_action, pvc), (job_action, job)):
-        if action == "created":
-            logger.info("Created %s, name=%s, namespace=%s", obj["kind"], obj["metadata"]["name"], ns)
-            kopf.event(body, type="Normal", reason="Created", message=f"Created {obj['kind']} {obj['metadata']['name']}")
+    pvc = build.cache_pvc(obj, spec)
+    job = build.download_job(obj, spec, image)
     status["cacheClaimName"] = pvc["metadata"]["name"]
     status["downloadJobName"] = job["metadata"]["name"]
-    job_conditions = (job_obj.get("status") or {}).get("conditions") or []
+    job_conditions = ((world.job or {}).get("status") or {}).get("conditions") or []
     if cond.is_true(job_conditions, "Complete"):
         status["resolvedUri"] = f"pvc://{pvc['metadata']['name']}/model"
-        ready(True, "Cached", f"weights cached in PersistentVolumeClaim {pvc['metadata']['name']}")
-    elif cond.is_true(job_conditions, "Failed"):
+        return ready(True, "Cached", f"weights cached in PersistentVolumeClaim {pvc['metadata']['name']}", [pvc, job])
+    if cond.is_true(job_conditions, "Failed"):
         failed = cond.get(job_conditions, "Failed") or {}
-        ready(False, "DownloadFailed", f"download Job {job['metadata']['name']} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip())
-    else:
-        status.pop("resolvedUri", None)
-        ready(False, "Downloading", f"download Job {job['metadata']['name']} is fetching {spec.source.uri}")
-    await write_status(ctx, body, status, logger)
+        return ready(False, "DownloadFailed", f"download Job {job['metadata']['name']} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip(), [pvc, job])
+    return ready(False, "Downloading", f"download Job {job['metadata']['name']} is fetching {spec.source.uri}", [pvc, job])
 
 
-register(KIND, PLURAL, reconcile, interval=RESYNC_SECONDS)
+def observe(obj: dict[str, Any], ctx: Context) -> World:
+    ns = obj["metadata"]["namespace"]
+    world = World()
+    try:
+        spec = _spec(obj)
+    except pydantic.ValidationError:
+        return world
+    if spec.source.credentials_secret_ref is not None:
+        world.secret = ctx.cache.get("v1", "Secret", ns, spec.source.credentials_secret_ref.name)
+    if urlparse(spec.source.uri).scheme == "pvc":
+        world.source_claim = ctx.cache.get("v1", "PersistentVolumeClaim", ns, urlparse(spec.source.uri).netloc)
+    if spec.cache.enabled:
+        world.job = ctx.cache.get("batch/v1", "Job", ns, build.download_job_name(obj["metadata"]["name"], spec))
+    return world
+
+
+async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image)
+    notes: list[Note] = await apply_all(ctx, decision.children)
+    return Outcome(decision.status, notes)
+
+
+def dependencies(obj: dict[str, Any]) -> list[Dependency]:
+    ns = obj["metadata"]["namespace"]
+    source = (obj.get("spec") or {}).get("source") or {}
+    deps: list[Dependency] = []
+    if name := (source.get("credentialsSecretRef") or {}).get("name"):
+        deps.append(("v1", "Secret", ns, name))
+    uri = str(source.get("uri") or "")
+    if uri.startswith("pvc://"):
+        deps.append(("v1", "PersistentVolumeClaim", ns, urlparse(uri).netloc))
+    return deps
+
+
+CONTROLLER = Controller(KIND, "basemodels", BaseModelStatus, reconcile, dependencies)
+__all__ = ["API_VERSION", "CONTROLLER", "decide", "observe"]

@@ -1,30 +1,27 @@
-"""RewardSpec controller: static validation of the rubric (the test Job comes with the TrainingRun controller)."""
+"""RewardSpec controller: static validation of the rubric, then its `tests` in a sandboxed Job.
+
+observe (cache: the validation Job of this spec content and its pods) → decide
+(pure: `Ready` from static checks, `Validated` from the Job) → act (apply the
+Job and its ConfigMap).
+"""
 
 from __future__ import annotations
 
 import ast
-import logging
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 import pydantic
 
-from ..api.rewardspec import Grader, RewardSpecSpec
+from ..api.rewardspec import Grader, RewardSpecSpec, RewardSpecStatus
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
-from .base import (
-    RESYNC_SECONDS,
-    Context,
-    first_error,
-    generation,
-    register,
-    write_status,
-)
+from .base import Context, Controller, Outcome, first_error, generation
+from .children import apply_all
 from .trainingrun import parse_termination
 
 KIND = "RewardSpec"
-PLURAL = "rewardspecs"
 
 
 def _python_problems(name: str, source: str) -> list[str]:
@@ -86,50 +83,48 @@ def spec_problems(spec: RewardSpecSpec) -> list[str]:
     return problems
 
 
-async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
-    status = dict(body.get("status") or {})
-    gen = generation(body)
-    status["observedGeneration"] = gen
+@dataclass
+class World:
+    """The validation Job of the current spec content and its pods, from the cache."""
+
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
+    """Status and children of a RewardSpec (pure)."""
+    gen = generation(obj)
+    conds = (obj.get("status") or {}).get("conditions")
+    status: dict[str, Any] = {"observedGeneration": gen}
     try:
-        spec = RewardSpecSpec.model_validate(body.get("spec") or {})
+        spec = RewardSpecSpec.model_validate(obj.get("spec") or {})
     except pydantic.ValidationError as exc:
-        status["conditions"] = cond.set_condition(status.get("conditions"), "Ready", False, "InvalidSpec", first_error(exc), gen)
-        await write_status(ctx, body, status, logger)
-        return
-    problems = spec_problems(spec)
+        status["conditions"] = cond.set_condition(conds, "Ready", False, "InvalidSpec", first_error(exc), gen)
+        return Decision(status)
     status["graders"] = [{"name": g.name, "value": g.weight} for g in spec.graders]
-    conds = status.get("conditions")
+    problems = spec_problems(spec)
     if problems:
         conds = cond.set_condition(conds, "Ready", False, "InvalidGrader", "; ".join(problems), gen)
-        conds = cond.set_condition(conds, "Validated", False, "InvalidGrader", "tests do not run while the graders are invalid", gen)
-    else:
-        conds = cond.set_condition(conds, "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen)
-        conds = await validate_tests(body, spec, ctx, status, conds, gen, logger)
-    status["conditions"] = conds
-    await write_status(ctx, body, status, logger)
-
-
-async def validate_tests(body: Any, spec: RewardSpecSpec, ctx: Context, status: dict[str, Any], conds: Any, gen: int | None, logger: logging.Logger) -> Any:
-    """Run the spec's tests in a sandboxed Job (once per spec content) and report `Validated`."""
+        status["conditions"] = cond.set_condition(conds, "Validated", False, "InvalidGrader", "tests do not run while the graders are invalid", gen)
+        return Decision(status)
+    conds = cond.set_condition(conds, "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen)
     if not spec.tests:
-        status.pop("testResults", None)
-        status.pop("validatedGeneration", None)
-        return cond.set_condition(conds, "Validated", True, "NoTests", "the RewardSpec has no `tests`; add some to check the rubric", gen)
-    ns = body["metadata"]["namespace"]
-    cm = build.validation_config(body, spec)
-    job = build.validation_job(body, spec, ctx.config.trainer_image)
-    await ctx.kube.aapply(cm)
-    job_obj, action = await ctx.kube.aapply(job)
-    job_name = job["metadata"]["name"]
-    if action == "created":
-        logger.info("Created Job, name=%s, namespace=%s", job_name, ns)
-        kopf.event(body, type="Normal", reason="ValidationStarted", message=f"Created validation Job {job_name} for {len(spec.tests)} test(s)")
-    job_conds = (job_obj.get("status") or {}).get("conditions") or []
+        status["conditions"] = cond.set_condition(conds, "Validated", True, "NoTests", "the RewardSpec has no `tests`; add some to check the rubric", gen)
+        return Decision(status)
+    children = [build.validation_config(obj, spec), build.validation_job(obj, spec, image)]
+    job_name = children[1]["metadata"]["name"]
+    job_conds = ((world.job or {}).get("status") or {}).get("conditions") or []
     if not (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")):
-        return cond.set_condition(conds, "Validated", "Unknown", "ValidationRunning", f"validation Job {job_name} is running the tests", gen)
-    pods = await ctx.kube.alist("v1", "Pod", ns, f"job-name={job_name}")
+        status["conditions"] = cond.set_condition(conds, "Validated", "Unknown", "ValidationRunning", f"validation Job {job_name} is running the tests", gen)
+        return Decision(status, children)
     message = None
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+    for pod in sorted(world.pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or message
     result = parse_termination(message) or {}
@@ -138,14 +133,37 @@ async def validate_tests(body: Any, spec: RewardSpecSpec, ctx: Context, status: 
     if isinstance(results, list):
         status["testResults"] = [
             {"name": str(r.get("name", ""))[:63], "passed": bool(r.get("passed")), "score": str(r.get("score", ""))[:64], "message": str(r.get("message", ""))[:1024]}
-            for r in results[:64]
+            for r in results[:64] if isinstance(r, dict)
         ]
         failed = [r["name"] for r in status["testResults"] if not r["passed"]]
         if not failed and cond.is_true(job_conds, "Complete"):
-            return cond.set_condition(conds, "Validated", True, "TestsPassed", f"{len(results)}/{len(results)} tests passed", gen)
-        return cond.set_condition(conds, "Validated", False, "TestsFailed", str(result.get("message") or f"failed: {', '.join(failed)}")[:1024], gen)
+            status["conditions"] = cond.set_condition(conds, "Validated", True, "TestsPassed", f"{len(results)}/{len(results)} tests passed", gen)
+        else:
+            status["conditions"] = cond.set_condition(conds, "Validated", False, "TestsFailed", str(result.get("message") or f"failed: {', '.join(failed)}")[:1024], gen)
+        return Decision(status, children)
     failed_cond = cond.get(job_conds, "Failed") or {}
-    return cond.set_condition(conds, "Validated", False, "ValidationJobFailed", f"validation Job {job_name} failed without results: {failed_cond.get('reason', '')} {message or ''}".strip()[:1024], gen)
+    message = f"validation Job {job_name} failed without results: {failed_cond.get('reason', '')} {message or ''}".strip()[:1024]
+    status["conditions"] = cond.set_condition(conds, "Validated", False, "ValidationJobFailed", message, gen)
+    return Decision(status, children)
 
 
-register(KIND, PLURAL, reconcile, interval=RESYNC_SECONDS)
+def observe(obj: dict[str, Any], ctx: Context) -> World:
+    try:
+        spec = RewardSpecSpec.model_validate(obj.get("spec") or {})
+    except pydantic.ValidationError:
+        return World()
+    if not spec.tests:
+        return World()
+    _, job_name = build.validation_names(obj["metadata"]["name"], spec)
+    job = ctx.cache.get("batch/v1", "Job", obj["metadata"]["namespace"], job_name)
+    pods = ctx.cache.owned_by("v1", "Pod", job["metadata"]["uid"]) if job else []
+    return World(job, pods)
+
+
+async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image)
+    notes = await apply_all(ctx, decision.children, reasons={"Job": "ValidationStarted", "ConfigMap": None})
+    return Outcome(decision.status, notes)
+
+
+CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile)

@@ -1,36 +1,38 @@
 """TrainingRun controller: resolve references, run the trainer Job, report progress, create the Adapter.
 
-Status is rebuilt from the world on every pass (Job, Pod, pod log, Adapters);
-the only thing taken from the previous status is a terminal outcome, as a Job
-keeps its own once finished (the Job itself is deleted by its TTL later).
+observe (cache: references, the Job, its pods, the family's Adapters; the pod
+log only while the trainer runs) → decide (pure: `decide()`, table-tested) →
+act (apply the config and the Job, create the Adapter). Status is rebuilt from
+the world on every pass; what is taken from the previous status is a terminal
+outcome (it sticks, whatever happens to the Job later: its TTL deletes it) and
+what was resolved when the Job was made (the parent adapter).
+Wake-ups: the run's Job and pods (ownerReferences), the objects it references
+(BaseModel, RewardSpecs, parent Adapter / TrainingRun / family), and, while
+the trainer runs, every `progressSeconds` to read progress.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 import pydantic
 
-from ..api.common import now_rfc3339
 from ..api.rewardspec import RewardSpecSpec
-from ..api.trainingrun import TrainingRunSpec
-from ..config import OperatorConfig
+from ..api.trainingrun import TrainingRunSpec, TrainingRunStatus
 from ..kube import ApiError
 from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
 from ..resources import trainingrun as build
-from .base import API_VERSION, Context, first_error, generation, register, write_status
+from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
+from .children import apply_all
 
 KIND = "TrainingRun"
-PLURAL = "trainingruns"
 PROGRESS_PREFIX = "PERENNIAL_PROGRESS "
-PROGRESS_SECONDS = OperatorConfig().progress_seconds
 _CAMEL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _POD_WAITING_PROBLEMS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff"}
 
@@ -77,7 +79,7 @@ def _fmt(value: Any) -> str | None:
     return f"{value:.4g}"
 
 
-def progress_status(line: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+def progress_status(line: dict[str, Any], previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
     step = int(line.get("step") or 0)
     total = int(line.get("totalSteps") or 0)
     out: dict[str, Any] = {"step": step, "totalSteps": total, "percent": min(100, int(100 * step / total)) if total else 0}
@@ -87,7 +89,7 @@ def progress_status(line: dict[str, Any], previous: dict[str, Any] | None) -> di
         if (v := _fmt(line.get(src))) is not None:
             out[key] = v
     same = previous and previous.get("step") == step and previous.get("updatedAt")
-    out["updatedAt"] = previous["updatedAt"] if same else now_rfc3339()
+    out["updatedAt"] = previous["updatedAt"] if same else now
     return out
 
 
@@ -158,120 +160,135 @@ def phase_of(conditions: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- references
 
 
-async def _ready_ref(ctx: Context, ns: str, kind: str, name: str, what: str) -> dict[str, Any]:
-    obj = await ctx.kube.aget(API_VERSION, kind, ns, name)
+@dataclass
+class World(Observed):
+    """Everything a TrainingRun's reconcile reads. All from the cache except `log` (the pod's log tail)."""
+
+    log: str | None = None
+    base: dict[str, Any] | None = None
+    reward_specs: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    parent_adapter: dict[str, Any] | None = None
+    parent_run: dict[str, Any] | None = None
+    family: list[dict[str, Any]] = field(default_factory=list)  # adapters of the output family
+    parent_family: list[dict[str, Any]] = field(default_factory=list)  # adapters of `parentAdapterFamily`
+    deployments: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+
+def _ready_ref(obj: dict[str, Any] | None, kind: str, name: str, what: str) -> dict[str, Any]:
     if obj is None:
         raise Blocked(f"{kind}NotFound", f"{what} {kind} {name!r} does not exist yet; the run starts when it does")
-    if not cond.is_true((obj.get("status") or {}).get("conditions"), "Ready"):
-        ready = cond.get((obj.get("status") or {}).get("conditions"), "Ready") or {}
+    conds = (obj.get("status") or {}).get("conditions")
+    ready = cond.get(conds, "Ready") or {}
+    if ready.get("status") != "True" or ready.get("observedGeneration", generation(obj)) != generation(obj):
         raise Blocked(f"{kind}NotReady", f"{what} {kind} {name!r} is not Ready: {ready.get('reason', 'not reconciled yet')} {ready.get('message', '')}".strip())
     return obj
 
 
-async def resolve(ctx: Context, body: dict[str, Any], spec: TrainingRunSpec) -> tuple[dict[str, Any], list[str]]:
-    """The run config and the credential Secrets the trainer needs, or Blocked / Impossible."""
-    ns = body["metadata"]["namespace"]
-    base = await _ready_ref(ctx, ns, "BaseModel", spec.base_model_ref.name, "base model")
-    reward_spec = eval_spec = None
+def _validated_rubric(obj: dict[str, Any] | None, name: str, what: str) -> RewardSpecSpec:
+    """A RewardSpec is usable when it is Ready and its tests passed (`Validated`); failed tests fail the run."""
+    rs = _ready_ref(obj, "RewardSpec", name, what)
+    validated = cond.get((rs.get("status") or {}).get("conditions"), "Validated") or {}
+    current = validated.get("observedGeneration", generation(rs)) == generation(rs)
+    if validated.get("status") == "False" and validated.get("reason") == "TestsFailed" and current:
+        raise Impossible("RewardSpecTestsFailed", f"{what} RewardSpec {name!r} failed its own tests: {validated.get('message', '')}".strip())
+    if validated.get("status") != "True" or not current:
+        raise Blocked("RewardSpecNotValidated", f"{what} RewardSpec {name!r} is not validated yet: {validated.get('reason', 'tests not run')} {validated.get('message', '')}".strip())
+    return RewardSpecSpec.model_validate(rs["spec"])
+
+
+def _adapter_version(a: dict[str, Any]) -> int:
+    v = (a.get("spec") or {}).get("version")
+    return v if isinstance(v, int) else 0
+
+
+def resolve_parent(spec: TrainingRunSpec, world: World) -> dict[str, Any] | None:
+    """The parent Adapter named by `parentAdapterRef`, `parentTrainingRunRef` or `parentAdapterFamily`, or Blocked/Impossible."""
+    run_ref = getattr(spec, "parent_training_run_ref", None)
+    family = getattr(spec, "parent_adapter_family", None)
+    if spec.parent_adapter_ref is not None:
+        name = spec.parent_adapter_ref.name
+        parent = world.parent_adapter
+        if parent is None:
+            raise Blocked("AdapterNotFound", f"parent Adapter {name!r} does not exist yet")
+    elif run_ref is not None:
+        run = world.parent_run
+        if run is None:
+            raise Blocked("ParentRunNotFound", f"parent TrainingRun {run_ref.name!r} does not exist yet; the run starts when it has made its Adapter")
+        succeeded = cond.get((run.get("status") or {}).get("conditions"), "Succeeded") or {}
+        if succeeded.get("status") == "False":
+            raise Impossible("ParentRunFailed", f"parent TrainingRun {run_ref.name!r} failed: {succeeded.get('reason', '')} {succeeded.get('message', '')}".strip())
+        name = ((run.get("status") or {}).get("adapterRef") or {}).get("name")
+        if succeeded.get("status") != "True" or not name:
+            raise Blocked("ParentRunNotFinished", f"parent TrainingRun {run_ref.name!r} has not produced its Adapter yet")
+        parent = world.parent_adapter
+        if parent is None:
+            raise Blocked("AdapterNotFound", f"Adapter {name!r} of parent TrainingRun {run_ref.name!r} does not exist")
+    elif family:
+        ready = [a for a in world.parent_family if cond.is_true((a.get("status") or {}).get("conditions"), "Ready")]
+        if not ready:
+            raise Blocked("NoReadyAdapterInFamily", f"no Ready Adapter of family {family!r} yet")
+        parent = max(ready, key=_adapter_version)
+        name = parent["metadata"]["name"]
+    else:
+        return None
+    parent_base = (parent.get("spec") or {}).get("baseModelRef", {}).get("name")
+    if parent_base != spec.base_model_ref.name:
+        raise Impossible("ParentAdapterMismatch", f"parent Adapter {name!r} is of BaseModel {parent_base!r}, not {spec.base_model_ref.name!r}")
+    return _ready_ref(parent, "Adapter", name, "parent")
+
+
+@dataclass
+class Resolved:
+    config: dict[str, Any]
+    credentials: list[str]
+    judge_keys: list[tuple[str, str]]
+    parent: str | None
+
+
+def resolve(obj: dict[str, Any], spec: TrainingRunSpec, world: World, *, artifact_uri: str, feedback_store_uri: str) -> Resolved:
+    """The run config and the Secrets the trainer needs, from what was observed (pure), or Blocked / Impossible."""
+    ns = obj["metadata"]["namespace"]
     if spec.method == "GRPO" and spec.reward_spec_ref is None:
         raise Impossible("RewardSpecRequired", "`rewardSpecRef` is required when `method` is 'GRPO'")
+    base = _ready_ref(world.base, "BaseModel", spec.base_model_ref.name, "base model")
+    reward_spec = eval_spec = None
     if spec.reward_spec_ref:
-        rs = await _ready_ref(ctx, ns, "RewardSpec", spec.reward_spec_ref.name, "reward spec")
-        reward_spec = RewardSpecSpec.model_validate(rs["spec"])
+        reward_spec = _validated_rubric(world.reward_specs.get(spec.reward_spec_ref.name), spec.reward_spec_ref.name, "reward spec")
     if spec.evaluation.reward_spec_ref:
-        rs = await _ready_ref(ctx, ns, "RewardSpec", spec.evaluation.reward_spec_ref.name, "evaluation reward spec")
-        eval_spec = RewardSpecSpec.model_validate(rs["spec"])
-    parent_uri = None
-    if spec.parent_adapter_ref:
-        parent = await ctx.kube.aget(API_VERSION, "Adapter", ns, spec.parent_adapter_ref.name)
-        if parent is None:
-            raise Blocked("AdapterNotFound", f"parent Adapter {spec.parent_adapter_ref.name!r} does not exist yet")
-        parent_base = parent["spec"]["baseModelRef"]["name"]
-        if parent_base != spec.base_model_ref.name:
-            raise Impossible(
-                "ParentAdapterMismatch",
-                f"parent Adapter {spec.parent_adapter_ref.name!r} is of BaseModel {parent_base!r}, not {spec.base_model_ref.name!r}",
-            )
-        parent_uri = parent["spec"]["artifactUri"]
+        eval_spec = _validated_rubric(world.reward_specs.get(spec.evaluation.reward_spec_ref.name), spec.evaluation.reward_spec_ref.name, "evaluation reward spec")
+    parent = resolve_parent(spec, world)
     feedback_store = None
     for d in spec.datasets:
         if d.feedback and not d.feedback.store_uri:
-            dep = await ctx.kube.aget(API_VERSION, "Deployment", ns, d.feedback.deployment_ref.name)
-            feedback_store = ((dep or {}).get("spec") or {}).get("feedback", {}).get("storeUri") or ctx.config.feedback_store_uri
+            dep = world.deployments.get(d.feedback.deployment_ref.name)
+            feedback_store = ((dep or {}).get("spec") or {}).get("feedback", {}).get("storeUri") or feedback_store_uri
     config = build.run_config(
-        body,
+        obj,
         spec,
         base_model_uri=(base.get("status") or {}).get("resolvedUri") or base["spec"]["source"]["uri"],
-        output=build.output_uri(spec, ctx.config.artifact_uri, ns, body["metadata"]["name"]),
-        parent_adapter_uri=parent_uri,
+        output=build.output_uri(spec, artifact_uri, ns, obj["metadata"]["name"]),
+        parent_adapter_uri=parent["spec"]["artifactUri"] if parent else None,
         reward_spec=reward_spec,
         eval_reward_spec=eval_spec,
         feedback_store_uri=feedback_store,
     )
     credentials = [base["spec"]["source"].get("credentialsSecretRef", {}).get("name")]
     credentials.append(spec.output.credentials_secret_ref.name if spec.output.credentials_secret_ref else None)
-    return config, [c for c in credentials if c]
+    return Resolved(config, [c for c in credentials if c], build.judge_secrets(reward_spec, eval_spec), parent["metadata"]["name"] if parent else None)
 
 
-# ----------------------------------------------------------------------------- the Adapter
+# ----------------------------------------------------------------------------- decide
 
 
-async def ensure_adapter(ctx: Context, body: dict[str, Any], spec: TrainingRunSpec, result: dict[str, Any], logger: logging.Logger, known: str | None = None) -> str:
-    """Create (once) the Adapter of a successful run; returns its name. `known`: the name status already links."""
-    meta = body["metadata"]
-    ns = meta["namespace"]
-    if known:  # the common case on every later pass: one GET, no list of the family
-        linked = await ctx.kube.aget(API_VERSION, "Adapter", ns, known)
-        if linked is not None and (linked["spec"].get("lineage") or {}).get("trainingRunUid") == meta["uid"]:
-            await _adapter_metrics(ctx, linked, result)
-            return known
-    family = spec.output.adapter_family
-    existing = await ctx.kube.alist(API_VERSION, "Adapter", ns, f"perennial.ai/adapter-family={family}")
-    for a in existing:
-        if (a["spec"].get("lineage") or {}).get("trainingRunUid") == meta["uid"]:
-            await _adapter_metrics(ctx, a, result)
-            return a["metadata"]["name"]
-    version = max([a["spec"].get("version", 0) for a in existing] + [0]) + 1
-    artifact = str(result.get("artifactUri") or build.output_uri(spec, ctx.config.artifact_uri, ns, meta["name"]))
-    for _ in range(10):
-        manifest = build.adapter(body, spec, version=version, artifact_uri=artifact, lineage=result.get("lineage"))
-        try:
-            created = await ctx.kube.acreate(manifest)
-        except ApiError as exc:
-            if exc.status == 409:  # another run took this version: take the next one
-                version += 1
-                continue
-            raise
-        logger.info("Created Adapter, name=%s, namespace=%s", manifest["metadata"]["name"], ns)
-        kopf.event(body, type="Normal", reason="AdapterCreated", message=f"Created Adapter {manifest['metadata']['name']}")
-        await _adapter_metrics(ctx, created, result)
-        return manifest["metadata"]["name"]
-    raise kopf.TemporaryError("could not claim an adapter version", delay=5)
-
-
-async def _adapter_metrics(ctx: Context, adapter: dict[str, Any], result: dict[str, Any]) -> None:
-    metrics = result.get("metrics") or {}
-    status: dict[str, Any] = {"metrics": metrics_list(metrics)}
-    if (v := _fmt(metrics.get("eval/mean_reward"))) is not None:
-        status["meanReward"] = v
-    if (v := _fmt(metrics.get("eval/improvement"))) is not None:
-        status["improvement"] = v
-    current = adapter.get("status") or {}
-    if any(current.get(k) != v for k, v in status.items()):
-        await ctx.kube.apatch_status(API_VERSION, "Adapter", adapter["metadata"]["namespace"], adapter["metadata"]["name"], status)
-
-
-# ----------------------------------------------------------------------------- reconcile
-
-
-async def observe(ctx: Context, ns: str, job_name: str) -> Observed:
-    job = await ctx.kube.aget("batch/v1", "Job", ns, job_name)
-    pod = None
-    if job is not None:
-        pods = await ctx.kube.alist("v1", "Pod", ns, f"job-name={job_name}")
-        if pods:
-            pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
-    return Observed(job, pod)
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    children: list[dict[str, Any]] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None  # an Adapter to create
+    notes: list[Note] = field(default_factory=list)
+    requeue_after: float | None = None
+    #: metrics of transitions, recorded only once the status that shows them is written
+    after_write: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -283,123 +300,258 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     return max(0.0, (b - a).total_seconds())
 
 
-async def reconcile(body: Any, ctx: Context, logger: logging.Logger) -> None:
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    old = dict(body.get("status") or {})
-    gen = generation(body)
-    status: dict[str, Any] = {"observedGeneration": gen}
-    conds = old.get("conditions")
+def learning_signal(spec: TrainingRunSpec, frac: str | None, conds: Any, gen: int | None, *, final: bool) -> Any:
+    """GRPO only: `LearningSignal` False when every group of completions got the same reward (frac_reward_zero_std = 1)."""
+    if spec.method != "GRPO" or frac is None:
+        return conds
+    try:
+        value = float(frac)
+    except ValueError:
+        return conds
+    when = "over the run" if final else "at the last step"
+    if value >= 1.0:
+        return cond.set_condition(conds, "LearningSignal", False, "NoRewardVariance",
+                                  f"every group of completions got the same reward {when} (frac_reward_zero_std = {frac}): GRPO had no signal "
+                                  "to learn from; check the graders (RewardSpec tests), raise `temperature` or `numGenerations`, or warm up with SFT first", gen)
+    return cond.set_condition(conds, "LearningSignal", True, "RewardVaries", f"rewards vary within groups {when} (frac_reward_zero_std = {frac})", gen)
 
-    def done() -> Any:
+
+def _final_zero_std(metrics: list[dict[str, str]]) -> str | None:
+    by_name = {m["name"]: m["value"] for m in metrics}
+    return by_name.get("train/frac_reward_zero_std_mean") or by_name.get("train/frac_reward_zero_std")
+
+
+def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_uri: str, feedback_store_uri: str, progress_seconds: float) -> Decision:
+    """A TrainingRun's status and actions from what was observed (pure)."""
+    meta = obj["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    old = dict(obj.get("status") or {})
+    gen = generation(obj)
+    conds = old.get("conditions")
+    status: dict[str, Any] = {"observedGeneration": gen}
+
+    def done(**kw: Any) -> Decision:
         status["conditions"] = conds
         status["phase"] = phase_of(conds or [])
-        return write_status(ctx, body, status, logger)
+        return Decision(status, **kw)
 
     try:
-        spec = TrainingRunSpec.model_validate(body.get("spec") or {})
+        spec = TrainingRunSpec.model_validate(obj.get("spec") or {})
     except pydantic.ValidationError as exc:
         conds = cond.set_condition(conds, "Succeeded", False, "InvalidSpec", first_error(exc), gen)
-        await done()
-        return
+        return done()
 
     succeeded = cond.get(conds, "Succeeded") or {}
-    if succeeded.get("status") == "True":
-        # Terminal: only make sure the Adapter exists (an operator restart may have cut in).
-        for key in ("jobName", "startTime", "completionTime", "progress", "progressText", "artifactUri", "metrics", "adapterRef"):
-            if key in old:
-                status[key] = old[key]
-        result = {"metrics": {m["name"]: float(m["value"]) for m in old.get("metrics") or []}, "artifactUri": old.get("artifactUri")}
-        known = (old.get("adapterRef") or {}).get("name")
-        status["adapterRef"] = {"name": await ensure_adapter(ctx, body, spec, result, logger, known=known)}
-        await done()
-        return
-    if succeeded.get("status") == "False":
-        return  # failed runs stay failed; create a new TrainingRun to retry
+    if succeeded.get("status") in ("True", "False"):
+        # Terminal: the outcome sticks, whatever happens to the Job (its TTL deletes it).
+        keep = {k: v for k, v in old.items() if k not in ("observedGeneration", "conditions", "phase")}
+        status.update(keep)
+        return done()
 
     job_name = build.job_name(name)
     status["jobName"] = job_name
-    observed = await observe(ctx, ns, job_name)
-    if observed.job is None:
+    parent = old.get("parentAdapterRef")
+    children: list[dict[str, Any]] = []
+    notes: list[Note] = []
+    if world.job is None:
         try:
-            config, credentials = await resolve(ctx, body, spec)
+            resolved = resolve(obj, spec, world, artifact_uri=artifact_uri, feedback_store_uri=feedback_store_uri)
         except Blocked as blocked:
             conds = cond.set_condition(conds, "Waiting", True, blocked.reason, blocked.message, gen)
             conds = cond.set_condition(conds, "Succeeded", "Unknown", blocked.reason, blocked.message, gen)
-            await done()
-            return
+            return done()
         except Impossible as impossible:
             conds = cond.set_condition(conds, "Waiting", False, impossible.reason, impossible.message, gen)
             conds = cond.set_condition(conds, "Succeeded", False, impossible.reason, impossible.message, gen)
-            TRAINING_RUNS.labels("Failed").inc()
-            await done()
-            return
-        judge_keys = build.judge_secrets(
-            *(RewardSpecSpec.model_validate(config[k]) if k in config else None for k in ("rewardSpec", "evalRewardSpec"))
-        )
-        image = spec.run_policy.image or ctx.config.trainer_image
-        cm = build.config_map(body, config)
-        _, cm_action = await ctx.kube.aapply(cm)
-        job = build.job(body, spec, config, image=image, credential_secrets=credentials, judge_keys=judge_keys)
-        created, action = await ctx.kube.aapply(job)
-        if action == "created":
-            logger.info("Created Job, name=%s, namespace=%s", job_name, ns)
-            kopf.event(body, type="Normal", reason="JobCreated", message=f"Created training Job {job_name}")
-        observed = Observed(created, None)
-    status["artifactUri"] = build.output_uri(spec, ctx.config.artifact_uri, ns, name)
+            status["completionTime"] = now
+            return done(after_write=[lambda: TRAINING_RUNS.labels("Failed").inc()])
+        image = spec.run_policy.image or image
+        children = [
+            build.config_map(obj, resolved.config),
+            build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys),
+        ]
+        parent = {"name": resolved.parent} if resolved.parent else None
+    if parent:
+        status["parentAdapterRef"] = parent
+    status["artifactUri"] = build.output_uri(spec, artifact_uri, ns, name)
     conds = cond.set_condition(conds, "Waiting", False, "ReferencesResolved", "base model and references are ready", gen)
 
-    job_status = (observed.job or {}).get("status") or {}
+    job_status = (world.job or {}).get("status") or {}
     job_conds = job_status.get("conditions") or []
     if job_status.get("startTime"):
         status["startTime"] = job_status["startTime"]
-    container = observed.container()
+    container = world.container()
     status["attempts"] = int(job_status.get("failed") or 0) + (1 if job_status.get("active") or job_status.get("succeeded") else 0)
+    after_write: list[Callable[[], None]] = []
 
-    if observed.pod is not None and (observed.pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
-        conds = cond.set_condition(conds, "Started", True, "TrainerStarted", f"trainer pod {observed.pod['metadata']['name']} started", gen)
-        if cond.get(old.get("conditions"), "Started") is None or not cond.is_true(old.get("conditions"), "Started"):
-            if (q := _seconds_between(meta.get("creationTimestamp"), status.get("startTime") or now_rfc3339())) is not None:
-                QUEUE_SECONDS.observe(q)
-        try:
-            log_text = await ctx.kube.apod_log(ns, observed.pod["metadata"]["name"], tail_lines=200)
-        except ApiError:
-            log_text = ""
-        if line := parse_progress(log_text):
-            status["progress"] = progress_status(line, old.get("progress"))
-            status["progressText"] = f"{status['progress']['step']}/{status['progress']['totalSteps']}"
+    pod_phase = ((world.pod or {}).get("status") or {}).get("phase")
+    if world.pod is not None and pod_phase in ("Running", "Succeeded", "Failed"):
+        if not cond.is_true(conds, "Started") and (q := _seconds_between(meta.get("creationTimestamp"), status.get("startTime") or now)) is not None:
+            after_write.append(lambda: QUEUE_SECONDS.observe(q))
+        conds = cond.set_condition(conds, "Started", True, "TrainerStarted", f"trainer pod {world.pod['metadata']['name']} started", gen)
+    line = parse_progress(world.log) if world.log else None
+    if line:
+        status["progress"] = progress_status(line, old.get("progress"), now)
     elif "progress" in old:
-        status["progress"], status["progressText"] = old["progress"], old.get("progressText")
+        status["progress"] = old["progress"]
+    if "progress" in status:
+        status["progressText"] = f"{status['progress']['step']}/{status['progress']['totalSteps']}"
+        conds = learning_signal(spec, status["progress"].get("fracRewardZeroStd"), conds, gen, final=False)
 
     waiting = (container.get("state") or {}).get("waiting") or {}
+    requeue = None
     if cond.is_true(job_conds, "Complete"):
-        result = parse_termination(observed.terminated().get("message")) or {}
-        status["completionTime"] = job_status.get("completionTime") or now_rfc3339()
+        result = parse_termination(world.terminated().get("message")) or {}
+        status["completionTime"] = job_status.get("completionTime") or now
         status["metrics"] = metrics_list(result.get("metrics"))
         if result.get("artifactUri"):
             status["artifactUri"] = str(result["artifactUri"])
         if "progress" in status:
             status["progress"] = {**status["progress"], "percent": 100, "etaSeconds": 0}
-        adapter_name = await ensure_adapter(ctx, body, spec, result, logger)
+        conds = learning_signal(spec, _final_zero_std(status["metrics"]), conds, gen, final=True)
+        uid = meta.get("uid")
+        mine = [a for a in world.family if ((a.get("spec") or {}).get("lineage") or {}).get("trainingRunUid") == uid]
+        adapter = None
+        if mine:  # made before a restart cut in: never a second one
+            adapter_name = min(mine, key=_adapter_version)["metadata"]["name"]
+        else:
+            version = max([_adapter_version(a) for a in world.family] + [0]) + 1
+            lineage = dict(result.get("lineage") or {})
+            adapter = build.adapter(obj, spec, version=version, artifact_uri=status["artifactUri"], lineage=lineage)
+            if parent:
+                adapter["spec"]["lineage"]["parentAdapterRef"] = dict(parent)
+            adapter_name = adapter["metadata"]["name"]
         status["adapterRef"] = {"name": adapter_name}
         conds = cond.set_condition(conds, "Succeeded", True, "AdapterCreated", f"training finished; Adapter {adapter_name} created", gen)
-        TRAINING_RUNS.labels("Succeeded").inc()
-        if (d := _seconds_between(status.get("startTime"), status["completionTime"])) is not None:
-            TRAINING_SECONDS.observe(d)
-    elif cond.is_true(job_conds, "Failed"):
-        reason, message = failure(observed)
-        status["completionTime"] = now_rfc3339()
+        d = _seconds_between(status.get("startTime"), status["completionTime"])
+        after_write.append(lambda: TRAINING_RUNS.labels("Succeeded").inc())
+        if d is not None:
+            after_write.append(lambda: TRAINING_SECONDS.observe(d))
+        return done(children=children, adapter=adapter, notes=notes, after_write=after_write)
+    if cond.is_true(job_conds, "Failed"):
+        reason, message = failure(world)
+        status["completionTime"] = now
         conds = cond.set_condition(conds, "Succeeded", False, reason, message, gen)
-        TRAINING_RUNS.labels("Failed").inc()
-    elif waiting.get("reason") in _POD_WAITING_PROBLEMS:
+        after_write.append(lambda: TRAINING_RUNS.labels("Failed").inc())
+        return done(children=children, notes=notes, after_write=after_write)
+    if waiting.get("reason") in _POD_WAITING_PROBLEMS:
         conds = cond.set_condition(conds, "Succeeded", "Unknown", waiting["reason"], waiting.get("message") or waiting["reason"], gen)
     elif cond.is_true(conds, "Started"):
         restarts = int(container.get("restartCount") or 0)
         note = f" (resumed after {restarts} restart(s))" if restarts else ""
         conds = cond.set_condition(conds, "Succeeded", "Unknown", "Training", f"the trainer is running{note}", gen)
+        requeue = progress_seconds  # time is the trigger: the log says how far the trainer got
     else:
         conds = cond.set_condition(conds, "Succeeded", "Unknown", "JobPending", f"waiting for training Job {job_name} to start", gen)
-    await done()
+    return done(children=children, notes=notes, requeue_after=requeue, after_write=after_write)
 
 
-register(KIND, PLURAL, reconcile, interval=PROGRESS_SECONDS, on_update=False)
+# ----------------------------------------------------------------------------- observe / act
+
+
+def _spec_or_none(obj: dict[str, Any]) -> TrainingRunSpec | None:
+    try:
+        return TrainingRunSpec.model_validate(obj.get("spec") or {})
+    except pydantic.ValidationError:
+        return None
+
+
+def _terminal(obj: dict[str, Any]) -> bool:
+    return (cond.get((obj.get("status") or {}).get("conditions"), "Succeeded") or {}).get("status") in ("True", "False")
+
+
+async def observe(obj: dict[str, Any], ctx: Context) -> World:
+    world = World(job=None, pod=None)
+    spec = _spec_or_none(obj)
+    if spec is None or _terminal(obj):
+        return world
+    cache = ctx.cache
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    world.job = cache.get("batch/v1", "Job", ns, build.job_name(name))
+    if world.job is not None:
+        pods = cache.owned_by("v1", "Pod", world.job["metadata"]["uid"])
+        if pods:
+            world.pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+        if world.pod is not None and (world.pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
+            try:
+                world.log = await ctx.kube.pod_log(ns, world.pod["metadata"]["name"], tail_lines=200)
+            except ApiError as exc:
+                if exc.status not in (400, 404):
+                    raise
+        if cond.is_true(((world.job.get("status") or {}).get("conditions")), "Complete"):
+            world.family = cache.list(API_VERSION, "Adapter", ns, {"perennial.ai/adapter-family": spec.output.adapter_family})
+        return world
+    world.base = cache.get(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)
+    for ref in (spec.reward_spec_ref, spec.evaluation.reward_spec_ref):
+        if ref is not None:
+            world.reward_specs[ref.name] = cache.get(API_VERSION, "RewardSpec", ns, ref.name)
+    run_ref = getattr(spec, "parent_training_run_ref", None)
+    if spec.parent_adapter_ref is not None:
+        world.parent_adapter = cache.get(API_VERSION, "Adapter", ns, spec.parent_adapter_ref.name)
+    elif run_ref is not None:
+        world.parent_run = cache.get(API_VERSION, "TrainingRun", ns, run_ref.name)
+        adapter = (((world.parent_run or {}).get("status") or {}).get("adapterRef") or {}).get("name")
+        if adapter:
+            world.parent_adapter = cache.get(API_VERSION, "Adapter", ns, adapter)
+    elif family := getattr(spec, "parent_adapter_family", None):
+        world.parent_family = cache.list(API_VERSION, "Adapter", ns, {"perennial.ai/adapter-family": family})
+    for d in spec.datasets:
+        if d.feedback and not d.feedback.store_uri:
+            world.deployments[d.feedback.deployment_ref.name] = cache.get(API_VERSION, "Deployment", ns, d.feedback.deployment_ref.name)
+    return world
+
+
+async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
+    world = await observe(obj, ctx)
+    decision = decide(
+        obj, world, now=ctx.now(), image=ctx.config.trainer_image, artifact_uri=ctx.config.artifact_uri,
+        feedback_store_uri=ctx.config.feedback_store_uri, progress_seconds=ctx.config.progress_seconds,
+    )
+    notes = decision.notes + await apply_all(ctx, decision.children, reasons={"Job": "JobCreated", "ConfigMap": None})
+    if decision.adapter is not None:
+        # A 409 means another run claimed this version: the error requeues us, and the next pass
+        # sees that Adapter in the cache and takes the next version.
+        try:
+            created = await ctx.kube.create(decision.adapter)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            # Ours, if an earlier create succeeded and only its answer was lost; else someone else's.
+            created = await ctx.kube.get(API_VERSION, "Adapter", obj["metadata"]["namespace"], decision.adapter["metadata"]["name"])
+            if created is None or ((created.get("spec") or {}).get("lineage") or {}).get("trainingRunUid") != obj["metadata"]["uid"]:
+                if created is not None:
+                    ctx.cache.put(created)
+                raise
+        ctx.cache.put(created)
+    return Outcome(decision.status, notes, decision.requeue_after, decision.after_write)
+
+
+def dependencies(obj: dict[str, Any]) -> list[Dependency]:
+    """What a run waits for. A finished run depends on nothing: nothing can change its outcome."""
+    if _terminal(obj):
+        return []
+    spec = _spec_or_none(obj)
+    if spec is None:
+        return []
+    ns = obj["metadata"]["namespace"]
+    deps: list[Dependency] = [(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)]
+    for ref in (spec.reward_spec_ref, spec.evaluation.reward_spec_ref):
+        if ref is not None:
+            deps.append((API_VERSION, "RewardSpec", ns, ref.name))
+    if spec.parent_adapter_ref is not None:
+        deps.append((API_VERSION, "Adapter", ns, spec.parent_adapter_ref.name))
+    if (run_ref := getattr(spec, "parent_training_run_ref", None)) is not None:
+        deps.append((API_VERSION, "TrainingRun", ns, run_ref.name))
+        # its Adapter's name is known only once it succeeds: any Adapter of the namespace may be it
+        deps.append((API_VERSION, "Adapter", ns, "*"))
+    if family := getattr(spec, "parent_adapter_family", None):
+        deps.append((API_VERSION, "AdapterFamily", ns, family))
+    # Adapters of the output family: another run's Adapter may take the version this one wants.
+    deps.append((API_VERSION, "AdapterFamily", ns, spec.output.adapter_family))
+    for d in spec.datasets:
+        if d.feedback and not d.feedback.store_uri:
+            deps.append((API_VERSION, "Deployment", ns, d.feedback.deployment_ref.name))
+    return deps
+
+
+CONTROLLER = Controller(KIND, "trainingruns", TrainingRunStatus, reconcile, dependencies)

@@ -51,8 +51,10 @@ CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
 class ApiError(Exception):
     """An API server error with its HTTP status and Status body."""
 
-    def __init__(self, status: int, body: Any, method: str = "", path: str = ""):
+    def __init__(self, status: int, body: Any, method: str = "", path: str = "", retry_after: float | None = None):
         self.status = status
+        #: Seconds the server asked us to wait (`Retry-After` of a 429 or 503), if it said.
+        self.retry_after = retry_after
         self.body = body if isinstance(body, dict) else {"message": str(body)}
         self.reason = self.body.get("reason", "")
         super().__init__(f"{method} {path}: {status} {self.body.get('message', '')}".strip())
@@ -77,12 +79,12 @@ def path_for(api_version: str, kind: str, namespace: str | None = None, name: st
     return path
 
 
-def _subset(desired: Any, actual: Any) -> bool:
+def subset(desired: Any, actual: Any) -> bool:
     """True when every field of `desired` is present and equal in `actual`."""
     if isinstance(desired, dict):
-        return isinstance(actual, dict) and all(_subset(v, actual.get(k)) for k, v in desired.items())
+        return isinstance(actual, dict) and all(subset(v, actual.get(k)) for k, v in desired.items())
     if isinstance(desired, list):
-        return isinstance(actual, list) and len(desired) == len(actual) and all(_subset(d, a) for d, a in zip(desired, actual))
+        return isinstance(actual, list) and len(desired) == len(actual) and all(subset(d, a) for d, a in zip(desired, actual))
     return desired == actual
 
 
@@ -170,12 +172,12 @@ class Kube:
         if current is None:  # deleted between our create and get: try once more
             return self.create(desired), "created"
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-        if _subset(patch, current):
+        if subset(patch, current):
             return current, "unchanged"
         if obj["kind"] == "Job":
             # A Job's pod template is immutable: only labels/annotations may change.
             patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
-            if _subset(patch, current):
+            if subset(patch, current):
                 return current, "unchanged"
         updated = self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
         return updated, "updated"

@@ -57,14 +57,6 @@ def transitions(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | No
     return out
 
 
-def status_differs(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
-    """Whether writing `desired` would change anything the operator manages (times of unchanged conditions ignored)."""
-    current = current or {}
-    for key, value in desired.items():
-        have = current.get(key)
-        if key == "conditions":
-            if sorted(map(_essence, value or [])) != sorted(map(_essence, have or [])):
-                return True
-        elif have != value:
-            return True
-    return False
+def conditions_differ(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> bool:
+    """Whether two condition lists differ in anything but the times of unchanged conditions."""
+    return sorted(map(_essence, old or [])) != sorted(map(_essence, new or []))

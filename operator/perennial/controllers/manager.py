@@ -1,0 +1,341 @@
+"""The controller manager: kopf watches feed the cache, events map to keys, workers reconcile.
+
+kopf does what it is good at — listing and watching every resource with
+reconnects, backoff and login — and calls two kinds of handlers per watched
+resource, neither of which writes anything to the object (no finalizer, no
+annotations): an index handler that keeps `Cache` current and maps the change
+to the keys of the objects it concerns (the object itself, its owner, the
+objects that depend on it), and an event handler that notices deletions. kopf
+holds every handler back until every index is filled, so the first reconcile
+already sees the whole world. Keys go to a `WorkQueue`; workers run the
+kind's `reconcile`, write the status only when it changed and post one Event
+summarising the reconcile, after the write. Time wakes an object only when
+its `Outcome` asks (`requeue_after`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from ..kube.aio import AsyncKube
+from ..kube.cache import Cache, resource_key
+from ..kube.client import ApiError
+from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
+from ..resources.common import MANAGED_BY
+from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes
+from .queue import WorkQueue
+
+log = logging.getLogger("perennial.controllers")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One object of a Perennial kind (never a built-in one of the same name)."""
+
+    kind: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Watched:
+    group: str
+    version: str
+    plural: str
+    labels: dict[str, str] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.plural}.{self.group or 'core'}"
+
+
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+#: Built-in resources whose changes wake Perennial objects: their children and their references.
+BUILTIN_WATCHES = (
+    Watched("batch", "v1", "jobs", MANAGED),
+    Watched("", "v1", "pods", MANAGED),
+    Watched("", "v1", "configmaps", MANAGED),
+    Watched("", "v1", "persistentvolumeclaims"),
+    Watched("", "v1", "secrets"),
+)
+
+
+def _self_changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
+    """Whether an object's own reconcile must run: it is new or gone, or something but its status moved."""
+    if old is None or new is None:
+        return True
+    om, nm = old.get("metadata") or {}, new.get("metadata") or {}
+    if om.get("generation") != nm.get("generation") or om.get("uid") != nm.get("uid"):
+        return True
+    for k in ("labels", "annotations", "deletionTimestamp", "ownerReferences"):
+        if om.get(k) != nm.get(k):
+            return True
+    # Kinds without a generation (none of ours): any spec change.
+    return old.get("spec") != new.get("spec")
+
+
+def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that turns `current` into `desired` (None when equal); removed fields become null."""
+    from ..resources import conditions as cond
+
+    patch: dict[str, Any] = {}
+    for k, v in desired.items():
+        have = current.get(k)
+        if k == "conditions":
+            if cond.conditions_differ(have, v):
+                patch[k] = v
+        elif have != v:
+            patch[k] = v
+    for k in current:
+        if k not in desired:
+            patch[k] = None
+    return patch or None
+
+
+class Manager:
+    """Wires controllers to kopf: cache, mapping, queue, workers, status writes, Events."""
+
+    def __init__(self, controllers: Iterable[Controller], ctx: Context, *, workers: int = 16):
+        self.controllers = {c.kind: c for c in controllers}
+        self.ctx = ctx
+        self.cache: Cache = ctx.cache
+        self.cache.on_change = self._on_change
+        self.workers = workers
+        self.queue: WorkQueue[Key] = WorkQueue()
+        #: dependency -> keys of the objects that depend on it
+        self.dependents: dict[Dependency, set[Key]] = {}
+        self._deps_of: dict[Key, set[Dependency]] = {}
+        self._pending: set[Key] = set()
+        self._ready = False
+        self._task: asyncio.Task[None] | None = None
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    # -- registration ----------------------------------------------------------
+    def watched(self) -> list[Watched]:
+        group, version = API_VERSION.split("/")
+        ours = [Watched(group, version, plural) for plural in ("basemodels", "rewardspecs", "trainingruns", "adapters", "deployments")]
+        return ours + list(BUILTIN_WATCHES)
+
+    def register(self, registry: kopf.OperatorRegistry) -> None:
+        for w in self.watched():
+            kopf.index(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"cache-{w.id}")(self._index)
+            kopf.on.event(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"event-{w.id}", when=self._wants_event)(self._event)
+        kopf.on.startup(registry=registry, id="manager-start")(self._startup)
+        kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
+
+    # -- kopf handlers -----------------------------------------------------------
+    def _index(self, body: kopf.Body, **_: Any) -> None:
+        """Index handler: keep the cache current (its `on_change` maps the change to keys)."""
+        self.cache.put(dict(body))
+        return None
+
+    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
+        self._route(self.keys_for(old, new))
+
+    def _wants_event(self, type: str | None, **_: Any) -> bool:
+        return type == "DELETED" or not self._ready
+
+    def _event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+        """Event handler, called only once every index is filled: release held keys; notice deletions."""
+        if not self._ready:
+            self._ready = True
+            pending, self._pending = self._pending, set()
+            for key in pending:
+                self.queue.add(key)
+            log.info("Listed the world, objects=%d", len(pending))
+        if type == "DELETED":
+            self.cache.remove(dict(body))
+
+    def _route(self, keys: set[Key]) -> None:
+        if self._ready:
+            for key in keys:
+                self.queue.add(key)
+        else:
+            self._pending |= keys
+
+    async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # Events are ours: one per reconcile, after the status write
+        self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
+
+    async def _cleanup(self, **_: Any) -> None:
+        await self.queue.shutdown()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        for client in self.ctx.clusters.values():
+            await client.close()
+
+    # -- mapping ---------------------------------------------------------------
+    def keys_for(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> set[Key]:
+        """The objects a change of one object concerns (controller-runtime's `For`, `Owns` and `Watches`)."""
+        obj = new if new is not None else old
+        assert obj is not None
+        api_version, kind = resource_key(obj)
+        meta = obj["metadata"]
+        ns, name = meta.get("namespace") or "", meta["name"]
+        keys: set[Key] = set()
+        ours = api_version == API_VERSION
+        if ours and kind in self.controllers:
+            key = Key(kind, ns, name)
+            self._track_dependencies(key, None if new is None else self.controllers[kind].dependencies(new))
+            if _self_changed(old, new):
+                keys.add(key)
+        for ref in (meta.get("ownerReferences") or []) + ((old or {}).get("metadata", {}).get("ownerReferences") or []):
+            keys |= self._owner_keys(ns, ref)
+        for dep in self._dependencies_of(obj):
+            keys |= self.dependents.get(dep, set())
+        return keys
+
+    def _owner_keys(self, ns: str, ref: dict[str, Any], depth: int = 0) -> set[Key]:
+        if ref.get("apiVersion") == API_VERSION and ref.get("kind") in self.controllers:
+            return {Key(ref["kind"], ns, ref["name"])}
+        if depth == 0 and ref.get("apiVersion") == "batch/v1" and ref.get("kind") == "Job":
+            job = self.cache.get("batch/v1", "Job", ns, ref["name"])
+            return {k for r in ((job or {}).get("metadata") or {}).get("ownerReferences") or [] for k in self._owner_keys(ns, r, 1)}
+        return set()
+
+    @staticmethod
+    def _dependencies_of(obj: dict[str, Any]) -> list[Dependency]:
+        """The dependency tokens an object stands for: itself, and for Adapters their family."""
+        api_version, kind = resource_key(obj)
+        meta = obj["metadata"]
+        ns = meta.get("namespace") or ""
+        deps: list[Dependency] = [(api_version, kind, ns, meta["name"])]
+        if api_version == API_VERSION and kind == "Adapter":
+            deps.append((API_VERSION, "Adapter", ns, "*"))
+            family = (obj.get("spec") or {}).get("family")
+            if family:
+                deps.append((API_VERSION, "AdapterFamily", ns, family))
+        return deps
+
+    def _track_dependencies(self, key: Key, deps: Iterable[Dependency] | None) -> None:
+        new = set(deps or ())
+        old = self._deps_of.get(key, set())
+        if new == old:
+            return
+        for dep in old - new:
+            holders = self.dependents.get(dep)
+            if holders is not None:
+                holders.discard(key)
+                if not holders:
+                    del self.dependents[dep]
+        for dep in new - old:
+            self.dependents.setdefault(dep, set()).add(key)
+        if new:
+            self._deps_of[key] = new
+        else:
+            self._deps_of.pop(key, None)
+
+    # -- processing ------------------------------------------------------------
+    async def process(self, key: Key) -> None:
+        controller = self.controllers[key.kind]
+        obj = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
+        QUEUE_DEPTH.set(len(self.queue))
+        if obj is None:
+            CONDITIONS.forget(key.kind, key.namespace, key.name)
+            self.queue.forget(key)
+            return
+        started = time.perf_counter()
+        result = "success"
+        try:
+            outcome = await controller.reconcile(obj, self.ctx)
+            if await self.write_status(controller, obj, outcome.status, outcome.notes):
+                for record in outcome.after_write:
+                    record()
+            self.queue.forget(key)
+            if outcome.requeue_after is not None:
+                self.queue.add_after(key, outcome.requeue_after)
+        except ApiError as exc:
+            result = "requeue" if exc.status in (0, 409, 429) or exc.status >= 500 else "error"
+            API_ERRORS.labels(str(exc.status)).inc()
+            wait = self.queue.add_rate_limited(key, exc.retry_after)
+            level = logging.DEBUG if result == "requeue" and self.queue.failures(key) < 5 else logging.WARNING
+            log.log(level, "Requeued after an API error, kind=%s, name=%s, namespace=%s, delay=%.2fs, error=%s", key.kind, key.name, key.namespace, wait, exc)
+        except Exception:
+            result = "error"
+            wait = self.queue.add_rate_limited(key)
+            log.exception("Reconcile failed, kind=%s, name=%s, namespace=%s, retry_in=%.2fs", key.kind, key.name, key.namespace, wait)
+        finally:
+            RECONCILES.labels(key.kind, result).inc()
+            RECONCILE_SECONDS.labels(key.kind).observe(time.perf_counter() - started)
+
+    async def write_status(self, controller: Controller, obj: dict[str, Any], desired: dict[str, Any], notes: list[Note]) -> bool:
+        """The one status writer: typed, from the cached object, only what changed, then one Event."""
+        meta = obj["metadata"]
+        kind, ns, name = controller.kind, meta["namespace"], meta["name"]
+        desired = controller.status_model.model_validate(desired).model_dump(by_alias=True, exclude_none=True, mode="json")
+        current = obj.get("status") or {}
+        CONDITIONS.observe(kind, ns, name, desired.get("conditions") or [])
+        patch = status_patch(current, desired)
+        if patch is None:
+            if notes:
+                await self.post_event(obj, notes)
+            return False
+        body = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": patch}
+        try:
+            written = await self.ctx.kube.patch(API_VERSION, kind, ns, name, body, subresource="status")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        STATUS_WRITES.labels(kind).inc()
+        self.cache.put(written)  # write-through: the watch event of our own write then changes nothing
+        log.info("Updated status, kind=%s, name=%s, namespace=%s", kind, name, ns)
+        await self.post_event(written, notes + condition_notes(current.get("conditions"), desired.get("conditions")))
+        return True
+
+    async def post_event(self, obj: dict[str, Any], notes: list[Note]) -> None:
+        """One Event for what a reconcile did: named by its first warning, else its first note; the others join its message."""
+        by_reason: dict[str, list[Note]] = {}
+        for n in notes:
+            same = by_reason.setdefault(n.reason, [])
+            if all(n.message != m.message for m in same):
+                same.append(n)
+        if not by_reason:
+            return
+        groups = sorted(by_reason.items(), key=lambda item: not any(n.warning for n in item[1]))  # stable: order kept
+        texts = [(reason, "; ".join(n.message for n in group)) for reason, group in groups]
+        head_reason, message = texts[0]
+        if len(texts) > 1:
+            message += " (also: " + "; ".join(f"{r}: {m}" for r, m in texts[1:]) + ")"
+        warning = any(n.warning for n in notes)
+        meta = obj["metadata"]
+        now = self.ctx.now()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": head_reason[:128],
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": MANAGED_BY},
+            "reportingComponent": f"perennial.ai/{MANAGED_BY}",
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.ctx.kube.create(event)
+        except ApiError as exc:  # Events are best effort, as in client-go's recorder
+            log.warning("Could not post Event, reason=%s, name=%s, error=%s", head_reason, meta["name"], exc)

@@ -1,0 +1,161 @@
+"""The operator's API client: asynchronous, one aiohttp session per cluster.
+
+Controllers read from the watch-fed cache (`kube.cache`) and come here only to
+write (create, patch, status, Events) and for what no watch serves (pod logs).
+Credentials come from a `kubernetes.client.Configuration` (kubeconfig, in-cluster
+service account, or a bare server URL for the embedded control plane); the
+token is re-read through the configuration's refresh hook before each request,
+so rotated service-account tokens and exec-plugin tokens keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from typing import Any
+
+import aiohttp
+import kubernetes
+
+from .client import ApiError, path_for, subset
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "perennial-operator/0.1.0"
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class AsyncKube:
+    """create / patch / status / Events / pod logs over aiohttp; a 409 on create is the caller's to judge."""
+
+    def __init__(self, configuration: kubernetes.client.Configuration, *, name: str = "local", timeout: float = 30.0):
+        self.configuration = configuration
+        self.name = name
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self.host = configuration.host.rstrip("/")
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        cfg = self.configuration
+        if not self.host.startswith("https"):
+            return False
+        if not cfg.verify_ssl:
+            return False
+        context = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
+        if cfg.cert_file:
+            context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        return context
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=32, ssl=self._ssl())
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers={"User-Agent": USER_AGENT})
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        token = self.configuration.get_api_key_with_prefix("authorization")
+        if token:
+            headers["Authorization"] = token
+        elif self.configuration.username:
+            headers["Authorization"] = self.configuration.get_basic_auth_token()
+        return headers
+
+    async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
+                      content_type: str | None = None, raw: bool = False) -> Any:
+        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        headers = self._headers((content_type or "application/json") if body is not None else None)
+        try:
+            async with self.session().request(method, self.host + path, data=data, params=params, headers=headers) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    try:
+                        parsed = json.loads(text) if text else {}
+                    except ValueError:
+                        parsed = {"message": text[:1024]}
+                    raise ApiError(response.status, parsed, method, path, retry_after=_retry_after(response.headers))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            raise ApiError(0, {"message": f"{type(exc).__name__}: {exc}"}, method, path) from None
+        if raw:
+            return text
+        return json.loads(text) if text else {}
+
+    # -- typed helpers -------------------------------------------------------
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", path_for(api_version, kind, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", path_for(obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace")), obj)
+
+    async def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: Any,
+                    subresource: str | None = None) -> dict[str, Any]:
+        return await self.request("PATCH", path_for(api_version, kind, namespace, name, subresource), patch,
+                                  content_type="application/merge-patch+json")
+
+    async def apply(self, obj: dict[str, Any], current: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+        """Bring `obj` about: create it when `current` (from the cache) is None, patch what differs, else nothing.
+
+        Returns (object, "created" | "updated" | "unchanged"). A stale cache is harmless:
+        a 409 on create reads the object once and continues from it.
+        """
+        meta = obj["metadata"]
+        desired = {k: v for k, v in obj.items() if k != "status"}
+        if current is None:
+            try:
+                return await self.create(desired), "created"
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            current = await self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+            if current is None:
+                return await self.create(desired), "created"
+        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+        if obj["kind"] == "Job":
+            # A Job's pod template is immutable: only labels and annotations may change.
+            patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
+        if subset(patch, current):
+            return current, "unchanged"
+        updated = await self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
+        return updated, "updated"
+
+    async def pod_log(self, namespace: str, pod: str, *, tail_lines: int | None = None, container: str | None = None) -> str:
+        return await self.request("GET", path_for("v1", "Pod", namespace, pod, "log"),
+                                  query={"tailLines": tail_lines, "container": container}, raw=True)
+
+
+def configuration(server: str | None = None, kubeconfig: str | None = None, context: str | None = None) -> kubernetes.client.Configuration:
+    """Credentials for `server` (no auth: the embedded control plane), a kubeconfig, or the in-cluster service account."""
+    cfg = kubernetes.client.Configuration()
+    if server:
+        cfg.host = server
+        cfg.verify_ssl = False
+        return cfg
+    try:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    except kubernetes.config.ConfigException:
+        if kubeconfig:
+            raise
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    return cfg

@@ -1,0 +1,114 @@
+"""The operator's view of the cluster: objects kept current by watches (an informer cache).
+
+Controllers read here instead of calling the API server: a reconcile of an
+object whose world did not change costs no request. kopf's watches feed it
+(see `controllers.manager`); it holds the latest body of every watched object,
+indexed by namespace and by owner uid. Secrets are kept without their values:
+controllers only ever need to know which keys a Secret has.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+ResourceKey = tuple[str, str]  # (apiVersion, kind)
+
+
+def resource_key(obj: dict[str, Any]) -> ResourceKey:
+    return obj.get("apiVersion", ""), obj.get("kind", "")
+
+
+def _stripped(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1":
+        obj = dict(obj)
+        for field in ("data", "stringData"):
+            if isinstance(obj.get(field), dict):
+                obj[field] = {k: "" for k in obj[field]}
+    meta = obj.get("metadata") or {}
+    if "managedFields" in meta:
+        obj = dict(obj)
+        obj["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    return obj
+
+
+def _rv(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("resourceVersion")
+
+
+def _owner_uids(obj: dict[str, Any]) -> list[str]:
+    return [r["uid"] for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("uid")]
+
+
+class Cache:
+    """Objects by (apiVersion, kind) → namespace → name, plus an owner-uid index. Thread-safe, never blocks long."""
+
+    def __init__(self, on_change: Callable[[dict[str, Any] | None, dict[str, Any] | None], None] | None = None) -> None:
+        #: Called with (old, new) after every change (new None: removed); a put of the same
+        #: resourceVersion (a relist, the watch event of our own write) is no change.
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._objects: dict[ResourceKey, dict[str, dict[str, dict[str, Any]]]] = {}
+        self._owned: dict[ResourceKey, dict[str, set[tuple[str, str]]]] = {}
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Store the latest body of `obj`; returns the one it replaces."""
+        obj = _stripped(obj)
+        rk = resource_key(obj)
+        meta = obj["metadata"]
+        ns, name = meta.get("namespace") or "", meta["name"]
+        with self._lock:
+            by_ns = self._objects.setdefault(rk, {}).setdefault(ns, {})
+            old = by_ns.get(name)
+            by_ns[name] = obj
+            owned = self._owned.setdefault(rk, {})
+            if old is not None:
+                for uid in _owner_uids(old):
+                    owned.get(uid, set()).discard((ns, name))
+            for uid in _owner_uids(obj):
+                owned.setdefault(uid, set()).add((ns, name))
+        if self.on_change is not None and (old is None or _rv(old) != _rv(obj)):
+            self.on_change(old, obj)
+        return old
+
+    def remove(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        rk = resource_key(obj)
+        meta = obj["metadata"]
+        ns, name = meta.get("namespace") or "", meta["name"]
+        with self._lock:
+            old = self._objects.get(rk, {}).get(ns, {}).pop(name, None)
+            if old is not None:
+                owned = self._owned.get(rk, {})
+                for uid in _owner_uids(old):
+                    refs = owned.get(uid)
+                    if refs is not None:
+                        refs.discard((ns, name))
+                        if not refs:
+                            del owned[uid]
+        if old is not None and self.on_change is not None:
+            self.on_change(old, None)
+        return old
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        return self._objects.get((api_version, kind), {}).get(namespace or "", {}).get(name)
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            by_ns = self._objects.get((api_version, kind), {})
+            spaces: Iterable[dict[str, dict[str, Any]]] = [by_ns.get(namespace, {})] if namespace is not None else list(by_ns.values())
+            items = [o for space in spaces for o in list(space.values())]
+        if labels:
+            items = [o for o in items if all(((o["metadata"].get("labels") or {}).get(k)) == v for k, v in labels.items())]
+        return items
+
+    def owned_by(self, api_version: str, kind: str, owner_uid: str) -> list[dict[str, Any]]:
+        """Objects of a kind with an ownerReference to `owner_uid`."""
+        with self._lock:
+            refs = list(self._owned.get((api_version, kind), {}).get(owner_uid, ()))
+            by_ns = self._objects.get((api_version, kind), {})
+            return [o for ns, name in refs if (o := by_ns.get(ns, {}).get(name)) is not None]
+
+    def count(self, api_version: str, kind: str) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._objects.get((api_version, kind), {}).values())
