@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from srvutil import AppThread
+from waiting import wait_for
 
 EVENTS = 3000
 PAD = "x" * 3000  # ~3 kB per event: 9 MB per stream, past what the kernel buffers and the transport hold
@@ -104,7 +105,5 @@ def test_client_leaving_mid_stream_is_captured_and_the_sidecar_keeps_serving(big
         s.sendall(_request(t.port))
         raw = _read_until(s, b"\r\n0\r\n\r\n", slow=False)
     assert _dechunk(raw.partition(b"\r\n\r\n")[2]).endswith(b"data: [DONE]\n\n")
-    deadline = time.time() + 5
-    while time.time() < deadline and sc.metrics.captured_interaction._value.get() < 4:
-        time.sleep(0.05)
+    wait_for(lambda: sc.metrics.captured_interaction._value.get() >= 4, message="four streams captured")
     assert sc.metrics.captured_interaction._value.get() == 4  # the three cut streams are kept too
