@@ -417,9 +417,8 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         else:
             version = max([_adapter_version(a) for a in world.family] + [0]) + 1
             lineage = dict(result.get("lineage") or {})
+            # The builder names the parent as resolved into the status when the Job was made.
             adapter = build.adapter(obj, spec, version=version, artifact_uri=status["artifactUri"], lineage=lineage)
-            if parent:
-                adapter["spec"]["lineage"]["parentAdapterRef"] = dict(parent)
             adapter_name = adapter["metadata"]["name"]
         status["adapterRef"] = {"name": adapter_name}
         conds = cond.set_condition(conds, "Succeeded", True, "AdapterCreated", f"training finished; Adapter {adapter_name} created", gen)

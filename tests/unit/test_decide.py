@@ -1,0 +1,275 @@
+"""The decide functions of every controller, table-tested without any server: observed world in, status and actions out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perennial.controllers import adapter as ad
+from perennial.controllers import basemodel as bm
+from perennial.controllers import rewardspec as rs
+from perennial.controllers import trainingrun as tr
+from perennial.resources import conditions as cond
+
+API = "perennial.ai/v1alpha1"
+NOW = "2026-11-29T12:00:00Z"
+
+
+def obj(kind: str, name: str, spec: dict, status: dict | None = None, generation: int = 1, uid: str = "uid-1") -> dict:
+    body = {"apiVersion": API, "kind": kind, "metadata": {"name": name, "namespace": "default", "uid": uid, "generation": generation, "creationTimestamp": "2026-11-29T11:00:00Z"}, "spec": spec}
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def ready(kind: str, name: str, spec: dict, *extra: tuple[str, str, str]) -> dict:
+    conds = cond.set_condition(None, "Ready", True, "Ok", "", 1)
+    for ctype, status, reason in extra:
+        conds = cond.set_condition(conds, ctype, status, reason, "", 1)
+    return obj(kind, name, spec, {"observedGeneration": 1, "conditions": conds})
+
+
+BASE = {"source": {"uri": "hf://org/model"}}
+RUBRIC = {"graders": [{"name": "fmt", "type": "Regex", "regex": {"pattern": "^<a>"}}]}
+
+
+def run_spec(**overrides) -> dict:
+    spec = {
+        "method": "GRPO", "baseModelRef": {"name": "base"}, "rewardSpecRef": {"name": "rubric"},
+        "datasets": [{"name": "d", "uri": "pvc://data/train.jsonl"}], "output": {"adapterFamily": "fam"},
+        "hyperparameters": {"numGenerations": 4, "batchSize": 8},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def decide_run(body: dict, world: tr.World) -> tr.Decision:
+    return tr.decide(body, world, now=NOW, image="trainer:1", artifact_uri="file:///art", feedback_store_uri="file:///fb", progress_seconds=5)
+
+
+def good_world(**kw) -> tr.World:
+    w = tr.World(job=None, pod=None, base=ready("BaseModel", "base", BASE), reward_specs={"rubric": ready("RewardSpec", "rubric", RUBRIC, ("Validated", "True", "TestsPassed"))})
+    for k, v in kw.items():
+        setattr(w, k, v)
+    return w
+
+
+def reason(decision, ctype: str) -> tuple[str, str]:
+    c = cond.get(decision.status["conditions"], ctype)
+    return c["status"], c["reason"]
+
+
+# ----------------------------------------------------------------------------- TrainingRun: references
+
+NOT_READY_BASE = obj("BaseModel", "base", BASE, {"conditions": cond.set_condition(None, "Ready", False, "Downloading", "", 1)})
+STALE_READY_BASE = obj("BaseModel", "base", BASE, {"conditions": cond.set_condition(None, "Ready", True, "Ok", "", 1)}, generation=2)
+
+
+@pytest.mark.parametrize(
+    "world_changes, expected",
+    [
+        ({"base": None}, ("Unknown", "BaseModelNotFound")),
+        ({"base": NOT_READY_BASE}, ("Unknown", "BaseModelNotReady")),
+        ({"base": STALE_READY_BASE}, ("Unknown", "BaseModelNotReady")),  # Ready of an older generation
+        ({"reward_specs": {"rubric": None}}, ("Unknown", "RewardSpecNotFound")),
+        ({"reward_specs": {"rubric": ready("RewardSpec", "rubric", RUBRIC, ("Validated", "Unknown", "ValidationRunning"))}}, ("Unknown", "RewardSpecNotValidated")),
+        ({"reward_specs": {"rubric": ready("RewardSpec", "rubric", RUBRIC, ("Validated", "False", "ValidationJobFailed"))}}, ("Unknown", "RewardSpecNotValidated")),
+        ({"reward_specs": {"rubric": ready("RewardSpec", "rubric", RUBRIC, ("Validated", "False", "TestsFailed"))}}, ("False", "RewardSpecTestsFailed")),
+        ({"reward_specs": {"rubric": obj("RewardSpec", "rubric", RUBRIC, {"conditions": cond.set_condition(None, "Ready", False, "InvalidGrader", "", 1)})}}, ("Unknown", "RewardSpecNotReady")),
+        ({}, ("Unknown", "JobPending")),
+    ],
+)
+def test_run_waits_for_ready_references_and_fails_fast_on_failed_tests(world_changes, expected):
+    d = decide_run(obj("TrainingRun", "r", run_spec()), good_world(**world_changes))
+    assert reason(d, "Succeeded") == expected
+    started = expected == ("Unknown", "JobPending")
+    assert [c["kind"] for c in d.children] == (["ConfigMap", "Job"] if started else [])
+    if expected[0] == "Unknown" and not started:
+        assert reason(d, "Waiting") == ("True", expected[1]) and d.status["phase"] == "Waiting"
+    if expected[0] == "False":
+        assert d.status["phase"] == "Failed"
+
+
+def _run_with(name: str, status: str, adapter: str | None = None) -> dict:
+    st = {"conditions": cond.set_condition(None, "Succeeded", status, "AdapterCreated" if status == "True" else ("Training" if status == "Unknown" else "OOMKilled"), "", 1)}
+    if adapter:
+        st["adapterRef"] = {"name": adapter}
+    return obj("TrainingRun", name, run_spec(), st, uid="uid-parent")
+
+
+PARENT = ready("Adapter", "fam-v3", {"baseModelRef": {"name": "base"}, "family": "fam", "version": 3, "artifactUri": "file:///art/p", "lora": {"rank": 8}})
+FOREIGN = ready("Adapter", "x-v1", {"baseModelRef": {"name": "other"}, "family": "x", "version": 1, "artifactUri": "file:///x", "lora": {"rank": 8}})
+
+
+@pytest.mark.parametrize(
+    "spec_changes, world_changes, expected, parent_uri",
+    [
+        ({"parentAdapterRef": {"name": "fam-v3"}}, {"parent_adapter": None}, ("Unknown", "AdapterNotFound"), None),
+        ({"parentAdapterRef": {"name": "x-v1"}}, {"parent_adapter": FOREIGN}, ("False", "ParentAdapterMismatch"), None),
+        ({"parentAdapterRef": {"name": "fam-v3"}}, {"parent_adapter": PARENT}, ("Unknown", "JobPending"), "file:///art/p"),
+        ({"parentTrainingRunRef": {"name": "sft"}}, {"parent_run": None}, ("Unknown", "ParentRunNotFound"), None),
+        ({"parentTrainingRunRef": {"name": "sft"}}, {"parent_run": _run_with("sft", "Unknown")}, ("Unknown", "ParentRunNotFinished"), None),
+        ({"parentTrainingRunRef": {"name": "sft"}}, {"parent_run": _run_with("sft", "False")}, ("False", "ParentRunFailed"), None),
+        ({"parentTrainingRunRef": {"name": "sft"}}, {"parent_run": _run_with("sft", "True", "fam-v3"), "parent_adapter": PARENT}, ("Unknown", "JobPending"), "file:///art/p"),
+        ({"parentAdapterFamily": "fam"}, {"parent_family": []}, ("Unknown", "NoReadyAdapterInFamily"), None),
+        ({"parentAdapterFamily": "fam"}, {"parent_family": [PARENT, obj("Adapter", "fam-v4", dict(PARENT["spec"], version=4))]}, ("Unknown", "JobPending"), "file:///art/p"),
+    ],
+)
+def test_parent_named_by_adapter_run_or_family(spec_changes, world_changes, expected, parent_uri):
+    d = decide_run(obj("TrainingRun", "r", run_spec(**spec_changes)), good_world(**world_changes))
+    assert reason(d, "Succeeded") == expected
+    if parent_uri:
+        config = json.dumps(d.children[0]["data"])
+        assert parent_uri in config
+        assert d.status["parentAdapterRef"] == {"name": "fam-v3"}  # the newest *Ready* one of a family
+
+
+# ----------------------------------------------------------------------------- TrainingRun: the Job and the outcome
+
+
+def _job(conditions: list[dict] | None = None, **status) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "r-train", "namespace": "default", "uid": "job-uid"}, "status": {"conditions": conditions or [], **status}}
+
+
+def _pod(phase: str, terminated: dict | None = None) -> dict:
+    state = {"terminated": terminated} if terminated else {"running": {}}
+    return {"metadata": {"name": "r-train-0", "namespace": "default", "creationTimestamp": NOW}, "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": state}]}}
+
+
+def _line(step: int, frac: float | None = None) -> str:
+    return tr.PROGRESS_PREFIX + json.dumps({"step": step, "totalSteps": 10, "loss": 0.5, "fracRewardZeroStd": frac}) + "\n"
+
+
+def started(extra_status: dict | None = None) -> dict:
+    conds = cond.set_condition(None, "Succeeded", "Unknown", "Training", "", 1)
+    conds = cond.set_condition(conds, "Started", True, "TrainerStarted", "", 1)
+    return obj("TrainingRun", "r", run_spec(), {"conditions": conds, **(extra_status or {})})
+
+
+def test_running_progress_keeps_updated_at_while_the_step_stands_and_polls_only_while_running():
+    world = tr.World(job=_job(active=1, startTime=NOW), pod=_pod("Running"), log=_line(3, 0.25))
+    first = decide_run(started(), world)
+    assert first.status["progress"]["step"] == 3 and first.status["progressText"] == "3/10" and first.requeue_after == 5
+    again = tr.decide(started({"progress": first.status["progress"]}), world, now="2026-11-29T12:00:09Z", image="i", artifact_uri="file:///a", feedback_store_uri="f", progress_seconds=5)
+    assert again.status["progress"]["updatedAt"] == first.status["progress"]["updatedAt"] == NOW
+    moved = tr.decide(started({"progress": first.status["progress"]}), tr.World(job=world.job, pod=world.pod, log=_line(4, 0.25)), now="2026-11-29T12:00:09Z", image="i", artifact_uri="file:///a", feedback_store_uri="f", progress_seconds=5)
+    assert moved.status["progress"]["updatedAt"] == "2026-11-29T12:00:09Z"
+    assert reason(first, "LearningSignal") == ("True", "RewardVaries")
+    pending = decide_run(obj("TrainingRun", "r", run_spec()), tr.World(job=_job(), pod=None))
+    assert reason(pending, "Succeeded") == ("Unknown", "JobPending") and pending.requeue_after is None
+
+
+def test_grpo_without_reward_variance_says_so_and_sft_never_does():
+    world = tr.World(job=_job(active=1), pod=_pod("Running"), log=_line(3, 1.0))
+    d = decide_run(started(), world)
+    assert reason(d, "LearningSignal") == ("False", "NoRewardVariance")
+    sft = obj("TrainingRun", "r", run_spec(method="SFT"), started()["status"])
+    assert cond.get(decide_run(sft, world).status["conditions"], "LearningSignal") is None
+    result = {"status": "Succeeded", "metrics": {"train/frac_reward_zero_std": 1.0}}
+    done = decide_run(started(), tr.World(job=_job([{"type": "Complete", "status": "True"}]), pod=_pod("Succeeded", {"exitCode": 0, "message": json.dumps(result)})))
+    assert reason(done, "LearningSignal") == ("False", "NoRewardVariance") and reason(done, "Succeeded") == ("True", "AdapterCreated")
+
+
+COMPLETE = _job([{"type": "Complete", "status": "True"}], succeeded=1, completionTime=NOW)
+RESULT = {"status": "Succeeded", "artifactUri": "file:///art/default/r", "metrics": {"eval/mean_reward": 1.5}}
+
+
+def _adapter(name: str, version: int, uid: str) -> dict:
+    return obj("Adapter", name, {"baseModelRef": {"name": "base"}, "family": "fam", "version": version, "artifactUri": "file:///a", "lora": {"rank": 8}, "lineage": {"trainingRunUid": uid}})
+
+
+@pytest.mark.parametrize(
+    "family, create, ref",
+    [
+        ([], "fam-v1", "fam-v1"),
+        ([_adapter("fam-v1", 1, "other"), _adapter("fam-v2", 2, "other2")], "fam-v3", "fam-v3"),
+        # made before a restart cut in between creating it and recording it: never a second one
+        ([_adapter("fam-v1", 1, "other"), _adapter("fam-v2", 2, "uid-1")], None, "fam-v2"),
+    ],
+)
+def test_a_complete_job_makes_exactly_one_adapter(family, create, ref):
+    world = tr.World(job=COMPLETE, pod=_pod("Succeeded", {"exitCode": 0, "message": json.dumps(RESULT)}), family=family)
+    d = decide_run(started(), world)
+    assert (d.adapter["metadata"]["name"] if d.adapter else None) == create
+    assert d.status["adapterRef"] == {"name": ref} and d.status["phase"] == "Succeeded"
+    assert {"name": "eval/mean_reward", "value": "1.5"} in d.status["metrics"]
+
+
+@pytest.mark.parametrize("outcome", ["True", "False"])
+@pytest.mark.parametrize("world", [tr.World(job=None, pod=None), tr.World(job=COMPLETE, pod=None), tr.World(job=_job([{"type": "Failed", "status": "True"}]), pod=None)])
+def test_terminal_outcomes_stick_whatever_happens_to_the_job(outcome, world):
+    conds = cond.set_condition(None, "Succeeded", outcome, "AdapterCreated" if outcome == "True" else "OOMKilled", "m", 1)
+    status = {"observedGeneration": 1, "conditions": conds, "phase": "Succeeded" if outcome == "True" else "Failed", "jobName": "r-train", "completionTime": NOW}
+    if outcome == "True":
+        status["adapterRef"] = {"name": "fam-v1"}
+    d = decide_run(obj("TrainingRun", "r", run_spec(), status), world)
+    assert d.status == status and not d.children and d.adapter is None and d.requeue_after is None
+
+
+def test_failed_job_says_why():
+    term = {"exitCode": 11, "message": json.dumps({"status": "Failed", "reason": "DatasetNotFound", "message": "no file"})}
+    d = decide_run(started(), tr.World(job=_job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]), pod=_pod("Failed", term)))
+    assert reason(d, "Succeeded") == ("False", "DatasetNotFound") and d.status["phase"] == "Failed"
+
+
+# ----------------------------------------------------------------------------- BaseModel, RewardSpec, Adapter
+
+
+SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}, "data": {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}}
+
+
+@pytest.mark.parametrize(
+    "spec, world, expected, children",
+    [
+        (BASE, bm.World(), ("True", "SourceAvailable"), 0),
+        ({"source": {"uri": "s3://b/m", "credentialsSecretRef": {"name": "s3"}}}, bm.World(), ("False", "SecretNotFound"), 0),
+        ({"source": {"uri": "s3://b/m", "credentialsSecretRef": {"name": "s3"}}}, bm.World(secret={**SECRET, "data": {"AWS_ACCESS_KEY_ID": ""}}), ("False", "SecretKeyMissing"), 0),
+        ({"source": {"uri": "s3://b/m", "credentialsSecretRef": {"name": "s3"}}}, bm.World(secret=SECRET), ("True", "SourceAvailable"), 0),
+        ({"source": {"uri": "pvc://weights/m"}}, bm.World(), ("False", "ClaimNotFound"), 0),
+        ({**BASE, "cache": {"enabled": True}}, bm.World(), ("False", "Downloading"), 2),
+        ({**BASE, "cache": {"enabled": True}}, bm.World(job={"status": {"conditions": [{"type": "Complete", "status": "True"}]}}), ("True", "Cached"), 2),
+        ({**BASE, "cache": {"enabled": True}}, bm.World(job={"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), ("False", "DownloadFailed"), 2),
+    ],
+)
+def test_basemodel(spec, world, expected, children):
+    d = bm.decide(obj("BaseModel", "m", spec), world, "trainer:1")
+    assert reason(d, "Ready") == expected and len(d.children) == children
+
+
+def test_basemodel_status_drops_what_no_longer_holds():
+    cached = {"observedGeneration": 1, "resolvedUri": "pvc://m-cache/model", "cacheClaimName": "m-cache", "downloadJobName": "m-download", "conditions": cond.set_condition(None, "Ready", True, "Cached", "", 1)}
+    d = bm.decide(obj("BaseModel", "m", BASE, cached, generation=2), bm.World(), "trainer:1")
+    assert d.status["resolvedUri"] == "hf://org/model" and "cacheClaimName" not in d.status and "downloadJobName" not in d.status
+
+
+TESTED = {**RUBRIC, "tests": [{"name": "t", "completion": "<a>", "expect": {"min": "1"}}]}
+
+
+@pytest.mark.parametrize(
+    "job, pods, expected",
+    [
+        (None, [], ("Unknown", "ValidationRunning")),
+        ({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, [_pod("Succeeded", {"message": json.dumps({"results": [{"name": "t", "passed": True, "score": "1"}]})})], ("True", "TestsPassed")),
+        ({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}, [_pod("Failed", {"message": json.dumps({"message": "0/1", "results": [{"name": "t", "passed": False}]})})], ("False", "TestsFailed")),
+        ({"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}}, [], ("False", "ValidationJobFailed")),
+    ],
+)
+def test_rewardspec_validation(job, pods, expected):
+    d = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(job, pods), "trainer:1")
+    assert reason(d, "Validated") == expected and reason(d, "Ready") == ("True", "Valid")
+    assert [c["kind"] for c in d.children] == ["ConfigMap", "Job"]
+
+
+def test_adapter_metrics_come_from_its_own_run_and_outlive_it():
+    spec = {"baseModelRef": {"name": "base"}, "family": "fam", "version": 1, "artifactUri": "file:///a", "lora": {"rank": 8}, "lineage": {"trainingRunRef": {"name": "r"}, "trainingRunUid": "uid-r"}}
+    run = obj("TrainingRun", "r", run_spec(), {"metrics": [{"name": "eval/mean_reward", "value": "1.5"}, {"name": "eval/improvement", "value": "0.2"}]}, uid="uid-r")
+    base = ready("BaseModel", "base", BASE)
+    st = ad.decide(obj("Adapter", "fam-v1", spec), ad.World(artifact=True, base=base, parent=None, run=run))
+    assert st["meanReward"] == "1.5" and st["improvement"] == "0.2"
+    assert cond.get(st["conditions"], "Ready")["status"] == "True"
+    kept = ad.decide(obj("Adapter", "fam-v1", spec, st), ad.World(artifact=True, base=base, parent=None, run=None))
+    assert kept["meanReward"] == "1.5"
+    impostor = obj("TrainingRun", "r", run_spec(), {"metrics": [{"name": "eval/mean_reward", "value": "9"}]}, uid="uid-other")
+    broken = ad.decide(obj("Adapter", "fam-v1", spec, st), ad.World(artifact=True, base=base, parent=None, run=impostor))
+    assert broken["meanReward"] == "1.5" and cond.get(broken["conditions"], "Ready")["reason"] == "LineageBroken"
