@@ -270,3 +270,69 @@ def test_kubectl_server_side_apply_and_watch(server, kubectl, tmp_path: Path):
     kubectl("apply", "-f", str(manifest))
     kubectl("scale", "deployment", "web", "--replicas=3")
     assert json.loads(kubectl("get", "deploy", "web", "-o", "json").stdout)["spec"]["replicas"] == 3
+
+
+# --------------------------------------------------------------------------- faults seen by the kubernetes client
+
+
+def test_kubernetes_client_sees_each_injected_fault(server):
+    from kubernetes import client, watch
+    from kubernetes.client.exceptions import ApiException
+
+    from perennial.local.faults import FaultConfig
+
+    api_client = _api_client(server.url)
+    api_client.user_agent = "perennial-operator/test"
+    core = client.CoreV1Api(api_client)
+    spared = client.CoreV1Api(_api_client(server.url))  # OpenAPI-Generator/...: not a target
+    cm = core.create_namespaced_config_map("default", {"metadata": {"name": "f"}, "data": {"k": "v"}})
+
+    def fails(kind: str, call, **cfg) -> ApiException:
+        server.set_faults(FaultConfig(rate=1.0, faults=(kind,), **cfg))
+        with pytest.raises(ApiException) as exc:
+            call()
+        return exc.value
+
+    err = fails("500", lambda: core.read_namespaced_config_map("f", "default"))
+    assert err.status == 500 and json.loads(err.body)["reason"] == "InternalError"
+    err = fails("429", lambda: core.list_namespaced_config_map("default"), retry_after_seconds=2)
+    assert err.status == 429 and err.headers["Retry-After"] == "2"
+    err = fails("409", lambda: core.patch_namespaced_config_map("f", "default", {"data": {"k": "w"}}))
+    assert err.status == 409 and json.loads(err.body)["reason"] == "Conflict"
+    assert spared.patch_namespaced_config_map("f", "default", {"data": {"k": "w"}}).data == {"k": "w"}
+
+    server.set_faults(FaultConfig(rate=1.0, faults=("410",)))
+    with pytest.raises(ApiException) as exc:
+        for _ in watch.Watch().stream(core.list_namespaced_config_map, "default",
+                                      resource_version=cm.metadata.resource_version, timeout_seconds=5):
+            pass
+    assert exc.value.status == 410
+
+    server.set_faults(FaultConfig(rate=1.0, faults=("watch-close",), watch_close_after=(0.1, 0.1)))
+    seen = []
+    with pytest.raises(Exception) as cut:
+        for event in watch.Watch().stream(core.list_namespaced_config_map, "default", timeout_seconds=30):
+            seen.append(event["type"])
+    assert seen == ["ADDED"] and "ProtocolError" in type(cut.value).__name__ + repr(cut.value)
+
+    server.set_faults(FaultConfig(rate=1.0, faults=("slow",), slow_ms=300))
+    t0 = time.monotonic()
+    assert core.read_namespaced_config_map("f", "default").data == {"k": "w"}
+    assert time.monotonic() - t0 >= 0.3
+    assert server.fault_counts() == {"slow": 1}
+    server.set_faults(None)
+
+
+@needs_kubectl
+@pytest.mark.kubectl
+def test_kubectl_get_hpa_created_through_autoscaling_v1(server, kubectl):
+    server.create("autoscaling/v1", "horizontalpodautoscalers", {
+        "metadata": {"name": "h"}, "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                               "name": "d"},
+                                            "maxReplicas": 4, "targetCPUUtilizationPercentage": 55}}, "default")
+    out = kubectl("get", "hpa").stdout
+    assert "Deployment/d" in out and "cpu: <unknown>/55%" in out
+    got = json.loads(kubectl("get", "horizontalpodautoscalers.v1.autoscaling", "h", "-o", "json").stdout)
+    assert got["apiVersion"] == "autoscaling/v1" and got["spec"]["targetCPUUtilizationPercentage"] == 55
+    got = json.loads(kubectl("get", "hpa", "h", "-o", "json").stdout)
+    assert got["apiVersion"] == "autoscaling/v2" and got["spec"]["minReplicas"] == 1

@@ -925,3 +925,147 @@ def test_go_unmarshal_type_names():
     from perennial.local.builtin_schema import _json_type
 
     assert [_json_type(v) for v in (True, 3, 1.5, "x", [], {}, None)] == ["bool", "number", "number", "string", "array", "object", "null"]
+
+
+# --------------------------------------------------------------------------- defaulting, HPA versions, GC policies
+
+
+def _job(name: str = "job", **spec) -> dict:
+    return {"metadata": {"name": name}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}, **spec}}
+
+
+def test_builtins_are_defaulted_on_create_and_a_put_of_what_was_sent_is_a_no_op(c, ns):
+    path = f"/apis/apps/v1/namespaces/{ns}/deployments"
+    sent = _deployment(image="busybox:1")
+    d = c.ok("POST", path, sent)
+    assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert d["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    # a client that PUTs its own manifest back (without the defaults) changes nothing
+    again = c.ok("PUT", f"{path}/d", {**sent, "metadata": {**sent["metadata"],
+                                                           "resourceVersion": d["metadata"]["resourceVersion"]}})
+    assert again["metadata"]["resourceVersion"] == d["metadata"]["resourceVersion"]
+    assert again["metadata"]["generation"] == 1
+
+
+def test_job_selector_is_generated_and_a_hand_written_one_refused(c, ns):
+    path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+    job = c.ok("POST", path, _job())
+    uid = job["metadata"]["uid"]
+    assert job["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    assert job["spec"]["template"]["metadata"]["labels"]["job-name"] == "job"
+    r = c.req("POST", path, _job("mine", selector={"matchLabels": {"app": "x"}}))
+    assert r.status_code == 422 and "`selector` not auto-generated" in r.json()["message"]
+    manual = _job("manual", manualSelector=True, selector={"matchLabels": {"app": "x"}})
+    manual["spec"]["template"]["metadata"] = {"labels": {"app": "x"}}
+    assert c.ok("POST", path, manual)["spec"]["selector"] == {"matchLabels": {"app": "x"}}
+
+
+def test_service_keeps_its_cluster_ip_when_replaced(c, ns):
+    path = f"/api/v1/namespaces/{ns}/services"
+    svc = c.ok("POST", path, {"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}})
+    other = c.ok("POST", path, {"metadata": {"name": "t"}, "spec": {"ports": [{"port": 80}]}})
+    assert svc["spec"]["clusterIP"] != other["spec"]["clusterIP"]
+    assert svc["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80}]
+    out = c.ok("PUT", f"{path}/s", {"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}})
+    assert out["spec"]["clusterIP"] == svc["spec"]["clusterIP"]
+    assert out["metadata"]["resourceVersion"] == svc["metadata"]["resourceVersion"]
+
+
+HPA1 = "/apis/autoscaling/v1/namespaces/{ns}/horizontalpodautoscalers"
+HPA2 = "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers"
+
+
+def test_hpa_is_served_as_v1_and_v2_from_one_storage(c, ns):
+    groups = {g["name"]: g for g in c.ok("GET", "/apis")["groups"]}
+    assert [v["version"] for v in groups["autoscaling"]["versions"]] == ["v2", "v1"]
+    assert groups["autoscaling"]["preferredVersion"]["version"] == "v2"
+    assert "horizontalpodautoscalers" in {r["name"] for r in c.ok("GET", "/apis/autoscaling/v1")["resources"]}
+    ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "d"}
+    v1 = c.ok("POST", HPA1.format(ns=ns), {"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
+                                            "metadata": {"name": "h"},
+                                            "spec": {"scaleTargetRef": ref, "maxReplicas": 4,
+                                                     "targetCPUUtilizationPercentage": 50}})
+    assert v1["apiVersion"] == "autoscaling/v1"
+    assert v1["spec"] == {"scaleTargetRef": ref, "minReplicas": 1, "maxReplicas": 4,
+                          "targetCPUUtilizationPercentage": 50}
+    v2 = c.ok("GET", HPA2.format(ns=ns) + "/h")
+    assert v2["apiVersion"] == "autoscaling/v2"
+    assert v2["spec"]["metrics"] == [{"type": "Resource", "resource": {"name": "cpu", "target": {
+        "type": "Utilization", "averageUtilization": 50}}}]
+    c.ok("PATCH", HPA2.format(ns=ns) + "/h", {"spec": {"metrics": [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}},
+        {"type": "Pods", "pods": {"metric": {"name": "queue"}, "target": {"type": "AverageValue",
+                                                                          "averageValue": "3"}}}]}},
+         "application/merge-patch+json")
+    v1 = c.ok("GET", HPA1.format(ns=ns) + "/h")
+    assert v1["spec"]["targetCPUUtilizationPercentage"] == 70
+    assert "autoscaling.alpha.kubernetes.io/metrics" in v1["metadata"]["annotations"]
+    out = c.ok("PATCH", HPA1.format(ns=ns) + "/h", {"spec": {"targetCPUUtilizationPercentage": 90}},
+               "application/merge-patch+json")
+    assert out["apiVersion"] == "autoscaling/v1" and out["spec"]["targetCPUUtilizationPercentage"] == 90
+    metrics = c.ok("GET", HPA2.format(ns=ns) + "/h")["spec"]["metrics"]
+    assert [m.get("resource", {}).get("target", {}).get("averageUtilization") for m in metrics] == [90, None]
+    assert [o["apiVersion"] for o in c.ok("GET", HPA1.format(ns=ns))["items"]] == ["autoscaling/v1"]
+    no_op = c.ok("PUT", HPA1.format(ns=ns) + "/h", out)
+    assert no_op["metadata"]["resourceVersion"] == out["metadata"]["resourceVersion"]
+
+
+def _ref(o: dict, block: bool = True) -> list[dict]:
+    return [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
+             "uid": o["metadata"]["uid"], "controller": True, "blockOwnerDeletion": block}]
+
+
+def test_foreground_deletion_waits_for_blocking_dependents(c, ns):
+    owner = c.ok("POST", CM(ns), {"metadata": {"name": "owner"}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "blocker", "ownerReferences": _ref(owner),
+                                       "finalizers": ["test/hold"]}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "plain", "ownerReferences": _ref(owner, block=False)}})
+    out = c.ok("DELETE", CM(ns, "owner"), {"propagationPolicy": "Foreground"})
+    assert out["metadata"]["deletionTimestamp"] and out["metadata"]["finalizers"] == ["foregroundDeletion"]
+    assert c.req("GET", CM(ns, "plain")).status_code == 404  # dependents are deleted first
+    assert c.ok("GET", CM(ns, "blocker"))["metadata"]["deletionTimestamp"]
+    assert c.ok("GET", CM(ns, "owner"))["metadata"]["finalizers"] == ["foregroundDeletion"]
+    c.ok("PATCH", CM(ns, "blocker"), {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    assert c.req("GET", CM(ns, "blocker")).status_code == 404
+    assert c.req("GET", CM(ns, "owner")).status_code == 404
+
+
+def test_foreground_owner_goes_when_a_blocking_dependent_lets_go(c, ns):
+    owner = c.ok("POST", CM(ns), {"metadata": {"name": "owner"}})
+    c.ok("POST", CM(ns), {"metadata": {"name": "dep", "ownerReferences": _ref(owner), "finalizers": ["test/hold"]}})
+    c.ok("DELETE", CM(ns, "owner"), propagationPolicy="Foreground")
+    c.ok("PATCH", CM(ns, "dep"), {"metadata": {"ownerReferences": None}}, "application/merge-patch+json")
+    assert c.req("GET", CM(ns, "owner")).status_code == 404
+
+
+def test_orphan_deletion_strips_owner_references_and_keeps_dependents(c, ns):
+    owner = c.ok("POST", CM(ns), {"metadata": {"name": "owner"}})
+    other = c.ok("POST", CM(ns), {"metadata": {"name": "other"}})
+    dep = c.ok("POST", CM(ns), {"metadata": {"name": "dep", "ownerReferences": _ref(owner) + [
+        {**_ref(other)[0], "controller": False}]}})
+    c.ok("DELETE", CM(ns, "owner"), {"propagationPolicy": "Orphan"})
+    assert c.req("GET", CM(ns, "owner")).status_code == 404
+    kept = c.ok("GET", CM(ns, "dep"))
+    assert [r["name"] for r in kept["metadata"]["ownerReferences"]] == ["other"]
+    assert int(kept["metadata"]["resourceVersion"]) > int(dep["metadata"]["resourceVersion"])
+
+
+def test_deleting_a_batch_v1_job_orphans_its_pods_unless_told_otherwise(c, ns):
+    jobs = f"/apis/batch/v1/namespaces/{ns}/jobs"
+    pods = f"/api/v1/namespaces/{ns}/pods"
+    for name in ("a", "b"):
+        job = c.ok("POST", jobs, _job(name))
+        c.ok("POST", pods, {"metadata": {"name": f"{name}-pod", "ownerReferences": _ref(job)},
+                            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    r = c.req("DELETE", f"{jobs}/a")
+    assert r.status_code == 200 and "child pods are preserved by default" in r.headers.get("Warning", "")
+    assert "ownerReferences" not in c.ok("GET", f"{pods}/a-pod")["metadata"]
+    c.ok("DELETE", f"{jobs}/b", {"propagationPolicy": "Background"})
+    assert c.req("GET", f"{pods}/b-pod").status_code == 404
+
+
+def test_unknown_propagation_policy_is_422(c, ns):
+    c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
+    r = c.req("DELETE", CM(ns, "a"), {"propagationPolicy": "Sideways"})
+    assert r.status_code == 422 and 'Unsupported value: "Sideways"' in r.json()["message"]

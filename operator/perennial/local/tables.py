@@ -114,10 +114,28 @@ def _event_last_seen(o: dict) -> str | None:
 
 
 def _hpa_targets(o: dict) -> str:
+    """kubectl's TARGETS column: ``cpu: 40%/80%`` (current/target; ``<unknown>`` before the first status)."""
+    current = _g(o, "status", "currentMetrics", default=[]) or []
     out = []
-    for m in _g(o, "spec", "metrics", default=[]):
-        target = _g(m, m.get("type", "").lower() if m.get("type") else "", "target", default={})
-        out.append(str(target.get("averageUtilization", target.get("averageValue", target.get("value", "?")))))
+    metrics = _g(o, "spec", "metrics", default=[]) or []
+    for i, m in enumerate(metrics[:4]):
+        kind = (m.get("type") or "").lower()
+        source, now = m.get(kind) or {}, ((current[i] if i < len(current) else {}) or {}).get(kind) or {}
+        target, value = source.get("target") or {}, now.get("current") or {}
+        if kind == "resource" or kind == "containerresource":
+            if "averageValue" in target:
+                out.append(f"{source.get('name')}: {value.get('averageValue', '<unknown>')}/{target['averageValue']}")
+            else:
+                cur = f"{value['averageUtilization']}%" if "averageUtilization" in value else "<unknown>"
+                goal = f"{target['averageUtilization']}%" if "averageUtilization" in target else "<auto>"
+                out.append(f"{source.get('name')}: {cur}/{goal}")
+        elif "averageValue" in target:
+            suffix = " (avg)" if kind in ("object", "external") else ""
+            out.append(f"{value.get('averageValue', '<unknown>')}/{target['averageValue']}{suffix}")
+        else:
+            out.append(f"{value.get('value', '<unknown>')}/{target.get('value', '<unknown>')}")
+    if len(metrics) > 4:
+        out[-1] += f" + {len(metrics) - 4} more..."
     return ", ".join(out) or "<none>"
 
 
