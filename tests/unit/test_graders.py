@@ -106,17 +106,24 @@ def test_python_grader_scores():
     assert grade(g, "blue", {"answer": "red"}).score == 0
 
 
-@pytest.mark.parametrize("body,why", [
-    ("while True:\n        pass", "CPU time limit"),
-    ("import time\n    time.sleep(60)", "timed out"),
-    ("x = bytearray(10 * 1024 ** 3)\n    return 1.0", "MemoryError"),
-    ("import os\n    os._exit(9)", "exited with 9"),
-    ("raise ValueError('boom')", "boom"),
-    ("return 'not a number'", "could not convert"),
+# Each case has one limit that can fire. The CPU-bound case has a wall-clock limit far beyond its CPU
+# limit: on a busy 2-core machine the grader gets a fraction of a core, so with equal limits the wall
+# clock would fire first (CPU seconds pass slower than wall seconds); sleeping uses no CPU, so the
+# wall-clock case cannot hit the CPU limit instead.
+QUICK = {"timeoutSeconds": 2, "cpuSeconds": 2, "memoryMiB": 256}
+
+
+@pytest.mark.parametrize("body,limits,why", [
+    ("while True:\n        pass", {"timeoutSeconds": 120, "cpuSeconds": 1, "memoryMiB": 256}, "exceeded its CPU time limit (SIGXCPU)"),
+    ("import time\n    time.sleep(60)", QUICK, "timed out after 2s (wall clock)"),
+    ("x = bytearray(10 * 1024 ** 3)\n    return 1.0", QUICK, "MemoryError"),
+    ("import os\n    os._exit(9)", QUICK, "exited with 9"),
+    ("raise ValueError('boom')", QUICK, "boom"),
+    ("return 'not a number'", QUICK, "could not convert"),
 ])
-def test_misbehaving_grader_is_contained(body, why, caplog):
+def test_misbehaving_grader_is_contained(body, limits, why, caplog):
     src = f"def grade(sample, item):\n    {body}\n"
-    g = G(type="Python", failureScore="-1", python={"source": src, "limits": {"timeoutSeconds": 2, "cpuSeconds": 2, "memoryMiB": 256}})
+    g = G(type="Python", failureScore="-1", python={"source": src, "limits": limits})
     with caplog.at_level(logging.WARNING, logger="perennial_trainer.graders"):
         r = grade(g, "x", {})
     assert r.score == -1 and r.failed
