@@ -1,0 +1,228 @@
+"""The controller pattern against the embedded control plane, counted at the server:
+write budget, zero idle traffic, zero-write restarts, defaulted children left alone,
+terminal outcomes that stick, and the rough edges of issue 10."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from harness import API, Cluster, FakeKubelet, wait_for
+from test_trainingrun import RESULT, RUBRIC, prerequisites, progress, run_spec
+
+OPERATOR = ("perennial-operator", "kopf")
+WRITES = ("create", "update", "patch", "delete", "deletecollection")
+
+
+def count(cluster: Cluster, verbs: tuple[str, ...] | None = None, resource: str | None = None) -> int:
+    return sum(cluster.server.count(client=c, verb=v, resource=resource) for c in OPERATOR for v in (verbs or (None,)))
+
+
+def object_gets(cluster: Cluster) -> int:
+    """GETs of single objects (kopf's discovery of API groups aside)."""
+    return sum(r["count"] for r in cluster.server.request_counts()["requests"] if r["client"] in OPERATOR and r["verb"] == "get" and not r["resource"].startswith("/"))
+
+
+def requests(cluster: Cluster) -> int:
+    """Everything the operator asked, its long-running watches aside."""
+    return count(cluster) - count(cluster, ("watch",))
+
+
+def quiet(cluster: Cluster, seconds: float = 1.5, timeout: float = 30) -> None:
+    """Wait until the operator made no request for `seconds`."""
+    deadline = time.monotonic() + timeout
+    last, since = requests(cluster), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = requests(cluster)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+    raise AssertionError("the operator never went quiet")
+
+
+def test_write_budget_idle_and_restart(cluster: Cluster, tmp_path):
+    artifact = tmp_path / "artifacts" / "a"
+    artifact.mkdir(parents=True)
+    (artifact / "adapter_config.json").write_text("{}")
+    n = 8
+    cluster.server.reset_request_counts()
+    cluster.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+    for i in range(n):
+        cluster.create("RewardSpec", f"rs{i}", RUBRIC)
+        cluster.create("Adapter", f"fam-v{i + 1}", {"baseModelRef": {"name": "base"}, "family": "fam", "version": i + 1, "artifactUri": f"file://{artifact}", "lora": {"rank": 8}})
+        cluster.create("TrainingRun", f"wait{i}", run_spec(baseModelRef={"name": "missing"}, rewardSpecRef={"name": "rs0"}))
+    for i in range(n):
+        cluster.wait_condition("RewardSpec", f"rs{i}", "Validated", "True", "NoTests")
+        cluster.wait_condition("Adapter", f"fam-v{i + 1}", "Ready", "True", "Available")
+        cluster.wait_condition("TrainingRun", f"wait{i}", "Waiting", "True", "BaseModelNotFound")
+    quiet(cluster)
+    objects = 3 * n + 1
+    status_writes = sum(count(cluster, ("patch", "update"), f"perennial.ai/{p}/status") for p in ("basemodels", "rewardspecs", "adapters", "trainingruns"))
+    events = count(cluster, ("create",), "events")
+    all_writes = count(cluster, WRITES)
+    assert status_writes == objects, (status_writes, cluster.server.request_counts())
+    assert events <= objects and all_writes == status_writes + events, cluster.server.request_counts()
+    assert object_gets(cluster) == 0, "reads come from the watch-fed cache"
+    for kind, name in (("RewardSpec", "rs0"), ("Adapter", "fam-v1"), ("TrainingRun", "wait0"), ("BaseModel", "base")):
+        meta = cluster.get(kind, name)["metadata"]
+        assert "finalizers" not in meta and "annotations" not in meta, meta
+
+    # Idle: nothing changes, so nothing is asked (resync periods are 1 s here).
+    before = requests(cluster)
+    time.sleep(3)
+    assert requests(cluster) == before
+
+    # Restart: lists and watches, no write, no per-object read.
+    cluster.stop_operator()
+    cluster.server.reset_request_counts()
+    cluster.start_operator()
+    time.sleep(1)
+    quiet(cluster)
+    assert count(cluster, WRITES) == 0, cluster.server.request_counts()
+    assert object_gets(cluster) == 0, cluster.server.request_counts()
+    assert count(cluster, ("list",)) <= 12  # one per watched resource (10) and kopf's CRD scan, whatever the object count
+
+    # A reference appearing wakes exactly the runs that wait for it.
+    cluster.server.reset_request_counts()
+    cluster.create("BaseModel", "missing", {"source": {"uri": "hf://org/model"}})
+    for i in range(n):
+        wait_for(lambda i=i: cluster.kube.get("batch/v1", "Job", "default", f"wait{i}-train"), message=f"Job of wait{i}")
+
+
+def test_defaulted_children_are_left_alone(cluster: Cluster):
+    """The control plane defaults every child (Job selector and pod template, PVC, ConfigMap):
+    comparing with them must not look like drift."""
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("BaseModel", "cached", {"source": {"uri": "hf://org/model"}, "cache": {"enabled": True, "size": "1Gi"}})
+    cluster.create("RewardSpec", "tested", {**RUBRIC, "tests": [{"name": "t", "completion": "<answer>x", "expect": {"min": "0"}}]})
+    cluster.create("TrainingRun", "run", run_spec())
+    cluster.wait_condition("BaseModel", "cached", "Ready", "False", "Downloading")
+    cluster.wait_condition("RewardSpec", "tested", "Validated", "Unknown", "ValidationRunning")
+    job = wait_for(lambda: cluster.kube.get("batch/v1", "Job", "default", "run-train"))
+    assert job["spec"]["selector"]["matchLabels"] and job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"]  # defaulted
+    pod = kubelet.start("run-train")
+    kubelet.log(pod, progress(2))
+    wait_for(lambda: cluster.get("TrainingRun", "run")["status"].get("progressText") == "2/20")
+    quiet(cluster, seconds=0.5)
+    cluster.server.reset_request_counts()
+    time.sleep(3.5)  # three progress periods of the running trainer; children untouched, status unchanged
+    child_writes = sum(count(cluster, WRITES, r) for r in ("batch/jobs", "configmaps", "persistentvolumeclaims"))
+    assert child_writes == 0, cluster.server.request_counts()
+    assert count(cluster, WRITES) == 0, cluster.server.request_counts()
+    assert count(cluster, ("get",), "pods/log") >= 2  # time is the trigger while the trainer runs, and only then
+
+
+def test_failed_run_stays_failed_when_its_job_goes(cluster: Cluster):
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("TrainingRun", "doomed", run_spec())
+    pod = kubelet.start("doomed-train")
+    kubelet.finish("doomed-train", pod, exit_code=1, message=json.dumps({"status": "Failed", "reason": "DatasetNotFound", "message": "gone"}), job_condition="Failed", job_reason="PodFailurePolicy")
+    cluster.wait_condition("TrainingRun", "doomed", "Succeeded", "False", "DatasetNotFound")
+    rv = cluster.get("TrainingRun", "doomed")["metadata"]["resourceVersion"]
+    cluster.kube.delete("batch/v1", "Job", "default", "doomed-train", propagation="Background")  # as its TTL does
+    wait_for(lambda: cluster.kube.get("batch/v1", "Job", "default", "doomed-train") is None)
+    cluster.restart_operator()
+    time.sleep(1)
+    quiet(cluster)
+    assert cluster.kube.get("batch/v1", "Job", "default", "doomed-train") is None
+    assert cluster.get("TrainingRun", "doomed")["metadata"]["resourceVersion"] == rv
+    assert cluster.condition("TrainingRun", "doomed", "Succeeded")["reason"] == "DatasetNotFound"
+    assert not cluster.kube.list(API, "Adapter", "default")
+
+
+def test_adapter_made_before_a_crash_is_never_made_twice(cluster: Cluster):
+    """The operator created the Adapter and died before recording it in the run's status."""
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("TrainingRun", "r", run_spec())
+    pod = kubelet.start("r-train")
+    cluster.stop_operator()
+    run = cluster.get("TrainingRun", "r")
+    kubelet.finish("r-train", pod, exit_code=0, message=json.dumps(RESULT), job_condition="Complete")
+    cluster.create("Adapter", "fruit-v1", {"baseModelRef": {"name": "base"}, "family": "fruit", "version": 1, "artifactUri": RESULT["artifactUri"], "lora": {"rank": 16},
+                                           "lineage": {"trainingRunRef": {"name": "r"}, "trainingRunUid": run["metadata"]["uid"], "method": "GRPO"}})
+    cluster.start_operator()
+    cluster.wait_condition("TrainingRun", "r", "Succeeded", "True", "AdapterCreated")
+    quiet(cluster)
+    assert [a["metadata"]["name"] for a in cluster.kube.list(API, "Adapter", "default")] == ["fruit-v1"]
+    assert cluster.get("TrainingRun", "r")["status"]["adapterRef"] == {"name": "fruit-v1"}
+
+
+def test_rewardspec_tests_gate_the_run(cluster: Cluster):
+    """A run waits while its RewardSpec's tests run, starts when they pass, and fails fast when they fail."""
+    cluster.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+    kubelet = FakeKubelet(cluster)
+    tested = {**RUBRIC, "tests": [{"name": "t", "completion": "<answer>x", "expect": {"min": "0"}}]}
+    cluster.create("RewardSpec", "rubric", tested)
+    cluster.create("RewardSpec", "broken", tested)
+    cluster.create("TrainingRun", "patient", run_spec())
+    cluster.create("TrainingRun", "hopeless", run_spec(rewardSpecRef={"name": "broken"}))
+    cluster.wait_condition("TrainingRun", "patient", "Waiting", "True", "RewardSpecNotValidated")
+    cluster.wait_condition("TrainingRun", "hopeless", "Waiting", "True", "RewardSpecNotValidated")
+    assert cluster.kube.get("batch/v1", "Job", "default", "patient-train") is None
+
+    def finish(rs: str, passed: bool) -> None:
+        job = wait_for(lambda: (js := cluster.kube.list("batch/v1", "Job", "default", f"perennial.ai/rewardspec={rs}")) and js[0])
+        name = job["metadata"]["name"]
+        pod = kubelet.start(name)
+        result = {"status": "Succeeded" if passed else "Failed", "message": "1/1 passed" if passed else "0/1 passed; failed: t", "results": [{"name": "t", "passed": passed, "score": "0"}]}
+        kubelet.finish(name, pod, exit_code=0 if passed else 1, message=json.dumps(result), job_condition="Complete" if passed else "Failed")
+
+    finish("rubric", True)
+    finish("broken", False)
+    wait_for(lambda: cluster.kube.get("batch/v1", "Job", "default", "patient-train"), message="the run starts once the tests pass")
+    c = cluster.wait_condition("TrainingRun", "hopeless", "Succeeded", "False", "RewardSpecTestsFailed")
+    assert "'broken'" in c["message"]
+    assert cluster.kube.get("batch/v1", "Job", "default", "hopeless-train") is None
+    assert wait_for(lambda: [e for e in cluster.events("hopeless") if e["type"] == "Warning" and e["reason"] == "RewardSpecTestsFailed"])
+
+
+def test_no_learning_signal_is_reported(cluster: Cluster):
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("TrainingRun", "flat", run_spec())
+    pod = kubelet.start("flat-train")
+    kubelet.log(pod, "PERENNIAL_PROGRESS " + json.dumps({"step": 4, "totalSteps": 20, "meanReward": 0.0, "fracRewardZeroStd": 1.0}) + "\n")
+    c = cluster.wait_condition("TrainingRun", "flat", "LearningSignal", "False", "NoRewardVariance")
+    assert "no signal" in c["message"]
+    assert wait_for(lambda: [e for e in cluster.events("flat") if e["type"] == "Warning" and e["reason"] == "NoRewardVariance"])
+    table = cluster.kube.request("GET", f"/apis/{API}/namespaces/default/trainingruns/flat", query={"includeObject": "None"})
+    assert table["status"]["progress"]["fracRewardZeroStd"] == "1"
+    result = dict(RESULT, metrics={**RESULT["metrics"], "train/frac_reward_zero_std": 1.0})
+    kubelet.finish("flat-train", pod, exit_code=0, message=json.dumps(result), job_condition="Complete")
+    cluster.wait_condition("TrainingRun", "flat", "Succeeded", "True", "AdapterCreated")
+    assert cluster.condition("TrainingRun", "flat", "LearningSignal")["reason"] == "NoRewardVariance"
+
+
+def test_chained_runs_applied_at_once(cluster: Cluster):
+    """The GRPO run names its parent by TrainingRun: both are applied together; it waits, then continues that Adapter."""
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    sft = run_spec(method="SFT")
+    del sft["rewardSpecRef"]
+    cluster.create("TrainingRun", "sft", sft)
+    cluster.create("TrainingRun", "grpo", run_spec(parentTrainingRunRef={"name": "sft"}))
+    cluster.wait_condition("TrainingRun", "grpo", "Waiting", "True", "ParentRunNotFinished")
+    pod = kubelet.start("sft-train")
+    result = dict(RESULT, artifactUri="file:///artifacts/sft")
+    kubelet.finish("sft-train", pod, exit_code=0, message=json.dumps(result), job_condition="Complete")
+    cluster.wait_condition("TrainingRun", "sft", "Succeeded", "True", "AdapterCreated")
+    # The parent's Adapter exists but its artifact does not: not Ready, so the child keeps waiting.
+    cluster.wait_condition("TrainingRun", "grpo", "Waiting", "True", "AdapterNotReady")
+    assert len([e for e in cluster.events("sft") if e["reason"] == "AdapterCreated"]) == 1
+
+
+def test_adapter_created_once_per_run(cluster: Cluster):
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("TrainingRun", "once", run_spec())
+    pod = kubelet.start("once-train")
+    kubelet.finish("once-train", pod, exit_code=0, message=json.dumps(RESULT), job_condition="Complete")
+    cluster.wait_condition("TrainingRun", "once", "Succeeded", "True", "AdapterCreated")
+    quiet(cluster)
+    reasons = [e["reason"] for e in cluster.events("once")]
+    assert reasons.count("AdapterCreated") == 1 and reasons.count("JobCreated") == 1, reasons
