@@ -149,3 +149,19 @@ def test_restore_ignores_an_incomplete_mirrored_checkpoint(tmp_path):
     assert json.loads((tmp_path / "pod2" / "checkpoint-10" / "trainer_state.json").read_text()) == {"global_step": 10}
     assert not (tmp_path / "pod2" / "checkpoint-10" / checkpoints.COMPLETE).exists()
     assert checkpoints.restore_checkpoint("memory://bucket/none/checkpoints", tmp_path / "pod3") is None
+
+
+@pytest.mark.parametrize("parent_field", [{"parentTrainingRunRef": {"name": "first"}}, {"parentAdapterFamily": "fruit"}])
+def test_parent_named_by_run_or_family_continues_the_resolved_adapter(tmp_path, parent_field):
+    data = write_fruit_data(tmp_path / "data")
+    first = run_config(name="first", method="SFT", base=tiny_model_path(), output=str(tmp_path / "first"),
+                       datasets=[{"name": "d", "uri": data["sft"]}], hp={"maxSteps": 2, "batchSize": 8})
+    rc, term = _main(tmp_path, first)
+    assert rc == 0, term
+    second = run_config(name="second", method="SFT", base=tiny_model_path(), output=str(tmp_path / "second"),
+                        datasets=[{"name": "d", "uri": data["sft"]}], hp={"maxSteps": 2, "batchSize": 8})
+    second["spec"].update(parent_field)
+    second["parentAdapterUri"] = str(tmp_path / "first")  # what the operator resolved
+    rc, term = _main(tmp_path, write_config(tmp_path / "second.yaml", second))
+    assert rc == 0, term
+    assert term["lineage"]["parentAdapter"] == {"ref": None, "uri": str(tmp_path / "first")}

@@ -450,7 +450,9 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     lineage = {
         "trainingRun": cfg.run_name, "namespace": cfg.namespace, "trainingRunUid": cfg.run_uid,
         "method": method, "baseModel": {"ref": spec.base_model_ref.name, "uri": cfg.base_model_uri},
-        "parentAdapter": {"ref": spec.parent_adapter_ref.name, "uri": cfg.parent_adapter_uri} if spec.parent_adapter_ref or cfg.parent_adapter_uri else None,
+        # The operator resolves parentTrainingRunRef / parentAdapterFamily to parentAdapterUri (the name is in the run's status).
+        "parentAdapter": {"ref": spec.parent_adapter_ref.name if spec.parent_adapter_ref else None, "uri": cfg.parent_adapter_uri}
+        if spec.parent_adapter_ref or cfg.parent_adapter_uri else None,
         "datasets": [{"name": d.name, "uri": d.uri, "sha256": d.sha256, "rows": len(d.rows), "split": d.split} for d in datasets_],
         "configHash": cfg.config_hash(),
     }
