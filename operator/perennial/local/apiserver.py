@@ -11,7 +11,14 @@ Python client and kubectl 1.32 (get/apply/describe/explain/delete/logs/scale/wai
   resourceVersion, dry runs;
 * patches: merge, JSON (a failed ``test`` is 422), strategic merge (approximate; merge keys
   of the built-in lists), server-side apply (approximate: merge, create if missing);
-* finalizers and deletionTimestamp, namespace deletion, ownerReference garbage collection;
+* finalizers and deletionTimestamp, namespace deletion, ownerReference garbage collection with
+  ``propagationPolicy`` Background, Foreground (``foregroundDeletion``, waits for dependents with
+  ``blockOwnerDeletion``) and Orphan (batch/v1 Jobs orphan their Pods by default, with kube's warning);
+* defaulting of built-in kinds as kube-apiserver does it (``defaults.py``: PodSpec, Deployment, Service
+  cluster IPs, Job selector, HPA); ``autoscaling/v1`` and ``v2`` HorizontalPodAutoscalers from one storage;
+* fault injection (``FaultConfig``: 500, 429, 409, slow, watch-close, 410 for chosen User-Agents;
+  ``start_in_thread(faults=…)``, ``set_faults()``, ``PUT /debug/perennial/faults``) and request
+  accounting by client/verb/resource/code (``request_counts()``, ``count()``, ``/debug/perennial/requests``);
 * label and field selectors; watches with resume, 410 Expired, timeouts, bookmarks,
   ``sendInitialEvents``;
 * CustomResourceDefinitions: registration, structural-schema checks, pruning, defaulting,
@@ -28,6 +35,8 @@ Usage::
     server.apply_crd(crd_dict)           # same as POSTing the CRD; load_crds("crds/") too
     server.set_pod_log("ns", "pod-0", "hello\\n"); server.append_pod_log(...)
     server.create("v1", "pods", body, namespace="ns"); server.patch(...); server.get(...)
+    server.set_faults(FaultConfig(rate=0.1, faults=("500", "429"), seed=1)); server.fault_counts()
+    server.count(client="perennial-operator", verb="patch"); server.reset_request_counts()
     await server.stop()                  #     handle.stop()
 
 Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward,
