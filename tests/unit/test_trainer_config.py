@@ -38,5 +38,6 @@ def test_gpu_runs_keep_activation_checkpointing(tmp_path):
 def test_grpo_batch_must_divide_into_generations(tmp_path):
     from perennial_trainer.errors import TrainerError
 
-    with pytest.raises(TrainerError, match="multiple of numGenerations"):
+    with pytest.raises(TrainerError, match="must be a multiple of `hyperparameters.numGenerations`") as e:
         trl_config(_cfg("GRPO", batchSize=12, numGenerations=8), str(tmp_path), CPU, 36, [1.0, 1.0])
+    assert e.value.reason == "InvalidConfig" and e.value.exit_code == 10

@@ -196,6 +196,7 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
     if method == "DPO":
         return DPOConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024,
                          beta=_f(hp.beta) if hp.beta is not None else 0.1, **common)
+    check_hyperparameters(cfg)
     ng, bs = grpo_group(cfg)
     extra: dict[str, Any] = {}
     if hp.entropy_coef is not None:
