@@ -1,0 +1,870 @@
+"""Operator at scale: the operator and the embedded control plane in separate processes, on 127.0.0.1.
+
+For each kind and size N (default 1,000 and 10,000; `--quick`: 200) it starts a fresh
+`perennial control-plane` and measures:
+
+  * raw create throughput: the N objects created with no operator running (objects/s, a thread
+    pool of `--concurrency` (16) threads over the `kubernetes` client, `perennial.kube`'s `Kube`);
+  * convergence: a fresh control plane with the operator (`perennial run`, its own process)
+    running, the same N creates by the same client; objects/s from the first create until a
+    LIST shows every object with the expected condition at the current `observedGeneration`;
+    and convergence / raw (target >= 0.5);
+  * writes and reads per object by the operator (its own client `perennial-operator` plus
+    `kopf`), counted by the control plane (`/debug/perennial/requests`) from the first create
+    until the operator is quiet: writes to the objects themselves (status), Events, children
+    (ConfigMaps, Jobs) and other; target <= 3 writes per object (children apart);
+  * idle: requests/s of the operator and CPU% of each process over `--idle-seconds` (60),
+    targets 0 requests/s (progress reads of running TrainingRuns are time-triggered by design:
+    reported apart) and < 1 % of a core;
+  * RSS per object of each process (VmRSS before the creates and after convergence);
+  * restart: SIGTERM, start again, writes (target 0) and reads by verb (target: list/watch
+    only, no per-object get) until the operator is quiet, and the time that took.
+
+Kinds: RewardSpecs without tests (Ready=True); waiting TrainingRuns (their BaseModel does not
+exist: Waiting=True); running TrainingRuns (BaseModel and RewardSpec Ready: the operator makes a
+ConfigMap + Job per run, this script plays the Job controller and kubelet from a watch on Jobs:
+the Job's status `active: 1`, a Pod owned by it in phase Running, Started=True); Adapters (a
+`file://` artifact with `adapter_config.json`, their BaseModel exists: Ready=True). Deployments
+have no controller yet and are skipped. Pod logs cannot be written over HTTP (the embedded
+server feeds them in-process only), so running pods have no log lines: the operator's progress
+reads find an empty log.
+
+Nothing is asserted: targets print as met / not met; the exit status is 0 unless something
+crashed. Every wait is bounded; both processes are killed on exit (Ctrl-C too) and the temp
+directory removed. Usage:
+
+    python benchmarks/operator_scale.py [--quick] [--sizes 1000 10000] [--kinds rewardspec waiting running adapter]
+                                        [--idle-seconds 60] [--concurrency 16] [--keep-logs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import kubernetes
+
+HOST = "127.0.0.1"  # never anything else
+NS = "default"
+API = "perennial.ai/v1alpha1"
+GROUP = "perennial.ai"
+REPO = Path(__file__).resolve().parent.parent
+PERENNIAL = str(Path(sys.executable).with_name("perennial"))
+BENCH_UA = "OpenAPI-Generator/perennial-bench"  # the benchmark's own requests: classified apart from the operator's
+OPERATOR_CLIENTS = ("perennial-operator", "kopf")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
+READ_VERBS = ("get", "list", "watch")
+PROGRESS_RESOURCE = "pods/log"  # time-triggered progress reads of running TrainingRuns
+KINDS = ("rewardspec", "waiting", "running", "adapter")
+KIND_OF = {"rewardspec": "RewardSpec", "waiting": "TrainingRun", "running": "TrainingRun", "adapter": "Adapter"}
+PLURAL_OF = {"RewardSpec": "rewardspecs", "TrainingRun": "trainingruns", "Adapter": "adapters"}
+#: the condition each kind converges to
+EXPECTED = {"rewardspec": ("Ready", "True"), "waiting": ("Waiting", "True"), "running": ("Started", "True"), "adapter": ("Ready", "True")}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process in its own session, logging to a file; CPU and RSS from /proc."""
+
+    def __init__(self, name: str, argv: list[str], logfile: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.logfile = logfile
+        self._log = open(logfile, "ab")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, cwd=REPO, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime (fields 14, 15)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> float:
+        """SIGTERM, wait (bounded), SIGKILL if needed; returns seconds to exit."""
+        t0 = time.monotonic()
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not exit {timeout:.0f}s after SIGTERM: SIGKILL")
+                self.kill()
+        self._log.close()
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if not self._log.closed:
+            self._log.close()
+
+
+class ControlPlane:
+    def __init__(self, workdir: Path, procs: list[Proc]):
+        self.port = free_port()
+        self.state = workdir / f"cp-{self.port}"
+        self.url = f"http://{HOST}:{self.port}"
+        self.proc = Proc("control plane", [PERENNIAL, "control-plane", "--host", HOST, "--port", str(self.port), "--state-dir", str(self.state)],
+                         workdir / f"control-plane-{self.port}.log")
+        procs.append(self.proc)
+        wait_until(lambda: self._started(), 90, "the control plane to start", 0.2)
+        self.kubeconfig = self.state / "kubeconfig"
+
+    def _started(self) -> bool:
+        if not self.proc.alive():
+            raise RuntimeError(f"the control plane exited:\n{self.proc.tail()}")
+        return "Press Ctrl-C" in self.proc.logfile.read_text(errors="replace")
+
+    def requests(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/debug/perennial/requests", timeout=30) as r:
+            return json.loads(r.read())["requests"]
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/debug/perennial/requests", method="DELETE")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+
+def operator_env() -> tuple[dict[str, str], dict[str, str]]:
+    """The operator's environment: ours, minus anything that would point it elsewhere; what was set, for the report."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env["PYTHONUNBUFFERED"] = "1"
+    settings = {k: v for k, v in os.environ.items() if k.startswith("PERENNIAL_")}
+    return env, settings
+
+
+def start_operator(cp: ControlPlane, workdir: Path, procs: list[Proc], tag: str) -> Proc:
+    env, _ = operator_env()
+    argv = [PERENNIAL, "run", "--kubeconfig", str(cp.kubeconfig), "--standalone", "--metrics-port", "0", "--health-port", "0", "--log-format", "plain"]
+    proc = Proc("operator", argv, workdir / f"operator-{cp.port}-{tag}.log", env=env)
+    procs.append(proc)
+    return proc
+
+
+# ----------------------------------------------------------------------------- the load generator's client
+
+
+def client(url: str, pool: int) -> Any:
+    from perennial.kube import Kube
+
+    cfg = kubernetes.client.Configuration()
+    cfg.host = url
+    cfg.verify_ssl = False
+    cfg.connection_pool_maxsize = pool + 4
+    api = kubernetes.client.ApiClient(cfg)
+    api.user_agent = BENCH_UA
+    return Kube(api)
+
+
+def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int) -> tuple[float, float, int]:
+    """Create `objs` with a fixed concurrency; returns (start, end, failures) in time.monotonic()."""
+    failures = 0
+    errors: list[str] = []
+
+    def one(obj: dict[str, Any]) -> None:
+        kube.create(obj)
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(concurrency, thread_name_prefix="create") as pool:
+        for fut in cf.as_completed([pool.submit(one, o) for o in objs]):
+            exc = fut.exception()
+            if exc is not None:
+                failures += 1
+                if len(errors) < 3:
+                    errors.append(str(exc)[:300])
+    t1 = time.monotonic()
+    for e in errors:
+        log(f"create failed: {e}")
+    return t0, t1, failures
+
+
+# ----------------------------------------------------------------------------- the objects
+
+
+RUBRIC = {"graders": [{"name": "fmt", "type": "Regex", "regex": {"pattern": "^<answer>"}}]}
+
+
+def meta(name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": NS}
+
+
+def run_spec() -> dict[str, Any]:
+    return {
+        "method": "GRPO",
+        "baseModelRef": {"name": "base"},
+        "rewardSpecRef": {"name": "rubric"},
+        "datasets": [{"name": "prompts", "uri": "pvc://data/fruit/train.jsonl"}],
+        "hyperparameters": {"maxSteps": 20, "numGenerations": 4},
+        "output": {"adapterFamily": "bench", "artifactUri": "pvc://artifacts/adapters"},
+    }
+
+
+def objects(kind: str, n: int, artifact_dir: Path) -> list[dict[str, Any]]:
+    if kind == "rewardspec":
+        return [{"apiVersion": API, "kind": "RewardSpec", "metadata": meta(f"rs-{i}"), "spec": RUBRIC} for i in range(n)]
+    if kind in ("waiting", "running"):
+        return [{"apiVersion": API, "kind": "TrainingRun", "metadata": meta(f"run-{i}"), "spec": run_spec()} for i in range(n)]
+    if kind == "adapter":
+        return [{"apiVersion": API, "kind": "Adapter", "metadata": meta(f"ad-{i}"),
+                 "spec": {"baseModelRef": {"name": "base"}, "family": "bench", "version": i + 1,
+                          "artifactUri": f"file://{artifact_dir}", "lora": {"rank": 8}}} for i in range(n)]
+    raise ValueError(kind)
+
+
+def prerequisites(kind: str) -> list[dict[str, Any]]:
+    """What the objects of `kind` reference (none for waiting runs: their BaseModel is missing on purpose)."""
+    base = {"apiVersion": API, "kind": "BaseModel", "metadata": meta("base"), "spec": {"source": {"uri": "hf://org/model"}}}
+    rubric = {"apiVersion": API, "kind": "RewardSpec", "metadata": meta("rubric"), "spec": RUBRIC}
+    return {"rewardspec": [], "waiting": [rubric], "running": [base, rubric], "adapter": [base]}[kind]
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+def converged(obj: dict[str, Any], ctype: str, status: str) -> bool:
+    gen = obj["metadata"].get("generation")
+    st = obj.get("status") or {}
+    c = condition(obj, ctype)
+    return bool(c and c.get("status") == status and st.get("observedGeneration") == gen and c.get("observedGeneration", gen) == gen)
+
+
+class ConvergencePoller:
+    """LISTs the kind until every object shows the expected condition; the interval grows with the LIST's cost."""
+
+    def __init__(self, kube: Any, kind: str, n: int):
+        self.kube, self.kind, self.n = kube, kind, n
+        self.ctype, self.status = EXPECTED[kind]
+        self.done = 0
+        self.lists = 0
+        self.list_seconds = 0.0
+
+    def poll(self) -> int:
+        t = time.monotonic()
+        items = self.kube.list(API, KIND_OF[self.kind], NS)
+        self.list_seconds += time.monotonic() - t
+        self.lists += 1
+        self.done = sum(1 for o in items if converged(o, self.ctype, self.status))
+        return self.done
+
+    def wait(self, timeout: float, procs: list[Proc]) -> float:
+        """Blocks until converged; returns time.monotonic() at the LIST that saw it."""
+        deadline = time.monotonic() + timeout
+        last_report = time.monotonic()
+        while True:
+            t = time.monotonic()
+            if self.poll() >= self.n:
+                return t
+            for p in procs:
+                if not p.alive():
+                    raise RuntimeError(f"{p.name} exited during convergence:\n{p.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.done}/{self.n} {self.kind} converged after {timeout:.0f}s")
+            if time.monotonic() - last_report > 15:
+                log(f"  converged {self.done}/{self.n}")
+                last_report = time.monotonic()
+            took = time.monotonic() - t
+            time.sleep(max(0.1, min(5.0, 3 * took)))  # the poll costs the machine at most ~25 %
+
+
+# ----------------------------------------------------------------------------- the kubelet
+
+
+class Kubelet:
+    """Plays the Job controller and kubelet for the operator's training Jobs, from a watch on Jobs:
+    the Job's status (active 1, startTime), then a Pod owned by it (the template's labels plus
+    `job-name`), then the Pod's status (phase Running) -- as `tests/harness.py`'s FakeKubelet does."""
+
+    def __init__(self, url: str, kube: Any, concurrency: int):
+        self.url, self.kube = url, kube
+        self.stop_flag = threading.Event()
+        self.seen: set[str] = set()
+        self.started = 0
+        #: time.monotonic() when the last of `expected` Jobs was seen, and when its Pod was Running
+        self.expected = 0
+        self.all_jobs_at: float | None = None
+        self.all_pods_at: float | None = None
+        self.errors: list[str] = []
+        self.pool = cf.ThreadPoolExecutor(concurrency, thread_name_prefix="kubelet")
+        self.thread = threading.Thread(target=self._run, name="kubelet-watch", daemon=True)
+        self.thread.start()
+
+    def _start_pod(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        tpl = job["spec"]["template"]
+        try:
+            now = "2026-01-01T00:00:00Z"
+            self.kube.patch("batch/v1", "Job", NS, name, {"status": {"active": 1, "startTime": now}}, subresource="status")
+            pod = f"{name}-0"
+            self.kube.create({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": NS,
+                             "labels": {**(tpl.get("metadata") or {}).get("labels", {}), "job-name": name, "batch.kubernetes.io/job-name": name},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"],
+                                                  "controller": True, "blockOwnerDeletion": True}]},
+                "spec": tpl["spec"],
+            })
+            self.kube.patch("v1", "Pod", NS, pod, {"status": {"phase": "Running", "containerStatuses": [
+                {"name": "trainer", "restartCount": 0, "ready": True, "state": {"running": {"startedAt": now}}}]}}, subresource="status")
+            self.started += 1
+            if self.expected and self.started >= self.expected and self.all_pods_at is None:
+                self.all_pods_at = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - reported
+            if len(self.errors) < 5:
+                self.errors.append(f"{name}: {exc}"[:300])
+
+    def _run(self) -> None:
+        rv = ""
+        selector = "app.kubernetes.io%2Fmanaged-by%3Dperennial-operator"
+        while not self.stop_flag.is_set():
+            conn = None
+            try:
+                conn = http.client.HTTPConnection(HOST, int(self.url.rsplit(":", 1)[1]), timeout=10)
+                path = f"/apis/batch/v1/namespaces/{NS}/jobs?watch=true&allowWatchBookmarks=true&timeoutSeconds=300&labelSelector={selector}"
+                if rv:
+                    path += f"&resourceVersion={rv}"
+                conn.request("GET", path, headers={"User-Agent": BENCH_UA, "Accept": "application/json"})
+                resp = conn.getresponse()
+                if resp.status != 200:
+                    resp.read()
+                    rv = ""
+                    time.sleep(0.5)
+                    continue
+                while not self.stop_flag.is_set():
+                    try:
+                        line = resp.readline()
+                    except socket.timeout:
+                        continue
+                    if not line:
+                        break
+                    ev = json.loads(line)
+                    obj = ev.get("object") or {}
+                    if ev.get("type") == "ERROR":
+                        rv = ""
+                        break
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if ev.get("type") in ("ADDED", "MODIFIED"):
+                        name = obj["metadata"]["name"]
+                        if name not in self.seen and name.endswith("-train"):
+                            self.seen.add(name)
+                            if self.expected and len(self.seen) >= self.expected and self.all_jobs_at is None:
+                                self.all_jobs_at = time.monotonic()
+                            self.pool.submit(self._start_pod, obj)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                if self.stop_flag.is_set():
+                    break
+                if len(self.errors) < 5:
+                    self.errors.append(f"watch: {exc!r}"[:300])
+                time.sleep(0.5)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(15)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- request accounting
+
+
+def operator_requests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["client"] in OPERATOR_CLIENTS]
+
+
+def categorise(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Writes by target (object / events / children / other), reads by verb, progress reads apart."""
+    own = f"{GROUP}/{PLURAL_OF[KIND_OF[kind]]}"
+    out: dict[str, Any] = {"writes": Counter(), "write_verbs": Counter(), "reads": Counter(), "read_resources": Counter(),
+                           "progress": 0, "errors": Counter(), "total": 0}
+    for r in operator_requests(rows):
+        n, verb, res = r["count"], r["verb"], r["resource"]
+        out["total"] += n
+        if r["code"] >= 400:
+            out["errors"][f"{verb} {res} {r['code']}"] += n
+        if res == PROGRESS_RESOURCE:
+            out["progress"] += n
+        elif verb in WRITE_VERBS:
+            if res == own or res.startswith(own + "/"):
+                target = "object"
+            elif res in ("events", "events.k8s.io/events"):
+                target = "events"
+            elif kind == "running" and res in ("configmaps", "batch/jobs"):
+                target = "children"
+            else:
+                target = "other"
+            out["writes"][target] += n
+            out["write_verbs"][f"{verb} {res}"] += n
+        elif verb in READ_VERBS:
+            out["reads"][verb] += n
+            out["read_resources"][f"{verb} {res}"] += n
+        else:
+            out["reads"][verb] += n
+            out["read_resources"][f"{verb} {res}"] += n
+    return out
+
+
+def non_progress_total(cp: ControlPlane) -> int:
+    return sum(r["count"] for r in operator_requests(cp.requests()) if r["resource"] != PROGRESS_RESOURCE)
+
+
+def wait_quiet(cp: ControlPlane, quiet: float, timeout: float, procs: list[Proc], t0: float | None = None,
+               need: Callable[[list[dict[str, Any]]], bool] | None = None) -> tuple[float, bool]:
+    """Until the operator made no new request (progress reads aside) for `quiet` seconds.
+    Returns (the time of its last request counted from `t0`, whether it got quiet in time)."""
+    start = time.monotonic() if t0 is None else t0
+    deadline = time.monotonic() + timeout
+    last_total, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
+        rows = cp.requests()
+        total = sum(r["count"] for r in operator_requests(rows) if r["resource"] != PROGRESS_RESOURCE)
+        if total != last_total:
+            last_total, last_change = total, time.monotonic()
+        elif time.monotonic() - last_change >= quiet and total > 0 and (need is None or need(rows)):
+            return last_change - start, True
+        time.sleep(0.25)
+    return last_change - start, False
+
+
+def kopf_watching(rows: list[dict[str, Any]]) -> bool:
+    """kopf has opened its watches (5 of our kinds + 5 built-in)."""
+    return len({r["resource"] for r in rows if r["client"] == "kopf" and r["verb"] == "watch"}) >= 10
+
+
+# ----------------------------------------------------------------------------- one scenario
+
+
+@dataclass
+class Result:
+    kind: str
+    n: int
+    raw_rate: float = 0.0
+    raw_failures: int = 0
+    converge_rate: float = 0.0
+    converge_seconds: float = 0.0
+    create_seconds: float = 0.0
+    converge_failures: int = 0
+    steady: dict[str, Any] = field(default_factory=dict)
+    idle_seconds: float = 0.0
+    idle: dict[str, Any] = field(default_factory=dict)
+    idle_cpu: dict[str, float] = field(default_factory=dict)
+    rss_before: dict[str, int] = field(default_factory=dict)
+    rss_after: dict[str, int] = field(default_factory=dict)
+    restart: dict[str, Any] = field(default_factory=dict)
+    restart_quiet_seconds: float = 0.0
+    restart_quiet: bool = False
+    restart_stop_seconds: float = 0.0
+    kubelet_started: int = 0
+    notes: list[str] = field(default_factory=list)
+    log_counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def operator_log_counts(proc: Proc) -> dict[str, int]:
+    text = proc.logfile.read_text(errors="replace") if proc.logfile.exists() else ""
+    return {
+        "status updates logged": text.count("Updated status"),
+        "requeued after API errors": text.count("Requeued after an API error"),
+        "reconcile failures": text.count("Reconcile failed"),
+        "tracebacks": text.count("Traceback"),
+    }
+
+
+def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path) -> tuple[float, int]:
+    cp = ControlPlane(workdir, procs)
+    try:
+        kube = client(cp.url, args.concurrency)
+        create_all(kube, prerequisites(kind), 1)
+        t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency)
+        return n / (t1 - t0), failures
+    finally:
+        cp.proc.stop()
+
+
+def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc]) -> Result:
+    res = Result(kind, n)
+    artifact_dir = workdir / "artifact"
+    artifact_dir.mkdir(exist_ok=True)
+    (artifact_dir / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+
+    log(f"{kind} x{n}: raw create throughput (no operator)")
+    res.raw_rate, res.raw_failures = raw_create(args, kind, n, workdir, procs, artifact_dir)
+    log(f"  raw: {res.raw_rate:.0f} objects/s")
+
+    cp = ControlPlane(workdir, procs)
+    kube = client(cp.url, args.concurrency)
+    kubelet = None
+    op = None
+    try:
+        prereq = prerequisites(kind)
+        create_all(kube, prereq, 1)
+        op = start_operator(cp, workdir, procs, "first")
+        wait_quiet(cp, 2.0, 90, [cp.proc, op], need=kopf_watching)
+        for p in prereq:
+            wait_until(lambda p=p: converged(kube.get(API, p["kind"], NS, p["metadata"]["name"]) or {"metadata": {}}, "Ready", "True"),
+                       60, f"{p['kind']}/{p['metadata']['name']} Ready")
+        wait_quiet(cp, 2.0, 60, [cp.proc, op])
+        res.rss_before = {"operator": op.rss_kib(), "control plane": cp.proc.rss_kib()}
+        if kind == "running":
+            kubelet = Kubelet(cp.url, kube, max(4, args.concurrency // 2))
+        cp.reset()
+
+        log(f"{kind} x{n}: convergence with the operator running")
+        objs = objects(kind, n, artifact_dir)
+        poller = ConvergencePoller(kube, kind, n)
+        if kubelet is not None:
+            kubelet.expected = n
+        t0, t1, res.converge_failures = create_all(kube, objs, args.concurrency)
+        res.create_seconds = t1 - t0
+        timeout = args.converge_timeout or (120 + n * 0.15)
+        t_done = poller.wait(timeout, [cp.proc, op])
+        res.converge_seconds = t_done - t0
+        res.converge_rate = n / res.converge_seconds
+        log(f"  converged in {res.converge_seconds:.1f}s ({res.converge_rate:.0f} objects/s; {poller.lists} LISTs took {poller.list_seconds:.1f}s)")
+        _, quiet = wait_quiet(cp, 3.0, 60 + n * 0.02, [cp.proc, op])
+        if not quiet:
+            res.notes.append("the operator did not get quiet after convergence (counts cut at the timeout)")
+        res.steady = categorise(cp.requests(), kind)
+        res.rss_after = {"operator": op.rss_kib(), "control plane": cp.proc.rss_kib()}
+        if kubelet is not None:
+            res.kubelet_started = kubelet.started
+            if kubelet.all_jobs_at is not None:
+                res.notes.append(f"the operator had made all {n} Jobs {kubelet.all_jobs_at - t0:.1f} s after the first create; "
+                                 f"this script's kubelet had all their Pods Running at {(kubelet.all_pods_at or t_done) - t0:.1f} s")
+            if kubelet.errors:
+                res.notes.append("kubelet errors: " + " | ".join(kubelet.errors))
+
+        log(f"{kind} x{n}: idle for {args.idle_seconds:.0f}s")
+        cpu0 = {"operator": op.cpu_seconds(), "control plane": cp.proc.cpu_seconds()}
+        cp.reset()
+        t_idle = time.monotonic()
+        end = t_idle + args.idle_seconds
+        while time.monotonic() < end:
+            for p in (cp.proc, op):
+                if not p.alive():
+                    raise RuntimeError(f"{p.name} exited while idle:\n{p.tail()}")
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        rows = cp.requests()
+        res.idle_seconds = time.monotonic() - t_idle
+        res.idle = categorise(rows, kind)
+        res.idle_cpu = {"operator": 100 * (op.cpu_seconds() - cpu0["operator"]) / res.idle_seconds,
+                        "control plane": 100 * (cp.proc.cpu_seconds() - cpu0["control plane"]) / res.idle_seconds}
+
+        log(f"{kind} x{n}: restart")
+        res.log_counts = operator_log_counts(op)
+        res.restart_stop_seconds = op.stop()
+        cp.reset()
+        t_start = time.monotonic()
+        op = start_operator(cp, workdir, procs, "restart")
+        res.restart_quiet_seconds, res.restart_quiet = wait_quiet(cp, args.quiet_seconds, 120 + n * 0.05, [cp.proc, op], t0=t_start, need=kopf_watching)
+        res.restart = categorise(cp.requests(), kind)
+        restart_counts = operator_log_counts(op)
+        res.log_counts = {k: v + restart_counts[k] for k, v in res.log_counts.items()}
+    finally:
+        if kubelet is not None:
+            kubelet.stop()
+        if op is not None:
+            op.stop()
+        cp.proc.stop()
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_counter(c: Counter, per: float = 1.0, digits: int = 2) -> str:
+    if not c:
+        return "-"
+    return ", ".join(f"{k} {v / per:.{digits}f}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def reads_per_verb(r: Result, which: str) -> Counter:
+    return r.__dict__[which]["reads"]
+
+
+def per_object_gets(d: dict[str, Any]) -> int:
+    """GETs of objects (discovery GETs such as `/apis` aside)."""
+    return sum(v for k, v in d["read_resources"].items() if k.startswith("get ") and not k.startswith("get /"))
+
+
+def restart_reads(d: dict[str, Any]) -> str:
+    """Lists and watches by how many resources they cover; discovery and object GETs apart."""
+    rr = d["read_resources"]
+    out = []
+    for verb in ("list", "watch"):
+        keys = [k for k in rr if k.startswith(verb + " ")]
+        if keys:
+            out.append(f"{verb} {sum(rr[k] for k in keys)} over {len(keys)} resources")
+    discovery = sum(v for k, v in rr.items() if k.startswith("get /"))
+    out.append(f"discovery GETs {discovery}")
+    gets = Counter({k: v for k, v in rr.items() if k.startswith("get ") and not k.startswith("get /")})
+    out.append(f"object GETs {sum(gets.values())}" + (f" ({fmt_counter(gets, 1, 0)})" if gets else ""))
+    if d["progress"]:
+        out.append(f"pod log reads {d['progress']}")
+    return "; ".join(out)
+
+
+def print_result(r: Result) -> None:
+    n = r.n
+    st, idle, rs = r.steady, r.idle, r.restart
+    w = st["writes"]
+    rss = {k: (r.rss_after[k] - r.rss_before[k]) * 1024 / n for k in r.rss_before}
+    print(f"\n== {r.kind} x {n:,} ({KIND_OF[r.kind]}, expecting {'='.join(EXPECTED[r.kind])}) ==")
+    rows = [
+        ("raw create (no operator)", f"{r.raw_rate:,.0f} objects/s" + (f" ({r.raw_failures} failed)" if r.raw_failures else "")),
+        ("convergence", f"{r.converge_rate:,.0f} objects/s ({r.converge_seconds:.1f} s; creates took {r.create_seconds:.1f} s)"
+         + (f" ({r.converge_failures} creates failed)" if r.converge_failures else "")),
+        ("convergence / raw", f"{r.converge_rate / r.raw_rate:.2f}x" if r.raw_rate else "-"),
+        ("writes/object to steady", f"{(w['object'] + w['events'] + w['other']) / n:.2f} (status/object {w['object'] / n:.2f}, Events {w['events'] / n:.2f}, "
+                                    f"other {w['other'] / n:.2f}); children {w['children'] / n:.2f}"),
+        ("  by verb", fmt_counter(st["write_verbs"], n)),
+        ("reads/object to steady", fmt_counter(st["reads"], n, 3) + (f"; progress reads (pods/log) {st['progress'] / n:.2f}" if st["progress"] else "")),
+        ("  by resource", fmt_counter(st["read_resources"], 1, 0)),
+        ("idle requests/s", f"{(idle['total'] - idle['progress']) / r.idle_seconds:.2f} over {r.idle_seconds:.0f} s"
+                            + (f" ({fmt_counter(Counter({k: v for k, v in idle['write_verbs'].items()}) + idle['read_resources'], r.idle_seconds)})" if idle['total'] - idle['progress'] else "")
+                            + (f"; progress reads {idle['progress'] / r.idle_seconds:.1f}/s" if r.kind == "running" else "")),
+        ("idle CPU", f"operator {r.idle_cpu['operator']:.2f} % of a core, control plane {r.idle_cpu['control plane']:.2f} %"),
+        ("RSS", f"operator {r.rss_before['operator'] / 1024:.0f} -> {r.rss_after['operator'] / 1024:.0f} MiB ({rss['operator'] / 1024:.1f} KiB/object), "
+                f"control plane {r.rss_before['control plane'] / 1024:.0f} -> {r.rss_after['control plane'] / 1024:.0f} MiB ({rss['control plane'] / 1024:.1f} KiB/object)"),
+        ("restart", f"quiet after {r.restart_quiet_seconds:.1f} s{'' if r.restart_quiet else ' (NOT quiet by the timeout)'} (SIGTERM exit took {r.restart_stop_seconds:.1f} s); "
+                    f"writes {sum(rs['writes'].values())}; reads {fmt_counter(rs['reads'], 1, 0)}"
+                    + (f"; progress reads {rs['progress']}" if rs["progress"] else "")),
+    ]
+    rows.append(("  restart reads", restart_reads(rs)))
+    if sum(rs["writes"].values()):
+        rows.append(("  restart writes", fmt_counter(rs["write_verbs"], 1, 0)))
+    errors = st["errors"] + idle["errors"] + rs["errors"]
+    if errors:
+        rows.append(("operator requests >= 400", fmt_counter(errors, 1, 0)))
+    if r.kind == "running":
+        rows.append(("kubelet (this script)", f"started {r.kubelet_started} pods"))
+    rows.append(("operator log", ", ".join(f"{k} {v}" for k, v in r.log_counts.items())))
+    for note in r.notes:
+        rows.append(("note", note))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def figures(r: Result) -> dict[str, float]:
+    n = r.n
+    w = r.steady["writes"]
+    idle_req = (r.idle["total"] - r.idle["progress"]) / r.idle_seconds
+    return {
+        "raw create/s": r.raw_rate,
+        "convergence/s": r.converge_rate,
+        "convergence/raw": r.converge_rate / r.raw_rate if r.raw_rate else 0.0,
+        "writes/object": (w["object"] + w["events"] + w["other"]) / n,
+        "children writes/object": w["children"] / n,
+        "reads/object": sum(r.steady["reads"].values()) / n,
+        "idle requests/s": idle_req,
+        "idle progress reads/s": r.idle["progress"] / r.idle_seconds,
+        "idle CPU % operator": r.idle_cpu["operator"],
+        "idle CPU % control plane": r.idle_cpu["control plane"],
+        "RSS KiB/object operator": (r.rss_after["operator"] - r.rss_before["operator"]) / n,
+        "RSS KiB/object control plane": (r.rss_after["control plane"] - r.rss_before["control plane"]) / n,
+        "restart writes": sum(r.restart["writes"].values()),
+        "restart gets": per_object_gets(r.restart),
+        "restart progress reads": r.restart["progress"],
+        "restart seconds to quiet": r.restart_quiet_seconds,
+    }
+
+
+def print_summary(results: list[Result]) -> None:
+    ok = [r for r in results if r.error is None]
+    print("\n== summary ==")
+    head = f"  {'kind':<11} {'N':>6} {'raw/s':>7} {'conv/s':>7} {'ratio':>6} {'wr/obj':>6} {'child':>5} {'rd/obj':>6} {'idle r/s':>8} {'prog/s':>6} " \
+           f"{'cpu op%':>7} {'cpu cp%':>7} {'KiB/o op':>8} {'KiB/o cp':>8} {'rst wr':>6} {'rst get':>7} {'rst s':>5}"
+    print(head)
+    for r in ok:
+        f = figures(r)
+        print(f"  {r.kind:<11} {r.n:>6} {f['raw create/s']:>7.0f} {f['convergence/s']:>7.0f} {f['convergence/raw']:>6.2f} {f['writes/object']:>6.2f} "
+              f"{f['children writes/object']:>5.2f} {f['reads/object']:>6.3f} {f['idle requests/s']:>8.2f} {f['idle progress reads/s']:>6.1f} "
+              f"{f['idle CPU % operator']:>7.2f} {f['idle CPU % control plane']:>7.2f} {f['RSS KiB/object operator']:>8.1f} "
+              f"{f['RSS KiB/object control plane']:>8.1f} {f['restart writes']:>6.0f} {f['restart gets']:>7.0f} {f['restart seconds to quiet']:>5.1f}")
+    for r in results:
+        if r.error is not None:
+            print(f"  {r.kind:<11} {r.n:>6} FAILED: {r.error.splitlines()[0][:160]}")
+
+    print("\n== targets ==")
+    for r in ok:
+        f = figures(r)
+        checks = [
+            (f"convergence >= 0.5x raw ({f['convergence/raw']:.2f}x)", f["convergence/raw"] >= 0.5),
+            (f"<= 3 writes/object to steady ({f['writes/object']:.2f}, children apart)", f["writes/object"] <= 3),
+            (f"0 idle requests/s ({f['idle requests/s']:.2f}" + (", progress reads apart)" if r.kind == "running" else ")"), f["idle requests/s"] == 0),
+            (f"idle operator CPU < 1 % ({f['idle CPU % operator']:.2f} %)", f["idle CPU % operator"] < 1),
+            (f"restart: 0 writes ({f['restart writes']:.0f})", f["restart writes"] == 0),
+            (f"restart: no per-object get ({f['restart gets']:.0f} gets" + (f", {f['restart progress reads']:.0f} pod log reads" if r.kind == "running" else "") + ")",
+             f["restart gets"] == 0 and (r.kind != "running" or f["restart progress reads"] == 0)),
+        ]
+        print(f"  {r.kind} x {r.n:,}: " + "; ".join(f"{what} {met(good)}" for what, good in checks))
+
+    sizes = sorted({r.n for r in ok})
+    if len(sizes) >= 2:
+        lo, hi = sizes[0], sizes[-1]
+        print(f"\n== growth from {lo:,} to {hi:,} objects ({hi / lo:.0f}x the objects; each figure at {hi:,} / at {lo:,}) ==")
+        for kind in KINDS:
+            a = next((r for r in ok if r.kind == kind and r.n == lo), None)
+            b = next((r for r in ok if r.kind == kind and r.n == hi), None)
+            if a is None or b is None:
+                continue
+            fa, fb = figures(a), figures(b)
+            parts = []
+            for k in fa:
+                if fa[k] == 0 and fb[k] == 0:
+                    parts.append(f"{k} 0 -> 0")
+                elif fa[k] == 0:
+                    parts.append(f"{k} 0 -> {fb[k]:.3g}")
+                else:
+                    parts.append(f"{k} {fa[k]:.3g} -> {fb[k]:.3g} ({fb[k] / fa[k]:.2f}x)")
+            print(f"  {kind}: " + "; ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="objects of each kind (default 1000 10000)")
+    parser.add_argument("--quick", action="store_true", help="200 objects of each kind, 10 s idle")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent creates (threads) of the load generator")
+    parser.add_argument("--idle-seconds", type=float, default=None, help="idle measurement (default 60; 10 with --quick)")
+    parser.add_argument("--quiet-seconds", type=float, default=3.0, help="no operator request for this long means quiet (restart)")
+    parser.add_argument("--converge-timeout", type=float, default=None, help="seconds (default 120 + 0.15 per object)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the processes' logs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = [200]
+    if args.idle_seconds is None:
+        args.idle_seconds = 10.0 if args.quick else 60.0
+
+    _, settings = operator_env()
+    print(f"operator_scale: sizes {args.sizes}, kinds {args.kinds}, concurrency {args.concurrency}, idle {args.idle_seconds:.0f} s, "
+          f"{os.cpu_count()} CPUs; operator environment: {settings or 'defaults (no PERENNIAL_* set)'}")
+    print("Deployments: skipped (no controller yet). Pod logs: not settable over HTTP, so running pods log nothing "
+          "(progress reads find an empty log).", flush=True)
+
+    def on_term(*_: Any) -> None:
+        raise Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="perennial-scale-"))
+    procs: list[Proc] = []
+    results: list[Result] = []
+    crashed = False
+    try:
+        for n in args.sizes:
+            for kind in args.kinds:
+                try:
+                    r = scenario(args, kind, n, workdir, procs)
+                except (TimeoutError, RuntimeError, OSError, urllib.error.URLError) as exc:
+                    r = Result(kind, n, error=f"{type(exc).__name__}: {exc}")
+                    log(f"{kind} x{n} failed: {r.error}")
+                    crashed = True
+                    for p in procs:
+                        p.kill()
+                results.append(r)
+                if r.error is None:
+                    print_result(r)
+                    sys.stdout.flush()
+        print_summary(results)
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted")
+        crashed = True
+        if results:
+            print_summary(results)
+    except Exception:
+        traceback.print_exc()
+        crashed = True
+    finally:
+        for p in procs:
+            p.kill()
+        if args.keep_logs:
+            log(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
