@@ -13,6 +13,7 @@ from perennial.cli import install_crds
 from perennial.config import OperatorConfig
 from perennial.kube import Kube, connect
 from perennial.local.apiserver import ServerThread, start_in_thread
+from perennial.local.faults import FaultConfig
 from waiting import wait_for  # noqa: F401 - re-exported for the tests
 
 API = "perennial.ai/v1alpha1"
@@ -142,8 +143,9 @@ class FakeKubelet:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path: Path, **config: Any) -> Iterator[Cluster]:
-    """The embedded control plane with the CRDs installed and the operator running."""
+def running_cluster(tmp_path: Path, faults: FaultConfig | None = None, **config: Any) -> Iterator[Cluster]:
+    """The embedded control plane with the CRDs installed and the operator running
+    (`faults`: injected into the operator's requests from the start)."""
     server = start_in_thread()
     kube = connect(server=server.url)
     install_crds(kube)
@@ -155,6 +157,8 @@ def running_cluster(tmp_path: Path, **config: Any) -> Iterator[Cluster]:
     )
     settings.update(config)
     c = Cluster(server=server, kube=kube, config=OperatorConfig(**settings))
+    # Set after the CRDs are in: faults target the operator's clients (kopf's and its own), never the test's.
+    server.set_faults(faults)
     c.start_operator()
     try:
         yield c

@@ -1,15 +1,53 @@
-"""Fixtures of the integration tests (the harness lives in tests/harness.py)."""
+"""Fixtures of the integration tests (the harness lives in tests/harness.py).
+
+Every flow runs twice: against a well-behaved control plane, and against one that
+fights back (500s, 429 with Retry-After, 409s, slow answers, watches closed
+mid-stream, 410 on resume) at `PERENNIAL_TEST_FAULT_RATE` (default 5 %) of the
+operator's requests. Under faults, each test must still pass and leave no
+duplicate children.
+"""
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Cluster, running_cluster
+from harness import API, Cluster, running_cluster
+
+from perennial.local.faults import FaultConfig
+
+
+def fault_config(seed: int) -> FaultConfig:
+    rate = float(os.environ.get("PERENNIAL_TEST_FAULT_RATE", "0.05"))
+    return FaultConfig(rate=rate, seed=seed, retry_after_seconds=1, slow_ms=100, watch_close_after=(0.2, 2.0))
+
+
+def assert_no_duplicates(cluster: Cluster) -> None:
+    jobs = collections.Counter(
+        ((j["metadata"].get("ownerReferences") or [{}])[0].get("uid"), j["metadata"]["labels"].get("app.kubernetes.io/component"), j["metadata"]["name"])
+        for j in cluster.kube.list("batch/v1", "Job", None)
+    )
+    runs = collections.Counter((uid, comp) for (uid, comp, _name) in jobs if comp == "trainer")
+    assert all(n == 1 for n in runs.values()), f"a TrainingRun has more than one Job: {runs}"
+    made = collections.Counter(((a["spec"].get("lineage") or {}).get("trainingRunUid")) for a in cluster.kube.list(API, "Adapter", None))
+    made.pop(None, None)
+    assert all(n == 1 for n in made.values()), f"a TrainingRun made more than one Adapter: {made}"
+
+
+@pytest.fixture(params=["clean", "faults"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    faults = fault_config(seed=len(request.node.nodeid)) if request.param == "faults" else None
+    with running_cluster(tmp_path, faults=faults) as c:
+        yield c
+        if faults is not None:
+            assert_no_duplicates(c)
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def clean_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """For tests that count requests exactly: no faults."""
     with running_cluster(tmp_path) as c:
         yield c

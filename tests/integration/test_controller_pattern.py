@@ -42,7 +42,8 @@ def quiet(cluster: Cluster, seconds: float = 1.5, timeout: float = 30) -> None:
     raise AssertionError("the operator never went quiet")
 
 
-def test_write_budget_idle_and_restart(cluster: Cluster, tmp_path):
+def test_write_budget_idle_and_restart(clean_cluster: Cluster, tmp_path):
+    cluster = clean_cluster
     artifact = tmp_path / "artifacts" / "a"
     artifact.mkdir(parents=True)
     (artifact / "adapter_config.json").write_text("{}")
@@ -226,3 +227,34 @@ def test_adapter_created_once_per_run(cluster: Cluster):
     quiet(cluster)
     reasons = [e["reason"] for e in cluster.events("once")]
     assert reasons.count("AdapterCreated") == 1 and reasons.count("JobCreated") == 1, reasons
+
+
+def test_a_hostile_control_plane_is_retried_and_counted(tmp_path):
+    """A third of the operator's requests fail (500, 429 with Retry-After, 409): everything converges
+    once, without duplicates, and the operator's own metrics show the retries."""
+    from harness import running_cluster
+    from prometheus_client import REGISTRY
+
+    from perennial.local.faults import FaultConfig
+
+    def retries() -> float:
+        return sum(s.value for m in REGISTRY.collect() if m.name == "perennial_api_errors" for s in m.samples if s.name.endswith("_total"))
+
+    before = retries()
+    faults = FaultConfig(rate=0.3, faults=("500", "429", "409"), seed=11, retry_after_seconds=1)
+    with running_cluster(tmp_path, faults=faults) as cluster:
+        prerequisites(cluster)
+        kubelet = FakeKubelet(cluster)
+        for i in range(6):
+            cluster.create("RewardSpec", f"r{i}", RUBRIC)
+        cluster.create("TrainingRun", "run", run_spec())
+        pod = kubelet.start("run-train")
+        kubelet.finish("run-train", pod, exit_code=0, message=json.dumps(RESULT), job_condition="Complete")
+        for i in range(6):
+            cluster.wait_condition("RewardSpec", f"r{i}", "Ready", "True", timeout=60)
+        cluster.wait_condition("TrainingRun", "run", "Succeeded", "True", "AdapterCreated", timeout=60)
+        injected = cluster.server.fault_counts()
+        assert sum(injected.values()) >= 5, injected
+        assert retries() > before
+        assert len(cluster.kube.list("batch/v1", "Job", "default", "perennial.ai/trainingrun=run")) == 1
+        assert len(cluster.kube.list(API, "Adapter", "default")) == 1

@@ -117,6 +117,7 @@ class Manager:
         self._pending: set[Key] = set()
         self._ready = False
         self._task: asyncio.Task[None] | None = None
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     # -- registration ----------------------------------------------------------
@@ -169,6 +170,8 @@ class Manager:
 
     async def _cleanup(self, **_: Any) -> None:
         await self.queue.shutdown()
+        if self._event_tasks:
+            await asyncio.wait(self._event_tasks, timeout=2)
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=10)
@@ -335,7 +338,21 @@ class Manager:
             "lastTimestamp": now,
             "count": 1,
         }
-        try:
-            await self.ctx.kube.create(event)
-        except ApiError as exc:  # Events are best effort, as in client-go's recorder
-            log.warning("Could not post Event, reason=%s, name=%s, error=%s", head_reason, meta["name"], exc)
+        # In the background, retried like client-go's recorder does: a reconcile never waits for its Event.
+        task = asyncio.create_task(self._send_event(event))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _send_event(self, event: dict[str, Any], attempts: int = 8) -> None:
+        delay = 0.2
+        for attempt in range(attempts):
+            try:
+                await self.ctx.kube.create(event)
+                return
+            except ApiError as exc:
+                retriable = exc.status in (0, 429) or exc.status >= 500
+                if not retriable or attempt == attempts - 1:
+                    log.warning("Could not post Event, reason=%s, name=%s, error=%s", event["reason"], event["involvedObject"]["name"], exc)
+                    return
+                await asyncio.sleep(max(delay, exc.retry_after or 0))
+                delay = min(delay * 2, 10)
