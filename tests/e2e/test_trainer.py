@@ -112,6 +112,8 @@ def test_grpo_raises_held_out_reward_over_parent(runs):
     assert m["eval/improvement"] >= 0.25, m
     assert m["eval/rewards/correct"] > m["eval/baseline_rewards/correct"]
     assert runs["grpo"]["metrics"]["eval/improvement"] == pytest.approx(m["eval/improvement"], abs=1e-5)
+    # The operator's LearningSignal condition reads these: the last step's and the whole run's share of flat groups.
+    assert 0 <= m["train/frac_reward_zero_std_mean"] <= 1 and "train/frac_reward_zero_std" in m
 
 
 def test_two_adapters_in_one_peft_model(runs):

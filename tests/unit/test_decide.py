@@ -169,6 +169,10 @@ def test_grpo_without_reward_variance_says_so_and_sft_never_does():
     result = {"status": "Succeeded", "metrics": {"train/frac_reward_zero_std": 1.0}}
     done = decide_run(started(), tr.World(job=_job([{"type": "Complete", "status": "True"}]), pod=_pod("Succeeded", {"exitCode": 0, "message": json.dumps(result)})))
     assert reason(done, "LearningSignal") == ("False", "NoRewardVariance") and reason(done, "Succeeded") == ("True", "AdapterCreated")
+    # Flat only at the end (every completion right: converged) is not a run without signal: the run's mean decides.
+    result["metrics"]["train/frac_reward_zero_std_mean"] = 0.4
+    converged = decide_run(started(), tr.World(job=_job([{"type": "Complete", "status": "True"}]), pod=_pod("Succeeded", {"exitCode": 0, "message": json.dumps(result)})))
+    assert reason(converged, "LearningSignal") == ("True", "RewardVaries")
 
 
 COMPLETE = _job([{"type": "Complete", "status": "True"}], succeeded=1, completionTime=NOW)

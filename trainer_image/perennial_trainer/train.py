@@ -440,6 +440,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     fz = [h["frac_reward_zero_std"] for h in progress.history if "frac_reward_zero_std" in h]
     if fz:
         metrics["train/frac_reward_zero_std"] = float(fz[-1])
+        # Over the whole run: 1.0 means no group of completions ever had differing rewards (no signal at all).
+        metrics["train/frac_reward_zero_std_mean"] = float(sum(fz) / len(fz))
     metrics["train/steps"] = float(trainer.state.global_step)
     metrics["train/resumed_from_step"] = float(progress.start_step)
     metrics["train/seconds"] = train_seconds
