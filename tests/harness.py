@@ -154,6 +154,8 @@ def running_cluster(tmp_path: Path, faults: FaultConfig | None = None, **config:
         artifact_uri=f"file://{tmp_path}/artifacts",
         feedback_store_uri=f"file://{tmp_path}/feedback",
         trainer_image="perennial-trainer:test",
+        resync_seconds=1.0,  # look for missing artifacts every second
+        progress_seconds=1.0,  # read a running trainer's progress every second
     )
     settings.update(config)
     c = Cluster(server=server, kube=kube, config=OperatorConfig(**settings))
