@@ -17,6 +17,7 @@ from .controllers import all_controllers
 from .controllers.base import Context
 from .controllers.manager import Manager
 from .kube.aio import AsyncKube, configuration
+from .kube.client import ApiError
 from .kube.cache import Cache
 from .resources.common import FINALIZER
 
@@ -76,8 +77,12 @@ def build_registry(
 
     @kopf.on.probe(registry=registry, id="api")
     async def api_reachable(**_: Any) -> str:
-        """`/healthz` fails while the API server cannot be reached with the operator's credentials."""
-        version = await clusters["local"].request("GET", "/version")
+        """`/healthz` fails (500, at once, not after kopf's retries) while the API server cannot be reached
+        with the operator's credentials."""
+        try:
+            version = await asyncio.wait_for(clusters["local"].request("GET", "/version"), timeout=5)
+        except (ApiError, asyncio.TimeoutError) as exc:
+            raise kopf.PermanentError(f"the API server is not reachable: {exc or 'no answer in 5 s'}") from None
         return str(version.get("gitVersion") or "reachable")
 
     manager.register(registry)
