@@ -258,3 +258,20 @@ def test_a_hostile_control_plane_is_retried_and_counted(tmp_path):
         assert retries() > before
         assert len(cluster.kube.list("batch/v1", "Job", "default", "perennial.ai/trainingrun=run")) == 1
         assert len(cluster.kube.list(API, "Adapter", "default")) == 1
+
+
+def test_deletions_missed_while_the_watch_was_down_are_noticed(tmp_path):
+    """kopf relists after a 410 and reports no deletion: the operator must notice the object is gone."""
+    from harness import running_cluster
+
+    from perennial.local.faults import FaultConfig
+
+    # Every watch resumed from a resourceVersion is answered 410 (compacted): kopf can only relist.
+    with running_cluster(tmp_path, faults=FaultConfig(rate=1.0, faults=("410",), user_agents=("kopf",))) as cluster:
+        cluster.kube.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "weights", "namespace": "default"},
+                             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+        cluster.create("BaseModel", "b", {"source": {"uri": "pvc://weights/model"}})
+        cluster.wait_condition("BaseModel", "b", "Ready", "True", "SourceAvailable", timeout=30)
+        cluster.kube.delete("v1", "PersistentVolumeClaim", "default", "weights")
+        cluster.wait_condition("BaseModel", "b", "Ready", "False", "ClaimNotFound", timeout=30)
+        assert cluster.server.fault_counts().get("410", 0) > 0

@@ -31,6 +31,7 @@ from ..kube.cache import Cache, resource_key
 from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
 from ..resources.common import MANAGED_BY
+from . import listings
 from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes
 from .queue import WorkQueue
 
@@ -51,22 +52,28 @@ class Watched:
     group: str
     version: str
     plural: str
+    kind: str
     labels: dict[str, str] | None = None
 
     @property
     def id(self) -> str:
         return f"{self.plural}.{self.group or 'core'}"
 
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 #: Built-in resources whose changes wake Perennial objects: their children and their references.
 BUILTIN_WATCHES = (
-    Watched("batch", "v1", "jobs", MANAGED),
-    Watched("", "v1", "pods", MANAGED),
-    Watched("", "v1", "configmaps", MANAGED),
-    Watched("", "v1", "persistentvolumeclaims"),
-    Watched("", "v1", "secrets"),
+    Watched("batch", "v1", "jobs", "Job", MANAGED),
+    Watched("", "v1", "pods", "Pod", MANAGED),
+    Watched("", "v1", "configmaps", "ConfigMap", MANAGED),
+    Watched("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    Watched("", "v1", "secrets", "Secret"),
 )
+OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
 
 
 def _self_changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
@@ -118,23 +125,26 @@ class Manager:
         self._ready = False
         self._task: asyncio.Task[None] | None = None
         self._event_tasks: set[asyncio.Task[None]] = set()
+        self._by_plural: dict[tuple[str, str], Watched] = {}
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     # -- registration ----------------------------------------------------------
     def watched(self) -> list[Watched]:
         group, version = API_VERSION.split("/")
-        ours = [Watched(group, version, plural) for plural in ("basemodels", "rewardspecs", "trainingruns", "adapters", "deployments")]
+        ours = [Watched(group, version, plural, kind) for plural, kind in OUR_KINDS]
         return ours + list(BUILTIN_WATCHES)
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
         for w in self.watched():
+            self._by_plural[(w.group, w.plural)] = w
             kopf.index(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"cache-{w.id}")(self._index)
             kopf.on.event(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"event-{w.id}", when=self._wants_event)(self._event)
+        listings.subscribe(self._listed)
         kopf.on.startup(registry=registry, id="manager-start")(self._startup)
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
 
-    # -- kopf handlers -----------------------------------------------------------
-    def _index(self, body: kopf.Body, **_: Any) -> None:
+    # -- kopf handlers (coroutines: kopf runs plain functions in threads, and the queue is the loop's) --
+    async def _index(self, body: kopf.Body, **_: Any) -> None:
         """Index handler: keep the cache current (its `on_change` maps the change to keys)."""
         self.cache.put(dict(body))
         return None
@@ -146,7 +156,7 @@ class Manager:
     def _wants_event(self, type: str | None, **_: Any) -> bool:
         return type == "DELETED" or not self._ready
 
-    def _event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def _event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
         """Event handler, called only once every index is filled: release held keys; notice deletions."""
         if not self._ready:
             self._ready = True
@@ -156,6 +166,15 @@ class Manager:
             log.info("Listed the world, objects=%d", len(pending))
         if type == "DELETED":
             self.cache.remove(dict(body))
+
+    def _listed(self, resource: Any, namespace: str | None, present: dict[tuple[str, str], str]) -> None:
+        """A listing of kopf's ended: objects it no longer has were deleted while no watch was streaming."""
+        w = self._by_plural.get((resource.group, resource.plural))
+        if w is None:
+            return
+        gone = self.cache.replace(w.api_version, w.kind, namespace, present)
+        if gone:
+            log.info("Dropped objects deleted while the watch was down, kind=%s, count=%d", w.kind, gone)
 
     def _route(self, keys: set[Key]) -> None:
         if self._ready:
@@ -169,6 +188,7 @@ class Manager:
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
 
     async def _cleanup(self, **_: Any) -> None:
+        listings.unsubscribe(self._listed)
         await self.queue.shutdown()
         if self._event_tasks:
             await asyncio.wait(self._event_tasks, timeout=2)

@@ -37,6 +37,13 @@ def _rv(obj: dict[str, Any] | None) -> str | None:
     return ((obj or {}).get("metadata") or {}).get("resourceVersion")
 
 
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _owner_uids(obj: dict[str, Any]) -> list[str]:
     return [r["uid"] for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("uid")]
 
@@ -89,6 +96,24 @@ class Cache:
         if old is not None and self.on_change is not None:
             self.on_change(old, None)
         return old
+
+    def replace(self, api_version: str, kind: str, namespace: str | None, present: dict[tuple[str, str], str]) -> int:
+        """A fresh listing of a kind (in `namespace`, or everywhere) holds exactly `present` ((ns, name) →
+        resourceVersion): drop what it no longer has (client-go's Replace). An object the cache got after
+        the listing was taken (a newer resourceVersion than any listed, e.g. our own write) is kept."""
+        newest = max((_int(v) for v in present.values()), default=None)
+        gone = []
+        for obj in self.list(api_version, kind, namespace):
+            meta = obj["metadata"]
+            if ((meta.get("namespace") or ""), meta["name"]) in present:
+                continue
+            version = _int(meta.get("resourceVersion"))
+            if newest is not None and version is not None and version > newest:
+                continue
+            gone.append(obj)
+        for obj in gone:
+            self.remove(obj)
+        return len(gone)
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         return self._objects.get((api_version, kind), {}).get(namespace or "", {}).get(name)

@@ -1,0 +1,164 @@
+"""The controller machinery without a server: the work queue, the cache, the change → keys mapping, kopf's listings."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+
+from perennial.config import OperatorConfig
+from perennial.controllers import all_controllers, listings
+from perennial.controllers.base import Context
+from perennial.controllers.manager import Key, Manager
+from perennial.controllers.queue import WorkQueue
+from perennial.kube.cache import Cache
+
+API = "perennial.ai/v1alpha1"
+
+
+def o(api: str, kind: str, name: str, rv: str = "1", ns: str = "default", **extra) -> dict:
+    meta = {"name": name, "namespace": ns, "uid": f"uid-{kind}-{name}", "resourceVersion": rv, **extra.pop("meta", {})}
+    return {"apiVersion": api, "kind": kind, "metadata": meta, **extra}
+
+
+# ----------------------------------------------------------------------------- queue
+
+
+async def test_queue_dedupes_serialises_and_reruns_dirty_keys():
+    q: WorkQueue[str] = WorkQueue()
+    seen: list[str] = []
+    gate = asyncio.Event()
+
+    async def process(key: str) -> None:
+        seen.append(key)
+        if len(seen) == 1:
+            q.add("a")  # an event while "a" is processed: "a" runs again afterwards, once
+            q.add("a")
+            await gate.wait()
+
+    for _ in range(3):
+        q.add("a")
+    q.add("b")
+    workers = asyncio.create_task(q.run_workers(4, process))
+    await asyncio.sleep(0.05)
+    assert seen.count("a") == 1 and "b" in seen  # never two workers on one key
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert seen.count("a") == 2 and seen.count("b") == 1
+    await q.shutdown()
+    await asyncio.wait_for(workers, 2)
+
+
+async def test_queue_add_after_keeps_the_earliest_and_backoff_grows_until_forgotten():
+    q: WorkQueue[str] = WorkQueue(base_delay=0.01, max_delay=1.0)
+    q.add_after("k", 10)
+    q.add_after("k", 0.02)
+    q.add_after("k", 5)
+    assert q.scheduled == 1
+    await asyncio.sleep(0.1)
+    assert len(q) == 1 and q.scheduled == 0
+    waits = [q.add_rate_limited("x") for _ in range(5)]
+    assert waits == sorted(waits) and waits[-1] == pytest.approx(0.16)
+    assert q.add_rate_limited("x", delay=0.9) == pytest.approx(0.9)  # the server's Retry-After when longer
+    q.forget("x")
+    assert q.add_rate_limited("x") == pytest.approx(0.01)
+    await q.shutdown()
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_indexes_owners_strips_secret_values_and_reports_changes():
+    changes = []
+    cache = Cache(on_change=lambda old, new: changes.append((old and old["metadata"]["resourceVersion"], new and new["metadata"]["resourceVersion"])))
+    job = o("batch/v1", "Job", "j", meta={"uid": "job-uid"})
+    pod = o("v1", "Pod", "p", meta={"ownerReferences": [{"uid": "job-uid", "kind": "Job", "name": "j", "apiVersion": "batch/v1"}]})
+    cache.put(job)
+    cache.put(pod)
+    assert [p["metadata"]["name"] for p in cache.owned_by("v1", "Pod", "job-uid")] == ["p"]
+    cache.put(dict(pod))  # the same resourceVersion again (a relist, our own write's event): no change
+    assert changes == [(None, "1"), (None, "1")]
+    cache.put(o("v1", "Pod", "p", rv="2"))  # ownerReference gone
+    assert cache.owned_by("v1", "Pod", "job-uid") == []
+    cache.put(o("v1", "Secret", "s", data={"token": "c2VjcmV0"}))
+    assert cache.get("v1", "Secret", "default", "s")["data"] == {"token": ""}
+    cache.remove(job)
+    assert changes[-1] == ("1", None) and cache.get("batch/v1", "Job", "default", "j") is None
+
+
+def test_cache_replace_drops_what_a_listing_no_longer_has_but_keeps_newer_writes():
+    cache = Cache()
+    for name, rv in (("kept", "5"), ("deleted", "3"), ("written-after-the-list", "9")):
+        cache.put(o("v1", "PersistentVolumeClaim", name, rv=rv))
+    cache.put(o("v1", "PersistentVolumeClaim", "elsewhere", rv="2", ns="other"))
+    gone = cache.replace("v1", "PersistentVolumeClaim", "default", {("default", "kept"): "5"})
+    assert gone == 1 and cache.get("v1", "PersistentVolumeClaim", "default", "deleted") is None
+    assert cache.get("v1", "PersistentVolumeClaim", "default", "written-after-the-list") is not None
+    assert cache.get("v1", "PersistentVolumeClaim", "other", "elsewhere") is not None  # another namespace's listing
+    assert cache.replace("v1", "PersistentVolumeClaim", None, {}) == 3  # an empty listing: nothing is left
+
+
+def test_kopf_streams_listings_through_the_function_we_wrap():
+    from kopf._cogs.clients import watching
+    from kopf._core.reactor import queueing
+
+    assert "watching.infinite_watch(" in inspect.getsource(queueing.watcher)
+    listings.subscribe(print)
+    try:
+        assert watching.infinite_watch is listings._infinite_watch
+    finally:
+        listings.unsubscribe(print)
+
+
+async def test_listing_wrapper_reports_each_listing_and_passes_everything_through(monkeypatch):
+    from kopf._cogs.clients import watching
+
+    stream = [{"type": None, "object": o("v1", "Pod", "a", rv="4")}, watching.Bookmark.LISTED, {"type": "ADDED", "object": o("v1", "Pod", "b")},
+              {"type": None, "object": o("v1", "Pod", "b", rv="7")}, watching.Bookmark.LISTED]
+
+    async def fake(**_):
+        for item in stream:
+            yield item
+
+    monkeypatch.setattr(listings, "_original", fake)
+    got = []
+    listings.subscribe(lambda resource, ns, present: got.append(dict(present)))
+    try:
+        out = [x async for x in listings._infinite_watch(resource="pods", namespace=None)]
+    finally:
+        listings._listeners.clear()
+    assert out == stream
+    assert got == [{("default", "a"): "4"}, {("default", "b"): "7"}]
+
+
+# ----------------------------------------------------------------------------- change → keys
+
+
+def manager() -> Manager:
+    ctx = Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0)
+    return Manager(all_controllers(), ctx)
+
+
+def test_changes_wake_the_object_its_owner_through_jobs_and_its_dependents():
+    m = manager()
+    run = o(API, "TrainingRun", "r", meta={"generation": 1}, spec={"method": "SFT", "baseModelRef": {"name": "base"}, "datasets": [{"name": "d", "uri": "file:///d"}], "output": {"adapterFamily": "fam"}})
+    assert m.keys_for(None, run) == {Key("TrainingRun", "default", "r")}
+    m.cache.put(run)
+    # status-only changes of an object do not wake it again (generation unchanged)...
+    assert Key("TrainingRun", "default", "r") not in m.keys_for(run, {**run, "status": {"phase": "Waiting"}})
+    # ...but its references do: the BaseModel it waits for, and Adapters of its family.
+    assert m.keys_for(None, o(API, "BaseModel", "base")) == {Key("BaseModel", "default", "base"), Key("TrainingRun", "default", "r")}
+    assert m.keys_for(None, o(API, "Adapter", "fam-v1", spec={"family": "fam"})) >= {Key("TrainingRun", "default", "r")}
+    assert m.keys_for(None, o(API, "BaseModel", "other")) == {Key("BaseModel", "default", "other")}
+    # A pod of its Job wakes it through the Job's ownerReference.
+    job = o("batch/v1", "Job", "r-train", meta={"uid": "job-uid", "ownerReferences": [{"apiVersion": API, "kind": "TrainingRun", "name": "r", "uid": "uid-TrainingRun-r"}]})
+    m.cache.put(job)
+    pod = o("v1", "Pod", "r-train-0", meta={"ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "r-train", "uid": "job-uid"}]})
+    assert m.keys_for(None, pod) == {Key("TrainingRun", "default", "r")}
+    # An apps/v1 Deployment is never taken for Perennial's Deployment kind.
+    assert m.keys_for(None, o("apps/v1", "Deployment", "r")) == set()
+    # Once the run is finished it depends on nothing any more.
+    done = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "status": {"conditions": [{"type": "Succeeded", "status": "False", "reason": "X"}]}}
+    m.keys_for(run, done)
+    assert m.keys_for(None, o(API, "BaseModel", "base", rv="3")) == {Key("BaseModel", "default", "base")}
