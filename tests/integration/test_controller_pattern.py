@@ -63,8 +63,11 @@ def test_write_budget_idle_and_restart(clean_cluster: Cluster, tmp_path):
     status_writes = sum(count(cluster, ("patch", "update"), f"perennial.ai/{p}/status") for p in ("basemodels", "rewardspecs", "adapters", "trainingruns"))
     events = count(cluster, ("create",), "events")
     all_writes = count(cluster, WRITES)
-    assert status_writes == objects, (status_writes, cluster.server.request_counts())
-    assert events <= objects and all_writes == status_writes + events, cluster.server.request_counts()
+    # RewardSpecs depend on nothing: exactly one write each. Others may see a reference arrive after
+    # their first reconcile (watches of different kinds race): at most one more.
+    assert count(cluster, ("patch", "update"), "perennial.ai/rewardspecs/status") == n, cluster.server.request_counts()
+    assert status_writes <= 2 * objects and events <= status_writes, cluster.server.request_counts()
+    assert all_writes == status_writes + events and all_writes <= 3 * objects, cluster.server.request_counts()
     assert object_gets(cluster) == 0, "reads come from the watch-fed cache"
     for kind, name in (("RewardSpec", "rs0"), ("Adapter", "fam-v1"), ("TrainingRun", "wait0"), ("BaseModel", "base")):
         meta = cluster.get(kind, name)["metadata"]
@@ -85,11 +88,14 @@ def test_write_budget_idle_and_restart(clean_cluster: Cluster, tmp_path):
     assert object_gets(cluster) == 0, cluster.server.request_counts()
     assert count(cluster, ("list",)) <= 12  # one per watched resource (10) and kopf's CRD scan, whatever the object count
 
-    # A reference appearing wakes exactly the runs that wait for it.
+    # A reference appearing wakes the runs that wait for it, and nothing else.
     cluster.server.reset_request_counts()
     cluster.create("BaseModel", "missing", {"source": {"uri": "hf://org/model"}})
     for i in range(n):
         wait_for(lambda i=i: cluster.kube.get("batch/v1", "Job", "default", f"wait{i}-train"), message=f"Job of wait{i}")
+    quiet(cluster)
+    assert count(cluster, ("patch",), "perennial.ai/trainingruns/status") >= n
+    assert count(cluster, WRITES, "perennial.ai/rewardspecs/status") == count(cluster, WRITES, "perennial.ai/adapters/status") == 0
 
 
 def test_defaulted_children_are_left_alone(cluster: Cluster):
@@ -187,9 +193,9 @@ def test_no_learning_signal_is_reported(cluster: Cluster):
     kubelet = FakeKubelet(cluster)
     cluster.create("TrainingRun", "flat", run_spec())
     pod = kubelet.start("flat-train")
-    kubelet.log(pod, "PERENNIAL_PROGRESS " + json.dumps({"step": 4, "totalSteps": 20, "meanReward": 0.0, "fracRewardZeroStd": 1.0}) + "\n")
+    kubelet.log(pod, "PERENNIAL_PROGRESS " + json.dumps({"step": 4, "totalSteps": 20, "meanReward": 0.0, "fracRewardZeroStd": 1.0, "zeroStdStreak": 3}) + "\n")
     c = cluster.wait_condition("TrainingRun", "flat", "LearningSignal", "False", "NoRewardVariance")
-    assert "no signal" in c["message"]
+    assert "GRPO is not learning" in c["message"]
     assert wait_for(lambda: [e for e in cluster.events("flat") if e["type"] == "Warning" and e["reason"] == "NoRewardVariance"])
     table = cluster.kube.request("GET", f"/apis/{API}/namespaces/default/trainingruns/flat", query={"includeObject": "None"})
     assert table["status"]["progress"]["fracRewardZeroStd"] == "1"
@@ -214,6 +220,8 @@ def test_chained_runs_applied_at_once(cluster: Cluster):
     cluster.wait_condition("TrainingRun", "sft", "Succeeded", "True", "AdapterCreated")
     # The parent's Adapter exists but its artifact does not: not Ready, so the child keeps waiting.
     cluster.wait_condition("TrainingRun", "grpo", "Waiting", "True", "AdapterNotReady")
+    wait_for(lambda: [e for e in cluster.events("sft") if e["reason"] == "AdapterCreated"], message="AdapterCreated Event")
+    quiet(cluster)
     assert len([e for e in cluster.events("sft") if e["reason"] == "AdapterCreated"]) == 1
 
 
@@ -224,6 +232,7 @@ def test_adapter_created_once_per_run(cluster: Cluster):
     pod = kubelet.start("once-train")
     kubelet.finish("once-train", pod, exit_code=0, message=json.dumps(RESULT), job_condition="Complete")
     cluster.wait_condition("TrainingRun", "once", "Succeeded", "True", "AdapterCreated")
+    wait_for(lambda: {"AdapterCreated", "JobCreated"} <= {e["reason"] for e in cluster.events("once")}, message="Events")
     quiet(cluster)
     reasons = [e["reason"] for e in cluster.events("once")]
     assert reasons.count("AdapterCreated") == 1 and reasons.count("JobCreated") == 1, reasons

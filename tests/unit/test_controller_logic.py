@@ -28,6 +28,10 @@ def test_status_patch_ignores_transition_times_only_and_removes_dropped_fields()
     assert status_patch(a, {**b, "observedGeneration": 2}) == {"observedGeneration": 2}
     # A field the new status no longer has is removed (merge patch null), e.g. a moved source's old resolvedUri.
     assert status_patch({**a, "resolvedUri": "hf://old"}, a) == {"resolvedUri": None}
+    # ...at any depth: a progress line without an ETA removes the old one.
+    progress = {"step": 3, "totalSteps": 9, "etaSeconds": 12}
+    assert status_patch({**a, "progress": progress}, {**a, "progress": {"step": 3, "totalSteps": 9}}) == {"progress": {"etaSeconds": None}}
+    assert status_patch({**a, "progress": progress}, {**a, "progress": dict(progress)}) is None
     assert cond.transitions(a["conditions"], cond.set_condition(a["conditions"], "Ready", False, "Broken", "", 1))
 
 

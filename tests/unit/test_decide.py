@@ -123,6 +123,15 @@ def test_parent_named_by_adapter_run_or_family(spec_changes, world_changes, expe
         config = json.dumps(d.children[0]["data"])
         assert parent_uri in config
         assert d.status["parentAdapterRef"] == {"name": "fam-v3"}  # the newest *Ready* one of a family
+        job = d.children[1]
+        assert job["metadata"]["annotations"][tr.PARENT_ANNOTATION] == "fam-v3"
+        # The status write after making the Job failed: the next pass reads the parent back from the Job.
+        job["status"] = {"active": 1}
+        again = decide_run(obj("TrainingRun", "r", run_spec(**spec_changes)), tr.World(job=job, pod=None))
+        assert again.status["parentAdapterRef"] == {"name": "fam-v3"} and not again.children
+        job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+        finished = decide_run(obj("TrainingRun", "r", run_spec(**spec_changes)), tr.World(job=job, pod=_pod("Succeeded", {"exitCode": 0, "message": json.dumps(RESULT)})))
+        assert finished.adapter["spec"]["lineage"]["parentAdapterRef"] == {"name": "fam-v3"}
 
 
 # ----------------------------------------------------------------------------- TrainingRun: the Job and the outcome
@@ -137,8 +146,9 @@ def _pod(phase: str, terminated: dict | None = None) -> dict:
     return {"metadata": {"name": "r-train-0", "namespace": "default", "creationTimestamp": NOW}, "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": state}]}}
 
 
-def _line(step: int, frac: float | None = None) -> str:
-    return tr.PROGRESS_PREFIX + json.dumps({"step": step, "totalSteps": 10, "loss": 0.5, "fracRewardZeroStd": frac}) + "\n"
+def _line(step: int, frac: float | None = None, streak: int | None = None) -> str:
+    extra = {} if streak is None else {"zeroStdStreak": streak}
+    return tr.PROGRESS_PREFIX + json.dumps({"step": step, "totalSteps": 10, "loss": 0.5, "fracRewardZeroStd": frac, **extra}) + "\n"
 
 
 def started(extra_status: dict | None = None) -> dict:
@@ -164,6 +174,13 @@ def test_grpo_without_reward_variance_says_so_and_sft_never_does():
     world = tr.World(job=_job(active=1), pod=_pod("Running"), log=_line(3, 1.0))
     d = decide_run(started(), world)
     assert reason(d, "LearningSignal") == ("False", "NoRewardVariance")
+    # The trainer counts flat steps in a row: one flat step is noise, three are a verdict that sticks while training.
+    one = decide_run(started(), tr.World(job=_job(active=1), pod=_pod("Running"), log=_line(3, 1.0, streak=1)))
+    assert reason(one, "LearningSignal") == ("True", "RewardVaries")
+    three = decide_run(started(), tr.World(job=_job(active=1), pod=_pod("Running"), log=_line(5, 1.0, streak=3)))
+    assert reason(three, "LearningSignal") == ("False", "NoRewardVariance")
+    later = decide_run(started({"conditions": three.status["conditions"]}), tr.World(job=_job(active=1), pod=_pod("Running"), log=_line(6, 0.5, streak=0)))
+    assert reason(later, "LearningSignal") == ("False", "NoRewardVariance")
     sft = obj("TrainingRun", "r", run_spec(method="SFT"), started()["status"])
     assert cond.get(decide_run(sft, world).status["conditions"], "LearningSignal") is None
     result = {"status": "Succeeded", "metrics": {"train/frac_reward_zero_std": 1.0}}
@@ -277,3 +294,22 @@ def test_adapter_metrics_come_from_its_own_run_and_outlive_it():
     impostor = obj("TrainingRun", "r", run_spec(), {"metrics": [{"name": "eval/mean_reward", "value": "9"}]}, uid="uid-other")
     broken = ad.decide(obj("Adapter", "fam-v1", spec, st), ad.World(artifact=True, base=base, parent=None, run=impostor))
     assert broken["meanReward"] == "1.5" and cond.get(broken["conditions"], "Ready")["reason"] == "LineageBroken"
+
+
+def test_finished_download_and_validation_stick_when_their_jobs_are_gone():
+    """A Job's TTL deletes it: a cached BaseModel must not download again, a validated RewardSpec not test again."""
+    spec = {**BASE, "cache": {"enabled": True}}
+    cached = bm.decide(obj("BaseModel", "m", spec), bm.World(job={"status": {"conditions": [{"type": "Complete", "status": "True"}]}}), "trainer:1")
+    claim = {"metadata": {"name": cached.status["cacheClaimName"]}}
+    after = bm.decide(obj("BaseModel", "m", spec, cached.status), bm.World(job=None, cache_claim=claim), "trainer:1")
+    assert reason(after, "Ready") == ("True", "Cached") and [c["kind"] for c in after.children] == ["PersistentVolumeClaim"]
+    lost = bm.decide(obj("BaseModel", "m", spec, cached.status), bm.World(job=None, cache_claim=None), "trainer:1")
+    assert reason(lost, "Ready") == ("False", "Downloading") and len(lost.children) == 2  # the cache itself is gone
+    newer = bm.decide(obj("BaseModel", "m", spec, cached.status, generation=2), bm.World(job=None, cache_claim=claim), "trainer:1")
+    assert reason(newer, "Ready") == ("False", "Downloading")  # a new revision downloads again
+
+    done = rs.decide(obj("RewardSpec", "r", TESTED), rs.World({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}, [_pod("Succeeded", {"message": json.dumps({"results": [{"name": "t", "passed": True, "score": "1"}]})})]), "trainer:1")
+    gone = rs.decide(obj("RewardSpec", "r", TESTED, done.status), rs.World(None, []), "trainer:1")
+    assert reason(gone, "Validated") == ("True", "TestsPassed") and gone.children == [] and gone.status["testResults"] == done.status["testResults"]
+    changed = rs.decide(obj("RewardSpec", "r", TESTED, done.status, generation=2), rs.World(None, []), "trainer:1")
+    assert reason(changed, "Validated") == ("Unknown", "ValidationRunning") and len(changed.children) == 2

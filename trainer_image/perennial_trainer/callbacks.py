@@ -63,12 +63,16 @@ class ProgressCallback(TrainerCallback):
                 rewards[k[len("rewards/"):-len("/mean")]] = _num(v)
         mean_reward = _num(logs.get("reward"))
         frac = _num(logs.get("frac_reward_zero_std"))
+        if frac is not None:
+            self.zero_std_streak = self.zero_std_streak + 1 if frac >= 1.0 else 0
         obj = {
             "step": step, "totalSteps": total,
             "loss": _num(logs.get("loss", self.last.get("loss"))),
             "meanReward": mean_reward if mean_reward is not None else self.last.get("meanReward"),
             "rewards": rewards or self.last.get("rewards", {}),
             "fracRewardZeroStd": frac if frac is not None else self.last.get("fracRewardZeroStd"),
+            # logged steps in a row where every group's rewards were equal (the operator warns at 3)
+            "zeroStdStreak": self.zero_std_streak,
             "etaSeconds": eta if phase == "Training" else 0,
             "epoch": _num(state.epoch) if state.epoch is not None else None,
             "resumedFromStep": self.start_step,
@@ -78,7 +82,6 @@ class ProgressCallback(TrainerCallback):
         self.stream.write(PROGRESS_PREFIX + json.dumps(obj, separators=(",", ":")) + "\n")
         self.stream.flush()
         if frac is not None:
-            self.zero_std_streak = self.zero_std_streak + 1 if frac >= 1.0 else 0
             if frac >= 1.0 and not self.warned:
                 msg = (f"WARNING: frac_reward_zero_std == 1 at step {step}: every group of completions got the "
                        "same reward, so GRPO has NO learning signal. Check the graders (RewardSpec tests), "

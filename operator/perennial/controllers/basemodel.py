@@ -28,6 +28,7 @@ class World:
     secret: dict[str, Any] | None = None
     source_claim: dict[str, Any] | None = None
     job: dict[str, Any] | None = None
+    cache_claim: dict[str, Any] | None = None
 
 
 @dataclass
@@ -74,6 +75,13 @@ def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
     status["cacheClaimName"] = pvc["metadata"]["name"]
     status["downloadJobName"] = job["metadata"]["name"]
     job_conditions = ((world.job or {}).get("status") or {}).get("conditions") or []
+    before = cond.get(old, "Ready") or {}
+    cached_before = before.get("reason") == "Cached" and before.get("observedGeneration") == gen
+    if world.job is None and cached_before and world.cache_claim is not None:
+        # The download finished for this generation and its Job is gone (TTL): the outcome sticks
+        # while the cache claim exists; no second download.
+        status["resolvedUri"] = f"pvc://{pvc['metadata']['name']}/model"
+        return ready(True, "Cached", f"weights cached in PersistentVolumeClaim {pvc['metadata']['name']}", [pvc])
     if cond.is_true(job_conditions, "Complete"):
         status["resolvedUri"] = f"pvc://{pvc['metadata']['name']}/model"
         return ready(True, "Cached", f"weights cached in PersistentVolumeClaim {pvc['metadata']['name']}", [pvc, job])
@@ -96,6 +104,7 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
         world.source_claim = ctx.cache.get("v1", "PersistentVolumeClaim", ns, urlparse(spec.source.uri).netloc)
     if spec.cache.enabled:
         world.job = ctx.cache.get("batch/v1", "Job", ns, build.download_job_name(obj["metadata"]["name"], spec))
+        world.cache_claim = ctx.cache.get("v1", "PersistentVolumeClaim", ns, build.cache_claim_name(obj["metadata"]["name"]))
     return world
 
 

@@ -90,21 +90,31 @@ def _self_changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> boo
     return old.get("spec") != new.get("spec")
 
 
+_SAME = object()
+
+
+def _merge_diff(have: Any, want: Any) -> Any:
+    """The JSON merge patch from `have` to `want`, or _SAME; keys `want` lacks become null, at any depth."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = {}
+        for k, v in want.items():
+            d = _merge_diff(have[k], v) if k in have else v
+            if d is not _SAME:
+                out[k] = d
+        out.update({k: None for k in have if k not in want})
+        return out or _SAME
+    return _SAME if have == want else want
+
+
 def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
-    """The merge patch that turns `current` into `desired` (None when equal); removed fields become null."""
+    """The merge patch that turns `current` into `desired` (None when equal): removed fields become null,
+    nested ones too; conditions compare without the times of unchanged ones."""
     from ..resources import conditions as cond
 
-    patch: dict[str, Any] = {}
-    for k, v in desired.items():
-        have = current.get(k)
-        if k == "conditions":
-            if cond.conditions_differ(have, v):
-                patch[k] = v
-        elif have != v:
-            patch[k] = v
-    for k in current:
-        if k not in desired:
-            patch[k] = None
+    patch = _merge_diff({k: v for k, v in current.items() if k != "conditions"}, {k: v for k, v in desired.items() if k != "conditions"})
+    patch = {} if patch is _SAME else patch
+    if cond.conditions_differ(current.get("conditions"), desired.get("conditions")):
+        patch["conditions"] = desired.get("conditions")
     return patch or None
 
 
@@ -274,7 +284,12 @@ class Manager:
         result = "success"
         try:
             outcome = await controller.reconcile(obj, self.ctx)
-            if await self.write_status(controller, obj, outcome.status, outcome.notes):
+            try:
+                written = await self.write_status(controller, obj, outcome.status, outcome.notes)
+            except ApiError:
+                await self.post_event(obj, outcome.notes)  # what was done stays done: say so now
+                raise
+            if written:
                 for record in outcome.after_write:
                     record()
             self.queue.forget(key)

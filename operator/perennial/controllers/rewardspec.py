@@ -117,6 +117,15 @@ def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
     if not spec.tests:
         status["conditions"] = cond.set_condition(conds, "Validated", True, "NoTests", "the RewardSpec has no `tests`; add some to check the rubric", gen)
         return Decision(status)
+    old = obj.get("status") or {}
+    before = cond.get(old.get("conditions"), "Validated") or {}
+    if world.job is None and old.get("validatedGeneration") == gen and before.get("reason") in ("TestsPassed", "TestsFailed", "ValidationJobFailed"):
+        # These tests ran for this generation and their Job is gone (TTL): the outcome sticks, no second run.
+        status["validatedGeneration"] = gen
+        if "testResults" in old:
+            status["testResults"] = old["testResults"]
+        status["conditions"] = cond.set_condition(conds, "Validated", before["status"], before["reason"], before.get("message", ""), gen)
+        return Decision(status)
     children = [build.validation_config(obj, spec), build.validation_job(obj, spec, image)]
     job_name = children[1]["metadata"]["name"]
     job_conds = ((world.job or {}).get("status") or {}).get("conditions") or []

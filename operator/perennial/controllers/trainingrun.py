@@ -33,6 +33,7 @@ from .children import apply_all
 
 KIND = "TrainingRun"
 PROGRESS_PREFIX = "PERENNIAL_PROGRESS "
+PARENT_ANNOTATION = "perennial.ai/parent-adapter"
 _CAMEL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _POD_WAITING_PROBLEMS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff"}
 
@@ -300,20 +301,35 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     return max(0.0, (b - a).total_seconds())
 
 
-def learning_signal(spec: TrainingRunSpec, frac: str | None, conds: Any, gen: int | None, *, final: bool) -> Any:
-    """GRPO only: `LearningSignal` False when every group of completions got the same reward (frac_reward_zero_std = 1)."""
+#: Logged GRPO steps in a row without reward variance before a running trainer is reported as not learning.
+ZERO_STD_STREAK = 3
+
+
+def learning_signal(spec: TrainingRunSpec, frac: str | None, conds: Any, gen: int | None, *, final: bool, streak: int | None = None) -> Any:
+    """GRPO only: `LearningSignal` False when groups of completions got equal rewards (frac_reward_zero_std = 1).
+
+    While training: False once `ZERO_STD_STREAK` logged steps in a row were flat (the trainer counts them),
+    and it stays so until the end (no flapping from step to step). At the end: the run's mean decides.
+    """
     if spec.method != "GRPO" or frac is None:
         return conds
     try:
         value = float(frac)
     except ValueError:
         return conds
-    when = "over the run" if final else "at the last step"
-    if value >= 1.0:
+    advice = ("check the graders (RewardSpec tests), raise `temperature` or `numGenerations`, or warm up with SFT first")
+    if final:
+        if value >= 1.0:
+            return cond.set_condition(conds, "LearningSignal", False, "NoRewardVariance",
+                                      f"every group of completions got the same reward over the run (frac_reward_zero_std = {frac}): GRPO had no signal to learn from; {advice}", gen)
+        return cond.set_condition(conds, "LearningSignal", True, "RewardVaries", f"rewards varied within groups over the run (mean frac_reward_zero_std = {frac})", gen)
+    flat = streak >= ZERO_STD_STREAK if streak is not None else value >= 1.0
+    if flat:
         return cond.set_condition(conds, "LearningSignal", False, "NoRewardVariance",
-                                  f"every group of completions got the same reward {when} (frac_reward_zero_std = {frac}): GRPO had no signal "
-                                  "to learn from; check the graders (RewardSpec tests), raise `temperature` or `numGenerations`, or warm up with SFT first", gen)
-    return cond.set_condition(conds, "LearningSignal", True, "RewardVaries", f"rewards vary within groups {when} (frac_reward_zero_std = {frac})", gen)
+                                  f"every group of completions got the same reward for {streak or 1} logged step(s) in a row: GRPO is not learning; {advice}", gen)
+    if (cond.get(conds, "LearningSignal") or {}).get("status") == "False":
+        return conds  # sticks while training; the run's mean decides at the end
+    return cond.set_condition(conds, "LearningSignal", True, "RewardVaries", "rewards vary within groups of completions", gen)
 
 
 def _final_zero_std(metrics: list[dict[str, str]]) -> str | None:
@@ -350,7 +366,10 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
 
     job_name = build.job_name(name)
     status["jobName"] = job_name
-    parent = old.get("parentAdapterRef")
+    # The parent resolved when the Job was made is recorded on the Job itself (the status write after
+    # creating it may fail); the status mirrors it.
+    recorded = (((world.job or {}).get("metadata") or {}).get("annotations") or {}).get(PARENT_ANNOTATION)
+    parent = {"name": recorded} if recorded else None
     children: list[dict[str, Any]] = []
     notes: list[Note] = []
     if world.job is None:
@@ -366,11 +385,11 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
             status["completionTime"] = now
             return done(after_write=[lambda: TRAINING_RUNS.labels("Failed").inc()])
         image = spec.run_policy.image or image
-        children = [
-            build.config_map(obj, resolved.config),
-            build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys),
-        ]
-        parent = {"name": resolved.parent} if resolved.parent else None
+        job = build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys)
+        if resolved.parent:
+            job["metadata"].setdefault("annotations", {})[PARENT_ANNOTATION] = resolved.parent
+            parent = {"name": resolved.parent}
+        children = [build.config_map(obj, resolved.config), job]
     if parent:
         status["parentAdapterRef"] = parent
     status["artifactUri"] = build.output_uri(spec, artifact_uri, ns, name)
@@ -396,7 +415,10 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         status["progress"] = old["progress"]
     if "progress" in status:
         status["progressText"] = f"{status['progress']['step']}/{status['progress']['totalSteps']}"
-        conds = learning_signal(spec, status["progress"].get("fracRewardZeroStd"), conds, gen, final=False)
+    if line:
+        streak = line.get("zeroStdStreak")
+        conds = learning_signal(spec, status["progress"].get("fracRewardZeroStd"), conds, gen, final=False,
+                                streak=streak if isinstance(streak, int) and not isinstance(streak, bool) else None)
 
     waiting = (container.get("state") or {}).get("waiting") or {}
     requeue = None
@@ -417,8 +439,8 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         else:
             version = max([_adapter_version(a) for a in world.family] + [0]) + 1
             lineage = dict(result.get("lineage") or {})
-            # The builder names the parent as resolved into the status when the Job was made.
-            adapter = build.adapter(obj, spec, version=version, artifact_uri=status["artifactUri"], lineage=lineage)
+            # Lineage names the parent as resolved when the Job was made.
+            adapter = build.adapter({**obj, "status": {"parentAdapterRef": parent}} if parent else obj, spec, version=version, artifact_uri=status["artifactUri"], lineage=lineage)
             adapter_name = adapter["metadata"]["name"]
         status["adapterRef"] = {"name": adapter_name}
         conds = cond.set_condition(conds, "Succeeded", True, "AdapterCreated", f"training finished; Adapter {adapter_name} created", gen)
