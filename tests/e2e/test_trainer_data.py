@@ -177,13 +177,13 @@ def test_progress_callback_lines_and_zero_std_warning(tmp_path, capsys):
     assert lines[-1] | {"etaSeconds": None} == {"step": 1, "totalSteps": 10, "loss": 0.5, "meanReward": 0.0, "rewards": {"format": 0.0},
                                                  "fracRewardZeroStd": 1.0, "zeroStdStreak": 1, "etaSeconds": None, "epoch": 0.1, "resumedFromStep": 0, "phase": "Training"}
     assert "NO learning signal" in capsys.readouterr().err
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 1
     # flat steps in a row are counted (the operator reports no learning signal at 3); a varied one resets the count
     for step, frac in ((2, 1.0), (3, 1.0), (4, 0.5)):
         state.global_step = step
         cb.on_log(None, state, None, logs={"loss": 0.5, "frac_reward_zero_std": frac})
     streaks = [json.loads(l.split(" ", 1)[1])["zeroStdStreak"] for l in out.getvalue().splitlines()[-3:]]
     assert streaks == [2, 3, 0]
-    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 1
 
 
 def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
