@@ -85,6 +85,9 @@ def test_cache_indexes_owners_strips_secret_values_and_reports_changes():
     assert cache.get("v1", "Secret", "default", "s")["data"] == {"token": ""}
     cache.remove(job)
     assert changes[-1] == ("1", None) and cache.get("batch/v1", "Job", "default", "j") is None
+    # A listing taken before our own write landed never takes the cache back.
+    cache.put(o("v1", "Pod", "p", rv="1"))
+    assert cache.get("v1", "Pod", "default", "p")["metadata"]["resourceVersion"] == "2"
 
 
 def test_cache_replace_drops_what_a_listing_no_longer_has_but_keeps_newer_writes():
@@ -150,6 +153,13 @@ def test_changes_wake_the_object_its_owner_through_jobs_and_its_dependents():
     # ...but its references do: the BaseModel it waits for, and Adapters of its family.
     assert m.keys_for(None, o(API, "BaseModel", "base")) == {Key("BaseModel", "default", "base"), Key("TrainingRun", "default", "r")}
     assert m.keys_for(None, o(API, "Adapter", "fam-v1", spec={"family": "fam"})) >= {Key("TrainingRun", "default", "r")}
+    # A run chained to another run wakes when that run's Adapter changes (it is named only once made).
+    child = o(API, "TrainingRun", "child", meta={"generation": 1}, spec={"method": "SFT", "baseModelRef": {"name": "base"}, "parentTrainingRunRef": {"name": "r"},
+                                                                        "datasets": [{"name": "d", "uri": "file:///d"}], "output": {"adapterFamily": "other"}})
+    m.cache.put(child)
+    made = o(API, "Adapter", "fam-v7", spec={"family": "fam", "lineage": {"trainingRunRef": {"name": "r"}}})
+    assert Key("TrainingRun", "default", "child") in m.keys_for(None, made)
+    assert Key("TrainingRun", "default", "child") not in m.keys_for(None, o(API, "Adapter", "x-v1", spec={"family": "x", "lineage": {"trainingRunRef": {"name": "elsewhere"}}}))
     assert m.keys_for(None, o(API, "BaseModel", "other")) == {Key("BaseModel", "default", "other")}
     # A pod of its Job wakes it through the Job's ownerReference.
     job = o("batch/v1", "Job", "r-train", meta={"uid": "job-uid", "ownerReferences": [{"apiVersion": API, "kind": "TrainingRun", "name": "r", "uid": "uid-TrainingRun-r"}]})
@@ -161,4 +171,4 @@ def test_changes_wake_the_object_its_owner_through_jobs_and_its_dependents():
     # Once the run is finished it depends on nothing any more.
     done = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "status": {"conditions": [{"type": "Succeeded", "status": "False", "reason": "X"}]}}
     m.keys_for(run, done)
-    assert m.keys_for(None, o(API, "BaseModel", "base", rv="3")) == {Key("BaseModel", "default", "base")}
+    assert Key("TrainingRun", "default", "r") not in m.keys_for(None, o(API, "BaseModel", "base", rv="3"))

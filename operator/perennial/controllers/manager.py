@@ -247,10 +247,11 @@ class Manager:
         ns = meta.get("namespace") or ""
         deps: list[Dependency] = [(api_version, kind, ns, meta["name"])]
         if api_version == API_VERSION and kind == "Adapter":
-            deps.append((API_VERSION, "Adapter", ns, "*"))
-            family = (obj.get("spec") or {}).get("family")
-            if family:
-                deps.append((API_VERSION, "AdapterFamily", ns, family))
+            spec = obj.get("spec") or {}
+            if spec.get("family"):
+                deps.append((API_VERSION, "AdapterFamily", ns, spec["family"]))
+            if run := ((spec.get("lineage") or {}).get("trainingRunRef") or {}).get("name"):
+                deps.append((API_VERSION, "AdapterOfRun", ns, run))
         return deps
 
     def _track_dependencies(self, key: Key, deps: Iterable[Dependency] | None) -> None:
@@ -276,7 +277,8 @@ class Manager:
         controller = self.controllers[key.kind]
         obj = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
         QUEUE_DEPTH.set(len(self.queue))
-        if obj is None:
+        if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+            # Gone, or going (foreground deletion): its children go with it; nothing to do.
             CONDITIONS.forget(key.kind, key.namespace, key.name)
             self.queue.forget(key)
             return

@@ -481,6 +481,11 @@ def _terminal(obj: dict[str, Any]) -> bool:
     return (cond.get((obj.get("status") or {}).get("conditions"), "Succeeded") or {}).get("status") in ("True", "False")
 
 
+def family_of(cache: Any, namespace: str, family: str) -> list[dict[str, Any]]:
+    """Adapters of a family by their spec (what names and versions them), labelled or not."""
+    return [a for a in cache.list(API_VERSION, "Adapter", namespace) if (a.get("spec") or {}).get("family") == family]
+
+
 async def observe(obj: dict[str, Any], ctx: Context) -> World:
     world = World(job=None, pod=None)
     spec = _spec_or_none(obj)
@@ -500,7 +505,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
                 if exc.status not in (400, 404):
                     raise
         if cond.is_true(((world.job.get("status") or {}).get("conditions")), "Complete"):
-            world.family = cache.list(API_VERSION, "Adapter", ns, {"perennial.ai/adapter-family": spec.output.adapter_family})
+            world.family = family_of(cache, ns, spec.output.adapter_family)
         return world
     world.base = cache.get(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)
     for ref in (spec.reward_spec_ref, spec.evaluation.reward_spec_ref):
@@ -515,7 +520,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
         if adapter:
             world.parent_adapter = cache.get(API_VERSION, "Adapter", ns, adapter)
     elif family := getattr(spec, "parent_adapter_family", None):
-        world.parent_family = cache.list(API_VERSION, "Adapter", ns, {"perennial.ai/adapter-family": family})
+        world.parent_family = family_of(cache, ns, family)
     for d in spec.datasets:
         if d.feedback and not d.feedback.store_uri:
             world.deployments[d.feedback.deployment_ref.name] = cache.get(API_VERSION, "Deployment", ns, d.feedback.deployment_ref.name)
@@ -563,8 +568,8 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
         deps.append((API_VERSION, "Adapter", ns, spec.parent_adapter_ref.name))
     if (run_ref := getattr(spec, "parent_training_run_ref", None)) is not None:
         deps.append((API_VERSION, "TrainingRun", ns, run_ref.name))
-        # its Adapter's name is known only once it succeeds: any Adapter of the namespace may be it
-        deps.append((API_VERSION, "Adapter", ns, "*"))
+        # the Adapter it makes (known by name only once it succeeds), e.g. when it becomes Ready
+        deps.append((API_VERSION, "AdapterOfRun", ns, run_ref.name))
     if family := getattr(spec, "parent_adapter_family", None):
         deps.append((API_VERSION, "AdapterFamily", ns, family))
     # Adapters of the output family: another run's Adapter may take the version this one wants.

@@ -44,6 +44,14 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _older(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """`new` is an earlier version of the same object than `old` (resourceVersions as integers, as etcd's are)."""
+    if (new.get("metadata") or {}).get("uid") != (old.get("metadata") or {}).get("uid"):
+        return False
+    a, b = _int(_rv(new)), _int(_rv(old))
+    return a is not None and b is not None and a < b
+
+
 def _owner_uids(obj: dict[str, Any]) -> list[str]:
     return [r["uid"] for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("uid")]
 
@@ -68,6 +76,8 @@ class Cache:
         with self._lock:
             by_ns = self._objects.setdefault(rk, {}).setdefault(ns, {})
             old = by_ns.get(name)
+            if old is not None and _older(obj, old):
+                return old  # a listing taken before our own write landed: the cache never goes back
             by_ns[name] = obj
             owned = self._owned.setdefault(rk, {})
             if old is not None:
