@@ -102,37 +102,52 @@ def test_cache_replace_drops_what_a_listing_no_longer_has_but_keeps_newer_writes
     assert cache.replace("v1", "PersistentVolumeClaim", None, {}) == 3  # an empty listing: nothing is left
 
 
-def test_kopf_streams_listings_through_the_function_we_wrap():
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[object, str]] = []
+        self.listings: list[dict] = []
+
+    def observed(self, resource, namespace, raw) -> None:
+        self.events.append((raw["type"], raw["object"]["metadata"]["name"]))
+
+    def listed(self, resource, namespace, present) -> None:
+        self.listings.append(dict(present))
+
+
+def test_kopf_streams_through_the_function_we_wrap():
     from kopf._cogs.clients import watching
     from kopf._core.reactor import queueing
 
     assert "watching.infinite_watch(" in inspect.getsource(queueing.watcher)
-    listings.subscribe(print)
+    recorder = Recorder()
+    listings.subscribe(recorder)
     try:
         assert watching.infinite_watch is listings._infinite_watch
     finally:
-        listings.unsubscribe(print)
+        listings.unsubscribe(recorder)
 
 
-async def test_listing_wrapper_reports_each_listing_and_passes_everything_through(monkeypatch):
+async def test_stream_observer_sees_every_event_and_each_listing_and_passes_everything_through(monkeypatch):
     from kopf._cogs.clients import watching
 
     stream = [{"type": None, "object": o("v1", "Pod", "a", rv="4")}, watching.Bookmark.LISTED, {"type": "ADDED", "object": o("v1", "Pod", "b")},
-              {"type": None, "object": o("v1", "Pod", "b", rv="7")}, watching.Bookmark.LISTED]
+              {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
+              {"type": None, "object": o("v1", "Pod", "b", rv="7")}, watching.Bookmark.LISTED, {"type": "DELETED", "object": o("v1", "Pod", "b")}]
 
     async def fake(**_):
         for item in stream:
             yield item
 
     monkeypatch.setattr(listings, "_original", fake)
-    got = []
-    listings.subscribe(lambda resource, ns, present: got.append(dict(present)))
+    recorder = Recorder()
+    listings.subscribe(recorder)
     try:
         out = [x async for x in listings._infinite_watch(resource="pods", namespace=None)]
     finally:
-        listings._listeners.clear()
+        listings.unsubscribe(recorder)
     assert out == stream
-    assert got == [{("default", "a"): "4"}, {("default", "b"): "7"}]
+    assert recorder.listings == [{("default", "a"): "4"}, {("default", "b"): "7"}]
+    assert recorder.events == [(None, "a"), ("ADDED", "b"), (None, "b"), ("DELETED", "b")]
 
 
 # ----------------------------------------------------------------------------- change → keys

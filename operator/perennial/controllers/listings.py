@@ -1,51 +1,64 @@
-"""The end of kopf's listings, for the cache's Replace.
+"""The operator's informer: kopf's watch streams, observed as they arrive.
 
-kopf lists a resource, streams `Bookmark.LISTED`, then watches; after a watch it
-cannot resume (410 Gone, a dropped connection past its retries) it lists again,
-but tells its handlers nothing about objects that vanished in between: no
-DELETED ever comes for them. client-go's reflector replaces its store with each
-listing; kopf has no hook for it, so this module wraps kopf's stream (the one
-function kopf's queueing calls, `kopf._cogs.clients.watching.infinite_watch`)
-to collect each listing's objects and hand them to subscribers at the bookmark.
-It only observes the stream: every event and bookmark passes through unchanged.
-kopf is pinned (1.45.*); `tests/unit/test_listings.py` breaks if that function moves.
+kopf lists each watched resource, yields its objects, then `Bookmark.LISTED`,
+then streams watch events, and lists again after a watch it cannot resume
+(410 Gone, a dropped connection past its retries). It offers handlers per
+object (with per-object bookkeeping that, for indices, grows with the square of
+the objects on a restart) but no view of the stream itself: no end of a
+listing, no deletions of objects that vanished between two listings. This
+module wraps the one function kopf's queueing calls for a stream,
+`kopf._cogs.clients.watching.infinite_watch`, and shows every raw event and
+every listing's end to its subscribers — what client-go's reflector gives an
+informer (`Add`/`Update`/`Delete`, and `Replace` at each list). It only
+observes: every event and bookmark passes through to kopf unchanged. kopf is
+pinned (1.45.*); `tests/unit/test_controller_machinery.py` fails if that
+function moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from kopf._cogs.clients import watching
 
-#: (resource, namespace or None, {(namespace, name): resourceVersion}) at the end of every listing
-Listener = Callable[[Any, "str | None", "dict[tuple[str, str], str]"], None]
 
-_listeners: list[Listener] = []
+class Observer(Protocol):
+    def observed(self, resource: Any, namespace: str | None, raw: dict[str, Any]) -> None:
+        """One raw event: {"type": None (listed) | "ADDED" | "MODIFIED" | "DELETED", "object": {...}}."""
+
+    def listed(self, resource: Any, namespace: str | None, present: dict[tuple[str, str], str]) -> None:
+        """A listing ended; it held exactly `present`: (namespace, name) → resourceVersion."""
+
+
+_observers: list[Observer] = []
 _original = watching.infinite_watch
 
 
 async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
+    resource, namespace = kwargs["resource"], kwargs.get("namespace")
     listed: dict[tuple[str, str], str] = {}
     async for raw in _original(**kwargs):
         if raw is watching.Bookmark.LISTED:
-            for listener in list(_listeners):
-                listener(kwargs["resource"], kwargs.get("namespace"), listed)
+            for observer in list(_observers):
+                observer.listed(resource, namespace, listed)
             listed = {}
-        elif isinstance(raw, dict) and raw.get("type") is None:
-            meta = (raw.get("object") or {}).get("metadata") or {}
-            if meta.get("name"):
-                listed[(meta.get("namespace") or "", meta["name"])] = str(meta.get("resourceVersion") or "")
+        elif isinstance(raw, dict) and raw.get("type") in (None, "ADDED", "MODIFIED", "DELETED") and isinstance(raw.get("object"), dict):
+            if raw.get("type") is None:
+                meta = raw["object"].get("metadata") or {}
+                listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
+            for observer in list(_observers):
+                observer.observed(resource, namespace, raw)
         yield raw
 
 
-def subscribe(listener: Listener) -> None:
+def subscribe(observer: Observer) -> None:
     if watching.infinite_watch is not _infinite_watch:
         watching.infinite_watch = _infinite_watch
-    if listener not in _listeners:
-        _listeners.append(listener)
+    if observer not in _observers:
+        _observers.append(observer)
 
 
-def unsubscribe(listener: Listener) -> None:
-    if listener in _listeners:
-        _listeners.remove(listener)
+def unsubscribe(observer: Observer) -> None:
+    if observer in _observers:
+        _observers.remove(observer)

@@ -1,16 +1,16 @@
-"""The controller manager: kopf watches feed the cache, events map to keys, workers reconcile.
+"""The controller manager: kopf's watch streams feed the cache, changes map to keys, workers reconcile.
 
 kopf does what it is good at — listing and watching every resource with
-reconnects, backoff and login — and calls two kinds of handlers per watched
-resource, neither of which writes anything to the object (no finalizer, no
-annotations): an index handler that keeps `Cache` current and maps the change
-to the keys of the objects it concerns (the object itself, its owner, the
-objects that depend on it), and an event handler that notices deletions. kopf
-holds every handler back until every index is filled, so the first reconcile
-already sees the whole world. Keys go to a `WorkQueue`; workers run the
-kind's `reconcile`, write the status only when it changed and post one Event
-summarising the reconcile, after the write. Time wakes an object only when
-its `Outcome` asks (`requeue_after`).
+reconnects, backoff, login, peering and health — and the cache is fed from its
+streams as they arrive (`listings`: every event, and the end of each listing,
+where objects that vanished while no watch streamed are dropped). Nothing is
+written to the objects (no finalizer, no annotations). Every change of the cache
+maps to the keys of the objects it concerns (the object itself, its owner, the
+objects that depend on it), held until every watched resource has been listed
+once, so the first reconcile already sees the whole world. Keys go to a
+`WorkQueue`; workers run the kind's `reconcile`, write the status only when it
+changed and post one Event summarising the reconcile, after the write. Time
+wakes an object only when its `Outcome` asks (`requeue_after`).
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, 
     return patch or None
 
 
+def _never(**_: Any) -> bool:
+    return False
+
+
+async def _nothing(**_: Any) -> None:
+    return None
+
+
 class Manager:
     """Wires controllers to kopf: cache, mapping, queue, workers, status writes, Events."""
 
@@ -136,6 +144,7 @@ class Manager:
         self._task: asyncio.Task[None] | None = None
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._by_plural: dict[tuple[str, str], Watched] = {}
+        self._listed_once: set[tuple[str, str]] = set()
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     # -- registration ----------------------------------------------------------
@@ -147,44 +156,45 @@ class Manager:
     def register(self, registry: kopf.OperatorRegistry) -> None:
         for w in self.watched():
             self._by_plural[(w.group, w.plural)] = w
-            kopf.index(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"cache-{w.id}")(self._index)
-            kopf.on.event(w.group, w.version, w.plural, labels=w.labels, registry=registry, id=f"event-{w.id}", when=self._wants_event)(self._event)
-        listings.subscribe(self._listed)
+            # kopf watches what has a handler; the cache is fed from its streams (`listings`), so this
+            # handler never runs: no per-object work of kopf's beyond its own bookkeeping.
+            kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.id}", when=_never)(_nothing)
+        listings.subscribe(self)
         kopf.on.startup(registry=registry, id="manager-start")(self._startup)
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
 
-    # -- kopf handlers (coroutines: kopf runs plain functions in threads, and the queue is the loop's) --
-    async def _index(self, body: kopf.Body, **_: Any) -> None:
-        """Index handler: keep the cache current (its `on_change` maps the change to keys)."""
-        self.cache.put(dict(body))
-        return None
+    # -- the informer: kopf's streams, as they arrive (on the loop, in kopf's watcher tasks) ----------
+    def observed(self, resource: Any, namespace: str | None, raw: dict[str, Any]) -> None:
+        w = self._by_plural.get((resource.group, resource.plural))
+        if w is None:
+            return
+        obj = {**raw["object"], "apiVersion": w.api_version, "kind": w.kind}  # list items may lack them
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if raw["type"] == "DELETED" or (w.labels and any(labels.get(k) != v for k, v in w.labels.items())):
+            self.cache.remove(obj)  # gone, or no longer ours (relabelled)
+        else:
+            self.cache.put(obj)
 
-    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
-        """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
-        self._route(self.keys_for(old, new))
-
-    def _wants_event(self, type: str | None, **_: Any) -> bool:
-        return type == "DELETED" or not self._ready
-
-    async def _event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
-        """Event handler, called only once every index is filled: release held keys; notice deletions."""
-        if not self._ready:
-            self._ready = True
-            pending, self._pending = self._pending, set()
-            for key in pending:
-                self.queue.add(key)
-            log.info("Listed the world, objects=%d", len(pending))
-        if type == "DELETED":
-            self.cache.remove(dict(body))
-
-    def _listed(self, resource: Any, namespace: str | None, present: dict[tuple[str, str], str]) -> None:
-        """A listing of kopf's ended: objects it no longer has were deleted while no watch was streaming."""
+    def listed(self, resource: Any, namespace: str | None, present: dict[tuple[str, str], str]) -> None:
+        """A listing ended: drop what it no longer has (deleted while no watch streamed); once every
+        watched resource was listed, the cache holds the world and reconciles may start."""
         w = self._by_plural.get((resource.group, resource.plural))
         if w is None:
             return
         gone = self.cache.replace(w.api_version, w.kind, namespace, present)
         if gone:
             log.info("Dropped objects deleted while the watch was down, kind=%s, count=%d", w.kind, gone)
+        self._listed_once.add((w.group, w.plural))
+        if not self._ready and self._listed_once >= set(self._by_plural):
+            self._ready = True
+            pending, self._pending = self._pending, set()
+            for key in pending:
+                self.queue.add(key)
+            log.info("Listed the world, objects=%d", len(pending))
+
+    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
+        self._route(self.keys_for(old, new))
 
     def _route(self, keys: set[Key]) -> None:
         if self._ready:
@@ -198,7 +208,7 @@ class Manager:
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
 
     async def _cleanup(self, **_: Any) -> None:
-        listings.unsubscribe(self._listed)
+        listings.unsubscribe(self)
         await self.queue.shutdown()
         if self._event_tasks:
             await asyncio.wait(self._event_tasks, timeout=2)
