@@ -24,5 +24,8 @@ class OperatorConfig:
     resync_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_RESYNC_SECONDS", "30")))
     #: Seconds between reads of a running trainer's progress (its pod log).
     progress_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_SECONDS", "5")))
+    #: Progress reads (pod logs of running trainers) per second, all runs together: with many runs,
+    #: each is read less often than every `progress_seconds`.
+    progress_reads_per_second: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_READS_PER_SECOND", "20")))
     #: Concurrent reconciles (all kinds).
     workers: int = field(default_factory=lambda: int(_env("PERENNIAL_WORKERS", "16")))

@@ -187,3 +187,20 @@ def test_changes_wake_the_object_its_owner_through_jobs_and_its_dependents():
     done = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "status": {"conditions": [{"type": "Succeeded", "status": "False", "reason": "X"}]}}
     m.keys_for(run, done)
     assert Key("TrainingRun", "default", "r") not in m.keys_for(None, o(API, "BaseModel", "base", rv="3"))
+
+
+def test_ticker_spreads_first_turns_and_caps_the_total_rate():
+    from perennial.controllers.base import Ticker
+
+    now = [100.0]
+    t = Ticker(min_interval=5, rate=2, clock=lambda: now[0], rng=lambda: 0.5)
+    read, wait = t.poll("a")
+    assert not read and wait == pytest.approx(2.5)  # new: its first turn half-way through one interval
+    now[0] += 2.5
+    assert t.poll("a") == (True, pytest.approx(5))
+    assert t.poll("a")[0] is False  # an event-triggered pass in between reads nothing
+    for i in range(99):
+        t.poll(i)
+    assert t.interval() == pytest.approx(50)  # 100 keys at 2 reads/s: each one every 50 s
+    t.forget("a")
+    assert len(t) == 99

@@ -11,7 +11,9 @@ status (only when it changed) and the Events, after the write.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Awaitable, Callable, Iterable
+import random
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +31,43 @@ API_VERSION = f"{GROUP}/{VERSION}"
 Dependency = tuple[str, str, str, str]
 
 
+class Ticker:
+    """Time-triggered reads, spread and capped: each key at most every `min_interval` seconds, all keys
+    together at most `rate` per second (10,000 running trainers do not make 2,000 log reads a second).
+    A key new to the ticker (a new trainer, or every running one after an operator restart) gets its
+    first turn at a random point of one interval, so a restart reads nothing at once."""
+
+    def __init__(self, min_interval: float, rate: float, clock: Callable[[], float], rng: Callable[[], float] = random.random):
+        self.min_interval = min_interval
+        self.rate = max(rate, 1e-6)
+        self._clock = clock
+        self._rng = rng
+        self._due: dict[Hashable, float] = {}
+
+    def interval(self) -> float:
+        return max(self.min_interval, len(self._due) / self.rate)
+
+    def poll(self, key: Hashable) -> tuple[bool, float]:
+        """(read now?, seconds until this key's next turn)."""
+        now = self._clock()
+        due = self._due.get(key)
+        if due is None:
+            delay = self._rng() * self.interval()
+            self._due[key] = now + delay
+            return False, delay
+        if now + 0.01 >= due:
+            interval = self.interval()
+            self._due[key] = now + interval
+            return True, interval
+        return False, due - now
+
+    def forget(self, key: Hashable) -> None:
+        self._due.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+
 @dataclass
 class Context:
     """What a reconcile needs besides the object: clients per cluster, the cache, settings, a clock."""
@@ -37,6 +76,11 @@ class Context:
     cache: Cache
     config: OperatorConfig
     clock: Callable[[], float]
+    #: when running trainers' progress (their pod logs) is read
+    progress: Ticker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = Ticker(self.config.progress_seconds, self.config.progress_reads_per_second, time.monotonic)
 
     @property
     def kube(self) -> AsyncKube:
@@ -74,6 +118,8 @@ class Controller:
     reconcile: Callable[[dict[str, Any], Context], Awaitable[Outcome]]
     #: The objects a change of which must wake this one (beyond its own children, found by ownerReferences).
     dependencies: Callable[[dict[str, Any]], Iterable[Dependency]] = lambda obj: ()
+    #: Called with (namespace, name) when an object is gone: let go of what is kept for it.
+    gone: Callable[[Context, str, str], None] = lambda ctx, namespace, name: None
 
 
 def generation(body: Any) -> int | None:

@@ -49,7 +49,21 @@ async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
                 listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
             for observer in list(_observers):
                 observer.observed(resource, namespace, raw)
+            if _observers and _consumed(resource):
+                continue  # consumed here: kopf's per-object machinery has no handler to run for it
         yield raw
+
+
+_consumed_resources: set[tuple[str, str]] = set()
+
+
+def _consumed(resource: Any) -> bool:
+    return (getattr(resource, "group", None), getattr(resource, "plural", None)) in _consumed_resources
+
+
+def consume(group: str, plural: str) -> None:
+    """Events of this resource end with the observers: kopf gets only its listings' ends (for its own bookkeeping)."""
+    _consumed_resources.add((group, plural))
 
 
 def subscribe(observer: Observer) -> None:

@@ -159,6 +159,7 @@ class Manager:
             # kopf watches what has a handler; the cache is fed from its streams (`listings`), so this
             # handler never runs: no per-object work of kopf's beyond its own bookkeeping.
             kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.id}", when=_never)(_nothing)
+            listings.consume(w.group, w.plural)
         listings.subscribe(self)
         kopf.on.startup(registry=registry, id="manager-start")(self._startup)
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
@@ -290,6 +291,7 @@ class Manager:
         if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
             # Gone, or going (foreground deletion): its children go with it; nothing to do.
             CONDITIONS.forget(key.kind, key.namespace, key.name)
+            controller.gone(self.ctx, key.namespace, key.name)
             self.queue.forget(key)
             return
         started = time.perf_counter()

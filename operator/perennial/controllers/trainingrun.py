@@ -166,6 +166,7 @@ class World(Observed):
     """Everything a TrainingRun's reconcile reads. All from the cache except `log` (the pod's log tail)."""
 
     log: str | None = None
+    progress_wait: float | None = None  # seconds until the running trainer's progress is read again
     base: dict[str, Any] | None = None
     reward_specs: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     parent_adapter: dict[str, Any] | None = None
@@ -461,7 +462,8 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         restarts = int(container.get("restartCount") or 0)
         note = f" (resumed after {restarts} restart(s))" if restarts else ""
         conds = cond.set_condition(conds, "Succeeded", "Unknown", "Training", f"the trainer is running{note}", gen)
-        requeue = progress_seconds  # time is the trigger: the log says how far the trainer got
+        # time is the trigger: the log says how far the trainer got
+        requeue = world.progress_wait if world.progress_wait is not None else progress_seconds
     else:
         conds = cond.set_condition(conds, "Succeeded", "Unknown", "JobPending", f"waiting for training Job {job_name} to start", gen)
     return done(children=children, notes=notes, requeue_after=requeue, after_write=after_write)
@@ -490,6 +492,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
     world = World(job=None, pod=None)
     spec = _spec_or_none(obj)
     if spec is None or _terminal(obj):
+        ctx.progress.forget((obj["metadata"]["namespace"], obj["metadata"]["name"]))
         return world
     cache = ctx.cache
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -498,7 +501,16 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
         pods = cache.owned_by("v1", "Pod", world.job["metadata"]["uid"])
         if pods:
             world.pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
-        if world.pod is not None and (world.pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
+        phase = ((world.pod or {}).get("status") or {}).get("phase")
+        job_conds = (world.job.get("status") or {}).get("conditions")
+        finished = cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")
+        read = False
+        if phase == "Running" and not finished:
+            read, world.progress_wait = ctx.progress.poll((ns, name))  # spread and capped, not every pass
+        else:
+            ctx.progress.forget((ns, name))
+            read = phase in ("Succeeded", "Failed")  # the last progress line, once, as the run ends
+        if read and world.pod is not None:
             try:
                 world.log = await ctx.kube.pod_log(ns, world.pod["metadata"]["name"], tail_lines=200)
             except ApiError as exc:
@@ -580,4 +592,8 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
     return deps
 
 
-CONTROLLER = Controller(KIND, "trainingruns", TrainingRunStatus, reconcile, dependencies)
+def gone(ctx: Context, namespace: str, name: str) -> None:
+    ctx.progress.forget((namespace, name))
+
+
+CONTROLLER = Controller(KIND, "trainingruns", TrainingRunStatus, reconcile, dependencies, gone)
