@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 
 from ..api.rewardspec import RewardSpecSpec
-from .common import child_name, labels, owned_metadata, restricted_security_context, short_hash
+from .common import child_name, labels, owned_metadata, restricted_security_context, short_hash, to_yaml
 from .trainingrun import SECRETS_DIR, TERMINATION_LOG, judge_secrets
 
 MOUNT = "/etc/perennial"
@@ -30,7 +29,7 @@ def validation_config(body: dict[str, Any], spec: RewardSpecSpec) -> dict[str, A
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": owned_metadata(body, cm_name, labels("RewardSpec", name, "validation")),
-        "data": {"rewardspec.yaml": yaml.safe_dump(spec.to_dict(), sort_keys=False)},
+        "data": {"rewardspec.yaml": to_yaml(spec.to_dict())},
     }
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
 
 from ..api.exitcodes import PERMANENT_EXIT_CODES
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec
-from .common import child_name, labels, owned_metadata, restricted_security_context
+from .common import child_name, labels, owned_metadata, restricted_security_context, to_yaml
 
 CONFIG_MOUNT = "/etc/perennial"
 CONFIG_FILE = f"{CONFIG_MOUNT}/run.yaml"
@@ -85,7 +84,7 @@ def config_map(body: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": owned_metadata(body, config_name(name), labels("TrainingRun", name, "run-config")),
-        "data": {"run.yaml": yaml.safe_dump(config, sort_keys=False)},
+        "data": {"run.yaml": to_yaml(config)},
     }
 
 
