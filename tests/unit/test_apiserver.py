@@ -1069,3 +1069,23 @@ def test_unknown_propagation_policy_is_422(c, ns):
     c.ok("POST", CM(ns), {"metadata": {"name": "a"}})
     r = c.req("DELETE", CM(ns, "a"), {"propagationPolicy": "Sideways"})
     assert r.status_code == 422 and 'Unsupported value: "Sideways"' in r.json()["message"]
+
+
+def test_validation_ratchets_unchanged_values_like_kube_apiserver():
+    """A stricter schema does not reject writes that leave an old, now-invalid value as it was (a status
+    write does not re-validate the spec); changing that value is validated."""
+    server = start_in_thread()
+    try:
+        loose = copy.deepcopy(SCHEMA)
+        server.apply_crd(widget_crd(schema=loose))
+        c = Client(server.url)
+        c.ok("POST", W("default"), widget("old", method="SFT", note="a rather long note"))
+        strict = copy.deepcopy(SCHEMA)
+        strict["properties"]["spec"]["properties"]["note"] = {"type": "string", "maxLength": 4}
+        server.apply_crd(widget_crd(schema=strict))
+        status = c.req("PATCH", W("default", "old") + "/status", {"status": {"phase": "Done"}}, "application/merge-patch+json")
+        assert status.status_code == 200, status.text
+        changed = c.req("PATCH", W("default", "old"), {"spec": {"note": "another long note"}}, "application/merge-patch+json")
+        assert changed.status_code == 422 and "spec.note" in changed.text
+    finally:
+        server.stop()

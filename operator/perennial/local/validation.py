@@ -265,6 +265,10 @@ def validate(schema: dict | None, value: Any, old: Any = _MISSING, *, root: bool
 
 
 def _validate(schema: dict, value: Any, old: Any, path: str, errors: list[FieldError], root: bool = False) -> None:
+    if old is not _MISSING and type(value) is type(old) and value == old:
+        # Validation ratcheting (kube-apiserver, CRDValidationRatcheting): an unchanged value is not validated
+        # again — a status write does not re-run the spec's rules.
+        return
     field = path or "<nil>"
     if value is None:
         if schema.get("nullable"):
