@@ -522,6 +522,7 @@ class Result:
     converge_seconds: float = 0.0
     create_seconds: float = 0.0
     converge_failures: int = 0
+    converge_cpu: dict[str, float] = field(default_factory=dict)
     steady: dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 0.0
     idle: dict[str, Any] = field(default_factory=dict)
@@ -593,11 +594,14 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         poller = ConvergencePoller(kube, kind, n)
         if kubelet is not None:
             kubelet.expected = n
+        cpu0 = {"operator": op.cpu_seconds(), "control plane": cp.proc.cpu_seconds()}
         t0, t1, res.converge_failures = create_all(kube, objs, args.concurrency)
         res.create_seconds = t1 - t0
         timeout = args.converge_timeout or (120 + n * 0.15)
         t_done = poller.wait(timeout, [cp.proc, op])
         res.converge_seconds = t_done - t0
+        # Who was the bottleneck: each process's CPU over the convergence, in % of one core (100 = saturated).
+        res.converge_cpu = {k: 100 * (p.cpu_seconds() - cpu0[k]) / max(res.converge_seconds, 1e-9) for k, p in (("operator", op), ("control plane", cp.proc))}
         res.converge_rate = n / res.converge_seconds
         log(f"  converged in {res.converge_seconds:.1f}s ({res.converge_rate:.0f} objects/s; {poller.lists} LISTs took {poller.list_seconds:.1f}s)")
         _, quiet = wait_quiet(cp, 3.0, 60 + n * 0.02, [cp.proc, op])
@@ -706,6 +710,7 @@ def print_result(r: Result) -> None:
         ("convergence", f"{r.converge_rate:,.0f} objects/s ({r.converge_seconds:.1f} s; creates took {r.create_seconds:.1f} s)"
          + (f" ({r.converge_failures} creates failed)" if r.converge_failures else "")),
         ("convergence / raw", f"{r.converge_rate / r.raw_rate:.2f}x" if r.raw_rate else "-"),
+        ("  CPU while converging", ", ".join(f"{k} {v:.0f} % of a core" for k, v in r.converge_cpu.items()) + " (the load generator and the poller are on the same 2 cores)"),
         ("writes/object to steady", f"{(w['object'] + w['events'] + w['other']) / n:.2f} (status/object {w['object'] / n:.2f}, Events {w['events'] / n:.2f}, "
                                     f"other {w['other'] / n:.2f}); children {w['children'] / n:.2f}"),
         ("  by verb", fmt_counter(st["write_verbs"], n)),
