@@ -226,13 +226,21 @@ def client(url: str, pool: int) -> Any:
     return Kube(api)
 
 
-def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int) -> tuple[float, float, int]:
-    """Create `objs` with a fixed concurrency; returns (start, end, failures) in time.monotonic()."""
+def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int, *, with_writes: bool = False) -> tuple[float, float, int]:
+    """Create `objs` with a fixed concurrency; returns (start, end, failures) in time.monotonic().
+    `with_writes`: also make, for each, the writes a perfect operator makes (one status patch, one Event)."""
     failures = 0
     errors: list[str] = []
 
     def one(obj: dict[str, Any]) -> None:
-        kube.create(obj)
+        created = kube.create(obj)
+        if with_writes:
+            m = created["metadata"]
+            cond = {"type": "Ready", "status": "True", "reason": "Valid", "message": "floor", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}
+            kube.patch(created["apiVersion"], created["kind"], m["namespace"], m["name"], {"status": {"observedGeneration": 1, "conditions": [cond]}}, subresource="status")
+            kube.create({"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{m['name']}.", "namespace": m["namespace"]},
+                         "involvedObject": {"apiVersion": created["apiVersion"], "kind": created["kind"], "name": m["name"], "namespace": m["namespace"], "uid": m["uid"]},
+                         "reason": "Valid", "message": "floor", "type": "Normal", "source": {"component": "benchmark"}, "count": 1})
 
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(concurrency, thread_name_prefix="create") as pool:
@@ -523,6 +531,7 @@ class Result:
     create_seconds: float = 0.0
     converge_failures: int = 0
     converge_cpu: dict[str, float] = field(default_factory=dict)
+    floor_rate: float = 0.0
     steady: dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 0.0
     idle: dict[str, Any] = field(default_factory=dict)
@@ -549,12 +558,12 @@ def operator_log_counts(proc: Proc) -> dict[str, int]:
     }
 
 
-def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path) -> tuple[float, int]:
+def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path, *, with_writes: bool = False) -> tuple[float, int]:
     cp = ControlPlane(workdir, procs)
     try:
         kube = client(cp.url, args.concurrency)
         create_all(kube, prerequisites(kind), 1)
-        t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency)
+        t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency, with_writes=with_writes)
         return n / (t1 - t0), failures
     finally:
         cp.proc.stop()
@@ -569,6 +578,11 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
     log(f"{kind} x{n}: raw create throughput (no operator)")
     res.raw_rate, res.raw_failures = raw_create(args, kind, n, workdir, procs, artifact_dir)
     log(f"  raw: {res.raw_rate:.0f} objects/s")
+    if kind != "running":
+        # The floor: what the control plane allows anything that writes what the operator writes per object
+        # (one status patch, one Event), issued by the load generator itself with no operator.
+        res.floor_rate, _ = raw_create(args, kind, n, workdir, procs, artifact_dir, with_writes=True)
+        log(f"  floor (create + status + Event, no operator): {res.floor_rate:.0f} objects/s")
 
     cp = ControlPlane(workdir, procs)
     kube = client(cp.url, args.concurrency)
@@ -710,6 +724,8 @@ def print_result(r: Result) -> None:
         ("convergence", f"{r.converge_rate:,.0f} objects/s ({r.converge_seconds:.1f} s; creates took {r.create_seconds:.1f} s)"
          + (f" ({r.converge_failures} creates failed)" if r.converge_failures else "")),
         ("convergence / raw", f"{r.converge_rate / r.raw_rate:.2f}x" if r.raw_rate else "-"),
+        ("floor / raw", (f"{r.floor_rate / r.raw_rate:.2f}x ({r.floor_rate:,.0f} objects/s: the load generator making the operator's writes itself, "
+                         f"no operator); convergence / floor {r.converge_rate / r.floor_rate:.2f}x") if r.floor_rate and r.raw_rate else "-"),
         ("  CPU while converging", ", ".join(f"{k} {v:.0f} % of a core" for k, v in r.converge_cpu.items()) + " (the load generator and the poller are on the same 2 cores)"),
         ("writes/object to steady", f"{(w['object'] + w['events'] + w['other']) / n:.2f} (status/object {w['object'] / n:.2f}, Events {w['events'] / n:.2f}, "
                                     f"other {w['other'] / n:.2f}); children {w['children'] / n:.2f}"),
