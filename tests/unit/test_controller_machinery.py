@@ -149,6 +149,19 @@ async def test_stream_observer_sees_every_event_and_each_listing_and_passes_ever
     assert recorder.listings == [{("default", "a"): "4"}, {("default", "b"): "7"}]
     assert recorder.events == [(None, "a"), ("ADDED", "b"), (None, "b"), ("DELETED", "b")]
 
+    # A consumed resource's events end with the observer: kopf sees only the listings' ends (and what it skips).
+    from types import SimpleNamespace
+
+    pods = SimpleNamespace(group="", plural="pods")
+    listings.subscribe(recorder, consumes={("", "pods")})
+    try:
+        out = [x async for x in listings._infinite_watch(resource=pods, namespace=None)]
+    finally:
+        listings.unsubscribe(recorder)
+    assert out == [watching.Bookmark.LISTED, stream[3], watching.Bookmark.LISTED]
+    out = [x async for x in listings._infinite_watch(resource=pods, namespace=None)]  # nobody subscribed: all of it
+    assert out == stream
+
 
 # ----------------------------------------------------------------------------- change → keys
 
@@ -204,3 +217,14 @@ def test_ticker_spreads_first_turns_and_caps_the_total_rate():
     assert t.interval() == pytest.approx(50)  # 100 keys at 2 reads/s: each one every 50 s
     t.forget("a")
     assert len(t) == 99
+
+
+async def test_a_resource_never_listed_does_not_hold_reconciles_back_forever():
+    """A CRD not installed (kopf never lists it): after READY_TIMEOUT_SECONDS reconciles start anyway."""
+    m = manager()
+    m._by_plural = {("perennial.ai", "basemodels"): None, ("perennial.ai", "deployments"): None}
+    m._listed_once = {("perennial.ai", "basemodels")}
+    m._route({Key("BaseModel", "default", "b")})
+    assert len(m.queue) == 0  # held until the world is listed
+    m._ready_anyway()
+    assert len(m.queue) == 1 and m._ready

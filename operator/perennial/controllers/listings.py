@@ -49,30 +49,30 @@ async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
                 listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
             for observer in list(_observers):
                 observer.observed(resource, namespace, raw)
-            if _observers and _consumed(resource):
+            if _is_consumed(resource):
                 continue  # consumed here: kopf's per-object machinery has no handler to run for it
         yield raw
 
 
-_consumed_resources: set[tuple[str, str]] = set()
+_consumed: dict[int, set[tuple[str, str]]] = {}  # id(observer) -> (group, plural) whose events end with it
 
 
-def _consumed(resource: Any) -> bool:
-    return (getattr(resource, "group", None), getattr(resource, "plural", None)) in _consumed_resources
+def _is_consumed(resource: Any) -> bool:
+    key = (getattr(resource, "group", None), getattr(resource, "plural", None))
+    return any(key in c for c in _consumed.values())
 
 
-def consume(group: str, plural: str) -> None:
-    """Events of this resource end with the observers: kopf gets only its listings' ends (for its own bookkeeping)."""
-    _consumed_resources.add((group, plural))
-
-
-def subscribe(observer: Observer) -> None:
+def subscribe(observer: Observer, consumes: set[tuple[str, str]] | None = None) -> None:
+    """Show `observer` every stream; events of the `consumes` resources (group, plural) end with it:
+    kopf gets only their listings' ends, so its per-object machinery does no work for them."""
     if watching.infinite_watch is not _infinite_watch:
         watching.infinite_watch = _infinite_watch
     if observer not in _observers:
         _observers.append(observer)
+    _consumed[id(observer)] = set(consumes or ())
 
 
 def unsubscribe(observer: Observer) -> None:
     if observer in _observers:
         _observers.remove(observer)
+    _consumed.pop(id(observer), None)

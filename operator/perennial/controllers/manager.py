@@ -73,6 +73,8 @@ BUILTIN_WATCHES = (
     Watched("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     Watched("", "v1", "secrets", "Secret"),
 )
+#: Reconciles start when every watched resource was listed once, or after this long whatever is missing.
+READY_TIMEOUT_SECONDS = 30.0
 OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
 
 
@@ -145,6 +147,7 @@ class Manager:
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._by_plural: dict[tuple[str, str], Watched] = {}
         self._listed_once: set[tuple[str, str]] = set()
+        self._ready_timer: asyncio.TimerHandle | None = None
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     # -- registration ----------------------------------------------------------
@@ -159,8 +162,7 @@ class Manager:
             # kopf watches what has a handler; the cache is fed from its streams (`listings`), so this
             # handler never runs: no per-object work of kopf's beyond its own bookkeeping.
             kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.id}", when=_never)(_nothing)
-            listings.consume(w.group, w.plural)
-        listings.subscribe(self)
+        listings.subscribe(self, consumes=set(self._by_plural))
         kopf.on.startup(registry=registry, id="manager-start")(self._startup)
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
 
@@ -187,11 +189,8 @@ class Manager:
             log.info("Dropped objects deleted while the watch was down, kind=%s, count=%d", w.kind, gone)
         self._listed_once.add((w.group, w.plural))
         if not self._ready and self._listed_once >= set(self._by_plural):
-            self._ready = True
-            pending, self._pending = self._pending, set()
-            for key in pending:
-                self.queue.add(key)
-            log.info("Listed the world, objects=%d", len(pending))
+            self._start_reconciling()
+            log.info("Listed the world, objects=%d", len(self.queue))
 
     def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
@@ -207,9 +206,25 @@ class Manager:
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are ours: one per reconcile, after the status write
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
+        self._ready_timer = asyncio.get_running_loop().call_later(READY_TIMEOUT_SECONDS, self._ready_anyway)
+
+    def _ready_anyway(self) -> None:
+        """A resource kopf never lists (its CRD is not installed) must not hold every reconcile back forever."""
+        if not self._ready:
+            missing = sorted(f"{p}.{g or 'core'}" for g, p in set(self._by_plural) - self._listed_once)
+            log.warning("Reconciling before every resource was listed, never_listed=%s", ",".join(missing))
+            self._start_reconciling()
+
+    def _start_reconciling(self) -> None:
+        self._ready = True
+        pending, self._pending = self._pending, set()
+        for key in pending:
+            self.queue.add(key)
 
     async def _cleanup(self, **_: Any) -> None:
         listings.unsubscribe(self)
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
         await self.queue.shutdown()
         if self._event_tasks:
             await asyncio.wait(self._event_tasks, timeout=2)
