@@ -26,7 +26,6 @@ from typing import Any
 
 import kopf
 
-from ..kube.aio import AsyncKube
 from ..kube.cache import Cache, resource_key
 from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
