@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 
@@ -147,5 +147,3 @@ def condition_notes(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] 
 
 #: Condition types whose False means something is wrong (a Warning Event), per kind convention.
 HEALTH_CONDITIONS = frozenset({"Ready", "Succeeded", "Validated", "ArtifactAvailable", "LineageConsistent", "LearningSignal"})
-
-EventType = Literal["Normal", "Warning"]
