@@ -290,3 +290,22 @@ def test_deletions_missed_while_the_watch_was_down_are_noticed(tmp_path):
         cluster.kube.delete("v1", "PersistentVolumeClaim", "default", "weights")
         cluster.wait_condition("BaseModel", "b", "Ready", "False", "ClaimNotFound", timeout=30)
         assert cluster.server.fault_counts().get("410", 0) > 0
+
+
+def test_what_an_earlier_operator_left_is_released(clean_cluster: Cluster):
+    """Objects from before the controller pattern carry kopf's finalizer and annotations: the operator removes
+    them once, so they can be deleted (even one already being deleted)."""
+    cluster = clean_cluster
+    cluster.stop_operator()
+    legacy = {"finalizers": ["perennial.ai/finalizer", "example.com/keep"],
+              "annotations": {"perennial.ai/last-handled-configuration": "{}", "perennial.ai/basemodel_resync": "{}", "user/note": "x"}}
+    for name in ("old", "leaving"):
+        cluster.kube.create({"apiVersion": API, "kind": "BaseModel", "metadata": {"name": name, "namespace": "default", **legacy},
+                             "spec": {"source": {"uri": "hf://org/model"}}})
+    cluster.kube.delete(API, "BaseModel", "default", "leaving")  # stuck on the old finalizer
+    cluster.kube.patch(API, "BaseModel", "default", "leaving", {"metadata": {"finalizers": ["perennial.ai/finalizer"]}})
+    cluster.start_operator()
+    cluster.wait_condition("BaseModel", "old", "Ready", "True", "SourceAvailable")
+    meta = cluster.get("BaseModel", "old")["metadata"]
+    assert meta["finalizers"] == ["example.com/keep"] and meta["annotations"] == {"user/note": "x"}
+    wait_for(lambda: cluster.get("BaseModel", "leaving") is None, message="the stuck deletion finishes")

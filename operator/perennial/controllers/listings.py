@@ -17,6 +17,7 @@ function moves.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -31,8 +32,17 @@ class Observer(Protocol):
         """A listing ended; it held exactly `present`: (namespace, name) → resourceVersion."""
 
 
+log = logging.getLogger(__name__)
 _observers: list[Observer] = []
 _original = watching.infinite_watch
+
+
+def _safely(method: Any, *args: Any) -> None:
+    """An observer's failure is logged, never let into kopf's stream (it would end the watch)."""
+    try:
+        method(*args)
+    except Exception:
+        log.exception("A stream observer failed, observer=%r", getattr(method, "__self__", method))
 
 
 async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
@@ -41,14 +51,14 @@ async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
     async for raw in _original(**kwargs):
         if raw is watching.Bookmark.LISTED:
             for observer in list(_observers):
-                observer.listed(resource, namespace, listed)
+                _safely(observer.listed, resource, namespace, listed)
             listed = {}
         elif isinstance(raw, dict) and raw.get("type") in (None, "ADDED", "MODIFIED", "DELETED") and isinstance(raw.get("object"), dict):
             if raw.get("type") is None:
                 meta = raw["object"].get("metadata") or {}
                 listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
             for observer in list(_observers):
-                observer.observed(resource, namespace, raw)
+                _safely(observer.observed, resource, namespace, raw)
             if _is_consumed(resource):
                 continue  # consumed here: kopf's per-object machinery has no handler to run for it
         yield raw

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -127,6 +128,24 @@ async def _nothing(**_: Any) -> None:
     return None
 
 
+#: What operators before the controller pattern left on objects: kopf's finalizer, its last-handled
+#: configuration and its per-handler progress annotations.
+LEGACY_FINALIZER = f"{API_VERSION.split('/')[0]}/finalizer"
+_LEGACY_ANNOTATION = re.compile(r"^perennial\.ai/(last-handled-configuration|[a-z]+_(changed|resync|deleted))$")
+
+
+def legacy_metadata_patch(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata merge patch that removes what an earlier operator left, or None."""
+    patch: dict[str, Any] = {}
+    finalizers = meta.get("finalizers") or []
+    if LEGACY_FINALIZER in finalizers:
+        patch["finalizers"] = [f for f in finalizers if f != LEGACY_FINALIZER]
+    stale = {k: None for k in (meta.get("annotations") or {}) if _LEGACY_ANNOTATION.match(k)}
+    if stale:
+        patch["annotations"] = stale
+    return patch or None
+
+
 class Manager:
     """Wires controllers to kopf: cache, mapping, queue, workers, status writes, Events."""
 
@@ -147,6 +166,7 @@ class Manager:
         self._by_plural: dict[tuple[str, str], Watched] = {}
         self._listed_once: set[tuple[str, str]] = set()
         self._ready_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     # -- registration ----------------------------------------------------------
@@ -166,9 +186,16 @@ class Manager:
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
 
     # -- the informer: kopf's streams, as they arrive (on the loop, in kopf's watcher tasks) ----------
+    def _mine(self) -> bool:
+        """Streams of this operator's own loop (another operator in the same process has its own)."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
     def observed(self, resource: Any, namespace: str | None, raw: dict[str, Any]) -> None:
         w = self._by_plural.get((resource.group, resource.plural))
-        if w is None:
+        if w is None or not self._mine():
             return
         obj = {**raw["object"], "apiVersion": w.api_version, "kind": w.kind}  # list items may lack them
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -181,7 +208,7 @@ class Manager:
         """A listing ended: drop what it no longer has (deleted while no watch streamed); once every
         watched resource was listed, the cache holds the world and reconciles may start."""
         w = self._by_plural.get((resource.group, resource.plural))
-        if w is None:
+        if w is None or not self._mine():
             return
         gone = self.cache.replace(w.api_version, w.kind, namespace, present)
         if gone:
@@ -204,6 +231,7 @@ class Manager:
 
     async def _startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are ours: one per reconcile, after the status write
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
         self._ready_timer = asyncio.get_running_loop().call_later(READY_TIMEOUT_SECONDS, self._ready_anyway)
 
@@ -302,6 +330,19 @@ class Manager:
         controller = self.controllers[key.kind]
         obj = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
         QUEUE_DEPTH.set(len(self.queue))
+        if obj is not None and (legacy := legacy_metadata_patch(obj["metadata"])) is not None:
+            # Left by an operator before this one (kopf's finalizer and annotations): released once, even
+            # while the object is being deleted (nothing else would ever remove that finalizer).
+            try:
+                released = await self.ctx.kube.patch(API_VERSION, key.kind, key.namespace, key.name,
+                                                     {"metadata": {**legacy, "resourceVersion": obj["metadata"].get("resourceVersion")}})
+            except ApiError as exc:
+                if exc.status != 404:
+                    self.queue.add_rate_limited(key, exc.retry_after)
+                return
+            log.info("Released what an earlier operator left, kind=%s, name=%s, namespace=%s", key.kind, key.name, key.namespace)
+            self.cache.put(released)
+            obj = released
         if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
             # Gone, or going (foreground deletion): its children go with it; nothing to do.
             CONDITIONS.forget(key.kind, key.namespace, key.name)
