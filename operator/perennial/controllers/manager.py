@@ -30,7 +30,7 @@ import kopf
 from ..kube.cache import Cache, resource_key
 from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
-from ..resources.common import MANAGED_BY
+from ..resources.common import FINALIZER, MANAGED_BY
 from . import listings
 from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes
 from .queue import WorkQueue
@@ -130,7 +130,7 @@ async def _nothing(**_: Any) -> None:
 
 #: What operators before the controller pattern left on objects: kopf's finalizer, its last-handled
 #: configuration and its per-handler progress annotations.
-LEGACY_FINALIZER = f"{API_VERSION.split('/')[0]}/finalizer"
+LEGACY_FINALIZER = FINALIZER
 _LEGACY_ANNOTATION = re.compile(r"^perennial\.ai/(last-handled-configuration|[a-z]+_(changed|resync|deleted))$")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import kubernetes
 
-from .client import ApiError, path_for, subset
+from .client import ApiError, apply_patch, path_for
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,8 @@ class AsyncKube:
             current = await self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
             if current is None:
                 return await self.create(desired), "created"
-        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-        if obj["kind"] == "Job":
-            # A Job's pod template is immutable: only labels and annotations may change.
-            patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
-        if subset(patch, current):
+        patch = apply_patch(obj, current)
+        if patch is None:
             return current, "unchanged"
         updated = await self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
         return updated, "updated"

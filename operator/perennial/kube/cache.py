@@ -143,7 +143,3 @@ class Cache:
             refs = list(self._owned.get((api_version, kind), {}).get(owner_uid, ()))
             by_ns = self._objects.get((api_version, kind), {})
             return [o for ns, name in refs if (o := by_ns.get(ns, {}).get(name)) is not None]
-
-    def count(self, api_version: str, kind: str) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._objects.get((api_version, kind), {}).values())

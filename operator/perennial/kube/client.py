@@ -88,6 +88,18 @@ def subset(desired: Any, actual: Any) -> bool:
     return desired == actual
 
 
+def apply_patch(obj: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that brings `current` up to the manifest `obj`, or None when it already is.
+
+    Fields the manifest does not set are left alone (a server's defaults are no drift); `status` is
+    never written; a Job's pod template is immutable, so only its labels and annotations are patched.
+    """
+    patch = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "status")}
+    if obj["kind"] == "Job":
+        patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
+    return None if subset(patch, current) else patch
+
+
 class Kube:
     """Synchronous primitives plus `a*` coroutine twins that run them in a thread."""
 
@@ -171,14 +183,9 @@ class Kube:
         current = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         if current is None:  # deleted between our create and get: try once more
             return self.create(desired), "created"
-        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-        if subset(patch, current):
+        patch = apply_patch(obj, current)
+        if patch is None:
             return current, "unchanged"
-        if obj["kind"] == "Job":
-            # A Job's pod template is immutable: only labels/annotations may change.
-            patch = {"metadata": {k: v for k, v in patch["metadata"].items() if k in ("labels", "annotations")}}
-            if subset(patch, current):
-                return current, "unchanged"
         updated = self.patch(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], patch)
         return updated, "updated"
 
