@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,9 +135,10 @@ class FakeKubelet:
         kube = self.cluster.kube
         terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"), "message": message, "finishedAt": "2026-01-01T00:10:00Z"}
         kube.patch("v1", "Pod", namespace, pod, {"status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": {"terminated": terminated}}]}}, subresource="status")
-        job_status: dict[str, Any] = {"active": 0, "conditions": [{"type": job_condition, "status": "True", "reason": job_reason, "message": job_reason}]}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # as the Job controller stamps it
+        job_status: dict[str, Any] = {"active": 0, "conditions": [{"type": job_condition, "status": "True", "reason": job_reason, "message": job_reason, "lastTransitionTime": now}]}
         if job_condition == "Complete":
-            job_status |= {"succeeded": 1, "completionTime": "2026-01-01T00:10:00Z"}
+            job_status |= {"succeeded": 1, "completionTime": now}
         else:
             job_status |= {"failed": 1}
         kube.patch("batch/v1", "Job", namespace, job, {"status": job_status}, subresource="status")

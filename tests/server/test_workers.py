@@ -72,6 +72,17 @@ def send_feedback(port: int, ids: list[str]) -> list[str]:
     return acked
 
 
+def listening(port: int) -> int:
+    """How many sockets listen on `port` (one per worker that has bound it: SO_REUSEPORT)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                n += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return n
+
+
 def metric(port: int, line_prefix: str) -> float:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(line_prefix))
@@ -94,6 +105,8 @@ def running(tmp: Path, workers: int) -> Iterator[Running]:
         wait_healthy(port, proc)
         if workers > 1:
             r.workers = wait_for(lambda: len(w := workers_of(proc.pid)) == workers and w, message=f"{workers} workers")
+            # a worker that is still starting takes no connections: the kernel spreads them over bound sockets only
+            wait_for(lambda: listening(port) == workers, timeout=60, message=f"{workers} workers listening on {port}")
         yield r
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -228,6 +228,21 @@ def test_terminal_outcomes_stick_whatever_happens_to_the_job(outcome, world):
     assert d.status == status and not d.children and d.adapter is None and d.requeue_after is None
 
 
+@pytest.mark.parametrize("finished", [{"type": "Complete", "status": "True", "lastTransitionTime": NOW}, {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "lastTransitionTime": NOW}])
+def test_a_job_seen_finished_before_its_pod_waits_for_the_trainers_result(finished):
+    """Jobs and pods are separate watches: the Job may say it finished while its pod still looks running (or is not seen)."""
+    for pod in (_pod("Running"), None):
+        d = decide_run(started(), tr.World(job=_job([finished]), pod=pod))
+        assert reason(d, "Succeeded") == ("Unknown", "Training") and d.adapter is None and 0 < d.requeue_after <= 5
+    # the pod's final state arrives: decided from the trainer's own word
+    term = {"exitCode": 0 if finished["type"] == "Complete" else 11, "message": json.dumps(RESULT if finished["type"] == "Complete" else {"status": "Failed", "reason": "DatasetNotFound"})}
+    d = decide_run(started(), tr.World(job=_job([finished]), pod=_pod("Succeeded" if term["exitCode"] == 0 else "Failed", term)))
+    assert reason(d, "Succeeded") == (("True", "AdapterCreated") if finished["type"] == "Complete" else ("False", "DatasetNotFound"))
+    # a pod that never comes (deleted, never started) is given up on after the grace period
+    late = tr.decide(started(), tr.World(job=_job([finished]), pod=None), now="2026-11-29T12:00:31Z", image="t", artifact_uri="file:///art", feedback_store_uri="file:///fb", progress_seconds=5)
+    assert late.status["phase"] in ("Succeeded", "Failed") and late.requeue_after is None
+
+
 def test_failed_job_says_why():
     term = {"exitCode": 11, "message": json.dumps({"status": "Failed", "reason": "DatasetNotFound", "message": "no file"})}
     d = decide_run(started(), tr.World(job=_job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]), pod=_pod("Failed", term)))
@@ -280,6 +295,16 @@ def test_rewardspec_validation(job, pods, expected):
     d = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(job, pods), "trainer:1")
     assert reason(d, "Validated") == expected and reason(d, "Ready") == ("True", "Valid")
     assert [c["kind"] for c in d.children] == ["ConfigMap", "Job"]
+
+
+def test_rewardspec_results_are_awaited_when_the_job_is_seen_finished_first():
+    job = {"status": {"conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": NOW}]}}
+    waiting = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(job, [_pod("Running")]), "trainer:1", NOW)
+    assert reason(waiting, "Validated") == ("Unknown", "ValidationRunning") and waiting.requeue_after and "validatedGeneration" not in waiting.status
+    done = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(job, [_pod("Succeeded", {"message": json.dumps({"results": [{"name": "t", "passed": True, "score": "1"}]})})]), "trainer:1", NOW)
+    assert reason(done, "Validated") == ("True", "TestsPassed")
+    gave_up = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(job, []), "trainer:1", "2026-11-29T12:01:00Z")
+    assert reason(gave_up, "Validated") == ("False", "ValidationJobFailed") and gave_up.requeue_after is None
 
 
 def test_adapter_metrics_come_from_its_own_run_and_outlive_it():

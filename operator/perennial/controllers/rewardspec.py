@@ -18,6 +18,7 @@ from ..api.rewardspec import Grader, RewardSpecSpec, RewardSpecStatus
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
 from .base import Context, Controller, Outcome, first_error, generation
+from . import jobs
 from .children import apply_all
 from .trainingrun import parse_termination
 
@@ -95,9 +96,10 @@ class World:
 class Decision:
     status: dict[str, Any]
     children: list[dict[str, Any]] = field(default_factory=list)
+    requeue_after: float | None = None
 
 
-def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
+def decide(obj: dict[str, Any], world: World, image: str, now: str = "") -> Decision:
     """Status and children of a RewardSpec (pure)."""
     gen = generation(obj)
     conds = (obj.get("status") or {}).get("conditions")
@@ -132,6 +134,10 @@ def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
     if not (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")):
         status["conditions"] = cond.set_condition(conds, "Validated", "Unknown", "ValidationRunning", f"validation Job {job_name} is running the tests", gen)
         return Decision(status, children)
+    if hold := jobs.result_pending(world.job, world.pods, now):
+        # finished, but the results (its pod's final state) have not reached us yet: the pod's event wakes us
+        status["conditions"] = cond.set_condition(conds, "Validated", "Unknown", "ValidationRunning", f"validation Job {job_name} finished; reading its results", gen)
+        return Decision(status, children, requeue_after=hold)
     message = None
     for pod in sorted(world.pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -170,9 +176,9 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
-    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image)
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.now())
     notes = await apply_all(ctx, decision.children, reasons={"Job": "ValidationStarted", "ConfigMap": None})
-    return Outcome(decision.status, notes)
+    return Outcome(decision.status, notes, requeue_after=decision.requeue_after)
 
 
 CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile)

@@ -29,6 +29,7 @@ from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
 from ..resources import trainingrun as build
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
+from . import jobs
 from .children import apply_all
 
 KIND = "TrainingRun"
@@ -423,6 +424,9 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
 
     waiting = (container.get("state") or {}).get("waiting") or {}
     requeue = None
+    if (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")) and (hold := jobs.result_pending(world.job, [world.pod] if world.pod else [], now)):
+        # the Job says it finished before the trainer's result (its pod's final state) reached us: the pod's event wakes us
+        return done(children=children, notes=notes, requeue_after=hold, after_write=after_write)
     if cond.is_true(job_conds, "Complete"):
         result = parse_termination(world.terminated().get("message")) or {}
         status["completionTime"] = job_status.get("completionTime") or now
