@@ -5,6 +5,14 @@ without it, built-in objects are stored unchecked, as before). Like kube-apiserv
 unknown fields are dropped with a warning, or refused with ``fieldValidation=Strict``;
 wrongly typed values are a 400 decoding error; missing required fields and
 unsupported enum values are a 422.
+
+Checking an Event with ``jsonschema`` costs ~200 µs, a fifth of the control plane's
+time per object when an operator converges thousands of them. So each kind's schema
+is also compiled, in the background on its first use, into a plain yes/no check with
+``fastjsonschema`` (~50x faster). An object it accepts has no findings; one it refuses
+(or any object while the compile is under way) goes through ``jsonschema``, which says
+exactly what is wrong. The fast check is never looser than ``jsonschema`` on these
+schemas (same keywords; a test compares both on mutated objects).
 """
 
 from __future__ import annotations
@@ -52,14 +60,8 @@ def _definitions() -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _validator(kind: str, api_version: str) -> Any:
-    d = _schema_dir()
-    if d is None:
-        return None
-    group, _, version = api_version.rpartition("/")
-    short_group = group.split(".")[0] if group else ""
-    name = f"{kind.lower()}-{short_group}-{version}.json" if short_group else f"{kind.lower()}-{version}.json"
-    path = os.path.join(d, name)
-    if not os.path.exists(path):
+    path = _schema_path(kind, api_version)
+    if path is None:
         return None
     import jsonschema
     from referencing import Registry, Resource
@@ -68,6 +70,89 @@ def _validator(kind: str, api_version: str) -> Any:
         schema = json.load(f)
     registry = Resource.from_contents(_definitions()) @ (Resource.from_contents(schema) @ Registry())
     return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+def _reachable(schema: dict, defs: dict) -> dict:
+    """The definitions `schema` refers to, transitively (compiling all of Kubernetes' costs seconds)."""
+    keep: dict = {}
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref[len("#/$defs/"):]
+                if name not in keep and name in defs:
+                    keep[name] = defs[name]
+                    todo.append(defs[name])
+            todo.extend(v for k, v in node.items() if k != "$ref")
+        elif isinstance(node, list):
+            todo.extend(node)
+    return keep
+
+
+def _for_fast(node: Any, in_properties: bool = False) -> Any:
+    """A schema for fastjsonschema: local refs; no annotations or formats (jsonschema checks no format either)."""
+    if isinstance(node, list):
+        return [_for_fast(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if in_properties:
+        return {k: _for_fast(v) for k, v in node.items()}
+    out = {}
+    for k, v in node.items():
+        if k in ("format", "description", "$schema", "$id") or k.startswith("x-kubernetes"):
+            continue
+        if k == "$ref" and isinstance(v, str):
+            out[k] = "#" + v.split("#", 1)[1] if "#" in v else v
+        else:
+            out[k] = _for_fast(v, in_properties=(k == "properties"))
+    if "$ref" in out and len(out) > 1:
+        # draft-07 (fastjsonschema) ignores a $ref's siblings, 2020-12 applies them: keep them applied
+        out = {"allOf": [{"$ref": out.pop("$ref")}], **out}
+    return out
+
+
+_fast: dict[tuple[str, str], Any] = {}  # (kind, apiVersion) -> compiled check, or None while compiling / unavailable
+
+
+def _compile_fast(key: tuple[str, str], path: str) -> None:
+    try:
+        import fastjsonschema
+
+        with open(path) as f:
+            schema = _for_fast(json.load(f))
+        defs = _for_fast(_definitions()).get("$defs") or {}
+        schema["$defs"] = _reachable(schema, defs)
+        _fast[key] = fastjsonschema.compile(schema)
+    except Exception:  # noqa: BLE001 - the exact path stays in use
+        _fast[key] = None
+
+
+def _fast_check(kind: str, api_version: str, path: str) -> Any:
+    """The compiled check of a kind, or None (not compiled yet: its compile is started in the background)."""
+    key = (kind, api_version)
+    if key in _fast:
+        return _fast[key]
+    try:
+        import fastjsonschema  # noqa: F401
+    except ImportError:
+        _fast[key] = None
+        return None
+    _fast[key] = None
+    threading.Thread(target=_compile_fast, args=(key, path), name=f"schema-{kind}", daemon=True).start()
+    return None
+
+
+def _schema_path(kind: str, api_version: str) -> str | None:
+    d = _schema_dir()
+    if d is None:
+        return None
+    group, _, version = api_version.rpartition("/")
+    short_group = group.split(".")[0] if group else ""
+    name = f"{kind.lower()}-{short_group}-{version}.json" if short_group else f"{kind.lower()}-{version}.json"
+    path = os.path.join(d, name)
+    return path if os.path.exists(path) else None
 
 
 def _dotted(path: Any) -> str:
@@ -79,10 +164,19 @@ def _dotted(path: Any) -> str:
 
 def check(obj: dict) -> Findings | None:
     """Check a built-in object; None when no schema is available for its kind."""
+    kind, api_version = str(obj.get("kind", "")), str(obj.get("apiVersion", ""))
     with _lock:
-        validator = _validator(str(obj.get("kind", "")), str(obj.get("apiVersion", "")))
+        validator = _validator(kind, api_version)
         if validator is None:
             return None
+        fast = _fast_check(kind, api_version, _schema_path(kind, api_version) or "")
+    if fast is not None:
+        try:
+            fast(obj)
+            return Findings()
+        except Exception:  # noqa: BLE001 - refused (or could not tell): the exact check says why
+            pass
+    with _lock:
         errors = list(validator.iter_errors(obj))
     found = Findings()
     for e in errors:
