@@ -144,6 +144,12 @@ def cmd_train(a, config_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # The program itself (not a caller in-process, e.g. tests): everything this process and its children
+        # write to stdout/stderr leaves the pod as its log, so it passes through the redactor (`redact.py`).
+        from .redact import install_fd_redaction
+
+        install_fd_redaction()
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
     if not any(x in ("train", "grade") for x in argv) and any(x == "--config" or x.startswith("--config=") for x in argv):

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import Any
 
+from .redact import minimal_env
+
 log = logging.getLogger("perennial_trainer")
 
 SERIES = ("loss", "reward")
@@ -50,6 +52,14 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+def _mpl_config_dir(path: str) -> str:
+    """matplotlib's cache/config directory for the helper: under TMPDIR (the root filesystem and HOME may be
+    read-only in the pod)."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "perennial-matplotlib")
+
+
 class CurvePlotter:
     """Handle on the helper process; `finish()` hands it the history and waits for the PNG."""
 
@@ -61,7 +71,9 @@ class CurvePlotter:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "perennial_trainer.curves", path],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+                # a minimal environment: the helper lives for the whole run and any same-uid process can read
+                # its /proc/<pid>/environ, so it gets no credential (object-store keys, tokens) of the trainer
+                env=minimal_env(OMP_NUM_THREADS="1", MPLBACKEND="Agg", MPLCONFIGDIR=_mpl_config_dir(path)),
             )
         except OSError as e:
             log.warning("cannot start the curve plotter (%s); drawing in-process at the end", e)

@@ -9,6 +9,9 @@ Progress line (one per logging step, on stdout)::
 Keys with no value yet (e.g. `meanReward` for SFT) are null. The same object (plus
 `updatedAt`) is rewritten atomically to `progress.json`.
 
+Everything written here (termination message, progress.json, metrics.json) passes through
+`redact.redact` first: no secret value the trainer knows leaves the pod in it.
+
 Termination message (`/dev/termination-log`, or `$PERENNIAL_TERMINATION_LOG`), compact JSON < 4 KB::
 
     {"status": "Succeeded"|"Failed", "reason": "...", "message": "...", "artifactUri": "...",
@@ -25,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .redact import redact
+
 log = logging.getLogger("perennial_trainer")
 
 PROGRESS_PREFIX = "PERENNIAL_PROGRESS "
@@ -38,9 +43,10 @@ def termination_log_path() -> str:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = redact(json.dumps(obj, indent=1, sort_keys=True))  # these files leave the pod with the artifact
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -52,10 +58,26 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _redacted(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with every secret value the process knows replaced (it is copied into the object's status)."""
+    text = json.dumps(result, separators=(",", ":"), default=str)
+    clean = redact(text)
+    if clean == text:
+        return dict(result)
+    try:
+        out = json.loads(clean)
+    except ValueError:  # a secret spanning JSON syntax: keep only what cannot carry it
+        out = None
+    if not isinstance(out, dict):
+        out = {k: result[k] for k in ("status", "reason") if isinstance(result.get(k), str) and redact(result[k]) == result[k]}
+        out["message"] = "the result held a secret value and was withheld"
+    return out
+
+
 def write_termination(result: dict[str, Any], path: str | None = None) -> str:
     """Write `result` as compact JSON under 4 KB (trimming metrics, then lineage, then the message)."""
     path = path or termination_log_path()
-    res = dict(result)
+    res = _redacted(result)
 
     def dump() -> str:
         return json.dumps(res, separators=(",", ":"), sort_keys=False)
