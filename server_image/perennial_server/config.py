@@ -49,6 +49,11 @@ class SidecarConfig:
     drain_timeout_s: float = 30.0
     capture_queue_max: int = 10000
     feedback_batch_max: int = 1000
+    client_header_timeout_s: float = 10.0
+    client_body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 0
+    feedback_dedupe_max_ids: int = 200000
     workers: int = 1
     worker_index: int = -1
 
@@ -79,6 +84,13 @@ class SidecarConfig:
             raise ValueError("`workers` must be within 1..64")
         if not -1 <= self.worker_index < self.workers:
             raise ValueError("`worker_index` must be within 0..workers-1 (or -1: not a worker)")
+        for name in ("client_header_timeout_s", "client_body_timeout_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be positive")
+        if self.max_connections < 0:
+            raise ValueError("`max_connections` must not be negative (0: derived from RLIMIT_NOFILE)")
+        if self.feedback_dedupe_max_ids < 0:
+            raise ValueError("`feedback_dedupe_max_ids` must not be negative")
         json.loads(self.redaction_extra_patterns or "[]")
 
     def worker_spool(self, index: int) -> tuple[str, str]:
@@ -128,6 +140,11 @@ _HELP = {
     "drain_timeout_s": "on SIGTERM, wait this long for in-flight requests",
     "capture_queue_max": "captured interactions waiting for the writer before new ones are dropped",
     "feedback_batch_max": "most feedback objects in one POST /v1/feedback array (stored all or none)",
+    "client_header_timeout_s": "a client must send a complete request head within this many seconds of connecting or of its first byte (408, then closed)",
+    "client_body_timeout_s": "a client must send the whole request body within this many seconds of its head (408, then closed)",
+    "keepalive_timeout_s": "an idle keep-alive client connection is closed after this many seconds",
+    "max_connections": "client connections per worker; above it the longest-idle connection is closed (0: derived from RLIMIT_NOFILE)",
+    "feedback_dedupe_max_ids": "feedback ids remembered per worker for idempotency (the most recent ones; kept on disk across restarts)",
     "workers": "worker processes sharing the port (SO_REUSEPORT), one per CPU given to the sidecar; each has its own spool subdir",
     "worker_index": "set by the supervisor on each worker process (-1: a single process)",
 }

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from aiohttp import web
+from pydantic_core import from_json
 
 from .errors import json_error
 
@@ -349,7 +350,9 @@ class EngineServer:
 
     async def _json(self, request: web.Request) -> dict:
         try:
-            body = json.loads(await request.read())
+            # pydantic-core's parser bounds nesting (a ValueError); json.loads would recurse until a
+            # RecursionError, a 500 with a traceback
+            body = from_json(await request.read())
         except ValueError:
             raise RequestError(400, "request body must be a JSON object", "invalid_json") from None
         if not isinstance(body, dict):

@@ -39,11 +39,14 @@ def _start(tmp: Path, port: int) -> subprocess.Popen:
     raise AssertionError("sidecar did not start")
 
 
-def test_kill_9_loses_no_acknowledged_feedback(tmp_path: Path) -> None:
+def test_kill_9_loses_no_acknowledged_feedback_and_retries_store_nothing_twice(tmp_path: Path) -> None:
+    """Clients retry every request that got no answer with the same `id` (across the crash and the
+    restart) until it is acknowledged: every acknowledged id is in the store exactly once."""
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
     proc = _start(tmp_path, port)
     acked: list[str] = []
+    retried: list[str] = []
     errors: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
@@ -53,44 +56,59 @@ def test_kill_9_loses_no_acknowledged_feedback(tmp_path: Path) -> None:
         i = 0
         while not stop.is_set():
             fid = f"fb-{n}-{i}"
-            i += 1
             body = {"id": fid, "response_id": f"chatcmpl-{n}-{i}", "type": "score", "score": (i % 10) / 10}
-            try:
-                r = s.post(f"http://127.0.0.1:{port}/v1/feedback", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
-            except requests.RequestException:
-                continue  # the sidecar is gone: not acknowledged, may or may not be stored
-            if 200 <= r.status_code < 300:
-                with lock:
-                    acked.append(fid)
-            else:
+            attempts = 0
+            while True:  # the same id until acknowledged
+                attempts += 1
+                try:
+                    r = s.post(f"http://127.0.0.1:{port}/v1/feedback", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+                except requests.RequestException:
+                    s = requests.Session()
+                    time.sleep(0.02)
+                    continue  # the sidecar is gone: not acknowledged, may or may not be stored
+                if 200 <= r.status_code < 300:
+                    with lock:
+                        acked.append(fid)
+                        if attempts > 1:
+                            retried.append(fid)
+                    break
                 errors.append(f"{r.status_code} {r.text}")
+                break
+            i += 1
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acked) > 100, timeout=60, message="100 acknowledged records before the crash")
+    wait_for(lambda: len(acked) > 300, timeout=60, message="300 acknowledged records before the crash")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    time.sleep(0.2)
-    stop.set()
-    for t in threads:
-        t.join(10)
-    assert not errors, errors[:3]
     left = [p.name for p in (tmp_path / "spool").glob("*") if p.suffix in (".open", ".jsonl")]
     assert left, "the crash left nothing unshipped: the test would not exercise recovery"
+    assert (tmp_path / "spool" / "feedback-ids.0").exists(), "nothing was shipped before the crash: the journal would not be exercised"
+    time.sleep(0.3)  # clients keep retrying against the dead port
 
-    # restart: it closes and ships what its predecessor left, then SIGTERM flushes the rest
+    # restart: it rebuilds the id index, closes and ships what its predecessor left; clients retry into it
+    n_before = len(acked)
     proc2 = _start(tmp_path, port)
+    wait_for(lambda: len(acked) > n_before + 200, timeout=60, message="clients acknowledged after the restart")
+    stop.set()
+    for t in threads:
+        t.join(20)
     proc2.send_signal(signal.SIGTERM)
     assert proc2.wait(30) == 0
+    assert not errors, errors[:3]
+    assert retried, "no request was retried across the crash: the test would not exercise idempotency"
 
     stored = [r["id"] for r in read_store(tmp_path / "store") if r["kind"] == "feedback"]
     missing = set(acked) - set(stored)
     assert not missing, f"{len(missing)} acknowledged feedback records lost, e.g. {sorted(missing)[:5]}"
+    dups = sorted({i for i in stored if stored.count(i) > 1}) if len(stored) != len(set(stored)) else []
+    assert not dups, f"{len(dups)} feedback ids stored more than once, e.g. {dups[:5]} (retried: {len(retried)})"
     assert not [p for p in (tmp_path / "spool").glob("*") if p.suffix in (".open", ".jsonl")], "spool drained"
     # object names are idempotent and never reused across the restart
     names = [p.name for p in (tmp_path / "store").rglob("*.jsonl")]
     assert len(names) == len(set(names)) and all(n.startswith("demo-pod-1-") for n in names)
+    print(f"acknowledged {len(acked)}, retried across the crash {len(retried)}, stored {len(stored)} (no duplicates)")
 
 
 def test_sigterm_drains_in_flight_requests_then_ships(tmp_path: Path) -> None:

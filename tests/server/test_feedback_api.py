@@ -148,9 +148,10 @@ def test_feedback_rate_limit(fake_upstream, sidecar_factory) -> None:
         assert e["type"] == "rate_limit_error" and e["code"] == "rate_limit_exceeded", e
         # whole seconds until the next token (at most the 100 s a token takes), never 0
         assert 1 <= int(r.headers["Retry-After"]) <= 100, r.headers["Retry-After"]
-    # a limited request is refused before anything else: even without a token, and nothing is stored
+    # the token is checked first: a request without one is a 401 and uses no client's budget
+    # (tests/server/test_hostile_clients.py), and nothing is stored
     r = s.post(url, json=GOOD)
-    assert _err(r, 429)["code"] == "rate_limit_exceeded" and "Retry-After" in r.headers
+    assert _err(r, 401)["code"] == "invalid_api_key"
     assert [rec["id"] for rec in _spooled(cfg.spool_dir)] == ["fb-first"]
 
 

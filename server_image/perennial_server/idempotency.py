@@ -1,0 +1,132 @@
+"""Feedback ids already stored: `id` is an idempotency key.
+
+A client that did not get an answer (timeout, connection cut, the sidecar killed) retries with the
+same `id`; the retry is answered 200 with `Idempotent-Replayed: true` and nothing is stored again.
+
+Where the index lives, and its window (per worker process; a retry that reaches another worker or
+replica is not recognised -- consumers that need exactly-once drop repeated ids when they read the store):
+
+* memory: the ids of the last `max_ids` records acknowledged (insertion order, oldest dropped first);
+* disk, with nothing added to the acknowledgement path: a record is durable in a spool segment
+  before it is acknowledged, and a segment leaves the spool only through the shipper, which first
+  appends the segment's feedback ids to a journal in the spool dir (`feedback-ids.0|1`, one JSON
+  string per line, fsync'd) and only then deletes the segment. On start the index is rebuilt from
+  the journal and from every segment still in the spool, so it survives restarts and kill -9. The
+  journal keeps two generations of `max_ids / 2` ids each: after a restart at least the last
+  `max_ids / 2` shipped ids and every unshipped one are known.
+
+Concurrent requests with one id: the second waits for the first's outcome (stored: replayed; failed:
+it tries itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from pydantic_core import from_json
+
+log = logging.getLogger(__name__)
+
+JOURNAL = ("feedback-ids.0", "feedback-ids.1")
+
+
+class FeedbackIds:
+    def __init__(self, spool_dir: str | os.PathLike[str], max_ids: int = 200000) -> None:
+        self.dir = Path(spool_dir)
+        self.max_ids = max_ids
+        self._ids: dict[str, None] = {}
+        self.inflight: dict[str, asyncio.Future[None]] = {}
+        self._lock = threading.Lock()  # the journal is written from the shipper's thread
+        self._gen = 0
+        self._gen_count = 0
+
+    # ------------------------------------------------------------ memory
+    def __contains__(self, fid: str) -> bool:
+        return fid in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, fid: str) -> None:
+        if self.max_ids <= 0:
+            return
+        ids = self._ids
+        ids[fid] = None
+        if len(ids) > self.max_ids:
+            del ids[next(iter(ids))]
+
+    # ------------------------------------------------------------ disk
+    def load(self) -> int:
+        """Rebuild from the journal (older generation first) and the segments still in the spool.
+        Runs before the shipper starts."""
+        if self.max_ids <= 0:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        gens = []
+        for i, name in enumerate(JOURNAL):
+            p = self.dir / name
+            if p.exists():
+                gens.append((p.stat().st_mtime_ns, i, p))
+        for _, i, p in sorted(gens):
+            n = 0
+            for line in p.read_bytes().splitlines():
+                try:
+                    fid = from_json(line)
+                except ValueError:
+                    continue  # a torn last line
+                if isinstance(fid, str):
+                    self.add(fid)
+                    n += 1
+            self._gen, self._gen_count = i, n  # the newest generation is appended to next
+        for p in sorted(self.dir.iterdir()):
+            if p.suffix in (".open", ".jsonl") and p.is_file():
+                for fid in feedback_ids(p.read_bytes()):
+                    self.add(fid)
+        return len(self._ids)
+
+    def journal(self, ids: list[str]) -> None:
+        """Append shipped ids to the journal, durably (called before their segment is deleted)."""
+        if self.max_ids <= 0 or not ids:
+            return
+        with self._lock:
+            half = max(1, self.max_ids // 2)
+            if self._gen_count >= half:
+                self._gen = 1 - self._gen
+                self._gen_count = 0
+                mode = "wb"  # the older generation is dropped
+            else:
+                mode = "ab"
+            p = self.dir / JOURNAL[self._gen]
+            with open(p, mode) as f:
+                f.write(b"".join(json.dumps(i).encode() + b"\n" for i in ids))
+                f.flush()
+                os.fsync(f.fileno())
+            self._gen_count += len(ids)
+            if mode == "wb":
+                fd = os.open(self.dir, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def journal_segment(self, data: bytes) -> None:
+        self.journal(feedback_ids(data))
+
+
+def feedback_ids(data: bytes) -> list[str]:
+    """Ids of the feedback records in a segment's bytes (a torn last line is skipped)."""
+    out = []
+    for line in data.splitlines():
+        if b'"kind":"feedback"' not in line:
+            continue
+        try:
+            rec = from_json(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            out.append(rec["id"])
+    return out

@@ -1,0 +1,168 @@
+"""Request and response models of the sidecar's own API (`POST /v1/feedback`), as vLLM's
+`entrypoints/openai/protocol.py`: the body is parsed once, into these models, straight from bytes.
+
+Field names are snake_case (the documented spelling); camelCase aliases are accepted. Values are
+strict: a number is a JSON number (`"0.5"` is not a score), a string a JSON string. Errors name the
+field in the spelling the client sent (`param`), so a client can point at its own key."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import pydantic
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic_core import from_json
+
+from perennial_records import FeedbackType
+
+_ID = dict(min_length=1, max_length=128)
+
+
+class FeedbackRequest(pydantic.BaseModel):
+    """One rating of a response. `id` is the idempotency key: a retry with the same `id` is answered
+    like the first request and stored once (within the sidecar's window, see idempotency.py)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True, frozen=True)
+
+    id: str | None = Field(default=None, **_ID)
+    response_id: str = Field(**_ID)
+    type: FeedbackType | None = None
+    score: float | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    thumbs: Literal["up", "down"] | None = None
+    label: str | None = Field(default=None, min_length=1, max_length=256)
+    correction: str | None = Field(default=None, min_length=1, max_length=65536)
+    other_response_id: str | None = Field(default=None, **_ID)
+    chosen: Literal["this", "other"] | None = None
+    comment: str | None = Field(default=None, max_length=4096)
+    user: str | None = Field(default=None, max_length=256)
+
+
+class FeedbackResponse(pydantic.BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    response_id: str
+    type: FeedbackType
+    status: Literal["recorded"] = "recorded"
+    response_seen: bool
+
+
+FEEDBACK_TYPES = ("score", "thumbs", "label", "correction", "preference")
+_ALIASES = {name: f.alias or name for name, f in FeedbackRequest.model_fields.items()}
+_NAMES = {**{a: n for n, a in _ALIASES.items()}, **{n: n for n in _ALIASES}}
+
+
+class RequestError(NamedTuple):
+    """A 4xx answer: `param` as the client spelled it (None: the body as a whole)."""
+
+    status: int
+    message: str
+    code: str
+    param: str | None = None
+
+
+def spelled(field: str, sent: Any) -> str:
+    """The key the client used for `field` (its snake_case name, or the camelCase alias); the
+    snake_case name when it sent neither."""
+    if isinstance(sent, dict):
+        name = _NAMES.get(field, field)
+        alias = _ALIASES.get(name, name)
+        if alias in sent and name not in sent:
+            return alias
+        if name in sent:
+            return name
+        if field in sent:
+            return field
+    return _NAMES.get(field, field)
+
+
+def _type_of(req: FeedbackRequest, sent: Any) -> FeedbackType | RequestError:
+    """The feedback type: as given, or inferred from the one type field that is set; checked
+    against the fields the type needs."""
+    if req.type is None:
+        present = [t for t in ("score", "thumbs", "label", "correction") if getattr(req, t) is not None]
+        if req.other_response_id is not None or req.chosen is not None:
+            present.append("preference")
+        if len(present) != 1:
+            return RequestError(400, "`type` must be one of 'score', 'thumbs', 'label', 'correction', 'preference' "
+                                "(or set exactly one of `score`, `thumbs`, `label`, `correction`)", "missing_type", "type")
+        t: FeedbackType = present[0]  # type: ignore[assignment]
+    else:
+        t = req.type
+    need = {"score": ("score",), "thumbs": ("thumbs",), "label": ("label",), "correction": ("correction",), "preference": ("other_response_id", "chosen")}[t]
+    for f in need:
+        if getattr(req, f) is None:
+            p = spelled(f, sent)
+            return RequestError(400, f"`{p}` must be set for feedback of type `{t}`", "invalid_feedback", p)
+    return t
+
+
+def _validation_error(e: pydantic.ValidationError, sent: Any) -> RequestError:
+    err = e.errors(include_url=False)[0]
+    loc = err.get("loc", ())
+    if err.get("type") == "json_invalid":
+        return RequestError(400, "request body must be valid JSON: " + str(err.get("ctx", {}).get("error", "invalid"))[:200], "invalid_json")
+    if not loc:
+        return RequestError(400, "request body must be a JSON object (or an array of them)", "invalid_json")
+    field = str(loc[0])
+    if err.get("type") == "extra_forbidden":
+        p = field[:64]
+        return RequestError(400, f"`{p}` is not a feedback field", "unknown_field", p)
+    p = spelled(field, sent)
+    msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+    return RequestError(400, f"`{p}`: {msg[0].lower() + msg[1:] if msg else msg}", "invalid_feedback", p)
+
+
+class Feedback(NamedTuple):
+    """A valid feedback object: the request and its type."""
+
+    req: FeedbackRequest
+    type: FeedbackType
+
+
+def parse_feedback(raw: bytes, batch_max: int) -> tuple[list[Feedback], bool] | RequestError:
+    """(items, is it an array) from a request body, or the error to answer. Arrays are all or none."""
+    start = raw.lstrip()[:1]
+    if start == b"{":
+        try:
+            req = FeedbackRequest.model_validate_json(raw)
+        except pydantic.ValidationError as e:
+            return _validation_error(e, _keys(raw))
+        t = _type_of(req, None)
+        if isinstance(t, RequestError):
+            return _respell(t, raw)  # error path only: look at the keys the client sent
+        return [Feedback(req, t)], False
+    try:
+        body = from_json(raw)
+    except ValueError as e:
+        return RequestError(400, f"request body must be valid JSON: {e}"[:240], "invalid_json")
+    if not isinstance(body, list) or not all(isinstance(x, dict) for x in body):
+        return RequestError(400, "request body must be a JSON object (or an array of them)", "invalid_json")
+    if not 1 <= len(body) <= batch_max:
+        return RequestError(400, f"a feedback array must hold 1 to {batch_max} objects, not {len(body)}", "invalid_batch_size")
+    out = []
+    for i, item in enumerate(body):
+        try:
+            req = FeedbackRequest.model_validate(item)
+            t = _type_of(req, item)
+        except pydantic.ValidationError as e:
+            t = _validation_error(e, item)
+        if isinstance(t, RequestError):
+            return t._replace(message=f"feedback[{i}]: {t.message}", param=f"[{i}]" + (f".{t.param}" if t.param else ""))
+        out.append(Feedback(req, t))
+    return out, True
+
+
+def _keys(raw: bytes) -> Any:
+    try:
+        return from_json(raw)
+    except ValueError:
+        return None
+
+
+def _respell(err: RequestError, raw: bytes) -> RequestError:
+    """Re-spell a type error's `param` against the keys the client actually sent (error path only)."""
+    if err.param is None or err.param == "type":
+        return err
+    p = spelled(err.param, _keys(raw))
+    return err._replace(message=err.message.replace(f"`{err.param}`", f"`{p}`"), param=p)
