@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .resources.networkpolicy import EgressSettings
+from .resources.podsecurity import PodSettings
+
+
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in os.environ.get(name, "").split(",") if x.strip())
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default) or default
@@ -29,3 +36,41 @@ class OperatorConfig:
     progress_reads_per_second: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_READS_PER_SECOND", "20")))
     #: Concurrent reconciles (all kinds).
     workers: int = field(default_factory=lambda: int(_env("PERENNIAL_WORKERS", "16")))
+    # --- pods that run untrusted code (resources/podsecurity.py, resources/networkpolicy.py) ---
+    #: Images above may be `repo:tag` or `repo@sha256:<digest>`; pin by digest in production.
+    #: Size limits of the emptyDirs (and so the ephemeral storage) of training, validation and download pods.
+    trainer_scratch_size: str = field(default_factory=lambda: _env("PERENNIAL_TRAINER_SCRATCH_SIZE", PodSettings.trainer_scratch))
+    trainer_checkpoint_size: str = field(default_factory=lambda: _env("PERENNIAL_TRAINER_CHECKPOINT_SIZE", PodSettings.trainer_checkpoints))
+    shared_memory_size: str = field(default_factory=lambda: _env("PERENNIAL_SHARED_MEMORY_SIZE", PodSettings.shared_memory))
+    validation_scratch_size: str = field(default_factory=lambda: _env("PERENNIAL_VALIDATION_SCRATCH_SIZE", PodSettings.validation_scratch))
+    download_scratch_size: str = field(default_factory=lambda: _env("PERENNIAL_DOWNLOAD_SCRATCH_SIZE", PodSettings.download_scratch))
+    #: `activeDeadlineSeconds` of the Jobs: training (when a run sets none), RewardSpec validation, weight download.
+    training_deadline_seconds: int = field(default_factory=lambda: int(_env("PERENNIAL_TRAINING_DEADLINE_SECONDS", str(PodSettings.training_deadline_seconds))))
+    validation_deadline_seconds: int = field(default_factory=lambda: int(_env("PERENNIAL_VALIDATION_DEADLINE_SECONDS", str(PodSettings.validation_deadline_seconds))))
+    download_deadline_seconds: int = field(default_factory=lambda: int(_env("PERENNIAL_DOWNLOAD_DEADLINE_SECONDS", str(PodSettings.download_deadline_seconds))))
+    #: NetworkPolicies for training and validation pods: "true" (default), "false" (the cluster enforces none, or
+    #: the platform team provides its own).
+    network_policies: bool = field(default_factory=lambda: _env("PERENNIAL_NETWORK_POLICIES", "true").lower() in ("1", "true", "yes"))
+    #: CIDRs through which external host names are reached (an egress proxy/gateway, the object store's range);
+    #: unset: the public internet minus private, link-local and loopback ranges, on the destination's port only.
+    egress_cidrs: tuple[str, ...] = field(default_factory=lambda: _list("PERENNIAL_EGRESS_CIDRS"))
+    #: extra DNS server CIDRs (node-local DNS cache, e.g. 169.254.20.10/32); the cluster DNS in `dns_namespace` is always allowed.
+    dns_cidrs: tuple[str, ...] = field(default_factory=lambda: _list("PERENNIAL_DNS_CIDRS"))
+    dns_namespace: str = field(default_factory=lambda: _env("PERENNIAL_DNS_NAMESPACE", "kube-system"))
+    #: the S3-compatible endpoint `s3://` URIs go to (MinIO, ...), if not AWS
+    s3_endpoint: str = field(default_factory=lambda: _env("PERENNIAL_S3_ENDPOINT", ""))
+
+    def pod_settings(self) -> PodSettings:
+        return PodSettings(
+            trainer_scratch=self.trainer_scratch_size, trainer_checkpoints=self.trainer_checkpoint_size,
+            shared_memory=self.shared_memory_size, validation_scratch=self.validation_scratch_size,
+            download_scratch=self.download_scratch_size, training_deadline_seconds=self.training_deadline_seconds,
+            validation_deadline_seconds=self.validation_deadline_seconds, download_deadline_seconds=self.download_deadline_seconds,
+        )
+
+    def egress_settings(self) -> EgressSettings | None:
+        """None when the operator builds no NetworkPolicies."""
+        if not self.network_policies:
+            return None
+        return EgressSettings(egress_cidrs=self.egress_cidrs, dns_cidrs=self.dns_cidrs, dns_namespace=self.dns_namespace,
+                              s3_endpoint=self.s3_endpoint or None)

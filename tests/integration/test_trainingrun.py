@@ -76,7 +76,12 @@ def test_job_progress_success_adapter_and_delete(cluster: Cluster, tmp_path):
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"data", "artifacts"}
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert {"/etc/perennial", "/dev/shm", "/mnt/pvc/data", "/mnt/pvc/artifacts", "/var/run/secrets/perennial"} <= mounts
+    assert {"/etc/perennial", "/dev/shm", "/mnt/pvc/data", "/var/run/secrets/perennial"} <= mounts
+    # inputs read-only; the artifacts claim writable only below this run's own output directory
+    by_path = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert by_path["/mnt/pvc/data"]["readOnly"] is True
+    out = [m for m in c["volumeMounts"] if m["mountPath"].startswith("/mnt/pvc/artifacts/")]
+    assert len(out) == 1 and out[0]["subPath"] and out[0]["mountPath"].endswith("/default/run1") and not out[0].get("readOnly")
     assert c["envFrom"] == [{"secretRef": {"name": "hf"}}]
     assert "hf_secret_value" not in json.dumps(job)
     projected = volumes["grader-secrets"]["projected"]["sources"][0]["secret"]

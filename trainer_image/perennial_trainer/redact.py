@@ -11,8 +11,8 @@ The secret values are everything the process knows that came from a Secret:
 * environment variables, except a short list of names that are known not to be secret (``PATH``,
   ``HOME``, ``PERENNIAL_*`` settings, service links, ...): Secrets arrive through `envFrom`, whose keys
   the operator cannot know, so "every value but the known-harmless ones" is the safe direction;
-* every file under ``$PERENNIAL_SECRETS_DIR`` (the projected LLM-judge keys), and the string leaves of
-  those that are JSON (a service-account key file's ``private_key``).
+* every file under ``$PERENNIAL_SECRETS_DIR`` (the projected LLM-judge keys); of values that are JSON
+  (a service-account key), also the string leaves under secret-sounding keys (``private_key``).
 
 Values shorter than `MIN_LENGTH` are not redacted (``1``, ``true`` would shred every line).
 
@@ -63,21 +63,26 @@ def env_is_safe(name: str) -> bool:
     return name in SAFE_ENV or name.startswith(_SAFE_PREFIXES) or bool(_SERVICE_LINK.search(name))
 
 
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|private|auth", re.IGNORECASE)
+
+
 def _json_leaves(value: str) -> list[str]:
+    """String leaves of a JSON secret under secret-sounding keys (a service-account key's `private_key`,
+    `private_key_id`; not its `type` or `token_uri`... which are the same for everyone)."""
     try:
         obj = json.loads(value)
     except ValueError:
         return []
     out: list[str] = []
 
-    def walk(o: object) -> None:
+    def walk(o: object, key: str = "") -> None:
         if isinstance(o, dict):
-            for v in o.values():
-                walk(v)
+            for k, v in o.items():
+                walk(v, str(k))
         elif isinstance(o, list):
             for v in o:
-                walk(v)
-        elif isinstance(o, str):
+                walk(v, key)
+        elif isinstance(o, str) and _SECRET_KEY.search(key) and not o.startswith(("http://", "https://")):
             out.append(o)
 
     walk(obj)

@@ -15,6 +15,7 @@ import pydantic
 from ..api.basemodel import BaseModelSpec, BaseModelStatus
 from ..resources import basemodel as build
 from ..resources import conditions as cond
+from ..resources.podsecurity import PodSettings
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
 from .children import apply_all
 
@@ -41,7 +42,7 @@ def _spec(obj: dict[str, Any]) -> BaseModelSpec:
     return BaseModelSpec.model_validate(obj.get("spec") or {})
 
 
-def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
+def decide(obj: dict[str, Any], world: World, image: str, pods: PodSettings = PodSettings()) -> Decision:
     """The BaseModel's status and children from what was observed (pure)."""
     gen = generation(obj)
     old = (obj.get("status") or {}).get("conditions")
@@ -71,7 +72,7 @@ def decide(obj: dict[str, Any], world: World, image: str) -> Decision:
         return ready(True, "SourceAvailable", f"weights are read from {spec.source.uri}")
 
     pvc = build.cache_pvc(obj, spec)
-    job = build.download_job(obj, spec, image)
+    job = build.download_job(obj, spec, image, pods)
     status["cacheClaimName"] = pvc["metadata"]["name"]
     status["downloadJobName"] = job["metadata"]["name"]
     job_conditions = ((world.job or {}).get("status") or {}).get("conditions") or []
@@ -109,7 +110,7 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
-    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image)
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.config.pod_settings())
     notes: list[Note] = await apply_all(ctx, decision.children)
     return Outcome(decision.status, notes)
 

@@ -17,6 +17,8 @@ import pydantic
 from ..api.rewardspec import Grader, RewardSpecSpec, RewardSpecStatus
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
+from ..resources.networkpolicy import EgressSettings
+from ..resources.podsecurity import PodSettings
 from .base import Context, Controller, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -99,7 +101,8 @@ class Decision:
     requeue_after: float | None = None
 
 
-def decide(obj: dict[str, Any], world: World, image: str, now: str = "") -> Decision:
+def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: PodSettings = PodSettings(),
+           egress: EgressSettings | None = None) -> Decision:
     """Status and children of a RewardSpec (pure)."""
     gen = generation(obj)
     conds = (obj.get("status") or {}).get("conditions")
@@ -128,7 +131,11 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "") -> Deci
             status["testResults"] = old["testResults"]
         status["conditions"] = cond.set_condition(conds, "Validated", before["status"], before["reason"], before.get("message", ""), gen)
         return Decision(status)
-    children = [build.validation_config(obj, spec), build.validation_job(obj, spec, image)]
+    children = [build.validation_config(obj, spec), build.validation_job(obj, spec, image, pods)]
+    if egress is not None and world.job is None:
+        # the pods' NetworkPolicy goes first, with the Job (NetworkPolicies are not watched: applied when the
+        # Job is made, never re-read on every pass)
+        children.insert(0, build.validation_network_policy(obj, spec, egress))
     job_name = children[1]["metadata"]["name"]
     job_conds = ((world.job or {}).get("status") or {}).get("conditions") or []
     if not (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")):
@@ -176,8 +183,8 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
-    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.now())
-    notes = await apply_all(ctx, decision.children, reasons={"Job": "ValidationStarted", "ConfigMap": None})
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.now(), ctx.config.pod_settings(), ctx.config.egress_settings())
+    notes = await apply_all(ctx, decision.children, reasons={"Job": "ValidationStarted", "ConfigMap": None, "NetworkPolicy": None})
     return Outcome(decision.status, notes, requeue_after=decision.requeue_after)
 
 

@@ -28,6 +28,8 @@ from ..kube import ApiError
 from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
 from ..resources import trainingrun as build
+from ..resources.networkpolicy import EgressSettings
+from ..resources.podsecurity import PodSettings
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -339,7 +341,8 @@ def _final_zero_std(metrics: list[dict[str, str]]) -> str | None:
     return by_name.get("train/frac_reward_zero_std_mean") or by_name.get("train/frac_reward_zero_std")
 
 
-def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_uri: str, feedback_store_uri: str, progress_seconds: float) -> Decision:
+def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_uri: str, feedback_store_uri: str, progress_seconds: float,
+           pods: PodSettings = PodSettings(), egress: EgressSettings | None = None) -> Decision:
     """A TrainingRun's status and actions from what was observed (pure)."""
     meta = obj["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -387,11 +390,14 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
             status["completionTime"] = now
             return done(after_write=[lambda: TRAINING_RUNS.labels("Failed").inc()])
         image = spec.run_policy.image or image
-        job = build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys)
+        job = build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys, pods=pods)
         if resolved.parent:
             job["metadata"].setdefault("annotations", {})[PARENT_ANNOTATION] = resolved.parent
             parent = {"name": resolved.parent}
         children = [build.config_map(obj, resolved.config), job]
+        if egress is not None:
+            # before the Job: its pods never run without their NetworkPolicy
+            children.insert(0, build.network_policy(obj, resolved.config, egress))
     if parent:
         status["parentAdapterRef"] = parent
     status["artifactUri"] = build.output_uri(spec, artifact_uri, ns, name)
@@ -548,8 +554,9 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     decision = decide(
         obj, world, now=ctx.now(), image=ctx.config.trainer_image, artifact_uri=ctx.config.artifact_uri,
         feedback_store_uri=ctx.config.feedback_store_uri, progress_seconds=ctx.config.progress_seconds,
+        pods=ctx.config.pod_settings(), egress=ctx.config.egress_settings(),
     )
-    notes = decision.notes + await apply_all(ctx, decision.children, reasons={"Job": "JobCreated", "ConfigMap": None})
+    notes = decision.notes + await apply_all(ctx, decision.children, reasons={"Job": "JobCreated", "ConfigMap": None, "NetworkPolicy": None})
     if decision.adapter is not None:
         # A 409 means another run claimed this version: the error requeues us, and the next pass
         # sees that Adapter in the cache and takes the next version.

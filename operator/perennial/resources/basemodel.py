@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.basemodel import BaseModelSpec
-from .common import child_name, labels, owned_metadata, restricted_security_context, short_hash
+from .common import child_name, labels, owned_metadata, short_hash
+from .podsecurity import SCRATCH, PodSettings, container_security_context, ephemeral_resources, harden_pod, scratch_env
 
 CACHE_MOUNT = "/cache"
 
@@ -35,7 +36,7 @@ def cache_pvc(body: dict[str, Any], spec: BaseModelSpec) -> dict[str, Any]:
     }
 
 
-def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str) -> dict[str, Any]:
+def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str, pods: PodSettings = PodSettings()) -> dict[str, Any]:
     name = body["metadata"]["name"]
     args = ["--source", spec.source.uri, "--dest", f"{CACHE_MOUNT}/model"]
     if spec.source.revision:
@@ -43,12 +44,20 @@ def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str) -> dict[
     container: dict[str, Any] = {
         "name": "download",
         "image": image,
+        "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "perennial_trainer.download"],
         "args": args,
-        "env": [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf"}],
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "securityContext": restricted_security_context(),
+        "env": [
+            {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf"},
+            # The trainer image is offline by default (HF_HUB_OFFLINE=1: training never reaches the Hub); this
+            # Job's whole purpose is to download, so it is the one place that turns it off.
+            {"name": "HF_HUB_OFFLINE", "value": "0"},
+            *scratch_env(),
+        ],
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": SCRATCH}],
+        "resources": ephemeral_resources({"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                                         pods.download_scratch, allowance=pods.log_allowance),
+        "securityContext": container_security_context(),
     }
     if spec.source.credentials_secret_ref:
         container["envFrom"] = [{"secretRef": {"name": spec.source.credentials_secret_ref.name}}]
@@ -58,16 +67,18 @@ def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str) -> dict[
         "metadata": owned_metadata(body, download_job_name(name, spec), labels("BaseModel", name, "weight-download")),
         "spec": {
             "backoffLimit": 4,
+            "activeDeadlineSeconds": pods.download_deadline_seconds,
             "ttlSecondsAfterFinished": 86400,
             "template": {
                 "metadata": {"labels": labels("BaseModel", name, "weight-download")},
-                "spec": {
+                "spec": harden_pod({
                     "restartPolicy": "OnFailure",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
                     "containers": [container],
-                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim_name(name)}}],
-                },
+                    "volumes": [
+                        {"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim_name(name)}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": pods.download_scratch}},
+                    ],
+                }),
             },
         },
     }

@@ -15,7 +15,10 @@ from urllib.parse import urlparse
 from ..api.exitcodes import PERMANENT_EXIT_CODES
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec
-from .common import child_name, labels, owned_metadata, restricted_security_context, to_yaml
+from . import networkpolicy as netpol
+from .common import child_name, labels, owned_metadata, to_yaml
+from .networkpolicy import EgressSettings
+from .podsecurity import SCRATCH, PodSettings, container_security_context, ephemeral_resources, harden_pod, projected_secrets, scratch_env
 
 CONFIG_MOUNT = "/etc/perennial"
 CONFIG_FILE = f"{CONFIG_MOUNT}/run.yaml"
@@ -138,6 +141,14 @@ def pod_failure_policy(container: str = "trainer") -> dict[str, Any]:
     }
 
 
+def _output_mount(output: str | None) -> tuple[str, str] | None:
+    """(claim, path inside it) of a `pvc://` output."""
+    if output and output.startswith("pvc://"):
+        parsed = urlparse(output)
+        return parsed.netloc, parsed.path.strip("/")
+    return None
+
+
 def job(
     body: dict[str, Any],
     spec: TrainingRunSpec,
@@ -146,64 +157,73 @@ def job(
     image: str,
     credential_secrets: list[str],
     judge_keys: list[tuple[str, str]],
+    pods: PodSettings = PodSettings(),
 ) -> dict[str, Any]:
     name = body["metadata"]["name"]
     pod_labels = labels("TrainingRun", name, "trainer")
+    shm = spec.resources.shared_memory or pods.shared_memory
     volumes: list[dict[str, Any]] = [
         {"name": "run-config", "configMap": {"name": config_name(name)}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": spec.resources.shared_memory} if spec.resources.shared_memory else {})}},
-        {"name": "checkpoints", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+        {"name": "checkpoints", "emptyDir": {"sizeLimit": pods.trainer_checkpoints}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": pods.trainer_scratch}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "run-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tmp", "mountPath": SCRATCH},
     ]
-    uris = [config.get("baseModelUri"), config.get("parentAdapterUri"), config.get("outputUri"), config.get("feedbackStoreUri")]
-    uris += [d.uri for d in spec.datasets] + [d.feedback.store_uri for d in spec.datasets if d.feedback]
-    for i, claim in enumerate(_claims(uris)):
-        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    # Inputs (base-model cache, parent adapter, datasets, feedback store) are mounted read-only; the output
+    # claim is writable only below the run's own output directory (other runs' adapters on the same claim
+    # stay out of reach).
+    output = _output_mount(config.get("outputUri"))
+    inputs = [config.get("baseModelUri"), config.get("parentAdapterUri"), config.get("feedbackStoreUri")]
+    inputs += [d.uri for d in spec.datasets] + [d.feedback.store_uri for d in spec.datasets if d.feedback]
+    input_claims = _claims(inputs)
+    claims = _claims(inputs + [config.get("outputUri")])
+    out_claim, out_path = output or ("", "")
+    for i, claim in enumerate(claims):
+        vol = f"pvc-{i}"
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": claim != out_claim}})
+        if claim in input_claims or (claim == out_claim and not out_path):
+            mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": claim != out_claim or bool(out_path)})
+        if claim == out_claim and out_path:
+            # nested below the read-only root mount (when the claim holds inputs too): listed after it
+            mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}/{out_path}", "subPath": out_path})
     if judge_keys:
-        volumes.append(
-            {
-                "name": "grader-secrets",
-                "projected": {"sources": [{"secret": {"name": s, "items": [{"key": k, "path": f"{s}/{k}"}]}} for s, k in judge_keys]},
-            }
-        )
+        volumes.append(projected_secrets(judge_keys))
         mounts.append({"name": "grader-secrets", "mountPath": SECRETS_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": "trainer",
         "image": image,
+        "imagePullPolicy": "IfNotPresent",
         "command": ["perennial-trainer"],
         "args": ["train", "--config", CONFIG_FILE],
         "env": [
             {"name": "PERENNIAL_PVC_ROOT", "value": PVC_ROOT},
             {"name": "PERENNIAL_SECRETS_DIR", "value": SECRETS_DIR},
             {"name": "PERENNIAL_TERMINATION_LOG", "value": TERMINATION_LOG},
-            {"name": "HF_HOME", "value": "/tmp/hf"},
+            {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *scratch_env(),
         ],
         "envFrom": [{"secretRef": {"name": s}} for s in credential_secrets],
         "volumeMounts": mounts,
-        "resources": _resources(spec),
-        "securityContext": restricted_security_context(),
+        "resources": ephemeral_resources(_resources(spec), pods.trainer_scratch, pods.trainer_checkpoints, allowance=pods.log_allowance),
+        "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if not container["envFrom"]:
         del container["envFrom"]
-    pod_spec: dict[str, Any] = {
+    pod_spec: dict[str, Any] = harden_pod({
         # Never (podFailurePolicy requires it): a retry is a new pod; it resumes from the checkpoints on the
         # output volume, or mirrored to the object store (see run_config).
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
-    }
+    })
     res = spec.resources
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
@@ -219,16 +239,23 @@ def job(
         "backoffLimit": spec.run_policy.backoff_limit,
         "podFailurePolicy": pod_failure_policy(container["name"]),
         "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
+        # every Job has a deadline: the run's own, else the operator's
+        "activeDeadlineSeconds": spec.run_policy.active_deadline_seconds or pods.training_deadline_seconds,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
-    if spec.run_policy.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": owned_metadata(body, job_name(name), pod_labels),
         "spec": job_spec,
     }
+
+
+def network_policy(body: dict[str, Any], config: dict[str, Any], settings: EgressSettings) -> dict[str, Any]:
+    """The trainer pods' NetworkPolicy: no ingress; egress to DNS and what the run config names."""
+    name = body["metadata"]["name"]
+    return netpol.network_policy(body, netpol.policy_name(name), labels("TrainingRun", name, "trainer"),
+                                 netpol.training_destinations(config, settings), settings, "trainer-network")
 
 
 def adapter_name(family: str, version: int) -> str:
