@@ -88,13 +88,39 @@ def test_code_rubric_0_5_15_35():
     assert scores == [0, 5, 15, 35]
 
 
-def test_code_runtime_error_and_hang_fail_tests_only():
+def test_code_crash_and_hang_score_failure_score():
+    """Tested code that crashes, exits before its tests finish, or hangs scores the grader's
+    `failureScore` (the API's documented semantics), not the compile points."""
     raising = "```python\nraise SystemExit(0)\n```"
     hang = "```python\ndef add(a, b):\n    while True: pass\n```"
-    fast = G(type="Code", code={"limits": {"timeoutSeconds": 1, "cpuSeconds": 1}})
-    assert grade(CODE, raising, TESTS).score == 15
+    fast = G(type="Code", failureScore="-1", code={"limits": {"timeoutSeconds": 1, "cpuSeconds": 1}})
+    assert grade(CODE, raising, TESTS).score == 0  # failureScore defaults to 0
     r = grade(fast, hang, TESTS)
-    assert r.score == 15 and "did not complete" in r.reason, r
+    assert r.score == -1 and r.failed and "crashed or timed out" in r.reason, r
+
+
+def test_code_item_without_tests_gets_no_test_points():
+    wrong = "```python\ndef add(a, b):\n    return a - b\n```"
+    for item in ({}, {"tests": ""}, {"tests": []}, {"io_tests": []}):
+        r = grade(CODE, wrong, item)
+        assert r.score == 15, (item, r)
+        assert "no tests" in r.reason and "test points not awarded" in r.reason
+    r = grade(CODE, wrong, {"io_tests": "not json"})
+    assert r.score == 15 and "`io_tests`" in r.reason
+
+
+def test_code_io_tests_compared_by_the_trainer():
+    g = G(type="Code", code={"formatPoints": "5", "compilePoints": "10", "testPoints": "20"})
+    item = {"io_tests": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": ["6"]}]}
+    right = "```python\na, b = map(int, input().split())\nprint(a + b)   \n```"
+    wrong = "```python\na, b = map(int, input().split())\nprint(a * b)\n```"
+    crash = "```python\nprint(1 / 0)\n```"
+    assert grade(g, right, item).score == 35
+    r = grade(g, wrong, item)
+    assert r.score == 15 and "wrong output" in r.reason and "(0/2" in r.reason
+    assert grade(g, crash, item).score == 0 and grade(g, crash, item).failed
+    apps = {"io_tests": {"inputs": ["1 1\n"], "outputs": ["2\n"]}}
+    assert grade(g, right, apps).score == 35
 
 
 # ----------------------------------------------------------------------------- Python grader sandbox
@@ -143,35 +169,29 @@ def test_grader_cannot_see_trainer_secrets(monkeypatch):
         "        except Exception:\n"
         "            pass\n"
         "    if 'hunter2' in seen: return 100.0\n"
-        "    return float(len([k for k in os.environ if k != 'LC_CTYPE']))  # LC_CTYPE: Python's own locale coercion\n"
+        "    return float(sorted(os.environ) != ['HOME', 'LANG', 'PATH', 'TMPDIR'])\n"
     )
     g = G(type="Python", python={"source": src})
     r = grade(g, "x", {})
     assert not r.failed, r.reason
-    assert r.score == 0.0  # empty environment, and no other process's environment readable
+    assert r.score == 0.0  # a minimal environment, and no other process's environment readable
 
 
 def test_grader_runs_in_scratch_dir(tmp_path, monkeypatch):
-    """The grader's cwd is the sandbox's own fresh directory (the one holding its child script, and
-    nothing else), not the caller's, wherever the checkout and the caller's cwd are; removed afterwards."""
+    """Each sample's cwd (and HOME, TMPDIR) is a fresh scratch directory of its own, not the caller's,
+    wherever the checkout and the caller's cwd are; removed once the sample is graded."""
     from perennial_trainer import sandbox
 
-    made = []
-    real_mkdtemp = sandbox.tempfile.mkdtemp
-    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1])
     caller = tmp_path / "caller"
     caller.mkdir()
     monkeypatch.chdir(caller)
-    src = (
-        "import os, sys\n"
-        "def grade(sample, item):\n"
-        "    open('scratch.txt', 'w').write('x')\n"
-        "    here = os.path.realpath(os.getcwd())\n"
-        "    own = os.path.dirname(os.path.realpath(sys.argv[0]))\n"
-        "    return float(here == own and sorted(os.listdir(here)) == ['_child.py', 'scratch.txt'])\n"
-    )
-    assert grade(G(type="Python", python={"source": src}), "x").score == 1
-    assert made and not any(os.path.exists(d) for d in made), "the scratch directory is removed"
+    code = ("import os, json\nopen('scratch.txt', 'w').write('x')\n"
+            "print(json.dumps([os.getcwd(), os.environ['HOME'], os.environ['TMPDIR'], os.listdir('.')]))")
+    a, b = sandbox.run([sandbox.Job("io", code), sandbox.Job("io", code)], sandbox.Limits())
+    (cwd_a, home, tmp, listing), (cwd_b, *_) = json.loads(a.stdout), json.loads(b.stdout)
+    assert cwd_a == home == tmp and listing == ["scratch.txt"]
+    assert cwd_a != cwd_b and os.path.basename(cwd_a).startswith("perennial-sample-")
+    assert not os.path.exists(cwd_a) and not os.path.exists(cwd_b), "the scratch directories are removed"
     assert not list(caller.iterdir()), "nothing written to the caller's cwd"
 
 

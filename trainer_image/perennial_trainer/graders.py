@@ -219,11 +219,56 @@ def _human_feedback(g: Grader, sample: dict, item: dict) -> GradeResult:
 # --------------------------------------------------------------------- batched (sandbox, judge)
 
 
+def _io_cases(v: Any) -> tuple[list[tuple[str, str]], str]:
+    """I/O cases from an item field: a list of {"input", "output"} objects (strings, or lists of lines),
+    or {"inputs": [...], "outputs": [...]} (APPS style). ([], why) when the value is not one of those."""
+
+    def text(x: Any) -> str | None:
+        if isinstance(x, str):
+            return x
+        if isinstance(x, list) and all(isinstance(y, str) for y in x):
+            return "\n".join(x) + "\n"
+        return None
+
+    if v is None:
+        return [], ""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return [], "is a string but not JSON"
+    if isinstance(v, dict) and isinstance(v.get("inputs"), list) and isinstance(v.get("outputs"), list):
+        v = [{"input": a, "output": b} for a, b in zip(v["inputs"], v["outputs"])]
+    if not isinstance(v, list):
+        return [], "must be a list of {input, output} objects"
+    cases = []
+    for case in v:
+        inp = text(case.get("input", "")) if isinstance(case, dict) else None
+        out = text(case.get("output")) if isinstance(case, dict) else None
+        if inp is None or out is None:
+            return [], "must be a list of {input, output} objects with string (or list of lines) values"
+        cases.append((inp, out))
+    return cases, ""
+
+
+def _normalise_output(text: str) -> list[str]:
+    """Output lines without trailing whitespace, trailing blank lines dropped (the usual judge rule)."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def _code_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[GradeResult]:
+    """The Code rubric (semantics: `CodeGrader` in the API). Every sample's code is compiled and tested
+    in the sandbox, one fresh process per sample and per I/O case; the verdict is decided here."""
     c = g.config()
     fp, cp, tp = _f(c.format_points), _f(c.compile_points), _f(c.test_points)
+    lim = sandbox.Limits.from_api(c.limits)
     results: list[GradeResult | None] = [None] * len(samples)
-    to_run, idx = [], []
+    jobs: list[sandbox.Job] = []
+    owners: list[tuple[int, str, str]] = []  # (sample index, "compile" | "asserts" | "io", expected output)
+    no_tests: dict[int, str] = {}
     for i, (s, it) in enumerate(zip(samples, items)):
         text = s["output_text"]
         if c.extract == "FencedBlock":
@@ -237,43 +282,82 @@ def _code_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[Grade
             if not code.strip():
                 results[i] = GradeResult(0.0, "empty completion")
                 continue
-        try:
-            compile(code, "<completion>", "exec")
-        except (SyntaxError, ValueError) as e:
-            results[i] = GradeResult(fp, f"formatted; does not compile: {e.__class__.__name__}: {e}"[:300])
+        asserts = _lookup(it, c.tests_field)
+        if isinstance(asserts, list):
+            asserts = "\n".join(map(str, asserts))
+        asserts = asserts if isinstance(asserts, str) and asserts.strip() else ""
+        cases, bad = _io_cases(_lookup(it, c.io_tests_field))
+        if not asserts and not cases:
+            no_tests[i] = (f"the item's `{c.io_tests_field}` {bad}" if bad else
+                           f"the item has no tests (no `{c.tests_field}` or `{c.io_tests_field}` field)")
+            jobs.append(sandbox.Job("compile", code))
+            owners.append((i, "compile", ""))
             continue
-        tests = _lookup(it, c.tests_field) or ""
-        if isinstance(tests, list):
-            tests = "\n".join(map(str, tests))
-        to_run.append({"code": code, "tests": tests})
-        idx.append(i)
-    if to_run:
-        lim = c.limits
-        outs = sandbox.run_batch("code", to_run, timeout_s=lim.timeout_seconds, memory_mib=lim.memory_mi_b, cpu_s=lim.cpu_seconds)
-        for i, r in zip(idx, outs):
-            if r.ok and isinstance(r.value, dict):
-                if r.value.get("passed"):
-                    results[i] = GradeResult(fp + cp + tp, "formatted, compiles, tests pass")
-                elif not r.value.get("compiles"):
-                    results[i] = GradeResult(fp, f"formatted; does not compile: {r.value.get('error')}")
+        if asserts:
+            jobs.append(sandbox.Job("asserts", code, tests=asserts))
+            owners.append((i, "asserts", ""))
+        for inp, out in cases:
+            jobs.append(sandbox.Job("io", code, stdin=inp))
+            owners.append((i, "io", out))
+    outs = sandbox.run(jobs, lim) if jobs else []
+    per: dict[int, list[tuple[str, str, sandbox.Outcome]]] = {}
+    for (i, role, expected), o in zip(owners, outs):
+        per.setdefault(i, []).append((role, expected, o))
+    for i, runs in per.items():
+        refused = next((o for _, _, o in runs if o.refused), None)
+        if refused:
+            results[i] = _failure(g, refused.why())
+            continue
+        not_compiling = next((o for _, _, o in runs if o.compiled is False), None)
+        if not_compiling:
+            results[i] = GradeResult(fp, f"formatted; does not compile: {not_compiling.compile_error}"[:300])
+            continue
+        unknown = next((o for _, _, o in runs if o.compiled is None), None)
+        if unknown:  # the sandbox could not even compile it (limits while compiling, supervisor failure)
+            results[i] = _failure(g, f"could not compile in the sandbox: {unknown.error or unknown.why(lim.timeout_s)}")
+            continue
+        if i in no_tests:
+            log.warning("grader %r: %s; test points not awarded", g.name, no_tests[i])
+            results[i] = GradeResult(fp + cp, f"compiles; {no_tests[i]}: a data error, test points not awarded")
+            continue
+        crash, failure, n_io, n_io_ok = "", "", 0, 0
+        for role, expected, o in runs:
+            if role == "asserts":
+                if o.passed:
+                    continue
+                if o.failed == "assertion" and not o.limit and o.signal is None:
+                    failure = failure or f"assert failed: {o.error}"
                 else:
-                    results[i] = GradeResult(fp + cp, f"compiles; tests fail: {r.value.get('error')}")
-            else:  # the code under test hung, crashed or blew its limits: its tests did not pass
-                results[i] = GradeResult(fp + cp, f"compiles; tests did not complete: {r.error}")
+                    crash = crash or (o.error if o.failed == "error" and o.error and not o.limit else o.why(lim.timeout_s))
+            else:
+                n_io += 1
+                if o.crashed:
+                    crash = crash or o.why(lim.timeout_s)
+                elif _normalise_output(o.stdout) == _normalise_output(expected):
+                    n_io_ok += 1
+                else:
+                    failure = failure or f"I/O case {n_io}: wrong output"
+        if crash:
+            results[i] = _failure(g, f"tested code crashed or timed out: {crash}")
+        elif failure:
+            results[i] = GradeResult(fp + cp, f"compiles; tests fail: {failure}" + (f" ({n_io_ok}/{n_io} I/O cases pass)" if n_io else ""))
+        else:
+            results[i] = GradeResult(fp + cp + tp, "formatted, compiles, tests pass")
     return [r for r in results if r is not None]
 
 
 def _python_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[GradeResult]:
+    """`grade(sample, item)` of the spec's source, one fresh sandboxed process per sample."""
     c = g.config()
-    lim = c.limits
-    payload = [{"sample": _jsonable(s), "item": _jsonable(it)} for s, it in zip(samples, items)]
-    outs = sandbox.run_batch("grade", payload, source=c.source, timeout_s=lim.timeout_seconds, memory_mib=lim.memory_mi_b, cpu_s=lim.cpu_seconds)
+    lim = sandbox.Limits.from_api(c.limits)
+    jobs = [sandbox.Job("grade", c.source, sample=_jsonable(s), item=_jsonable(it)) for s, it in zip(samples, items)]
     res = []
-    for r in outs:
-        if r.ok and isinstance(r.value, (int, float)) and math.isfinite(r.value):
-            res.append(GradeResult(float(r.value), "grade()"))
+    for o in sandbox.run(jobs, lim):
+        v = o.value
+        if not o.refused and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and not o.limit:
+            res.append(GradeResult(float(v), "grade()"))
         else:
-            res.append(_failure(g, r.error or f"grade() returned {r.value!r}"))
+            res.append(_failure(g, o.refused and o.why() or o.error or (o.why(lim.timeout_s) if o.crashed else f"grade() returned {v!r}")))
     return res
 
 
@@ -392,7 +476,7 @@ def _failure(g: Grader, why: str) -> GradeResult:
 
 
 def grade_batch(g: Grader, samples: Sequence[Any], items: Sequence[dict] | None = None, prompts: Sequence[Any] | None = None) -> list[GradeResult]:
-    """Grade several samples with one grader (sandboxed graders share a process)."""
+    """Grade several samples with one grader (sandboxed graders: one fresh process per sample)."""
     items = [dict(i) if i else {} for i in (items or [{}] * len(samples))]
     prompts = prompts or [None] * len(samples)
     ss = [as_sample(s, p) for s, p in zip(samples, prompts)]
@@ -481,7 +565,10 @@ def check_reward_spec(spec: RewardSpecSpec, what: str = "rewardSpec") -> None:
                 raise TrainerError(f"{where}: `python.source` must be valid Python: {e.msg} (line {e.lineno})", "InvalidRewardSpec") from None
             if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "grade" for n in tree.body):
                 raise TrainerError(f"{where}: `python.source` must define `def grade(sample, item)`", "InvalidRewardSpec")
-        elif g.type == "JSONSchema":
+        if g.type in ("Code", "Python") and c.limits.require_landlock and not sandbox.layers().get("landlock"):
+            raise TrainerError(f"{where}: `limits.requireLandlock` is set but this kernel does not provide Landlock "
+                               "(Linux >= 5.13 with `landlock` in the LSM list); refusing to run untrusted code without it", "InvalidRewardSpec")
+        if g.type == "JSONSchema":
             import jsonschema
 
             try:

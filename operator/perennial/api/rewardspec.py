@@ -43,11 +43,16 @@ TEMPLATE_HELP = (
 
 
 class SandboxLimits(Model):
-    """Limits of the separate process that runs user code (Python graders, code execution)."""
+    """Limits of the sandbox that runs user code (Python graders, code execution): one fresh process per
+    sample (per I/O case), confined by Landlock and seccomp, its whole process tree killed when it ends."""
 
-    timeout_seconds: int = Field(default=10, ge=1, le=600, description="Wall-clock limit per sample.")
+    timeout_seconds: int = Field(default=10, ge=1, le=600, description="Wall-clock limit per sample (per I/O case).")
     memory_mi_b: int = Field(default=512, ge=16, le=65536, alias="memoryMiB", description="Address-space limit of the process, in MiB.")
     cpu_seconds: int = Field(default=10, ge=1, le=600, description="CPU-time limit (RLIMIT_CPU) of the process.")
+    processes: int = Field(default=1, ge=1, le=256, description="Processes the sample may run at once. `1`: it cannot fork at all (seccomp); more: a limit on top of the tasks its uid already has (RLIMIT_NPROC counts per uid). Every process is killed when the sample ends.")
+    file_size_mi_b: int = Field(default=16, ge=1, le=4096, alias="fileSizeMiB", description="Largest file the sample may write (RLIMIT_FSIZE), in MiB.")
+    scratch_mi_b: int = Field(default=64, ge=1, le=65536, alias="scratchMiB", description="Total size of the sample's scratch directory, the only place it may write, in MiB; polled, the sample is killed when over.")
+    require_landlock: bool = Field(default=False, description="Refuse to grade (the run fails with `InvalidRewardSpec`) where the kernel lacks Landlock (Linux < 5.13 or not enabled), instead of grading with a warning and without file and network isolation.")
 
 
 class RegexGrader(Model):
@@ -89,11 +94,17 @@ class SimilarityGrader(Model):
 
 
 class CodeGrader(Model):
-    """Extracts code from the completion, compiles it and runs the item's unit tests.
+    """Extracts code from the completion, compiles it and runs the item's unit tests in the sandbox.
 
     The classic rubric "+5 if formatted, +10 if it compiles, +20 if the tests pass"
     is `formatPoints: "5"`, `compilePoints: "10"`, `testPoints: "20"`; points are cumulative
-    and each stage needs the one before it.
+    and each stage needs the one before it. Exactly: no code block (or an empty completion) scores 0;
+    code that does not compile scores `formatPoints`; code that compiles scores `formatPoints +
+    compilePoints` when a test fails (an `assert` fails, or an I/O case exits 0 with other output) and
+    when the item has no tests (a data error, said in the reason: test points are never given without
+    tests); tested code that crashes (any other exception, a non-zero exit or a signal, exiting before
+    the tests finish), times out or exceeds a limit scores the grader's `failureScore`; code that passes
+    every test (assert-style and I/O, when the item has both) scores all three.
     """
 
     language: Literal["Python"] = Field(default="Python", description="Language of the code.")
@@ -101,7 +112,8 @@ class CodeGrader(Model):
     format_points: Decimal = Field(default="5", description="Points when the code is formatted as required.")
     compile_points: Decimal = Field(default="10", description="Points added when it compiles.")
     test_points: Decimal = Field(default="20", description="Points added when every unit test passes.")
-    tests_field: str = Field(default="tests", max_length=128, description="Item field holding the unit tests (Python source using `assert`), run after the code in the same namespace.")
+    tests_field: str = Field(default="tests", max_length=128, description="Item field holding assert-style unit tests (Python source, or a list of sources), run after the code in the same process and namespace. Weak against reward hacking: code that inspects or patches its own interpreter can fake a pass (an object equal to everything passes `assert f(x) == y`); prefer `ioTestsField`.")
+    io_tests_field: str = Field(default="io_tests", max_length=128, description="Item field holding I/O tests: a list of `{input, output}` objects. The code runs as a script, once per case in a fresh process, with `input` on stdin; the case passes when it exits 0 and its stdout equals `output` (trailing whitespace of each line and trailing blank lines ignored). Expected outputs never enter the sandbox and are compared by the trainer.")
     limits: SandboxLimits = Field(default_factory=SandboxLimits, description="Sandbox limits for compiling and testing.")
 
 

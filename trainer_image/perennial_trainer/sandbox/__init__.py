@@ -1,0 +1,278 @@
+"""Run untrusted code (model-written programs, RewardSpec `grade()` sources) for the graders.
+
+Defence in depth, every layer unprivileged (a pod with no capabilities and
+``allowPrivilegeEscalation: false`` is enough):
+
+* the trainer starts one small trusted *supervisor* per batch (``supervisor.py``: empty environment,
+  non-dumpable, a child subreaper) and reads its answers with bounded reads and a deadline; the
+  trainer never runs untrusted code and makes itself non-dumpable;
+* the supervisor forks one fresh child per sample (no state shared between samples), which confines
+  itself before anything untrusted runs: own process group, unprivileged uid when started as root,
+  rlimits (memory, CPU, file size, open files, processes), a scratch directory, a minimal environment,
+  Landlock (files, TCP, signals) and seccomp (sockets, exec, fork, signals, ptrace, ...);
+* the verdict is the supervisor's observation: exit status, limits hit, the bytes on stdout (compared
+  *by the trainer* for I/O tests: expected outputs never enter the sandbox), and a compile record
+  written before untrusted code runs. Assert-style tests necessarily run in the untrusted process;
+  their "passed" record is checked against a per-sample nonce, but code that inspects its own
+  interpreter can forge it (see `CodeGrader` in the API): use I/O tests where the reward matters.
+
+`layers()` says which kernel layers this machine provides; where Landlock is missing a warning is
+logged once (and `requireLandlock` refuses to grade).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("perennial_trainer.sandbox")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SUPERVISOR = os.path.join(_HERE, "supervisor.py")
+_RESULT_LINE_CAP = 4 << 20
+
+
+@dataclass
+class Limits:
+    """Per-sample limits (`SandboxLimits` of the API)."""
+
+    timeout_s: float = 10
+    memory_mib: int = 512
+    cpu_s: int = 10
+    processes: int = 1  # 1: the sample cannot fork at all (seccomp); more: RLIMIT_NPROC on top of the uid's tasks
+    file_size_mib: int = 16
+    scratch_mib: int = 64
+    require_landlock: bool = False
+    layers_off: tuple[str, ...] = ()  # "seccomp", "landlock": for tests and benchmarks of single layers only
+
+    @classmethod
+    def from_api(cls, lim: Any) -> "Limits":
+        return cls(timeout_s=lim.timeout_seconds, memory_mib=lim.memory_mi_b, cpu_s=lim.cpu_seconds,
+                   processes=getattr(lim, "processes", 1), file_size_mib=getattr(lim, "file_size_mi_b", 16),
+                   scratch_mib=getattr(lim, "scratch_mi_b", 64), require_landlock=getattr(lim, "require_landlock", False))
+
+
+@dataclass
+class Job:
+    """One sample. `kind`: ``grade`` (call `grade(sample, item)` of `code`), ``compile`` (compile `code`
+    only), ``asserts`` (run `code`, then the assert-style `tests`), ``io`` (run `code` as a script with
+    `stdin`; the trainer compares its stdout)."""
+
+    kind: str
+    code: str
+    tests: str = ""
+    stdin: str = ""
+    sample: Any = None
+    item: Any = None
+
+
+@dataclass
+class Outcome:
+    exit_code: int | None = None
+    signal: int | None = None
+    limit: str | None = None  # wall, cpu, output, scratch
+    compiled: bool | None = None
+    compile_error: str = ""
+    passed: bool = False  # asserts: the tests ran to the end (nonce record) and the process exited 0
+    failed: str | None = None  # asserts: "assertion" or "error" as reported (untrusted)
+    value: Any = None  # grade
+    error: str = ""
+    stdout: str = ""
+    stdout_truncated: bool = False
+    stderr: str = ""
+    wall_s: float = 0.0
+    refused: str = ""  # the sandbox refused to run (e.g. Landlock required but missing)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def crashed(self) -> bool:
+        """The process did not end normally with status 0 (signal, limit, non-zero exit)."""
+        return bool(self.refused or self.limit or self.signal is not None or (self.exit_code or 0) != 0 or self.exit_code is None)
+
+    def why(self, timeout_s: float | None = None) -> str:
+        """A human reason for an abnormal end."""
+        if self.refused:
+            return f"sandbox refused to run: {self.refused}"
+        if self.limit == "wall":
+            return f"timed out after {timeout_s:g}s (wall clock)" if timeout_s is not None else "timed out (wall clock)"
+        if self.limit == "cpu" or self.signal == signal.SIGXCPU:
+            return "exceeded its CPU time limit (SIGXCPU)"
+        if self.limit == "output":
+            return "wrote more than 1 MiB to stdout"
+        if self.limit == "scratch":
+            return "filled its scratch directory past its limit"
+        if self.signal is not None:
+            return f"killed by signal {self.signal}"
+        if self.exit_code not in (0, None):
+            tail = self.stderr.strip().splitlines()[-1:] if self.stderr.strip() else []
+            return f"exited with {self.exit_code}" + (f": {tail[0][:300]}" if tail else "")
+        return self.error or "no result"
+
+
+_layers: dict | None = None
+_warned = False
+_parent_protected = False
+
+
+def _protect_parent() -> None:
+    """The trainer makes itself non-dumpable: a same-uid process cannot read its memory or environ."""
+    global _parent_protected
+    if _parent_protected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+    _parent_protected = True
+
+
+def _sys_path() -> list[str]:
+    paths = [_HERE]
+    try:
+        import pyseccomp
+
+        paths.append(os.path.dirname(os.path.abspath(pyseccomp.__file__)))
+    except ImportError:
+        log.warning("pyseccomp is not installed: the sandbox runs without its seccomp filter")
+    return paths
+
+
+def sandbox_uid() -> tuple[int, int]:
+    """The uid/gid untrusted code runs as when the trainer is root (`PERENNIAL_SANDBOX_UID`, default nobody)."""
+    uid = int(os.environ.get("PERENNIAL_SANDBOX_UID", "65534"))
+    return uid, int(os.environ.get("PERENNIAL_SANDBOX_GID", str(uid)))
+
+
+def _note_layers(layers: dict) -> None:
+    global _layers, _warned
+    _layers = layers
+    if not layers.get("landlock") and not _warned:
+        _warned = True
+        log.warning("Landlock is not available in this kernel (Linux >= 5.13 with `landlock` in the LSM list): "
+                    "sandboxed grader code can read every file its uid can read and connect to TCP ports; "
+                    "set `limits.requireLandlock: true` on Code/Python graders to refuse to grade without it")
+    if not layers.get("seccomp"):
+        log.warning("seccomp is not available to the sandbox (pyseccomp/libseccomp missing): sockets, signals, "
+                    "fork and ptrace are not filtered")
+
+
+def layers() -> dict:
+    """Which isolation layers this machine provides, as reported by a supervisor: {"landlock": ABI
+    version or 0, "seccomp": bool, "subreaper": bool, "no_new_privs": bool, "uid": the sandbox uid}."""
+    if _layers is None:
+        run([], Limits())
+    return dict(_layers or {}, uid=sandbox_uid()[0] if os.geteuid() == 0 else os.geteuid())
+
+
+def run(jobs: list[Job], limits: Limits, *, parallel: int | None = None) -> list[Outcome]:
+    """Run every job in its own confined process; one `Outcome` per job, in order. Never raises for
+    anything the jobs do; a supervisor that fails gives error outcomes."""
+    _protect_parent()
+    parallel = parallel or max(1, min(8, len(os.sched_getaffinity(0))))
+    uid, gid = sandbox_uid()
+    root = os.geteuid() == 0
+    cfg = {
+        "parent": os.getpid(), "sys_path": _sys_path(), "parallel": parallel, "uid": uid, "gid": gid,
+        "scratch_root": tempfile.gettempdir(), "require_landlock": limits.require_landlock,
+        "layers_off": list(limits.layers_off),
+        "limits": {"timeout_s": limits.timeout_s, "memory_mib": limits.memory_mib, "cpu_s": limits.cpu_s,
+                   "processes": limits.processes, "file_size_mib": limits.file_size_mib, "scratch_mib": limits.scratch_mib},
+    }
+    lines = [json.dumps(cfg)]
+    for i, j in enumerate(jobs):
+        lines.append(json.dumps({"id": i, "kind": j.kind, "code": j.code, "tests": j.tests, "stdin": j.stdin,
+                                 "sample": j.sample, "item": j.item}))
+    payload = ("\n".join(lines) + "\n").encode()
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    errf = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-B", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=errf, env={}, cwd="/", close_fds=True, start_new_session=True,
+        )
+    except OSError as e:
+        errf.close()
+        return [Outcome(error=f"sandbox failed to start: {e}") for _ in jobs]
+    writer = threading.Thread(target=_feed, args=(proc, payload), daemon=True)
+    writer.start()
+    waves = math.ceil(len(jobs) / parallel) if jobs else 0
+    deadline = time.monotonic() + 30 + waves * (limits.timeout_s + 3)
+    try:
+        for msg in _lines(proc, deadline):
+            if "layers" in msg:
+                _note_layers(msg["layers"])
+                continue
+            i = msg.get("id")
+            if not isinstance(i, int) or not 0 <= i < len(jobs) or outcomes[i] is not None:
+                continue
+            if "refused" in msg:
+                outcomes[i] = Outcome(refused=str(msg["refused"]))
+                continue
+            known = {k: msg[k] for k in Outcome.__dataclass_fields__ if k in msg and k != "extra"}
+            outcomes[i] = Outcome(**known)
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait()
+        writer.join(timeout=5)
+        errf.seek(0, os.SEEK_END)
+        errf.seek(max(0, errf.tell() - 2000))
+        err = errf.read().decode(errors="replace").strip()
+        errf.close()
+    missing = [i for i, o in enumerate(outcomes) if o is None]
+    if missing:
+        why = f"sandbox supervisor ended early (exit {proc.returncode}){': ' + err.splitlines()[-1] if err else ''}"
+        log.error("%s; %d of %d samples have no result", why, len(missing), len(jobs))
+        for i in missing:
+            outcomes[i] = Outcome(error=why)
+    return outcomes  # type: ignore[return-value]
+
+
+def _feed(proc: subprocess.Popen, payload: bytes) -> None:
+    try:
+        proc.stdin.write(payload)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+
+
+def _lines(proc: subprocess.Popen, deadline: float):
+    """JSON messages from the supervisor, each line bounded, until EOF or the deadline."""
+    fd = proc.stdout.fileno()
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.error("sandbox supervisor passed its deadline; killing it")
+            return
+        r, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if not r:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                yield msg
+        if len(buf) > _RESULT_LINE_CAP:
+            log.error("sandbox supervisor wrote an over-long line; killing it")
+            return

@@ -1,0 +1,620 @@
+"""The sandbox supervisor: a small trusted process per batch that runs each sample in a fresh child.
+
+Started by the trainer as ``python -I -S -B supervisor.py`` with an empty environment; it never runs
+untrusted code itself. Protocol (JSON lines): stdin = one config line, then one line per job, then EOF;
+stdout = one ``{"layers": ...}`` line, then one result line per job (in completion order).
+
+Per job it forks a child (one fresh process per sample; no exec, so no interpreter start-up), which
+before running anything untrusted:
+
+* moves into its own process group (the seccomp filter then forbids leaving it: ``setsid``/``setpgid``);
+* drops to an unprivileged uid when the supervisor is root (``PERENNIAL_SANDBOX_UID``, default 65534);
+* sets rlimits: address space, CPU, file size, open files, no core dumps, and processes;
+* takes a fresh scratch directory as cwd/HOME/TMPDIR and a minimal environment;
+* restricts itself with Landlock (read: the interpreter's standard library and shared libraries; write:
+  the scratch directory only; no TCP; no signals or abstract sockets outside its own domain);
+* loads a seccomp filter (libseccomp through `pyseccomp`): no sockets, no exec, no fork unless
+  ``processes > 1``, no signals except to its own process group, no ptrace / process_vm_* /
+  pidfd_* / io_uring / namespaces / keyrings / BPF, no rlimit or priority changes of other processes.
+
+The supervisor is a child subreaper and non-dumpable. It enforces the wall-clock limit, the scratch
+size (polled) and an output cap, and when the sample's main process ends (or is killed) it kills the
+sample's whole process group and any orphan that was reparented to it, then removes the scratch dir.
+Verdicts come only from what the supervisor observes (exit status, the bytes on stdout) plus the
+compile record the child writes on fd 3 *before* any untrusted code runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import resource
+import selectors
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+STDOUT_CAP = 1 << 20  # bytes of a sample's stdout kept (more is an `output` limit)
+STDERR_TAIL = 2048
+RECORDS_CAP = 1 << 16  # bytes of fd-3 records read
+# stdlib modules imported before forking: children use them without reading the disk (and without
+# paying for the import), also where the sandbox uid cannot read the interpreter's directory
+PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re", "string", "json",
+           "random", "typing", "dataclasses", "fractions", "decimal", "statistics", "operator", "copy",
+           "io", "traceback", "array", "datetime", "time", "textwrap", "unicodedata", "enum", "abc", "struct",
+           "glob", "fnmatch", "pathlib", "hashlib", "base64", "binascii", "pickle", "csv", "contextlib", "warnings",
+           "weakref", "numbers", "pprint", "queue", "threading", "zlib", "calendar", "locale", "shlex", "difflib", "ast")
+
+
+def _prctl(option: int, arg: int) -> None:
+    _libc.prctl(option, arg, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------- seccomp
+
+
+def _seccomp_filter(processes: int):
+    """The filter (not loaded). Default allow; the calls below fail with EPERM (ENOSYS for clone3, so
+    glibc falls back to clone, whose flags can be inspected)."""
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(sc.ALLOW)
+    eperm = sc.ERRNO(errno.EPERM)
+
+    def deny(name, *args, action=eperm):
+        try:
+            f.add_rule(action, name, *args)
+        except (ValueError, RuntimeError, OSError):  # not a system call of this architecture
+            pass
+
+    for name in (
+        # other processes: tracing, memory, descriptors, signals by pid
+        "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+        "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "migrate_pages", "move_pages", "get_robust_list",
+        "process_madvise", "process_mrelease", "ioprio_set", "setpriority",
+        # leaving the process group (the whole tree is killed through it)
+        "setsid", "setpgid",
+        # running other programs
+        "execve", "execveat",
+        # kernel attack surface and privileges
+        "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
+        "keyctl", "add_key", "request_key", "unshare", "setns", "mount", "umount2", "pivot_root", "chroot",
+        "open_by_handle_at", "name_to_handle_at", "fanotify_init", "quotactl", "acct", "swapon", "swapoff",
+        "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "iopl", "ioperm",
+        "syslog", "vhangup", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsmount", "fspick",
+        # memory outside the address-space limit
+        "memfd_create", "memfd_secret",
+        # networking: no socket of any family (socketpair stays for AF_UNIX pairs)
+        "socket",
+    ):
+        deny(name)
+    deny("socketpair", sc.Arg(0, sc.NE, 1))  # AF_UNIX == 1
+    deny("kill", sc.Arg(0, sc.NE, 0))  # only kill(0, sig): its own process group
+    deny("prlimit64", sc.Arg(0, sc.NE, 0))
+    for name in ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr"):
+        deny(name, sc.Arg(0, sc.NE, 0))
+    for req in (0x5412, 0x541C):  # TIOCSTI, TIOCLINUX: typing into a terminal
+        deny("ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, req))
+    deny("clone3", action=sc.ERRNO(errno.ENOSYS))
+    if processes <= 1:
+        for name in ("fork", "vfork"):
+            deny(name, action=sc.ERRNO(errno.EAGAIN))
+        deny("clone", sc.Arg(0, sc.MASKED_EQ, 0x00010000, 0), action=sc.ERRNO(errno.EAGAIN))  # not CLONE_THREAD
+    for flag in (0x10000000, 0x00020000, 0x20000000, 0x40000000, 0x08000000, 0x04000000, 0x02000000):
+        # CLONE_NEWUSER, NEWNS, NEWPID, NEWNET, NEWIPC, NEWUTS, NEWCGROUP
+        deny("clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    return f
+
+
+def _seccomp_available() -> bool:
+    try:
+        import pyseccomp  # noqa: F401
+
+        return _libc.prctl(21, 0, 0, 0, 0) >= 0  # PR_GET_SECCOMP
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _landlock_rules(scratch: str) -> list[tuple[str, int]]:
+    import sysconfig
+
+    import landlock as ll
+
+    rules: list[tuple[str, int]] = [(scratch, ll.WRITE_ALL), ("/dev/null", ll.READ_FILE | ll.WRITE_FILE),
+                                    ("/dev/zero", ll.READ_FILE), ("/dev/urandom", ll.READ_FILE),
+                                    ("/etc/ld.so.cache", ll.READ_FILE)]
+    paths = sysconfig.get_paths()
+    for d in {paths["stdlib"], paths["platstdlib"], os.path.join(paths["stdlib"], "lib-dynload")}:
+        rules.append((d, ll.READ))
+    libdirs = set()
+    with open("/proc/self/maps") as f:  # directories of the shared libraries the interpreter has loaded
+        for line in f:
+            p = line.split(maxsplit=5)[-1].strip()
+            if p.startswith("/") and ".so" in os.path.basename(p):
+                libdirs.add(os.path.dirname(p))
+    rules += [(d, ll.READ) for d in sorted(libdirs)]
+    return rules
+
+
+def _count_tasks(uid: int) -> int:
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in st.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1 0").split()[0]) == uid:
+            n += int(fields.get("Threads", "1"))
+    return n
+
+
+def _child(job, cfg, fds, scratch, seccomp_filter, nonce) -> None:
+    """In the forked child: confine, then run the job. Never returns."""
+    try:
+        os.setpgid(0, 0)
+        stdin_r, out_w, err_w, rec_w = fds
+        for src, dst in ((stdin_r, 0), (out_w, 1), (err_w, 2), (rec_w, 3)):
+            os.dup2(src, dst)
+        os.closerange(4, 1 << 16)  # the supervisor's pipes to the trainer, the other samples' pipes
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        lim = cfg["limits"]
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(cfg["gid"])
+            os.setuid(cfg["uid"])
+        mem = lim["memory_mib"] << 20
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))
+        fsize = lim["file_size_mib"] << 20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
+        os.chdir(scratch)
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"})
+        tempfile.tempdir = scratch
+        if cfg["landlock_abi"]:
+            import landlock
+
+            landlock.restrict_self(cfg["landlock_rules"] + [(scratch, cfg["scratch_rights"])], cfg["landlock_abi"])
+        else:
+            _libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: needed by seccomp
+        if seccomp_filter is not None:
+            seccomp_filter.load()
+    except BaseException as e:  # noqa: BLE001
+        os.write(2, f"sandbox set-up failed: {e!r}\n".encode())
+        os._exit(70)
+    _run(job, nonce)
+
+
+def _run(job, nonce: str) -> None:
+    """The harness, in the confined child. Everything it reports goes to fd 3; only the first record
+    (compile result) is written before untrusted code runs, so only that one is trusted for code jobs."""
+    import builtins
+    import io
+
+    write, exit_ = os.write, os._exit  # captured before untrusted code can replace them
+
+    def report(obj) -> None:
+        try:
+            write(3, (json.dumps(obj) + "\n").encode())
+        except OSError:
+            pass
+
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="replace")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="replace", write_through=True)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="replace", write_through=True)
+    sys.argv = ["<sample>"]
+
+    def describe(e: BaseException) -> str:
+        return "".join(traceback.format_exception_only(type(e), e)).strip()[:500]
+
+    kind = job["kind"]
+    if kind == "grade":
+        ns = {"__name__": "grader", "__builtins__": builtins}
+        try:
+            exec(compile(job["code"], "<grader>", "exec"), ns)
+            grade = ns.get("grade")
+            if not callable(grade):
+                raise TypeError("`grade` is not defined or not callable")
+        except BaseException as e:  # noqa: BLE001
+            report({"error": "grader source failed: " + describe(e)})
+            exit_(0)
+        try:
+            value = float(grade(job["sample"], job["item"]))
+            report({"value": value})
+        except BaseException as e:  # noqa: BLE001
+            report({"error": describe(e)})
+        sys.stdout.flush()
+        exit_(0)
+
+    try:
+        code = compile(job["code"], "<completion>", "exec")
+    except BaseException as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL), RecursionError, MemoryError
+        report({"compiled": False, "error": describe(e)})
+        exit_(0)
+    report({"compiled": True})
+    if kind == "compile":
+        exit_(0)
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    if kind == "io":
+        os.close(3)  # nothing more comes from this process but its exit status and its stdout
+        status = 0
+        try:
+            exec(code, ns)
+        except SystemExit as e:
+            status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            status = 1
+        try:
+            sys.stdout.flush()
+        except BaseException:  # noqa: BLE001
+            status = status or 1
+        exit_(status & 0xFF)
+    # asserts: the code, then the tests. Prepared before the code runs: the tests (compiled, their
+    # `==`/`!=` checks made strict), a copy of the builtins they see, the functions the harness calls.
+    try:
+        tests = _strict_tests(job["tests"])
+    except BaseException as e:  # noqa: BLE001
+        report({"failed": "error", "error": "the tests do not compile: " + describe(e)})
+        exit_(1)
+    run_exec, clean_builtins, eq, ne = exec, dict(vars(builtins)), *_strict_comparisons()
+    try:
+        run_exec(code, ns)
+        globs = dict(ns)
+        globs["__builtins__"] = clean_builtins
+        run_exec(tests, globs)
+        globs["__perennial_tests__"](eq, ne)
+    except AssertionError as e:
+        report({"failed": "assertion", "error": describe(e) or "AssertionError"})
+        exit_(1)
+    except BaseException as e:  # noqa: BLE001 - SystemExit included: exiting early is not passing
+        report({"failed": "error", "error": describe(e)})
+        exit_(1)
+    report({"passed": nonce})
+    exit_(0)
+
+
+def _strict_tests(source: str):
+    """Assert-style tests as a code object defining ``__perennial_tests__(eq, ne)``: every ``a == b`` /
+    ``a != b`` inside an ``assert`` becomes ``eq(a, b)`` / ``ne(a, b)``, which accept only plain built-in
+    values (an object equal to everything fails), and the checks are local names the code under test
+    cannot rebind."""
+    import ast
+
+    tree = ast.parse(source, "<tests>")
+
+    class Strict(ast.NodeTransformer):
+        def visit_Assert(self, node):
+            t = node.test
+            if isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Eq, ast.NotEq)):
+                fn = "__perennial_eq__" if isinstance(t.ops[0], ast.Eq) else "__perennial_ne__"
+                node.test = ast.Call(ast.Name(fn, ast.Load()), [t.left, t.comparators[0]], [])
+            return node
+
+    body = Strict().visit(tree).body or [ast.Pass()]
+    args = ast.arguments(posonlyargs=[], args=[ast.arg("__perennial_eq__"), ast.arg("__perennial_ne__")],
+                         kwonlyargs=[], kw_defaults=[], defaults=[])
+    fn = ast.FunctionDef("__perennial_tests__", args, body, [], None, None)
+    module = ast.fix_missing_locations(ast.Module([fn], []))
+    return compile(module, "<tests>", "exec")
+
+
+def _strict_comparisons():
+    """(eq, ne) over plain values only: bool/int/float/complex/str/bytes/None and lists, tuples, dicts,
+    sets of them, exact types (no subclasses), so `==` is the built-in one. Built from references taken
+    before the code under test runs."""
+    type_, id_, set_, plain_types = type, id, set, (bool, int, float, complex, str, bytes, type(None))
+    seqs, maps, sets = (list, tuple), (dict,), (set, frozenset)
+
+    def plain(x, seen) -> bool:
+        t = type_(x)
+        if t in plain_types:
+            return True
+        if id_(x) in seen:
+            return False
+        seen.add(id_(x))
+        if t in seqs or t in sets:
+            for y in x:
+                if not plain(y, seen):
+                    return False
+            return True
+        if t in maps:
+            for k in x:
+                if not plain(k, seen) or not plain(x[k], seen):
+                    return False
+            return True
+        return False
+
+    def eq(a, b) -> bool:
+        return plain(a, set_()) and plain(b, set_()) and a == b
+
+    def ne(a, b) -> bool:
+        return plain(a, set_()) and plain(b, set_()) and a != b
+
+    return eq, ne
+
+
+# --------------------------------------------------------------------------- the supervisor loop
+
+
+class _Running:
+    def __init__(self, job, pid, scratch, out_r, err_r, rec_r, nonce, deadline):
+        self.job, self.pid, self.scratch, self.nonce, self.deadline = job, pid, scratch, nonce, deadline
+        self.bufs = {out_r: bytearray(), err_r: bytearray(), rec_r: bytearray()}
+        self.out_r, self.err_r, self.rec_r = out_r, err_r, rec_r
+        self.open = {out_r, err_r, rec_r}
+        self.status: int | None = None
+        self.limit: str | None = None
+        self.truncated = False
+        self.started = time.monotonic()
+
+
+def _kill_tree(pgid: int, reap, deadline_s: float = 2.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        reap()
+        time.sleep(0.001)
+
+
+def main() -> None:
+    cfg = json.loads(sys.stdin.buffer.readline())
+    sys.path[:0] = cfg["sys_path"]
+    jobs = [json.loads(line) for line in sys.stdin.buffer.read().splitlines() if line.strip()]
+    _prctl(PR_SET_DUMPABLE, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != cfg["parent"]:
+        sys.exit(1)
+    for m in PRELOAD:
+        try:
+            __import__(m)
+        except ImportError:
+            pass
+    import landlock
+
+    lim = cfg["limits"]
+    abi = landlock.abi_version()
+    seccomp_ok = _seccomp_available()
+    layers = {"landlock": abi, "seccomp": seccomp_ok, "subreaper": True, "no_new_privs": True,
+              "uid": cfg["uid"] if os.geteuid() == 0 else os.geteuid()}
+    out = sys.stdout.buffer
+
+    def emit(obj) -> None:
+        out.write(json.dumps(obj).encode() + b"\n")
+        out.flush()
+
+    emit({"layers": layers})
+    if cfg["require_landlock"] and not abi:
+        for j in jobs:
+            emit({"id": j["id"], "refused": "Landlock is required (`limits.requireLandlock`) but this kernel does not provide it"})
+        return
+    off = set(cfg.get("layers_off", ()))  # tests and benchmarks turn single layers off to show the others hold
+    seccomp_filter = _seccomp_filter(lim["processes"]) if seccomp_ok and "seccomp" not in off else None
+    abi = 0 if "landlock" in off else abi
+    cfg["landlock_abi"] = abi
+    cfg["landlock_rules"] = _landlock_rules("/nonexistent") if abi else []
+    cfg["scratch_rights"] = landlock.WRITE_ALL
+    uid = cfg["uid"] if os.geteuid() == 0 else os.geteuid()
+    cfg["nproc"] = (_count_tasks(uid) + lim["processes"] + 8) if lim["processes"] > 1 else _count_tasks(uid) + 16
+
+    rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wsig)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    sel = selectors.DefaultSelector()
+    sel.register(rsig, selectors.EVENT_READ)
+    running: dict[int, _Running] = {}
+    exited: dict[int, int] = {}
+    pending = list(jobs)
+    parallel = max(1, cfg["parallel"])
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in running:
+                running[pid].status = st
+
+    def sweep_orphans() -> None:
+        """Kill children of this subreaper that belong to no running sample (reparented escapees)."""
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        for pid in kids:
+            if pid in running:
+                continue
+            try:
+                if os.getpgid(pid) in running:
+                    continue
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap()
+
+    def start(job) -> None:
+        scratch = tempfile.mkdtemp(prefix="perennial-sample-", dir=cfg["scratch_root"])
+        if os.geteuid() == 0:
+            os.chown(scratch, cfg["uid"], cfg["gid"])
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
+        stdin_r, stdin_w = pipes[0]
+        nonce = os.urandom(16).hex()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _child(job, cfg, (stdin_r, pipes[1][1], pipes[2][1], pipes[3][1]), scratch, seccomp_filter, nonce)
+            finally:
+                os._exit(70)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        for r, w in pipes[1:]:
+            os.close(w)
+        os.close(stdin_r)
+        data = (job.get("stdin") or "").encode()
+        try:  # the input is written whole or not at all: a pipe holds 64 KiB; more goes through a thread-free loop
+            os.set_blocking(stdin_w, False)
+            view = memoryview(data)
+            end = time.monotonic() + 2
+            while view and time.monotonic() < end:
+                try:
+                    view = view[os.write(stdin_w, view[:65536]):]
+                except BlockingIOError:
+                    time.sleep(0.001)
+        except OSError:
+            pass
+        os.close(stdin_w)
+        r = _Running(job, pid, scratch, pipes[1][0], pipes[2][0], pipes[3][0], nonce, time.monotonic() + lim["timeout_s"])
+        for fd in (r.out_r, r.err_r, r.rec_r):
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, r)
+        running[pid] = r
+
+    def read_fd(r: _Running, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            sel.unregister(fd)
+            os.close(fd)
+            r.open.discard(fd)
+            return
+        buf = r.bufs[fd]
+        if fd == r.out_r:
+            if len(buf) + len(chunk) > STDOUT_CAP:
+                buf += chunk[: STDOUT_CAP - len(buf)]
+                r.truncated = True
+                r.limit = r.limit or "output"
+            else:
+                buf += chunk
+        elif fd == r.err_r:
+            buf += chunk
+            del buf[:-STDERR_TAIL]
+        elif len(buf) < RECORDS_CAP:
+            buf += chunk[: RECORDS_CAP - len(buf)]
+
+    def scratch_bytes(path: str) -> int:
+        total = 0
+        for root, dirs, files in os.walk(path):
+            for n in files + dirs:
+                try:
+                    total += os.lstat(os.path.join(root, n)).st_blocks * 512
+                except OSError:
+                    pass
+        return total
+
+    def finish(r: _Running) -> None:
+        _kill_tree(r.pid, reap)
+        if r.status is None:
+            try:
+                _, r.status = os.waitpid(r.pid, 0)
+            except ChildProcessError:
+                r.status = 0
+        end = time.monotonic() + 0.5
+        while r.open and time.monotonic() < end:  # the group is dead: the rest of the pipes is buffered
+            for fd in list(r.open):
+                read_fd(r, fd)
+        for fd in list(r.open):
+            sel.unregister(fd)
+            os.close(fd)
+        del running[r.pid]
+        sweep_orphans()
+        shutil.rmtree(r.scratch, ignore_errors=True)
+        records = []
+        for line in bytes(r.bufs[r.rec_r]).splitlines()[:16]:
+            try:
+                rec = json.loads(line)
+                records.append(rec if isinstance(rec, dict) else {})
+            except ValueError:
+                records.append({})
+        st = r.status
+        res = {"id": r.job["id"], "wall_s": round(time.monotonic() - r.started, 4), "limit": r.limit,
+               "stdout": bytes(r.bufs[r.out_r]).decode("utf-8", "replace"), "stdout_truncated": r.truncated,
+               "stderr": bytes(r.bufs[r.err_r]).decode("utf-8", "replace")}
+        if os.WIFSIGNALED(st):
+            res["signal"] = os.WTERMSIG(st)
+            if res["signal"] == signal.SIGXCPU and not r.limit:
+                res["limit"] = "cpu"
+        else:
+            res["exit_code"] = os.WEXITSTATUS(st)
+        kind = r.job["kind"]
+        if kind == "grade":
+            first = records[0] if records else {}
+            res["value"], res["error"] = first.get("value"), first.get("error", "")
+        else:
+            first = records[0] if records else {}
+            res["compiled"] = first.get("compiled")
+            res["compile_error"] = first.get("error", "") if first.get("compiled") is False else ""
+            if kind == "asserts":
+                rest = records[1:]
+                res["passed"] = any(x.get("passed") == r.nonce for x in rest) and res.get("exit_code") == 0 and not r.limit
+                failed = next((x for x in rest if "failed" in x), {})
+                res["failed"] = failed.get("failed") if not res["passed"] else None
+                res["error"] = str(failed.get("error", ""))[:500]
+        emit(res)
+
+    while pending or running:
+        while pending and len(running) < parallel:
+            start(pending.pop(0))
+        now = time.monotonic()
+        timeout = min([r.deadline for r in running.values()], default=now + 1) - now
+        for key, _ in sel.select(max(0.0, min(timeout, 0.1))):
+            if key.fd == rsig:
+                try:
+                    os.read(rsig, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            read_fd(key.data, key.fd)
+        reap()
+        now = time.monotonic()
+        for r in list(running.values()):
+            if r.status is None and not r.limit:
+                if now >= r.deadline:
+                    r.limit = "wall"
+                elif lim["scratch_mib"] and scratch_bytes(r.scratch) > lim["scratch_mib"] << 20:
+                    r.limit = "scratch"
+            if r.status is not None or r.limit:
+                finish(r)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        sys.exit(1)
