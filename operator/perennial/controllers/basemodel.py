@@ -15,6 +15,7 @@ import pydantic
 from ..api.basemodel import BaseModelSpec, BaseModelStatus
 from ..resources import basemodel as build
 from ..resources import conditions as cond
+from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
 from .children import apply_all
@@ -42,7 +43,7 @@ def _spec(obj: dict[str, Any]) -> BaseModelSpec:
     return BaseModelSpec.model_validate(obj.get("spec") or {})
 
 
-def decide(obj: dict[str, Any], world: World, image: str, pods: PodSettings = PodSettings()) -> Decision:
+def decide(obj: dict[str, Any], world: World, image: str, pods: PodSettings = PodSettings(), egress: EgressSettings | None = None) -> Decision:
     """The BaseModel's status and children from what was observed (pure)."""
     gen = generation(obj)
     old = (obj.get("status") or {}).get("conditions")
@@ -89,7 +90,11 @@ def decide(obj: dict[str, Any], world: World, image: str, pods: PodSettings = Po
     if cond.is_true(job_conditions, "Failed"):
         failed = cond.get(job_conditions, "Failed") or {}
         return ready(False, "DownloadFailed", f"download Job {job['metadata']['name']} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip(), [pvc, job])
-    return ready(False, "Downloading", f"download Job {job['metadata']['name']} is fetching {spec.source.uri}", [pvc, job])
+    children = [pvc, job]
+    if egress is not None and world.job is None:
+        # the download pod's NetworkPolicy, made with its Job (NetworkPolicies are not watched)
+        children.insert(0, build.download_network_policy(obj, spec, egress))
+    return ready(False, "Downloading", f"download Job {job['metadata']['name']} is fetching {spec.source.uri}", children)
 
 
 def observe(obj: dict[str, Any], ctx: Context) -> World:
@@ -110,7 +115,7 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
-    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.config.pod_settings())
+    decision = decide(obj, observe(obj, ctx), ctx.config.trainer_image, ctx.config.pod_settings(), ctx.config.egress_settings())
     notes: list[Note] = await apply_all(ctx, decision.children)
     return Outcome(decision.status, notes)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.basemodel import BaseModelSpec
+from . import networkpolicy as netpol
 from .common import child_name, labels, owned_metadata, short_hash
+from .networkpolicy import EgressSettings
 from .podsecurity import SCRATCH, PodSettings, container_security_context, ephemeral_resources, harden_pod, scratch_env
 
 CACHE_MOUNT = "/cache"
@@ -82,6 +84,15 @@ def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str, pods: Po
             },
         },
     }
+
+
+def download_network_policy(body: dict[str, Any], spec: BaseModelSpec, settings: EgressSettings) -> dict[str, Any]:
+    """The download pods' NetworkPolicy: no ingress; egress to DNS and the weights' source."""
+    name = body["metadata"]["name"]
+    dests = netpol.Destinations()
+    dests.add(spec.source.uri, settings)
+    return netpol.network_policy(body, netpol.policy_name(name, "download-egress"), labels("BaseModel", name, "weight-download"),
+                                 dests.items, settings, "weight-download-network")
 
 
 # Keys a credentials Secret must hold, per source scheme (any one of the alternatives).

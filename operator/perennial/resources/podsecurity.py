@@ -51,6 +51,9 @@ class PodSettings:
     trainer_checkpoints: str = "50Gi"
     #: `/dev/shm` (memory-backed) when the run names no `resources.sharedMemory`
     shared_memory: str = "1Gi"
+    #: what a trainer requests when its run names no `resources.cpu` / `resources.memory`
+    trainer_cpu_request: str = "1"
+    trainer_memory_request: str = "2Gi"
     #: `activeDeadlineSeconds` of a training Job whose run sets none
     training_deadline_seconds: int = 7 * 24 * 3600
     validation_scratch: str = "1Gi"

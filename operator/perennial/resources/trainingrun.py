@@ -101,16 +101,18 @@ def _claims(uris: list[str | None]) -> list[str]:
     return out
 
 
-def _resources(spec: TrainingRunSpec) -> dict[str, Any]:
+def _resources(spec: TrainingRunSpec, pods: PodSettings = PodSettings()) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     if res.gpus:
         requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = res.gpus
-    if res.cpu:
-        requests["cpu"] = res.cpu
+    # a run that names no CPU or memory still requests the operator's minimum (never BestEffort: first evicted)
+    requests["cpu"] = res.cpu or pods.trainer_cpu_request
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
+    else:
+        requests["memory"] = pods.trainer_memory_request
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -210,7 +212,7 @@ def job(
         ],
         "envFrom": [{"secretRef": {"name": s}} for s in credential_secrets],
         "volumeMounts": mounts,
-        "resources": ephemeral_resources(_resources(spec), pods.trainer_scratch, pods.trainer_checkpoints, allowance=pods.log_allowance),
+        "resources": ephemeral_resources(_resources(spec, pods), pods.trainer_scratch, pods.trainer_checkpoints, allowance=pods.log_allowance),
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
