@@ -13,7 +13,8 @@ from typing import Any
 from perennial.cli import install_crds
 from perennial.config import OperatorConfig
 from perennial.kube import Kube, connect
-from perennial.local.apiserver import ServerThread, start_in_thread
+from perennial.local.apiserver import ServerThread, new_token, start_in_thread
+from perennial.local.tls import self_signed
 from perennial.local.faults import FaultConfig
 from waiting import wait_for  # noqa: F401 - re-exported for the tests
 
@@ -23,7 +24,7 @@ API = "perennial.ai/v1alpha1"
 class OperatorThread:
     """`perennial.runtime.run` in a thread, stoppable and restartable."""
 
-    def __init__(self, url: str, config: OperatorConfig):
+    def __init__(self, url: str, config: OperatorConfig, token: str | None = None, ca_file: str | None = None):
         from perennial.runtime import run
 
         self.stop_flag = threading.Event()
@@ -32,7 +33,7 @@ class OperatorThread:
 
         def target() -> None:
             try:
-                run(server=url, config=config, standalone=True, health_endpoint=None, metrics_port=None, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
+                run(server=url, token=token, ca_file=ca_file, config=config, standalone=True, health_endpoint=None, metrics_port=None, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
             except BaseException as exc:  # surfaced by stop()
                 self.error = exc
 
@@ -56,7 +57,7 @@ class Cluster:
     operator: OperatorThread | None = None
 
     def start_operator(self) -> OperatorThread:
-        self.operator = OperatorThread(self.server.url, self.config)
+        self.operator = OperatorThread(self.server.url, self.config, self.server.token, self.server.ca_file)
         return self.operator
 
     def stop_operator(self) -> None:
@@ -147,9 +148,11 @@ class FakeKubelet:
 @contextlib.contextmanager
 def running_cluster(tmp_path: Path, faults: FaultConfig | None = None, **config: Any) -> Iterator[Cluster]:
     """The embedded control plane with the CRDs installed and the operator running
-    (`faults`: injected into the operator's requests from the start)."""
-    server = start_in_thread()
-    kube = connect(server=server.url)
+    (`faults`: injected into the operator's requests from the start). As under `perennial dev`, the control
+    plane serves HTTPS and requires a bearer token (`server.token`, `server.ca_file`,
+    `server.write_kubeconfig(path)`): every client of the tests authenticates as the operator's do."""
+    server = start_in_thread(token=new_token(), tls=self_signed())
+    kube = connect(server=server.url, token=server.token, ca_file=server.ca_file)
     install_crds(kube)
     settings = dict(
         pvc_root=str(tmp_path / "pvc"),

@@ -84,14 +84,34 @@ LOCAL_TRAINER_IMAGE = "perennial-trainer:local"
 LOCAL_SERVER_IMAGE = "perennial-server:local"
 
 
-def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, crds: bool = True) -> tuple[Any, Path, Any]:
-    """The embedded API server in a background thread, a kubeconfig for it under `state`, and a client (CRDs installed, then `faults` on)."""
-    from .kube import connect
-    from .local.apiserver import start_in_thread, write_kubeconfig
+def _is_loopback(host: str) -> bool:
+    import ipaddress
 
-    server = start_in_thread(host, port)
-    kubeconfig = write_kubeconfig(state / "kubeconfig", server.url)
-    kube = connect(server=server.url)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, crds: bool = True) -> tuple[Any, Path, Any]:
+    """The embedded API server in a background thread, a kubeconfig for it under `state`, and a client (CRDs installed, then `faults` on).
+
+    The server serves HTTPS with a fresh self-signed certificate and refuses requests without a fresh random bearer
+    token; the kubeconfig (mode 0600) holds both."""
+    from .kube import connect
+    from .local.apiserver import new_token, start_in_thread
+    from .local.tls import self_signed
+
+    if not _is_loopback(host):
+        logging.getLogger("perennial").warning(
+            "The control plane listens on %s, not only on loopback: other machines can reach it (HTTPS with a "
+            "self-signed certificate, the kubeconfig's bearer token required). Prefer the default --host 127.0.0.1.", host)
+    token = new_token()
+    server = start_in_thread(host, port, token=token, tls=self_signed(host))
+    kubeconfig = server.write_kubeconfig(state / "kubeconfig")
+    kube = connect(server=server.url, token=token, ca_file=server.ca_file)
     if crds:
         install_crds(kube)
     server.set_faults(faults)  # after the CRDs: faults are for the clients under test, not for the setup
@@ -149,8 +169,8 @@ def _dev(args: argparse.Namespace) -> int:
 Perennial dev is running.
   control plane  {server.url}
   kubeconfig     {kubeconfig}
-  metrics        http://127.0.0.1:{args.metrics_port}/metrics
-  health         http://127.0.0.1:{args.health_port}/healthz
+  metrics        http://{args.host}:{args.metrics_port}/metrics
+  health         http://{args.host}:{args.health_port}/healthz
 {''.join(f'  applied        {a}{chr(10)}' for a in applied)}
 Jobs of the trainer image run here as local processes (logs: kubectl logs -l perennial.ai/trainingrun=<name>).
 In another shell:
@@ -187,10 +207,13 @@ Press Ctrl-C to stop.
     try:
         run(
             server=server.url,
+            token=server.token,
+            ca_file=server.ca_file,
             config=config,
             standalone=True,
-            health_endpoint=f"http://127.0.0.1:{args.health_port}/healthz",
+            health_endpoint=f"http://{args.host}:{args.health_port}/healthz",
             metrics_port=args.metrics_port,
+            metrics_host=args.host,
         )
     finally:
         kubelet.stop()
@@ -217,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
 
     dev = sub.add_parser("dev", help="embedded control plane + operator on this machine")
-    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--host", default="127.0.0.1", help="address of the control plane, metrics and health endpoints (default: loopback only)")
     dev.add_argument("--port", type=int, default=6444)
     dev.add_argument("--state-dir", default=".perennial")
     dev.add_argument("--apply", action="append", help="manifest file or directory to apply at start (repeatable)")
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.set_defaults(func=_dev)
 
     cp = sub.add_parser("control-plane", help="only the embedded control plane (API server, CRDs installed), in this process")
-    cp.add_argument("--host", default="127.0.0.1")
+    cp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     cp.add_argument("--port", type=int, default=6444)
     cp.add_argument("--state-dir", default=".perennial", help="where the kubeconfig is written")
     cp.add_argument("--crds", action=argparse.BooleanOptionalAction, default=True, help="install Perennial's CRDs")

@@ -55,7 +55,7 @@ CONDITIONS = ConditionCollector()
 REGISTRY.register(CONDITIONS)
 
 
-def start_server(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+def start_server(port: int, registry: CollectorRegistry = REGISTRY, *, addr: str = "0.0.0.0") -> None:
     from prometheus_client import start_http_server
 
-    start_http_server(port, registry=registry)
+    start_http_server(port, addr=addr, registry=registry)

@@ -49,11 +49,13 @@ def build_registry(
     *,
     server: str | None = None,
     kubeconfig: str | None = None,
+    token: str | None = None,
+    ca_file: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> tuple[kopf.OperatorRegistry, Manager]:
     """Everything the operator registers, wired explicitly: settings, login, health, and the controllers."""
     registry = kopf.OperatorRegistry()
-    clusters = {"local": AsyncKube(configuration(server, kubeconfig), name="local")}
+    clusters = {"local": AsyncKube(configuration(server, kubeconfig, token=token, ca_file=ca_file), name="local")}
     ctx = Context(clusters=clusters, cache=Cache(), config=config, clock=clock)
     manager = Manager(all_controllers(), ctx, workers=config.workers)
 
@@ -73,7 +75,7 @@ def build_registry(
     @kopf.on.login(registry=registry, id="login")
     def login(**_: Any) -> kopf.ConnectionInfo:
         # Read afresh at every (re-)login: rotated service-account tokens and exec-plugin tokens.
-        return connection_info(configuration(server, kubeconfig))
+        return connection_info(configuration(server, kubeconfig, token=token, ca_file=ca_file))
 
     @kopf.on.probe(registry=registry, id="api")
     async def api_reachable(**_: Any) -> str:
@@ -93,10 +95,13 @@ def run(
     *,
     server: str | None = None,
     kubeconfig: str | None = None,
+    token: str | None = None,
+    ca_file: str | None = None,
     namespaces: list[str] | None = None,
     config: OperatorConfig | None = None,
     health_endpoint: str | None = "http://0.0.0.0:8081/healthz",
     metrics_port: int | None = 8080,
+    metrics_host: str = "0.0.0.0",
     standalone: bool = False,
     peering_name: str = "perennial",
     stop_flag: threading.Event | None = None,
@@ -107,10 +112,11 @@ def run(
         from .metrics import start_server
 
         try:
-            start_server(metrics_port)
+            start_server(metrics_port, addr=metrics_host)
         except OSError as exc:
             raise SystemExit(f"perennial: cannot serve metrics on port {metrics_port}: {exc.strerror}; choose another with --metrics-port") from None
-    registry, _ = build_registry(config or OperatorConfig(), server=server, kubeconfig=kubeconfig)
+    registry, _ = build_registry(config or OperatorConfig(), server=server, kubeconfig=kubeconfig, token=token,
+                                 ca_file=ca_file)
     kwargs: dict[str, Any] = {}
     if namespaces:
         kwargs["namespaces"] = namespaces

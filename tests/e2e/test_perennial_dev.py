@@ -39,7 +39,7 @@ def test_perennial_dev_demo_trains_an_adapter(tmp_path: Path):
         wait_for(lambda: "Perennial dev is running" in (tmp_path / "dev.log").read_text() or proc.poll() is not None, timeout=120, interval=0.5)
         assert proc.poll() is None, (tmp_path / "dev.log").read_text()
         assert kubeconfig.exists()
-        kube = connect(server=f"http://127.0.0.1:{port}")
+        kube = connect(kubeconfig=str(kubeconfig))  # the control plane requires the kubeconfig's token
 
         def sft_done():
             run = kube.get(API, "TrainingRun", "default", "fruit-sft") or {}

@@ -16,7 +16,6 @@ import yaml
 from harness import API, Cluster, wait_for
 
 from perennial.crdgen import all_crds
-from perennial.local.apiserver import write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="the kubectl binary is not on PATH")
@@ -33,7 +32,8 @@ def apply_examples(cluster: Cluster) -> None:
 
 
 def table(cluster: Cluster, plural: str) -> dict:
-    r = requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1/namespaces/default/{plural}", headers={"Accept": TABLE}, timeout=30)
+    r = requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1/namespaces/default/{plural}", timeout=30,
+                     headers={"Accept": TABLE, "Authorization": f"Bearer {cluster.server.token}"}, verify=cluster.server.ca_file)
     assert r.status_code == 200, r.text
     t = r.json()
     assert t["kind"] == "Table" and t["apiVersion"] == "meta.k8s.io/v1", t
@@ -78,7 +78,8 @@ def test_printer_columns_short_names_and_categories_without_kubectl(cluster: Clu
     assert cells(table(cluster, "deployments"), "fruit-assistant")["Base"] == "qwen-0-5b"
 
     # discovery: what `kubectl get perennial`, `kubectl get tr` and friends resolve
-    resources = {r["name"]: r for r in requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1", timeout=30).json()["resources"]}
+    resources = {r["name"]: r for r in requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1", timeout=30, verify=cluster.server.ca_file,
+                                                          headers={"Authorization": f"Bearer {cluster.server.token}"}).json()["resources"]}
     for plural, crd in crds.items():
         names = crd["spec"]["names"]
         assert resources[plural]["kind"] == names["kind"]
@@ -88,7 +89,7 @@ def test_printer_columns_short_names_and_categories_without_kubectl(cluster: Clu
 
 @pytest.fixture
 def kubectl(cluster: Cluster, tmp_path: Path):
-    config = write_kubeconfig(tmp_path / "kubeconfig", cluster.server.url)
+    config = cluster.server.write_kubeconfig(tmp_path / "kubeconfig")
 
     def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
         proc = subprocess.run(["kubectl", f"--kubeconfig={config}", *args], capture_output=True, text=True, timeout=60, input=stdin)

@@ -12,7 +12,6 @@ import time
 import yaml
 from harness import API, Cluster, FakeKubelet, wait_for
 
-from perennial.local.apiserver import write_kubeconfig
 from perennial_trainer.config import RunConfig
 
 RUBRIC = {
@@ -114,7 +113,7 @@ def test_job_progress_success_adapter_and_delete(cluster: Cluster, tmp_path):
     kubelet.log(pod_name, progress(12, reward=1.8))
     wait_for(lambda: cluster.get("TrainingRun", "run1")["status"]["progressText"] == "12/20", message="progress 12")
     if shutil.which("kubectl"):
-        config = write_kubeconfig(tmp_path / "kubeconfig", cluster.server.url)
+        config = cluster.server.write_kubeconfig(tmp_path / "kubeconfig")
         table = subprocess.run(["kubectl", f"--kubeconfig={config}", "get", "trainingruns"], capture_output=True, text=True, timeout=60).stdout
         row = next(line for line in table.splitlines() if line.startswith("run1 "))
         assert "GRPO" in row and "Running" in row and "12/20" in row and "1.8" in row, table

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import kubernetes
 
-from .client import ApiError, apply_patch, path_for
+from .client import ApiError, apply_patch, local_credentials, path_for
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,13 @@ class AsyncKube:
                                   query={"tailLines": tail_lines, "container": container}, raw=True)
 
 
-def configuration(server: str | None = None, kubeconfig: str | None = None, context: str | None = None) -> kubernetes.client.Configuration:
-    """Credentials for `server` (no auth: the embedded control plane), a kubeconfig, or the in-cluster service account."""
+def configuration(server: str | None = None, kubeconfig: str | None = None, context: str | None = None,
+                  token: str | None = None, ca_file: str | None = None) -> kubernetes.client.Configuration:
+    """Credentials for `server` (the embedded control plane: its bearer `token` and certificate `ca_file`), a
+    kubeconfig, or the in-cluster service account."""
     cfg = kubernetes.client.Configuration()
     if server:
-        cfg.host = server
-        cfg.verify_ssl = False
-        return cfg
+        return local_credentials(cfg, server, token, ca_file)
     try:
         kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     except kubernetes.config.ConfigException:

@@ -224,12 +224,26 @@ class Kube:
         return await asyncio.to_thread(self.pod_log, *args, **kwargs)
 
 
-def connect(server: str | None = None, kubeconfig: str | None = None, context: str | None = None) -> Kube:
-    """A client for `server` (no auth, the embedded control plane), a kubeconfig, or the in-cluster config."""
+def local_credentials(configuration: kubernetes.client.Configuration, server: str, token: str | None,
+                      ca_file: str | None) -> kubernetes.client.Configuration:
+    """Point `configuration` at the embedded control plane: its URL, bearer token and serving certificate
+    (verified when given; without one the server is plain HTTP or unverified)."""
+    configuration.host = server
+    configuration.verify_ssl = bool(ca_file)
+    configuration.ssl_ca_cert = ca_file
+    if token:
+        configuration.api_key = {"authorization": token}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+    return configuration
+
+
+def connect(server: str | None = None, kubeconfig: str | None = None, context: str | None = None,
+            token: str | None = None, ca_file: str | None = None) -> Kube:
+    """A client for `server` (the embedded control plane: its bearer `token` and certificate `ca_file`), a
+    kubeconfig, or the in-cluster config."""
     configuration = kubernetes.client.Configuration()
     if server:
-        configuration.host = server
-        configuration.verify_ssl = False
+        local_credentials(configuration, server, token, ca_file)
     else:
         try:
             kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)

@@ -31,7 +31,7 @@ Usage::
 
     server = APIServer()
     await server.start()                 # or: handle = start_in_thread() (sync, own thread)
-    write_kubeconfig(path, server.url)
+    write_kubeconfig(path, server.url)    # anonymous: APIServer(token=...) and write_kubeconfig(..., token=...)
     server.apply_crd(crd_dict)           # same as POSTing the CRD; load_crds("crds/") too
     server.set_pod_log("ns", "pod-0", "hello\\n"); server.append_pod_log(...)
     server.create("v1", "pods", body, namespace="ns"); server.patch(...); server.get(...)
@@ -39,15 +39,28 @@ Usage::
     server.count(client="perennial-operator", verb="patch"); server.reset_request_counts()
     await server.stop()                  #     handle.stop()
 
+Authentication: ``APIServer(token=..., tls=tls.self_signed())`` (``start_in_thread(token=..., tls=...)``) requires ``Authorization: Bearer
+<token>`` on every request except kube-apiserver's public ``/healthz``, ``/livez``, ``/readyz`` and ``/version``,
+and answers anything else with kube-apiserver's 401 ``Status`` (the token is compared in constant time).
+With ``tls`` it serves HTTPS with that certificate (kubectl sends a kubeconfig's token over TLS only).
+``perennial dev`` and ``perennial control-plane`` always set both (``new_token()``, a fresh self-signed
+certificate) and write them into their kubeconfig (mode 0600, ``server.write_kubeconfig(path)``); without a
+token (in-process tests) requests are anonymous and all allowed.
+
 Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward,
-authn/authz, managedFields and apply conflicts, CRD version conversion, aggregated discovery.
+authorization (RBAC: the one token may do everything), managedFields and apply conflicts, CRD version conversion, aggregated discovery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import json
+import os
+import secrets
+import tempfile
 import logging
 import re
 import threading
@@ -64,8 +77,9 @@ from .patches import PatchError, json_patch, merge_patch
 from .store import (APIError, ResourceType, Store, Watcher, from_scale, parse_field_selector, parse_label_selector,
                     to_scale)
 from .tables import BUILTIN_COLUMNS, human_age
+from .tls import ServingCert
 
-__all__ = ["APIServer", "APIError", "FaultConfig", "ServerThread", "start_in_thread", "write_kubeconfig"]
+__all__ = ["APIServer", "APIError", "FaultConfig", "ServerThread", "new_token", "start_in_thread", "write_kubeconfig"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +89,15 @@ KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-perennial", 
 BOOKMARK_INTERVAL = 20.0  # seconds of idle before a BOOKMARK (real servers: about a minute)
 LOG_POLL_INTERVAL = 0.1  # seconds between checks of a followed pod log
 DEBUG_PREFIX = "/debug/perennial/"
+# What kube-apiserver lets anyone read (the system:public-info-viewer ClusterRole): probes and the version.
+PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
+UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+
+
+def new_token() -> str:
+    """A random bearer token for the local control plane (256 bits from the OS's CSPRNG)."""
+    return secrets.token_urlsafe(32)
 _RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12; plain strings before
 # request keys: (client, verb, resource), counted when the response starts; seconds after which an
 # injected fault cuts a watch
@@ -153,7 +176,15 @@ def jsonpath(obj: Any, path: str) -> Any:
 class APIServer:
     """An in-memory Kubernetes API server on aiohttp."""
 
-    def __init__(self, faults: FaultConfig | None = None, *, count_requests: bool = True) -> None:
+    def __init__(self, faults: FaultConfig | None = None, *, count_requests: bool = True,
+                 token: str | None = None, tls: ServingCert | None = None) -> None:
+        if token is not None and len(token) < 16:
+            raise ValueError("the bearer token must have at least 16 characters")
+        self.token = token
+        self.tls = tls
+        self.ca_file: str | None = None  # the serving certificate as a file, for clients that take a path
+        self._ca_dir: tempfile.TemporaryDirectory | None = None
+        self._expected = f"Bearer {token}".encode() if token is not None else None
         self.store = Store()
         self.injector = FaultInjector(faults)
         self.requests = RequestCounter()
@@ -179,12 +210,21 @@ class APIServer:
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls.server_context() if self.tls else None)
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.host, self.port = host, sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+        if self.tls and self._ca_dir is None:
+            self._ca_dir = tempfile.TemporaryDirectory(prefix="perennial-ca-")
+            self.ca_file = str(Path(self._ca_dir.name) / "ca.crt")
+            Path(self.ca_file).write_bytes(self.tls.cert_pem)
         return self
+
+    def write_kubeconfig(self, path: str | Path, **kwargs: Any) -> Path:
+        """A kubeconfig for this server: its URL, bearer token and certificate (see :func:`write_kubeconfig`)."""
+        return write_kubeconfig(path, self.url, token=self.token,
+                                ca_pem=self.tls.cert_pem if self.tls else None, **kwargs)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -193,6 +233,9 @@ class APIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._ca_dir is not None:
+            self._ca_dir.cleanup()
+            self._ca_dir, self.ca_file = None, None
 
     # ------------------------------------------------------------------ faults and request accounting
 
@@ -288,8 +331,16 @@ class APIServer:
 
     # ------------------------------------------------------------------ dispatch
 
+    def _authenticated(self, request: web.Request, path: str) -> bool:
+        if self._expected is None or path in PUBLIC_PATHS:
+            return True
+        given = request.headers.get("Authorization", "").strip().encode()
+        return hmac.compare_digest(given, self._expected)
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
+        if not self._authenticated(request, path):
+            return web.Response(status=401, text=json.dumps(UNAUTHORIZED), content_type="application/json")
         if path.startswith(DEBUG_PREFIX):
             return await self._debug(request, path)
         verb, resource, name = self._classify(request, path)
@@ -966,6 +1017,14 @@ class ServerThread:
     def store(self) -> Store:
         return self.server.store
 
+    @property
+    def token(self) -> str | None:
+        return self.server.token
+
+    @property
+    def ca_file(self) -> str | None:
+        return self.server.ca_file
+
     def stop(self) -> None:
         if not self._loop.is_running():
             return
@@ -986,25 +1045,37 @@ class ServerThread:
         self.stop()
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, faults: FaultConfig | None = None) -> ServerThread:
-    """Start a fresh :class:`APIServer` in a background thread; ``.url``, ``.stop()``.
+def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, faults: FaultConfig | None = None,
+                    token: str | None = None, tls: ServingCert | None = None) -> ServerThread:
+    """Start a fresh :class:`APIServer` in a background thread; ``.url``, ``.token``, ``.stop()``.
 
-    ``faults`` turns on fault injection from the first request (``.set_faults()`` changes it later).
+    ``faults`` turns on fault injection from the first request (``.set_faults()`` changes it later);
+    ``token``: the bearer token every request must carry (None: anonymous requests allowed); ``tls``: serve
+    HTTPS with this certificate.
     """
-    return ServerThread(APIServer(faults), host, port)
+    return ServerThread(APIServer(faults, token=token, tls=tls), host, port)
 
 
 def write_kubeconfig(path: str | Path, url: str, *, namespace: str = "default",
-                     context: str = "perennial-local") -> Path:
-    """Write a kubeconfig pointing at ``url`` (no credentials: the embedded server needs none)."""
+                     context: str = "perennial-local", token: str | None = None, ca_pem: bytes | None = None) -> Path:
+    """Write a kubeconfig pointing at ``url`` with the bearer ``token`` and the server's certificate ``ca_pem``
+    (if any), readable by its owner only."""
+    cluster: dict[str, Any] = {"server": url}
+    if ca_pem:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_pem).decode()
     cfg = {
         "apiVersion": "v1", "kind": "Config", "preferences": {},
-        "clusters": [{"name": context, "cluster": {"server": url}}],
-        "users": [{"name": context, "user": {}}],
+        "clusters": [{"name": context, "cluster": cluster}],
+        "users": [{"name": context, "user": {"token": token} if token else {}}],
         "contexts": [{"name": context, "context": {"cluster": context, "user": context, "namespace": namespace}}],
         "current-context": context,
     }
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # Created 0600 (never world-readable, not even for a moment); an existing file is emptied, made 0600, then
+    # written.
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(yaml.safe_dump(cfg, sort_keys=False))
     return p
