@@ -29,8 +29,16 @@ class Metrics:
         self.shipped = Counter("perennial_sidecar_shipped_segments", "Segments uploaded to the store.", registry=r)
         self.upstream_errors = Counter("perennial_sidecar_upstream_errors", "Engine errors by kind.", ["kind"], registry=r)
         self._req_children: dict[tuple[str, int], Any] = {}
+        self._fb_children: dict[str, Any] = {}
         self.captured_interaction = self.captured.labels("interaction")
         self.captured_feedback = self.captured.labels("feedback")
+
+    def feedback_of(self, type_: str) -> Any:
+        """feedback{type}'s child, cached (five types)."""
+        child = self._fb_children.get(type_)
+        if child is None:
+            child = self._fb_children[type_] = self.feedback.labels(type_)
+        return child
 
     def exposition(self) -> bytes:
         if not self.multiprocess:

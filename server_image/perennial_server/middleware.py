@@ -110,6 +110,12 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if cl == 0:
         return b""
     content = request.content
+    if cl is not None and content.is_eof():
+        # the usual small body: it arrived with the head, nothing to wait for
+        data = content.read_nowait(-1)
+        if len(data) > limit:
+            raise BodyTooLarge
+        return data
     chunks = []
     size = 0
     try:
