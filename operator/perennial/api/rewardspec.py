@@ -120,8 +120,8 @@ class CodeGrader(Model):
 class PythonGrader(Model):
     """User-supplied Python source defining `grade(sample, item) -> float`.
 
-    Runs in a separate process under `limits`, in a scratch directory, with an
-    empty environment: no secrets of the trainer are visible to it.
+    Runs in the sandbox, one fresh process per sample under `limits`, in a scratch directory, with
+    only `PATH`, `HOME`, `TMPDIR` and `LANG` in its environment: no secrets of the trainer are visible to it.
     """
 
     source: str = Field(min_length=1, max_length=65536, description="Python source that defines `def grade(sample, item)`; `sample` has `output_text` (and `prompt`), `item` is the dataset row.")

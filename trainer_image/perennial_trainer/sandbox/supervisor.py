@@ -394,6 +394,9 @@ def main() -> None:
             __import__(m)
         except ImportError:
             pass
+    import gc
+
+    gc.freeze()  # children share these objects copy-on-write; the collector then leaves them alone
     import landlock
 
     lim = cfg["limits"]
