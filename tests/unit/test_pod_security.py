@@ -201,6 +201,8 @@ def _image_env() -> dict[str, str]:
     """The ENV lines of the trainer image that matter here (as the container starts with them)."""
     env: dict[str, str] = {}
     for line in (REPO / "trainer_image" / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
         for token in line.replace("ENV", " ").replace("\\", " ").split():
             if token.startswith("HF_HUB_OFFLINE="):
                 env["HF_HUB_OFFLINE"] = token.split("=", 1)[1]
@@ -360,3 +362,54 @@ def test_helper_processes_get_a_minimal_environment(tmp_path: Path, monkeypatch)
         assert (tmp_path / "curves.png").stat().st_size > 0  # still draws
     finally:
         plotter.cancel()
+
+
+def test_the_rewardspec_controller_never_copies_a_referenced_secret_from_a_pod_into_status():
+    """Defence that does not trust the pod: a termination message carrying the judge key verbatim (a pod that
+    did not redact) reaches status scrubbed, and bounded."""
+    import base64
+
+    from perennial.controllers import rewardspec as rs
+    from perennial.resources.podsecurity import secret_values
+
+    key = "sk-live-0123456789abcdef"
+    spec = {"graders": [JUDGE], "tests": [{"name": "t", "completion": "x", "expect": {"min": "1"}}]}
+    body = {**owner("RewardSpec", "rs"), "spec": spec, "metadata": {**owner("RewardSpec", "rs")["metadata"], "generation": 1}}
+    secret = {"data": {"token": base64.b64encode(key.encode()).decode()}}
+    job = {"metadata": {"name": "rs-validate", "uid": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    leak = json.dumps({"status": "Failed", "message": f"judge said {key}", "results": [
+        {"name": "t", "passed": False, "score": "0", "message": "x" * 2000 + key}, {"name": key, "passed": False, "score": key, "message": key}]})
+    pod = {"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": leak}}}]}}
+    world = rs.World(job, [pod], secret_values(secret, ["token"]))
+    decision = rs.decide(body, world, "trainer:1", "2026-01-01T00:10:00Z")
+    text = json.dumps(decision.status)
+    assert key not in text and "[REDACTED]" in text
+    assert all(len(r["message"]) <= 1024 for r in decision.status["testResults"])
+    # no Secret observed: the same message is copied (so the scrub above is what removed it)
+    assert key in json.dumps(rs.decide(body, rs.World(job, [pod]), "trainer:1", "2026-01-01T00:10:00Z").status)
+
+
+def test_the_trainingrun_controller_scrubs_the_secrets_its_job_was_given():
+    """Every Secret the training Job's pod receives (envFrom credentials, projected judge keys) is known to
+    the controller from the Job itself; what the pod writes back is scrubbed of them."""
+    import base64
+
+    from perennial.controllers import trainingrun as tr
+
+    job, _ = training_job()
+    creds = {"data": {"AWS_SECRET_ACCESS_KEY": base64.b64encode(b"wJalrXUtnFEMI/K7MDENG").decode(), "AWS_ACCESS_KEY_ID": base64.b64encode(b"AKIAIOSFODNN7EX").decode()}}
+    judge = {"data": {"token": base64.b64encode(b"sk-judge-abcdef123").decode(), "unused": base64.b64encode(b"not-given-to-pod").decode()}}
+
+    class Cache:
+        def get(self, api, kind, ns, name):
+            return {"store-creds": creds, "judge-key": judge}.get(name) if kind == "Secret" else None
+
+    secrets = tr.pod_secret_values(Cache(), "team", job)
+    assert set(secrets) == {"wJalrXUtnFEMI/K7MDENG", "AKIAIOSFODNN7EX", "sk-judge-abcdef123"}
+    message = json.dumps({"status": "Failed", "reason": "StorageUnavailable", "message": "denied for AKIAIOSFODNN7EX / wJalrXUtnFEMI/K7MDENG"})
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": message}}}]}}
+    failed_job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}}
+    reason, text = tr.failure(tr.Observed(failed_job, pod, secrets))
+    assert reason == "StorageUnavailable" and "AKIA" not in text and "wJalr" not in text and "[REDACTED]" in text
+    assert "wJalr" in tr.failure(tr.Observed(failed_job, pod))[1]  # the scrub is what removed it

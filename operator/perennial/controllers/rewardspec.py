@@ -18,7 +18,8 @@ from ..api.rewardspec import Grader, RewardSpecSpec, RewardSpecStatus
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
 from ..resources.networkpolicy import EgressSettings
-from ..resources.podsecurity import PodSettings
+from ..resources.podsecurity import PodSettings, scrub, secret_values
+from ..resources.trainingrun import judge_secrets
 from .base import Context, Controller, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -92,6 +93,8 @@ class World:
 
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
+    #: values of the Secret keys the graders reference (judge API keys): never copied into status
+    secrets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,12 +152,15 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: P
     for pod in sorted(world.pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or message
+    # What the pod wrote is untrusted (user code ran there): bounded, and scrubbed of every referenced Secret value.
+    message = scrub(message, world.secrets) if message else message
     result = parse_termination(message) or {}
     results = result.get("results")
     status["validatedGeneration"] = gen
     if isinstance(results, list):
         status["testResults"] = [
-            {"name": str(r.get("name", ""))[:63], "passed": bool(r.get("passed")), "score": str(r.get("score", ""))[:64], "message": str(r.get("message", ""))[:1024]}
+            {"name": scrub(str(r.get("name", "")), world.secrets)[:63], "passed": bool(r.get("passed")),
+             "score": scrub(str(r.get("score", "")), world.secrets)[:64], "message": scrub(str(r.get("message", "")), world.secrets)[:1024]}
             for r in results[:64] if isinstance(r, dict)
         ]
         failed = [r["name"] for r in status["testResults"] if not r["passed"]]
@@ -179,7 +185,9 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
     _, job_name = build.validation_names(obj["metadata"]["name"], spec)
     job = ctx.cache.get("batch/v1", "Job", obj["metadata"]["namespace"], job_name)
     pods = ctx.cache.owned_by("v1", "Pod", job["metadata"]["uid"]) if job else []
-    return World(job, pods)
+    ns = obj["metadata"]["namespace"]
+    secrets = [v for name, key in judge_secrets(spec) for v in secret_values(ctx.cache.get("v1", "Secret", ns, name), [key])]
+    return World(job, pods, secrets)
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:

@@ -29,7 +29,7 @@ from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
 from ..resources import trainingrun as build
 from ..resources.networkpolicy import EgressSettings
-from ..resources.podsecurity import PodSettings
+from ..resources.podsecurity import PodSettings, scrub, secret_values
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -119,14 +119,44 @@ def metrics_list(metrics: dict[str, Any] | None) -> list[dict[str, str]]:
 class Observed:
     job: dict[str, Any] | None
     pod: dict[str, Any] | None
+    #: values of the Secrets the Job's pod was given: never copied from the pod into status or Events
+    secrets: list[str] = field(default_factory=list)
 
     def container(self) -> dict[str, Any]:
         statuses = ((self.pod or {}).get("status") or {}).get("containerStatuses") or []
         return statuses[0] if statuses else {}
 
     def terminated(self) -> dict[str, Any]:
+        """The trainer's final state; its message (written by the pod, where user code ran) scrubbed of secrets."""
         c = self.container()
-        return (c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated") or {}
+        term = (c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated") or {}
+        if self.secrets and term.get("message"):
+            term = {**term, "message": scrub(term["message"], self.secrets)}
+        return term
+
+
+def pod_secret_values(cache: Any, ns: str, job: dict[str, Any]) -> list[str]:
+    """Values of every Secret key a Job's pod template is given (envFrom, env, secret and projected volumes)."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    out: list[str] = []
+
+    def values(name: str | None, keys: list[str] | None = None) -> None:
+        if name:
+            out.extend(secret_values(cache.get("v1", "Secret", ns, name), keys))
+
+    for c in pod.get("containers") or []:
+        for src in c.get("envFrom") or []:
+            values((src.get("secretRef") or {}).get("name"))
+        for e in c.get("env") or []:
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+            values(ref.get("name"), [ref["key"]] if ref.get("key") else None)
+    for v in pod.get("volumes") or []:
+        if v.get("secret"):
+            values(v["secret"].get("secretName"), [i["key"] for i in v["secret"].get("items") or []] or None)
+        for src in (v.get("projected") or {}).get("sources") or []:
+            if src.get("secret"):
+                values(src["secret"].get("name"), [i["key"] for i in src["secret"].get("items") or []] or None)
+    return out
 
 
 def failure(observed: Observed) -> tuple[str, str]:
@@ -508,6 +538,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     world.job = cache.get("batch/v1", "Job", ns, build.job_name(name))
     if world.job is not None:
+        world.secrets = pod_secret_values(cache, ns, world.job)
         pods = cache.owned_by("v1", "Pod", world.job["metadata"]["uid"])
         if pods:
             world.pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
@@ -522,7 +553,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
             read = phase in ("Succeeded", "Failed")  # the last progress line, once, as the run ends
         if read and world.pod is not None:
             try:
-                world.log = await ctx.kube.pod_log(ns, world.pod["metadata"]["name"], tail_lines=200)
+                world.log = scrub(await ctx.kube.pod_log(ns, world.pod["metadata"]["name"], tail_lines=200), world.secrets)
             except ApiError as exc:
                 if exc.status not in (400, 404):
                     raise

@@ -146,3 +146,45 @@ def projected_secrets(keys: list[tuple[str, str]]) -> dict[str, Any]:
             "sources": [{"secret": {"name": s, "items": [{"key": k, "path": f"{s}/{k}"}]}} for s, k in keys],
         },
     }
+
+
+# ----------------------------------------------------------------------------- what comes back from pods
+
+REDACTED = "[REDACTED]"
+
+
+def secret_values(secret: dict[str, Any] | None, keys: list[str] | None = None) -> list[str]:
+    """The values of a Secret's keys (all keys when `keys` is None), as text."""
+    import base64
+
+    if not secret:
+        return []
+    out: list[str] = []
+    data = secret.get("data") or {}
+    string_data = secret.get("stringData") or {}
+    for k in keys if keys is not None else list(data) + list(string_data):
+        if k in string_data:
+            out.append(str(string_data[k]))
+        elif k in data:
+            try:
+                out.append(base64.b64decode(data[k] or "").decode("utf-8", errors="replace"))
+            except ValueError:
+                continue
+    return [v.strip() for v in out if len(v.strip()) >= 6]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """`text` (from a pod: a termination message, a log line) with every secret value the operator knows for
+    it replaced: the operator never copies a referenced Secret into status or Events, whatever the pod wrote.
+    The trainer redacts too (`perennial_trainer.redact`); this is the check that does not trust the pod."""
+    import base64
+    import json
+
+    if not text or not secrets:
+        return text
+    spellings = set()
+    for v in secrets:
+        spellings |= {v, json.dumps(v)[1:-1], base64.b64encode(v.encode()).decode().rstrip("=")}
+    for s in sorted((s for s in spellings if len(s) >= 6), key=len, reverse=True):
+        text = text.replace(s, REDACTED)
+    return text
