@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -134,6 +135,7 @@ def test_kernel_layers(world):
     """Which layers this kernel provides (printed for the record); the attack tests below expect all."""
     layers = sandbox.layers()
     print(f"\nsandbox layers on this machine: {layers}")
+    warnings.warn(UserWarning(f"sandbox layers this kernel provides: {layers}"))  # in every run's summary
     assert layers["uid"] == UID and layers["subreaper"] and layers["no_new_privs"]
     assert layers["seccomp"], "seccomp (libseccomp + pyseccomp) is missing: network, signal, fork and ptrace attacks are not stopped"
     assert layers["landlock"] >= 6, f"Landlock ABI {layers['landlock']} (< 6): file, TCP and signal scoping are incomplete"
@@ -258,6 +260,10 @@ def add(a, b):
 """
     out = grade_batch(code_grader(), [fenced(code), fenced("def add(a, b):\n    return a + b")], [ADD_TESTS] * 2)
     assert [r.score for r in out] == [15, 35], out
+    for off in (("seccomp",), ("landlock",)):  # each layer alone still protects the same-uid decoy
+        [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(layers_off=off))
+        assert o.exit_code == 0, (off, o)
+        assert os.waitpid(world["decoy"], os.WNOHANG) == (0, 0), f"the decoy was killed with {off} off"
 
 
 def test_network_is_closed(world):
@@ -310,13 +316,28 @@ print(repr(got))
 
 
 def test_ptrace_and_process_memory(world):
+    """ptrace, another process's memory and descriptors: seccomp denies the calls; Landlock alone still
+    denies them for any process outside the sample's domain (EPERM, where an allowed read of a bad
+    address would be EFAULT)."""
     code = f"""
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
-print(libc.ptrace(16, {world['decoy']}, None, None), libc.syscall(310, {world['decoy']}, None, 0, None, 0, 0), libc.syscall(434, {world['decoy']}, 0))
-"""  # PTRACE_ATTACH, process_vm_readv, pidfd_open
-    [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits())
-    assert o.stdout.split() == ["-1", "-1", "-1"], o
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+local, remote = iovec(ctypes.cast(buf, ctypes.c_void_p), 8), iovec(0x1000, 8)
+out = [libc.ptrace(16, {world['decoy']}, None, None), ctypes.get_errno()]
+out += [libc.syscall(310, {world['decoy']}, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0), ctypes.get_errno()]
+fd = libc.syscall(434, {world['decoy']}, 0)  # pidfd_open, then pidfd_getfd of its stdin
+out += [fd, libc.syscall(438, fd, 0, 0) if fd >= 0 else -1]
+print(*out)
+"""
+    for off in ((), ("seccomp",)):
+        [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(layers_off=off))
+        ptrace, ptrace_errno, vm, vm_errno, pidfd, stolen = map(int, o.stdout.split())
+        assert ptrace == -1 and vm == -1 and vm_errno == 1 and stolen == -1, (off, o.stdout)
+        if not off:
+            assert pidfd == -1
 
 
 # ----------------------------------------------------------------------------- resources and escapes
