@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pydantic
+import pytest
+
 from perennial.api.basemodel import BaseModelSpec
 from perennial.api.rewardspec import RewardSpecSpec
 from perennial.controllers.manager import status_patch
@@ -48,7 +51,12 @@ def test_rewardspec_static_problems():
     assert spec_problems(_rs(type="Python", python={"source": "def grade(sample, item):\n    return 1.0"})) == []
     assert "not a valid JSON Schema" in spec_problems(_rs(type="JSONSchema", jsonSchema={"schema": {"type": "nope"}}))[0]
     assert "must not all be 0" in spec_problems(_rs(type="Regex", weight="0", regex={"pattern": "a"}))[0]
-    assert "minScore" in spec_problems(_rs(type="LLMJudge", llmJudge={"endpoint": "http://j/v1", "model": "m", "rubric": "r", "minScore": 5, "maxScore": 5}))[0]
+    judge = {"endpoint": "http://j/v1", "model": "m", "rubric": "r", "minScore": 5, "maxScore": 5}
+    with pytest.raises(pydantic.ValidationError, match="`minScore` must be less than `maxScore`"):
+        _rs(type="LLMJudge", llmJudge=judge)  # the schema refuses it (CEL in the CRD); the controller's check stays
+    bad = _rs(type="LLMJudge", llmJudge={**judge, "maxScore": 6})
+    bad.graders[0].llm_judge.max_score = 5  # as if it came past the schema
+    assert "minScore" in spec_problems(bad)[0]
 
 
 def test_child_names_are_bounded_and_deterministic():

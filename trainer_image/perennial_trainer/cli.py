@@ -61,22 +61,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_reward_spec(path: str):
+    """A RewardSpec (resource or bare spec) validated as the API server validates it (the CRD's schema and CEL
+    rules, same messages); `TrainerError("InvalidRewardSpec")` otherwise."""
+    import pydantic
     import yaml
 
     from perennial.api import RewardSpecSpec
 
     from .errors import TrainerError
 
+    from perennial.api import API_VERSION, RewardSpecResource
+    from perennial.crdgen import crd
+    from perennial.local.validation import Invalid, check_custom_object
+
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise TrainerError(f"cannot read RewardSpec {path}: {e}", "InvalidRewardSpec") from None
-    if isinstance(raw, dict) and "spec" in raw and "graders" not in raw:
-        raw = raw["spec"]
+    if not isinstance(raw, dict):
+        raise TrainerError(f"RewardSpec {path} must be a YAML mapping (a RewardSpec resource or its spec), "
+                           f"not {type(raw).__name__}", "InvalidRewardSpec")
+    # A resource as `kubectl apply` sends it, or its bare spec (named after the file, as the object would be).
+    if "spec" in raw and "graders" not in raw:
+        doc = {"apiVersion": API_VERSION, "kind": "RewardSpec", **raw}
+        doc.setdefault("metadata", {"name": Path(path).stem})
+    else:
+        doc = {"apiVersion": API_VERSION, "kind": "RewardSpec", "metadata": {"name": Path(path).stem}, "spec": raw}
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != "RewardSpec":
+        raise TrainerError(f"{path}: expected apiVersion {API_VERSION!r} and kind 'RewardSpec', got "
+                           f"{doc.get('apiVersion')!r} and {doc.get('kind')!r}", "InvalidRewardSpec")
+    # The API server's own admission (the CRD's OpenAPI schema and CEL rules), with its messages.
     try:
-        return RewardSpecSpec.model_validate(raw)
-    except Exception as e:  # noqa: BLE001
-        raise TrainerError(f"RewardSpec {path} is invalid: {e}", "InvalidRewardSpec") from None
+        obj = check_custom_object(crd(RewardSpecResource), doc)
+    except Invalid as e:
+        raise TrainerError(str(e), "InvalidRewardSpec") from None
+    try:
+        return RewardSpecSpec.model_validate(obj["spec"])
+    except pydantic.ValidationError as e:  # what the schema cannot say (should not happen): still Kubernetes-style
+        raise TrainerError(_kube_style(f'RewardSpec.perennial.ai "{obj["metadata"].get("name", "")}"', e),
+                           "InvalidRewardSpec") from None
+
+
+def _kube_style(what: str, err) -> str:
+    """A pydantic ValidationError as kube-apiserver words a 422: `<what> is invalid: spec.a[0].b: Invalid value: ...`."""
+    msgs = []
+    for e in err.errors():
+        path = "spec"
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        msg = e["msg"].removeprefix("Value error, ")
+        msgs.append(f"{path}: Invalid value: {json.dumps(e.get('input'), default=str)[:80]}: {msg}")
+    return f"{what} is invalid: " + (msgs[0] if len(msgs) == 1 else "[" + ", ".join(msgs) + "]")
 
 
 def cmd_grade(a) -> int:

@@ -10,8 +10,9 @@ logs ``rewards/<name>/mean``) plus their weights (TRL's ``reward_weights``); `to
 `score_all` give the weighted sum. Completions may be strings or chat lists
 (``[{"role": "assistant", "content": ...}]``); every dataset column arrives as `item`.
 
-A grader that fails (exception, timeout, memory or CPU limit, unparsable judge answer)
-scores its `failureScore` and the reason is logged; it never raises into the trainer.
+A grader that fails (exception, timeout, memory or CPU limit, unparsable judge answer, a result
+that is not a finite number within the grader's declared range, `score_range`) scores its
+`failureScore` and the reason is logged; it never raises into the trainer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import time
@@ -196,6 +198,7 @@ def _similarity(g: Grader, sample: dict, item: dict) -> GradeResult:
         import sacrebleu
 
         sim = sacrebleu.sentence_bleu(out, [ref]).score / 100.0
+    sim = min(1.0, max(0.0, float(sim)))  # BLEU/100 of identical texts is 1.0000000000000002
     if c.threshold is not None:
         ok = sim >= float(c.threshold)
         return GradeResult(1.0 if ok else 0.0, f"{c.metric}={sim:.3f} {'>=' if ok else '<'} {c.threshold}")
@@ -203,17 +206,17 @@ def _similarity(g: Grader, sample: dict, item: dict) -> GradeResult:
 
 
 def _human_feedback(g: Grader, sample: dict, item: dict) -> GradeResult:
+    """A rating is a number in [0, 1] or a thumb ("up" = 1, "down" = 0); anything else (a numeric string,
+    a bool, a number outside [0, 1], NaN) is no rating: `missingScore`."""
     c = g.config()
     v = _lookup(item, c.field)
     if v is None:
         return GradeResult(_f(c.missing_score), "no rating")
-    if isinstance(v, str):
-        v = {"up": 1.0, "down": 0.0}.get(v.lower(), v)
-    try:
-        v = max(0.0, min(1.0, float(v)))
-    except (TypeError, ValueError):
-        return GradeResult(_f(c.missing_score), f"unreadable rating {v!r}")
-    return GradeResult(v, "human rating")
+    if isinstance(v, str) and v.strip().lower() in ("up", "down"):
+        return GradeResult(1.0 if v.strip().lower() == "up" else 0.0, f"human rating {v.strip().lower()}")
+    if _is_number(v) and 0.0 <= float(v) <= 1.0:
+        return GradeResult(float(v), "human rating")
+    return GradeResult(_f(c.missing_score), f"unreadable rating {_short(v)}: a rating is a number in [0, 1], \"up\" or \"down\"")
 
 
 # --------------------------------------------------------------------- batched (sandbox, judge)
@@ -469,7 +472,47 @@ _BATCH = {"Code": _code_batch, "Python": _python_batch, "LLMJudge": _judge_batch
 
 def _failure(g: Grader, why: str) -> GradeResult:
     log.warning("grader %r failed, scoring its failureScore %s: %s", g.name, g.failure_score, why)
-    return GradeResult(_f(g.failure_score), f"grader failed: {why}"[:500], failed=True)
+    score = _f(g.failure_score)
+    if not math.isfinite(score):  # the schema bounds it; a spec built without validation must not get inf through
+        raise ValueError(f"grader {g.name!r}: `failureScore` {g.failure_score!r} is not a finite number")
+    return GradeResult(score, f"grader failed: {why}"[:500], failed=True)
+
+
+def _is_number(v: Any) -> bool:
+    """A real number: int or float (numpy scalars included), never a bool, a string or NaN/inf."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def score_range(g: Grader) -> tuple[float, float]:
+    """The declared range of a grader's scores (README "Graders"): [0, 1] for every type but `Code`, whose
+    range is [0, formatPoints + compilePoints + testPoints]. `failureScore` may lie outside (a penalty)."""
+    if g.type == "Code":
+        c = g.config()
+        return 0.0, _f(c.format_points) + _f(c.compile_points) + _f(c.test_points)
+    return 0.0, 1.0
+
+
+def _checked(g: Grader, r: Any, lo: float, hi: float) -> GradeResult:
+    """Accept `r` only as a GradeResult whose score is a finite number within [lo, hi]; anything else
+    scores the grader's failureScore (whatever the implementation, or code it ran, returned)."""
+    if not isinstance(r, GradeResult):
+        return _failure(g, f"grader returned {type(r).__name__}, not a result")
+    if r.failed:
+        return r
+    v = r.score
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return _failure(g, f"score {_short(v)} is not a number (a {type(v).__name__})")
+    v = float(v)
+    if not math.isfinite(v):
+        return _failure(g, f"score {v} is not finite")
+    if not lo <= v <= hi:
+        return _failure(g, f"score {v:g} is outside the grader's range [{lo:g}, {hi:g}]")
+    return GradeResult(v, r.reason, False)
 
 
 # ------------------------------------------------------------------------- public API
@@ -481,15 +524,19 @@ def grade_batch(g: Grader, samples: Sequence[Any], items: Sequence[dict] | None 
     prompts = prompts or [None] * len(samples)
     ss = [as_sample(s, p) for s, p in zip(samples, prompts)]
     try:
+        lo, hi = score_range(g)
         if g.type in _BATCH:
-            return _BATCH[g.type](g, ss, items)
-        out = []
-        for s, it in zip(ss, items):
-            try:
-                out.append(_SINGLE[g.type](g, s, it))
-            except Exception as e:  # noqa: BLE001
-                out.append(_failure(g, f"{e.__class__.__name__}: {e}"))
-        return out
+            out = list(_BATCH[g.type](g, ss, items))
+            if len(out) != len(ss):
+                return [_failure(g, f"the grader returned {len(out)} results for {len(ss)} samples") for _ in ss]
+        else:
+            out = []
+            for s, it in zip(ss, items):
+                try:
+                    out.append(_SINGLE[g.type](g, s, it))
+                except Exception as e:  # noqa: BLE001
+                    out.append(_failure(g, f"{e.__class__.__name__}: {e}"))
+        return [_checked(g, r, lo, hi) for r in out]
     except Exception as e:  # noqa: BLE001 - a grader never kills the trainer
         return [_failure(g, f"{e.__class__.__name__}: {e}") for _ in ss]
 
@@ -507,13 +554,19 @@ class Scored:
 
 
 def score_all(spec: RewardSpecSpec, samples: Sequence[Any], items: Sequence[dict] | None = None, prompts: Sequence[Any] | None = None) -> list[Scored]:
-    """Every grader on every sample; `total` is the weighted sum."""
+    """Every grader on every sample; `total` is the weighted sum (finite: the schema bounds weights, points and
+    failure scores; a spec that escaped validation raises ValueError rather than return inf or NaN)."""
     items = list(items or [{}] * len(samples))
     per = {g.name: grade_batch(g, samples, items, prompts) for g in spec.graders}
     out = []
     for i in range(len(samples)):
         scores = {n: r[i].score for n, r in per.items()}
-        total = sum(float(g.weight) * scores[g.name] for g in spec.graders)
+        try:
+            total = math.fsum(float(g.weight) * scores[g.name] for g in spec.graders)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total):
+            raise ValueError(f"the weighted total of {scores} is not finite: weights and scores must be bounded")
         out.append(Scored(total, scores, {n: r[i].reason for n, r in per.items()}))
     return out
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import math
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
 from .common import (
+    DECIMAL,
     CommonStatus,
     Decimal,
     KindInfo,
@@ -35,6 +37,30 @@ GRADER_FIELDS: dict[str, str] = {
     "LLMJudge": "llmJudge",
     "HumanFeedback": "humanFeedback",
 }
+
+def _bounded(lo: float, hi: float, lo_text: str, hi_text: str) -> Any:
+    """A decimal string within [lo, hi]: checked by pydantic and, in the CRD, by the same rule in CEL, so
+    weighted sums of scores stay finite (float("1e400") is inf)."""
+    message = f"must be between {lo_text} and {hi_text}"
+
+    def check(v: str) -> str:
+        x = float(v)
+        if not (math.isfinite(x) and lo <= x <= hi):
+            raise ValueError(message)
+        return v
+
+    # A string that is not a decimal is reported by `pattern` alone (CEL still runs after a pattern error).
+    rule = cel(f"!self.matches(r'{DECIMAL}') || (double(self) >= {lo!r} && double(self) <= {hi!r})", message)
+    return Annotated[str, Field(max_length=32, pattern=DECIMAL, json_schema_extra=validations(rule)),
+                     AfterValidator(check)]
+
+
+# Score bounds (README "Graders"): a weight or failure score in [-1e6, 1e6], Code points in [0, 1e6], values
+# on the [0, 1] scale of the other graders in [0, 1]. With at most 32 graders, |total| <= 32 * 1e6 * 3e6.
+SCORE_LIMIT = 1_000_000
+Weight = _bounded(-1e6, 1e6, "-1000000", "1000000")
+Points = _bounded(0.0, 1e6, "0", "1000000")
+UnitScore = _bounded(0.0, 1.0, "0", "1")
 
 TEMPLATE_HELP = (
     "May reference fields of the dataset item as `{{item.<field>}}` (e.g. `{{item.answer}}`) "
@@ -73,7 +99,7 @@ class JSONSchemaGrader(Model):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     extract: Literal["Whole", "FirstObject", "FencedBlock"] = Field(default="FirstObject", description="Where the JSON is taken from: the whole text, the first `{...}`/`[...]` value, or a ```json fenced block.")
-    partial_credit: Decimal = Field(default="0", description="Score for valid JSON that fails the schema.")
+    partial_credit: UnitScore = Field(default="0", description="Score for valid JSON that fails the schema, in [0, 1].")
 
 
 class StringCheckGrader(Model):
@@ -90,7 +116,7 @@ class SimilarityGrader(Model):
 
     metric: Literal["FuzzyRatio", "TokenSetRatio", "RougeL", "BLEU"] = Field(default="FuzzyRatio", description="`FuzzyRatio`/`TokenSetRatio` (rapidfuzz), `RougeL` (rouge-score F1), `BLEU` (sacrebleu, scaled to [0,1]).")
     reference: str = Field(max_length=65536, description="Reference text. " + TEMPLATE_HELP)
-    threshold: Decimal | None = Field(default=None, description="If set, the score is 1 when similarity >= threshold, else 0.")
+    threshold: UnitScore | None = Field(default=None, description="If set (in [0, 1]), the score is 1 when similarity >= threshold, else 0.")
 
 
 class CodeGrader(Model):
@@ -109,9 +135,9 @@ class CodeGrader(Model):
 
     language: Literal["Python"] = Field(default="Python", description="Language of the code.")
     extract: Literal["FencedBlock", "Whole"] = Field(default="FencedBlock", description="`FencedBlock`: the first ```python block (formatting is correct when one exists); `Whole`: the whole completion.")
-    format_points: Decimal = Field(default="5", description="Points when the code is formatted as required.")
-    compile_points: Decimal = Field(default="10", description="Points added when it compiles.")
-    test_points: Decimal = Field(default="20", description="Points added when every unit test passes.")
+    format_points: Points = Field(default="5", description="Points when the code is formatted as required (0 to 1000000).")
+    compile_points: Points = Field(default="10", description="Points added when it compiles (0 to 1000000).")
+    test_points: Points = Field(default="20", description="Points added when every unit test passes (0 to 1000000).")
     tests_field: str = Field(default="tests", max_length=128, description="Item field holding assert-style unit tests (Python source, or a list of sources), run after the code in the same process and namespace. Weak against reward hacking: code that inspects or patches its own interpreter can fake a pass (an object equal to everything passes `assert f(x) == y`); prefer `ioTestsField`.")
     io_tests_field: str = Field(default="io_tests", max_length=128, description="Item field holding I/O tests: a list of `{input, output}` objects. The code runs as a script, once per case in a fresh process, with `input` on stdin; the case passes when it exits 0 and its stdout equals `output` (trailing whitespace of each line and trailing blank lines ignored). Expected outputs never enter the sandbox and are compared by the trainer.")
     limits: SandboxLimits = Field(default_factory=SandboxLimits, description="Sandbox limits for compiling and testing.")
@@ -124,7 +150,7 @@ class PythonGrader(Model):
     only `PATH`, `HOME`, `TMPDIR` and `LANG` in its environment: no secrets of the trainer are visible to it.
     """
 
-    source: str = Field(min_length=1, max_length=65536, description="Python source that defines `def grade(sample, item)`; `sample` has `output_text` (and `prompt`), `item` is the dataset row.")
+    source: str = Field(min_length=1, max_length=65536, description="Python source that defines `def grade(sample, item)` returning a number in [0, 1] (anything else scores `failureScore`); `sample` has `output_text` (and `prompt`), `item` is the dataset row.")
     limits: SandboxLimits = Field(default_factory=SandboxLimits, description="Sandbox limits.")
 
 
@@ -141,12 +167,21 @@ class LLMJudgeGrader(Model):
     max_retries: int = Field(default=3, ge=0, le=10, description="Retries on errors or unparsable answers.")
     temperature: Decimal = Field(default="0", description="Sampling temperature of the judge.")
 
+    model_config = Model.model_config | {"json_schema_extra": validations(
+        cel("self.minScore < self.maxScore", "`minScore` must be less than `maxScore`", field_path=".minScore"))}
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "LLMJudgeGrader":
+        if self.min_score >= self.max_score:
+            raise ValueError("`minScore` must be less than `maxScore`")
+        return self
+
 
 class HumanFeedbackGrader(Model):
     """Uses the human rating recorded with a feedback sample (thumbs up = 1, down = 0, score clamped to [0, 1])."""
 
     field: str = Field(default="feedback_score", max_length=128, description="Item field holding the rating.")
-    missing_score: Decimal = Field(default="0.5", description="Score when the item has no rating.")
+    missing_score: UnitScore = Field(default="0.5", description="Score when the item has no usable rating, in [0, 1].")
 
 
 _grader_rules = [
@@ -160,8 +195,8 @@ class Grader(Model):
 
     name: Name = Field(description="Grader name, unique in the RewardSpec; metrics are reported per grader as `rewards/<name>`.")
     type: GraderType = Field(description="Grader type.")
-    weight: Decimal = Field(default="1", description="Weight of this grader in the total (a weighted sum).")
-    failure_score: Decimal = Field(default="0", description="Score when the grader itself fails (timeout, crash, memory limit, unparsable judge answer).")
+    weight: Weight = Field(default="1", description="Weight of this grader in the total (a weighted sum), from -1000000 to 1000000.")
+    failure_score: Weight = Field(default="0", description="Score when the grader itself fails (timeout, crash, memory limit, unparsable judge answer, a result that is not a number in the grader's range), from -1000000 to 1000000; may lie outside the range (a penalty).")
     regex: RegexGrader | None = None
     json_schema: JSONSchemaGrader | None = Field(default=None, alias="jsonSchema")
     string_check: StringCheckGrader | None = None

@@ -496,23 +496,12 @@ class Store:
         """Prune, default and validate a custom object against its schema."""
         if rt.schema is None:
             return obj
-        schema = rt.schema
-        unknown = validation.unknown_fields(schema, obj, root=True)
+        obj, unknown, errors = validation.admit(rt.schema, obj, validation._MISSING if old is None else old)
         if unknown and strict:
-            raise APIError(400, "BadRequest",
-                           f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
-                           f"strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown))
+            raise APIError(400, "BadRequest", validation.strict_decoding_message(rt.kind, rt.version, unknown))
         if unknown and warnings is not None:
             warnings.extend(f'unknown field "{u}"' for u in unknown)
-        obj = validation.prune(schema, copy.deepcopy(obj), root=True)
-        obj = validation.apply_defaults(schema, obj)
-        errors = validation.validate(schema, obj, validation._MISSING if old is None else old)
         name = obj["metadata"].get("name", "")
-        meta_schema = (schema.get("properties") or {}).get("metadata")
-        if meta_schema:
-            errors = [e for e in errors if not e.field.startswith("metadata")] + validation.validate(
-                {"type": "object", "properties": {"metadata": meta_schema}}, {"metadata": obj["metadata"]},
-                root=False)
         if errors:
             raise self._invalid(rt, name, errors)
         return obj

@@ -479,6 +479,56 @@ def _check_format(fmt: str, value: str) -> bool:
     return pattern is None or bool(pattern.match(value))
 
 
+def admit(schema: dict, obj: dict, old: Any = _MISSING) -> tuple[dict, list[str], list[FieldError]]:
+    """What kube-apiserver does to a custom object before it stores it: (the object pruned and defaulted, the
+    fields pruning dropped, the validation errors — OpenAPI schema and CEL rules). Used by the embedded API
+    server and, offline, by `perennial-trainer grade` (same rules, same messages)."""
+    unknown = unknown_fields(schema, obj, root=True)
+    obj = prune(schema, copy.deepcopy(obj), root=True)
+    obj = apply_defaults(schema, obj)
+    errors = validate(schema, obj, old)
+    meta_schema = (schema.get("properties") or {}).get("metadata")
+    if meta_schema:
+        errors = [e for e in errors if not e.field.startswith("metadata")] + validate(
+            {"type": "object", "properties": {"metadata": meta_schema}}, {"metadata": obj.get("metadata")},
+            root=False)
+    return obj, unknown, errors
+
+
+def strict_decoding_message(kind: str, version: str, unknown: list[str]) -> str:
+    """kube-apiserver's 400 for unknown fields under ``fieldValidation=Strict`` (kubectl's default)."""
+    return (f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: '
+            + ", ".join(f'unknown field "{u}"' for u in unknown))
+
+
+class Invalid(ValueError):
+    """A custom object the API server would refuse: ``code`` 422 (Invalid) or 400 (strict decoding)."""
+
+    def __init__(self, message: str, code: int, errors: list[FieldError]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.errors = errors
+
+
+def check_custom_object(crd: dict, doc: dict, *, strict: bool = True) -> dict:
+    """Admit ``doc`` offline as kube-apiserver would admit it as an object of ``crd`` (its served version's
+    schema, CEL rules included; ``strict``: unknown fields are errors, as under kubectl's default
+    ``--validate=strict``). Returns the pruned, defaulted object; raises :class:`Invalid` with the API
+    server's message."""
+    names = crd["spec"]["names"]
+    kind_group = f"{names['kind']}.{crd['spec']['group']}"
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage", True))
+    schema = version["schema"]["openAPIV3Schema"]
+    name = str(((doc.get("metadata") or {}) if isinstance(doc.get("metadata"), dict) else {}).get("name", ""))
+    obj, unknown, errors = admit(schema, doc)
+    if unknown and strict:
+        raise Invalid(strict_decoding_message(names["kind"], version["name"], unknown), 400, [])
+    errors += [e for e in validate_metadata(obj) if e.field != "metadata.namespace"]
+    if errors:
+        raise Invalid(invalid_message(kind_group, name, errors), 422, errors)
+    return obj
+
+
 def invalid_message(kind_group: str, name: str, errors: list[FieldError]) -> str:
     """``TrainingRun.perennial.ai "foo" is invalid: spec.x: ...`` (bracketed when several)."""
     msgs = [e.message for e in errors]
