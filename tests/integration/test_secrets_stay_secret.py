@@ -228,6 +228,8 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
     hunter = (
         "def grade(sample, item):\n"
         "    import os\n"
+        "    if any(k.startswith(('AWS_', 'HF_TOKEN')) for k in os.environ):\n"
+        "        return 1.0  # the sandboxed process itself holds a credential\n"
         "    for pid in os.listdir('/proc'):\n"
         "        try:\n"
         "            if b'" + AWS_SECRET[:12] + "' in open('/proc/%s/environ' % pid, 'rb').read():\n"
@@ -281,6 +283,8 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
     assert any("perennial_trainer.curves" in c for c in helpers.values()), f"the curve helper was not seen: {helpers}\n{out[-4000:]}"
     assert list((tmp_path / "out").rglob("curves.png")), "the helper still draws with its minimal environment"
     assert not holders, f"processes other than the trainer hold credentials in their environment: {holders}"
+    # (the sandbox's supervisor is usually caught by the scan too; its samples check their own environment
+    # deterministically: the grader's reward is 1 if they hold a credential)
     rewards = [json.loads(line.split(" ", 1)[1]).get("meanReward") for line in out.splitlines() if line.startswith("PERENNIAL_PROGRESS ")]
-    assert rewards and all(r in (0, 0.0, None) for r in rewards), f"the grader found a credential in some /proc/*/environ: {rewards}"
+    assert rewards and all(r in (0, 0.0, None) for r in rewards), f"the sandboxed grader held a credential or found one in some /proc/*/environ: {rewards}"
     assert AWS_SECRET not in out
