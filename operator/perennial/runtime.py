@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
     """kopf's credentials from the same configuration our own client uses (kubeconfig, in-cluster or a URL)."""
-    token = cfg.get_api_key_with_prefix("authorization") or None
+    # The kubernetes client keeps a kubeconfig's or the service account's token under `BearerToken`.
+    token = cfg.get_api_key_with_prefix("BearerToken", alias="authorization") or None
     scheme = None
     if token and " " in token:
         scheme, token = token.split(" ", 1)

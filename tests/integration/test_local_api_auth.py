@@ -230,3 +230,23 @@ def test_perennial_dev_binds_api_and_metrics_to_host_and_requires_the_token(tmp_
             raise AssertionError("perennial dev did not stop on SIGINT")
         log.close()
     assert proc.returncode == 0, (tmp_path / "dev.log").read_text()[-2000:]
+
+
+async def test_the_operator_authenticates_from_the_kubeconfig(control_plane):
+    """`perennial run --kubeconfig .perennial/kubeconfig` (README): kopf's login and the operator's own client take
+    the kubeconfig's token (the kubernetes client keeps it under `BearerToken`, as for in-cluster config)."""
+    from perennial.kube.aio import AsyncKube, configuration
+    from perennial.runtime import connection_info
+
+    server, kubeconfig, kube = control_plane
+    kube.apply(SECRET)
+    cfg = configuration(kubeconfig=str(kubeconfig))
+    info = connection_info(cfg)
+    assert (info.scheme, info.token) == ("Bearer", _token(kubeconfig))
+    assert info.ca_path and not info.insecure
+    client = AsyncKube(cfg)
+    try:
+        secret = await client.request("GET", "/api/v1/namespaces/default/secrets/judge-key")
+        assert secret["metadata"]["name"] == "judge-key"
+    finally:
+        await client.close()

@@ -70,7 +70,7 @@ class AsyncKube:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        token = self.configuration.get_api_key_with_prefix("authorization")
+        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")  # kubeconfig, in-cluster: BearerToken
         if token:
             headers["Authorization"] = token
         elif self.configuration.username:
