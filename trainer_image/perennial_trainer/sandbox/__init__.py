@@ -22,6 +22,7 @@ logged once (and `requireLandlock` refuses to grade).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -174,13 +175,90 @@ def layers() -> dict:
     return dict(_layers or {}, uid=sandbox_uid()[0] if os.geteuid() == 0 else os.geteuid())
 
 
+class _Supervisor:
+    """One long-lived supervisor process (per limits configuration), serving batch after batch."""
+
+    def __init__(self, cfg: dict):
+        self.errf = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-B", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.errf, env={}, cwd="/", close_fds=True, start_new_session=True,
+        )
+        self.buf = b""
+        self.lock = threading.Lock()
+        self.owner = os.getpid()  # a forked copy of the trainer must not use (or kill) its parent's supervisors
+        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> str:
+        if self.owner != os.getpid():
+            return ""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.errf.seek(0, os.SEEK_END)
+        self.errf.seek(max(0, self.errf.tell() - 2000))
+        err = self.errf.read().decode(errors="replace").strip()
+        self.errf.close()
+        return err
+
+
+_pool: dict[str, _Supervisor] = {}
+_pool_lock = threading.Lock()
+_POOL_MAX = 4
+
+
+def _supervisor(cfg: dict) -> _Supervisor:
+    key = json.dumps(cfg, sort_keys=True)
+    with _pool_lock:
+        sup = _pool.get(key)
+        if sup is not None and (sup.owner != os.getpid() or not sup.alive()):
+            sup.close()
+            sup = None
+        if sup is None:
+            while len(_pool) >= _POOL_MAX:
+                _pool.pop(next(iter(_pool))).close()
+            sup = _pool[key] = _Supervisor(cfg)
+        return sup
+
+
+def _drop(sup: _Supervisor) -> str:
+    with _pool_lock:
+        for k, v in list(_pool.items()):
+            if v is sup:
+                del _pool[k]
+    return sup.close()
+
+
+def close_all() -> None:
+    """Stop the supervisors (they also die with the trainer)."""
+    with _pool_lock:
+        sups = list(_pool.values())
+        _pool.clear()
+    for sup in sups:
+        sup.close()
+
+
+atexit.register(close_all)
+
+
 def run(jobs: list[Job], limits: Limits, *, parallel: int | None = None) -> list[Outcome]:
     """Run every job in its own confined process; one `Outcome` per job, in order. Never raises for
-    anything the jobs do; a supervisor that fails gives error outcomes."""
+    anything the jobs do; a supervisor that fails gives error outcomes (and is replaced next time)."""
     _protect_parent()
     parallel = parallel or max(1, min(8, len(os.sched_getaffinity(0))))
     uid, gid = sandbox_uid()
-    root = os.geteuid() == 0
     cfg = {
         "parent": os.getpid(), "sys_path": _sys_path(), "parallel": parallel, "uid": uid, "gid": gid,
         "scratch_root": tempfile.gettempdir(), "require_landlock": limits.require_landlock,
@@ -188,53 +266,47 @@ def run(jobs: list[Job], limits: Limits, *, parallel: int | None = None) -> list
         "limits": {"timeout_s": limits.timeout_s, "memory_mib": limits.memory_mib, "cpu_s": limits.cpu_s,
                    "processes": limits.processes, "file_size_mib": limits.file_size_mib, "scratch_mib": limits.scratch_mib},
     }
-    lines = [json.dumps(cfg)]
-    for i, j in enumerate(jobs):
-        lines.append(json.dumps({"id": i, "kind": j.kind, "code": j.code, "tests": j.tests, "stdin": j.stdin,
-                                 "sample": j.sample, "item": j.item}))
-    payload = ("\n".join(lines) + "\n").encode()
+    lines = [json.dumps({"id": i, "kind": j.kind, "code": j.code, "tests": j.tests, "stdin": j.stdin,
+                         "sample": j.sample, "item": j.item}) for i, j in enumerate(jobs)]
+    payload = ("\n".join(lines + [json.dumps({"end": True})]) + "\n").encode()
     outcomes: list[Outcome | None] = [None] * len(jobs)
-    errf = tempfile.TemporaryFile()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=errf, env={}, cwd="/", close_fds=True, start_new_session=True,
-        )
-    except OSError as e:
-        errf.close()
-        return [Outcome(error=f"sandbox failed to start: {e}") for _ in jobs]
-    writer = threading.Thread(target=_feed, args=(proc, payload), daemon=True)
-    writer.start()
     waves = math.ceil(len(jobs) / parallel) if jobs else 0
-    deadline = time.monotonic() + 30 + waves * (limits.timeout_s + 3)
-    try:
-        for msg in _lines(proc, deadline):
-            if "layers" in msg:
-                _note_layers(msg["layers"])
-                continue
-            i = msg.get("id")
-            if not isinstance(i, int) or not 0 <= i < len(jobs) or outcomes[i] is not None:
-                continue
-            if "refused" in msg:
-                outcomes[i] = Outcome(refused=str(msg["refused"]))
-                continue
-            known = {k: msg[k] for k in Outcome.__dataclass_fields__ if k in msg and k != "extra"}
-            outcomes[i] = Outcome(**known)
-    finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        proc.wait()
-        writer.join(timeout=5)
-        errf.seek(0, os.SEEK_END)
-        errf.seek(max(0, errf.tell() - 2000))
-        err = errf.read().decode(errors="replace").strip()
-        errf.close()
+    why = ""
+    for attempt in range(2):  # a supervisor found dead (its starting thread ended: PDEATHSIG) is replaced once
+        try:
+            sup = _supervisor(cfg)
+        except OSError as e:
+            return [Outcome(error=f"sandbox failed to start: {e}") for _ in jobs]
+        with sup.lock:
+            writer = threading.Thread(target=_feed, args=(sup.proc, payload), daemon=True)
+            writer.start()
+            deadline = time.monotonic() + 30 + waves * (limits.timeout_s + 3)
+            done, got = False, 0
+            for msg in _lines(sup, deadline):
+                if "layers" in msg:
+                    _note_layers(msg["layers"])
+                    continue
+                if msg.get("done"):
+                    done = True
+                    break
+                i = msg.get("id")
+                if not isinstance(i, int) or not 0 <= i < len(jobs) or outcomes[i] is not None:
+                    continue
+                got += 1
+                if "refused" in msg:
+                    outcomes[i] = Outcome(refused=str(msg["refused"]))
+                    continue
+                known = {k: msg[k] for k in Outcome.__dataclass_fields__ if k in msg and k != "extra"}
+                outcomes[i] = Outcome(**known)
+            writer.join(timeout=5)
+        if done:
+            break
+        err = _drop(sup)
+        why = f"sandbox supervisor ended early (exit {sup.proc.returncode}){': ' + err.splitlines()[-1] if err else ''}"
+        if got:
+            break
     missing = [i for i, o in enumerate(outcomes) if o is None]
     if missing:
-        why = f"sandbox supervisor ended early (exit {proc.returncode}){': ' + err.splitlines()[-1] if err else ''}"
         log.error("%s; %d of %d samples have no result", why, len(missing), len(jobs))
         for i in missing:
             outcomes[i] = Outcome(error=why)
@@ -244,16 +316,23 @@ def run(jobs: list[Job], limits: Limits, *, parallel: int | None = None) -> list
 def _feed(proc: subprocess.Popen, payload: bytes) -> None:
     try:
         proc.stdin.write(payload)
-        proc.stdin.close()
+        proc.stdin.flush()
     except (BrokenPipeError, OSError, ValueError):
         pass
 
 
-def _lines(proc: subprocess.Popen, deadline: float):
+def _lines(sup: _Supervisor, deadline: float):
     """JSON messages from the supervisor, each line bounded, until EOF or the deadline."""
-    fd = proc.stdout.fileno()
-    buf = b""
+    fd = sup.proc.stdout.fileno()
     while True:
+        while b"\n" in sup.buf:
+            line, sup.buf = sup.buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                yield msg
         left = deadline - time.monotonic()
         if left <= 0:
             log.error("sandbox supervisor passed its deadline; killing it")
@@ -264,15 +343,7 @@ def _lines(proc: subprocess.Popen, deadline: float):
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict):
-                yield msg
-        if len(buf) > _RESULT_LINE_CAP:
+        sup.buf += chunk
+        if len(sup.buf) > _RESULT_LINE_CAP:
             log.error("sandbox supervisor wrote an over-long line; killing it")
             return

@@ -383,7 +383,6 @@ def _kill_tree(pgid: int, reap, deadline_s: float = 2.0) -> None:
 def main() -> None:
     cfg = json.loads(sys.stdin.buffer.readline())
     sys.path[:0] = cfg["sys_path"]
-    jobs = [json.loads(line) for line in sys.stdin.buffer.read().splitlines() if line.strip()]
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -411,10 +410,6 @@ def main() -> None:
         out.flush()
 
     emit({"layers": layers})
-    if cfg["require_landlock"] and not abi:
-        for j in jobs:
-            emit({"id": j["id"], "refused": "Landlock is required (`limits.requireLandlock`) but this kernel does not provide it"})
-        return
     off = set(cfg.get("layers_off", ()))  # tests and benchmarks turn single layers off to show the others hold
     seccomp_filter = _seccomp_filter(lim["processes"]) if seccomp_ok and "seccomp" not in off else None
     abi = 0 if "landlock" in off else abi
@@ -422,7 +417,6 @@ def main() -> None:
     cfg["landlock_rules"] = _landlock_rules("/nonexistent") if abi else []
     cfg["scratch_rights"] = landlock.WRITE_ALL
     uid = cfg["uid"] if os.geteuid() == 0 else os.geteuid()
-    cfg["nproc"] = (_count_tasks(uid) + lim["processes"] + 8) if lim["processes"] > 1 else _count_tasks(uid) + 16
 
     rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wsig)
@@ -430,8 +424,6 @@ def main() -> None:
     sel = selectors.DefaultSelector()
     sel.register(rsig, selectors.EVENT_READ)
     running: dict[int, _Running] = {}
-    exited: dict[int, int] = {}
-    pending = list(jobs)
     parallel = max(1, cfg["parallel"])
 
     def reap() -> None:
@@ -590,6 +582,32 @@ def main() -> None:
                 res["error"] = str(failed.get("error", ""))[:500]
         emit(res)
 
+    def batches():
+        """Batches of jobs from stdin, each ended by an {"end": true} line, until EOF: the supervisor
+        serves one trainer process for as long as it lives, so its start-up is paid once."""
+        jobs: list = []
+        for line in sys.stdin.buffer:
+            msg = json.loads(line)
+            if msg.get("end"):
+                yield jobs
+                jobs = []
+            else:
+                jobs.append(msg)
+
+    for jobs in batches():
+        if cfg["require_landlock"] and not layers["landlock"]:
+            for j in jobs:
+                emit({"id": j["id"], "refused": "Landlock is required (`limits.requireLandlock`) but this kernel does not provide it"})
+            emit({"done": True})
+            continue
+        tasks = _count_tasks(uid)  # RLIMIT_NPROC counts every task of the uid: the limit sits on top of them
+        cfg["nproc"] = tasks + lim["processes"] + 8 if lim["processes"] > 1 else tasks + 16
+        run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, scratch_bytes, lim)
+        emit({"done": True})
+
+
+def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, scratch_bytes, lim) -> None:
+    pending = list(jobs)
     while pending or running:
         while pending and len(running) < parallel:
             start(pending.pop(0))
