@@ -111,6 +111,8 @@ def test_anonymous_and_wrong_token_requests_get_401_status_json(control_plane):
     _assert_unauthorized(*_get(server.url + "/api/v1/secrets", headers={"Authorization": "Basic YWRtaW46YWRtaW4="}))
     _assert_unauthorized(*_get(server.url + "/api/v1/secrets", headers={"Authorization": "bearer"}))
     _assert_unauthorized(*_get(server.url + f"/api/v1/secrets?access_token={token}"))
+    # Refusals are counted like any other answer (so "no 401 for the operator" below can fail).
+    assert server.count(code=401) >= 4 * 6
     # With the token: the Secret is there.
     code, body = _get(server.url + "/api/v1/namespaces/default/secrets/judge-key", token)
     assert code == 200 and body["metadata"]["name"] == "judge-key"

@@ -339,13 +339,15 @@ class APIServer:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
-        if not self._authenticated(request, path):
-            return web.Response(status=401, text=json.dumps(UNAUTHORIZED), content_type="application/json")
-        if path.startswith(DEBUG_PREFIX):
-            return await self._debug(request, path)
-        verb, resource, name = self._classify(request, path)
+        debug = path.startswith(DEBUG_PREFIX)
+        verb, resource, name = ("", "", None) if debug else self._classify(request, path)
         user_agent = request.headers.get("User-Agent", "")
-        request[ACCOUNT] = (client_of(user_agent, self.requests.clients), verb, resource or path)
+        if not debug:
+            request[ACCOUNT] = (client_of(user_agent, self.requests.clients), verb, resource or path)
+        if not self._authenticated(request, path):  # counted (code 401) like any other answer
+            return web.Response(status=401, text=json.dumps(UNAUTHORIZED), content_type="application/json")
+        if debug:
+            return await self._debug(request, path)
         fault = self.injector.draw(user_agent, verb, "resourceVersion" in request.query) if resource else None
         if fault is not None:
             return await self._inject(request, fault, resource, name)
