@@ -141,3 +141,16 @@ def test_the_grade_command_exits_2_with_the_message(tmp_path):
     assert out.returncode == 2, out
     assert "error: RewardSpec.perennial.ai \"rubric\" is invalid: [spec.graders[0]: Invalid value: \"object\"" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_validation_job_says_why_in_its_termination_message(tmp_path):
+    path = tmp_path / "rubric.yaml"
+    path.write_text(yaml.safe_dump(BAD["infinite-weight"], sort_keys=False))
+    term = tmp_path / "termination-log"
+    out = subprocess.run([sys.executable, "-m", "perennial_trainer", "grade", "--reward-spec", str(path), "--tests",
+                          "--termination-log", str(term)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    result = json.loads(term.read_text())
+    assert result["status"] == "Failed" and result["reason"] == "InvalidRewardSpec"
+    assert result["message"] == ('RewardSpec.perennial.ai "rubric" is invalid: spec.graders[0].weight: Invalid value: '
+                                 '"1e400": must be between -1000000 and 1000000')

@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_grade(a)
         except TrainerError as e:
             print(f"error: {e}", file=sys.stderr)
+            if a.tests:  # the RewardSpec validation Job: say why in the termination message, as `train` does
+                from .progress import write_termination
+
+                write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
             return 2
     if a.command == "train":
         return cmd_train(a, a.train_config or a.config)
