@@ -153,6 +153,11 @@ def test_a_grader_that_reads_a_secret_cannot_publish_it(cluster: Cluster, pod_tm
                          "stringData": {"api-key": JUDGE_KEY}})
     kubelet = FakeKubelet(cluster)
     cluster.create("RewardSpec", "leaky", spec)
+    # A Secret that did not opt in is never sent to an endpoint the RewardSpec's author chose
+    c = cluster.wait_condition("RewardSpec", "leaky", "Ready", "False", "SecretNotAllowed")
+    assert "perennial.ai/llm-judge-key" in c["message"]
+    assert not cluster.kube.list("batch/v1", "Job", "default", "perennial.ai/rewardspec=leaky")
+    cluster.kube.patch("v1", "Secret", "default", "judge", {"metadata": {"labels": {"perennial.ai/llm-judge-key": "true"}}})
     job = wait_for(lambda: next(iter(cluster.kube.list("batch/v1", "Job", "default", "perennial.ai/rewardspec=leaky")), None), message="validation Job")
     pod_spec = job["spec"]["template"]["spec"]
     secret_vol = next(v for v in pod_spec["volumes"] if v["name"] == "grader-secrets")

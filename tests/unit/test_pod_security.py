@@ -413,3 +413,17 @@ def test_the_trainingrun_controller_scrubs_the_secrets_its_job_was_given():
     reason, text = tr.failure(tr.Observed(failed_job, pod, secrets))
     assert reason == "StorageUnavailable" and "AKIA" not in text and "wJalr" not in text and "[REDACTED]" in text
     assert "wJalr" in tr.failure(tr.Observed(failed_job, pod))[1]  # the scrub is what removed it
+
+
+def test_a_judge_key_secret_must_opt_in_before_a_rewardspec_may_send_it_anywhere():
+    from perennial.controllers import rewardspec as rs
+
+    spec = {"graders": [JUDGE], "tests": [{"name": "t", "completion": "x", "expect": {"min": "0"}}]}
+    body = {**owner("RewardSpec", "rs"), "spec": spec, "metadata": {**owner("RewardSpec", "rs")["metadata"], "generation": 1}}
+    refused = rs.decide(body, rs.World(not_allowed=["judge-key"]), "trainer:1", "2026-01-01T00:00:00Z")
+    ready = {c["type"]: c for c in refused.status["conditions"]}["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "SecretNotAllowed" and rs.JUDGE_KEY_LABEL in ready["message"]
+    assert refused.children == []  # no validation Job, no key mounted anywhere
+    allowed = rs.decide(body, rs.World(), "trainer:1", "2026-01-01T00:00:00Z")
+    assert any(c["kind"] == "Job" for c in allowed.children)
+    assert rs.dependencies(body) == [("v1", "Secret", "team", "judge-key")]

@@ -20,10 +20,13 @@ from ..resources import rewardspec as build
 from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings, scrub, secret_values
 from ..resources.trainingrun import judge_secrets
-from .base import Context, Controller, Outcome, first_error, generation
+from .base import Context, Controller, Dependency, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
 from .trainingrun import parse_termination
+
+#: The label a Secret must carry to be used as an LLM-judge key (`llmJudge.apiKeySecretRef`).
+JUDGE_KEY_LABEL = "perennial.ai/llm-judge-key"
 
 KIND = "RewardSpec"
 
@@ -95,6 +98,8 @@ class World:
     pods: list[dict[str, Any]] = field(default_factory=list)
     #: values of the Secret keys the graders reference (judge API keys): never copied into status
     secrets: list[str] = field(default_factory=list)
+    #: names of referenced Secrets that exist but do not opt in to being judge keys (`JUDGE_KEY_LABEL`)
+    not_allowed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +125,14 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: P
     if problems:
         conds = cond.set_condition(conds, "Ready", False, "InvalidGrader", "; ".join(problems), gen)
         status["conditions"] = cond.set_condition(conds, "Validated", False, "InvalidGrader", "tests do not run while the graders are invalid", gen)
+        return Decision(status)
+    if world.not_allowed:
+        # A RewardSpec names the endpoint its judge key is sent to: without the Secret's opt-in, anyone who may
+        # create a RewardSpec could send any Secret of the namespace to an endpoint of their choosing.
+        message = (f"Secret(s) {', '.join(repr(n) for n in world.not_allowed)} of `llmJudge.apiKeySecretRef` must be labelled "
+                   f"`{JUDGE_KEY_LABEL}: \"true\"` to be sent to a judge endpoint")
+        conds = cond.set_condition(conds, "Ready", False, "SecretNotAllowed", message, gen)
+        status["conditions"] = cond.set_condition(conds, "Validated", False, "SecretNotAllowed", "tests do not run while a judge key is not allowed", gen)
         return Decision(status)
     conds = cond.set_condition(conds, "Ready", True, "Valid", f"{len(spec.graders)} grader(s) passed static validation", gen)
     if not spec.tests:
@@ -180,14 +193,19 @@ def observe(obj: dict[str, Any], ctx: Context) -> World:
         spec = RewardSpecSpec.model_validate(obj.get("spec") or {})
     except pydantic.ValidationError:
         return World()
+    ns = obj["metadata"]["namespace"]
+    not_allowed = []
+    for name, _key in judge_secrets(spec):
+        secret = ctx.cache.get("v1", "Secret", ns, name)
+        if secret is not None and ((secret.get("metadata") or {}).get("labels") or {}).get(JUDGE_KEY_LABEL) != "true":
+            not_allowed.append(name)
     if not spec.tests:
-        return World()
+        return World(not_allowed=not_allowed)
     _, job_name = build.validation_names(obj["metadata"]["name"], spec)
     job = ctx.cache.get("batch/v1", "Job", obj["metadata"]["namespace"], job_name)
     pods = ctx.cache.owned_by("v1", "Pod", job["metadata"]["uid"]) if job else []
-    ns = obj["metadata"]["namespace"]
     secrets = [v for name, key in judge_secrets(spec) for v in secret_values(ctx.cache.get("v1", "Secret", ns, name), [key])]
-    return World(job, pods, secrets)
+    return World(job, pods, secrets, not_allowed)
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
@@ -196,4 +214,15 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     return Outcome(decision.status, notes, requeue_after=decision.requeue_after)
 
 
-CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile)
+def dependencies(obj: dict[str, Any]) -> list[Dependency]:
+    """The judge-key Secrets: labelling one (or removing its label) decides whether this RewardSpec is Ready."""
+    ns = obj["metadata"]["namespace"]
+    out: list[Dependency] = []
+    for g in (obj.get("spec") or {}).get("graders") or []:
+        ref = ((g or {}).get("llmJudge") or {}).get("apiKeySecretRef") or {}
+        if ref.get("name"):
+            out.append(("v1", "Secret", ns, ref["name"]))
+    return out
+
+
+CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile, dependencies)
