@@ -292,7 +292,8 @@ def test_redactor_replaces_every_spelling_of_env_and_file_secrets(tmp_path: Path
     (tmp_path / "judge" / "token").write_text("judge-token-123456\n")
     (tmp_path / "gcp.json").write_text(json.dumps({"type": "service_account", "private_key": "-----BEGIN KEY-----abcdefgh"}))
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "PATH": "/usr/local/bin:/usr/bin", "HOME": "/tmp/home",
-           "PERENNIAL_TERMINATION_LOG": "/dev/termination-log", "SHORT": "abc", "MY_SVC_SERVICE_HOST": "10.0.0.12"}
+           "PERENNIAL_TERMINATION_LOG": "/dev/termination-log", "SHORT": "abc", "MY_SVC_SERVICE_HOST": "10.0.0.12",
+           "SSL_CERT_FILE": str(tmp_path / "gcp.json"), "SDK_VERSION": "528.0.0"}
     red = Redactor(known_secrets(env, str(tmp_path)))
     aws = env["AWS_SECRET_ACCESS_KEY"]
     import base64
@@ -303,7 +304,7 @@ def test_redactor_replaces_every_spelling_of_env_and_file_secrets(tmp_path: Path
         out = red.redact(f"before {spelling} after")
         assert spelling not in out and REDACTED in out, spelling
     # what is not secret stays: paths, settings, short values, service addresses
-    kept = "PATH /usr/local/bin:/usr/bin HOME /tmp/home /dev/termination-log abc 10.0.0.12 service_account"
+    kept = f"PATH /usr/local/bin:/usr/bin HOME /tmp/home /dev/termination-log abc 10.0.0.12 service_account {tmp_path}/gcp.json 528.0.0"
     assert red.redact(kept) == kept
 
 
@@ -427,3 +428,19 @@ def test_a_judge_key_secret_must_opt_in_before_a_rewardspec_may_send_it_anywhere
     allowed = rs.decide(body, rs.World(), "trainer:1", "2026-01-01T00:00:00Z")
     assert any(c["kind"] == "Job" for c in allowed.children)
     assert rs.dependencies(body) == [("v1", "Secret", "team", "judge-key")]
+
+
+def test_a_failed_download_reports_without_its_token(tmp_path: Path, monkeypatch):
+    from perennial_trainer import redact
+    from perennial_trainer.download import main
+
+    token = "hf_tokentokentokentoken"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("PERENNIAL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    redact.reset()
+    try:
+        assert main(["--source", f"file://{tmp_path}/{token}/missing", "--dest", str(tmp_path / "d")]) == 1
+    finally:
+        redact.reset()
+    text = (tmp_path / "termination-log").read_text()
+    assert "DownloadFailed" in text and token not in text and "[REDACTED]" in text

@@ -50,6 +50,10 @@ def download(source: str, dest: str, revision: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself: its output leaves the pod as its log (the Hub token must not)
+        from .redact import install_fd_redaction
+
+        install_fd_redaction()
     parser = argparse.ArgumentParser(prog="perennial_trainer.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True)
     parser.add_argument("--dest", required=True)
@@ -58,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         download(args.source, args.dest, args.revision)
     except Exception as exc:  # noqa: BLE001 - reported through the termination message and exit code
-        message = json.dumps({"status": "Failed", "reason": "DownloadFailed", "message": f"{type(exc).__name__}: {exc}"[:3000]})
+        from .redact import redact
+
+        message = json.dumps({"status": "Failed", "reason": "DownloadFailed", "message": redact(f"{type(exc).__name__}: {exc}")[:3000]})
         try:
             Path(os.environ.get("PERENNIAL_TERMINATION_LOG", "/dev/termination-log")).write_text(message)
         except OSError:

@@ -66,6 +66,16 @@ def env_is_safe(name: str) -> bool:
 _SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|private|auth", re.IGNORECASE)
 
 
+_VERSION = re.compile(r"^[0-9][0-9.]*$")
+
+
+def _harmless_value(value: str) -> bool:
+    """Values that cannot be secrets whatever their variable: an existing absolute path (a CA bundle, a config
+    file: its content may be secret, its name is not), a number or version."""
+    v = value.strip()
+    return bool(_VERSION.match(v)) or (v.startswith("/") and not any(c.isspace() for c in v) and os.path.exists(v))
+
+
 def _json_leaves(value: str) -> list[str]:
     """String leaves of a JSON secret under secret-sounding keys (a service-account key's `private_key`,
     `private_key_id`; not its `type` or `token_uri`... which are the same for everyone)."""
@@ -113,7 +123,7 @@ def known_secrets(environ: dict[str, str] | None = None, secrets_dir: str | None
     environ = dict(os.environ if environ is None else environ)
     if secrets_dir is None:
         secrets_dir = environ.get(_SECRET_FILE_DIR_ENV, "/var/run/secrets/perennial")
-    raw = [v for k, v in environ.items() if not env_is_safe(k)]
+    raw = [v for k, v in environ.items() if not env_is_safe(k) and not _harmless_value(v)]
     raw += secret_files(secrets_dir)
     values: list[str] = []
     for v in raw:
