@@ -429,6 +429,14 @@ async def bench(args: argparse.Namespace) -> dict:
                 wait_http(f"http://{HOST}:{hello_port}/health", hello)
                 hl, hrps, he = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
                 res["floor_feedback"] = {"requests_per_s": hrps, "p50_ms": pct(hl, .5) * 1e3, "errors": he}
+                # side by side on a noisy machine: alternate rounds (sidecar feedback, empty endpoint), a ratio per round
+                ratios = []
+                for i in range(args.rounds):
+                    _, frps_i, _ = await load(f"http://{HOST}:{sc_port}/v1/feedback", json.dumps(one).encode(),
+                                              args.clients, args.seconds, headers=auth)
+                    _, hrps_i, _ = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
+                    ratios.append(round(frps_i / max(1.0, hrps_i), 3))
+                res["feedback_vs_floor"] = {"round_ratios": ratios, "ratio": statistics.median(ratios)}
             finally:
                 hello.terminate()
                 hello.wait(10)
@@ -503,6 +511,12 @@ def main() -> None:
     if "floor_feedback" in r:
         f = r["floor_feedback"]
         print(f"aiohttp endpoint, no work  : {f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.2f} ms   (the ceiling for one record per request in one process here)")
+        v = r["feedback_vs_floor"]
+        print(f"feedback vs empty endpoint : 1 record per request / empty aiohttp endpoint, alternating rounds: {v['ratio']:.2f}x {v['round_ratios']}   (target >= 0.8x)")
+    if "floor_json" in r:
+        for kind in ("json", "sse"):
+            x, fl = r[f"engine_{kind}"], r[f"floor_{kind}"]
+            print(f"{N} clients {kind:4s} sidecar vs byte relay    : {x['throughput_ratio'] / max(1e-9, fl['throughput_ratio']):.2f}x of the relay's throughput ratio   (target >= 0.91x, i.e. within 1.1x of the floor)")
     s = r["feedback_spool"]
     print(f"feedback at the spool      : {s['durable_records_per_s']:.0f} durable records/s with {N} concurrent writers, {s['fsyncs']} fsyncs (group commit)")
     print(f"store                      : {r['stored_records_after_shutdown']} records shipped after SIGTERM")

@@ -127,16 +127,21 @@ class GuardedRequestHandler(RequestHandler):
         return not self._force_close and w is not None and not w.done() and not self._messages
 
     def data_received(self, data: bytes) -> None:
+        # the header clock starts with the first byte of a request head; a head that arrives whole
+        # (the usual case) never arms it
+        new_head = False
         if data:
             self._last_active = self._loop.time()
-            if self._guard is None and self.idle():
-                self._arm()  # the first byte of a new request on a kept-alive connection
-            if self._guard is not None:
-                self._head_bytes += len(data)
+            new_head = self._guard is None and self.idle()
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
             self._disarm()  # a head is complete (or was rejected): the handler owns the clock now
+        elif new_head:
+            self._arm()
+            self._head_bytes = len(data)
+        elif self._guard is not None:
+            self._head_bytes += len(data)
 
     # ------------------------------------------------------------ errors
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
