@@ -255,62 +255,106 @@ atexit.register(close_all)
 
 def run(jobs: list[Job], limits: Limits, *, parallel: int | None = None) -> list[Outcome]:
     """Run every job in its own confined process; one `Outcome` per job, in order. Never raises for
-    anything the jobs do; a supervisor that fails gives error outcomes (and is replaced next time)."""
+    anything the jobs do; a supervisor that fails gives error outcomes (and is replaced next time).
+
+    The jobs are shared among `parallel` supervisors (default: one per CPU this process may use, at most
+    8), each running one sample at a time: a supervisor's own work per sample (fork, bookkeeping) is about
+    as much as a small sample's, so one supervisor per core keeps every core busy."""
     _protect_parent()
     parallel = parallel or max(1, min(8, len(os.sched_getaffinity(0))))
     uid, gid = sandbox_uid()
     cfg = {
-        "parent": os.getpid(), "sys_path": _sys_path(), "parallel": parallel, "uid": uid, "gid": gid,
+        "parent": os.getpid(), "sys_path": _sys_path(), "parallel": 1, "uid": uid, "gid": gid,
         "scratch_root": tempfile.gettempdir(), "require_landlock": limits.require_landlock,
         "layers_off": list(limits.layers_off),
         "limits": {"timeout_s": limits.timeout_s, "memory_mib": limits.memory_mib, "cpu_s": limits.cpu_s,
                    "processes": limits.processes, "file_size_mib": limits.file_size_mib, "scratch_mib": limits.scratch_mib},
     }
-    lines = [json.dumps({"id": i, "kind": j.kind, "code": j.code, "tests": j.tests, "stdin": j.stdin,
-                         "sample": j.sample, "item": j.item}) for i, j in enumerate(jobs)]
-    payload = ("\n".join(lines + [json.dumps({"end": True})]) + "\n").encode()
     outcomes: list[Outcome | None] = [None] * len(jobs)
-    waves = math.ceil(len(jobs) / parallel) if jobs else 0
+    n_shards = max(1, min(parallel, len(jobs)))
+    shards = {k: list(range(k, len(jobs), n_shards)) for k in range(n_shards)}
     why = ""
     for attempt in range(2):  # a supervisor found dead (its starting thread ended: PDEATHSIG) is replaced once
-        try:
-            sup = _supervisor(cfg)
-        except OSError as e:
-            return [Outcome(error=f"sandbox failed to start: {e}") for _ in jobs]
-        with sup.lock:
-            writer = threading.Thread(target=_feed, args=(sup.proc, payload), daemon=True)
-            writer.start()
-            deadline = time.monotonic() + 30 + waves * (limits.timeout_s + 3)
-            done, got = False, 0
-            for msg in _lines(sup, deadline):
-                if "layers" in msg:
-                    _note_layers(msg["layers"])
-                    continue
-                if msg.get("done"):
-                    done = True
-                    break
-                i = msg.get("id")
-                if not isinstance(i, int) or not 0 <= i < len(jobs) or outcomes[i] is not None:
-                    continue
-                got += 1
-                if "refused" in msg:
-                    outcomes[i] = Outcome(refused=str(msg["refused"]))
-                    continue
-                known = {k: msg[k] for k in Outcome.__dataclass_fields__ if k in msg and k != "extra"}
-                outcomes[i] = Outcome(**known)
-            writer.join(timeout=5)
-        if done:
+        retry, why = _run_shards(jobs, limits, cfg, shards, outcomes)
+        if not retry:
             break
-        err = _drop(sup)
-        why = f"sandbox supervisor ended early (exit {sup.proc.returncode}){': ' + err.splitlines()[-1] if err else ''}"
-        if got:
-            break
+        shards = retry
     missing = [i for i, o in enumerate(outcomes) if o is None]
     if missing:
         log.error("%s; %d of %d samples have no result", why, len(missing), len(jobs))
         for i in missing:
-            outcomes[i] = Outcome(error=why)
+            outcomes[i] = Outcome(error=why or "sandbox gave no result")
     return outcomes  # type: ignore[return-value]
+
+
+def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
+    """Feed each shard to its supervisor and collect the answers of all of them in one select loop.
+    Returns (the shards to retry: their supervisor died before answering anything, why)."""
+    active: dict[int, tuple[_Supervisor, int, list[int]]] = {}  # stdout fd -> (supervisor, shard, job ids)
+    writers, retry, why = [], {}, ""
+    try:
+        for k, ids in shards.items():
+            try:
+                sup = _supervisor(dict(cfg, shard=k))
+            except OSError as e:
+                return {}, f"sandbox failed to start: {e}"
+            sup.lock.acquire()
+            lines = [json.dumps({"id": i, "kind": jobs[i].kind, "code": jobs[i].code, "tests": jobs[i].tests,
+                                 "stdin": jobs[i].stdin, "sample": jobs[i].sample, "item": jobs[i].item}) for i in ids]
+            payload = ("\n".join(lines + [json.dumps({"end": True})]) + "\n").encode()
+            w = threading.Thread(target=_feed, args=(sup.proc, payload), daemon=True)
+            w.start()
+            writers.append(w)
+            active[sup.proc.stdout.fileno()] = (sup, k, ids)
+        deadline = time.monotonic() + 30 + max((len(ids) for ids in shards.values()), default=0) * (limits.timeout_s + 3)
+        got = {k: 0 for k in shards}
+        while active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "sandbox supervisor passed its deadline"
+                break
+            ready, _, _ = select.select(list(active), [], [], min(left, 1.0))
+            for fd in ready:
+                sup, k, ids = active[fd]
+                chunk = os.read(fd, 1 << 16)
+                finished = not chunk
+                sup.buf += chunk
+                while b"\n" in sup.buf and not finished:
+                    line, sup.buf = sup.buf.split(b"\n", 1)
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    if not isinstance(msg, dict):
+                        continue
+                    if "layers" in msg:
+                        _note_layers(msg["layers"])
+                    elif msg.get("done"):
+                        finished = True
+                    elif isinstance(msg.get("id"), int) and msg["id"] in ids and outcomes[msg["id"]] is None:
+                        got[k] += 1
+                        if "refused" in msg:
+                            outcomes[msg["id"]] = Outcome(refused=str(msg["refused"]))
+                        else:
+                            outcomes[msg["id"]] = Outcome(**{f: msg[f] for f in Outcome.__dataclass_fields__ if f in msg and f != "extra"})
+                if len(sup.buf) > _RESULT_LINE_CAP:
+                    why, chunk = "sandbox supervisor wrote an over-long line", b""
+                if finished:
+                    del active[fd]
+                    sup.lock.release()
+                    if not chunk or any(outcomes[i] is None for i in ids):  # died, or answered only part
+                        err = _drop(sup)
+                        why = why or f"sandbox supervisor ended early (exit {sup.proc.returncode}){': ' + err.splitlines()[-1] if err else ''}"
+                        if not got[k]:
+                            retry[k] = ids
+    finally:
+        for sup, k, ids in active.values():  # past the deadline: these are stuck
+            sup.lock.release()
+            err = _drop(sup)
+            why = why or f"sandbox supervisor failed: {err[-300:]}"
+        for w in writers:
+            w.join(timeout=5)
+    return retry, why
 
 
 def _feed(proc: subprocess.Popen, payload: bytes) -> None:
@@ -319,31 +363,3 @@ def _feed(proc: subprocess.Popen, payload: bytes) -> None:
         proc.stdin.flush()
     except (BrokenPipeError, OSError, ValueError):
         pass
-
-
-def _lines(sup: _Supervisor, deadline: float):
-    """JSON messages from the supervisor, each line bounded, until EOF or the deadline."""
-    fd = sup.proc.stdout.fileno()
-    while True:
-        while b"\n" in sup.buf:
-            line, sup.buf = sup.buf.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict):
-                yield msg
-        left = deadline - time.monotonic()
-        if left <= 0:
-            log.error("sandbox supervisor passed its deadline; killing it")
-            return
-        r, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if not r:
-            continue
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return
-        sup.buf += chunk
-        if len(sup.buf) > _RESULT_LINE_CAP:
-            log.error("sandbox supervisor wrote an over-long line; killing it")
-            return

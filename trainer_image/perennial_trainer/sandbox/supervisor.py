@@ -365,6 +365,7 @@ class _Running:
         self.limit: str | None = None
         self.truncated = False
         self.started = time.monotonic()
+        self.next_scan = self.started + 0.02  # the scratch size is polled at most every 20 ms
 
 
 def _kill_tree(pgid: int, reap, deadline_s: float = 2.0) -> None:
@@ -438,22 +439,31 @@ def main() -> None:
                 running[pid].status = st
 
     def sweep_orphans() -> None:
-        """Kill children of this subreaper that belong to no running sample (reparented escapees)."""
-        try:
-            with open(f"/proc/self/task/{os.getpid()}/children") as f:
-                kids = [int(p) for p in f.read().split()]
-        except OSError:
-            return
-        for pid in kids:
-            if pid in running:
-                continue
+        """Kill children of this subreaper that belong to no running sample (reparented escapees), round
+        after round: killing one reparents its children here, and a killed process stays listed until it
+        is reaped, which happens only after its children were reparented."""
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
             try:
-                if os.getpgid(pid) in running:
+                with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except OSError:
+                return
+            strays = []
+            for pid in kids:
+                if pid in running:
                     continue
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        reap()
+                try:
+                    if os.getpgid(pid) in running:
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    strays.append(pid)
+                except ProcessLookupError:
+                    strays.append(pid)  # a zombie, or one dying: reap it and look again
+            reap()
+            if not strays:
+                return
+            time.sleep(0.0005)
 
     def start(job) -> None:
         scratch = tempfile.mkdtemp(prefix="perennial-sample-", dir=cfg["scratch_root"])
@@ -612,7 +622,7 @@ def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, 
         while pending and len(running) < parallel:
             start(pending.pop(0))
         now = time.monotonic()
-        timeout = min([r.deadline for r in running.values()], default=now + 1) - now
+        timeout = min([min(r.deadline, r.next_scan) for r in running.values()], default=now + 1) - now
         for key, _ in sel.select(max(0.0, min(timeout, 0.1))):
             if key.fd == rsig:
                 try:
@@ -627,8 +637,10 @@ def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, 
             if r.status is None and not r.limit:
                 if now >= r.deadline:
                     r.limit = "wall"
-                elif lim["scratch_mib"] and scratch_bytes(r.scratch) > lim["scratch_mib"] << 20:
-                    r.limit = "scratch"
+                elif now >= r.next_scan:
+                    r.next_scan = now + 0.02
+                    if scratch_bytes(r.scratch) > lim["scratch_mib"] << 20:
+                        r.limit = "scratch"
             if r.status is not None or r.limit:
                 finish(r)
 
