@@ -201,6 +201,16 @@ def test_a_grader_that_reads_a_secret_cannot_publish_it(cluster: Cluster, pod_tm
 # --------------------------------------------------------------------------- processes of a training pod
 
 
+def _readable_by_pod_user(path: str) -> bool:
+    """Whether a uid-1000 process (as a grader or helper of the pod runs) can read `path`."""
+    probe = "import sys\ntry:\n    open(sys.argv[1], 'rb').read()\nexcept OSError:\n    sys.exit(3)\n"
+    if os.geteuid() == 0:
+        cmd = ["setpriv", f"--reuid={POD_UID}", f"--regid={POD_UID}", "--clear-groups", "/usr/bin/python3", "-c", probe, path]
+    else:
+        cmd = [sys.executable, "-c", probe, path]
+    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+
+
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
     todo = [pid]
@@ -254,6 +264,7 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
     proc = subprocess.Popen(pod_command(["train", "--config", str(cfg_path)]), env=env, cwd=str(work),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trainer: int | None = None
+    trainer_environ_readable: bool | None = None
     seen: dict[int, str] = {}
     holders: dict[int, str] = {}
     out_chunks: list[str] = []
@@ -274,6 +285,10 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
                 # image; what it runs next is checked once it has exec()ed
                 trainer = pid if trainer is None else trainer
                 continue
+            if trainer is not None and trainer_environ_readable is None:
+                # once the trainer has started something (its start-up, before any other process of the pod
+                # exists, is the only moment it is dumpable)
+                trainer_environ_readable = _readable_by_pod_user(f"/proc/{trainer}/environ")
             seen[pid] = cmdline
             if AWS_SECRET.encode() in environ or b"AKIAIOSFODNN7EXAMPLE" in environ:
                 holders[pid] = cmdline
@@ -285,6 +300,8 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
     out = "".join(out_chunks)
     assert proc.returncode == 0, out[-3000:]
     helpers = seen
+    # the trainer holds the credentials: non-dumpable from its first moment, so no uid-1000 process reads them
+    assert trainer is not None and trainer_environ_readable is False, "the trainer's /proc/<pid>/environ is readable by uid 1000"
     assert any("perennial_trainer.curves" in c for c in helpers.values()), f"the curve helper was not seen: {helpers}\n{out[-4000:]}"
     assert list((tmp_path / "out").rglob("curves.png")), "the helper still draws with its minimal environment"
     assert not holders, f"processes other than the trainer hold credentials in their environment: {holders}"

@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         # The program itself (not a caller in-process, e.g. tests): everything this process and its children
         # write to stdout/stderr leaves the pod as its log, so it passes through the redactor (`redact.py`).
-        from .redact import install_fd_redaction
+        # It also holds the pod's credentials: no same-uid process may read its environ or memory.
+        from .redact import install_fd_redaction, make_non_dumpable
 
+        make_non_dumpable()
         install_fd_redaction()
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
