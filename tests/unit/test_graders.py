@@ -145,7 +145,7 @@ QUICK = {"timeoutSeconds": 2, "cpuSeconds": 2, "memoryMiB": 256}
     ("x = bytearray(10 * 1024 ** 3)\n    return 1.0", QUICK, "MemoryError"),
     ("import os\n    os._exit(9)", QUICK, "exited with 9"),
     ("raise ValueError('boom')", QUICK, "boom"),
-    ("return 'not a number'", QUICK, "could not convert"),
+    ("return 'not a number'", QUICK, "a str, not a number"),
 ])
 def test_misbehaving_grader_is_contained(body, limits, why, caplog):
     src = f"def grade(sample, item):\n    {body}\n"

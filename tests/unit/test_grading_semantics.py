@@ -50,16 +50,10 @@ def test_every_grader_type_declares_its_range(grader, expected):
 # ----------------------------------------------------------------------------- what is not a score
 
 
-# The sandbox's child converts grade()'s value with float() before the trainer sees it (True -> 1.0,
-# '0.9' -> 0.9), so the trainer's check cannot tell; the fix belongs in perennial_trainer/sandbox/supervisor.py
-# (report the raw value). Strict: these fail loudly (XPASS) once it is fixed, and the mark must go.
-SANDBOX_CONVERTS = pytest.mark.xfail(strict=True, reason="sandbox/supervisor.py float()s grade()'s value inside the sandbox")
-
-
 @pytest.mark.parametrize("value, why", [
-    pytest.param("True", "bool", marks=SANDBOX_CONVERTS),
-    pytest.param("False", "bool", marks=SANDBOX_CONVERTS),
-    pytest.param("'0.9'", "str", marks=SANDBOX_CONVERTS),
+    ("True", "bool"),
+    ("False", "bool"),
+    ("'0.9'", "str"),
     ("None", "NoneType"),
     ("[1]", "list"),
     ("float('nan')", "nan"),

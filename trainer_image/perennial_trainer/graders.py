@@ -360,7 +360,7 @@ def _python_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[Gra
         if not o.refused and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and not o.limit:
             res.append(GradeResult(float(v), "grade()"))
         else:
-            res.append(_failure(g, o.refused and o.why() or o.error or (o.why(lim.timeout_s) if o.crashed else f"grade() returned {v!r}")))
+            res.append(_failure(g, o.refused and o.why() or o.error or (o.why(lim.timeout_s) if o.crashed else f"grade() returned {v!r}, a {type(v).__name__}, not a number")))
     return res
 
 

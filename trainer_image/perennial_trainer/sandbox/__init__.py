@@ -3,9 +3,9 @@
 Defence in depth, every layer unprivileged (a pod with no capabilities and
 ``allowPrivilegeEscalation: false`` is enough):
 
-* the trainer starts one small trusted *supervisor* per batch (``supervisor.py``: empty environment,
-  non-dumpable, a child subreaper) and reads its answers with bounded reads and a deadline; the
-  trainer never runs untrusted code and makes itself non-dumpable;
+* the trainer starts small trusted *supervisors* (``supervisor.py``: one per CPU, kept for the life of
+  the trainer process; empty environment, non-dumpable, child subreapers) and reads their answers with
+  bounded reads and a deadline; the trainer never runs untrusted code and makes itself non-dumpable;
 * the supervisor forks one fresh child per sample (no state shared between samples), which confines
   itself before anything untrusted runs: own process group, unprivileged uid when started as root,
   rlimits (memory, CPU, file size, open files, processes), a scratch directory, a minimal environment,

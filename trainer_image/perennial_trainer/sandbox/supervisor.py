@@ -1,8 +1,9 @@
-"""The sandbox supervisor: a small trusted process per batch that runs each sample in a fresh child.
+"""The sandbox supervisor: a small trusted process that runs each sample in a fresh child.
 
-Started by the trainer as ``python -I -S -B supervisor.py`` with an empty environment; it never runs
-untrusted code itself. Protocol (JSON lines): stdin = one config line, then one line per job, then EOF;
-stdout = one ``{"layers": ...}`` line, then one result line per job (in completion order).
+Started by the trainer as ``python -I -S -B supervisor.py`` with an empty environment, and kept for the
+life of the trainer process; it never runs untrusted code itself. Protocol (JSON lines): stdin = one
+config line, then batches, each one line per job and an ``{"end": true}`` line; stdout = one
+``{"layers": ...}`` line, then per batch one result line per job (in completion order) and ``{"done": true}``.
 
 Per job it forks a child (one fresh process per sample; no exec, so no interpreter start-up), which
 before running anything untrusted:
@@ -236,9 +237,17 @@ def _run(job, nonce: str) -> None:
         except BaseException as e:  # noqa: BLE001
             report({"error": "grader source failed: " + describe(e)})
             exit_(0)
-        try:
-            value = float(grade(job["sample"], job["item"]))
-            report({"value": value})
+        try:  # the value as returned (no float(): True and '0.9' are not scores, the trainer says so)
+            value = grade(job["sample"], job["item"])
+            t = type(value)
+            if t is int:
+                value = float(value)  # OverflowError for ints beyond a float: reported below
+            if t in (int, float, bool, type(None)):
+                report({"value": value})
+            elif t is str:
+                report({"value": value[:100]})
+            else:
+                report({"error": f"grade() returned a {t.__name__}, not a number"})
         except BaseException as e:  # noqa: BLE001
             report({"error": describe(e)})
         sys.stdout.flush()
