@@ -419,6 +419,12 @@ def test_require_landlock_refuses_without_it(monkeypatch):
     from perennial_trainer.errors import TrainerError
     from perennial.api import RewardSpecSpec
 
+    # the supervisor refuses every sample (Landlock turned off stands for a kernel without it)
+    outs = sandbox.run([sandbox.Job("io", "print(1)")] * 2, sandbox.Limits(require_landlock=True, layers_off=("landlock",)))
+    assert all(o.refused and "Landlock is required" in o.why() for o in outs), outs
+    r = grade_batch(code_grader(requireLandlock=True), [fenced("print(1)")], [ADD_IO])[0]
+    assert r.score == 15 and not r.failed, r  # with Landlock (this machine) it is graded: wrong output
+    # and the trainer refuses the RewardSpec at start
     monkeypatch.setattr(sandbox, "_layers", {"landlock": 0, "seccomp": True})
     spec = RewardSpecSpec.model_validate({"graders": [{"name": "code", "type": "Code", "code": dict(RUBRIC, limits={"requireLandlock": True})}]})
     with pytest.raises(TrainerError) as e:

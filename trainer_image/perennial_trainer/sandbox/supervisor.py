@@ -614,7 +614,7 @@ def main() -> None:
                 jobs.append(msg)
 
     for jobs in batches():
-        if cfg["require_landlock"] and not layers["landlock"]:
+        if cfg["require_landlock"] and not cfg["landlock_abi"]:  # missing, or turned off
             for j in jobs:
                 emit({"id": j["id"], "refused": "Landlock is required (`limits.requireLandlock`) but this kernel does not provide it"})
             emit({"done": True})
