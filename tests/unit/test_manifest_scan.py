@@ -27,15 +27,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from perennial.api.basemodel import BaseModelSpec
+from perennial.api.rewardspec import RewardSpecSpec
+from perennial.api.trainingrun import TrainingRunSpec
+from perennial.resources import basemodel, rewardspec, trainingrun
+from perennial.resources.networkpolicy import EgressSettings
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import test_pod_security as t  # noqa: E402  (the representative specs of the builders)
-
-from perennial.api.basemodel import BaseModelSpec  # noqa: E402
-from perennial.api.rewardspec import RewardSpecSpec  # noqa: E402
-from perennial.api.trainingrun import TrainingRunSpec  # noqa: E402
-from perennial.resources import basemodel, rewardspec, trainingrun  # noqa: E402
-from perennial.resources.networkpolicy import EgressSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

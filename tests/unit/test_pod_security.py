@@ -13,14 +13,18 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from perennial.api.basemodel import BaseModelSpec
 from perennial.api.rewardspec import RewardSpecSpec
 from perennial.api.trainingrun import TrainingRunSpec
 from perennial.config import OperatorConfig
 from perennial.resources import basemodel, rewardspec, trainingrun
 from perennial.resources.networkpolicy import PRIVATE_V4, EgressSettings
-from perennial.resources.podsecurity import PodSettings, add_quantities, image_is_pinned, quantity_bytes
+from perennial.resources.podsecurity import (
+    PodSettings,
+    add_quantities,
+    image_is_pinned,
+    quantity_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DIGEST = "ghcr.io/perennial-ai/perennial-trainer@sha256:" + "0123456789abcdef" * 4
@@ -184,10 +188,10 @@ class FakeHub(http.server.ThreadingHTTPServer):
                 if not head:
                     self.wfile.write(body)
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 self._answer(False)
 
-            def do_HEAD(self):  # noqa: N802
+            def do_HEAD(self):
                 self._answer(True)
 
             def log_message(self, *a):

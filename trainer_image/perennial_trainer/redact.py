@@ -36,8 +36,8 @@ import os
 import re
 import threading
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 REDACTED = "[REDACTED]"
 MIN_LENGTH = 6
@@ -255,7 +255,7 @@ class _FdPump:
                     # if it is written without any newline among 64 KiB, and then keep the tail's 4 KiB
                     self._write(buf[: self._LIMIT - 4096])
                     buf = buf[self._LIMIT - 4096:]
-        except Exception:  # noqa: BLE001 - never stop draining: a full pipe would hang the trainer
+        except Exception:
             while True:
                 try:
                     chunk = os.read(self.r, 1 << 16)

@@ -32,8 +32,9 @@ the cluster's network plugin implements NetworkPolicy.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from .common import child_name, labels, owned_metadata
