@@ -216,7 +216,7 @@ class _Supervisor:
 
 _pool: dict[str, _Supervisor] = {}
 _pool_lock = threading.Lock()
-_POOL_MAX = 4
+_POOL_MAX = 4 * 8  # supervisors kept: four limits configurations at up to 8 CPUs (shards) each
 
 
 def _supervisor(cfg: dict) -> _Supervisor:
@@ -227,9 +227,13 @@ def _supervisor(cfg: dict) -> _Supervisor:
             sup.close()
             sup = None
         if sup is None:
-            while len(_pool) >= _POOL_MAX:
-                _pool.pop(next(iter(_pool))).close()
+            # the oldest idle ones go first; one in use (a shard of a running batch) is never closed
+            idle = [k for k, v in _pool.items() if not v.lock.locked()]
+            while len(_pool) >= _POOL_MAX and idle:
+                _pool.pop(idle.pop(0)).close()
             sup = _pool[key] = _Supervisor(cfg)
+        else:
+            _pool[key] = _pool.pop(key)  # most recently used last
         return sup
 
 
