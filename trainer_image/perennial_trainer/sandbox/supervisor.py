@@ -171,7 +171,7 @@ def _child(job, cfg, fds, scratch, seccomp_filter, nonce) -> None:
         stdin_r, out_w, err_w, rec_w = fds
         for src, dst in ((stdin_r, 0), (out_w, 1), (err_w, 2), (rec_w, 3)):
             os.dup2(src, dst)
-        os.closerange(4, 1 << 16)  # the supervisor's pipes to the trainer, the other samples' pipes
+        os.closerange(4, 2**31 - 1)  # close_range(2): every other descriptor (the pipes to the trainer, ...)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         lim = cfg["limits"]
         if os.geteuid() == 0:
