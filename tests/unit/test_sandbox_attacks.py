@@ -188,8 +188,11 @@ def test_exiting_early_is_not_passing(code):
     # a failing assert turned into a pass by swapping AssertionError and exec
     "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\nbuiltins.exec = lambda *a, **k: None\n"
     "def add(a, b):\n    return 0",
-    # tests silenced through sys.excepthook / a trace function that skips them
+    # tests silenced through sys.excepthook / a trace function that jumps over the failing asserts
     "import sys\nsys.excepthook = lambda *a: None\nsys.settrace(lambda *a: None)\ndef add(a, b):\n    return 0",
+    "import sys\ndef skip(frame, event, arg):\n    if event == 'line' and frame.f_code.co_filename == '<tests>':\n"
+    "        try:\n            frame.f_lineno = frame.f_lineno + 1\n        except Exception:\n            pass\n    return skip\n"
+    "sys.settrace(skip)\ndef add(a, b):\n    return 0",
 ])
 def test_monkeypatching_the_harness(code):
     r = grade(code_grader(), fenced(code), ADD_TESTS)
