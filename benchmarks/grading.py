@@ -35,8 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "trainer_image")]
 
-from perennial.api import Grader  # noqa: E402
-from perennial_trainer import graders, sandbox  # noqa: E402
+from perennial.api import Grader
+from perennial_trainer import graders, sandbox
 
 RUBRIC = {"formatPoints": "5", "compilePoints": "10", "testPoints": "20"}
 SAMPLES = [
@@ -54,8 +54,8 @@ PY_SOURCE = "def grade(sample, item):\n    return float(sample['output_text'].st
 
 # ----------------------------------------------------------------------------- the old batch path (frozen copy)
 
-from dataclasses import dataclass  # noqa: E402
-import logging  # noqa: E402
+import logging
+from dataclasses import dataclass
 
 log = logging.getLogger("benchmark.old_sandbox")
 
@@ -132,7 +132,7 @@ def _protect_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110 - frozen copy of the old code
         pass
     _dumpable_cleared = True
 
@@ -201,7 +201,7 @@ def _run_once(mode, samples, source, timeout_s, memory_mib, cpu_s) -> list[Sandb
         proc = subprocess.Popen(
             [sys.executable, "-I", "-B", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={}, cwd=scratch, close_fds=True,
-            preexec_fn=_preexec(memory_mib, cpu_s * len(samples) + 5, drop_root),
+            preexec_fn=_preexec(memory_mib, cpu_s * len(samples) + 5, drop_root),  # noqa: PLW1509 - frozen copy of the old code
         )
         # the payload may exceed a pipe buffer: write it from a thread-free loop with select
         assert proc.stdin and proc.stdout
@@ -270,7 +270,7 @@ def old_code_batch(samples: list[str], item: dict) -> list[float]:
     """The previous `_code_batch` (compile in the trainer, then one shared process for the batch)."""
     import re
 
-    fence = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.S)
+    fence = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
     fp, cp, tp = 5.0, 10.0, 20.0
     results: list[float | None] = [None] * len(samples)
     to_run, idx = [], []

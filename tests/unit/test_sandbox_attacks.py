@@ -21,7 +21,6 @@ import time
 import warnings
 
 import pytest
-
 from perennial.api import Grader
 from perennial_trainer import sandbox
 from perennial_trainer.graders import grade, grade_batch
@@ -183,16 +182,16 @@ def test_exiting_early_is_not_passing(code):
 
 @pytest.mark.parametrize("code", [
     # the harness's writer and builtins patched before the tests run
-    "import os, builtins, json\n_w = os.write\nos.write = lambda fd, b: _w(fd, b'{\"passed\": true}\\n')\n"
-    "builtins.print = lambda *a, **k: None\njson.dumps = lambda *a, **k: '{\"passed\": true}'\ndef add(a, b):\n    return 0",
+    ("import os, builtins, json\n_w = os.write\nos.write = lambda fd, b: _w(fd, b'{\"passed\": true}\\n')\n"
+     "builtins.print = lambda *a, **k: None\njson.dumps = lambda *a, **k: '{\"passed\": true}'\ndef add(a, b):\n    return 0"),
     # a failing assert turned into a pass by swapping AssertionError and exec
-    "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\nbuiltins.exec = lambda *a, **k: None\n"
-    "def add(a, b):\n    return 0",
+    ("import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\nbuiltins.exec = lambda *a, **k: None\n"
+     "def add(a, b):\n    return 0"),
     # tests silenced through sys.excepthook / a trace function that jumps over the failing asserts
     "import sys\nsys.excepthook = lambda *a: None\nsys.settrace(lambda *a: None)\ndef add(a, b):\n    return 0",
-    "import sys\ndef skip(frame, event, arg):\n    if event == 'line' and frame.f_code.co_filename == '<tests>':\n"
-    "        try:\n            frame.f_lineno = frame.f_lineno + 1\n        except Exception:\n            pass\n    return skip\n"
-    "sys.settrace(skip)\ndef add(a, b):\n    return 0",
+    ("import sys\ndef skip(frame, event, arg):\n    if event == 'line' and frame.f_code.co_filename == '<tests>':\n"
+     "        try:\n            frame.f_lineno = frame.f_lineno + 1\n        except Exception:\n            pass\n    return skip\n"
+     "sys.settrace(skip)\ndef add(a, b):\n    return 0"),
 ])
 def test_monkeypatching_the_harness(code):
     r = grade(code_grader(), fenced(code), ADD_TESTS)
@@ -347,7 +346,7 @@ print(*out)
 """
     for off in ((), ("seccomp",)):
         [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(layers_off=off))
-        ptrace, ptrace_errno, vm, vm_errno, pidfd, stolen = map(int, o.stdout.split())
+        ptrace, _, vm, vm_errno, pidfd, stolen = map(int, o.stdout.split())
         assert ptrace == -1 and vm == -1 and vm_errno == 1 and stolen == -1, (off, o.stdout)
         if not off:
             assert pidfd == -1
@@ -381,7 +380,7 @@ def test_fork_bomb():
 def test_setsid_daemons_die_with_the_sample(world, off):
     """Issue 11: setsid children outlived grading and connected out 5 s later. With seccomp they cannot
     leave the process group; without it the subreaper supervisor still kills every orphan."""
-    code = f"""
+    code = """
 import os, time, ctypes
 if os.fork() == 0:
     try:
@@ -428,9 +427,9 @@ def test_endless_output_is_capped():
 def test_require_landlock_refuses_without_it(monkeypatch):
     """Where the kernel lacks Landlock, `requireLandlock` refuses to grade (shown by turning the layer off
     the way a kernel without it reports it)."""
+    from perennial.api import RewardSpecSpec
     from perennial_trainer import graders
     from perennial_trainer.errors import TrainerError
-    from perennial.api import RewardSpecSpec
 
     # the supervisor refuses every sample (Landlock turned off stands for a kernel without it)
     outs = sandbox.run([sandbox.Job("io", "print(1)")] * 2, sandbox.Limits(require_landlock=True, layers_off=("landlock",)))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import select
 import signal
@@ -58,7 +57,7 @@ class Limits:
     layers_off: tuple[str, ...] = ()  # "seccomp", "landlock": for tests and benchmarks of single layers only
 
     @classmethod
-    def from_api(cls, lim: Any) -> "Limits":
+    def from_api(cls, lim: Any) -> Limits:
         return cls(timeout_s=lim.timeout_seconds, memory_mib=lim.memory_mi_b, cpu_s=lim.cpu_seconds,
                    processes=getattr(lim, "processes", 1), file_size_mib=getattr(lim, "file_size_mi_b", 16),
                    scratch_mib=getattr(lim, "scratch_mi_b", 64), require_landlock=getattr(lim, "require_landlock", False))
@@ -179,7 +178,7 @@ class _Supervisor:
     """One long-lived supervisor process (per limits configuration), serving batch after batch."""
 
     def __init__(self, cfg: dict):
-        self.errf = tempfile.TemporaryFile()
+        self.errf = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the supervisor; closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.errf, env={}, cwd="/", close_fds=True, start_new_session=True,
