@@ -19,9 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pydantic
-from pydantic_core import from_json
-
 from perennial_records import InteractionRecord
+from pydantic_core import from_json
 
 if TYPE_CHECKING:
     from .api_server import Sidecar

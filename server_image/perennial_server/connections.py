@@ -68,7 +68,7 @@ def auto_max_connections(nofile: int) -> int:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, with a header timeout, the connection limit and JSON errors."""
 
-    def __init__(self, manager: "GuardedServer", *, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, manager: GuardedServer, *, limits: Limits, **kwargs: Any) -> None:
         super().__init__(manager, keepalive_timeout=limits.keepalive_timeout_s, **kwargs)
         self._limits = limits
         self._guard: asyncio.TimerHandle | None = None

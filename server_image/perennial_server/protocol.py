@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 import pydantic
+from perennial_records import FeedbackType
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic_core import from_json
 
-from perennial_records import FeedbackType
-
-_ID = dict(min_length=1, max_length=128)
+_ID = {"min_length": 1, "max_length": 128}
 
 
 class FeedbackRequest(pydantic.BaseModel):

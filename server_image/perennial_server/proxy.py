@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
-from pydantic_core import from_json
-
 from perennial_records import random_hex
+from pydantic_core import from_json
 
 from .capture import assemble_json, sse_data
 from .errors import json_error

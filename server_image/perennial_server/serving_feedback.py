@@ -17,13 +17,17 @@ from typing import TYPE_CHECKING
 
 import pydantic
 from aiohttp import web
-
+from perennial_records import RECORD_SCHEMA_VERSION, FeedbackRecord, random_hex
 from pydantic_core import to_json
 
-from perennial_records import RECORD_SCHEMA_VERSION, FeedbackRecord, random_hex
-
 from .errors import json_error
-from .middleware import BodyTimeout, BodyTooLarge, body_error, read_body, send_and_close  # ClientGone: answered by the error middleware
+from .middleware import (  # ClientGone: answered by the error middleware
+    BodyTimeout,
+    BodyTooLarge,
+    body_error,
+    read_body,
+    send_and_close,
+)
 from .protocol import Feedback, RequestError, parse_feedback
 
 if TYPE_CHECKING:
@@ -150,7 +154,7 @@ class FeedbackHandler:
         A text that redaction changed is re-validated through `FeedbackRecord` (it may have grown)."""
         s = self.s
         req = it.req
-        rec: dict = {"schemaVersion": RECORD_SCHEMA_VERSION, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        rec: dict = {"schemaVersion": RECORD_SCHEMA_VERSION, "time": _dt.datetime.now(_dt.UTC).isoformat(),
                      "kind": "feedback", "id": fid, "type": it.type}
         red = s.redactor
         changed = False

@@ -12,21 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 import pytest
 import requests
 from aiohttp import web
-
 from srvutil import TOKEN, AppThread, free_port
 from waiting import wait_for
 
@@ -73,10 +72,6 @@ def upstream() -> Iterator[AppThread]:
     t.stop()
 
 
-def _limit_fds() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-
 class Sidecar:
     def __init__(self, tmp: Path, upstream: str, *extra: str) -> None:
         (tmp / "token").write_text(TOKEN)
@@ -84,12 +79,14 @@ class Sidecar:
         self.url = f"http://127.0.0.1:{self.port}"
         self.spool = tmp / "spool"
         self.log = tmp / "sidecar.log"
-        args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", upstream,
+        # util-linux prlimit sets RLIMIT_NOFILE (soft and hard) for the sidecar it then executes
+        args = ["prlimit", f"--nofile={NOFILE}:{NOFILE}", sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", upstream,
                 "--host", "127.0.0.1", "--port", str(self.port), "--deployment", "demo", "--pod", "p0",
                 "--spool-dir", str(self.spool), "--store-uri", "", "--token-file", str(tmp / "token"),
                 "--client-header-timeout-s", "1", "--client-body-timeout-s", "2", "--keepalive-timeout-s", "3", *extra]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_")}
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), preexec_fn=_limit_fds)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.time() + 30
         while True:
             try:
@@ -150,7 +147,7 @@ class NormalClient:
                 self.failures.append(repr(e)[:300])
             time.sleep(0.02)
 
-    def __enter__(self) -> "NormalClient":
+    def __enter__(self) -> Self:
         self._t.start()
         return self
 
@@ -182,7 +179,7 @@ def _closed_by_peer(s: socket.socket, wait_s: float) -> tuple[bool, bytes]:
     while time.time() < deadline:
         try:
             b = s.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (ConnectionResetError, BrokenPipeError):
             return True, got
@@ -227,7 +224,7 @@ def test_protocol_errors_are_openai_json_and_echo_nothing(sidecar: Sidecar) -> N
         for raw in cases:
             s = _connect(sidecar.port)
             s.sendall(raw)
-            closed, got = _closed_by_peer(s, 5)
+            _, got = _closed_by_peer(s, 5)
             s.close()
             assert got, raw[:60]
             err = _json_error(got, int(got.split(b" ", 2)[1]))

@@ -6,7 +6,6 @@ import json
 import tempfile
 
 import pytest
-
 from perennial_records import FeedbackRecord, parse_record
 from perennial_server.api_server import Sidecar
 from perennial_server.config import SidecarConfig
@@ -30,7 +29,7 @@ def handler():
 def test_the_record_line_is_what_the_record_model_would_write(handler, body: dict) -> None:
     parsed = parse_feedback(json.dumps(body).encode(), 10)
     assert not isinstance(parsed, RequestError), parsed
-    (item,), batch = parsed
+    (item,), _ = parsed
     line = handler.record("fb-1", item, True)
     got = parse_record(line)
     assert isinstance(got, FeedbackRecord)
