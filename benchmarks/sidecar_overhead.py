@@ -20,7 +20,9 @@ alternating rounds, and reports:
   * floors, placed like the sidecar: a bare byte relay (no HTTP parsing, no capture) compared
     the same way on the fast engine, i.e. what any extra process in the path costs on this
     machine, and an empty aiohttp endpoint's requests/s, the ceiling for one feedback record
-    per request in one process (`--no-floor` skips them).
+    per request in one process (`--no-floor` skips them). Printed as ratios measured side by
+    side: the sidecar's throughput ratio over the relay's (target >= 0.91x, within 1.1x of the
+    floor) and feedback requests/s over the empty endpoint's in alternating rounds (target >= 0.8x).
 
 Placement: like a pod, where the sidecar container has its own CPU, the sidecar is
 pinned to the last CPU and the upstream + load generator to the others (`--no-pin`:
