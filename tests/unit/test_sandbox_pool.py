@@ -25,3 +25,35 @@ def test_a_dead_supervisor_is_replaced():
     sup.proc.wait()
     outs = sandbox.run(jobs * 3, sandbox.Limits(), parallel=1)
     assert [o.stdout for o in outs] == ["2\n"] * 3
+
+
+def test_a_supervisor_dying_mid_batch():
+    """The trainer's reads are bounded: a supervisor killed while its samples run (by the OOM killer,
+    say) has its batch run once more on a fresh one; killed again, the samples get error outcomes
+    at once, and the next batch still gets a fresh supervisor."""
+    import threading
+
+    jobs = [sandbox.Job("io", "import time\ntime.sleep(1)\nprint(1)")] * 2
+    sandbox.close_all()
+    sandbox.run([sandbox.Job("io", "print(0)")], sandbox.Limits(), parallel=1)
+    [sup] = sandbox._pool.values()
+    threading.Timer(0.5, sup.proc.kill).start()
+    assert [o.stdout for o in sandbox.run(jobs, sandbox.Limits(), parallel=1)] == ["1\n"] * 2
+
+    stop = threading.Event()
+
+    def kill_every_supervisor():
+        while not stop.wait(0.2):
+            for s in list(sandbox._pool.values()):
+                if s.alive():
+                    s.proc.kill()
+
+    killer = threading.Thread(target=kill_every_supervisor)
+    killer.start()
+    try:
+        outs = sandbox.run(jobs, sandbox.Limits(timeout_s=20), parallel=1)
+    finally:
+        stop.set()
+        killer.join()
+    assert all(o.error.startswith("sandbox supervisor ended early") for o in outs), outs
+    assert sandbox.run([sandbox.Job("io", "print(3)")], sandbox.Limits(), parallel=1)[0].stdout == "3\n"
