@@ -403,6 +403,17 @@ print("5")
     assert not os.path.exists("/tmp/perennial-daemon-was-here")
 
 
+def test_a_killed_supervisor_leaves_no_sample_running():
+    """Should a supervisor die (the OOM killer), the samples it was running and their children die too:
+    the children by PDEATHSIG, their process groups killed by the trainer (checked by `survives`)."""
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(600)\ntime.sleep(1)\nprint('ok')"
+    sandbox.run([sandbox.Job("io", "print(0)")], sandbox.Limits(processes=4), parallel=1)
+    sups = list(sandbox._pool.values())
+    threading.Timer(0.5, lambda: [s.proc.kill() for s in sups]).start()
+    outs = sandbox.run([sandbox.Job("io", code)] * 2, sandbox.Limits(processes=4), parallel=1)
+    assert [o.stdout for o in outs] == ["ok\n"] * 2, outs  # run again on a fresh supervisor
+
+
 def test_pipes_held_open_do_not_hang_grading():
     """Issue 11: a child closing stdout, a grandchild holding stderr hung grading indefinitely."""
     closes = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(600)"

@@ -294,6 +294,7 @@ def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
     """Feed each shard to its supervisor and collect the answers of all of them in one select loop.
     Returns (the shards to retry: their supervisor died before answering anything, why)."""
     active: dict[int, tuple[_Supervisor, int, list[int]]] = {}  # stdout fd -> (supervisor, shard, job ids)
+    groups: dict[int, int] = {}  # job id -> process group of the sample while it runs
     writers, retry, why = [], {}, ""
     try:
         for k, ids in shards.items():
@@ -332,10 +333,14 @@ def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
                         continue
                     if "layers" in msg:
                         _note_layers(msg["layers"])
+                    elif "started" in msg:
+                        if isinstance(msg.get("pgid"), int) and msg["pgid"] > 1:
+                            groups[msg["started"]] = msg["pgid"]
                     elif msg.get("done"):
                         finished = True
                     elif isinstance(msg.get("id"), int) and msg["id"] in ids and outcomes[msg["id"]] is None:
                         got[k] += 1
+                        groups.pop(msg["id"], None)
                         if "refused" in msg:
                             outcomes[msg["id"]] = Outcome(refused=str(msg["refused"]))
                         else:
@@ -357,6 +362,11 @@ def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
             why = why or f"sandbox supervisor failed: {err[-300:]}"
         for w in writers:
             w.join(timeout=5)
+        for pgid in groups.values():  # samples whose supervisor died: their children survive it otherwise
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     return retry, why
 
 

@@ -517,6 +517,7 @@ def main() -> None:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ, r)
         running[pid] = r
+        emit({"started": job["id"], "pgid": pid})  # should this supervisor die, the trainer kills the group
 
     def read_fd(r: _Running, fd: int) -> None:
         try:
