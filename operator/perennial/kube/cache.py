@@ -3,8 +3,10 @@
 Controllers read here instead of calling the API server: a reconcile of an
 object whose world did not change costs no request. kopf's watches feed it
 (see `controllers.manager`); it holds the latest body of every watched object,
-indexed by namespace and by owner uid. Secrets are kept without their values:
-controllers only ever need to know which keys a Secret has.
+indexed by namespace and by owner uid. Secrets are kept whole, as client-go's
+informers keep them: a controller scrubs their values out of whatever a pod writes
+back (termination messages, logs) before it reaches status or an Event, so it must
+know them. They never leave the process: nothing logs or serves cache contents.
 """
 
 from __future__ import annotations
@@ -21,11 +23,6 @@ def resource_key(obj: dict[str, Any]) -> ResourceKey:
 
 
 def _stripped(obj: dict[str, Any]) -> dict[str, Any]:
-    if obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1":
-        obj = dict(obj)
-        for field in ("data", "stringData"):
-            if isinstance(obj.get(field), dict):
-                obj[field] = {k: "" for k in obj[field]}
     meta = obj.get("metadata") or {}
     if "managedFields" in meta:
         obj = dict(obj)
