@@ -16,7 +16,8 @@ before running anything untrusted:
   the scratch directory only; no TCP; no signals or abstract sockets outside its own domain);
 * loads a seccomp filter (libseccomp through `pyseccomp`): no sockets, no exec, no fork unless
   ``processes > 1``, no signals except to its own process group, no ptrace / process_vm_* /
-  pidfd_* / io_uring / namespaces / keyrings / BPF, no rlimit or priority changes of other processes.
+  pidfd_* / io_uring / namespaces / keyrings / BPF / SysV IPC / POSIX message queues, no rlimit or
+  priority changes of other processes.
 
 The supervisor is a child subreaper and non-dumpable. It enforces the wall-clock limit, the scratch
 size (polled) and an output cap, and when the sample's main process ends (or is killed) it kills the
@@ -35,6 +36,7 @@ import resource
 import selectors
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -46,6 +48,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 STDOUT_CAP = 1 << 20  # bytes of a sample's stdout kept (more is an `output` limit)
 STDERR_TAIL = 2048
 RECORDS_CAP = 1 << 16  # bytes of fd-3 records read
+ENTRY_MIN_BYTES = 4096  # what each scratch entry counts at least: empty files and directories use inodes
+SCRATCH_MAX_DEPTH = 64  # directories nested deeper stop the sample (the size poll must see everything)
 # stdlib modules imported before forking: children use them without reading the disk (and without
 # paying for the import), also where the sandbox uid cannot read the interpreter's directory
 PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re", "string", "json",
@@ -53,6 +57,12 @@ PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "b
            "io", "traceback", "array", "datetime", "time", "textwrap", "unicodedata", "enum", "abc", "struct",
            "glob", "fnmatch", "pathlib", "hashlib", "base64", "binascii", "pickle", "csv", "contextlib", "warnings",
            "weakref", "numbers", "pprint", "queue", "threading", "zlib", "calendar", "locale", "shlex", "difflib", "ast")
+
+
+# the containers that hold other samples' jobs and state (the batch, the pending jobs, the running
+# samples): each child empties its copies before anything untrusted runs, so a sample finds no sibling's
+# code, input or output among its objects (its siblings are completions of the same prompt)
+_others: list = []
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -93,6 +103,11 @@ def _seccomp_filter(processes: int):
         "syslog", "vhangup", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsmount", "fspick",
         # memory outside the address-space limit
         "memfd_create", "memfd_secret",
+        # SysV IPC and POSIX message queues: objects that outlive the sample (memory no limit counts, a
+        # channel to the samples after it)
+        "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl", "msgget", "msgsnd",
+        "msgrcv", "msgctl", "ipc", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+        "mq_getsetattr",
         # networking: no socket of any family (socketpair stays for AF_UNIX pairs)
         "socket",
     ):
@@ -380,6 +395,93 @@ class _Running:
         self.next_scan = self.started + 0.02  # the scratch size is polled at most every 20 ms
 
 
+def _scratch_over(path: str, limit: int) -> bool:
+    """Whether a sample's scratch directory is over `limit` bytes, each entry counted at least
+    ENTRY_MIN_BYTES, or cannot be measured whole: nested deeper than SCRATCH_MAX_DEPTH, a path past
+    PATH_MAX, a directory the supervisor cannot read. Iterative (no recursion limit to hit), and it stops
+    as soon as the answer is known, so a sample's many entries cost one poll at most limit/4 KiB stats."""
+    total, stack = 0, [(path, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):  # removed or replaced since it was listed
+            continue
+        except OSError:
+            return True
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    return True
+                total += max(st.st_blocks * 512, ENTRY_MIN_BYTES)
+                if total > limit:
+                    return True
+                if stat.S_ISDIR(st.st_mode):
+                    if depth >= SCRATCH_MAX_DEPTH:
+                        return True
+                    stack.append((entry.path, depth + 1))
+    return False
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a (dead) sample's scratch directory however it was made: deeper than any recursion limit
+    or PATH_MAX, directories without permissions. No recursion and no long paths: each directory is
+    moved into a fresh holding directory, emptied there (subdirectories moved up next to it), removed."""
+    try:
+        hold = tempfile.mkdtemp(prefix="perennial-rm-", dir=os.path.dirname(path))
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    hfd = os.open(hold, os.O_RDONLY | os.O_DIRECTORY)
+    n, pending = 0, []
+    try:
+        try:
+            os.rename(path, "0", dst_dir_fd=hfd)
+            pending.append("0")
+            n = 1
+        except OSError:
+            pass
+        while pending:
+            name = pending.pop()
+            try:
+                os.chmod(name, 0o700, dir_fd=hfd)  # the sample's own modes must not keep it
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=hfd)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as it:
+                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                for e, is_dir in entries:
+                    try:
+                        if is_dir:
+                            os.chmod(e, 0o700, dir_fd=fd)  # moving a directory rewrites its `..`
+                            os.rename(e, str(n), src_dir_fd=fd, dst_dir_fd=hfd)
+                            pending.append(str(n))
+                            n += 1
+                        else:
+                            os.unlink(e, dir_fd=fd)
+                    except OSError:
+                        pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            try:
+                os.rmdir(name, dir_fd=hfd)
+            except OSError:
+                pass
+    finally:
+        os.close(hfd)
+        try:
+            os.rmdir(hold)
+        except OSError:
+            pass
+
+
 def _kill_tree(pgid: int, reap, deadline_s: float = 2.0) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -489,6 +591,9 @@ def main() -> None:
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for c in _others:
+                    c.clear()
+                sel.close()  # its keys point at the running samples
                 _child(job, cfg, (stdin_r, pipes[1][1], pipes[2][1], pipes[3][1]), scratch, seccomp_filter, nonce)
             finally:
                 os._exit(70)
@@ -545,16 +650,6 @@ def main() -> None:
         elif len(buf) < RECORDS_CAP:
             buf += chunk[: RECORDS_CAP - len(buf)]
 
-    def scratch_bytes(path: str) -> int:
-        total = 0
-        for root, dirs, files in os.walk(path):
-            for n in files + dirs:
-                try:
-                    total += os.lstat(os.path.join(root, n)).st_blocks * 512
-                except OSError:
-                    pass
-        return total
-
     def finish(r: _Running) -> None:
         _kill_tree(r.pid, reap)
         if r.status is None:
@@ -571,7 +666,7 @@ def main() -> None:
             os.close(fd)
         del running[r.pid]
         sweep_orphans()
-        shutil.rmtree(r.scratch, ignore_errors=True)
+        _remove_tree(r.scratch)
         records = []
         for line in bytes(r.bufs[r.rec_r]).splitlines()[:16]:
             try:
@@ -604,6 +699,10 @@ def main() -> None:
                 res["failed"] = failed.get("failed") if not res["passed"] else None
                 res["error"] = str(failed.get("error", ""))[:500]
         emit(res)
+        for b in r.bufs.values():  # zeroed, not just freed: the next sample is forked from this memory
+            b[:] = bytes(len(b))
+        r.bufs.clear()
+        r.job = None
 
     def batches():
         """Batches of jobs from stdin, each ended by an {"end": true} line, until EOF: the supervisor
@@ -625,12 +724,13 @@ def main() -> None:
             continue
         tasks = _count_tasks(uid)  # RLIMIT_NPROC counts every task of the uid: the limit sits on top of them
         cfg["nproc"] = tasks + lim["processes"] + 8 if lim["processes"] > 1 else tasks + 16
-        run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, scratch_bytes, lim)
+        run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, lim)
         emit({"done": True})
 
 
-def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, scratch_bytes, lim) -> None:
+def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, lim) -> None:
     pending = list(jobs)
+    _others[:] = [jobs, pending, running]
     while pending or running:
         while pending and len(running) < parallel:
             start(pending.pop(0))
@@ -652,7 +752,7 @@ def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, 
                     r.limit = "wall"
                 elif now >= r.next_scan:
                     r.next_scan = now + 0.02
-                    if scratch_bytes(r.scratch) > lim["scratch_mib"] << 20:
+                    if _scratch_over(r.scratch, lim["scratch_mib"] << 20):
                         r.limit = "scratch"
             if r.status is not None or r.limit:
                 finish(r)

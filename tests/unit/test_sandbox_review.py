@@ -1,0 +1,220 @@
+"""Adversarial review of the reward sandbox: attacks not in `test_sandbox_attacks.py`, each one found by
+attacking the sandbox as an RL policy would (earn points it did not earn, hurt the trainer or the other
+samples, outlive grading). Every test failed before its defence was built.
+
+Untrusted code runs as a non-root uid (``PERENNIAL_SANDBOX_UID``), as in a pod. The uid differs from
+the attack suite's, so the two suites can run at the same time.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import tempfile
+import time
+
+import pytest
+from perennial.api import Grader
+from perennial_trainer import sandbox
+from perennial_trainer.graders import grade, grade_batch
+
+UID = 47013  # no other process on the machine runs as this uid
+RUBRIC = {"formatPoints": "5", "compilePoints": "10", "testPoints": "20"}
+ADD_TESTS = {"tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0"}
+ADD_IO = {"io_tests": [{"input": "2 3\n", "output": "5\n"}, {"input": "-1 1\n", "output": "0\n"}]}
+
+
+def code_grader(**limits) -> Grader:
+    return Grader.model_validate({"name": "code", "type": "Code", "code": dict(RUBRIC, limits=limits)})
+
+
+def fenced(src: str) -> str:
+    return f"```python\n{src}\n```"
+
+
+def _uid_pids(uid: int) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(p))
+                        break
+        except OSError:
+            pass
+    return pids
+
+
+def _ipc_objects(uid: int) -> list[tuple[str, int]]:
+    """SysV IPC objects (shared memory, semaphores, message queues) owned by `uid`: (kind, id)."""
+    found = []
+    for kind in ("shm", "sem", "msg"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header = f.readline().split()
+            for line in f:
+                row = dict(zip(header, line.split()))
+                if int(row["uid"]) == uid:
+                    found.append((kind, int(row[{"shm": "shmid", "sem": "semid", "msg": "msqid"}[kind]])))
+    return found
+
+
+def _scratch_dirs(uid: int) -> list[str]:
+    return [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "perennial-sample-*")) if os.lstat(d).st_uid == uid]
+
+
+@pytest.fixture(autouse=True)
+def survives():
+    """After every attack: an honest sample is graded correctly, nothing of the sandbox's uid is left
+    running, no SysV IPC object of its uid exists, and its scratch directories are gone."""
+    old = os.environ.get("PERENNIAL_SANDBOX_UID")
+    os.environ["PERENNIAL_SANDBOX_UID"] = str(UID)
+    try:
+        yield
+        assert grade(code_grader(), fenced("def add(a, b):\n    return a + b"), ADD_TESTS).score == 35
+        left = []
+        for _ in range(50):
+            left = _uid_pids(UID)
+            if not left:
+                break
+            time.sleep(0.05)
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        ipc = _ipc_objects(UID)
+        for kind, ident in ipc:  # removed, so that one failure does not fail the tests after it
+            os.system(f"ipcrm -{ {'shm': 'm', 'sem': 's', 'msg': 'q'}[kind]} {ident}")
+        dirs = _scratch_dirs(UID)
+        for d in dirs:
+            os.system(f"rm -rf '{d}'")
+        assert not left, f"processes of the sandbox uid outlived grading: {left}"
+        assert not ipc, f"SysV IPC objects of the sandbox uid outlived grading: {ipc}"
+        assert not dirs, f"scratch directories were left behind: {dirs}"
+    finally:
+        if old is None:
+            os.environ.pop("PERENNIAL_SANDBOX_UID", None)
+        else:
+            os.environ["PERENNIAL_SANDBOX_UID"] = old
+
+
+# ----------------------------------------------------------------------------- the supervisor and the others
+
+
+DEEP = "import os\nfor i in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('ok')"
+
+
+def test_deep_directories_do_not_kill_the_supervisor():
+    """Before: 3,000 nested directories made the supervisor's scratch walk (os.walk, recursive) raise
+    RecursionError: the supervisor died, every other sample of its shard got an error outcome (the
+    grader's failureScore) and the deep tree stayed in /tmp. Now the walk is iterative and stops a sample
+    that nests deeper than a bound ("scratch" limit); the tree is removed without recursion."""
+    outs = sandbox.run([sandbox.Job("io", DEEP), sandbox.Job("io", "print(5)"), sandbox.Job("io", "print(6)")],
+                       sandbox.Limits(), parallel=1)
+    assert [o.stdout for o in outs[1:]] == ["5\n", "6\n"], outs
+    assert outs[0].limit == "scratch" or outs[0].exit_code == 0, outs[0]
+    honest = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    rs = grade_batch(code_grader(), [fenced(DEEP + "\ndef add(a, b):\n    return a + b"), honest], [ADD_TESTS, ADD_IO])
+    assert rs[1].score == 35, rs  # the honest neighbour is graded
+
+
+def test_data_past_path_max_is_seen_by_the_size_poll():
+    """Before: files below a directory chain longer than PATH_MAX (made with relative mkdir/chdir) were
+    invisible to the size poll (ENAMETOOLONG, ignored): 12 MiB in a 8 MiB scratch went unnoticed. Now what
+    the poll cannot measure stops the sample, and the tree is removed through directory descriptors."""
+    code = ("import os, time\nfor i in range(25):\n    os.mkdir('d' * 200)\n    os.chdir('d' * 200)\n"
+            "for i in range(3):\n    open(f'f{i}', 'wb').write(b'x' * (4 << 20))\ntime.sleep(3)\nprint('ok')")
+    [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(scratch_mib=8))
+    assert o.limit == "scratch", o
+
+
+def test_empty_files_count_against_the_scratch_limit():
+    """Before: empty files (and directories, symlinks) have no blocks, so `scratchMiB` never stopped a
+    sample creating hundreds of thousands of them (inodes of the pod's disk; each size poll walked them
+    all, stalling the supervisor past the sample's wall-clock limit). Now every entry counts at least 4 KiB."""
+    code = "n = 0\nwhile True:\n    open('f%d' % n, 'w').close()\n    n += 1"
+    [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(scratch_mib=1, timeout_s=20))
+    assert o.limit == "scratch", o
+    assert o.wall_s < 20, o
+
+
+IPC = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+out = []
+shm = libc.shmget(0x5EED1, 4096, 0o1666)  # IPC_CREAT | 0666
+if shm >= 0:
+    p = libc.shmat(shm, None, 0)
+    out.append(ctypes.string_at(p, 8))
+    ctypes.memmove(p, b"sample-A", 8)
+out.append(libc.semget(0x5EED2, 1, 0o1666))
+out.append(libc.msgget(0x5EED3, 0o1666))
+out.append(libc.mq_open(b"/perennial-review", 0o100 | 2, 0o666, None))
+print(shm, out)
+"""
+
+
+def test_sysv_ipc_does_not_outlive_the_sample():
+    """Before: a sample created a SysV shared-memory segment (also semaphores, message queues) that
+    outlived it: memory held after grading (the pod's, uncounted by any limit) and a channel to the
+    samples after it ("sample-A" read by the next sample). Now seccomp denies SysV IPC and POSIX
+    message queues."""
+    a, b = sandbox.run([sandbox.Job("io", IPC), sandbox.Job("io", IPC)], sandbox.Limits(), parallel=1)
+    assert a.exit_code == 0 and b.exit_code == 0, (a, b)
+    assert "sample-A" not in b.stdout, b.stdout
+    assert a.stdout.strip() == "-1 [-1, -1, -1]", a.stdout
+
+
+# ----------------------------------------------------------------------------- what a sample's memory holds
+
+
+PEEK = """
+import gc, sys
+A, B = "SIBLING", "-MARKER"  # never joined here: the joined marker exists only in the other samples
+def has(v, a, b):
+    i = v.find(a)
+    while i >= 0:
+        if v[i + len(a):i + len(a) + len(b)] == b:
+            return True
+        i = v.find(a, i + 1)
+    return False
+found = set()
+def look(v, depth=0):
+    if isinstance(v, str):
+        if has(v, A, B):
+            found.add("str")
+    elif isinstance(v, (bytes, bytearray)):
+        if has(v, A.encode(), B.encode()):
+            found.add(type(v).__name__)
+    elif depth < 3 and isinstance(v, dict):
+        for x in list(v.values()):
+            look(x, depth + 1)
+    elif depth < 3 and isinstance(v, (list, tuple)):
+        for x in list(v):
+            look(x, depth + 1)
+    elif depth < 3 and hasattr(v, "__dict__") and not isinstance(v, type):
+        look(vars(v), depth + 1)
+for o in gc.get_objects():
+    look(o)
+f = sys._getframe()
+while f is not None:
+    look(dict(f.f_locals))
+    f = f.f_back
+print(sorted(found))
+"""
+
+
+def test_a_sample_cannot_read_its_siblings():
+    """Before: a forked sample found the previous sample's stdout (the supervisor's `_Running` object,
+    still referenced by its loop) and the code and inputs of every other sample of the batch (the
+    pending jobs) among its own objects: in GRPO the siblings are completions of the same prompt, so a
+    sample could copy (or run and take the majority of) their answers. Now the child drops every other
+    job and result before anything untrusted runs, and the supervisor zeroes a finished sample's buffers."""
+    prev = "print('SIBLING' + '-MARKER')"
+    later = "# SIBLING-MARKER in a later sample's code\nprint(1)"
+    outs = sandbox.run([sandbox.Job("io", prev), sandbox.Job("io", PEEK), sandbox.Job("io", later, stdin="SIBLING-MARKER\n")],
+                       sandbox.Limits(), parallel=1)
+    assert outs[1].exit_code == 0 and outs[1].stdout.strip() == "[]", outs[1]
