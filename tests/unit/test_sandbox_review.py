@@ -9,8 +9,11 @@ the attack suite's, so the two suites can run at the same time.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -218,3 +221,45 @@ def test_a_sample_cannot_read_its_siblings():
     outs = sandbox.run([sandbox.Job("io", prev), sandbox.Job("io", PEEK), sandbox.Job("io", later, stdin="SIBLING-MARKER\n")],
                        sandbox.Limits(), parallel=1)
     assert outs[1].exit_code == 0 and outs[1].stdout.strip() == "[]", outs[1]
+
+
+# ----------------------------------------------------------------------------- as in a pod: one uid for all
+
+
+def _as_pod_uid(script: str) -> subprocess.CompletedProcess:
+    """Run `script` as a trainer would in a pod: non-root, so the supervisor and the samples share the uid
+    (no CAP_DAC_OVERRIDE: the sample's own file modes bind the supervisor too). The interpreter must be
+    one the uid can run (this checkout's may live under /root): the first of these that it can."""
+    import pyseccomp
+
+    path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(sandbox.__file__))), os.path.dirname(pyseccomp.__file__)])
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for exe in (sys.executable, f"/usr/bin/python{want}", f"/usr/local/bin/python{want}"):
+        try:
+            probe = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], user=UID, group=UID,
+                                   extra_groups=[], capture_output=True, text=True, env={"PYTHONPATH": path}, check=False)
+        except OSError:  # missing, or not executable by the uid
+            continue
+        if probe.returncode == 0 and probe.stdout.strip() == want:
+            return subprocess.run([exe, "-c", script], user=UID, group=UID, extra_groups=[], capture_output=True, text=True,
+                                  env={"PYTHONPATH": path, "HOME": "/tmp", "PATH": "/usr/bin:/bin"}, timeout=120, check=False)
+    raise AssertionError(f"no Python {want} interpreter that uid {UID} can run: this test needs one")
+
+
+def test_a_locked_directory_neither_hides_data_nor_outlives_the_sample():
+    """Before (the trainer non-root, as in a pod): a sample wrote 12 MiB into a directory it then made
+    mode 000; the size poll could not look inside (8 MiB limit never hit), and the supervisor, same uid but
+    not root, could not remove it: the data stayed on the pod's disk after grading, sample after sample.
+    Now a directory the poll cannot read stops the sample, and the removal restores modes as it goes."""
+    script = """
+import json, os
+from perennial_trainer import sandbox
+code = ("import os, time\\nos.mkdir('locked')\\nopen('locked/big', 'wb').write(b'x' * (12 << 20))\\n"
+        "os.chmod('locked', 0)\\ntime.sleep(2)\\nprint('ok')")
+[o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(scratch_mib=8, timeout_s=5))
+print(json.dumps({"uid": os.getuid(), "limit": o.limit, "exit": o.exit_code, "stdout": o.stdout}))
+"""
+    p = _as_pod_uid(script)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["uid"] == UID and out["limit"] == "scratch", out

@@ -111,7 +111,7 @@ class Outcome:
         if self.limit == "output":
             return "wrote more than 1 MiB to stdout"
         if self.limit == "scratch":
-            return "filled its scratch directory past its limit"
+            return "filled its scratch directory past its limit (size, 4 KiB per entry, or nesting past 64 or out of sight)"
         if self.signal is not None:
             return f"killed by signal {self.signal}"
         if self.exit_code not in (0, None):
