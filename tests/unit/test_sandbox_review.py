@@ -263,3 +263,45 @@ print(json.dumps({"uid": os.getuid(), "limit": o.limit, "exit": o.exit_code, "st
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["uid"] == UID and out["limit"] == "scratch", out
+
+
+# ----------------------------------------------------------------------------- assert-style tests
+
+
+PERMISSIVE = """
+class Yes:
+    def __eq__(self, other): return True
+    def __ne__(self, other): return False
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__
+    def __hash__(self): return 0
+    def __sub__(self, other): return self
+    __rsub__ = __add__ = __radd__ = __sub__
+    def __abs__(self): return -1.0
+    def __pow__(self, other): return -1.0
+    def __neg__(self): return self
+    def __contains__(self, item): return True
+    def __bool__(self): return True
+def add(a, b):
+    return Yes()
+"""
+
+
+@pytest.mark.parametrize("tests", [
+    "assert abs(add(2, 3) - 5) < 1e-9\nassert abs(add(-1, 1) - 0) < 1e-9",  # float tolerance checks
+    "assert (add(2, 3) - 5) ** 2 < 1e-9\nassert -add(-1, 1) <= 0 <= add(-1, 1)",  # arithmetic
+    "assert add(2, 3) in (5,)\nassert add(-1, 1) in [0]",  # membership
+    "assert 4 < add(2, 3) <= 5\nassert add(-1, 1) >= 0 > -1",  # ordering, chained
+    "assert add(2, 3) == 5 and add(-1, 1) == 0",  # `==` not at the top of the assert
+    "assert all([add(2, 3) == 5, add(-1, 1) == 0])",
+    "assert all(add(a, b) == c for a, b, c in [(2, 3, 5), (-1, 1, 0)])",
+], ids=["abs-tolerance", "arithmetic", "in", "ordering", "and", "all-list", "all-genexp"])
+def test_permissive_objects_fail_every_comparison(tests):
+    """Before: only an assert's top-level `a == b` / `a != b` compared plain values, so an object that
+    says yes to everything passed `abs(x - 5) < 1e-9`, `x in (5,)`, `4 < x <= 5`, and `==` inside `and`
+    or `all(...)` (15 -> 35 points without solving anything). Now every comparison (`==`, `!=`, `<`,
+    `<=`, `>`, `>=`, `in`, `not in`) anywhere in an assert compares plain built-in values only, and
+    arithmetic there, and `abs()` in the tests, accept only plain values."""
+    r = grade(code_grader(), fenced(PERMISSIVE), {"tests": tests})
+    assert r.score == 15, r
+    honest = grade(code_grader(), fenced("def add(a, b):\n    return a + b"), {"tests": tests})
+    assert honest.score == 35, honest  # the same tests pass honest code

@@ -293,13 +293,14 @@ def _run(job, nonce: str) -> None:
             status = status or 1
         exit_(status & 0xFF)
     # asserts: the code, then the tests. Prepared before the code runs: the tests (compiled, their
-    # `==`/`!=` checks made strict), a copy of the builtins they see, the functions the harness calls.
+    # comparisons made strict), a copy of the builtins they see, the functions the harness calls.
     try:
         tests = _strict_tests(job["tests"])
     except BaseException as e:  # noqa: BLE001
         report({"failed": "error", "error": "the tests do not compile: " + describe(e)})
         exit_(1)
-    run_exec, clean_builtins, eq, ne = exec, dict(vars(builtins)), *_strict_comparisons()
+    run_exec, clean_builtins, (cmp, op, abs_) = exec, dict(vars(builtins)), _strict_comparisons()
+    clean_builtins["abs"] = abs_
     settrace, setprofile = sys.settrace, sys.setprofile
     try:
         run_exec(code, ns)
@@ -308,7 +309,7 @@ def _run(job, nonce: str) -> None:
         globs = dict(ns)
         globs["__builtins__"] = clean_builtins
         run_exec(tests, globs)
-        globs["__perennial_tests__"](eq, ne)
+        globs["__perennial_tests__"](cmp, op)
     except AssertionError as e:
         report({"failed": "assertion", "error": describe(e) or "AssertionError"})
         exit_(1)
@@ -320,36 +321,64 @@ def _run(job, nonce: str) -> None:
 
 
 def _strict_tests(source: str):
-    """Assert-style tests as a code object defining ``__perennial_tests__(eq, ne)``: every ``a == b`` /
-    ``a != b`` inside an ``assert`` becomes ``eq(a, b)`` / ``ne(a, b)``, which accept only plain built-in
-    values (an object equal to everything fails), and the checks are local names the code under test
-    cannot rebind."""
+    """Assert-style tests as a code object defining ``__perennial_tests__(cmp, op)``: every comparison inside
+    an ``assert`` (``==``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``, chained or not, at the
+    top or nested in ``and``/``all(...)``/a comprehension) becomes ``cmp(ops, *operands)``, and every
+    arithmetic operation there (``x - 5``, ``-x``) ``op(name, *operands)``: both accept only plain built-in
+    values (an object that says yes to everything, or whose ``__sub__``/``__abs__`` answers what passes
+    ``abs(x - 5) < 1e-9``, fails), and they are local names the code under test cannot rebind."""
     import ast
 
     tree = ast.parse(source, "<tests>")
+    strict_ops = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
 
     class Strict(ast.NodeTransformer):
+        def visit_Compare(self, node):
+            self.generic_visit(node)
+            if not all(isinstance(op, strict_ops) for op in node.ops):  # `is`: identity cannot be faked
+                return node
+            ops = ast.Tuple([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
+            return ast.Call(ast.Name("__perennial_cmp__", ast.Load()), [ops, node.left, *node.comparators], [])
+
+        def visit_BinOp(self, node):
+            self.generic_visit(node)
+            return ast.Call(ast.Name("__perennial_op__", ast.Load()), [ast.Constant(type(node.op).__name__), node.left, node.right], [])
+
+        def visit_UnaryOp(self, node):
+            self.generic_visit(node)
+            if isinstance(node.op, ast.Not):  # truthiness: a constant answer cannot pass both `f(x)` and `not f(y)`
+                return node
+            return ast.Call(ast.Name("__perennial_op__", ast.Load()), [ast.Constant(type(node.op).__name__), node.operand], [])
+
+    class Asserts(ast.NodeTransformer):
         def visit_Assert(self, node):
-            t = node.test
-            if isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Eq, ast.NotEq)):
-                fn = "__perennial_eq__" if isinstance(t.ops[0], ast.Eq) else "__perennial_ne__"
-                node.test = ast.Call(ast.Name(fn, ast.Load()), [t.left, t.comparators[0]], [])
+            node.test = Strict().visit(node.test)
             return node
 
-    body = Strict().visit(tree).body or [ast.Pass()]
-    args = ast.arguments(posonlyargs=[], args=[ast.arg("__perennial_eq__"), ast.arg("__perennial_ne__")],
-                         kwonlyargs=[], kw_defaults=[], defaults=[])
+    body = Asserts().visit(tree).body or [ast.Pass()]
+    args = ast.arguments(posonlyargs=[], args=[ast.arg("__perennial_cmp__"), ast.arg("__perennial_op__")], kwonlyargs=[],
+                         kw_defaults=[], defaults=[])
     fn = ast.FunctionDef("__perennial_tests__", args, body, [], None, None)
     module = ast.fix_missing_locations(ast.Module([fn], []))
     return compile(module, "<tests>", "exec")
 
 
 def _strict_comparisons():
-    """(eq, ne) over plain values only: bool/int/float/complex/str/bytes/None and lists, tuples, dicts,
-    sets of them, exact types (no subclasses), so `==` is the built-in one. Built from references taken
-    before the code under test runs."""
-    type_, id_, set_, plain_types = type, id, set, (bool, int, float, complex, str, bytes, type(None))
+    """(cmp, op, abs) over plain values only: bool/int/float/complex/str/bytes/None/range and lists, tuples,
+    dicts, sets of them, exact types (no subclasses), so the comparison, arithmetic and `abs` are the
+    built-in ones (a comparison of other values is false; arithmetic or `abs` of them fails the assert).
+    Built from references taken before the code under test runs."""
+    import operator
+
+    type_, id_, set_, len_, range_, abs_, failure = type, id, set, len, range, abs, AssertionError
+    plain_types = (bool, int, float, complex, str, bytes, type(None), range)
     seqs, maps, sets = (list, tuple), (dict,), (set, frozenset)
+    fns = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
+           "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
+    arith = {"Add": operator.add, "Sub": operator.sub, "Mult": operator.mul, "Div": operator.truediv,
+             "FloorDiv": operator.floordiv, "Mod": operator.mod, "Pow": operator.pow, "MatMult": operator.matmul,
+             "LShift": operator.lshift, "RShift": operator.rshift, "BitOr": operator.or_, "BitXor": operator.xor,
+             "BitAnd": operator.and_, "USub": operator.neg, "UAdd": operator.pos, "Invert": operator.invert}
 
     def plain(x, seen) -> bool:
         t = type_(x)
@@ -370,13 +399,27 @@ def _strict_comparisons():
             return True
         return False
 
-    def eq(a, b) -> bool:
-        return plain(a, set_()) and plain(b, set_()) and a == b
+    def cmp(ops, *xs) -> bool:
+        for x in xs:
+            if not plain(x, set_()):
+                return False
+        for i in range_(len_(ops)):
+            if not fns[ops[i]](xs[i], xs[i + 1]):
+                return False
+        return True
 
-    def ne(a, b) -> bool:
-        return plain(a, set_()) and plain(b, set_()) and a != b
+    def op(name, *xs):
+        for x in xs:
+            if not plain(x, set_()):
+                raise failure(f"{name} of a value that is not a plain built-in one")
+        return arith[name](*xs)
 
-    return eq, ne
+    def strict_abs(x):
+        if not plain(x, set_()):
+            raise failure("abs() of a value that is not a plain built-in one")
+        return abs_(x)
+
+    return cmp, op, strict_abs
 
 
 # --------------------------------------------------------------------------- the supervisor loop
