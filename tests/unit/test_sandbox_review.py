@@ -305,3 +305,19 @@ def test_permissive_objects_fail_every_comparison(tests):
     assert r.score == 15, r
     honest = grade(code_grader(), fenced("def add(a, b):\n    return a + b"), {"tests": tests})
     assert honest.score == 35, honest  # the same tests pass honest code
+
+
+def test_cpu_limit_cannot_be_stretched_by_catching_sigxcpu():
+    """Before: RLIMIT_CPU's soft limit only sends SIGXCPU; a sample that ignored it computed on up to the
+    hard limit (one more second) and, ending before it, passed with more CPU than `cpuSeconds`. Now the
+    supervisor reads the sample's CPU time when it reaps it: over the limit is a `cpu` limit."""
+    code = ("import signal, time\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+            "while time.process_time() < 1.6:\n    pass\na, b = map(int, input().split())\nprint(a + b)")
+    [o] = sandbox.run([sandbox.Job("io", code, stdin="2 3\n")], sandbox.Limits(cpu_s=1, timeout_s=30))
+    assert o.limit == "cpu", o
+    r = grade(code_grader(cpuSeconds=1, timeoutSeconds=30), fenced(code), ADD_IO)
+    assert r.failed, r
+    slow_add = ("import signal, time\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+                "def add(a, b):\n    while time.process_time() < 1.6:\n        pass\n    return a + b")
+    r = grade(code_grader(cpuSeconds=1, timeoutSeconds=30), fenced(slow_add), ADD_TESTS)
+    assert r.failed, r  # assert-style: the tests ran to the end, but on more CPU than allowed

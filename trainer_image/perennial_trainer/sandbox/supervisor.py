@@ -432,6 +432,7 @@ class _Running:
         self.out_r, self.err_r, self.rec_r = out_r, err_r, rec_r
         self.open = {out_r, err_r, rec_r}
         self.status: int | None = None
+        self.cpu_s = 0.0  # CPU time of the sample's main process (and the children it waited for), when reaped
         self.limit: str | None = None
         self.truncated = False
         self.started = time.monotonic()
@@ -587,13 +588,13 @@ def main() -> None:
     def reap() -> None:
         while True:
             try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
+                pid, st, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             if pid in running:
-                running[pid].status = st
+                running[pid].status, running[pid].cpu_s = st, ru.ru_utime + ru.ru_stime
 
     def sweep_orphans() -> None:
         """Kill children of this subreaper that belong to no running sample (reparented escapees), round
@@ -697,7 +698,8 @@ def main() -> None:
         _kill_tree(r.pid, reap)
         if r.status is None:
             try:
-                _, r.status = os.waitpid(r.pid, 0)
+                _, r.status, ru = os.wait4(r.pid, 0)
+                r.cpu_s = ru.ru_utime + ru.ru_stime
             except ChildProcessError:
                 r.status = 0
         end = time.monotonic() + 0.5
@@ -727,6 +729,8 @@ def main() -> None:
                 res["limit"] = "cpu"
         else:
             res["exit_code"] = os.WEXITSTATUS(st)
+        if r.cpu_s >= lim["cpu_s"] and not res["limit"]:  # SIGXCPU ignored: it ran on towards the hard limit
+            res["limit"] = "cpu"
         kind = r.job["kind"]
         if kind == "grade":
             first = records[0] if records else {}
@@ -737,7 +741,7 @@ def main() -> None:
             res["compile_error"] = first.get("error", "") if first.get("compiled") is False else ""
             if kind == "asserts":
                 rest = records[1:]
-                res["passed"] = any(x.get("passed") == r.nonce for x in rest) and res.get("exit_code") == 0 and not r.limit
+                res["passed"] = any(x.get("passed") == r.nonce for x in rest) and res.get("exit_code") == 0 and not res["limit"]
                 failed = next((x for x in rest if "failed" in x), {})
                 res["failed"] = failed.get("failed") if not res["passed"] else None
                 res["error"] = str(failed.get("error", ""))[:500]
