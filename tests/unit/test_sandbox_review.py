@@ -321,3 +321,18 @@ def test_cpu_limit_cannot_be_stretched_by_catching_sigxcpu():
                 "def add(a, b):\n    while time.process_time() < 1.6:\n        pass\n    return a + b")
     r = grade(code_grader(cpuSeconds=1, timeoutSeconds=30), fenced(slow_add), ADD_TESTS)
     assert r.failed, r  # assert-style: the tests ran to the end, but on more CPU than allowed
+
+
+def test_output_floods_are_not_kept_by_the_trainer():
+    """Before: every I/O case's stdout (up to 1 MiB each) was kept in the trainer until the whole batch was
+    graded: a policy that prints ~1 MiB of garbage per case (a common degenerate RL behaviour, or on
+    purpose) made the trainer hold samples x cases MiB (1,536 jobs: 1.5 GiB) on top of the model. Now the
+    trainer compares each case's output with the expected one as its result arrives (expected outputs
+    still never leave the trainer) and keeps only a short head of it."""
+    flood = "import sys\nsys.stdout.write('7' * 1000000 + '\\n')"
+    outs = sandbox.run([sandbox.Job("io", flood, expected="5\n"), sandbox.Job("io", "print(5)", expected="5\n")],
+                       sandbox.Limits())
+    assert [o.matched for o in outs] == [False, True], outs
+    assert all(len(o.stdout) <= 4096 for o in outs), [len(o.stdout) for o in outs]
+    rs = grade_batch(code_grader(), [fenced(flood), fenced("a, b = map(int, input().split())\nprint(a + b)")], [ADD_IO] * 2)
+    assert [r.score for r in rs] == [15, 35], rs

@@ -254,14 +254,6 @@ def _io_cases(v: Any) -> tuple[list[tuple[str, str]], str]:
     return cases, ""
 
 
-def _normalise_output(text: str) -> list[str]:
-    """Output lines without trailing whitespace, trailing blank lines dropped (the usual judge rule)."""
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
 def _code_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[GradeResult]:
     """The Code rubric (semantics: `CodeGrader` in the API). Every sample's code is compiled and tested
     in the sandbox, one fresh process per sample and per I/O case; the verdict is decided here."""
@@ -300,7 +292,7 @@ def _code_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[Grade
             jobs.append(sandbox.Job("asserts", code, tests=asserts))
             owners.append((i, "asserts", ""))
         for inp, out in cases:
-            jobs.append(sandbox.Job("io", code, stdin=inp))
+            jobs.append(sandbox.Job("io", code, stdin=inp, expected=out))  # compared in the trainer
             owners.append((i, "io", out))
     outs = sandbox.run(jobs, lim) if jobs else []
     per: dict[int, list[tuple[str, str, sandbox.Outcome]]] = {}
@@ -336,7 +328,7 @@ def _code_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[Grade
                 n_io += 1
                 if o.crashed:
                     crash = crash or o.why(lim.timeout_s)
-                elif _normalise_output(o.stdout) == _normalise_output(expected):
+                elif o.matched:
                     n_io_ok += 1
                 else:
                     failure = failure or f"I/O case {n_io}: wrong output"

@@ -41,6 +41,15 @@ log = logging.getLogger("perennial_trainer.sandbox")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SUPERVISOR = os.path.join(_HERE, "supervisor.py")
 _RESULT_LINE_CAP = 4 << 20
+STDOUT_HEAD = 1024  # characters of an I/O case's stdout kept once it was compared (the reason shows no more)
+
+
+def normalise_output(text: str) -> list[str]:
+    """Output lines without trailing whitespace, trailing blank lines dropped (the usual judge rule)."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 @dataclass
@@ -67,7 +76,8 @@ class Limits:
 class Job:
     """One sample. `kind`: ``grade`` (call `grade(sample, item)` of `code`), ``compile`` (compile `code`
     only), ``asserts`` (run `code`, then the assert-style `tests`), ``io`` (run `code` as a script with
-    `stdin`; the trainer compares its stdout)."""
+    `stdin`; the trainer compares its stdout with `expected` as the result arrives, then keeps only its
+    head: a batch of floods does not pile up in the trainer). `expected` never leaves this process."""
 
     kind: str
     code: str
@@ -75,6 +85,7 @@ class Job:
     stdin: str = ""
     sample: Any = None
     item: Any = None
+    expected: str | None = None
 
 
 @dataclass
@@ -90,6 +101,7 @@ class Outcome:
     error: str = ""
     stdout: str = ""
     stdout_truncated: bool = False
+    matched: bool | None = None  # io with `expected`: the stdout equals it (normalised); then `stdout` is only a head
     stderr: str = ""
     wall_s: float = 0.0
     refused: str = ""  # the sandbox refused to run (e.g. Landlock required but missing)
@@ -344,7 +356,12 @@ def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
                         if "refused" in msg:
                             outcomes[msg["id"]] = Outcome(refused=str(msg["refused"]))
                         else:
-                            outcomes[msg["id"]] = Outcome(**{f: msg[f] for f in Outcome.__dataclass_fields__ if f in msg and f != "extra"})
+                            o = Outcome(**{f: msg[f] for f in Outcome.__dataclass_fields__ if f in msg and f not in ("extra", "matched")})
+                            expected = jobs[msg["id"]].expected
+                            if expected is not None:
+                                o.matched = normalise_output(o.stdout) == normalise_output(expected)
+                                o.stdout = o.stdout[:STDOUT_HEAD]
+                            outcomes[msg["id"]] = o
                 if len(sup.buf) > _RESULT_LINE_CAP:
                     why, chunk = "sandbox supervisor wrote an over-long line", b""
                 if finished:
