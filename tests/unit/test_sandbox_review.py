@@ -336,3 +336,14 @@ def test_output_floods_are_not_kept_by_the_trainer():
     assert all(len(o.stdout) <= 4096 for o in outs), [len(o.stdout) for o in outs]
     rs = grade_batch(code_grader(), [fenced(flood), fenced("a, b = map(int, input().split())\nprint(a + b)")], [ADD_IO] * 2)
     assert [r.score for r in rs] == [15, 35], rs
+
+
+def test_many_entries_under_a_large_scratch_limit():
+    """Before: with a large `scratchMiB` (up to 64 GiB), a sample made hundreds of thousands of empty
+    directories; every 20 ms poll walked them all, the supervisor fell behind, and a sample with a 10 s
+    limit held it for 28 s (the trainer's deadline allows `timeoutSeconds` + 3 s per sample: the rest of
+    its shard would have been lost). Now more than 10,000 entries stop the sample, and a slow walk makes
+    the polls rarer."""
+    code = "import os\nn = 0\nwhile True:\n    os.mkdir('d%d' % n)\n    n += 1"
+    [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(scratch_mib=65536, timeout_s=10))
+    assert o.limit == "scratch", o

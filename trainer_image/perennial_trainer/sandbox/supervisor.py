@@ -50,6 +50,7 @@ STDERR_TAIL = 2048
 RECORDS_CAP = 1 << 16  # bytes of fd-3 records read
 ENTRY_MIN_BYTES = 4096  # what each scratch entry counts at least: empty files and directories use inodes
 SCRATCH_MAX_DEPTH = 64  # directories nested deeper stop the sample (the size poll must see everything)
+SCRATCH_MAX_ENTRIES = 10_000  # files and directories: more stop the sample (each poll walks them all)
 # stdlib modules imported before forking: children use them without reading the disk (and without
 # paying for the import), also where the sandbox uid cannot read the interpreter's directory
 PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re", "string", "json",
@@ -441,10 +442,11 @@ class _Running:
 
 def _scratch_over(path: str, limit: int) -> bool:
     """Whether a sample's scratch directory is over `limit` bytes, each entry counted at least
-    ENTRY_MIN_BYTES, or cannot be measured whole: nested deeper than SCRATCH_MAX_DEPTH, a path past
-    PATH_MAX, a directory the supervisor cannot read. Iterative (no recursion limit to hit), and it stops
-    as soon as the answer is known, so a sample's many entries cost one poll at most limit/4 KiB stats."""
-    total, stack = 0, [(path, 0)]
+    ENTRY_MIN_BYTES, holds more than SCRATCH_MAX_ENTRIES entries, or cannot be measured whole: nested
+    deeper than SCRATCH_MAX_DEPTH, a path past PATH_MAX, a directory the supervisor cannot read.
+    Iterative (no recursion limit to hit), and it stops as soon as the answer is known, so one poll costs
+    at most SCRATCH_MAX_ENTRIES stats however large `scratchMiB` is."""
+    total, entries, stack = 0, 0, [(path, 0)]
     while stack:
         d, depth = stack.pop()
         try:
@@ -462,7 +464,8 @@ def _scratch_over(path: str, limit: int) -> bool:
                 except OSError:
                     return True
                 total += max(st.st_blocks * 512, ENTRY_MIN_BYTES)
-                if total > limit:
+                entries += 1
+                if total > limit or entries > SCRATCH_MAX_ENTRIES:
                     return True
                 if stat.S_ISDIR(st.st_mode):
                     if depth >= SCRATCH_MAX_DEPTH:
@@ -798,9 +801,11 @@ def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, 
                 if now >= r.deadline:
                     r.limit = "wall"
                 elif now >= r.next_scan:
-                    r.next_scan = now + 0.02
                     if _scratch_over(r.scratch, lim["scratch_mib"] << 20):
                         r.limit = "scratch"
+                    # every 20 ms, or less often when a walk is slow: the supervisor spends at most a fifth
+                    # of its time walking, and reaches its deadline checks
+                    r.next_scan = time.monotonic() + max(0.02, 4 * (time.monotonic() - now))
             if r.status is not None or r.limit:
                 finish(r)
 
