@@ -347,3 +347,14 @@ def test_many_entries_under_a_large_scratch_limit():
     code = "import os\nn = 0\nwhile True:\n    os.mkdir('d%d' % n)\n    n += 1"
     [o] = sandbox.run([sandbox.Job("io", code)], sandbox.Limits(scratch_mib=65536, timeout_s=10))
     assert o.limit == "scratch", o
+
+
+def test_a_deeply_nested_record_does_not_kill_the_supervisor():
+    """Before: assert-style code wrote `[` x 60,000 on its record descriptor (fd 3, open for the
+    harness's result); the supervisor's json.loads raised RecursionError (not ValueError), the supervisor
+    died, and every sample of its shard lost its result, on the retry too. Now such a record is ignored."""
+    code = "import os\nos.write(3, b'[' * 60000 + b'\\n')\ndef add(a, b):\n    return a + b"
+    outs = sandbox.run([sandbox.Job("asserts", code, tests="assert add(1, 2) == 3"), sandbox.Job("io", "print(5)"),
+                        sandbox.Job("io", "print(6)")], sandbox.Limits(), parallel=1)
+    assert [o.stdout for o in outs[1:]] == ["5\n", "6\n"], outs
+    assert outs[0].passed, outs[0]  # the forged line is ignored; the harness's own record still counts
