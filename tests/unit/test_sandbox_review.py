@@ -358,3 +358,24 @@ def test_a_deeply_nested_record_does_not_kill_the_supervisor():
                         sandbox.Job("io", "print(6)")], sandbox.Limits(), parallel=1)
     assert [o.stdout for o in outs[1:]] == ["5\n", "6\n"], outs
     assert outs[0].passed, outs[0]  # the forged line is ignored; the harness's own record still counts
+
+
+def test_nested_record_values_do_not_reach_the_trainer():
+    """Before: the `failed` field of an assert-style record (written by the sample on fd 3) went to the
+    trainer as any JSON value: 985 nested lists passed the supervisor's json.loads but not the trainer's,
+    called deeper in its stack (here 60 frames, as inside a training loop): `sandbox.run` raised
+    RecursionError, so every sample of the batch scored the failureScore. Now the supervisor passes on
+    only the harness's own words and the trainer skips a line it cannot decode."""
+    d = 985
+    code = (f"import os\nos.write(3, b'{{\"failed\": ' + b'[' * {d} + b']' * {d} + b'}}\\n')\nos._exit(1)\n"
+            "def add(a, b):\n    return a + b")
+
+    def deep(n: int):
+        if n:
+            return deep(n - 1)
+        return sandbox.run([sandbox.Job("asserts", code, tests="assert add(1, 2) == 3"), sandbox.Job("io", "print(5)")],
+                           sandbox.Limits(), parallel=1)
+
+    a, b = deep(60)
+    assert b.stdout == "5\n", b
+    assert not a.passed and a.failed == "error", a

@@ -339,7 +339,7 @@ def _run_shards(jobs, limits, cfg, shards, outcomes) -> tuple[dict, str]:
                     line, sup.buf = sup.buf.split(b"\n", 1)
                     try:
                         msg = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # a line nested past this stack's depth is not a result
                         continue
                     if not isinstance(msg, dict):
                         continue

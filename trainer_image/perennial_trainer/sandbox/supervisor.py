@@ -737,16 +737,20 @@ def main() -> None:
         kind = r.job["kind"]
         if kind == "grade":
             first = records[0] if records else {}
-            res["value"], res["error"] = first.get("value"), first.get("error", "")
+            value = first.get("value")  # the harness writes a scalar; anything else was written by the code
+            scalar = value is None or type(value) in (int, float, bool, str)
+            res["value"] = value if scalar else None
+            res["error"] = str(first.get("error", ""))[:500] if scalar else "grade() result record is not a number"
         else:
             first = records[0] if records else {}
             res["compiled"] = first.get("compiled")
-            res["compile_error"] = first.get("error", "") if first.get("compiled") is False else ""
+            res["compile_error"] = str(first.get("error", ""))[:500] if first.get("compiled") is False else ""
             if kind == "asserts":
                 rest = records[1:]
                 res["passed"] = any(x.get("passed") == r.nonce for x in rest) and res.get("exit_code") == 0 and not res["limit"]
                 failed = next((x for x in rest if "failed" in x), {})
-                res["failed"] = failed.get("failed") if not res["passed"] else None
+                why = failed.get("failed")  # untrusted: only the harness's two words pass, as plain strings
+                res["failed"] = None if res["passed"] or why is None else why if why in ("assertion", "error") and type(why) is str else "error"
                 res["error"] = str(failed.get("error", ""))[:500]
         emit(res)
         for b in r.bufs.values():  # zeroed, not just freed: the next sample is forked from this memory
