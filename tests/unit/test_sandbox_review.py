@@ -379,3 +379,17 @@ def test_nested_record_values_do_not_reach_the_trainer():
     a, b = deep(60)
     assert b.stdout == "5\n", b
     assert not a.passed and a.failed == "error", a
+
+
+@pytest.mark.parametrize("code,tests", [
+    ("all = lambda *a, **k: True\ndef add(a, b):\n    return 0",
+     "assert all(add(a, b) == c for a, b, c in [(2, 3, 5), (-1, 1, 0)])"),
+    ("abs = lambda x: 0\ndef add(a, b):\n    return 0", "assert abs(add(2, 3) - 5) < 1e-9\nassert abs(add(-1, 1)) < 1e-9"),
+    ("def isinstance(*a):\n    return True\ndef add(a, b):\n    return 0", "assert isinstance(add(2, 3), str)"),
+], ids=["all", "abs", "isinstance"])
+def test_code_cannot_shadow_the_builtins_of_the_tests(code, tests):
+    """Before: the tests ran in the code's namespace, whose globals come before the builtins, so code that
+    defined `all`, `abs` or `isinstance` answered the tests' checks itself (35 points for `return 0`).
+    Now a global of the code that bears a built-in's name is not seen by the tests."""
+    r = grade(code_grader(), fenced(code), {"tests": tests})
+    assert r.score < 35, r

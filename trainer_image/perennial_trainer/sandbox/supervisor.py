@@ -302,12 +302,14 @@ def _run(job, nonce: str) -> None:
         exit_(1)
     run_exec, clean_builtins, (cmp, op, abs_) = exec, dict(vars(builtins)), _strict_comparisons()
     clean_builtins["abs"] = abs_
-    settrace, setprofile = sys.settrace, sys.setprofile
+    settrace, setprofile, type_, str_ = sys.settrace, sys.setprofile, type, str
     try:
         run_exec(code, ns)
         settrace(None)  # a trace function left by the code could jump over the asserts
         setprofile(None)
-        globs = dict(ns)
+        # the code's globals, less those named like a builtin (`all = lambda *a: True` must not answer the
+        # tests' `assert all(...)`): globals come before builtins in a lookup
+        globs = {k: v for k, v in ns.items() if not (type_(k) is str_ and k in clean_builtins and k[:2] != "__")}
         globs["__builtins__"] = clean_builtins
         run_exec(tests, globs)
         globs["__perennial_tests__"](cmp, op)
