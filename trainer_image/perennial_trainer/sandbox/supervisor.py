@@ -481,6 +481,11 @@ def _remove_tree(path: str) -> None:
     or PATH_MAX, directories without permissions. No recursion and no long paths: each directory is
     moved into a fresh holding directory, emptied there (subdirectories moved up next to it), removed."""
     try:
+        os.rmdir(path)  # most samples leave nothing behind
+        return
+    except OSError:
+        pass
+    try:
         hold = tempfile.mkdtemp(prefix="perennial-rm-", dir=os.path.dirname(path))
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
