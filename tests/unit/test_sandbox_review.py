@@ -393,3 +393,16 @@ def test_code_cannot_shadow_the_builtins_of_the_tests(code, tests):
     Now a global of the code that bears a built-in's name is not seen by the tests."""
     r = grade(code_grader(), fenced(code), {"tests": tests})
     assert r.score < 35, r
+
+
+def test_a_python_grader_result_cannot_sink_the_batch():
+    """Before: a `grade()` (here: one that lets the completion steer it) whose process wrote its own result
+    record with an integer too large for a float made the trainer's finiteness check raise OverflowError:
+    every sample of the batch scored the failureScore, against the README's "one sample cannot affect
+    another's score". Now the supervisor passes on only values that are numbers a float can hold."""
+    source = ("import os\ndef grade(sample, item):\n    if 'BOOM' in sample['output_text']:\n"
+              "        os.write(3, b'{\"value\": 1' + b'0' * 400 + b'}\\n')\n        os._exit(0)\n    return 0.5")
+    g = Grader.model_validate({"name": "py", "type": "Python", "python": {"source": source}})
+    rs = grade_batch(g, ["BOOM", "an honest answer"], [{}, {}])
+    assert rs[1].score == 0.5 and not rs[1].failed, rs
+    assert rs[0].failed, rs
