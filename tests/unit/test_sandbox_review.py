@@ -67,7 +67,14 @@ def _ipc_objects(uid: int) -> list[tuple[str, int]]:
 
 
 def _scratch_dirs(uid: int) -> list[str]:
-    return [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "perennial-sample-*")) if os.lstat(d).st_uid == uid]
+    found = []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "perennial-sample-*")):
+        try:
+            if os.lstat(d).st_uid == uid:
+                found.append(d)
+        except FileNotFoundError:  # another uid's sample (another suite, a benchmark) ended meanwhile
+            pass
+    return found
 
 
 @pytest.fixture(autouse=True)
@@ -214,8 +221,8 @@ def test_a_sample_cannot_read_its_siblings():
     """Before: a forked sample found the previous sample's stdout (the supervisor's `_Running` object,
     still referenced by its loop) and the code and inputs of every other sample of the batch (the
     pending jobs) among its own objects: in GRPO the siblings are completions of the same prompt, so a
-    sample could copy (or run and take the majority of) their answers. Now the child drops every other
-    job and result before anything untrusted runs, and the supervisor zeroes a finished sample's buffers."""
+    sample could copy (or run and take the majority of) their answers. Now samples are forked from a zygote
+    that never held any job, and each reads only its own job (see the raw-memory test below)."""
     prev = "print('SIBLING' + '-MARKER')"
     later = "# SIBLING-MARKER in a later sample's code\nprint(1)"
     outs = sandbox.run([sandbox.Job("io", prev), sandbox.Job("io", PEEK), sandbox.Job("io", later, stdin="SIBLING-MARKER\n")],
@@ -406,3 +413,127 @@ def test_a_python_grader_result_cannot_sink_the_batch():
     rs = grade_batch(g, ["BOOM", "an honest answer"], [{}, {}])
     assert rs[1].score == 0.5 and not rs[1].failed, rs
     assert rs[0].failed, rs
+
+
+# ----------------------------------------------------------------------------- a sample's raw memory
+
+
+SCAN = r'''
+import ctypes, gc, os, sys
+A = sys.stdin.readline().strip().encode()  # the marker's two halves, never joined here
+B = sys.stdin.readline().strip().encode()
+OWN = b"-own-" + B
+mine = ctypes.create_string_buffer(A + OWN)  # the positive control: the scan must find this one
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+libc.sbrk.argtypes = [ctypes.c_long]
+libc.malloc.argtypes = [ctypes.c_size_t]
+PAGE, CHUNK = 4096, 1 << 16
+r, w = os.pipe()
+
+
+def read(addr, n):
+    """The bytes readable at `addr` (up to n): write(2) into a pipe faults (EFAULT) on an unreadable page
+    instead of crashing the process, and stops at the first one (/proc/self/maps is closed by Landlock)."""
+    try:
+        k = os.write(w, (ctypes.c_char * n).from_address(addr))
+    except OSError:
+        return b""
+    out = b""
+    while len(out) < k:
+        out += os.read(r, k - len(out))
+    return out
+
+
+# seeds: every object the collector knows, the heap's break, fresh allocations of every size class
+# (small: the heap; large: mmap'd near the libraries), a libc function and the control buffer
+seeds = {id(o) for o in gc.get_objects()} | {id(m) for m in list(sys.modules.values())}
+seeds |= {libc.sbrk(0) - 1, ctypes.addressof(mine), ctypes.cast(libc.malloc, ctypes.c_void_p).value, id(A), id(sys.stdin)}
+seeds |= {libc.malloc(n) for n in (16, 600, 5000, 200000, 2 << 20)}
+pages = sorted({s & ~(PAGE - 1) for s in seeds if s})
+GAP = 64  # unreadable pages crossed (guard pages between mappings) before a region ends
+regions = []
+
+
+def covered(p):
+    return any(lo <= p < hi for lo, hi in regions)
+
+
+for p in pages:
+    if covered(p) or not read(p, 1):
+        continue
+    lo = p
+    miss = 0
+    q = p - PAGE
+    while miss < GAP and q > 0 and not covered(q):
+        if read(q, 1):
+            lo, miss = q, 0
+        else:
+            miss += 1
+        q -= PAGE
+    hi = p + PAGE
+    miss = 0
+    q = hi
+    while miss < GAP and q < (1 << 47) and not covered(q):
+        if read(q, 1):
+            hi, miss = q + PAGE, 0
+        else:
+            miss += 1
+        q += PAGE
+    regions.append((lo, hi))
+
+hits, own, scanned = [], 0, 0
+keep = len(A) + len(OWN)
+for lo, hi in regions:
+    tail, pos = b"", lo
+    while pos < hi:
+        d = read(pos, min(CHUNK, hi - pos))  # stops at the first unreadable page (a guard page crossed above)
+        if not d:
+            tail, pos = b"", pos + PAGE
+            continue
+        pos += len(d)
+        scanned += len(d)
+        buf = tail + d
+        i = buf.find(A)
+        while i >= 0:
+            rest = buf[i + len(A):i + keep]
+            if rest[:len(B)] == B:
+                hits.append(buf[max(0, i - 24):i + keep + 24])
+            elif rest == OWN:
+                own += 1
+            i = buf.find(A, i + 1)
+        tail = buf[-keep:]
+print("own", own, "scanned_mib", scanned >> 20, "regions", len(regions), "hits", len(hits))
+for h in hits[:10]:
+    print("hit", h)
+'''
+
+
+def test_a_sample_finds_no_sibling_in_its_raw_memory():
+    """Before: a sample was a fork of the supervisor, whose memory had held the other samples' code and
+    input (the batch's lines in its stdin buffer, freed JSON strings) and earlier samples' stdout: a
+    sample that read its own raw memory with ctypes (probing pages by write(2) into a pipe: EFAULT, not a
+    crash) found them, and could copy a sibling's answer. Now samples are forked by a zygote the supervisor
+    forked before it read any job, and each sample receives its own job through a pipe after the fork:
+    nothing of another sample was ever in its memory. Deterministic: any hit is a leak. The scan must
+    find its own control marker (it reads the whole of every region it reaches)."""
+    import secrets
+
+    token = secrets.token_hex(8)
+    a, b = f"PRNL{token[:8]}", f"{token[8:]}SIB"  # a sibling's marker is a + b; only the halves reach the scan
+    marker = a + b
+
+    def sibling(k: int) -> sandbox.Job:
+        return sandbox.Job("io", f"# {marker} code {k}\nprint('{marker}' + ' out {k}')\nprint(input())",
+                           stdin=f"{marker} stdin {k}\n")
+
+    jobs = [sibling(0), sibling(1), sandbox.Job("io", SCAN, stdin=f"{a}\n{b}\n"), sibling(2), sibling(3)]
+    outs = sandbox.run(jobs, sandbox.Limits(timeout_s=60, cpu_s=60), parallel=1)
+    for k, o in zip((0, 1, 3, 4), (outs[0], outs[1], outs[3], outs[4])):
+        assert o.exit_code == 0 and marker in o.stdout, o
+    scan = outs[2]
+    assert scan.exit_code == 0, scan
+    first = scan.stdout.splitlines()[0].split()
+    stats = dict(zip(first[::2], map(int, first[1::2])))
+    assert stats["own"] >= 1 and stats["scanned_mib"] >= 4, scan.stdout  # the scan reads memory: it finds its own marker
+    assert stats["hits"] == 0, scan.stdout[:3000]

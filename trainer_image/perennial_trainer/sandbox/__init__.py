@@ -6,8 +6,9 @@ Defence in depth, every layer unprivileged (a pod with no capabilities and
 * the trainer starts small trusted *supervisors* (``supervisor.py``: one per CPU, kept for the life of
   the trainer process; empty environment, non-dumpable, child subreapers) and reads their answers with
   bounded reads and a deadline; the trainer never runs untrusted code and makes itself non-dumpable;
-* the supervisor forks one fresh child per sample (no state shared between samples), which confines
-  itself before anything untrusted runs: own process group, unprivileged uid when started as root,
+* one fresh process per sample (no state shared between samples), forked by a zygote that the supervisor
+  forked before reading any job (so a sample's memory holds no other sample's code, input or output),
+  which confines itself before anything untrusted runs: own process group, unprivileged uid when started as root,
   rlimits (memory, CPU, file size, open files, processes), a scratch directory, a minimal environment,
   Landlock (files, TCP, signals) and seccomp (sockets, exec, fork, signals, ptrace, ...);
 * the verdict is the supervisor's observation: exit status, limits hit, the bytes on stdout (compared

@@ -5,8 +5,13 @@ life of the trainer process; it never runs untrusted code itself. Protocol (JSON
 config line, then batches, each one line per job and an ``{"end": true}`` line; stdout = one
 ``{"layers": ...}`` line, then per batch one result line per job (in completion order) and ``{"done": true}``.
 
-Per job it forks a child (one fresh process per sample; no exec, so no interpreter start-up), which
-before running anything untrusted:
+Samples are not forked from the supervisor, whose memory holds the batch (every sample's code and input)
+and earlier samples' outputs, but from a *zygote*: a process the supervisor forks at start-up, after its
+imports and before it reads any job, which only ever receives pipe ends. Per job the zygote forks the
+sample (one fresh process per sample; no exec, so no interpreter start-up), waits for it and reports its
+pid, then its wait status and CPU time (wait4), to the supervisor; the sample reads its own job from a
+pipe, so its memory holds its own job and nothing of any other sample's. Before running anything
+untrusted the sample:
 
 * moves into its own process group (the seccomp filter then forbids leaving it: ``setsid``/``setpgid``);
 * drops to an unprivileged uid when the supervisor is root (``PERENNIAL_SANDBOX_UID``, default 65534);
@@ -19,7 +24,8 @@ before running anything untrusted:
   pidfd_* / io_uring / namespaces / keyrings / BPF / SysV IPC / POSIX message queues, no rlimit or
   priority changes of other processes.
 
-The supervisor is a child subreaper and non-dumpable. It enforces the wall-clock limit, the scratch
+The supervisor is a child subreaper (the zygote is not: a sample's orphans are reparented to the
+supervisor) and non-dumpable. It enforces the wall-clock limit, the scratch
 size (polled) and an output cap, and when the sample's main process ends (or is killed) it kills the
 sample's whole process group and any orphan that was reparented to it, then removes the scratch dir.
 Verdicts come only from what the supervisor observes (exit status, the bytes on stdout) plus the
@@ -58,12 +64,6 @@ PRELOAD = ("math", "cmath", "itertools", "functools", "collections", "heapq", "b
            "io", "traceback", "array", "datetime", "time", "textwrap", "unicodedata", "enum", "abc", "struct",
            "glob", "fnmatch", "pathlib", "hashlib", "base64", "binascii", "pickle", "csv", "contextlib", "warnings",
            "weakref", "numbers", "pprint", "queue", "threading", "zlib", "calendar", "locale", "shlex", "difflib", "ast")
-
-
-# the containers that hold other samples' jobs and state (the batch, the pending jobs, the running
-# samples): each child empties its copies before anything untrusted runs, so a sample finds no sibling's
-# code, input or output among its objects (its siblings are completions of the same prompt)
-_others: list = []
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -189,6 +189,8 @@ def _child(job, cfg, fds, scratch, seccomp_filter, nonce) -> None:
             os.dup2(src, dst)
         os.closerange(4, 2**31 - 1)  # close_range(2): every other descriptor (the pipes to the trainer, ...)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != cfg["zygote_pid"]:  # the zygote died (with the supervisor): nothing would wait or kill
+            raise RuntimeError("the sample's zygote is gone")
         lim = cfg["limits"]
         if os.geteuid() == 0:
             os.setgroups([])
@@ -549,8 +551,120 @@ def _kill_tree(pgid: int, reap, deadline_s: float = 2.0) -> None:
         time.sleep(0.001)
 
 
+def _read_config_line() -> bytes:
+    """The config line, read byte by byte from fd 0: a buffered read would take in (some of) the first
+    batch's jobs with it, and the zygote, forked next, must never hold any job."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        c = os.read(0, 1)
+        if not c:
+            break
+        line += c
+    return bytes(line)
+
+
+def _write_all(fd: int, data: bytes, seconds: float = 2.0) -> None:
+    """Write `data` whole to a pipe or give up after `seconds` (the reader is a sample: it may not read)."""
+    try:
+        os.set_blocking(fd, False)
+        view = memoryview(data)
+        end = time.monotonic() + seconds
+        while view and time.monotonic() < end:
+            try:
+                view = view[os.write(fd, view[:65536]):]
+            except BlockingIOError:
+                time.sleep(0.001)
+    except OSError:
+        pass
+
+
+def _zygote(ctl, cfg: dict, seccomp_filter) -> None:
+    """The process every sample is forked from, and their parent. Forked by the supervisor at start-up,
+    before it reads any job, and it never receives one: per sample it gets only the sample's pipe ends
+    (SCM_RIGHTS), forks the sample and answers its pid; when a sample ends it reports its pid, wait
+    status and CPU time (wait4). The sample reads its own job from its job pipe. So a sample's memory
+    holds its own job and nothing of any other: the supervisor's, which holds the batch and earlier
+    outputs, is never forked. The zygote is not a subreaper: a sample's orphans go to the supervisor."""
+    import select
+
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)  # the trainer's pipes: the zygote neither reads jobs nor writes results
+    os.dup2(null, 1)
+    os.close(null)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    cfg["zygote_pid"] = os.getpid()
+    rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wsig)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    import socket
+
+    while True:
+        ready, _, _ = select.select([ctl, rsig], [], [])
+        if rsig in ready:
+            try:
+                os.read(rsig, 4096)
+            except BlockingIOError:
+                pass
+        while True:  # every sample that ended: its status goes to the supervisor
+            try:
+                pid, st, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            ctl.send(json.dumps({"exit": pid, "status": st, "cpu": ru.ru_utime + ru.ru_stime}).encode())
+        if ctl not in ready:
+            continue
+        try:
+            _, fds, _, _ = socket.recv_fds(ctl, 16, 8)
+        except OSError:
+            os._exit(1)
+        if len(fds) != 5:
+            os._exit(0)  # the supervisor closed the channel (or is gone)
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in (rsig, wsig):
+                    os.close(fd)
+                ctl.close()
+                _sample(fds, cfg, seccomp_filter)
+            finally:
+                os._exit(70)
+        if pid > 0:
+            try:
+                os.setpgid(pid, pid)
+            except OSError:
+                pass
+        for fd in fds:
+            os.close(fd)
+        ctl.send(json.dumps({"pid": pid}).encode())
+
+
+def _sample(fds, cfg: dict, seccomp_filter) -> None:
+    """In the sample, a child of the zygote: read its job (the supervisor's, sent once it has the sample's
+    pid), then confine itself and run it. Never returns."""
+    try:
+        stdin_r, out_w, err_w, rec_w, job_r = fds
+        data = bytearray()
+        while chunk := os.read(job_r, 1 << 16):
+            data += chunk
+        os.close(job_r)
+        msg = json.loads(data)
+        cfg["nproc"] = msg["nproc"]
+    except BaseException as e:  # noqa: BLE001 - the supervisor died, or gave up writing the job
+        os.write(2, f"sandbox set-up failed: the job did not arrive whole: {e!r}\n".encode())
+        os._exit(70)
+    _child(msg["job"], cfg, (stdin_r, out_w, err_w, rec_w), msg["scratch"], seccomp_filter, msg["nonce"])
+    os._exit(70)
+
+
 def main() -> None:
-    cfg = json.loads(sys.stdin.buffer.readline())
+    cfg = json.loads(_read_config_line())
     sys.path[:0] = cfg["sys_path"]
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -578,7 +692,6 @@ def main() -> None:
         out.write(json.dumps(obj).encode() + b"\n")
         out.flush()
 
-    emit({"layers": layers})
     off = set(cfg.get("layers_off", ()))  # tests and benchmarks turn single layers off to show the others hold
     seccomp_filter = _seccomp_filter(lim["processes"]) if seccomp_ok and "seccomp" not in off else None
     abi = 0 if "landlock" in off else abi
@@ -586,25 +699,60 @@ def main() -> None:
     cfg["landlock_rules"] = _landlock_rules("/nonexistent") if abi else []
     cfg["scratch_rights"] = landlock.WRITE_ALL
     uid = cfg["uid"] if os.geteuid() == 0 else os.geteuid()
+    import socket
+
+    ctl, zctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = os.fork()  # before the first job is read: see _zygote
+    if zygote == 0:
+        try:
+            ctl.close()
+            _zygote(zctl, cfg, seccomp_filter)
+        finally:
+            os._exit(1)
+    zctl.close()
+    emit({"layers": layers})
 
     rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wsig)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     sel = selectors.DefaultSelector()
     sel.register(rsig, selectors.EVENT_READ)
+    sel.register(ctl, selectors.EVENT_READ)  # the zygote's reports: samples' pids and exits
     running: dict[int, _Running] = {}
     parallel = max(1, cfg["parallel"])
 
+    early: dict[int, tuple[int, float]] = {}  # exits reported before the sample's pid was (killed before its job came)
+
+    def on_report(msg: dict) -> int | None:
+        """A report of the zygote: a sample's exit is recorded; a new sample's pid is returned."""
+        if "exit" in msg:
+            pid, st, cpu = msg["exit"], msg["status"], msg["cpu"]
+            if pid in running:
+                running[pid].status, running[pid].cpu_s = st, cpu
+            else:
+                early[pid] = (st, cpu)
+            return None
+        return msg["pid"]
+
+    def report(block: bool) -> dict | None:
+        try:
+            data = ctl.recv(4096, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise RuntimeError("the zygote died")
+        return json.loads(data)
+
     def reap() -> None:
-        while True:
+        while (msg := report(False)) is not None:  # the samples: the zygote is their parent and waits for them
+            on_report(msg)
+        while True:  # orphans that left a sample and were reparented to this subreaper
             try:
-                pid, st, ru = os.wait4(-1, os.WNOHANG)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            if pid in running:
-                running[pid].status, running[pid].cpu_s = st, ru.ru_utime + ru.ru_stime
 
     def sweep_orphans() -> None:
         """Kill children of this subreaper that belong to no running sample (reparented escapees), round
@@ -619,7 +767,7 @@ def main() -> None:
                 return
             strays = []
             for pid in kids:
-                if pid in running:
+                if pid in running or pid == zygote:
                     continue
                 try:
                     if os.getpgid(pid) in running:
@@ -637,45 +785,29 @@ def main() -> None:
         scratch = tempfile.mkdtemp(prefix="perennial-sample-", dir=cfg["scratch_root"])
         if os.geteuid() == 0:
             os.chown(scratch, cfg["uid"], cfg["gid"])
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
-        stdin_r, stdin_w = pipes[0]
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]  # stdin, stdout, stderr, records, the job
         nonce = os.urandom(16).hex()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                for c in _others:
-                    c.clear()
-                sel.close()  # its keys point at the running samples
-                _child(job, cfg, (stdin_r, pipes[1][1], pipes[2][1], pipes[3][1]), scratch, seccomp_filter, nonce)
-            finally:
-                os._exit(70)
-        try:
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
-        for r, w in pipes[1:]:
-            os.close(w)
-        os.close(stdin_r)
-        data = (job.get("stdin") or "").encode()
-        try:  # the input is written whole or not at all: a pipe holds 64 KiB; more goes through a thread-free loop
-            os.set_blocking(stdin_w, False)
-            view = memoryview(data)
-            end = time.monotonic() + 2
-            while view and time.monotonic() < end:
-                try:
-                    view = view[os.write(stdin_w, view[:65536]):]
-                except BlockingIOError:
-                    time.sleep(0.001)
-        except OSError:
-            pass
-        os.close(stdin_w)
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1], pipes[4][0]]
+        socket.send_fds(ctl, [b"fork"], theirs)
+        for fd in theirs:
+            os.close(fd)
+        pid = None
+        while pid is None:  # exits of the samples running meanwhile may come first
+            pid = on_report(report(True))
+        if pid <= 0:
+            raise RuntimeError("the zygote could not fork a sample")
+        # the sample gets its job, and nothing else, through its pipe
+        _write_all(pipes[4][1], json.dumps({"job": job, "nonce": nonce, "scratch": scratch, "nproc": cfg["nproc"]}).encode())
+        os.close(pipes[4][1])
+        _write_all(pipes[0][1], (job.get("stdin") or "").encode())  # whole or not at all: a pipe holds 64 KiB
+        os.close(pipes[0][1])
         r = _Running(job, pid, scratch, pipes[1][0], pipes[2][0], pipes[3][0], nonce, time.monotonic() + lim["timeout_s"])
         for fd in (r.out_r, r.err_r, r.rec_r):
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ, r)
         running[pid] = r
+        if pid in early:
+            r.status, r.cpu_s = early.pop(pid)
         emit({"started": job["id"], "pgid": pid})  # should this supervisor die, the trainer kills the group
 
     def read_fd(r: _Running, fd: int) -> None:
@@ -706,12 +838,8 @@ def main() -> None:
 
     def finish(r: _Running) -> None:
         _kill_tree(r.pid, reap)
-        if r.status is None:
-            try:
-                _, r.status, ru = os.wait4(r.pid, 0)
-                r.cpu_s = ru.ru_utime + ru.ru_stime
-            except ChildProcessError:
-                r.status = 0
+        while r.status is None:  # killed with its group: the zygote reports it at once
+            on_report(report(True))
         end = time.monotonic() + 0.5
         while r.open and time.monotonic() < end:  # the group is dead: the rest of the pipes is buffered
             for fd in list(r.open):
@@ -765,10 +893,6 @@ def main() -> None:
                 res["failed"] = None if res["passed"] or why is None else why if why in ("assertion", "error") and type(why) is str else "error"
                 res["error"] = str(failed.get("error", ""))[:500]
         emit(res)
-        for b in r.bufs.values():  # zeroed, not just freed: the next sample is forked from this memory
-            b[:] = bytes(len(b))
-        r.bufs.clear()
-        r.job = None
 
     def batches():
         """Batches of jobs from stdin, each ended by an {"end": true} line, until EOF: the supervisor
@@ -796,18 +920,18 @@ def main() -> None:
 
 def run_batch(jobs, start, running, parallel, sel, rsig, read_fd, reap, finish, lim) -> None:
     pending = list(jobs)
-    _others[:] = [jobs, pending, running]
     while pending or running:
         while pending and len(running) < parallel:
             start(pending.pop(0))
         now = time.monotonic()
         timeout = min([min(r.deadline, r.next_scan) for r in running.values()], default=now + 1) - now
         for key, _ in sel.select(max(0.0, min(timeout, 0.1))):
-            if key.fd == rsig:
-                try:
-                    os.read(rsig, 4096)
-                except BlockingIOError:
-                    pass
+            if key.data is None:  # the signal pipe, or the zygote's reports (read by reap() below)
+                if key.fd == rsig:
+                    try:
+                        os.read(rsig, 4096)
+                    except BlockingIOError:
+                        pass
                 continue
             read_fd(key.data, key.fd)
         reap()
