@@ -21,6 +21,7 @@ it tries itself)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -38,7 +39,9 @@ class FeedbackIds:
     def __init__(self, spool_dir: str | os.PathLike[str], max_ids: int = 200000) -> None:
         self.dir = Path(spool_dir)
         self.max_ids = max_ids
-        self._ids: dict[str, None] = {}
+        # an OrderedDict, not a dict: evicting the oldest of a full plain dict (`del d[next(iter(d))]`)
+        # scans every slot deleted before it until the next resize, ~30 us per add at 200k ids
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.inflight: dict[str, asyncio.Future[None]] = {}
         self._lock = threading.Lock()  # the journal is written from the shipper's thread
         self._gen = 0
@@ -57,7 +60,7 @@ class FeedbackIds:
         ids = self._ids
         ids[fid] = None
         if len(ids) > self.max_ids:
-            del ids[next(iter(ids))]
+            ids.popitem(last=False)
 
     # ------------------------------------------------------------ disk
     def load(self) -> int:

@@ -75,6 +75,9 @@ def spelled(field: str, sent: Any) -> str:
     return _NAMES.get(field, field)
 
 
+_NEEDS = {"score": ("score",), "thumbs": ("thumbs",), "label": ("label",), "correction": ("correction",), "preference": ("other_response_id", "chosen")}
+
+
 def _type_of(req: FeedbackRequest, sent: Any) -> FeedbackType | RequestError:
     """The feedback type: as given, or inferred from the one type field that is set; checked
     against the fields the type needs."""
@@ -88,8 +91,7 @@ def _type_of(req: FeedbackRequest, sent: Any) -> FeedbackType | RequestError:
         t: FeedbackType = present[0]  # type: ignore[assignment]
     else:
         t = req.type
-    need = {"score": ("score",), "thumbs": ("thumbs",), "label": ("label",), "correction": ("correction",), "preference": ("other_response_id", "chosen")}[t]
-    for f in need:
+    for f in _NEEDS[t]:
         if getattr(req, f) is None:
             p = spelled(f, sent)
             return RequestError(400, f"`{p}` must be set for feedback of type `{t}`", "invalid_feedback", p)
