@@ -24,3 +24,12 @@ def test_the_window_survives_a_restart_from_journal_and_spool(tmp_path: Path) ->
     again = FeedbackIds(tmp_path, max_ids=4)
     assert again.load() == 3
     assert all(f in again for f in ("fb-a", "fb-b", "fb-c")) and "x" not in again
+
+
+def test_seen_responses_forget_the_oldest_first() -> None:
+    from perennial_server.capture import SeenResponses
+
+    seen = SeenResponses(max_ids=3)
+    for rid in ("a", "b", "c", "d", "e"):
+        seen.add(rid)
+    assert [r in seen for r in ("a", "b", "c", "d", "e")] == [False, False, True, True, True]
