@@ -21,39 +21,11 @@ import time
 import warnings
 
 import pytest
-from perennial.api import Grader
 from perennial_trainer import sandbox
 from perennial_trainer.graders import grade, grade_batch
+from sandbox_support import ADD_IO, ADD_TESTS, RUBRIC, code_grader, fenced, uid_pids
 
 UID = 47011  # no other process on the machine runs as this uid: anything left running under it is ours
-RUBRIC = {"formatPoints": "5", "compilePoints": "10", "testPoints": "20"}
-ADD_TESTS = {"tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0"}
-ADD_IO = {"io_tests": [{"input": "2 3\n", "output": "5\n"}, {"input": "-1 1\n", "output": "0\n"}]}
-
-
-def code_grader(**limits) -> Grader:
-    return Grader.model_validate({"name": "code", "type": "Code", "code": dict(RUBRIC, limits=limits)})
-
-
-def fenced(src: str) -> str:
-    return f"```python\n{src}\n```"
-
-
-def _uid_pids(uid: int) -> list[int]:
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
-                            pids.append(int(p))
-                        break
-        except OSError:
-            pass
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +93,7 @@ def survives(world):
     assert not world["accepted"], f"sandboxed code connected to the loopback listener: {world['accepted']}"
     left = []
     for _ in range(50):
-        left = [p for p in _uid_pids(UID) if p != world["decoy"]]
+        left = [p for p in uid_pids(UID) if p != world["decoy"]]
         if not left:
             break
         time.sleep(0.05)
