@@ -71,6 +71,22 @@ class AppThread:
         self.thread.join(30)
 
 
+def fake_engine(chat: Callable[[Any], Any]) -> AppThread:
+    """A started fake engine: `chat` answers `POST /v1/chat/completions`, `GET /health` answers `{}`."""
+    from aiohttp import web
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    def make() -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", health)
+        return app
+
+    return AppThread(make).start()
+
+
 def make_adapter(base_path: str, out: Path, seed: int) -> str:
     import torch
     from peft import LoraConfig, get_peft_model

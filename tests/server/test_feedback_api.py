@@ -12,7 +12,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from srvutil import TOKEN, AppThread, free_port, read_store
+from srvutil import TOKEN, fake_engine, free_port, read_store
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD = {"response_id": "chatcmpl-1", "type": "thumbs", "thumbs": "up"}
@@ -48,16 +48,7 @@ def fake_upstream():
             out["id"] = "chatcmpl-up2"
         return web.json_response(out)
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    def make() -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/health", health)
-        return app
-
-    t = AppThread(make).start()
+    t = fake_engine(chat)
     yield t
     t.stop()
 

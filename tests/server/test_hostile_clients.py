@@ -26,7 +26,7 @@ from typing import Self
 import pytest
 import requests
 from aiohttp import web
-from srvutil import TOKEN, AppThread, free_port
+from srvutil import TOKEN, AppThread, fake_engine, free_port
 from waiting import wait_for
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -58,16 +58,7 @@ def upstream() -> Iterator[AppThread]:
         return web.json_response({"id": f"chatcmpl-{body.get('user', 'x')}", "object": "chat.completion", "model": model,
                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]})
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    def make() -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/health", health)
-        return app
-
-    t = AppThread(make).start()
+    t = fake_engine(chat)
     yield t
     t.stop()
 
