@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import wait_for
+from devproc import stop_dev
 
 from perennial.kube import connect
 
@@ -55,11 +55,5 @@ def test_perennial_dev_demo_trains_an_adapter(tmp_path: Path):
             out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "get", "perennial"], capture_output=True, text=True, timeout=60).stdout
             assert "fruit-v1" in out and "fruit-grpo" in out
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("perennial dev did not stop on SIGINT")
-        log.close()
+        stop_dev(proc, log)
     assert proc.returncode == 0, (tmp_path / "dev.log").read_text()[-2000:]

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import running_cluster, wait_for
+from devproc import stop_dev
 
 from perennial.cli import _start_control_plane
 from perennial.kube import connect
@@ -224,13 +224,7 @@ def test_perennial_dev_binds_api_and_metrics_to_host_and_requires_the_token(tmp_
             with pytest.raises(OSError):
                 socket.create_connection((addr, p), timeout=5).close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("perennial dev did not stop on SIGINT")
-        log.close()
+        stop_dev(proc, log)
     assert proc.returncode == 0, (tmp_path / "dev.log").read_text()[-2000:]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from srvutil import TOKEN, free_port, read_store
+from srvutil import TOKEN, fake_engine, free_port, read_store
 from waiting import wait_for
 
 
@@ -116,8 +116,6 @@ def test_sigterm_drains_in_flight_requests_then_ships(tmp_path: Path) -> None:
 
     from aiohttp import web
 
-    from srvutil import AppThread
-
     in_flight, released = threading.Event(), threading.Event()
 
     async def slow_chat(request: web.Request) -> web.Response:
@@ -126,12 +124,7 @@ def test_sigterm_drains_in_flight_requests_then_ships(tmp_path: Path) -> None:
         return web.json_response({"id": "chatcmpl-slow", "object": "chat.completion", "model": "m",
                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}]})
 
-    def make() -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", slow_chat)
-        return app
-
-    up = AppThread(make).start()
+    up = fake_engine(slow_chat)
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
     args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", up.url, "--host", "127.0.0.1",
@@ -183,19 +176,12 @@ def test_kill_9_loses_only_the_last_moments_of_interactions(tmp_path: Path) -> N
     Measured here: every interaction answered 2 s or more before the kill is stored; the loss is printed."""
     from aiohttp import web
 
-    from srvutil import AppThread
-
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         return web.json_response({"id": f"chatcmpl-{body['user']}", "object": "chat.completion", "model": "m",
                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
 
-    def make() -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        return app
-
-    up = AppThread(make).start()
+    up = fake_engine(chat)
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
     proc = _start(tmp_path, port, upstream=up.url)
