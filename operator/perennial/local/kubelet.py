@@ -291,7 +291,169 @@ class LocalKubelet:
                 self._finished.add(worker.uid)
 
 
-class _JobWorker:
+class _PodSandbox:
+    """The pod directory, volumes, env and argv of a container (shared by the Job worker and the serving pods).
+
+    Needs `k` (the kubelet), `kube`, `ns`, `pod_dir`, `pod_spec`, `template`, `container` and `job_name` (for logs)."""
+
+    # ------------------------------------------------------------------ pod sandbox
+
+    def _prepare(self, pod_name: str) -> tuple[list[str], dict[str, str], str, list[Path]]:
+        """Volumes, mounts, env, argv and cwd of the container; raises _ConfigError while a reference is missing."""
+        assert self.pod_dir is not None
+        vol_root = self.pod_dir / "volumes"
+        volumes: dict[str, Path] = {}
+        for vol in self.pod_spec.get("volumes") or []:
+            volumes[vol["name"]] = self._materialize(vol, vol_root / vol["name"])
+        mounts: list[tuple[str, str]] = []
+        for m in self.container.get("volumeMounts") or []:
+            base = volumes.get(m.get("name"))
+            if base is None:
+                raise _ConfigError("CreateContainerConfigError", f"volume {m.get('name')!r} not found")
+            local = base / m["subPath"] if m.get("subPath") else base
+            if m.get("subPath") and not local.exists():
+                local.mkdir(parents=True, exist_ok=True)
+            mp = str(m.get("mountPath") or "").rstrip("/")
+            if mp:
+                mounts.append((mp, str(local)))
+        mounts.sort(key=lambda x: len(x[0]), reverse=True)
+
+        def rewrite(s: str) -> str:
+            for mp, local in mounts:
+                if s == mp or s.startswith(mp + "/"):
+                    return local + s[len(mp):]
+            if s.startswith("file://"):
+                r = rewrite(s[len("file://"):])
+                return "file://" + r if r != s[len("file://"):] else s
+            if s.startswith("-") and "=" in s:
+                key, value = s.split("=", 1)
+                r = rewrite(value)
+                return f"{key}={r}" if r != value else s
+            return s
+
+        env: dict[str, str] = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env["HF_HUB_OFFLINE"] = "1"
+        container_env: dict[str, str] = {}
+        for src in self.container.get("envFrom") or []:
+            prefix = src.get("prefix") or ""
+            if src.get("configMapRef"):
+                data = self._config_data("ConfigMap", src["configMapRef"])
+            elif src.get("secretRef"):
+                data = self._config_data("Secret", src["secretRef"])
+            else:
+                continue
+            for k, v in data.items():
+                container_env[prefix + k] = v.decode("utf-8", errors="replace")
+        for item in self.container.get("env") or []:
+            name = item["name"]
+            if "value" in item or not item.get("valueFrom"):
+                container_env[name] = _expand(str(item.get("value") or ""), container_env)
+                continue
+            vf = item["valueFrom"]
+            value: str | None
+            if vf.get("secretKeyRef") or vf.get("configMapKeyRef"):
+                ref = vf.get("secretKeyRef") or vf.get("configMapKeyRef")
+                kind = "Secret" if vf.get("secretKeyRef") else "ConfigMap"
+                data = self._config_data(kind, ref)
+                if ref.get("key") not in data:
+                    if ref.get("optional"):
+                        continue
+                    raise _ConfigError("CreateContainerConfigError", f"couldn't find key {ref.get('key')} in {kind} {self.ns}/{ref.get('name')}")
+                value = data[ref["key"]].decode("utf-8", errors="replace")
+            elif vf.get("fieldRef"):
+                value = self._field(pod_name, vf["fieldRef"].get("fieldPath", ""))
+            else:
+                value = None
+            if value is not None:
+                container_env[name] = value
+        for k, v in container_env.items():
+            env[k] = rewrite(v)
+        termination_log = self.pod_dir / "termination-log"
+        env.update({"PERENNIAL_PVC_ROOT": str(self.k.pvc_root), "PERENNIAL_TERMINATION_LOG": str(termination_log),
+                    "PYTHONUNBUFFERED": "1"})
+        term_paths = [termination_log]
+        tmp = self.container.get("terminationMessagePath")
+        if tmp and rewrite(tmp) != tmp:
+            term_paths.append(Path(rewrite(tmp)))
+
+        command = [_expand(str(c), container_env) for c in self.container.get("command") or []]
+        args = [_expand(str(a), container_env) for a in self.container.get("args") or []]
+        mapped = self.k.commands.get(command[0]) or self.k.commands.get(os.path.basename(command[0])) if command else None
+        if mapped is not None:
+            prefix, rest = list(mapped), command[1:] + args
+        else:
+            if command:
+                log.info("Replaced an unknown command with the image's entrypoint pod=%s command=%s", pod_name, command[0])
+            prefix, rest = list(self.k.images[self.container.get("image")]), args
+        argv = prefix + [rewrite(a) for a in rest]
+
+        cwd = str(self.pod_dir)
+        wd = self.container.get("workingDir")
+        if wd and rewrite(wd) != wd:
+            cwd = rewrite(wd)
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+        return argv, env, cwd, term_paths
+
+    def _config_data(self, kind: str, ref: dict[str, Any]) -> dict[str, bytes]:
+        """The data of a ConfigMap/Secret as bytes ({} when missing and optional)."""
+        obj = self.kube.get("v1", kind, self.ns, ref.get("name", ""))
+        if obj is None:
+            if ref.get("optional"):
+                return {}
+            raise _ConfigError("CreateContainerConfigError", f'{kind.lower()} "{ref.get("name")}" not found')
+        if kind == "Secret":
+            return {k: base64.b64decode(v or "") for k, v in (obj.get("data") or {}).items()}
+        out = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+        out.update({k: base64.b64decode(v or "") for k, v in (obj.get("binaryData") or {}).items()})
+        return out
+
+    def _field(self, pod_name: str, path: str) -> str | None:
+        if path.startswith("metadata.labels['"):
+            key = path[len("metadata.labels['"):-2]
+            return str(((self.template.get("metadata") or {}).get("labels") or {}).get(key, ""))
+        return {"metadata.name": pod_name, "metadata.namespace": self.ns, "spec.nodeName": self.k.node_name,
+                "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
+                "spec.serviceAccountName": self.pod_spec.get("serviceAccountName", "default")}.get(path)
+
+    def _materialize(self, vol: dict[str, Any], target: Path) -> Path:
+        if vol.get("persistentVolumeClaim"):
+            path = self.k.pvc_root / vol["persistentVolumeClaim"]["claimName"]
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        if vol.get("hostPath"):
+            return Path(vol["hostPath"]["path"])
+        target.mkdir(parents=True, exist_ok=True)
+        if vol.get("configMap") is not None:
+            self._write_keys(target, "ConfigMap", vol["configMap"])
+        elif vol.get("secret") is not None:
+            ref = dict(vol["secret"])
+            ref["name"] = ref.get("secretName", "")
+            self._write_keys(target, "Secret", ref)
+        elif vol.get("projected") is not None:
+            for src in vol["projected"].get("sources") or []:
+                if src.get("configMap") is not None:
+                    self._write_keys(target, "ConfigMap", src["configMap"])
+                elif src.get("secret") is not None:
+                    self._write_keys(target, "Secret", src["secret"])
+        elif vol.get("emptyDir") is None and vol.get("downwardAPI") is None:
+            log.info("Used an empty directory for an unsupported volume volume=%s job=%s", vol.get("name"), self.job_name)
+        return target
+
+    def _write_keys(self, target: Path, kind: str, ref: dict[str, Any]) -> None:
+        data = self._config_data(kind, ref)
+        items = ref.get("items")
+        pairs = [(i["key"], i.get("path") or i["key"]) for i in items] if items else [(k, k) for k in data]
+        for key, rel in pairs:
+            if key not in data:
+                if ref.get("optional"):
+                    continue
+                raise _ConfigError("CreateContainerConfigError", f"couldn't find key {key} in {kind} {self.ns}/{ref.get('name')}")
+            path = target / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data[key])
+
+
+class _JobWorker(_PodSandbox):
     """Drives one Job to a terminal state in its own thread."""
 
     def __init__(self, kubelet: LocalKubelet, job: dict[str, Any]):
@@ -683,162 +845,6 @@ class _JobWorker:
         if rc != 0 and self.container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             return "".join(tail)[-FALLBACK_LOG_BYTES:]
         return ""
-
-    # ------------------------------------------------------------------ pod sandbox
-
-    def _prepare(self, pod_name: str) -> tuple[list[str], dict[str, str], str, list[Path]]:
-        """Volumes, mounts, env, argv and cwd of the container; raises _ConfigError while a reference is missing."""
-        assert self.pod_dir is not None
-        vol_root = self.pod_dir / "volumes"
-        volumes: dict[str, Path] = {}
-        for vol in self.pod_spec.get("volumes") or []:
-            volumes[vol["name"]] = self._materialize(vol, vol_root / vol["name"])
-        mounts: list[tuple[str, str]] = []
-        for m in self.container.get("volumeMounts") or []:
-            base = volumes.get(m.get("name"))
-            if base is None:
-                raise _ConfigError("CreateContainerConfigError", f"volume {m.get('name')!r} not found")
-            local = base / m["subPath"] if m.get("subPath") else base
-            if m.get("subPath") and not local.exists():
-                local.mkdir(parents=True, exist_ok=True)
-            mp = str(m.get("mountPath") or "").rstrip("/")
-            if mp:
-                mounts.append((mp, str(local)))
-        mounts.sort(key=lambda x: len(x[0]), reverse=True)
-
-        def rewrite(s: str) -> str:
-            for mp, local in mounts:
-                if s == mp or s.startswith(mp + "/"):
-                    return local + s[len(mp):]
-            if s.startswith("file://"):
-                r = rewrite(s[len("file://"):])
-                return "file://" + r if r != s[len("file://"):] else s
-            if s.startswith("-") and "=" in s:
-                key, value = s.split("=", 1)
-                r = rewrite(value)
-                return f"{key}={r}" if r != value else s
-            return s
-
-        env: dict[str, str] = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-        env["HF_HUB_OFFLINE"] = "1"
-        container_env: dict[str, str] = {}
-        for src in self.container.get("envFrom") or []:
-            prefix = src.get("prefix") or ""
-            if src.get("configMapRef"):
-                data = self._config_data("ConfigMap", src["configMapRef"])
-            elif src.get("secretRef"):
-                data = self._config_data("Secret", src["secretRef"])
-            else:
-                continue
-            for k, v in data.items():
-                container_env[prefix + k] = v.decode("utf-8", errors="replace")
-        for item in self.container.get("env") or []:
-            name = item["name"]
-            if "value" in item or not item.get("valueFrom"):
-                container_env[name] = _expand(str(item.get("value") or ""), container_env)
-                continue
-            vf = item["valueFrom"]
-            value: str | None
-            if vf.get("secretKeyRef") or vf.get("configMapKeyRef"):
-                ref = vf.get("secretKeyRef") or vf.get("configMapKeyRef")
-                kind = "Secret" if vf.get("secretKeyRef") else "ConfigMap"
-                data = self._config_data(kind, ref)
-                if ref.get("key") not in data:
-                    if ref.get("optional"):
-                        continue
-                    raise _ConfigError("CreateContainerConfigError", f"couldn't find key {ref.get('key')} in {kind} {self.ns}/{ref.get('name')}")
-                value = data[ref["key"]].decode("utf-8", errors="replace")
-            elif vf.get("fieldRef"):
-                value = self._field(pod_name, vf["fieldRef"].get("fieldPath", ""))
-            else:
-                value = None
-            if value is not None:
-                container_env[name] = value
-        for k, v in container_env.items():
-            env[k] = rewrite(v)
-        termination_log = self.pod_dir / "termination-log"
-        env.update({"PERENNIAL_PVC_ROOT": str(self.k.pvc_root), "PERENNIAL_TERMINATION_LOG": str(termination_log),
-                    "PYTHONUNBUFFERED": "1"})
-        term_paths = [termination_log]
-        tmp = self.container.get("terminationMessagePath")
-        if tmp and rewrite(tmp) != tmp:
-            term_paths.append(Path(rewrite(tmp)))
-
-        command = [_expand(str(c), container_env) for c in self.container.get("command") or []]
-        args = [_expand(str(a), container_env) for a in self.container.get("args") or []]
-        mapped = self.k.commands.get(command[0]) or self.k.commands.get(os.path.basename(command[0])) if command else None
-        if mapped is not None:
-            prefix, rest = list(mapped), command[1:] + args
-        else:
-            if command:
-                log.info("Replaced an unknown command with the image's entrypoint pod=%s command=%s", pod_name, command[0])
-            prefix, rest = list(self.k.images[self.container.get("image")]), args
-        argv = prefix + [rewrite(a) for a in rest]
-
-        cwd = str(self.pod_dir)
-        wd = self.container.get("workingDir")
-        if wd and rewrite(wd) != wd:
-            cwd = rewrite(wd)
-            Path(cwd).mkdir(parents=True, exist_ok=True)
-        return argv, env, cwd, term_paths
-
-    def _config_data(self, kind: str, ref: dict[str, Any]) -> dict[str, bytes]:
-        """The data of a ConfigMap/Secret as bytes ({} when missing and optional)."""
-        obj = self.kube.get("v1", kind, self.ns, ref.get("name", ""))
-        if obj is None:
-            if ref.get("optional"):
-                return {}
-            raise _ConfigError("CreateContainerConfigError", f'{kind.lower()} "{ref.get("name")}" not found')
-        if kind == "Secret":
-            return {k: base64.b64decode(v or "") for k, v in (obj.get("data") or {}).items()}
-        out = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
-        out.update({k: base64.b64decode(v or "") for k, v in (obj.get("binaryData") or {}).items()})
-        return out
-
-    def _field(self, pod_name: str, path: str) -> str | None:
-        if path.startswith("metadata.labels['"):
-            key = path[len("metadata.labels['"):-2]
-            return str(((self.template.get("metadata") or {}).get("labels") or {}).get(key, ""))
-        return {"metadata.name": pod_name, "metadata.namespace": self.ns, "spec.nodeName": self.k.node_name,
-                "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
-                "spec.serviceAccountName": self.pod_spec.get("serviceAccountName", "default")}.get(path)
-
-    def _materialize(self, vol: dict[str, Any], target: Path) -> Path:
-        if vol.get("persistentVolumeClaim"):
-            path = self.k.pvc_root / vol["persistentVolumeClaim"]["claimName"]
-            path.mkdir(parents=True, exist_ok=True)
-            return path
-        if vol.get("hostPath"):
-            return Path(vol["hostPath"]["path"])
-        target.mkdir(parents=True, exist_ok=True)
-        if vol.get("configMap") is not None:
-            self._write_keys(target, "ConfigMap", vol["configMap"])
-        elif vol.get("secret") is not None:
-            ref = dict(vol["secret"])
-            ref["name"] = ref.get("secretName", "")
-            self._write_keys(target, "Secret", ref)
-        elif vol.get("projected") is not None:
-            for src in vol["projected"].get("sources") or []:
-                if src.get("configMap") is not None:
-                    self._write_keys(target, "ConfigMap", src["configMap"])
-                elif src.get("secret") is not None:
-                    self._write_keys(target, "Secret", src["secret"])
-        elif vol.get("emptyDir") is None and vol.get("downwardAPI") is None:
-            log.info("Used an empty directory for an unsupported volume volume=%s job=%s", vol.get("name"), self.job_name)
-        return target
-
-    def _write_keys(self, target: Path, kind: str, ref: dict[str, Any]) -> None:
-        data = self._config_data(kind, ref)
-        items = ref.get("items")
-        pairs = [(i["key"], i.get("path") or i["key"]) for i in items] if items else [(k, k) for k in data]
-        for key, rel in pairs:
-            if key not in data:
-                if ref.get("optional"):
-                    continue
-                raise _ConfigError("CreateContainerConfigError", f"couldn't find key {key} in {kind} {self.ns}/{ref.get('name')}")
-            path = target / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data[key])
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
