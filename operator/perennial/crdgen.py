@@ -111,6 +111,14 @@ def openapi_schema(model: type) -> dict[str, Any]:
     return schema
 
 
+def subresources(model: type) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": {}}
+    scale = getattr(model, "scale", None)
+    if scale is not None:
+        out["scale"] = scale.to_dict()
+    return out
+
+
 def crd(model: type) -> dict[str, Any]:
     kind = model.model_fields["kind"].default
     columns = []
@@ -144,7 +152,7 @@ def crd(model: type) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": subresources(model),
                     "additionalPrinterColumns": columns,
                     "schema": {"openAPIV3Schema": openapi_schema(model)},
                 }

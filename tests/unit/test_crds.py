@@ -63,10 +63,31 @@ def test_crd_names_columns_and_status_subresource(model):
     assert names["categories"] == ["perennial"]
     assert names["shortNames"] and all(len(s) <= 8 for s in names["shortNames"])
     version = crd["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"]["status"] == {}
+    assert set(version["subresources"]) <= {"status", "scale"}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[-1] == "Age"
     assert {"Ready", "Phase"} & set(columns)
+
+
+def test_deployment_has_a_scale_subresource_over_replicas_and_the_active_selector():
+    """`kubectl scale pdeploy` and an autoscaler of the user's own drive `spec.replicas`; HPA reads the pods by selector."""
+    version = crdgen.crd(KIND_BY_NAME["Deployment"])["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.readyReplicas", "labelSelectorPath": ".status.selector"}
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["readyReplicas"]["type"] == "integer" and status["selector"]["type"] == "string"
+    # the other kinds have nothing to scale
+    assert all("scale" not in crdgen.crd(m)["spec"]["versions"][0]["subresources"] for m in KINDS if m is not KIND_BY_NAME["Deployment"])
+
+
+def test_deployment_columns_are_cheap_and_show_base_adapters_color_ready_phase():
+    cols = crdgen.crd(KIND_BY_NAME["Deployment"])["spec"]["versions"][0]["additionalPrinterColumns"]
+    default = [(c["name"], c["jsonPath"]) for c in cols if not c.get("priority")]
+    assert default == [("Base", ".spec.baseModelRef.name"), ("Adapters", ".status.servedSummary"), ("Active", ".status.activeColor"),
+                       ("Ready", ".status.readySummary"), ("Phase", ".status.phase"), ("Age", ".metadata.creationTimestamp")]
+    # one plain field per column: no filters, no wildcards
+    assert all("?" not in c["jsonPath"] and "*" not in c["jsonPath"] for c in cols)
 
 
 def test_short_names_are_unique_and_pdeploy_is_ours():
@@ -249,6 +270,14 @@ CASES = [
     ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
         "method": "GRPO", "rewardSpecRef": {"name": "rs"}, "hyperparameters": {"batchSize": 6, "numGenerations": 4}}}), None,
      "`hyperparameters.batchSize` must be a multiple of `hyperparameters.numGenerations`"),
+    ("Deployment", with_spec(DEP, strategy={"blueGreen": {"scaleDownDelaySeconds": 60, "postPromotionWindowSeconds": 120}}), None,
+     "`postPromotionWindowSeconds` must not exceed `scaleDownDelaySeconds`"),
+    ("Deployment", with_spec(DEP, strategy={"blueGreen": {"scaleDownDelaySeconds": 0}}), None, None),  # window unset: fine
+    ("Deployment", with_spec(DEP, strategy={"blueGreen": {"scaleDownDelaySeconds": 60, "postPromotionWindowSeconds": 60,
+                                                           "autoPromote": False, "abortScaleDownDelaySeconds": 0, "previewReplicas": 1}}), None, None),
+    ("Deployment", with_spec(DEP, strategy={"adapterRollout": {"canarySteps": [{"weight": 10}, {"weight": 10, "pauseSeconds": 5}]}}), None,
+     "`canarySteps` weights must be unique"),
+    ("Deployment", with_spec(DEP, strategy={"adapterRollout": {"canarySteps": [{"weight": 50}, {"weight": 10}], "unloadDelaySeconds": 0}}), None, None),
 ]
 
 # Every grader type without its sub-object.

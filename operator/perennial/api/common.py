@@ -156,6 +156,14 @@ class PrinterColumn(Model):
     priority: int | None = None
 
 
+class ScaleSubresource(Model):
+    """The CRD's `/scale` subresource (what `kubectl scale` and autoscalers use)."""
+
+    spec_replicas_path: str
+    status_replicas_path: str
+    label_selector_path: str | None = None
+
+
 class KindInfo:
     """CRD-level metadata every resource model declares."""
 
@@ -165,6 +173,8 @@ class KindInfo:
     short_names: ClassVar[list[str]]
     printer_columns: ClassVar[list[PrinterColumn]]
     description: ClassVar[str]
+    #: A `/scale` subresource next to `/status`, when the kind has one.
+    scale: ClassVar[ScaleSubresource | None] = None
 
 
 class ObjectMeta(pydantic.BaseModel):

@@ -17,14 +17,47 @@ from .common import (
     PrinterColumn,
     Quantity,
     Resource,
+    ScaleSubresource,
     SecretKeySelector,
     age_column,
     cel,
     exactly_one_of,
-    ready_column,
     validations,
 )
 from .trainingrun import Evaluation, Hyperparameters, LoRAConfig, Method, RunPolicy, grpo_batch_rule
+
+Color = Literal["blue", "green"]
+
+# Annotations of the rollout (the state of a rollout lives in the children, Argo Rollouts style; the
+# Perennial Deployment's spec is never edited by the operator).
+#: On the Perennial Deployment, set by the user (`perennial promote`, or `kubectl annotate pdeploy <name>
+#: perennial.ai/promote=<value> --overwrite`): promote the rollout waiting for it. The value is the pod
+#: revision (or, for an adapter change, the Adapter object name) shown in `status.regions[].pendingPromotion`;
+#: a stale value never promotes a later rollout.
+PROMOTE_ANNOTATION = "perennial.ai/promote"
+#: On the stable Service: when it last switched color (RFC 3339).
+SWITCHED_AT_ANNOTATION = "perennial.ai/switched-at"
+#: On an apps/v1 Deployment of a color: when it is to be scaled to zero (RFC 3339).
+SCALE_DOWN_AT_ANNOTATION = "perennial.ai/scale-down-at"
+#: On the preview color's apps/v1 Deployment: when the current preview step started (RFC 3339).
+PREVIEW_STARTED_AT_ANNOTATION = "perennial.ai/preview-started-at"
+#: On the preview color's apps/v1 Deployment: `<revision>=passed` or `<revision>=failed:<message>`.
+SMOKE_ANNOTATION = "perennial.ai/smoke"
+#: On a color's apps/v1 Deployment: the revision whose rollout was aborted (never retried while the
+#: spec still asks for it), and why (`<Reason>: <message>`).
+ABORTED_REVISION_ANNOTATION = "perennial.ai/aborted-revision"
+ABORT_REASON_ANNOTATION = "perennial.ai/abort-reason"
+#: On the routes ConfigMap: the per-served-name progress of adapter rollouts (JSON).
+ADAPTER_ROLLOUTS_ANNOTATION = "perennial.ai/adapter-rollouts"
+
+#: What a region (and, summarised, the whole Deployment) is doing, derived from the children (for humans
+#: and the `Phase` column; the conditions carry the same facts for machines).
+Phase = Literal["Pending", "Progressing", "Promoting", "ScalingDown", "Stable", "Paused", "Aborted", "Degraded", "Unreachable"]
+
+# Condition types and reasons of the Deployment.
+CONDITION_READY = "Ready"  # True while every region serves (its active color has ready replicas).
+CONDITION_PROGRESSING = "Progressing"  # True while a rollout or a scale is under way.
+CONDITION_DEGRADED = "Degraded"  # True when a rollout was aborted or rolled back, or a region is lost.
 
 
 class AdapterTrack(Model):
@@ -61,26 +94,110 @@ class EngineSpec(Model):
 
 
 class SmokeTest(Model):
-    """A request sent to the preview color before it receives traffic."""
+    """A request sent through the preview Service (pod rollouts) or under the preview name (adapter rollouts)
+    before any client traffic reaches the new revision."""
 
-    prompt: str = Field(default="Say hello.", max_length=4096, description="User message sent to each served model.")
-    expect_regex: str | None = Field(default=None, max_length=1024, description="The response must match this pattern.")
+    enabled: bool = Field(default=True, description="Run the smoke test; when false a ready preview counts as passed.")
+    prompt: str = Field(default="Say hello.", max_length=4096, description="User message sent to each served model name (the base and every adapter).")
+    expect_regex: str | None = Field(default=None, max_length=1024, description="Every response must match this pattern (Python `re.search`); any non-empty answer passes if unset.")
+    max_tokens: int = Field(default=16, ge=1, le=4096, description="`max_tokens` of each smoke request.")
     timeout_seconds: int = Field(default=60, ge=1, le=3600, description="Time limit of the smoke test.")
 
 
 class BlueGreen(Model):
-    """Blue-green rollout settings."""
+    """Blue-green rollout of the serving pods (Argo Rollouts' vocabulary; defaults fit GPUs).
 
-    auto_promote: bool = Field(default=True, description="Switch traffic to the preview color when it is ready and the smoke test passes.")
-    smoke_test: SmokeTest = Field(default_factory=SmokeTest, description="Check run on the preview color.")
-    scale_down_delay_seconds: int = Field(default=300, ge=0, le=86400, description="Keep the old color this long after the switch, for instant rollback.")
-    progress_deadline_seconds: int = Field(default=1800, ge=30, le=86400, description="Roll back when the preview color is not ready in this time.")
-    preview_replicas: int | None = Field(default=None, ge=1, le=1000, description="Replicas of the preview color; the active color's count if unset.")
+    Steps per region: bring up the other color with the new revision at `previewReplicas`, wait until every
+    preview pod is ready, run the smoke test through the preview Service, wait for a promotion when
+    `autoPromote` is false, scale the preview to the full count, switch the stable Service, keep the old color
+    for `scaleDownDelaySeconds` (rolling back automatically within `postPromotionWindowSeconds`), scale it to
+    zero. A failed smoke test or an exceeded deadline aborts: the stable Service never leaves the active color.
+    """
+
+    auto_promote: bool = Field(
+        default=True,
+        description="Switch traffic to the preview color as soon as it is ready and the smoke test passed. When false, the rollout waits "
+        "(phase `Paused`) for the annotation `perennial.ai/promote: <revision>` on this Deployment (set by `perennial promote <name>` or "
+        "`kubectl annotate pdeploy <name> perennial.ai/promote=<revision> --overwrite`); the revision waiting is shown in "
+        "`status.regions[].pendingPromotion`. The first rollout of a region needs no promotion.",
+    )
+    smoke_test: SmokeTest = Field(default_factory=SmokeTest, description="Check run on the preview before it gets traffic.")
+    scale_down_delay_seconds: int = Field(
+        default=300, ge=0, le=86400,
+        description="Keep the old color this long after the switch, for instant rollback (switching back needs no model load). "
+        "Argo Rollouts' default is 30; ours is 300 because a replacement for a lost GPU replica takes minutes to load a model, "
+        "so rolling back to a color already up is the only fast rollback.",
+    )
+    abort_scale_down_delay_seconds: int = Field(
+        default=30, ge=0, le=86400,
+        description="After an abort, keep the preview color this long before scaling it to zero (Argo Rollouts' default, 30), "
+        "e.g. to read its pods' logs; its GPUs are held meanwhile.",
+    )
+    progress_deadline_seconds: int = Field(
+        default=1800, ge=30, le=86400,
+        description="Abort when a preview step (coming up, or scaling to the full count) has not finished in this time. "
+        "Argo Rollouts' default is 600; ours is 1800 because pulling a serving image and loading a large model on a new node "
+        "often takes longer than 10 minutes. Waiting for a manual promotion does not count.",
+    )
+    preview_replicas: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="Replicas of the preview color while it is tested; it is scaled to the full count (at least the active "
+        "color's ready count) before the switch. The full count from the start if unset.",
+    )
+    post_promotion_window_seconds: int | None = Field(
+        default=None, ge=0, le=86400,
+        description="After a switch, switch back automatically (reason `RolledBack`) when the new color's ready replicas drop "
+        "below what the old color served (or below 1) within this many seconds, while the old color still has ready "
+        "replicas. The whole `scaleDownDelaySeconds` if unset; 0 turns automatic rollback off.",
+    )
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.postPromotionWindowSeconds) || self.postPromotionWindowSeconds <= self.scaleDownDelaySeconds",
+                "`postPromotionWindowSeconds` must not exceed `scaleDownDelaySeconds` (rolling back needs the old color)",
+                field_path=".postPromotionWindowSeconds",
+            ),
+        )
+    }
+
+
+class CanaryStep(Model):
+    """One step of an adapter canary: send `weight` percent of a served name's requests to the new adapter, then wait."""
+
+    weight: int = Field(ge=1, le=99, description="Percent of the served name's requests sent to the new adapter.")
+    pause_seconds: int = Field(default=60, ge=0, le=86400, description="Time at this weight before the next step.")
+
+
+class AdapterRollout(Model):
+    """How a served name moves to another Adapter without new pods (the adapter is loaded next to the old one in the
+    running engines, smoke-tested under `<served name>-preview`, then the name moves)."""
+
+    canary_steps: list[CanaryStep] = Field(
+        default_factory=list, max_length=16,
+        description="Weighted steps before the name moves entirely (e.g. 10 then 50), taken in increasing weight; moved at once if empty.",
+    )
+    unload_delay_seconds: int | None = Field(
+        default=None, ge=0, le=86400,
+        description="Keep the old adapter loaded this long after the move (switching back is then instant); "
+        "`blueGreen.scaleDownDelaySeconds` if unset.",
+    )
+
+    model_config = Model.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.canarySteps.all(s, self.canarySteps.exists_one(t, t.weight == s.weight))",
+                "`canarySteps` weights must be unique",
+                field_path=".canarySteps",
+            ),
+        )
+    }
 
 
 class RolloutStrategy(Model):
     type: Literal["BlueGreen"] = Field(default="BlueGreen", description="Rollout strategy.")
     blue_green: BlueGreen = Field(default_factory=BlueGreen, description="Blue-green settings.")
+    adapter_rollout: AdapterRollout = Field(default_factory=AdapterRollout, description="How adapter changes roll out (no new pods).")
     region_order: Literal["Sequential", "Parallel"] = Field(default="Sequential", description="Roll out region by region, or all at once.")
 
 
@@ -184,13 +301,23 @@ class DeploymentSpec(Model):
     base_model_ref: LocalObjectReference = Field(description="The BaseModel served.")
     adapters: list[ServedAdapter] = Field(default_factory=list, max_length=64, description="Adapters served next to the base model.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas per region when autoscaling is off.")
+    replicas: int = Field(
+        default=1, ge=0, le=1000,
+        description="Replicas per region (a region's own `replicas` wins) when autoscaling is off. The `/scale` subresource writes "
+        "this field, so an autoscaler of your own (`kubectl scale pdeploy`, an HPA, KEDA) can drive it; with GitOps, tell Argo CD "
+        "to ignore it then. A change of replicas alone scales the active color in place.",
+    )
     strategy: RolloutStrategy = Field(default_factory=RolloutStrategy, description="Rollout strategy.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling.")
     regions: list[Region] = Field(default_factory=list, max_length=32, description="Regions; the operator's own cluster if empty.")
     feedback: FeedbackCapture = Field(default_factory=FeedbackCapture, description="Feedback capture.")
     continuous_learning: ContinuousLearning | None = Field(default=None, description="Continuous-learning policy.")
-    paused: bool = Field(default=False, description="Stop rolling out changes.")
+    paused: bool = Field(
+        default=False,
+        description="Stop every rollout where it stands: no preview is started or advanced, no switch, no adapter moved. "
+        "Safety still acts (an automatic rollback within the post-promotion window, a switch away from a color without ready "
+        "replicas) and old colors are still scaled down when their delay is over; replica changes still scale the active color.",
+    )
 
     model_config = Model.model_config | {
         "json_schema_extra": validations(
@@ -203,23 +330,38 @@ class DeploymentSpec(Model):
 
 class ServedAdapterStatus(Model):
     name: str = Field(max_length=63, description="Served model name.")
-    adapter: str = Field(default="", max_length=253, description="Adapter served under it.")
+    adapter: str = Field(default="", max_length=253, description="Adapter served under it (the one with most of the traffic).")
+    canary_adapter: str | None = Field(default=None, max_length=253, description="Adapter taking part of the traffic during a canary.")
+    canary_weight: int | None = Field(default=None, ge=0, le=100, description="Percent of the requests sent to `canaryAdapter`.")
 
 
 class RegionStatus(Model):
     name: str = Field(max_length=63, description="Region name.")
-    active_color: Literal["blue", "green"] | None = Field(default=None, description="Color receiving traffic.")
+    phase: Phase | None = Field(default=None, description="What the region is doing.")
+    active_color: Color | None = Field(default=None, description="Color receiving traffic (the stable Service's selector).")
+    revision: str | None = Field(default=None, max_length=64, description="Pod revision of the active color.")
+    preview_color: Color | None = Field(default=None, description="Color being rolled out, if any.")
+    preview_revision: str | None = Field(default=None, max_length=64, description="Pod revision of the preview color.")
+    pending_promotion: str | None = Field(default=None, max_length=253, description="Value of the `perennial.ai/promote` annotation that promotes the rollout waiting for it.")
+    routes_revision: str | None = Field(default=None, max_length=64, description="Revision of the adapter routes every ready pod applied.")
     ready_replicas: int = Field(default=0, ge=0, description="Ready replicas of the active color.")
-    revision: str | None = Field(default=None, max_length=64, description="Hash of the served configuration.")
-    message: str | None = Field(default=None, max_length=1024)
+    desired_replicas: int = Field(default=0, ge=0, description="Replicas the active color should have.")
+    endpoint: str | None = Field(default=None, max_length=512, description="URL of this region's stable Service (in its cluster).")
+    message: str | None = Field(default=None, max_length=1024, description="Human-readable detail of the phase.")
 
 
 class DeploymentStatus(CommonStatus):
-    active_color: Literal["blue", "green"] | None = Field(default=None, description="Color receiving traffic in the first region.")
-    served_adapters: list[ServedAdapterStatus] | None = Field(default=None, max_length=64, description="What is served now.")
-    regions: list[RegionStatus] | None = Field(default=None, max_length=32, description="Per-region state.")
-    endpoint: str | None = Field(default=None, max_length=512, description="In-cluster URL of the active Service.")
-    ready_replicas: int | None = Field(default=None, ge=0, description="Ready replicas, all regions.")
+    phase: Phase | None = Field(default=None, description="Summary of the regions' phases, derived from the conditions, for humans.")
+    active_color: Color | None = Field(default=None, description="Color receiving traffic in the first region.")
+    revision: str | None = Field(default=None, max_length=64, description="Pod revision served in the first region.")
+    served_adapters: list[ServedAdapterStatus] | None = Field(default=None, max_length=64, description="Served name -> Adapter, now (first region).")
+    served_summary: str | None = Field(default=None, max_length=256, description="`name=adapter,…` (the `Adapters` column; cut at 256 characters).")
+    regions: list[RegionStatus] | None = Field(default=None, max_length=32, description="Per-region state (what global traffic steering, e.g. DNS/GSLB, reads).")
+    endpoint: str | None = Field(default=None, max_length=512, description="URL of the active Service of the first region.")
+    ready_replicas: int | None = Field(default=None, ge=0, description="Ready replicas of the active colors, all regions (the `/scale` subresource's status).")
+    desired_replicas: int | None = Field(default=None, ge=0, description="Replicas the active colors should have, all regions.")
+    ready_summary: str | None = Field(default=None, max_length=32, description="`<ready>/<desired>` replicas, all regions (the `Ready` column).")
+    selector: str | None = Field(default=None, max_length=1024, description="Label selector of the active color's pods in this cluster (the `/scale` subresource's selector).")
     new_feedback_records: int | None = Field(default=None, ge=0, description="Rated records not yet trained on.")
     last_training_run: str | None = Field(default=None, max_length=253, description="Latest TrainingRun created from feedback.")
     last_training_time: str | None = Field(default=None, max_length=64, description="When it was created.")
@@ -234,12 +376,19 @@ class DeploymentResource(Resource, KindInfo):
     singular: ClassVar[str] = "deployment"
     short_names: ClassVar[list[str]] = ["pdeploy", "pdep"]
     description: ClassVar[str] = "Serving a base model with LoRA adapters on vLLM (or the CPU engine): blue-green across regions, autoscaling, feedback capture and continuous learning."
+    # Every column reads one precomputed field (cheap for the API server's table printer).
     printer_columns: ClassVar[list[PrinterColumn]] = [
         PrinterColumn(name="Base", type="string", json_path=".spec.baseModelRef.name"),
-        PrinterColumn(name="Engine", type="string", json_path=".spec.engine.type"),
-        PrinterColumn(name="Active", type="string", json_path=".status.activeColor"),
-        PrinterColumn(name="Replicas", type="integer", json_path=".status.readyReplicas"),
+        PrinterColumn(name="Adapters", type="string", json_path=".status.servedSummary", description="Served name=Adapter."),
+        PrinterColumn(name="Active", type="string", json_path=".status.activeColor", description="Color receiving traffic."),
+        PrinterColumn(name="Ready", type="string", json_path=".status.readySummary", description="Ready/desired replicas, all regions."),
+        PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
+        PrinterColumn(name="Engine", type="string", json_path=".spec.engine.type", priority=1),
+        PrinterColumn(name="Revision", type="string", json_path=".status.revision", priority=1),
+        PrinterColumn(name="Endpoint", type="string", json_path=".status.endpoint", priority=1),
         PrinterColumn(name="Feedback", type="integer", json_path=".status.newFeedbackRecords", priority=1),
-        ready_column(),
         age_column(),
     ]
+    scale: ClassVar[ScaleSubresource | None] = ScaleSubresource(
+        spec_replicas_path=".spec.replicas", status_replicas_path=".status.readyReplicas", label_selector_path=".status.selector"
+    )
