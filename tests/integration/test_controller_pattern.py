@@ -103,6 +103,49 @@ def test_write_budget_idle_and_restart(clean_cluster: Cluster, tmp_path):
     assert count(cluster, WRITES, "perennial.ai/rewardspecs/status") == count(cluster, WRITES, "perennial.ai/adapters/status") == 0
 
 
+def test_running_runs_reach_steady_state_in_three_writes(cluster: Cluster):
+    """Creating the Job (status + one Event) and the trainer starting (status) are the only writes to a run:
+    the Job controller's bookkeeping (active, startTime) before the pod, the pod's Pending phase and the
+    trainer starting make no Event and no write of their own."""
+    prerequisites(cluster)
+    quiet(cluster)
+    cluster.server.reset_request_counts()
+    n = 4
+    kube = cluster.kube
+    for i in range(n):
+        cluster.create("TrainingRun", f"steady{i}", run_spec())
+    for i in range(n):
+        job = wait_for(lambda i=i: kube.get("batch/v1", "Job", "default", f"steady{i}-train"), message=f"Job of steady{i}")
+        cluster.wait_condition("TrainingRun", f"steady{i}", "Succeeded", "Unknown", "JobPending")
+        # as a real Job controller does: the Job is active (startTime) before its pod exists
+        kube.patch("batch/v1", "Job", "default", f"steady{i}-train", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}, subresource="status")
+        kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"steady{i}-train-0", "namespace": "default", "labels": {**job["spec"]["template"]["metadata"].get("labels", {}), "job-name": f"steady{i}-train"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": f"steady{i}-train", "uid": job["metadata"]["uid"], "controller": True}]},
+            "spec": job["spec"]["template"]["spec"]})
+        kube.patch("v1", "Pod", "default", f"steady{i}-train-0", {"status": {"phase": "Pending"}}, subresource="status")
+    quiet(cluster)
+    for i in range(n):
+        assert "startTime" not in cluster.get("TrainingRun", f"steady{i}")["status"], "the Job's bookkeeping alone is no reason to write"
+        kube.patch("v1", "Pod", "default", f"steady{i}-train-0", {"status": {"phase": "Running", "containerStatuses": [
+            {"name": "trainer", "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}]}}, subresource="status")
+    for i in range(n):
+        cluster.wait_condition("TrainingRun", f"steady{i}", "Started", "True")
+        run = cluster.get("TrainingRun", f"steady{i}")
+        assert run["status"]["startTime"] == "2026-01-01T00:00:00Z" and run["status"]["attempts"] == 1
+    # running trainers' progress is read every second here (time is its trigger): quiet means no more writes
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < 2.0:
+        time.sleep(0.1)
+        if (now := count(cluster, WRITES)) != last:
+            last, since = now, time.monotonic()
+    status_writes = count(cluster, ("patch", "update"), "perennial.ai/trainingruns/status")
+    events = count(cluster, ("create",), "events")
+    assert status_writes == 2 * n and events == n, cluster.server.request_counts()
+    reasons = [e["reason"] for e in kube.list("v1", "Event", "default") if e["involvedObject"]["name"].startswith("steady")]
+    assert sorted(reasons) == ["JobCreated"] * n, reasons
+
+
 def test_defaulted_children_are_left_alone(cluster: Cluster):
     """The control plane defaults every child (Job selector and pod template, PVC, ConfigMap):
     comparing with them must not look like drift."""

@@ -10,6 +10,7 @@ from perennial.controllers import adapter as ad
 from perennial.controllers import basemodel as bm
 from perennial.controllers import rewardspec as rs
 from perennial.controllers import trainingrun as tr
+from perennial.controllers.base import condition_notes
 from perennial.resources import conditions as cond
 
 API = "perennial.ai/v1alpha1"
@@ -338,3 +339,28 @@ def test_finished_download_and_validation_stick_when_their_jobs_are_gone():
     assert reason(gone, "Validated") == ("True", "TestsPassed") and gone.children == [] and gone.status["testResults"] == done.status["testResults"]
     changed = rs.decide(obj("RewardSpec", "r", TESTED, done.status, generation=2), rs.World(None, []), "trainer:1")
     assert reason(changed, "Validated") == ("Unknown", "ValidationRunning") and len(changed.children) == 2
+
+
+@pytest.mark.parametrize("condition, expected", [
+    ({"type": "Started", "status": "True", "reason": "TrainerStarted"}, None),
+    ({"type": "Waiting", "status": "False", "reason": "ReferencesResolved"}, None),
+    ({"type": "Succeeded", "status": "Unknown", "reason": "JobPending"}, None),
+    ({"type": "Succeeded", "status": "Unknown", "reason": "Training"}, None),
+    ({"type": "Succeeded", "status": "Unknown", "reason": "ImagePullBackOff"}, "Warning"),
+    ({"type": "Succeeded", "status": "Unknown", "reason": "CrashLoopBackOff"}, "Warning"),
+    ({"type": "Waiting", "status": "True", "reason": "BaseModelNotFound"}, "Normal"),
+    ({"type": "Succeeded", "status": "True", "reason": "AdapterCreated"}, "Normal"),
+    ({"type": "Succeeded", "status": "False", "reason": "OOMKilled"}, "Warning"),
+    ({"type": "LearningSignal", "status": "False", "reason": "NoRewardVariance"}, "Warning"),
+])
+def test_run_events_say_what_was_done_and_what_went_wrong_not_every_step(condition, expected):
+    assert tr.event_for(condition) == expected
+    notes = condition_notes(None, [{**condition, "message": "m", "lastTransitionTime": NOW}], tr.event_for)
+    assert [(n.reason, n.warning) for n in notes] == ([] if expected is None else [(condition["reason"], expected == "Warning")])
+
+
+def test_the_job_controllers_bookkeeping_is_shown_once_the_trainer_started():
+    pending = decide_run(obj("TrainingRun", "r", run_spec()), tr.World(job=_job(active=1, startTime=NOW), pod=None))
+    assert "startTime" not in pending.status and "attempts" not in pending.status
+    running = decide_run(obj("TrainingRun", "r", run_spec()), tr.World(job=_job(active=1, startTime=NOW), pod=_pod("Running")))
+    assert running.status["startTime"] == NOW and running.status["attempts"] == 1

@@ -120,6 +120,9 @@ class Controller:
     dependencies: Callable[[dict[str, Any]], Iterable[Dependency]] = lambda obj: ()
     #: Called with (namespace, name) when an object is gone: let go of what is kept for it.
     gone: Callable[[Context, str, str], None] = lambda ctx, namespace, name: None
+    #: Which condition transitions deserve an Event: "Normal", "Warning" or None (none: the status says
+    #: it, and an Event would be a write that tells nothing new, e.g. a trainer pod starting).
+    event_for: Callable[[dict[str, Any]], str | None] = lambda c: default_event_type(c)
 
 
 def generation(body: Any) -> int | None:
@@ -134,14 +137,22 @@ def first_error(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-def condition_notes(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None) -> list[Note]:
-    """One note per condition whose status or reason moved (the transitions a status write records)."""
+def default_event_type(c: dict[str, Any]) -> str:
+    """A transition's Event: a Warning when a health condition turns False, else Normal."""
+    return "Warning" if c["status"] == "False" and c["type"] in HEALTH_CONDITIONS else "Normal"
+
+
+def condition_notes(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] | None,
+                    event_for: Callable[[dict[str, Any]], str | None] = default_event_type) -> list[Note]:
+    """One note per condition whose status or reason moved (the transitions a status write records),
+    as the kind's `event_for` judges them (None: no note)."""
     from ..resources import conditions as cond
 
     notes = []
     for c in cond.transitions(old, new):
-        unhealthy = c["status"] == "False" and c["type"] in HEALTH_CONDITIONS
-        notes.append(Note(c.get("reason") or c["type"], c.get("message") or f"{c['type']} is {c['status']}", unhealthy))
+        if (kind := event_for(c)) is None:
+            continue
+        notes.append(Note(c.get("reason") or c["type"], c.get("message") or f"{c['type']} is {c['status']}", kind == "Warning"))
     return notes
 
 

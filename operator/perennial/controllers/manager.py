@@ -400,7 +400,7 @@ class Manager:
         STATUS_WRITES.labels(kind).inc()
         self.cache.put(written)  # write-through: the watch event of our own write then changes nothing
         log.info("Updated status, kind=%s, name=%s, namespace=%s", kind, name, ns)
-        await self.post_event(written, notes + condition_notes(current.get("conditions"), desired.get("conditions")))
+        await self.post_event(written, notes + condition_notes(current.get("conditions"), desired.get("conditions"), controller.event_for))
         return True
 
     async def post_event(self, obj: dict[str, Any], notes: list[Note]) -> None:

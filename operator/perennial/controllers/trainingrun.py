@@ -30,7 +30,7 @@ from ..resources import conditions as cond
 from ..resources import trainingrun as build
 from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings, scrub, secret_values
-from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
+from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, default_event_type, first_error, generation
 from . import jobs
 from .children import apply_all
 
@@ -435,17 +435,20 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
 
     job_status = (world.job or {}).get("status") or {}
     job_conds = job_status.get("conditions") or []
-    if job_status.get("startTime"):
-        status["startTime"] = job_status["startTime"]
     container = world.container()
-    status["attempts"] = int(job_status.get("failed") or 0) + (1 if job_status.get("active") or job_status.get("succeeded") else 0)
     after_write: list[Callable[[], None]] = []
 
     pod_phase = ((world.pod or {}).get("status") or {}).get("phase")
     if world.pod is not None and pod_phase in ("Running", "Succeeded", "Failed"):
-        if not cond.is_true(conds, "Started") and (q := _seconds_between(meta.get("creationTimestamp"), status.get("startTime") or now)) is not None:
+        if not cond.is_true(conds, "Started") and (q := _seconds_between(meta.get("creationTimestamp"), job_status.get("startTime") or now)) is not None:
             after_write.append(lambda: QUEUE_SECONDS.observe(q))
         conds = cond.set_condition(conds, "Started", True, "TrainerStarted", f"trainer pod {world.pod['metadata']['name']} started", gen)
+    if cond.is_true(conds, "Started") or cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed"):
+        # Shown from the trainer's start on, not while the Job waits for its pod: the Job controller's
+        # own bookkeeping (active, startTime) alone is no reason for a status write.
+        if job_status.get("startTime"):
+            status["startTime"] = job_status["startTime"]
+        status["attempts"] = int(job_status.get("failed") or 0) + (1 if job_status.get("active") or job_status.get("succeeded") else 0)
     line = parse_progress(world.log) if world.log else None
     if line:
         status["progress"] = progress_status(line, old.get("progress"), now)
@@ -638,4 +641,22 @@ def gone(ctx: Context, namespace: str, name: str) -> None:
     ctx.progress.forget((namespace, name))
 
 
-CONTROLLER = Controller(KIND, "trainingruns", TrainingRunStatus, reconcile, dependencies, gone)
+#: Succeeded=Unknown reasons of a run that is on its way: the status shows them, no Event needed.
+_ON_ITS_WAY = frozenset({"JobPending", "Training"})
+
+
+def event_for(c: dict[str, Any]) -> str | None:
+    """Events of a run: what the operator did (JobCreated, AdapterCreated), why it waits, outcomes and
+    problems. A trainer starting, references resolving and the Job's own progress are status only: on a
+    busy cluster each would be one more write per run for what `kubectl get tr` already shows."""
+    if (c["type"], c["status"]) in (("Started", "True"), ("Waiting", "False")):
+        return None
+    if c["type"] == "Succeeded" and c["status"] == "Unknown":
+        if c.get("reason") in _ON_ITS_WAY:
+            return None
+        if c.get("reason") in _POD_WAITING_PROBLEMS:
+            return "Warning"
+    return default_event_type(c)
+
+
+CONTROLLER = Controller(KIND, "trainingruns", TrainingRunStatus, reconcile, dependencies, gone, event_for)

@@ -4,8 +4,10 @@ Controllers read from the watch-fed cache (`kube.cache`) and come here only to
 write (create, patch, status, Events) and for what no watch serves (pod logs).
 Credentials come from a `kubernetes.client.Configuration` (kubeconfig, in-cluster
 service account, or a bare server URL for the embedded control plane); the
-token is re-read through the configuration's refresh hook before each request,
-so rotated service-account tokens and exec-plugin tokens keep working.
+token is re-read through the configuration's refresh hook once a minute (as
+client-go re-reads a projected service-account token) and at once after a 401,
+then the request is retried once: rotated service-account tokens and exec-plugin
+tokens keep working without a kubeconfig parse per request.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from typing import Any
 
 import aiohttp
@@ -24,6 +27,8 @@ from .client import ApiError, apply_patch, local_credentials, path_for
 log = logging.getLogger(__name__)
 
 USER_AGENT = "perennial-operator/0.1.0"
+#: Seconds an Authorization header is reused before the credentials are read again.
+CREDENTIALS_TTL = 60.0
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -43,6 +48,8 @@ class AsyncKube:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self.host = configuration.host.rstrip("/")
+        self._auth: str | None = None
+        self._auth_read_at: float | None = None
 
     def _ssl(self) -> ssl.SSLContext | bool:
         cfg = self.configuration
@@ -66,31 +73,44 @@ class AsyncKube:
             await self._session.close()
             self._session = None
 
+    def _authorization(self, *, fresh: bool = False) -> str | None:
+        """The Authorization header: the credentials are read (the configuration's refresh hook: a kubeconfig
+        parse, a token file read) at most once per `CREDENTIALS_TTL`, or at once when `fresh`."""
+        now = time.monotonic()
+        if fresh or self._auth_read_at is None or now - self._auth_read_at >= CREDENTIALS_TTL:
+            token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")  # kubeconfig, in-cluster: BearerToken
+            if not token and self.configuration.username:
+                token = self.configuration.get_basic_auth_token()
+            self._auth, self._auth_read_at = token or None, now
+        return self._auth
+
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")  # kubeconfig, in-cluster: BearerToken
-        if token:
-            headers["Authorization"] = token
-        elif self.configuration.username:
-            headers["Authorization"] = self.configuration.get_basic_auth_token()
+        if auth := self._authorization():
+            headers["Authorization"] = auth
         return headers
 
     async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
                       content_type: str | None = None, raw: bool = False) -> Any:
         params = {k: str(v) for k, v in (query or {}).items() if v is not None}
         data = None if body is None else json.dumps(body, separators=(",", ":"))
-        headers = self._headers((content_type or "application/json") if body is not None else None)
+        ctype = (content_type or "application/json") if body is not None else None
         try:
-            async with self.session().request(method, self.host + path, data=data, params=params, headers=headers) as response:
-                text = await response.text()
-                if response.status >= 400:
-                    try:
-                        parsed = json.loads(text) if text else {}
-                    except ValueError:
-                        parsed = {"message": text[:1024]}
-                    raise ApiError(response.status, parsed, method, path, retry_after=_retry_after(response.headers))
+            for attempt in (0, 1):
+                headers = self._headers(ctype)
+                async with self.session().request(method, self.host + path, data=data, params=params, headers=headers) as response:
+                    text = await response.text()
+                    if response.status == 401 and attempt == 0 and self._authorization(fresh=True) != headers.get("Authorization"):
+                        continue  # the credentials rotated since they were read: once more with the new ones
+                    break
+            if response.status >= 400:
+                try:
+                    parsed = json.loads(text) if text else {}
+                except ValueError:
+                    parsed = {"message": text[:1024]}
+                raise ApiError(response.status, parsed, method, path, retry_after=_retry_after(response.headers))
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise ApiError(0, {"message": f"{type(exc).__name__}: {exc}"}, method, path) from None
         if raw:
