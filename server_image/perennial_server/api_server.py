@@ -33,6 +33,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .middleware import RateLimiter, TokenFile, errors_as_json
 from .proxy import ProxyHandler
 from .redact import Redactor
+from .routes import EngineAdapters, Routes
 from .serving_feedback import FeedbackHandler
 from .shipper import Shipper, Store
 from .spool import Spool, closed_segments
@@ -61,8 +62,18 @@ class Sidecar:
         up = cfg.upstream_url()
         self.upstream_host, self.upstream_port, self.upstream_prefix = up.hostname or "127.0.0.1", up.port or 80, up.path.rstrip("/")
         self.sample = cfg.sample_percent / 100.0
+        self.routes = self._routes() if cfg.routes_file else None  # served name -> adapter (routes.py)
         self.feedback = FeedbackHandler(self).create_feedback
         self.proxy = ProxyHandler(self).proxy
+
+    def _routes(self) -> Routes:
+        cfg, root = self.cfg, self.root_cfg
+        state = peers = None
+        if cfg.workers > 1:  # worker 0 loads and unloads; it waits for the others' state (routes.py)
+            state = os.path.join(cfg.spool_dir, "routes-state.json")
+            peers = [os.path.join(root.worker_spool(i)[0], "routes-state.json") for i in range(1, cfg.workers)] if cfg.worker_index <= 0 else []
+        return Routes(cfg.routes_file, base_name=cfg.base_model_name, adapters_dir=cfg.adapters_dir, max_bytes=cfg.adapter_max_bytes,
+                      manage=cfg.worker_index <= 0, state_file=state, peer_state_files=peers or ())
 
     # ------------------------------------------------------------ lifecycle
     def make_app(self) -> web.Application:
@@ -71,6 +82,9 @@ class Sidecar:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_handler)
+        if self.routes is not None:
+            app.router.add_get("/perennial/routes", self.routes.routes_handler)
+            app.router.add_get("/v1/models", self.routes.models_handler)
         app.router.add_route("*", "/v1/feedback", self.method_not_allowed)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self._startup)
@@ -95,6 +109,8 @@ class Sidecar:
         self.capture.start()
         self.pool = UpstreamPool(self.upstream_host, self.upstream_port, connect_timeout_s=self.cfg.upstream_connect_timeout_s,
                                  read_timeout_s=self.cfg.upstream_timeout_s)
+        if self.routes is not None:
+            self.routes.start(EngineAdapters(self.pool, self.upstream_prefix))
         log.info("Started sidecar upstream=%s spool=%s store=%s", self.cfg.upstream, self.cfg.spool_dir, self.cfg.store_uri or "-")
 
     def _shipper(self, spool_dir: str, pod: str, **kw: Any) -> Shipper:
@@ -120,6 +136,8 @@ class Sidecar:
         self.metrics.backlog_bytes.set(size)
 
     async def _cleanup(self, _app: web.Application) -> None:
+        if self.routes is not None:
+            await self.routes.stop()
         await self.capture.stop()
         await self.spool.close()
         if self.shipper:
@@ -162,6 +180,9 @@ class Sidecar:
                     r.release()
         except (UpstreamError, TimeoutError, OSError):
             ok = False
+        if ok and self.routes is not None and not self.routes.ready:
+            self._count("/readyz", 503)
+            return json_error(503, "the routes file has not been applied yet (see GET /perennial/routes)", "routes_not_applied")
         self._count("/readyz", 200 if ok else 503)
         if not ok:
             return json_error(503, "engine is not ready", "engine_not_ready")

@@ -157,7 +157,9 @@ class Capture:
         usage = out.get("usage") if isinstance(out.get("usage"), dict) else None
         return InteractionRecord(
             id=it["id"], deployment=cfg.deployment, namespace=cfg.namespace, revision=cfg.revision, region=cfg.region,
-            model=model or "", adapter=(model if model and model != cfg.base_model_name else None),
+            model=model or "",
+            # the adapter that answered: the route's choice when the sidecar routes (`--routes-file`), else the model asked for
+            adapter=it.get("adapter", model if model and model != cfg.base_model_name else None),
             endpoint=it["endpoint"], messages=messages, prompt=prompt, params=red.value(params),
             response=red.text(out.get("response") or ""), finish_reason=it.get("finish_reason") or out.get("finish_reason"),
             usage=usage, latency_ms=round(it["latency_s"] * 1000.0, 3), stream=it["stream"],

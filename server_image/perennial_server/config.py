@@ -56,6 +56,9 @@ class SidecarConfig:
     feedback_dedupe_max_ids: int = 200000
     workers: int = 1
     worker_index: int = -1
+    routes_file: str = ""
+    adapters_dir: str = "/var/lib/perennial/adapters"
+    adapter_max_bytes: int = 8 * 1024 * 1024 * 1024
 
     def upstream_url(self) -> SplitResult:
         """The engine's base URL: plain HTTP (it sits in the same pod), host and port, optional path prefix."""
@@ -92,6 +95,10 @@ class SidecarConfig:
         if self.feedback_dedupe_max_ids < 0:
             raise ValueError("`feedback_dedupe_max_ids` must not be negative")
         json.loads(self.redaction_extra_patterns or "[]")
+        if self.routes_file and not os.path.isabs(self.adapters_dir):
+            raise ValueError("`adapters_dir` must be an absolute path")
+        if self.adapter_max_bytes < 1:
+            raise ValueError("`adapter_max_bytes` must be positive")
 
     def worker_spool(self, index: int) -> tuple[str, str]:
         """(spool dir, pod name) of worker `index`: worker 0 (or a single process) the spool dir and
@@ -147,6 +154,9 @@ _HELP = {
     "feedback_dedupe_max_ids": "feedback ids remembered per worker for idempotency (the most recent ones; kept on disk across restarts)",
     "workers": "worker processes sharing the port (SO_REUSEPORT), one per CPU given to the sidecar; each has its own spool subdir",
     "worker_index": "set by the supervisor on each worker process (-1: a single process)",
+    "routes_file": "routes document (served name -> adapters, a mounted ConfigMap) the sidecar watches and loads into the engine; empty = the engine's own model names (see routes.py)",
+    "adapters_dir": "where adapters with a remote `uri` in the routes document are fetched to (a volume the engine reads too)",
+    "adapter_max_bytes": "largest adapter fetched from a remote `uri`",
 }
 
 

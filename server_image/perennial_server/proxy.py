@@ -19,6 +19,7 @@ from pydantic_core import from_json
 from .capture import assemble_json, sse_data
 from .errors import json_error
 from .middleware import BodyTimeout, BodyTooLarge, body_error, read_body, send_and_close
+from .routes import MANAGED_PATHS, Renamer, Routed, managed_path_error
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -68,19 +69,30 @@ class ProxyHandler:
     async def _proxy(self, request: web.Request, t0: float) -> web.StreamResponse:
         assert self.s.pool is not None
         body = await read_body(request, self.s.cfg.max_body_bytes, self.s.cfg.client_body_timeout_s)
+        rt: Routed | None = None
+        routes = self.s.routes
+        if routes is not None:  # served name -> adapter (routes.py); None: the engine's own names
+            if request.path in MANAGED_PATHS:
+                return managed_path_error(request.path)
+            if body and request.method == "POST":
+                r = routes.route(body)
+                if r is not None and not isinstance(r, Routed):
+                    return r  # not a served model: 404 without the engine
+                rt = r
         endpoint = CAPTURED.get(request.path) if request.method == "POST" else None
         # the request is parsed (and redacted) later, in the capture batch, not on the response path
         capture = bool(endpoint and body) and self.s.sample > 0 and (self.s.sample >= 1 or random.random() < self.s.sample)
         t_send = time.perf_counter()
         up: UpstreamResponse | None = None
         try:
-            up = await self.s.pool.request(request.method, self.s.upstream_prefix + request.raw_path, self._fwd_headers(request), body or None)
+            up = await self.s.pool.request(request.method, self.s.upstream_prefix + request.raw_path, self._fwd_headers(request),
+                                           (rt.body if rt is not None else body) or None)
             ctype = up.header("Content-Type") or ""
             if endpoint and ctype.startswith("text/event-stream"):
-                return await self._stream(request, up, endpoint, body, capture, t0, t_send)
+                return await self._stream(request, up, endpoint, body, capture, t0, t_send, rt)
             if endpoint:
-                return await self._json(request, up, endpoint, ctype, body, capture, t0, t_send)
-            return await self._passthrough(request, up, t0, t_send)
+                return await self._json(request, up, endpoint, ctype, body, capture, t0, t_send, rt)
+            return await self._passthrough(request, up, t0, t_send, rt.renamer if rt is not None else None)
         except UpstreamTimeout:
             self.s.metrics.upstream_errors.labels("timeout").inc()
             return json_error(504, "the engine did not answer in time", "upstream_timeout")
@@ -91,9 +103,11 @@ class ProxyHandler:
         finally:
             if up is not None:
                 up.release()
+            if rt is not None:
+                routes.done(rt)  # type: ignore[union-attr]
 
     async def _json(self, request: web.Request, up: UpstreamResponse, endpoint: str, ctype: str, req_body: bytes,
-                    capture: bool, t0: float, t_send: float) -> web.StreamResponse:
+                    capture: bool, t0: float, t_send: float, rt: Routed | None = None) -> web.StreamResponse:
         """A whole (non-streamed) completion: make sure it has an id, answer, capture."""
         data = await up.read()
         t_done = time.perf_counter()
@@ -113,6 +127,8 @@ class ProxyHandler:
         rid = rid or self._new_id(endpoint)
         if up.status < 400:
             self.s.seen_responses.add(rid)
+        if rt is not None and rt.renamer is not None:
+            data = rt.renamer.whole(data)  # the answer names the served model, not the adapter
         resp = web.Response(body=data, status=up.status, headers=self._resp_headers(up, rid))
         try:
             await resp.prepare(request)
@@ -122,19 +138,28 @@ class ProxyHandler:
         t_end = time.perf_counter()
         self.s.metrics.added_latency.observe((t_send - t0) + (t_end - t_done))
         if capture and up.status == 200 and isinstance(out_json, dict):
-            self.s.capture.submit({"id": rid, "endpoint": endpoint, "request": req_body, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False})
+            item = {"id": rid, "endpoint": endpoint, "request": req_body, "out": assemble_json(out_json, endpoint), "latency_s": t_end - t0, "stream": False}
+            if rt is not None:
+                item["adapter"] = rt.adapter
+            self.s.capture.submit(item)
         return resp
 
-    async def _passthrough(self, request: web.Request, up: UpstreamResponse, t0: float, t_send: float) -> web.StreamResponse:
-        """Any other path: stream it through untouched."""
+    async def _passthrough(self, request: web.Request, up: UpstreamResponse, t0: float, t_send: float, ren: Renamer | None = None) -> web.StreamResponse:
+        """Any other path: stream it through untouched (but for a routed request's `model`)."""
         rid = up.header("X-Request-Id") or random_hex()
         resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
-        if up.content_length is not None:
+        if up.content_length is not None and ren is None:
             resp.content_length = up.content_length
         await resp.prepare(request)
         try:
             async for chunk in up.iter_chunks():
+                if ren is not None:
+                    chunk = ren.feed(chunk)
+                    if not chunk:
+                        continue
                 await resp.write(chunk)
+            if ren is not None and (rest := ren.flush()):
+                await resp.write(rest)
             await resp.write_eof()
         except (UpstreamError, OSError):
             # headers are out: nothing to do but cut the connection
@@ -149,7 +174,7 @@ class ProxyHandler:
         return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + random_hex()
 
     async def _stream(self, request: web.Request, up: UpstreamResponse, endpoint: str, req_body: bytes,
-                      capture: bool, t0: float, t_send: float) -> web.StreamResponse:
+                      capture: bool, t0: float, t_send: float, rt: Routed | None = None) -> web.StreamResponse:
         """SSE: forward chunk by chunk; the response id is the engine's first chunk id (or one we assign)."""
         pending = bytearray()
         rid: str | None = None
@@ -157,6 +182,7 @@ class ProxyHandler:
         resp: web.StreamResponse | None = None
         raw_all = bytearray() if capture else None
         added = t_send - t0
+        ren = rt.renamer if rt is not None else None
         try:
             passthrough = False
             chunks = up.iter_chunks()
@@ -174,11 +200,13 @@ class ProxyHandler:
                         await resp.prepare(request)
                         added += time.perf_counter() - t
                     if rewrite:
-                        pending = await self._write_rewritten(resp, pending, rid, raw_all, final=False)
+                        pending = await self._write_rewritten(resp, pending, rid, raw_all, final=False, ren=ren)
                     else:
-                        await resp.write(bytes(pending))  # the head goes out with it
+                        head = bytes(pending) if ren is None else ren.feed(bytes(pending))
+                        if head:
+                            await resp.write(head)  # the head goes out with it
                         if raw_all is not None:
-                            raw_all += pending
+                            raw_all += head
                         pending = bytearray()
                         passthrough = True
                         break
@@ -186,20 +214,24 @@ class ProxyHandler:
                 await chunks.aclose()
             if passthrough:
                 assert resp is not None
-                await self._pump(request, resp, up, raw_all)
+                await self._pump(request, resp, up, raw_all, ren)
+                if ren is not None and (rest := ren.flush()):
+                    await resp.write(rest)
+                    if raw_all is not None:
+                        raw_all += rest
             if resp is None:
                 rid = self._new_id(endpoint)
                 resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, rid))
                 await resp.prepare(request)
                 rewrite = True
             if rewrite and pending:
-                await self._write_rewritten(resp, pending, rid, raw_all, final=True)
+                await self._write_rewritten(resp, pending, rid, raw_all, final=True, ren=ren)
             await resp.write_eof()
         except (UpstreamError, ConnectionResetError) as e:
             if isinstance(e, ConnectionResetError) or request.transport is None or request.transport.is_closing():
                 # the client went away (often right after reading `[DONE]`): keep what it was sent
                 if capture and up.status == 200 and raw_all and rid:
-                    self._capture_stream(rid, endpoint, req_body, raw_all, t0)
+                    self._capture_stream(rid, endpoint, req_body, raw_all, t0, rt=rt)
                 if resp is None:
                     raise ConnectionResetError("client went away") from e
                 return resp
@@ -209,7 +241,7 @@ class ProxyHandler:
             if resp is None:
                 raise
             if capture and up.status == 200 and raw_all and rid:
-                self._capture_stream(rid, endpoint, req_body, raw_all, t0, finish_reason="error")
+                self._capture_stream(rid, endpoint, req_body, raw_all, t0, finish_reason="error", rt=rt)
             err = {"error": {"message": "the engine stream ended abnormally", "type": "upstream_error", "code": "upstream_stream_error"}}
             try:
                 await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
@@ -219,17 +251,20 @@ class ProxyHandler:
             return resp
         self.s.metrics.added_latency.observe(added)
         if capture and up.status == 200 and raw_all is not None and rid:
-            self._capture_stream(rid, endpoint, req_body, raw_all, t0)
+            self._capture_stream(rid, endpoint, req_body, raw_all, t0, rt=rt)
         return resp
 
-    def _capture_stream(self, rid: str, endpoint: str, req_body: bytes, raw: bytearray, t0: float, finish_reason: str | None = None) -> None:
+    def _capture_stream(self, rid: str, endpoint: str, req_body: bytes, raw: bytearray, t0: float, finish_reason: str | None = None,
+                        rt: Routed | None = None) -> None:
         item = {"id": rid, "endpoint": endpoint, "request": req_body, "raw": bytes(raw), "latency_s": time.perf_counter() - t0, "stream": True}
         if finish_reason:
             item["finish_reason"] = finish_reason
+        if rt is not None:
+            item["adapter"] = rt.adapter
         self.s.capture.submit(item)
 
     @staticmethod
-    async def _pump(request: web.Request, resp: web.StreamResponse, up: UpstreamResponse, raw_all: bytearray | None) -> None:
+    async def _pump(request: web.Request, resp: web.StreamResponse, up: UpstreamResponse, raw_all: bytearray | None, ren: Renamer | None = None) -> None:
         """The rest of an SSE stream whose id needs no rewriting, event by event as the engine sends them.
 
         Written to the client's transport from the engine connection's callback (HTTP/1.1 chunked
@@ -245,6 +280,10 @@ class ProxyHandler:
         def sink(data: bytes) -> bool:
             if transport.is_closing():
                 return False
+            if ren is not None:
+                data = ren.feed(data)
+                if not data:
+                    return True  # all held back (a `"model"` cut in two): never an empty chunk, the stream's end
             transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
             if raw_all is not None:
                 raw_all.extend(data)
@@ -269,7 +308,8 @@ class ProxyHandler:
                     return self._new_id(endpoint), True
         return self._new_id(endpoint), True
 
-    async def _write_rewritten(self, resp: web.StreamResponse, buf: bytearray, rid: str, raw_all: bytearray | None, final: bool) -> bytearray:
+    async def _write_rewritten(self, resp: web.StreamResponse, buf: bytearray, rid: str, raw_all: bytearray | None, final: bool,
+                               ren: Renamer | None = None) -> bytearray:
         """Write every complete event with `id` set to `rid`; return the incomplete rest."""
         text = bytes(buf).replace(b"\r\n", b"\n")
         events = text.split(b"\n\n")
@@ -288,6 +328,8 @@ class ProxyHandler:
             out += b"\n".join(lines) + b"\n\n"
         if final and rest:
             out += rest
+        if ren is not None:
+            out = bytearray(ren.whole(bytes(out)))  # whole events: nothing to hold back
         if out:
             await resp.write(bytes(out))
             if raw_all is not None:

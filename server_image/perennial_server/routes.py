@@ -1,0 +1,667 @@
+"""Served name -> adapter routing, owned by the sidecar (`--routes-file`).
+
+The operator writes a routes document into a ConfigMap mounted at `/etc/perennial/routes/routes.json`
+(see the deployment contract):
+
+    {"revision": "<sha>", "base": {"name": "<served base name>"},
+     "adapters": {"<adapter>": {"uri": "<artifact URI or local path>", "rank": 8}},
+     "routes": {"<served name>": [{"adapter": "<adapter>", "weight": 100}, ...]}}
+
+The sidecar polls the file by path once a second (kubelet updates a ConfigMap volume by swapping its
+`..data` symlink: nothing here keeps a file descriptor), and for each new document:
+
+1. fetches every adapter whose `uri` is not a local path with fsspec into `<adapters-dir>/<adapter>`
+   (into a temporary folder renamed into place; size bounded; names that could leave the folder refused),
+2. loads every adapter the engine does not have through `POST /v1/load_lora_adapter` (vLLM's API,
+   also the CPU engine's),
+3. only when every adapter of the document is loaded, swaps the routing table in one assignment
+   (a document with any failure is not applied: the previous routes stay in force, the failures are
+   reported at `GET /perennial/routes` and retried),
+4. unloads (`/v1/unload_lora_adapter`) the engine's adapters that neither the applied nor the pending
+   document lists, each once no request routed to it is still in flight, and removes what it fetched.
+
+With `--routes-file` the sidecar owns the engine's adapters: anything the engine has that the document
+does not list is unloaded (don't combine it with the engine's `--lora-modules`), and clients cannot
+call the engine's load/unload endpoints through the sidecar (403).
+
+Requests (the proxy's hot path: one dict lookup per request, no file access): a `model` that is a
+served name becomes one of its adapters (weighted random choice: a canary); the base name passes
+through; any other name is a 404 `model_not_found` that never reaches the engine (an adapter's own name
+is not addressable). The answer's `model` says the served name again. `GET /v1/models` lists the base
+and the served names (what a client may ask for), not the adapters.
+
+The engine's adapters are those of its `/v1/models` entries with a `parent` (vLLM and the CPU engine
+list LoRA adapters that way). The sidecar re-checks them every `resync_s` and reloads what an engine
+restart lost.
+
+Several workers (`--workers N`): worker 0 fetches, loads and unloads; the others apply a document once
+the engine has all its adapters. Each worker writes what it applied and which adapters it has requests
+in flight on to `<its spool dir>/routes-state.json`; worker 0 unloads an adapter only once every worker
+has applied the same revision and none has a request in flight on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+from pydantic import ConfigDict, Field
+from pydantic_core import from_json, to_json
+
+from .errors import json_error
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .upstream import UpstreamPool
+
+log = logging.getLogger("perennial_server.routes")
+
+# adapter names are Kubernetes object names (DNS-1123 subdomains) and become folder names
+ADAPTER_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# served names: what clients send as `model`; JSON-safe without escaping (the proxy renames by bytes)
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
+DOCUMENT_KEY = "(document)"  # key of document-level errors in `errors` (no adapter can be named so)
+ENGINE_KEY = "(engine)"
+MANAGED_PATHS = frozenset(("/v1/load_lora_adapter", "/v1/unload_lora_adapter"))
+MAX_DOCUMENT_BYTES = 1 << 20
+SOURCE_MARKER = ".perennial-source"
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"adapter name {name!r} must be a lowercase DNS-1123 subdomain (a-z, 0-9, '-', '.'; no '..')")
+    return name
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+# ---------------------------------------------------------------- the document
+class _Model(pydantic.BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)  # fields added by a newer operator are ignored
+
+
+class AdapterSource(_Model):
+    uri: str = Field(min_length=1, max_length=4096)
+    rank: int | None = Field(default=None, ge=1, le=1024)
+
+    @pydantic.field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if is_local(v) and not os.path.isabs(v):
+            raise ValueError("a local adapter `uri` must be an absolute path")
+        return v
+
+
+class RouteEntry(_Model):
+    adapter: str
+    weight: int = Field(default=100, ge=0, le=1_000_000)
+
+
+class BaseModelName(_Model):
+    name: str = Field(min_length=1, max_length=256)
+
+
+class RoutesDocument(_Model):
+    revision: str = Field(min_length=1, max_length=128)
+    base: BaseModelName | None = None
+    adapters: dict[str, AdapterSource] = Field(default_factory=dict, max_length=256)
+    routes: dict[str, list[RouteEntry]] = Field(default_factory=dict, max_length=1024)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> RoutesDocument:
+        for name in self.adapters:
+            check_adapter_name(name)
+        base = self.base.name if self.base else None
+        for served, entries in self.routes.items():
+            if not SERVED_NAME.fullmatch(served):
+                raise ValueError(f"served name {served!r} must match {SERVED_NAME.pattern}")
+            if served == base:
+                raise ValueError(f"served name {served!r} must differ from the base model's name")
+            if not 1 <= len(entries) <= 16:
+                raise ValueError(f"route `{served}` must have 1 to 16 entries")
+            for e in entries:
+                if e.adapter not in self.adapters:
+                    raise ValueError(f"route `{served}` names adapter {e.adapter!r}, which must be listed in `adapters`")
+            if sum(e.weight for e in entries) <= 0:
+                raise ValueError(f"route `{served}` must have a positive total weight")
+        return self
+
+
+def parse_document(data: bytes) -> RoutesDocument:
+    """ValueError with a one-line message when the document is not valid."""
+    try:
+        return RoutesDocument.model_validate_json(data)
+    except pydantic.ValidationError as e:
+        errs = e.errors(include_url=False)
+        parts = []
+        for err in errs[:3]:
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        raise ValueError("the routes document is not valid: " + "; ".join(parts)) from None
+
+
+class Route:
+    """One served name's adapters and weights; `pick` chooses one (weight 0: never)."""
+
+    __slots__ = ("adapters", "cum", "total")
+
+    def __init__(self, entries: Sequence[tuple[str, int]]) -> None:
+        live = [(a, w) for a, w in entries if w > 0]
+        if not live:
+            raise ValueError("a route needs a positive weight")
+        self.adapters = tuple(a for a, _ in live)
+        cum, t = [], 0
+        for _, w in live:
+            t += w
+            cum.append(t)
+        self.cum = cum
+        self.total = t
+
+    def pick(self, rng: random.Random) -> str:
+        if len(self.adapters) == 1:
+            return self.adapters[0]
+        return self.adapters[bisect.bisect_right(self.cum, rng.random() * self.total)]
+
+
+# ---------------------------------------------------------------- fetching
+def _relative(base: str, path: str) -> str:
+    """`path`'s part below `base` (posix); ValueError when it is not below it."""
+    base = base.rstrip("/")
+    if not path.startswith(base + "/"):
+        raise ValueError(f"listed file {path!r} is outside the adapter's folder {base!r}")
+    rel = path[len(base) + 1:]
+    norm = posixpath.normpath(rel)
+    if not rel or norm != rel or norm == ".." or norm.startswith(("../", "/")):
+        raise ValueError(f"listed file {path!r} is outside the adapter's folder {base!r}")
+    return rel
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files: int = 1000, chunk: int = 1 << 20) -> str:
+    """Copy the adapter folder at `uri` (any fsspec URL) to `root/<name>`; returns that path.
+
+    Atomic: files go into a temporary folder next to it, fsync'd, renamed into place. A folder
+    already fetched from the same URI is reused. ValueError for a bad name, a listing that climbs
+    out, too many files or bytes (counted while copying, not trusted from the listing)."""
+    import fsspec
+
+    check_adapter_name(name)
+    root = Path(root)
+    dest = root / name
+    if dest.resolve().parent != root.resolve():
+        raise ValueError(f"adapter name {name!r} must stay inside the adapters folder")
+    marker = dest / SOURCE_MARKER
+    try:
+        if marker.read_text() == uri:
+            return str(dest)
+    except OSError:
+        pass
+    fs, path = fsspec.core.url_to_fs(uri)
+    listing = fs.find(path, withdirs=False, detail=True)
+    if not listing:
+        raise ValueError(f"adapter `{name}`: no files at its uri")
+    if len(listing) > max_files:
+        raise ValueError(f"adapter `{name}` has more than {max_files} files")
+    rels = {p: _relative(path, p) for p in listing}
+    if sum(int(i.get("size") or 0) for i in listing.values()) > max_bytes:
+        raise ValueError(f"adapter `{name}` is larger than adapter_max_bytes={max_bytes}")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        total = 0
+        for p, rel in rels.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open(p, "rb") as src, open(target, "wb") as out:
+                while True:
+                    buf = src.read(chunk)
+                    if not buf:
+                        break
+                    total += len(buf)
+                    if total > max_bytes:
+                        raise ValueError(f"adapter `{name}` is larger than adapter_max_bytes={max_bytes}")
+                    out.write(buf)
+                out.flush()
+                os.fsync(out.fileno())
+        (tmp / SOURCE_MARKER).write_text(uri)
+        _fsync_dir(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old."))
+            os.rename(dest, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, dest)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(dest)
+
+
+# ---------------------------------------------------------------- the engine's adapter API
+class EngineCallError(Exception):
+    pass
+
+
+class EngineAdapters:
+    """`/v1/models`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter` on the engine."""
+
+    def __init__(self, pool: UpstreamPool, prefix: str = "") -> None:
+        self.pool = pool
+        self.prefix = prefix
+
+    async def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        from .upstream import UpstreamError
+
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            r = await self.pool.request(method, self.prefix + path, [("Content-Type", "application/json")] if data else [], data)
+            try:
+                return r.status, await r.read()
+            finally:
+                r.release()
+        except (UpstreamError, OSError) as e:
+            raise EngineCallError(f"the engine is unavailable: {e}") from None
+
+    @staticmethod
+    def _message(status: int, raw: bytes) -> str:
+        try:
+            j = from_json(raw)
+            msg = j["error"]["message"] if isinstance(j, dict) and isinstance(j.get("error"), dict) else (j.get("message") if isinstance(j, dict) else None)
+        except (ValueError, KeyError, TypeError):
+            msg = None
+        return f"the engine answered {status}: {msg or raw[:300].decode('utf-8', 'replace')}"[:500]
+
+    async def loaded(self) -> set[str]:
+        status, raw = await self._call("GET", "/v1/models")
+        if status != 200:
+            raise EngineCallError(self._message(status, raw))
+        try:
+            data = from_json(raw)["data"]
+            return {m["id"] for m in data if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)}
+        except (ValueError, KeyError, TypeError):
+            raise EngineCallError("the engine's /v1/models answer is not a model list") from None
+
+    async def load(self, name: str, path: str) -> None:
+        status, raw = await self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        if status != 200:
+            raise EngineCallError(self._message(status, raw))
+
+    async def unload(self, name: str) -> None:
+        status, raw = await self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        if status == 404:
+            return  # already gone
+        if status != 200:
+            raise EngineCallError(self._message(status, raw))
+
+
+# ---------------------------------------------------------------- the response's `model`
+class Renamer:
+    """Rewrites `"model": "<adapter>"` to the served name in response bytes, chunk by chunk (a
+    pattern cut between two chunks is held back until the next one). Names never need JSON
+    escaping (see ADAPTER_NAME/SERVED_NAME), so a match is always a key and its value: inside a
+    JSON string every quote is escaped."""
+
+    __slots__ = ("carry", "maxlen", "pairs")
+
+    def __init__(self, adapter: str, served: str) -> None:
+        a, s = json.dumps(adapter).encode(), json.dumps(served).encode()
+        self.pairs = ((b'"model":' + a, b'"model":' + s), (b'"model": ' + a, b'"model": ' + s))
+        self.maxlen = max(len(p) for p, _ in self.pairs)
+        self.carry = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.carry + data if self.carry else bytes(data)
+        for old, new in self.pairs:
+            if old in buf:
+                buf = buf.replace(old, new)
+        i = buf.find(b'"', max(0, len(buf) - self.maxlen + 1))
+        while i != -1:
+            tail = buf[i:]
+            if any(old.startswith(tail) for old, _ in self.pairs):
+                self.carry = tail
+                return buf[:i]
+            i = buf.find(b'"', i + 1)
+        self.carry = b""
+        return buf
+
+    def flush(self) -> bytes:
+        c, self.carry = self.carry, b""
+        return c
+
+    def whole(self, data: bytes) -> bytes:
+        return self.feed(data) + self.flush()
+
+
+class Routed:
+    """One request's route: the body to send, the served name, the adapter (None: the base)."""
+
+    __slots__ = ("adapter", "body", "renamer", "served")
+
+    def __init__(self, body: bytes, served: str, adapter: str | None) -> None:
+        self.body = body
+        self.served = served
+        self.adapter = adapter
+        self.renamer = Renamer(adapter, served) if adapter is not None and adapter != served else None
+
+
+# ---------------------------------------------------------------- the routes
+class Routes:
+    poll_s = 1.0  # the file is looked at this often
+    retry_s = 2.0  # a document that failed is tried again after this long
+    resync_s = 15.0  # the engine's adapters are re-checked this often (an engine restart loses them)
+
+    def __init__(self, path: str, *, base_name: str, adapters_dir: str, max_bytes: int, manage: bool = True,
+                 state_file: str | None = None, peer_state_files: Sequence[str] = (), rng: random.Random | None = None) -> None:
+        self.path = path
+        self.cfg_base = base_name
+        self.adapters_dir = Path(adapters_dir)
+        self.max_bytes = max_bytes
+        self.manage = manage
+        self.state_file = state_file
+        self.peer_state_files = list(peer_state_files)
+        self.rng = rng or random.Random()
+        # applied
+        self.base = base_name
+        self.table: dict[str, Route] = {}
+        self.revision: str | None = None
+        self.applied: RoutesDocument | None = None
+        # wanted
+        self.desired: RoutesDocument | None = None
+        self.errors: dict[str, str] = {}
+        self.doc_error: str | None = None
+        self.engine_loaded: set[str] = set()
+        self.sources: dict[str, str] = {}  # adapter -> uri it was loaded from (by this process)
+        self.draining: set[str] = set()
+        self.inflight: dict[str, int] = {}
+        self.engine: EngineAdapters | None = None
+        self.created = int(time.time())
+        self._stat: tuple | None = None
+        self._raw: bytes | None = None
+        self._retry_at = 0.0
+        self._resync_at = 0.0
+        self._state_written: Any = None
+        self._raw_revision: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ hot path
+    def route(self, body: bytes) -> Routed | web.Response | None:
+        """The route of a request body: None when it names no model (or is not a JSON object: the
+        engine answers it), a 404 response for a model that is not served, else a `Routed` (its
+        adapter counted in flight until `done`)."""
+        try:
+            req = from_json(body)
+        except ValueError:
+            return None
+        if not isinstance(req, dict):
+            return None
+        model = req.get("model")
+        if not isinstance(model, str):
+            return None
+        if model == self.base:
+            return Routed(body, model, None)
+        r = self.table.get(model)
+        if r is None:
+            return json_error(404, f"The model `{model}` does not exist.", "model_not_found", param="model")
+        adapter = r.pick(self.rng)
+        req["model"] = adapter
+        self.inflight[adapter] = self.inflight.get(adapter, 0) + 1
+        return Routed(to_json(req), model, adapter)
+
+    def done(self, routed: Routed) -> None:
+        a = routed.adapter
+        if a is not None:
+            n = self.inflight.get(a, 0) - 1
+            if n > 0:
+                self.inflight[a] = n
+            else:
+                self.inflight.pop(a, None)
+
+    @property
+    def ready(self) -> bool:
+        return self.revision is not None
+
+    # ------------------------------------------------------------ reports
+    def report(self) -> dict:
+        errors = dict(self.errors)
+        if self.doc_error:
+            errors[DOCUMENT_KEY] = self.doc_error
+        listed = set(self.applied.adapters) if self.applied else set()
+        # the revision of the file's latest document (valid or not) while it is not the applied one
+        pending = self._raw_revision if self._raw_revision != self.revision else None
+        return {"revision": self.revision, "pending": pending, "loaded": sorted(self.engine_loaded & listed),
+                "draining": sorted(self.draining), "errors": errors}
+
+    def models(self) -> dict:
+        data = [{"id": self.base, "object": "model", "created": self.created, "owned_by": "perennial", "parent": None}] if self.base else []
+        for served in self.table:
+            data.append({"id": served, "object": "model", "created": self.created, "owned_by": "perennial", "parent": self.base or None})
+        return {"object": "list", "data": data}
+
+    # ------------------------------------------------------------ the file
+    def _read(self) -> bool:
+        """Re-read the file when its stat changed; True when a new valid document was read."""
+        try:
+            st = os.stat(self.path)  # follows kubelet's symlinks: a swap is a new inode
+        except OSError as e:
+            if self._stat is not None or self.doc_error is None:
+                self.doc_error = f"cannot read the routes file: {e.strerror}"
+            self._stat = None
+            return False
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._stat:
+            return False
+        self._stat = key
+        if st.st_size > MAX_DOCUMENT_BYTES:
+            self.doc_error = f"the routes file must not exceed {MAX_DOCUMENT_BYTES} bytes"
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_DOCUMENT_BYTES + 1)
+        except OSError as e:
+            self.doc_error = f"cannot read the routes file: {e.strerror}"
+            self._stat = None
+            return False
+        if raw == self._raw:
+            return False
+        self._raw = raw
+        try:
+            rev = from_json(raw).get("revision")
+            self._raw_revision = rev if isinstance(rev, str) else None
+        except (ValueError, AttributeError):
+            self._raw_revision = None
+        try:
+            doc = parse_document(raw)
+        except ValueError as e:
+            self.doc_error = str(e)[:1000]
+            self.desired = None
+            log.warning("Refused routes document error=%s", self.doc_error)
+            return False
+        self.doc_error = None
+        self.desired = doc
+        log.info("Read routes document revision=%s adapters=%d routes=%d", doc.revision, len(doc.adapters), len(doc.routes))
+        return True
+
+    # ------------------------------------------------------------ reconcile
+    async def tick(self) -> None:
+        now = time.monotonic()
+        changed = self._read()
+        want = self.desired
+        due = (changed or self.draining or now >= self._resync_at
+               or (want is not None and want.revision != self.revision and now >= self._retry_at))
+        if due and self.engine is not None and (want is not None or self.applied is not None):
+            await self.reconcile()
+            self._resync_at = time.monotonic() + self.resync_s
+        self._write_state()
+
+    async def reconcile(self) -> None:
+        assert self.engine is not None
+        want = self.desired
+        try:
+            have = await self.engine.loaded()
+        except EngineCallError as e:
+            self.errors = {ENGINE_KEY: str(e)[:500]}
+            self._retry_at = time.monotonic() + min(self.retry_s, 1.0)
+            return
+        errors: dict[str, str] = {}
+        if want is not None:
+            for name, src in want.adapters.items():
+                if name in have:
+                    known = self.sources.get(name)
+                    if known is not None and known != src.uri:
+                        errors[name] = (f"adapter `{name}` is loaded from another uri; an adapter's artifact must not change "
+                                        "(give the new artifact a new adapter name)")
+                    continue
+                if not self.manage:
+                    errors[name] = "not loaded in the engine yet (worker 0 loads adapters)"
+                    continue
+                try:
+                    path = src.uri if is_local(src.uri) else await asyncio.to_thread(
+                        fetch_adapter, name, src.uri, self.adapters_dir, max_bytes=self.max_bytes)
+                    await self.engine.load(name, path)
+                except (EngineCallError, ValueError, OSError, ImportError) as e:
+                    errors[name] = str(e)[:500] or type(e).__name__
+                    log.warning("Failed to load adapter name=%s error=%s", name, errors[name])
+                    continue
+                log.info("Loaded adapter name=%s", name)
+                self.sources[name] = src.uri
+                have.add(name)
+            if not errors and want.revision != self.revision:
+                self._apply(want)
+            elif not errors and want is not self.applied:
+                self._apply(want)  # same revision, new content: the table still follows the file
+        self.errors = errors
+        if errors:
+            self._retry_at = time.monotonic() + self.retry_s
+        if self.manage:
+            await self._unload_unused(have)
+        self.engine_loaded = have
+
+    def _apply(self, doc: RoutesDocument) -> None:
+        table = {served: Route([(e.adapter, e.weight) for e in entries]) for served, entries in doc.routes.items()}
+        self.base = doc.base.name if doc.base else self.cfg_base
+        self.table = table  # one assignment: a request sees the old table or the new one
+        self.applied = doc
+        self.revision = doc.revision
+        log.info("Applied routes revision=%s routes=%s", doc.revision, ",".join(f"{s}->{'/'.join(r.adapters)}" for s, r in table.items()))
+
+    async def _unload_unused(self, have: set[str]) -> None:
+        assert self.engine is not None
+        if self.applied is None:
+            return  # nothing applied yet: what the engine has may still be wanted
+        keep = set(self.applied.adapters) | (set(self.desired.adapters) if self.desired else set())
+        busy = self._peer_busy()
+        draining = set()
+        for name in sorted(have - keep):
+            if self.inflight.get(name) or busy is None or name in busy:
+                draining.add(name)
+                continue
+            try:
+                await self.engine.unload(name)
+            except EngineCallError as e:
+                self.errors[name] = f"could not unload: {e}"[:500]
+                draining.add(name)
+                continue
+            have.discard(name)
+            log.info("Unloaded adapter name=%s", name)
+            src = self.sources.pop(name, None)
+            if src is None or not is_local(src):
+                d = self.adapters_dir / name
+                if ADAPTER_NAME.fullmatch(name) and ".." not in name and (d / SOURCE_MARKER).exists():
+                    await asyncio.to_thread(shutil.rmtree, d, True)
+        self.draining = draining
+
+    # ------------------------------------------------------------ workers
+    def _write_state(self) -> None:
+        if not self.state_file:
+            return
+        state = (self.revision, tuple(sorted(self.inflight)))
+        if state == self._state_written:
+            return
+        tmp = self.state_file + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"revision": state[0], "busy": list(state[1])}, f)
+            os.replace(tmp, self.state_file)
+            self._state_written = state
+        except OSError as e:
+            log.warning("Could not write routes state file=%s error=%s", self.state_file, e)
+
+    def _peer_busy(self) -> set[str] | None:
+        """Adapters other workers have requests in flight on; None while one of them has not
+        applied this revision yet (or its state cannot be read)."""
+        busy: set[str] = set()
+        for p in self.peer_state_files:
+            try:
+                st = json.loads(Path(p).read_text())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(st, dict) or st.get("revision") != self.revision:
+                return None
+            busy.update(x for x in st.get("busy") or [] if isinstance(x, str))
+        return busy
+
+    # ------------------------------------------------------------ lifecycle
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watcher die: report and go on
+                log.exception("Routes reconcile failed")
+                self.errors = {**self.errors, ENGINE_KEY: "internal error while applying routes (see the sidecar's log)"}
+            await asyncio.sleep(self.poll_s)
+
+    def start(self, engine: EngineAdapters) -> None:
+        self.engine = engine
+        if self.manage and self.adapters_dir.is_dir():
+            for d in self.adapters_dir.glob(".*.*"):  # temporary folders of a fetch that did not finish
+                shutil.rmtree(d, ignore_errors=True)
+        self._task = asyncio.create_task(self._loop(), name="routes")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    # ------------------------------------------------------------ HTTP
+    async def routes_handler(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
+        return web.json_response(self.report())
+
+    async def models_handler(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
+        return web.json_response(self.models())
+
+
+def managed_path_error(path: str) -> web.Response:
+    return json_error(403, f"`{path}` is not available: the routes file decides which adapters are loaded", "adapters_managed")
+

@@ -1,0 +1,461 @@
+"""The sidecar owns served name -> adapter routing (`--routes-file`, issue 12): the routes document
+as the operator's ConfigMap mounts it (kubelet's atomic `..data` symlink swap), adapters loaded into
+the engine through `/v1/load_lora_adapter` (fetched with fsspec when remote), requests rewritten
+by served name (weighted canaries), unknown names refused, unloads only after in-flight requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import openai
+import pytest
+import requests
+from aiohttp import web
+from srvutil import AppThread, read_store
+
+BASE = "tiny-base"
+
+
+def wait_until(fn: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or fn}")
+        time.sleep(0.05)
+
+
+class KubeletDir:
+    """A ConfigMap volume as kubelet writes it: `routes.json -> ..data/routes.json`, `..data -> ..<ts>`,
+    updated by writing a new timestamped dir and renaming a new `..data` symlink over the old one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+        self.path = root / "routes.json"
+
+    def write(self, doc: dict | str) -> None:
+        self.n += 1
+        ts = self.root / f"..2026_11_29_{self.n:04d}"
+        ts.mkdir()
+        (ts / "routes.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        tmp = self.root / "..data_tmp"
+        os.symlink(ts.name, tmp)
+        os.rename(tmp, self.root / "..data")
+        if not self.path.is_symlink():
+            os.symlink("..data/routes.json", self.path)
+
+
+def doc(revision: str, adapters: dict[str, str], routes: dict[str, list[tuple[str, int]]]) -> dict:
+    return {"revision": revision, "base": {"name": BASE}, "adapters": {n: {"uri": u, "rank": 8} for n, u in adapters.items()},
+            "routes": {s: [{"adapter": a, "weight": w} for a, w in entries] for s, entries in routes.items()}}
+
+
+class FakeEngine:
+    """An engine speaking vLLM's adapter API: `/v1/models` (adapters with `parent`), load/unload
+    (paths must exist), chat answering with the model it was asked for; loads can fail or block."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.chats: list[str] = []
+        self.fail: dict[str, str] = {}
+        self.hold_loads: threading.Event | None = None
+        self.hold_chat: asyncio.Event | None = None
+        self.chat_started = threading.Event()
+        self.t = AppThread(self.make).start()
+        self.url = self.t.url
+
+    def make(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/load_lora_adapter", self.load)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": BASE, "object": "model", "parent": None}]
+        data += [{"id": n, "object": "model", "root": p, "parent": BASE} for n, p in self.loaded.items()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def load(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name, path = body["lora_name"], body["lora_path"]
+        self.calls.append(("load", name))
+        if self.hold_loads is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.hold_loads.wait, 60)
+        if name in self.fail:
+            return web.json_response({"error": {"message": self.fail[name], "type": "BadRequestError", "code": 400}}, status=400)
+        if name in self.loaded:
+            return web.json_response({"error": {"message": f"The lora adapter '{name}' has already been loaded.", "code": 400}}, status=400)
+        if not Path(path, "adapter_config.json").is_file():
+            return web.json_response({"error": {"message": f"no adapter at {path}", "code": 400}}, status=400)
+        self.loaded[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        self.calls.append(("unload", name))
+        if name not in self.loaded:
+            return web.json_response({"error": {"message": "not loaded", "code": 404}}, status=404)
+        del self.loaded[name]
+        return web.Response(text="Success")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        model = body["model"]
+        self.chats.append(model)
+        if model != BASE and model not in self.loaded:
+            return web.json_response({"error": {"message": f"The model `{model}` does not exist.", "code": 404}}, status=404)
+        if body.get("hold"):
+            self.hold_chat = asyncio.Event()
+            self.chat_started.set()
+            await self.hold_chat.wait()
+        text = f"answer of {model}"
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for piece in (text[:4], text[4:]):
+                ev = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "model": model,
+                      "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                # one event split over two writes mid-`"model"`: the proxy must still rename it
+                raw = b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+                cut = raw.index(b'"model"') + 5
+                await resp.write(raw[:cut])
+                await asyncio.sleep(0.01)
+                await resp.write(raw[cut:])
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        return web.json_response({"id": "chatcmpl-" + os.urandom(6).hex(), "object": "chat.completion", "model": model,
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+
+    def release_chat(self) -> None:
+        ev = self.hold_chat
+        assert ev is not None
+        self.t.loop.call_soon_threadsafe(ev.set)
+
+    def stop(self) -> None:
+        if self.hold_loads is not None:
+            self.hold_loads.set()
+        self.t.stop()
+
+
+def make_adapter_dir(root: Path, name: str) -> str:
+    d = root / "artifacts" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "name": name}))
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    return str(d)
+
+
+@pytest.fixture
+def fake() -> Any:
+    e = FakeEngine()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def routed(fake: FakeEngine, sidecar_factory, tmp_path: Path):
+    """start(doc or None) -> (sidecar thread, Sidecar, kubelet dir); the sidecar routes from the mounted file."""
+
+    def start(first: dict | None, **overrides: Any):
+        kd = KubeletDir(tmp_path / "configmap")
+        if first is not None:
+            kd.write(first)
+        t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
+        return t, sc, kd
+
+    return start
+
+
+def routes_state(t: AppThread) -> dict:
+    r = requests.get(t.url + "/perennial/routes", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def applied(t: AppThread, revision: str) -> dict:
+    return wait_until(lambda: (s := routes_state(t))["revision"] == revision and s, what=f"revision {revision}")
+
+
+def chat(t: AppThread, model: str, **kw: Any) -> requests.Response:
+    return requests.post(t.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}, timeout=60)
+
+
+# ---------------------------------------------------------------- routing
+def test_requests_are_routed_by_served_name(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    t, sc, _ = routed(doc("r1", {"a1": a1, "a2": a2}, {"support": [("a1", 100)], "sales": [("a2", 100)]}))
+    st = applied(t, "r1")
+    assert st["loaded"] == ["a1", "a2"] and st["errors"] == {}
+    assert fake.loaded == {"a1": a1, "a2": a2}
+
+    r = chat(t, "support")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "answer of a1"
+    assert r.json()["model"] == "support"  # the name the client asked for, not the adapter
+    support_id = r.json()["id"]
+    assert chat(t, "sales").json()["choices"][0]["message"]["content"] == "answer of a2"
+    assert chat(t, BASE).json()["choices"][0]["message"]["content"] == f"answer of {BASE}"
+    assert fake.chats == ["a1", "a2", BASE]
+
+    # streamed: every event says the served name, even when the engine splits one mid-`"model"`
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="sales", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "answer of a2"
+    assert {c.model for c in chunks} == {"sales"}
+
+    # the interaction records say both: the served name asked for and the adapter that answered
+    recs = wait_until(lambda: [x for x in read_store(Path(sc.cfg.store_uri)) if x["kind"] == "interaction"] if len(
+        [x for x in read_store(Path(sc.cfg.store_uri)) if x["kind"] == "interaction"]) >= 4 else None, what="4 interactions")
+    by_id = {x["id"]: x for x in recs}
+    assert by_id[support_id]["model"] == "support" and by_id[support_id]["adapter"] == "a1"
+    assert {(x["model"], x.get("adapter")) for x in recs} == {("support", "a1"), ("sales", "a2"), (BASE, None)}
+
+
+def test_models_lists_served_names_and_base(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)], "support-preview": [("a1", 100)]}))
+    applied(t, "r1")
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key="unused", max_retries=0)
+    models = client.models.list().data
+    assert [m.id for m in models] == [BASE, "support", "support-preview"]  # never the internal adapter names
+    assert all(m.object == "model" and m.owned_by for m in models)
+
+
+def test_unknown_model_is_404_without_the_engine(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
+    applied(t, "r1")
+    for model in ("nope", "a1", "Support"):  # an adapter's own name is not a served name
+        r = chat(t, model)
+        assert r.status_code == 404, r.text
+        e = r.json()["error"]
+        assert e["code"] == "model_not_found" and e["type"] == "not_found_error" and model in e["message"]
+    r = requests.post(t.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert fake.chats == []
+    # the routes file owns the adapters: clients cannot load or unload any through the sidecar
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        r = requests.post(t.url + path, json={"lora_name": "x", "lora_path": "/etc"}, timeout=30)
+        assert r.status_code == 403, r.text
+    assert [c for c in fake.calls if c[1] == "x"] == []
+
+
+def test_canary_weights_are_respected(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    from perennial_server.routes import Route
+
+    # the choice itself: 90/10 over many seeded draws
+    r = Route([("old", 90), ("new", 10)])
+    rng = random.Random(7)
+    n = 20000
+    new = sum(r.pick(rng) == "new" for _ in range(n))
+    assert 0.08 * n < new < 0.12 * n
+    assert all(Route([("a", 0), ("b", 5)]).pick(rng) == "b" for _ in range(200))  # weight 0: never chosen
+
+    # through the sidecar, seeded
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    t, sc, _ = routed(doc("r1", {"a1": a1, "a2": a2}, {"svc": [("a1", 75), ("a2", 25)]}))
+    applied(t, "r1")
+    sc.routes.rng = random.Random(11)
+    got = [chat(t, "svc").json()["choices"][0]["message"]["content"] for _ in range(200)]
+    n2 = got.count("answer of a2")
+    assert got.count("answer of a1") + n2 == 200
+    assert 25 <= n2 <= 75  # expectation 50, sd ~6
+
+
+# ---------------------------------------------------------------- hot reload
+def test_hot_reload_by_symlink_swap_keeps_serving(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    t, _, kd = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 200
+
+    fake.hold_loads = threading.Event()  # a2 takes its time loading
+    kd.write(doc("r2", {"a2": a2}, {"svc": [("a2", 100)]}))
+    wait_until(lambda: ("load", "a2") in fake.calls, what="a2 loading")
+    st = routes_state(t)
+    assert st["revision"] == "r1" and st["pending"] == "r2"
+    # while r2 loads, r1 serves and the pod stays ready
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 200
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a1"
+    fake.hold_loads.set()
+    st = applied(t, "r2")
+    assert st["pending"] is None
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a2"
+    wait_until(lambda: ("unload", "a1") in fake.calls, what="a1 unloaded")
+    assert fake.loaded == {"a2": a2}
+    assert routes_state(t)["loaded"] == ["a2"]
+
+
+def test_not_ready_until_the_first_routes_are_applied(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, kd = routed(None)
+    r = requests.get(t.url + "/readyz", timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "routes_not_applied"
+    st = routes_state(t)
+    assert st["revision"] is None and st["errors"]
+    assert chat(t, "svc").status_code == 404
+    kd.write("{not json")
+    wait_until(lambda: "JSON" in routes_state(t)["errors"].get("(document)", "") or "json" in routes_state(t)["errors"].get("(document)", ""), what="parse error")
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 503
+    kd.write(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 200
+    assert routes_state(t)["errors"] == {}
+
+
+def test_load_failure_keeps_the_previous_routes(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1, a3 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a3")
+    t, _, kd = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    fake.fail["a3"] = "LoRA rank 128 is greater than max_lora_rank 64"
+    kd.write(doc("r2", {"a3": a3}, {"svc": [("a3", 100)]}))
+    st = wait_until(lambda: (s := routes_state(t))["errors"].get("a3") and s, what="a3 error")
+    assert "max_lora_rank" in st["errors"]["a3"]
+    assert st["revision"] == "r1" and st["pending"] == "r2" and st["loaded"] == ["a1"]
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a1"
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 200
+    assert ("unload", "a1") not in fake.calls  # the old routes still need it
+    # a document whose route names an adapter missing from `adapters` is refused as a whole
+    kd.write({"revision": "r3", "base": {"name": BASE}, "adapters": {"a1": {"uri": a1}}, "routes": {"svc": [{"adapter": "ghost", "weight": 1}]}})
+    st = wait_until(lambda: (s := routes_state(t))["errors"].get("(document)") and s, what="document error")
+    assert "ghost" in st["errors"]["(document)"] and st["revision"] == "r1"
+    # the failure is retried: once the engine accepts a3, r4 applies
+    fake.fail.clear()
+    kd.write(doc("r4", {"a3": a3}, {"svc": [("a3", 100)]}))
+    st = applied(t, "r4")
+    assert st["errors"] == {} and chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a3"
+
+
+def test_unload_waits_for_in_flight_requests(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    t, _, kd = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(r=chat(t, "svc", hold=True)))
+    th.start()
+    assert fake.chat_started.wait(60)
+    kd.write(doc("r2", {"a2": a2}, {"svc": [("a2", 100)]}))
+    wait_until(lambda: (s := routes_state(t))["revision"] == "r2" and s["draining"] == ["a1"], what="a1 draining")
+    assert ("unload", "a1") not in fake.calls and "a1" in fake.loaded
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a2"  # new requests: the new adapter
+    fake.release_chat()
+    th.join(60)
+    assert result["r"].json()["choices"][0]["message"]["content"] == "answer of a1"
+    wait_until(lambda: ("unload", "a1") in fake.calls, what="a1 unloaded")
+    wait_until(lambda: routes_state(t)["draining"] == [], what="nothing draining")
+    assert fake.loaded == {"a2": a2}
+
+
+# ---------------------------------------------------------------- adapters from storage
+def test_adapter_names_cannot_escape_the_adapters_dir(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    from perennial_server.routes import fetch_adapter
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/evil/adapter_config.json", b"{}")
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, kd = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    for bad in ("../escaped", "..", "a/b", "/abs", ".hidden", "A1"):
+        kd.write(doc(f"bad-{bad}", {bad: "memory://evil"}, {"svc": [(bad, 100)]}))
+        st = wait_until(lambda b=bad: (s := routes_state(t))["pending"] == f"bad-{b}" and s["errors"].get("(document)") and s, what=bad)
+        assert "must" in st["errors"]["(document)"] and st["revision"] == "r1"
+        with pytest.raises(ValueError):
+            fetch_adapter(bad, "memory://evil", tmp_path / "adapters", max_bytes=1 << 20)
+    assert not (tmp_path / "escaped").exists() and [c for c in fake.calls if c[0] == "load"] == [("load", "a1")]
+    # a remote listing whose files climb out of the adapter's folder is refused too
+    with pytest.raises(ValueError, match="outside"):
+        from perennial_server.routes import _relative
+
+        _relative("/bucket/a", "/bucket/a/../../etc/passwd")
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_remote_adapters_are_fetched_with_fsspec(fake: FakeEngine, routed, tmp_path: Path, scheme: str) -> None:
+    files = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": os.urandom(1000), "sub/tokenizer.json": b"{}"}
+    if scheme == "memory":
+        mem = fsspec.filesystem("memory")
+        for k, v in files.items():
+            mem.pipe(f"/store-{tmp_path.name}/tone-v2/{k}", v)
+        uri = f"memory://store-{tmp_path.name}/tone-v2"
+    else:
+        src = tmp_path / "bucket" / "tone-v2"
+        for k, v in files.items():
+            (src / k).parent.mkdir(parents=True, exist_ok=True)
+            (src / k).write_bytes(v)
+        uri = src.as_uri()
+    t, _, kd = routed(doc("r1", {"tone-v2": uri}, {"tone": [("tone-v2", 100)]}))
+    applied(t, "r1")
+    dest = tmp_path / "adapters" / "tone-v2"
+    assert fake.loaded == {"tone-v2": str(dest)}
+    for k, v in files.items():
+        assert (dest / k).read_bytes() == v
+    assert [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    assert chat(t, "tone").json()["choices"][0]["message"]["content"] == "answer of tone-v2"
+    # dropped from the routes: unloaded and its files removed
+    a1 = make_adapter_dir(tmp_path, "a1")
+    kd.write(doc("r2", {"a1": a1}, {"tone": [("a1", 100)]}))
+    applied(t, "r2")
+    wait_until(lambda: ("unload", "tone-v2") in fake.calls, what="unload")
+    wait_until(lambda: not dest.exists(), what="files removed")
+
+
+def test_adapter_size_is_bounded(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    mem = fsspec.filesystem("memory")
+    mem.pipe(f"/big-{tmp_path.name}/adapter_config.json", b"{}")
+    mem.pipe(f"/big-{tmp_path.name}/adapter_model.safetensors", b"x" * 5000)
+    t, _, _ = routed(doc("r1", {"big": f"memory://big-{tmp_path.name}"}, {"svc": [("big", 100)]}), adapter_max_bytes=4096)
+    st = wait_until(lambda: (s := routes_state(t))["errors"].get("big") and s, what="size error")
+    assert "4096" in st["errors"]["big"] and st["revision"] is None
+    assert not (tmp_path / "adapters" / "big").exists() and fake.calls == []
+
+
+# ---------------------------------------------------------------- the real CPU engine
+def test_routes_with_the_cpu_engine(engine, sidecar_factory, tiny_model, tmp_path: Path) -> None:
+    """The session's CPU engine already serves fruit-a and fruit-b: they stay listed (and loaded);
+    fruit-copy (a file:// copy of fruit-a) is loaded for real, routed, then unloaded."""
+    ad = tiny_model["adapters"]
+    kd = KubeletDir(tmp_path / "cm")
+    kd.write({"revision": "r1", "base": {"name": BASE},
+              "adapters": {"fruit-a": {"uri": ad["fruit-a"]}, "fruit-b": {"uri": ad["fruit-b"]}, "fruit-copy": {"uri": Path(ad["fruit-a"]).as_uri()}},
+              "routes": {"fruit": [{"adapter": "fruit-copy", "weight": 100}], "other": [{"adapter": "fruit-b", "weight": 100}]}})
+    t, _, _ = sidecar_factory(engine.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"))
+    applied(t, "r1")
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(model: str) -> str:
+        c = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "which colour is a kiwi?"}], max_tokens=6, temperature=0)
+        assert c.model == model
+        return c.choices[0].message.content or ""
+
+    direct = openai.OpenAI(base_url=engine.url + "/v1", api_key="unused", max_retries=0)
+    want_a = direct.chat.completions.create(model="fruit-a", messages=[{"role": "user", "content": "which colour is a kiwi?"}], max_tokens=6, temperature=0).choices[0].message.content
+    want_b = direct.chat.completions.create(model="fruit-b", messages=[{"role": "user", "content": "which colour is a kiwi?"}], max_tokens=6, temperature=0).choices[0].message.content
+    assert want_a != want_b
+    assert "fruit-copy" in {m.id for m in direct.models.list().data}
+    assert ask("fruit") == want_a and ask("other") == want_b
+    kd.write({"revision": "r2", "base": {"name": BASE}, "adapters": {"fruit-a": {"uri": ad["fruit-a"]}, "fruit-b": {"uri": ad["fruit-b"]}},
+              "routes": {"fruit": [{"adapter": "fruit-b", "weight": 100}]}})
+    applied(t, "r2")
+    assert ask("fruit") == want_b
+    wait_until(lambda: "fruit-copy" not in {m.id for m in direct.models.list().data}, what="fruit-copy unloaded")
+    assert {"fruit-a", "fruit-b"} <= {m.id for m in direct.models.list().data}
