@@ -6,6 +6,23 @@ import copy
 from typing import Any
 
 
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, strings, numbers, booleans, null), ~4x faster than
+    ``copy.deepcopy``; anything else inside is handed to ``copy.deepcopy``. Unlike ``deepcopy`` it does not keep
+    aliasing (a dict referenced twice becomes two dicts), as decoding the JSON of the value would not."""
+    t = type(value)
+    if t is dict:
+        return {k: (v if type(v) in _IMMUTABLE else json_copy(v)) for k, v in value.items()}
+    if t is list:
+        return [v if type(v) in _IMMUTABLE else json_copy(v) for v in value]
+    if t in _IMMUTABLE:
+        return value
+    return copy.deepcopy(value)
+
+
 class PatchError(Exception):
     """A patch that cannot be applied; ``code`` is the HTTP status kube-apiserver answers."""
 
@@ -17,7 +34,7 @@ class PatchError(Exception):
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return json_copy(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
@@ -119,25 +136,25 @@ def json_patch(target: Any, ops: Any) -> Any:
     """RFC 6902 JSON Patch; a failed ``test`` raises a 422 like kube-apiserver."""
     if not isinstance(ops, list):
         raise PatchError("json: cannot unmarshal object into Go value of type jsonpatch.Patch", 400)
-    doc = copy.deepcopy(target)
+    doc = json_copy(target)
     for op in ops:
         if not isinstance(op, dict) or "op" not in op:
             raise PatchError("Unexpected kind: <nil>", 400)
         kind, path = op["op"], op.get("path", "")
         if kind == "add":
-            doc = _add(doc, path, copy.deepcopy(op.get("value")))
+            doc = _add(doc, path, json_copy(op.get("value")))
         elif kind == "remove":
             doc = _remove(doc, path)
         elif kind == "replace":
             _get(doc, path)
             doc = _remove(doc, path) if _split(path) else doc
-            doc = _add(doc, path, copy.deepcopy(op.get("value")))
+            doc = _add(doc, path, json_copy(op.get("value")))
         elif kind == "move":
             value = _get(doc, op["from"])
             doc = _remove(doc, op["from"])
             doc = _add(doc, path, value)
         elif kind == "copy":
-            doc = _add(doc, path, copy.deepcopy(_get(doc, op["from"])))
+            doc = _add(doc, path, json_copy(_get(doc, op["from"])))
         elif kind == "test":
             try:
                 actual = _get(doc, path)
@@ -175,9 +192,9 @@ MERGE_PRIMITIVE = {"finalizers"}
 
 def strategic_merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return json_copy(patch)
     if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+        return {k: json_copy(v) for k, v in patch.items() if k != "$patch"}
     if patch.get("$patch") == "delete":
         return None
     result = dict(target) if isinstance(target, dict) else {}
@@ -203,17 +220,17 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
             else:
                 result[key] = merged
         else:
-            result[key] = copy.deepcopy(value)
+            result[key] = json_copy(value)
     if isinstance(retain, list):
         result = {k: v for k, v in result.items() if k in retain}
     return result
 
 
 def _merge_list(current: list, patch: list, key: str) -> list:
-    out = [copy.deepcopy(x) for x in current]
+    out = [json_copy(x) for x in current]
     for item in patch:
         if not isinstance(item, dict) or key not in item:
-            out.append(copy.deepcopy(item))
+            out.append(json_copy(item))
             continue
         idx = next((i for i, x in enumerate(out) if isinstance(x, dict) and x.get(key) == item[key]), None)
         if item.get("$patch") == "delete":
@@ -221,7 +238,7 @@ def _merge_list(current: list, patch: list, key: str) -> list:
                 out.pop(idx)
             continue
         if idx is None:
-            out.append({k: copy.deepcopy(v) for k, v in item.items() if k != "$patch"})
+            out.append({k: json_copy(v) for k, v in item.items() if k != "$patch"})
         else:
             out[idx] = strategic_merge_patch(out[idx], item)
     return out

@@ -10,26 +10,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import copy
-import datetime as _dt
 import itertools
 import json
 import random
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import builtin_schema, defaults, validation
-from .patches import PatchError, json_patch, merge_patch, strategic_merge_patch
+from .patches import PatchError, json_copy, json_patch, merge_patch, strategic_merge_patch
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 HISTORY = 2000  # watch events kept per resource type
 
 
+_now_cache: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current UTC time to the second, as Kubernetes writes timestamps (formatted once a second)."""
+    global _now_cache
+    second = int(time.time())
+    cached = _now_cache
+    if cached[0] != second:
+        cached = _now_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return cached[1]
 
 
 # --------------------------------------------------------------------------- errors
@@ -316,6 +324,9 @@ class Store:
         self.uids: dict[str, tuple[tuple[str, str], str, str]] = {}
         self.dependents: dict[str, set[tuple[tuple[str, str], str, str]]] = {}
         self.pod_logs: dict[tuple[str, str], str] = {}
+        # custom objects as stored by admission, with the schema that admitted them: (type, ns, name) ->
+        # (object, schema); a /status write to such an object need not prune and default its spec again
+        self._admitted: dict[tuple[tuple[str, str], str, str], tuple[dict, dict]] = {}
         self._ips = itertools.count(10)
         self._ips_used: set[str] = set()
         self._node_ports = itertools.count()
@@ -492,11 +503,12 @@ class Store:
                          "causes": [e.as_cause() for e in errors]})
 
     def _admit_custom(self, rt: ResourceType, obj: dict, old: dict | None, strict: bool,
-                      warnings: list[str] | None) -> dict:
-        """Prune, default and validate a custom object against its schema."""
+                      warnings: list[str] | None, settled: Iterable[str] = ()) -> dict:
+        """Prune, default and validate a custom object against its schema (``settled``: see ``validation.admit``)."""
         if rt.schema is None:
             return obj
-        obj, unknown, errors = validation.admit(rt.schema, obj, validation._MISSING if old is None else old)
+        obj, unknown, errors = validation.admit(rt.schema, obj, validation._MISSING if old is None else old,
+                                                settled=settled)
         if unknown and strict:
             raise APIError(400, "BadRequest", validation.strict_decoding_message(rt.kind, rt.version, unknown))
         if unknown and warnings is not None:
@@ -601,7 +613,7 @@ class Store:
     def create(self, rt: ResourceType, ns: str | None, body: dict, *, dry_run: bool = False,
                strict: bool = False, warnings: list[str] | None = None) -> dict:
         with self.lock:
-            obj = copy.deepcopy(body)
+            obj = json_copy(body)
             if not isinstance(obj, dict):
                 raise APIError(400, "BadRequest", "the body of the request was in an unknown format")
             meta = obj.setdefault("metadata", {})
@@ -675,6 +687,8 @@ class Store:
                 return obj
             meta["resourceVersion"] = str(self.next_rv())
             self._store(rt, obj, None)
+            if rt.crd is not None and rt.schema is not None:
+                self._admitted[(rt.key, ns or "", name)] = (obj, rt.schema)
             self._emit(rt.key, "ADDED", obj)
             if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
                 obj = self._crd_registered(obj)
@@ -701,7 +715,7 @@ class Store:
             if not isinstance(body, dict):
                 raise APIError(400, "BadRequest", "the body of the request was in an unknown format")
             old = self.get(rt, ns, name)
-            new = copy.deepcopy(body)
+            new = json_copy(body)
             meta = new.setdefault("metadata", {})
             if meta.get("name") and meta["name"] != name:
                 raise APIError(400, "BadRequest",
@@ -720,7 +734,7 @@ class Store:
                                {"name": name, "group": rt.group, "kind": rt.plural} if rt.group else
                                {"name": name, "kind": rt.plural})
             if subresource == "status":
-                merged = copy.deepcopy(old)
+                merged = json_copy(old)
                 if "status" in new:
                     merged["status"] = new["status"]
                 else:
@@ -729,7 +743,7 @@ class Store:
             else:
                 if "status" in rt.subresources:
                     if "status" in old:
-                        new["status"] = copy.deepcopy(old["status"])
+                        new["status"] = json_copy(old["status"])
                     else:
                         new.pop("status", None)
                 meta = new["metadata"]
@@ -752,8 +766,15 @@ class Store:
             meta_errors = validation.validate_metadata(new)
             if meta_errors:
                 raise self._invalid(rt, name, meta_errors)
+            admitted_key = (rt.key, old["metadata"].get("namespace", ""), old["metadata"]["name"])
             if rt.crd is not None:
-                new = self._admit_custom(rt, new, old, strict, warnings)
+                settled: list[str] = []
+                if subresource == "status":
+                    # the rest of the object is the stored one: if this schema admitted it, it is settled
+                    entry = self._admitted.get(admitted_key)
+                    if entry is not None and entry[0] is old and entry[1] is rt.schema:
+                        settled = [k for k in new if k not in ("apiVersion", "kind", "metadata", "status")]
+                new = self._admit_custom(rt, new, old, strict, warnings, settled)
             else:
                 new = self._admit_builtin(rt, new, old, strict, warnings)
             # generation: bumped on changes outside metadata (and status, when it is a subresource)
@@ -772,6 +793,8 @@ class Store:
                 self._remove(rt, new)
                 return new
             self._store(rt, new, old)
+            if rt.crd is not None and rt.schema is not None:
+                self._admitted[admitted_key] = (new, rt.schema)
             self._emit(rt.key, "MODIFIED", new, old)
             if rt.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
                 new = self._crd_registered(new)
@@ -788,7 +811,7 @@ class Store:
                 current = self.get(rt, ns, name)
             except APIError:
                 if patch_type == "apply" and subresource is None:
-                    body = copy.deepcopy(patch) if isinstance(patch, dict) else {}
+                    body = json_copy(patch) if isinstance(patch, dict) else {}
                     body.setdefault("metadata", {})["name"] = name
                     return self.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings), True
                 raise
@@ -844,7 +867,7 @@ class Store:
             if finalizers:
                 if obj["metadata"].get("deletionTimestamp") and finalizers == obj["metadata"].get("finalizers"):
                     return obj
-                new = copy.deepcopy(obj)
+                new = json_copy(obj)
                 new["metadata"].setdefault("deletionTimestamp", now_iso())
                 new["metadata"].setdefault("deletionGracePeriodSeconds", 0)
                 new["metadata"]["finalizers"] = finalizers
@@ -907,7 +930,7 @@ class Store:
     def _orphan_dependents(self, uid: str) -> None:
         """Orphan: remove the ownerReferences to ``uid`` from its dependents."""
         for drt, dep in self._dependents_of(uid):
-            new = copy.deepcopy(dep)
+            new = json_copy(dep)
             refs = [r for r in new["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
             if refs:
                 new["metadata"]["ownerReferences"] = refs
@@ -924,7 +947,7 @@ class Store:
                 continue
             others = [r for r in dmeta.get("ownerReferences") or [] if r.get("uid") != uid and self._solid(r)]
             if others:  # kept alive by another owner: only the reference to this one goes
-                new = copy.deepcopy(dep)
+                new = json_copy(dep)
                 new["metadata"]["ownerReferences"] = [r for r in dmeta["ownerReferences"] if r.get("uid") != uid]
                 self._rewrite(drt, dep, new)
                 continue
@@ -955,7 +978,7 @@ class Store:
                 return
         ort = self.storage_type(where[0])
         assert ort is not None
-        new = copy.deepcopy(owner)
+        new = json_copy(owner)
         new["metadata"]["finalizers"] = [f for f in owner["metadata"]["finalizers"] if f != FOREGROUND]
         if not new["metadata"]["finalizers"]:
             del new["metadata"]["finalizers"]
@@ -972,7 +995,8 @@ class Store:
         if self.objects[rt.key].get(key) is None:
             return obj
         del self.objects[rt.key][key]
-        gone = copy.deepcopy(obj)
+        self._admitted.pop((rt.key, key[0], key[1]), None)
+        gone = json_copy(obj)
         gone["metadata"]["resourceVersion"] = str(self.next_rv())
         self.uids.pop(meta["uid"], None)
         for ref in meta.get("ownerReferences") or []:
@@ -1004,7 +1028,7 @@ class Store:
         name = ns_obj["metadata"]["name"]
         new = ns_obj
         if not ns_obj["metadata"].get("deletionTimestamp"):
-            new = copy.deepcopy(ns_obj)
+            new = json_copy(ns_obj)
             new["metadata"]["deletionTimestamp"] = now_iso()
             new["metadata"]["deletionGracePeriodSeconds"] = 0
             new.setdefault("status", {})["phase"] = "Terminating"
@@ -1042,7 +1066,7 @@ class Store:
             return self._remove(rt, crd)
         new = crd
         if not crd["metadata"].get("deletionTimestamp"):
-            new = copy.deepcopy(crd)
+            new = json_copy(crd)
             new["metadata"]["deletionTimestamp"] = now_iso()
             new["metadata"]["deletionGracePeriodSeconds"] = 0
             new["metadata"]["finalizers"] = list(new["metadata"].get("finalizers") or []) + [CRD_CLEANUP]
@@ -1113,7 +1137,7 @@ class Store:
         if {k: v for k, v in old_status.items() if k != "conditions"} == {
                 k: v for k, v in status.items() if k != "conditions"} and old_status.get("conditions"):
             return crd
-        new = copy.deepcopy(crd)
+        new = json_copy(crd)
         new["status"] = status
         new["metadata"]["resourceVersion"] = str(self.next_rv())
         self._store(crdrt, new, crd)
@@ -1159,7 +1183,7 @@ def _path_get(obj: Any, path: str) -> Any:
 
 
 def _path_set(obj: dict, path: str, value: Any) -> dict:
-    out = copy.deepcopy(obj)
+    out = json_copy(obj)
     cur = out
     parts = path.strip(".").split(".")
     for part in parts[:-1]:
@@ -1269,7 +1293,7 @@ def _metrics_from_v1(annotations: dict, key: str, field_name: str, value: Any) -
         return metrics if i is None else metrics[:i] + metrics[i + 1:]
     if i is None:
         return [_cpu_metric(field_name, value)] + metrics
-    metrics[i] = copy.deepcopy(metrics[i])
+    metrics[i] = json_copy(metrics[i])
     metrics[i]["resource"][field_name]["averageUtilization"] = value
     return metrics
 

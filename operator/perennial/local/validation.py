@@ -7,12 +7,13 @@ Pruning, defaulting and validation of custom objects against a CRD's
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
+
+from .patches import json_copy
 
 _MISSING = object()
 
@@ -95,8 +96,9 @@ def _matches_type(typ: str, value: Any) -> bool:
 # --------------------------------------------------------------------------- pruning
 
 
-def prune(schema: dict | None, value: Any, *, root: bool = False) -> Any:
-    """Drop fields unknown to a structural schema (in place where possible)."""
+def prune(schema: dict | None, value: Any, *, root: bool = False, skip: frozenset = frozenset()) -> Any:
+    """Drop fields unknown to a structural schema (in place where possible); the top-level keys in ``skip`` are
+    left as they are (values already pruned under this schema)."""
     if schema is None:
         return value
     if schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties"):
@@ -107,7 +109,7 @@ def prune(schema: dict | None, value: Any, *, root: bool = False) -> Any:
         preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
         embedded = bool(schema.get("x-kubernetes-embedded-resource"))
         for key in list(value):
-            if root and key in ("apiVersion", "kind", "metadata"):
+            if root and key in ("apiVersion", "kind", "metadata") or key in skip:
                 continue
             if embedded and key in ("apiVersion", "kind", "metadata"):
                 continue
@@ -127,8 +129,10 @@ def prune(schema: dict | None, value: Any, *, root: bool = False) -> Any:
     return value
 
 
-def unknown_fields(schema: dict | None, value: Any, path: str = "", *, root: bool = False) -> list[str]:
-    """Paths of fields that pruning would drop (for fieldValidation=Strict)."""
+def unknown_fields(schema: dict | None, value: Any, path: str = "", *, root: bool = False,
+                   skip: frozenset = frozenset()) -> list[str]:
+    """Paths of fields that pruning would drop (for fieldValidation=Strict), not looking into the top-level keys
+    in ``skip`` (values already pruned under this schema)."""
     out: list[str] = []
     if schema is None or (schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties")):
         return out
@@ -137,7 +141,8 @@ def unknown_fields(schema: dict | None, value: Any, path: str = "", *, root: boo
         addl = schema.get("additionalProperties")
         preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
         for key, sub in value.items():
-            if (root or schema.get("x-kubernetes-embedded-resource")) and key in ("apiVersion", "kind", "metadata"):
+            if (root or schema.get("x-kubernetes-embedded-resource")) and key in ("apiVersion", "kind", "metadata") \
+                    or key in skip:
                 continue
             p = _join(path, key)
             if props is not None and key in props:
@@ -157,23 +162,26 @@ def unknown_fields(schema: dict | None, value: Any, path: str = "", *, root: boo
 # --------------------------------------------------------------------------- defaulting
 
 
-def apply_defaults(schema: dict | None, value: Any) -> Any:
-    """Fill in ``default`` values of absent properties, recursively."""
+def apply_defaults(schema: dict | None, value: Any, *, skip: frozenset = frozenset()) -> Any:
+    """Fill in ``default`` values of absent properties, recursively, except under the top-level keys in ``skip``
+    (values already defaulted under this schema)."""
     if schema is None:
         return value
     if isinstance(value, dict):
         props = schema.get("properties") or {}
         for key, sub in props.items():
+            if key in skip:
+                continue
             if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
+                value[key] = json_copy(sub["default"])
             elif key in value and value[key] is None and "default" in sub and not sub.get("nullable"):
-                value[key] = copy.deepcopy(sub["default"])
+                value[key] = json_copy(sub["default"])
             if key in value:
                 value[key] = apply_defaults(sub, value[key])
         addl = schema.get("additionalProperties")
         if isinstance(addl, dict):
             for key in list(value):
-                if key not in props:
+                if key not in props and key not in skip:
                     value[key] = apply_defaults(addl, value[key])
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [apply_defaults(schema["items"], v) for v in value]
@@ -200,8 +208,14 @@ def _env() -> Any:
     return _cel_env
 
 
+_cel_error_type: Any = None
+
+
 def compile_rule(rule: str) -> Any:
     """Compile (and cache) a CEL expression; raises ``ValueError`` on a bad rule."""
+    expr = _cel_cache.get(rule)  # a hit needs no lock: entries are only ever added
+    if expr is not None:
+        return expr
     with _cel_lock:
         if rule in _cel_cache:
             return _cel_cache[rule]
@@ -213,18 +227,38 @@ def compile_rule(rule: str) -> Any:
         return expr
 
 
-def _eval(rule: str, data: dict[str, Any]) -> tuple[Any, str | None]:
-    from cel_expr_python import cel
+def _eval(rule: str, data: dict[str, Any], activations: dict[int, Any] | None = None) -> tuple[Any, str | None]:
+    """Evaluate a rule on ``data``; ``activations``: the rules of one schema node share the CEL activation of
+    the same variables (``data`` holds the same values for every rule of that node), built once."""
+    global _cel_error_type
+    expr = _cel_cache.get(rule) or compile_rule(rule)
+    if _cel_error_type is None:
+        from cel_expr_python import cel
 
-    expr = compile_rule(rule)
+        _cel_error_type = cel.Type.ERROR
     with _cel_lock:
-        result = expr.eval(data=data)
-        if result.type() == cel.Type.ERROR:
+        if activations is None:
+            result = expr.eval(data=data)
+        else:
+            activation = activations.get(len(data))  # {self} or {self, oldSelf}
+            if activation is None:
+                activation = activations[len(data)] = _env().Activation(data=data)
+            result = expr.eval(activation=activation)
+        if result.type() == _cel_error_type:
             return None, str(result.value())
         return result.value(), None
 
 
 _OLDSELF = re.compile(r"\boldSelf\b")
+_transition: dict[str, bool] = {}
+
+
+def _is_transition(text: str) -> bool:
+    """Whether a rule refers to ``oldSelf`` (a transition rule), cached by its text."""
+    hit = _transition.get(text)
+    if hit is None:
+        hit = _transition[text] = bool(_OLDSELF.search(text))
+    return hit
 
 
 def check_cel_rules(schema: dict) -> list[FieldError]:
@@ -417,13 +451,17 @@ def _validate(schema: dict, value: Any, old: Any, path: str, errors: list[FieldE
         errors.append(FieldError("FieldValueInvalid", field,
                                  f"Invalid value: {go_repr(value)}: {field} in body must not match the schema"))
 
-    for rule in schema.get("x-kubernetes-validations") or []:
-        _check_rule(rule, value, old, path, errors)
+    rules = schema.get("x-kubernetes-validations")
+    if rules:
+        activations: dict[int, Any] | None = {} if len(rules) > 1 else None
+        for rule in rules:
+            _check_rule(rule, value, old, path, errors, activations)
 
 
-def _check_rule(rule: dict, value: Any, old: Any, path: str, errors: list[FieldError]) -> None:
+def _check_rule(rule: dict, value: Any, old: Any, path: str, errors: list[FieldError],
+                activations: dict[int, Any] | None = None) -> None:
     text = rule.get("rule", "")
-    transition = bool(_OLDSELF.search(text))
+    transition = _is_transition(text)
     if transition and old is _MISSING:
         return
     data = {"self": value}
@@ -434,7 +472,7 @@ def _check_rule(rule: dict, value: Any, old: Any, path: str, errors: list[FieldE
         fp = rule["fieldPath"].lstrip(".")
         field = _join(path, fp) if path else fp
     try:
-        result, err = _eval(text, data)
+        result, err = _eval(text, data, activations)
     except ValueError as exc:
         errors.append(FieldError("FieldValueInvalid", field, f"Invalid value: {go_repr(value)}: {exc}"))
         return
@@ -479,13 +517,20 @@ def _check_format(fmt: str, value: str) -> bool:
     return pattern is None or bool(pattern.match(value))
 
 
-def admit(schema: dict, obj: dict, old: Any = _MISSING) -> tuple[dict, list[str], list[FieldError]]:
+def admit(schema: dict, obj: dict, old: Any = _MISSING, *,
+          settled: Iterable[str] = ()) -> tuple[dict, list[str], list[FieldError]]:
     """What kube-apiserver does to a custom object before it stores it: (the object pruned and defaulted, the
     fields pruning dropped, the validation errors — OpenAPI schema and CEL rules). Used by the embedded API
-    server and, offline, by `perennial-trainer grade` (same rules, same messages)."""
-    unknown = unknown_fields(schema, obj, root=True)
-    obj = prune(schema, copy.deepcopy(obj), root=True)
-    obj = apply_defaults(schema, obj)
+    server and, offline, by `perennial-trainer grade` (same rules, same messages).
+
+    ``settled``: top-level keys whose values are known to be this schema's own output (the unchanged ``spec``
+    of an object this same schema admitted, on a ``/status`` write). Pruning and defaulting such a value again
+    changes nothing when the schema is :func:`admission_idempotent`, so they are skipped then; validation is
+    the same either way (an unchanged value is ratcheted)."""
+    skip = frozenset(settled) if settled and admission_idempotent(schema) else frozenset()
+    unknown = unknown_fields(schema, obj, root=True, skip=skip)
+    obj = prune(schema, json_copy(obj), root=True, skip=skip)
+    obj = apply_defaults(schema, obj, skip=skip)
     errors = validate(schema, obj, old)
     meta_schema = (schema.get("properties") or {}).get("metadata")
     if meta_schema:
@@ -493,6 +538,45 @@ def admit(schema: dict, obj: dict, old: Any = _MISSING) -> tuple[dict, list[str]
             {"type": "object", "properties": {"metadata": meta_schema}}, {"metadata": obj.get("metadata")},
             root=False)
     return obj, unknown, errors
+
+
+_idempotent: dict[int, tuple[dict, bool]] = {}
+
+
+def admission_idempotent(schema: dict) -> bool:
+    """Whether pruning then defaulting is idempotent under ``schema``: admitting a value this schema already
+    admitted gives that value back, with no unknown fields.
+
+    Pruning and defaulting are each idempotent; pruning after defaulting undoes nothing unless a ``default``
+    (defaulted in turn) carries fields its own schema would prune. kube-apiserver refuses such a CRD; this
+    server does not, so each schema is checked once (cached by identity: schemas are never changed in place,
+    a CRD update registers new ones)."""
+    key = id(schema)
+    hit = _idempotent.get(key)
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    clean = True
+
+    def walk(node: Any) -> None:
+        nonlocal clean
+        if not isinstance(node, dict) or not clean:
+            return
+        if "default" in node:
+            value = apply_defaults(node, json_copy(node["default"]))
+            if unknown_fields(node, value) or prune(node, json_copy(value)) != value:
+                clean = False
+                return
+        for sub in (node.get("properties") or {}).values():
+            walk(sub)
+        for k in ("items", "additionalProperties"):
+            if isinstance(node.get(k), dict):
+                walk(node[k])
+
+    walk(schema)
+    if len(_idempotent) > 4096:
+        _idempotent.clear()
+    _idempotent[key] = (schema, clean)
+    return clean
 
 
 def strict_decoding_message(kind: str, version: str, unknown: list[str]) -> str:
@@ -766,7 +850,7 @@ def default_errors(schema: dict, path: str) -> list[FieldError]:
         if not isinstance(node, dict):
             return
         if "default" in node and node["default"] is not None:
-            value = apply_defaults(node, prune(node, copy.deepcopy(node["default"])))
+            value = apply_defaults(node, prune(node, json_copy(node["default"])))
             for e in validate(node, value, root=False):
                 detail = e.detail
                 sub = "" if e.field == "<nil>" else "." + e.field
