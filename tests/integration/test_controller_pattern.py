@@ -132,7 +132,7 @@ def test_running_runs_reach_steady_state_in_three_writes(cluster: Cluster):
     for i in range(n):
         cluster.wait_condition("TrainingRun", f"steady{i}", "Started", "True")
         run = cluster.get("TrainingRun", f"steady{i}")
-        assert run["status"]["startTime"] == "2026-01-01T00:00:00Z" and run["status"]["attempts"] == 1
+        assert run["status"]["startTime"] == "2026-01-01T00:00:05Z" and run["status"]["attempts"] == 1  # the trainer's own start
     # running trainers' progress is read every second here (time is its trigger): quiet means no more writes
     last, since = -1, time.monotonic()
     while time.monotonic() - since < 2.0:

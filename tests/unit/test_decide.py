@@ -11,6 +11,7 @@ from perennial.controllers import basemodel as bm
 from perennial.controllers import rewardspec as rs
 from perennial.controllers import trainingrun as tr
 from perennial.controllers.base import condition_notes
+from perennial.controllers.manager import status_patch
 from perennial.resources import conditions as cond
 
 API = "perennial.ai/v1alpha1"
@@ -364,3 +365,14 @@ def test_the_job_controllers_bookkeeping_is_shown_once_the_trainer_started():
     assert "startTime" not in pending.status and "attempts" not in pending.status
     running = decide_run(obj("TrainingRun", "r", run_spec()), tr.World(job=_job(active=1, startTime=NOW), pod=_pod("Running")))
     assert running.status["startTime"] == NOW and running.status["attempts"] == 1
+
+
+def test_the_pod_seen_before_the_jobs_own_update_changes_nothing_later():
+    """The pod's and the Job's watch events race: whichever comes first, the status is the same (no second write)."""
+    pod = _pod("Running")
+    pod["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "2026-11-29T12:00:03Z"}}
+    pod_first = decide_run(obj("TrainingRun", "r", run_spec()), tr.World(job=_job(), pod=pod))
+    both = decide_run(obj("TrainingRun", "r", run_spec(), pod_first.status), tr.World(job=_job(active=1, startTime=NOW), pod=pod))
+    assert pod_first.status["startTime"] == both.status["startTime"] == "2026-11-29T12:00:03Z"
+    assert pod_first.status["attempts"] == both.status["attempts"] == 1
+    assert status_patch(pod_first.status, both.status) is None

@@ -445,10 +445,15 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         conds = cond.set_condition(conds, "Started", True, "TrainerStarted", f"trainer pod {world.pod['metadata']['name']} started", gen)
     if cond.is_true(conds, "Started") or cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed"):
         # Shown from the trainer's start on, not while the Job waits for its pod: the Job controller's
-        # own bookkeeping (active, startTime) alone is no reason for a status write.
-        if job_status.get("startTime"):
-            status["startTime"] = job_status["startTime"]
-        status["attempts"] = int(job_status.get("failed") or 0) + (1 if job_status.get("active") or job_status.get("succeeded") else 0)
+        # own bookkeeping (active, startTime) alone is no reason for a status write. The pod's and the
+        # Job's watch events arrive in either order: both say the same, so the order costs no write.
+        pod_status = (world.pod or {}).get("status") or {}
+        first_start = old.get("startTime") or ((container.get("state") or {}).get("running") or {}).get("startedAt") \
+            or pod_status.get("startTime") or job_status.get("startTime")
+        if first_start:
+            status["startTime"] = first_start
+        current = job_status.get("active") or job_status.get("succeeded") or pod_phase in ("Running", "Succeeded")
+        status["attempts"] = int(job_status.get("failed") or 0) + (1 if current else 0)
     line = parse_progress(world.log) if world.log else None
     if line:
         status["progress"] = progress_status(line, old.get("progress"), now)
