@@ -1,0 +1,814 @@
+"""The rollout decision of ONE region of a Perennial Deployment: pure, table-tested, no server, no I/O.
+
+Two paths (issue 12):
+
+* `decide_region` — a change of the serving pods (a new pod revision) is a blue-green between the apps/v1
+  Deployments `<name>[-<region>]-blue|green`: bring up the other color at `previewReplicas`, wait until EVERY
+  preview pod is ready (observedGeneration current, no old pods left), smoke-test it through the preview
+  Service, wait for a promotion when `autoPromote` is false, scale it to the full count (at least the active
+  color's ready count when autoscaled), switch the stable Service, keep the old color `scaleDownDelaySeconds`
+  (switching back is the instant rollback; it happens by itself when the new color loses ready replicas within
+  the post-promotion window), then scale it to zero. A smoke failure or an exceeded deadline aborts: the stable
+  Service never leaves the active color, the preview is scaled to zero after `abortScaleDownDelaySeconds`, and
+  the aborted revision is not retried while the spec asks for it.
+* `decide_adapters` — a change of which Adapter a served name points to needs no new pods: the new adapter is
+  loaded next to the old one under `<served>-preview` in the routes document the sidecars watch, smoke-tested
+  there once every ready pod applied it, the served name moves (optionally through weighted canary steps), and
+  the old adapter is unloaded after the delay.
+
+The rollout's state lives in the world, not in a phase machine: which color is active is the stable Service's
+selector; times and verdicts are annotations on the children (`perennial.ai/switched-at`, `scale-down-at`,
+`preview-started-at`, `smoke`, `aborted-revision`, `abort-reason`; the adapter rollouts' progress is one JSON
+annotation on the routes ConfigMap). So a restarted operator resumes where the world stands, and a lost status
+does not restart an aborted rollout.
+
+Decisions made here (documented for users in the API field descriptions):
+
+* The first rollout of a region (no stable Service yet) creates one color at the full count, smoke-tests it
+  through the preview Service and only then points the stable Service at it: no client ever reaches a model
+  that fails the smoke test. It needs no manual promotion (as Argo Rollouts' initial deployment).
+* A replica change alone scales the active color in place; when autoscaled, the active color's replica count is
+  the autoscaler's and is never written here; the preview's count is never the autoscaler's.
+* `paused` stops starting, advancing and promoting rollouts. Safety still acts (automatic rollback, switching
+  away from a color without ready replicas) and old colors are still scaled down when their delay is over.
+* Invariant, checked last and over random sequences in the tests: the stable Service never selects a color
+  without ready replicas while the other color has ready replicas (an outage is worse than any gate), and the
+  revision of a color that serves traffic is never changed in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ..api.deployment import (
+    ABORT_REASON_ANNOTATION,
+    ABORTED_REVISION_ANNOTATION,
+    ADAPTER_ROLLOUTS_ANNOTATION,
+    CONDITION_DEGRADED,
+    CONDITION_PROGRESSING,
+    CONDITION_READY,
+    PREVIEW_STARTED_AT_ANNOTATION,
+    SCALE_DOWN_AT_ANNOTATION,
+    SMOKE_ANNOTATION,
+    SWITCHED_AT_ANNOTATION,
+    AdapterRollout,
+    BlueGreen,
+    Color,
+    Phase,
+)
+from .base import Note
+
+COLORS: tuple[Color, Color] = ("blue", "green")
+#: Labels of the children (the contract's names; the manifest builders use the same strings).
+COLOR_LABEL = "perennial.ai/color"
+REVISION_LABEL = "perennial.ai/revision"
+PREVIEW_SUFFIX = "-preview"
+_MAX_MESSAGE = 1024
+
+
+def other(color: Color) -> Color:
+    return "green" if color == "blue" else "blue"
+
+
+def rfc3339(t: _dt.datetime) -> str:
+    return t.astimezone(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> _dt.datetime | None:
+    """An RFC 3339 annotation value, or None when absent or unreadable (a hand-edited annotation is ignored)."""
+    if not value:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def _seconds(delta: _dt.timedelta) -> float:
+    return max(0.0, delta.total_seconds())
+
+
+# ----------------------------------------------------------------------------------------------- pod rollout: input
+
+
+@dataclass(frozen=True)
+class ColorState:
+    """What was observed of one color's apps/v1 Deployment."""
+
+    revision: str | None
+    replicas: int = 0  # spec.replicas
+    status_replicas: int = 0  # status.replicas (pods of every ReplicaSet, old ones included)
+    ready_replicas: int = 0
+    updated_replicas: int = 0
+    available_replicas: int = 0
+    generation: int = 1
+    observed_generation: int = 1
+    progress_deadline_exceeded: bool = False  # condition Progressing=False, reason ProgressDeadlineExceeded
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> ColorState:
+        """Read an apps/v1 Deployment (a dict as the API returns it)."""
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        status = obj.get("status") or {}
+        labels = meta.get("labels") or {}
+        exceeded = any(
+            c.get("type") == "Progressing" and c.get("status") == "False" and c.get("reason") == "ProgressDeadlineExceeded"
+            for c in status.get("conditions") or []
+        )
+        return cls(
+            revision=labels.get(REVISION_LABEL),
+            replicas=int(spec.get("replicas", 1)),
+            status_replicas=int(status.get("replicas") or 0),
+            ready_replicas=int(status.get("readyReplicas") or 0),
+            updated_replicas=int(status.get("updatedReplicas") or 0),
+            available_replicas=int(status.get("availableReplicas") or 0),
+            generation=int(meta.get("generation") or 1),
+            observed_generation=int(status.get("observedGeneration") or 0),
+            progress_deadline_exceeded=exceeded,
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+    @property
+    def ready(self) -> int:
+        return self.ready_replicas
+
+    def fully_ready(self) -> bool:
+        """Every pod of the current spec is ready and no pod of an older template is left."""
+        return (
+            self.replicas > 0
+            and self.observed_generation >= self.generation
+            and self.updated_replicas >= self.replicas
+            and self.ready_replicas >= self.replicas
+            and self.status_replicas == self.replicas
+        )
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    """The outcome of a smoke test the controller ran (as asked by a `SmokeRequest`)."""
+
+    revision: str
+    passed: bool
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RegionObserved:
+    """What the controller observed of one region."""
+
+    blue: ColorState | None
+    green: ColorState | None
+    #: The color the stable Service selects; None when the Service does not exist (yet).
+    stable_color: Color | None
+    desired_revision: str
+    #: The region's replica count (spec); when autoscaled, the autoscaler's minimum (used for a new color only).
+    desired_replicas: int
+    autoscaled: bool = False
+    stable_annotations: Mapping[str, str] = field(default_factory=dict)
+    #: A smoke test the controller ran in this pass (after a `SmokeRequest`), if any.
+    smoke_result: SmokeResult | None = None
+
+    def color(self, c: Color) -> ColorState | None:
+        return self.blue if c == "blue" else self.green
+
+
+# ---------------------------------------------------------------------------------------------- pod rollout: output
+
+
+@dataclass(frozen=True)
+class ColorTarget:
+    """The desired state of one color's apps/v1 Deployment. `annotations` is a merge patch (None removes)."""
+
+    revision: str | None  # None: leave the revision label as it is (a color observed without one)
+    replicas: int
+    annotations: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SmokeRequest:
+    """Run the smoke test now: every served model name through `color`'s preview Service (pods), or the served
+    names given (adapters, through the stable Service), `prompt`/`expectRegex` from the spec."""
+
+    revision: str
+    color: Color | None = None
+    model_names: tuple[str, ...] = ()
+    timeout_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class ConditionPart:
+    """This region's contribution to a condition of the Deployment (the controller combines the regions)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RegionRollout:
+    """The region's status (maps onto `RegionStatus`)."""
+
+    phase: Phase
+    active_color: Color | None
+    revision: str | None
+    ready_replicas: int
+    desired_replicas: int
+    message: str
+    preview_color: Color | None = None
+    preview_revision: str | None = None
+    pending_promotion: str | None = None
+
+
+@dataclass
+class RegionDecision:
+    #: Desired state of every color that exists or must be created; a color absent here is left alone.
+    colors: dict[Color, ColorTarget]
+    #: The color the stable Service selects; None: no color may receive traffic yet (do not create it).
+    stable_color: Color | None
+    #: The color the preview Service selects (the preview, else the color that is not active).
+    preview_color: Color | None
+    #: Merge patch of the stable Service's annotations.
+    stable_annotations: dict[str, str | None]
+    smoke: SmokeRequest | None
+    status: RegionRollout
+    conditions: list[ConditionPart]
+    notes: list[Note]
+    #: Decide again after this many seconds (a delay or a deadline is due), even if nothing changes.
+    requeue_after: float | None
+
+
+# ------------------------------------------------------------------------------------------------- pod rollout: logic
+
+
+def _smoke_verdict(state: ColorState, revision: str) -> tuple[bool, str] | None:
+    """(passed, message) recorded on a color for `revision`, or None."""
+    value = state.annotations.get(SMOKE_ANNOTATION) or ""
+    rev, sep, verdict = value.partition("=")
+    if not sep or rev != revision:
+        return None
+    if verdict == "passed":
+        return True, ""
+    if verdict.startswith("failed"):
+        return False, verdict.partition(":")[2]
+    return None
+
+
+def smoke_annotation(result: SmokeResult) -> str:
+    if result.passed:
+        return f"{result.revision}=passed"
+    return f"{result.revision}=failed:{result.message}"[:_MAX_MESSAGE]
+
+
+class _Plan:
+    """Accumulates one decision."""
+
+    def __init__(self, obs: RegionObserved, now: _dt.datetime) -> None:
+        self.obs = obs
+        self.now = now
+        self.colors: dict[Color, ColorTarget] = {}
+        for c in COLORS:
+            s = obs.color(c)
+            if s is not None:
+                self.colors[c] = ColorTarget(s.revision, s.replicas, {})
+        self.stable: Color | None = obs.stable_color
+        self.preview: Color | None = None
+        self.stable_annotations: dict[str, str | None] = {}
+        self.smoke: SmokeRequest | None = None
+        self.notes: list[Note] = []
+        self.requeue: float | None = None
+        self.phase: Phase = "Stable"
+        self.message = ""
+        self.pending_promotion: str | None = None
+        self.conditions: dict[str, ConditionPart] = {}
+        self.desired_active = 0
+        #: The revision under rollout shown in status (color, revision), if any.
+        self.rolling: tuple[Color, str] | None = None
+
+    def set(self, c: Color, *, revision: str | None = None, replicas: int | None = None, **annotations: str | None) -> None:
+        cur = self.colors.get(c)
+        if cur is None:
+            assert revision is not None and replicas is not None
+            cur = ColorTarget(revision, replicas, {})
+        merged = dict(cur.annotations)
+        for key, value in annotations.items():
+            merged[_ANNOTATION_KEYS[key]] = value
+        self.colors[c] = ColorTarget(revision if revision is not None else cur.revision, replicas if replicas is not None else cur.replicas, merged)
+
+    def note(self, reason: str, message: str, warning: bool = False) -> None:
+        self.notes.append(Note(reason, message[:_MAX_MESSAGE], warning))
+
+    def after(self, seconds: float) -> None:
+        seconds = max(1.0, float(seconds))
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+    def at(self, when: _dt.datetime) -> None:
+        self.after(_seconds(when - self.now))
+
+    def cond(self, ctype: str, status: str, reason: str, message: str = "") -> None:
+        self.conditions[ctype] = ConditionPart(ctype, status, reason, message[:_MAX_MESSAGE])  # type: ignore[arg-type]
+
+
+_ANNOTATION_KEYS = {
+    "switched_at": SWITCHED_AT_ANNOTATION,
+    "scale_down_at": SCALE_DOWN_AT_ANNOTATION,
+    "preview_started_at": PREVIEW_STARTED_AT_ANNOTATION,
+    "smoke": SMOKE_ANNOTATION,
+    "aborted_revision": ABORTED_REVISION_ANNOTATION,
+    "abort_reason": ABORT_REASON_ANNOTATION,
+}
+
+
+def full_count(obs: RegionObserved, active: ColorState | None) -> int:
+    """Replicas the preview must have before the switch: the spec's count; when autoscaled, at least what the
+    active color has and has ready (so the switch does not shrink capacity under load)."""
+    if not obs.autoscaled or active is None:
+        return obs.desired_replicas
+    return max(obs.desired_replicas, active.replicas, active.ready_replicas)
+
+
+def in_place_count(obs: RegionObserved, active: ColorState) -> int:
+    """Replicas of the active color: the spec's, or the autoscaler's (never written when autoscaled)."""
+    return active.replicas if obs.autoscaled else obs.desired_replicas
+
+
+def preview_count(bg: BlueGreen, full: int) -> int:
+    n = bg.preview_replicas if bg.preview_replicas is not None else full
+    return max(1, min(n, max(full, 1)))
+
+
+def decide_region(obs: RegionObserved, bg: BlueGreen, *, paused: bool = False, promote: str | None = None,
+                  now: _dt.datetime) -> RegionDecision:
+    """Decide one region's next step of a pod rollout. `promote` is the `perennial.ai/promote` annotation of the
+    Perennial Deployment; `now` is timezone-aware."""
+    failover = _failover_target(obs)
+    if failover is not None and _rollback_cause(obs, bg, now) is None:
+        # The invariant first: traffic moves to the color with ready pods, and the rest is decided from there.
+        S = obs.stable_color
+        moved = replace(obs, stable_color=failover, stable_annotations={**obs.stable_annotations, SWITCHED_AT_ANNOTATION: rfc3339(now)})
+        d = decide_region(moved, bg, paused=paused, promote=promote, now=now)
+        o = obs.color(failover)
+        assert o is not None
+        message = f"{S} had no ready replicas; {failover} (revision {o.revision}, {o.ready_replicas} ready) serves"
+        d.notes.insert(0, Note("FailedOver", f"Switched the stable Service from {S} (no ready replicas) to {failover} "
+                                             f"(revision {o.revision}, {o.ready_replicas} ready)", True))
+        d.stable_annotations.setdefault(SWITCHED_AT_ANNOTATION, rfc3339(now))
+        d.conditions = [ConditionPart(CONDITION_DEGRADED, "True", "FailedOver", message) if c.type == CONDITION_DEGRADED else c
+                        for c in d.conditions]
+        d.status = replace(d.status, phase="Degraded", message=f"{message}. {d.status.message}"[:_MAX_MESSAGE])
+        return d
+    p = _Plan(obs, now)
+    if obs.stable_color is None:
+        recovered = _serving_color_without_service(obs)
+        if recovered is not None:
+            # The stable Service is gone (deleted by hand) while a color serves: point it back at once.
+            return decide_region(replace(obs, stable_color=recovered), bg, paused=paused, promote=promote, now=now)
+        _first_rollout(p, bg)
+    else:
+        _rollout(p, bg, paused=paused, promote=promote)
+    _never_select_an_unready_color(p)
+    return _finish(p)
+
+
+def _failover_target(obs: RegionObserved) -> Color | None:
+    S = obs.stable_color
+    if S is None:
+        return None
+    s, o = obs.color(S), obs.color(other(S))
+    if (s.ready_replicas if s else 0) == 0 and o is not None and o.ready_replicas > 0:
+        return other(S)
+    return None
+
+
+def _serving_color_without_service(obs: RegionObserved) -> Color | None:
+    """A color that served before the stable Service went missing: ready pods, not a preview on trial (it has no
+    preview-started-at) or a preview that passed its smoke test; the desired revision first."""
+    candidates = []
+    for c in COLORS:
+        s = obs.color(c)
+        if s is None or s.ready_replicas == 0 or s.revision is None:
+            continue
+        if s.annotations.get(ABORTED_REVISION_ANNOTATION) == s.revision:
+            continue
+        trial = PREVIEW_STARTED_AT_ANNOTATION in s.annotations
+        verdict = _smoke_verdict(s, s.revision)
+        if trial and not (verdict and verdict[0]):
+            continue
+        candidates.append((s.revision != obs.desired_revision, -s.ready_replicas, c))
+    return min(candidates)[2] if candidates else None
+
+
+def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
+    """No stable Service: bring up one color at the full count, smoke it, then give it the first traffic."""
+    obs = p.obs
+    rev = obs.desired_revision
+    blue, green = obs.blue, obs.green
+    if green is not None and (blue is None or (green.revision == rev and blue.revision != rev)):
+        c: Color = "green"
+    else:
+        c = "blue"
+    s = obs.color(c)
+    o = obs.color(other(c))
+    p.preview = c
+    full = full_count(obs, None)
+    p.desired_active = full
+    if o is not None and o.replicas > 0:
+        p.set(other(c), replicas=0, scale_down_at=None, preview_started_at=None)
+        p.note("ScaledDown", f"Scaled {other(c)} (revision {o.revision}) to zero: no traffic reaches it")
+
+    if s is not None and s.annotations.get(ABORTED_REVISION_ANNOTATION) == rev:
+        _report_aborted(p, c, s, first=True)
+        return
+    if s is None or s.revision != rev or PREVIEW_STARTED_AT_ANNOTATION not in s.annotations:
+        p.set(c, revision=rev, replicas=full, preview_started_at=rfc3339(p.now), smoke=None, scale_down_at=None,
+              aborted_revision=None, abort_reason=None)
+        p.note("PreviewCreated", f"Created {c} with revision {rev} ({full} replicas): the first rollout of this region")
+        p.after(bg.progress_deadline_seconds)
+        _progressing(p, "FirstRollout", f"Bringing up {c} (revision {rev}): 0/{full} ready", preview=(c, rev))
+        return
+    if full == 0:
+        # Scaled to zero from the start: nothing to test; the Service selects the (empty) color.
+        _switch(p, None, c, rev, bg, first=True)
+        return
+    if s.replicas != full:
+        p.set(c, replicas=full)
+    started = parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
+    if not (s.fully_ready() and s.replicas == full):
+        deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
+        if p.now >= deadline or s.progress_deadline_exceeded:
+            _abort(p, c, rev, bg, "ProgressDeadlineExceeded",
+                   f"{c} had {s.ready_replicas}/{s.replicas} ready replicas after {bg.progress_deadline_seconds}s", first=True)
+            return
+        p.at(deadline)
+        _progressing(p, "FirstRollout", f"Bringing up {c} (revision {rev}): {s.ready_replicas}/{full} ready", preview=(c, rev))
+        return
+    verdict = _smoke(p, c, s, rev, bg)
+    if verdict is None:
+        return
+    if not verdict[0]:
+        _abort(p, c, rev, bg, "SmokeTestFailed", verdict[1], first=True)
+        return
+    _switch(p, None, c, rev, bg, first=True)
+
+
+def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> None:
+    obs = p.obs
+    rev = obs.desired_revision
+    A = obs.stable_color
+    assert A is not None
+    B = other(A)
+    a, b = obs.color(A), obs.color(B)
+    p.preview = B
+
+    if a is None:
+        # The active color's Deployment is gone. If the other color serves, the invariant switches to it;
+        # otherwise re-create the active color (no traffic to protect).
+        full = full_count(obs, None)
+        p.desired_active = full
+        if b is None or b.ready_replicas == 0:
+            p.set(A, revision=rev, replicas=full, preview_started_at=None, smoke=None, scale_down_at=None)
+            p.note("PreviewCreated", f"Re-created the active color {A} with revision {rev} ({full} replicas): it was missing")
+            p.phase, p.message = "Degraded", f"The active color {A} was missing; re-creating it"
+            p.cond(CONDITION_READY, "False", "NoReadyReplicas", p.message)
+            p.cond(CONDITION_PROGRESSING, "True", "RecreatingActiveColor", p.message)
+            p.cond(CONDITION_DEGRADED, "True", "NoReadyReplicas", p.message)
+        return
+
+    target = in_place_count(obs, a)
+    p.desired_active = target
+    if target != a.replicas:
+        p.set(A, replicas=target)
+    if SCALE_DOWN_AT_ANNOTATION in a.annotations or PREVIEW_STARTED_AT_ANNOTATION in a.annotations:
+        p.set(A, scale_down_at=None, preview_started_at=None)  # it serves: neither old nor on trial
+
+    if _rolled_back(p, A, a, b, bg):
+        return
+
+    if a.revision == rev:
+        scaling_down = b is not None and _scale_down_old(p, B, b, bg)
+        if scaling_down:
+            p.phase = "ScalingDown"
+            p.cond(CONDITION_PROGRESSING, "True", "ScalingDown", p.message)
+        else:
+            _steady(p, A, a, target)
+        return
+
+    # A pod rollout is wanted: the active color keeps its revision, always.
+    if b is not None and b.annotations.get(ABORTED_REVISION_ANNOTATION) == rev:
+        _report_aborted(p, B, b, first=False)
+        return
+    if paused:
+        if b is not None and b.revision != rev:
+            _scale_down_old(p, B, b, bg)
+        p.phase, p.message = "Paused", f"Paused: revision {rev} is not rolled out (spec.paused)"
+        p.cond(CONDITION_PROGRESSING, "Unknown", "RolloutPaused", p.message)
+        return
+
+    full = full_count(obs, a)
+    start = b is None or b.revision != rev or b.replicas == 0 or PREVIEW_STARTED_AT_ANNOTATION not in b.annotations
+    if start:
+        n = preview_count(bg, full)
+        if b is not None and b.revision == rev:
+            n = max(n, b.replicas)  # its pods are up (e.g. the spec went back to the old color's revision): keep them
+        p.set(B, revision=rev, replicas=n, preview_started_at=rfc3339(p.now), smoke=None, scale_down_at=None,
+              aborted_revision=None, abort_reason=None)
+        p.note("PreviewCreated", f"Started preview {B} with revision {rev} ({n} replicas); {A} (revision {a.revision}) keeps the traffic")
+        p.after(bg.progress_deadline_seconds)
+        _progressing(p, "PreviewProgressing", f"Preview {B} (revision {rev}): 0/{n} ready", preview=(B, rev))
+        return
+
+    started = parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
+    deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
+    if not b.fully_ready():
+        if p.now >= deadline or b.progress_deadline_exceeded:
+            _abort(p, B, rev, bg, "ProgressDeadlineExceeded",
+                   f"preview {B} had {b.ready_replicas}/{b.replicas} ready replicas after {bg.progress_deadline_seconds}s")
+            return
+        p.at(deadline)
+        _progressing(p, "PreviewProgressing", f"Preview {B} (revision {rev}): {b.ready_replicas}/{b.replicas} ready", preview=(B, rev))
+        return
+
+    verdict = _smoke(p, B, b, rev, bg)
+    if verdict is None:
+        return
+    if not verdict[0]:
+        _abort(p, B, rev, bg, "SmokeTestFailed", verdict[1])
+        return
+
+    if not (bg.auto_promote or promote == rev):
+        p.phase = "Paused"
+        p.pending_promotion = rev
+        p.message = (f"Preview {B} (revision {rev}) passed its checks and waits for a promotion: "
+                     f"perennial promote <name>, or kubectl annotate pdeploy <name> perennial.ai/promote={rev} --overwrite")
+        p.cond(CONDITION_PROGRESSING, "Unknown", "WaitingForPromotion", p.message)
+        p.rolling = (B, rev)
+        return
+
+    n = max(full, 1)
+    if b.replicas < n:
+        p.set(B, replicas=n, preview_started_at=rfc3339(p.now))
+        p.note("PreviewScalingUp", f"Scaling preview {B} from {b.replicas} to {n} replicas before the switch")
+        p.after(bg.progress_deadline_seconds)
+        p.phase = "Promoting"
+        _progressing(p, "PreviewScalingUp", f"Scaling preview {B} (revision {rev}) to {n} replicas before the switch",
+                     preview=(B, rev), phase="Promoting")
+        return
+    _switch(p, A, B, rev, bg, first=False)
+
+
+def _progressing(p: _Plan, reason: str, message: str, *, preview: tuple[Color, str] | None = None, phase: Phase = "Progressing") -> None:
+    p.phase, p.message = phase, message
+    if preview:
+        p.preview = preview[0]
+        p.rolling = preview
+    p.cond(CONDITION_PROGRESSING, "True", reason, message)
+
+
+def _smoke(p: _Plan, c: Color, s: ColorState, rev: str, bg: BlueGreen) -> tuple[bool, str] | None:
+    """The smoke verdict for `rev` on color `c`: recorded, just run (then recorded), or asked for (None)."""
+    if not bg.smoke_test.enabled:
+        return True, "smoke test disabled"
+    verdict = _smoke_verdict(s, rev)
+    if verdict is not None:
+        return verdict
+    result = p.obs.smoke_result
+    if result is not None and result.revision == rev:
+        p.set(c, smoke=smoke_annotation(result))
+        if result.passed:
+            p.note("SmokeTestPassed", f"Smoke test of {c} (revision {rev}) passed")
+        else:
+            p.note("SmokeTestFailed", f"Smoke test of {c} (revision {rev}) failed: {result.message}", warning=True)
+        return result.passed, result.message
+    p.smoke = SmokeRequest(revision=rev, color=c, timeout_seconds=bg.smoke_test.timeout_seconds)
+    p.note("PreviewReady", f"Every pod of {c} (revision {rev}) is ready ({s.ready_replicas}); running the smoke test")
+    p.after(bg.smoke_test.timeout_seconds)
+    _progressing(p, "SmokeTesting", f"Smoke-testing {c} (revision {rev}) through the preview Service", preview=(c, rev))
+    return None
+
+
+def _switch(p: _Plan, old: Color | None, new: Color, rev: str, bg: BlueGreen, *, first: bool) -> None:
+    p.stable = new
+    p.stable_annotations[SWITCHED_AT_ANNOTATION] = rfc3339(p.now)
+    p.set(new, preview_started_at=None)
+    if first:
+        p.note("Switched", f"The stable Service now selects {new} (revision {rev}): the first traffic of this region")
+        p.preview = other(new)
+        _steady(p, new, p.obs.color(new), p.desired_active)
+        return
+    when = p.now + _dt.timedelta(seconds=bg.scale_down_delay_seconds)
+    assert old is not None
+    p.set(old, scale_down_at=rfc3339(when))
+    p.after(bg.scale_down_delay_seconds)
+    p.note("Switched", f"The stable Service now selects {new} (revision {rev}); {old} is kept until {rfc3339(when)} for rollback")
+    p.preview = old
+    p.phase, p.message = "ScalingDown", f"Switched to {new} (revision {rev}); {old} is kept until {rfc3339(when)} for rollback"
+    p.cond(CONDITION_PROGRESSING, "True", "Switched", p.message)
+
+
+def _steady(p: _Plan, A: Color, a: ColorState | None, target: int) -> None:
+    ready = a.ready_replicas if a is not None else 0
+    p.preview = other(A)
+    if target == 0:
+        p.phase, p.message = "Stable", f"{A} is scaled to zero"
+        p.cond(CONDITION_PROGRESSING, "False", "RolloutComplete", p.message)
+    elif ready == 0:
+        p.phase, p.message = "Degraded", f"{A} has no ready replicas (0/{target})"
+        p.cond(CONDITION_PROGRESSING, "True", "Scaling", p.message)
+    elif ready < target:
+        p.phase, p.message = "Progressing", f"Scaling {A}: {ready}/{target} ready"
+        p.cond(CONDITION_PROGRESSING, "True", "Scaling", p.message)
+    else:
+        p.phase, p.message = "Stable", f"{A} serves with {ready}/{target} ready replicas"
+        p.cond(CONDITION_PROGRESSING, "False", "RolloutComplete", p.message)
+
+
+def _scale_down_old(p: _Plan, B: Color, b: ColorState, bg: BlueGreen) -> bool:
+    """Scale the color that is not active to zero once its delay is over. True while it still has replicas."""
+    if b.replicas == 0:
+        return False
+    when = parse_time(b.annotations.get(SCALE_DOWN_AT_ANNOTATION))
+    if when is None:
+        # Either the operator stopped between the switch and this annotation (the old color: keep it for rollback)
+        # or a preview of a revision the spec no longer asks for (superseded: the shorter abort delay).
+        superseded = PREVIEW_STARTED_AT_ANNOTATION in b.annotations
+        delay = bg.abort_scale_down_delay_seconds if superseded else bg.scale_down_delay_seconds
+        when = p.now + _dt.timedelta(seconds=delay)
+        if delay > 0:
+            p.set(B, scale_down_at=rfc3339(when))
+    if p.now >= when:
+        p.set(B, replicas=0, scale_down_at=None, preview_started_at=None)
+        p.note("ScaledDown", f"Scaled {B} (revision {b.revision}) to zero")
+        p.message = p.message or f"Scaled {B} to zero"
+        return False
+    p.at(when)
+    p.message = f"{B} (revision {b.revision}) is kept until {rfc3339(when)}, then scaled to zero"
+    return True
+
+
+def _rollback_cause(obs: RegionObserved, bg: BlueGreen, now: _dt.datetime) -> str | None:
+    """Within the post-promotion window after a switch, the new (active) color lost ready replicas that the old
+    one still has: why to switch back, or None."""
+    A = obs.stable_color
+    if A is None:
+        return None
+    a, b = obs.color(A), obs.color(other(A))
+    if a is None or b is None or b.revision == a.revision or b.ready_replicas == 0:
+        return None
+    if b.annotations.get(ABORTED_REVISION_ANNOTATION) == b.revision or PREVIEW_STARTED_AT_ANNOTATION in b.annotations:
+        return None  # only the color that served before the switch is a rollback target, never a preview on trial
+    switched = parse_time(obs.stable_annotations.get(SWITCHED_AT_ANNOTATION))
+    window = bg.post_promotion_window_seconds if bg.post_promotion_window_seconds is not None else bg.scale_down_delay_seconds
+    if switched is None or window == 0 or now >= switched + _dt.timedelta(seconds=window):
+        return None
+    need = max(1, min(b.replicas, a.replicas))  # what the old color served (it keeps its count during the window)
+    if a.ready_replicas >= need or b.ready_replicas <= a.ready_replicas:
+        return None
+    return f"{A} (revision {a.revision}) had {a.ready_replicas}/{need} ready replicas within {window}s of the switch"
+
+
+def _rolled_back(p: _Plan, A: Color, a: ColorState, b: ColorState | None, bg: BlueGreen) -> bool:
+    """Within the post-promotion window, switch back when the new color lost ready replicas the old one has."""
+    cause = _rollback_cause(p.obs, bg, p.now)
+    if cause is None or b is None:
+        return False
+    B = other(A)
+    p.stable = B
+    p.stable_annotations[SWITCHED_AT_ANNOTATION] = rfc3339(p.now)
+    p.set(B, scale_down_at=None)
+    _mark_aborted(p, A, a.revision or "", bg, "RolledBack", cause)
+    p.note("RolledBack", f"Switched back to {B} (revision {b.revision}): {cause}", warning=True)
+    p.preview = A
+    p.desired_active = b.replicas
+    p.phase, p.message = "Aborted", f"Rolled back to {B} (revision {b.revision}): {cause}"
+    p.cond(CONDITION_PROGRESSING, "False", "RolloutAborted", p.message)
+    p.cond(CONDITION_DEGRADED, "True", "RolledBack", p.message)
+    return True
+
+
+def _mark_aborted(p: _Plan, c: Color, rev: str, bg: BlueGreen, reason: str, message: str) -> None:
+    delay = bg.abort_scale_down_delay_seconds
+    if delay == 0:
+        p.set(c, replicas=0, aborted_revision=rev, abort_reason=f"{reason}: {message}"[:_MAX_MESSAGE], preview_started_at=None,
+              scale_down_at=None)
+        p.note("ScaledDown", f"Scaled {c} (revision {rev}) to zero")
+    else:
+        when = p.now + _dt.timedelta(seconds=delay)
+        p.set(c, aborted_revision=rev, abort_reason=f"{reason}: {message}"[:_MAX_MESSAGE], preview_started_at=None,
+              scale_down_at=rfc3339(when))
+        p.after(delay)
+
+
+def _abort(p: _Plan, c: Color, rev: str, bg: BlueGreen, reason: str, message: str, *, first: bool = False) -> None:
+    _mark_aborted(p, c, rev, bg, reason, message)
+    p.note("Aborted", f"Aborted the rollout of revision {rev}: {reason}: {message}", warning=True)
+    p.preview = c
+    p.rolling = (c, rev)
+    _aborted_status(p, rev, f"{reason}: {message}", first=first)
+
+
+def _aborted_status(p: _Plan, rev: str, cause: str, *, first: bool) -> None:
+    active = p.obs.stable_color
+    keeps = f"; {active} keeps the traffic" if active and not first else "; nothing serves in this region"
+    p.phase, p.message = "Aborted", f"Rollout of revision {rev} aborted ({cause}){keeps}. Change the spec to another revision to retry"
+    p.cond(CONDITION_PROGRESSING, "False", "RolloutAborted", p.message)
+    p.cond(CONDITION_DEGRADED, "True", "RolloutAborted", p.message)
+    if first:
+        p.cond(CONDITION_READY, "False", "RolloutAborted", p.message)
+
+
+def _report_aborted(p: _Plan, c: Color, s: ColorState, *, first: bool) -> None:
+    """The desired revision was aborted before: not retried; the preview goes to zero after its delay."""
+    rev = p.obs.desired_revision
+    if s.replicas > 0:
+        when = parse_time(s.annotations.get(SCALE_DOWN_AT_ANNOTATION))
+        if when is None or p.now >= when:
+            p.set(c, replicas=0, scale_down_at=None, preview_started_at=None)
+            p.note("ScaledDown", f"Scaled {c} (aborted revision {rev}) to zero")
+        else:
+            p.at(when)
+    p.preview = c
+    p.rolling = (c, rev)
+    _aborted_status(p, rev, s.annotations.get(ABORT_REASON_ANNOTATION) or "aborted", first=first)
+
+
+def _never_select_an_unready_color(p: _Plan) -> None:
+    """The invariant: the stable Service never selects a color without ready pods while the other has some."""
+    S = p.stable
+    if S is None:
+        return
+    s, o = p.obs.color(S), p.obs.color(other(S))
+    if (s.ready_replicas if s else 0) > 0 or o is None or o.ready_replicas == 0:
+        return
+    O = other(S)
+    p.stable = O
+    p.stable_annotations[SWITCHED_AT_ANNOTATION] = rfc3339(p.now)
+    # never scale down, nor change the revision of, the color that now serves
+    cur = p.colors.get(O)
+    p.colors[O] = ColorTarget(o.revision, max(o.replicas, cur.replicas if cur and cur.revision == o.revision else 0),
+                              {SCALE_DOWN_AT_ANNOTATION: None, PREVIEW_STARTED_AT_ANNOTATION: None})
+    p.smoke = None
+    p.preview = S
+    p.note("FailedOver", f"Switched the stable Service from {S} (no ready replicas) to {O} (revision {o.revision}, "
+           f"{o.ready_replicas} ready): serving anything beats serving nothing", warning=True)
+    p.phase, p.message = "Degraded", f"{S} had no ready replicas; {O} (revision {o.revision}) serves"
+    p.cond(CONDITION_DEGRADED, "True", "FailedOver", p.message)
+    p.cond(CONDITION_PROGRESSING, "True", "FailedOver", p.message)
+
+
+def _finish(p: _Plan) -> RegionDecision:
+    obs = p.obs
+    S = p.stable
+    active = obs.color(S) if S else None
+    ready = active.ready_replicas if active else 0
+    target = p.colors.get(S) if S else None
+    desired = target.replicas if target else p.desired_active
+    conds = dict(p.conditions)
+    if CONDITION_READY not in conds:
+        if S is None:
+            conds[CONDITION_READY] = ConditionPart(CONDITION_READY, "False", "FirstRolloutInProgress", p.message or "No color serves yet")
+        elif ready > 0:
+            conds[CONDITION_READY] = ConditionPart(CONDITION_READY, "True", "Serving", f"{S} serves with {ready} ready replicas")
+        elif desired == 0:
+            conds[CONDITION_READY] = ConditionPart(CONDITION_READY, "True", "ScaledToZero", f"{S} is scaled to zero")
+        else:
+            conds[CONDITION_READY] = ConditionPart(CONDITION_READY, "False", "NoReadyReplicas", f"{S} has no ready replicas")
+    if CONDITION_DEGRADED not in conds:
+        if S is not None and ready == 0 and desired > 0:
+            conds[CONDITION_DEGRADED] = ConditionPart(CONDITION_DEGRADED, "True", "NoReadyReplicas", f"{S} has no ready replicas")
+        else:
+            conds[CONDITION_DEGRADED] = ConditionPart(CONDITION_DEGRADED, "False", "AsExpected", "")
+    if CONDITION_PROGRESSING not in conds:
+        conds[CONDITION_PROGRESSING] = ConditionPart(CONDITION_PROGRESSING, "False", "RolloutComplete", p.message)
+    preview = p.preview if p.preview != S else (other(S) if S else None)
+    rolling = p.rolling if p.rolling and p.rolling[0] != S else None
+    status = RegionRollout(
+        phase=p.phase,
+        active_color=S,
+        revision=active.revision if active else None,
+        ready_replicas=ready,
+        desired_replicas=desired,
+        message=p.message[:_MAX_MESSAGE],
+        preview_color=rolling[0] if rolling else None,
+        preview_revision=rolling[1] if rolling else None,
+        pending_promotion=p.pending_promotion,
+    )
+    return RegionDecision(
+        colors=dict(p.colors),
+        stable_color=S,
+        preview_color=preview,
+        stable_annotations=dict(p.stable_annotations),
+        smoke=p.smoke,
+        status=status,
+        conditions=[conds[t] for t in (CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED)],
+        notes=list(p.notes),
+        requeue_after=p.requeue,
+    )

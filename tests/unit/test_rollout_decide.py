@@ -1,0 +1,519 @@
+"""The pure rollout decision of one region (controllers/rollout.py): table tests, no server, no I/O, `now` given."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import replace
+
+import pytest
+
+from perennial.api.deployment import (
+    ABORT_REASON_ANNOTATION as ABORT_REASON,
+)
+from perennial.api.deployment import (
+    ABORTED_REVISION_ANNOTATION as ABORTED,
+)
+from perennial.api.deployment import (
+    PREVIEW_STARTED_AT_ANNOTATION as STARTED,
+)
+from perennial.api.deployment import (
+    SCALE_DOWN_AT_ANNOTATION as SCALE_DOWN_AT,
+)
+from perennial.api.deployment import (
+    SMOKE_ANNOTATION as SMOKE,
+)
+from perennial.api.deployment import (
+    SWITCHED_AT_ANNOTATION as SWITCHED_AT,
+)
+from perennial.api.deployment import BlueGreen
+from perennial.controllers.rollout import (
+    ColorState,
+    RegionObserved,
+    SmokeResult,
+    decide_region,
+    rfc3339,
+)
+
+T0 = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def t(seconds: float) -> str:
+    return rfc3339(T0 + dt.timedelta(seconds=seconds))
+
+
+def col(rev: str, n: int = 2, ready: int | None = None, *, updated: int | None = None, status: int | None = None,
+        gen: int = 1, observed: int = 1, exceeded: bool = False, **ann: str) -> ColorState:
+    """A color's apps/v1 Deployment; fully ready unless told otherwise. Annotations by short key."""
+    keys = {"started": STARTED, "scale_down_at": SCALE_DOWN_AT, "smoke": SMOKE, "aborted": ABORTED, "abort_reason": ABORT_REASON}
+    r = n if ready is None else ready
+    return ColorState(revision=rev, replicas=n, status_replicas=n if status is None else status, ready_replicas=r,
+                      updated_replicas=n if updated is None else updated, available_replicas=r, generation=gen,
+                      observed_generation=observed, progress_deadline_exceeded=exceeded,
+                      annotations={keys[k]: v for k, v in ann.items()})
+
+
+def world(blue=None, green=None, stable="blue", desired="r2", replicas=2, switched_at=None, smoke_result=None, autoscaled=False):
+    return RegionObserved(blue=blue, green=green, stable_color=stable, desired_revision=desired, desired_replicas=replicas,
+                          autoscaled=autoscaled, stable_annotations={SWITCHED_AT: switched_at} if switched_at else {},
+                          smoke_result=smoke_result)
+
+
+ANY = object()
+BG = {}  # defaults: autoPromote, smoke on, scaleDownDelay 300, abortScaleDownDelay 30, deadline 1800
+
+
+def run(obs, bg=BG, now=0, paused=False, promote=None):
+    return decide_region(obs, BlueGreen(**bg), paused=paused, promote=promote, now=T0 + dt.timedelta(seconds=now))
+
+
+# Each row: id, observed world, BlueGreen settings, now (s after T0), paused, promote annotation, expectations.
+# Expectations: stable, phase, notes (the exact list of Event reasons), smoke (color asked to smoke-test or None),
+# colors {color: (revision, replicas)}, ann {color: {annotation: value | None (removed) | ANY}}, requeue, conditions
+# {type: (status, reason)}, pending (the promotion awaited), preview (status.previewColor).
+ROWS = [
+    # ---------------------------------------------------------------- first rollout (no stable Service yet)
+    ("first: nothing exists -> blue at the full count, no traffic yet",
+     world(stable=None, desired="r1", replicas=3), BG, 0, False, None,
+     dict(stable=None, phase="Progressing", notes=["PreviewCreated"], colors={"blue": ("r1", 3)}, ann={"blue": {STARTED: t(0)}},
+          requeue=1800, conditions={"Ready": ("False", "FirstRolloutInProgress"), "Progressing": ("True", "FirstRollout")})),
+    ("first: coming up -> wait, requeue at the deadline",
+     world(blue=col("r1", 3, 1, started=t(0)), stable=None, desired="r1", replicas=3), BG, 100, False, None,
+     dict(stable=None, phase="Progressing", notes=[], smoke=None, requeue=1700)),
+    ("first: every pod ready -> smoke test through the preview Service first",
+     world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=3), BG, 100, False, None,
+     dict(stable=None, phase="Progressing", notes=["PreviewReady"], smoke="blue", requeue=60, preview_service="blue")),
+    ("first: smoke passed -> the stable Service selects it, no promotion needed",
+     world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=3, smoke_result=SmokeResult("r1", True)),
+     {"autoPromote": False}, 100, False, None,
+     dict(stable="blue", phase="Stable", notes=["SmokeTestPassed", "Switched"], ann={"blue": {SMOKE: "r1=passed", STARTED: None}},
+          stable_ann={SWITCHED_AT: t(100)}, conditions={"Ready": ("True", "Serving")})),
+    ("first: smoke failed -> aborted, no traffic ever, scaled down after the abort delay",
+     world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=3, smoke_result=SmokeResult("r1", False, "said 'no'")),
+     BG, 100, False, None,
+     dict(stable=None, phase="Aborted", notes=["SmokeTestFailed", "Aborted"], colors={"blue": ("r1", 3)},
+          ann={"blue": {ABORTED: "r1", SCALE_DOWN_AT: t(130), SMOKE: "r1=failed:said 'no'"}}, requeue=30,
+          conditions={"Ready": ("False", "RolloutAborted"), "Degraded": ("True", "RolloutAborted")})),
+    ("first: aborted revision is not retried; scaled to zero when the delay is over",
+     world(blue=col("r1", 3, started=None, aborted="r1", abort_reason="SmokeTestFailed: x", scale_down_at=t(130)), stable=None,
+           desired="r1", replicas=3), BG, 131, False, None,
+     dict(stable=None, phase="Aborted", notes=["ScaledDown"], colors={"blue": ("r1", 0)}, smoke=None)),
+    ("first: the spec changes before the first switch -> the same color takes the new revision",
+     world(blue=col("r1", 3, 1, started=t(0)), stable=None, desired="r2", replicas=3), BG, 100, False, None,
+     dict(stable=None, notes=["PreviewCreated"], colors={"blue": ("r2", 3)}, ann={"blue": {STARTED: t(100), SMOKE: None}})),
+    ("first: deadline exceeded -> aborted",
+     world(blue=col("r1", 3, 2, started=t(0)), stable=None, desired="r1", replicas=3), BG, 1800, False, None,
+     dict(stable=None, phase="Aborted", notes=["Aborted"], ann={"blue": {ABORTED: "r1"}})),
+    ("first: smoke disabled -> switch as soon as every pod is ready",
+     world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=3), {"smokeTest": {"enabled": False}}, 100, False, None,
+     dict(stable="blue", notes=["Switched"], smoke=None)),
+    ("service deleted by hand while blue serves -> point it back at once",
+     world(blue=col("r1", 2), green=None, stable=None, desired="r1"), BG, 0, False, None,
+     dict(stable="blue", phase="Stable", notes=[], colors={"blue": ("r1", 2)})),
+    ("service deleted during a rollout -> back to the serving color, not the preview on trial",
+     world(blue=col("r1", 2), green=col("r2", 1, started=t(0)), stable=None, desired="r2"), BG, 10, False, None,
+     dict(stable="blue", notes=["PreviewReady"], smoke="green")),
+
+    # ---------------------------------------------------------------- steady state and replica changes
+    ("steady: nothing to do, no requeue",
+     world(blue=col("r2", 2), stable="blue", desired="r2"), BG, 0, False, None,
+     dict(stable="blue", phase="Stable", notes=[], smoke=None, requeue=None, colors={"blue": ("r2", 2)}, preview_service="green",
+          conditions={"Ready": ("True", "Serving"), "Progressing": ("False", "RolloutComplete"), "Degraded": ("False", "AsExpected")})),
+    ("replicas changed alone -> the active color is scaled in place, no preview",
+     world(blue=col("r2", 2), stable="blue", desired="r2", replicas=5), BG, 0, False, None,
+     dict(stable="blue", colors={"blue": ("r2", 5)}, notes=[], absent=["green"])),
+    ("scaling in place: phase Progressing until ready",
+     world(blue=col("r2", 5, 2), stable="blue", desired="r2", replicas=5), BG, 0, False, None,
+     dict(phase="Progressing", conditions={"Progressing": ("True", "Scaling"), "Ready": ("True", "Serving")})),
+    ("autoscaled: the autoscaler's count is never written",
+     world(blue=col("r2", 7), stable="blue", desired="r2", replicas=1, autoscaled=True), BG, 0, False, None,
+     dict(colors={"blue": ("r2", 7)}, notes=[])),
+    ("active color has no ready replicas and nothing else does -> Degraded, stays",
+     world(blue=col("r2", 2, 0), stable="blue", desired="r2"), BG, 0, False, None,
+     dict(stable="blue", phase="Degraded", conditions={"Ready": ("False", "NoReadyReplicas"), "Degraded": ("True", "NoReadyReplicas")})),
+    ("scaled to zero (KEDA) -> Ready, not degraded",
+     world(blue=col("r2", 0), stable="blue", desired="r2", replicas=0, autoscaled=True), BG, 0, False, None,
+     dict(phase="Stable", conditions={"Ready": ("True", "ScaledToZero"), "Degraded": ("False", "AsExpected")})),
+    ("active Deployment deleted, nothing else serves -> re-created",
+     world(blue=None, green=None, stable="blue", desired="r2"), BG, 0, False, None,
+     dict(stable="blue", colors={"blue": ("r2", 2)}, notes=["PreviewCreated"], phase="Degraded")),
+
+    # ---------------------------------------------------------------- pod rollout: preview
+    ("new revision -> preview at previewReplicas on the other color, traffic stays",
+     world(blue=col("r1", 4), stable="blue", desired="r2", replicas=4), {"previewReplicas": 1}, 0, False, None,
+     dict(stable="blue", phase="Progressing", notes=["PreviewCreated"], colors={"blue": ("r1", 4), "green": ("r2", 1)},
+          ann={"green": {STARTED: t(0), SMOKE: None, ABORTED: None, SCALE_DOWN_AT: None}}, requeue=1800, preview="green",
+          preview_service="green")),
+    ("preview replaces the old color kept from the last rollout",
+     world(blue=col("r1", 4), green=col("r0", 4, scale_down_at=t(100)), stable="blue", desired="r2", replicas=4), {"previewReplicas": 2}, 0, False, None,
+     dict(colors={"green": ("r0", 4)} and {"green": ("r2", 2)}, notes=["PreviewCreated"], ann={"green": {SCALE_DOWN_AT: None}})),
+    ("preview not all ready -> wait",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4), {"previewReplicas": 2}, 60, False, None,
+     dict(stable="blue", phase="Progressing", notes=[], smoke=None, requeue=1740, conditions={"Progressing": ("True", "PreviewProgressing")})),
+    ("preview ready but its generation is not observed yet -> wait",
+     world(blue=col("r1", 4), green=col("r2", 2, gen=3, observed=2, started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2}, 60, False, None, dict(notes=[], smoke=None)),
+    ("preview ready but an old pod is still terminating -> wait",
+     world(blue=col("r1", 4), green=col("r2", 2, status=3, started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2}, 60, False, None, dict(notes=[], smoke=None)),
+    ("preview all ready -> smoke test it",
+     world(blue=col("r1", 4), green=col("r2", 2, started=t(0)), stable="blue", desired="r2", replicas=4), {"previewReplicas": 2}, 60, False, None,
+     dict(stable="blue", notes=["PreviewReady"], smoke="green", requeue=60, conditions={"Progressing": ("True", "SmokeTesting")})),
+    ("smoke passed -> scale the preview to the full count first (no switch yet)",
+     world(blue=col("r1", 4), green=col("r2", 2, started=t(0)), stable="blue", desired="r2", replicas=4, smoke_result=SmokeResult("r2", True)),
+     {"previewReplicas": 2}, 60, False, None,
+     dict(stable="blue", phase="Promoting", notes=["SmokeTestPassed", "PreviewScalingUp"], colors={"green": ("r2", 4)},
+          ann={"green": {SMOKE: "r2=passed", STARTED: t(60)}})),
+    ("scaled up but not all ready -> wait, never switch early",
+     world(blue=col("r1", 4), green=col("r2", 4, 3, smoke="r2=passed", started=t(60)), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2}, 90, False, None, dict(stable="blue", notes=[], smoke=None)),
+    ("full and ready -> switch, keep the old color for the delay",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(60)), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2}, 90, False, None,
+     dict(stable="green", phase="ScalingDown", notes=["Switched"], stable_ann={SWITCHED_AT: t(90)},
+          ann={"blue": {SCALE_DOWN_AT: t(390)}, "green": {STARTED: None}}, colors={"blue": ("r1", 4), "green": ("r2", 4)},
+          requeue=300, preview_service="blue")),
+    ("no previewReplicas -> full count at once, switch right after the smoke test",
+     world(blue=col("r1", 3), green=col("r2", 3, started=t(0)), stable="blue", desired="r2", replicas=3, smoke_result=SmokeResult("r2", True)),
+     BG, 60, False, None, dict(stable="green", notes=["SmokeTestPassed", "Switched"])),
+    ("autoscaled: the preview scales to at least the active color's count before the switch",
+     world(blue=col("r1", 6, 5), green=col("r2", 1, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=1, autoscaled=True),
+     {"previewReplicas": 1}, 60, False, None, dict(stable="blue", colors={"green": ("r2", 6), "blue": ("r1", 6)}, notes=["PreviewScalingUp"])),
+    ("smoke failed -> abort, traffic never leaves the active color",
+     world(blue=col("r1", 4), green=col("r2", 2, started=t(0)), stable="blue", desired="r2", replicas=4,
+           smoke_result=SmokeResult("r2", False, "no match for 'yellow'")), {"previewReplicas": 2}, 60, False, None,
+     dict(stable="blue", phase="Aborted", notes=["SmokeTestFailed", "Aborted"], colors={"blue": ("r1", 4), "green": ("r2", 2)},
+          ann={"green": {ABORTED: "r2", SCALE_DOWN_AT: t(90), STARTED: None, ABORT_REASON: "SmokeTestFailed: no match for 'yellow'"}},
+          requeue=30, conditions={"Ready": ("True", "Serving"), "Degraded": ("True", "RolloutAborted"), "Progressing": ("False", "RolloutAborted")})),
+    ("smoke failure recorded on the color -> abort too (after a restart)",
+     world(blue=col("r1", 4), green=col("r2", 2, smoke="r2=failed:boom", started=t(0)), stable="blue", desired="r2", replicas=4),
+     BG, 60, False, None, dict(stable="blue", phase="Aborted", notes=["Aborted"], ann={"green": {ABORTED: "r2"}})),
+    ("a smoke verdict of another revision does not count",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r1=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
+     BG, 60, False, None, dict(stable="blue", smoke="green", notes=["PreviewReady"])),
+    ("deadline exceeded -> abort",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4), {"previewReplicas": 2}, 1800, False, None,
+     dict(stable="blue", phase="Aborted", notes=["Aborted"], ann={"green": {ABORTED: "r2", SCALE_DOWN_AT: t(1830)}})),
+    ("apps/v1 ProgressDeadlineExceeded -> abort before our own deadline",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, exceeded=True, started=t(0)), stable="blue", desired="r2", replicas=4), BG, 600, False, None,
+     dict(stable="blue", phase="Aborted", notes=["Aborted"])),
+    ("abortScaleDownDelaySeconds 0 -> preview scaled to zero at once",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2, "abortScaleDownDelaySeconds": 0}, 1800, False, None,
+     dict(stable="blue", notes=["ScaledDown", "Aborted"], colors={"green": ("r2", 0)})),
+    ("aborted revision: not retried while the spec asks for it; preview kept until its delay",
+     world(blue=col("r1", 4), green=col("r2", 2, aborted="r2", abort_reason="SmokeTestFailed: boom", scale_down_at=t(90)),
+           stable="blue", desired="r2", replicas=4), BG, 80, False, None,
+     dict(stable="blue", phase="Aborted", notes=[], smoke=None, requeue=10, colors={"green": ("r2", 2)}, preview="green",
+          conditions={"Degraded": ("True", "RolloutAborted")})),
+    ("aborted revision: scaled to zero after the delay, still not retried",
+     world(blue=col("r1", 4), green=col("r2", 2, aborted="r2", scale_down_at=t(90)), stable="blue", desired="r2", replicas=4),
+     BG, 90, False, None, dict(stable="blue", phase="Aborted", notes=["ScaledDown"], colors={"green": ("r2", 0)})),
+    ("aborted revision at zero: nothing to do",
+     world(blue=col("r1", 4), green=col("r2", 0, aborted="r2"), stable="blue", desired="r2", replicas=4),
+     BG, 5000, False, None, dict(stable="blue", phase="Aborted", notes=[], requeue=None)),
+    ("spec moves on to another revision -> a fresh preview, the abort mark cleared",
+     world(blue=col("r1", 4), green=col("r2", 0, aborted="r2", abort_reason="x"), stable="blue", desired="r3", replicas=4),
+     BG, 5000, False, None,
+     dict(stable="blue", notes=["PreviewCreated"], colors={"green": ("r3", 4)}, ann={"green": {ABORTED: None, ABORT_REASON: None}})),
+    ("spec reverted to the active revision mid-rollout -> the preview is abandoned after the abort delay",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r1", replicas=4), BG, 60, False, None,
+     dict(stable="blue", phase="ScalingDown", notes=[], ann={"green": {SCALE_DOWN_AT: t(90)}}, requeue=30)),
+
+    # ---------------------------------------------------------------- promotion and pause
+    ("autoPromote false -> Paused waiting for the annotation, no deadline",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"autoPromote": False}, 5000, False, None,
+     dict(stable="blue", phase="Paused", pending="r2", notes=[], requeue=None, conditions={"Progressing": ("Unknown", "WaitingForPromotion")})),
+    ("a stale promotion (another revision) does not promote",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"autoPromote": False}, 60, False, "r1", dict(stable="blue", phase="Paused", pending="r2")),
+    ("promotion annotation names the revision -> switch",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
+     {"autoPromote": False}, 60, False, "r2", dict(stable="green", notes=["Switched"])),
+    ("paused -> no preview is started",
+     world(blue=col("r1", 4), stable="blue", desired="r2", replicas=4), BG, 0, True, None,
+     dict(stable="blue", phase="Paused", notes=[], absent=["green"], conditions={"Progressing": ("Unknown", "RolloutPaused")})),
+    ("paused -> a ready preview is not switched to",
+     world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
+     BG, 60, True, "r2", dict(stable="blue", phase="Paused", notes=[], colors={"green": ("r2", 4)})),
+    ("paused -> replica changes still scale the active color",
+     world(blue=col("r1", 4), stable="blue", desired="r2", replicas=6), BG, 0, True, None, dict(colors={"blue": ("r1", 6)})),
+
+    # ---------------------------------------------------------------- after the switch: delay, scale-down, rollback
+    ("old color kept until scale-down-at",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 200, False, None, dict(stable="green", phase="ScalingDown", notes=[], requeue=190, colors={"blue": ("r1", 4)})),
+    ("old color scaled to zero when the delay is over",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 390, False, None,
+     dict(stable="green", phase="Stable", notes=["ScaledDown"], colors={"blue": ("r1", 0)}, ann={"blue": {SCALE_DOWN_AT: None}})),
+    ("operator stopped between the switch and the annotation -> the old color gets the full delay",
+     world(blue=col("r1", 4), green=col("r2", 4), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 100, False, None, dict(stable="green", phase="ScalingDown", ann={"blue": {SCALE_DOWN_AT: t(400)}}, notes=[])),
+    ("new color loses ready replicas within the window -> switched back (RolledBack)",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4, 2), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 150, False, None,
+     dict(stable="blue", phase="Aborted", notes=["RolledBack"], stable_ann={SWITCHED_AT: t(150)},
+          ann={"blue": {SCALE_DOWN_AT: None}, "green": {ABORTED: "r2", SCALE_DOWN_AT: t(180)}}, colors={"blue": ("r1", 4), "green": ("r2", 4)},
+          conditions={"Degraded": ("True", "RolledBack"), "Ready": ("True", "Serving")})),
+    ("after a rollback the revision is not retried",
+     world(blue=col("r1", 4), green=col("r2", 4, 2, aborted="r2", scale_down_at=t(180)), stable="blue", desired="r2", replicas=4, switched_at=t(150)),
+     BG, 160, False, None, dict(stable="blue", phase="Aborted", notes=[], colors={"green": ("r2", 4)})),
+    ("a loss after the window -> no rollback",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4, 2), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     {"postPromotionWindowSeconds": 60}, 151, False, None, dict(stable="green", notes=[])),
+    ("window 0 turns automatic rollback off",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4, 1), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     {"postPromotionWindowSeconds": 0}, 100, False, None, dict(stable="green", notes=[])),
+    ("no rollback when the old color is no better",
+     world(blue=col("r1", 4, 1, scale_down_at=t(390)), green=col("r2", 4, 2), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 150, False, None, dict(stable="green", notes=[])),
+    ("replicas lowered with the revision: the new color's smaller count is not a loss",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 2), stable="green", desired="r2", replicas=2, switched_at=t(90)),
+     BG, 150, False, None, dict(stable="green", notes=[])),
+    ("rollback works while paused (safety)",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4, 0), stable="green", desired="r2", replicas=4, switched_at=t(90)),
+     BG, 150, True, None, dict(stable="blue", notes=["RolledBack"])),
+    ("a preview on trial is never a rollback target",
+     world(blue=col("r3", 4, started=t(100)), green=col("r2", 4, 1), stable="green", desired="r3", replicas=4, switched_at=t(90)),
+     BG, 150, False, None, dict(stable="green", notes=["PreviewReady"], smoke="blue")),
+    ("spec reverted to the old color's revision within the delay -> its pods are reused at their count",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4), stable="green", desired="r1", replicas=4, switched_at=t(90)),
+     {"previewReplicas": 1}, 150, False, None,
+     dict(stable="green", notes=["PreviewCreated"], colors={"blue": ("r1", 4)}, ann={"blue": {SCALE_DOWN_AT: None, STARTED: t(150)}})),
+
+    # ---------------------------------------------------------------- the invariant as a last resort
+    ("active lost every ready pod, the old color still has some -> fail over",
+     world(blue=col("r1", 4, 0), green=col("r0", 4, 4, scale_down_at=t(5000)), stable="blue", desired="r1", replicas=4, switched_at=t(0)),
+     {"postPromotionWindowSeconds": 0}, 100, False, None,
+     dict(stable="green", phase="Degraded", notes=["FailedOver", "PreviewCreated"], ann={"green": {SCALE_DOWN_AT: None}},
+          colors={"green": ("r0", 4), "blue": ("r1", 4)}, conditions={"Degraded": ("True", "FailedOver")})),
+    ("after a fail-over the desired revision comes back as a preview (its pods kept), and is switched to when it passes",
+     world(blue=col("r1", 4, started=t(100)), green=col("r0", 4), stable="green", desired="r1", replicas=4, switched_at=t(100)),
+     {"postPromotionWindowSeconds": 0}, 130, False, None, dict(stable="green", notes=["PreviewReady"], smoke="blue")),
+    ("failing over cancels a scale-down due now",
+     world(blue=col("r1", 4, 0), green=col("r0", 4, 3, scale_down_at=t(50)), stable="blue", desired="r1", replicas=4),
+     BG, 100, False, None, dict(stable="green", notes=["FailedOver", "PreviewCreated"], colors={"green": ("r0", 4)},
+                                ann={"green": {SCALE_DOWN_AT: None}})),
+    ("active Deployment deleted while the other color serves -> fail over",
+     world(blue=None, green=col("r1", 2), stable="blue", desired="r2"), BG, 0, False, None,
+     dict(stable="green", notes=["FailedOver", "PreviewCreated"], colors={"green": ("r1", 2), "blue": ("r2", 2)})),
+]
+
+
+def _check(d, exp):
+    if "stable" in exp:
+        assert d.stable_color == exp["stable"]
+    if "phase" in exp:
+        assert d.status.phase == exp["phase"], d.status.message
+    if "notes" in exp:
+        assert [n.reason for n in d.notes] == exp["notes"], d.notes
+    if "smoke" in exp:
+        assert (d.smoke.color if d.smoke else None) == exp["smoke"]
+    for c, (rev, n) in exp.get("colors", {}).items():
+        assert (d.colors[c].revision, d.colors[c].replicas) == (rev, n), c
+    for c in exp.get("absent", []):
+        assert c not in d.colors
+    for c, anns in exp.get("ann", {}).items():
+        for key, value in anns.items():
+            assert key in d.colors[c].annotations, (c, key, d.colors[c].annotations)
+            if value is not ANY:
+                assert d.colors[c].annotations[key] == value, (c, key)
+    for key, value in exp.get("stable_ann", {}).items():
+        assert d.stable_annotations.get(key) == value
+    if "requeue" in exp:
+        assert d.requeue_after == (None if exp["requeue"] is None else pytest.approx(exp["requeue"]))
+    conds = {c.type: (c.status, c.reason) for c in d.conditions}
+    assert set(conds) == {"Ready", "Progressing", "Degraded"}
+    for ctype, want in exp.get("conditions", {}).items():
+        assert conds[ctype] == want, (ctype, conds[ctype], d.status.message)
+    if "pending" in exp:
+        assert d.status.pending_promotion == exp["pending"]
+    if "preview" in exp:
+        assert d.status.preview_color == exp["preview"]
+    if "preview_service" in exp:
+        assert d.preview_color == exp["preview_service"]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_decide_region(row):
+    _, obs, bg, now, paused, promote, exp = row
+    d = run(obs, bg, now, paused, promote)
+    _check(d, exp)
+    _invariants(obs, d)
+
+
+def _invariants(obs: RegionObserved, d) -> None:
+    """What must hold for every decision."""
+    ready = {c: (obs.color(c).ready_replicas if obs.color(c) else 0) for c in ("blue", "green")}
+    s = d.stable_color
+    if s is not None:
+        # never select a color without ready pods while the other has some
+        assert ready[s] > 0 or ready["blue" if s == "green" else "green"] == 0, (s, ready)
+        # the serving color keeps its revision and is not scaled to zero while it serves
+        cur = obs.color(s)
+        if cur is not None and ready[s] > 0:
+            assert d.colors[s].revision == cur.revision
+            assert d.colors[s].replicas > 0
+    # every message is short enough for the status
+    assert len(d.status.message) <= 1024
+    assert all(len(n.message) <= 1024 for n in d.notes)
+
+
+def test_status_reports_region_state():
+    d = run(world(blue=col("r1", 4, 3), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4),
+            {"previewReplicas": 2}, 10)
+    st = d.status
+    assert (st.active_color, st.revision, st.ready_replicas, st.desired_replicas) == ("blue", "r1", 3, 4)
+    assert (st.preview_color, st.preview_revision) == ("green", "r2")
+    assert "1/2" in st.message
+
+
+def test_from_object_reads_an_apps_v1_deployment():
+    obj = {"metadata": {"generation": 4, "labels": {"perennial.ai/revision": "abc", "perennial.ai/color": "green"},
+                        "annotations": {STARTED: t(0)}},
+           "spec": {"replicas": 3},
+           "status": {"observedGeneration": 4, "replicas": 3, "readyReplicas": 3, "updatedReplicas": 3, "availableReplicas": 3,
+                      "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}}
+    s = ColorState.from_object(obj)
+    assert (s.revision, s.replicas, s.ready_replicas, s.generation, s.observed_generation) == ("abc", 3, 3, 4, 4)
+    assert s.progress_deadline_exceeded and s.fully_ready() and s.annotations[STARTED] == t(0)
+    stale = ColorState.from_object({**obj, "status": {**obj["status"], "observedGeneration": 3, "conditions": []}})
+    assert not stale.fully_ready() and not stale.progress_deadline_exceeded
+
+
+# ------------------------------------------------------------------------------------------------ property test
+
+
+class _World:
+    """A tiny region: two apps/v1 Deployments whose pods become ready (or fail) at random, a stable Service,
+    a smoke test that passes or fails at random, and a spec that changes revision now and then."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.colors: dict[str, ColorState | None] = {"blue": None, "green": None}
+        self.stable: str | None = None
+        self.stable_ann: dict[str, str] = {}
+        self.revision = "r1"
+        self.replicas = 3
+        self.now = 0.0
+        self.next_rev = 2
+
+    def observed(self, smoke=None) -> RegionObserved:
+        return RegionObserved(blue=self.colors["blue"], green=self.colors["green"], stable_color=self.stable,  # type: ignore[arg-type]
+                              desired_revision=self.revision, desired_replicas=self.replicas, stable_annotations=dict(self.stable_ann),
+                              smoke_result=smoke)
+
+    def apply(self, d) -> None:
+        for c, target in d.colors.items():
+            cur = self.colors[c]
+            ann = dict(cur.annotations) if cur else {}
+            for k, v in target.annotations.items():
+                if v is None:
+                    ann.pop(k, None)
+                else:
+                    ann[k] = v
+            if cur is None or cur.revision != target.revision:
+                # a new template: every pod replaced, none ready yet
+                cur = ColorState(revision=target.revision, replicas=target.replicas, status_replicas=target.replicas,
+                                 generation=(cur.generation + 1 if cur else 1), observed_generation=(cur.generation + 1 if cur else 1),
+                                 annotations=ann)
+            else:
+                ready = min(cur.ready_replicas, target.replicas)
+                cur = replace(cur, replicas=target.replicas, status_replicas=max(target.replicas, ready), ready_replicas=ready,
+                              updated_replicas=min(cur.updated_replicas, target.replicas), annotations=ann)
+            self.colors[c] = cur
+        if d.stable_color is not None:
+            self.stable = d.stable_color
+        for k, v in d.stable_annotations.items():
+            if v is None:
+                self.stable_ann.pop(k, None)
+            else:
+                self.stable_ann[k] = v
+
+    def kubelet(self) -> None:
+        """Pods come up, crash, recover; ReplicaSets settle."""
+        for c, s in self.colors.items():
+            if s is None:
+                continue
+            r = self.rng.random()
+            ready = s.ready_replicas
+            if r < 0.5 and ready < s.replicas:
+                ready += 1
+            elif r < 0.6 and ready > 0:
+                ready -= 1  # a pod crashed
+            elif r < 0.62:
+                ready = 0  # a node went away
+            self.colors[c] = replace(s, ready_replicas=ready, available_replicas=ready, updated_replicas=s.replicas,
+                                     status_replicas=s.replicas, observed_generation=s.generation,
+                                     progress_deadline_exceeded=False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_safety_invariant_over_random_sequences(seed):
+    rng = random.Random(seed)
+    w = _World(rng)
+    bg = BlueGreen(previewReplicas=rng.choice([None, 1, 2]), scaleDownDelaySeconds=rng.choice([0, 30, 300]),
+                   abortScaleDownDelaySeconds=rng.choice([0, 30]), progressDeadlineSeconds=rng.choice([600, 1800]),
+                   autoPromote=rng.random() < 0.8)
+    switches = 0
+    for _ in range(300):
+        w.now += rng.choice([1, 5, 30, 120])
+        if rng.random() < 0.03:
+            w.revision = f"r{w.next_rev}"
+            w.next_rev += 1
+        if rng.random() < 0.03:
+            w.replicas = rng.randint(1, 5)
+        now = T0 + dt.timedelta(seconds=w.now)
+        promote = w.revision if rng.random() < 0.3 else None
+        paused = rng.random() < 0.05
+        before = w.stable
+        obs = w.observed()
+        d = decide_region(obs, bg, paused=paused, promote=promote, now=now)
+        if d.smoke is not None:
+            obs = w.observed(SmokeResult(d.smoke.revision, rng.random() < 0.8, "random verdict"))
+            d = decide_region(obs, bg, paused=paused, promote=promote, now=now)
+        _invariants(obs, d)
+        if d.stable_color != before and before is not None:
+            switches += 1
+            target = obs.color(d.stable_color)
+            # a switch goes to a color with ready pods only
+            assert target is not None and target.ready_replicas > 0
+            # and, unless it is a fail-over or a rollback, to a fully ready color whose revision passed its smoke test
+            if not {n.reason for n in d.notes} & {"FailedOver", "RolledBack"}:
+                assert target.fully_ready()
+                assert target.annotations.get(SMOKE) == f"{target.revision}=passed" or \
+                    d.colors[d.stable_color].annotations.get(SMOKE) == f"{target.revision}=passed"
+        w.apply(d)
+        w.kubelet()
+    assert w.stable is not None  # the region got to serve at some point
+
+
+def test_a_rollout_walks_through_every_step_to_the_old_color_at_zero():
+    """preview up -> smoke -> scale up -> switch -> delay -> old color at zero, with the Events of each step."""
+    w = _World(random.Random(0))
+    w.colors["blue"] = col("r1", 3)
+    w.stable = "blue"
+    w.revision = "r2"
+    bg = BlueGreen(previewReplicas=1, scaleDownDelaySeconds=60)
+    reasons = []
+    for step in range(40):
+        w.now += 10
+        obs = w.observed()
+        d = decide_region(obs, bg, now=T0 + dt.timedelta(seconds=w.now))
+        if d.smoke:  # the controller runs the smoke test, then decides again with its result (and posts both notes)
+            reasons += [n.reason for n in d.notes]
+            d = decide_region(w.observed(SmokeResult("r2", True)), bg, now=T0 + dt.timedelta(seconds=w.now))
+        _invariants(obs, d)
+        reasons += [n.reason for n in d.notes]
+        w.apply(d)
+        # pods come up one per step, never crash
+        for c, s in w.colors.items():
+            if s is not None and s.ready_replicas < s.replicas:
+                w.colors[c] = replace(s, ready_replicas=s.ready_replicas + 1, updated_replicas=s.replicas, status_replicas=s.replicas,
+                                      observed_generation=s.generation)
+    assert reasons == ["PreviewCreated", "PreviewReady", "SmokeTestPassed", "PreviewScalingUp", "Switched", "ScaledDown"]
+    assert w.stable == "green" and w.colors["blue"].replicas == 0 and w.colors["green"].replicas == 3
+    final = decide_region(w.observed(), bg, now=T0 + dt.timedelta(seconds=w.now))
+    assert final.status.phase == "Stable" and final.requeue_after is None and final.notes == []
