@@ -575,6 +575,7 @@ def every_manifest() -> dict[str, dict]:
         "serving-token": d.token_secret(s, TOKEN),
         "serving-network-policy": d.network_policy(s),
         "serving-network-policy-hub": d.network_policy(hub),
+        "serving-network-policy-remote": d.network_policy(remote),
         "serving-scaled-object": d.scaled_object(remote, "green"),
     }
 

@@ -34,6 +34,7 @@ from perennial.resources import basemodel, rewardspec, trainingrun
 from perennial.resources.networkpolicy import EgressSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_deployment_resources as serving  # noqa: E402  (the serving builders' representative specs)
 import test_pod_security as t  # noqa: E402  (the representative specs of the builders)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,23 @@ ACCEPTED: dict[tuple[str, str], str] = {
     # A run that names no `resources.memory` has no memory limit (a default would OOM-kill real models); the
     # namespace's LimitRange is the platform's tool for that; with `resources.memory` the limit is set.
     ("CKV_K8S_13", "training-job-no-resources"): "no `resources.memory` in the run: the namespace's LimitRange decides",
+    # Serving pods (perennial.resources.deployment). The engine listens on 127.0.0.1 only and has no readiness probe of
+    # its own: the pod's readiness is the sidecar's /readyz, which asks the engine's /health (and the routes applied).
+    ("CKV_K8S_9", "serving-deployment"): "readiness is the sidecar's /readyz, which checks the localhost-only engine",
+    ("CKV_K8S_9", "serving-deployment-autoscaled"): "readiness is the sidecar's /readyz, which checks the localhost-only engine",
+    ("CKV_K8S_9", "serving-deployment-cpu"): "readiness is the sidecar's /readyz, which checks the localhost-only engine",
+    ("CKV_K8S_9", "serving-deployment-hub"): "readiness is the sidecar's /readyz, which checks the localhost-only engine",
+    ("CKV_K8S_9", "serving-deployment-remote"): "readiness is the sidecar's /readyz, which checks the localhost-only engine",
+    # CPU is requested (the engine's resources, the sidecar's one CPU per worker); a CFS quota would only stall
+    # token generation and the proxy's hot path under load.
+    ("CKV_K8S_11", "serving-deployment"): "CPU is requested; a CPU limit would throttle generation and proxying",
+    ("CKV_K8S_11", "serving-deployment-autoscaled"): "CPU is requested; a CPU limit would throttle generation and proxying",
+    ("CKV_K8S_11", "serving-deployment-cpu"): "CPU is requested; a CPU limit would throttle generation and proxying",
+    ("CKV_K8S_11", "serving-deployment-hub"): "CPU is requested; a CPU limit would throttle generation and proxying",
+    ("CKV_K8S_11", "serving-deployment-remote"): "CPU is requested; a CPU limit would throttle generation and proxying",
+    # An uncached hf:// model: the BaseModel's credentials Secret reaches the engine by reference (envFrom: HF_TOKEN is
+    # what the Hub client reads), the object-store credentials the sidecar; the feedback token is a file.
+    ("CKV_K8S_35", "serving-deployment-hub"): "Hub/store credentials by reference (envFrom) to the one process that uses each",
 }
 
 
@@ -96,6 +114,7 @@ def manifests() -> dict[str, dict]:
         "download-job": basemodel.download_job(bm_body, bm_spec, t.DIGEST),
         "download-network-policy": basemodel.download_network_policy(bm_body, bm_spec, EgressSettings()),
         "weight-cache-claim": basemodel.cache_pvc(bm_body, bm_spec),
+        **serving.every_manifest(),
     }
     assert job["kind"] == "Job"
     return out
@@ -122,7 +141,7 @@ def test_checkov_finds_nothing_but_the_accepted(tmp_path: Path):
     scanned = {Path(c["file_path"]).stem for r in reports for c in (r.get("results") or {}).get("passed_checks") or []}
     # checkov has checks for workloads and ConfigMaps; NetworkPolicies take part in its graph check CKV2_K8S_6
     # (every pod has a NetworkPolicy selecting it), PersistentVolumeClaims in none
-    workloads = {stem for stem, doc in docs.items() if doc["kind"] in ("Job", "ConfigMap")}
+    workloads = {stem for stem, doc in docs.items() if doc["kind"] in ("Job", "ConfigMap") or (doc["apiVersion"], doc["kind"]) == ("apps/v1", "Deployment")}
     assert workloads <= scanned, f"not every manifest was scanned: {workloads - scanned}"
     checks = {c["check_id"] for r in reports for c in (r.get("results") or {}).get("passed_checks") or []}
     assert "CKV2_K8S_6" in checks, "the NetworkPolicy graph check did not run"
