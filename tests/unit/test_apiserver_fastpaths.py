@@ -293,3 +293,41 @@ def test_rules_of_one_node_sharing_an_activation_answer_as_one_by_one(value, old
         validation._check_rule(rule, value, old, "spec", alone)
     assert [e.as_cause() for e in shared] == [e.as_cause() for e in alone]
     assert shared  # the cases all have at least one error (the evaluation error at least)
+
+
+# --------------------------------------------------------------------------- encoding once
+
+
+def test_encoded_once_answers_the_bytes_of_encoding_each_time():
+    from perennial.local.apiserver import _dumps
+
+    server = APIServer()
+    store = server.store
+    cms = store.lookup("", "v1", "configmaps")
+    objs = [store.create(cms, "default", {"metadata": {"name": f"c{i}"}, "data": {"k": "é\u2028" * i}})
+            for i in range(3)]
+    items, rv = store.list(cms, "default")
+    expected = _dumps({"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)},
+                       "items": items})
+    assert server._list_text(cms, items, rv) == expected
+    for etype in ("ADDED", "MODIFIED", "DELETED"):
+        assert server._event_line(cms, etype, objs[1]) == (_dumps({"type": etype, "object": objs[1]}) + "\n").encode()
+    assert server._encode(cms, objs[2]) is server._encode(cms, objs[2])  # encoded once
+    # a write stores a new object: its new JSON, not the old one's
+    new = store.patch(cms, "default", "c1", "merge", {"data": {"k": "v"}})[0]
+    assert json_loads(server._encode(cms, new))["data"] == {"k": "v"}
+    assert json_loads(server._encode(cms, objs[1]))["data"] == objs[1]["data"]
+    # another version's view of the same stored object (autoscaling/v1 of a stored v2 HPA) is its own entry
+    v2, v1 = store.lookup("autoscaling", "v2", "horizontalpodautoscalers"), store.lookup(
+        "autoscaling", "v1", "horizontalpodautoscalers")
+    hpa = store.create(v1, "default", {"metadata": {"name": "h"}, "spec": {
+        "scaleTargetRef": {"kind": "Deployment", "name": "d", "apiVersion": "apps/v1"}, "maxReplicas": 3,
+        "targetCPUUtilizationPercentage": 50}})
+    assert server._encode(v1, hpa) == _dumps(store.view(v1, hpa))
+    assert server._encode(v2, hpa) == _dumps(hpa) != server._encode(v1, hpa)
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -86,6 +87,7 @@ log = logging.getLogger(__name__)
 KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-perennial", "gitCommit": "perennial",
                 "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
                 "compiler": "gc", "platform": "linux/amd64"}
+ENCODED_CACHE = 4096  # stored objects whose JSON is kept (the write's answer, its watch events, LISTs)
 BOOKMARK_INTERVAL = 20.0  # seconds of idle before a BOOKMARK (real servers: about a minute)
 LOG_POLL_INTERVAL = 0.1  # seconds between checks of a followed pod log
 DEBUG_PREFIX = "/debug/perennial/"
@@ -116,8 +118,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _json(obj: Any, status: int = 200, warnings: list[str] | None = None) -> web.Response:
-    resp = web.Response(text=_dumps(obj), status=status, content_type="application/json")
+def _json(obj: Any, status: int = 200, warnings: list[str] | None = None, *, text: str | None = None) -> web.Response:
+    """A JSON answer; ``text``: ``obj`` already encoded."""
+    resp = web.Response(text=_dumps(obj) if text is None else text, status=status, content_type="application/json")
     for w in warnings or []:
         resp.headers.add("Warning", "299 - " + json.dumps(w))
     return resp
@@ -195,6 +198,9 @@ class APIServer:
         self._runner: web.AppRunner | None = None
         self._watch_tasks: set[asyncio.Task] = set()
         self._openapi_cache: dict[tuple[int, str], tuple[str, str]] = {}
+        # (id(stored object), apiVersion) -> (stored object, its JSON, {event type: watch event line})
+        self._encoded: collections.OrderedDict[tuple[int, str], tuple[dict, str, dict[str, bytes]]] = \
+            collections.OrderedDict()
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -673,16 +679,14 @@ class APIServer:
                 items, rv = store.list(rt, ns, q.get("labelSelector"), q.get("fieldSelector"))
                 if table:
                     return _json(self._table(rt, items, rv, q.get("includeObject", "Metadata")))
-                return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
-                              "metadata": {"resourceVersion": str(rv)},
-                              "items": [self._out(rt, o) for o in items]})
+                return _json(None, text=self._list_text(rt, items, rv))
             if method == "POST":
                 if rt.namespaced and ns is None:
                     raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the "
                                                             "requested resource")
                 body = await self._body(request)
                 obj = store.create(rt, ns, body, dry_run=dry_run, strict=strict, warnings=warnings)
-                return _json(self._out(rt, obj), 201, warnings)
+                return _json(None, 201, warnings, text=self._encode(rt, obj))
             if method == "DELETE":
                 warnings = []
                 options = await self._body(request)
@@ -726,12 +730,12 @@ class APIServer:
             obj = store.get(rt, ns, name)
             if table:
                 return _json(self._table(rt, [obj], store.last_rv, q.get("includeObject", "Metadata")))
-            return _json(self._out(rt, obj))
+            return _json(None, text=self._encode(rt, obj))
         if method == "PUT":
             body = await self._body(request)
             obj = store.update(rt, ns, name, body, subresource=sub, dry_run=dry_run, strict=strict,
                                warnings=warnings)
-            return _json(self._out(rt, obj), 200, warnings)
+            return _json(None, 200, warnings, text=self._encode(rt, obj))
         if method == "PATCH":
             ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
             patch_type = PATCH_TYPES.get(ctype)
@@ -747,7 +751,7 @@ class APIServer:
             body = await self._body(request)
             obj, created = store.patch(rt, ns, name, patch_type, body, subresource=sub, dry_run=dry_run,
                                        strict=strict, warnings=warnings)
-            return _json(self._out(rt, obj), 201 if created else 200, warnings)
+            return _json(None, 201 if created else 200, warnings, text=self._encode(rt, obj))
         if method == "DELETE":
             warnings = []  # the Job's orphaning default warns whatever the field validation
             options = await self._body(request)
@@ -831,6 +835,35 @@ class APIServer:
     def _out(rt: ResourceType, obj: dict) -> dict:
         return Store.view(rt, obj)
 
+    def _encoded_entry(self, rt: ResourceType, obj: dict) -> tuple[dict, str, dict[str, bytes]]:
+        key = (id(obj), rt.api_version)
+        entry = self._encoded.get(key)
+        if entry is not None and entry[0] is obj:
+            self._encoded.move_to_end(key)
+            return entry
+        entry = (obj, _dumps(self._out(rt, obj)), {})
+        self._encoded[key] = entry  # holds obj: its id is not reused while the entry lives
+        if len(self._encoded) > ENCODED_CACHE:
+            self._encoded.popitem(last=False)
+        return entry
+
+    def _encode(self, rt: ResourceType, obj: dict) -> str:
+        """The JSON of a stored object as version ``rt`` shows it, encoded once for the write's answer, every
+        watcher's event and LISTs (stored objects are never changed in place: a write stores a new dict)."""
+        return self._encoded_entry(rt, obj)[1]
+
+    def _event_line(self, rt: ResourceType, etype: str, obj: dict) -> bytes:
+        """A watch event line, built once per event for all watchers (the bytes ``_dumps`` would give)."""
+        _, text, lines = self._encoded_entry(rt, obj)
+        line = lines.get(etype)
+        if line is None:
+            line = lines[etype] = ('{"type":%s,"object":%s}\n' % (_dumps(etype), text)).encode()
+        return line
+
+    def _list_text(self, rt: ResourceType, items: list[dict], rv: Any) -> str:
+        head = _dumps({"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": {"resourceVersion": str(rv)}})
+        return head[:-1] + ',"items":[' + ",".join(self._encode(rt, o) for o in items) + "]}"
+
     # ------------------------------------------------------------------ tables
 
     def _table(self, rt: ResourceType, items: list[dict], rv: int, include: str) -> dict:
@@ -907,10 +940,10 @@ class APIServer:
         await resp.prepare(request)
 
         def render(etype: str, obj: dict) -> bytes:
-            out = self._out(rt, obj)
             if table and etype in ("ADDED", "MODIFIED", "DELETED"):
                 out = self._table(rt, [obj], int(obj["metadata"]["resourceVersion"]), include)
-            return (_dumps({"type": etype, "object": out}) + "\n").encode()
+                return (_dumps({"type": etype, "object": out}) + "\n").encode()
+            return self._event_line(rt, etype, obj)
 
         try:
             if initial is None:

@@ -38,6 +38,7 @@ class Findings:
     invalid: list[FieldError] = field(default_factory=list)  # validation errors (422)
 
 
+@functools.lru_cache(maxsize=1)
 def _schema_dir() -> str | None:
     try:
         import jsonschema  # noqa: F401
@@ -144,7 +145,9 @@ def _fast_check(kind: str, api_version: str, path: str) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _schema_path(kind: str, api_version: str) -> str | None:
+    """The schema file of a kind (looked up once: the bundled files do not change while we run)."""
     d = _schema_dir()
     if d is None:
         return None
