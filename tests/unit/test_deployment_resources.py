@@ -144,6 +144,9 @@ def test_gpus_shared_memory_and_resources():
     assert containers(pod_of(serving(bm=bm)))["engine"]["resources"]["limits"]["nvidia.com/gpu"] == 4
     with pytest.raises(ValueError, match="tensorParallelSize"):
         pod_of(serving({**SPEC, "engine": {"tensorParallelSize": 8}}))
+    # the CPU engine never uses a GPU: it asks for none of the BaseModel's (they stay free for vLLM replicas)
+    cpu = containers(pod_of(serving(cpu_spec())))["engine"]["resources"]
+    assert not any("gpu" in k for k in {**cpu["requests"], **cpu["limits"]}) and cpu["limits"]["memory"] == "320Gi"
     # the engine's own resources win over the BaseModel's
     own = {**SPEC, "engine": {"tensorParallelSize": 2, "resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu", "memory": "64Gi"}}}
     r = containers(pod_of(serving(own)))["engine"]["resources"]
@@ -305,6 +308,7 @@ def test_engine_command_lines_parse_with_the_servers_own_parsers():
     ns = _parser().parse_args(cpu["args"])
     assert ns.command == "engine" and ns.host == "127.0.0.1" and ns.port == 8000 and ns.model == "/mnt/pvc/llama-weights/model"
     assert ns.served_model_name == "llama" and ns.lora_modules == []  # adapters come at runtime through the sidecar
+    assert ns.threads == 16  # torch threads = the CPU request, not the node's cores
 
 
 def test_sidecar_command_line_parses_with_the_sidecars_own_parser():

@@ -388,8 +388,11 @@ def feedback_store_uri(s: Serving) -> str | None:
 
 
 def effective_resources(s: Serving) -> ComputeResources:
-    """What one replica needs: the engine's resources, else the BaseModel's; vLLM gets >= tensorParallelSize GPUs."""
+    """What one replica needs: the engine's resources, else the BaseModel's; vLLM gets >= tensorParallelSize GPUs,
+    the CPU engine (which never uses a GPU) none of the BaseModel's."""
     res = s.spec.engine.resources or s.base_spec.resources
+    if s.spec.engine.type != "VLLM" and s.spec.engine.resources is None and res.gpus:
+        res = res.model_copy(update={"gpus": 0})
     if s.spec.engine.type == "VLLM":
         tp = s.spec.engine.tensor_parallel_size
         if res.gpus == 0:
@@ -432,6 +435,10 @@ def engine_args(s: Serving, model: ModelLocation) -> list[str]:
                 "--engine-spec", json.dumps(spec, sort_keys=True, separators=(",", ":"))]
     args = ["perennial-server", "engine", "--model", model.path, "--served-model-name", s.served_base_name,
             "--host", "127.0.0.1", "--port", str(ENGINE_PORT), "--max-model-len", str(max_len)]
+    cpu = effective_resources(s).cpu
+    if cpu and re.fullmatch(r"[1-9][0-9]*", cpu) and "--threads" not in engine.extra_args:
+        # torch would start a thread per core of the node, not of the request
+        args += ["--threads", cpu]
     return args + list(engine.extra_args)
 
 
