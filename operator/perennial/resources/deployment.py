@@ -506,8 +506,7 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
     model = model_location(s)
     vols = _Volumes()
     shm = res.shared_memory or settings.shared_memory
-    token = fb.token_secret_ref
-    token_secret, token_key = (token.name, token.key) if token else (token_secret_name(s.name), TOKEN_KEY)
+    token_secret, token_key = feedback_token_ref(s)
     vols.volumes += [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "engine-tmp", "emptyDir": {"sizeLimit": settings.engine_scratch}},
@@ -914,18 +913,29 @@ def routes_config_map(s: Serving, routes: Mapping[str, Sequence[RouteTarget]], l
     }
 
 
+def feedback_token_ref(s: Serving) -> tuple[str, str]:
+    """(Secret, key) the pods mount the feedback token from: `feedback.tokenSecretRef`, else the generated one."""
+    ref = s.spec.feedback.token_secret_ref
+    return (ref.name, ref.key) if ref else (token_secret_name(s.name), TOKEN_KEY)
+
+
 def token_secret(s: Serving, token: str) -> dict[str, Any]:
-    """The generated feedback token (`<name>-feedback-token`, key `token`); the value is the caller's."""
+    """The Secret the pods mount the feedback token from, holding `token` (the caller's value: the generated
+    `<name>-feedback-token`, or in a remote region a copy of the user's `tokenSecretRef` under its name and key).
+    The user's own Secret in the operator's cluster is never the operator's to write."""
     import base64
 
     if len(token) < 16:
         raise ValueError("the feedback token must be at least 16 characters")
+    name, key = feedback_token_ref(s)
+    if s.spec.feedback.token_secret_ref and s.is_owned:
+        raise ValueError(f"Secret {name!r} is the user's (`feedback.tokenSecretRef`): the operator only copies it to other clusters")
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _metadata(s, token_secret_name(s.name)),
-        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        "metadata": _metadata(s, name),
+        "data": {key: base64.b64encode(token.encode()).decode()},
     }
 
 
