@@ -92,41 +92,42 @@ def test_probes_tell_a_loading_model_from_a_dead_one():
     assert 300 <= cpu["periodSeconds"] * cpu["failureThreshold"] < 1800
 
 
-def test_engine_probe_command_really_checks_the_engine(tmp_path):
-    """The probe program itself: exit 0 when /health answers 200 on 127.0.0.1:8000, 1 when nothing listens."""
+def test_engine_probe_command_really_checks_the_engine():
+    """The probe program itself: exit 0 when /health answers 200, 1 when it answers 503 or nothing listens
+    (run against an ephemeral port: the program's `127.0.0.1:8000` rewritten, the rest as built)."""
     import http.server
     import subprocess
     import sys
     import threading
 
     cmd = containers(pod_of(serving()))["engine"]["startupProbe"]["exec"]["command"]
-    assert cmd[0] == "python3"
-    code = cmd[-1]
-
-    def run() -> int:
-        return subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode
+    assert cmd[0] == "python3" and cmd[-1].count("http://127.0.0.1:8000/health") == 1
+    status = {"code": 200}
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
+            self.send_response(status["code"] if self.path == "/health" else 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *a):
             pass
 
-    try:
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", d.ENGINE_PORT), Health)
-    except OSError:
-        pytest.fail("port 8000 is taken on this machine; the probe test needs it free")
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    code = cmd[-1].replace("127.0.0.1:8000", f"127.0.0.1:{srv.server_address[1]}")
+
+    def run() -> int:
+        return subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode
+
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         assert run() == 0
+        status["code"] = 503  # a loading (or broken) engine
+        assert run() == 1
     finally:
         srv.shutdown()
         srv.server_close()
-    assert run() == 1
+    assert run() == 1  # nothing listens
 
 
 def test_gpus_shared_memory_and_resources():
