@@ -32,10 +32,11 @@ Dependency = tuple[str, str, str, str]
 
 
 class Ticker:
-    """Time-triggered reads, spread and capped: each key at most every `min_interval` seconds, all keys
-    together at most `rate` per second (10,000 running trainers do not make 2,000 log reads a second).
-    A key new to the ticker (a new trainer, or every running one after an operator restart) gets its
-    first turn at a random point of one interval, so a restart reads nothing at once."""
+    """Time-triggered reads, spread and capped: each key at most every `min_interval` seconds, and no two
+    reads of all keys together closer than 1/`rate` seconds (10,000 running trainers do not make 2,000 log
+    reads a second). Every turn is a reserved slot: a key new to the ticker (a new trainer, or every running
+    one after an operator restart) gets its first turn at a random point of one interval and no sooner than
+    the next free slot, so neither a restart nor a burst of new runs reads anything at once."""
 
     def __init__(self, min_interval: float, rate: float, clock: Callable[[], float], rng: Callable[[], float] = random.random):
         self.min_interval = min_interval
@@ -43,22 +44,27 @@ class Ticker:
         self._clock = clock
         self._rng = rng
         self._due: dict[Hashable, float] = {}
+        self._last_slot = float("-inf")
 
     def interval(self) -> float:
+        """Seconds between two reads of one key when every key is due (the keys share the rate)."""
         return max(self.min_interval, len(self._due) / self.rate)
+
+    def _reserve(self, earliest: float) -> float:
+        slot = max(earliest, self._last_slot + 1 / self.rate)
+        self._last_slot = max(self._last_slot, slot)
+        return slot
 
     def poll(self, key: Hashable) -> tuple[bool, float]:
         """(read now?, seconds until this key's next turn)."""
         now = self._clock()
         due = self._due.get(key)
         if due is None:
-            delay = self._rng() * self.interval()
-            self._due[key] = now + delay
-            return False, delay
+            due = self._due[key] = self._reserve(now + self._rng() * self.interval())
+            return False, max(0.0, due - now)
         if now + 0.01 >= due:
-            interval = self.interval()
-            self._due[key] = now + interval
-            return True, interval
+            self._due[key] = self._reserve(now + self.min_interval)
+            return True, self._due[key] - now
         return False, due - now
 
     def forget(self, key: Hashable) -> None:
