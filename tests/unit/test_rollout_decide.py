@@ -517,3 +517,261 @@ def test_a_rollout_walks_through_every_step_to_the_old_color_at_zero():
     assert w.stable == "green" and w.colors["blue"].replicas == 0 and w.colors["green"].replicas == 3
     final = decide_region(w.observed(), bg, now=T0 + dt.timedelta(seconds=w.now))
     assert final.status.phase == "Stable" and final.requeue_after is None and final.notes == []
+
+
+# ================================================================================================== adapter rollout
+
+from perennial.api.deployment import AdapterRollout  # noqa: E402
+from perennial.controllers.rollout import (  # noqa: E402
+    AdapterInfo,
+    AdaptersObserved,
+    PodRoutes,
+    decide_adapters,
+    dump_progress,
+    parse_progress,
+    routes_revision,
+)
+
+V1 = AdapterInfo("fruit-v1", "s3://b/fruit-v1", 8, "qwen")
+V2 = AdapterInfo("fruit-v2", "s3://b/fruit-v2", 8, "qwen")
+V3 = AdapterInfo("fruit-v3", "s3://b/fruit-v3", 8, "qwen")
+OTHER = AdapterInfo("veg-v1", "s3://b/veg-v1", 8, "qwen")
+INFOS = {a.name: a for a in (V1, V2, V3, OTHER)}
+
+
+def doc(routes: dict, loaded: list[str] | None = None) -> dict:
+    """A routes document: routes {served: [(adapter, weight)]}; loaded adapters default to the routed ones."""
+    r = {s: [{"adapter": a, "weight": w} for a, w in entries] for s, entries in routes.items()}
+    names = loaded if loaded is not None else sorted({e["adapter"] for es in r.values() for e in es})
+    adapters = {n: {"uri": INFOS[n].uri, "rank": INFOS[n].rank} for n in names}
+    return {"revision": routes_revision(adapters, r), "base": {"name": "qwen"}, "adapters": adapters, "routes": r}
+
+
+def pods(d: dict | None, n: int = 2, *, ready: bool = True, behind: int = 0, errors: dict | None = None):
+    rev = d["revision"] if d else None
+    return tuple(PodRoutes(f"p{i}", ready, "old" if i < behind else rev, errors or {}) for i in range(n))
+
+
+def aobs(routes, desired, *, progress=None, pod_list=None, max_loras=4, max_rank=64, base="qwen", smoke=None):
+    return AdaptersObserved(routes=routes, progress=progress or {}, pods=pods(routes) if pod_list is None else pod_list,
+                            desired=desired, base_name="qwen", base_model=base, max_loras=max_loras, max_lora_rank=max_rank,
+                            smoke_result=smoke)
+
+
+def arun(o, bg=None, ar=None, now=0, paused=False, promote=None):
+    return decide_adapters(o, BlueGreen(**(bg or {})), AdapterRollout(**(ar or {})), paused=paused, promote=promote,
+                           now=T0 + dt.timedelta(seconds=now))
+
+
+STABLE = doc({"fruit": [("fruit-v1", 100)]})
+PREVIEW = doc({"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v2", 100)]})
+STARTED_P = {"fruit": {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0), "step": -1}}
+PASSED_P = {"fruit": {**STARTED_P["fruit"], "smoke": "passed"}}
+SWITCHED = doc({"fruit": [("fruit-v2", 100)]}, loaded=["fruit-v1", "fruit-v2"])
+SWITCHED_P = {"fruit": {"adapter": "fruit-v2", "from": "fruit-v1", "switchedAt": t(100)}}
+CANARY10 = doc({"fruit": [("fruit-v1", 90), ("fruit-v2", 10)], "fruit-preview": [("fruit-v2", 100)]})
+
+# id, observed, BlueGreen, AdapterRollout, now, paused, promote, expectations:
+# routes {served: [(adapter, weight)]}, loaded (adapters in the document), progress (per served name, a subset),
+# notes, smoke (preview names asked), phase, conditions, pending, requeue, same (document unchanged, byte for byte)
+AROWS = [
+    ("a new served name is served at once", aobs(None, {"fruit": V1}), None, None, 0, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["AdapterServed"], progress={})),
+    ("stable: nothing to do, the document is kept as is", aobs(STABLE, {"fruit": V1}), None, None, 0, False, None,
+     dict(same=True, notes=[], smoke=None, phase="Stable", requeue=None,
+          conditions={"Progressing": ("False", "RolloutComplete"), "Degraded": ("False", "AsExpected")})),
+    ("adapter changed -> the new one is loaded next to the old under <served>-preview, no traffic moves",
+     aobs(STABLE, {"fruit": V2}), None, None, 0, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v2", 100)]}, loaded=["fruit-v1", "fruit-v2"],
+          notes=["PreviewCreated"], progress={"fruit": {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0)}},
+          phase="Progressing", requeue=1800)),
+    ("not every ready pod applied the routes -> wait",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 3, behind=1)), None, None, 30, False, None,
+     dict(same=True, notes=[], smoke=None, phase="Progressing", requeue=1770)),
+    ("an unready pod does not hold the rollout up",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2) + (PodRoutes("p9", False, "old"),)), None, None, 30, False, None,
+     dict(smoke=("fruit-preview",))),
+    ("every ready pod applied -> smoke-test the preview name",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P), None, None, 30, False, None,
+     dict(same=True, smoke=("fruit-preview",), notes=["PreviewReady"], requeue=60, phase="Progressing")),
+    ("smoke passed -> the name moves, the old adapter stays loaded for the delay",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, smoke=SmokeResult(PREVIEW["revision"], True)), None, None, 100, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, loaded=["fruit-v1", "fruit-v2"], notes=["SmokeTestPassed", "Switched"],
+          progress={"fruit": {"adapter": "fruit-v2", "from": "fruit-v1", "switchedAt": t(100)}}, requeue=300)),
+    ("smoke failed -> aborted: preview and new adapter removed, the name untouched",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, smoke=SmokeResult(PREVIEW["revision"], False, "no 'yellow'")), None, None, 100, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["SmokeTestFailed", "Aborted"],
+          progress={"fruit": {"aborted": "fruit-v2"}}, phase="Aborted", conditions={"Degraded": ("True", "RolloutAborted")})),
+    ("an aborted adapter is not retried while the spec asks for it",
+     aobs(STABLE, {"fruit": V2}, progress={"fruit": {"aborted": "fruit-v2", "abortReason": "SmokeTestFailed: x"}}), None, None, 500, False, None,
+     dict(same=True, notes=[], phase="Aborted", conditions={"Degraded": ("True", "RolloutAborted")})),
+    ("the spec moves on to another adapter -> a fresh rollout",
+     aobs(STABLE, {"fruit": V3}, progress={"fruit": {"aborted": "fruit-v2"}}), None, None, 500, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v3", 100)]}, notes=["PreviewCreated"],
+          progress={"fruit": {"adapter": "fruit-v3"}})),
+    ("a pod failed to load the adapter -> aborted",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2, errors={"fruit-v2": "rank mismatch"})), None, None, 30, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["Aborted"], conditions={"Degraded": ("True", "RolloutAborted")})),
+    ("deadline exceeded while the pods did not apply -> aborted",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2, behind=1)), None, None, 1800, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, notes=["Aborted"])),
+    ("autoPromote false -> waits for the annotation naming the adapter",
+     aobs(PREVIEW, {"fruit": V2}, progress=PASSED_P), {"autoPromote": False}, None, 100, False, "fruit-v1",
+     dict(same=True, notes=[], pending="fruit-v2", phase="Paused", conditions={"Progressing": ("Unknown", "WaitingForPromotion")})),
+    ("promotion annotation names the adapter -> moves",
+     aobs(PREVIEW, {"fruit": V2}, progress=PASSED_P), {"autoPromote": False}, None, 100, False, "fruit-v2",
+     dict(routes={"fruit": [("fruit-v2", 100)]}, notes=["Switched"])),
+    ("canary: first step sends 10%",
+     aobs(PREVIEW, {"fruit": V2}, progress=PASSED_P), None, {"canarySteps": [{"weight": 50, "pauseSeconds": 120}, {"weight": 10, "pauseSeconds": 60}]},
+     100, False, None,
+     dict(routes={"fruit": [("fruit-v1", 90), ("fruit-v2", 10)], "fruit-preview": [("fruit-v2", 100)]}, notes=["CanaryStep"],
+          progress={"fruit": {"step": 0, "stepAt": t(100)}}, requeue=60, served=[("fruit", "fruit-v1", "fruit-v2", 10)])),
+    ("canary: the pause is not over -> stay",
+     aobs(CANARY10, {"fruit": V2}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(100)}}), None,
+     {"canarySteps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 120}]}, 130, False, None,
+     dict(same=True, notes=[], requeue=30)),
+    ("canary: the pause is over -> next weight",
+     aobs(CANARY10, {"fruit": V2}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(100)}}), None,
+     {"canarySteps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 120}]}, 160, False, None,
+     dict(routes={"fruit": [("fruit-v1", 50), ("fruit-v2", 50)], "fruit-preview": [("fruit-v2", 100)]}, notes=["CanaryStep"])),
+    ("canary: the last pause is over -> the name moves entirely",
+     aobs(CANARY10, {"fruit": V2}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(100)}}), None,
+     {"canarySteps": [{"weight": 10, "pauseSeconds": 60}]}, 160, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, notes=["Switched"])),
+    ("canary: the pods did not apply the last step yet -> no next step",
+     aobs(CANARY10, {"fruit": V2}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(100)}}, pod_list=pods(CANARY10, 2, behind=1)),
+     None, {"canarySteps": [{"weight": 10, "pauseSeconds": 60}]}, 160, False, None, dict(same=True, notes=[])),
+    ("spec reverted mid-canary -> all traffic back on the old adapter, the new one unloaded",
+     aobs(CANARY10, {"fruit": V1}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(100)}}), None,
+     {"canarySteps": [{"weight": 10, "pauseSeconds": 60}]}, 130, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["PreviewAbandoned"], progress={})),
+    ("old adapter kept loaded until the unload delay",
+     aobs(SWITCHED, {"fruit": V2}, progress=SWITCHED_P), None, None, 200, False, None,
+     dict(same=True, notes=[], requeue=200, phase="ScalingDown")),
+    ("unload delay over -> the old adapter is unloaded",
+     aobs(SWITCHED, {"fruit": V2}, progress=SWITCHED_P), None, {"unloadDelaySeconds": 60}, 160, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, loaded=["fruit-v2"], notes=["AdapterUnloaded"], progress={}, phase="Stable")),
+    ("unloadDelaySeconds 0 -> moved and unloaded in one step",
+     aobs(PREVIEW, {"fruit": V2}, progress=PASSED_P), None, {"unloadDelaySeconds": 0}, 100, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, loaded=["fruit-v2"], notes=["Switched", "AdapterUnloaded"])),
+    ("smoke test disabled -> moves once every pod applied",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P), {"smokeTest": {"enabled": False}}, None, 30, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, notes=["Switched"], smoke=None)),
+    ("rank above maxLoraRank -> refused before loading, with a clear reason",
+     aobs(STABLE, {"fruit": AdapterInfo("fruit-v2", "s3://b/fruit-v2", 128, "qwen")}), None, None, 0, False, None,
+     dict(same=True, notes=[], conditions={"Degraded": ("True", "AdapterRankTooHigh")}, phase="Degraded", message="rank 128 > engine.maxLoraRank 64")),
+    ("adapter of another base model -> refused",
+     aobs(STABLE, {"fruit": AdapterInfo("fruit-v2", "s3://b/x", 8, "llama")}), None, None, 0, False, None,
+     dict(same=True, conditions={"Degraded": ("True", "BaseModelMismatch")})),
+    ("more adapters than maxLoras -> refused",
+     aobs(STABLE, {"fruit": V1, "veg": OTHER}, max_loras=1), None, None, 0, False, None,
+     dict(same=True, notes=[], conditions={"Degraded": ("True", "TooManyAdapters")})),
+    ("a served name removed from the spec stops at once and its adapter is unloaded",
+     aobs(doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V1}), None, None, 0, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["AdapterRemoved"])),
+    ("paused -> no adapter rollout starts",
+     aobs(STABLE, {"fruit": V2}), None, None, 0, True, None,
+     dict(same=True, notes=[], phase="Paused", conditions={"Progressing": ("Unknown", "RolloutPaused")})),
+    ("no pod runs (scaled to zero) -> the name points to the new adapter at once",
+     aobs(STABLE, {"fruit": V2}, pod_list=()), None, None, 0, False, None,
+     dict(routes={"fruit": [("fruit-v2", 100)]}, loaded=["fruit-v2"], notes=["AdapterServed"])),
+    ("one free adapter slot -> the second change waits for the first",
+     aobs(doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V2, "veg": V3}, max_loras=3), None, None, 0, False, None,
+     dict(routes={"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v2", 100)], "veg": [("veg-v1", 100)]},
+          notes=["PreviewCreated"], message="waiting for a free adapter slot")),
+    ("two names can roll out side by side when the slots allow",
+     aobs(doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V2, "veg": V3}, max_loras=4), None, None, 0, False, None,
+     dict(notes=["PreviewCreated", "PreviewCreated"], loaded=["fruit-v1", "fruit-v2", "fruit-v3", "veg-v1"])),
+]
+
+
+def _routes_of(d):
+    return {s: [(e["adapter"], e["weight"]) for e in es] for s, es in d.routes["routes"].items()}
+
+
+@pytest.mark.parametrize("row", AROWS, ids=[r[0] for r in AROWS])
+def test_decide_adapters(row):
+    _, o, bg, ar, now, paused, promote, exp = row
+    d = arun(o, bg, ar, now, paused, promote)
+    if exp.get("same"):
+        assert d.routes == dict(o.routes)
+    if "routes" in exp:
+        assert _routes_of(d) == exp["routes"]
+    if "loaded" in exp:
+        assert sorted(d.routes["adapters"]) == exp["loaded"]
+    if "notes" in exp:
+        assert [n.reason for n in d.notes] == exp["notes"], d.notes
+    if "smoke" in exp:
+        assert (d.smoke.model_names if d.smoke else None) == exp["smoke"]
+        if d.smoke:
+            assert d.smoke.revision == o.routes["revision"]
+    if "phase" in exp:
+        assert d.phase == exp["phase"], d.message
+    if "progress" in exp:
+        if exp["progress"] == {}:
+            assert d.progress == {}
+        for s, sub in exp["progress"].items():
+            assert {k: d.progress[s].get(k) for k in sub} == sub, d.progress
+    conds = {c.type: (c.status, c.reason) for c in d.conditions}
+    assert set(conds) == {"Progressing", "Degraded"}
+    for ctype, want in exp.get("conditions", {}).items():
+        assert conds[ctype] == want, (conds, d.message)
+    if "pending" in exp:
+        assert d.pending_promotion == exp["pending"]
+    if "requeue" in exp:
+        assert d.requeue_after == (None if exp["requeue"] is None else pytest.approx(exp["requeue"]))
+    if "served" in exp:
+        assert [(r.name, r.adapter, r.canary_adapter, r.canary_weight) for r in d.served] == exp["served"]
+    if "message" in exp:
+        assert exp["message"] in d.message
+    _adapter_invariants(o, d)
+
+
+def _adapter_invariants(o, d) -> None:
+    doc_ = d.routes
+    # the revision is the document's own
+    assert doc_["revision"] == routes_revision(doc_["adapters"], doc_["routes"])
+    for s, entries in doc_["routes"].items():
+        # every route points to a loaded adapter, weights add up to 100
+        assert all(e["adapter"] in doc_["adapters"] for e in entries), (s, entries)
+        assert sum(e["weight"] for e in entries) == 100
+    # a served name that was served keeps being served (never dropped by a rollout) while the spec has it
+    for s in (o.routes or {}).get("routes", {}):
+        if s in o.desired:
+            assert s in doc_["routes"]
+    # the progress annotation round-trips
+    assert parse_progress(dump_progress(d.progress)) == d.progress
+
+
+def test_parse_progress_ignores_garbage():
+    assert parse_progress(None) == {} and parse_progress("not json") == {} and parse_progress("[1]") == {}
+    assert parse_progress('{"fruit": {"adapter": "a"}, "x": 3}') == {"fruit": {"adapter": "a"}}
+
+
+def test_routes_revision_is_canonical():
+    a = {"x": {"uri": "u", "rank": 8}}
+    r = {"s": [{"adapter": "x", "weight": 100}]}
+    assert routes_revision(a, r) == routes_revision(dict(reversed(list(a.items()))), r)
+    assert routes_revision(a, r) != routes_revision(a, {"s-preview": r["s"], **r})
+    assert len(routes_revision(a, r)) == 10
+
+
+def test_an_adapter_change_walks_through_every_step_without_new_pods():
+    """load next to the old -> pods apply -> smoke -> canary -> move -> delay -> unload; the served name always answers."""
+    o = aobs(STABLE, {"fruit": V2})
+    ar = AdapterRollout(canarySteps=[{"weight": 25, "pauseSeconds": 30}])
+    bg = BlueGreen(scaleDownDelaySeconds=60)
+    routes, progress, reasons = STABLE, {}, []
+    for step in range(30):
+        now = T0 + dt.timedelta(seconds=10 * step)
+        obs = replace(o, routes=routes, progress=progress, pods=pods(routes))  # the sidecars apply each document at once
+        d = decide_adapters(obs, bg, ar, now=now)
+        if d.smoke:
+            reasons += [n.reason for n in d.notes]
+            d = decide_adapters(replace(obs, smoke_result=SmokeResult(d.smoke.revision, True)), bg, ar, now=now)
+        _adapter_invariants(obs, d)
+        assert "fruit" in d.routes["routes"]
+        reasons += [n.reason for n in d.notes]
+        routes, progress = d.routes, d.progress
+    assert reasons == ["PreviewCreated", "PreviewReady", "SmokeTestPassed", "CanaryStep", "Switched", "AdapterUnloaded"]
+    assert _routes_of(d) == {"fruit": [("fruit-v2", 100)]} and list(d.routes["adapters"]) == ["fruit-v2"] and d.progress == {}

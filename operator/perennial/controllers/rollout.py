@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -49,7 +48,6 @@ from typing import Any, Literal
 from ..api.deployment import (
     ABORT_REASON_ANNOTATION,
     ABORTED_REVISION_ANNOTATION,
-    ADAPTER_ROLLOUTS_ANNOTATION,
     CONDITION_DEGRADED,
     CONDITION_PROGRESSING,
     CONDITION_READY,
@@ -811,4 +809,361 @@ def _finish(p: _Plan) -> RegionDecision:
         conditions=[conds[t] for t in (CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED)],
         notes=list(p.notes),
         requeue_after=p.requeue,
+    )
+
+
+# ==================================================================================================== adapter rollout
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An Adapter object a served name should point to."""
+
+    name: str  # the Adapter object's name (the `lora_name` loaded into the engine)
+    uri: str
+    rank: int
+    base_model: str  # its spec.baseModelRef.name
+
+
+@dataclass(frozen=True)
+class PodRoutes:
+    """What one serving pod's sidecar reports at `GET /perennial/routes`."""
+
+    name: str
+    ready: bool
+    revision: str | None
+    errors: Mapping[str, str] = field(default_factory=dict)  # adapter -> error
+
+
+@dataclass(frozen=True)
+class AdaptersObserved:
+    """What the controller observed of one region's adapter routes."""
+
+    #: The routes document in the ConfigMap (`routes.json`), None when it does not exist yet.
+    routes: Mapping[str, Any] | None
+    #: The `perennial.ai/adapter-rollouts` annotation of the ConfigMap, parsed (see `parse_progress`).
+    progress: Mapping[str, Mapping[str, Any]]
+    #: The active color's pods.
+    pods: tuple[PodRoutes, ...]
+    #: Served name -> the Adapter it should point to (from the spec: pinned, or the family's latest promoted).
+    desired: Mapping[str, AdapterInfo]
+    base_name: str  # the served base model name
+    base_model: str  # the BaseModel object served
+    max_loras: int
+    max_lora_rank: int
+    smoke_result: SmokeResult | None = None  # `revision` is the routes revision the smoke test ran against
+
+
+@dataclass(frozen=True)
+class ServedRoute:
+    """Status of one served name (maps onto `ServedAdapterStatus`)."""
+
+    name: str
+    adapter: str
+    canary_adapter: str | None = None
+    canary_weight: int | None = None
+
+
+@dataclass
+class AdapterDecision:
+    #: The whole desired routes document (what the ConfigMap's `routes.json` must hold), with its revision.
+    routes: dict[str, Any]
+    #: The desired `perennial.ai/adapter-rollouts` annotation (`dump_progress`); {} when nothing is under way.
+    progress: dict[str, dict[str, Any]]
+    #: Smoke-test these preview names through the stable Service now (`revision`: the routes revision).
+    smoke: SmokeRequest | None
+    served: list[ServedRoute]
+    phase: Phase
+    message: str
+    conditions: list[ConditionPart]
+    notes: list[Note]
+    requeue_after: float | None
+    pending_promotion: str | None = None
+
+
+def routes_revision(adapters: Mapping[str, Any], routes: Mapping[str, Any]) -> str:
+    """First 10 hex chars of sha256 over the canonical JSON of a routes document's adapters and routes."""
+    canonical = json.dumps({"adapters": adapters, "routes": routes}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def parse_progress(value: str | None) -> dict[str, dict[str, Any]]:
+    """The adapter-rollouts annotation; {} when absent or unreadable (then rollouts restart from their first step)."""
+    if not value:
+        return {}
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: dict(v) for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def dump_progress(progress: Mapping[str, Mapping[str, Any]]) -> str:
+    return json.dumps(progress, sort_keys=True, separators=(",", ":"))
+
+
+def fit_problem(info: AdapterInfo, base_model: str, max_lora_rank: int) -> tuple[str, str] | None:
+    """(reason, message) when an adapter cannot be served by this engine, else None."""
+    if info.base_model != base_model:
+        return "BaseModelMismatch", f"Adapter {info.name} was trained on {info.base_model}, this Deployment serves {base_model}"
+    if info.rank > max_lora_rank:
+        return "AdapterRankTooHigh", f"Adapter {info.name} has LoRA rank {info.rank} > engine.maxLoraRank {max_lora_rank}"
+    return None
+
+
+def _primary(entries: list[Mapping[str, Any]] | None) -> str | None:
+    if not entries:
+        return None
+    return max(entries, key=lambda e: (int(e.get("weight", 0)), str(e.get("adapter"))))["adapter"]
+
+
+def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollout, *, paused: bool = False,
+                    promote: str | None = None, now: _dt.datetime) -> AdapterDecision:
+    """Decide one region's next step of the adapter rollouts (served name -> Adapter) in the running pods.
+
+    Per served name whose Adapter changes: load the new adapter next to the old one under `<served>-preview`,
+    wait until every ready pod applied that routes revision, smoke-test the preview name, wait for a promotion
+    (`autoPromote: false`: the annotation names the new Adapter), take the canary steps (weights, pauses), move
+    the name, unload the old adapter after the delay. A load error, a failed smoke test or an exceeded deadline
+    aborts (the name keeps its adapter; not retried while the spec asks for that adapter). Adapters that do not
+    fit the engine are refused with a condition, before anything is loaded.
+    """
+    current = obs.routes or {}
+    cur_adapters: dict[str, Any] = {k: dict(v) for k, v in (current.get("adapters") or {}).items()}
+    cur_routes: dict[str, list[dict[str, Any]]] = {k: [dict(e) for e in v] for k, v in (current.get("routes") or {}).items()}
+    adapters = {k: dict(v) for k, v in cur_adapters.items()}
+    routes = {k: [dict(e) for e in v] for k, v in cur_routes.items()}
+    progress: dict[str, dict[str, Any]] = {k: dict(v) for k, v in obs.progress.items()}
+    notes: list[Note] = []
+    requeue: list[float] = []
+    problems: list[tuple[str, str]] = []  # (reason, message) of refused or aborted rollouts
+    waiting: list[str] = []
+    waiting_names: set[str] = set()
+    messages: list[str] = []
+    smoke_names: list[str] = []
+    pending: str | None = None
+    stamp = rfc3339(now)
+    unload_delay = rollout.unload_delay_seconds if rollout.unload_delay_seconds is not None else bg.scale_down_delay_seconds
+    steps = sorted(rollout.canary_steps, key=lambda s: s.weight)
+
+    ready_pods = [p for p in obs.pods if p.ready]
+    applied = bool(ready_pods) and obs.routes is not None and all(p.revision == current.get("revision") for p in ready_pods)
+    load_errors = {a: e for p in ready_pods for a, e in p.errors.items()}
+
+    # Refuse what cannot fit before touching anything.
+    distinct_desired = {info.name for info in obs.desired.values()}
+    if len(distinct_desired) > obs.max_loras:
+        problems.append(("TooManyAdapters", f"{len(distinct_desired)} adapters are to be served, engine.maxLoras is {obs.max_loras}"))
+    refused = {s: fit_problem(info, obs.base_model, obs.max_lora_rank) for s, info in obs.desired.items()}
+    for s, problem in sorted(refused.items()):
+        if problem:
+            problems.append((problem[0], f"{s}: {problem[1]}"))
+    too_many = len(distinct_desired) > obs.max_loras
+
+    def referenced(adapter: str) -> bool:
+        return any(e["adapter"] == adapter for entries in routes.values() for e in entries) or any(
+            adapter in (pr.get("from"), pr.get("adapter")) for pr in progress.values() if not pr.get("aborted"))
+
+    def drop_unreferenced() -> None:
+        for a in list(adapters):
+            if not referenced(a):
+                del adapters[a]
+
+    def abort(s: str, new: str, reason: str, message: str) -> None:
+        routes.pop(s + PREVIEW_SUFFIX, None)
+        old = progress.get(s, {}).get("from")
+        if old and s in routes:
+            routes[s] = [{"adapter": old, "weight": 100}]
+        progress[s] = {"aborted": new, "abortReason": f"{reason}: {message}"[:_MAX_MESSAGE]}
+        notes.append(Note("Aborted", f"Aborted moving {s} to adapter {new}: {reason}: {message}"[:_MAX_MESSAGE], True))
+        problems.append(("RolloutAborted", f"{s}: moving to adapter {new} aborted ({reason}: {message})"))
+
+    # Served names no longer in the spec go at once (no client may rely on a name the spec removed).
+    for s in sorted({k for k in routes if not k.endswith(PREVIEW_SUFFIX)} - set(obs.desired)):
+        if s + PREVIEW_SUFFIX in obs.desired:
+            continue
+        routes.pop(s, None)
+        routes.pop(s + PREVIEW_SUFFIX, None)
+        progress.pop(s, None)
+        notes.append(Note("AdapterRemoved", f"Stopped serving {s}"))
+    for k in [k for k in routes if k.endswith(PREVIEW_SUFFIX) and k[: -len(PREVIEW_SUFFIX)] not in obs.desired]:
+        del routes[k]
+
+    in_flight = sum(1 for s, pr in progress.items() if pr.get("adapter") and not pr.get("switchedAt") and s in obs.desired)
+
+    for s in sorted(obs.desired):
+        info = obs.desired[s]
+        want = info.name
+        entries = routes.get(s)
+        pr = progress.get(s, {})
+        primary = pr.get("from") if pr.get("adapter") and not pr.get("switchedAt") and pr.get("from") else _primary(entries)
+
+        if refused[s] or too_many:
+            continue  # reported above; the name keeps what it serves
+        if not entries or (not obs.pods and primary != want and not paused):
+            # A new served name, or no pod runs (scaled to zero): no traffic to protect, serve it at once.
+            adapters[want] = {"uri": info.uri, "rank": info.rank}
+            routes[s] = [{"adapter": want, "weight": 100}]
+            routes.pop(s + PREVIEW_SUFFIX, None)
+            progress.pop(s, None)
+            notes.append(Note("AdapterServed", f"Serving {s} with adapter {want}"))
+            continue
+        if primary == want:
+            # Stable. Cancel a preview (or canary) of something else; unload the old adapter after the delay.
+            if pr.get("adapter") and pr.get("adapter") != want and not pr.get("switchedAt"):
+                routes[s] = [{"adapter": want, "weight": 100}]
+                routes.pop(s + PREVIEW_SUFFIX, None)
+                progress.pop(s, None)
+                notes.append(Note("PreviewAbandoned", f"{s} stays on adapter {want}: the spec no longer asks for {pr.get('adapter')}"))
+            elif pr.get("switchedAt") and pr.get("from"):
+                due = (parse_time(pr["switchedAt"]) or now) + _dt.timedelta(seconds=unload_delay)
+                if now >= due:
+                    progress.pop(s, None)
+                    notes.append(Note("AdapterUnloaded", f"Unloaded adapter {pr['from']} (replaced by {want} under {s})"))
+                else:
+                    requeue.append(_seconds(due - now))
+                    messages.append(f"{s}: adapter {pr['from']} stays loaded until {rfc3339(due)} for rollback")
+            elif pr.get("aborted") and pr.get("aborted") != want:
+                pass  # an abort of another adapter: kept as a record until the spec asks for something else
+            continue
+        # The name should move to `want`.
+        if pr.get("aborted") == want:
+            problems.append(("RolloutAborted", f"{s}: moving to adapter {want} was aborted ({pr.get('abortReason', '')}); "
+                                               "change the spec to another adapter to retry"))
+            continue
+        if paused:
+            waiting.append(f"{s}: moving to adapter {want} is paused (spec.paused)")
+            waiting_names.add(s)
+            continue
+        if pr.get("adapter") != want or pr.get("switchedAt"):
+            # Start (or restart): the name keeps its primary adapter at full weight, the new one loads as a preview.
+            if len(set(adapters) | {want}) > obs.max_loras and in_flight > 0:
+                waiting.append(f"{s}: waiting for a free adapter slot (engine.maxLoras {obs.max_loras})")
+                waiting_names.add(s)
+                continue
+            routes[s] = [{"adapter": primary, "weight": 100}]
+            adapters[want] = {"uri": info.uri, "rank": info.rank}
+            routes[s + PREVIEW_SUFFIX] = [{"adapter": want, "weight": 100}]
+            progress[s] = {"adapter": want, "from": primary, "startedAt": stamp, "step": -1}
+            in_flight += 1
+            notes.append(Note("PreviewCreated", f"Loading adapter {want} next to {primary} under {s}{PREVIEW_SUFFIX}"))
+            requeue.append(bg.progress_deadline_seconds)
+            messages.append(f"{s}: loading adapter {want} under {s}{PREVIEW_SUFFIX}")
+            continue
+        # In progress.
+        if want in load_errors:
+            abort(s, want, "AdapterLoadFailed", load_errors[want])
+            continue
+        started = parse_time(pr.get("startedAt")) or now
+        deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
+        if not applied:
+            if now >= deadline:
+                abort(s, want, "ProgressDeadlineExceeded", f"not every ready pod applied the routes within {bg.progress_deadline_seconds}s")
+            else:
+                requeue.append(_seconds(deadline - now))
+                done = sum(1 for p in ready_pods if p.revision == current.get("revision"))
+                messages.append(f"{s}: {done}/{len(ready_pods)} ready pods loaded adapter {want}")
+            continue
+        smoke = pr.get("smoke")
+        if smoke is None and not bg.smoke_test.enabled:
+            smoke = "passed"
+        if smoke is None and obs.smoke_result is not None and obs.smoke_result.revision == current.get("revision"):
+            r = obs.smoke_result
+            smoke = "passed" if r.passed else f"failed:{r.message}"[:_MAX_MESSAGE]
+            pr = progress[s] = {**pr, "smoke": smoke}
+            notes.append(Note("SmokeTestPassed" if r.passed else "SmokeTestFailed",
+                              f"Smoke test of {s}{PREVIEW_SUFFIX} (adapter {want}) {'passed' if r.passed else 'failed: ' + r.message}"[:_MAX_MESSAGE],
+                              not r.passed))
+        if smoke is None:
+            smoke_names.append(s + PREVIEW_SUFFIX)
+            messages.append(f"{s}: smoke-testing adapter {want} under {s}{PREVIEW_SUFFIX}")
+            continue
+        if smoke.startswith("failed"):
+            abort(s, want, "SmokeTestFailed", smoke.partition(":")[2])
+            continue
+        if not (bg.auto_promote or promote == want):
+            pending = pending or want
+            waiting_names.add(s)
+            waiting.append(f"{s}: adapter {want} passed its checks and waits for a promotion "
+                           f"(kubectl annotate pdeploy <name> perennial.ai/promote={want} --overwrite)")
+            continue
+        k = int(pr.get("step", -1))
+        if k >= 0:
+            due = (parse_time(pr.get("stepAt")) or now) + _dt.timedelta(seconds=steps[k].pause_seconds if k < len(steps) else 0)
+            if now < due:
+                requeue.append(_seconds(due - now))
+                messages.append(f"{s}: canary at {steps[k].weight}% to adapter {want} until {rfc3339(due)}")
+                continue
+        if k + 1 < len(steps):
+            w = steps[k + 1].weight
+            routes[s] = [{"adapter": primary, "weight": 100 - w}, {"adapter": want, "weight": w}]
+            progress[s] = {**pr, "step": k + 1, "stepAt": stamp}
+            notes.append(Note("CanaryStep", f"Sending {w}% of {s} to adapter {want}"))
+            requeue.append(max(1, steps[k + 1].pause_seconds))
+            messages.append(f"{s}: canary at {w}% to adapter {want}")
+            continue
+        routes[s] = [{"adapter": want, "weight": 100}]
+        routes.pop(s + PREVIEW_SUFFIX, None)
+        progress[s] = {"adapter": want, "from": primary, "switchedAt": stamp}
+        notes.append(Note("Switched", f"{s} now serves adapter {want}; {primary} stays loaded {unload_delay}s for rollback"))
+        if unload_delay > 0:
+            requeue.append(unload_delay)
+        else:
+            progress.pop(s, None)
+            notes.append(Note("AdapterUnloaded", f"Unloaded adapter {primary} (replaced by {want} under {s})"))
+        messages.append(f"{s}: moved to adapter {want}")
+
+    drop_unreferenced()
+    doc: dict[str, Any] = {"base": {"name": obs.base_name}, "adapters": adapters, "routes": routes}
+    doc = {"revision": routes_revision(adapters, routes), **doc}
+    if current.get("revision") == doc["revision"] and current.get("base") == doc["base"]:
+        doc = dict(current)  # unchanged: keep the document byte for byte
+
+    served = []
+    for s in sorted(routes):
+        if s.endswith(PREVIEW_SUFFIX):
+            continue
+        entries = sorted(routes[s], key=lambda e: -int(e.get("weight", 0)))
+        main = entries[0]["adapter"]
+        canary = entries[1] if len(entries) > 1 else None
+        served.append(ServedRoute(s, main, canary["adapter"] if canary else None, int(canary["weight"]) if canary else None))
+
+    smoke_req = None
+    if smoke_names and doc.get("revision") == current.get("revision"):
+        smoke_req = SmokeRequest(revision=str(current.get("revision")), model_names=tuple(smoke_names), timeout_seconds=bg.smoke_test.timeout_seconds)
+        notes.append(Note("PreviewReady", f"Every ready pod loaded {', '.join(smoke_names)}; running the smoke test"))
+        requeue.append(bg.smoke_test.timeout_seconds)
+    elif smoke_names:
+        messages.append("waiting for the pods to apply the routes before the smoke test")
+
+    moving = any(pr.get("adapter") and not pr.get("switchedAt") and s not in waiting_names for s, pr in progress.items())
+    conditions = []
+    if problems:
+        reason, _ = problems[0]
+        message = "; ".join(m for _, m in problems)
+        conditions.append(ConditionPart(CONDITION_DEGRADED, "True", reason, message[:_MAX_MESSAGE]))
+    else:
+        conditions.append(ConditionPart(CONDITION_DEGRADED, "False", "AsExpected", ""))
+    if waiting and not moving:
+        phase: Phase = "Paused"
+        conditions.append(ConditionPart(CONDITION_PROGRESSING, "Unknown", "WaitingForPromotion" if pending else "RolloutPaused",
+                                        "; ".join(waiting)[:_MAX_MESSAGE]))
+    elif moving or smoke_req or any(n.reason in ("Switched", "CanaryStep", "PreviewCreated") for n in notes):
+        phase = "Progressing"
+        conditions.append(ConditionPart(CONDITION_PROGRESSING, "True", "AdapterRollout", "; ".join(messages + waiting)[:_MAX_MESSAGE]))
+    elif any(pr.get("switchedAt") for pr in progress.values()):
+        phase = "ScalingDown"
+        conditions.append(ConditionPart(CONDITION_PROGRESSING, "True", "UnloadDelay", "; ".join(messages)[:_MAX_MESSAGE]))
+    else:
+        phase = "Stable"
+        conditions.append(ConditionPart(CONDITION_PROGRESSING, "False", "RolloutComplete", ""))
+    if problems and phase == "Stable":
+        phase = "Aborted" if any(r == "RolloutAborted" for r, _ in problems) else "Degraded"
+    message = "; ".join([m for _, m in problems] + messages + waiting) or "Every served name is on its adapter"
+    return AdapterDecision(
+        routes=doc, progress=progress, smoke=smoke_req, served=served, phase=phase, message=message[:_MAX_MESSAGE],
+        conditions=conditions, notes=[replace(n, message=n.message[:_MAX_MESSAGE]) for n in notes],
+        requeue_after=max(1.0, min(requeue)) if requeue else None, pending_promotion=pending,
     )
