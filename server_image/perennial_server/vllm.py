@@ -77,6 +77,10 @@ def build_vllm_command(
         cmd += ["--enable-lora", "--max-loras", str(engine.max_loras), "--max-lora-rank", str(lora_rank(engine.max_lora_rank))]
         if engine.max_cpu_loras is not None:
             cmd += ["--max-cpu-loras", str(max(engine.max_cpu_loras, engine.max_loras))]
+        elif runtime_lora:
+            # adapters loaded at runtime (the sidecar's routes): during a switch the old and the new
+            # version of each adapter are both loaded; keep room for both in the CPU cache
+            cmd += ["--max-cpu-loras", str(2 * engine.max_loras)]
         if adapters:
             cmd += ["--lora-modules", *[f"{n}={p}" for n, p in adapters]]
     mml = engine.max_model_len or max_model_len
@@ -115,7 +119,8 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="used when the spec has none (the BaseModel's)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--entrypoint", choices=["serve", "module"], default="serve")
-    p.add_argument("--runtime-lora", action="store_true", help="allow loading adapters at runtime")
+    p.add_argument("--runtime-lora", action="store_true", default=os.environ.get("PERENNIAL_RUNTIME_LORA", "").strip().lower() in ("1", "true", "yes", "on"),
+                   help="allow loading adapters at runtime: the sidecar's --routes-file loads them (env PERENNIAL_RUNTIME_LORA)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
 
 
