@@ -775,3 +775,51 @@ def test_an_adapter_change_walks_through_every_step_without_new_pods():
         routes, progress = d.routes, d.progress
     assert reasons == ["PreviewCreated", "PreviewReady", "SmokeTestPassed", "CanaryStep", "Switched", "AdapterUnloaded"]
     assert _routes_of(d) == {"fruit": [("fruit-v2", 100)]} and list(d.routes["adapters"]) == ["fruit-v2"] and d.progress == {}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_adapter_safety_over_random_sequences(seed):
+    """Random spec changes, lagging pods, load errors, smoke verdicts, pauses and promotions: the served name always
+    answers, every route points to a loaded adapter, and traffic only reaches an adapter that every ready pod loaded
+    and that passed its smoke test (or a name that had no traffic to protect)."""
+    rng = random.Random(1000 + seed)
+    bg = BlueGreen(autoPromote=rng.random() < 0.7, scaleDownDelaySeconds=rng.choice([0, 60]), progressDeadlineSeconds=rng.choice([60, 600]))
+    ar = AdapterRollout(canarySteps=rng.choice([[], [{"weight": 20, "pauseSeconds": 30}], [{"weight": 10, "pauseSeconds": 0}, {"weight": 60, "pauseSeconds": 20}]]))
+    desired = {"fruit": V1}
+    routes, progress = None, {}
+    applied = ["none"] * 3  # the revision each of the 3 pods applied
+    now = 0
+    for _ in range(250):
+        now += rng.choice([1, 10, 30])
+        if rng.random() < 0.05:
+            desired = {"fruit": rng.choice([V1, V2, V3])}
+        if rng.random() < 0.02:
+            desired = {**desired, "veg": OTHER} if "veg" not in desired else {"fruit": desired["fruit"]}
+        # each pod applies the latest document sometimes; sometimes one fails to load an adapter
+        if routes is not None:
+            applied = [routes["revision"] if rng.random() < 0.6 else a for a in applied]
+        errors = {rng.choice(["fruit-v2", "fruit-v3"]): "load failed"} if rng.random() < 0.02 else {}
+        pod_list = tuple(PodRoutes(f"p{i}", rng.random() < 0.9, a, errors if i == 0 else {}) for i, a in enumerate(applied))
+        o = aobs(routes, desired, progress=progress, pod_list=pod_list, max_loras=4)
+        when = T0 + dt.timedelta(seconds=now)
+        promote = rng.choice([None, desired["fruit"].name])
+        paused = rng.random() < 0.05
+        d = decide_adapters(o, bg, ar, paused=paused, promote=promote, now=when)
+        if d.smoke is not None:
+            o = replace(o, smoke_result=SmokeResult(d.smoke.revision, rng.random() < 0.8, "random verdict"))
+            d = decide_adapters(o, bg, ar, paused=paused, promote=promote, now=when)
+        _adapter_invariants(o, d)
+        before = (o.routes or {}).get("routes", {})
+        ready_applied = all(p.revision == (o.routes or {}).get("revision") for p in o.pods if p.ready) and any(p.ready for p in o.pods)
+        for s, entries in d.routes["routes"].items():
+            if s.endswith("-preview"):
+                continue
+            old = {e["adapter"] for e in before.get(s, [])}
+            for e in entries:
+                if e["adapter"] in old:
+                    continue
+                served_at_once = any(n.reason == "AdapterServed" for n in d.notes)
+                smoke_ok = (o.progress.get(s, {}).get("smoke") == "passed"
+                            or (o.smoke_result is not None and o.smoke_result.passed and o.smoke_result.revision == o.routes["revision"]))
+                assert served_at_once or (smoke_ok and ready_applied), (s, e, o.progress, d.notes)
+        routes, progress = d.routes, d.progress
