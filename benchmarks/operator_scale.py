@@ -235,15 +235,17 @@ def client(cp: ControlPlane, pool: int) -> Any:
     return Kube(api)
 
 
-def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int, *, with_writes: bool = False) -> tuple[float, float, int]:
+def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int, *, with_writes: bool = False,
+               run_start: bool = False) -> tuple[float, float, int]:
     """Create `objs` with a fixed concurrency; returns (start, end, failures) in time.monotonic().
-    `with_writes`: also make, for each, the writes a perfect operator makes (one status patch, one Event)."""
+    `with_writes`: also make, for each, the writes a perfect operator makes (one status patch, one Event; with
+    `run_start`, those of starting a run: `running_floor`)."""
     failures = 0
     errors: list[str] = []
 
     def one(obj: dict[str, Any]) -> None:
         created = kube.create(obj)
-        if with_writes and obj["kind"] == "TrainingRun":
+        if with_writes and run_start:  # a waiting run's writes are a status and an Event, as for any kind
             running_floor(kube, created)
         elif with_writes:
             m = created["metadata"]
@@ -606,7 +608,8 @@ def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs
     try:
         kube = client(cp, args.concurrency)
         create_all(kube, prerequisites(kind), 1)
-        t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency, with_writes=with_writes)
+        t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency, with_writes=with_writes,
+                                      run_start=kind == "running")
         return n / (t1 - t0), failures
     finally:
         cp.proc.stop()
