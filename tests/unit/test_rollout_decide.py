@@ -8,24 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-from perennial.api.deployment import (
-    ABORT_REASON_ANNOTATION as ABORT_REASON,
-)
-from perennial.api.deployment import (
-    ABORTED_REVISION_ANNOTATION as ABORTED,
-)
-from perennial.api.deployment import (
-    PREVIEW_STARTED_AT_ANNOTATION as STARTED,
-)
-from perennial.api.deployment import (
-    SCALE_DOWN_AT_ANNOTATION as SCALE_DOWN_AT,
-)
-from perennial.api.deployment import (
-    SMOKE_ANNOTATION as SMOKE,
-)
-from perennial.api.deployment import (
-    SWITCHED_AT_ANNOTATION as SWITCHED_AT,
-)
+from perennial.api.deployment import ABORT_REASON_ANNOTATION as ABORT_REASON
+from perennial.api.deployment import ABORTED_REVISION_ANNOTATION as ABORTED
+from perennial.api.deployment import PREVIEW_STARTED_AT_ANNOTATION as STARTED
+from perennial.api.deployment import SCALE_DOWN_AT_ANNOTATION as SCALE_DOWN_AT
+from perennial.api.deployment import SMOKE_ANNOTATION as SMOKE
+from perennial.api.deployment import SWITCHED_AT_ANNOTATION as SWITCHED_AT
 from perennial.api.deployment import BlueGreen
 from perennial.controllers.rollout import (
     ColorState,
@@ -823,3 +811,54 @@ def test_adapter_safety_over_random_sequences(seed):
                             or (o.smoke_result is not None and o.smoke_result.passed and o.smoke_result.revision == o.routes["revision"]))
                 assert served_at_once or (smoke_ok and ready_applied), (s, e, o.progress, d.notes)
         routes, progress = d.routes, d.progress
+
+
+# ============================================================================================ combining for the status
+
+from perennial.controllers.rollout import (  # noqa: E402
+    ConditionPart,
+    ServedRoute,
+    combine_conditions,
+    summarize,
+    unreachable_region,
+    worst_phase,
+)
+
+
+def test_a_region_combines_its_pod_and_adapter_rollouts():
+    pod = run(world(blue=col("r2", 2), stable="blue", desired="r2"))
+    ad = arun(aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2, behind=1)), now=30)
+    conds = {c.type: (c.status, c.reason) for c in combine_conditions([(None, c) for c in pod.conditions + ad.conditions])}
+    assert conds == {"Ready": ("True", "Serving"), "Progressing": ("True", "AdapterRollout"), "Degraded": ("False", "AsExpected")}
+    assert worst_phase(pod.status.phase, ad.phase) == "Progressing"
+
+
+def test_a_lost_region_makes_the_deployment_not_ready_and_degraded_naming_it_while_the_other_serves():
+    eu = run(world(blue=col("r2", 3), stable="blue", desired="r2", replicas=3))
+    us_status, us_conds = unreachable_region("us-east", "connection refused")
+    s = summarize([("eu-west", eu.status, eu.conditions), ("us-east", us_status, us_conds)],
+                  [ServedRoute("fruit", "fruit-v2"), ServedRoute("veg", "veg-v1", "veg-v2", 10)])
+    conds = {c.type: c for c in s.conditions}
+    assert (conds["Ready"].status, conds["Ready"].reason) == ("False", "RegionUnreachable")
+    assert "us-east" in conds["Ready"].message and "eu-west" not in conds["Ready"].message
+    assert conds["Degraded"].status == "True" and "us-east" in conds["Degraded"].message
+    assert s.phase == "Unreachable" and s.ready_summary == "3/3"
+    assert s.served_summary == "fruit=fruit-v2,veg=veg-v1+veg-v2@10%"
+
+
+def test_summary_of_one_region_and_cut_columns():
+    d = run(world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4), {"previewReplicas": 2}, 10)
+    s = summarize([("default", d.status, d.conditions)], [ServedRoute(f"name-{i}", "adapter-with-a-long-name") for i in range(20)])
+    assert s.phase == "Progressing" and s.ready_summary == "4/4"
+    assert len(s.served_summary) == 256 and s.served_summary.endswith("...")
+    # one region: messages are not labelled
+    assert not {c.type: c for c in s.conditions}["Progressing"].message.startswith("default:")
+
+
+def test_combine_prefers_the_worst_status_per_type():
+    parts = [("a", ConditionPart("Progressing", "Unknown", "RolloutPaused", "paused")),
+             ("b", ConditionPart("Progressing", "False", "RolloutComplete", "")),
+             ("c", ConditionPart("Degraded", "True", "RolloutAborted", "smoke failed"))]
+    conds = {c.type: c for c in combine_conditions(parts)}
+    assert (conds["Progressing"].status, conds["Progressing"].reason, conds["Progressing"].message) == ("Unknown", "RolloutPaused", "a: paused")
+    assert conds["Degraded"].message == "c: smoke failed"

@@ -1167,3 +1167,84 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
         conditions=conditions, notes=[replace(n, message=n.message[:_MAX_MESSAGE]) for n in notes],
         requeue_after=max(1.0, min(requeue)) if requeue else None, pending_promotion=pending,
     )
+
+
+# ============================================================================================ combining for the status
+
+#: Which phase a summary shows when parts disagree: the first in this order.
+PHASE_ORDER: tuple[Phase, ...] = ("Unreachable", "Degraded", "Aborted", "Promoting", "Progressing", "ScalingDown", "Paused", "Pending", "Stable")
+_WORST = {
+    CONDITION_READY: {"False": 2, "Unknown": 1, "True": 0},
+    CONDITION_PROGRESSING: {"True": 2, "Unknown": 1, "False": 0},
+    CONDITION_DEGRADED: {"True": 2, "Unknown": 1, "False": 0},
+}
+
+
+def worst_phase(*phases: Phase) -> Phase:
+    return min(phases, key=PHASE_ORDER.index) if phases else "Pending"
+
+
+def combine_conditions(parts: list[tuple[str | None, ConditionPart]]) -> list[ConditionPart]:
+    """Combine contributions (of the two rollout paths of a region, or of the regions, labelled by region name) into
+    one condition per type: Ready is False if any part is, Progressing True if any is, Degraded True if any is.
+    The message names every labelled part sharing the worst status, so a lost region is named."""
+    out = []
+    for ctype in (CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED):
+        mine = [(label, c) for label, c in parts if c.type == ctype]
+        if not mine:
+            continue
+        rank = _WORST[ctype]
+        worst = max(rank[c.status] for _, c in mine)
+        chosen = [(label, c) for label, c in mine if rank[c.status] == worst]
+        messages = [f"{label}: {c.message}" if label else c.message for label, c in chosen if c.message]
+        out.append(ConditionPart(ctype, chosen[0][1].status, chosen[0][1].reason, "; ".join(messages)[:_MAX_MESSAGE]))
+    return out
+
+
+def unreachable_region(name: str, message: str) -> tuple[RegionRollout, list[ConditionPart]]:
+    """The status and conditions of a region whose API server cannot be reached (its children are not observed)."""
+    text = f"Region {name} is unreachable: {message}"[:_MAX_MESSAGE]
+    return (
+        RegionRollout(phase="Unreachable", active_color=None, revision=None, ready_replicas=0, desired_replicas=0, message=text),
+        [ConditionPart(CONDITION_READY, "False", "RegionUnreachable", text),
+         ConditionPart(CONDITION_PROGRESSING, "Unknown", "RegionUnreachable", text),
+         ConditionPart(CONDITION_DEGRADED, "True", "RegionUnreachable", text)],
+    )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The Deployment-wide part of the status (phase, conditions, the cheap printer-column strings)."""
+
+    phase: Phase
+    conditions: list[ConditionPart]
+    ready_replicas: int
+    desired_replicas: int
+    ready_summary: str  # `<ready>/<desired>`
+    served_summary: str  # `name=adapter,…`
+
+
+def served_summary(served: list[ServedRoute], limit: int = 256) -> str:
+    parts = []
+    for r in served:
+        if r.canary_adapter:
+            parts.append(f"{r.name}={r.adapter}+{r.canary_adapter}@{r.canary_weight}%")
+        else:
+            parts.append(f"{r.name}={r.adapter}")
+    text = ",".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def summarize(regions: list[tuple[str, RegionRollout, list[ConditionPart]]], served: list[ServedRoute]) -> Summary:
+    """Combine the regions (each: name, status, conditions of both rollout paths) into the Deployment's summary."""
+    ready = sum(r.ready_replicas for _, r, _ in regions)
+    desired = sum(r.desired_replicas for _, r, _ in regions)
+    labelled = [(name if len(regions) > 1 else None, c) for name, _, conds in regions for c in conds]
+    return Summary(
+        phase=worst_phase(*(r.phase for _, r, _ in regions)),
+        conditions=combine_conditions(labelled),
+        ready_replicas=ready,
+        desired_replicas=desired,
+        ready_summary=f"{ready}/{desired}",
+        served_summary=served_summary(served),
+    )
