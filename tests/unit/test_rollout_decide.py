@@ -225,6 +225,16 @@ ROWS = [
     ("paused -> a ready preview is not switched to",
      world(blue=col("r1", 4), green=col("r2", 4, smoke="r2=passed", started=t(0)), stable="blue", desired="r2", replicas=4),
      BG, 60, True, "r2", dict(stable="blue", phase="Paused", notes=[], colors={"green": ("r2", 4)})),
+    ("paused -> a running preview's clock stops (its step restarts on resume)",
+     world(blue=col("r1", 4), green=col("r2", 2, 1, started=t(0)), stable="blue", desired="r2", replicas=4), BG, 60, True, None,
+     dict(stable="blue", phase="Paused", notes=[], ann={"green": {STARTED: "paused"}}, colors={"green": ("r2", 2)}, preview="green", requeue=None)),
+    ("paused past the deadline, then resumed -> the step restarts instead of aborting",
+     world(blue=col("r1", 4), green=col("r2", 2, 2, started="paused", smoke="r2=passed"), stable="blue", desired="r2", replicas=4),
+     {"previewReplicas": 2}, 9000, False, None,
+     dict(stable="blue", phase="Progressing", notes=["PreviewCreated"], colors={"green": ("r2", 2)}, ann={"green": {STARTED: t(9000), SMOKE: None}})),
+    ("a paused preview is never a rollback target",
+     world(blue=col("r3", 4, started="paused"), green=col("r2", 4, 1), stable="green", desired="r3", replicas=4, switched_at=t(90)),
+     BG, 150, True, None, dict(stable="green", notes=[], phase="Paused")),
     ("paused -> replica changes still scale the active color",
      world(blue=col("r1", 4), stable="blue", desired="r2", replicas=6), BG, 0, True, None, dict(colors={"blue": ("r1", 6)})),
 
@@ -284,6 +294,13 @@ ROWS = [
      world(blue=col("r1", 4, 0), green=col("r0", 4, 3, scale_down_at=t(50)), stable="blue", desired="r1", replicas=4),
      BG, 100, False, None, dict(stable="green", notes=["FailedOver", "PreviewCreated"], colors={"green": ("r0", 4)},
                                 ann={"green": {SCALE_DOWN_AT: None}})),
+    ("autoscaled to zero (KEDA) after the switch: not an outage, no fail-over to the old color",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 0), stable="green", desired="r2", replicas=0, autoscaled=True,
+           switched_at=t(90)), {"postPromotionWindowSeconds": 0}, 150, False, None,
+     dict(stable="green", notes=[], phase="ScalingDown", conditions={"Ready": ("True", "ScaledToZero")})),
+    ("a color at zero that should serve (spec says 2) is an outage: fail over",
+     world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 0), stable="green", desired="r2", replicas=2, switched_at=t(90)),
+     {"postPromotionWindowSeconds": 0}, 150, False, None, dict(stable="blue", notes=["FailedOver", "PreviewCreated"])),
     ("active Deployment deleted while the other color serves -> fail over",
      world(blue=None, green=col("r1", 2), stable="blue", desired="r2"), BG, 0, False, None,
      dict(stable="green", notes=["FailedOver", "PreviewCreated"], colors={"green": ("r1", 2), "blue": ("r2", 2)})),
@@ -337,8 +354,9 @@ def _invariants(obs: RegionObserved, d) -> None:
     ready = {c: (obs.color(c).ready_replicas if obs.color(c) else 0) for c in ("blue", "green")}
     s = d.stable_color
     if s is not None:
-        # never select a color without ready pods while the other has some
-        assert ready[s] > 0 or ready["blue" if s == "green" else "green"] == 0, (s, ready)
+        # never select a color without ready pods while the other has some (unless it is at zero on purpose)
+        on_purpose = obs.color(s) is not None and obs.color(s).replicas == 0 and (obs.autoscaled or obs.desired_replicas == 0)
+        assert ready[s] > 0 or ready["blue" if s == "green" else "green"] == 0 or on_purpose, (s, ready)
         # the serving color keeps its revision and is not scaled to zero while it serves
         cur = obs.color(s)
         if cur is not None and ready[s] > 0:

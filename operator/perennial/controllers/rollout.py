@@ -67,6 +67,8 @@ COLORS: tuple[Color, Color] = ("blue", "green")
 COLOR_LABEL = "perennial.ai/color"
 REVISION_LABEL = "perennial.ai/revision"
 PREVIEW_SUFFIX = "-preview"
+#: `perennial.ai/preview-started-at` of a preview while `spec.paused`: its step restarts on resume.
+PAUSED = "paused"
 _MAX_MESSAGE = 1024
 
 
@@ -382,9 +384,18 @@ def _failover_target(obs: RegionObserved) -> Color | None:
     if S is None:
         return None
     s, o = obs.color(S), obs.color(other(S))
-    if (s.ready_replicas if s else 0) == 0 and o is not None and o.ready_replicas > 0:
+    if s is not None and (s.ready_replicas > 0 or deliberately_at_zero(obs, s)):
+        return None
+    if o is not None and o.ready_replicas > 0:
         return other(S)
     return None
+
+
+def deliberately_at_zero(obs: RegionObserved, s: ColorState) -> bool:
+    """A color scaled to zero on purpose (the spec's replicas are 0, or an autoscaler such as KEDA scaled it to zero)
+    serves nothing by design: that is not an outage to fail over from (failing over to the old color would undo the
+    rollout and start it again at every scale-to-zero)."""
+    return s.replicas == 0 and (obs.autoscaled or obs.desired_replicas == 0)
 
 
 def _serving_color_without_service(obs: RegionObserved) -> Color | None:
@@ -507,12 +518,16 @@ def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> N
     if paused:
         if b is not None and b.revision != rev:
             _scale_down_old(p, B, b, bg)
+        elif b is not None and parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) is not None:
+            # The deadline does not run while paused: the preview step restarts (and is smoke-tested again) on resume.
+            p.set(B, preview_started_at=PAUSED)
+            p.rolling = (B, rev)
         p.phase, p.message = "Paused", f"Paused: revision {rev} is not rolled out (spec.paused)"
         p.cond(CONDITION_PROGRESSING, "Unknown", "RolloutPaused", p.message)
         return
 
     full = full_count(obs, a)
-    start = b is None or b.revision != rev or b.replicas == 0 or PREVIEW_STARTED_AT_ANNOTATION not in b.annotations
+    start = b is None or b.revision != rev or b.replicas == 0 or parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) is None
     if start:
         n = preview_count(bg, full)
         if b is not None and b.revision == rev:
@@ -744,7 +759,9 @@ def _never_select_an_unready_color(p: _Plan) -> None:
     if S is None:
         return
     s, o = p.obs.color(S), p.obs.color(other(S))
-    if (s.ready_replicas if s else 0) > 0 or o is None or o.ready_replicas == 0:
+    if s is not None and (s.ready_replicas > 0 or deliberately_at_zero(p.obs, s)):
+        return
+    if o is None or o.ready_replicas == 0:
         return
     O = other(S)
     p.stable = O
