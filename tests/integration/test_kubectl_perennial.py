@@ -175,3 +175,19 @@ spec:
     assert 'TrainingRun "bad" is invalid' in proc.stderr, proc.stderr
     assert expected in proc.stderr, proc.stderr
     assert cluster.get("TrainingRun", "bad") is None
+
+
+@pytest.mark.kubectl
+@needs_kubectl
+def test_kubectl_scale_pdeploy_writes_spec_replicas_through_the_scale_subresource(cluster: Cluster, kubectl):
+    """The Perennial Deployment's `/scale` subresource: what `kubectl scale` and an autoscaler of the user's own use."""
+    kubectl("apply", "-f", str(ROOT / "examples" / "05-deployment.yaml"))
+    assert "scaled" in kubectl("scale", "pdeploy", "fruit-assistant", "--replicas=3").stdout
+    obj = cluster.kube.get(API, "Deployment", "default", "fruit-assistant")
+    assert obj["spec"]["replicas"] == 3
+    r = requests.get(f"{cluster.server.url}/apis/perennial.ai/v1alpha1/namespaces/default/deployments/fruit-assistant/scale", timeout=30,
+                     headers={"Authorization": f"Bearer {cluster.server.token}"}, verify=cluster.server.ca_file)
+    assert r.status_code == 200, r.text
+    scale = r.json()
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
+    kubectl("delete", "-f", str(ROOT / "examples" / "05-deployment.yaml"), "--wait=false")
