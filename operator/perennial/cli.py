@@ -147,7 +147,7 @@ def _control_plane(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from .local.kubelet import LocalKubelet
+    from .local.cluster import LocalCluster
 
     _configure_logging(args.log_format, args.verbose)
     state = Path(args.state_dir).resolve()
@@ -172,7 +172,9 @@ Perennial dev is running.
   metrics        http://{args.host}:{args.metrics_port}/metrics
   health         http://{args.host}:{args.health_port}/healthz
 {''.join(f'  applied        {a}{chr(10)}' for a in applied)}
-Jobs of the trainer image run here as local processes (logs: kubectl logs -l perennial.ai/trainingrun=<name>).
+Jobs of the trainer image run here as local processes (logs: kubectl logs -l perennial.ai/trainingrun=<name>),
+and so do the pods of Deployments of the server image; each Service is proxied on a local port
+(its annotation perennial.ai/local-url: kubectl get svc <name> -o yaml).
 In another shell:
   export KUBECONFIG={kubeconfig}
   kubectl get perennial
@@ -193,15 +195,16 @@ Press Ctrl-C to stop.
         trainer_image=LOCAL_TRAINER_IMAGE,
         server_image=LOCAL_SERVER_IMAGE,
     )
-    # The local runtime: Pods of Jobs that run Perennial's own images become local processes.
-    kubelet = LocalKubelet(
+    # The local runtime: Pods (of Jobs, of apps/v1 Deployments) that run Perennial's own images become local
+    # processes; Services get local ports (annotation perennial.ai/local-url).
+    kubelet = LocalCluster(
         kube,
         server,
         workdir=state / "pods",
         pvc_root=str(pvc_root),
         images={
             LOCAL_TRAINER_IMAGE: [sys.executable, "-m", "perennial_trainer"],
-            LOCAL_SERVER_IMAGE: [sys.executable, "-m", "perennial_server"],
+            LOCAL_SERVER_IMAGE: [sys.executable, "-m", "perennial_server.cli"],
         },
     ).start()
     try:

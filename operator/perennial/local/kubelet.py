@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 # A container `command[0]` -> the local command prefix that replaces it.
 DEFAULT_COMMANDS: dict[str, list[str]] = {
     "perennial-trainer": [sys.executable, "-m", "perennial_trainer"],
-    "perennial-server": [sys.executable, "-m", "perennial_server"],
+    "perennial-server": [sys.executable, "-m", "perennial_server.cli"],  # the package has no __main__
     "python": [sys.executable],
     "python3": [sys.executable],
 }

@@ -1,0 +1,308 @@
+"""The local runtime serves: apps/v1 Deployments become ReplicaSets and Pods whose containers run as processes
+(the real `perennial-server sidecar` in front of a stand-in engine), with probes, pod IPs, mounted ConfigMaps and
+Secrets, and Services proxied on local ports — against the real embedded control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perennial.kube import connect
+from perennial.kube.client import Kube
+from perennial.local.apiserver import start_in_thread
+from perennial.local.cluster import LocalCluster
+from perennial.local.controllers import pod_template_hash
+from perennial.local.kubelet import DEFAULT_COMMANDS
+from perennial.local.proxy import LOCAL_URL
+from waiting import wait_for
+
+NS = "default"
+IMAGE = "perennial-server:test"
+ENGINE = str(Path(__file__).with_name("serving_fake_engine.py"))
+WAIT = 45.0
+
+
+class Env:
+    def __init__(self, server: Any, kube: Kube, cluster: LocalCluster, tmp: Path) -> None:
+        self.server, self.kube, self.cluster, self.tmp = server, kube, cluster, tmp
+
+    # -- objects
+    def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self.kube.request("GET", path)
+        except Exception as exc:  # 404
+            if getattr(exc, "status", None) == 404:
+                return None
+            raise
+
+    def deployment(self, name: str, replicas: int = 2, color: str = "blue", *, liveness: bool = False,
+                   routes: str | None = None) -> dict[str, Any]:
+        labels = {"app": name, "color": color}
+        engine: dict[str, Any] = {
+            "name": "engine", "image": IMAGE,
+            "command": ["fake-engine", "--host", "127.0.0.1", "--port", "8000", "--watch", "/etc/perennial/routes/routes.json"],
+            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "volumeMounts": [{"name": "routes", "mountPath": "/etc/perennial/routes", "readOnly": True}],
+        }
+        if liveness:  # through the sidecar (the pod IP's :8080) to the engine: a sick engine fails it
+            engine["startupProbe"] = {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 1, "failureThreshold": 60, "timeoutSeconds": 2}
+            engine["livenessProbe"] = {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2, "timeoutSeconds": 2}
+        sidecar = {
+            "name": "sidecar", "image": IMAGE,
+            "command": ["perennial-server", "sidecar"],
+            "args": ["--port", "8080", "--upstream", "http://127.0.0.1:8000", "--spool-dir", "/var/spool/perennial",
+                     "--token-file", "/etc/perennial/feedback/token", "--deployment", name, "--pod", "$(POD_NAME)"],
+            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1},
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1, "failureThreshold": 60, "timeoutSeconds": 3},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2, "failureThreshold": 5, "timeoutSeconds": 3},
+            "volumeMounts": [{"name": "spool", "mountPath": "/var/spool/perennial"},
+                             {"name": "token", "mountPath": "/etc/perennial/feedback", "readOnly": True},
+                             {"name": "routes", "mountPath": "/etc/perennial/routes", "readOnly": True}],
+        }
+        self.kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-routes", "namespace": NS},
+                         "data": {"routes.json": routes or json.dumps({"revision": "r1"})}})
+        self.kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-token", "namespace": NS},
+                         "stringData": {"token": "s3cr3t"}})
+        return self.kube.create({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels}, "spec": {
+                         "automountServiceAccountToken": False, "terminationGracePeriodSeconds": 10,
+                         "containers": [engine, sidecar],
+                         "volumes": [{"name": "spool", "emptyDir": {}},
+                                     {"name": "token", "secret": {"secretName": f"{name}-token"}},
+                                     {"name": "routes", "configMap": {"name": f"{name}-routes"}}]}}},
+        })
+
+    def service(self, name: str, selector: dict[str, str]) -> str:
+        self.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
+                          "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+        return wait_for(lambda: ((self.kube.get("v1", "Service", NS, name) or {})["metadata"].get("annotations") or {}).get(LOCAL_URL),
+                        WAIT, 0.1, f"service {name} proxied")
+
+    def pods(self, app: str) -> list[dict[str, Any]]:
+        return [p for p in self.kube.list("v1", "Pod", NS, f"app={app}")]
+
+    def ready_pods(self, app: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods(app) if any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions") or [])]
+
+    def deploy_status(self, name: str) -> dict[str, Any]:
+        return (self.kube.get("apps/v1", "Deployment", NS, name) or {}).get("status") or {}
+
+    def pids(self, pod: dict[str, Any]) -> dict[str, int]:
+        return {c["name"]: int(c["containerID"].split("://")[1]) for c in pod["status"]["containerStatuses"] if c.get("containerID")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _chat(url: str) -> str:
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(
+        {"model": "base", "messages": [{"role": "user", "content": "hi"}]}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    server = start_in_thread()
+    kube = connect(server=server.url)
+    commands = {**DEFAULT_COMMANDS, "fake-engine": [sys.executable, ENGINE]}
+    cluster = LocalCluster(kube, server, workdir=tmp_path / "pods", pvc_root=tmp_path / "pvc",
+                           images={IMAGE: [sys.executable, "-m", "perennial_server.cli"]}, commands=commands,
+                           pod_options={"restart_backoff_seconds": 0.5, "max_grace_seconds": 10}).start()
+    e = Env(server, kube, cluster, tmp_path)
+    try:
+        yield e
+    finally:
+        pids = [pid for p in kube.list("v1", "Pod", NS) for pid in e.pids(p).values()] if True else []
+        cluster.stop()
+        server.stop()
+        assert not [p for p in pids if _alive(p)], "pod processes outlived the local runtime"
+
+
+def test_deployment_becomes_ready_pods_behind_a_service_and_scales_to_zero(env: Env) -> None:
+    env.deployment("web", replicas=2)
+    ready = wait_for(lambda: len(env.ready_pods("web")) == 2 and env.ready_pods("web"), WAIT, 0.2, "2 ready pods")
+    # ReplicaSet named with the pod-template-hash, pods owned by it
+    rs_list = env.kube.request("GET", f"/apis/apps/v1/namespaces/{NS}/replicasets")["items"]
+    assert len(rs_list) == 1
+    rs = rs_list[0]
+    h = rs["metadata"]["labels"]["pod-template-hash"]
+    assert rs["metadata"]["name"] == f"web-{h}" and rs["spec"]["selector"]["matchLabels"]["pod-template-hash"] == h
+    d = env.kube.get("apps/v1", "Deployment", NS, "web")
+    assert d is not None and h == pod_template_hash(d["spec"]["template"])
+    for p in ready:
+        assert p["metadata"]["ownerReferences"][0]["uid"] == rs["metadata"]["uid"]
+        assert p["metadata"]["name"].startswith(f"web-{h}-")
+    # two pods, two pod IPs, both listening on :8080
+    ips = {p["status"]["podIP"] for p in ready}
+    assert len(ips) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips)
+    for p in ready:
+        statuses = {c["name"]: c for c in p["status"]["containerStatuses"]}
+        assert statuses["sidecar"]["ready"] and statuses["sidecar"]["started"] and "running" in statuses["sidecar"]["state"]
+        assert p["status"]["phase"] == "Running"
+        assert _get(f"http://{p['status']['podIP']}:8080/healthz")[0] == 200
+        # the engine listens on the pod's own loopback only: not on the pod IP
+        with pytest.raises(OSError):
+            socket.create_connection((p["status"]["podIP"], 8000), timeout=2).close()
+    status = wait_for(lambda: (s := env.deploy_status("web")).get("availableReplicas") == 2 and s, WAIT, 0.2, "deployment available")
+    assert status["readyReplicas"] == 2 and status["updatedReplicas"] == 2 and status["replicas"] == 2
+    assert status["observedGeneration"] == d["metadata"]["generation"]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Available"]["status"] == "True"
+    wait_for(lambda: {c["type"]: c for c in env.deploy_status("web")["conditions"]}["Progressing"]["reason"] == "NewReplicaSetAvailable",
+             WAIT, 0.2, "rollout complete")
+
+    url = env.service("web", {"app": "web"})
+    svc = env.kube.get("v1", "Service", NS, "web")
+    assert svc is not None and svc["spec"]["clusterIP"].startswith("10.")
+    answered = {_chat(url) for _ in range(6)}
+    assert answered == {f"hello from {p['metadata']['name']}" for p in ready}, "round robin over both pods"
+
+    pids = [pid for p in ready for pid in env.pids(p).values()]
+    assert len(pids) == 4 and all(_alive(pid) for pid in pids)
+    env.kube.patch("apps/v1", "Deployment", NS, "web", {"spec": {"replicas": 0}})
+    wait_for(lambda: not env.pods("web"), WAIT, 0.2, "pods removed")
+    wait_for(lambda: not any(_alive(pid) for pid in pids), WAIT, 0.2, "processes gone")
+    wait_for(lambda: (s := env.deploy_status("web")).get("replicas") == 0 and s.get("availableReplicas") == 0, WAIT, 0.2, "status at 0")
+    # no endpoint: the connection is closed at once
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        _chat(url)
+
+
+def test_selector_switch_moves_new_connections(env: Env) -> None:
+    env.deployment("blue", replicas=1, color="blue")
+    env.deployment("green", replicas=1, color="green")
+    wait_for(lambda: len(env.ready_pods("blue")) == 1 and len(env.ready_pods("green")) == 1, WAIT, 0.2, "both colors ready")
+    blue, green = env.ready_pods("blue")[0]["metadata"]["name"], env.ready_pods("green")[0]["metadata"]["name"]
+    url = env.service("stable", {"color": "blue"})
+    assert _chat(url) == f"hello from {blue}"
+    # an open keep-alive connection stays; new ones go to green at once
+    env.kube.patch("v1", "Service", NS, "stable", {"spec": {"selector": {"color": "green"}}})
+    assert {_chat(url) for _ in range(3)} == {f"hello from {green}"}
+
+
+def test_liveness_failure_restarts_the_container(env: Env) -> None:
+    env.deployment("live", replicas=1, liveness=True)
+    pod = wait_for(lambda: (r := env.ready_pods("live")) and r[0], WAIT, 0.2, "ready pod")
+    before = env.pids(pod)
+    ip = pod["status"]["podIP"]
+    url = env.service("live", {"app": "live"})
+    # make the engine sick (reached through the Service and the sidecar)
+    req = urllib.request.Request(url + "/sick", data=b"", method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+
+    def restarted() -> dict[str, Any] | None:
+        p = env.kube.get("v1", "Pod", NS, pod["metadata"]["name"])
+        statuses = {c["name"]: c for c in (p or {}).get("status", {}).get("containerStatuses") or []}
+        e = statuses.get("engine") or {}
+        return p if e.get("restartCount", 0) >= 1 and e.get("ready") and statuses["sidecar"]["ready"] else None
+
+    p = wait_for(restarted, WAIT, 0.2, "engine restarted and ready again")
+    statuses = {c["name"]: c for c in p["status"]["containerStatuses"]}
+    assert statuses["engine"]["lastState"]["terminated"]["message"] == "Liveness probe failed"
+    assert statuses["sidecar"]["restartCount"] == 0
+    after = env.pids(p)
+    assert after["engine"] != before["engine"] and not _alive(before["engine"])
+    assert after["sidecar"] == before["sidecar"]
+    assert p["status"]["podIP"] == ip
+    assert _get(url + "/health")[0] == 200
+
+
+def test_configmap_update_reaches_the_mounted_file_atomically(env: Env) -> None:
+    env.deployment("cfg", replicas=1, routes=json.dumps({"revision": "r1"}))
+    pod = wait_for(lambda: (r := env.ready_pods("cfg")) and r[0], WAIT, 0.2, "ready pod")
+    url = env.service("cfg", {"app": "cfg"})
+    assert json.loads(_get(url + "/file")[1]) == {"revision": "r1"}
+    vol = env.tmp / "pods" / NS / pod["metadata"]["name"] / "volumes" / "routes"
+    assert (vol / "routes.json").is_symlink() and os.readlink(vol / "routes.json") == "..data/routes.json"
+    first = os.readlink(vol / "..data")
+    env.kube.patch("v1", "ConfigMap", NS, "cfg-routes", {"data": {"routes.json": json.dumps({"revision": "r2"})}})
+    wait_for(lambda: json.loads(_get(url + "/file")[1]) == {"revision": "r2"}, WAIT, 0.2, "new content in the container")
+    second = os.readlink(vol / "..data")
+    assert second != first and not (vol / first).exists(), "..data swapped to a new directory, the old one removed"
+    # the Secret is a file too
+    assert (env.tmp / "pods" / NS / pod["metadata"]["name"] / "volumes" / "token" / "token").read_text() == "s3cr3t"
+
+
+def test_pod_deletion_kills_its_processes_and_the_replicaset_replaces_it(env: Env) -> None:
+    env.deployment("gone", replicas=1)
+    pod = wait_for(lambda: (r := env.ready_pods("gone")) and r[0], WAIT, 0.2, "ready pod")
+    pids = env.pids(pod)
+    assert set(pids) == {"engine", "sidecar"} and all(_alive(p) for p in pids.values())
+    env.kube.delete("v1", "Pod", NS, pod["metadata"]["name"])
+    wait_for(lambda: not any(_alive(p) for p in pids.values()), WAIT, 0.2, "processes gone")
+    new = wait_for(lambda: (r := env.ready_pods("gone")) and r[0], WAIT, 0.2, "replacement ready")
+    assert new["metadata"]["name"] != pod["metadata"]["name"]
+
+
+def test_template_change_rolls_out_a_new_replicaset(env: Env) -> None:
+    env.deployment("roll", replicas=1)
+    old = wait_for(lambda: (r := env.ready_pods("roll")) and r[0], WAIT, 0.2, "ready pod")
+    env.kube.patch("apps/v1", "Deployment", NS, "roll", {"spec": {"template": {"metadata": {"annotations": {"v": "2"}}}}})
+
+    def rolled() -> list[dict[str, Any]] | None:
+        pods = env.pods("roll")
+        if len(pods) == 1 and pods[0]["metadata"]["name"] != old["metadata"]["name"] and env.ready_pods("roll"):
+            return pods
+        return None
+
+    wait_for(rolled, WAIT, 0.2, "new pod ready, old one gone")
+    rs = {r["metadata"]["name"]: r for r in env.kube.request("GET", f"/apis/apps/v1/namespaces/{NS}/replicasets")["items"]}
+    assert len(rs) == 2
+    by_rev = sorted(rs.values(), key=lambda r: int(r["metadata"]["annotations"]["deployment.kubernetes.io/revision"]))
+    assert by_rev[0]["spec"]["replicas"] == 0 and by_rev[1]["spec"]["replicas"] == 1
+    d = env.kube.get("apps/v1", "Deployment", NS, "roll")
+    assert d is not None and d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
+    for pid in env.pids(old).values():
+        wait_for(lambda: not _alive(pid), WAIT, 0.2, "old processes gone")
+
+
+def test_progress_deadline_exceeded_when_pods_never_become_ready(env: Env) -> None:
+    env.kube.create({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "stuck", "namespace": NS},
+        "spec": {"replicas": 1, "progressDeadlineSeconds": 2, "selector": {"matchLabels": {"app": "stuck"}},
+                 "template": {"metadata": {"labels": {"app": "stuck"}}, "spec": {"containers": [{
+                     "name": "c", "image": IMAGE, "command": ["python", "-c", "import time; time.sleep(600)"],
+                     "readinessProbe": {"httpGet": {"path": "/", "port": 9}, "periodSeconds": 1}}]}}}})
+
+    def exceeded() -> bool:
+        conds = {c["type"]: c for c in env.deploy_status("stuck").get("conditions") or []}
+        p = conds.get("Progressing") or {}
+        return p.get("status") == "False" and p.get("reason") == "ProgressDeadlineExceeded"
+
+    wait_for(exceeded, WAIT, 0.2, "ProgressDeadlineExceeded")
+    conds = {c["type"]: c for c in env.deploy_status("stuck")["conditions"]}
+    assert conds["Available"]["status"] == "False"
+    pod = env.pods("stuck")[0]
+    assert pod["status"]["phase"] == "Running" and not pod["status"]["containerStatuses"][0]["ready"]
