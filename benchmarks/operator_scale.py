@@ -855,8 +855,11 @@ def print_summary(results: list[Result]) -> None:
             (f"0 idle requests/s ({f['idle requests/s']:.2f}" + (", progress reads apart)" if r.kind == "running" else ")"), f["idle requests/s"] == 0),
             (f"idle operator CPU < 1 % ({f['idle CPU % operator']:.2f} %)", f["idle CPU % operator"] < 1),
             (f"restart: 0 writes ({f['restart writes']:.0f})", f["restart writes"] == 0 and r.restart_quiet),
-            (f"restart: no per-object get ({f['restart gets']:.0f} gets" + (f", {f['restart progress reads']:.0f} pod log reads" if r.kind == "running" else "") + ")",
-             f["restart gets"] == 0 and (r.kind != "running" or f["restart progress reads"] == 0) and r.restart_quiet),
+            (f"restart: no per-object get ({f['restart gets']:.0f} gets" + (
+                f", {f['restart progress reads']:.0f} pod log reads: no burst, at most the idle rate {f['idle progress reads/s']:.1f}/s over "
+                f"{f['restart seconds to quiet']:.1f} s (+5)" if r.kind == "running" else "") + ")",
+             f["restart gets"] == 0 and r.restart_quiet and (r.kind != "running" or f["restart progress reads"]
+                                                             <= 1.2 * f["idle progress reads/s"] * f["restart seconds to quiet"] + 5)),
         ]
         if not r.restart_quiet:
             checks.append((f"restart: quiet within the timeout (not quiet after {f['restart seconds to quiet']:.0f} s: restart counts incomplete)", False))
