@@ -22,6 +22,18 @@ selector; times and verdicts are annotations on the children (`perennial.ai/swit
 annotation on the routes ConfigMap). So a restarted operator resumes where the world stands, and a lost status
 does not restart an aborted rollout.
 
+How the controller uses it, per region and pass: observe (`ColorState.from_object` for each color's apps/v1
+Deployment, the stable Service's `perennial.ai/color` selector and annotations, the routes ConfigMap with
+`parse_progress` of its annotation, each active pod's `GET /perennial/routes`), call `decide_region` and
+`decide_adapters`; when one returns a `smoke` request, run it (with a timeout) and call it again with
+`smoke_result` in the same pass, posting the notes of both calls. Then act: apply each `ColorTarget` (the
+revision label on the Deployment and its pod template, replicas unless autoscaled, the annotation merge
+patch), the stable/preview Services' selectors and the stable Service's annotation patch, the routes
+document (`AdapterDecision.routes`, byte for byte: its `revision` is `routes_revision`) and
+`dump_progress(AdapterDecision.progress)` as the ConfigMap's `perennial.ai/adapter-rollouts` annotation.
+Post the notes as Events after the status write; `summarize` the regions into the status; requeue after the
+smallest `requeue_after`.
+
 Decisions made here (documented for users in the API field descriptions):
 
 * The first rollout of a region (no stable Service yet) creates one color at the full count, smoke-tests it
@@ -29,8 +41,18 @@ Decisions made here (documented for users in the API field descriptions):
   that fails the smoke test. It needs no manual promotion (as Argo Rollouts' initial deployment).
 * A replica change alone scales the active color in place; when autoscaled, the active color's replica count is
   the autoscaler's and is never written here; the preview's count is never the autoscaler's.
-* `paused` stops starting, advancing and promoting rollouts. Safety still acts (automatic rollback, switching
-  away from a color without ready replicas) and old colors are still scaled down when their delay is over.
+* `paused` stops starting, advancing and promoting rollouts (a region's first rollout still happens: nothing
+  serves there to protect). Safety still acts (automatic rollback, switching away from a color without ready
+  replicas) and old colors are still scaled down when their delay is over. The progress deadline does not run
+  while paused: a paused preview's step (and its smoke test) restarts on resume.
+* The post-promotion check compares the new color's ready replicas with min(old color's count, new color's
+  count), at least 1, and switches back only to the color that served before the switch (never to a preview on
+  trial) while that color has more ready replicas; the rolled-back revision is then aborted (not retried).
+* A color scaled to zero on purpose (spec 0, or KEDA) is not an outage: no fail-over away from it.
+* Adapter rollouts: a new served name (or any change while no pod runs) is served at once, there is no traffic
+  to protect. Loading one adapter beyond `maxLoras` next to the old one is allowed for one rollout at a time
+  (vLLM keeps the extra one in its CPU cache); a desired set above `maxLoras` is refused. The promotion
+  annotation of an adapter rollout names the new Adapter object.
 * Invariant, checked last and over random sequences in the tests: the stable Service never selects a color
   without ready replicas while the other color has ready replicas (an outage is worse than any gate), and the
   revision of a color that serves traffic is never changed in place.
@@ -1043,7 +1065,7 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
                     requeue.append(_seconds(due - now))
                     messages.append(f"{s}: adapter {pr['from']} stays loaded until {rfc3339(due)} for rollback")
             elif pr.get("aborted") and pr.get("aborted") != want:
-                pass  # an abort of another adapter: kept as a record until the spec asks for something else
+                progress.pop(s, None)  # the spec moved on from the aborted adapter: asking for it again retries it
             continue
         # The name should move to `want`.
         if pr.get("aborted") == want:
