@@ -354,7 +354,7 @@ def test_names_labels_and_owner_per_region_layout():
     dep = d.deployment(s, "green", rev, 3)
     assert dep["metadata"]["name"] == "chat-green" and dep["spec"]["replicas"] == 3
     labels = dep["metadata"]["labels"]
-    assert labels == {"app.kubernetes.io/managed-by": "perennial", "app.kubernetes.io/name": "perennial-server", "perennial.ai/deployment": "chat",
+    assert labels == {"app.kubernetes.io/managed-by": "perennial-operator", "app.kubernetes.io/name": "perennial-server", "perennial.ai/deployment": "chat",
                       "perennial.ai/region": "default", "perennial.ai/color": "green", "perennial.ai/revision": rev}
     assert dep["spec"]["template"]["metadata"]["labels"] == labels
     # the selector is immutable: no revision in it

@@ -32,6 +32,7 @@ from ..api.basemodel import BaseModelSpec
 from ..api.common import ComputeResources
 from ..api.deployment import DeploymentSpec, Region
 from . import networkpolicy as netpol
+from .common import MANAGED_BY as _COMMON_MANAGED_BY
 from .common import owner_reference, short_hash
 from .networkpolicy import EgressSettings
 from .podsecurity import (
@@ -57,7 +58,8 @@ LABEL_DEPLOYMENT = "perennial.ai/deployment"
 LABEL_REGION = "perennial.ai/region"
 LABEL_COLOR = "perennial.ai/color"
 LABEL_REVISION = "perennial.ai/revision"
-MANAGED_BY = "perennial"
+#: the same value as every other child of the operator (the manager watches built-ins by it)
+MANAGED_BY = _COMMON_MANAGED_BY
 APP_NAME = "perennial-server"
 
 # The annotations the controller writes on these children (rollout state lives in the world) are defined
