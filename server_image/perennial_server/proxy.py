@@ -87,6 +87,8 @@ class ProxyHandler:
         try:
             up = await self.s.pool.request(request.method, self.s.upstream_prefix + request.raw_path, self._fwd_headers(request),
                                            (rt.body if rt is not None else body) or None)
+            if rt is not None and up.status == 404 and rt.adapter is not None:
+                routes.kick()  # type: ignore[union-attr]  # the engine lost the adapter (restarted): reload it soon
             ctype = up.header("Content-Type") or ""
             if endpoint and ctype.startswith("text/event-stream"):
                 return await self._stream(request, up, endpoint, body, capture, t0, t_send, rt)

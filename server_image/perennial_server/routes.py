@@ -370,7 +370,8 @@ class Routed:
 # ---------------------------------------------------------------- the routes
 class Routes:
     poll_s = 1.0  # the file is looked at this often
-    retry_s = 2.0  # a document that failed is tried again after this long
+    retry_s = 2.0  # a document that failed is tried again after this long, doubling up to retry_max_s
+    retry_max_s = 60.0
     resync_s = 15.0  # the engine's adapters are re-checked this often (an engine restart loses them)
 
     def __init__(self, path: str, *, base_name: str, adapters_dir: str, max_bytes: int, manage: bool = True,
@@ -401,6 +402,7 @@ class Routes:
         self._stat: tuple | None = None
         self._raw: bytes | None = None
         self._retry_at = 0.0
+        self._failures = 0
         self._resync_at = 0.0
         self._state_written: Any = None
         self._raw_revision: str | None = None
@@ -438,6 +440,10 @@ class Routes:
                 self.inflight[a] = n
             else:
                 self.inflight.pop(a, None)
+
+    def kick(self) -> None:
+        """The engine did not know a routed adapter (it restarted?): re-check its adapters at the next tick."""
+        self._resync_at = 0.0
 
     @property
     def ready(self) -> bool:
@@ -508,9 +514,11 @@ class Routes:
     async def tick(self) -> None:
         now = time.monotonic()
         changed = self._read()
+        if changed:
+            self._failures = 0
         want = self.desired
         due = (changed or self.draining or now >= self._resync_at
-               or (want is not None and want.revision != self.revision and now >= self._retry_at))
+               or (want is not None and (want.revision != self.revision or self.errors) and now >= self._retry_at))
         if due and self.engine is not None and (want is not None or self.applied is not None):
             await self.reconcile()
             self._resync_at = time.monotonic() + self.resync_s
@@ -554,7 +562,10 @@ class Routes:
                 self._apply(want)  # same revision, new content: the table still follows the file
         self.errors = errors
         if errors:
-            self._retry_at = time.monotonic() + self.retry_s
+            self._retry_at = time.monotonic() + min(self.retry_max_s, self.retry_s * 2 ** min(self._failures, 16))
+            self._failures += 1
+        else:
+            self._failures = 0
         if self.manage:
             await self._unload_unused(have)
         self.engine_loaded = have

@@ -459,3 +459,47 @@ def test_routes_with_the_cpu_engine(engine, sidecar_factory, tiny_model, tmp_pat
     assert ask("fruit") == want_b
     wait_until(lambda: "fruit-copy" not in {m.id for m in direct.models.list().data}, what="fruit-copy unloaded")
     assert {"fruit-a", "fruit-b"} <= {m.id for m in direct.models.list().data}
+
+
+# ---------------------------------------------------------------- engine restarts, workers
+def test_adapters_lost_by_an_engine_restart_are_reloaded(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, sc, _ = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    sc.routes.resync_s = 3600.0  # only the engine's 404 for a routed adapter makes it look again
+    sc.routes._resync_at = time.monotonic() + 3600.0
+    fake.loaded.clear()  # the engine container restarted
+    assert chat(t, "svc").status_code == 404
+    wait_until(lambda: "a1" in fake.loaded, what="a1 reloaded")
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a1"
+    assert [c for c in fake.calls if c == ("load", "a1")] == [("load", "a1")] * 2
+
+
+def test_workers_unload_only_when_every_worker_is_done(fake: FakeEngine, sidecar_factory, tmp_path: Path) -> None:
+    """Two worker processes of one sidecar (here: two Sidecars with worker indexes 0 and 1 on one spool
+    root): worker 0 loads and unloads; worker 1 follows the engine; an adapter a request on worker 1
+    still uses is not unloaded."""
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    kd = KubeletDir(tmp_path / "cm")
+    kd.write(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    common = {"routes_file": str(kd.path), "adapters_dir": str(tmp_path / "adapters"), "workers": 2, "spool_dir": str(tmp_path / "spool")}
+    w0, _, _ = sidecar_factory(fake.url, worker_index=0, **common)
+    w1, _, _ = sidecar_factory(fake.url, worker_index=1, **common)
+    applied(w0, "r1")
+    applied(w1, "r1")
+    assert [c for c in fake.calls if c[0] == "load"] == [("load", "a1")]  # worker 1 never loads
+
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(r=chat(w1, "svc", hold=True)))
+    th.start()
+    assert fake.chat_started.wait(60)
+    kd.write(doc("r2", {"a2": a2}, {"svc": [("a2", 100)]}))
+    applied(w1, "r2")
+    wait_until(lambda: routes_state(w0)["draining"] == ["a1"], what="a1 draining on worker 0")
+    assert "a1" in fake.loaded and ("unload", "a1") not in fake.calls
+    assert chat(w0, "svc").json()["choices"][0]["message"]["content"] == "answer of a2"
+    fake.release_chat()
+    th.join(60)
+    assert result["r"].json()["choices"][0]["message"]["content"] == "answer of a1"
+    wait_until(lambda: ("unload", "a1") in fake.calls, what="a1 unloaded")
+    assert fake.loaded == {"a2": a2}

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 from perennial_server.cli import build_parser
 from perennial_server.vllm import main
 
