@@ -883,3 +883,19 @@ def test_combine_prefers_the_worst_status_per_type():
     conds = {c.type: c for c in combine_conditions(parts)}
     assert (conds["Progressing"].status, conds["Progressing"].reason, conds["Progressing"].message) == ("Unknown", "RolloutPaused", "a: paused")
     assert conds["Degraded"].message == "c: smoke failed"
+
+
+def test_every_condition_reason_the_decisions_use_is_documented_for_kubectl_explain():
+    import re
+    from pathlib import Path
+
+    import perennial.controllers.rollout as rollout_module
+    from perennial.api.deployment import DeploymentStatus
+
+    source = Path(rollout_module.__file__).read_text()
+    reasons = set(re.findall(r'(?:cond\(|ConditionPart\()CONDITION_\w+, "\w+", "(\w+)"', source))
+    reasons |= set(re.findall(r'problems\.append\(\("(\w+)"', source)) | set(re.findall(r'return "(\w+)", f"', source))
+    reasons |= {"WaitingForPromotion", "RolloutPaused", "AdapterRollout", "UnloadDelay"}
+    assert len(reasons) > 20
+    doc = DeploymentStatus.model_fields["conditions"].description
+    assert {r for r in reasons if f"`{r}`" not in doc} == set()
