@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+import re
+
+from pydantic import AfterValidator, Field
 
 from .common import (
     CommonStatus,
@@ -94,13 +96,22 @@ class EngineSpec(Model):
     resources: ComputeResources | None = Field(default=None, description="Resources of one replica; the BaseModel's if unset.")
 
 
+def _compiles(pattern: str | None) -> str | None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"`expectRegex` must be a valid Python regular expression: {exc}") from None
+    return pattern
+
+
 class SmokeTest(Model):
     """A request sent through the preview Service (pod rollouts) or under the preview name (adapter rollouts)
     before any client traffic reaches the new revision."""
 
     enabled: bool = Field(default=True, description="Run the smoke test; when false a ready preview counts as passed.")
     prompt: str = Field(default="Say hello.", max_length=4096, description="User message sent to each served model name (the base and every adapter).")
-    expect_regex: str | None = Field(default=None, max_length=1024, description="Every response must match this pattern (Python `re.search`); any non-empty answer passes if unset.")
+    expect_regex: Annotated[str | None, AfterValidator(_compiles)] = Field(default=None, max_length=1024, description="Every response must match this pattern (Python `re.search`); any non-empty answer passes if unset.")
     max_tokens: int = Field(default=16, ge=1, le=4096, description="`max_tokens` of each smoke request.")
     timeout_seconds: int = Field(default=60, ge=1, le=3600, description="Time limit of the smoke test.")
 
@@ -120,7 +131,8 @@ class BlueGreen(Model):
         description="Switch traffic to the preview color as soon as it is ready and the smoke test passed. When false, the rollout waits "
         "(phase `Paused`) for the annotation `perennial.ai/promote: <revision>` on this Deployment (set by `perennial promote <name>` or "
         "`kubectl annotate pdeploy <name> perennial.ai/promote=<revision> --overwrite`); the revision waiting is shown in "
-        "`status.regions[].pendingPromotion`. The first rollout of a region needs no promotion.",
+        "`status.regions[].pendingPromotion`; for an adapter change the value is the new Adapter's name. The first rollout "
+        "of a region needs no promotion.",
     )
     smoke_test: SmokeTest = Field(default_factory=SmokeTest, description="Check run on the preview before it gets traffic.")
     scale_down_delay_seconds: int = Field(
@@ -138,7 +150,8 @@ class BlueGreen(Model):
         default=1800, ge=30, le=86400,
         description="Abort when a preview step (coming up, or scaling to the full count) has not finished in this time. "
         "Argo Rollouts' default is 600; ours is 1800 because pulling a serving image and loading a large model on a new node "
-        "often takes longer than 10 minutes. Waiting for a manual promotion does not count.",
+        "often takes longer than 10 minutes. Waiting for a manual promotion, or `paused`, does not count. Adapter changes get "
+        "the same time to be loaded by every ready pod.",
     )
     preview_replicas: int | None = Field(
         default=None, ge=1, le=1000,
