@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import logging
 import os
@@ -318,33 +319,48 @@ class EngineAdapters:
 
 
 # ---------------------------------------------------------------- the response's `model`
+_KEY = b'"model"'
+
+
+@functools.lru_cache(maxsize=4096)
+def _patterns(adapter: str, served: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    a, s = json.dumps(adapter).encode(), json.dumps(served).encode()
+    return (_KEY + b":" + a, _KEY + b":" + s), (_KEY + b": " + a, _KEY + b": " + s)
+
+
 class Renamer:
     """Rewrites `"model": "<adapter>"` to the served name in response bytes, chunk by chunk (a
     pattern cut between two chunks is held back until the next one). Names never need JSON
     escaping (see ADAPTER_NAME/SERVED_NAME), so a match is always a key and its value: inside a
     JSON string every quote is escaped."""
 
-    __slots__ = ("carry", "maxlen", "pairs")
+    __slots__ = ("carry", "compact", "spaced")
 
     def __init__(self, adapter: str, served: str) -> None:
-        a, s = json.dumps(adapter).encode(), json.dumps(served).encode()
-        self.pairs = ((b'"model":' + a, b'"model":' + s), (b'"model": ' + a, b'"model": ' + s))
-        self.maxlen = max(len(p) for p, _ in self.pairs)
+        self.compact, self.spaced = _patterns(adapter, served)
         self.carry = b""
 
     def feed(self, data: bytes) -> bytes:
-        buf = self.carry + data if self.carry else bytes(data)
-        for old, new in self.pairs:
-            if old in buf:
-                buf = buf.replace(old, new)
-        i = buf.find(b'"', max(0, len(buf) - self.maxlen + 1))
-        while i != -1:
-            tail = buf[i:]
-            if any(old.startswith(tail) for old, _ in self.pairs):
-                self.carry = tail
-                return buf[:i]
-            i = buf.find(b'"', i + 1)
+        buf = self.carry + data if self.carry else (data if type(data) is bytes else bytes(data))
+        c, sp = self.compact[0], self.spaced[0]
+        if c in buf:
+            buf = buf.replace(c, self.compact[1])
+        if sp in buf:
+            buf = buf.replace(sp, self.spaced[1])
         self.carry = b""
+        if buf[-1:] in (b"\n", b"}", b"]", b""):  # an SSE event's or a JSON body's end: nothing cut
+            return buf
+        n = len(buf)
+        # a tail that is a proper prefix of a pattern: at least `"model"` (7 bytes) ...
+        i = buf.rfind(_KEY, max(0, n - len(sp) + 1))
+        if i != -1 and (c.startswith(tail := buf[i:]) or sp.startswith(tail)):
+            self.carry = tail
+            return buf[:i]
+        # ... or shorter, a prefix of `"model"`
+        i = buf.rfind(b'"', max(0, n - len(_KEY) + 1))
+        if i != -1 and _KEY.startswith(tail := buf[i:]):
+            self.carry = tail
+            return buf[:i]
         return buf
 
     def flush(self) -> bytes:
@@ -365,6 +381,20 @@ class Routed:
         self.served = served
         self.adapter = adapter
         self.renamer = Renamer(adapter, served) if adapter is not None and adapter != served else None
+
+
+def _with_model(body: bytes, req: dict, served: str, adapter: str) -> bytes:
+    """`body` with its top-level `model` (== served) set to `adapter`: the bytes spliced when the
+    served name appears exactly once, quoted, right after a `"model":` key (then it is that value);
+    else re-serialized."""
+    q = b'"' + served.encode() + b'"'
+    if body.count(q) == 1:
+        i = body.find(q)
+        head = body[max(0, i - 24):i].rstrip()
+        if head.endswith(b":") and head[:-1].rstrip().endswith(_KEY):
+            return body[:i] + b'"' + adapter.encode() + b'"' + body[i + len(q):]
+    req["model"] = adapter
+    return to_json(req)
 
 
 # ---------------------------------------------------------------- the routes
@@ -428,9 +458,8 @@ class Routes:
         if r is None:
             return json_error(404, f"The model `{model}` does not exist.", "model_not_found", param="model")
         adapter = r.pick(self.rng)
-        req["model"] = adapter
         self.inflight[adapter] = self.inflight.get(adapter, 0) + 1
-        return Routed(to_json(req), model, adapter)
+        return Routed(_with_model(body, req, model, adapter), model, adapter)
 
     def done(self, routed: Routed) -> None:
         a = routed.adapter

@@ -1,0 +1,180 @@
+"""What the sidecar's routes (`--routes-file`, served name -> adapter) cost per proxied request.
+
+Two sidecars side by side in front of one instant OpenAI-like upstream (all on 127.0.0.1, capture
+on, 100% sampled): one without routes (requests name the base model, as today), one with a routes
+document (requests name a served name; the sidecar picks the adapter from a two-entry canary, rewrites
+the request's `model`, renames `model` back in the answer, counts the request in flight). Alternating
+rounds of closed-loop keep-alive clients, JSON and SSE. Reports, per mode, the median over rounds of
+requests/s and of the sidecar's CPU time per request (utime+stime from /proc), and the ratios
+routed/plain. The upstream answers instantly, so this is a stress test of the sidecar's CPU: the
+ratio bounds what routes cost, it is not the end-to-end figure (benchmarks/sidecar_overhead.py).
+
+    python benchmarks/routes_overhead.py [--clients 16] [--seconds 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+HOST = "127.0.0.1"
+BASE, SERVED = "bench-base", "bench-svc"
+
+
+def run_upstream(port: int) -> None:
+    words = ("The ", "answer ", "is ", "green, ", "as ", "usual", ".", "")
+    loaded: set[str] = set()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        req = json.loads(await request.read())
+        model = req["model"]
+        if req.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for w in words:
+                ev = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0, "model": model,
+                      "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+                await resp.write(b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        body = {"id": "chatcmpl-b", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}
+        return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), content_type="application/json")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": BASE, "parent": None}] + [{"id": n, "parent": BASE} for n in sorted(loaded)]})
+
+    async def load(request: web.Request) -> web.Response:
+        loaded.add((await request.json())["lora_name"])
+        return web.Response(text="ok")
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load)
+    app.router.add_get("/health", health)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"sidecar exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} not ready")
+
+
+async def load_round(url: str, model: str, stream: bool, clients: int, seconds: float) -> int:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What colour is a kiwi? " * 8}],
+                       "max_tokens": 8, "temperature": 0.7, "stream": stream}).encode()
+    headers = {"Content-Type": "application/json"}
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while time.monotonic() < stop:
+            async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                data = await r.read()
+                if r.status != 200 or (model == SERVED and b'"model":"bench-svc"' not in data):
+                    raise SystemExit(f"bad answer {r.status}: {data[:200]!r}")
+            done += 1
+
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+
+    up_port = free_port()
+    upstream = multiprocessing.Process(target=run_upstream, args=(up_port,), daemon=True)
+    upstream.start()
+    tmp = Path(tempfile.mkdtemp(prefix="routes-bench-"))
+    (tmp / "token").write_text("bench-token\n")
+    routes = tmp / "routes.json"
+    routes.write_text(json.dumps({"revision": "r1", "base": {"name": BASE},
+                                  "adapters": {"svc-v1": {"uri": str(tmp)}, "svc-v2": {"uri": str(tmp)}},
+                                  "routes": {SERVED: [{"adapter": "svc-v1", "weight": 90}, {"adapter": "svc-v2", "weight": 10}]}}))
+    procs, urls = {}, {}
+    for mode in ("plain", "routed"):
+        port = free_port()
+        argv = [sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", f"http://{HOST}:{up_port}",
+                "--host", HOST, "--port", str(port), "--spool-dir", str(tmp / f"spool-{mode}"), "--token-file", str(tmp / "token"),
+                "--base-model-name", BASE]
+        if mode == "routed":
+            argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / d) for d in ("server_image", "common", "operator")]))
+        procs[mode] = subprocess.Popen(argv, env=env)
+        urls[mode] = f"http://{HOST}:{port}"
+    try:
+        for mode in procs:
+            wait_ready(urls[mode], procs[mode])
+        print(f"clients={a.clients} seconds={a.seconds} rounds={a.rounds} upstream=instant capture=100%")
+        for stream in (False, True):
+            rps: dict[str, list[float]] = {"plain": [], "routed": []}
+            cpu: dict[str, list[float]] = {"plain": [], "routed": []}
+            for _ in range(a.rounds):
+                for mode in ("plain", "routed"):
+                    c0, t0 = cpu_seconds(procs[mode].pid), time.monotonic()
+                    n = asyncio.run(load_round(urls[mode], BASE if mode == "plain" else SERVED, stream, a.clients, a.seconds))
+                    c1, t1 = cpu_seconds(procs[mode].pid), time.monotonic()
+                    rps[mode].append(n / (t1 - t0))
+                    cpu[mode].append((c1 - c0) / max(n, 1) * 1e6)
+            kind = "sse " if stream else "json"
+            rp, rr = statistics.median(rps["plain"]), statistics.median(rps["routed"])
+            cp, cr = statistics.median(cpu["plain"]), statistics.median(cpu["routed"])
+            print(f"{kind}: plain {rp:7.0f} req/s {cp:6.0f} us CPU/req | routed {rr:7.0f} req/s {cr:6.0f} us CPU/req | "
+                  f"throughput routed/plain {rr / rp:.3f}x  CPU/req routed/plain {cr / cp:.3f}x")
+    finally:
+        for p in procs.values():
+            p.terminate()
+            p.wait(30)
+        upstream.terminate()
+
+
+if __name__ == "__main__":
+    main()
