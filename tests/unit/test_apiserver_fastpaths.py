@@ -331,3 +331,71 @@ def json_loads(text: str):
     import json
 
     return json.loads(text)
+
+
+# --------------------------------------------------------------------------- CEL: rules of a node as one list, scalar outcomes
+
+NODE_RULES = {
+    "type": "object",
+    "x-kubernetes-validations": [
+        {"rule": "self.kind == 'A' ? has(self.a) : !has(self.a)", "message": "`a` goes with kind A"},
+        {"rule": "self.kind == 'B' ? has(self.b) : !has(self.b)"},
+        {"rule": "self.n > 0", "messageExpression": "'n must be positive, not ' + string(self.n)"},
+        {"rule": "self.missing > 0"},  # an evaluation error unless the key is there
+        {"rule": "self.n == oldSelf.n", "message": "`n` is immutable"},  # a transition rule
+        {"rule": "self.kind", "message": "not a boolean"},  # a rule whose value is not a bool
+        {"rule": "size(self.kind) < 3 // a comment at the end"},
+    ],
+    "properties": {
+        "kind": {"type": "string"}, "a": {"type": "string"}, "b": {"type": "string"},
+        "n": {"type": "integer"}, "missing": {"type": "integer"},
+        "weight": {"type": "string", "x-kubernetes-validations": [
+            {"rule": "!self.matches('^[0-9.]+$') || double(self) <= 10.0", "message": "at most 10"}]},
+        "flag": {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [
+            {"rule": "type(self) == int", "message": "must be an integer"}]},
+    },
+}
+
+
+def _one_by_one(monkeypatch, schema, value, old):
+    """validate() with every rule evaluated alone, nothing remembered or shared."""
+    with monkeypatch.context() as m:
+        m.setattr(validation, "_passed_together", lambda rules, value: frozenset())
+        m.setattr(validation, "_eval", lambda rule, data, activations=None: validation._eval_now(rule, data, None))
+        return [e.as_cause() for e in validation.validate(schema, value, old)]
+
+
+def test_rules_evaluated_together_and_remembered_scalars_answer_as_one_by_one(monkeypatch):
+    rng = random.Random(99)
+    batches = 0
+    real_together = validation._passed_together
+
+    def counting(rules, value):
+        nonlocal batches
+        out = real_together(rules, value)
+        batches += bool(out)
+        return out
+
+    monkeypatch.setattr(validation, "_passed_together", counting)
+    for _ in range(300):
+        value = {"kind": rng.choice(["A", "B", "C", "LONG"]), "n": rng.randint(-1, 2),
+                 "weight": rng.choice(["1", "5.5", "11", "x", "10"]), "flag": rng.choice([1, "1", 2, "two"])}
+        for key in ("a", "b", "missing"):
+            if rng.random() < 0.5:
+                value[key] = 1 if key == "missing" else "x"
+        old = rng.choice([validation._MISSING, {**value, "n": rng.randint(-1, 2)}])
+        fast = [e.as_cause() for e in validation.validate(NODE_RULES, value, old)]
+        assert fast == _one_by_one(monkeypatch, NODE_RULES, value, old), value
+    assert batches > 0  # the list evaluation did settle rules
+
+
+def test_remembered_scalar_outcomes_tell_types_apart():
+    schema = {"x-kubernetes-int-or-string": True,
+              "x-kubernetes-validations": [{"rule": "type(self) == int", "message": "must be an integer"}]}
+    number = {"type": "number", "x-kubernetes-validations": [{"rule": "type(self) == int", "message": "int"}]}
+    assert validation.validate(schema, 1) == []
+    assert [e.detail for e in validation.validate(schema, "1")] == ['Invalid value: "1": must be an integer']
+    assert validation.validate(number, 1) == []
+    assert [e.detail for e in validation.validate(number, 1.0)] == ["Invalid value: 1: int"]  # 1.0 == 1 in Python
+    assert [e.detail for e in validation.validate(number, 1.5)] == ["Invalid value: 1.5: int"]
+    assert validation.validate(schema, 1) == []  # 1 remembered apart from "1", 1.0 and 1.5

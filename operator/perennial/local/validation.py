@@ -227,9 +227,34 @@ def compile_rule(rule: str) -> Any:
         return expr
 
 
+_SCALARS = frozenset({str, int, float, bool})
+_scalar_results: dict[tuple[str, type, Any], tuple[Any, str | None]] = {}
+SCALAR_RESULTS = 4096
+
+
 def _eval(rule: str, data: dict[str, Any], activations: dict[int, Any] | None = None) -> tuple[Any, str | None]:
     """Evaluate a rule on ``data``; ``activations``: the rules of one schema node share the CEL activation of
-    the same variables (``data`` holds the same values for every rule of that node), built once."""
+    the same variables (``data`` holds the same values for every rule of that node), built once.
+
+    A rule on a scalar ``self`` alone (a short string, a number, a boolean) is a pure function of that value:
+    its outcome is remembered (by rule, type and value: ``1``, ``1.0`` and ``true`` are different keys), as
+    defaulted fields (``weight: "1"``) repeat the same value object after object."""
+    if len(data) == 1:
+        value = data["self"]
+        kind = type(value)
+        if kind in _SCALARS and (kind is not str or len(value) <= 256):
+            key = (rule, kind, value)
+            hit = _scalar_results.get(key)
+            if hit is None:
+                hit = _eval_now(rule, data, activations)
+                if len(_scalar_results) >= SCALAR_RESULTS:
+                    _scalar_results.clear()
+                _scalar_results[key] = hit
+            return hit
+    return _eval_now(rule, data, activations)
+
+
+def _eval_now(rule: str, data: dict[str, Any], activations: dict[int, Any] | None) -> tuple[Any, str | None]:
     global _cel_error_type
     expr = _cel_cache.get(rule) or compile_rule(rule)
     if _cel_error_type is None:
@@ -453,9 +478,54 @@ def _validate(schema: dict, value: Any, old: Any, path: str, errors: list[FieldE
 
     rules = schema.get("x-kubernetes-validations")
     if rules:
-        activations: dict[int, Any] | None = {} if len(rules) > 1 else None
-        for rule in rules:
-            _check_rule(rule, value, old, path, errors, activations)
+        if len(rules) == 1:
+            _check_rule(rules[0], value, old, path, errors)
+            return
+        activations: dict[int, Any] = {}
+        passed = _passed_together(rules, value)
+        for i, rule in enumerate(rules):
+            if i not in passed:
+                _check_rule(rule, value, old, path, errors, activations)
+
+
+_batches: dict[tuple[str, ...], Any] = {}
+
+
+def _passed_together(rules: list[dict], value: Any) -> frozenset[int]:
+    """The indexes of the rules (not transition rules) that hold for ``value``, from one evaluation of all of
+    them as one CEL list, ``[(rule0), (rule1), ...]``: one conversion of ``self`` and one call instead of one per
+    rule. Only a rule that evaluated to ``true`` is settled here; any other outcome (false, an error anywhere in
+    the list, a rule that does not compile) leaves its rules to be evaluated one by one as before, so errors
+    and messages are exactly those of evaluating each rule alone."""
+    indexes = [i for i, r in enumerate(rules) if not _is_transition(r.get("rule", ""))]
+    if len(indexes) < 2:
+        return frozenset()
+    texts = tuple(rules[i].get("rule", "") for i in indexes)
+    expr = _batches.get(texts, _MISSING)
+    if expr is _MISSING:
+        try:
+            for text in texts:
+                compile_rule(text)
+            with _cel_lock:
+                expr = _env().compile("[" + ", ".join(f"({t}\n)" for t in texts) + "]")
+        except Exception:  # noqa: BLE001 - evaluated one by one instead
+            expr = None
+        _batches[texts] = expr
+    if expr is None:
+        return frozenset()
+    global _cel_error_type
+    if _cel_error_type is None:
+        from cel_expr_python import cel
+
+        _cel_error_type = cel.Type.ERROR
+    with _cel_lock:
+        result = expr.eval(data={"self": value})
+        if result.type() == _cel_error_type:
+            return frozenset()
+        values = result.plain_value()
+    if not isinstance(values, list) or len(values) != len(indexes):
+        return frozenset()
+    return frozenset(i for i, v in zip(indexes, values) if v is True)
 
 
 def _check_rule(rule: dict, value: Any, old: Any, path: str, errors: list[FieldError],
