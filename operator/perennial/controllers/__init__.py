@@ -6,9 +6,9 @@ from .base import Controller
 
 
 def all_controllers() -> list[Controller]:
-    from . import adapter, basemodel, rewardspec, trainingrun
+    from . import adapter, basemodel, deployment, rewardspec, trainingrun
 
-    return [basemodel.CONTROLLER, rewardspec.CONTROLLER, trainingrun.CONTROLLER, adapter.CONTROLLER]
+    return [basemodel.CONTROLLER, rewardspec.CONTROLLER, trainingrun.CONTROLLER, adapter.CONTROLLER, deployment.CONTROLLER]
 
 
 __all__ = ["Controller", "all_controllers"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ..kube import ApiError
@@ -13,8 +14,31 @@ log = logging.getLogger("perennial.controllers")
 #: Kinds a child may be of that an API server may not serve; a 404 on creating one is warned about once
 #: and the child skipped (NetworkPolicy: the embedded control plane of `perennial dev` has none, and there
 #: pods are local processes that no network plugin would police anyway).
-OPTIONAL_KINDS = {("networking.k8s.io/v1", "NetworkPolicy")}
-_unserved: set[tuple[str, str]] = set()
+#: KEDA's ScaledObject: its CRD is installed with KEDA only (a `provider: KEDA` Deployment reports it missing).
+OPTIONAL_KINDS = {("networking.k8s.io/v1", "NetworkPolicy"), ("keda.sh/v1alpha1", "ScaledObject")}
+#: Kinds found unserved -> when (monotonic); tried again after UNSERVED_RECHECK_SECONDS (a CRD installed later).
+_unserved: dict[tuple[str, str], float] = {}
+UNSERVED_RECHECK_SECONDS = 300.0
+
+
+def is_unserved(api_version: str, kind: str) -> bool:
+    """Whether the API server was found not to serve this optional kind (recently)."""
+    at = _unserved.get((api_version, kind))
+    if at is None:
+        return False
+    if time.monotonic() - at >= UNSERVED_RECHECK_SECONDS:
+        del _unserved[(api_version, kind)]
+        return False
+    return True
+
+
+def without_nulls(value: Any) -> Any:
+    """A manifest without the null fields (those a merge patch would remove), at any depth."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 async def apply_all(ctx: Context, manifests: list[dict[str, Any]], reasons: dict[str, str | None] | None = None) -> list[Note]:
@@ -24,16 +48,18 @@ async def apply_all(ctx: Context, manifests: list[dict[str, Any]], reasons: dict
     for manifest in manifests:
         meta = manifest["metadata"]
         kind = (manifest["apiVersion"], manifest["kind"])
-        if kind in _unserved:
+        if is_unserved(*kind):
             continue
         current = ctx.cache.get(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        if current is None:
+            manifest = without_nulls(manifest)  # null removes a field in a merge patch; a new object just lacks it
         try:
             obj, action = await ctx.kube.apply(manifest, current)
         except ApiError as exc:
             if exc.status != 404 or kind not in OPTIONAL_KINDS:
                 raise
-            _unserved.add(kind)
-            log.warning("Skipped %s: the API server does not serve %s; pods of this operator run without one, name=%s, namespace=%s",
+            _unserved[kind] = time.monotonic()
+            log.warning("Skipped %s: the API server does not serve %s, name=%s, namespace=%s",
                         manifest["kind"], manifest["apiVersion"], meta["name"], meta.get("namespace"))
             continue
         if action == "unchanged":

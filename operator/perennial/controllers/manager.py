@@ -54,6 +54,9 @@ class Watched:
     plural: str
     kind: str
     labels: dict[str, str] | None = None
+    #: Served only where an add-on is installed (KEDA's CRD): when the API server does not serve it, it counts as
+    #: listed (empty) at once instead of holding every reconcile back until READY_TIMEOUT_SECONDS.
+    optional: bool = False
 
     @property
     def id(self) -> str:
@@ -72,7 +75,16 @@ BUILTIN_WATCHES = (
     Watched("", "v1", "configmaps", "ConfigMap", MANAGED),
     Watched("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     Watched("", "v1", "secrets", "Secret"),
+    # Serving children of Perennial Deployments (and their pods, above, through the deployment label).
+    Watched("apps", "v1", "deployments", "Deployment", MANAGED),
+    Watched("", "v1", "services", "Service", MANAGED),
+    Watched("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", MANAGED),
+    Watched("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", MANAGED),
+    Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True),
 )
+#: The label naming the Perennial Deployment of a serving child: maps what no ownerReference ties to it
+#: (its pods, owned by ReplicaSets) to its parent.
+DEPLOYMENT_LABEL = "perennial.ai/deployment"
 #: Reconciles start when every watched resource was listed once, or after this long whatever is missing.
 READY_TIMEOUT_SECONDS = 30.0
 OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
@@ -166,6 +178,7 @@ class Manager:
         self._by_plural: dict[tuple[str, str], Watched] = {}
         self._listed_once: set[tuple[str, str]] = set()
         self._ready_timer: asyncio.TimerHandle | None = None
+        self._discovery: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -234,6 +247,28 @@ class Manager:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
         self._ready_timer = asyncio.get_running_loop().call_later(READY_TIMEOUT_SECONDS, self._ready_anyway)
+        optional = [w for w in self._by_plural.values() if w.optional]
+        if optional:
+            self._discovery = asyncio.create_task(self._skip_unserved(optional), name="perennial-discovery")
+
+    async def _skip_unserved(self, optional: list[Watched]) -> None:
+        """Optional resources the API server does not serve (KEDA not installed, which is normal) count as listed:
+        kopf never lists them, and nothing may wait for them."""
+        for w in optional:
+            try:
+                found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
+                served = any(r.get("name") == w.plural for r in found.get("resources") or [])
+            except ApiError as exc:
+                if exc.status != 404:
+                    log.warning("Could not tell whether the API server serves %s, error=%s", w.id, exc)
+                    continue  # unknown: READY_TIMEOUT_SECONDS still bounds the wait
+                served = False
+            if not served and (w.group, w.plural) not in self._listed_once:
+                log.warning("Not watching %s: the API server does not serve it (its CRD is not installed)", w.id)
+                self._listed_once.add((w.group, w.plural))
+        if not self._ready and self._listed_once >= set(self._by_plural):
+            self._start_reconciling()
+            log.info("Listed the world, objects=%d", len(self.queue))
 
     def _ready_anyway(self) -> None:
         """A resource kopf never lists (its CRD is not installed) must not hold every reconcile back forever."""
@@ -252,6 +287,8 @@ class Manager:
         listings.unsubscribe(self)
         if self._ready_timer is not None:
             self._ready_timer.cancel()
+        if self._discovery is not None and not self._discovery.done():
+            self._discovery.cancel()
         await self.queue.shutdown()
         if self._event_tasks:
             await asyncio.wait(self._event_tasks, timeout=2)
@@ -282,6 +319,10 @@ class Manager:
             keys |= self._owner_keys(ns, ref)
         for dep in self._dependencies_of(obj):
             keys |= self.dependents.get(dep, set())
+        if not ours and "Deployment" in self.controllers:
+            for labels in ((new or {}).get("metadata", {}).get("labels") or {}, (old or {}).get("metadata", {}).get("labels") or {}):
+                if labels.get(DEPLOYMENT_LABEL) and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY:
+                    keys.add(Key("Deployment", ns, labels[DEPLOYMENT_LABEL]))
         return keys
 
     def _owner_keys(self, ns: str, ref: dict[str, Any], depth: int = 0) -> set[Key]:

@@ -1,0 +1,357 @@
+"""The Perennial `Deployment` controller against the embedded control plane (real kopf, real HTTP).
+
+The test plays the parts a cluster would: the apps/v1 controller-manager (it patches the status of the
+colors' apps/v1 Deployments: ready replicas, a progress deadline), the kube-proxy of the local runtime (it
+annotates Services with `perennial.ai/local-url`, as `perennial.local.proxy` does) and the serving pods (a
+small HTTP server answering chat completions, the smoke test's target). Writes are counted at the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import API, Cluster, running_cluster, wait_for
+from test_controller_pattern import WRITES, count, quiet
+
+from perennial.api.deployment import ABORTED_REVISION_ANNOTATION, SCALE_DOWN_AT_ANNOTATION, SWITCHED_AT_ANNOTATION
+
+NS = "default"
+LOCAL_URL = "perennial.ai/local-url"
+
+
+# ----------------------------------------------------------------------------- the parts a cluster plays
+
+
+class Engines:
+    """The serving pods behind a Service, as the smoke test sees them: chat completions, or failures."""
+
+    def __init__(self) -> None:
+        self.answer = "Hello there."
+        self.status = 200
+        self.models: list[str] = []
+        engines = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                engines.models.append(body.get("model"))
+                data = json.dumps({"object": "chat.completion", "model": body.get("model"),
+                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": engines.answer}}]}).encode()
+                self.send_response(engines.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Serving:
+    """Handles to the world of one test: the cluster, the operator's cache, the fake engines."""
+
+    def __init__(self, cluster: Cluster, managers: list[Any], engines: Engines):
+        self.cluster = cluster
+        self.kube = cluster.kube
+        self.managers = managers
+        self.engines = engines
+
+    def deploy(self, name: str) -> dict[str, Any] | None:
+        return self.kube.get("apps/v1", "Deployment", NS, name)
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return self.kube.get("v1", "Service", NS, name)
+
+    def proxied(self, name: str) -> None:
+        """Play the local kube-proxy: the Service answers at the engines' URL; wait until the operator saw it."""
+        wait_for(lambda: self.service(name), message=f"Service {name}")
+        self.kube.patch("v1", "Service", NS, name, {"metadata": {"annotations": {LOCAL_URL: self.engines.url}}})
+        cache = self.managers[-1].cache
+        wait_for(lambda: ((cache.get("v1", "Service", NS, name) or {}).get("metadata", {}).get("annotations") or {}).get(LOCAL_URL),
+                 message=f"the operator's cache has the local URL of {name}")
+
+    def ready(self, name: str, ready: int | None = None) -> dict[str, Any]:
+        """Play the controller-manager: every replica of `name` (or `ready` of them) is up and ready."""
+        d = wait_for(lambda: self.deploy(name), message=f"apps/v1 Deployment {name}")
+        n = d["spec"].get("replicas", 1)
+        up = n if ready is None else ready
+        status = {"observedGeneration": d["metadata"]["generation"], "replicas": n, "updatedReplicas": n, "readyReplicas": up, "availableReplicas": up}
+        return self.kube.patch("apps/v1", "Deployment", NS, name, {"status": status}, subresource="status")
+
+    def deadline_exceeded(self, name: str) -> None:
+        d = self.deploy(name)
+        status = {"observedGeneration": d["metadata"]["generation"], "replicas": d["spec"]["replicas"], "updatedReplicas": 0, "readyReplicas": 0,
+                  "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                  "message": f"ReplicaSet of {name} has timed out progressing."}]}
+        self.kube.patch("apps/v1", "Deployment", NS, name, {"status": status}, subresource="status")
+
+    def status(self, name: str = "chat") -> dict[str, Any]:
+        return (self.cluster.get("Deployment", name) or {}).get("status") or {}
+
+    def stable_color(self, name: str = "chat") -> str | None:
+        return ((self.service(name) or {}).get("spec") or {}).get("selector", {}).get("perennial.ai/color")
+
+    def reasons(self, name: str = "chat") -> list[str]:
+        """`<reason>: <message>` of its Events (one per reconcile: the other steps of that reconcile in the message)."""
+        events = sorted(self.cluster.events(name), key=lambda e: e["metadata"].get("creationTimestamp") or "")
+        return [f"{e['reason']}: {e['message']}" for e in events]
+
+
+@pytest.fixture
+def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
+    """A clean control plane (writes are counted) with the operator, its managers captured (to see its cache)."""
+    import perennial.runtime as runtime
+
+    managers: list[Any] = []
+
+    class Recorded(runtime.Manager):  # type: ignore[name-defined,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            managers.append(self)
+
+    monkeypatch.setattr(runtime, "Manager", Recorded)
+    engines = Engines()
+    try:
+        with running_cluster(tmp_path) as cluster:
+            artifact = tmp_path / "artifacts" / "support-v1"
+            artifact.mkdir(parents=True)
+            (artifact / "adapter_config.json").write_text("{}")
+            cluster.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+            cluster.create("Adapter", "support-v1", {"baseModelRef": {"name": "base"}, "family": "support", "version": 1,
+                                                     "artifactUri": f"file://{artifact}", "lora": {"rank": 8}})
+            cluster.wait_condition("BaseModel", "base", "Ready", "True")
+            cluster.wait_condition("Adapter", "support-v1", "Ready", "True")
+            yield Serving(cluster, managers, engines)
+    finally:
+        engines.close()
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "baseModelRef": {"name": "base"},
+        "adapters": [{"name": "support", "adapterRef": {"name": "support-v1"}}],
+        "replicas": 2,
+        "strategy": {"blueGreen": {"scaleDownDelaySeconds": 1, "abortScaleDownDelaySeconds": 1, "progressDeadlineSeconds": 600,
+                                   "previewReplicas": 1, "smokeTest": {"expectRegex": "(?i)hello", "timeoutSeconds": 10}}},
+    }
+    s.update(overrides)
+    return s
+
+
+def first_rollout(w: Serving, name: str = "chat", **overrides: Any) -> None:
+    """Create the Deployment and walk its first rollout to a serving blue."""
+    w.cluster.create("Deployment", name, spec(**overrides))
+    w.proxied(f"{name}-preview")
+    w.ready(f"{name}-blue")
+    wait_for(lambda: w.stable_color(name) == "blue", message="the stable Service selects blue")
+    w.proxied(name)
+    w.cluster.wait_condition("Deployment", name, "Ready", "True", "Serving")
+    w.cluster.wait_condition("Deployment", name, "Progressing", "False", "RolloutComplete")
+
+
+def change_pods(w: Serving, name: str = "chat") -> str:
+    """A change that needs new pods (engine args): returns the revision before it."""
+    before = w.status(name)["revision"]
+    w.kube.patch(API, "Deployment", NS, name, {"spec": {"engine": {"extraArgs": ["--enforce-eager"]}}})
+    return before
+
+
+def validate_strict(obj: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    meta = {k: v for k, v in obj["metadata"].items() if k in ("name", "namespace", "labels", "annotations", "ownerReferences")}
+    kubernetes_validate.validate({**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}, "1.30.0", strict=True)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_first_rollout_children_status_events_and_no_writes_once_stable(serving: Serving):
+    w = serving
+    first_rollout(w)
+    owner = w.cluster.get("Deployment", "chat")["metadata"]["uid"]
+
+    # The children, with the shape of the contract, valid Kubernetes (strict), owned by the Perennial Deployment.
+    blue = w.deploy("chat-blue")
+    assert blue["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "perennial-operator"
+    pod = blue["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert containers["engine"]["resources"]["limits"]["nvidia.com/gpu"] == 1  # vLLM: tensorParallelSize GPUs
+    assert containers["engine"]["startupProbe"] and containers["sidecar"]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert [p["containerPort"] for p in containers["sidecar"].get("ports", [])] == [8080] and "ports" not in containers["engine"]
+    token = {v["name"]: v for v in pod["volumes"]}["feedback-token"]["secret"]
+    assert token["secretName"] == "chat-feedback-token"
+    children = [blue, w.service("chat"), w.service("chat-preview"), w.kube.get("v1", "ConfigMap", NS, "chat-routes"),
+                w.kube.get("policy/v1", "PodDisruptionBudget", NS, "chat-blue"), w.kube.get("v1", "Secret", NS, "chat-feedback-token")]
+    for child in children:
+        assert child is not None
+        assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [owner], child["metadata"]
+        validate_strict(child)
+    assert w.deploy("chat-green") is None, "the first rollout brings up one color"
+    routes = json.loads(w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"]["routes.json"])
+    assert routes["routes"] == {"support": [{"adapter": "support-v1", "weight": 100}]} and routes["base"] == {"name": "base"}
+    secret = base64.b64decode(w.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"])
+    assert len(secret) >= 32
+
+    # The smoke test asked every served name through the preview Service before the first traffic.
+    assert {"base", "support"} <= set(w.engines.models)
+    st = w.status()
+    assert st["activeColor"] == "blue" and st["phase"] == "Stable" and st["readySummary"] == "2/2"
+    assert st["servedAdapters"] == [{"name": "support", "adapter": "support-v1"}] and st["servedSummary"] == "support=support-v1"
+    assert st["regions"][0]["name"] == "default" and st["regions"][0]["endpoint"] == w.engines.url
+    assert st["observedGeneration"] == w.cluster.get("Deployment", "chat")["metadata"]["generation"]
+    assert st["selector"] == "app.kubernetes.io/name=perennial-server,perennial.ai/deployment=chat,perennial.ai/region=default,perennial.ai/color=blue"
+    reasons = wait_for(lambda: (r := w.reasons()) and "Switched" in " ".join(r) and r, message="Events")
+    assert any("SmokeTestPassed" in r or "Switched" in r for r in reasons), reasons
+
+    # Stable: children's changes (the controller-manager's, the proxy's) and a restart make no write.
+    quiet(w.cluster)
+    w.cluster.server.reset_request_counts()
+    for i in range(3):
+        w.kube.patch("apps/v1", "Deployment", NS, "chat-blue", {"status": {"conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "lastUpdateTime": f"2026-01-01T00:00:0{i}Z"}]}},
+            subresource="status")
+        time.sleep(0.3)
+    quiet(w.cluster)
+    assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
+    w.cluster.restart_operator()
+    wait_for(lambda: count(w.cluster, ("list",)) >= 10, message="every watched resource listed again")
+    quiet(w.cluster)
+    assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
+    assert base64.b64decode(w.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"]) == secret, "the token is never rewritten"
+
+
+def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(serving: Serving):
+    w = serving
+    first_rollout(w, autoscaling={"enabled": True, "provider": "HPA", "minReplicas": 2, "maxReplicas": 4})
+    hpa = w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "chat-blue"
+    validate_strict(hpa)
+    old = change_pods(w)
+
+    # Preview: green at previewReplicas with the new revision; blue keeps the traffic.
+    green = wait_for(lambda: (d := w.deploy("chat-green")) and d, message="preview green")
+    new = green["metadata"]["labels"]["perennial.ai/revision"]
+    assert new != old and green["spec"]["replicas"] == 1
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "True", "PreviewProgressing")
+    st = w.status()
+    assert st["regions"][0]["previewColor"] == "green" and st["regions"][0]["previewRevision"] == new
+    assert w.stable_color() == "blue" and w.deploy("chat-blue")["metadata"]["labels"]["perennial.ai/revision"] == old
+
+    # Every preview pod ready -> smoke -> scaled to the full count before the switch.
+    w.proxied("chat-preview")
+    w.engines.models.clear()
+    w.ready("chat-green")
+    wait_for(lambda: w.deploy("chat-green")["spec"]["replicas"] == 2, message="the preview scaled to the full count")
+    assert w.stable_color() == "blue", "never a switch before the preview has its full count ready"
+    assert {"base", "support"} <= set(w.engines.models)
+    w.ready("chat-green", ready=1)  # one of two ready: still no switch
+    time.sleep(0.5)
+    assert w.stable_color() == "blue"
+    w.ready("chat-green")
+
+    # Switch; the old color kept for the delay, then scaled to zero; the HPA follows the active color.
+    wait_for(lambda: w.stable_color() == "green", message="switched to green")
+    assert w.deploy("chat-green")["status"]["readyReplicas"] == 2
+    assert SWITCHED_AT_ANNOTATION in w.service("chat")["metadata"]["annotations"]
+    wait_for(lambda: w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat")["spec"]["scaleTargetRef"]["name"] == "chat-green",
+             message="the HPA follows the active color")
+    wait_for(lambda: w.deploy("chat-blue")["spec"]["replicas"] == 0, message="old color scaled to zero after the delay")
+    assert SCALE_DOWN_AT_ANNOTATION not in (w.deploy("chat-blue")["metadata"].get("annotations") or {})
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+    st = w.status()
+    assert st["activeColor"] == "green" and st["revision"] == new and st["phase"] == "Stable"
+    reasons = wait_for(lambda: (r := w.reasons()) and "ScaledDown" in " ".join(r) and r, message="Events of every step")
+    text = " ".join(reasons)
+    for step in ("PreviewCreated", "PreviewScalingUp", "Switched", "ScaledDown"):
+        assert step in text, reasons
+    assert len(w.kube.list("apps/v1", "Deployment", NS, "perennial.ai/deployment=chat")) == 2
+
+
+@pytest.mark.parametrize("cause", ["smoke", "deadline"])
+def test_failed_smoke_or_exceeded_deadline_aborts_with_the_active_color_untouched(serving: Serving, cause: str):
+    w = serving
+    first_rollout(w)
+    change_pods(w)
+    green = wait_for(lambda: w.deploy("chat-green"), message="preview green")
+    new = green["metadata"]["labels"]["perennial.ai/revision"]
+    blue_before = w.deploy("chat-blue")
+    if cause == "smoke":
+        w.engines.status = 500
+        w.ready("chat-green")
+    else:
+        w.deadline_exceeded("chat-green")
+    c = w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "RolloutAborted")
+    assert new in c["message"] and ("SmokeTestFailed" if cause == "smoke" else "ProgressDeadlineExceeded") in c["message"]
+    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
+    assert w.stable_color() == "blue"
+    blue = w.deploy("chat-blue")
+    assert blue["spec"] == blue_before["spec"] and blue["metadata"]["labels"] == blue_before["metadata"]["labels"]
+    wait_for(lambda: w.deploy("chat-green")["spec"]["replicas"] == 0, message="the aborted preview scaled to zero after its delay")
+    assert w.deploy("chat-green")["metadata"]["annotations"][ABORTED_REVISION_ANNOTATION] == new
+    assert w.status()["phase"] == "Aborted"
+    wait_for(lambda: [e for e in w.cluster.events("chat") if e["type"] == "Warning" and "Aborted" in e["reason"] + e["message"]], message="a Warning Event")
+    # Not retried while the spec asks for that revision, also after a restart.
+    quiet(w.cluster)
+    w.cluster.restart_operator()
+    quiet(w.cluster)
+    assert w.deploy("chat-green")["spec"]["replicas"] == 0 and w.stable_color() == "blue"
+
+
+def test_operator_restarted_mid_rollout_converges_without_duplicates(serving: Serving):
+    """The operator stops at two points of a rollout (after starting the preview; after scaling it up) while the
+    world moves on; each time the restarted one resumes from the children, never duplicating one."""
+    w = serving
+    first_rollout(w)
+    change_pods(w)
+    wait_for(lambda: w.deploy("chat-green"), message="preview green")
+    w.cluster.stop_operator()
+    w.ready("chat-green")  # the preview came up while no operator ran (the preview Service is still proxied)
+    w.cluster.start_operator()
+    wait_for(lambda: w.deploy("chat-green")["spec"]["replicas"] == 2, message="the preview scaled to the full count")
+    assert w.stable_color() == "blue"
+    w.cluster.stop_operator()
+    w.ready("chat-green")
+    w.cluster.start_operator()
+    wait_for(lambda: w.stable_color() == "green", message="switched to green")
+    wait_for(lambda: w.deploy("chat-blue")["spec"]["replicas"] == 0, message="old color scaled to zero")
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
+    found = {kind: len(w.kube.list(api, kind, NS, "perennial.ai/deployment=chat"))
+             for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"))}
+    assert found == {"Deployment": 2, "Service": 2, "PodDisruptionBudget": 2, "ConfigMap": 1}, found
+    assert len([e for e in w.cluster.events("chat") if e["reason"] == "Switched" or e["message"].startswith("The stable Service now selects green")]) <= 2
+
+
+def test_keda_without_its_crd_is_reported_and_delays_nothing(serving: Serving, monkeypatch: pytest.MonkeyPatch):
+    """KEDA is not installed on the embedded control plane: its ScaledObjects are not served. The manager does not
+    wait for a listing that never comes (the timeout is raised here so that waiting would fail the test)."""
+    from perennial.controllers import manager
+
+    monkeypatch.setattr(manager, "READY_TIMEOUT_SECONDS", 3600.0)
+    w = serving
+    w.cluster.restart_operator()
+    w.cluster.create("Deployment", "scaled", spec(autoscaling={"enabled": True, "provider": "KEDA", "minReplicas": 1, "maxReplicas": 3,
+                                                               "metric": "QueueLength", "prometheusAddress": "http://prometheus:9090"}))
+    w.proxied("scaled-preview")
+    w.ready("scaled-blue")
+    c = w.cluster.wait_condition("Deployment", "scaled", "Degraded", "True", "KEDANotInstalled")
+    assert "install KEDA" in c["message"]
+    assert w.cluster.condition("Deployment", "scaled", "Ready")["status"] == "True"
