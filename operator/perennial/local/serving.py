@@ -114,6 +114,7 @@ class PodKubelet:
         self._lock = threading.Lock()
         self._pods: dict[str, _PodWorker] = {}  # uid -> worker
         self._ignored: set[str] = set()
+        self._finished: set[str] = set()  # pods whose worker ended: late events of theirs start nothing
         self._stopped = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -186,13 +187,15 @@ class PodKubelet:
         if etype == "DELETED" or meta.get("deletionTimestamp"):
             if etype == "DELETED":
                 self._ignored.discard(uid)
+                with self._lock:
+                    self._finished.discard(uid)
             if worker is not None:
                 grace = meta.get("deletionGracePeriodSeconds")
                 if grace is None:
                     grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
                 worker.terminate(float(grace), write_status=etype != "DELETED")
             return
-        if worker is not None or self._stopped or not self._eligible(pod):
+        if worker is not None or self._stopped or uid in self._finished or not self._eligible(pod):
             return
         worker = _PodWorker(self, pod)
         with self._lock:
@@ -210,6 +213,7 @@ class PodKubelet:
     def _done(self, worker: "_PodWorker") -> None:
         with self._lock:
             self._pods.pop(worker.uid, None)
+            self._finished.add(worker.uid)
 
 
 class _Container:
