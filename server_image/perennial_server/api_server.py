@@ -3,8 +3,10 @@
 Routes (thin) -> handlers:
     POST /v1/feedback        serving_feedback.FeedbackHandler: ratings, bearer token, answered once fsync'd
     GET  /healthz            process alive (and its spool writer)
-    GET  /readyz             ready only when the engine answers
+    GET  /readyz             ready only when the engine answers (and, with --routes-file, the first routes applied)
     GET  /metrics            Prometheus
+    GET  /perennial/routes   with --routes-file: the applied routes revision, loaded adapters, errors (routes.py)
+    GET  /v1/models          with --routes-file: the base and the served names (else proxied)
     *    /{anything else}    proxy.ProxyHandler: proxied to the engine; chat/completions captured (capture.py)
 
 Request models: protocol.py. Auth, rate limit, body reading, JSON errors: middleware.py. Client

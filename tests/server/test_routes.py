@@ -503,3 +503,52 @@ def test_workers_unload_only_when_every_worker_is_done(fake: FakeEngine, sidecar
     assert result["r"].json()["choices"][0]["message"]["content"] == "answer of a1"
     wait_until(lambda: ("unload", "a1") in fake.calls, what="a1 unloaded")
     assert fake.loaded == {"a2": a2}
+
+
+# ---------------------------------------------------------------- the byte-level rewrites
+@pytest.mark.parametrize("sep", [b":", b": "])
+def test_the_answer_is_renamed_wherever_the_engine_cuts_it(sep: bytes) -> None:
+    from perennial_server.routes import Renamer
+
+    ev = b'data: {"id":"c1","model"' + sep + b'"tone-v2","choices":[{"delta":{"content":"\\"model\\": \\"tone-v2\\""}}]}\n\n'
+    want = ev.replace(b'"model"' + sep + b'"tone-v2"', b'"model"' + sep + b'"tone"', 1)
+    assert want != ev and want.count(b"tone-v2") == 1  # the quoted text in the content is left alone
+    for cut in range(len(ev) + 1):
+        for cut2 in (cut, min(len(ev), cut + 3)):
+            rn = Renamer("tone-v2", "tone")
+            assert rn.feed(ev[:cut]) + rn.feed(ev[cut:cut2]) + rn.feed(ev[cut2:]) + rn.flush() == want, (cut, cut2)
+    # an SSE event's end is never held back (the client gets every event as it comes)
+    rn = Renamer("tone-v2", "tone")
+    assert rn.feed(ev) == want and rn.flush() == b""
+
+
+def test_the_request_model_is_rewritten_only_at_the_top_level() -> None:
+    from pydantic_core import from_json
+
+    from perennial_server.routes import _with_model
+
+    def rewrite(raw: bytes) -> dict:
+        out = _with_model(raw, from_json(raw), "svc", "svc-v2")
+        return from_json(out)
+
+    assert rewrite(b'{"model": "svc", "messages": []}') == {"model": "svc-v2", "messages": []}
+    # the served name elsewhere too: parsed and re-serialized, the rest unchanged
+    got = rewrite(b'{"messages": [{"role": "user", "content": "svc"}], "model":"svc", "user": "svc"}')
+    assert got == {"messages": [{"role": "user", "content": "svc"}], "model": "svc-v2", "user": "svc"}
+    # a model value written with escapes, and the name quoted inside a string
+    got = rewrite(b'{"x": "say \\"svc", "model": "\\u0073vc"}')
+    assert got == {"x": 'say "svc', "model": "svc-v2"}
+    assert rewrite(b'{"tools": [{"model": "svc"}], "model": "\\u0073vc"}') == {"tools": [{"model": "svc"}], "model": "svc-v2"}
+    # a duplicate key: the engine reads the last one, as the sidecar did
+    assert rewrite(b'{"model": "a1", "model": "svc"}') == {"model": "svc-v2"}
+
+
+def test_sidecar_flags() -> None:
+    from perennial_server.cli import build_parser
+    from perennial_server.config import sidecar_config_from_args
+
+    cfg = sidecar_config_from_args(build_parser().parse_args(["sidecar", "--routes-file", "/etc/perennial/routes/routes.json"]))
+    assert cfg.routes_file == "/etc/perennial/routes/routes.json" and cfg.adapters_dir == "/var/lib/perennial/adapters"
+    with pytest.raises(ValueError, match="absolute"):
+        sidecar_config_from_args(build_parser().parse_args(["sidecar", "--routes-file", "/r.json", "--adapters-dir", "rel/dir"]))
+    assert sidecar_config_from_args(build_parser().parse_args(["sidecar"])).routes_file == ""  # default: today's behaviour
