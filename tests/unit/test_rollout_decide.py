@@ -231,7 +231,8 @@ ROWS = [
     ("paused past the deadline, then resumed -> the step restarts instead of aborting",
      world(blue=col("r1", 4), green=col("r2", 2, 2, started="paused", smoke="r2=passed"), stable="blue", desired="r2", replicas=4),
      {"previewReplicas": 2}, 9000, False, None,
-     dict(stable="blue", phase="Progressing", notes=["PreviewCreated"], colors={"green": ("r2", 2)}, ann={"green": {STARTED: t(9000), SMOKE: None}})),
+     dict(stable="blue", phase="Progressing", notes=["PreviewCreated", "PreviewReady"], smoke="green", colors={"green": ("r2", 2)},
+          ann={"green": {STARTED: t(9000), SMOKE: None}})),
     ("a paused preview is never a rollback target",
      world(blue=col("r3", 4, started="paused"), green=col("r2", 4, 1), stable="green", desired="r3", replicas=4, switched_at=t(90)),
      BG, 150, True, None, dict(stable="green", notes=[], phase="Paused")),
@@ -279,7 +280,8 @@ ROWS = [
     ("spec reverted to the old color's revision within the delay -> its pods are reused at their count",
      world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4), stable="green", desired="r1", replicas=4, switched_at=t(90)),
      {"previewReplicas": 1}, 150, False, None,
-     dict(stable="green", notes=["PreviewCreated"], colors={"blue": ("r1", 4)}, ann={"blue": {SCALE_DOWN_AT: None, STARTED: t(150)}})),
+     dict(stable="green", notes=["PreviewCreated", "PreviewReady"], smoke="blue", colors={"blue": ("r1", 4)},
+          ann={"blue": {SCALE_DOWN_AT: None, STARTED: t(150)}})),
 
     # ---------------------------------------------------------------- the invariant as a last resort
     ("active lost every ready pod, the old color still has some -> fail over",
@@ -492,8 +494,26 @@ def test_safety_invariant_over_random_sequences(seed):
                 assert target.annotations.get(SMOKE) == f"{target.revision}=passed" or \
                     d.colors[d.stable_color].annotations.get(SMOKE) == f"{target.revision}=passed"
         w.apply(d)
+        if not {n.reason for n in d.notes} & {"RolledBack", "FailedOver"}:  # (after those, the rollout restarts next pass)
+            _is_a_fixpoint(w, bg, paused, promote, now)
         w.kubelet()
     assert w.stable is not None  # the region got to serve at some point
+
+
+def _is_a_fixpoint(w, bg, paused, promote, now) -> None:
+    """Deciding again on the world the last decision made, at the same time, changes nothing and says nothing
+    (no write, no duplicate Event): a decision is applied once, and a reconcile with nothing new is free."""
+    obs = w.observed()
+    d = decide_region(obs, bg, paused=paused, promote=promote, now=now)
+    if bg.scale_down_delay_seconds == 0 and [n.reason for n in d.notes] == ["ScaledDown"]:
+        return  # with no delay the old color is due at the switch, and is scaled down once the switch is seen applied
+    assert d.notes == [] and d.smoke is None, d.notes
+    assert d.stable_color == obs.stable_color
+    for c, target in d.colors.items():
+        cur = obs.color(c)
+        assert cur is not None and (target.revision, target.replicas) == (cur.revision, cur.replicas), (c, target, cur)
+        assert all(cur.annotations.get(k) == v for k, v in target.annotations.items()), (c, target.annotations, cur.annotations)
+    assert all(obs.stable_annotations.get(k) == v for k, v in d.stable_annotations.items())
 
 
 def test_a_rollout_walks_through_every_step_to_the_old_color_at_zero():
@@ -621,6 +641,13 @@ AROWS = [
     ("a pod failed to load the adapter -> aborted",
      aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2, errors={"fruit-v2": "rank mismatch"})), None, None, 30, False, None,
      dict(routes={"fruit": [("fruit-v1", 100)]}, loaded=["fruit-v1"], notes=["Aborted"], conditions={"Degraded": ("True", "RolloutAborted")})),
+    ("a load error from a pod that has not applied the current routes yet is stale: no abort",
+     aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=(PodRoutes("p0", True, "older", {"fruit-v2": "old failure"}),
+                                                             PodRoutes("p1", True, PREVIEW["revision"]))), None, None, 30, False, None,
+     dict(same=True, notes=[], phase="Progressing", conditions={"Degraded": ("False", "AsExpected")})),
+    ("canary: the deadline runs from the last step, not from the start of the rollout",
+     aobs(CANARY10, {"fruit": V2}, progress={"fruit": {**PASSED_P["fruit"], "step": 0, "stepAt": t(1700)}}, pod_list=pods(CANARY10, 2, behind=1)),
+     None, {"canarySteps": [{"weight": 10, "pauseSeconds": 60}]}, 1850, False, None, dict(same=True, notes=[], requeue=1650)),
     ("deadline exceeded while the pods did not apply -> aborted",
      aobs(PREVIEW, {"fruit": V2}, progress=STARTED_P, pod_list=pods(PREVIEW, 2, behind=1)), None, None, 1800, False, None,
      dict(routes={"fruit": [("fruit-v1", 100)]}, notes=["Aborted"])),
@@ -831,6 +858,10 @@ def test_adapter_safety_over_random_sequences(seed):
                 smoke_ok = (o.progress.get(s, {}).get("smoke") == "passed"
                             or (o.smoke_result is not None and o.smoke_result.passed and o.smoke_result.revision == o.routes["revision"]))
                 assert served_at_once or (smoke_ok and ready_applied), (s, e, o.progress, d.notes)
+        # deciding again on what was just decided (pods unchanged, same time) changes nothing and says nothing
+        again = decide_adapters(replace(o, routes=d.routes, progress=d.progress, smoke_result=None), bg, ar, paused=paused,
+                                promote=promote, now=when)
+        assert again.notes == [] and again.routes == d.routes and again.progress == d.progress, (again.notes, d.notes)
         routes, progress = d.routes, d.progress
 
 

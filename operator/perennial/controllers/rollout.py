@@ -473,7 +473,7 @@ def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
     if s.replicas != full:
         p.set(c, replicas=full)
     started = parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
-    if not (s.fully_ready() and s.replicas == full):
+    if not (s.fully_ready() and s.replicas >= full):  # more ready than needed (the spec lowered replicas) is ready
         deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
         if p.now >= deadline or s.progress_deadline_exceeded:
             _abort(p, c, rev, bg, "ProgressDeadlineExceeded",
@@ -557,9 +557,15 @@ def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> N
         p.set(B, revision=rev, replicas=n, preview_started_at=rfc3339(p.now), smoke=None, scale_down_at=None,
               aborted_revision=None, abort_reason=None)
         p.note("PreviewCreated", f"Started preview {B} with revision {rev} ({n} replicas); {A} (revision {a.revision}) keeps the traffic")
-        p.after(bg.progress_deadline_seconds)
-        _progressing(p, "PreviewProgressing", f"Preview {B} (revision {rev}): 0/{n} ready", preview=(B, rev))
-        return
+        if b is None or b.revision != rev or b.replicas != n:
+            p.after(bg.progress_deadline_seconds)
+            _progressing(p, "PreviewProgressing", f"Preview {B} (revision {rev}): 0/{n} ready", preview=(B, rev))
+            return
+        # Its pods are already there (a resumed preview, or the spec went back to this color's revision): go on
+        # with them in this same pass, as the annotations now say.
+        kept = {k: v for k, v in b.annotations.items() if k not in (SMOKE_ANNOTATION, SCALE_DOWN_AT_ANNOTATION,
+                                                                     ABORTED_REVISION_ANNOTATION, ABORT_REASON_ANNOTATION)}
+        b = replace(b, annotations={**kept, PREVIEW_STARTED_AT_ANNOTATION: rfc3339(p.now)})
 
     started = parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
     deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
@@ -641,6 +647,8 @@ def _switch(p: _Plan, old: Color | None, new: Color, rev: str, bg: BlueGreen, *,
         return
     when = p.now + _dt.timedelta(seconds=bg.scale_down_delay_seconds)
     assert old is not None
+    if not p.obs.autoscaled:
+        p.set(new, replicas=p.obs.desired_replicas)  # it serves now: the spec's count (it had at least that many ready)
     p.set(old, scale_down_at=rfc3339(when))
     p.after(bg.scale_down_delay_seconds)
     p.note("Switched", f"The stable Service now selects {new} (revision {rev}); {old} is kept until {rfc3339(when)} for rollback")
@@ -989,7 +997,8 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
 
     ready_pods = [p for p in obs.pods if p.ready]
     applied = bool(ready_pods) and obs.routes is not None and all(p.revision == current.get("revision") for p in ready_pods)
-    load_errors = {a: e for p in ready_pods for a, e in p.errors.items()}
+    # Only a pod that applied the current document speaks about the adapters in it (an older report is stale).
+    load_errors = {a: e for p in ready_pods if p.revision == current.get("revision") for a, e in p.errors.items()}
 
     # Refuse what cannot fit before touching anything.
     distinct_desired = {info.name for info in obs.desired.values()}
@@ -1095,7 +1104,8 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
         if want in load_errors:
             abort(s, want, "AdapterLoadFailed", load_errors[want])
             continue
-        started = parse_time(pr.get("startedAt")) or now
+        # The deadline runs from the last change of this name's routes (the start, or the last canary step).
+        started = parse_time(pr.get("stepAt") or pr.get("startedAt")) or now
         deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
         if not applied:
             if now >= deadline:
