@@ -144,10 +144,10 @@ def twins(monkeypatch) -> Twins:
     t = Twins()
     real = validation.admit
 
-    def counting(schema, obj, old=validation._MISSING, *, settled=()):
-        if settled:
+    def counting(schema, obj, old=validation._MISSING, **kwargs):
+        if kwargs.get("settled"):
             t.fast_hits += 1
-        return real(schema, obj, old, settled=settled)
+        return real(schema, obj, old, **kwargs)
 
     monkeypatch.setattr(validation, "admit", counting)
     t.apply_crd(SCHEMA_V1)
@@ -399,3 +399,21 @@ def test_remembered_scalar_outcomes_tell_types_apart():
     assert [e.detail for e in validation.validate(number, 1.0)] == ["Invalid value: 1: int"]  # 1.0 == 1 in Python
     assert [e.detail for e in validation.validate(number, 1.5)] == ["Invalid value: 1.5: int"]
     assert validation.validate(schema, 1) == []  # 1 remembered apart from "1", 1.0 and 1.5
+
+
+def test_admission_and_status_writes_leave_the_callers_objects_alone():
+    body = {"apiVersion": f"{GROUP}/v1", "kind": "Gadget", "metadata": {"name": "a"},
+            "spec": {"method": "SFT", "unknown": 1}}
+    before = copy.deepcopy(body)
+    obj, unknown, errors = validation.admit(SCHEMA_V1, body)
+    assert body == before and unknown == ["spec.unknown"] and obj["spec"]["minSteps"] == 1 and not errors
+    server = APIServer()
+    server.apply_crd(crd(SCHEMA_V1))
+    created = server.create(f"{GROUP}/v1", "gadgets", copy.deepcopy(body), namespace="default")
+    stored = copy.deepcopy(created)
+    patch_body = {"status": {"phase": "Done", "junk": 1}, "spec": {"method": "DPO"}}
+    kept = copy.deepcopy(patch_body)
+    out = server.store.update(server._rt(GROUP, "v1", "gadgets"), "default", "a",
+                              {**copy.deepcopy(created), **patch_body}, subresource="status")
+    assert patch_body == kept and created == stored  # neither the body nor the old stored object changed
+    assert out["status"] == {"phase": "Done"} and out["spec"]["method"] == "SFT"

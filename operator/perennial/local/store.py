@@ -508,7 +508,7 @@ class Store:
         if rt.schema is None:
             return obj
         obj, unknown, errors = validation.admit(rt.schema, obj, validation._MISSING if old is None else old,
-                                                settled=settled)
+                                                settled=settled, owned=True)  # create/update's own copy
         if unknown and strict:
             raise APIError(400, "BadRequest", validation.strict_decoding_message(rt.kind, rt.version, unknown))
         if unknown and warnings is not None:
@@ -715,7 +715,11 @@ class Store:
             if not isinstance(body, dict):
                 raise APIError(400, "BadRequest", "the body of the request was in an unknown format")
             old = self.get(rt, ns, name)
-            new = json_copy(body)
+            if subresource == "status" and rt.to_storage is None:
+                # a status write keeps only the body's status (and reads its metadata): the rest is not copied
+                new = {k: (json_copy(v) if k in ("metadata", "status") else v) for k, v in body.items()}
+            else:
+                new = json_copy(body)
             meta = new.setdefault("metadata", {})
             if meta.get("name") and meta["name"] != name:
                 raise APIError(400, "BadRequest",

@@ -587,8 +587,8 @@ def _check_format(fmt: str, value: str) -> bool:
     return pattern is None or bool(pattern.match(value))
 
 
-def admit(schema: dict, obj: dict, old: Any = _MISSING, *,
-          settled: Iterable[str] = ()) -> tuple[dict, list[str], list[FieldError]]:
+def admit(schema: dict, obj: dict, old: Any = _MISSING, *, settled: Iterable[str] = (),
+          owned: bool = False) -> tuple[dict, list[str], list[FieldError]]:
     """What kube-apiserver does to a custom object before it stores it: (the object pruned and defaulted, the
     fields pruning dropped, the validation errors — OpenAPI schema and CEL rules). Used by the embedded API
     server and, offline, by `perennial-trainer grade` (same rules, same messages).
@@ -596,10 +596,11 @@ def admit(schema: dict, obj: dict, old: Any = _MISSING, *,
     ``settled``: top-level keys whose values are known to be this schema's own output (the unchanged ``spec``
     of an object this same schema admitted, on a ``/status`` write). Pruning and defaulting such a value again
     changes nothing when the schema is :func:`admission_idempotent`, so they are skipped then; validation is
-    the same either way (an unchanged value is ratcheted)."""
+    the same either way (an unchanged value is ratcheted). ``owned``: ``obj`` is the caller's own copy, pruned
+    and defaulted in place instead of copied first."""
     skip = frozenset(settled) if settled and admission_idempotent(schema) else frozenset()
     unknown = unknown_fields(schema, obj, root=True, skip=skip)
-    obj = prune(schema, json_copy(obj), root=True, skip=skip)
+    obj = prune(schema, obj if owned else json_copy(obj), root=True, skip=skip)
     obj = apply_defaults(schema, obj, skip=skip)
     errors = validate(schema, obj, old)
     meta_schema = (schema.get("properties") or {}).get("metadata")
