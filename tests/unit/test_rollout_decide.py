@@ -95,6 +95,10 @@ ROWS = [
     ("first: smoke disabled -> switch as soon as every pod is ready",
      world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=3), {"smokeTest": {"enabled": False}}, 100, False, None,
      dict(stable="blue", notes=["Switched"], smoke=None)),
+    ("first: scaled to zero from the start (KEDA minimum 0) -> created and selected at once, nothing to test",
+     world(stable=None, desired="r1", replicas=0, autoscaled=True), BG, 0, False, None,
+     dict(stable="blue", notes=["PreviewCreated", "Switched"], colors={"blue": ("r1", 0)}, smoke=None, phase="Stable",
+          conditions={"Ready": ("True", "ScaledToZero")})),
     ("service deleted by hand while blue serves -> point it back at once",
      world(blue=col("r1", 2), green=None, stable=None, desired="r1"), BG, 0, False, None,
      dict(stable="blue", phase="Stable", notes=[], colors={"blue": ("r1", 2)})),
@@ -407,11 +411,12 @@ class _World:
         self.replicas = 3
         self.now = 0.0
         self.next_rev = 2
+        self.autoscaled = False
 
     def observed(self, smoke=None) -> RegionObserved:
         return RegionObserved(blue=self.colors["blue"], green=self.colors["green"], stable_color=self.stable,  # type: ignore[arg-type]
                               desired_revision=self.revision, desired_replicas=self.replicas, stable_annotations=dict(self.stable_ann),
-                              smoke_result=smoke)
+                              smoke_result=smoke, autoscaled=self.autoscaled)
 
     def apply(self, d) -> None:
         for c, target in d.colors.items():
@@ -465,13 +470,18 @@ def test_safety_invariant_over_random_sequences(seed):
     bg = BlueGreen(previewReplicas=rng.choice([None, 1, 2]), scaleDownDelaySeconds=rng.choice([0, 30, 300]),
                    abortScaleDownDelaySeconds=rng.choice([0, 30]), progressDeadlineSeconds=rng.choice([600, 1800]),
                    autoPromote=rng.random() < 0.8)
+    if seed % 3 == 0:  # an HPA or KEDA owns the active color's replicas (KEDA may scale it to zero)
+        w.autoscaled, w.replicas = True, seed % 2
     switches = 0
     for _ in range(300):
         w.now += rng.choice([1, 5, 30, 120])
+        if w.autoscaled and w.stable and w.colors[w.stable] is not None and rng.random() < 0.1:
+            w.colors[w.stable] = replace(w.colors[w.stable], replicas=rng.randint(0, 6))  # the autoscaler writes spec.replicas
+            w.colors[w.stable] = replace(w.colors[w.stable], ready_replicas=min(w.colors[w.stable].ready_replicas, w.colors[w.stable].replicas))
         if rng.random() < 0.03:
             w.revision = f"r{w.next_rev}"
             w.next_rev += 1
-        if rng.random() < 0.03:
+        if rng.random() < 0.03 and not w.autoscaled:
             w.replicas = rng.randint(1, 5)
         now = T0 + dt.timedelta(seconds=w.now)
         promote = w.revision if rng.random() < 0.3 else None

@@ -463,6 +463,10 @@ def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
         p.set(c, revision=rev, replicas=full, preview_started_at=rfc3339(p.now), smoke=None, scale_down_at=None,
               aborted_revision=None, abort_reason=None)
         p.note("PreviewCreated", f"Created {c} with revision {rev} ({full} replicas): the first rollout of this region")
+        if full == 0:
+            # Scaled to zero from the start (spec 0, or KEDA's minimum 0): nothing to test; the Service selects it.
+            _switch(p, None, c, rev, bg, first=True)
+            return
         p.after(bg.progress_deadline_seconds)
         _progressing(p, "FirstRollout", f"Bringing up {c} (revision {rev}): 0/{full} ready", preview=(c, rev))
         return
