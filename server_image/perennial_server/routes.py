@@ -502,9 +502,8 @@ class Routes:
         try:
             st = os.stat(self.path)  # follows kubelet's symlinks: a swap is a new inode
         except OSError as e:
-            if self._stat is not None or self.doc_error is None:
-                self.doc_error = f"cannot read the routes file: {e.strerror}"
-            self._stat = None
+            self.doc_error = f"cannot read the routes file: {e.strerror}"  # the applied routes stay in force
+            self._stat = self._raw = None  # the same document coming back is read again
             return False
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._stat:
@@ -517,8 +516,8 @@ class Routes:
             with open(self.path, "rb") as f:
                 raw = f.read(MAX_DOCUMENT_BYTES + 1)
         except OSError as e:
-            self.doc_error = f"cannot read the routes file: {e.strerror}"
-            self._stat = None
+            self.doc_error = f"cannot read the routes file: {e.strerror}"  # the applied routes stay in force
+            self._stat = self._raw = None  # the same document coming back is read again
             return False
         if raw == self._raw:
             return False

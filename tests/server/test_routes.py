@@ -523,9 +523,8 @@ def test_the_answer_is_renamed_wherever_the_engine_cuts_it(sep: bytes) -> None:
 
 
 def test_the_request_model_is_rewritten_only_at_the_top_level() -> None:
-    from pydantic_core import from_json
-
     from perennial_server.routes import _with_model
+    from pydantic_core import from_json
 
     def rewrite(raw: bytes) -> dict:
         out = _with_model(raw, from_json(raw), "svc", "svc-v2")
@@ -552,3 +551,19 @@ def test_sidecar_flags() -> None:
     with pytest.raises(ValueError, match="absolute"):
         sidecar_config_from_args(build_parser().parse_args(["sidecar", "--routes-file", "/r.json", "--adapters-dir", "rel/dir"]))
     assert sidecar_config_from_args(build_parser().parse_args(["sidecar"])).routes_file == ""  # default: today's behaviour
+
+
+def test_a_vanished_routes_file_keeps_the_applied_routes(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    first = doc("r1", {"a1": a1}, {"svc": [("a1", 100)]})
+    t, _, kd = routed(first)
+    applied(t, "r1")
+    os.unlink(kd.root / "..data")  # the ConfigMap volume lost its data
+    st = wait_until(lambda: (s := routes_state(t))["errors"].get("(document)") and s, what="read error")
+    assert "cannot read" in st["errors"]["(document)"] and st["revision"] == "r1" and st["loaded"] == ["a1"]
+    assert chat(t, "svc").json()["choices"][0]["message"]["content"] == "answer of a1"
+    assert requests.get(t.url + "/readyz", timeout=30).status_code == 200
+    assert ("unload", "a1") not in fake.calls
+    kd.write(first)  # the same document comes back
+    wait_until(lambda: routes_state(t)["errors"] == {}, what="error cleared")
+    assert routes_state(t)["revision"] == "r1"
