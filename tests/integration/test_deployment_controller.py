@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 from harness import API, Cluster, running_cluster, wait_for
+from perennial.api.deployment import (
+    ABORTED_REVISION_ANNOTATION,
+    SCALE_DOWN_AT_ANNOTATION,
+    SWITCHED_AT_ANNOTATION,
+)
 from test_controller_pattern import WRITES, count, quiet
-
-from perennial.api.deployment import ABORTED_REVISION_ANNOTATION, SCALE_DOWN_AT_ANNOTATION, SWITCHED_AT_ANNOTATION
 
 NS = "default"
 LOCAL_URL = "perennial.ai/local-url"
@@ -40,7 +43,7 @@ class Engines:
         engines = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 engines.models.append(body.get("model"))
                 data = json.dumps({"object": "chat.completion", "model": body.get("model"),
@@ -113,10 +116,64 @@ class Serving:
         return [f"{e['reason']}: {e['message']}" for e in events]
 
 
+class Sidecars:
+    """The serving pods' sidecars as the controller reads them (`GET /perennial/routes`): each applies the routes
+    ConfigMap's current document at once (or, `frozen`, keeps the revision it had)."""
+
+    def __init__(self, kube: Any, config_map: str) -> None:
+        self.frozen: str | None = None
+        self.reads = 0
+        sidecars = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                sidecars.reads += 1
+                cm = kube.get("v1", "ConfigMap", NS, config_map)
+                doc = json.loads(cm["data"]["routes.json"])
+                revision = sidecars.frozen or doc["revision"]
+                data = json.dumps({"revision": revision, "loaded": sorted(doc["adapters"]), "errors": {}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_pods(w: Serving, deployment: str, n: int, sidecars: Sidecars) -> list[str]:
+    """Play the ReplicaSet controller and the kubelet: `n` ready pods of an apps/v1 Deployment, their sidecar's port
+    the fake sidecars' (pod IP 127.0.0.1)."""
+    d = w.deploy(deployment)
+    template = d["spec"]["template"]
+    pod_spec = json.loads(json.dumps(template["spec"]))
+    for c in pod_spec["containers"]:
+        for p in c.get("ports") or []:
+            p["containerPort"] = sidecars.port
+    names = []
+    for i in range(n):
+        name = f"{deployment}-5d8f7-{i}"
+        w.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": template["metadata"]["labels"]},
+                       "spec": pod_spec})
+        w.kube.patch("v1", "Pod", NS, name, {"status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}, subresource="status")
+        names.append(name)
+    return names
+
+
 @pytest.fixture
 def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
     """A clean control plane (writes are counted) with the operator, its managers captured (to see its cache)."""
-    import perennial.runtime as runtime
+    from perennial import runtime
 
     managers: list[Any] = []
 
@@ -355,3 +412,56 @@ def test_keda_without_its_crd_is_reported_and_delays_nothing(serving: Serving, m
     c = w.cluster.wait_condition("Deployment", "scaled", "Degraded", "True", "KEDANotInstalled")
     assert "install KEDA" in c["message"]
     assert w.cluster.condition("Deployment", "scaled", "Ready")["status"] == "True"
+
+
+def test_adapter_change_in_place_loads_next_to_the_old_then_moves_the_name(serving: Serving, tmp_path: Path):
+    """A served name moves to another Adapter without new pods: loaded next to the old one under `support-preview`,
+    smoke-tested once every ready pod applied it, moved, the old one unloaded after the delay."""
+    w = serving
+    s = spec()
+    s["strategy"]["adapterRollout"] = {"unloadDelaySeconds": 5}
+    first_rollout(w, strategy=s["strategy"])
+    sidecars = Sidecars(w.kube, "chat-routes")
+    try:
+        run_pods(w, "chat-blue", 2, sidecars)
+        blue_before = w.deploy("chat-blue")
+        artifact = tmp_path / "artifacts" / "support-v2"
+        artifact.mkdir(parents=True)
+        (artifact / "adapter_config.json").write_text("{}")
+        w.cluster.create("Adapter", "support-v2", {"baseModelRef": {"name": "base"}, "family": "support", "version": 2,
+                                                   "artifactUri": f"file://{artifact}", "lora": {"rank": 8}})
+        w.cluster.wait_condition("Adapter", "support-v2", "Ready", "True")
+        sidecars.frozen = json.loads(w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"]["routes.json"])["revision"]
+        w.engines.models.clear()
+        w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"adapters": [{"name": "support", "adapterRef": {"name": "support-v2"}}]}})
+
+        def routes() -> dict[str, Any]:
+            return json.loads(w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"]["routes.json"])
+
+        # Loaded next to the old one under the preview name; the served name keeps the old adapter.
+        doc = wait_for(lambda: (r := routes()) and "support-preview" in r["routes"] and r, message="the preview route")
+        assert doc["routes"]["support"] == [{"adapter": "support-v1", "weight": 100}]
+        assert doc["routes"]["support-preview"] == [{"adapter": "support-v2", "weight": 100}]
+        assert set(doc["adapters"]) == {"support-v1", "support-v2"}
+        # No smoke test and no move while the pods have not applied it (they are polled, time is the trigger).
+        wait_for(lambda: sidecars.reads >= 4, message="the sidecars polled")
+        assert "support-preview" not in w.engines.models and routes()["routes"]["support"][0]["adapter"] == "support-v1"
+        sidecars.frozen = None
+        wait_for(lambda: routes()["routes"].get("support") == [{"adapter": "support-v2", "weight": 100}], message="the name moved")
+        assert "support-preview" in w.engines.models, "smoke-tested under the preview name through the stable Service"
+        assert set(routes()["adapters"]) == {"support-v1", "support-v2"}, "the old adapter stays loaded for the delay (rollback)"
+        wait_for(lambda: w.status().get("phase") == "ScalingDown", message="the unload delay shown as ScalingDown")
+        wait_for(lambda: set(routes()["adapters"]) == {"support-v2"}, message="the old adapter unloaded after the delay")
+        assert "support-preview" not in routes()["routes"]
+        w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+        st = w.status()
+        assert st["servedAdapters"] == [{"name": "support", "adapter": "support-v2"}]
+        assert st["regions"][0]["routesRevision"] == routes()["revision"]
+        # No new pods: the colors are as they were.
+        blue = w.deploy("chat-blue")
+        assert blue["spec"] == blue_before["spec"] and w.deploy("chat-green") is None
+        text = " ".join(w.reasons())
+        for step in ("PreviewCreated", "SmokeTestPassed", "Switched", "AdapterUnloaded"):
+            assert step in text, text
+    finally:
+        sidecars.close()

@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -44,7 +44,16 @@ from ..kube import ApiError
 from ..resources import conditions as cond
 from ..resources import deployment as build
 from . import rollout
-from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, first_error, generation
+from .base import (
+    API_VERSION,
+    Context,
+    Controller,
+    Dependency,
+    Note,
+    Outcome,
+    first_error,
+    generation,
+)
 from .children import apply_all, is_unserved
 
 log = logging.getLogger("perennial.controllers")
@@ -73,7 +82,7 @@ class Blocked(Exception):
 
 
 def now_of(ctx: Context) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(ctx.clock(), _dt.timezone.utc).replace(microsecond=0)
+    return _dt.datetime.fromtimestamp(ctx.clock(), _dt.UTC).replace(microsecond=0)
 
 
 def _ready(obj: Mapping[str, Any] | None) -> bool:
@@ -96,9 +105,8 @@ def passes_gate(adapter: Mapping[str, Any], gate: PromotionGate) -> bool:
         return not gate.require_evaluation
     if improvement < (_decimal(gate.min_improvement) or Decimal(0)):
         return False
-    if gate.min_mean_reward is not None and (mean is None or mean < (_decimal(gate.min_mean_reward) or Decimal(0))):
-        return False
-    return True
+    floor = _decimal(gate.min_mean_reward) if gate.min_mean_reward is not None else None
+    return floor is None or (mean is not None and mean >= floor)
 
 
 def _version(a: Mapping[str, Any]) -> int:
@@ -182,40 +190,6 @@ def keda_missing() -> rollout.ConditionPart:
                                  "install KEDA, or use provider 'HPA'; the active color keeps its replicas")
 
 
-def combine(parts: list[tuple[str, rollout.ConditionPart]]) -> dict[str, rollout.ConditionPart]:
-    """The Deployment's Ready/Progressing/Degraded from the regions' parts ((region, part)): Ready only when every
-    region is; Progressing when any is (Unknown when any waits); Degraded when any is; the regions named."""
-    out: dict[str, rollout.ConditionPart] = {}
-    many = len({r for r, _ in parts}) > 1
-
-    def named(region: str, p: rollout.ConditionPart) -> str:
-        return f"{region}: {p.message}" if many and p.message else p.message
-
-    for ctype, bad, order in ((CONDITION_READY, ("False", "Unknown"), ("False", "Unknown", "True")),
-                              (CONDITION_PROGRESSING, ("True", "Unknown"), ("True", "Unknown", "False")),
-                              (CONDITION_DEGRADED, ("True",), ("True", "Unknown", "False"))):
-        of = [(r, p) for r, p in parts if p.type == ctype]
-        if not of:
-            continue
-        worst = min(of, key=lambda rp: order.index(rp[1].status))
-        status = worst[1].status
-        same = [(r, p) for r, p in of if p.status == status]
-        if status in bad:
-            message = "; ".join(named(r, p) for r, p in same if p.message)
-        else:
-            message = "; ".join(dict.fromkeys(named(r, p) for r, p in same if p.message))
-        out[ctype] = rollout.ConditionPart(ctype, status, same[0][1].reason, message[:1024])  # type: ignore[arg-type]
-    return out
-
-
-def phase_of(phases: list[str]) -> str:
-    """The Deployment's phase: the most telling of its regions'."""
-    for p in ("Unreachable", "Degraded", "Aborted", "Paused", "Promoting", "Progressing", "ScalingDown", "Pending", "Stable"):
-        if p in phases:
-            return p
-    return "Pending"
-
-
 # ----------------------------------------------------------------------------- observe
 
 
@@ -270,7 +244,7 @@ async def pod_routes(session: aiohttp.ClientSession, pod: Mapping[str, Any]) -> 
             if resp.status != 200:
                 return rollout.PodRoutes(name, True, None)
             body = await resp.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
         log.debug("Could not read the routes of pod=%s: %s", name, exc)
         return rollout.PodRoutes(name, True, None)
     errors = body.get("errors") if isinstance(body, dict) and isinstance(body.get("errors"), dict) else {}
@@ -333,7 +307,7 @@ async def smoke_test(url: str, names: Iterable[str], *, prompt: str, expect_rege
                     return False, f"{name}: empty answer"
                 if pattern is not None and not pattern.search(answer):
                     return False, f"{name}: answer {answer[:120]!r} does not match {expect_regex!r}"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return False, f"{url} did not answer: {type(exc).__name__}: {exc}"[:300]
     return True, ""
 
@@ -345,12 +319,27 @@ async def smoke_test(url: str, names: Iterable[str], *, prompt: str, expect_rege
 class RegionResult:
     name: str
     manifests: list[dict[str, Any]]
-    status: dict[str, Any]
+    rollout: rollout.RegionRollout
+    #: both rollout paths' parts, combined (`rollout.combine_conditions`) when the status is decided
     conditions: list[rollout.ConditionPart]
     notes: list[Note]
     requeue_after: float | None
     served: list[rollout.ServedRoute] = field(default_factory=list)
     selector: str | None = None
+    routes_revision: str | None = None
+    endpoint: str | None = None
+
+
+def region_status(r: RegionResult) -> dict[str, Any]:
+    """One `RegionStatus` (API field names) of a region's result."""
+    st = r.rollout
+    region = {
+        "name": r.name, "phase": st.phase, "activeColor": st.active_color, "revision": st.revision,
+        "previewColor": st.preview_color, "previewRevision": st.preview_revision, "pendingPromotion": st.pending_promotion,
+        "routesRevision": r.routes_revision, "readyReplicas": st.ready_replicas, "desiredReplicas": st.desired_replicas,
+        "endpoint": r.endpoint, "message": st.message[:1024] or None,
+    }
+    return {k: v for k, v in region.items() if v is not None}
 
 
 def _min(*values: float | None) -> float | None:
@@ -426,75 +415,70 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     ready_pods = [p for p in w.pod_routes if p.ready]
     applied = adapters.routes.get("revision") if ready_pods and all(p.revision == adapters.routes.get("revision") for p in ready_pods) else None
 
-    # Status of the region: the pods' decision, the adapters' conditions folded in.
+    # Status of the region: the pods' decision, the adapters' folded in.
     st = pods.status
-    phase = st.phase
-    if phase == "Stable" and adapters.phase != "Stable":
-        phase = adapters.phase
     message = st.message if adapters.phase == "Stable" else f"{st.message}; adapters: {adapters.message}".strip("; ")
-    for part in adapters.conditions:
-        parts.append(part)
     endpoint = service_url(w.stable, build.stable_service_name(s.prefix), ns) if w.stable is not None else None
     if pods.stable_color is not None and w.stable is None:
         endpoint = build.endpoint(s)
-    region = {
-        "name": s.region.name, "phase": phase, "activeColor": st.active_color, "revision": st.revision,
-        "previewColor": st.preview_color, "previewRevision": st.preview_revision,
-        "pendingPromotion": st.pending_promotion or adapters.pending_promotion,
-        "routesRevision": applied, "readyReplicas": st.ready_replicas, "desiredReplicas": st.desired_replicas,
-        "endpoint": endpoint, "message": message[:1024],
-    }
+    status = replace(st, phase=rollout.worst_phase(st.phase, adapters.phase), message=message[:1024],
+                     pending_promotion=st.pending_promotion or adapters.pending_promotion)
     return RegionResult(
-        name=s.region.name, manifests=manifests, status={k: v for k, v in region.items() if v is not None},
-        conditions=parts, notes=list(pods.notes) + list(adapters.notes),
+        name=s.region.name, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
+        notes=list(pods.notes) + list(adapters.notes),
         requeue_after=_min(pods.requeue_after, adapters.requeue_after, ROUTES_POLL_SECONDS if waiting_pods else None),
         served=adapters.served, selector=build.selector_string(s, st.active_color) if st.active_color else None,
+        routes_revision=applied, endpoint=endpoint,
     )
 
 
+UNSUPPORTED_REGION = "regions in other clusters (`clusterSecretRef`) are not reconciled by this operator yet"
+
+
 def decide_status(obj: dict[str, Any], results: list[RegionResult], remote: list[Region], problems: list[str]) -> dict[str, Any]:
-    """The typed status of the whole Deployment from its regions' results (pure)."""
+    """The typed status of the whole Deployment from its regions' results (pure): the regions' phases and
+    conditions combined (`rollout.summarize`: a region that does not serve is named), the first region's active
+    color, revision, endpoint and served adapters, every region's own state."""
     gen = generation(obj)
-    old = (obj.get("status") or {}).get("conditions")
-    parts = [(r.name, p) for r in results for p in r.conditions]
-    regions = [r.status for r in results]
+    regions = [(r.name, r.rollout, rollout.combine_conditions([(None, c) for c in r.conditions])) for r in results]
     for region in remote:
-        message = "regions in other clusters (`clusterSecretRef`) are not supported by this operator yet"
-        regions.append({"name": region.name, "phase": "Pending", "message": message, "readyReplicas": 0, "desiredReplicas": 0})
-        parts.append((region.name, rollout.ConditionPart(CONDITION_DEGRADED, "True", "RegionUnsupported", message)))
-        if not results:
-            parts.append((region.name, rollout.ConditionPart(CONDITION_READY, "False", "RegionUnsupported", message)))
-    if problems:
-        parts.append(("adapters", rollout.ConditionPart(CONDITION_DEGRADED, "True", "AdapterNotReady", "; ".join(problems))))
-    combined = combine(parts)
-    conds = old
-    for ctype in _REGION_CONDITIONS:
-        p = combined.get(ctype) or rollout.ConditionPart(ctype, "False" if ctype != CONDITION_PROGRESSING else "False", "AsExpected", "")
-        conds = cond.set_condition(conds, ctype, p.status, p.reason, p.message, gen)
+        text = f"Region {region.name}: {UNSUPPORTED_REGION}"
+        regions.append((region.name, rollout.RegionRollout(phase="Pending", active_color=None, revision=None, ready_replicas=0,
+                                                           desired_replicas=0, message=text),
+                        [rollout.ConditionPart(CONDITION_READY, "False", "RegionUnsupported", text),
+                         rollout.ConditionPart(CONDITION_DEGRADED, "True", "RegionUnsupported", text)]))
     first = results[0] if results else None
-    ready = sum(r.status.get("readyReplicas", 0) for r in results)
-    wanted = sum(r.status.get("desiredReplicas", 0) for r in results)
     served = first.served if first else []
+    summary = rollout.summarize(regions, served)
+    parts: list[tuple[str | None, rollout.ConditionPart]] = [(None, c) for c in summary.conditions]
+    if problems:
+        parts.append((None, rollout.ConditionPart(CONDITION_DEGRADED, "True", "AdapterNotReady", "; ".join(problems)[:1024])))
+    combined = {c.type: c for c in rollout.combine_conditions(parts)}
+    conds = (obj.get("status") or {}).get("conditions")
+    for ctype in _REGION_CONDITIONS:
+        p = combined.get(ctype) or rollout.ConditionPart(ctype, "False", "AsExpected", "")
+        conds = cond.set_condition(conds, ctype, p.status, p.reason, p.message, gen)
     status: dict[str, Any] = {
         "observedGeneration": gen,
         "conditions": conds,
-        "phase": phase_of([r["phase"] for r in regions if r.get("phase")]),
-        "regions": regions,
-        "readyReplicas": ready,
-        "desiredReplicas": wanted,
-        "readySummary": f"{ready}/{wanted}",
+        "phase": summary.phase,
+        "regions": [region_status(r) for r in results] + [
+            {"name": name, "phase": st.phase, "message": st.message, "readyReplicas": 0, "desiredReplicas": 0}
+            for name, st, _ in regions[len(results):]],
+        "readyReplicas": summary.ready_replicas,
+        "desiredReplicas": summary.desired_replicas,
+        "readySummary": summary.ready_summary,
     }
     if first is not None:
-        for key in ("activeColor", "revision", "endpoint"):
-            if key in first.status:
-                status[key] = first.status[key]
-        if first.selector:
-            status["selector"] = first.selector
+        for key, value in (("activeColor", first.rollout.active_color), ("revision", first.rollout.revision),
+                           ("endpoint", first.endpoint), ("selector", first.selector)):
+            if value is not None:
+                status[key] = value
     if served:
         status["servedAdapters"] = [{k: v for k, v in (("name", r.name), ("adapter", r.adapter), ("canaryAdapter", r.canary_adapter),
                                                         ("canaryWeight", r.canary_weight)) if v is not None} for r in served]
-        status["servedSummary"] = ",".join(f"{r.name}={r.adapter}" for r in served)[:256]
-    for key in ("newFeedbackRecords", "lastTrainingRun", "lastTrainingTime"):  # written by the learning loop, kept
+        status["servedSummary"] = summary.served_summary
+    for key in ("newFeedbackRecords", "lastTrainingRun", "lastTrainingTime"):  # the learning loop's, kept as they are
         if key in (obj.get("status") or {}):
             status[key] = obj["status"][key]
     return status
