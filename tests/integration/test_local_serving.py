@@ -4,6 +4,7 @@ Secrets, and Services proxied on local ports — against the real embedded contr
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -186,6 +187,9 @@ def test_deployment_becomes_ready_pods_behind_a_service_and_scales_to_zero(env: 
     url = env.service("web", {"app": "web"})
     svc = env.kube.get("v1", "Service", NS, "web")
     assert svc is not None and svc["spec"]["clusterIP"].startswith("10.")
+    ep = wait_for(lambda: (e := env.get(f"/api/v1/namespaces/{NS}/endpoints/web")) and len((e.get("subsets") or [{}])[0].get("addresses") or []) == 2 and e,
+                  WAIT, 0.1, "endpoints")
+    assert {a["ip"] for a in ep["subsets"][0]["addresses"]} == ips and ep["subsets"][0]["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
     answered = {_chat(url) for _ in range(6)}
     assert answered == {f"hello from {p['metadata']['name']}" for p in ready}, "round robin over both pods"
 
@@ -195,6 +199,7 @@ def test_deployment_becomes_ready_pods_behind_a_service_and_scales_to_zero(env: 
     wait_for(lambda: not env.pods("web"), WAIT, 0.2, "pods removed")
     wait_for(lambda: not any(_alive(pid) for pid in pids), WAIT, 0.2, "processes gone")
     wait_for(lambda: (s := env.deploy_status("web")).get("replicas") == 0 and s.get("availableReplicas") == 0, WAIT, 0.2, "status at 0")
+    wait_for(lambda: not (env.get(f"/api/v1/namespaces/{NS}/endpoints/web") or {}).get("subsets"), WAIT, 0.1, "no endpoints")
     # no endpoint: the connection is closed at once
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         _chat(url)
@@ -207,9 +212,28 @@ def test_selector_switch_moves_new_connections(env: Env) -> None:
     blue, green = env.ready_pods("blue")[0]["metadata"]["name"], env.ready_pods("green")[0]["metadata"]["name"]
     url = env.service("stable", {"color": "blue"})
     assert _chat(url) == f"hello from {blue}"
-    # an open keep-alive connection stays; new ones go to green at once
+    port = int(url.rsplit(":", 1)[1])
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    kept.request("GET", "/whoami")
+    assert json.loads(kept.getresponse().read())["pod"] == blue
+    # new connections go to green at once; the open keep-alive connection stays on blue (conntrack)
     env.kube.patch("v1", "Service", NS, "stable", {"spec": {"selector": {"color": "green"}}})
     assert {_chat(url) for _ in range(3)} == {f"hello from {green}"}
+    kept.request("GET", "/whoami")
+    assert json.loads(kept.getresponse().read())["pod"] == blue
+    kept.close()
+    # the local port lives as long as the Service
+    assert env.kube.get("v1", "Service", NS, "stable")["metadata"]["annotations"][LOCAL_URL] == url  # type: ignore[index]
+    env.kube.delete("v1", "Service", NS, "stable")
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, WAIT, 0.1, "port closed with the Service")
 
 
 def test_liveness_failure_restarts_the_container(env: Env) -> None:

@@ -13,6 +13,9 @@
 - No ready endpoint: the connection is closed at once (kube-proxy rejects it). An endpoint refusing the
   connection is skipped for the next one.
 - A byte relay (asyncio streams, both directions, half-close passed on), no HTTP parsing, in the runtime's loop.
+- The endpoints controller's part: a v1 `Endpoints` object per Service with a selector (`subsets` of ready
+  `addresses` and `notReadyAddresses` with their `targetRef`, grouped by resolved ports), rewritten when pods or
+  the Service change, deleted with the Service. (No EndpointSlices: the embedded server does not serve them.)
 Services without a selector, ExternalName and UDP ports get no listener.
 """
 
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_URL = "perennial.ai/local-url"
 LOCAL_PORTS = "perennial.ai/local-ports"
+MANAGED_BY = "perennial.ai/endpoints-managed-by"
 _CHUNK = 65536
 
 
@@ -56,10 +60,13 @@ class LocalServiceProxy:
         self._uids: dict[tuple[str, str], str] = {}
         self._conns: set[asyncio.Task[Any]] = set()
         self._syncing: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._endpoints_due: set[str] = set()  # namespaces whose Endpoints are recomputed soon
+        self._endpoints_task: asyncio.Task[Any] | None = None
 
     def start(self) -> "LocalServiceProxy":
         self.loop.start()
         self.reader.watch("", "v1", "services", self._on_service)
+        self.reader.watch("", "v1", "pods", self._on_pod)
         log.info("Started the local service proxy on %s", self.host)
         return self
 
@@ -91,6 +98,47 @@ class LocalServiceProxy:
         previous = self._syncing.get(key)
         task = asyncio.get_running_loop().create_task(self._sync(key, previous))
         self._syncing[key] = task
+        self._endpoints_soon(key[0])
+
+    def _on_pod(self, etype: str, pod: dict) -> None:
+        self._endpoints_soon(pod["metadata"]["namespace"])
+
+    def _endpoints_soon(self, namespace: str) -> None:
+        self._endpoints_due.add(namespace)
+        if self._endpoints_task is None or self._endpoints_task.done():
+            self._endpoints_task = asyncio.get_running_loop().create_task(self._write_endpoints())
+
+    async def _write_endpoints(self) -> None:
+        """Bring the Endpoints of every Service of the namespaces that changed up to date (events coalesced)."""
+        while self._endpoints_due:
+            await asyncio.sleep(0.05)
+            namespaces, self._endpoints_due = self._endpoints_due, set()
+            for ns in sorted(namespaces):
+                try:
+                    await asyncio.to_thread(self._sync_endpoints, ns)
+                except Exception as exc:
+                    log.debug("Could not write endpoints namespace=%s: %s", ns, exc)
+                    self._endpoints_due.add(ns)
+                    await asyncio.sleep(1.0)
+
+    def _sync_endpoints(self, ns: str) -> None:
+        services = {s["metadata"]["name"]: s for s in self.reader.list("", "v1", "services", ns)
+                    if (s.get("spec") or {}).get("selector")}
+        current = {e["metadata"]["name"]: e for e in self.reader.list("", "v1", "endpoints", ns)}
+        pods = self.reader.list("", "v1", "pods", ns)
+        for name, svc in services.items():
+            subsets = _subsets(svc, pods)
+            have = current.get(name)
+            if have is None:
+                self.api.create({"apiVersion": "v1", "kind": "Endpoints",
+                                 "metadata": {"name": name, "namespace": ns, "labels": svc["metadata"].get("labels") or {},
+                                              "annotations": {MANAGED_BY: "perennial-local"}},
+                                 "subsets": subsets})
+            elif (have.get("subsets") or []) != subsets:
+                self.api.patch("v1", "Endpoints", ns, name, {"subsets": subsets})
+        for name, ep in current.items():
+            if name not in services and (ep["metadata"].get("annotations") or {}).get(MANAGED_BY) == "perennial-local":
+                self.api.delete("v1", "Endpoints", ns, name)
 
     async def _sync(self, key: tuple[str, str], previous: asyncio.Task[Any] | None) -> None:
         if previous is not None and not previous.done():
@@ -204,6 +252,40 @@ def _resolve_port(pod: dict, target: Any) -> int | None:
             if p.get("name") == target:
                 return int(p["containerPort"])
     return None
+
+
+def _subsets(svc: dict, pods: list[dict]) -> list[dict]:
+    """`Endpoints.subsets` of a Service: pods grouped by their resolved ports, ready or not."""
+    spec = svc.get("spec") or {}
+    selector = spec.get("selector") or {}
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        labels = meta.get("labels") or {}
+        if any(labels.get(k) != v for k, v in selector.items()) or meta.get("deletionTimestamp") or not status.get("podIP"):
+            continue
+        if status.get("phase") in ("Succeeded", "Failed"):
+            continue
+        ports = []
+        for p in spec.get("ports") or []:
+            target = _resolve_port(pod, p.get("targetPort", p.get("port")))
+            if target is not None:
+                ports.append({**({"name": p["name"]} if p.get("name") else {}), "port": target, "protocol": p.get("protocol", "TCP")})
+        key = tuple((p.get("name", ""), p["port"], p["protocol"]) for p in ports)
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        address = {"ip": status["podIP"], "targetRef": {"kind": "Pod", "namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]}}
+        group = groups.setdefault(key, {"ports": ports, "addresses": [], "notReadyAddresses": []})  # type: ignore[dict-item]
+        group["addresses" if ready or spec.get("publishNotReadyAddresses") else "notReadyAddresses"].append(address)
+    out = []
+    for key in sorted(groups):
+        g = groups[key]
+        subset: dict[str, Any] = {}
+        for field in ("addresses", "notReadyAddresses"):
+            if g[field]:
+                subset[field] = sorted(g[field], key=lambda a: (a["ip"], a["targetRef"]["name"]))
+        subset["ports"] = g["ports"]
+        out.append(subset)
+    return out
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -4,7 +4,7 @@
 of the embedded control plane whose containers all use a mapped image (a key of `images`), as a kubelet does:
 
 - each container is a local process (`command[0]` mapped through `commands`, as the Job kubelet maps it; e.g.
-  `perennial-server sidecar ...` -> `<python> -m perennial_server sidecar ...`), with the pod's env (`env`,
+  `perennial-server sidecar ...` -> `<python> -m perennial_server.cli sidecar ...`), with the pod's env (`env`,
   `envFrom`, downward API incl. `status.podIP`) and volumes materialised under `<workdir>/<ns>/<pod>/volumes`
   (mountPaths rewritten in command, args, env and workingDir): emptyDir directories, configMap/secret/projected
   volumes written as kubelet writes them (a timestamped `..<time>` directory, the `..data` symlink swapped
@@ -623,7 +623,8 @@ class _PodWorker(_PodSandbox):
             except _ConfigError:
                 continue  # deleted: kubelet keeps the last content
             if payload is not None and target.exists():
-                _atomic_write(target, payload)
+                with self._prep_lock:  # not while a container's start writes the same volume
+                    _atomic_write(target, payload)
 
     # ------------------------------------------------------------------ status
 
