@@ -940,3 +940,18 @@ def test_every_condition_reason_the_decisions_use_is_documented_for_kubectl_expl
     assert len(reasons) > 20
     doc = DeploymentStatus.model_fields["conditions"].description
     assert {r for r in reasons if f"`{r}`" not in doc} == set()
+
+
+def test_region_status_merges_both_paths_into_the_api_model():
+    from perennial.controllers.rollout import region_status
+
+    pod = run(world(blue=col("r2", 2), stable="blue", desired="r2"))
+    ad = arun(aobs(PREVIEW, {"fruit": V2}, progress=PASSED_P), {"autoPromote": False}, None, 100)
+    st, conds = region_status("eu", pod, ad, endpoint="http://d.ns.svc", routes_revision=PREVIEW["revision"])
+    wire = st.to_dict()
+    assert wire["phase"] == "Paused" and wire["pendingPromotion"] == "fruit-v2" and wire["activeColor"] == "blue"
+    assert wire["readyReplicas"] == 2 and wire["desiredReplicas"] == 2 and wire["endpoint"] == "http://d.ns.svc"
+    assert "perennial.ai/promote=fruit-v2" in wire["message"]
+    assert {c.type: c.reason for c in conds}["Progressing"] == "WaitingForPromotion"
+    alone, _ = region_status("eu", pod)
+    assert alone.phase == "Stable" and alone.pending_promotion is None

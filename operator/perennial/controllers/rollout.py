@@ -81,6 +81,7 @@ from ..api.deployment import (
     BlueGreen,
     Color,
     Phase,
+    RegionStatus,
 )
 from .base import Note
 
@@ -1301,3 +1302,22 @@ def summarize(regions: list[tuple[str, RegionRollout, list[ConditionPart]]], ser
         ready_summary=f"{ready}/{desired}",
         served_summary=served_summary(served),
     )
+
+
+def region_status(name: str, pods: RegionDecision, adapters: AdapterDecision | None = None, *, endpoint: str | None = None,
+                  routes_revision: str | None = None) -> tuple[RegionStatus, list[ConditionPart]]:
+    """One region's `RegionStatus` and conditions from its two decisions (pods, adapters)."""
+    st = pods.status
+    phase, message, conds = st.phase, st.message, list(pods.conditions)
+    pending = st.pending_promotion
+    if adapters is not None:
+        phase = worst_phase(st.phase, adapters.phase)
+        if adapters.phase != "Stable" or any(c.type == CONDITION_DEGRADED and c.status == "True" for c in adapters.conditions):
+            message = "; ".join(m for m in (st.message, adapters.message) if m)
+        conds = combine_conditions([(None, c) for c in pods.conditions + adapters.conditions])
+        pending = pending or adapters.pending_promotion
+    return RegionStatus(
+        name=name, phase=phase, active_color=st.active_color, revision=st.revision, preview_color=st.preview_color,
+        preview_revision=st.preview_revision, pending_promotion=pending, routes_revision=routes_revision,
+        ready_replicas=st.ready_replicas, desired_replicas=st.desired_replicas, endpoint=endpoint, message=message[:_MAX_MESSAGE] or None,
+    ), conds
