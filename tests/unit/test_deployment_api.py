@@ -7,8 +7,12 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
-
-from perennial.api.deployment import BlueGreen, DeploymentResource, DeploymentStatus, SmokeTest
+from perennial.api.deployment import (
+    BlueGreen,
+    DeploymentResource,
+    DeploymentStatus,
+    SmokeTest,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
-
 import re
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
 from .common import (
     CommonStatus,
-    Condition,
     ComputeResources,
+    Condition,
     Decimal,
     KindInfo,
     LocalObjectReference,
@@ -27,7 +26,14 @@ from .common import (
     exactly_one_of,
     validations,
 )
-from .trainingrun import Evaluation, Hyperparameters, LoRAConfig, Method, RunPolicy, grpo_batch_rule
+from .trainingrun import (
+    Evaluation,
+    Hyperparameters,
+    LoRAConfig,
+    Method,
+    RunPolicy,
+    grpo_batch_rule,
+)
 
 Color = Literal["blue", "green"]
 

@@ -100,7 +100,7 @@ def other(color: Color) -> Color:
 
 
 def rfc3339(t: _dt.datetime) -> str:
-    return t.astimezone(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return t.astimezone(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(value: str | None) -> _dt.datetime | None:
@@ -108,10 +108,10 @@ def parse_time(value: str | None) -> _dt.datetime | None:
     if not value:
         return None
     try:
-        t = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        t = _dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
 def _seconds(delta: _dt.timedelta) -> float:
@@ -1083,8 +1083,8 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
             continue
         # The name should move to `want`.
         if pr.get("aborted") == want:
-            problems.append(("RolloutAborted", f"{s}: moving to adapter {want} was aborted ({pr.get('abortReason', '')}); "
-                                               "change the spec to another adapter to retry"))
+            why = pr.get("abortReason", "")
+            problems.append(("RolloutAborted", f"{s}: moving to adapter {want} was aborted ({why}); change the spec to another adapter to retry"))
             continue
         if paused:
             waiting.append(f"{s}: moving to adapter {want} is paused (spec.paused)")
