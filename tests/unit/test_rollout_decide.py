@@ -932,7 +932,8 @@ def test_every_condition_reason_the_decisions_use_is_documented_for_kubectl_expl
     import perennial.controllers.rollout as rollout_module
     from perennial.api.deployment import DeploymentStatus
 
-    source = Path(rollout_module.__file__).read_text()
+    controller = Path(rollout_module.__file__).with_name("deployment.py")
+    source = Path(rollout_module.__file__).read_text() + (controller.read_text() if controller.exists() else "")
     reasons = set(re.findall(r'(?:cond\(|ConditionPart\()CONDITION_\w+, "\w+", "(\w+)"', source))
     reasons |= set(re.findall(r'problems\.append\(\("(\w+)"', source)) | set(re.findall(r'return "(\w+)", f"', source))
     reasons |= {"WaitingForPromotion", "RolloutPaused", "AdapterRollout", "UnloadDelay"}
