@@ -410,8 +410,9 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     if (egress := ctx.config.egress_settings()) is not None:
         manifests.append(build.network_policy(s, egress))
 
-    # Pods that have not applied the routes yet are polled (their sidecars cannot be watched).
-    waiting_pods = any(p.ready and p.revision != adapters.routes.get("revision") for p in w.pod_routes)
+    # While an adapter moves, pods that have not applied the routes yet are polled (sidecars cannot be watched).
+    moving = any(pr.get("adapter") and not pr.get("switchedAt") and not pr.get("aborted") for pr in adapters.progress.values())
+    waiting_pods = moving and any(p.ready and p.revision != adapters.routes.get("revision") for p in w.pod_routes)
     ready_pods = [p for p in w.pod_routes if p.ready]
     applied = adapters.routes.get("revision") if ready_pods and all(p.revision == adapters.routes.get("revision") for p in ready_pods) else None
 

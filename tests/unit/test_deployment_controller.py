@@ -1,0 +1,247 @@
+"""Pure parts of the Deployment controller (perennial.controllers.deployment) and its wiring in the manager:
+adapter resolution and the promotion gate, the manifests applied to a color, the routes ConfigMap, the status
+of the whole Deployment, the sidecar's address, and the mapping of serving children and pods to their parent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from perennial.api.deployment import DeploymentSpec, PromotionGate
+from perennial.controllers import children, rollout
+from perennial.controllers import deployment as ctl
+from perennial.controllers.manager import BUILTIN_WATCHES, Key, Manager
+from perennial.resources import deployment as build
+
+BODY = {"apiVersion": "perennial.ai/v1alpha1", "kind": "Deployment", "metadata": {"name": "chat", "namespace": "team", "uid": "u1", "generation": 3}}
+BASE = {"metadata": {"name": "llama", "namespace": "team"}, "spec": {"source": {"uri": "hf://org/llama"}}, "status": {"resolvedUri": "hf://org/llama"}}
+READY = {"conditions": [{"type": "Ready", "status": "True"}]}
+
+
+def adapter(name: str, family: str = "support", version: int = 1, *, ready: bool = True, improvement: str | None = "0.2", **spec: Any) -> dict:
+    status: dict[str, Any] = dict(READY) if ready else {"conditions": [{"type": "Ready", "status": "False"}]}
+    if improvement is not None:
+        status["improvement"] = improvement
+    return {"metadata": {"name": name, "namespace": "team"}, "status": status,
+            "spec": {"baseModelRef": {"name": "llama"}, "family": family, "version": version, "artifactUri": f"file:///a/{name}",
+                     "lora": {"rank": 8}, **spec}}
+
+
+def typed(**spec: Any) -> DeploymentSpec:
+    return DeploymentSpec.model_validate({"baseModelRef": {"name": "llama"}, **spec})
+
+
+def serving(spec: DeploymentSpec | None = None) -> build.Serving:
+    spec = spec or typed()
+    return build.Serving(body=BODY, spec=spec, base_model=BASE, region=build.regions(spec)[0], image="img:1")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_pinned_and_tracked_adapters_resolve_and_what_is_missing_is_said():
+    spec = typed(adapters=[{"name": "pinned", "adapterRef": {"name": "p-v1"}}, {"name": "latest", "track": {"family": "support"}},
+                           {"name": "gone", "adapterRef": {"name": "nope"}}, {"name": "early", "adapterRef": {"name": "loading"}}])
+    found, problems = ctl.resolve_adapters(spec, [
+        adapter("p-v1", "other"), adapter("s-v1", version=1), adapter("s-v3", version=3), adapter("s-v2", version=2),
+        adapter("s-v4", version=4, ready=False), adapter("s-v5", version=5, improvement="-0.1"), adapter("loading", ready=False)])
+    assert {k: v["metadata"]["name"] for k, v in found.items()} == {"pinned": "p-v1", "latest": "s-v3"}
+    assert problems == ["gone: Adapter 'nope' does not exist", "early: Adapter 'loading' is not Ready"]
+
+
+def test_a_tracked_family_without_a_promoted_adapter_serves_nothing_yet():
+    spec = typed(adapters=[{"name": "latest", "track": {"family": "support"}}])
+    found, problems = ctl.resolve_adapters(spec, [adapter("s-v1", improvement=None)])
+    assert found == {} and "passed the promotion gate" in problems[0]
+    unguarded = typed(adapters=[{"name": "latest", "track": {"family": "support", "requirePromotion": False}}])
+    assert ctl.resolve_adapters(unguarded, [adapter("s-v1", improvement=None)])[0]["latest"]["metadata"]["name"] == "s-v1"
+
+
+@pytest.mark.parametrize(("status", "gate", "passes"), [
+    ({"improvement": "0.1"}, {}, True),
+    ({"improvement": "-0.1"}, {}, False),
+    ({}, {}, False),
+    ({}, {"requireEvaluation": False}, True),
+    ({"improvement": "0.1", "meanReward": "0.5"}, {"minImprovement": "0.2"}, False),
+    ({"improvement": "0.3", "meanReward": "0.5"}, {"minMeanReward": "0.6"}, False),
+    ({"improvement": "0.3", "meanReward": "0.7"}, {"minMeanReward": "0.6"}, True),
+    ({"improvement": "0.3"}, {"minMeanReward": "0.6"}, False),
+    ({"improvement": "nan"}, {}, False),
+])
+def test_promotion_gate(status, gate, passes):
+    assert ctl.passes_gate({"status": status}, PromotionGate.model_validate(gate)) is passes
+
+
+def test_adapter_info_gives_the_engine_a_local_path():
+    info = ctl.adapter_info(adapter("a", artifactUri="pvc://artifacts/adapters/a"))
+    assert info == rollout.AdapterInfo(name="a", uri="/mnt/pvc/artifacts/adapters/a", rank=8, base_model="llama")
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def test_a_color_at_the_desired_revision_is_the_whole_manifest_with_annotations():
+    s = serving()
+    rev = build.revision(s)
+    m = ctl.color_manifest(s, "green", rollout.ColorTarget(rev, 2, {"perennial.ai/preview-started-at": "t", "perennial.ai/smoke": None}), rev,
+                           current=None, autoscaled_active=False)
+    assert m["spec"]["replicas"] == 2 and m["spec"]["template"]["metadata"]["labels"]["perennial.ai/revision"] == rev
+    assert m["metadata"]["annotations"] == {"perennial.ai/preview-started-at": "t", "perennial.ai/smoke": None}
+    assert children.without_nulls(m)["metadata"]["annotations"] == {"perennial.ai/preview-started-at": "t"}
+
+
+def test_a_color_of_another_revision_is_only_scaled_and_annotated():
+    """Its pod template belongs to an earlier spec: rebuilding it from this one would change the pods that serve."""
+    s = serving()
+    current = {"metadata": {"name": "chat-blue", "namespace": "team"}, "spec": {"replicas": 3}}
+    m = ctl.color_manifest(s, "blue", rollout.ColorTarget("old", 0, {"perennial.ai/scale-down-at": None}), build.revision(s),
+                           current=current, autoscaled_active=False)
+    assert m == {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat-blue", "namespace": "team",
+                 "annotations": {"perennial.ai/scale-down-at": None}}, "spec": {"replicas": 0}}
+    assert ctl.color_manifest(s, "blue", rollout.ColorTarget("old", 0), build.revision(s), current=None, autoscaled_active=False) is None
+
+
+def test_the_autoscaled_active_color_keeps_the_autoscalers_count():
+    s = serving()
+    rev = build.revision(s)
+    current = {"metadata": {"name": "chat-blue", "namespace": "team"}, "spec": {"replicas": 5}}
+    m = ctl.color_manifest(s, "blue", rollout.ColorTarget(rev, 5), rev, current=current, autoscaled_active=True)
+    assert "replicas" not in m["spec"]
+    m = ctl.color_manifest(s, "blue", rollout.ColorTarget(rev, 5), rev, current=current, autoscaled_active=False)
+    assert m["spec"]["replicas"] == 5
+
+
+def test_routes_config_map_holds_the_decided_document_byte_for_byte():
+    s = serving()
+    doc = {"revision": "abc", "base": {"name": "llama"}, "adapters": {"a": {"uri": "/x", "rank": 8}}, "routes": {"s": [{"adapter": "a", "weight": 100}]}}
+    decision = rollout.AdapterDecision(routes=doc, progress={}, smoke=None, served=[], phase="Stable", message="", conditions=[], notes=[],
+                                       requeue_after=None)
+    cm = ctl.routes_manifest(s, decision)
+    assert json.loads(cm["data"]["routes.json"]) == doc and cm["metadata"]["name"] == "chat-routes"
+    assert cm["metadata"]["annotations"] == {"perennial.ai/routes-revision": "abc", "perennial.ai/adapter-rollouts": None}
+    assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "perennial-operator" and cm["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    moving = {"s": {"adapter": "b", "from": "a", "startedAt": "t", "step": -1}}
+    decision.progress = moving
+    assert json.loads(ctl.routes_manifest(s, decision)["metadata"]["annotations"]["perennial.ai/adapter-rollouts"]) == moving
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def result(name: str = "default", phase: str = "Stable", ready: int = 2, conditions: list | None = None, **kw: Any) -> ctl.RegionResult:
+    st = rollout.RegionRollout(phase=phase, active_color="blue", revision="r1", ready_replicas=ready, desired_replicas=2, message=f"{name} ok")
+    parts = conditions if conditions is not None else [
+        rollout.ConditionPart("Ready", "True", "Serving", "blue serves"), rollout.ConditionPart("Progressing", "False", "RolloutComplete", ""),
+        rollout.ConditionPart("Degraded", "False", "AsExpected", "")]
+    return ctl.RegionResult(name=name, manifests=[], rollout=st, conditions=parts, notes=[], requeue_after=None,
+                            served=[rollout.ServedRoute("support", "s-v1")], selector="sel", endpoint="http://chat.team.svc.cluster.local", **kw)
+
+
+def conds(status: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_of_one_serving_region():
+    st = ctl.decide_status(BODY, [result(routes_revision="rr")], [], [])
+    assert st["observedGeneration"] == 3 and st["phase"] == "Stable" and st["readySummary"] == "2/2"
+    assert conds(st) == {"Ready": ("True", "Serving"), "Progressing": ("False", "RolloutComplete"), "Degraded": ("False", "AsExpected")}
+    assert st["activeColor"] == "blue" and st["revision"] == "r1" and st["selector"] == "sel" and st["endpoint"].startswith("http://chat.")
+    assert st["servedAdapters"] == [{"name": "support", "adapter": "s-v1"}] and st["servedSummary"] == "support=s-v1"
+    assert st["regions"] == [{"name": "default", "phase": "Stable", "activeColor": "blue", "revision": "r1", "routesRevision": "rr",
+                              "readyReplicas": 2, "desiredReplicas": 2, "endpoint": "http://chat.team.svc.cluster.local", "message": "default ok"}]
+
+
+def test_a_remote_region_is_reported_unsupported_and_named():
+    from perennial.api.deployment import Region
+
+    st = ctl.decide_status(BODY, [result("eu")], [Region(name="us", clusterSecretRef={"name": "us-kubeconfig"})], [])
+    c = {x["type"]: x for x in st["conditions"]}
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "RegionUnsupported" and "us" in c["Ready"]["message"]
+    assert c["Degraded"]["status"] == "True"
+    assert st["regions"][1] == {"name": "us", "phase": "Pending", "message": f"Region us: {ctl.UNSUPPORTED_REGION}", "readyReplicas": 0, "desiredReplicas": 0}
+    assert st["activeColor"] == "blue", "the regions that serve still show"
+
+
+def test_adapters_without_an_object_make_the_deployment_degraded_not_unready():
+    st = ctl.decide_status(BODY, [result()], [], ["gone: Adapter 'nope' does not exist"])
+    assert conds(st)["Degraded"] == ("True", "AdapterNotReady") and conds(st)["Ready"] == ("True", "Serving")
+
+
+def test_status_keeps_the_learning_loops_fields_and_the_transition_times():
+    first = ctl.decide_status(BODY, [result()], [], [])
+    body = {**BODY, "status": {**first, "newFeedbackRecords": 7}}
+    again = ctl.decide_status(body, [result()], [], [])
+    assert again["newFeedbackRecords"] == 7 and again["conditions"] == first["conditions"]
+
+
+# ----------------------------------------------------------------------------- observing pods and Services
+
+
+def test_pods_are_read_where_their_sidecar_listens_and_only_when_ready():
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "engine"}, {"name": "sidecar", "ports": [{"name": "http", "containerPort": 9090}]}]},
+           "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert ctl.sidecar_port(pod) == 9090 and ctl.pod_ready(pod)
+    assert ctl.sidecar_port({"spec": {"containers": [{"name": "sidecar"}]}}) == 8080
+    assert not ctl.pod_ready({**pod, "metadata": {"name": "p", "deletionTimestamp": "t"}})
+    assert not ctl.pod_ready({**pod, "status": {**pod["status"], "conditions": [{"type": "Ready", "status": "False"}]}})
+
+    async def unready() -> rollout.PodRoutes:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await ctl.pod_routes(session, {**pod, "status": {"phase": "Pending"}})
+
+    assert asyncio.run(unready()) == rollout.PodRoutes("p", False, None)
+
+
+def test_service_url_prefers_the_local_runtimes_address():
+    assert ctl.service_url({"metadata": {"annotations": {"perennial.ai/local-url": "http://127.0.0.1:4000/"}}}, "chat", "team") == "http://127.0.0.1:4000"
+    assert ctl.service_url({"metadata": {}}, "chat", "team") == "http://chat.team.svc.cluster.local"
+    assert ctl.service_url(None, "chat-preview", "team") == "http://chat-preview.team.svc.cluster.local"
+
+
+def test_smoke_test_against_nothing_fails_with_a_reason():
+    passed, why = asyncio.run(ctl.smoke_test("http://127.0.0.1:9", ["m"], prompt="hi", expect_regex=None, max_tokens=4, timeout=2))
+    assert not passed and "did not answer" in why
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def test_unserved_optional_kinds_are_tried_again_later(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(children.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(children, "_unserved", {})
+    children._unserved[ctl.KEDA] = now[0]
+    assert children.is_unserved(*ctl.KEDA)
+    now[0] += children.UNSERVED_RECHECK_SECONDS
+    assert not children.is_unserved(*ctl.KEDA), "a CRD installed later is used"
+    assert ctl.KEDA in children.OPTIONAL_KINDS
+
+
+def test_serving_children_and_their_pods_wake_the_perennial_deployment():
+    from perennial.config import OperatorConfig
+    from perennial.controllers import all_controllers
+    from perennial.controllers.base import Context
+    from perennial.kube.cache import Cache
+
+    watched = {(w.api_version, w.kind): w for w in BUILTIN_WATCHES}
+    for kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"),
+                 ("autoscaling/v2", "HorizontalPodAutoscaler"), ("keda.sh/v1alpha1", "ScaledObject"), ("v1", "Pod")):
+        assert watched[kind].labels == {"app.kubernetes.io/managed-by": build.MANAGED_BY}, kind
+    assert watched[("keda.sh/v1alpha1", "ScaledObject")].optional
+    m = Manager(all_controllers(), Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0))
+    s = serving()
+    rev = build.revision(s)
+    child = {**build.deployment(s, "blue", rev, 1), "metadata": {**build.deployment(s, "blue", rev, 1)["metadata"], "ownerReferences": [
+        {"apiVersion": "perennial.ai/v1alpha1", "kind": "Deployment", "name": "chat", "uid": "u1"}]}}
+    assert m.keys_for(None, child) == {Key("Deployment", "team", "chat")}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "chat-blue-x", "namespace": "team",
+                                                           "labels": build.deployment(s, "blue", rev, 1)["spec"]["template"]["metadata"]["labels"],
+                                                           "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "chat-blue-5d8f7", "uid": "rs"}]}}
+    assert m.keys_for(None, pod) == {Key("Deployment", "team", "chat")}
+    assert m.keys_for(pod, None) == {Key("Deployment", "team", "chat")}, "a deleted pod wakes it too"
+    stranger = {**pod, "metadata": {**pod["metadata"], "labels": {"perennial.ai/deployment": "chat"}}}
+    assert m.keys_for(None, stranger) == set(), "only pods of this operator"
