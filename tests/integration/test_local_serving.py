@@ -103,7 +103,7 @@ class Env:
         return (self.kube.get("apps/v1", "Deployment", NS, name) or {}).get("status") or {}
 
     def pids(self, pod: dict[str, Any]) -> dict[str, int]:
-        return {c["name"]: int(c["containerID"].split("://")[1]) for c in pod["status"]["containerStatuses"] if c.get("containerID")}
+        return {c["name"]: int(c["containerID"].split("://")[1]) for c in pod.get("status", {}).get("containerStatuses") or [] if c.get("containerID")}
 
 
 def _alive(pid: int) -> bool:
@@ -145,7 +145,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     try:
         yield e
     finally:
-        pids = [pid for p in kube.list("v1", "Pod", NS) for pid in e.pids(p).values()] if True else []
+        pids = [pid for p in kube.list("v1", "Pod", NS) for pid in e.pids(p).values()]
         cluster.stop()
         server.stop()
         assert not [p for p in pids if _alive(p)], "pod processes outlived the local runtime"
@@ -330,3 +330,57 @@ def test_progress_deadline_exceeded_when_pods_never_become_ready(env: Env) -> No
     assert conds["Available"]["status"] == "False"
     pod = env.pods("stuck")[0]
     assert pod["status"]["phase"] == "Running" and not pod["status"]["containerStatuses"][0]["ready"]
+
+
+def _bare_pod(env: Env, name: str, script: str, **spec: Any) -> dict[str, Any]:
+    return env.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
+                            "spec": {"containers": [{"name": "main", "image": IMAGE, "command": ["python", "-c", script]}], **spec}})
+
+
+def _main_status(env: Env, name: str) -> dict[str, Any]:
+    p = env.kube.get("v1", "Pod", NS, name) or {}
+    return ((p.get("status") or {}).get("containerStatuses") or [{}])[0]
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(env: Env) -> None:
+    _bare_pod(env, "stubborn", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(600)",
+              terminationGracePeriodSeconds=2)
+    st = wait_for(lambda: (s := _main_status(env, "stubborn")).get("ready") and s, WAIT, 0.1, "running")
+    pid = int(st["containerID"].split("://")[1])
+    wait_for(lambda: "up" in env.kube.pod_log(NS, "stubborn"), WAIT, 0.1, "log line")  # SIG_IGN is in place
+    env.kube.delete("v1", "Pod", NS, "stubborn")
+    time.sleep(1.0)
+    assert _alive(pid), "SIGTERM ignored: still alive within the grace period"
+    wait_for(lambda: not _alive(pid), WAIT, 0.1, "SIGKILL after the grace period")
+
+
+def test_a_crashing_container_restarts_with_backoff(env: Env) -> None:
+    _bare_pod(env, "crashy", "import sys; sys.exit(3)")
+
+    def crashed_twice() -> dict[str, Any] | None:
+        s = _main_status(env, "crashy")
+        return s if s.get("restartCount", 0) >= 2 else None
+
+    st = wait_for(crashed_twice, WAIT, 0.1, "two restarts")
+    assert st["lastState"]["terminated"]["exitCode"] == 3 and st["lastState"]["terminated"]["reason"] == "Error"
+    assert not st["ready"]
+    pod = env.kube.get("v1", "Pod", NS, "crashy")
+    assert pod is not None and pod["status"]["phase"] == "Running"
+    wait_for(lambda: (_main_status(env, "crashy").get("state") or {}).get("waiting", {}).get("reason") == "CrashLoopBackOff",
+             WAIT, 0.05, "CrashLoopBackOff between restarts")
+
+
+def test_restart_policy_never_ends_the_pod(env: Env) -> None:
+    _bare_pod(env, "once", "print('done')", restartPolicy="Never")
+    wait_for(lambda: ((env.kube.get("v1", "Pod", NS, "once") or {}).get("status") or {}).get("phase") == "Succeeded", WAIT, 0.1, "Succeeded")
+    st = _main_status(env, "once")
+    assert st["state"]["terminated"]["exitCode"] == 0 and st["restartCount"] == 0
+
+
+def test_pods_of_unmapped_images_stay_pending(env: Env) -> None:
+    env.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "elsewhere", "namespace": NS},
+                     "spec": {"containers": [{"name": "main", "image": "nginx:1"}]}})
+    _bare_pod(env, "marker", "import time; time.sleep(600)")
+    wait_for(lambda: _main_status(env, "marker").get("ready"), WAIT, 0.1, "a mapped pod runs meanwhile")
+    pod = env.kube.get("v1", "Pod", NS, "elsewhere")
+    assert pod is not None and pod["status"]["phase"] == "Pending" and not pod["status"].get("podIP")

@@ -56,7 +56,6 @@ __all__ = ["PodKubelet"]
 log = logging.getLogger(__name__)
 
 PODNET_DIR = str(Path(__file__).resolve().parent / "podnet")
-_TICK = 0.1
 
 
 def _now() -> str:
@@ -232,6 +231,16 @@ class _Container:
         self.ready = False
         self.done = False  # terminated for good (restart policy)
         self.thread: threading.Thread | None = None
+        self.wake = threading.Event()  # the process exited, or the pod is stopping
+        self.env: dict[str, str] = {}
+        self.cwd = ""
+
+    def watch_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wake this container's thread when `proc` exits (a thread blocked in wait(): no polling)."""
+        def wait() -> None:
+            proc.wait()
+            self.wake.set()
+        threading.Thread(target=wait, name=f"wait-{proc.pid}", daemon=True).start()
 
 
 class _PodWorker(_PodSandbox):
@@ -276,6 +285,8 @@ class _PodWorker(_PodSandbox):
             self._write_status = write_status
             log.info("Stopping pod processes pod=%s namespace=%s grace=%.0fs", self.pod_name, self.ns, self._grace)
             self._stopping.set()
+            for c in self.init_containers + self.containers:
+                c.wake.set()
             self._dirty.set()
 
     def request_refresh(self) -> None:
@@ -315,7 +326,7 @@ class _PodWorker(_PodSandbox):
                     c.thread = threading.Thread(target=self._supervise, args=(c,), name=f"pod-{self.pod_name}-{c.name}", daemon=True)
                     c.thread.start()
             while not self._stopping.is_set():
-                self._dirty.wait(1.0)
+                self._dirty.wait()
                 self._dirty.clear()
                 if self._refresh.is_set():
                     self._refresh.clear()
@@ -386,6 +397,7 @@ class _PodWorker(_PodSandbox):
         env["PERENNIAL_LOCAL_POD_IP"] = self.pod_ip
         env["PERENNIAL_LOCAL_POD_LOOPBACK"] = self.pod_lo
         env.setdefault("HOSTNAME", self.pod_name)
+        c.env, c.cwd = env, cwd
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -395,6 +407,8 @@ class _PodWorker(_PodSandbox):
             return None
         log.info("Started container pod=%s namespace=%s container=%s pid=%d ip=%s", self.pod_name, self.ns, c.name, proc.pid, self.pod_ip)
         threading.Thread(target=self._pump, args=(proc, c.name), daemon=True).start()
+        c.wake.clear()
+        c.watch_exit(proc)
         return proc
 
     def _run_init(self, c: _Container) -> bool:
@@ -409,7 +423,9 @@ class _PodWorker(_PodSandbox):
             c.state = {"running": {"startedAt": started}}
             self.mark()
             while proc.poll() is None:
-                if self._stopping.wait(_TICK):
+                c.wake.wait()
+                c.wake.clear()  # the loop rechecks the process and the pod: a stale wake-up costs one turn
+                if self._stopping.is_set():
                     return False
             rc = _exit_code(proc.returncode)
             c.state = {"terminated": {"exitCode": rc, "reason": "Completed" if rc == 0 else "Error", "startedAt": started, "finishedAt": _now()}}
@@ -470,7 +486,11 @@ class _PodWorker(_PodSandbox):
         """Wait for the process to exit while running its probes; a reason when a probe says to kill it."""
         probes = {kind: _Probe(kind, c.spec[kind], t0) for kind in ("startupProbe", "livenessProbe", "readinessProbe") if c.spec.get(kind)}
         while proc.poll() is None:
-            if self._stopping.wait(_TICK):
+            now = time.monotonic()
+            due = [p.next for kind, p in probes.items() if (kind == "startupProbe") != c.started]
+            c.wake.wait(max(0.0, min(due) - now) if due else None)
+            c.wake.clear()
+            if self._stopping.is_set():
                 return None
             now = time.monotonic()
             for kind, probe in probes.items():
@@ -540,8 +560,9 @@ class _PodWorker(_PodSandbox):
                     return False
                 mapped = self.k.commands.get(command[0]) or self.k.commands.get(os.path.basename(command[0]))
                 argv = (list(mapped) + command[1:]) if mapped else command
-                env = dict(os.environ, PYTHONPATH=PODNET_DIR, PERENNIAL_LOCAL_POD_IP=self.pod_ip, PERENNIAL_LOCAL_POD_LOOPBACK=self.pod_lo)
-                return subprocess.run(argv, env=env, cwd=str(self.pod_dir), capture_output=True, timeout=timeout).returncode == 0
+                # in the container's environment (its env, pod network shim and working directory)
+                return subprocess.run(argv, env=c.env, cwd=c.cwd or str(self.pod_dir), stdin=subprocess.DEVNULL,
+                                      capture_output=True, timeout=timeout).returncode == 0
         except (OSError, http.client.HTTPException, subprocess.TimeoutExpired, ValueError):
             return False
         return True  # grpc probes: not run here
