@@ -98,6 +98,18 @@ ROWS = [
      world(stable=None, desired="r1", replicas=0, autoscaled=True), BG, 0, False, None,
      {"stable": "blue", "notes": ["PreviewCreated", "Switched"], "colors": {"blue": ("r1", 0)}, "smoke": None, "phase": "Stable",
           "conditions": {"Ready": ("True", "ScaledToZero")}}),
+    ("first: green already carries the desired revision -> it goes on, no blue is made",
+     world(blue=None, green=col("r1", 3, 1, started=t(0)), stable=None, desired="r1", replicas=3), BG, 10, False, None,
+     {"stable": None, "notes": [], "absent": ["blue"], "preview_service": "green", "preview": "green"}),
+    ("first: a leftover color of another revision gets no traffic and is scaled to zero",
+     world(blue=col("r0", 2, 0, started=t(0), aborted="r0"), green=col("r1", 3, 1, started=t(0)), stable=None, desired="r1", replicas=3),
+     BG, 10, False, None, {"stable": None, "notes": ["ScaledDown"], "colors": {"blue": ("r0", 0), "green": ("r1", 3)}}),
+    ("first: replicas raised while coming up -> the color grows, not ready until it has them all",
+     world(blue=col("r1", 3, started=t(0)), stable=None, desired="r1", replicas=5), BG, 10, False, None,
+     {"stable": None, "notes": [], "smoke": None, "colors": {"blue": ("r1", 5)}}),
+    ("first: the spec scales to zero while coming up -> selected at once, nothing to test",
+     world(blue=col("r1", 3, 1, started=t(0)), stable=None, desired="r1", replicas=0), BG, 10, False, None,
+     {"stable": "blue", "notes": ["Switched"], "colors": {"blue": ("r1", 0)}}),
     ("service deleted by hand while blue serves -> point it back at once",
      world(blue=col("r1", 2), green=None, stable=None, desired="r1"), BG, 0, False, None,
      {"stable": "blue", "phase": "Stable", "notes": [], "colors": {"blue": ("r1", 2)}}),
@@ -239,6 +251,9 @@ ROWS = [
     ("a paused preview is never a rollback target",
      world(blue=col("r3", 4, started="paused"), green=col("r2", 4, 1), stable="green", desired="r3", replicas=4, switched_at=t(90)),
      BG, 150, True, None, {"stable": "green", "notes": [], "phase": "Paused"}),
+    ("paused -> an old color is still scaled down when its delay is over",
+     world(blue=col("r1", 4), green=col("r0", 4, scale_down_at=t(100)), stable="blue", desired="r2", replicas=4), BG, 100, True, None,
+     {"stable": "blue", "phase": "Paused", "notes": ["ScaledDown"], "colors": {"green": ("r0", 0)}}),
     ("paused -> replica changes still scale the active color",
      world(blue=col("r1", 4), stable="blue", desired="r2", replicas=6), BG, 0, True, None, {"colors": {"blue": ("r1", 6)}}),
 
@@ -366,7 +381,7 @@ def _invariants(obs: RegionObserved, d) -> None:
         cur = obs.color(s)
         if cur is not None and ready[s] > 0:
             assert d.colors[s].revision == cur.revision
-            assert d.colors[s].replicas > 0
+            assert d.colors[s].replicas > 0 or (obs.desired_replicas == 0 and not obs.autoscaled)  # unless the spec says 0
     # every message is short enough for the status
     assert len(d.status.message) <= 1024
     assert all(len(n.message) <= 1024 for n in d.notes)
@@ -724,6 +739,10 @@ AROWS = [
      aobs(doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V2, "veg": V3}, max_loras=3), None, None, 0, False, None,
      {"routes": {"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v2", 100)], "veg": [("veg-v1", 100)]},
           "notes": ["PreviewCreated"], "message": "waiting for a free adapter slot"}),
+    ("one name waits for its smoke test while another starts: no smoke test until the pods applied the new routes",
+     aobs(doc({"fruit": [("fruit-v1", 100)], "fruit-preview": [("fruit-v2", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V2, "veg": V3},
+          progress=STARTED_P), None, None, 30, False, None,
+     {"smoke": None, "notes": ["PreviewCreated"], "message": "waiting for the pods to apply the routes before the smoke test"}),
     ("two names can roll out side by side when the slots allow",
      aobs(doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]}), {"fruit": V2, "veg": V3}, max_loras=4), None, None, 0, False, None,
      {"notes": ["PreviewCreated", "PreviewCreated"], "loaded": ["fruit-v1", "fruit-v2", "fruit-v3", "veg-v1"]}),
@@ -955,3 +974,23 @@ def test_region_status_merges_both_paths_into_the_api_model():
     assert {c.type: c.reason for c in conds}["Progressing"] == "WaitingForPromotion"
     alone, _ = region_status("eu", pod)
     assert alone.phase == "Stable" and alone.pending_promotion is None
+
+
+def test_the_last_resort_switch_keeps_the_serving_color_as_it_is():
+    """`_never_select_an_unready_color` (a net under the decision): it moves traffic to the color with ready pods
+    and undoes any change of that color's revision or count planned in the same pass."""
+    from perennial.controllers.rollout import _never_select_an_unready_color, _Plan
+
+    obs = world(blue=col("r1", 2, 0), green=col("r0", 3, 3, scale_down_at=t(0)), stable="blue", desired="r1")
+    plan = _Plan(obs, T0)
+    plan.set("green", revision="r9", replicas=0, scale_down_at=t(0))
+    _never_select_an_unready_color(plan)
+    assert plan.stable == "green" and plan.stable_annotations[SWITCHED_AT] == t(0)
+    assert (plan.colors["green"].revision, plan.colors["green"].replicas) == ("r0", 3)
+    assert plan.colors["green"].annotations[SCALE_DOWN_AT] is None
+    assert [n.reason for n in plan.notes] == ["FailedOver"]
+    # a color at zero on purpose is left selected
+    obs = world(blue=col("r1", 0), green=col("r0", 3, 3), stable="blue", desired="r1", replicas=0, autoscaled=True)
+    plan = _Plan(obs, T0)
+    _never_select_an_unready_color(plan)
+    assert plan.stable == "blue" and plan.notes == []

@@ -471,12 +471,12 @@ def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
         p.after(bg.progress_deadline_seconds)
         _progressing(p, "FirstRollout", f"Bringing up {c} (revision {rev}): 0/{full} ready", preview=(c, rev))
         return
-    if full == 0:
-        # Scaled to zero from the start: nothing to test; the Service selects the (empty) color.
-        _switch(p, None, c, rev, bg, first=True)
-        return
     if s.replicas != full:
         p.set(c, replicas=full)
+    if full == 0:
+        # Scaled to zero (the spec says 0 now): nothing to test; the Service selects the (empty) color.
+        _switch(p, None, c, rev, bg, first=True)
+        return
     started = parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
     if not (s.fully_ready() and s.replicas >= full):  # more ready than needed (the spec lowered replicas) is ready
         deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
