@@ -87,6 +87,7 @@ class Sidecar:
         if self.routes is not None:
             app.router.add_get("/perennial/routes", self.routes.routes_handler)
             app.router.add_get("/v1/models", self.routes.models_handler)
+            app.router.add_get("/v1/models/{model:.+}", self.routes.model_handler)
         app.router.add_route("*", "/v1/feedback", self.method_not_allowed)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self._startup)

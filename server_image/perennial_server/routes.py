@@ -701,6 +701,16 @@ class Routes:
 
         return web.json_response(self.models())
 
+    async def model_handler(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{model}` (the OpenAI clients' `models.retrieve`): a base or served name only."""
+        from aiohttp import web
+
+        name = request.match_info["model"]
+        for m in self.models()["data"]:
+            if m["id"] == name:
+                return web.json_response(m)
+        return json_error(404, f"The model `{name}` does not exist.", "model_not_found", param="model")
+
 
 def managed_path_error(path: str) -> web.Response:
     return json_error(403, f"`{path}` is not available: the routes file decides which adapters are loaded", "adapters_managed")

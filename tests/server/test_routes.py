@@ -239,6 +239,9 @@ def test_models_lists_served_names_and_base(fake: FakeEngine, routed, tmp_path: 
     models = client.models.list().data
     assert [m.id for m in models] == [BASE, "support", "support-preview"]  # never the internal adapter names
     assert all(m.object == "model" and m.owned_by for m in models)
+    assert client.models.retrieve("support-preview").id == "support-preview"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("a1")
 
 
 def test_unknown_model_is_404_without_the_engine(fake: FakeEngine, routed, tmp_path: Path) -> None:
