@@ -160,10 +160,6 @@ class ColorState:
             annotations=dict(meta.get("annotations") or {}),
         )
 
-    @property
-    def ready(self) -> int:
-        return self.ready_replicas
-
     def fully_ready(self) -> bool:
         """Every pod of the current spec is ready and no pod of an older template is left."""
         return (
