@@ -42,7 +42,7 @@ Color = Literal["blue", "green"]
 #: On the Perennial Deployment, set by the user (`perennial promote`, or `kubectl annotate pdeploy <name>
 #: perennial.ai/promote=<value> --overwrite`): promote the rollout waiting for it. The value is the pod
 #: revision (or, for an adapter change, the Adapter object name) shown in `status.regions[].pendingPromotion`;
-#: a stale value never promotes a later rollout.
+#: a value left from an earlier promotion never promotes a rollout of another revision.
 PROMOTE_ANNOTATION = "perennial.ai/promote"
 #: On the stable Service: when it last switched color (RFC 3339).
 SWITCHED_AT_ANNOTATION = "perennial.ai/switched-at"
