@@ -1016,12 +1016,26 @@ def _version_priority(v: str) -> tuple:
 # --------------------------------------------------------------------------- background thread
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The server thread's event loop: uvloop when installed (its TLS and transports in C: ~15% less CPU per
+    request than asyncio's), as the feedback sidecar does; plain asyncio otherwise, or with
+    ``PERENNIAL_CONTROL_PLANE_LOOP=asyncio``."""
+    if os.environ.get("PERENNIAL_CONTROL_PLANE_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class ServerThread:
     """An :class:`APIServer` running in its own thread and event loop (for sync tests)."""
 
     def __init__(self, server: APIServer | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = server or APIServer()
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(host, port), name="perennial-apiserver",
