@@ -417,3 +417,25 @@ def test_admission_and_status_writes_leave_the_callers_objects_alone():
                               {**copy.deepcopy(created), **patch_body}, subresource="status")
     assert patch_body == kept and created == stored  # neither the body nor the old stored object changed
     assert out["status"] == {"phase": "Done"} and out["spec"]["method"] == "SFT"
+
+
+# --------------------------------------------------------------------------- the server thread's loop
+
+
+def test_server_thread_loop_is_uvloop_when_installed_unless_asked_for_asyncio(monkeypatch):
+    import asyncio
+
+    from perennial.local import apiserver
+
+    uvloop = pytest.importorskip("uvloop")
+    loop = apiserver._new_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    monkeypatch.setenv("PERENNIAL_CONTROL_PLANE_LOOP", "asyncio")
+    loop = apiserver._new_loop()
+    try:
+        assert isinstance(loop, asyncio.SelectorEventLoop) and not isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
