@@ -65,6 +65,9 @@ def auto_max_connections(nofile: int) -> int:
     return max(8, (nofile - RESERVED_FDS) // 2)
 
 
+_data_received = RequestHandler.data_received
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, with a header timeout, the connection limit and JSON errors."""
 
@@ -128,15 +131,18 @@ class GuardedRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # the header clock starts with the first byte of a request head; a head that arrives whole
-        # (the usual case) never arms it
+        # (the usual case) never arms it. Called for every read: idle() inlined, no super() object.
         new_head = False
         if data:
             self._last_active = self._loop.time()
-            new_head = self._guard is None and self.idle()
+            if self._guard is None:
+                w = self._waiter
+                new_head = w is not None and not self._force_close and not w.done() and not self._messages
         before = self._request_count
-        super().data_received(data)
+        _data_received(self, data)
         if self._request_count != before:
-            self._disarm()  # a head is complete (or was rejected): the handler owns the clock now
+            if self._guard is not None:
+                self._disarm()  # a head is complete (or was rejected): the handler owns the clock now
         elif new_head:
             self._arm()
             self._head_bytes = len(data)

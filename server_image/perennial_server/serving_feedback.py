@@ -29,7 +29,13 @@ from .middleware import (  # ClientGone: answered by the error middleware
     read_body,
     send_and_close,
 )
-from .protocol import Feedback, FeedbackRequest, RequestError, parse_feedback
+from .protocol import (
+    FEEDBACK_TYPES,
+    Feedback,
+    FeedbackRequest,
+    RequestError,
+    parse_feedback,
+)
 
 if TYPE_CHECKING:
     from .api_server import Sidecar
@@ -64,29 +70,51 @@ _clock = _Clock()
 
 
 class FeedbackHandler:
+    """The one-record request (the usual one) runs as a single coroutine, `create_feedback`: no
+    nested coroutines, one future (the spool's group commit) per stored record, and its metrics
+    counted once per group commit (`durable`, called by the spool after the fsync and before any
+    of the group's requests is answered). Arrays, replays and errors take the helpers below."""
+
     def __init__(self, sidecar: Sidecar) -> None:
         self.s = sidecar
+        m = sidecar.metrics
+        self._ok = m.requests.labels("/v1/feedback", "200")  # requests{route, code} of a stored one-record request
+        self._captured = m.captured_feedback
+        self._by_type = {t: m.feedback_of(t) for t in FEEDBACK_TYPES}
+        sidecar.spool.on_durable = self.durable
 
-    async def create_feedback(self, request: web.Request) -> web.StreamResponse:
-        """The route's handler."""
-        resp = await self.handle(request)
+    def durable(self, types: list[str]) -> None:
+        """A group commit of one-record requests is durable: count them (one counter update per
+        type and group, not per request)."""
+        n = len(types)
+        if types.count(types[0]) == n:
+            self._by_type[types[0]].inc(n)
+        else:
+            for t in set(types):
+                self._by_type[t].inc(types.count(t))
+        self._captured.inc(n)
+        self._ok.inc(n)
+
+    def _answer(self, resp: web.StreamResponse) -> web.StreamResponse:
         self.s.metrics.count("/v1/feedback", resp.status)
         return resp
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def create_feedback(self, request: web.Request) -> web.StreamResponse:
+        """The route's handler."""
         s = self.s
         headers = request.headers
         if not s.token.check(headers.get("Authorization")):
-            return json_error(401, "a valid bearer token is required (`Authorization: Bearer <token>`)", "invalid_api_key",
-                              headers={"WWW-Authenticate": 'Bearer realm="perennial-feedback"'})
+            return self._answer(json_error(401, "a valid bearer token is required (`Authorization: Bearer <token>`)", "invalid_api_key",
+                                           headers={"WWW-Authenticate": 'Bearer realm="perennial-feedback"'}))
         ok, retry = s.limiter.allow(request.remote or "?")
         if not ok:
-            return json_error(429, "too many feedback requests; slow down", "rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(retry)))})
+            return self._answer(json_error(429, "too many feedback requests; slow down", "rate_limit_exceeded",
+                                           headers={"Retry-After": str(max(1, math.ceil(retry)))}))
         raw_type = headers.get("Content-Type")
         if raw_type is not None and raw_type not in _JSON_TYPES:  # no Content-Type at all: taken as JSON
             ctype = request.content_type
             if ctype != "application/json":
-                return json_error(415, f"`Content-Type` must be `application/json`, not `{ctype[:100]}`", "unsupported_media_type")
+                return self._answer(json_error(415, f"`Content-Type` must be `application/json`, not `{ctype[:100]}`", "unsupported_media_type"))
         cfg = s.cfg
         content = request.content
         cl = request.content_length
@@ -96,25 +124,72 @@ class FeedbackHandler:
             try:
                 raw = await read_body(request, cfg.max_body_bytes, cfg.client_body_timeout_s)
             except BodyTooLarge as e:
-                return body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s)
+                return self._answer(body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s))
             except BodyTimeout as e:
-                return await send_and_close(request, body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s))
+                return self._answer(await send_and_close(request, body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s)))
         parsed = parse_feedback(raw, cfg.feedback_batch_max)
         if isinstance(parsed, RequestError):
-            return json_error(parsed.status, parsed.message, parsed.code, param=parsed.param)
+            return self._answer(json_error(parsed.status, parsed.message, parsed.code, param=parsed.param))
         items, batch = parsed
+        if batch or len(items) != 1:
+            return self._answer(await self.store_many(items, batch))
+        # one record
+        it = items[0]
+        req = it.req
+        f = req.id
+        seen = req.response_id in s.seen_responses
+        ids = s.feedback_ids
+        if f is not None and (f in ids or f in ids.inflight):
+            return self._answer(await self.store_again(it, seen))  # a retry
         try:
-            if batch or len(items) != 1:
-                out, replayed = await self.store(items)
-                body = to_json({"object": "list", "data": out} if batch else out[0])
+            if f is None:
+                f = "fb-" + random_hex()  # a fresh random id: no other request can hold it, and it is not stored yet
+                await s.spool.durable(self.record(f, it, seen), it.type)
             else:
-                answer, replayed = await self.store_one(items[0])
-                body = to_json(answer)
+                fut = asyncio.get_running_loop().create_future()
+                ids.inflight[f] = fut  # a retry arriving meanwhile waits for this outcome (store_again)
+                try:
+                    await s.spool.durable(self.record(f, it, seen), it.type)
+                finally:
+                    del ids.inflight[f]
+                    if not fut.done():
+                        fut.set_result(None)
         except pydantic.ValidationError as e:  # a redacted text grew past its bound
-            err = e.errors(include_url=False)[0]
-            return json_error(400, f"invalid feedback: {err.get('msg')}"[:300], "invalid_feedback")
+            return self._answer(self._invalid(e))
+        except (OSError, RuntimeError) as e:
+            return self._answer(json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable"))
+        ids.add(f)  # counted by durable()
+        return web.Response(body=to_json({"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type,
+                                          "status": "recorded", "response_seen": seen}), content_type="application/json")
+
+    @staticmethod
+    def _invalid(e: pydantic.ValidationError) -> web.Response:
+        err = e.errors(include_url=False)[0]
+        return json_error(400, f"invalid feedback: {err.get('msg')}"[:300], "invalid_feedback")
+
+    async def store_again(self, it: Feedback, seen: bool) -> web.Response:
+        """One record whose id is stored or being stored: wait for the other request's outcome;
+        a replay if stored, else store it here."""
+        try:
+            answer, replayed = await self.store_one(it, seen)
+        except pydantic.ValidationError as e:
+            return self._invalid(e)
         except (OSError, RuntimeError) as e:
             return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
+        resp = web.Response(body=to_json(answer), content_type="application/json", headers=_REPLAYED if replayed else None)
+        if not replayed:
+            self.s.metrics.captured_feedback.inc()
+            self.s.metrics.feedback_of(it.type).inc()
+        return resp
+
+    async def store_many(self, items: list[Feedback], batch: bool) -> web.Response:
+        try:
+            out, replayed = await self.store(items)
+        except pydantic.ValidationError as e:
+            return self._invalid(e)
+        except (OSError, RuntimeError) as e:
+            return json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable")
+        body = to_json({"object": "list", "data": out} if batch else out[0])
         return web.Response(body=body, content_type="application/json", headers=_REPLAYED if replayed else None)
 
     async def store(self, items: list[Feedback]) -> tuple[list[dict], bool]:
@@ -122,12 +197,16 @@ class FeedbackHandler:
         s = self.s
         ids = s.feedback_ids
         if len(items) == 1:
-            answer, replayed = await self.store_one(items[0])
+            it = items[0]
+            answer, replayed = await self.store_one(it, it.req.response_id in s.seen_responses)
+            if not replayed:
+                s.metrics.feedback_of(it.type).inc()
+                s.metrics.captured_feedback.inc()
             return [answer], replayed
         fids = [it.req.id or "fb-" + random_hex() for it in items]
         # another request is storing one of these ids right now: wait for its outcome first
         while waits := [ids.inflight[f] for f in set(fids) if f in ids.inflight]:
-            await asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.gather(*map(asyncio.shield, waits), return_exceptions=True)  # never cancel another request's marker
         new: dict[str, int] = {}
         for i, f in enumerate(fids):
             if f not in ids and f not in new:
@@ -150,47 +229,37 @@ class FeedbackHandler:
         finally:
             for f, fut in futs.items():
                 ids.inflight.pop(f, None)
-                fut.set_result(None)
+                if not fut.done():
+                    fut.set_result(None)
         m = s.metrics
         for i in new.values():
             m.feedback_of(items[i].type).inc()
         m.captured_feedback.inc(len(new))
         return answers, False
 
-    async def store_one(self, it: Feedback) -> tuple[dict, bool]:
-        """store() of one item (the common request), with less bookkeeping: (its answer, a replay)."""
+    async def store_one(self, it: Feedback, seen: bool) -> tuple[dict, bool]:
+        """Store one item unless its id is stored (or, once another request's outcome is known,
+        turns out stored): (its answer, a replay). Metrics: the caller's."""
         s = self.s
         ids = s.feedback_ids
         req = it.req
-        f = req.id
-        seen = req.response_id in s.seen_responses
-        if f is None:
-            # a fresh random id: no other request can hold it, and it is not stored yet
-            f = "fb-" + random_hex()
-            answer = {"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type, "status": "recorded", "response_seen": seen}
-            s.spool.append_nowait(self.record(f, it, seen))
-            await s.spool.sync()
+        f = req.id or "fb-" + random_hex()
+        inflight = ids.inflight
+        while (other := inflight.get(f)) is not None:
+            await asyncio.shield(other)  # the same id is being stored by another request: its outcome first (never cancel it)
+        answer = {"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type, "status": "recorded", "response_seen": seen}
+        if f in ids:
+            return answer, True
+        line = self.record(f, it, seen)
+        fut = asyncio.get_running_loop().create_future()
+        inflight[f] = fut
+        try:
+            await s.spool.durable(line)
             ids.add(f)
-        else:
-            inflight = ids.inflight
-            while (other := inflight.get(f)) is not None:
-                await other  # the same id is being stored by another request: its outcome first
-            answer = {"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type, "status": "recorded", "response_seen": seen}
-            if f in ids:
-                return answer, True
-            line = self.record(f, it, seen)
-            fut = asyncio.get_running_loop().create_future()
-            inflight[f] = fut
-            try:
-                s.spool.append_nowait(line)
-                await s.spool.sync()
-                ids.add(f)
-            finally:
-                del inflight[f]
+        finally:
+            del inflight[f]
+            if not fut.done():
                 fut.set_result(None)
-        m = s.metrics
-        m.feedback_of(it.type).inc()
-        m.captured_feedback.inc()
         return answer, False
 
     def record(self, fid: str, it: Feedback, seen: bool) -> bytes:

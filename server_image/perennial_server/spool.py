@@ -7,11 +7,14 @@ Layout of the spool dir:
     <seq:08d>-<yyyymmdd>.open      the segment being written
     <seq:08d>-<yyyymmdd>.jsonl     closed segments waiting for the shipper
 
-Writers call `append(line, durable=...)`. Lines accumulate in a buffer; one
-flusher task writes the whole buffer with a single `write` and, when a durable
-writer is waiting, a single `fsync` (group commit: every writer that arrived
-while the previous fsync ran shares the next one). Non-durable appends
-(interactions) return immediately. Segments roll by size and age; closing
+Writers call `append(line, durable=...)` (or `durable(line)`, which returns the
+future to await). Lines accumulate in a buffer; one flusher task writes the
+whole buffer with a single `write` and, when a durable writer is waiting, a
+single `fsync` (group commit: every writer that arrived while the previous
+fsync ran shares the next one). Non-durable appends (interactions) return
+immediately. Tags given with durable records are handed to `on_durable` once
+per group, after its fsync and before its writers are woken (per-group
+bookkeeping such as metrics, instead of per record). Segments roll by size and age; closing
 fsyncs the file, renames it to `.jsonl` and fsyncs the directory.
 
 On start, `recover()` closes what a crashed predecessor left open, dropping a
@@ -24,7 +27,9 @@ import asyncio
 import datetime as _dt
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +77,50 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if not fut.done():  # cancelled meanwhile: nothing to tell
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+
+
+class _IOThread:
+    """One thread that runs the spool's blocking calls (write, fsync, close) in order: a job costs a
+    queue put and one call_soon_threadsafe, where asyncio.to_thread (the default executor) costs a
+    context copy, an executor submit with its locks and two chained futures per call."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, fut, fn, args = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def run(self, fn: Callable, *args: object) -> asyncio.Future:
+        """`fn(*args)` on the thread; a future of its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn, args))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class Spool:
     def __init__(
         self,
@@ -81,6 +130,7 @@ class Spool:
         max_segment_age_s: float = 60.0,
         interaction_fsync_interval_s: float = 1.0,
         on_closed: Callable[[Segment], None] | None = None,
+        on_durable: Callable[[list[str]], None] | None = None,
         coalesce_s: float = 0.0,
     ) -> None:
         self.dir = Path(spool_dir)
@@ -88,13 +138,19 @@ class Spool:
         self.max_segment_age_s = max_segment_age_s
         self.interaction_fsync_interval_s = interaction_fsync_interval_s
         self.on_closed = on_closed
+        self.on_durable = on_durable
         # non-durable records only: wait this long after the first one before writing, so that
         # one worker-thread hop writes many (a hop costs far more CPU than the write itself)
         self.coalesce_s = coalesce_s
         self._coalescing: asyncio.Future[None] | None = None
         self._buf: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._wake: asyncio.Event | None = None
+        self._tags: list[str] = []
+        # the flusher's wake-up: a future it awaits while idle (None while it works), so that an
+        # append to a busy flusher costs one attribute test, not an Event.set() call
+        self._wake: asyncio.Future[None] | None = None
+        self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._age_task: asyncio.Task[None] | None = None
         self._fd: int | None = None
@@ -105,6 +161,7 @@ class Spool:
         self._last_fsync = time.monotonic()
         self._closing = False
         self._io_lock = asyncio.Lock()
+        self._io: _IOThread | None = None
         self.fsyncs = 0
         self.records = 0
 
@@ -158,7 +215,9 @@ class Spool:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.recover)
-        self._wake = asyncio.Event()
+        self._io = _IOThread(f"spool-io-{self.dir.name}"[:15])
+        self._loop = asyncio.get_running_loop()
+        self._started = True
         self._task = asyncio.create_task(self._flusher(), name="spool-flusher")
         self._age_task = asyncio.create_task(self._ager(), name="spool-ager")
 
@@ -169,8 +228,30 @@ class Spool:
             raise RuntimeError("spool is closed")
         b = line.encode() if isinstance(line, str) else line
         self._buf.append(b if b.endswith(b"\n") else b + b"\n")
-        assert self._wake is not None
-        self._wake.set()
+        assert self._started, "spool not started"
+        if (w := self._wake) is not None:
+            self._wake = None
+            w.set_result(None)
+
+    def durable(self, line: bytes, tag: str | None = None) -> asyncio.Future[None]:
+        """Queue a record (bytes, no newline needed); the returned future is resolved once it is
+        fsync'd, failed if the write or fsync failed (group commit with every other writer that
+        arrives before the flusher's next write). `tag`, if given, reaches `on_durable` with the
+        rest of its group once the group is durable (never for a failed group)."""
+        if self._closing:
+            raise RuntimeError("spool is closed")
+        self._buf.append(line + b"\n" if line[-1:] != b"\n" else line)
+        assert self._loop is not None, "spool not started"
+        fut = self._loop.create_future()
+        self._waiters.append(fut)
+        if tag is not None:
+            self._tags.append(tag)
+        if (c := self._coalescing) is not None:
+            _resolve(c)
+        if (w := self._wake) is not None:
+            self._wake = None
+            w.set_result(None)
+        return fut
 
     async def append(self, line: str | bytes, durable: bool = True) -> None:
         """Append a record; with `durable`, return only once it is fsync'd."""
@@ -186,8 +267,10 @@ class Spool:
         self._waiters.append(fut)
         if self._coalescing is not None:
             _resolve(self._coalescing)
-        assert self._wake is not None
-        self._wake.set()
+        assert self._started, "spool not started"
+        if (w := self._wake) is not None:
+            self._wake = None
+            w.set_result(None)
         await fut
 
     @property
@@ -256,10 +339,11 @@ class Spool:
             return
         buf, self._buf = self._buf, []
         waiters, self._waiters = self._waiters, []
+        tags, self._tags = self._tags, []
         data = b"".join(buf)
         try:
             async with self._io_lock:
-                closed = await asyncio.to_thread(self._write_batch, data, bool(waiters))
+                closed = await self._run_io(self._write_batch, data, bool(waiters))
         except BaseException as e:  # disk full, I/O error: fail the waiters, keep going
             log.error("Failed to write spool batch error=%r", e)
             for w in waiters:
@@ -270,16 +354,31 @@ class Spool:
             await asyncio.sleep(0.1)
             return
         self.records += len(buf)
+        if tags and self.on_durable is not None:
+            try:
+                self.on_durable(tags)
+            except Exception:  # bookkeeping only: never fail (or strand) the writers over it
+                log.exception("on_durable failed")
         for w in waiters:
             if not w.done():
                 w.set_result(None)
         if closed is not None and self.on_closed:
             self.on_closed(closed)
 
+    def _run_io(self, fn: Callable, *args: object) -> asyncio.Future:
+        if self._io is None:  # not started (close() of a spool that never started)
+            return asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        return self._io.run(fn, *args)
+
     async def _flusher(self) -> None:
-        assert self._wake is not None
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            if not self._buf and not self._waiters and not self._closing:
+                self._wake = wake = loop.create_future()
+                try:
+                    await wake
+                finally:
+                    self._wake = None
             if self.coalesce_s > 0 and not self._waiters and not self._closing and len(self._buf) < 1024:
                 loop = asyncio.get_running_loop()
                 self._coalescing = fut = loop.create_future()
@@ -289,7 +388,6 @@ class Spool:
                 finally:
                     h.cancel()
                     self._coalescing = None
-            self._wake.clear()
             await self._flush_once()
             if self._closing and not self._buf:
                 return
@@ -307,9 +405,9 @@ class Spool:
             if self._fd is None:
                 return None
             if force or now - self._seg_opened >= self.max_segment_age_s:
-                closed = await asyncio.to_thread(self._close_segment)
+                closed = await self._run_io(self._close_segment)
             elif self._dirty and now - self._last_fsync >= self.interaction_fsync_interval_s:
-                await asyncio.to_thread(os.fsync, self._fd)
+                await self._run_io(os.fsync, self._fd)
                 self._dirty = False
                 self._last_fsync = now
                 return None
@@ -325,8 +423,9 @@ class Spool:
             return
         self._closing = True
         # let the flusher and ager finish what they are doing (never cancel a write mid-way)
-        if self._wake is not None:
-            self._wake.set()
+        if (w := self._wake) is not None:
+            self._wake = None
+            w.set_result(None)
         if self._coalescing is not None:
             _resolve(self._coalescing)
         for t in (self._task, self._age_task):
@@ -337,3 +436,6 @@ class Spool:
                     log.warning("Spool task did not stop cleanly task=%s error=%r", t.get_name(), e)
         await self._flush_once()
         await self.roll_if_due(force=True)
+        if self._io is not None:
+            io, self._io = self._io, None  # later calls (none expected) take asyncio.to_thread
+            io.stop()

@@ -223,3 +223,35 @@ def test_fuzz_never_5xx(engine, sidecar_factory) -> None:
 
     fuzz_feedback()
     fuzz_proxy()
+
+
+def test_feedback_metrics_count_every_answer(fake_upstream, sidecar_factory) -> None:
+    """Stored one-record requests are counted per group commit: by the time a client has its 200,
+    /metrics counts it (requests by code, records by type), and only records that were stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t, _, _ = sidecar_factory(fake_upstream.url)
+    url = t.url + "/v1/feedback"
+
+    def post(i: int) -> int:
+        body = {"response_id": f"chatcmpl-{i}", "score": 0.5} if i % 3 == 0 else dict(GOOD)
+        return requests.post(url, json=body, headers=AUTH, timeout=30).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(post, range(30))) == {200}
+    assert requests.post(url, json={**GOOD, "id": "fb-m"}, headers=AUTH, timeout=30).status_code == 200
+    assert requests.post(url, json={**GOOD, "id": "fb-m"}, headers=AUTH, timeout=30).headers["Idempotent-Replayed"] == "true"
+    assert requests.post(url, json=[GOOD, GOOD], headers=AUTH, timeout=30).status_code == 200
+    assert requests.post(url, json=GOOD, timeout=30).status_code == 401
+    assert requests.post(url, json={"response_id": "x"}, headers=AUTH, timeout=30).status_code == 400
+    text = requests.get(t.url + "/metrics", timeout=30).text
+
+    def value(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    assert value('perennial_sidecar_requests_total{code="200",route="/v1/feedback"}') == 33
+    assert value('perennial_sidecar_requests_total{code="401",route="/v1/feedback"}') == 1
+    assert value('perennial_sidecar_requests_total{code="400",route="/v1/feedback"}') == 1
+    assert value('perennial_sidecar_captured_records_total{kind="feedback"}') == 33
+    assert value('perennial_sidecar_feedback_total{type="score"}') == 10
+    assert value('perennial_sidecar_feedback_total{type="thumbs"}') == 23

@@ -33,3 +33,43 @@ def test_seen_responses_forget_the_oldest_first() -> None:
     for rid in ("a", "b", "c", "d", "e"):
         seen.add(rid)
     assert [r in seen for r in ("a", "b", "c", "d", "e")] == [False, False, True, True, True]
+
+
+async def test_a_cancelled_retry_neither_fails_nor_duplicates_the_request_it_waits_for(tmp_path: Path) -> None:
+    """A retry that waits for another request storing the same id, then is cancelled (its client
+    gone, the server draining), must leave that request alone: it is stored once and answered."""
+    import asyncio
+    import json
+    import time
+
+    from perennial_server.api_server import Sidecar
+    from perennial_server.config import SidecarConfig
+    from perennial_server.protocol import parse_feedback
+    from perennial_server.spool import closed_segments
+
+    sc = Sidecar(SidecarConfig(spool_dir=str(tmp_path / "spool"), upstream="http://127.0.0.1:1", deployment="demo", namespace="ns"))
+    await sc.spool.start()
+    real = sc.spool._write_batch
+
+    def slow(data: bytes, sync: bool):  # the first request's fsync takes a while
+        time.sleep(0.3)
+        return real(data, sync)
+
+    sc.spool._write_batch = slow  # type: ignore[method-assign]
+    handler = sc.feedback.__self__
+    for copies in (1, 2):  # one item (store_one); an array holding the id twice (the batch path)
+        fid = f"fb-same-{copies}"
+        parsed = parse_feedback(json.dumps({"id": fid, "response_id": "r1", "thumbs": "up"}).encode(), 10)
+        assert isinstance(parsed, tuple), parsed
+        items = parsed[0] * copies
+        first = asyncio.create_task(handler.store(items))
+        await asyncio.sleep(0.05)
+        retry = asyncio.create_task(handler.store(items))
+        await asyncio.sleep(0.05)
+        retry.cancel()
+        answers, replayed = await asyncio.wait_for(first, timeout=30)
+        assert not replayed and answers[0]["id"] == fid
+        assert fid in sc.feedback_ids and fid not in sc.feedback_ids.inflight
+    await sc.spool.close()
+    stored = [json.loads(x)["id"] for s in closed_segments(tmp_path / "spool") for x in s.path.read_text().splitlines()]
+    assert len(stored) == len(set(stored)) == 2
