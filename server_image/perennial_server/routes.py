@@ -389,7 +389,7 @@ def _with_model(body: bytes, req: dict, served: str, adapter: str) -> bytes:
     escapes a served name could be written with (`\\u`, `\\/`): then the top-level value is written
     literally, so that one occurrence is it. Else the parsed body is re-serialized."""
     q = b'"' + served.encode() + b'"'
-    if body.count(q) == 1 and body.count(_KEY) == 1 and b"\\u" not in body and b"\\/" not in body:
+    if body.count(q) == 1 and body.count(_KEY) == 1 and (b"\\" not in body or (b"\\u" not in body and b"\\/" not in body)):
         i = body.find(q)
         head = body[max(0, i - 24):i].rstrip()
         if head.endswith(b":") and head[:-1].rstrip().endswith(_KEY):
