@@ -71,6 +71,8 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from aiohttp.web import AbstractResource, ResourceRoute, UrlMappingMatchInfo
+from yarl import URL
 
 from . import protobuf
 from .faults import Fault, FaultConfig, FaultInjector, RequestCounter, client_of
@@ -137,6 +139,40 @@ def _printer_cell(obj: dict, column: dict) -> Any:
     if isinstance(value, (dict, list)):
         return _dumps(value)
     return value
+
+
+class _EveryPath(AbstractResource):
+    """One handler for every path and method, as ``/{tail:.*}`` routes it, without matching a pattern and
+    building a match dict per request (the handler reads ``request.path`` itself)."""
+
+    def __init__(self, handler: Any) -> None:
+        super().__init__()
+        self._route = ResourceRoute("*", handler, self)
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL.build(path="/")
+
+    async def resolve(self, request: web.Request) -> tuple[UrlMappingMatchInfo, set[str]]:
+        return UrlMappingMatchInfo({}, self._route), set()
+
+    def add_prefix(self, prefix: str) -> None:
+        raise NotImplementedError("the API server is not mounted under a prefix")
+
+    def get_info(self) -> dict[str, Any]:
+        return {"path": "/*"}
+
+    def raw_match(self, path: str) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Any:
+        return iter([self._route])
 
 
 # --------------------------------------------------------------------------- JSONPath (printer columns)
@@ -207,7 +243,7 @@ class APIServer:
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.router.register_resource(_EveryPath(self._dispatch))
         app.on_response_prepare.append(self._account)
         return app
 
