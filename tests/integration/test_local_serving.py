@@ -384,3 +384,41 @@ def test_pods_of_unmapped_images_stay_pending(env: Env) -> None:
     wait_for(lambda: _main_status(env, "marker").get("ready"), WAIT, 0.1, "a mapped pod runs meanwhile")
     pod = env.kube.get("v1", "Pod", NS, "elsewhere")
     assert pod is not None and pod["status"]["phase"] == "Pending" and not pod["status"].get("podIP")
+
+
+def test_the_perennial_serving_pod_from_the_builders_serves_the_tiny_model(env: Env) -> None:
+    """The apps/v1 Deployment, routes ConfigMap, token Secret and stable Service exactly as
+    perennial.resources.deployment builds them (CPU engine `perennial-server engine` with the tiny model on a
+    PVC, the sidecar with its routes file, token file, exec and httpGet probes) run in the local runtime."""
+    from perennial.api.deployment import DeploymentSpec
+    from perennial.resources import deployment as d
+    from tinymodel import build_tiny_model
+
+    build_tiny_model(env.tmp / "pvc" / "weights" / "model")
+    spec = DeploymentSpec.model_validate({"baseModelRef": {"name": "tiny"}, "engine": {"type": "Transformers"}})
+    base = {"metadata": {"name": "tiny", "namespace": NS},
+            "spec": {"source": {"uri": "pvc://weights/model"}, "resources": {"cpu": "1", "memory": "2Gi"}},
+            "status": {"resolvedUri": "pvc://weights/model"}}
+    body = {"apiVersion": "perennial.ai/v1alpha1", "kind": "Deployment", "metadata": {"name": "chat", "namespace": NS, "uid": "uid-chat"}}
+    s = d.Serving(body=body, spec=spec, base_model=base, region=d.regions(spec)[0], image=IMAGE, owned=False)
+    env.kube.create(d.token_secret(s, "s3cr3t-feedback-token-0042"))
+    env.kube.create(d.routes_config_map(s, {}))
+    deployment = d.deployment(s, "blue", d.revision(s), 1)
+    for c in deployment["spec"]["template"]["spec"]["containers"]:  # the only change: probe periods of 1 s, for the test's time
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c:
+                c[probe]["periodSeconds"] = 1
+                c[probe]["failureThreshold"] = max(c[probe].get("failureThreshold", 3), 120 if probe == "startupProbe" else 3)
+    env.kube.create(deployment)
+    env.kube.create(d.stable_service(s, "blue"))
+    url = wait_for(lambda: ((env.kube.get("v1", "Service", NS, d.stable_service_name(s.prefix)) or {})["metadata"].get("annotations") or {}).get(LOCAL_URL),
+                   WAIT, 0.2, "service proxied")
+    name = d.deployment_name(s.prefix, "blue")
+    wait_for(lambda: env.deploy_status(name).get("availableReplicas") == 1, 120, 0.5, "the serving pod ready (engine loaded, routes applied)")
+    status, models = _get(url + "/v1/models")
+    assert status == 200 and "tiny" in {m["id"] for m in json.loads(models)["data"]}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(
+        {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    assert answer["choices"][0]["message"]["role"] == "assistant"
