@@ -277,9 +277,11 @@ ROWS = [
      {"stable": "blue", "phase": "Aborted", "notes": ["RolledBack"], "stable_ann": {SWITCHED_AT: t(150)},
           "ann": {"blue": {SCALE_DOWN_AT: None}, "green": {ABORTED: "r2", SCALE_DOWN_AT: t(180)}}, "colors": {"blue": ("r1", 4), "green": ("r2", 4)},
           "conditions": {"Degraded": ("True", "RolledBack"), "Ready": ("True", "Serving")}}),
-    ("after a rollback the revision is not retried",
-     world(blue=col("r1", 4), green=col("r2", 4, 2, aborted="r2", scale_down_at=t(180)), stable="blue", desired="r2", replicas=4, switched_at=t(150)),
-     BG, 160, False, None, {"stable": "blue", "phase": "Aborted", "notes": [], "colors": {"green": ("r2", 4)}}),
+    ("after a rollback the revision is not retried, and the status still says it was rolled back",
+     world(blue=col("r1", 4), green=col("r2", 4, 2, aborted="r2", abort_reason="RolledBack: green (revision r2) had 2/4 ready",
+                                         scale_down_at=t(180)), stable="blue", desired="r2", replicas=4, switched_at=t(150)),
+     BG, 160, False, None, {"stable": "blue", "phase": "Aborted", "notes": [], "colors": {"green": ("r2", 4)},
+                            "conditions": {"Degraded": ("True", "RolledBack"), "Ready": ("True", "Serving")}, "message": "green (revision r2)"}),
     ("a loss after the window -> no rollback",
      world(blue=col("r1", 4, scale_down_at=t(390)), green=col("r2", 4, 2), stable="green", desired="r2", replicas=4, switched_at=t(90)),
      {"postPromotionWindowSeconds": 60}, 151, False, None, {"stable": "green", "notes": []}),
@@ -362,6 +364,8 @@ def _check(d, exp):
         assert d.status.preview_color == exp["preview"]
     if "preview_service" in exp:
         assert d.preview_color == exp["preview_service"]
+    if "message" in exp:
+        assert exp["message"] in d.status.message
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])

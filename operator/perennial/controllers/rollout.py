@@ -764,7 +764,8 @@ def _aborted_status(p: _Plan, rev: str, cause: str, *, first: bool) -> None:
     keeps = f"; {active} keeps the traffic" if active and not first else "; nothing serves in this region"
     p.phase, p.message = "Aborted", f"Rollout of revision {rev} aborted ({cause}){keeps}. Change the spec to another revision to retry"
     p.cond(CONDITION_PROGRESSING, "False", "RolloutAborted", p.message)
-    p.cond(CONDITION_DEGRADED, "True", "RolloutAborted", p.message)
+    # A rollback stays a rollback in the status for as long as the world records it (the abort reason annotation).
+    p.cond(CONDITION_DEGRADED, "True", "RolledBack" if cause.startswith("RolledBack:") else "RolloutAborted", p.message)
     if first:
         p.cond(CONDITION_READY, "False", "RolloutAborted", p.message)
 
