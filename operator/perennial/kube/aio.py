@@ -17,6 +17,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 USER_AGENT = "perennial-operator/0.1.0"
 #: Seconds an Authorization header is reused before the credentials are read again.
 CREDENTIALS_TTL = 60.0
+#: The largest watch event a stream may carry (a ConfigMap holds at most 1 MiB).
+MAX_WATCH_EVENT_BYTES = 16 * 1024 * 1024
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -84,6 +87,11 @@ class AsyncKube:
             self._auth, self._auth_read_at = token or None, now
         return self._auth
 
+    def _tls_options(self) -> dict[str, Any]:
+        """The TLS server name to verify when it differs from the URL's host (kubeconfig `tls-server-name`)."""
+        name = getattr(self.configuration, "tls_server_name", None)
+        return {"server_hostname": name} if name and self.host.startswith("https") else {}
+
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if content_type:
@@ -100,7 +108,8 @@ class AsyncKube:
         try:
             for attempt in (0, 1):
                 headers = self._headers(ctype)
-                async with self.session().request(method, self.host + path, data=data, params=params, headers=headers) as response:
+                async with self.session().request(method, self.host + path, data=data, params=params, headers=headers,
+                                                  **self._tls_options()) as response:
                     text = await response.text()
                     if response.status == 401 and attempt == 0 and self._authorization(fresh=True) != headers.get("Authorization"):
                         continue  # the credentials rotated since they were read: once more with the new ones
@@ -116,6 +125,47 @@ class AsyncKube:
         if raw:
             return text
         return json.loads(text) if text else {}
+
+    async def watch(self, path: str, *, query: dict[str, Any] | None = None, read_timeout: float | None = None,
+                    on_open: Callable[[], None] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Stream a watch (`?watch=true` is added): its events (`{"type": ..., "object": ...}`) as they arrive,
+        until the server ends the stream. `read_timeout`: seconds without a byte before giving up (the server's
+        `timeoutSeconds` plus a margin); `on_open`: called once the server accepted the watch. An HTTP error is
+        an `ApiError` with its status (a 410 Expired as the stream's ERROR event is the caller's to read);
+        connection failures and cut streams are `ApiError(0)`. Close it with `contextlib.aclosing`."""
+        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        params["watch"] = "true"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout.total, sock_read=read_timeout)
+        try:
+            for attempt in (0, 1):
+                headers = self._headers(None)
+                async with self.session().get(self.host + path, params=params, headers=headers, timeout=timeout,
+                                              **self._tls_options()) as response:
+                    if response.status == 401 and attempt == 0 and self._authorization(fresh=True) != headers.get("Authorization"):
+                        continue
+                    if response.status >= 400:
+                        text = await response.text()
+                        try:
+                            parsed = json.loads(text) if text else {}
+                        except ValueError:
+                            parsed = {"message": text[:1024]}
+                        raise ApiError(response.status, parsed, "GET", path, retry_after=_retry_after(response.headers))
+                    if on_open is not None:
+                        on_open()
+                    buffer = b""
+                    async for chunk in response.content.iter_any():
+                        buffer += chunk
+                        *lines, buffer = buffer.split(b"\n")
+                        for line in lines:
+                            if line.strip():
+                                yield json.loads(line)
+                        if len(buffer) > MAX_WATCH_EVENT_BYTES:
+                            raise ApiError(0, {"message": f"a watch event over {MAX_WATCH_EVENT_BYTES} bytes"}, "GET", path)
+                    if buffer.strip():
+                        yield json.loads(buffer)
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError) as exc:
+            raise ApiError(0, {"message": f"{type(exc).__name__}: {exc}"}, "GET", path) from None
 
     # -- typed helpers -------------------------------------------------------
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
