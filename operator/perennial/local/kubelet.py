@@ -27,7 +27,9 @@ Perennial's own (a key of `images`) and runs each Job's Pod as a local process:
   taint manager sets on pods of an unreachable node) and counts as a failed attempt
   unless the policy ignores it, so a Job never runs twice at once.
 
-Jobs of other images are left alone (a real cluster would run them). Usage::
+Jobs of other images are left alone (a real cluster would run them). Pods that no Job owns (those of apps/v1
+ReplicaSets, bare Pods) are `serving.PodKubelet`'s; `cluster.LocalCluster` starts both with the apps/v1
+controllers and the Service proxy. Usage::
 
     kubelet = LocalKubelet(kube, server, workdir=state / "pods", pvc_root=state / "pvc",
                            images={"perennial-trainer:dev": [sys.executable, "-m", "perennial_trainer"]})
