@@ -566,7 +566,7 @@ class Routes:
         if want is not None:
             for name, src in want.adapters.items():
                 if name in have:
-                    known = self.sources.get(name)
+                    known = self.sources.get(name) or self._fetched_from(name)
                     if known is not None and known != src.uri:
                         errors[name] = (f"adapter `{name}` is loaded from another uri; an adapter's artifact must not change "
                                         "(give the new artifact a new adapter name)")
@@ -598,6 +598,13 @@ class Routes:
         if self.manage:
             await self._unload_unused(have)
         self.engine_loaded = have
+
+    def _fetched_from(self, name: str) -> str | None:
+        """The uri an adapter folder was fetched from (by an earlier run of the sidecar: the folder outlives it)."""
+        try:
+            return (self.adapters_dir / name / SOURCE_MARKER).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _apply(self, doc: RoutesDocument) -> None:
         table = {served: Route([(e.adapter, e.weight) for e in entries]) for served, entries in doc.routes.items()}

@@ -570,3 +570,23 @@ def test_a_vanished_routes_file_keeps_the_applied_routes(fake: FakeEngine, route
     kd.write(first)  # the same document comes back
     wait_until(lambda: routes_state(t)["errors"] == {}, what="error cleared")
     assert routes_state(t)["revision"] == "r1"
+
+
+def test_an_adapter_artifact_must_not_change_under_its_name(fake: FakeEngine, sidecar_factory, tmp_path: Path) -> None:
+    """A restarted sidecar finds the engine still holding `tone` fetched from v1; a document giving
+    `tone` another uri is refused (the engine would keep serving the old weights under that name)."""
+    mem = fsspec.filesystem("memory")
+    for v in ("v1", "v2"):
+        mem.pipe(f"/art-{tmp_path.name}/{v}/adapter_config.json", v.encode())
+    kd = KubeletDir(tmp_path / "cm")
+    kd.write(doc("r1", {"tone": f"memory://art-{tmp_path.name}/v1"}, {"svc": [("tone", 100)]}))
+    common = {"routes_file": str(kd.path), "adapters_dir": str(tmp_path / "adapters")}
+    first, _, _ = sidecar_factory(fake.url, **common)
+    applied(first, "r1")
+    first.stop()
+    kd.write(doc("r2", {"tone": f"memory://art-{tmp_path.name}/v2"}, {"svc": [("tone", 100)]}))
+    second, _, _ = sidecar_factory(fake.url, **common)
+    st = wait_until(lambda: (s := routes_state(second))["errors"].get("tone") and s, what="tone refused")
+    assert "another uri" in st["errors"]["tone"] and st["revision"] is None
+    assert (tmp_path / "adapters" / "tone" / "adapter_config.json").read_bytes() == b"v1"
+    assert [c for c in fake.calls if c[0] == "load"] == [("load", "tone")]
