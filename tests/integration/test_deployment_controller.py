@@ -9,6 +9,7 @@ small HTTP server answering chat completions, the smoke test's target). Writes a
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fault_config
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.api.deployment import (
     ABORTED_REVISION_ANNOTATION,
@@ -171,8 +173,9 @@ def run_pods(w: Serving, deployment: str, n: int, sidecars: Sidecars) -> list[st
 
 
 @pytest.fixture
-def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
-    """A clean control plane (writes are counted) with the operator, its managers captured (to see its cache)."""
+def serving(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
+    """A clean control plane (writes are counted) with the operator, its managers captured (to see its cache);
+    parametrized indirectly with "faults", one that fights back (conftest.fault_config), ending with no duplicates."""
     from perennial import runtime
 
     managers: list[Any] = []
@@ -184,8 +187,9 @@ def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving
 
     monkeypatch.setattr(runtime, "Manager", Recorded)
     engines = Engines()
+    faults = fault_config(seed=len(request.node.nodeid)) if getattr(request, "param", "clean") == "faults" else None
     try:
-        with running_cluster(tmp_path) as cluster:
+        with running_cluster(tmp_path, faults=faults) as cluster:
             artifact = tmp_path / "artifacts" / "support-v1"
             artifact.mkdir(parents=True)
             (artifact / "adapter_config.json").write_text("{}")
@@ -195,8 +199,20 @@ def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving
             cluster.wait_condition("BaseModel", "base", "Ready", "True")
             cluster.wait_condition("Adapter", "support-v1", "Ready", "True")
             yield Serving(cluster, managers, engines)
+            assert_one_child_each(cluster)
     finally:
         engines.close()
+
+
+def assert_one_child_each(cluster: Cluster) -> None:
+    """Every serving child exists once per name and kind, owned by exactly one Perennial Deployment."""
+    for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"),
+                      ("autoscaling/v2", "HorizontalPodAutoscaler"), ("v1", "Secret")):
+        for obj in cluster.kube.list(api, kind, NS, "app.kubernetes.io/managed-by=perennial-operator"):
+            owners = obj["metadata"].get("ownerReferences") or []
+            assert len(owners) <= 1, obj["metadata"]
+        names = collections.Counter(o["metadata"]["name"] for o in cluster.kube.list(api, kind, NS))
+        assert all(n == 1 for n in names.values()), (kind, names)
 
 
 def spec(**overrides: Any) -> dict[str, Any]:
@@ -295,6 +311,7 @@ def test_first_rollout_children_status_events_and_no_writes_once_stable(serving:
     assert base64.b64decode(w.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"]) == secret, "the token is never rewritten"
 
 
+@pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
 def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(serving: Serving):
     w = serving
     first_rollout(w, autoscaling={"enabled": True, "provider": "HPA", "minReplicas": 2, "maxReplicas": 4})
@@ -372,6 +389,7 @@ def test_failed_smoke_or_exceeded_deadline_aborts_with_the_active_color_untouche
     assert w.deploy("chat-green")["spec"]["replicas"] == 0 and w.stable_color() == "blue"
 
 
+@pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
 def test_operator_restarted_mid_rollout_converges_without_duplicates(serving: Serving):
     """The operator stops at two points of a rollout (after starting the preview; after scaling it up) while the
     world moves on; each time the restarted one resumes from the children, never duplicating one."""
@@ -456,7 +474,8 @@ def test_adapter_change_in_place_loads_next_to_the_old_then_moves_the_name(servi
         w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
         st = w.status()
         assert st["servedAdapters"] == [{"name": "support", "adapter": "support-v2"}]
-        assert st["regions"][0]["routesRevision"] == routes()["revision"]
+        # the revision every ready pod serves (read from the sidecars, polled until they applied the last change)
+        wait_for(lambda: w.status()["regions"][0].get("routesRevision") == routes()["revision"], message="routesRevision")
         # No new pods: the colors are as they were.
         blue = w.deploy("chat-blue")
         assert blue["spec"] == blue_before["spec"] and w.deploy("chat-green") is None
@@ -465,3 +484,34 @@ def test_adapter_change_in_place_loads_next_to_the_old_then_moves_the_name(servi
             assert step in text, text
     finally:
         sidecars.close()
+
+
+def test_manual_promotion_then_automatic_rollback_within_the_window(serving: Serving):
+    """`autoPromote: false` waits for `perennial.ai/promote: <revision>`; after the switch, the new color losing its
+    ready replicas within the post-promotion window switches traffic back to the old color."""
+    w = serving
+    s = spec()
+    s["strategy"]["blueGreen"].update({"autoPromote": False, "scaleDownDelaySeconds": 600, "previewReplicas": 2})
+    first_rollout(w, strategy=s["strategy"])
+    change_pods(w)
+    green = wait_for(lambda: w.deploy("chat-green"), message="preview green")
+    new = green["metadata"]["labels"]["perennial.ai/revision"]
+    w.ready("chat-green")
+    wait_for(lambda: w.status()["regions"][0].get("pendingPromotion") == new, message="waiting for a promotion")
+    assert w.status()["phase"] == "Paused" and w.cluster.condition("Deployment", "chat", "Progressing")["reason"] == "WaitingForPromotion"
+    quiet(w.cluster)
+    assert w.stable_color() == "blue"
+    w.kube.patch(API, "Deployment", NS, "chat", {"metadata": {"annotations": {"perennial.ai/promote": new}}})
+    wait_for(lambda: w.stable_color() == "green", message="promoted")
+    assert w.deploy("chat-blue")["spec"]["replicas"] == 2, "the old color is kept for rollback"
+
+    w.ready("chat-green", ready=0)  # the new color loses its pods within the window
+    wait_for(lambda: w.stable_color() == "blue", message="rolled back to blue")
+    # RolledBack, then (the next pass) reported as the aborted rollout it is, the cause kept
+    c = wait_for(lambda: (x := w.cluster.condition("Deployment", "chat", "Degraded")) and x["status"] == "True" and "RolledBack" in x["reason"] + x["message"] and x,
+                 message="Degraded naming the rollback")
+    assert "green" in c["message"]
+    assert wait_for(lambda: any(r.startswith("RolledBack") and "Switched back to blue" in r for r in w.reasons()), message="RolledBack Event")
+    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
+    assert w.status()["activeColor"] == "blue"
+    wait_for(lambda: w.deploy("chat-green")["metadata"]["annotations"].get(ABORTED_REVISION_ANNOTATION) == new, message="not retried")

@@ -51,6 +51,7 @@ from .base import (
     Dependency,
     Note,
     Outcome,
+    default_event_type,
     first_error,
     generation,
 )
@@ -412,7 +413,8 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
 
     # While an adapter moves, pods that have not applied the routes yet are polled (sidecars cannot be watched).
     moving = any(pr.get("adapter") and not pr.get("switchedAt") and not pr.get("aborted") for pr in adapters.progress.values())
-    waiting_pods = moving and any(p.ready and p.revision != adapters.routes.get("revision") for p in w.pod_routes)
+    # Also until every ready pod that answers applied a new document (the status shows the revision they all serve).
+    waiting_pods = any(p.ready and p.revision != adapters.routes.get("revision") and (moving or p.revision is not None) for p in w.pod_routes)
     ready_pods = [p for p in w.pod_routes if p.ready]
     applied = adapters.routes.get("revision") if ready_pods and all(p.revision == adapters.routes.get("revision") for p in ready_pods) else None
 
@@ -576,4 +578,14 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
     return deps
 
 
-CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies)
+def event_for(c: dict[str, Any]) -> str | None:
+    """Events of a Deployment: every step of a rollout (the notes) and the conditions' transitions, except a
+    Degraded that clears (the step that cleared it says so) and a first rollout on its way (not a problem)."""
+    if c["type"] == CONDITION_DEGRADED:
+        return "Warning" if c["status"] == "True" else None
+    if c["type"] == CONDITION_READY and c["status"] == "False" and c.get("reason") == "FirstRolloutInProgress":
+        return "Normal"
+    return default_event_type(c)
+
+
+CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for)
