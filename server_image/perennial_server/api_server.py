@@ -79,7 +79,8 @@ class Sidecar:
 
     # ------------------------------------------------------------ lifecycle
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes, handler_args={"max_field_size": 16384}, middlewares=[errors_as_json])
+        # no middlewares: errors_as_json runs around the whole app in the runner (runner())
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, handler_args={"max_field_size": 16384})
         app.router.add_post("/v1/feedback", self.feedback)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -155,6 +156,11 @@ class Sidecar:
     def _count(self, path: str, code: int) -> None:
         self.metrics.count(path, code)
 
+    def runner(self, app: web.Application, **kwargs: Any) -> GuardedAppRunner:
+        """The runner that serves `app`: client connection limits (connections.py) and every answer
+        OpenAI-style JSON (errors_as_json around every request, router errors included)."""
+        return GuardedAppRunner(app, limits=self.limits(), around=errors_as_json, access_log=None, **kwargs)
+
     def limits(self) -> Limits:
         """Client connection limits (connections.py); the connection limit derived from RLIMIT_NOFILE unless set."""
         cfg = self.cfg
@@ -204,8 +210,8 @@ class Sidecar:
 async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
     sidecar = Sidecar(cfg)
     app = sidecar.make_app()
-    limits = sidecar.limits()
-    runner = GuardedAppRunner(app, limits=limits, handle_signals=False, shutdown_timeout=cfg.drain_timeout_s, access_log=None)
+    runner = sidecar.runner(app, handle_signals=False, shutdown_timeout=cfg.drain_timeout_s)
+    limits = runner.limits
     await runner.setup()
     # several workers (see workers.py) share the port; the kernel spreads connections over them
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True, reuse_port=cfg.workers > 1 or None)

@@ -23,8 +23,10 @@ request handler below adds them (its hooks are aiohttp's RequestHandler/Server, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,13 +193,25 @@ class GuardedServer(Server):
         return True
 
 
-class GuardedAppRunner(web.AppRunner):
-    """An AppRunner whose connections are GuardedRequestHandlers."""
+Around = Callable[[web.BaseRequest, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]]
 
-    def __init__(self, app: web.Application, *, limits: Limits, **kwargs: Any) -> None:
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose connections are GuardedRequestHandlers.
+
+    `around(request, handler)`: a coroutine function run around the whole application for every
+    request (the router included), like a middleware, at the cost of one coroutine: an aiohttp
+    middleware costs a cached chain lookup, a functools.partial call and aiohttp's own
+    current-app middleware (added to any app with middlewares) on every request."""
+
+    def __init__(self, app: web.Application, *, limits: Limits, around: Around | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
+        self.around = around
 
     async def _make_server(self) -> Server:
         plain = await super()._make_server()  # the app's startup, its handler_args merged in
-        return GuardedServer(plain.request_handler, request_factory=plain.request_factory, loop=plain._loop, limits=self.limits, **plain._kwargs)
+        handler = plain.request_handler
+        if self.around is not None:
+            handler = functools.partial(self.around, handler=handler)
+        return GuardedServer(handler, request_factory=plain.request_factory, loop=plain._loop, limits=self.limits, **plain._kwargs)

@@ -30,6 +30,7 @@ class TokenFile:
         self.path = path
         self.check_interval_s = check_interval_s
         self._token: bytes | None = None
+        self._header = b""  # `Bearer <token>`: the usual Authorization value, compared whole first
         self._stamp: tuple | None = None
         self._checked = -1e9
 
@@ -46,15 +47,19 @@ class TokenFile:
                     with open(self.path, "rb") as f:
                         tok = f.read().strip()
                     self._token = tok or None
+                    self._header = b"Bearer " + tok if tok else b""
                     self._stamp = stamp
             except OSError:
-                self._token, self._stamp = None, None
+                self._token, self._stamp, self._header = None, None, b""
         return self._token
 
     def check(self, authorization: str | None) -> bool:
         expected = self.token()
         if expected is None or not authorization:
             return False
+        raw = authorization.encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(raw, self._header):  # exactly `Bearer <token>` (constant time, like the parse below)
+            return True
         scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return False
@@ -166,7 +171,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Router errors as JSON; a client gone mid-request logged at DEBUG, not as an ERROR traceback;
-    any other exception a JSON 500 (logged once, with its traceback: that one is a bug)."""
+    any other exception a JSON 500 (logged once, with its traceback: that one is a bug).
+
+    The sidecar runs it around its whole app (connections.GuardedAppRunner `around`, see
+    api_server.Sidecar.runner), not as an aiohttp middleware: one coroutine per request instead of
+    the middleware chain; it still works as one."""
     try:
         return await handler(request)
     except web.HTTPException as e:

@@ -68,7 +68,7 @@ def sidecar_factory(tmp_path: Path):
                 app_hook(app)
             return app
 
-        t = AppThread(make_app).start()
+        t = AppThread(make_app, runner=sc.runner).start()  # served as in the pod (api_server.serve)
         started.append(t)
         return t, sc, cfg
 

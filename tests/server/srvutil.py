@@ -22,8 +22,10 @@ def free_port() -> int:
 class AppThread:
     """Runs an aiohttp Application on 127.0.0.1 in its own thread and loop."""
 
-    def __init__(self, make_app: Callable[[], Any], shutdown_timeout: float = 5.0) -> None:
+    def __init__(self, make_app: Callable[[], Any], shutdown_timeout: float = 5.0, runner: Callable[..., Any] | None = None) -> None:
+        """`runner(app, shutdown_timeout=...)`: the AppRunner to serve it with (default aiohttp's plain one)."""
         self.make_app = make_app
+        self.runner = runner
         self.shutdown_timeout = shutdown_timeout
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -41,7 +43,10 @@ class AppThread:
 
         try:
             self._stop = asyncio.Event()
-            runner = web.AppRunner(self.make_app(), shutdown_timeout=self.shutdown_timeout, access_log=None)
+            if self.runner is not None:
+                runner = self.runner(self.make_app(), shutdown_timeout=self.shutdown_timeout)
+            else:
+                runner = web.AppRunner(self.make_app(), shutdown_timeout=self.shutdown_timeout, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
