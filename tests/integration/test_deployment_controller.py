@@ -515,3 +515,36 @@ def test_manual_promotion_then_automatic_rollback_within_the_window(serving: Ser
     assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
     assert w.status()["activeColor"] == "blue"
     wait_for(lambda: w.deploy("chat-green")["metadata"]["annotations"].get(ABORTED_REVISION_ANNOTATION) == new, message="not retried")
+
+
+def test_node_pool_regions_roll_out_one_after_the_other(serving: Serving):
+    """Two regions in this cluster (node pools): children per region (`<name>-<region>-<color>`), a status per region;
+    with `regionOrder: Sequential` the second region's pod rollout starts once the first one switched."""
+    w = serving
+    regions = [{"name": "eu", "nodeSelector": {"topology.kubernetes.io/region": "eu"}},
+               {"name": "us", "nodeSelector": {"topology.kubernetes.io/region": "us"}, "replicas": 1}]
+    w.cluster.create("Deployment", "chat", spec(regions=regions))
+    for r in ("eu", "us"):  # first rollouts: nothing serves yet, no region waits
+        w.proxied(f"chat-{r}-preview")
+        w.ready(f"chat-{r}-blue")
+    wait_for(lambda: w.stable_color("chat-eu") == "blue" and w.stable_color("chat-us") == "blue", message="both regions serve")
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True")
+    us = w.deploy("chat-us-blue")
+    assert us["spec"]["replicas"] == 1 and us["spec"]["template"]["spec"]["nodeSelector"] == {"topology.kubernetes.io/region": "us"}
+    st = w.status()
+    assert [r["name"] for r in st["regions"]] == ["eu", "us"] and st["readySummary"] == "3/3"
+
+    change_pods(w)
+    wait_for(lambda: w.deploy("chat-eu-green"), message="eu's preview")
+    c = w.cluster.wait_condition("Deployment", "chat", "Progressing", "True")
+    wait_for(lambda: (r := w.status()["regions"][1]) and r["phase"] == "Paused" and "eu" in r.get("message", ""), message="us waits for eu")
+    assert w.deploy("chat-us-green") is None, c
+    w.ready("chat-eu-green")
+    wait_for(lambda: w.deploy("chat-eu-green")["spec"]["replicas"] == 2, message="eu's preview at the full count")
+    assert w.deploy("chat-us-green") is None, "us starts only once eu switched"
+    w.ready("chat-eu-green")
+    wait_for(lambda: w.stable_color("chat-eu") == "green", message="eu switched")
+    wait_for(lambda: w.deploy("chat-us-green"), message="us's preview starts after eu switched")
+    w.ready("chat-us-green")
+    wait_for(lambda: w.stable_color("chat-us") == "green", message="us switched")
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")

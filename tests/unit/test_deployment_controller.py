@@ -135,7 +135,7 @@ def result(name: str = "default", phase: str = "Stable", ready: int = 2, conditi
     parts = conditions if conditions is not None else [
         rollout.ConditionPart("Ready", "True", "Serving", "blue serves"), rollout.ConditionPart("Progressing", "False", "RolloutComplete", ""),
         rollout.ConditionPart("Degraded", "False", "AsExpected", "")]
-    return ctl.RegionResult(name=name, manifests=[], rollout=st, conditions=parts, notes=[], requeue_after=None,
+    return ctl.RegionResult(name=name, desired_revision="r1", manifests=[], rollout=st, conditions=parts, notes=[], requeue_after=None,
                             served=[rollout.ServedRoute("support", "s-v1")], selector="sel", endpoint="http://chat.team.svc.cluster.local", **kw)
 
 

@@ -319,6 +319,7 @@ async def smoke_test(url: str, names: Iterable[str], *, prompt: str, expect_rege
 @dataclass
 class RegionResult:
     name: str
+    desired_revision: str
     manifests: list[dict[str, Any]]
     rollout: rollout.RegionRollout
     #: both rollout paths' parts, combined (`rollout.combine_conditions`) when the status is decided
@@ -348,8 +349,22 @@ def _min(*values: float | None) -> float | None:
     return min(present) if present else None
 
 
+def started(w: RegionWorld, revision: str) -> bool:
+    """Whether a region already runs pods of `revision` (its rollout began: it is never held back then)."""
+    return any(o is not None and (o["metadata"].get("labels") or {}).get(build.LABEL_REVISION) == revision
+               and int((o.get("spec") or {}).get("replicas", 1)) > 0 for o in w.colors.values())
+
+
+def rolled_out(r: RegionResult) -> bool:
+    """A region is done with its pod rollout: its active color runs the desired revision, switched and ready."""
+    st = r.rollout
+    return st.revision == r.desired_revision and st.phase in ("Stable", "ScalingDown") and st.ready_replicas >= st.desired_replicas
+
+
 async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSpec, w: RegionWorld,
-                           desired: dict[str, Mapping[str, Any]], now: _dt.datetime) -> RegionResult:
+                           desired: dict[str, Mapping[str, Any]], now: _dt.datetime, *, held_by: str | None = None) -> RegionResult:
+    """One region's pass. `held_by`: an earlier region still rolling out (`regionOrder: Sequential`): this one does not
+    start its pod rollout until that one is done (a rollout already started here goes on)."""
     s = w.serving
     bg = spec.strategy.blue_green
     ns = s.namespace
@@ -358,13 +373,15 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     region_replicas = s.region.replicas if s.region.replicas is not None else spec.replicas
     desired_replicas = spec.autoscaling.min_replicas if autoscaled else region_replicas
     revision = build.revision(s)
+    hold = held_by is not None and not spec.paused and w.stable_color is not None and not started(w, revision)
+    paused = spec.paused or hold
 
     # Pods: blue-green of the pod revision.
     colors = {c: (rollout.ColorState.from_object(o) if o is not None else None) for c, o in w.colors.items()}
     observed = rollout.RegionObserved(blue=colors["blue"], green=colors["green"], stable_color=w.stable_color,  # type: ignore[arg-type]
                                       desired_revision=revision, desired_replicas=desired_replicas, autoscaled=autoscaled,
                                       stable_annotations=dict(((w.stable or {}).get("metadata") or {}).get("annotations") or {}))
-    pods = rollout.decide_region(observed, bg, paused=spec.paused, promote=promote, now=now)
+    pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
     if pods.smoke is not None and pods.smoke.color is not None:
         names = [s.served_base_name] + sorted(k for k in (routes_document(w.routes) or {}).get("routes", {}) if not k.endswith(rollout.PREVIEW_SUFFIX))
         url = service_url(w.preview, build.preview_service_name(s.prefix), ns)
@@ -372,7 +389,12 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
                                        max_tokens=bg.smoke_test.max_tokens, timeout=pods.smoke.timeout_seconds)
         log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s", s.name, ns, pods.smoke.revision, passed)
         observed = rollout.RegionObserved(**{**observed.__dict__, "smoke_result": rollout.SmokeResult(pods.smoke.revision, passed, why)})
-        pods = rollout.decide_region(observed, bg, paused=spec.paused, promote=promote, now=now)
+        pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
+    if hold and pods.status.phase == "Paused":
+        wait = f"Waiting for region {held_by} to finish its rollout before revision {revision} starts here (regionOrder Sequential)"
+        pods.status = replace(pods.status, message=wait)
+        pods.conditions = [rollout.ConditionPart(c.type, c.status, "WaitingForRegion", wait) if c.type == CONDITION_PROGRESSING else c
+                           for c in pods.conditions]
 
     # Adapters: served name -> Adapter in the running pods of the active color.
     engine = spec.engine
@@ -427,7 +449,7 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     status = replace(st, phase=rollout.worst_phase(st.phase, adapters.phase), message=message[:1024],
                      pending_promotion=st.pending_promotion or adapters.pending_promotion)
     return RegionResult(
-        name=s.region.name, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
+        name=s.region.name, desired_revision=revision, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
         notes=list(pods.notes) + list(adapters.notes),
         requeue_after=_min(pods.requeue_after, adapters.requeue_after, ROUTES_POLL_SECONDS if waiting_pods else None),
         served=adapters.served, selector=build.selector_string(s, st.active_color) if st.active_color else None,
@@ -549,7 +571,13 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         notes += await ensure_token(ctx, servings[0])
     worlds = [observe_region(ctx, s) for s in servings]
     await read_pods(worlds)
-    results = [await reconcile_region(ctx, obj, spec, w, desired, now) for w in worlds]
+    results: list[RegionResult] = []
+    held_by: str | None = None
+    for w in worlds:
+        r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by)
+        if spec.strategy.region_order == "Sequential" and held_by is None and not rolled_out(r):
+            held_by = r.name
+        results.append(r)
     for r in results:
         notes += r.notes
         notes += await apply_all(ctx, r.manifests, reasons={"ConfigMap": None, "PodDisruptionBudget": None, "NetworkPolicy": None,
