@@ -1,0 +1,208 @@
+"""Remote clusters against two embedded control planes: a hub (holding the cluster Secret) and a region.
+
+The informers of `perennial.kube.clusters` list and watch the region's children, survive the region's API
+server going away (reported unreachable, bounded retries, no crash), resume when it comes back on the same
+port, relist after 410 Expired, and never hold more than one watch per kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from perennial.kube import Kube, connect
+from perennial.kube.clusters import Clusters, ClusterSecretError, RemoteCluster
+from perennial.kube.informer import Backoff
+from perennial.local.apiserver import ServerThread, new_token, start_in_thread
+from perennial.local.faults import FaultConfig
+from perennial.local.tls import self_signed
+
+NS = "prod"
+OWNER = (NS, "chat")
+LABELS = {"perennial.ai/deployment": "chat", "app.kubernetes.io/managed-by": "perennial-operator"}
+RESOURCES = (("v1", "ConfigMap"), ("apps/v1", "Deployment"))
+BACKOFF = Backoff(initial=0.2, maximum=1.0)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 30.0, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+
+
+def configmap(name: str, data: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS, "labels": LABELS if labels is None else labels},
+            "data": data or {}}
+
+
+def restart(server: ServerThread) -> ServerThread:
+    """The same API server (same store, certificate, token) on the same port, after `server.stop()`."""
+    return ServerThread(server.server, "127.0.0.1", server.server.port)
+
+
+def watchers(server: ServerThread) -> dict[tuple[str, str], int]:
+    """Open watches on the server, by (group, plural)."""
+    with server.store.lock:
+        return {k: len(v) for k, v in server.store.watchers.items() if v}
+
+
+@pytest.fixture
+def hub_and_region(tmp_path: Path) -> Iterator[tuple[ServerThread, Kube, ServerThread]]:
+    hub = start_in_thread(token=new_token(), tls=self_signed())
+    region = start_in_thread(token=new_token(), tls=self_signed())
+    try:
+        region.create("v1", "namespaces", {"metadata": {"name": NS}})
+        hub_kube = connect(server=hub.url, token=hub.token, ca_file=hub.ca_file)
+        hub_kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        kubeconfig = region.write_kubeconfig(tmp_path / "region.kubeconfig", namespace=NS).read_text()
+        hub_kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "region-east", "namespace": NS},
+                         "type": "Opaque", "data": {"kubeconfig": base64.b64encode(kubeconfig.encode()).decode()}})
+        yield hub, hub_kube, region
+    finally:
+        region.stop()
+        hub.stop()
+
+
+async def connected(hub_kube: Kube, clusters: Clusters) -> RemoteCluster:
+    secret = await asyncio.to_thread(hub_kube.get, "v1", "Secret", NS, "region-east")
+    result = (await clusters.sync_owner(OWNER, {"region-east": secret}))["region-east"]
+    assert isinstance(result, RemoteCluster), result
+    return result
+
+
+def names(cluster: RemoteCluster, api_version: str = "v1", kind: str = "ConfigMap") -> dict[str, dict[str, str]]:
+    return {o["metadata"]["name"]: o.get("data") or {} for o in cluster.cache.list(api_version, kind, NS)}
+
+
+def truth(region: ServerThread) -> dict[str, dict[str, str]]:
+    return {o["metadata"]["name"]: o.get("data") or {} for o in region.list("v1", "configmaps", NS)
+            if (o["metadata"].get("labels") or {}).get("perennial.ai/deployment")}
+
+
+async def test_lists_watches_survives_a_stopped_api_server_and_resumes(hub_and_region) -> None:
+    hub, hub_kube, region = hub_and_region
+    region.create("v1", "configmaps", configmap("chat-routes", {"v": "1"}), NS)
+    region.create("v1", "configmaps", configmap("unrelated", labels={}), NS)
+    woken: list[set[tuple[str, str]]] = []
+    clusters = Clusters(wake=woken.append, resources=RESOURCES, backoff=BACKOFF, watch_timeout_seconds=30)
+    restarted: ServerThread | None = None
+    try:
+        cluster = await connected(hub_kube, clusters)
+        await until(lambda: cluster.synced, message="the first listing")
+        assert names(cluster) == {"chat-routes": {"v": "1"}}  # only Perennial's children (label selector)
+        assert cluster.reachability().reachable is True and cluster.reachability().last_success is not None
+        assert OWNER in set().union(*woken)
+
+        # watched: created, modified, deleted in the region
+        await until(lambda: watchers(region).get(("", "configmaps")) == 1, message="the ConfigMap watch")
+        region.create("v1", "configmaps", configmap("chat-east-blue", {"v": "a"}), NS)
+        region.patch("v1", "configmaps", "chat-routes", {"data": {"v": "2"}}, NS)
+        await until(lambda: names(cluster) == {"chat-routes": {"v": "2"}, "chat-east-blue": {"v": "a"}}, message="watch events")
+        woken.clear()
+        region.delete("v1", "configmaps", "chat-east-blue", NS)
+        await until(lambda: "chat-east-blue" not in names(cluster), message="a deletion")
+        assert OWNER in set().union(*woken)  # a child's change wakes its Perennial Deployment by label
+
+        # the region's API server goes away: unreachable, the last known world kept, retries backed off
+        informer = cluster.informers[("v1", "ConfigMap")]
+        woken.clear()
+        region.stop()
+        await until(lambda: cluster.reachability().reachable is False, message="unreachable")
+        assert cluster.reachability().last_error and cluster.reachability().last_error_at is not None
+        assert OWNER in set().union(*woken)  # losing the cluster wakes its owners
+        assert names(cluster) == {"chat-routes": {"v": "2"}}
+        failures_before, down_since = informer.failures, time.monotonic()
+        # changes while it is down (in-process, as another client would make them)
+        region.patch("v1", "configmaps", "chat-routes", {"data": {"v": "3"}}, NS)
+        region.create("v1", "configmaps", configmap("chat-east-green", {"v": "g"}), NS)
+        await asyncio.sleep(3.0)
+        attempts = informer.failures - failures_before
+        elapsed = time.monotonic() - down_since
+        assert 1 <= attempts <= 2 + elapsed / BACKOFF.smallest, (attempts, elapsed)  # backed off, not a hot loop
+        assert all(i._task is not None and not i._task.done() for i in cluster.informers.values())  # no crash
+
+        # back on the same port: reachable again, resumed from the last resourceVersion, converged
+        lists_before = informer.lists
+        region = restarted = restart(region)
+        await until(lambda: cluster.reachability().reachable is True, message="reachable again")
+        await until(lambda: names(cluster) == truth(region), message="convergence after the restart")
+        assert names(cluster) == {"chat-routes": {"v": "3"}, "chat-east-green": {"v": "g"}}
+        assert informer.lists == lists_before  # resumed, not relisted
+        region.delete("v1", "configmaps", "chat-routes", NS)
+        await until(lambda: names(cluster) == {"chat-east-green": {"v": "g"}}, message="watching after the restart")
+        assert all(i.max_open_watches == 1 for i in cluster.informers.values())
+        await until(lambda: watchers(region) == {("", "configmaps"): 1, ("apps", "deployments"): 1}, message="one watch per kind")
+    finally:
+        await clusters.close()
+        if restarted is not None:
+            restarted.stop()
+    assert cluster.watch_count() == 0
+
+
+async def test_relists_after_410_and_resumes_after_closed_watches(hub_and_region) -> None:
+    """The region answers half of the watches with 410 Expired or cuts them mid-stream: the informer relists or
+    resumes, never holds two watches of one kind, and its cache converges to the region's world."""
+    hub, hub_kube, region = hub_and_region
+    # watches time out after 2 s (the server ends them): new watch requests, each a chance for a fault
+    clusters = Clusters(resources=RESOURCES, backoff=Backoff(initial=0.05, maximum=0.2), watch_timeout_seconds=2)
+    try:
+        cluster = await connected(hub_kube, clusters)
+        await until(lambda: cluster.synced, message="the first listing")
+        region.set_faults(FaultConfig(rate=0.5, faults=("410", "watch-close"), seed=7, user_agents=("perennial-operator",),
+                                      watch_close_after=(0.05, 0.3)))
+        informer = cluster.informers[("v1", "ConfigMap")]
+        most = 0
+        for i in range(40):
+            region.create("v1", "configmaps", configmap(f"chat-{i}", {"i": str(i)}), NS)
+            if i % 3 == 0:
+                region.patch("v1", "configmaps", f"chat-{i}", {"data": {"i": f"{i}!"}}, NS)
+            if i % 4 == 0 and i:
+                region.delete("v1", "configmaps", f"chat-{i - 1}", NS)
+            most = max([most, *watchers(region).values()])
+            await asyncio.sleep(0.05)
+        await until(lambda: informer.relists_after_expiry >= 1 and region.fault_counts().get("watch-close", 0) >= 1,
+                    message="a 410 relist and a cut watch")
+        await until(lambda: names(cluster) == truth(region), message="convergence under faults")
+        assert region.fault_counts().get("410", 0) >= 1
+        region.set_faults(None)
+        # after the faults, a change still arrives by the watch
+        region.create("v1", "configmaps", configmap("chat-last", {"i": "last"}), NS)
+        await until(lambda: "chat-last" in names(cluster), message="a watch event after the faults")
+        assert names(cluster) == truth(region)
+        assert most <= 1 and all(i.max_open_watches == 1 for i in cluster.informers.values())
+    finally:
+        await clusters.close()
+
+
+async def test_an_unreachable_cluster_from_the_start_and_a_secret_gone_bad(hub_and_region, tmp_path: Path) -> None:
+    """A Secret naming a port where nothing listens: a RemoteCluster that reports unreachable and stays unsynced
+    (the controller must not act on its empty cache); an exec-plugin kubeconfig is refused for that Secret only."""
+    hub, hub_kube, region = hub_and_region
+    dead = start_in_thread(token=new_token(), tls=self_signed())
+    text = dead.write_kubeconfig(tmp_path / "dead.kubeconfig").read_text()
+    dead.stop()
+    clusters = Clusters(resources=RESOURCES, backoff=BACKOFF)
+    secret = {"metadata": {"name": "gone", "namespace": NS, "resourceVersion": "1"},
+              "data": {"kubeconfig": base64.b64encode(text.encode()).decode()}}
+    bad = {"metadata": {"name": "exec", "namespace": NS, "resourceVersion": "1"},
+           "data": {"kubeconfig": base64.b64encode(text.replace("token:", "exec: {command: aws}\n    x:").encode()).decode()}}
+    try:
+        results = await clusters.sync_owner(OWNER, {"gone": secret, "exec": bad})
+        cluster = results["gone"]
+        assert isinstance(cluster, RemoteCluster)
+        assert isinstance(results["exec"], ClusterSecretError) and results["exec"].reason == "ClusterAuthUnsupported"
+        await until(lambda: cluster.reachability().reachable is False, message="unreachable")
+        assert not cluster.synced and cluster.reachability().last_success is None
+        assert "connect" in (cluster.reachability().last_error or "").lower()
+    finally:
+        await clusters.close()
