@@ -422,3 +422,19 @@ def test_the_perennial_serving_pod_from_the_builders_serves_the_tiny_model(env: 
     with urllib.request.urlopen(req, timeout=60) as resp:
         answer = json.loads(resp.read())
     assert answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_prestop_hook_runs_before_sigterm(env: Env) -> None:
+    # the hook leaves a file in the container's working directory; the process reports, on SIGTERM, whether it is there
+    script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('SIGTERM after preStop:', os.path.exists('prestop-ran'), flush=True), sys.exit(0)))\n"
+              "print('up', flush=True)\ntime.sleep(600)")
+    env.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hooked", "namespace": NS},
+                     "spec": {"terminationGracePeriodSeconds": 10, "containers": [{
+                         "name": "main", "image": IMAGE, "command": ["python", "-c", script],
+                         "lifecycle": {"preStop": {"exec": {"command": ["python", "-c", "open('prestop-ran', 'w').close()"]}}}}]}})
+    wait_for(lambda: "up" in env.kube.pod_log(NS, "hooked"), WAIT, 0.1, "running")
+    pid = int(_main_status(env, "hooked")["containerID"].split("://")[1])
+    env.kube.delete("v1", "Pod", NS, "hooked")
+    wait_for(lambda: not _alive(pid), WAIT, 0.1, "stopped")
+    assert "SIGTERM after preStop: True" in (env.tmp / "pods" / NS / "hooked" / "main.log").read_text()

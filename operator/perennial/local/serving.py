@@ -24,7 +24,10 @@ of the embedded control plane whose containers all use a mapped image (a key of 
 - a deleted Pod's processes get SIGTERM, the grace period (`deletionGracePeriodSeconds` or the pod's
   `terminationGracePeriodSeconds`, capped by `max_grace_seconds`), then SIGKILL of the process group; its
   addresses and volumes are released afterwards. The embedded API server removes a Pod at once (no graceful
-  deletion phase), so the processes may outlive the object by up to the grace period. preStop hooks are not run.
+  deletion phase), so the processes may outlive the object by up to the grace period. A container's
+  `lifecycle.preStop` hook (sleep, exec, httpGet) runs first, within the grace period (kubelet's 2 s extra for
+  SIGTERM when it overran), on pod deletion and before a probe-failure restart; not when the kubelet itself stops
+  (a lost node). postStart hooks are not run.
 
 Pods owned by a Job are left to `LocalKubelet`; pods with an unmapped image are left Pending.
 """
@@ -135,7 +138,7 @@ class PodKubelet:
         with self._lock:
             workers = list(self._pods.values())
         for w in workers:
-            w.terminate(min(5.0, self.max_grace_seconds), write_status=False)
+            w.terminate(min(5.0, self.max_grace_seconds), write_status=False, hooks=False)
         deadline = time.monotonic() + timeout
         for w in workers:
             w.thread.join(max(0.1, deadline - time.monotonic()))
@@ -269,6 +272,7 @@ class _PodWorker(_PodSandbox):
         self._prep_lock = threading.Lock()
         self._stopping = threading.Event()
         self._grace = 30.0
+        self._skip_hooks = False
         self._write_status = True
         self._dirty = threading.Event()
         self._refresh = threading.Event()
@@ -279,7 +283,11 @@ class _PodWorker(_PodSandbox):
 
     # ------------------------------------------------------------------ control
 
-    def terminate(self, grace: float, write_status: bool = True) -> None:
+    def terminate(self, grace: float, write_status: bool = True, hooks: bool = True) -> None:
+        if not hooks:
+            self._skip_hooks = True  # the kubelet itself stops (a lost node): no preStop hooks
+            for c in self.init_containers + self.containers:
+                c.wake.set()
         if not self._stopping.is_set():
             self._grace = max(0.0, min(float(grace), self.k.max_grace_seconds))
             self._write_status = write_status
@@ -458,11 +466,11 @@ class _PodWorker(_PodSandbox):
             self.mark()
             killed_by = self._watch_process(c, proc, t0)
             if self._stopping.is_set():
-                self._kill_one(proc, self._grace)
+                self._kill_one(c, proc, self._grace)
                 return
             if killed_by is not None:
                 log.info("Restarting container pod=%s container=%s reason=%s", self.pod_name, c.name, killed_by)
-                self._kill_one(proc, float(self.pod_spec.get("terminationGracePeriodSeconds", 30)))
+                self._kill_one(c, proc, float(self.pod_spec.get("terminationGracePeriodSeconds", 30)))
             rc = _exit_code(proc.returncode)
             c.started = c.ready = False
             c.state = {"terminated": {"exitCode": rc, "reason": "Completed" if rc == 0 else "Error", "startedAt": started_at,
@@ -517,11 +525,18 @@ class _PodWorker(_PodSandbox):
                         self.mark()
         return None
 
-    def _kill_one(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+    def _kill_one(self, c: _Container, proc: subprocess.Popen[bytes], grace: float) -> None:
+        """preStop hook, SIGTERM, the rest of the grace period, SIGKILL (kubelet's killContainer)."""
+        deadline = time.monotonic() + min(grace, self.k.max_grace_seconds)
+        hook = (c.spec.get("lifecycle") or {}).get("preStop")
+        if hook and proc.poll() is None and not self._skip_hooks:
+            self._pre_stop(c, proc, hook, deadline)
+            if time.monotonic() >= deadline:
+                deadline = time.monotonic() + 2.0  # kubelet's minimum after a preStop hook used the whole grace
         if proc.poll() is None:
             _signal(proc, signal.SIGTERM)
             try:
-                proc.wait(min(grace, self.k.max_grace_seconds))
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         _signal(proc, signal.SIGKILL)  # and whatever it left in its process group
@@ -529,6 +544,19 @@ class _PodWorker(_PodSandbox):
             proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+    def _pre_stop(self, c: _Container, proc: subprocess.Popen[bytes], hook: dict, deadline: float) -> None:
+        log.info("Running the preStop hook pod=%s container=%s", self.pod_name, c.name)
+        try:
+            if hook.get("sleep") is not None:
+                end = min(deadline, time.monotonic() + float(hook["sleep"].get("seconds") or 0))
+                while time.monotonic() < end and proc.poll() is None and not self._skip_hooks:
+                    c.wake.wait(max(0.0, end - time.monotonic()))
+                    c.wake.clear()
+            elif hook.get("exec") is not None or hook.get("httpGet") is not None:
+                self._probe(c, {**hook, "timeoutSeconds": max(1.0, deadline - time.monotonic())})
+        except Exception:
+            log.debug("preStop hook failed pod=%s container=%s", self.pod_name, c.name, exc_info=True)
 
     def _probe(self, c: _Container, spec: dict) -> bool:
         timeout = float(spec.get("timeoutSeconds") or 1)
