@@ -90,7 +90,7 @@ def truth(region: ServerThread) -> dict[str, dict[str, str]]:
 
 
 async def test_lists_watches_survives_a_stopped_api_server_and_resumes(hub_and_region) -> None:
-    hub, hub_kube, region = hub_and_region
+    _hub, hub_kube, region = hub_and_region
     region.create("v1", "configmaps", configmap("chat-routes", {"v": "1"}), NS)
     region.create("v1", "configmaps", configmap("unrelated", labels={}), NS)
     woken: list[set[tuple[str, str]]] = []
@@ -152,7 +152,7 @@ async def test_lists_watches_survives_a_stopped_api_server_and_resumes(hub_and_r
 async def test_relists_after_410_and_resumes_after_closed_watches(hub_and_region) -> None:
     """The region answers half of the watches with 410 Expired or cuts them mid-stream: the informer relists or
     resumes, never holds two watches of one kind, and its cache converges to the region's world."""
-    hub, hub_kube, region = hub_and_region
+    _hub, hub_kube, region = hub_and_region
     # watches time out after 2 s (the server ends them): new watch requests, each a chance for a fault
     clusters = Clusters(resources=RESOURCES, backoff=Backoff(initial=0.05, maximum=0.2), watch_timeout_seconds=2)
     try:
@@ -184,10 +184,9 @@ async def test_relists_after_410_and_resumes_after_closed_watches(hub_and_region
         await clusters.close()
 
 
-async def test_an_unreachable_cluster_from_the_start_and_a_secret_gone_bad(hub_and_region, tmp_path: Path) -> None:
+async def test_an_unreachable_cluster_from_the_start_and_a_secret_gone_bad(tmp_path: Path) -> None:
     """A Secret naming a port where nothing listens: a RemoteCluster that reports unreachable and stays unsynced
     (the controller must not act on its empty cache); an exec-plugin kubeconfig is refused for that Secret only."""
-    hub, hub_kube, region = hub_and_region
     dead = start_in_thread(token=new_token(), tls=self_signed())
     text = dead.write_kubeconfig(tmp_path / "dead.kubeconfig").read_text()
     dead.stop()
@@ -206,3 +205,31 @@ async def test_an_unreachable_cluster_from_the_start_and_a_secret_gone_bad(hub_a
         assert "connect" in (cluster.reachability().last_error or "").lower()
     finally:
         await clusters.close()
+
+
+async def test_a_deletion_missed_while_down_is_dropped_by_the_relist(hub_and_region) -> None:
+    """An object deleted while the region was down, and the region's history gone (its watch from the old
+    resourceVersion answers 410 Expired): the relist's listing no longer has it, so the cache drops it."""
+    _hub, hub_kube, region = hub_and_region
+    region.create("v1", "configmaps", configmap("chat-doomed", {"v": "1"}), NS)
+    region.create("v1", "configmaps", configmap("chat-kept", {"v": "1"}), NS)
+    clusters = Clusters(resources=RESOURCES, backoff=BACKOFF, watch_timeout_seconds=30)
+    restarted: ServerThread | None = None
+    try:
+        cluster = await connected(hub_kube, clusters)
+        await until(lambda: set(names(cluster)) == {"chat-doomed", "chat-kept"}, message="the first listing")
+        informer = cluster.informers[("v1", "ConfigMap")]
+        region.stop()
+        await until(lambda: cluster.reachability().reachable is False, message="unreachable")
+        region.delete("v1", "configmaps", "chat-doomed", NS)
+        region.set_faults(FaultConfig(rate=1.0, faults=("410",), user_agents=("perennial-operator",)))
+        region = restarted = restart(region)
+        await until(lambda: informer.relists_after_expiry >= 1, message="a 410 relist")
+        region.set_faults(None)
+        await until(lambda: names(cluster) == truth(region), message="convergence after the relist")
+        assert names(cluster) == {"chat-kept": {"v": "1"}}
+        assert cluster.reachability().reachable is True
+    finally:
+        await clusters.close()
+        if restarted is not None:
+            restarted.stop()
