@@ -79,6 +79,18 @@ def test_adapter_info_gives_the_engine_a_local_path():
     assert info == rollout.AdapterInfo(name="a", uri="/mnt/pvc/artifacts/adapters/a", rank=8, base_model="llama")
 
 
+def test_a_served_name_whose_adapter_went_away_keeps_what_it_serves():
+    """An Adapter deleted or not Ready for a while must not take its served name away from clients."""
+    spec = typed(adapters=[{"name": "support", "adapterRef": {"name": "s-v2"}}, {"name": "new", "adapterRef": {"name": "n-v1"}},
+                           {"name": "fresh", "adapterRef": {"name": "f-v1"}}])
+    current = {"revision": "r", "adapters": {"s-v1": {"uri": "/a/s-v1", "rank": 16}},
+               "routes": {"support": [{"adapter": "s-v1", "weight": 100}], "gone": [{"adapter": "s-v1", "weight": 100}]}}
+    out = ctl.desired_routes(spec, {"fresh": adapter("f-v1")}, current)
+    assert out == {"fresh": ctl.adapter_info(adapter("f-v1")),
+                   "support": rollout.AdapterInfo(name="s-v1", uri="/a/s-v1", rank=16, base_model="llama")}
+    assert ctl.desired_routes(spec, {}, None) == {}
+
+
 # ----------------------------------------------------------------------------- children
 
 
@@ -245,3 +257,13 @@ def test_serving_children_and_their_pods_wake_the_perennial_deployment():
     assert m.keys_for(pod, None) == {Key("Deployment", "team", "chat")}, "a deleted pod wakes it too"
     stranger = {**pod, "metadata": {**pod["metadata"], "labels": {"perennial.ai/deployment": "chat"}}}
     assert m.keys_for(None, stranger) == set(), "only pods of this operator"
+
+
+def test_a_blocked_deployment_that_serves_stays_ready_and_says_why_nothing_moves():
+    new = ctl._blocked_status(BODY, "BaseModelNotFound", "BaseModel 'llama' does not exist yet")
+    assert conds(new) == {"Ready": ("False", "BaseModelNotFound"), "Progressing": ("Unknown", "BaseModelNotFound"),
+                          "Degraded": ("Unknown", "BaseModelNotFound")} and new["phase"] == "Pending"
+    serving_body = {**BODY, "status": ctl.decide_status(BODY, [result()], [], [])}
+    blocked = ctl._blocked_status(serving_body, "BaseModelNotReady", "BaseModel 'llama' is not Ready")
+    assert conds(blocked) == {"Ready": ("True", "Serving"), "Progressing": ("Unknown", "BaseModelNotReady"), "Degraded": ("True", "BaseModelNotReady")}
+    assert blocked["activeColor"] == "blue" and blocked["regions"] == serving_body["status"]["regions"] and blocked["phase"] == "Degraded"

@@ -151,6 +151,23 @@ def adapter_info(a: Mapping[str, Any]) -> rollout.AdapterInfo:
                                base_model=a["spec"]["baseModelRef"]["name"])
 
 
+def desired_routes(spec: DeploymentSpec, resolved: Mapping[str, Mapping[str, Any]], current: Mapping[str, Any] | None) -> dict[str, rollout.AdapterInfo]:
+    """Served name -> the Adapter it should point to: the resolved one; for a name of the spec whose Adapter cannot
+    be resolved now (deleted, or not Ready for a while), the one it serves now, so clients keep their model name."""
+    out = {n: adapter_info(a) for n, a in resolved.items()}
+    routes, loaded = (current or {}).get("routes") or {}, (current or {}).get("adapters") or {}
+    for served in spec.adapters:
+        entries = routes.get(served.name)
+        if served.name in out or not entries:
+            continue
+        primary = max(entries, key=lambda e: (int(e.get("weight", 0)), str(e.get("adapter"))))["adapter"]
+        info = loaded.get(primary) or {}
+        if info.get("uri"):
+            out[served.name] = rollout.AdapterInfo(name=primary, uri=str(info["uri"]), rank=int(info.get("rank") or 0),
+                                                   base_model=spec.base_model_ref.name)
+    return out
+
+
 def color_manifest(s: build.Serving, color: str, target: rollout.ColorTarget, desired_revision: str, *,
                    current: Mapping[str, Any] | None, autoscaled_active: bool) -> dict[str, Any] | None:
     """The manifest applied to one color's apps/v1 Deployment: the whole object at the desired revision; only
@@ -401,7 +418,7 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     current_routes = routes_document(w.routes)
     progress = rollout.parse_progress(((w.routes or {}).get("metadata") or {}).get("annotations", {}).get(ADAPTER_ROLLOUTS_ANNOTATION))
     aobs = rollout.AdaptersObserved(routes=current_routes, progress=progress, pods=w.pod_routes,
-                                    desired={n: adapter_info(a) for n, a in desired.items()}, base_name=s.served_base_name,
+                                    desired=desired_routes(spec, desired, current_routes), base_name=s.served_base_name,
                                     base_model=spec.base_model_ref.name, max_loras=max(engine.max_loras, engine.max_cpu_loras or 0),
                                     max_lora_rank=engine.max_lora_rank)
     adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
@@ -510,13 +527,21 @@ def decide_status(obj: dict[str, Any], results: list[RegionResult], remote: list
 
 
 def _blocked_status(obj: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
+    """Nothing can be rolled out (an invalid spec, a BaseModel missing or not Ready): the children are left as they
+    are; what served keeps serving, so a `Ready=True` stays (Degraded says why nothing moves), else Ready is False."""
     gen = generation(obj)
-    conds = (obj.get("status") or {}).get("conditions")
-    conds = cond.set_condition(conds, CONDITION_READY, False, reason, message, gen)
+    old = (obj.get("status") or {}).get("conditions")
+    conds = old
+    serving = cond.is_true(old, CONDITION_READY) and bool((obj.get("status") or {}).get("activeColor"))
+    if not serving:
+        conds = cond.set_condition(conds, CONDITION_READY, False, reason, message, gen)
+    else:
+        ready = cond.get(old, CONDITION_READY) or {}
+        conds = cond.set_condition(conds, CONDITION_READY, True, ready.get("reason") or "Serving", ready.get("message") or "", gen)
     conds = cond.set_condition(conds, CONDITION_PROGRESSING, "Unknown", reason, message, gen)
-    conds = cond.set_condition(conds, CONDITION_DEGRADED, "Unknown", reason, message, gen)
+    conds = cond.set_condition(conds, CONDITION_DEGRADED, True if serving else "Unknown", reason, message, gen)
     keep = {k: v for k, v in (obj.get("status") or {}).items() if k not in ("conditions", "observedGeneration", "phase")}
-    return {**keep, "observedGeneration": gen, "conditions": conds, "phase": "Pending"}
+    return {**keep, "observedGeneration": gen, "conditions": conds, "phase": "Degraded" if serving else "Pending"}
 
 
 async def ensure_token(ctx: Context, s: build.Serving) -> list[Note]:
