@@ -40,11 +40,12 @@ from .protocol import (
 if TYPE_CHECKING:
     from .api_server import Sidecar
 
-TEXT_FIELDS = frozenset(("label", "correction", "comment"))
+TEXT_FIELDS = frozenset(("label", "correction", "comment", "user"))  # free text: redacted before it is stored
 _REPLAYED = {"Idempotent-Replayed": "true"}
 _ALIAS = {name: f.alias or name for name, f in FeedbackRecord.model_fields.items()}
 # the request fields a record copies (`id` and `type` are set from the request's outcome)
-_COPIED = tuple((name, _ALIAS[name], name in TEXT_FIELDS) for name in FeedbackRequest.model_fields if name not in ("id", "type"))
+# request field -> (record key, is it free text to redact); `id` and `type` are set from the request's outcome
+_COPIED = {name: (_ALIAS[name], name in TEXT_FIELDS) for name in FeedbackRequest.model_fields if name not in ("id", "type")}
 # Content-Type values taken as JSON without parsing the header (anything else goes through aiohttp's parser)
 _JSON_TYPES = frozenset(("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"))
 
@@ -136,8 +137,9 @@ class FeedbackHandler:
         # one record
         it = items[0]
         req = it.req
-        f = req.id
-        seen = req.response_id in s.seen_responses
+        f = req.get("id")
+        rid = req["response_id"]
+        seen = rid in s.seen_responses
         ids = s.feedback_ids
         if f is not None and (f in ids or f in ids.inflight):
             return self._answer(await self.store_again(it, seen))  # a retry
@@ -159,7 +161,7 @@ class FeedbackHandler:
         except (OSError, RuntimeError) as e:
             return self._answer(json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable"))
         ids.add(f)  # counted by durable()
-        return web.Response(body=to_json({"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type,
+        return web.Response(body=to_json({"id": f, "object": "feedback", "response_id": rid, "type": it.type,
                                           "status": "recorded", "response_seen": seen}), content_type="application/json")
 
     @staticmethod
@@ -198,12 +200,12 @@ class FeedbackHandler:
         ids = s.feedback_ids
         if len(items) == 1:
             it = items[0]
-            answer, replayed = await self.store_one(it, it.req.response_id in s.seen_responses)
+            answer, replayed = await self.store_one(it, it.req["response_id"] in s.seen_responses)
             if not replayed:
                 s.metrics.feedback_of(it.type).inc()
                 s.metrics.captured_feedback.inc()
             return [answer], replayed
-        fids = [it.req.id or "fb-" + random_hex() for it in items]
+        fids = [it.req.get("id") or "fb-" + random_hex() for it in items]
         # another request is storing one of these ids right now: wait for its outcome first
         while waits := [ids.inflight[f] for f in set(fids) if f in ids.inflight]:
             await asyncio.gather(*map(asyncio.shield, waits), return_exceptions=True)  # never cancel another request's marker
@@ -212,8 +214,8 @@ class FeedbackHandler:
             if f not in ids and f not in new:
                 new[f] = i
         seen = s.seen_responses
-        answers = [{"id": f, "object": "feedback", "response_id": it.req.response_id, "type": it.type, "status": "recorded",
-                    "response_seen": it.req.response_id in seen} for f, it in zip(fids, items)]
+        answers = [{"id": f, "object": "feedback", "response_id": it.req["response_id"], "type": it.type, "status": "recorded",
+                    "response_seen": it.req["response_id"] in seen} for f, it in zip(fids, items)]
         if not new:
             return answers, True
         lines = [self.record(fids[i], items[i], answers[i]["response_seen"]) for i in new.values()]
@@ -243,11 +245,11 @@ class FeedbackHandler:
         s = self.s
         ids = s.feedback_ids
         req = it.req
-        f = req.id or "fb-" + random_hex()
+        f = req.get("id") or "fb-" + random_hex()
         inflight = ids.inflight
         while (other := inflight.get(f)) is not None:
             await asyncio.shield(other)  # the same id is being stored by another request: its outcome first (never cancel it)
-        answer = {"id": f, "object": "feedback", "response_id": req.response_id, "type": it.type, "status": "recorded", "response_seen": seen}
+        answer = {"id": f, "object": "feedback", "response_id": req["response_id"], "type": it.type, "status": "recorded", "response_seen": seen}
         if f in ids:
             return answer, True
         line = self.record(f, it, seen)
@@ -263,19 +265,19 @@ class FeedbackHandler:
         return answer, False
 
     def record(self, fid: str, it: Feedback, seen: bool) -> bytes:
-        """The record's JSON line. The request model has already checked every field against the
+        """The record's JSON line. The request fields have already been checked against the
         record schema's bounds, so the line is built directly (the record model's own aliases, one
         pydantic-core encode): validating a second model per record would double the parse cost.
         A text that redaction changed is re-validated through `FeedbackRecord` (it may have grown)."""
         s = self.s
         rec: dict = {"schemaVersion": RECORD_SCHEMA_VERSION, "time": _clock.now(), "kind": "feedback", "id": fid, "type": it.type}
-        values = it.req.__dict__  # the validated fields (a frozen model; iterating the model itself costs a generator per record)
         red = s.redactor
         changed = False
-        for name, alias, text in _COPIED:
-            v = values[name]
-            if v is None:
+        for name, v in it.req.items():  # the fields sent, validated (protocol.FeedbackFields)
+            c = _COPIED.get(name)
+            if c is None or v is None:
                 continue
+            alias, text = c
             if text:
                 r = red.text(v)
                 changed = changed or r is not v

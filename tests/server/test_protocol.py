@@ -6,6 +6,8 @@ import json
 import tempfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from perennial_records import FeedbackRecord, parse_record
 from perennial_server.api_server import Sidecar
 from perennial_server.config import SidecarConfig
@@ -24,6 +26,7 @@ def handler():
     {"response_id": "r1", "type": "preference", "otherResponseId": "r2", "chosen": "other"},
     {"response_id": "r1", "label": "rude"},
     {"response_id": "r1", "correction": "write to jane@example.com instead", "comment": "call 555-123-4567"},
+    {"response_id": "r1", "thumbs": "down", "user": "jane@example.com", "label": None},
     {"id": "fb-x", "response_id": "r1", "type": "score", "score": -3},
 ])
 def test_the_record_line_is_what_the_record_model_would_write(handler, body: dict) -> None:
@@ -33,8 +36,8 @@ def test_the_record_line_is_what_the_record_model_would_write(handler, body: dic
     line = handler.record("fb-1", item, True)
     got = parse_record(line)
     assert isinstance(got, FeedbackRecord)
-    fields = {k: v for k, v in item.req.model_dump(exclude_none=True).items() if k not in ("id", "type")}
-    for t in ("label", "correction", "comment"):
+    fields = {k: v for k, v in item.req.items() if v is not None and k not in ("id", "type")}
+    for t in ("label", "correction", "comment", "user"):
         if t in fields:
             fields[t] = handler.s.redactor.text(fields[t])
     want = FeedbackRecord(id="fb-1", type=item.type, response_seen=True, deployment="demo", namespace="ns", time=got.time, **fields)
@@ -51,3 +54,32 @@ def test_a_batch_error_names_the_item_and_the_field_as_sent() -> None:
     for raw in (b"", b"3", b'"x"', b"[1]", b"[]", b"{", b"[" * 10000):
         err = parse_feedback(raw, 10)
         assert isinstance(err, RequestError) and err.status == 400 and err.code in ("invalid_json", "invalid_batch_size"), (raw[:10], err)
+
+
+_KEYS = ["id", "response_id", "responseId", "type", "score", "thumbs", "label", "correction", "other_response_id", "otherResponseId",
+         "chosen", "comment", "user", "bogus"]
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**7), max_value=10**7), st.floats(allow_nan=True),
+                    st.sampled_from(["", "r1", "up", "down", "this", "other", "score", "thumbs", "label", "correction", "preference", "x" * 300]),
+                    st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_the_fields_dict_accepts_and_rejects_exactly_what_the_model_does(body: dict) -> None:
+    """protocol.FeedbackFields (what requests are validated with) and FeedbackRequest (the documented
+    model, whose errors are answered) agree on every input: same verdict, same values."""
+    import pydantic
+    from perennial_server.protocol import _FIELDS, FeedbackRequest
+
+    for raw in (json.dumps(body).encode(), None):
+        try:
+            want = FeedbackRequest.model_validate_json(raw) if raw else FeedbackRequest.model_validate(body)
+        except pydantic.ValidationError:
+            want = None
+        try:
+            got = _FIELDS.validate_json(raw) if raw else _FIELDS.validate_python(body)
+        except pydantic.ValidationError:
+            got = None
+        assert (got is None) == (want is None), (body, got, want)
+        if want is not None:
+            assert got == want.model_dump(exclude_unset=True), body
