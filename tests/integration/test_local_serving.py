@@ -438,3 +438,22 @@ def test_a_prestop_hook_runs_before_sigterm(env: Env) -> None:
     env.kube.delete("v1", "Pod", NS, "hooked")
     wait_for(lambda: not _alive(pid), WAIT, 0.1, "stopped")
     assert "SIGTERM after preStop: True" in (env.tmp / "pods" / NS / "hooked" / "main.log").read_text()
+
+
+def test_init_containers_run_first_and_share_emptydirs(env: Env) -> None:
+    env.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "inits", "namespace": NS},
+                     "spec": {"restartPolicy": "Never", "volumes": [{"name": "work", "emptyDir": {}}],
+                              "initContainers": [{"name": "prep", "image": IMAGE, "command": ["python", "-c", "open('/work/x', 'w').write('prepared')"],
+                                                  "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
+                              "containers": [{"name": "main", "image": IMAGE, "command": ["python", "-c", "print(open('/work/x').read())"],
+                                              "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]}})
+    wait_for(lambda: ((env.kube.get("v1", "Pod", NS, "inits") or {}).get("status") or {}).get("phase") == "Succeeded", WAIT, 0.1, "Succeeded")
+    pod = env.kube.get("v1", "Pod", NS, "inits")
+    assert pod is not None and pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert "prepared" in env.kube.pod_log(NS, "inits")
+    env.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "badinit", "namespace": NS},
+                     "spec": {"restartPolicy": "Never",
+                              "initContainers": [{"name": "prep", "image": IMAGE, "command": ["python", "-c", "raise SystemExit(2)"]}],
+                              "containers": [{"name": "main", "image": IMAGE, "command": ["python", "-c", "print('must not run')"]}]}})
+    wait_for(lambda: ((env.kube.get("v1", "Pod", NS, "badinit") or {}).get("status") or {}).get("phase") == "Failed", WAIT, 0.1, "Failed")
+    assert "must not run" not in env.kube.pod_log(NS, "badinit")

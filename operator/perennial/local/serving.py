@@ -273,6 +273,7 @@ class _PodWorker(_PodSandbox):
         self._stopping = threading.Event()
         self._grace = 30.0
         self._skip_hooks = False
+        self._init_failed = False  # an init container failed under restartPolicy Never: the pod failed
         self._write_status = True
         self._dirty = threading.Event()
         self._refresh = threading.Event()
@@ -327,6 +328,8 @@ class _PodWorker(_PodSandbox):
             self._write_pod_status()
             for c in self.init_containers:
                 if not self._run_init(c):
+                    self._init_failed = not self._stopping.is_set()
+                    self.mark()
                     break
             else:
                 self._initialized = True
@@ -431,6 +434,8 @@ class _PodWorker(_PodSandbox):
             c.state = {"running": {"startedAt": started}}
             self.mark()
             while proc.poll() is None:
+                if self._stopping.is_set():
+                    return False
                 c.wake.wait()
                 c.wake.clear()  # the loop rechecks the process and the pod: a stale wake-up costs one turn
                 if self._stopping.is_set():
@@ -494,6 +499,8 @@ class _PodWorker(_PodSandbox):
         """Wait for the process to exit while running its probes; a reason when a probe says to kill it."""
         probes = {kind: _Probe(kind, c.spec[kind], t0) for kind in ("startupProbe", "livenessProbe", "readinessProbe") if c.spec.get(kind)}
         while proc.poll() is None:
+            if self._stopping.is_set():  # checked before each wait: terminate() sets it before waking us
+                return None
             now = time.monotonic()
             due = [p.next for kind, p in probes.items() if (kind == "startupProbe") != c.started]
             c.wake.wait(max(0.0, min(due) - now) if due else None)
@@ -700,7 +707,9 @@ class _PodWorker(_PodSandbox):
     def _write_pod_status(self) -> None:
         statuses = [self._container_status(c) for c in self.containers]
         ready = bool(self.containers) and all(c.ready for c in self.containers) and not self._stopping.is_set()
-        if self.containers and all(c.done for c in self.containers):
+        if self._init_failed:
+            phase = "Failed"
+        elif self.containers and all(c.done for c in self.containers):
             failed = any(int((c.state.get("terminated") or {}).get("exitCode") or 0) != 0 for c in self.containers)
             phase = "Failed" if failed else "Succeeded"
         elif any("running" in c.state or c.restarts for c in self.containers):
