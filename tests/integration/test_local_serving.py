@@ -167,6 +167,7 @@ def test_deployment_becomes_ready_pods_behind_a_service_and_scales_to_zero(env: 
         assert p["metadata"]["name"].startswith(f"web-{h}-")
     # two pods, two pod IPs, both listening on :8080
     ips = {p["status"]["podIP"] for p in ready}
+    assert {p["spec"].get("nodeName") for p in ready} == {"perennial-local"}
     assert len(ips) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips)
     for p in ready:
         statuses = {c["name"]: c for c in p["status"]["containerStatuses"]}

@@ -325,6 +325,7 @@ class _PodWorker(_PodSandbox):
         try:
             assert self.pod_dir is not None
             self.pod_dir.mkdir(parents=True, exist_ok=True)
+            self._bind()
             self._write_pod_status()
             for c in self.init_containers:
                 if not self._run_init(c):
@@ -359,6 +360,15 @@ class _PodWorker(_PodSandbox):
             if self.pod_dir is not None and self._stopping.is_set():
                 shutil.rmtree(self.pod_dir / "volumes", ignore_errors=True)
             self.k._done(self)
+
+    def _bind(self) -> None:
+        """The scheduler's part: the pod is bound to this node (`spec.nodeName`, as a Binding sets it)."""
+        if self.pod_spec.get("nodeName"):
+            return
+        try:
+            self.api.patch("v1", "Pod", self.ns, self.pod_name, {"spec": {"nodeName": self.k.node_name}})
+        except ApiError as exc:
+            log.debug("Could not bind pod=%s to node=%s: %s", self.pod_name, self.k.node_name, exc)
 
     def _kill_all(self) -> None:
         """Each container's thread ends its own process (SIGTERM, grace, SIGKILL: in parallel); init containers here."""
