@@ -34,8 +34,8 @@ Pods owned by a Job are left to `LocalKubelet`; pods with an unmapped image are 
 
 from __future__ import annotations
 
-import collections
 import datetime as _dt
+import fcntl
 import http.client
 import logging
 import os
@@ -45,6 +45,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -66,13 +67,40 @@ def _now() -> str:
 
 
 class _AddressPool:
-    """Pod IP 127.<b>.x.y and pod loopback 127.<b+1>.x.y pairs; `b` random per kubelet (two local clusters on one
-    host don't collide)."""
+    """Pod IP 127.<b>.x.y and pod loopback 127.<b+1>.x.y pairs. `b` is claimed for the kubelet's life with an
+    flock on `<tmp>/perennial-local-pods-127.<b>.lock`, so local clusters of other processes on the host (parallel
+    test runs, two `perennial dev`) never hand out the same addresses."""
 
     def __init__(self, octet: int | None = None) -> None:
-        self.octet = octet if octet is not None else random.randrange(16, 250, 2)
+        self._lock_fd: int | None = None
+        if octet is None:
+            candidates = list(range(16, 250, 2))
+            random.shuffle(candidates)
+            for b in candidates:
+                if self._claim(b):
+                    octet = b
+                    break
+            else:
+                raise RuntimeError("no free 127.<b>.0.0/16 range for local pods")
+        self.octet = octet
         self._used: set[int] = set()
         self._lock = threading.Lock()
+
+    def _claim(self, b: int) -> bool:
+        path = os.path.join(tempfile.gettempdir(), f"perennial-local-pods-127.{b}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def allocate(self) -> tuple[str, str]:
         with self._lock:
@@ -142,6 +170,7 @@ class PodKubelet:
         deadline = time.monotonic() + timeout
         for w in workers:
             w.thread.join(max(0.1, deadline - time.monotonic()))
+        self.addresses.close()
         if self._own_loop:
             self.loop.stop()
 
