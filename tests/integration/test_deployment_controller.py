@@ -548,3 +548,68 @@ def test_node_pool_regions_roll_out_one_after_the_other(serving: Serving):
     w.ready("chat-us-green")
     wait_for(lambda: w.stable_color("chat-us") == "green", message="us switched")
     w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+
+
+def test_local_runtime_serves_and_switches_colors_with_no_failed_request(tmp_path: Path):
+    """End to end on one machine: the operator's children run in the local runtime (apps/v1 controller-manager, pods
+    as processes with the real sidecar in front of a stand-in engine, Services on local ports); a client loop through
+    the stable Service's local URL runs across a blue-green switch and counts errors: none."""
+    import sys
+    import urllib.request
+
+    from perennial.local.cluster import LocalCluster
+    from perennial.local.kubelet import DEFAULT_COMMANDS
+
+    image = "perennial-server:e2e"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    entry = str(Path(__file__).with_name("serving_entry.py"))
+    with running_cluster(tmp_path, server_image=image) as cluster:
+        runtime = LocalCluster(cluster.kube, cluster.server, workdir=tmp_path / "pods", pvc_root=tmp_path / "pvc",
+                               images={image: [sys.executable, entry]}, commands={**DEFAULT_COMMANDS, "perennial-server": [sys.executable, entry]},
+                               pod_options={"restart_backoff_seconds": 0.5, "max_grace_seconds": 10}).start()
+        try:
+            cluster.create("BaseModel", "base", {"source": {"uri": f"file://{model}"}})
+            cluster.wait_condition("BaseModel", "base", "Ready", "True")
+            cluster.create("Deployment", "chat", {
+                "baseModelRef": {"name": "base"}, "engine": {"type": "Transformers"}, "replicas": 1,
+                "strategy": {"blueGreen": {"scaleDownDelaySeconds": 2, "smokeTest": {"expectRegex": "hello from chat-", "timeoutSeconds": 20}}}})
+            cluster.wait_condition("Deployment", "chat", "Ready", "True", timeout=120)
+            url = cluster.get("Deployment", "chat")["status"]["endpoint"]
+            assert url.startswith("http://127.0.0.1:"), url
+
+            def ask() -> str:
+                req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({"model": "base", "messages": [
+                    {"role": "user", "content": "hi"}]}).encode(), headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=20) as resp:
+                    return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+            first = ask()
+            assert first.startswith("hello from chat-blue-"), first
+            answers: list[str] = []
+            errors: list[str] = []
+            stop = threading.Event()
+
+            def loop() -> None:
+                while not stop.is_set():
+                    try:
+                        answers.append(ask())
+                    except Exception as exc:  # noqa: BLE001 - every failure counts
+                        errors.append(repr(exc))
+                    time.sleep(0.05)
+
+            client = threading.Thread(target=loop, daemon=True)
+            client.start()
+            cluster.kube.patch(API, "Deployment", NS, "chat", {"spec": {"engine": {"extraArgs": ["--dtype", "float32"]}}})
+            wait_for(lambda: (cluster.get("Deployment", "chat")["status"].get("activeColor") == "green"), timeout=120, message="switched to green")
+            wait_for(lambda: any(a.startswith("hello from chat-green-") for a in answers), timeout=30, message="answers from green")
+            wait_for(lambda: (cluster.kube.get("apps/v1", "Deployment", NS, "chat-blue")["status"].get("replicas") or 0) == 0, timeout=60,
+                     message="blue scaled to zero")
+            time.sleep(0.5)
+            stop.set()
+            client.join(30)
+            assert not errors, errors[:5]
+            assert answers[-1].startswith("hello from chat-green-")
+        finally:
+            runtime.stop()
