@@ -25,7 +25,8 @@ from perennial.local.tls import self_signed
 NS = "prod"
 OWNER = (NS, "chat")
 LABELS = {"perennial.ai/deployment": "chat", "app.kubernetes.io/managed-by": "perennial-operator"}
-RESOURCES = (("v1", "ConfigMap"), ("apps/v1", "Deployment"))
+# KEDA is not installed in the region: its ScaledObjects are not served there (a 404 listing is no outage)
+RESOURCES = (("v1", "ConfigMap"), ("apps/v1", "Deployment"), ("keda.sh/v1alpha1", "ScaledObject"))
 BACKOFF = Backoff(initial=0.2, maximum=1.0)
 
 
@@ -101,6 +102,7 @@ async def test_lists_watches_survives_a_stopped_api_server_and_resumes(hub_and_r
         await until(lambda: cluster.synced, message="the first listing")
         assert names(cluster) == {"chat-routes": {"v": "1"}}  # only Perennial's children (label selector)
         assert cluster.reachability().reachable is True and cluster.reachability().last_success is not None
+        assert cluster.informers[("keda.sh/v1alpha1", "ScaledObject")].served is False
         assert OWNER in set().union(*woken)
 
         # watched: created, modified, deleted in the region
@@ -140,7 +142,7 @@ async def test_lists_watches_survives_a_stopped_api_server_and_resumes(hub_and_r
         assert informer.lists == lists_before  # resumed, not relisted
         region.delete("v1", "configmaps", "chat-routes", NS)
         await until(lambda: names(cluster) == {"chat-east-green": {"v": "g"}}, message="watching after the restart")
-        assert all(i.max_open_watches == 1 for i in cluster.informers.values())
+        assert [i.max_open_watches for i in cluster.informers.values()] == [1, 1, 0]  # ScaledObjects: not served
         await until(lambda: watchers(region) == {("", "configmaps"): 1, ("apps", "deployments"): 1}, message="one watch per kind")
     finally:
         await clusters.close()
@@ -174,12 +176,14 @@ async def test_relists_after_410_and_resumes_after_closed_watches(hub_and_region
                     message="a 410 relist and a cut watch")
         await until(lambda: names(cluster) == truth(region), message="convergence under faults")
         assert region.fault_counts().get("410", 0) >= 1
+        # cut and expired watches are no outage: the cluster never looked unreachable
+        assert [i.failures for i in cluster.informers.values()] == [0, 0, 0] and cluster.reachability().reachable
         region.set_faults(None)
         # after the faults, a change still arrives by the watch
         region.create("v1", "configmaps", configmap("chat-last", {"i": "last"}), NS)
         await until(lambda: "chat-last" in names(cluster), message="a watch event after the faults")
         assert names(cluster) == truth(region)
-        assert most <= 1 and all(i.max_open_watches == 1 for i in cluster.informers.values())
+        assert most <= 1 and [i.max_open_watches for i in cluster.informers.values()] == [1, 1, 0]
     finally:
         await clusters.close()
 
@@ -233,3 +237,33 @@ async def test_a_deletion_missed_while_down_is_dropped_by_the_relist(hub_and_reg
         await clusters.close()
         if restarted is not None:
             restarted.stop()
+
+
+def app_deployment(name: str, deployment: str = "chat") -> dict[str, Any]:
+    labels = {**LABELS, "perennial.ai/deployment": deployment, "perennial.ai/color": "blue"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"replicas": 0, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": "sidecar", "image": "perennial-server:test"}]}}}}
+
+
+async def test_delete_children_cleans_up_one_deployment_in_the_region(hub_and_region) -> None:
+    """The finalizer's cleanup: every child of `chat` in the region goes (no ownerReference crosses clusters),
+    another Deployment's children stay, and the watch shows them gone."""
+    _hub, hub_kube, region = hub_and_region
+    region.create("apps/v1", "deployments", app_deployment("chat-blue"), NS)
+    region.create("v1", "configmaps", configmap("chat-routes"), NS)
+    region.create("v1", "configmaps", configmap("other-routes", labels={**LABELS, "perennial.ai/deployment": "other"}), NS)
+    clusters = Clusters(resources=RESOURCES, backoff=BACKOFF)
+    try:
+        cluster = await connected(hub_kube, clusters)
+        await until(lambda: cluster.synced and len(cluster.children("chat")) == 2, message="the children listed")
+        assert {o["metadata"]["name"] for o in cluster.children("other")} == {"other-routes"}
+        assert await cluster.delete_children("chat") == 2
+        await until(lambda: not cluster.children("chat"), message="the children gone from the cache")
+        assert [o["metadata"]["name"] for o in region.list("apps/v1", "deployments", NS)] == []
+        assert set(truth(region)) == {"other-routes"}
+        assert await cluster.delete_children("chat") == 0
+        assert {o["metadata"]["name"] for o in cluster.children("other")} == {"other-routes"}
+    finally:
+        await clusters.close()

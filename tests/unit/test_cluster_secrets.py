@@ -202,6 +202,7 @@ def test_backoff_grows_jittered_and_bounded() -> None:
     assert all(0.25 <= d <= 4.0 for d in delays)
     assert delays[0] <= 0.5 and min(delays[4:]) >= 2.0  # 0.5 * 2**4 capped at 4, halved by jitter at worst
     assert len(set(delays)) == len(delays)  # jittered
+    assert 2.0 <= b.delay(100_000) <= 4.0  # hours of outage later: still the cap (it overflowed at attempt 1026)
 
 
 async def test_registry_rebuilds_on_secret_change_and_closes_unused() -> None:
@@ -228,3 +229,73 @@ async def test_registry_rebuilds_on_secret_change_and_closes_unused() -> None:
         assert not Path(east._dir).exists()
     finally:
         await clusters.close()
+
+
+class FakeKube:
+    """An API server's answers, scripted: listings; watches that deliver one event and break mid-stream (the third
+    with a 410 first); once `refuse` is set, refused connections."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.lists = 0
+        self.queries: list[dict[str, Any]] = []
+        self.refuse = False
+
+    async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None, **_: Any) -> Any:
+        self.lists += 1
+        return {"metadata": {"resourceVersion": "5"}, "items": [
+            {"metadata": {"name": "chat-routes", "namespace": "prod", "resourceVersion": "5", "labels": {"perennial.ai/deployment": "chat"}}}]}
+
+    async def watch(self, path: str, *, query: dict[str, Any], read_timeout: float, on_open: Any):
+        from perennial.kube.client import ApiError
+
+        self.queries.append(dict(query))
+        if self.refuse:  # the server went away: the watch is refused (no stream opened)
+            raise ApiError(0, {"message": "ClientConnectorError: refused"}, "GET", path)
+        on_open()
+        rv = str(int(query["resourceVersion"]) + 1)
+        yield {"type": "MODIFIED", "object": {"metadata": {"name": "chat-routes", "namespace": "prod", "resourceVersion": rv,
+                                                          "labels": {"perennial.ai/deployment": "chat"}}}}
+        if len(self.queries) == 3:
+            yield {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+        raise ApiError(0, {"message": "ClientPayloadError: Response payload is not completed"}, "GET", path)
+
+
+async def _until(predicate: Any, timeout: float = 20.0) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_informer_resumes_cut_watches_without_calling_the_cluster_unreachable() -> None:
+    """A watch the server accepted, then cut mid-stream, resumes from the last resourceVersion it delivered and is no
+    outage (reachability stays True, no failure counted); a 410 relists; a refused watch is an outage."""
+    from perennial.kube.cache import Cache
+    from perennial.kube.informer import Informer
+
+    kube = FakeKube()
+    cache = Cache()
+    health: list[bool | None] = []
+    informer = Informer(kube, "v1", "ConfigMap", cache, namespace="prod", timeout_seconds=5,  # type: ignore[arg-type]
+                        backoff=Backoff(initial=0.01, maximum=0.02), on_health=lambda i: health.append(i.reachability().reachable))
+    informer.start()
+    try:
+        await _until(lambda: len(kube.queries) >= 5)
+        assert [q["resourceVersion"] for q in kube.queries[:3]] == ["5", "6", "7"]  # each resumed where the last ended
+        assert all(q["allowWatchBookmarks"] == "true" and q["labelSelector"] == "perennial.ai/deployment" and q["timeoutSeconds"] == 5
+                   for q in kube.queries)
+        assert cache.get("v1", "ConfigMap", "prod", "chat-routes")["metadata"]["resourceVersion"] == "8"
+        assert informer.failures == 0 and health == [True]  # cut streams: never unreachable
+        # the third watch ended in 410: relisted (the 2nd listing), watched from its version
+        assert informer.relists_after_expiry == 1 and kube.lists == 2 and kube.queries[3]["resourceVersion"] == "5"
+        kube.refuse = True  # refused: unreachable
+        await _until(lambda: informer.failures >= 1)
+        assert health == [True, False] and informer.reachability().reachable is False
+        assert informer.max_open_watches == 1 and informer.open_watches == 0
+    finally:
+        await informer.stop()

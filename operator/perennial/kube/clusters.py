@@ -44,7 +44,8 @@ import yaml
 
 from .aio import AsyncKube
 from .cache import Cache
-from .informer import Backoff, Informer, Reachability, parent_of
+from .client import ApiError, path_for
+from .informer import DEPLOYMENT_LABEL, Backoff, Informer, Reachability, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ DEFAULT_RESOURCES: tuple[tuple[str, str], ...] = (
     ("v1", "Pod"),
     ("policy/v1", "PodDisruptionBudget"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("keda.sh/v1alpha1", "ScaledObject"),  # where KEDA is installed (an unserved kind counts as listed, empty)
 )
 
 
@@ -395,6 +397,35 @@ class RemoteCluster:
             elif now and was is False:
                 log.info("Reached a remote cluster again, cluster=%s/%s, server=%s", *self.key, self.server)
             self._on_reachability(self)
+
+    def children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """The cached objects (of `kinds`, else every watched kind) labelled for the Perennial Deployment `deployment`
+        of this cluster's namespace."""
+        return [o for api_version, kind in (kinds or self.informers)
+                for o in self.cache.list(api_version, kind, self.namespace, labels={DEPLOYMENT_LABEL: deployment})]
+
+    async def delete_children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None) -> int:
+        """Delete what `children` lists (a finalizer's cleanup: no ownerReference crosses clusters; Pods go with their
+        apps/v1 Deployments through the remote cluster's own garbage collector, so pass the kinds you created). A 404
+        is success. Returns how many were asked to go; the caller waits until `children` is empty (the watch tells)
+        before it removes its finalizer. An unreachable cluster raises `ApiError(0)`: retry later."""
+        asked = 0
+        for obj in self.children(deployment, kinds):
+            meta = obj["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            try:
+                await self.kube.request("DELETE", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+                                        {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+                                         **({"preconditions": {"uid": meta["uid"]}} if meta.get("uid") else {})})
+            except ApiError as exc:
+                if exc.status not in (404, 409):  # gone already, or a newer object of that name (not ours to delete)
+                    raise
+            asked += 1
+        if asked:
+            log.info("Deleted the children of a Deployment in a remote cluster, cluster=%s/%s, deployment=%s, count=%d",
+                     *self.key, deployment, asked)
+        return asked
 
     def watch_count(self) -> int:
         """Watches open right now (at most one per watched kind)."""

@@ -51,7 +51,7 @@ class Backoff:
     rng: random.Random | None = None
 
     def delay(self, attempt: int) -> float:
-        base = min(self.maximum, self.initial * (2 ** max(0, attempt - 1)))
+        base = min(self.maximum, self.initial * (2 ** min(max(0, attempt - 1), 30)))  # no float overflow, ever
         return base * (self.rng or random).uniform(0.5, 1.0)
 
     @property
@@ -89,6 +89,9 @@ class Informer:
         self.path = path_for(api_version, kind, namespace)
         self.resource_version: str | None = None
         self.synced = False  # listed at least once
+        #: False when the cluster does not serve the kind (a 404 on the listing: KEDA not installed there); it
+        #: counts as listed and empty, and is looked for again now and then
+        self.served: bool | None = None
         #: counters for tests and metrics
         self.lists = 0
         self.relists_after_expiry = 0
@@ -101,6 +104,7 @@ class Informer:
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._task: asyncio.Task | None = None
+        self._cut = False  # the latest watch was accepted, then its stream broke
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +162,7 @@ class Informer:
                      self.kube.name, self.kind, gone)
         self.resource_version = (listing.get("metadata") or {}).get("resourceVersion") or None
         self.synced = True
+        self.served = True
 
     def _opened(self) -> None:
         self.open_watches += 1
@@ -177,6 +182,7 @@ class Informer:
             self._opened()
 
         self.watches += 1
+        self._cut = False
         try:
             stream = self.kube.watch(self.path, query=query, read_timeout=self.timeout_seconds + 30.0, on_open=on_open)
             async with contextlib.aclosing(stream) as events:
@@ -200,6 +206,10 @@ class Informer:
                         self.cache.put(obj)
                     self.resource_version = version or self.resource_version
                     self._last_success = self.clock()
+        except ApiError as exc:
+            if opened and exc.status == 0:
+                self._cut = True  # the server answered: a cut stream is no outage (the next attempt tells)
+            raise
         finally:
             if opened:
                 self.open_watches -= 1
@@ -209,7 +219,7 @@ class Informer:
         attempt = 0
         while True:
             started = time.monotonic()
-            healthy = False
+            healthy = self._cut = False
             try:
                 if self.resource_version is None or not self.synced:
                     await self._list()
@@ -226,6 +236,19 @@ class Informer:
             except ApiError as exc:
                 if exc.status == 410:  # a listing or watch answered 410 itself
                     self.resource_version = None
+                elif self._cut:
+                    log.info("Resuming a watch cut mid-stream, cluster=%s, kind=%s, error=%s", self.kube.name, self.kind, exc)
+                elif exc.status == 404 and self.resource_version is None:
+                    # the listing: the kind is not served there (an add-on's CRD is not installed); no reason
+                    # to call the cluster unreachable nor to hold the controller back
+                    if self.served is not False:
+                        log.info("Not watching a kind the remote cluster does not serve, cluster=%s, kind=%s",
+                                 self.kube.name, self.kind)
+                    self.served, self.synced = False, True
+                    self.cache.replace(self.api_version, self.kind, self.namespace, {})
+                    self._succeeded()
+                    await asyncio.sleep(self.backoff.maximum)
+                    continue
                 else:
                     self._failed(exc)
                     log.warning("Could not list or watch a remote cluster, cluster=%s, kind=%s, attempt=%d, error=%s",
