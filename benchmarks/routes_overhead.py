@@ -8,6 +8,8 @@ rounds of closed-loop keep-alive clients, JSON and SSE. Reports, per mode, the m
 requests/s and of the sidecar's CPU time per request (utime+stime from /proc), and the ratios
 routed/plain. The upstream answers instantly, so this is a stress test of the sidecar's CPU: the
 ratio bounds what routes cost, it is not the end-to-end figure (benchmarks/sidecar_overhead.py).
+Also the routed sidecar with base-name requests (`base`): routed/base compares two workloads on the
+same process, free of the two processes' placement noise (on a busy machine: trust it over routed/plain).
 
     python benchmarks/routes_overhead.py [--clients 16] [--seconds 2] [--rounds 3]
 """
@@ -186,21 +188,26 @@ def main() -> None:
         for mode in procs:
             wait_ready(urls[mode], procs[mode])
         print(f"clients={a.clients} seconds={a.seconds} rounds={a.rounds} upstream=instant capture=100%")
+        # plain: the sidecar without routes, base name (today); base: the routed sidecar, base name
+        # (parsed, passed through); routed: the routed sidecar, served name (rewritten and renamed).
+        # routed/base is measured on one process (no placement noise), routed/plain against today.
+        runs = {"plain": ("plain", BASE), "base": ("routed", BASE), "routed": ("routed", SERVED)}
         for stream in (False, True):
-            rps: dict[str, list[float]] = {"plain": [], "routed": []}
-            cpu: dict[str, list[float]] = {"plain": [], "routed": []}
+            rps: dict[str, list[float]] = {m: [] for m in runs}
+            cpu: dict[str, list[float]] = {m: [] for m in runs}
             for _ in range(a.rounds):
-                for mode in ("plain", "routed"):
-                    c0, t0 = cpu_seconds(procs[mode].pid), time.monotonic()
-                    n = asyncio.run(load_round(urls[mode], BASE if mode == "plain" else SERVED, stream, a.clients, a.seconds))
-                    c1, t1 = cpu_seconds(procs[mode].pid), time.monotonic()
+                for mode, (proc, model) in runs.items():
+                    pid = procs[proc].pid
+                    c0, t0 = cpu_seconds(pid), time.monotonic()
+                    n = asyncio.run(load_round(urls[proc], model, stream, a.clients, a.seconds))
+                    c1, t1 = cpu_seconds(pid), time.monotonic()
                     rps[mode].append(n / (t1 - t0))
                     cpu[mode].append((c1 - c0) / max(n, 1) * 1e6)
-            kind = "sse " if stream else "json"
-            rp, rr = statistics.median(rps["plain"]), statistics.median(rps["routed"])
-            cp, cr = statistics.median(cpu["plain"]), statistics.median(cpu["routed"])
-            print(f"{kind}: plain {rp:7.0f} req/s {cp:6.0f} us CPU/req | routed {rr:7.0f} req/s {cr:6.0f} us CPU/req | "
-                  f"throughput routed/plain {rr / rp:.3f}x  CPU/req routed/plain {cr / cp:.3f}x")
+            r = {m: statistics.median(v) for m, v in rps.items()}
+            c = {m: statistics.median(v) for m, v in cpu.items()}
+            print(f"{'sse ' if stream else 'json'}: " + " | ".join(f"{m} {r[m]:6.0f} req/s {c[m]:5.0f} us CPU/req" for m in runs)
+                  + f" | CPU/req routed/plain {c['routed'] / c['plain']:.3f}x routed/base {c['routed'] / c['base']:.3f}x"
+                  + f" | throughput routed/plain {r['routed'] / r['plain']:.3f}x")
     finally:
         for p in procs.values():
             p.terminate()
