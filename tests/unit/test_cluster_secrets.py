@@ -135,6 +135,9 @@ def test_string_data_and_an_unlabelled_argocd_shape() -> None:
     ({"kubeconfig": kubeconfig(cluster={"server": "https://h", "certificate-authority": "/home/me/ca.crt"})},
      "ClusterAuthUnsupported", "certificate-authority-data"),
     ({"kubeconfig": kubeconfig(cluster={"server": "http://10.0.0.1:8080"})}, "ClusterSecretInvalid", "https://"),
+    ({"kubeconfig": kubeconfig(cluster={"server": f"https://admin:{TOKEN}@10.0.0.1"})}, "ClusterSecretInvalid", "credentials in the URL"),
+    ({"kubeconfig": kubeconfig(cluster={"server": f"http://admin:{TOKEN}@10.0.0.1"})}, "ClusterSecretInvalid", "credentials in the URL"),
+    ({"kubeconfig": kubeconfig(cluster={"server": "https://10.0.0.1:99999999"})}, "ClusterSecretInvalid", "not a valid URL"),
     ({"kubeconfig": kubeconfig(cluster={"server": "https://h", "certificate-authority-data": "not base64!"})},
      "ClusterSecretInvalid", "base64-encoded PEM"),
     ({"kubeconfig": kubeconfig(user={})}, "ClusterSecretInvalid", "no credentials"),
@@ -206,7 +209,7 @@ def test_backoff_grows_jittered_and_bounded() -> None:
 
 
 async def test_registry_rebuilds_on_secret_change_and_closes_unused() -> None:
-    """Clusters: one RemoteCluster per Secret shared by its owners, rebuilt on a new resourceVersion, closed (its
+    """Clusters: one RemoteCluster per Secret shared by its owners, rebuilt when its values change, closed (its
     private directory removed) when no owner uses it; a bad Secret is an error for that Secret only."""
     clusters = Clusters(resources=(), backoff=Backoff(initial=0.05, maximum=0.1))
     good = secret({"kubeconfig": kubeconfig()}, rv="1")
@@ -219,7 +222,10 @@ async def test_registry_rebuilds_on_secret_change_and_closes_unused() -> None:
         again = await clusters.sync_owner(("prod", "b"), {"east": good, "gone": None})
         assert again["east"] is east and east.owners == {("prod", "a"), ("prod", "b")}
         assert isinstance(again["gone"], ClusterSecretError) and again["gone"].reason == "ClusterSecretNotFound"
-        changed = await clusters.sync_owner(("prod", "a"), {"east": secret({"kubeconfig": kubeconfig()}, rv="2")})
+        touched = secret({"kubeconfig": kubeconfig()}, rv="2")  # a new resourceVersion, the same values
+        touched["metadata"]["annotations"] = {"note": "x"}
+        assert (await clusters.sync_owner(("prod", "a"), {"east": touched}))["east"] is east
+        changed = await clusters.sync_owner(("prod", "a"), {"east": secret({"kubeconfig": kubeconfig(user={"token": "other"})}, rv="3")})
         assert changed["east"] is not east and not directory.exists()
         east = changed["east"]
         await clusters.release(("prod", "a"))

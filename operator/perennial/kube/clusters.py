@@ -18,8 +18,8 @@ directory per cluster and removed when its client closes.
 `Clusters` is the registry the Deployment controller uses: `await clusters.sync_owner(owner, secrets)` per
 reconcile (owner = (namespace, Deployment name); secrets = Secret name -> its body from the cache, or None when
 it does not exist) returns a `RemoteCluster` (client `kube`, watch-fed `cache`, `reachability()`) or a
-`ClusterSecretError` per Secret. A cluster is rebuilt when its Secret's resourceVersion changes and closed when
-no owner uses it any more.
+`ClusterSecretError` per Secret. A cluster is rebuilt when its Secret's values change (a new resourceVersion with
+the same values keeps it) and closed when no owner uses it any more.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -115,6 +116,15 @@ def _name(secret: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace') or ''}/{meta.get('name') or '?'}".lstrip("/")
 
 
+def secret_digest(secret: Mapping[str, Any]) -> str:
+    """What a client is built from (values and the Argo CD label), hashed: a Secret whose metadata alone changed
+    (an annotation, a new resourceVersion for the same values) keeps its client and its watches."""
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    doc = {"data": secret.get("data") or {}, "stringData": secret.get("stringData") or {},
+           "argocd": labels.get(ARGOCD_SECRET_TYPE_LABEL)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def parse_cluster_secret(secret: Mapping[str, Any]) -> ClusterCredentials:
     """The credentials in a cluster Secret (kubeconfig or Argo CD format), or a `ClusterSecretError`."""
     name = _name(secret)
@@ -132,9 +142,16 @@ def _check_server(name: str, server: Any, where: str) -> str:
     if not isinstance(server, str) or not server.strip():
         raise _invalid(name, f"{where} must name the API server's URL")
     server = server.strip().rstrip("/")
-    parts = urlsplit(server)
+    try:
+        parts = urlsplit(server)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise _invalid(name, f"{where} is not a valid URL") from None
+    if parts.username is not None or parts.password is not None:
+        raise _invalid(name, f"{where} must not carry credentials in the URL")
     if parts.scheme != "https" or not parts.hostname:
-        raise _invalid(name, f"{where} must be an https:// URL (credentials are never sent in clear), not {server!r}")
+        shown = f"{parts.scheme}://{parts.netloc}" if parts.scheme else "a URL without a scheme"
+        raise _invalid(name, f"{where} must be an https:// URL (credentials are never sent in clear), not {shown}")
     return server
 
 
@@ -332,13 +349,14 @@ class RemoteCluster:
     """One cluster reached through one Secret: its client, its watch-fed cache (the Secret's namespace only, objects
     labelled `perennial.ai/deployment`), and whether it answers."""
 
-    def __init__(self, key: ClusterKey, resource_version: str | None, creds: ClusterCredentials,
+    def __init__(self, key: ClusterKey, resource_version: str | None, digest: str, creds: ClusterCredentials,
                  resources: Iterable[tuple[str, str]], *, on_change: Callable[[RemoteCluster, dict | None, dict | None], None],
                  on_reachability: Callable[[RemoteCluster], None], timeout: float, watch_timeout_seconds: int,
                  backoff: Backoff, clock: Callable[[], float]) -> None:
         self.key = key
         self.namespace = key[0]
         self.resource_version = resource_version
+        self.digest = digest
         self.server = creds.server
         self.source = creds.source
         self.owners: set[Owner] = set()
@@ -462,7 +480,7 @@ class Clusters:
     async def sync_owner(self, owner: Owner, secrets: Mapping[str, Mapping[str, Any] | None]) -> dict[str, RemoteCluster | ClusterSecretError]:
         """`owner` (namespace, Deployment name) uses exactly the clusters of `secrets` (Secret name -> its body as
         the cache holds it, or None when it does not exist) from now on: each is connected (or rebuilt when the
-        Secret's resourceVersion changed); clusters no owner uses any more are closed. Returns, per Secret name,
+        Secret's values changed); clusters no owner uses any more are closed. Returns, per Secret name,
         its `RemoteCluster` or the `ClusterSecretError` that keeps it from one."""
         namespace = owner[0]
         results: dict[str, RemoteCluster | ClusterSecretError] = {}
@@ -494,14 +512,16 @@ class Clusters:
         if secret is None:
             raise ClusterSecretError("ClusterSecretNotFound", f"Secret {key[0]}/{key[1]} does not exist")
         rv = (secret.get("metadata") or {}).get("resourceVersion")
+        digest = secret_digest(secret)
         current = self._clusters.get(key)
-        if current is not None and current.resource_version == rv:
+        if current is not None and current.digest == digest:
+            current.resource_version = rv
             return current
         creds = parse_cluster_secret(secret)
         if current is not None:
             log.info("Rebuilding the client of a remote cluster (its Secret changed), cluster=%s/%s", *key)
             await self._drop(key)
-        cluster = RemoteCluster(key, rv, creds, self.resources, on_change=self._changed,
+        cluster = RemoteCluster(key, rv, digest, creds, self.resources, on_change=self._changed,
                                 on_reachability=self._reachability_changed, timeout=self.timeout,
                                 watch_timeout_seconds=self.watch_timeout_seconds, backoff=self.backoff,
                                 clock=self.clock)

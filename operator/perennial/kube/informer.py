@@ -251,8 +251,10 @@ class Informer:
                     continue
                 else:
                     self._failed(exc)
-                    log.warning("Could not list or watch a remote cluster, cluster=%s, kind=%s, attempt=%d, error=%s",
-                                self.kube.name, self.kind, attempt + 1, exc)
+                    # the first failure of a streak is a warning; the retries of an outage are not worth one each
+                    log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
+                            "Could not list or watch a remote cluster, cluster=%s, kind=%s, attempt=%d, error=%s",
+                            self.kube.name, self.kind, attempt + 1, exc)
             except Exception as exc:  # a bug or a malformed answer: never a dead informer
                 self._failed(exc)
                 log.exception("Informer failed, cluster=%s, kind=%s", self.kube.name, self.kind)
