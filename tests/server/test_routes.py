@@ -224,11 +224,15 @@ def test_requests_are_routed_by_served_name(fake: FakeEngine, routed, tmp_path: 
     assert {c.model for c in chunks} == {"sales"}
 
     # the interaction records say both: the served name asked for and the adapter that answered
-    recs = wait_until(lambda: [x for x in read_store(Path(sc.cfg.store_uri)) if x["kind"] == "interaction"] if len(
-        [x for x in read_store(Path(sc.cfg.store_uri)) if x["kind"] == "interaction"]) >= 4 else None, what="4 interactions")
+    def interactions() -> list[dict] | None:
+        recs = [x for x in read_store(Path(sc.cfg.store_uri)) if x["kind"] == "interaction"]
+        return recs if len(recs) == 4 else None  # support, sales, base, streamed sales
+
+    recs = wait_until(interactions, what="4 interactions")
     by_id = {x["id"]: x for x in recs}
     assert by_id[support_id]["model"] == "support" and by_id[support_id]["adapter"] == "a1"
-    assert {(x["model"], x.get("adapter")) for x in recs} == {("support", "a1"), ("sales", "a2"), (BASE, None)}
+    assert sorted((x["model"], x.get("adapter"), x["stream"]) for x in recs) == sorted(
+        [("support", "a1", False), ("sales", "a2", False), (BASE, None, False), ("sales", "a2", True)])
 
 
 def test_models_lists_served_names_and_base(fake: FakeEngine, routed, tmp_path: Path) -> None:
