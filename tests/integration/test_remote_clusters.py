@@ -247,9 +247,9 @@ def app_deployment(name: str, deployment: str = "chat") -> dict[str, Any]:
                                   "spec": {"containers": [{"name": "sidecar", "image": "perennial-server:test"}]}}}}
 
 
-async def test_delete_children_cleans_up_one_deployment_in_the_region(hub_and_region) -> None:
-    """The finalizer's cleanup: every child of `chat` in the region goes (no ownerReference crosses clusters),
-    another Deployment's children stay, and the watch shows them gone."""
+async def test_apply_and_delete_children_in_the_region(hub_and_region) -> None:
+    """Children applied in the region; the finalizer's cleanup: every child of `chat` there goes (no ownerReference
+    crosses clusters), another Deployment's children stay, and the watch shows them gone."""
     _hub, hub_kube, region = hub_and_region
     region.create("apps/v1", "deployments", app_deployment("chat-blue"), NS)
     region.create("v1", "configmaps", configmap("chat-routes"), NS)
@@ -259,7 +259,15 @@ async def test_delete_children_cleans_up_one_deployment_in_the_region(hub_and_re
         cluster = await connected(hub_kube, clusters)
         await until(lambda: cluster.synced and len(cluster.children("chat")) == 2, message="the children listed")
         assert {o["metadata"]["name"] for o in cluster.children("other")} == {"other-routes"}
-        assert await cluster.delete_children("chat") == 2
+        # apply: created there, then nothing to do, then a patch; the cache has each at once (write-through)
+        cm = configmap("chat-east-routes", {"routes.json": "{}"})
+        assert (await cluster.apply(cm))[1] == "created"
+        assert (await cluster.apply(cm))[1] == "unchanged"
+        written, action = await cluster.apply(configmap("chat-east-routes", {"routes.json": '{"a": 1}'}))
+        assert action == "updated" and cluster.cache.get("v1", "ConfigMap", NS, "chat-east-routes")["data"] == written["data"]
+        assert region.get("v1", "configmaps", "chat-east-routes", NS)["data"] == {"routes.json": '{"a": 1}'}
+        await until(lambda: len(cluster.children("chat")) == 3, message="the applied child watched")
+        assert await cluster.delete_children("chat") == 3
         await until(lambda: not cluster.children("chat"), message="the children gone from the cache")
         assert [o["metadata"]["name"] for o in region.list("apps/v1", "deployments", NS)] == []
         assert set(truth(region)) == {"other-routes"}

@@ -416,6 +416,16 @@ class RemoteCluster:
                 log.info("Reached a remote cluster again, cluster=%s/%s, server=%s", *self.key, self.server)
             self._on_reachability(self)
 
+    async def apply(self, obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """`AsyncKube.apply` in this cluster against the cached object, the result written through to the cache (the
+        watch event of our own write then changes nothing). Returns (object, "created" | "updated" | "unchanged")."""
+        meta = obj["metadata"]
+        current = self.cache.get(obj["apiVersion"], obj["kind"], meta.get("namespace") or self.namespace, meta["name"])
+        written, action = await self.kube.apply(obj, current)
+        if action != "unchanged":
+            self.cache.put({**written, "apiVersion": obj["apiVersion"], "kind": obj["kind"]})
+        return written, action
+
     def children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
         """The cached objects (of `kinds`, else every watched kind) labelled for the Perennial Deployment `deployment`
         of this cluster's namespace."""
