@@ -7,14 +7,14 @@ field in the spelling the client sent (`param`), so a client can point at its ow
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
 import pydantic
 from perennial_records import FeedbackType
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic_core import from_json
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict  # typing.TypedDict: pydantic needs 3.12+
 
 _ID = {"min_length": 1, "max_length": 128}
 

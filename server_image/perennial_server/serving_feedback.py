@@ -50,6 +50,10 @@ _COPIED = {name: (_ALIAS[name], name in TEXT_FIELDS) for name in FeedbackRequest
 _JSON_TYPES = frozenset(("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"))
 
 
+_TYPE_PART = {t: b',"type":"' + t.encode() + b'","status":"recorded","response_seen":' for t in FEEDBACK_TYPES}
+_SEEN_PART = {True: b"true}", False: b"false}"}
+
+
 class _Clock:
     """`datetime.now(UTC).isoformat(timespec="microseconds")`, with the date and time of day formatted
     once a second (a third of the cost per record)."""
@@ -59,12 +63,12 @@ class _Clock:
         self._prefix = ""
 
     def now(self) -> str:
-        us = time.time_ns() // 1000
-        sec, frac = divmod(us, 1_000_000)
+        t = time.time()  # a float: microseconds exact to within one (no big-int arithmetic per record)
+        sec = int(t)
         if sec != self._sec:
             self._prefix = _dt.datetime.fromtimestamp(sec, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
             self._sec = sec
-        return f"{self._prefix}{frac:06d}+00:00"
+        return f"{self._prefix}{int((t - sec) * 1e6):06d}+00:00"
 
 
 _clock = _Clock()
@@ -161,8 +165,9 @@ class FeedbackHandler:
         except (OSError, RuntimeError) as e:
             return self._answer(json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable"))
         ids.add(f)  # counted by durable()
-        return web.Response(body=to_json({"id": f, "object": "feedback", "response_id": rid, "type": it.type,
-                                          "status": "recorded", "response_seen": seen}), content_type="application/json")
+        # the answer's JSON from constant pieces: only the client's strings are encoded
+        return web.Response(body=b"".join((b'{"id":', to_json(f), b',"object":"feedback","response_id":', to_json(rid), _TYPE_PART[it.type],
+                                           _SEEN_PART[seen])), content_type="application/json")
 
     @staticmethod
     def _invalid(e: pydantic.ValidationError) -> web.Response:
