@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from perennial.kube import connect
 from perennial.kube.client import Kube
 from perennial.local.apiserver import start_in_thread
@@ -309,8 +308,8 @@ def test_template_change_rolls_out_a_new_replicaset(env: Env) -> None:
     assert by_rev[0]["spec"]["replicas"] == 0 and by_rev[1]["spec"]["replicas"] == 1
     d = env.kube.get("apps/v1", "Deployment", NS, "roll")
     assert d is not None and d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
-    for pid in env.pids(old).values():
-        wait_for(lambda: not _alive(pid), WAIT, 0.2, "old processes gone")
+    old_pids = list(env.pids(old).values())
+    wait_for(lambda: not any(_alive(pid) for pid in old_pids), WAIT, 0.2, "old processes gone")
 
 
 def test_progress_deadline_exceeded_when_pods_never_become_ready(env: Env) -> None:

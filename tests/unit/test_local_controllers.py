@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from perennial.kube import connect
 from perennial.kube.client import Kube
 from perennial.local.apiserver import start_in_thread
-from perennial.local.controllers import LocalControllerManager, pod_template_hash, safe_encode_string
+from perennial.local.controllers import (
+    LocalControllerManager,
+    pod_template_hash,
+    safe_encode_string,
+)
 from waiting import wait_for
 
 NS = "default"
