@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from perennial.kube.clusters import Clusters, ClusterSecretError, RemoteCluster
 from perennial.kube.informer import Backoff
 from perennial.local.apiserver import ServerThread, new_token, start_in_thread
 from perennial.local.faults import FaultConfig
-from perennial.local.tls import self_signed
+from perennial.local.tls import ServingCert, self_signed
 
 NS = "prod"
 OWNER = (NS, "chat")
@@ -57,17 +59,32 @@ def watchers(server: ServerThread) -> dict[tuple[str, str], int]:
         return {k: len(v) for k, v in server.store.watchers.items() if v}
 
 
-@pytest.fixture
-def hub_and_region(tmp_path: Path) -> Iterator[tuple[ServerThread, Kube, ServerThread]]:
+def b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def argocd_secret(name: str, server: ServerThread, tls: dict[str, Any]) -> dict[str, Any]:
+    config = {"bearerToken": server.token, "tlsClientConfig": tls}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": NS, "labels": {"argocd.argoproj.io/secret-type": "cluster"}},
+            "data": {"name": b64("east"), "server": b64(server.url), "config": b64(json.dumps(config))}}
+
+
+@pytest.fixture(params=["kubeconfig", "argocd"])
+def hub_and_region(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[ServerThread, Kube, ServerThread]]:
+    """The hub holds the region's cluster Secret (a kubeconfig, or Argo CD's format) as the operator reads it."""
     hub = start_in_thread(token=new_token(), tls=self_signed())
     region = start_in_thread(token=new_token(), tls=self_signed())
     try:
         region.create("v1", "namespaces", {"metadata": {"name": NS}})
         hub_kube = connect(server=hub.url, token=hub.token, ca_file=hub.ca_file)
         hub_kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        kubeconfig = region.write_kubeconfig(tmp_path / "region.kubeconfig", namespace=NS).read_text()
-        hub_kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "region-east", "namespace": NS},
-                         "type": "Opaque", "data": {"kubeconfig": base64.b64encode(kubeconfig.encode()).decode()}})
+        if request.param == "kubeconfig":
+            kubeconfig = region.write_kubeconfig(tmp_path / "region.kubeconfig", namespace=NS).read_text()
+            hub_kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "region-east", "namespace": NS},
+                             "type": "Opaque", "data": {"kubeconfig": b64(kubeconfig)}})
+        else:
+            hub_kube.create(argocd_secret("region-east", region, {"insecure": False, "caData": b64(region.server.tls.cert_pem)}))
         yield hub, hub_kube, region
     finally:
         region.stop()
@@ -275,3 +292,49 @@ async def test_apply_and_delete_children_in_the_region(hub_and_region) -> None:
         assert {o["metadata"]["name"] for o in cluster.children("other")} == {"other-routes"}
     finally:
         await clusters.close()
+
+
+def named_cert(dns_name: str) -> ServingCert:
+    """A serving certificate for `dns_name` only (not for the address the server listens on)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    return ServingCert(cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+                       key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+
+
+async def test_tls_server_name_verifies_a_certificate_for_another_name() -> None:
+    """A region whose certificate names `api.east.test`, reached at 127.0.0.1: with Argo CD's `serverName` the TLS
+    handshake verifies that name and the cluster is watched; without it verification fails (unreachable, and the
+    error says why) — the certificate is verified either way, never skipped."""
+    cert = named_cert("api.east.test")
+    region = start_in_thread(token=new_token(), tls=cert)
+    clusters = Clusters(resources=(("v1", "ConfigMap"),), backoff=BACKOFF)
+    try:
+        region.create("v1", "namespaces", {"metadata": {"name": NS}})
+        region.create("v1", "configmaps", configmap("chat-routes"), NS)
+        named = argocd_secret("named", region, {"caData": b64(cert.cert_pem), "serverName": "api.east.test"})
+        plain = argocd_secret("plain", region, {"caData": b64(cert.cert_pem)})
+        for s in (named, plain):
+            s["metadata"]["resourceVersion"] = "1"
+        results = await clusters.sync_owner(OWNER, {"named": named, "plain": plain})
+        good, bad = results["named"], results["plain"]
+        assert isinstance(good, RemoteCluster) and isinstance(bad, RemoteCluster)
+        await until(lambda: good.synced and "chat-routes" in names(good), message="watched through serverName")
+        await until(lambda: bad.reachability().reachable is False, message="verification failure")
+        assert "certificate" in (bad.reachability().last_error or "").lower() and not bad.synced
+    finally:
+        await clusters.close()
+        region.stop()
