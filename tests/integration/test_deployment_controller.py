@@ -357,6 +357,13 @@ def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(
     for step in ("PreviewCreated", "PreviewScalingUp", "Switched", "ScaledDown"):
         assert step in text, reasons
     assert len(w.kube.list("apps/v1", "Deployment", NS, "perennial.ai/deployment=chat")) == 2
+    # Stable again: a restart writes nothing (the HPA, the colors and Services as the control plane defaulted them).
+    quiet(w.cluster)
+    w.cluster.server.reset_request_counts()
+    w.cluster.restart_operator()
+    wait_for(lambda: count(w.cluster, ("list",)) >= 10, message="every watched resource listed again")
+    quiet(w.cluster)
+    assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
 
 
 @pytest.mark.parametrize("cause", ["smoke", "deadline"])
@@ -613,3 +620,18 @@ def test_local_runtime_serves_and_switches_colors_with_no_failed_request(tmp_pat
             assert answers[-1].startswith("hello from chat-green-")
         finally:
             runtime.stop()
+
+
+def test_paused_holds_a_rollout_and_deletion_takes_the_children(serving: Serving):
+    w = serving
+    first_rollout(w)
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"paused": True, "engine": {"extraArgs": ["--enforce-eager"]}}})
+    c = w.cluster.wait_condition("Deployment", "chat", "Progressing", "Unknown", "RolloutPaused")
+    assert "paused" in c["message"] and w.status()["phase"] == "Paused"
+    quiet(w.cluster)
+    assert w.deploy("chat-green") is None and w.stable_color() == "blue"
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"paused": False}})
+    wait_for(lambda: w.deploy("chat-green"), message="the rollout goes on once unpaused")
+    w.kube.delete(API, "Deployment", NS, "chat")
+    for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"), ("v1", "Secret")):
+        wait_for(lambda api=api, kind=kind: not w.kube.list(api, kind, NS, "perennial.ai/deployment=chat"), message=f"{kind}s collected")
