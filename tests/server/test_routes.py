@@ -73,6 +73,7 @@ class FakeEngine:
         self.chats: list[str] = []
         self.fail: dict[str, str] = {}
         self.hold_loads: threading.Event | None = None
+        self.load_delay = 0.0
         self.hold_chat: asyncio.Event | None = None
         self.chat_started = threading.Event()
         self.t = AppThread(self.make).start()
@@ -99,6 +100,7 @@ class FakeEngine:
         body = await request.json()
         name, path = body["lora_name"], body["lora_path"]
         self.calls.append(("load", name))
+        await asyncio.sleep(self.load_delay)
         if self.hold_loads is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.hold_loads.wait, 60)
         if name in self.fail:
@@ -594,3 +596,63 @@ def test_an_adapter_artifact_must_not_change_under_its_name(fake: FakeEngine, si
     assert "another uri" in st["errors"]["tone"] and st["revision"] is None
     assert (tmp_path / "adapters" / "tone" / "adapter_config.json").read_bytes() == b"v1"
     assert [c for c in fake.calls if c[0] == "load"] == [("load", "tone")]
+
+
+def test_routes_with_worker_processes(fake: FakeEngine, tmp_path: Path) -> None:
+    """`perennial-server sidecar --workers 2 --routes-file …`: the supervisor passes the routes flags
+    on; worker 0 loads and unloads, both workers apply every revision (their state files say so)."""
+    import signal
+    import subprocess
+    import sys
+
+    from srvutil import TOKEN, free_port
+
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    kd = KubeletDir(tmp_path / "cm")
+    kd.write(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    fake.load_delay = 1.5  # a worker that loaded too would find the adapter still missing and load it again
+    port = free_port()
+    spool = tmp_path / "spool"
+    args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", fake.url,
+            "--host", "127.0.0.1", "--port", str(port), "--spool-dir", str(spool), "--token-file", str(tmp_path / "token"),
+            "--base-model-name", BASE, "--workers", "2", "--routes-file", str(kd.path), "--adapters-dir", str(tmp_path / "adapters")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    with open(tmp_path / "sidecar.log", "w") as log:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+
+    def worker_states() -> list[dict | None]:
+        out = []
+        for p in (spool / "routes-state.json", spool / "w1" / "routes-state.json"):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
+
+    def ready() -> bool:
+        try:
+            return requests.get(url + "/readyz", headers={"Connection": "close"}, timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(lambda: all(s and s["revision"] == "r1" for s in worker_states()), what="both workers on r1")
+        wait_until(ready, what="ready")
+        for _ in range(10):  # fresh connections: both workers answer
+            r = requests.post(url + "/v1/chat/completions", json={"model": "svc", "messages": [{"role": "user", "content": "hi"}]},
+                              headers={"Connection": "close"}, timeout=30)
+            assert r.json()["choices"][0]["message"]["content"] == "answer of a1" and r.json()["model"] == "svc"
+        kd.write(doc("r2", {"a2": a2}, {"svc": [("a2", 100)]}))
+        wait_until(lambda: all(s and s["revision"] == "r2" for s in worker_states()), what="both workers on r2")
+        wait_until(lambda: ("unload", "a1") in fake.calls, what="a1 unloaded")
+        for _ in range(10):
+            r = requests.post(url + "/v1/chat/completions", json={"model": "svc", "messages": [{"role": "user", "content": "hi"}]},
+                              headers={"Connection": "close"}, timeout=30)
+            assert r.json()["choices"][0]["message"]["content"] == "answer of a2"
+        assert [c for c in fake.calls if c[0] == "load"] == [("load", "a1"), ("load", "a2")]  # only worker 0 loads
+        assert fake.calls.count(("unload", "a1")) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
