@@ -374,13 +374,16 @@ class DeploymentStatus(CommonStatus):
     conditions: list[Condition] | None = Field(
         default=None, max_length=16,
         description="`Ready`: every region serves (reasons `Serving`, `ScaledToZero`; False: `NoReadyReplicas`, "
-        "`FirstRolloutInProgress`, `RolloutAborted`, `RegionUnreachable`, `RegionUnsupported`). `Progressing`: a rollout or a scale is under way "
+        "`FirstRolloutInProgress`, `RolloutAborted`, `RegionUnreachable`, `RegionUnsupported`; and, while nothing served yet, `InvalidSpec`, "
+        "`BaseModelNotFound`, `BaseModelNotReady`). `Progressing`: a rollout or a scale is under way "
         "(`FirstRollout`, `PreviewProgressing`, `SmokeTesting`, `PreviewScalingUp`, `Switched`, `ScalingDown`, `Scaling`, "
-        "`AdapterRollout`, `UnloadDelay`, `FailedOver`, `RecreatingActiveColor`; Unknown: `RolloutPaused`, `WaitingForPromotion`; False: "
+        "`AdapterRollout`, `UnloadDelay`, `FailedOver`, `RecreatingActiveColor`; Unknown: `RolloutPaused`, `WaitingForPromotion`, "
+        "`WaitingForRegion` (regionOrder Sequential), `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady`; False: "
         "`RolloutComplete`, `RolloutAborted`). `Degraded`: `RolloutAborted` (the cause and the revision in the message; the "
         "revision is not retried until the spec asks for another), `RolledBack`, `FailedOver`, `NoReadyReplicas`, "
         "`RegionUnreachable`, `RegionUnsupported`, `AdapterRankTooHigh`, `BaseModelMismatch`, `TooManyAdapters`, `AdapterNotReady`, "
-        "`KEDANotInstalled`; False: `AsExpected`. "
+        "`KEDANotInstalled`, `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady` (nothing moves; what serves keeps serving); "
+        "False: `AsExpected`. "
         "With several regions, a message names the region.",
     )
     phase: Phase | None = Field(default=None, description="Summary of the regions' phases, derived from the conditions, for humans.")

@@ -410,8 +410,8 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     if hold and pods.status.phase == "Paused":
         wait = f"Waiting for region {held_by} to finish its rollout before revision {revision} starts here (regionOrder Sequential)"
         pods.status = replace(pods.status, message=wait)
-        pods.conditions = [rollout.ConditionPart(c.type, c.status, "WaitingForRegion", wait) if c.type == CONDITION_PROGRESSING else c
-                           for c in pods.conditions]
+        pods.conditions = [rollout.ConditionPart(CONDITION_PROGRESSING, "Unknown", "WaitingForRegion", wait) if c.type == CONDITION_PROGRESSING
+                           else c for c in pods.conditions]
 
     # Adapters: served name -> Adapter in the running pods of the active color.
     engine = spec.engine
