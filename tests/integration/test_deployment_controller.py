@@ -583,8 +583,9 @@ def test_local_runtime_serves_and_switches_colors_with_no_failed_request(tmp_pat
                 "baseModelRef": {"name": "base"}, "engine": {"type": "Transformers"}, "replicas": 1,
                 "strategy": {"blueGreen": {"scaleDownDelaySeconds": 2, "smokeTest": {"expectRegex": "hello from chat-", "timeoutSeconds": 20}}}})
             cluster.wait_condition("Deployment", "chat", "Ready", "True", timeout=120)
-            url = cluster.get("Deployment", "chat")["status"]["endpoint"]
-            assert url.startswith("http://127.0.0.1:"), url
+            # the endpoint: where the local runtime proxies the stable Service (once its proxy annotated it)
+            url = wait_for(lambda: (e := cluster.get("Deployment", "chat")["status"].get("endpoint", "")).startswith("http://127.0.0.1:") and e,
+                           message="the local endpoint in status")
 
             def ask() -> str:
                 req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({"model": "base", "messages": [

@@ -457,14 +457,13 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     ready_pods = [p for p in w.pod_routes if p.ready]
     applied = adapters.routes.get("revision") if ready_pods and all(p.revision == adapters.routes.get("revision") for p in ready_pods) else None
 
-    # Status of the region: the pods' decision, the adapters' folded in.
+    # Status of the region: the pods' decision, the adapters' folded in (`rollout.region_status`).
     st = pods.status
-    message = st.message if adapters.phase == "Stable" else f"{st.message}; adapters: {adapters.message}".strip("; ")
     endpoint = service_url(w.stable, build.stable_service_name(s.prefix), ns) if w.stable is not None else None
     if pods.stable_color is not None and w.stable is None:
         endpoint = build.endpoint(s)
-    status = replace(st, phase=rollout.worst_phase(st.phase, adapters.phase), message=message[:1024],
-                     pending_promotion=st.pending_promotion or adapters.pending_promotion)
+    merged, _ = rollout.region_status(s.region.name, pods, adapters, endpoint=endpoint, routes_revision=applied)
+    status = replace(st, phase=merged.phase or st.phase, message=merged.message or "", pending_promotion=merged.pending_promotion)
     return RegionResult(
         name=s.region.name, desired_revision=revision, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
         notes=list(pods.notes) + list(adapters.notes),
