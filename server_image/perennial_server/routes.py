@@ -88,8 +88,25 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+# fsspec protocols an adapter may be fetched with: the artifact stores the operator writes (s3://, gs://;
+# pvc:// and file:// reach the sidecar as absolute paths) and the in-process memory store. Any other one
+# is refused before anything is read: file:// would copy the sidecar's own files (its feedback token, the
+# spool) where the engine reads; http(s)/ftp/ssh/dask reach the network (the cloud metadata service);
+# chained URLs (`simplecache::`, `zip::`) and `reference://` wrap any of those.
+FETCH_PROTOCOLS = frozenset(("s3", "gs", "gcs", "memory"))
+
+
 def is_local(uri: str) -> bool:
-    return "://" not in uri
+    return "://" not in uri and "::" not in uri
+
+
+def check_fetch_uri(uri: str) -> str:
+    """ValueError unless `uri` is `<protocol>://...` with a protocol of FETCH_PROTOCOLS, unchained."""
+    proto = uri.split("://", 1)[0] if "://" in uri else ""
+    if "::" in uri or proto not in FETCH_PROTOCOLS:
+        raise ValueError(f"an adapter `uri` must be an absolute path or use the protocol {', '.join(sorted(FETCH_PROTOCOLS))}"
+                         " (no chained `::` URL)")
+    return uri
 
 
 # ---------------------------------------------------------------- the document
@@ -104,9 +121,11 @@ class AdapterSource(_Model):
     @pydantic.field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if is_local(v) and not os.path.isabs(v):
-            raise ValueError("a local adapter `uri` must be an absolute path")
-        return v
+        if is_local(v):
+            if not os.path.isabs(v):
+                raise ValueError("a local adapter `uri` must be an absolute path")
+            return v
+        return check_fetch_uri(v)
 
 
 class RouteEntry(_Model):
@@ -210,6 +229,7 @@ def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files:
     import fsspec
 
     check_adapter_name(name)
+    check_fetch_uri(uri)
     root = Path(root)
     dest = root / name
     if dest.resolve().parent != root.resolve():
@@ -441,13 +461,17 @@ class Routes:
 
     # ------------------------------------------------------------ hot path
     def route(self, body: bytes) -> Routed | web.Response | None:
-        """The route of a request body: None when it names no model (or is not a JSON object: the
-        engine answers it), a 404 response for a model that is not served, else a `Routed` (its
-        adapter counted in flight until `done`)."""
+        """The route of a request body: None when it names no model (or is a JSON value but not an
+        object: the engine answers it), a 400 for a body that is not UTF-8 JSON, a 404 response for a
+        model that is not served, else a `Routed` (its adapter counted in flight until `done`).
+
+        A body this parser refuses is never forwarded: the engine's parser may read it (vLLM's
+        `json.loads` takes UTF-16/32, a BOM, lone surrogates, deeper nesting), and with a `model`
+        that names an adapter directly, which only served names may reach."""
         try:
             req = from_json(body)
         except ValueError:
-            return None
+            return json_error(400, "the request body must be a JSON object in UTF-8", "invalid_json")
         if not isinstance(req, dict):
             return None
         model = req.get("model")

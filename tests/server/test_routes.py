@@ -398,7 +398,7 @@ def test_adapter_names_cannot_escape_the_adapters_dir(fake: FakeEngine, routed, 
         _relative("/bucket/a", "/bucket/a/../../etc/passwd")
 
 
-@pytest.mark.parametrize("scheme", ["memory", "file"])
+@pytest.mark.parametrize("scheme", ["memory"])  # file:// is refused (test_routes_attacks.py): the operator writes paths
 def test_remote_adapters_are_fetched_with_fsspec(fake: FakeEngine, routed, tmp_path: Path, scheme: str) -> None:
     files = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": os.urandom(1000), "sub/tokenizer.json": b"{}"}
     if scheme == "memory":
@@ -441,11 +441,15 @@ def test_adapter_size_is_bounded(fake: FakeEngine, routed, tmp_path: Path) -> No
 # ---------------------------------------------------------------- the real CPU engine
 def test_routes_with_the_cpu_engine(engine, sidecar_factory, tiny_model, tmp_path: Path) -> None:
     """The session's CPU engine already serves fruit-a and fruit-b: they stay listed (and loaded);
-    fruit-copy (a file:// copy of fruit-a) is loaded for real, routed, then unloaded."""
+    fruit-copy (fruit-a's files fetched with fsspec from a store) is loaded for real, routed, then unloaded."""
     ad = tiny_model["adapters"]
+    mem = fsspec.filesystem("memory")
+    for f in Path(ad["fruit-a"]).rglob("*"):
+        if f.is_file():
+            mem.pipe(f"/fruit-{tmp_path.name}/{f.relative_to(ad['fruit-a'])}", f.read_bytes())
     kd = KubeletDir(tmp_path / "cm")
     kd.write({"revision": "r1", "base": {"name": BASE},
-              "adapters": {"fruit-a": {"uri": ad["fruit-a"]}, "fruit-b": {"uri": ad["fruit-b"]}, "fruit-copy": {"uri": Path(ad["fruit-a"]).as_uri()}},
+              "adapters": {"fruit-a": {"uri": ad["fruit-a"]}, "fruit-b": {"uri": ad["fruit-b"]}, "fruit-copy": {"uri": f"memory://fruit-{tmp_path.name}"}},
               "routes": {"fruit": [{"adapter": "fruit-copy", "weight": 100}], "other": [{"adapter": "fruit-b", "weight": 100}]}})
     t, _, _ = sidecar_factory(engine.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"))
     applied(t, "r1")

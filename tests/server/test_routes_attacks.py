@@ -1,0 +1,176 @@
+"""Attacks on the sidecar's routes (`--routes-file`, issue 12): every HTTP client and the routes document
+itself (a ConfigMap anyone with edit rights in the namespace can change) are hostile.
+
+- A client must never reach an adapter by its own name (only served names are addressable): a body the
+  sidecar cannot parse but the engine can (vLLM parses with `json.loads`, which accepts UTF-16/32, a BOM,
+  lone surrogates and deeper nesting than pydantic-core) must not be forwarded as it is.
+- An adapter `uri` in the routes document must not make the sidecar read its own files (the feedback token,
+  the spool) into the folder the engine reads, nor reach the network or code through fsspec protocols the
+  operator never writes (http to the metadata service, chained `simplecache::`, `reference://`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import requests
+from test_routes import (
+    BASE,
+    FakeEngine,
+    KubeletDir,
+    applied,
+    doc,
+    make_adapter_dir,
+    routes_state,
+    wait_until,
+)
+
+
+@pytest.fixture
+def fake() -> Any:
+    e = FakeEngine()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def routed(fake: FakeEngine, sidecar_factory, tmp_path: Path):
+    def start(first: dict | None, **overrides: Any):
+        kd = KubeletDir(tmp_path / "configmap")
+        if first is not None:
+            kd.write(first)
+        t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
+        return t, sc, kd
+
+    return start
+
+
+# ---------------------------------------------------------------- parser differentials
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+# bodies that Python's json.loads (vLLM's FastAPI) reads as {"model": "a1", ...} but pydantic-core cannot parse
+HOSTILE_BODIES = {
+    "utf-16": json.dumps({"model": "a1", "messages": [{"role": "user", "content": "hi"}]}).encode("utf-16"),
+    "utf-32": json.dumps({"model": "a1", "messages": [{"role": "user", "content": "hi"}]}).encode("utf-32"),
+    "bom": json.dumps({"model": "a1", "messages": [{"role": "user", "content": "hi"}]}).encode("utf-8-sig"),
+    "lone-surrogate": b'{"model": "a1", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+    "deep": b'{"model": "a1", "messages": [{"role": "user", "content": "hi"}], "x": ' + _deep(400).encode() + b"}",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_BODIES))
+def test_a_body_the_sidecar_cannot_parse_never_reaches_the_engine(fake: FakeEngine, routed, tmp_path: Path, kind: str) -> None:
+    raw = HOSTILE_BODIES[kind]
+    assert json.loads(raw)["model"] == "a1"  # what a json.loads engine (vLLM) would serve: the adapter by its own name
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
+    applied(t, "r1")
+    r = requests.post(t.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert fake.chats == []
+    # the same request with a served name still works
+    ok = requests.post(t.url + "/v1/chat/completions", json={"model": "support", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "answer of a1"
+
+
+def test_duplicate_model_keys_route_by_the_last_one_like_every_engine(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
+    applied(t, "r1")
+    msgs = '"messages": [{"role": "user", "content": "hi"}]'
+    # the adapter's name last: refused (json.loads and pydantic-core both keep the last key)
+    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "{BASE}", "model": "a1", {msgs}}}', timeout=30)
+    assert r.status_code == 404 and fake.chats == []
+    # the adapter's name first: what reaches the engine names the base only
+    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "a1", "model": "{BASE}", {msgs}}}', timeout=30)
+    assert r.status_code == 200 and fake.chats == [BASE]
+    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "a1", "model": "support", {msgs}}}', timeout=30)
+    assert r.status_code == 200 and fake.chats == [BASE, "a1"] and r.json()["model"] == "support"
+
+
+@pytest.mark.parametrize("model", [5, None, ["support"], {"model": "a1"}, True, "x" * 100_000, "a1\u0000", "ａ1", "support\u200b"])
+def test_odd_model_values_never_name_an_adapter(fake: FakeEngine, routed, tmp_path: Path, model: Any) -> None:
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
+    applied(t, "r1")
+    r = requests.post(t.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert "a1" not in fake.chats and "support" not in fake.chats, (r.status_code, fake.chats)
+
+
+# ---------------------------------------------------------------- hostile routes documents
+class _Recorder(BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).hits.append(self.path)
+        body = b'<a href="adapter_config.json">adapter_config.json</a>'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    _Recorder.hits = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"127.0.0.1:{srv.server_address[1]}", _Recorder.hits
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_adapter_uris_outside_the_artifact_stores_are_refused(fake: FakeEngine, routed, tmp_path: Path, http_server) -> None:
+    """The operator writes s3://, gs:// or an absolute path (pvc:// and file:// resolved to the mount): any
+    other fsspec protocol is refused before anything is read, listed or connected to."""
+    from perennial_server.routes import fetch_adapter
+
+    hostport, hits = http_server
+    secret = tmp_path / "secrets"
+    secret.mkdir()
+    (secret / "token").write_text("s3cr3t-feedback-token")
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, kd = routed(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
+    applied(t, "r1")
+    bad_uris = [
+        secret.as_uri(),  # the sidecar's own files copied where the engine reads them
+        f"file://{tmp_path}/spool0",
+        f"http://{hostport}/latest/meta-data/",  # SSRF (the cloud metadata service)
+        f"https://{hostport}/x",
+        f"simplecache::http://{hostport}/x",
+        f"simplecache::{secret.as_uri()}",
+        f"zip://x::{secret.as_uri()}/a.zip",
+        "reference://",
+        "dask://127.0.0.1:1/x",
+        "ssh://127.0.0.1/etc",
+        "ftp://127.0.0.1/x",
+        f"s3://bucket/x::{secret.as_uri()}",
+        "S3://bucket/x",
+    ]
+    for i, uri in enumerate(bad_uris):
+        kd.write(doc(f"bad-{i}", {"evil": uri}, {"svc": [("evil", 100)]}))
+        st = wait_until(lambda i=i: (s := routes_state(t))["pending"] == f"bad-{i}" and (s["errors"].get("(document)") or s["errors"].get("evil")) and s,
+                        what=uri)
+        msg = st["errors"].get("(document)") or st["errors"]["evil"]
+        assert "protocol" in msg, (uri, msg)
+        assert st["revision"] == "r1"
+        with pytest.raises(ValueError, match="protocol"):
+            fetch_adapter("evil", uri, tmp_path / "adapters", max_bytes=1 << 20)
+    assert hits == []
+    assert not (tmp_path / "adapters" / "evil").exists()
+    assert not any("s3cr3t" in p.read_text(errors="replace") for p in (tmp_path / "adapters").rglob("*") if p.is_file())
+    assert [c for c in fake.calls if c[1] == "evil"] == []
