@@ -267,3 +267,39 @@ def test_a_blocked_deployment_that_serves_stays_ready_and_says_why_nothing_moves
     blocked = ctl._blocked_status(serving_body, "BaseModelNotReady", "BaseModel 'llama' is not Ready")
     assert conds(blocked) == {"Ready": ("True", "Serving"), "Progressing": ("Unknown", "BaseModelNotReady"), "Degraded": ("True", "BaseModelNotReady")}
     assert blocked["activeColor"] == "blue" and blocked["regions"] == serving_body["status"]["regions"] and blocked["phase"] == "Degraded"
+
+
+@pytest.mark.parametrize(("answers", "skipped"), [
+    ([500, 429, {"resources": [{"name": "scaledjobs"}]}], True),  # transient errors, then served without ScaledObjects
+    ([0, 404], True),  # the group is not served at all
+    ([{"resources": [{"name": "scaledobjects"}]}], False),  # KEDA installed: its listing is waited for
+    ([403], False),  # cannot tell: READY_TIMEOUT_SECONDS bounds the wait
+])
+def test_an_unserved_optional_resource_holds_no_reconcile_back(monkeypatch, answers, skipped):
+    from perennial.config import OperatorConfig
+    from perennial.controllers import all_controllers
+    from perennial.controllers.base import Context
+    from perennial.kube import ApiError
+    from perennial.kube.cache import Cache
+
+    asked = []
+
+    class Kube:
+        async def request(self, method: str, path: str, **_: Any) -> Any:
+            asked.append(path)
+            answer = answers[len(asked) - 1]
+            if isinstance(answer, int):
+                raise ApiError(answer, {"message": "injected"}, method, path, retry_after=0.01 if answer == 429 else None)
+            return answer
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    monkeypatch.setattr("perennial.controllers.manager.asyncio.sleep", no_sleep)
+    m = Manager(all_controllers(), Context(clusters={"local": Kube()}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0))  # type: ignore[dict-item]
+    m._by_plural = {(w.group, w.plural): w for w in m.watched()}
+    optional = [w for w in m._by_plural.values() if w.optional]
+    m._listed_once = {k for k, w in m._by_plural.items() if not w.optional}  # every other resource was listed
+    asyncio.run(m._skip_unserved(optional))
+    assert set(asked) == {"/apis/keda.sh/v1alpha1"} and len(asked) == len(answers)
+    assert m._ready is skipped

@@ -255,14 +255,22 @@ class Manager:
         """Optional resources the API server does not serve (KEDA not installed, which is normal) count as listed:
         kopf never lists them, and nothing may wait for them."""
         for w in optional:
-            try:
-                found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
-                served = any(r.get("name") == w.plural for r in found.get("resources") or [])
-            except ApiError as exc:
-                if exc.status != 404:
-                    log.warning("Could not tell whether the API server serves %s, error=%s", w.id, exc)
-                    continue  # unknown: READY_TIMEOUT_SECONDS still bounds the wait
-                served = False
+            served: bool | None = None
+            for attempt in range(8):  # an error but 'not served' or 'forbidden' is asked again (5xx, 429, a dropped connection)
+                try:
+                    found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
+                    served = any(r.get("name") == w.plural for r in found.get("resources") or [])
+                    break
+                except ApiError as exc:
+                    if exc.status == 404:
+                        served = False
+                        break
+                    if exc.status in (401, 403):
+                        break
+                    await asyncio.sleep(max(exc.retry_after or 0, 0.2 * 2 ** attempt))
+            if served is None:
+                log.warning("Could not tell whether the API server serves %s", w.id)
+                continue  # unknown: READY_TIMEOUT_SECONDS still bounds the wait
             if not served and (w.group, w.plural) not in self._listed_once:
                 log.warning("Not watching %s: the API server does not serve it (its CRD is not installed)", w.id)
                 self._listed_once.add((w.group, w.plural))
