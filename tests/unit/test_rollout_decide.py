@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 from dataclasses import replace
 
@@ -1001,3 +1002,64 @@ def test_the_last_resort_switch_keeps_the_serving_color_as_it_is():
     plan = _Plan(obs, T0)
     _never_select_an_unready_color(plan)
     assert plan.stable == "blue" and plan.notes == []
+
+
+# ------------------------------------------------------------------------------ hostile annotations (a user's kubectl)
+FAR = "9999-12-31T23:59:59Z"  # adding any delay to it overflows datetime
+
+
+@pytest.mark.parametrize("value", [FAR, "3000-01-01T00:00:00Z", "garbage", "2026-13-45"])
+def test_a_preview_started_in_the_future_or_unreadable_still_meets_its_deadline(value):
+    """preview-started-at is written by the controller: a value in the future (clock skew, a hand edit) or one that
+    does not parse restarts the step at `now` (rewritten), so the progress deadline still runs; it never crashes."""
+    for obs in (world(blue=col("r1"), green=col("r2", 2, 0, started=value)),  # pod rollout
+                world(blue=col("r1", 3, 1, started=value), stable=None, desired="r1", replicas=3)):  # first rollout
+        d = run(obs, now=100)
+        preview = "green" if obs.stable_color else "blue"
+        assert d.colors[preview].annotations.get(STARTED) == t(100), d.colors
+        _invariants(obs, d)
+        # the next pass sees the rewritten annotation: the deadline is reached and the rollout aborts
+        later = replace(obs, **{preview: replace(obs.color(preview), annotations={STARTED: t(100)})})
+        assert run(later, now=100 + 1800).status.phase == "Aborted"
+
+
+@pytest.mark.parametrize("value", [FAR, "3000-01-01T00:00:00Z"])
+def test_a_scale_down_time_far_in_the_future_is_bounded_by_the_delay(value):
+    """The old color kept for rollback goes to zero at most scaleDownDelaySeconds after now, whatever the annotation
+    says (a hand-edited far-future time kept GPUs busy forever, or crashed the decision)."""
+    obs = world(blue=col("r2"), green=col("r1", 2, 2, scale_down_at=value), stable="blue")
+    d = run(obs, now=100)
+    assert d.requeue_after is not None and d.requeue_after <= 300
+    _invariants(obs, d)
+    aborted = world(blue=col("r1"), green=col("r2", 2, 2, aborted="r2", scale_down_at=value), stable="blue")
+    d = run(aborted, now=100)
+    assert d.requeue_after is None or d.requeue_after <= 300
+
+
+def test_a_switch_time_far_in_the_future_does_not_crash_or_arm_a_rollback_forever():
+    obs = world(blue=col("r1", 2, 2, scale_down_at=t(300)), green=col("r2", 2, 1), stable="green", switched_at=FAR)
+    d = run(obs, now=100)
+    _invariants(obs, d)
+    assert d.stable_color == "green"  # a switch "in the future" is no switch within the rollback window
+
+
+@pytest.mark.parametrize("pr", [
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0), "step": "x"},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0), "step": None, "smoke": "passed"},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": 5, "stepAt": ["x"], "step": 0, "smoke": "passed"},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "switchedAt": 12},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "switchedAt": FAR},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": FAR, "step": -1},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0), "step": 10**30, "smoke": "passed"},
+    {"adapter": "fruit-v2", "from": "fruit-v1", "startedAt": t(0), "step": 1.5, "smoke": {"x": 1}},
+])
+def test_a_hand_edited_adapter_rollouts_annotation_never_crashes_the_decision(pr):
+    """The adapter-rollouts annotation is on a ConfigMap anyone with edit rights in the namespace can change: values of
+    the wrong type or far-future times are treated as unreadable, never an exception (which stopped every decision of
+    the Deployment, failover included)."""
+    for routes in (PREVIEW, SWITCHED, CANARY10):
+        o = aobs(routes, {"fruit": V2}, progress=parse_progress(json.dumps({"fruit": pr})))  # as the controller reads it
+        d = arun(o, ar={"canarySteps": [{"weight": 10, "pauseSeconds": 30}]}, now=200)
+        assert "fruit" in d.routes["routes"]
+        _adapter_invariants(o, d)
+        assert d.requeue_after is None or d.requeue_after <= 1800

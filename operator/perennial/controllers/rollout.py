@@ -103,15 +103,23 @@ def rfc3339(t: _dt.datetime) -> str:
     return t.astimezone(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def parse_time(value: str | None) -> _dt.datetime | None:
-    """An RFC 3339 annotation value, or None when absent or unreadable (a hand-edited annotation is ignored)."""
-    if not value:
+#: How far ahead of `now` a time the controller wrote (with another replica's clock) may be and still be believed.
+CLOCK_SKEW = _dt.timedelta(seconds=60)
+
+
+def parse_time(value: Any, latest: _dt.datetime | None = None) -> _dt.datetime | None:
+    """An RFC 3339 annotation value, or None when absent, unreadable or later than `latest` (a hand-edited
+    annotation is ignored: a time far in the future would hold a deadline or a delay off forever, or overflow)."""
+    if not value or not isinstance(value, str):
         return None
     try:
         t = _dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
+    t = t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
+    if latest is not None and t > latest:
+        return None
+    return t
 
 
 def _seconds(delta: _dt.timedelta) -> float:
@@ -454,9 +462,9 @@ def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
         p.note("ScaledDown", f"Scaled {other(c)} (revision {o.revision}) to zero: no traffic reaches it")
 
     if s is not None and s.annotations.get(ABORTED_REVISION_ANNOTATION) == rev:
-        _report_aborted(p, c, s, first=True)
+        _report_aborted(p, c, s, bg, first=True)
         return
-    if s is None or s.revision != rev or PREVIEW_STARTED_AT_ANNOTATION not in s.annotations:
+    if s is None or s.revision != rev or parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION), p.now + CLOCK_SKEW) is None:
         p.set(c, revision=rev, replicas=full, preview_started_at=rfc3339(p.now), smoke=None, scale_down_at=None,
               aborted_revision=None, abort_reason=None)
         p.note("PreviewCreated", f"Created {c} with revision {rev} ({full} replicas): the first rollout of this region")
@@ -473,7 +481,7 @@ def _first_rollout(p: _Plan, bg: BlueGreen) -> None:
         # Scaled to zero (the spec says 0 now): nothing to test; the Service selects the (empty) color.
         _switch(p, None, c, rev, bg, first=True)
         return
-    started = parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
+    started = parse_time(s.annotations.get(PREVIEW_STARTED_AT_ANNOTATION), p.now + CLOCK_SKEW) or p.now
     if not (s.fully_ready() and s.replicas >= full):  # more ready than needed (the spec lowered replicas) is ready
         deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
         if p.now >= deadline or s.progress_deadline_exceeded:
@@ -536,12 +544,12 @@ def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> N
 
     # A pod rollout is wanted: the active color keeps its revision, always.
     if b is not None and b.annotations.get(ABORTED_REVISION_ANNOTATION) == rev:
-        _report_aborted(p, B, b, first=False)
+        _report_aborted(p, B, b, bg, first=False)
         return
     if paused:
         if b is not None and b.revision != rev:
             _scale_down_old(p, B, b, bg)
-        elif b is not None and parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) is not None:
+        elif b is not None and parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION), p.now + CLOCK_SKEW) is not None:
             # The deadline does not run while paused: the preview step restarts (and is smoke-tested again) on resume.
             p.set(B, preview_started_at=PAUSED)
             p.rolling = (B, rev)
@@ -550,7 +558,8 @@ def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> N
         return
 
     full = full_count(obs, a)
-    start = b is None or b.revision != rev or b.replicas == 0 or parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) is None
+    start = (b is None or b.revision != rev or b.replicas == 0
+             or parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION), p.now + CLOCK_SKEW) is None)
     if start:
         n = preview_count(bg, full)
         if b is not None and b.revision == rev:
@@ -568,7 +577,7 @@ def _rollout(p: _Plan, bg: BlueGreen, *, paused: bool, promote: str | None) -> N
                                                                      ABORTED_REVISION_ANNOTATION, ABORT_REASON_ANNOTATION)}
         b = replace(b, annotations={**kept, PREVIEW_STARTED_AT_ANNOTATION: rfc3339(p.now)})
 
-    started = parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION)) or p.now
+    started = parse_time(b.annotations.get(PREVIEW_STARTED_AT_ANNOTATION), p.now + CLOCK_SKEW) or p.now
     deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
     if not b.fully_ready():
         if p.now >= deadline or b.progress_deadline_exceeded:
@@ -679,7 +688,8 @@ def _scale_down_old(p: _Plan, B: Color, b: ColorState, bg: BlueGreen) -> bool:
     """Scale the color that is not active to zero once its delay is over. True while it still has replicas."""
     if b.replicas == 0:
         return False
-    when = parse_time(b.annotations.get(SCALE_DOWN_AT_ANNOTATION))
+    longest = _dt.timedelta(seconds=max(bg.scale_down_delay_seconds, bg.abort_scale_down_delay_seconds)) + CLOCK_SKEW
+    when = parse_time(b.annotations.get(SCALE_DOWN_AT_ANNOTATION), p.now + longest)
     if when is None:
         # Either the operator stopped between the switch and this annotation (the old color: keep it for rollback)
         # or a preview of a revision the spec no longer asks for (superseded: the shorter abort delay).
@@ -709,7 +719,7 @@ def _rollback_cause(obs: RegionObserved, bg: BlueGreen, now: _dt.datetime) -> st
         return None
     if b.annotations.get(ABORTED_REVISION_ANNOTATION) == b.revision or PREVIEW_STARTED_AT_ANNOTATION in b.annotations:
         return None  # only the color that served before the switch is a rollback target, never a preview on trial
-    switched = parse_time(obs.stable_annotations.get(SWITCHED_AT_ANNOTATION))
+    switched = parse_time(obs.stable_annotations.get(SWITCHED_AT_ANNOTATION), now + CLOCK_SKEW)
     window = bg.post_promotion_window_seconds if bg.post_promotion_window_seconds is not None else bg.scale_down_delay_seconds
     if switched is None or window == 0 or now >= switched + _dt.timedelta(seconds=window):
         return None
@@ -770,11 +780,12 @@ def _aborted_status(p: _Plan, rev: str, cause: str, *, first: bool) -> None:
         p.cond(CONDITION_READY, "False", "RolloutAborted", p.message)
 
 
-def _report_aborted(p: _Plan, c: Color, s: ColorState, *, first: bool) -> None:
+def _report_aborted(p: _Plan, c: Color, s: ColorState, bg: BlueGreen, *, first: bool) -> None:
     """The desired revision was aborted before: not retried; the preview goes to zero after its delay."""
     rev = p.obs.desired_revision
     if s.replicas > 0:
-        when = parse_time(s.annotations.get(SCALE_DOWN_AT_ANNOTATION))
+        when = parse_time(s.annotations.get(SCALE_DOWN_AT_ANNOTATION),
+                          p.now + _dt.timedelta(seconds=bg.abort_scale_down_delay_seconds) + CLOCK_SKEW)
         if when is None or p.now >= when:
             p.set(c, replicas=0, scale_down_at=None, preview_started_at=None)
             p.note("ScaledDown", f"Scaled {c} (aborted revision {rev}) to zero")
@@ -946,7 +957,20 @@ def parse_progress(value: str | None) -> dict[str, dict[str, Any]]:
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: dict(v) for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
+    return {k: _progress_entry(v) for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+_PROGRESS_STRINGS = ("adapter", "from", "aborted", "abortReason", "smoke", "startedAt", "stepAt", "switchedAt")
+
+
+def _progress_entry(v: Mapping[str, Any]) -> dict[str, Any]:
+    """One served name's progress with only the fields of the types the decision reads (the ConfigMap's annotation
+    is anyone's with edit rights in the namespace: a wrong type was an exception that stopped every decision)."""
+    out: dict[str, Any] = {k: v[k] for k in _PROGRESS_STRINGS if isinstance(v.get(k), str)}
+    step = v.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and -1 <= step <= 1000:
+        out["step"] = step
+    return out
 
 
 def dump_progress(progress: Mapping[str, Mapping[str, Any]]) -> str:
@@ -1068,7 +1092,11 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
                 progress.pop(s, None)
                 notes.append(Note("PreviewAbandoned", f"{s} stays on adapter {want}: the spec no longer asks for {pr.get('adapter')}"))
             elif pr.get("switchedAt") and pr.get("from"):
-                due = (parse_time(pr["switchedAt"]) or now) + _dt.timedelta(seconds=unload_delay)
+                switched = parse_time(pr["switchedAt"], now + CLOCK_SKEW)
+                if switched is None:  # unreadable or in the future: the delay runs from now (written back)
+                    switched, pr = now, {**pr, "switchedAt": stamp}
+                    progress[s] = pr
+                due = switched + _dt.timedelta(seconds=unload_delay)
                 if now >= due:
                     progress.pop(s, None)
                     notes.append(Note("AdapterUnloaded", f"Unloaded adapter {pr['from']} (replaced by {want} under {s})"))
@@ -1107,7 +1135,10 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
             abort(s, want, "AdapterLoadFailed", load_errors[want])
             continue
         # The deadline runs from the last change of this name's routes (the start, or the last canary step).
-        started = parse_time(pr.get("stepAt") or pr.get("startedAt")) or now
+        started = parse_time(pr.get("stepAt") or pr.get("startedAt"), now + CLOCK_SKEW)
+        if started is None:  # unreadable or in the future: the deadline runs from now (written back)
+            started, pr = now, {**pr, "stepAt": stamp}
+            progress[s] = pr
         deadline = started + _dt.timedelta(seconds=bg.progress_deadline_seconds)
         if not applied:
             if now >= deadline:
@@ -1142,7 +1173,7 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
             continue
         k = int(pr.get("step", -1))
         if k >= 0:
-            due = (parse_time(pr.get("stepAt")) or now) + _dt.timedelta(seconds=steps[k].pause_seconds if k < len(steps) else 0)
+            due = (parse_time(pr.get("stepAt"), now + CLOCK_SKEW) or now) + _dt.timedelta(seconds=steps[k].pause_seconds if k < len(steps) else 0)
             if now < due:
                 requeue.append(_seconds(due - now))
                 messages.append(f"{s}: canary at {steps[k].weight}% to adapter {want} until {rfc3339(due)}")
