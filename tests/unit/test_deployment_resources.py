@@ -251,6 +251,25 @@ def test_model_cache_adapters_spool_routes_and_store_volumes():
     assert sidecar["args"][sidecar["args"].index("--store-uri") + 1] == "/mnt/pvc/feedback/store/chat"
 
 
+
+@pytest.mark.parametrize("store", ["pvc://llama-weights/", "pvc://llama-weights", "pvc://llama-weights/model", "pvc://llama-weights/model/x",
+                                   "pvc://artifacts/", "pvc://artifacts/adapters", "pvc://artifacts/adapters/team/run"])
+def test_the_feedback_store_never_makes_what_the_engine_loads_writable(store):
+    """The sidecar is the pod's internet-facing container: a store on the claim of the model or an adapter, at or
+    around what the engine loads, gave it write access to the weights (and `pvc://artifacts/` two mounts at one path)."""
+    with pytest.raises(ValueError, match="storeUri"):
+        pod_of(serving({**SPEC, "feedback": {"spoolSize": "3Gi", "storeUri": store}}))
+
+
+@pytest.mark.parametrize("store", ["pvc://artifacts/feedback", "pvc://llama-weights/feedback", "pvc://artifacts/adapters-feedback"])
+def test_a_feedback_store_beside_what_the_engine_loads_is_fine(store):
+    pod = pod_of(serving({**SPEC, "feedback": {"spoolSize": "3Gi", "storeUri": store}}))
+    sidecar = containers(pod)["sidecar"]
+    paths = [m["mountPath"] for m in sidecar["volumeMounts"]]
+    assert len(paths) == len(set(paths))
+    claim, path = store[len("pvc://"):].split("/", 1)
+    assert mounts(sidecar)[f"/mnt/pvc/{claim}/{path}"]["subPath"] == path
+
 def test_source_credentials_by_reference_for_an_uncached_hub_model():
     bm = base_model(resolved=None)
     bm["spec"]["source"]["revision"] = "abc123"

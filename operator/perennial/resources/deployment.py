@@ -499,6 +499,19 @@ class _Volumes:
         return vol
 
 
+def _check_store_apart(s: Serving, model: ModelLocation, claim: str, path: str) -> None:
+    """ValueError when the feedback store (written by the sidecar, the pod's internet-facing container) is at, above or
+    below what the engine loads from the same claim: the weights and adapters must stay read-only to the sidecar."""
+    reads: list[tuple[str, str]] = []
+    if model.claim:
+        reads.append((model.claim, model.path[len(f"{PVC_ROOT}/{model.claim}"):].strip("/")))
+    reads += [_pvc(u) for u in map(_adapter_uri, s.adapters) if u.startswith("pvc://")]
+    for c, loaded in reads:
+        if c == claim and (not path or not loaded or path == loaded or loaded.startswith(path + "/") or path.startswith(loaded + "/")):
+            raise ValueError(f"`feedback.storeUri` pvc://{claim}/{path} overlaps pvc://{c}/{loaded}, which the engine loads: "
+                             "give the feedback store a directory of its own (the sidecar writes there)")
+
+
 def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
     """The serving pod: `engine` (localhost only) and `sidecar` (the only port)."""
     settings = s.settings
@@ -565,6 +578,7 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
     store = feedback_store_uri(s)
     if store and store.startswith("pvc://"):
         claim, path = _pvc(store)
+        _check_store_apart(s, model, claim, path)
         vol = vols.claim(claim, writable=True)
         # writable only below the store's own directory (subPath), like a trainer's output
         sidecar_mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}/{path}".rstrip("/"), **({"subPath": path} if path else {})})
