@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..kube import ApiError
@@ -41,9 +42,10 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
-async def apply_all(ctx: Context, manifests: list[dict[str, Any]], reasons: dict[str, str | None] | None = None) -> list[Note]:
+async def apply_all(ctx: Context, manifests: list[dict[str, Any]],
+                    reasons: Mapping[str | tuple[str, str], str | None] | None = None) -> list[Note]:
     """Create what is missing, patch what drifted, leave the rest alone; a note per created child
-    (reason "Created", or `reasons[kind]`; None: not worth an Event)."""
+    (reason "Created", or `reasons[(apiVersion, kind)]`, else `reasons[kind]`; None: not worth an Event)."""
     notes = []
     for manifest in manifests:
         meta = manifest["metadata"]
@@ -66,7 +68,8 @@ async def apply_all(ctx: Context, manifests: list[dict[str, Any]], reasons: dict
             continue
         ctx.cache.put(obj)  # write-through, so the next reconcile does not create it again
         log.info("%s %s, name=%s, namespace=%s", action.capitalize(), manifest["kind"], meta["name"], meta.get("namespace"))
-        reason = (reasons or {}).get(manifest["kind"], "Created")
+        reasons = reasons or {}
+        reason = reasons.get(kind, reasons.get(manifest["kind"], "Created"))
         if action == "created" and reason:
             notes.append(Note(reason, f"Created {manifest['kind']} {meta['name']}"))
     return notes

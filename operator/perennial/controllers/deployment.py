@@ -67,6 +67,10 @@ ROUTES_POLL_SECONDS = 2.0
 #: Limit of one sidecar's `GET /perennial/routes`.
 SIDECAR_TIMEOUT_SECONDS = 2.0
 KEDA = ("keda.sh/v1alpha1", "ScaledObject")
+#: Children whose creation is no Event of its own: the rollout decisions' notes say what was done and why.
+QUIET_CHILDREN: dict[str | tuple[str, str], str | None] = {
+    kind: None for kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"),
+                            ("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA, ("networking.k8s.io/v1", "NetworkPolicy"))}
 _REGION_CONDITIONS = (CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED)
 
 
@@ -604,9 +608,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         results.append(r)
     for r in results:
         notes += r.notes
-        notes += await apply_all(ctx, r.manifests, reasons={"ConfigMap": None, "PodDisruptionBudget": None, "NetworkPolicy": None,
-                                                             "HorizontalPodAutoscaler": None, "ScaledObject": None, "Service": None,
-                                                             "Deployment": None})
+        notes += await apply_all(ctx, r.manifests, reasons=QUIET_CHILDREN)
         if any(resource_of(m) == KEDA for m in r.manifests) and is_unserved(*KEDA):
             r.conditions.append(keda_missing())
     status = decide_status(obj, results, remote, problems)
