@@ -25,6 +25,7 @@ import collections
 import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -93,6 +94,10 @@ class FeedbackIds:
 
     def journal(self, ids: list[str]) -> None:
         """Append shipped ids to the journal, durably (called before their segment is deleted)."""
+        self._journal([json.dumps(i).encode() for i in ids])
+
+    def _journal(self, ids: list[bytes]) -> None:
+        """Append ids, each a JSON string, one per line, to the journal, durably."""
         if self.max_ids <= 0 or not ids:
             return
         with self._lock:
@@ -105,7 +110,7 @@ class FeedbackIds:
                 mode = "ab"
             p = self.dir / JOURNAL[self._gen]
             with open(p, mode) as f:
-                f.write(b"".join(json.dumps(i).encode() + b"\n" for i in ids))
+                f.write(b"\n".join(ids) + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
             self._gen_count += len(ids)
@@ -117,11 +122,33 @@ class FeedbackIds:
                     os.close(fd)
 
     def journal_segment(self, data: bytes) -> None:
-        self.journal(feedback_ids(data))
+        """Journal the feedback ids of a segment about to leave the spool (the shipper's thread)."""
+        self._journal(_raw_feedback_ids(data))
+
+
+# A feedback record as the sidecar writes it (serving_feedback.record, FeedbackRecord.to_json: compact
+# JSON, `kind` then `id`) at the start of a line; group 1: the id as the JSON string it is stored as.
+_FEEDBACK_ID = re.compile(rb'\n\{"schemaVersion":\d+,"time":"[^"\\\n]*","kind":"feedback","id":("[^"\\\n]*(?:\\.[^"\\\n]*)*")')
+
+
+def _raw_feedback_ids(data: bytes) -> list[bytes]:
+    """The ids of the feedback records in a segment's complete lines, as JSON strings: one regex pass
+    over the segment (~0.7 us per record; a JSON parse of every line, then a json.dumps of every id
+    for the journal, cost ~2 us per record in the shipper's thread, on the sidecar's core).
+    A segment holding a feedback record in any other layout is parsed line by line instead."""
+    data = data[:data.rfind(b"\n") + 1]  # complete lines only (a torn last line is skipped)
+    raw = _FEEDBACK_ID.findall(b"\n" + data)
+    if len(raw) == data.count(b'"kind":"feedback"'):
+        return raw
+    return [json.dumps(i).encode() for i in _parsed_feedback_ids(data)]
 
 
 def feedback_ids(data: bytes) -> list[str]:
     """Ids of the feedback records in a segment's bytes (a torn last line is skipped)."""
+    return [r[1:-1].decode() if b"\\" not in r else from_json(r) for r in _raw_feedback_ids(data)]
+
+
+def _parsed_feedback_ids(data: bytes) -> list[str]:
     out = []
     for line in data.splitlines():
         if b'"kind":"feedback"' not in line:
@@ -130,6 +157,6 @@ def feedback_ids(data: bytes) -> list[str]:
             rec = from_json(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+        if isinstance(rec, dict) and rec.get("kind") == "feedback" and isinstance(rec.get("id"), str):
             out.append(rec["id"])
     return out

@@ -73,3 +73,26 @@ async def test_a_cancelled_retry_neither_fails_nor_duplicates_the_request_it_wai
     await sc.spool.close()
     stored = [json.loads(x)["id"] for s in closed_segments(tmp_path / "spool") for x in s.path.read_text().splitlines()]
     assert len(stored) == len(set(stored)) == 2
+
+
+def test_the_ids_of_a_segment_are_read_as_the_records_hold_them(tmp_path: Path) -> None:
+    """The shipper journals a segment's feedback ids with a regex pass, not a JSON parse per line:
+    the same ids (escapes, non-ASCII, quotes), interactions never taken for feedback (even one that
+    holds a `"kind":"feedback"` of its own), a torn last line skipped; other layouts parsed."""
+    import json
+
+    from perennial_records import FeedbackRecord, InteractionRecord
+    from perennial_server.idempotency import feedback_ids
+
+    fids = ["fb-plain", 'fb-"quoted"\\back', "fb-ünï-\u2028-\U0001f600", "fb-\x01ctl"]
+    lines = [FeedbackRecord(id=f, response_id="r", type="thumbs", thumbs="up").to_json().encode() for f in fids]
+    lines.insert(1, InteractionRecord(id="chatcmpl-1", params={"meta": {"kind": "feedback", "id": "not-feedback"}}).to_json().encode())
+    data = b"\n".join(lines) + b"\n"
+    assert feedback_ids(data) == fids
+    assert feedback_ids(data + lines[0][:60]) == fids  # torn last line
+    reordered = json.dumps({"id": "fb-other-layout", "kind": "feedback", "responseId": "r"}, separators=(",", ":")).encode()
+    assert feedback_ids(data + reordered + b"\n") == [*fids, "fb-other-layout"]
+    ids = FeedbackIds(tmp_path, max_ids=100)
+    ids.journal_segment(data)
+    again = FeedbackIds(tmp_path, max_ids=100)
+    assert again.load() == len(fids) and all(f in again for f in fids) and "chatcmpl-1" not in again
