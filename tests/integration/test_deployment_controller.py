@@ -357,6 +357,12 @@ def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(
     for step in ("PreviewCreated", "PreviewScalingUp", "Switched", "ScaledDown"):
         assert step in text, reasons
     assert len(w.kube.list("apps/v1", "Deployment", NS, "perennial.ai/deployment=chat")) == 2
+    # Autoscaling turned off: the HPA goes (it would keep resizing the active color), the spec's count applies.
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"autoscaling": {"enabled": False}, "replicas": 3}})
+    wait_for(lambda: w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None, message="the HPA deleted")
+    wait_for(lambda: w.deploy("chat-green")["spec"]["replicas"] == 3, message="the active color at the spec's count")
+    w.ready("chat-green")
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
     # Stable again: a restart writes nothing (the HPA, the colors and Services as the control plane defaulted them).
     quiet(w.cluster)
     w.cluster.server.reset_request_counts()

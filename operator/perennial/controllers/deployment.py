@@ -41,6 +41,7 @@ from ..api.deployment import (
     Region,
 )
 from ..kube import ApiError
+from ..kube.client import path_for
 from ..resources import conditions as cond
 from ..resources import deployment as build
 from . import rollout
@@ -547,6 +548,31 @@ def _blocked_status(obj: dict[str, Any], reason: str, message: str) -> dict[str,
     return {**keep, "observedGeneration": gen, "conditions": conds, "phase": "Degraded" if serving else "Pending"}
 
 
+AUTOSCALERS = (("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA)
+
+
+async def prune_autoscalers(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult]) -> list[Note]:
+    """Delete this Deployment's HPAs/ScaledObjects that no region wants any more (autoscaling turned off, the provider
+    changed): an autoscaler left behind would keep resizing the active color."""
+    ns, uid = obj["metadata"]["namespace"], obj["metadata"]["uid"]
+    wanted = {(m["apiVersion"], m["kind"], m["metadata"]["name"]) for r in results for m in r.manifests}
+    notes: list[Note] = []
+    for api_version, kind in AUTOSCALERS:
+        for child in ctx.cache.list(api_version, kind, ns):
+            meta = child["metadata"]
+            if (api_version, kind, meta["name"]) in wanted or not any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
+                continue
+            try:
+                await ctx.kube.request("DELETE", path_for(api_version, kind, ns, meta["name"]))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            ctx.cache.remove(child)
+            log.info("Deleted %s, name=%s, namespace=%s", kind, meta["name"], ns)
+            notes.append(Note("AutoscalerRemoved", f"Deleted {kind} {meta['name']}: `autoscaling` no longer asks for it"))
+    return notes
+
+
 async def ensure_token(ctx: Context, s: build.Serving) -> list[Note]:
     """The generated feedback token: created once (a random `secrets.token_urlsafe`), never rewritten."""
     if s.spec.feedback.token_secret_ref is not None:
@@ -611,6 +637,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         notes += await apply_all(ctx, r.manifests, reasons=QUIET_CHILDREN)
         if any(resource_of(m) == KEDA for m in r.manifests) and is_unserved(*KEDA):
             r.conditions.append(keda_missing())
+    notes += await prune_autoscalers(ctx, obj, results)
     status = decide_status(obj, results, remote, problems)
     assert status["observedGeneration"] == gen
     return Outcome(status, notes, _min(*(r.requeue_after for r in results)))
