@@ -642,3 +642,20 @@ def test_paused_holds_a_rollout_and_deletion_takes_the_children(serving: Serving
     w.kube.delete(API, "Deployment", NS, "chat")
     for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"), ("v1", "Secret")):
         wait_for(lambda api=api, kind=kind: not w.kube.list(api, kind, NS, "perennial.ai/deployment=chat"), message=f"{kind}s collected")
+
+
+def test_an_adapter_that_does_not_fit_the_engine_is_refused_with_a_condition(serving: Serving, tmp_path: Path):
+    w = serving
+    artifact = tmp_path / "artifacts" / "wide"
+    artifact.mkdir(parents=True)
+    (artifact / "adapter_config.json").write_text("{}")
+    w.cluster.create("Adapter", "wide-v1", {"baseModelRef": {"name": "base"}, "family": "wide", "version": 1,
+                                             "artifactUri": f"file://{artifact}", "lora": {"rank": 128}})
+    w.cluster.wait_condition("Adapter", "wide-v1", "Ready", "True")
+    first_rollout(w, adapters=[{"name": "support", "adapterRef": {"name": "support-v1"}}, {"name": "wide", "adapterRef": {"name": "wide-v1"}}],
+                  engine={"maxLoraRank": 64})
+    c = w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "AdapterRankTooHigh")
+    assert "wide-v1" in c["message"] and "128" in c["message"]
+    routes = json.loads(w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"]["routes.json"])
+    assert set(routes["routes"]) == {"support"} and "wide-v1" not in routes["adapters"], "never loaded"
+    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
