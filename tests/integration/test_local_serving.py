@@ -457,3 +457,43 @@ def test_init_containers_run_first_and_share_emptydirs(env: Env) -> None:
                               "containers": [{"name": "main", "image": IMAGE, "command": ["python", "-c", "print('must not run')"]}]}})
     wait_for(lambda: ((env.kube.get("v1", "Pod", NS, "badinit") or {}).get("status") or {}).get("phase") == "Failed", WAIT, 0.1, "Failed")
     assert "must not run" not in env.kube.pod_log(NS, "badinit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie nobody reaps (PID 1 of a container may not) is gone too
+
+
+def test_pod_processes_do_not_outlive_a_killed_runtime(tmp_path: Path) -> None:
+    """`perennial dev` killed (SIGKILL, OOM, a crash) runs no stop(): its pods' processes, each in a session of its
+    own, kept serving, holding their ports and memory, with nobody left to stop them. A pod process (the podnet
+    shim loads in each) now stops itself once its parent is gone."""
+    import subprocess
+
+    from perennial.local.serving import PODNET_DIR
+
+    pidfile = tmp_path / "child.pid"
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        f"env = dict(os.environ, PYTHONPATH={PODNET_DIR!r}, PERENNIAL_LOCAL_POD_IP='127.77.0.2', PERENNIAL_LOCAL_POD_LOOPBACK='127.77.0.3')\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'], env=env, start_new_session=True,\n"
+        "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"open({str(pidfile)!r} + '.tmp', 'w').write(str(p.pid)); os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    try:
+        wait_for(pidfile.exists, WAIT, message="the pod process started")
+        child = int(pidfile.read_text())
+        time.sleep(1.5)
+        assert _alive(child)  # alive while its runtime is
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: not _alive(child), WAIT, message="the orphaned pod process exited")
+    finally:
+        parent.kill()
+        if pidfile.exists() and _alive(pid := int(pidfile.read_text())):
+            os.kill(pid, 9)

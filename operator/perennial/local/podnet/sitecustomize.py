@@ -13,6 +13,8 @@ addresses of 127.0.0.0/8 and this shim rewrites IPv4 socket addresses of the pod
 Differences from a network namespace: a socket bound to 0.0.0.0 gets only the pod IP (not also the pod loopback),
 IPv6 sockets are left alone, and only Python processes are covered. uvloop connects in C (libuv), not through
 `socket.connect`: when uvloop is installed, its `Loop` is replaced by a subclass mapping `create_connection`'s host.
+
+A pod process also stops itself once its parent (the runtime) is gone: see `_watch_parent`.
 """
 
 import os
@@ -80,5 +82,29 @@ def _install_uvloop() -> None:
         policy._loop_factory = lambda self: Loop()  # type: ignore[method-assign]
 
 
+def _watch_parent() -> None:
+    """A pod process stops once its parent is gone. Pods run in sessions of their own (start_new_session), so a
+    runtime killed without running its stop() (SIGKILL, OOM, a crash) left them serving, holding ports and memory:
+    poll the parent (reparenting changes it), then SIGTERM ourselves (the servers drain), SIGKILL after a grace."""
+    if not _POD_IP or not _POD_LO:
+        return
+    ppid = os.getppid()
+    if ppid <= 1:
+        return
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == ppid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30.0)
+        os._exit(137)
+
+    threading.Thread(target=watch, name="podnet-parent-watch", daemon=True).start()
+
+
 _install()
 _install_uvloop()
+_watch_parent()
