@@ -659,3 +659,57 @@ def test_an_adapter_that_does_not_fit_the_engine_is_refused_with_a_condition(ser
     routes = json.loads(w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"]["routes.json"])
     assert set(routes["routes"]) == {"support"} and "wide-v1" not in routes["adapters"], "never loaded"
     assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "True"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
+def test_operator_killed_at_random_points_of_a_rollout_converges_and_always_serves(serving: Serving, seed: int):
+    """The operator is stopped and started at random points while the test plays the controller-manager (each color's
+    status follows its spec after a while): the rollout converges, no child is duplicated, and at every look the
+    stable Service selects a color with ready replicas."""
+    import random
+
+    w = serving
+    rng = random.Random(seed)
+    first_rollout(w)
+    change_pods(w)
+
+    def sync(color: str) -> None:
+        d = w.deploy(f"chat-{color}")
+        if d is None:
+            return
+        st = d.get("status") or {}
+        n = d["spec"].get("replicas", 1)
+        if st.get("observedGeneration") != d["metadata"]["generation"] or st.get("readyReplicas") != n or st.get("replicas") != n:
+            w.ready(f"chat-{color}")
+
+    def serving_now() -> None:
+        color = w.stable_color()
+        d = w.deploy(f"chat-{color}")
+        assert d["spec"]["replicas"] > 0 and (d.get("status") or {}).get("readyReplicas", 0) > 0, (color, d["spec"], d.get("status"))
+
+    restarts = 0
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline, w.status()
+        serving_now()
+        if restarts == 0 or (rng.random() < 0.35 and restarts < 4):
+            w.cluster.stop_operator()
+            restarts += 1
+            if rng.random() < 0.5:
+                sync(rng.choice(["blue", "green"]))  # the world moves while no operator runs
+            w.cluster.start_operator()
+        time.sleep(rng.uniform(0.05, 0.6))
+        for color in ("blue", "green"):
+            if rng.random() < 0.5:
+                sync(color)
+        st = w.status()
+        conds = {c["type"]: c for c in st.get("conditions") or []}
+        blue = w.deploy("chat-blue")
+        if (st.get("activeColor") == "green" and conds.get("Progressing", {}).get("reason") == "RolloutComplete"
+                and blue["spec"]["replicas"] == 0 and w.stable_color() == "green"):
+            break
+    serving_now()
+    found = {kind: len(w.kube.list(api, kind, NS, "perennial.ai/deployment=chat"))
+             for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"))}
+    assert found == {"Deployment": 2, "Service": 2, "PodDisruptionBudget": 2, "ConfigMap": 1}, found
