@@ -27,12 +27,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("perennial_server.proxy")
 
-# request headers not forwarded to the engine (lower-case bytes, as aiohttp's raw_headers compare)
+# request headers not forwarded to the engine (lower-case bytes, as aiohttp's raw_headers compare);
+# Content-Encoding too: aiohttp decodes a compressed request body, the engine gets the decoded bytes
 HOP_BY_HOP = frozenset(
     h.lower().encode()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding",
+        "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding", "Content-Encoding",
     )
 )
 RESP_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding", "Date", "Server", "X-Request-Id"))

@@ -174,3 +174,22 @@ def test_adapter_uris_outside_the_artifact_stores_are_refused(fake: FakeEngine, 
     assert not (tmp_path / "adapters" / "evil").exists()
     assert not any("s3cr3t" in p.read_text(errors="replace") for p in (tmp_path / "adapters").rglob("*") if p.is_file())
     assert [c for c in fake.calls if c[1] == "evil"] == []
+
+
+def test_a_compressed_request_is_routed_and_forwarded_decoded(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    """aiohttp decodes a `Content-Encoding: gzip` request body before the sidecar routes it; the decoded (and
+    rewritten) body went on with the header still saying gzip: an engine that decodes request bodies (the CPU
+    engine) failed on it, one that does not read a body other than the one routed only by chance."""
+    import gzip
+
+    a1 = make_adapter_dir(tmp_path, "a1")
+    t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
+    applied(t, "r1")
+    raw = gzip.compress(json.dumps({"model": "support", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    r = requests.post(t.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "answer of a1" and fake.chats == ["a1"]
+    # a body compressed twice is not JSON once decoded: refused, never forwarded
+    r = requests.post(t.url + "/v1/chat/completions", data=gzip.compress(raw), headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert r.status_code == 400 and fake.chats == ["a1"]
