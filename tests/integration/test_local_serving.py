@@ -497,3 +497,29 @@ def test_pod_processes_do_not_outlive_a_killed_runtime(tmp_path: Path) -> None:
         parent.kill()
         if pidfile.exists() and _alive(pid := int(pidfile.read_text())):
             os.kill(pid, 9)
+
+
+def test_a_service_relay_lets_go_of_connections_the_pod_closed(env: Env) -> None:
+    """A client that reads its answer but never closes its socket: the pod closed its side (`Connection: close`), yet
+    the relay kept waiting on the client's side for ever, holding the client's and the pod's sockets (two fds of the
+    `perennial dev` process per connection, without bound). After the pod's FIN, the client side gets a grace period."""
+    env.deployment("fin", replicas=1)
+    wait_for(lambda: len(env.ready_pods("fin")) == 1, WAIT, 0.2, "pod ready")
+    url = env.service("fin", {"app": "fin"})
+    port = int(url.rsplit(":", 1)[1])
+    proxy = env.cluster.proxy
+    proxy.fin_timeout_s = 1.0
+    held = []
+    try:
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            s.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):  # until the pod's FIN, passed on by the relay
+                data += chunk
+            assert b" 200 " in data.split(b"\r\n", 1)[0] + b" "
+            held.append(s)  # read, never closed
+        wait_for(lambda: not proxy._conns, WAIT, 0.1, "relay connections released")
+    finally:
+        for s in held:
+            s.close()

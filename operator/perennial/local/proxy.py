@@ -13,6 +13,7 @@
 - No ready endpoint: the connection is closed at once (kube-proxy rejects it). An endpoint refusing the
   connection is skipped for the next one.
 - A byte relay (asyncio streams, both directions, half-close passed on), no HTTP parsing, in the runtime's loop.
+  Once the pod closed its side, the client's side is closed after `fin_timeout_s` (30 s) if it has not ended.
 - The endpoints controller's part: a v1 `Endpoints` object per Service with a selector (`subsets` of ready
   `addresses` and `notReadyAddresses` with their `targetRef`, grouped by resolved ports), rewritten when pods or
   the Service change, deleted with the Service. (No EndpointSlices: the embedded server does not serve them.)
@@ -49,6 +50,10 @@ class _Listener:
 
 class LocalServiceProxy:
     """See the module docstring. `host`: where the listeners bind (loopback by default)."""
+
+    #: After the pod closed its side of a connection, how long the client's side may still send (HAProxy's
+    #: `timeout client-fin`); then the relay closes both (a client that never closes held two fds for ever).
+    fin_timeout_s = 30.0
 
     def __init__(self, kube: Kube, server_handle: Any, *, loop: LoopThread | None = None, host: str = "127.0.0.1") -> None:
         self.api = Api(kube)
@@ -231,9 +236,18 @@ class LocalServiceProxy:
                     up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
                 except (OSError, asyncio.TimeoutError):
                     continue
+                up = asyncio.ensure_future(_pipe(reader, up_writer))
+                down = asyncio.ensure_future(_pipe(up_reader, writer))
                 try:
-                    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                    await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+                    if down.done() and not up.done():
+                        # the pod closed its side: the client gets `fin_timeout_s` to finish, not for ever
+                        await asyncio.wait({up}, timeout=self.fin_timeout_s)
+                    elif not down.done():
+                        await down  # the client half-closed (sent its request): the answer still comes back
                 finally:
+                    for t in (up, down):
+                        t.cancel()
                     up_writer.close()
                 return
         except asyncio.CancelledError:
