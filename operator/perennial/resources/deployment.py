@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlparse
 
+from .. import storage
 from ..api.basemodel import BaseModelSpec
 from ..api.common import ComputeResources
 from ..api.deployment import DeploymentSpec, Region
@@ -336,15 +337,10 @@ def _pvc(uri: str) -> tuple[str, str]:
 
 def local_path(uri: str) -> str | None:
     """The path inside the pod of a `pvc://`, `file://` or absolute URI (None for remote URIs)."""
-    if uri.startswith("/"):
-        return uri
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return parsed.path
-    if parsed.scheme == "pvc":
-        claim, path = _pvc(uri)
-        return f"{PVC_ROOT}/{claim}/{path}".rstrip("/")
-    return None
+    if urlparse(uri).scheme == "pvc":
+        _pvc(uri)  # a claim is required
+        return storage.local_path(uri, PVC_ROOT).rstrip("/")  # type: ignore[union-attr]
+    return storage.local_path(uri, PVC_ROOT)
 
 
 def model_location(s: Serving) -> ModelLocation:
