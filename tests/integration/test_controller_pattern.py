@@ -154,6 +154,22 @@ def test_running_runs_reach_steady_state_in_three_writes(cluster: Cluster):
     assert sorted(reasons) == ["JobCreated"] * n, reasons
 
 
+def test_an_object_of_someone_else_with_a_childs_name_is_never_taken_over(cluster: Cluster):
+    """A user's own ConfigMap that happens to bear the name of a run's child (not labelled as ours, not owned by
+    the run): the operator must not rewrite it, and makes nothing that would depend on it."""
+    prerequisites(cluster)
+    mine = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "theirs-config", "namespace": "default", "labels": {"team": "search"}},
+            "data": {"settings.yaml": "keep: me\n"}}
+    cluster.kube.create(mine)
+    cluster.create("TrainingRun", "theirs", run_spec())
+    wait_for(lambda: cluster.server.count(client="perennial-operator", verb="create", resource="configmaps") >= 1, message="the operator tried")
+    time.sleep(2)  # give a wrong operator the time to patch it
+    cm = cluster.kube.get("v1", "ConfigMap", "default", "theirs-config")
+    assert cm["data"] == {"settings.yaml": "keep: me\n"} and cm["metadata"]["labels"] == {"team": "search"}, cm
+    assert not cm["metadata"].get("ownerReferences")
+    assert cluster.kube.get("batch/v1", "Job", "default", "theirs-train") is None
+
+
 def test_defaulted_children_are_left_alone(cluster: Cluster):
     """The control plane defaults every child (Job selector and pod template, PVC, ConfigMap):
     comparing with them must not look like drift."""

@@ -42,6 +42,24 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+MANAGED_LABEL = "app.kubernetes.io/managed-by"
+
+
+def desired_label(obj: dict[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_LABEL)
+
+
+def _ours(current: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether an existing object may be brought to `desired`: it carries the managed-by label `desired` sets,
+    or an ownerReference to the parent `desired` names. Anything else is someone else's (a user's Service
+    that happens to bear the name): never taken over, as Helm refuses objects without its ownership metadata."""
+    want = desired_label(desired)
+    if want is not None and desired_label(current) == want:
+        return True
+    uids = {r.get("uid") for r in (desired.get("metadata") or {}).get("ownerReferences") or [] if r.get("uid")}
+    return any(r.get("uid") in uids for r in (current.get("metadata") or {}).get("ownerReferences") or [])
+
+
 class AsyncKube:
     """create / patch / status / Events / pod logs over aiohttp; a 409 on create is the caller's to judge."""
 
@@ -201,6 +219,11 @@ class AsyncKube:
             current = await self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
             if current is None:
                 return await self.create(desired), "created"
+            if not _ours(current, desired):
+                raise ApiError(409, {"kind": "Status", "reason": "AlreadyExists", "message": (
+                    f"{obj['kind']} {meta['name']!r} already exists and is not Perennial's (neither labelled "
+                    f"{MANAGED_LABEL}={desired_label(desired)!r} nor owned by its parent): rename or delete it; it is left as it is")},
+                    "POST", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace")))
         patch = apply_patch(obj, current)
         if patch is None:
             return current, "unchanged"
