@@ -300,6 +300,36 @@ def test_idle_connections_cannot_exhaust_file_descriptors(tmp_path: Path, upstre
         sc.stop()
 
 
+def test_trickled_head_bytes_never_make_a_slowloris_look_fresher_than_a_waiting_client(tmp_path: Path, upstream: AppThread) -> None:
+    """At the connection limit the connection idle the longest makes room. A slowloris trickling header bytes
+    must count as idle since its head started: were each trickle to refresh it, a legitimate client whose
+    request had not been read yet (a busy server) would be closed without an answer instead."""
+    sc = Sidecar(tmp_path, upstream.url, "--client-header-timeout-s", "600", "--keepalive-timeout-s", "600")
+    limit = (NOFILE - 64) // 2  # connections.auto_max_connections for the test's RLIMIT_NOFILE
+    try:
+        tricklers = []
+        for _ in range(limit - 1):
+            t = _connect(sc.port)
+            t.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\n")
+            tricklers.append(t)
+        waiting = _connect(sc.port)  # the limit is reached; its request is not sent yet
+        for _ in range(5):
+            time.sleep(0.2)
+            for t in tricklers:
+                t.sendall(b"X-Slow: 1\r\n")
+        newcomer = _connect(sc.port)  # one over the limit: someone must make room
+        newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        closed, got = _closed_by_peer(newcomer, 10)
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        closed, got = _closed_by_peer(waiting, 10)
+        assert got.startswith(b"HTTP/1.1 200"), f"the waiting client was evicted instead of a slowloris: {got[:200]!r}"
+        for t in tricklers:
+            t.close()
+    finally:
+        sc.stop()
+
+
 def test_idle_keepalive_connection_is_closed(sidecar: Sidecar) -> None:
     s = _connect(sidecar.port)
     s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
