@@ -35,37 +35,54 @@ LOCAL_URL = "perennial.ai/local-url"
 # ----------------------------------------------------------------------------- the parts a cluster plays
 
 
-class Engines:
-    """The serving pods behind a Service, as the smoke test sees them: chat completions, or failures."""
+class JSONServer:
+    """A tiny HTTP server on 127.0.0.1: every request is answered by `answer(method, body)` -> (status, JSON)."""
 
     def __init__(self) -> None:
-        self.answer = "Hello there."
-        self.status = 200
-        self.models: list[str] = []
-        engines = self
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                engines.models.append(body.get("model"))
-                data = json.dumps({"object": "chat.completion", "model": body.get("model"),
-                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": engines.answer}}]}).encode()
-                self.send_response(engines.status)
+            def reply(self) -> None:
+                status, obj = outer.answer(self.command, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                data = json.dumps(obj).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
+            do_GET = do_POST = reply
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, body: bytes) -> tuple[int, Any]:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Engines(JSONServer):
+    """The serving pods behind a Service, as the smoke test sees them: chat completions, or failures."""
+
+    def __init__(self) -> None:
+        self.answer_text = "Hello there."
+        self.status = 200
+        self.models: list[str] = []
+        super().__init__()
+
+    def answer(self, method: str, body: bytes) -> tuple[int, Any]:
+        model = json.loads(body or b"{}").get("model")
+        self.models.append(model)
+        return self.status, {"object": "chat.completion", "model": model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer_text}}]}
 
 
 class Serving:
@@ -118,38 +135,20 @@ class Serving:
         return [f"{e['reason']}: {e['message']}" for e in events]
 
 
-class Sidecars:
+class Sidecars(JSONServer):
     """The serving pods' sidecars as the controller reads them (`GET /perennial/routes`): each applies the routes
     ConfigMap's current document at once (or, `frozen`, keeps the revision it had)."""
 
     def __init__(self, kube: Any, config_map: str) -> None:
         self.frozen: str | None = None
         self.reads = 0
-        sidecars = self
+        self.kube, self.config_map = kube, config_map
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                sidecars.reads += 1
-                cm = kube.get("v1", "ConfigMap", NS, config_map)
-                doc = json.loads(cm["data"]["routes.json"])
-                revision = sidecars.frozen or doc["revision"]
-                data = json.dumps({"revision": revision, "loaded": sorted(doc["adapters"]), "errors": {}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method: str, body: bytes) -> tuple[int, Any]:
+        self.reads += 1
+        doc = json.loads(self.kube.get("v1", "ConfigMap", NS, self.config_map)["data"]["routes.json"])
+        return 200, {"revision": self.frozen or doc["revision"], "loaded": sorted(doc["adapters"]), "errors": {}}
 
 
 def run_pods(w: Serving, deployment: str, n: int, sidecars: Sidecars) -> list[str]:
