@@ -581,12 +581,13 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
     if fb.enabled and fb.store_credentials_secret_ref:
         sidecar_env_from.append({"secretRef": {"name": fb.store_credentials_secret_ref.name}})
     startup = settings.startup_seconds(spec.engine.type)
+    engine_argv = engine_args(s, model)
     engine: dict[str, Any] = {
         "name": "engine",
         "image": s.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": engine_args(s, model)[:1],
-        "args": engine_args(s, model)[1:],
+        "command": engine_argv[:1],
+        "args": engine_argv[1:],
         "env": engine_env,
         "volumeMounts": engine_mounts,
         "resources": _engine_resources(s, engine_disk),
@@ -604,12 +605,13 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
         engine["envFrom"] = engine_env_from
     workers = fb.workers
     sidecar_mem = add_quantities(*[settings.sidecar_memory_per_worker] * workers)
+    sidecar_argv = sidecar_args(s, revision)
     sidecar: dict[str, Any] = {
         "name": "sidecar",
         "image": s.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": sidecar_args(s, revision)[:1],
-        "args": sidecar_args(s, revision)[1:],
+        "command": sidecar_argv[:1],
+        "args": sidecar_argv[1:],
         "ports": [{"name": PORT_NAME, "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
         "env": sidecar_env,
         "volumeMounts": sidecar_mounts,
