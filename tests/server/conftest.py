@@ -38,8 +38,6 @@ def engine(tiny_model: dict):
     eng.shutdown()
 
 
-
-
 @pytest.fixture
 def sidecar_factory(tmp_path: Path):
     from perennial_server.config import SidecarConfig
@@ -77,3 +75,27 @@ def sidecar_factory(tmp_path: Path):
         t.stop()
 
 
+@pytest.fixture
+def fake() -> Any:
+    """A fake engine speaking vLLM's adapter API (routesutil.FakeEngine)."""
+    from routesutil import FakeEngine
+
+    e = FakeEngine()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def routed(fake: Any, sidecar_factory: Callable[..., Any], tmp_path: Path) -> Callable[..., Any]:
+    """start(doc or None, **config) -> (sidecar thread, Sidecar, kubelet dir): a sidecar in front of `fake`
+    routing from a mounted routes file (routesutil.KubeletDir)."""
+    from routesutil import KubeletDir
+
+    def start(first: dict | None, **overrides: Any) -> tuple[Any, Any, Any]:
+        kd = KubeletDir(tmp_path / "configmap")
+        if first is not None:
+            kd.write(first)
+        t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
+        return t, sc, kd
+
+    return start

@@ -19,35 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 import requests
-from test_routes import (
-    BASE,
-    FakeEngine,
-    KubeletDir,
-    applied,
-    doc,
-    make_adapter_dir,
-    routes_state,
-    wait_until,
-)
-
-
-@pytest.fixture
-def fake() -> Any:
-    e = FakeEngine()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def routed(fake: FakeEngine, sidecar_factory, tmp_path: Path):
-    def start(first: dict | None, **overrides: Any):
-        kd = KubeletDir(tmp_path / "configmap")
-        if first is not None:
-            kd.write(first)
-        t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
-        return t, sc, kd
-
-    return start
+from routesutil import BASE, FakeEngine, applied, doc, make_adapter_dir, routes_state, wait_until
 
 
 # ---------------------------------------------------------------- parser differentials
