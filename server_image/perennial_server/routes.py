@@ -403,6 +403,36 @@ class Routed:
         self.renamer = Renamer(adapter, served) if adapter is not None and adapter != served else None
 
 
+# a JSON object key that decodes to `model`: each letter literal or a \\u escape (no other escape spells a letter)
+_MODEL_KEY = re.compile(rb'"(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065)(?:l|\\u006[cC])"[ \t\n\r]*:')
+
+
+class _RepeatsModel(dict):
+    """An object of a request body that has the key `model` more than once."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    n = 0
+    for k, _ in pairs:
+        if k == "model":
+            n += 1
+    return _RepeatsModel(pairs) if n > 1 else dict(pairs)
+
+
+def _repeats_model(body: bytes) -> bool:
+    """Whether the body's top-level object has the key `model` twice or more (however its keys are escaped).
+    Which duplicate a parser keeps is its own choice (json.loads and pydantic-core keep the last, others the
+    first): routing must not depend on it. Called only for a body with two `"model"` or a `\\u` escape;
+    a body with fewer than two keys spelling `model` anywhere is cleared by one regex scan, the rest (nested
+    `model` keys) parsed once more with json.loads, whose object_pairs_hook sees every key."""
+    if len(_MODEL_KEY.findall(body)) < 2:
+        return False
+    try:
+        return isinstance(json.loads(body, object_pairs_hook=_pairs), _RepeatsModel)
+    except (ValueError, RecursionError):
+        return True  # pydantic-core parsed it: refuse what the two parsers disagree on
+
+
 def _with_model(body: bytes, req: dict, served: str, adapter: str) -> bytes:
     """`body` with its top-level `model` (== served) set to `adapter`. The bytes are spliced when the
     served name appears exactly once, quoted, right after the only `"model":` key, and the body has no
@@ -474,6 +504,8 @@ class Routes:
             return json_error(400, "the request body must be a JSON object in UTF-8", "invalid_json")
         if not isinstance(req, dict):
             return None
+        if (body.count(_KEY) > 1 or b"\\u" in body) and _repeats_model(body):
+            return json_error(400, "the request body must not repeat the key `model`", "duplicate_model", param="model")
         model = req.get("model")
         if not isinstance(model, str):
             return None

@@ -53,19 +53,38 @@ def test_a_body_the_sidecar_cannot_parse_never_reaches_the_engine(fake: FakeEngi
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "answer of a1"
 
 
-def test_duplicate_model_keys_route_by_the_last_one_like_every_engine(fake: FakeEngine, routed, tmp_path: Path) -> None:
+DUPLICATE_MODEL_BODIES = {
+    "adapter-last": f'{{"model": "{BASE}", "model": "a1", "messages": []}}',
+    "adapter-first": f'{{"model": "a1", "model": "{BASE}", "messages": []}}',
+    "served-last": '{"model": "a1", "model": "support", "messages": []}',
+    "non-string-last": '{"model": "a1", "messages": [], "model": 5}',
+    "escaped-key": f'{{"model": "a1", "messages": [], "mo\\u0064el": "{BASE}"}}',
+    "escaped-both": f'{{"\\u006dodel": "a1", "messages": [], "mode\\u006C": "{BASE}"}}',
+    "spaced": f'{{"model" : "a1",\n"model"\t:"{BASE}", "messages": []}}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DUPLICATE_MODEL_BODIES))
+def test_a_body_repeating_the_model_key_is_refused(fake: FakeEngine, routed, tmp_path: Path, kind: str) -> None:
+    """Which of two `model` keys a parser keeps is its own choice (Python's json.loads and pydantic-core keep the
+    last, others the first): a body that repeats `model` at its top level is refused, never routed by one and
+    served by the other."""
+    raw = DUPLICATE_MODEL_BODIES[kind]
+    pairs = json.loads(raw, object_pairs_hook=lambda p: p)
+    assert [k for k, _ in pairs].count("model") == 2, pairs  # the body really repeats it
     a1 = make_adapter_dir(tmp_path, "a1")
     t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)]}))
     applied(t, "r1")
-    msgs = '"messages": [{"role": "user", "content": "hi"}]'
-    # the adapter's name last: refused (json.loads and pydantic-core both keep the last key)
-    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "{BASE}", "model": "a1", {msgs}}}', timeout=30)
-    assert r.status_code == 404 and fake.chats == []
-    # the adapter's name first: what reaches the engine names the base only
-    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "a1", "model": "{BASE}", {msgs}}}', timeout=30)
-    assert r.status_code == 200 and fake.chats == [BASE]
-    r = requests.post(t.url + "/v1/chat/completions", data=f'{{"model": "a1", "model": "support", {msgs}}}', timeout=30)
-    assert r.status_code == 200 and fake.chats == [BASE, "a1"] and r.json()["model"] == "support"
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = requests.post(t.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        e = r.json()["error"]
+        assert e["code"] == "duplicate_model" and e["param"] == "model" and e["type"] == "invalid_request_error", e
+    assert fake.chats == []
+    # `model` once at the top level and again deeper down (a tool's field) is not a duplicate
+    body = {"model": "support", "messages": [{"role": "user", "content": 'say "model": "a1"'}], "tools": [{"model": "a1"}]}
+    ok = requests.post(t.url + "/v1/chat/completions", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "answer of a1"
 
 
 @pytest.mark.parametrize("model", [5, None, ["support"], {"model": "a1"}, True, "x" * 100_000, "a1\u0000", "ａ1", "support\u200b"])
