@@ -91,10 +91,11 @@ def _records():
         InteractionRecord(id="r2", messages=chat("colour of banana?"), response="<answer>blue</answer>"),
         InteractionRecord(id="r3", messages=chat("colour of lime?"), response="<answer>red</answer>"),
         InteractionRecord(id="r4", prompt="plain prompt", response="meh"),
+        InteractionRecord(id="r5", prompt="plain prompt", response="better"),
         FeedbackRecord(response_id="r1", type="thumbs", thumbs="up"),
         FeedbackRecord(response_id="r2", type="score", score=0.1),
         FeedbackRecord(response_id="r3", type="correction", correction="<answer>green</answer>"),
-        FeedbackRecord(response_id="r4", type="preference", other_response_id="r1", chosen="other"),
+        FeedbackRecord(response_id="r4", type="preference", other_response_id="r5", chosen="other"),
         FeedbackRecord(response_id="missing", type="thumbs", thumbs="up"),
     ]
 
@@ -109,7 +110,7 @@ def test_feedback_to_rows():
               r["rejected"][0]["content"] if isinstance(r["rejected"], list) else r["rejected"]) for r in dpo}
     assert ("<answer>green</answer>", "<answer>red</answer>") in pairs   # correction vs original
     assert ("<answer>yellow</answer>", "<answer>blue</answer>") in pairs  # differently rated, same prompt
-    assert ("<answer>yellow</answer>", "meh") in pairs                    # explicit preference
+    assert ("better", "meh") in pairs                                     # explicit preference (same prompt)
     grpo = feedback_to_rows(recs, "GRPO")
     assert len(grpo) == 3 and all("prompt" in r for r in grpo)
     banana = [r for r in grpo if r["prompt"] == [{"role": "user", "content": "colour of banana?"}]][0]
@@ -120,10 +121,14 @@ def test_feedback_snapshot_from_store(tmp_path):
     seg = tmp_path / "store" / "dep" / "2026" / "11" / "25"
     seg.mkdir(parents=True)
     (seg / "pod-00000001.jsonl").write_text("\n".join(r.to_json() for r in _records()) + "\nnot json\n")
-    ds = load_feedback_dataset("fb", str(tmp_path / "store"), [], "SFT", None)
+    ds = load_feedback_dataset("fb", str(tmp_path / "store"), [], "SFT", None, min_examples=2)
     assert len(ds.rows) == 2 and len(ds.sha256) == 64
-    only = load_feedback_dataset("fb", str(tmp_path / "store"), ["dep/2026/11/25/pod-00000001.jsonl"], "DPO", None)
+    assert ds.stats["dropped"]["unparsable"] == 1 and ds.stats["dropped"]["interactionMissing"] == 1
+    only = load_feedback_dataset("fb", str(tmp_path / "store"), ["dep/2026/11/25/pod-00000001.jsonl"], "DPO", None, min_examples=3)
     assert len(only.rows) == 3
+    with pytest.raises(TrainerError) as e:  # too little data: a permanent failure, not a worse adapter
+        load_feedback_dataset("fb", str(tmp_path / "store"), [], "SFT", None)
+    assert e.value.reason == "InsufficientData" and e.value.exit_code == 11
     with pytest.raises(TrainerError, match="not found"):
         load_feedback_dataset("fb", str(tmp_path / "store"), ["dep/nope.jsonl"], "SFT", None)
 

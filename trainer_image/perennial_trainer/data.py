@@ -9,11 +9,10 @@ import io
 import json
 import logging
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from perennial.api import FeedbackRecord, InteractionRecord, parse_record
+from perennial.api import FeedbackRecord, InteractionRecord
 
 from .errors import TrainerError
 from .storage import filesystem, resolve_uri
@@ -35,6 +34,8 @@ class LoadedDataset:
     rows: list[dict[str, Any]]
     sha256: str
     files: list[str] = field(default_factory=list)
+    #: feedback datasets: counts of segments, records, rows and dropped records by reason
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _list_files(uri: str) -> tuple[Any, list[str]]:
@@ -110,109 +111,21 @@ def check_columns(ds: LoadedDataset, method: str) -> None:
 # ---------------------------------------------------------------------------- feedback
 
 
-def _prompt_of(inter: InteractionRecord) -> Any:
-    if inter.messages:
-        return [m.model_dump(exclude_none=True) for m in inter.messages]
-    return inter.prompt or ""
-
-
-def _completion(prompt: Any, text: str) -> Any:
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
 def feedback_to_rows(records: list[InteractionRecord | FeedbackRecord], method: str, min_rating: float | None = None) -> list[dict[str, Any]]:
-    """Turn feedback-store records into training rows for `method`.
+    """Training rows for `method` from feedback-store records (the rules: `perennial_trainer.feedback`)."""
+    from .feedback import Segment, build_rows
 
-    SFT: responses rated >= `min_rating` (default 0.5; thumbs up = 1) and corrections.
-    DPO: correction vs original; explicit preferences; differently-rated responses to one prompt.
-    GRPO: the distinct prompts (with `feedback_score` when rated, for HumanFeedback graders).
-    """
-    inters = {r.id: r for r in records if isinstance(r, InteractionRecord)}
-    fbs = [r for r in records if isinstance(r, FeedbackRecord)]
-    threshold = 0.5 if min_rating is None else min_rating
-    rating: dict[str, float] = {}
-    corrections: dict[str, str] = {}
-    prefs: list[tuple[str, str]] = []  # (better id, worse id)
-    for fb in fbs:
-        if fb.response_id not in inters:
-            continue
-        r = fb.reward()
-        if r is not None:
-            rating[fb.response_id] = r  # the last rating wins
-        if fb.type == "correction" and fb.correction:
-            corrections[fb.response_id] = fb.correction
-        if fb.type == "preference" and fb.other_response_id in inters:
-            a, b = fb.response_id, fb.other_response_id
-            prefs.append((a, b) if fb.chosen == "this" else (b, a))
-    rows: list[dict[str, Any]] = []
-    if method == "SFT":
-        for rid, inter in inters.items():
-            p = _prompt_of(inter)
-            if rid in corrections:
-                rows.append({"prompt": p, "completion": _completion(p, corrections[rid])})
-            elif rid in rating and rating[rid] >= threshold:
-                rows.append({"prompt": p, "completion": _completion(p, inter.response)})
-    elif method == "DPO":
-        seen = set()
-
-        def add(p, chosen, rejected):
-            key = (json.dumps(p, sort_keys=True), chosen, rejected)
-            if chosen != rejected and key not in seen:
-                seen.add(key)
-                rows.append({"prompt": p, "chosen": _completion(p, chosen), "rejected": _completion(p, rejected)})
-
-        for rid, corr in corrections.items():
-            add(_prompt_of(inters[rid]), corr, inters[rid].response)
-        for better, worse in prefs:
-            add(_prompt_of(inters[better]), inters[better].response, inters[worse].response)
-        by_prompt: dict[str, list[str]] = defaultdict(list)
-        for rid in rating:
-            by_prompt[json.dumps(_prompt_of(inters[rid]), sort_keys=True)].append(rid)
-        for ids in by_prompt.values():
-            for a in ids:
-                for b in ids:
-                    if rating[a] > rating[b]:
-                        add(_prompt_of(inters[a]), inters[a].response, inters[b].response)
-    else:
-        seen_p: dict[str, dict[str, Any]] = {}
-        for rid, inter in inters.items():
-            p = _prompt_of(inter)
-            key = json.dumps(p, sort_keys=True)
-            row = seen_p.setdefault(key, {"prompt": p})
-            if rid in rating:
-                row["feedback_score"] = rating[rid]
-            if rid in corrections:
-                row["reference"] = corrections[rid]
-        rows = list(seen_p.values())
-    return rows
+    data = "\n".join(r.to_json() for r in records).encode()
+    return build_rows([Segment("records", data)], method, min_rating).rows
 
 
-def load_feedback_dataset(name: str, store_uri: str, segments: list[str], method: str, min_rating: float | None, split: str = "Train") -> LoadedDataset:
-    fs, root = filesystem(store_uri)
-    root = root.rstrip("/")
-    if segments:
-        files = [f"{root}/{s}" for s in segments]
-    else:
-        files = sorted(p for p in fs.find(root) if p.endswith(".jsonl")) if fs.exists(root) else []
-    h = hashlib.sha256()
-    records = []
-    for f in files:
-        if not fs.exists(f):
-            raise TrainerError(f"dataset {name!r}: feedback segment {f} not found in store {store_uri}", "DatasetNotFound")
-        with fs.open(f, "rb") as fh:
-            blob = fh.read()
-        h.update(blob)
-        for i, line in enumerate(blob.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(parse_record(line))
-            except Exception as e:  # noqa: BLE001 - a bad record is skipped, not fatal
-                log.warning("dataset %r: skipping invalid record %s:%d: %s", name, f, i, e)
-    rows = feedback_to_rows(records, method, min_rating)
-    if not rows:
-        raise TrainerError(f"dataset {name!r}: the feedback snapshot of {store_uri} ({len(files)} segments, {len(records)} records) yields no {method} rows", "EmptyDataset")
-    return LoadedDataset(name, store_uri, split, rows, h.hexdigest(), files)
+def load_feedback_dataset(name: str, store_uri: str, segments: list[str], method: str, min_rating: float | None, split: str = "Train",
+                          *, snapshot: str | None = None, min_examples: int | None = None, deployment: str | None = None) -> LoadedDataset:
+    """A feedback dataset: a snapshot document, listed segments, or every segment of `deployment` (`perennial_trainer.feedback`)."""
+    from .feedback import load_feedback
+
+    return load_feedback(name, store_uri, method, segments=segments, snapshot=snapshot, min_rating=min_rating,
+                         min_examples=min_examples, deployment=deployment, split=split)
 
 
 def split_held_out(rows: list[dict[str, Any]], percent: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

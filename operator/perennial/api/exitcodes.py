@@ -11,7 +11,7 @@ saying why.
 | 0 | the run succeeded | - |
 | 1 | a transient or unexpected failure (a crash, an I/O error, a storage outage) | yes, up to `backoffLimit` |
 | 10 | invalid run config (`InvalidConfig`, `ConfigNotFound`, `StorageUnavailable`) | no |
-| 11 | a dataset that is missing, unreadable or has the wrong rows (`DatasetNotFound`, `InvalidDataset`, `DatasetHashMismatch`, `EmptyDataset`, `MissingColumn`) | no |
+| 11 | a dataset that is missing, unreadable or has the wrong rows (`DatasetNotFound`, `InvalidDataset`, `DatasetHashMismatch`, `EmptyDataset`, `InsufficientData`, `MissingColumn`) | no |
 | 12 | an invalid reward spec (`InvalidRewardSpec`) | no |
 | 13 | a base model or parent adapter that is missing or cannot be loaded (`BaseModelUnavailable`, `ParentAdapterInvalid`, `NotFound`) | no |
 
@@ -48,6 +48,7 @@ PERMANENT_REASONS: dict[str, TrainerExit] = {
     "InvalidDataset": TrainerExit.INVALID_DATASET,
     "DatasetHashMismatch": TrainerExit.INVALID_DATASET,
     "EmptyDataset": TrainerExit.INVALID_DATASET,
+    "InsufficientData": TrainerExit.INVALID_DATASET,
     "MissingColumn": TrainerExit.INVALID_DATASET,
     "InvalidRewardSpec": TrainerExit.INVALID_REWARD_SPEC,
     "BaseModelUnavailable": TrainerExit.INVALID_MODEL,
