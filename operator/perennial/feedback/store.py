@@ -1,0 +1,868 @@
+"""Reading a Deployment's feedback store incrementally, and writing its dataset snapshots.
+
+The sidecar ships closed segments (JSON Lines of `perennial_records` records) to
+`<store>/<deployment>/<yyyy>/<mm>/<dd>/<pod>-<seq>.jsonl` (`perennial_records.segment_name`).
+`FeedbackStore` (one per store URI, over fsspec) keeps, per Deployment:
+
+**An index** of every segment it has read: size, ETag or mtime, sha256 and per part the counts
+(interactions, ratings, first/last record time, oldest rating, skipped lines by reason).
+A tick (`scan`) lists the store and reads only segments that are new or whose size/ETag/mtime
+changed since they were indexed, so it reads each record once, however long the history.
+Listing is pruned too: a day directory is listed when it is recent (the last `recent_days` days,
+by today's UTC date and by the newest day in the store), new, or its directory mtime changed
+(local and PVC stores report one); every day is listed on the first tick of a process and every
+`full_rescan_seconds` (segments shipped days late to an object store are found then).
+
+The index lives in the store itself, so it survives an operator restart:
+`<deployment>/_perennial/index/<yyyy>-<mm>-<dd>.json`, one document per day directory of
+segments (never one per tick: a tick rewrites, atomically, only the days it changed; the file count
+is the number of day directories the store holds). The index is a cache: a lost or corrupt index
+file only makes the next tick read that day's segments again.
+
+**Snapshots**, the source of truth for exactly-once: `<deployment>/_perennial/snapshots/<name>.json`,
+created once (create-only; the same parts written again return the existing document, different
+parts under an existing name raise `SnapshotConflict`), named deterministically
+(`snapshot_name(deployment, sequence)`), so a controller that crashed after writing one finds it
+again (`latest_snapshot`) and creates the TrainingRun it owes. A part (a byte range of a segment, see
+`snapshot.py`) is in at most one snapshot; a rating is trained on in the snapshot that holds its
+record. What the next snapshot takes (`pending`) is every indexed part no snapshot holds, oldest
+first -- including segments that arrived late with old names. Ratings that arrive after their
+interaction's segment was snapshotted are in a later snapshot; that snapshot's `joinSegments`
+names the earlier parts holding the interactions they rate (searched within `lookback_seconds`
+of the rating), so the trainer can join them by response id.
+
+Bad data never raises: a torn last line, invalid JSON, an unknown `kind` or a record that fails its
+schema is counted by reason (`skipped`) and skipped. A store that cannot be listed or read raises
+`StoreUnavailable` (reason `FeedbackStoreUnavailable`), for a condition on the Deployment.
+
+Every method here blocks (fsspec I/O); from the operator's event loop call the `*_async`
+wrappers (or `asyncio.to_thread`). Calls for one Deployment are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import fsspec
+import pydantic
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from perennial import storage
+from perennial_records import FeedbackRecord, InteractionRecord, parse_record
+
+from .snapshot import Cursor, SegmentPart, SegmentRef, Snapshot, SnapshotCounts, TimeWindow, snapshot_name
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+META_DIR = "_perennial"
+DEFAULT_LOOKBACK_SECONDS = 7 * 24 * 3600
+#: A TrainingRun's `feedback.segments` holds at most this many names.
+DEFAULT_MAX_SEGMENTS = 10000
+
+_YEAR = re.compile(r"^\d{4}$")
+_TWO = re.compile(r"^\d{2}$")
+_SEQ = re.compile(r"-(\d{8})\.json$")
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+class FeedbackStoreError(Exception):
+    """Base of this module's errors; `reason` is CamelCase, for a condition."""
+
+    reason = "FeedbackStoreError"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
+
+class StoreUnavailable(FeedbackStoreError):
+    """The store could not be listed, read or written (network, permissions, missing mount)."""
+
+    reason = "FeedbackStoreUnavailable"
+
+
+class SnapshotConflict(FeedbackStoreError):
+    """A snapshot name already holds other parts, is not the next in sequence, or a part is already in another snapshot."""
+
+    reason = "SnapshotConflict"
+
+
+class SegmentChanged(FeedbackStoreError):
+    """A part's bytes no longer match the index (the object changed since the last scan): scan again."""
+
+    reason = "SegmentChanged"
+
+
+class SnapshotCorrupt(FeedbackStoreError):
+    """A snapshot document in the store cannot be read as one: what it consumed is unknown, so no new snapshot is taken."""
+
+    reason = "SnapshotCorrupt"
+
+
+# ------------------------------------------------------------------------------- index models
+
+
+class _Doc(pydantic.BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class SegmentEntry(_Doc):
+    """What the index knows of one segment object."""
+
+    name: str
+    size: int = Field(ge=0)
+    etag: str | None = None
+    mtime: str | None = None
+    sha256: str = Field(description="sha256 of the whole object as last read.")
+    covered: int = Field(default=0, ge=0, description="End of the last part (bytes of whole lines indexed).")
+    covered_sha256: str = Field(description="sha256 of bytes [0, covered).")
+    torn_tail: int = Field(default=0, ge=0, description="Bytes after the last complete line (a torn line) at the last read.")
+    parts: list[SegmentPart] = Field(default_factory=list)
+
+
+class DayIndex(_Doc):
+    version: int = INDEX_VERSION
+    deployment: str
+    day: str = Field(description="`yyyy/mm/dd`.")
+    dir_mtime: str | None = None
+    segments: list[SegmentEntry] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Rated records no snapshot holds yet (what the next snapshot would train on)."""
+
+    ratings: int = 0
+    interactions: int = 0
+    parts: int = 0
+    oldest_rating: _dt.datetime | None = None
+
+    def age_seconds(self, now: _dt.datetime | None = None) -> float | None:
+        """Age of the oldest pending rating (for `maxAgeSeconds`); None when none is pending or its time is unknown."""
+        if self.oldest_rating is None:
+            return None
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        return max(0.0, (now - self.oldest_rating).total_seconds())
+
+
+@dataclass
+class ScanResult:
+    deployment: str
+    segments: int = 0  # segments in the index after the scan
+    new_segments: int = 0
+    changed_segments: int = 0  # re-read: grown or rewritten
+    removed_segments: int = 0  # gone from the store
+    segments_read: int = 0
+    bytes_read: int = 0
+    records_read: int = 0  # lines parsed this tick (new parts only)
+    days_listed: int = 0
+    days_total: int = 0
+    full_listing: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)  # over the whole index, by reason
+    pending: Pending = field(default_factory=Pending)
+    cursor: Cursor = field(default_factory=Cursor)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _time(s: Any) -> str | None:
+    """A record's time as a fixed-format UTC string (comparable as text), None when unreadable."""
+    if not isinstance(s, str):
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(s)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    try:
+        return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+    except (OverflowError, ValueError):
+        return None
+
+
+def _dt_of(s: str | None) -> _dt.datetime | None:
+    return _dt.datetime.fromisoformat(s) if s else None
+
+
+def _min(a: str | None, b: str | None) -> str | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _max(a: str | None, b: str | None) -> str | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _skip_reason(e: pydantic.ValidationError) -> str:
+    kinds = {err.get("type") for err in e.errors()}
+    if "json_invalid" in kinds:
+        return "InvalidJSON"
+    if kinds & {"union_tag_not_found", "union_tag_invalid"}:
+        return "UnknownKind"
+    return "InvalidRecord"
+
+
+def _part_of(name: str, data: bytes, offset: int, end: int) -> tuple[SegmentPart, int]:
+    """Index the whole lines of data[offset:end) as one part; returns it and the lines parsed."""
+    chunk = data[offset:end]
+    n_inter = n_rate = lines = 0
+    first = last = oldest_rating = None
+    skipped: Counter[str] = Counter()
+    for line in chunk.split(b"\n"):
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            rec = parse_record(line)
+        except pydantic.ValidationError as e:
+            skipped[_skip_reason(e)] += 1
+            continue
+        t = _time(rec.time)
+        first, last = _min(first, t), _max(last, t)
+        if isinstance(rec, FeedbackRecord):
+            n_rate += 1
+            oldest_rating = _min(oldest_rating, t)
+        else:
+            n_inter += 1
+    part = SegmentPart(name=name, offset=offset, length=len(chunk), sha256=hashlib.sha256(chunk).hexdigest(),
+                       interactions=n_inter, ratings=n_rate, first_time=first, last_time=last,
+                       oldest_rating_time=oldest_rating, skipped=dict(skipped))
+    return part, lines
+
+
+def _complete_end(data: bytes) -> int:
+    """End of the last complete line. A final line without a newline counts as complete only when it is a valid record."""
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    if tail.strip():
+        try:
+            parse_record(tail)
+            return len(data)
+        except pydantic.ValidationError:
+            return cut
+    return len(data)
+
+
+def _ident(info: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(etag, mtime) of an fsspec `info`/`ls(detail=True)` entry, whichever the filesystem reports."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("md5")
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("created")
+    return (str(etag) if etag is not None else None, str(mtime) if mtime is not None else None)
+
+
+def _dir_mtime(info: dict[str, Any]) -> str | None:
+    m = info.get("mtime")
+    return str(m) if m is not None else None
+
+
+def _base(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+class _State:
+    """One Deployment's index and snapshots, in memory (loaded from the store on first use)."""
+
+    def __init__(self, deployment: str) -> None:
+        self.deployment = deployment
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.days: dict[str, dict[str, SegmentEntry]] = {}
+        self.day_mtime: dict[str, str | None] = {}
+        self.snapshots: dict[int, Snapshot] = {}
+        self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
+        self.unconsumed: dict[tuple[str, int, str], SegmentPart] = {}
+        self.skipped: Counter[str] = Counter()
+        self.last_full: float | None = None
+
+    # bookkeeping of entries, so that pending() and skipped totals never walk the whole index
+    def add(self, day: str, entry: SegmentEntry) -> None:
+        old = self.days.setdefault(day, {}).get(entry.name)
+        if old is not None:
+            self.remove(day, entry.name)
+        self.days[day][entry.name] = entry
+        for p in entry.parts:
+            self.skipped.update(p.skipped)
+            if p.key not in self.consumed:
+                self.unconsumed[p.key] = p
+        if entry.torn_tail:
+            self.skipped["TornLine"] += 1
+
+    def remove(self, day: str, name: str) -> None:
+        entry = self.days.get(day, {}).pop(name, None)
+        if entry is None:
+            return
+        for p in entry.parts:
+            self.skipped.subtract(p.skipped)
+            self.unconsumed.pop(p.key, None)
+        if entry.torn_tail:
+            self.skipped["TornLine"] -= 1
+
+    def add_snapshot(self, snap: Snapshot) -> None:
+        self.snapshots[snap.sequence] = snap
+        for p in snap.segments:
+            self.consumed[p.key] = snap.sequence
+            self.unconsumed.pop(p.key, None)
+
+    def next_sequence(self) -> int:
+        return max(self.snapshots, default=0) + 1
+
+    def cursor(self) -> Cursor:
+        seq = self.next_sequence()
+        last = self.snapshots.get(seq - 1)
+        return Cursor(sequence=seq, after=last.name if last else None)
+
+    def find_part(self, key: tuple[str, int, str]) -> SegmentPart | None:
+        if key in self.unconsumed:
+            return self.unconsumed[key]
+        for entries in self.days.values():
+            e = entries.get(key[0])
+            if e is not None:
+                for p in e.parts:
+                    if p.key == key:
+                        return p
+        return None
+
+    def entry(self, name: str) -> SegmentEntry | None:
+        for entries in self.days.values():
+            if name in entries:
+                return entries[name]
+        return None
+
+
+# ------------------------------------------------------------------------------------ the store
+
+
+class FeedbackStore:
+    """A feedback store (fsspec URI) as the operator reads it; see the module docstring."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        pvc_root: str | None = None,
+        recent_days: int = 2,
+        full_rescan_seconds: float = 3600.0,
+    ) -> None:
+        if recent_days < 1:
+            raise ValueError("recent_days must be at least 1")
+        self.uri = uri.rstrip("/") or uri
+        self.pvc_root = pvc_root or os.environ.get("PERENNIAL_PVC_ROOT") or "/mnt/pvc"
+        self.recent_days = recent_days
+        self.full_rescan_seconds = full_rescan_seconds
+        url = storage.fsspec_url(self.uri, self.pvc_root)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as e:
+            raise StoreUnavailable(f"feedback store {uri!r} cannot be opened: {e}") from e
+        self.root = root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._states: dict[str, _State] = {}
+        self._states_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ paths
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+    def _meta(self, deployment: str, *parts: str) -> str:
+        return self._path("/".join((deployment, META_DIR) + parts))
+
+    def snapshot_path(self, deployment: str, name: str) -> str:
+        """The snapshot document's object name relative to the store URI."""
+        return f"{deployment}/{META_DIR}/snapshots/{name}.json"
+
+    def snapshot_uri(self, deployment: str, name: str) -> str:
+        """The snapshot document's URI (the store URI as given, `pvc://` included)."""
+        return f"{self.uri}/{self.snapshot_path(deployment, name)}"
+
+    # ------------------------------------------------------------------ fs calls (errors typed)
+    def _call(self, what: str, fn: Any, *args: Any, missing_ok: bool = False, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise StoreUnavailable(f"feedback store {self.uri}: {what}: not found") from None
+        except FeedbackStoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any filesystem failure is the store being unavailable
+            raise StoreUnavailable(f"feedback store {self.uri}: {what} failed: {type(e).__name__}: {e}") from e
+
+    def _ls(self, path: str) -> list[dict[str, Any]]:
+        out = self._call(f"listing {path}", self.fs.ls, path, detail=True, missing_ok=True)
+        return list(out or [])
+
+    def _check_root(self) -> None:
+        if self.local and not os.path.isdir(self.root or "/"):
+            raise StoreUnavailable(f"feedback store {self.uri}: {self.root} is not a directory (is the volume mounted?)")
+
+    def _write(self, path: str, data: bytes, *, create_only: bool = False) -> None:
+        """Atomic write (local: temp file, fsync, rename or link; object stores: one PUT).
+        create_only raises FileExistsError when the object exists."""
+        if self.local:
+            d = os.path.dirname(path)
+            os.makedirs(d, exist_ok=True)
+            tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                if create_only:
+                    os.link(tmp, path)  # atomic create-only
+                else:
+                    os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        if create_only:
+            try:
+                with self.fs.open(path, "xb") as f:  # memory, s3fs (If-None-Match), ... refuse an existing object
+                    f.write(data)
+                return
+            except (ValueError, NotImplementedError, TypeError):
+                if self.fs.exists(path):
+                    raise FileExistsError(path) from None
+        self.fs.pipe_file(path, data)
+
+    # ------------------------------------------------------------------ state
+    def _state(self, deployment: str) -> _State:
+        if not deployment or "/" in deployment or deployment.startswith("."):
+            raise ValueError(f"invalid deployment name {deployment!r}")
+        with self._states_lock:
+            st = self._states.get(deployment)
+            if st is None:
+                st = self._states[deployment] = _State(deployment)
+            return st
+
+    def _load(self, st: _State) -> None:
+        """First use: the index and the snapshots from the store (no segment is read)."""
+        if st.loaded:
+            return
+        self._check_root()
+        self._refresh_snapshots(st)
+        for info in self._ls(self._meta(st.deployment, "index")):
+            name = _base(info["name"])
+            if info.get("type") != "file" or not name.endswith(".json") or name.startswith("."):
+                continue
+            raw = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
+            if raw is None:
+                continue
+            try:
+                doc = DayIndex.model_validate_json(raw)
+            except pydantic.ValidationError as e:
+                log.warning("Ignored unreadable index file path=%s error=%s", info["name"], e.errors()[:1])
+                continue
+            if doc.version != INDEX_VERSION or doc.deployment != st.deployment:
+                continue
+            st.day_mtime[doc.day] = doc.dir_mtime
+            for entry in doc.segments:
+                st.add(doc.day, entry)
+        st.loaded = True
+
+    def _refresh_snapshots(self, st: _State) -> None:
+        prefix = f"{st.deployment}-"
+        for info in self._ls(self._meta(st.deployment, "snapshots")):
+            base = _base(info["name"])
+            m = _SEQ.search(base)
+            if info.get("type") != "file" or not base.startswith(prefix) or not m or base.startswith("."):
+                continue
+            seq = int(m.group(1))
+            if seq in st.snapshots:
+                continue
+            raw = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"])
+            try:
+                snap = Snapshot.model_validate_json(raw)
+            except pydantic.ValidationError as e:
+                raise SnapshotCorrupt(f"feedback snapshot {info['name']} is not a valid snapshot document: {e.errors()[:1]}") from None
+            if snap.sequence != seq or snap.deployment != st.deployment:
+                raise SnapshotCorrupt(f"feedback snapshot {info['name']} names sequence {snap.sequence} of {snap.deployment!r}")
+            st.add_snapshot(snap)
+
+    # ------------------------------------------------------------------ scanning
+    def _days(self, st: _State) -> list[tuple[str, str, str | None]]:
+        """(day `yyyy/mm/dd`, path, dir mtime) of every day directory of segments."""
+        out = []
+        base = self._path(st.deployment)
+        for y in self._ls(base):
+            yn = _base(y["name"])
+            if y.get("type") != "directory" or not _YEAR.match(yn):
+                continue
+            for m in self._ls(y["name"]):
+                mn = _base(m["name"])
+                if m.get("type") != "directory" or not _TWO.match(mn):
+                    continue
+                for d in self._ls(m["name"]):
+                    dn = _base(d["name"])
+                    if d.get("type") != "directory" or not _TWO.match(dn):
+                        continue
+                    out.append((f"{yn}/{mn}/{dn}", d["name"], _dir_mtime(d)))
+        return sorted(out)
+
+    def scan(self, deployment: str) -> ScanResult:
+        """One tick: read the segments not indexed yet (or changed), persist the index, count what is pending."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            res = ScanResult(deployment=deployment)
+            now = time.monotonic()
+            full = st.last_full is None or now - st.last_full >= self.full_rescan_seconds
+            days = self._days(st)
+            res.days_total, res.full_listing = len(days), full
+            today = _dt.datetime.now(_dt.timezone.utc).date()
+            newest = days[-1][0] if days else f"{today:%Y/%m/%d}"
+            cutoff = min(f"{today - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}",
+                         f"{_dt.date(*map(int, newest.split('/'))) - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}")
+            dirty: set[str] = set()
+            present_days = set()
+            for day, path, mtime in days:
+                present_days.add(day)
+                known = day in st.day_mtime
+                same_mtime = mtime is not None and known and st.day_mtime.get(day) == mtime
+                if day < cutoff and known and (same_mtime or (mtime is None and not full)):
+                    continue
+                res.days_listed += 1
+                self._scan_day(st, day, path, res, dirty)
+                if st.day_mtime.get(day) != mtime or not known:
+                    st.day_mtime[day] = mtime
+                    dirty.add(day)
+            if full:
+                for day in [d for d in st.days if d not in present_days]:  # a whole day directory deleted
+                    for name in list(st.days[day]):
+                        st.remove(day, name)
+                        res.removed_segments += 1
+                    dirty.add(day)
+                st.last_full = now
+            for day in sorted(dirty):
+                self._save_day(st, day)
+            res.segments = sum(len(v) for v in st.days.values())
+            res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
+            res.pending = self._pending(st, None)
+            res.cursor = st.cursor()
+            return res
+
+    def _scan_day(self, st: _State, day: str, path: str, res: ScanResult, dirty: set[str]) -> None:
+        entries = st.days.setdefault(day, {})
+        seen = set()
+        for info in self._ls(path):
+            base = _base(info["name"])
+            if info.get("type") != "file" or not base.endswith(".jsonl") or base.startswith("."):
+                continue
+            name = f"{st.deployment}/{day}/{base}"
+            seen.add(name)
+            size = int(info.get("size") or 0)
+            etag, mtime = _ident(info)
+            old = entries.get(name)
+            if old is not None and old.size == size and ((etag is not None and old.etag == etag) or (etag is None and old.mtime == mtime)):
+                continue
+            data = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
+            if data is None:  # deleted between the listing and the read
+                continue
+            res.segments_read += 1
+            res.bytes_read += len(data)
+            entry, lines = self._index(name, data, old, etag, mtime)
+            res.records_read += lines
+            if old is None:
+                res.new_segments += 1
+            else:
+                res.changed_segments += 1
+            st.add(day, entry)
+            dirty.add(day)
+        for name in [n for n in entries if n not in seen]:
+            st.remove(day, name)
+            res.removed_segments += 1
+            dirty.add(day)
+
+    @staticmethod
+    def _index(name: str, data: bytes, old: SegmentEntry | None, etag: str | None, mtime: str | None) -> tuple[SegmentEntry, int]:
+        """Index one segment's bytes; a grown segment (old bytes still its prefix) keeps its old parts and gains one."""
+        end = _complete_end(data)
+        parts: list[SegmentPart] = []
+        start = 0
+        if old is not None and old.covered <= end and hashlib.sha256(data[:old.covered]).hexdigest() == old.covered_sha256:
+            parts, start = list(old.parts), old.covered
+        elif old is not None:
+            log.warning("Re-indexed rewritten feedback segment name=%s old_size=%d size=%d", name, old.size, len(data))
+        lines = 0
+        if end > start:
+            part, lines = _part_of(name, data, start, end)
+            parts.append(part)
+        entry = SegmentEntry(name=name, size=len(data), etag=etag, mtime=mtime, sha256=hashlib.sha256(data).hexdigest(),
+                             covered=end, covered_sha256=hashlib.sha256(data[:end]).hexdigest(), torn_tail=len(data) - end, parts=parts)
+        return entry, lines
+
+    def _save_day(self, st: _State, day: str) -> None:
+        doc = DayIndex(deployment=st.deployment, day=day, dir_mtime=st.day_mtime.get(day),
+                       segments=sorted(st.days.get(day, {}).values(), key=lambda e: e.name))
+        path = self._meta(st.deployment, "index", day.replace("/", "-") + ".json")
+        self._call(f"writing {path}", self._write, path, doc.model_dump_json(by_alias=True, exclude_none=True).encode())
+
+    # ------------------------------------------------------------------ pending
+    def _pending(self, st: _State, cursor: Cursor | None) -> Pending:
+        parts: Iterable[SegmentPart] = st.unconsumed.values()
+        if cursor is not None and cursor.sequence < st.next_sequence():
+            extra = [p for k, seq in st.consumed.items() if seq >= cursor.sequence and (p := st.find_part(k)) is not None]
+            parts = list(parts) + extra
+        ratings = inter = n = 0
+        oldest = None
+        for p in parts:
+            n += 1
+            ratings += p.ratings
+            inter += p.interactions
+            if p.ratings:
+                oldest = _min(oldest, p.oldest_rating_time)
+        return Pending(ratings=ratings, interactions=inter, parts=n, oldest_rating=_dt_of(oldest))
+
+    def pending(self, deployment: str, cursor: Cursor | None = None) -> Pending:
+        """Ratings in indexed parts no snapshot before `cursor` holds (default: the latest cursor), and the
+        oldest one's time. Reads the index and snapshots on first use, never a segment: call `scan` first."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            return self._pending(st, cursor)
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshots(self, deployment: str) -> list[Snapshot]:
+        """Every snapshot of the Deployment, by sequence (re-lists the store)."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            return [st.snapshots[k] for k in sorted(st.snapshots)]
+
+    def latest_snapshot(self, deployment: str) -> Snapshot | None:
+        snaps = self.snapshots(deployment)
+        return snaps[-1] if snaps else None
+
+    def cursor(self, deployment: str) -> Cursor:
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            return st.cursor()
+
+    def plan_snapshot(self, deployment: str, *, max_segments: int = DEFAULT_MAX_SEGMENTS) -> tuple[str, list[SegmentPart]] | None:
+        """The next snapshot's deterministic name and the pending parts it takes (oldest first, at most
+        `max_segments` distinct segments); None when nothing is pending. Writes nothing."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            return self._plan(st, max_segments)
+
+    def _plan(self, st: _State, max_segments: int) -> tuple[str, list[SegmentPart]] | None:
+        parts = sorted(st.unconsumed.values(), key=lambda p: (p.first_time or "", p.name, p.offset))
+        chosen: list[SegmentPart] = []
+        names: set[str] = set()
+        for p in parts:
+            if p.name not in names and len(names) >= max_segments:
+                continue
+            names.add(p.name)
+            chosen.append(p)
+        if not chosen:
+            return None
+        return snapshot_name(st.deployment, st.next_sequence()), chosen
+
+    def take_snapshot(self, deployment: str, *, max_segments: int = DEFAULT_MAX_SEGMENTS,
+                      lookback_seconds: float = DEFAULT_LOOKBACK_SECONDS) -> Snapshot | None:
+        """Plan and write the next snapshot of everything pending (None when nothing is)."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            plan = self._plan(st, max_segments)
+            if plan is None:
+                return None
+            return self._write_snapshot(st, plan[0], plan[1], lookback_seconds)
+
+    def write_snapshot(self, deployment: str, name: str, segments: Sequence[SegmentPart | str], *,
+                       lookback_seconds: float = DEFAULT_LOOKBACK_SECONDS) -> Snapshot:
+        """Write snapshot `name` of exactly `segments` (parts from `plan_snapshot`, or segment names: their
+        pending parts). Create-only: the same parts under an existing name return the existing document;
+        other parts raise `SnapshotConflict`, as do a name that is not the next in sequence and a part
+        already in another snapshot. Each part's bytes are read back and checked against its sha256
+        (`SegmentChanged` when they differ: scan again)."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            parts: list[SegmentPart] = []
+            for s in segments:
+                if isinstance(s, str):
+                    entry = st.entry(s)
+                    if entry is None:
+                        raise SnapshotConflict(f"segment {s} is not in the index of {deployment!r} (scan first)")
+                    got = [p for p in entry.parts if p.key not in st.consumed] or [p for p in entry.parts if st.consumed.get(p.key) == _seq_of(name)]
+                    parts.extend(got)
+                else:
+                    parts.append(s)
+            return self._write_snapshot(st, name, parts, lookback_seconds)
+
+    def _write_snapshot(self, st: _State, name: str, parts: list[SegmentPart], lookback_seconds: float) -> Snapshot:
+        dep = st.deployment
+        seq = _seq_of(name)
+        if seq is None or name != snapshot_name(dep, seq):
+            raise ValueError(f"snapshot name {name!r} is not {snapshot_name(dep, 1)!r} with another sequence number")
+        if not parts:
+            raise ValueError("a snapshot needs at least one segment")
+        keys = [p.key for p in parts]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a snapshot lists a segment part twice")
+        existing = st.snapshots.get(seq)
+        if existing is not None:
+            want = (dep, name, seq, tuple(p.key + (p.length,) for p in parts))
+            if existing.identity() == want:
+                return existing
+            raise SnapshotConflict(f"snapshot {name} exists with other segments; the next snapshot is {snapshot_name(dep, st.next_sequence())}")
+        if seq != st.next_sequence():
+            raise SnapshotConflict(f"snapshot {name} is out of sequence; the next snapshot is {snapshot_name(dep, st.next_sequence())}")
+        for p in parts:
+            if p.key in st.consumed:
+                raise SnapshotConflict(f"segment {p.name} (bytes {p.offset}-{p.end}) is already in snapshot {snapshot_name(dep, st.consumed[p.key])}")
+            if st.find_part(p.key) is None:
+                raise SegmentChanged(f"segment {p.name} (bytes {p.offset}-{p.end}, sha256 {p.sha256[:12]}) is not in the index (scan first)")
+        # read every part back: its bytes must still be what was indexed; collect the join keys
+        inter_ids: set[str] = set()
+        rated: dict[str, str | None] = {}  # response id -> rating time
+        for p in parts:
+            data = self._read_range(p)
+            for rec in _records(data):
+                if isinstance(rec, InteractionRecord):
+                    inter_ids.add(rec.id)
+                else:
+                    for rid in (rec.response_id, rec.other_response_id):
+                        if rid:
+                            rated[rid] = _min(rated.get(rid), _time(rec.time))
+        dangling = {rid: t for rid, t in rated.items() if rid not in inter_ids}
+        joins, found = self._find_joins(st, parts, dangling, lookback_seconds) if dangling else ([], set())
+        counts = SnapshotCounts(segments=len({p.name for p in parts}), interactions=sum(p.interactions for p in parts),
+                                ratings=sum(p.ratings for p in parts), unmatched_ratings=len(dangling) - len(found))
+        sk: Counter[str] = Counter()
+        for p in parts:
+            sk.update(p.skipped)
+        counts.skipped = dict(sk)
+        window = TimeWindow(start=min((p.first_time for p in parts if p.first_time), default=None),
+                            end=max((p.last_time for p in parts if p.last_time), default=None))
+        prev = st.snapshots.get(seq - 1)
+        snap = Snapshot(deployment=dep, name=name, sequence=seq, previous=prev.name if prev else None, segments=parts,
+                        join_segments=joins, window=window, counts=counts, cursor=Cursor(sequence=seq + 1, after=name))
+        path = self._path(self.snapshot_path(dep, name))
+        try:
+            self._call(f"writing {path}", self._write, path, snap.to_json().encode(), create_only=True)
+        except FileExistsError:
+            # another writer (or our own earlier attempt) got there first: same parts = the same snapshot
+            self._refresh_snapshots(st)
+            other = st.snapshots.get(seq)
+            if other is not None and other.identity() == snap.identity():
+                return other
+            raise SnapshotConflict(f"snapshot {name} was written meanwhile with other segments") from None
+        st.add_snapshot(snap)
+        log.info("Wrote feedback snapshot name=%s segments=%d ratings=%d join_segments=%d", name, counts.segments, counts.ratings, len(joins))
+        return snap
+
+    def _read_range(self, p: SegmentPart | SegmentRef) -> bytes:
+        path = self._path(p.name)
+        try:
+            data = self.fs.cat_file(path, start=p.offset, end=p.offset + p.length)
+        except FileNotFoundError:
+            raise SegmentChanged(f"segment {p.name} is gone from the store") from None
+        except Exception as e:  # noqa: BLE001
+            raise StoreUnavailable(f"feedback store {self.uri}: reading {path} failed: {type(e).__name__}: {e}") from e
+        if hashlib.sha256(data).hexdigest() != p.sha256:
+            raise SegmentChanged(f"segment {p.name} (bytes {p.offset}-{p.offset + p.length}) changed since it was indexed (scan again)")
+        return data
+
+    def _find_joins(self, st: _State, parts: list[SegmentPart], dangling: dict[str, str | None],
+                    lookback_seconds: float) -> tuple[list[SegmentRef], set[str]]:
+        """Earlier parts (newest first, within `lookback_seconds` before the oldest dangling rating) that hold the
+        interactions rated in this snapshot but not found in it; and the response ids found."""
+        found: set[str] = set()
+        own = {p.key for p in parts}
+        times = [t for t in dangling.values() if t]
+        oldest = _dt_of(min(times)) if times else None
+        since = (oldest - _dt.timedelta(seconds=lookback_seconds)).isoformat(timespec="microseconds") if oldest else None
+        candidates = []
+        for entries in st.days.values():
+            for e in entries.values():
+                for p in e.parts:
+                    if p.key in own or not p.interactions:
+                        continue
+                    if since is not None and p.last_time is not None and p.last_time < since:
+                        continue
+                    candidates.append(p)
+        candidates.sort(key=lambda p: (p.last_time or "", p.name, p.offset), reverse=True)
+        want = set(dangling)
+        out = []
+        for p in candidates:
+            if not want:
+                break
+            try:
+                data = self._read_range(p)
+            except SegmentChanged:
+                continue
+            hit = {rec.id for rec in _records(data) if isinstance(rec, InteractionRecord)} & want
+            if hit:
+                want -= hit
+                found |= hit
+                seq = st.consumed.get(p.key)
+                out.append(SegmentRef(name=p.name, offset=p.offset, length=p.length, sha256=p.sha256,
+                                      snapshot=snapshot_name(st.deployment, seq) if seq else None))
+        return sorted(out, key=lambda r: (r.name, r.offset)), found
+
+    # ------------------------------------------------------------------ async wrappers
+    async def scan_async(self, deployment: str) -> ScanResult:
+        return await asyncio.to_thread(self.scan, deployment)
+
+    async def pending_async(self, deployment: str, cursor: Cursor | None = None) -> Pending:
+        return await asyncio.to_thread(self.pending, deployment, cursor)
+
+    async def take_snapshot_async(self, deployment: str, **kw: Any) -> Snapshot | None:
+        return await asyncio.to_thread(lambda: self.take_snapshot(deployment, **kw))
+
+    async def latest_snapshot_async(self, deployment: str) -> Snapshot | None:
+        return await asyncio.to_thread(self.latest_snapshot, deployment)
+
+
+def _seq_of(name: str) -> int | None:
+    m = re.search(r"-(\d{8})$", name)
+    return int(m.group(1)) if m else None
+
+
+def _records(data: bytes) -> Iterable[InteractionRecord | FeedbackRecord]:
+    for line in data.split(b"\n"):
+        if line.strip():
+            try:
+                yield parse_record(line)
+            except pydantic.ValidationError:
+                continue

@@ -1,0 +1,449 @@
+"""The operator's reader of the feedback store: incremental scans, the index that survives a restart,
+bad segments counted and skipped, exactly-once snapshots, typed errors for an unreachable store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.spec import AbstractFileSystem
+import fsspec
+
+from perennial.feedback.snapshot import Snapshot, snapshot_name
+from perennial.feedback.store import FeedbackStore, SegmentChanged, SnapshotConflict, StoreUnavailable
+from perennial_records import FeedbackRecord, InteractionRecord, segment_name
+
+DEP = "chat"
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def inter(rid: str, when: dt.datetime) -> str:
+    return InteractionRecord(id=rid, deployment=DEP, messages=[{"role": "user", "content": "q " + rid}], response="a", time=when.isoformat()).to_json()
+
+
+def thumbs(rid: str, when: dt.datetime, up: bool = True) -> str:
+    return FeedbackRecord(response_id=rid, type="thumbs", thumbs="up" if up else "down", deployment=DEP, time=when.isoformat()).to_json()
+
+
+def lines(*recs: str) -> bytes:
+    return "".join(r + "\n" for r in recs).encode()
+
+
+class Reads:
+    """Counts reads of segment objects (`.jsonl`) through the store's filesystem class."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """Every read of a `.jsonl` object through cat_file or open (read modes), counted once per call."""
+    r = Reads()
+    depth = [0]
+    for cls in (MemoryFileSystem, LocalFileSystem):
+        for meth in ("cat_file", "_open"):
+            orig = getattr(cls, meth)
+
+            def wrapped(self, path, *a, __orig=orig, __meth=meth, **kw):  # type: ignore[no-untyped-def]
+                mode = (a[0] if a else kw.get("mode", "rb")) if __meth == "_open" else "rb"
+                if depth[0] == 0 and "r" in mode and str(path).endswith(".jsonl"):
+                    r.paths.append(str(path))
+                depth[0] += 1
+                try:
+                    return __orig(self, path, *a, **kw)
+                finally:
+                    depth[0] -= 1
+
+            monkeypatch.setattr(cls, meth, wrapped)
+    return r
+
+
+@pytest.fixture
+def mem() -> str:
+    root = f"memory://fbtest-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root[len("memory://"):]):
+        fs.rm(root[len("memory://"):], recursive=True)
+
+
+def put(uri: str, name: str, data: bytes) -> None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = f"{root.rstrip('/')}/{name}"
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def append(uri: str, name: str, data: bytes) -> None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = f"{root.rstrip('/')}/{name}"
+    fs.pipe_file(path, fs.cat_file(path) + data)
+
+
+def make_store(uri: str, days: int, per_day: int, recs: int = 3) -> int:
+    """`days` x `per_day` segments of `recs` records (interactions, each rated in the same segment); returns ratings."""
+    ratings = 0
+    for d in range(days):
+        day = NOW - dt.timedelta(days=days - 1 - d)
+        for i in range(per_day):
+            rs = []
+            for k in range(recs):
+                rid = f"r{d}-{i}-{k}"
+                rs += [inter(rid, day), thumbs(rid, day)]
+                ratings += 1
+            put(uri, segment_name(DEP, f"pod{i % 3}", d * per_day + i, day), lines(*rs))
+    return ratings
+
+
+# ------------------------------------------------------------------------------ incremental reads
+
+
+def test_second_tick_reads_only_the_new_segments_of_a_large_store(mem: str, reads: Reads) -> None:
+    ratings = make_store(mem, days=10, per_day=300)  # 3000 segments, 18000 records
+    store = FeedbackStore(mem)
+    first = store.scan(DEP)
+    assert first.segments_read == 3000 == reads.n == first.new_segments
+    assert first.records_read == 18000
+    assert first.pending.ratings == ratings and first.pending.interactions == ratings
+
+    for i in range(5):
+        put(mem, segment_name(DEP, "podx", 10_000 + i, NOW), lines(inter(f"n{i}", NOW), thumbs(f"n{i}", NOW)))
+    reads.paths.clear()
+    second = store.scan(DEP)
+    assert second.segments_read == 5 == reads.n
+    assert all("podx" in p for p in reads.paths)
+    assert second.records_read == 10
+    assert second.pending.ratings == ratings + 5
+    assert second.segments == 3005
+    # and a tick with nothing new reads nothing
+    reads.paths.clear()
+    third = store.scan(DEP)
+    assert reads.n == 0 and third.records_read == 0 and third.pending == second.pending
+
+
+def test_a_restarted_operator_reads_no_old_segment(mem: str, reads: Reads) -> None:
+    ratings = make_store(mem, days=4, per_day=50)
+    FeedbackStore(mem).scan(DEP)
+    reads.paths.clear()
+    again = FeedbackStore(mem).scan(DEP)  # a new process: the index comes from the store
+    assert reads.n == 0 and again.segments_read == 0 and again.records_read == 0
+    assert again.segments == 200 and again.pending.ratings == ratings
+    put(mem, segment_name(DEP, "podx", 99999, NOW), lines(inter("late", NOW), thumbs("late", NOW)))
+    third = FeedbackStore(mem).scan(DEP)
+    assert reads.n == 1 and third.pending.ratings == ratings + 1
+
+
+def test_restart_on_a_local_store_lists_only_changed_days_and_reads_nothing_old(tmp_path, reads: Reads) -> None:
+    uri = f"file://{tmp_path}/store"
+    os.makedirs(f"{tmp_path}/store")
+    make_store(uri, days=6, per_day=20)
+    FeedbackStore(uri).scan(DEP)
+    reads.paths.clear()
+    res = FeedbackStore(uri).scan(DEP)
+    assert reads.n == 0 and res.records_read == 0
+    assert res.days_total == 6 and res.days_listed == 2  # the recent days only: older day dirs kept their mtime
+    # a segment shipped late into an old day is still found (its directory's mtime changed)
+    old_day = NOW - dt.timedelta(days=5)
+    put(uri, segment_name(DEP, "slow", 7, old_day), lines(inter("slow", old_day), thumbs("slow", old_day)))
+    res2 = FeedbackStore(uri).scan(DEP)
+    assert reads.n == 1 and res2.new_segments == 1 and res2.days_listed == 3
+
+
+def test_late_segment_in_an_old_day_of_an_object_store_is_found_by_the_full_rescan(mem: str, reads: Reads) -> None:
+    make_store(mem, days=5, per_day=2)
+    store = FeedbackStore(mem, full_rescan_seconds=3600)
+    store.scan(DEP)
+    old_day = NOW - dt.timedelta(days=4)
+    put(mem, segment_name(DEP, "slow", 7, old_day), lines(inter("slow", old_day), thumbs("slow", old_day)))
+    res = store.scan(DEP)
+    assert res.new_segments == 0 and res.days_listed == 2  # memory dirs have no mtime: not listed until the rescan
+    store.full_rescan_seconds = 0
+    res = store.scan(DEP)
+    assert res.full_listing and res.new_segments == 1 and res.pending.ratings == 31
+
+
+def test_index_is_one_file_per_day_however_many_ticks(mem: str) -> None:
+    make_store(mem, days=3, per_day=4)
+    store = FeedbackStore(mem)
+    for i in range(20):
+        put(mem, segment_name(DEP, "podt", 500 + i, NOW), lines(inter(f"t{i}", NOW)))
+        store.scan(DEP)
+    fs, root = fsspec.core.url_to_fs(mem)
+    files = fs.ls(f"{root}/{DEP}/_perennial/index", detail=False)
+    assert len(files) == 3
+
+
+def test_a_corrupt_index_file_only_costs_a_reread(mem: str, reads: Reads) -> None:
+    make_store(mem, days=2, per_day=5)
+    FeedbackStore(mem).scan(DEP)
+    fs, root = fsspec.core.url_to_fs(mem)
+    idx = sorted(fs.ls(f"{root}/{DEP}/_perennial/index", detail=False))
+    fs.pipe_file(idx[0], b"{not json")
+    reads.paths.clear()
+    res = FeedbackStore(mem).scan(DEP)
+    assert reads.n == 5 and res.segments == 10 and res.pending.ratings == 30
+
+
+# ------------------------------------------------------------------------------ bad segments
+
+
+def test_torn_corrupt_and_invalid_lines_are_counted_and_skipped(mem: str) -> None:
+    good = lines(inter("a", NOW), thumbs("a", NOW))
+    bad = (good + b"{not json\n" + b'{"kind":"mystery"}\n' + b'{"kind":"feedback","responseId":"a","type":"thumbs"}\n'
+           + b"[1,2]\n" + b"\xff\xfe\n" + b'{"kind":"interaction","id":"b","resp')
+    name = segment_name(DEP, "pod", 1, NOW)
+    put(mem, name, bad)
+    store = FeedbackStore(mem)
+    res = store.scan(DEP)
+    assert res.skipped == {"InvalidJSON": 2, "UnknownKind": 1, "InvalidRecord": 2, "TornLine": 1}
+    assert res.pending.ratings == 1 and res.pending.interactions == 1
+    # the torn line is completed later (the object grew): only the new bytes are a new part
+    append(mem, name, b'onse":"x"}\n')
+    res = store.scan(DEP)
+    assert res.changed_segments == 1 and res.records_read == 1
+    assert res.pending.interactions == 2 and "TornLine" not in res.skipped
+
+
+def test_a_final_line_without_newline_that_is_a_whole_record_counts(mem: str) -> None:
+    put(mem, segment_name(DEP, "pod", 1, NOW), lines(inter("a", NOW)) + thumbs("a", NOW).encode())
+    res = FeedbackStore(mem).scan(DEP)
+    assert res.pending.ratings == 1 and not res.skipped
+
+
+def test_a_rewritten_segment_is_reread_as_one_new_part(mem: str) -> None:
+    name = segment_name(DEP, "pod", 1, NOW)
+    put(mem, name, lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    put(mem, name, lines(inter("b", NOW), thumbs("b", NOW), thumbs("b", NOW)))
+    res = store.scan(DEP)
+    assert res.changed_segments == 1 and res.pending.ratings == 2 and res.pending.parts == 1
+
+
+# ------------------------------------------------------------------------------ pending
+
+
+def test_pending_reports_the_oldest_rating(mem: str) -> None:
+    old = NOW - dt.timedelta(hours=5)
+    put(mem, segment_name(DEP, "p", 1, old), lines(inter("a", old), thumbs("a", old + dt.timedelta(minutes=1))))
+    put(mem, segment_name(DEP, "p", 2, NOW), lines(inter("b", NOW), thumbs("b", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    p = store.pending(DEP)
+    assert p.ratings == 2
+    assert p.oldest_rating == (old + dt.timedelta(minutes=1)).astimezone(dt.timezone.utc)
+    assert 5 * 3600 - 120 < p.age_seconds(NOW) < 5 * 3600
+    store.take_snapshot(DEP)
+    assert store.pending(DEP).ratings == 0 and store.pending(DEP).oldest_rating is None
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+def _read_doc(uri: str, deployment: str, name: str) -> bytes:
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs.cat_file(f"{root}/{deployment}/_perennial/snapshots/{name}.json")
+
+
+def test_snapshots_are_exactly_once_and_idempotent(mem: str) -> None:
+    ratings = make_store(mem, days=2, per_day=10)
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP)
+    assert s1 is not None and s1.name == snapshot_name(DEP, 1) and s1.counts.ratings == ratings
+    assert s1.cursor.sequence == 2 and s1.cursor.after == s1.name and s1.previous is None
+    assert store.pending(DEP).ratings == 0
+    assert store.take_snapshot(DEP) is None  # nothing new: no empty snapshot
+    before = _read_doc(mem, DEP, s1.name)
+    # a retry with the same parts is the same snapshot; the document is untouched
+    again = store.write_snapshot(DEP, s1.name, s1.segments)
+    assert again.identity() == s1.identity() and _read_doc(mem, DEP, s1.name) == before
+    # by segment names too
+    assert store.write_snapshot(DEP, s1.name, s1.segment_names()).identity() == s1.identity()
+    with pytest.raises(SnapshotConflict):
+        store.write_snapshot(DEP, s1.name, s1.segments[:-1])
+    # the next snapshot may not take a part of the first again
+    put(mem, segment_name(DEP, "new", 1, NOW), lines(inter("n", NOW), thumbs("n", NOW)))
+    store.scan(DEP)
+    with pytest.raises(SnapshotConflict):
+        store.write_snapshot(DEP, snapshot_name(DEP, 2), [s1.segments[0]])
+    with pytest.raises(SnapshotConflict):  # and none may skip a sequence number
+        store.write_snapshot(DEP, snapshot_name(DEP, 3), store.plan_snapshot(DEP)[1])
+    s2 = store.take_snapshot(DEP)
+    assert s2 is not None and s2.sequence == 2 and s2.previous == s1.name
+    assert [p.name for p in s2.segments] == [segment_name(DEP, "new", 1, NOW)] and s2.counts.ratings == 1
+    # every part in exactly one snapshot
+    keys1, keys2 = {p.key for p in s1.segments}, {p.key for p in s2.segments}
+    assert not keys1 & keys2 and len(keys1) + len(keys2) == 21
+    # the document is what the trainer reads
+    assert Snapshot.model_validate_json(_read_doc(mem, DEP, s2.name)) == s2
+
+
+def test_a_crash_after_writing_a_snapshot_is_recovered_by_its_name(mem: str) -> None:
+    make_store(mem, days=1, per_day=4)
+    a = FeedbackStore(mem)
+    a.scan(DEP)
+    name, parts = a.plan_snapshot(DEP)
+    snap = a.write_snapshot(DEP, name, parts)
+    # the operator dies before creating the TrainingRun; the next one finds the snapshot it owes a run
+    b = FeedbackStore(mem)
+    assert b.latest_snapshot(DEP) == snap
+    res = b.scan(DEP)
+    assert res.pending.ratings == 0 and res.cursor.sequence == 2
+    # a retry of the write (same deterministic name, same parts) from the new process is a no-op
+    assert b.write_snapshot(DEP, name, parts).identity() == snap.identity()
+    assert b.plan_snapshot(DEP) is None
+
+
+def test_a_grown_segment_goes_into_the_next_snapshot_with_only_its_new_bytes(mem: str) -> None:
+    name = segment_name(DEP, "pod", 1, NOW)
+    put(mem, name, lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP)
+    append(mem, name, lines(thumbs("a", NOW, up=False)))
+    res = store.scan(DEP)
+    assert res.pending.ratings == 1 and res.pending.interactions == 0
+    s2 = store.take_snapshot(DEP)
+    assert s2.segments[0].offset == s1.segments[0].length and s2.counts.ratings == 1
+    # the rated interaction is in the first snapshot's part: named for the join
+    assert [(r.name, r.offset, r.snapshot) for r in s2.join_segments] == [(name, 0, s1.name)]
+
+
+def test_a_late_rating_names_the_earlier_segment_of_its_interaction(mem: str) -> None:
+    t0 = NOW - dt.timedelta(hours=2)
+    put(mem, segment_name(DEP, "p1", 1, t0), lines(inter("early", t0), inter("other", t0)))
+    put(mem, segment_name(DEP, "p1", 2, t0), lines(inter("unrelated", t0)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP)
+    assert s1.counts.ratings == 0
+    put(mem, segment_name(DEP, "p2", 1, NOW), lines(thumbs("early", NOW), thumbs("nowhere", NOW)))
+    store.scan(DEP)
+    s2 = store.take_snapshot(DEP)
+    assert [r.name for r in s2.join_segments] == [segment_name(DEP, "p1", 1, t0)]
+    assert s2.join_segments[0].snapshot == s1.name
+    assert s2.counts.unmatched_ratings == 1
+
+
+def test_a_segment_changed_after_the_scan_is_not_snapshotted(mem: str) -> None:
+    name = segment_name(DEP, "pod", 1, NOW)
+    put(mem, name, lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    put(mem, name, lines(inter("b", NOW), thumbs("b", NOW)))
+    with pytest.raises(SegmentChanged):
+        store.take_snapshot(DEP)
+    assert store.latest_snapshot(DEP) is None
+    store.scan(DEP)
+    assert store.take_snapshot(DEP).counts.ratings == 1
+
+
+def test_snapshot_on_a_local_store_is_create_only(tmp_path) -> None:
+    os.makedirs(tmp_path / "store")
+    put(str(tmp_path / "store"), segment_name(DEP, "pod", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(str(tmp_path / "store"))
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP)
+    path = tmp_path / "store" / DEP / "_perennial" / "snapshots" / f"{s1.name}.json"
+    assert json.loads(path.read_text())["segments"][0]["sha256"] == s1.segments[0].sha256
+    # another writer put other content under the next name first: refused, not overwritten
+    put(str(tmp_path / "store"), segment_name(DEP, "pod", 2, NOW), lines(thumbs("a", NOW)))
+    store.scan(DEP)
+    name, parts = store.plan_snapshot(DEP)
+    other = s1.model_copy(update={"name": name, "sequence": 2, "segments": s1.segments})
+    (path.parent / f"{name}.json").write_text(other.to_json())
+    with pytest.raises(SnapshotConflict):
+        store.write_snapshot(DEP, name, parts)
+    assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]
+
+
+def test_pvc_uri_resolves_under_the_pvc_root(tmp_path) -> None:
+    os.makedirs(tmp_path / "feedback-claim" / "store")
+    put(str(tmp_path / "feedback-claim" / "store"), segment_name(DEP, "pod", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore("pvc://feedback-claim/store", pvc_root=str(tmp_path))
+    assert store.scan(DEP).pending.ratings == 1
+    assert (tmp_path / "feedback-claim" / "store" / DEP / "_perennial" / "index").is_dir()
+
+
+def test_an_empty_deployment_prefix_is_nothing_pending(mem: str) -> None:
+    put(mem, "other/x.txt", b"x")
+    res = FeedbackStore(mem).scan(DEP)
+    assert res.segments == 0 and res.pending.ratings == 0 and res.cursor.sequence == 1
+
+
+# ------------------------------------------------------------------------------ unreachable
+
+
+class FlakyFS(AbstractFileSystem):
+    """A store behind a network that is down while `down` is set; a memory store otherwise."""
+
+    protocol = "flakyfb"
+    down = True
+
+    def __init__(self, **kw):  # type: ignore[no-untyped-def]
+        super().__init__(**kw)
+        self.mem = MemoryFileSystem()
+
+    def _check(self) -> None:
+        if FlakyFS.down:
+            raise ConnectionError("connection refused")
+
+    def ls(self, path, detail=True, **kw):  # type: ignore[no-untyped-def]
+        self._check()
+        return self.mem.ls("/" + path.lstrip("/"), detail=detail, **kw)
+
+    def cat_file(self, path, start=None, end=None, **kw):  # type: ignore[no-untyped-def]
+        self._check()
+        return self.mem.cat_file("/" + path.lstrip("/"), start=start, end=end)
+
+    def pipe_file(self, path, value, **kw):  # type: ignore[no-untyped-def]
+        self._check()
+        return self.mem.pipe_file("/" + path.lstrip("/"), value)
+
+    def _open(self, path, mode="rb", **kw):  # type: ignore[no-untyped-def]
+        self._check()
+        return self.mem._open("/" + path.lstrip("/"), mode=mode, **kw)
+
+
+def test_an_unreachable_store_raises_a_typed_error_and_recovers(mem: str) -> None:
+    fsspec.register_implementation("flakyfb", FlakyFS, clobber=True)
+    bucket = f"b{uuid.uuid4().hex[:8]}"
+    put(f"memory://{bucket}", segment_name(DEP, "pod", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(f"flakyfb://{bucket}")
+    FlakyFS.down = True
+    with pytest.raises(StoreUnavailable) as e:
+        store.scan(DEP)
+    assert e.value.reason == "FeedbackStoreUnavailable" and "connection refused" in str(e.value)
+    FlakyFS.down = False
+    assert store.scan(DEP).pending.ratings == 1
+    FlakyFS.down = True
+    with pytest.raises(StoreUnavailable):
+        store.take_snapshot(DEP)
+    FlakyFS.down = False
+    assert store.take_snapshot(DEP).counts.ratings == 1
+
+
+def test_a_missing_local_store_is_unavailable_not_empty(tmp_path) -> None:
+    with pytest.raises(StoreUnavailable, match="mounted"):
+        FeedbackStore(str(tmp_path / "not-mounted")).scan(DEP)
+
+
+async def test_async_wrappers_run_off_the_loop(mem: str) -> None:
+    put(mem, segment_name(DEP, "pod", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    res = await store.scan_async(DEP)
+    assert res.pending.ratings == 1
+    snap = await store.take_snapshot_async(DEP)
+    assert (await store.latest_snapshot_async(DEP)) == snap
+    assert (await store.pending_async(DEP)).ratings == 0
