@@ -180,6 +180,7 @@ In another shell:
   kubectl get perennial
   kubectl get trainingruns -w          # progress, reward, adapter
   kubectl describe trainingrun <name>
+  kubectl get pdeploy -w               # serving: adapters, active color, ready, phase (a URL is printed here once Ready)
   kubectl explain trainingrun.spec
 Press Ctrl-C to stop.
 """,
@@ -207,6 +208,10 @@ Press Ctrl-C to stop.
             LOCAL_SERVER_IMAGE: [sys.executable, "-m", "perennial_server.cli"],
         },
     ).start()
+    # Once a Perennial Deployment is Ready: its URL, model names and how to call it and rate an answer.
+    from .devserving import ServingAnnouncer
+
+    announcer = ServingAnnouncer(kube, str(kubeconfig)).start()
     try:
         run(
             server=server.url,
@@ -219,6 +224,7 @@ Press Ctrl-C to stop.
             metrics_host=args.host,
         )
     finally:
+        announcer.stop()
         kubelet.stop()
         server.stop()
     return 0
