@@ -523,3 +523,20 @@ def test_a_service_relay_lets_go_of_connections_the_pod_closed(env: Env) -> None
     finally:
         for s in held:
             s.close()
+
+
+def test_the_api_servers_proxy_subresources_reach_the_serving_pods(env: Env) -> None:
+    """What a hub operator does with a region's kubeconfig: talk to a Service's pods through the region's API server
+    (`services/<name>:<port>/proxy/...`, `pods/<name>:<port>/proxy/...`), the pods being the local runtime's processes
+    at their 127.x pod IPs."""
+    env.deployment("apx", replicas=2)
+    wait_for(lambda: len(env.ready_pods("apx")) == 2, WAIT, 0.2, "pods ready")
+    env.service("apx", {"app": "apx"})
+    base = f"{env.server.url}/api/v1/namespaces/{NS}"
+    assert _chat(f"{base}/services/apx:http/proxy").startswith("hello from apx-")
+    seen = set()
+    for pod in env.ready_pods("apx"):
+        status, body = _get(f"{base}/pods/{pod['metadata']['name']}:http/proxy/whoami")
+        assert status == 200, body
+        seen.add(json.loads(body)["pod"])
+    assert seen == {p["metadata"]["name"] for p in env.ready_pods("apx")}

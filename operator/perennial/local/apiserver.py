@@ -25,7 +25,11 @@ Python client and kubectl 1.32 (get/apply/describe/explain/delete/logs/scale/wai
   validation with kube-apiserver's messages, CEL rules (``cel-expr-python``), printer columns;
 * built-in kinds checked against Kubernetes' OpenAPI schemas when ``kubernetes-validate`` is
   installed; Table output (``kubectl get`` columns); pod logs fed in-process (``-f`` too);
-  protobuf bodies of ``kubectl create namespace|configmap|secret|serviceaccount``.
+  protobuf bodies of ``kubectl create namespace|configmap|secret|serviceaccount``;
+* the ``proxy`` subresources of Services and Pods (``apiproxy.py``):
+  ``/api/v1/namespaces/<ns>/services/<name>[:<port>]/proxy/<path>`` to a ready endpoint,
+  ``/api/v1/namespaces/<ns>/pods/<name>[:<port>]/proxy/<path>`` to the pod's IP, every method, streamed both ways,
+  the caller's ``Authorization`` not forwarded.
 
 Usage::
 
@@ -47,7 +51,7 @@ With ``tls`` it serves HTTPS with that certificate (kubectl sends a kubeconfig's
 certificate) and write them into their kubeconfig (mode 0600, ``server.write_kubeconfig(path)``); without a
 token (in-process tests) requests are anonymous and all allowed.
 
-Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward,
+Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward/attach, WebSocket upgrades through proxy,
 authorization (RBAC: the one token may do everything), managedFields and apply conflicts, CRD version conversion, aggregated discovery.
 """
 
@@ -63,6 +67,7 @@ import os
 import secrets
 import tempfile
 import logging
+import random
 import re
 import threading
 import time
@@ -75,6 +80,7 @@ from aiohttp.web import AbstractResource, ResourceRoute, UrlMappingMatchInfo
 from yarl import URL
 
 from . import protobuf
+from .apiproxy import ProxyForwarder, pod_targets, service_targets, split_scheme_name_port
 from .faults import Fault, FaultConfig, FaultInjector, RequestCounter, client_of
 from .patches import PatchError, json_patch, merge_patch
 from .store import (APIError, ResourceType, Store, Watcher, from_scale, parse_field_selector, parse_label_selector,
@@ -238,6 +244,8 @@ class APIServer:
         self._encoded: collections.OrderedDict[tuple[int, str], tuple[dict, str, dict[str, bytes]]] = \
             collections.OrderedDict()
         self._stopping = False
+        # the proxy subresources' client to the pods (apiproxy.py): timeouts are its attributes
+        self.proxy = ProxyForwarder()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -275,6 +283,7 @@ class APIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.proxy.close()
         if self._ca_dir is not None:
             self._ca_dir.cleanup()
             self._ca_dir, self.ca_file = None, None
@@ -419,7 +428,7 @@ class APIServer:
                 rest = rest[2:]
         resource = f"{group}/{'/'.join(rest[:1] + rest[2:3])}" if group else "/".join(rest[:1] + rest[2:3])
         name = rest[1] if len(rest) > 1 else None
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             verb = "get" if name else ("watch" if request.query.get("watch") in ("true", "1", "True") else "list")
         elif method == "DELETE":
             verb = "delete" if name else "deletecollection"
@@ -557,6 +566,9 @@ class APIServer:
                 if sub == "scale":
                     sub_entry["group"], sub_entry["version"] = "autoscaling", "v1"
                 resources.append(sub_entry)
+            if rt.key in (("", "pods"), ("", "services")) and version == "v1":
+                resources.append({"name": f"{rt.plural}/proxy", "singularName": "", "namespaced": True,
+                                  "kind": f"{rt.kind}ProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]})
         return {"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
 
@@ -694,6 +706,9 @@ class APIServer:
         plural = rest[0]
         name = rest[1] if len(rest) > 1 else None
         sub = rest[2] if len(rest) > 2 else None
+        if sub == "proxy" and ns is not None and (group, version, plural) in (("", "v1", "pods"), ("", "v1", "services")):
+            assert name is not None
+            return await self._proxy(request, plural, ns, name)
         if len(rest) > 3:
             raise APIError(404, "NotFound", "the server could not find the requested resource")
         rt = self._rt(group, version, plural)
@@ -804,6 +819,29 @@ class APIServer:
                           "details": {"name": name, "group": rt.group, "kind": rt.plural,
                                       "uid": obj["metadata"].get("uid")}}, 200, warnings)
         raise APIError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    async def _proxy(self, request: web.Request, plural: str, ns: str, ident: str) -> web.StreamResponse:
+        """The ``proxy`` subresource of a Service or a Pod (see ``apiproxy.py``)."""
+        what = plural[:-1]
+        parsed = split_scheme_name_port(ident)
+        if parsed is None:
+            raise APIError(400, "BadRequest", f'invalid {what} request "{ident}"')
+        scheme, name, port = parsed
+        m = re.match(r"^/api/v1/namespaces/[^/]+/[^/]+/[^/]+/proxy(/.*)?$", request.path)
+        suffix = (m.group(1) if m else None) or "/"
+        store = self.store
+        with store.lock:
+            if plural == "pods":
+                ip, number = pod_targets(store.get(self._rt("", "v1", "pods"), ns, name), port)
+                targets = [(ip, number)]
+            else:
+                svc = store.get(self._rt("", "v1", "services"), ns, name)
+                selector = (svc.get("spec") or {}).get("selector")
+                pods = store.list(self._rt("", "v1", "pods"), ns)[0] if selector else []
+                endpoints = None if selector else store.objects[("", "endpoints")].get((ns, name))
+                _, targets = service_targets(svc, pods, endpoints, port)
+                random.shuffle(targets)  # kube-apiserver picks one at random
+        return await self.proxy.forward(request, [(scheme, ip, p) for ip, p in targets], suffix, what)
 
     async def _follow_log(self, request: web.Request, rt: ResourceType, ns: str, name: str,
                           first: str) -> web.StreamResponse:

@@ -29,7 +29,9 @@ import logging
 from typing import Any
 
 from ..kube.client import ApiError, Kube
+from .apiproxy import resolve_port, service_targets
 from .informers import Api, LoopThread, StoreReader
+from .store import APIError
 
 __all__ = ["LocalServiceProxy", "LOCAL_URL", "LOCAL_PORTS"]
 
@@ -191,34 +193,15 @@ class LocalServiceProxy:
     # ------------------------------------------------------------------ connections
 
     def endpoints(self, namespace: str, name: str, port: int) -> list[tuple[str, int]]:
-        """(pod IP, port) of the endpoints of a Service port now, in a stable order."""
+        """(pod IP, port) of the endpoints of a Service port now, in a stable order (the API server's proxy
+        subresource picks from the same: `apiproxy.service_targets`)."""
         svc = self.reader.get("", "v1", "services", namespace, name)
-        if svc is None:
+        if svc is None or not (svc.get("spec") or {}).get("selector"):
             return []
-        spec = svc.get("spec") or {}
-        selector = spec.get("selector") or {}
-        if not selector:
+        try:
+            return service_targets(svc, self.reader.list("", "v1", "pods", namespace), None, str(port))[1]
+        except APIError:  # no such port, no ready endpoint
             return []
-        sport = next((p for p in spec.get("ports") or [] if int(p.get("port", 0)) == port), None)
-        if sport is None:
-            return []
-        target = sport.get("targetPort", port)
-        out = []
-        for pod in self.reader.list("", "v1", "pods", namespace):
-            labels = pod["metadata"].get("labels") or {}
-            if any(labels.get(k) != v for k, v in selector.items()) or pod["metadata"].get("deletionTimestamp"):
-                continue
-            status = pod.get("status") or {}
-            ip = status.get("podIP")
-            if not ip or status.get("phase") != "Running":
-                continue
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-            if not ready and not spec.get("publishNotReadyAddresses"):
-                continue
-            tport = _resolve_port(pod, target)
-            if tport is not None:
-                out.append((ip, tport))
-        return sorted(out)
 
     async def _accept(self, lkey: tuple[str, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -258,16 +241,6 @@ class LocalServiceProxy:
                 self._conns.discard(task)
 
 
-def _resolve_port(pod: dict, target: Any) -> int | None:
-    if isinstance(target, int) or str(target).isdigit():
-        return int(target)
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        for p in c.get("ports") or []:
-            if p.get("name") == target:
-                return int(p["containerPort"])
-    return None
-
-
 def _subsets(svc: dict, pods: list[dict]) -> list[dict]:
     """`Endpoints.subsets` of a Service: pods grouped by their resolved ports, ready or not."""
     spec = svc.get("spec") or {}
@@ -282,7 +255,7 @@ def _subsets(svc: dict, pods: list[dict]) -> list[dict]:
             continue
         ports = []
         for p in spec.get("ports") or []:
-            target = _resolve_port(pod, p.get("targetPort", p.get("port")))
+            target = resolve_port(pod, p.get("targetPort", p.get("port")))
             if target is not None:
                 ports.append({**({"name": p["name"]} if p.get("name") else {}), "port": target, "protocol": p.get("protocol", "TCP")})
         key = tuple((p.get("name", ""), p["port"], p["protocol"]) for p in ports)
