@@ -361,10 +361,18 @@ def test_snapshot_on_a_local_store_is_create_only(tmp_path) -> None:
     put(str(tmp_path / "store"), segment_name(DEP, "pod", 2, NOW), lines(thumbs("a", NOW)))
     store.scan(DEP)
     name, parts = store.plan_snapshot(DEP)
-    other = s1.model_copy(update={"name": name, "sequence": 2, "segments": s1.segments})
-    (path.parent / f"{name}.json").write_text(other.to_json())
+    other = s1.model_copy(update={"name": name, "sequence": 2, "previous": s1.name, "segments": s1.segments})
+    orig = store._write
+
+    def racing_write(p: str, data: bytes, *, create_only: bool = False) -> None:
+        if create_only:  # the other writer wins the race between our listing and our write
+            (path.parent / f"{name}.json").write_text(other.to_json())
+        orig(p, data, create_only=create_only)
+
+    store._write = racing_write  # type: ignore[method-assign]
     with pytest.raises(SnapshotConflict):
         store.write_snapshot(DEP, name, parts)
+    assert Snapshot.model_validate_json((path.parent / f"{name}.json").read_text()) == other
     assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]
 
 

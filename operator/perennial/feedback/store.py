@@ -407,7 +407,7 @@ class FeedbackStore:
             if missing_ok:
                 return None
             raise StoreUnavailable(f"feedback store {self.uri}: {what}: not found") from None
-        except FeedbackStoreError:
+        except (FeedbackStoreError, FileExistsError):  # FileExistsError: a create-only write lost (the caller decides)
             raise
         except Exception as e:  # noqa: BLE001 -- any filesystem failure is the store being unavailable
             raise StoreUnavailable(f"feedback store {self.uri}: {what} failed: {type(e).__name__}: {e}") from e
