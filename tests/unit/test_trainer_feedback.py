@@ -309,3 +309,127 @@ def test_every_segment_of_the_deployment_when_none_is_listed(tmp_path):
     ds = load_feedback("fb", str(store), "SFT", deployment="dep")
     assert len(ds.rows) == 20  # another Deployment's segments in a shared store are not read
     assert len(load_feedback("fb", str(store), "SFT").rows) == 50  # no Deployment named: the whole store
+
+
+def test_feedback_of_a_join_segment_is_never_trained_here():
+    # the store's snapshots train on the ratings of their own parts; a join part's ratings are another snapshot's
+    old = seg("dep/old.jsonl", fb("r1"), fb("r2", type="correction", correction="fixed"), join_only=True)
+    new = seg("dep/new.jsonl", inter("r1"), inter("r2", q="other"), inter("r3", q="third"), fb("r3"))
+    for method in ("SFT", "DPO"):
+        out = build_rows([old, new], method)
+        assert [r for r in out.rows if texts([r], "completion" if method == "SFT" else "chosen") == ["fixed"]] == []
+    sft = build_rows([old, new], "SFT")
+    assert len(sft.rows) == 1 and sft.dropped == {"unrated": 2}
+    grpo = build_rows([old, new], "GRPO")  # prompts of the snapshot's interactions; no rating taken from the join part
+    assert len(grpo.rows) == 3 and all("feedback_score" not in r or r["prompt"] == chat("third") for r in grpo.rows)
+
+
+# ------------------------------------------------------------------------------ with the operator's FeedbackStore
+
+
+@pytest.fixture
+def mem_store():
+    import uuid
+
+    import fsspec
+
+    root = f"memory://trainer-fb-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root[len("memory://"):]):
+        fs.rm(root[len("memory://"):], recursive=True)
+
+
+def _put(uri: str, name: str, data: bytes, append: bool = False) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = f"{root.rstrip('/')}/{name}"
+    fs.makedirs(posix_dir(path), exist_ok=True)
+    fs.pipe_file(path, (fs.cat_file(path) if append else b"") + data)
+
+
+def posix_dir(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def _lines(*recs) -> bytes:
+    return "".join(r.to_json() + "\n" for r in recs).encode()
+
+
+def test_snapshots_of_the_operators_store_train_each_rating_exactly_once(mem_store):
+    import datetime as dt
+
+    from perennial.feedback.store import FeedbackStore
+    from perennial_records import segment_name
+
+    now = dt.datetime.now(dt.timezone.utc)
+    t = now.isoformat()
+    dep = "chat"
+    s_a, s_b, s_c = (segment_name(dep, p, 1, now) for p in ("pod-a", "pod-b", "pod-c"))
+    # pod a served 20 answers and got 10 ratings; pod b (another region) took 5 ratings of pod a's answers
+    _put(mem_store, s_a, _lines(*[inter(f"r{i}", q=f"q{i}", response=f"a{i}", deployment=dep, time=t) for i in range(20)],
+                                *[fb(f"r{i}", deployment=dep, time=t) for i in range(10)]))
+    _put(mem_store, s_b, _lines(*[fb(f"r{i}", deployment=dep, time=t) for i in range(10, 15)]))
+    store = FeedbackStore(mem_store)
+    store.scan(dep)
+    snap1 = store.take_snapshot(dep)
+    run1 = load_feedback("fb", mem_store, "SFT", snapshot=store.snapshot_path(dep, snap1.name), min_examples=1, deployment=dep)
+    assert sorted(texts(run1.rows)) == sorted(f"a{i}" for i in range(15))
+    assert run1.stats["dropped"] == {"unrated": 5}
+    # later: pod a's segment grows with the last 5 ratings, pod c re-rates r3 (down) and rates an answer nobody served
+    _put(mem_store, s_a, _lines(*[fb(f"r{i}", deployment=dep, time=t) for i in range(15, 20)]), append=True)
+    later = (now + dt.timedelta(minutes=5)).isoformat()
+    _put(mem_store, s_c, _lines(fb("r3", thumbs="down", deployment=dep, time=later), fb("ghost", deployment=dep, time=later)))
+    store.scan(dep)
+    snap2 = store.take_snapshot(dep)
+    assert snap2.join_segments  # the rated interactions are in snapshot 1's part
+    run2 = load_feedback("fb", mem_store, "SFT", snapshot=store.snapshot_uri(dep, snap2.name), min_examples=1, deployment=dep)
+    assert sorted(texts(run2.rows)) == sorted(f"a{i}" for i in range(15, 20))
+    assert run2.stats["dropped"] == {"belowThreshold": 1, "interactionMissing": 1}
+    assert run2.stats["joinedFromEarlier"] == 5  # r15..r19 from the earlier part (r3's thumbs down makes no row)
+    # every rated answer trained on exactly once across the two runs
+    both = texts(run1.rows) + texts(run2.rows)
+    assert sorted(both) == sorted(f"a{i}" for i in range(20))
+    # the segment grows again after the snapshot: its snapshotted byte range is unchanged, so the run still reads
+    _put(mem_store, s_a, _lines(fb("r0", deployment=dep, time=later)), append=True)
+    assert len(load_feedback("fb", mem_store, "SFT", snapshot=store.snapshot_path(dep, snap2.name), min_examples=1).rows) == 5
+    # but bytes changed inside a snapshotted range: refused
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(mem_store)
+    path = f"{root}/{s_b}"
+    fs.pipe_file(path, fs.cat_file(path).replace(b'"up"', b'"down"', 1))
+    with pytest.raises(TrainerError) as e:
+        load_feedback("fb", mem_store, "SFT", snapshot=store.snapshot_path(dep, snap1.name), min_examples=1)
+    assert e.value.reason == "DatasetHashMismatch" and s_b in str(e.value)
+    # the store's own documents are never read as segments
+    whole = load_feedback("fb", mem_store, "SFT", deployment=dep, min_examples=1)
+    assert sorted(whole.files) == sorted([s_a, s_b, s_c])
+    assert len(whole.rows) == 18  # all but r3 (re-rated down) and r10 (changed to down above)
+
+
+def test_both_segments_and_a_snapshot_must_agree(tmp_path):
+    store, segs = _store(tmp_path)
+    snap = _snapshot(store, segs)
+    assert len(load_feedback("fb", str(store), "SFT", snapshot=snap, segments=[n for n, _ in segs]).rows) == 20
+    with pytest.raises(TrainerError, match="not the segments of snapshot") as e:
+        load_feedback("fb", str(store), "SFT", snapshot=snap, segments=[segs[0][0]])
+    assert e.value.reason == "InvalidDataset"
+
+
+def test_a_byte_range_part_is_read_and_verified(tmp_path):
+    store = tmp_path / "store"
+    name, _ = _write(store, "dep/s.jsonl", *[inter(f"r{i}", q=f"q{i}", response=f"a{i}") for i in range(20)])
+    head = (store / name).read_bytes()
+    tail = _lines(*[fb(f"r{i}") for i in range(20)])
+    (store / name).write_bytes(head + tail)
+    doc = {"segments": [{"name": name, "offset": len(head), "length": len(tail), "sha256": hashlib.sha256(tail).hexdigest()}],
+           "joinSegments": [{"name": name, "offset": 0, "length": len(head), "sha256": hashlib.sha256(head).hexdigest()}]}
+    (store / "snap.json").write_text(json.dumps(doc))
+    ds = load_feedback("fb", str(store), "SFT", snapshot="snap.json")
+    assert len(ds.rows) == 20 and ds.stats["joinedFromEarlier"] == 20
+    (store / name).write_bytes(head + tail[:-10])  # truncated inside the range
+    with pytest.raises(TrainerError) as e:
+        load_feedback("fb", str(store), "SFT", snapshot="snap.json")
+    assert e.value.reason == "DatasetHashMismatch"

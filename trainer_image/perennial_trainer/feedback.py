@@ -9,30 +9,35 @@ Input: segments of a feedback store (JSON Lines of `InteractionRecord` and `Feed
 * ``segments: [names]``: these segment objects, relative to the store;
 * neither: every ``.jsonl`` under ``<store>/<deployment>/`` (the Deployment's own segments).
 
-Snapshot document (JSON; unknown keys are ignored)::
+Snapshot document (JSON; unknown keys are ignored), as `perennial.feedback.store.FeedbackStore`
+writes it to ``<deployment>/_perennial/snapshots/<name>.json`` (`perennial.feedback.snapshot`)::
 
-    {"apiVersion": "perennial.ai/v1alpha1", "kind": "FeedbackSnapshot",        # optional
-     "segments": [{"name": "<deployment>/2026/11/29/<pod>-00000007.jsonl",      # relative to the store
-                   "sha256": "<64 hex>", "records": 120, ...}],                 # extra keys: ignored
-     "joinSegments": [{"name": ..., "sha256": ...}],                             # optional (see below)
-     "window": {"start": "...", "end": "..."}}                                   # optional, logged
+    {"apiVersion": "perennial.ai/v1alpha1", "kind": "FeedbackSnapshot", "deployment": "chat", ...,
+     "segments": [{"name": "chat/2026/11/29/pod-a-00000007.jsonl",   # relative to the store
+                   "offset": 0, "length": 5120,                       # a byte range (a "part"); optional:
+                   "sha256": "<64 hex of those bytes>", ...}],        #   no length = the whole object
+     "joinSegments": [{"name": ..., "offset": ..., "length": ..., "sha256": ...}],   # optional
+     "window": {"start": "...", "end": "..."}}                        # optional, logged
 
-A segment entry's name may also be given as ``object``, ``key`` or ``path``; an entry with
-``"joinOnly": true`` (or ``"role": "join"``) in ``segments`` is a join segment too, and so are the
-entries of ``joinOnlySegments``/``contextSegments``. Names are relative to the store: absolute
-names, URIs and ``..`` are refused (``InvalidDataset``), as is an entry without a sha256.
+A part's name may also be given as ``object``, ``key`` or ``path``; an entry of ``segments`` with
+``"joinOnly": true`` (or ``"role": "join"``) is a join part, as are the entries of
+``joinOnlySegments``/``contextSegments``. Names are relative to the store: absolute names, URIs
+and ``..`` are refused (``InvalidDataset``), as is a part without a sha256. Only the bytes of a
+part are read and hashed: a segment that grew after the snapshot (new bytes after the range) is
+still the same part; bytes changed inside the range fail the run.
 
 How records become rows
 -----------------------
 
 * **Join** by response id over every segment read, whatever their order, pod, region or time: a
   rating shipped before its interaction (another pod's segment closed first) joins all the same.
-* **Join segments** (earlier segments the operator adds only so that late ratings find their
-  interactions, and late interactions their ratings) are read and verified like the others, but a
-  training example is made only from a *unit* (an interaction with its rating or correction; a
-  preference with its two responses; a pair of rated responses) holding at least one record of the
-  snapshot's own segments. A unit entirely in earlier segments was the earlier run's. So with
-  snapshots that partition the store, each rated record is trained on once.
+* **The feedback of the snapshot's own segments is what is trained on.** Join parts (earlier
+  parts holding the interactions that this snapshot's late ratings rate) give interactions only;
+  their feedback records are another snapshot's and are ignored. A training example is made from
+  a unit (an interaction with its rating or correction; a preference with its two responses; two
+  differently rated responses) that holds feedback of the snapshot's segments (for GRPO: a prompt
+  of the snapshot's interactions, or rated by its feedback). Snapshots hold disjoint parts, so
+  each rating is trained on once.
 * **Duplicates**: an interaction id or a feedback id seen again (a retried request stored by two
   pods, a segment shipped twice) counts once; for feedback the earliest copy is kept (the id is the
   idempotency key: the first write wins).
@@ -55,7 +60,8 @@ How records become rows
 Every record of the snapshot's segments is either used or dropped with one reason, counted:
 ``unparsable``, ``duplicate``, ``otherDeployment``, ``interactionMissing`` (a rating of a response
 that no segment holds), ``scoreOutOfRange``, ``unusableType`` (a label), ``notForMethod`` (a
-preference for SFT or GRPO), ``superseded``, ``unrated``, ``belowThreshold``, ``empty`` (an empty or
+preference for SFT or GRPO), ``superseded``, ``unrated`` (an interaction without usable feedback in
+the snapshot; a later snapshot's rating can still use it), ``belowThreshold``, ``empty`` (an empty or
 redacted-to-nothing prompt or response), ``unsupportedContent``, ``identical`` (chosen = rejected),
 ``promptMismatch`` (a preference between answers to different prompts), ``unpaired`` (DPO: no
 differently rated answer to the same prompt).
@@ -180,6 +186,7 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
     inters: dict[str, InteractionRecord] = {}
     new_keys: set[Key] = set()
     raw_fbs: list[tuple[_dt.datetime, int, FeedbackRecord, bool]] = []
+    new_inters: set[str] = set()  # interactions of the snapshot's own segments
 
     def drop(new: bool, reason: str) -> None:
         if new:
@@ -207,7 +214,8 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                 inters[rec.id] = rec
                 if new:
                     new_keys.add(("i", rec.id))
-            else:
+                    new_inters.add(rec.id)
+            elif new:  # feedback of a join segment is another snapshot's to train on
                 seq += 1
                 raw_fbs.append((_when(rec.time), seq, rec, new))
 
@@ -227,9 +235,10 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
     def reason(key: Key, why: str) -> None:
         reasons.setdefault(key, why)
 
-    def emit(keys: list[Key], row: dict[str, Any] | None) -> None:
-        """A unit of records becomes a row, unless all of them are from earlier (join) segments."""
-        if any(k in new_keys for k in keys):
+    def emit(keys: list[Key], row: dict[str, Any] | None, prompt_only: bool = False) -> None:
+        """A unit of records becomes a row when it holds feedback of the snapshot's own segments (the rated
+        record is what is trained on once), or for GRPO (`prompt_only`) an interaction of them."""
+        if any(k in new_keys and (prompt_only or k[0] == "f") for k in keys):
             if row is not None:
                 rows.append(row)
             used.update(keys)
@@ -368,7 +377,7 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                 row["feedback_score"] = _reward(g["rating"])
             if g["reference"] is not None:
                 row["reference"] = g["reference"].correction
-            emit(g["keys"], row)
+            emit(g["keys"], row, prompt_only=True)
         for f in prefs:
             reason(fk(f), "notForMethod")
 
@@ -399,12 +408,28 @@ def check_segment_name(name: Any, where: str) -> str:
     return norm
 
 
+@dataclass(frozen=True)
+class PartRef:
+    """A byte range `[offset, offset + length)` of one segment object and the sha256 of those bytes
+    (`length` None: to the end of the object; `perennial.feedback.snapshot.SegmentPart`)."""
+
+    name: str
+    sha256: str
+    offset: int = 0
+    length: int | None = None
+
+    def label(self) -> str:
+        if self.offset == 0 and self.length is None:
+            return self.name
+        return f"{self.name}[{self.offset}:{'' if self.length is None else self.offset + self.length}]"
+
+
 @dataclass
 class SnapshotDoc:
     uri: str
     data: bytes
-    segments: list[tuple[str, str]]       # (name, sha256)
-    join_segments: list[tuple[str, str]]
+    segments: list[PartRef]       # the parts whose feedback is trained on
+    join_segments: list[PartRef]  # parts read only for the interactions that feedback rates
     window: Any = None
 
 
@@ -412,7 +437,7 @@ _NAME_KEYS = ("name", "object", "key", "path")
 _JOIN_LISTS = ("joinSegments", "joinOnlySegments", "contextSegments")
 
 
-def parse_snapshot(data: bytes, where: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], Any]:
+def parse_snapshot(data: bytes, where: str) -> tuple[list[PartRef], list[PartRef], Any]:
     """(segments, join segments, window) of a snapshot document; `InvalidDataset` when it is not one."""
     try:
         doc = json.loads(data)
@@ -421,9 +446,9 @@ def parse_snapshot(data: bytes, where: str) -> tuple[list[tuple[str, str]], list
     if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):
         raise TrainerError(f"{where} is not a snapshot document: expected a JSON object with a `segments` list", "InvalidDataset")
 
-    def entries(items: Any, key: str, join: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        main: list[tuple[str, str]] = []
-        joins: list[tuple[str, str]] = []
+    def entries(items: Any, key: str, join: bool) -> tuple[list[PartRef], list[PartRef]]:
+        main: list[PartRef] = []
+        joins: list[PartRef] = []
         if items is None:
             return main, joins
         if not isinstance(items, list):
@@ -431,29 +456,35 @@ def parse_snapshot(data: bytes, where: str) -> tuple[list[tuple[str, str]], list
         for i, e in enumerate(items):
             if not isinstance(e, dict):
                 raise TrainerError(f"{where}: `{key}[{i}]` must be an object with `name` and `sha256` (got {e!r:.80})", "InvalidDataset")
-            name = next((e[k] for k in _NAME_KEYS if k in e), None)
-            name = check_segment_name(name, f"{where} `{key}[{i}]`")
+            name = check_segment_name(next((e[k] for k in _NAME_KEYS if k in e), None), f"{where} `{key}[{i}]`")
             sha = e.get("sha256")
             if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
                 raise TrainerError(f"{where}: segment {name!r} has no valid sha256: a snapshot's segments are verified before use", "InvalidDataset")
+            offset, length = e.get("offset", 0), e.get("length")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or (
+                    length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0)):
+                raise TrainerError(f"{where}: segment {name!r} has an invalid byte range (offset {offset!r}, length {length!r})", "InvalidDataset")
+            part = PartRef(name, sha.lower(), offset, length)
             is_join = join or e.get("joinOnly") is True or e.get("role") == "join"
-            (joins if is_join else main).append((name, sha.lower()))
+            (joins if is_join else main).append(part)
         return main, joins
 
     segs, joins = entries(doc["segments"], "segments", False)
     for key in _JOIN_LISTS:
         _, more = entries(doc.get(key), key, True)
         joins += more
-    return _unique(segs), [j for j in _unique(joins) if j[0] not in {s for s, _ in segs}], doc.get("window")
+    segs = _unique(segs, where)
+    own = {(p.name, p.offset) for p in segs}
+    return segs, [j for j in _unique(joins, where) if (j.name, j.offset) not in own], doc.get("window")
 
 
-def _unique(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    out: dict[str, str] = {}
-    for name, sha in items:
-        if out.get(name, sha) != sha:
-            raise TrainerError(f"snapshot lists segment {name!r} twice with different sha256", "InvalidDataset")
-        out[name] = sha
-    return list(out.items())
+def _unique(items: list[PartRef], where: str) -> list[PartRef]:
+    out: dict[tuple[str, int], PartRef] = {}
+    for p in items:
+        if out.get((p.name, p.offset), p) != p:
+            raise TrainerError(f"{where} lists {p.label()} twice with different hashes or lengths", "InvalidDataset")
+        out[(p.name, p.offset)] = p
+    return list(out.values())
 
 
 def read_snapshot(store_uri: str, snapshot: str) -> SnapshotDoc:
@@ -474,19 +505,31 @@ def read_snapshot(store_uri: str, snapshot: str) -> SnapshotDoc:
     return SnapshotDoc(uri, data, segs, joins, window)
 
 
-def _read(fs: Any, root: str, name: str, store_uri: str, sha256: str | None = None) -> bytes:
-    path = f"{root}/{name}"
+def _read(fs: Any, root: str, part: PartRef, store_uri: str, verify: bool) -> bytes:
+    path = f"{root}/{part.name}"
     if not fs.exists(path):
-        raise TrainerError(f"feedback segment {name} not found in store {store_uri}", "DatasetNotFound")
-    with fs.open(path, "rb") as fh:
-        data = fh.read()
-    if sha256 is not None:
+        raise TrainerError(f"feedback segment {part.name} not found in store {store_uri}", "DatasetNotFound")
+    if part.offset == 0 and part.length is None:
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+    else:
+        end = None if part.length is None else part.offset + part.length
+        data = fs.cat_file(path, start=part.offset, end=end)
+        if part.length is not None and len(data) != part.length:
+            raise TrainerError(f"feedback segment {part.label()} is shorter than the snapshot says ({len(data)} bytes, not "
+                               f"{part.length}): it changed after the snapshot", "DatasetHashMismatch")
+    if verify:
         got = hashlib.sha256(data).hexdigest()
-        if got != sha256:
+        if got != part.sha256:
             raise TrainerError(
-                f"feedback segment {name} changed after the snapshot (sha256 {got}, the snapshot says {sha256}): "
+                f"feedback segment {part.label()} changed after the snapshot (sha256 {got}, the snapshot says {part.sha256}): "
                 "the run trains only on exactly what was snapshotted", "DatasetHashMismatch")
     return data
+
+
+def _hidden(rel: str) -> bool:
+    """The store's own documents (`<deployment>/_perennial/...`) and temp files are not segments."""
+    return any(c.startswith(("_", ".")) for c in rel.split("/"))
 
 
 def load_feedback(name: str, store_uri: str, method: str, *, segments: list[str] | None = None, snapshot: str | None = None,
@@ -498,19 +541,24 @@ def load_feedback(name: str, store_uri: str, method: str, *, segments: list[str]
     fs, root = filesystem(store_uri)
     root = root.rstrip("/")
     window = None
+    listed = list(dict.fromkeys(check_segment_name(s, f"dataset {name!r}") for s in segments or []))
     if snapshot:
         doc = read_snapshot(store_uri, snapshot)
-        segs = [Segment(n, _read(fs, root, n, store_uri, sha)) for n, sha in doc.segments]
-        segs += [Segment(n, _read(fs, root, n, store_uri, sha), join_only=True) for n, sha in doc.join_segments]
+        names = list(dict.fromkeys(p.name for p in doc.segments))
+        if listed and set(listed) != set(names):
+            raise TrainerError(f"dataset {name!r}: `feedback.segments` ({len(listed)}) are not the segments of snapshot {doc.uri} "
+                               f"({len(names)}); list none, or exactly those", "InvalidDataset")
+        segs = [Segment(p.label(), _read(fs, root, p, store_uri, True)) for p in doc.segments]
+        segs += [Segment(p.label(), _read(fs, root, p, store_uri, True), join_only=True) for p in doc.join_segments]
         digest, uri, window = hashlib.sha256(doc.data).hexdigest(), doc.uri, doc.window
     else:
-        if segments:
-            names = list(dict.fromkeys(check_segment_name(s, f"dataset {name!r}") for s in segments))
+        if listed:
+            names = listed
         else:
             base = f"{root}/{check_segment_name(deployment, 'deploymentRef')}" if deployment else root
             found = sorted(p for p in fs.find(base) if p.endswith(".jsonl")) if fs.exists(base) else []
-            names = [p[len(root) + 1:] if p.startswith(root + "/") else p for p in found]
-        segs = [Segment(n, _read(fs, root, n, store_uri)) for n in names]
+            names = [r for r in (p[len(root) + 1:] if p.startswith(root + "/") else p for p in found) if not _hidden(r)]
+        segs = [Segment(n, _read(fs, root, PartRef(n, ""), store_uri, False)) for n in names]
         h = hashlib.sha256()
         for s in segs:
             h.update(s.data)
