@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractFileSystem
 import fsspec
 
-from perennial.feedback.snapshot import Snapshot, snapshot_name
+from perennial.feedback.snapshot import Cursor, Snapshot, snapshot_name
 from perennial.feedback.store import FeedbackStore, SegmentChanged, SnapshotConflict, StoreUnavailable
 from perennial_records import FeedbackRecord, InteractionRecord, segment_name
 
@@ -207,6 +207,7 @@ def test_torn_corrupt_and_invalid_lines_are_counted_and_skipped(mem: str) -> Non
     res = store.scan(DEP)
     assert res.skipped == {"InvalidJSON": 2, "UnknownKind": 1, "InvalidRecord": 2, "TornLine": 1}
     assert res.pending.ratings == 1 and res.pending.interactions == 1
+    assert res.damaged_segments == 1 and res.damaged_examples == [name]
     # the torn line is completed later (the object grew): only the new bytes are a new part
     append(mem, name, b'onse":"x"}\n')
     res = store.scan(DEP)
@@ -243,8 +244,11 @@ def test_pending_reports_the_oldest_rating(mem: str) -> None:
     assert p.ratings == 2
     assert p.oldest_rating == (old + dt.timedelta(minutes=1)).astimezone(dt.timezone.utc)
     assert 5 * 3600 - 120 < p.age_seconds(NOW) < 5 * 3600
-    store.take_snapshot(DEP)
+    s1 = store.take_snapshot(DEP)
     assert store.pending(DEP).ratings == 0 and store.pending(DEP).oldest_rating is None
+    # an older cursor (before snapshot 1) counts snapshot 1's ratings as pending again
+    assert store.pending(DEP, Cursor(sequence=1)).ratings == 2
+    assert store.pending(DEP, s1.cursor).ratings == 0
 
 
 # ------------------------------------------------------------------------------ snapshots

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import hashlib
+import heapq
 import logging
 import os
 import re
@@ -178,7 +179,9 @@ class ScanResult:
     days_listed: int = 0
     days_total: int = 0
     full_listing: bool = False
-    skipped: dict[str, int] = field(default_factory=dict)  # over the whole index, by reason
+    skipped: dict[str, int] = field(default_factory=dict)  # lines skipped over the whole index, by reason
+    damaged_segments: int = 0  # segments with skipped lines or a torn last line
+    damaged_examples: list[str] = field(default_factory=list)  # a few of their names (for a condition's message)
     pending: Pending = field(default_factory=Pending)
     cursor: Cursor = field(default_factory=Cursor)
 
@@ -295,7 +298,12 @@ class _State:
         self.snapshots: dict[int, Snapshot] = {}
         self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
         self.unconsumed: dict[tuple[str, int, str], SegmentPart] = {}
+        # running totals of `unconsumed` (a tick's pending() never walks the history)
+        self.pending_ratings = 0
+        self.pending_interactions = 0
+        self._oldest: list[tuple[str, tuple[str, int, str]]] = []  # heap of (oldest rating time, key), lazily pruned
         self.skipped: Counter[str] = Counter()
+        self.damaged: set[str] = set()  # segments with skipped lines or a torn tail
         self.last_full: float | None = None
 
     # bookkeeping of entries, so that pending() and skipped totals never walk the whole index
@@ -307,9 +315,11 @@ class _State:
         for p in entry.parts:
             self.skipped.update(p.skipped)
             if p.key not in self.consumed:
-                self.unconsumed[p.key] = p
+                self._pend(p)
         if entry.torn_tail:
             self.skipped["TornLine"] += 1
+        if entry.torn_tail or any(p.skipped for p in entry.parts):
+            self.damaged.add(entry.name)
 
     def remove(self, day: str, name: str) -> None:
         entry = self.days.get(day, {}).pop(name, None)
@@ -317,15 +327,36 @@ class _State:
             return
         for p in entry.parts:
             self.skipped.subtract(p.skipped)
-            self.unconsumed.pop(p.key, None)
+            self._unpend(p.key)
         if entry.torn_tail:
             self.skipped["TornLine"] -= 1
+        self.damaged.discard(name)
 
     def add_snapshot(self, snap: Snapshot) -> None:
         self.snapshots[snap.sequence] = snap
         for p in snap.segments:
             self.consumed[p.key] = snap.sequence
-            self.unconsumed.pop(p.key, None)
+            self._unpend(p.key)
+
+    def _pend(self, p: SegmentPart) -> None:
+        if p.key in self.unconsumed:
+            return
+        self.unconsumed[p.key] = p
+        self.pending_ratings += p.ratings
+        self.pending_interactions += p.interactions
+        if p.ratings and p.oldest_rating_time:
+            heapq.heappush(self._oldest, (p.oldest_rating_time, p.key))
+
+    def _unpend(self, key: tuple[str, int, str]) -> None:
+        p = self.unconsumed.pop(key, None)
+        if p is not None:
+            self.pending_ratings -= p.ratings
+            self.pending_interactions -= p.interactions
+
+    def oldest_pending_rating(self) -> str | None:
+        while self._oldest and self._oldest[0][1] not in self.unconsumed:
+            heapq.heappop(self._oldest)
+        return self._oldest[0][0] if self._oldest else None
 
     def next_sequence(self) -> int:
         return max(self.snapshots, default=0) + 1
@@ -568,6 +599,8 @@ class FeedbackStore:
                 self._save_day(st, day)
             res.segments = sum(len(v) for v in st.days.values())
             res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
+            res.damaged_segments = len(st.damaged)
+            res.damaged_examples = sorted(st.damaged)[:5]
             res.pending = self._pending(st, None)
             res.cursor = st.cursor()
             return res
@@ -630,10 +663,11 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------ pending
     def _pending(self, st: _State, cursor: Cursor | None) -> Pending:
-        parts: Iterable[SegmentPart] = st.unconsumed.values()
-        if cursor is not None and cursor.sequence < st.next_sequence():
-            extra = [p for k, seq in st.consumed.items() if seq >= cursor.sequence and (p := st.find_part(k)) is not None]
-            parts = list(parts) + extra
+        if cursor is None or cursor.sequence >= st.next_sequence():  # the usual case: running totals
+            return Pending(ratings=st.pending_ratings, interactions=st.pending_interactions, parts=len(st.unconsumed),
+                           oldest_rating=_dt_of(st.oldest_pending_rating()))
+        extra = [p for k, seq in st.consumed.items() if seq >= cursor.sequence and (p := st.find_part(k)) is not None]
+        parts: Iterable[SegmentPart] = list(st.unconsumed.values()) + extra
         ratings = inter = n = 0
         oldest = None
         for p in parts:

@@ -1,0 +1,177 @@
+"""Continuous learning, headless: what the operator's loop costs and how fast it closes.
+
+Sections (run one or more; default: all that exist):
+
+  --tick   Cost of one feedback-store tick against the store's size. For each size (default
+           10k, 100k and 1M records) a local store is generated (`perennial_records` JSON lines
+           in `<deployment>/<yyyy>/<mm>/<dd>/<pod>-<seq>.jsonl` segments, `--records-per-day`
+           (10k) a day on the days ending today -- so a bigger store is a longer history, as in
+           production --, half interactions and half ratings; nothing is trained) and
+           `perennial.feedback.store.FeedbackStore.scan` is timed:
+             first     a fresh FeedbackStore, empty index: reads every segment;
+             incr      the same object, after one new segment was shipped;
+             restart   a new FeedbackStore (an operator restart: the index is loaded from the
+                       store) after one more new segment;
+             idle      the same object again, nothing new.
+           incr, restart and idle are medians of `--repeat` (5) ticks each.
+           It prints records read and the wall time of each tick, and ratios measured in this
+           one run: first / incremental per size, and each tick's time at the largest size over
+           the smallest (a tick whose cost does not grow with history stays near 1x while the
+           store grows 100x).
+
+  (--loop, the whole loop's timings -- threshold to TrainingRun, to Adapter, to serving; approval
+   before/after -- is another section, added to SECTIONS.)
+
+Nothing is asserted; the exit status is 0 unless something crashed. The generated stores live in
+a temporary directory removed at the end (`--keep` keeps it). Usage:
+
+    python benchmarks/loop.py [--tick] [--sizes 10000 100000 1000000] [--records-per-segment 200] [--records-per-day 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from perennial.feedback.store import FeedbackStore
+from perennial_records import FeedbackRecord, InteractionRecord, segment_name
+
+DEPLOYMENT = "bench"
+
+
+def _templates() -> tuple[str, str]:
+    """One interaction and one rating as the sidecar writes them, with placeholders for id and time."""
+    inter = InteractionRecord(id="RID", deployment=DEPLOYMENT, namespace="default", model="toy",
+                              messages=[{"role": "user", "content": "What colour is a banana? Answer in one word."}],
+                              params={"temperature": 0.7, "max_tokens": 16}, response="<answer>yellow</answer>",
+                              finish_reason="stop", usage={"prompt_tokens": 21, "completion_tokens": 6}, latency_ms=41.5,
+                              time="TIME").to_json()
+    rate = FeedbackRecord(id="fb-FID", response_id="RID", type="thumbs", thumbs="up", deployment=DEPLOYMENT,
+                          namespace="default", time="TIME").to_json()
+    return inter, rate
+
+
+def generate(root: str, records: int, per_segment: int, days: int, start_seq: int = 0, only_today: bool = False) -> int:
+    """Write `records` records (interaction + its rating pairs) in segments of `per_segment`; returns segments written."""
+    inter_t, rate_t = _templates()
+    today = dt.datetime.now(dt.timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
+    n_seg = max(1, -(-records // per_segment))
+    written = 0
+    for s in range(n_seg):
+        day = today if only_today else today - dt.timedelta(days=days - 1 - (s * days // n_seg))
+        name = segment_name(DEPLOYMENT, f"pod-{s % 4}", start_seq + s, day)
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ts = day.isoformat()
+        out = []
+        for k in range(min(per_segment, records - written) // 2):
+            rid = f"{start_seq + s:08x}{k:08x}" + "0" * 16
+            out.append(inter_t.replace("RID", rid).replace("TIME", ts))
+            out.append(rate_t.replace("RID", rid).replace("FID", rid).replace("TIME", ts))
+        written += len(out)
+        with open(path, "w") as f:
+            f.write("\n".join(out) + "\n")
+    return n_seg
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t0, r
+
+
+def tick_cost(args: argparse.Namespace, workdir: str) -> None:
+    print(f"== tick: feedback-store tick cost against store size ({args.records_per_segment} records per segment, "
+          f"{args.records_per_day:,} records a day, local store) ==", flush=True)
+    # warm-up (imports, pydantic's first validations) so that the first size is not charged for it
+    warm = os.path.join(workdir, "warm-up")
+    generate(warm, 400, 200, 1)
+    FeedbackStore(warm).scan(DEPLOYMENT)
+    shutil.rmtree(warm, ignore_errors=True)
+    seq = iter(range(10_000_000, 20_000_000))
+
+    def ship_one(root: str) -> None:
+        generate(root, args.records_per_segment, args.records_per_segment, 1, start_seq=next(seq), only_today=True)
+
+    def median(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    rows = []
+    for size in args.sizes:
+        root = os.path.join(workdir, f"store-{size}")
+        os.makedirs(root)
+        days = max(1, -(-size // args.records_per_day))
+        t_gen, n_seg = _timed(lambda: generate(root, size, args.records_per_segment, days))
+        store = FeedbackStore(root)
+        t_first, first = _timed(lambda: store.scan(DEPLOYMENT))
+        incr_t, incr_read, restart_t, restart_read, idle_t, idle_read = [], [], [], [], [], []
+        for _ in range(args.repeat):  # one new segment shipped, then a tick
+            ship_one(root)
+            t, r = _timed(lambda: store.scan(DEPLOYMENT))
+            incr_t.append(t)
+            incr_read.append(r.records_read)
+        for _ in range(args.repeat):  # one new segment shipped, then a restarted operator's first tick
+            ship_one(root)
+            store = FeedbackStore(root)
+            t, r = _timed(lambda: store.scan(DEPLOYMENT))
+            restart_t.append(t)
+            restart_read.append(r.records_read)
+        for _ in range(args.repeat):  # nothing new
+            t, last = _timed(lambda: store.scan(DEPLOYMENT))
+            idle_t.append(t)
+            idle_read.append(last.records_read)
+        row = (size, n_seg, t_first, first.records_read, median(incr_t), max(incr_read), median(restart_t), max(restart_read),
+               median(idle_t), max(idle_read))
+        rows.append(row)
+        print(f"records={size:>9,} segments={n_seg:>6,} days={days:>3} (generated in {t_gen:.1f}s) | "
+              f"first: read {first.records_read:>9,} records in {t_first * 1000:9.1f} ms | "
+              f"incr: read {row[5]:>4,} records in {row[4] * 1000:6.1f} ms | "
+              f"restart: read {row[7]:>4,} records in {row[6] * 1000:6.1f} ms | "
+              f"idle: read {row[9]} records in {row[8] * 1000:5.1f} ms | "
+              f"first/incr = {t_first / row[4]:6.1f}x | pending ratings {last.pending.ratings:,}", flush=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    if len(rows) >= 2:
+        lo, hi = rows[0], rows[-1]
+        growth = hi[0] / lo[0]
+        print(f"store grew {growth:.0f}x ({lo[0]:,} -> {hi[0]:,} records): "
+              f"first tick {hi[2] / lo[2]:.1f}x, incremental tick {hi[4] / lo[4]:.2f}x, "
+              f"restart tick {hi[6] / lo[6]:.2f}x, idle tick {hi[8] / lo[8]:.2f}x; "
+              f"records read per incremental tick {lo[5]} -> {hi[5]}, per restart tick {lo[7]} -> {hi[7]}, "
+              f"per idle tick {lo[9]} -> {hi[9]} (medians of {args.repeat} ticks)", flush=True)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, str], None]] = {"tick": tick_cost}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tick", action="store_true", help="feedback-store tick cost against store size")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="store sizes in records")
+    p.add_argument("--records-per-segment", type=int, default=200)
+    p.add_argument("--records-per-day", type=int, default=10_000, help="records a day in the generated history (ending today)")
+    p.add_argument("--repeat", type=int, default=5, help="incremental, restart and idle ticks per size (medians printed)")
+    p.add_argument("--keep", action="store_true", help="keep the generated stores")
+    args = p.parse_args(argv)
+    chosen = [name for name in SECTIONS if getattr(args, name, False)] or list(SECTIONS)
+    workdir = tempfile.mkdtemp(prefix="perennial-loop-bench-")
+    try:
+        for name in chosen:
+            SECTIONS[name](args, workdir)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
