@@ -459,3 +459,18 @@ async def test_async_wrappers_run_off_the_loop(mem: str) -> None:
     snap = await store.take_snapshot_async(DEP)
     assert (await store.latest_snapshot_async(DEP)) == snap
     assert (await store.pending_async(DEP)).ratings == 0
+
+
+def test_a_lost_index_never_makes_a_grown_segment_train_twice(mem: str) -> None:
+    name = segment_name(DEP, "pod", 1, NOW)
+    put(mem, name, lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP)
+    append(mem, name, lines(inter("b", NOW), thumbs("b", NOW)))
+    fs, root = fsspec.core.url_to_fs(mem)
+    fs.rm(f"{root}/{DEP}/_perennial/index", recursive=True)  # the index is only a cache
+    res = FeedbackStore(mem).scan(DEP)
+    assert res.pending.ratings == 1  # not 2: the first snapshot's bytes stay consumed
+    s2 = FeedbackStore(mem).take_snapshot(DEP)
+    assert [(p.offset, p.ratings) for p in s2.segments] == [(s1.segments[0].length, 1)]

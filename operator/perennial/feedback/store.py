@@ -297,6 +297,7 @@ class _State:
         self.day_mtime: dict[str, str | None] = {}
         self.snapshots: dict[int, Snapshot] = {}
         self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
+        self.snap_parts: dict[str, list[SegmentPart]] = {}  # segment name -> the parts snapshots hold
         self.unconsumed: dict[tuple[str, int, str], SegmentPart] = {}
         # running totals of `unconsumed` (a tick's pending() never walks the history)
         self.pending_ratings = 0
@@ -336,6 +337,7 @@ class _State:
         self.snapshots[snap.sequence] = snap
         for p in snap.segments:
             self.consumed[p.key] = snap.sequence
+            self.snap_parts.setdefault(p.name, []).append(p)
             self._unpend(p.key)
 
     def _pend(self, p: SegmentPart) -> None:
@@ -624,7 +626,7 @@ class FeedbackStore:
                 continue
             res.segments_read += 1
             res.bytes_read += len(data)
-            entry, lines = self._index(name, data, old, etag, mtime)
+            entry, lines = self._index(name, data, old, etag, mtime, st.snap_parts.get(name, ()))
             res.records_read += lines
             if old is None:
                 res.new_segments += 1
@@ -638,15 +640,24 @@ class FeedbackStore:
             dirty.add(day)
 
     @staticmethod
-    def _index(name: str, data: bytes, old: SegmentEntry | None, etag: str | None, mtime: str | None) -> tuple[SegmentEntry, int]:
-        """Index one segment's bytes; a grown segment (old bytes still its prefix) keeps its old parts and gains one."""
+    def _index(name: str, data: bytes, old: SegmentEntry | None, etag: str | None, mtime: str | None,
+               snapshotted: Iterable[SegmentPart] = ()) -> tuple[SegmentEntry, int]:
+        """Index one segment's bytes; a grown segment (old bytes still its prefix) keeps its old parts and gains one.
+        Without a usable old entry (a lost index), the parts snapshots hold that are still this object's bytes are
+        its first parts again: a snapshotted byte is never pending twice."""
         end = _complete_end(data)
         parts: list[SegmentPart] = []
         start = 0
         if old is not None and old.covered <= end and hashlib.sha256(data[:old.covered]).hexdigest() == old.covered_sha256:
             parts, start = list(old.parts), old.covered
-        elif old is not None:
-            log.warning("Re-indexed rewritten feedback segment name=%s old_size=%d size=%d", name, old.size, len(data))
+        else:
+            if old is not None:
+                log.warning("Re-indexed rewritten feedback segment name=%s old_size=%d size=%d", name, old.size, len(data))
+            for sp in sorted(snapshotted, key=lambda p: p.offset):
+                if sp.offset != start or sp.end > end or hashlib.sha256(data[sp.offset:sp.end]).hexdigest() != sp.sha256:
+                    break
+                parts.append(sp)
+                start = sp.end
         lines = 0
         if end > start:
             part, lines = _part_of(name, data, start, end)
