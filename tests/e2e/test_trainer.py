@@ -204,3 +204,40 @@ def test_sft_on_chat_messages_from_parquet_on_a_pvc(tmp_path, monkeypatch):
     assert res["artifactUri"] == "pvc://data/out"
     assert (tmp_path / "pvc" / "data" / "out" / "adapter_model.safetensors").is_file()
     assert res["metrics"]["eval/samples"] == 5 and "eval/baseline_mean_reward" in res["metrics"]
+
+
+def test_dpo_from_a_feedback_snapshot_reports_what_it_used_and_dropped(tmp_path):
+    """Feedback as the sidecar stores it -> a snapshot document -> a DPO adapter; the counts reach the result."""
+    import hashlib
+
+    from perennial.api import FeedbackRecord, InteractionRecord
+
+    store = tmp_path / "store"
+    recs = []
+    for i, r in enumerate(fruit_rows()):
+        good, bad = f"g{i}", f"b{i}"
+        recs += [InteractionRecord(id=good, deployment="chat", messages=r["prompt"], response=f"<answer>{r['answer']}</answer>"),
+                 InteractionRecord(id=bad, deployment="chat", messages=r["prompt"], response="<answer>blue</answer>" if r["answer"] != "blue" else "<answer>red</answer>"),
+                 FeedbackRecord(response_id=good, type="thumbs", thumbs="up", deployment="chat"),
+                 FeedbackRecord(response_id=bad, type="thumbs", thumbs="down", deployment="chat")]
+    recs += [FeedbackRecord(response_id="nobody-served-this", type="score", score=1.0, deployment="chat"),
+             FeedbackRecord(response_id="g0", type="score", score=1000.0, deployment="chat")]  # forged
+    data = "".join(x.to_json() + "\n" for x in recs).encode()
+    seg = "chat/2026/11/29/pod-a-00000001.jsonl"
+    (store / seg).parent.mkdir(parents=True)
+    (store / seg).write_bytes(data)
+    snap = "chat/_perennial/snapshots/chat-00000001.json"
+    (store / snap).parent.mkdir(parents=True)
+    (store / snap).write_text(json.dumps({"kind": "FeedbackSnapshot", "deployment": "chat", "segments": [
+        {"name": seg, "offset": 0, "length": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}))
+    res, _ = _train(tmp_path, "fb", run_config(
+        name="fb", method="DPO", base=tiny_model_path(), output=str(tmp_path / "out"), hp={"maxSteps": 2, "batchSize": 8},
+        datasets=[{"name": "fb", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": str(store), "snapshot": snap}}]))
+    n = len(fruit_rows())
+    m = res["metrics"]
+    assert m["data/feedback_rows"] == n and m["data/feedback_records"] == 4 * n + 2
+    assert m["data/dropped/interactionMissing"] == 1 and m["data/dropped/scoreOutOfRange"] == 1
+    assert f"feedback 'fb': {n} rows" in res["message"] and "scoreOutOfRange 1" in res["message"]
+    lineage = json.loads((tmp_path / "out" / "manifest.json").read_text())["lineage"]["datasets"][0]
+    assert lineage["uri"] == f"{store}/{snap}" and lineage["sha256"] == hashlib.sha256((store / snap).read_bytes()).hexdigest()
+    assert lineage["feedback"]["dropped"] == {"interactionMissing": 1, "scoreOutOfRange": 1}

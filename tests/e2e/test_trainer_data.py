@@ -203,3 +203,43 @@ def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
     assert not (tmp_path / "checkpoint-30").exists()
     assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+
+
+def _feedback_store(tmp_path, n: int, ghosts: int = 0) -> tuple[Path, str]:
+    """A store with one segment of `n` rated chat answers (and `ghosts` ratings of answers nobody served), and
+    a snapshot document of it in the operator's format."""
+    import hashlib
+
+    store = tmp_path / "store"
+    seg = store / "chat" / "2026" / "11" / "29" / "pod-a-00000001.jsonl"
+    seg.parent.mkdir(parents=True)
+    recs = [InteractionRecord(id=f"r{i}", deployment="chat", messages=[{"role": "user", "content": f"colour of fruit {i}?"}],
+                              response="<answer>red</answer>") for i in range(n)]
+    recs += [FeedbackRecord(response_id=f"r{i}", type="thumbs", thumbs="up", deployment="chat") for i in range(n)]
+    recs += [FeedbackRecord(response_id=f"ghost{i}", type="thumbs", thumbs="up", deployment="chat") for i in range(ghosts)]
+    data = "".join(r.to_json() + "\n" for r in recs).encode()
+    seg.write_bytes(data)
+    snap = "chat/_perennial/snapshots/chat-00000001.json"
+    (store / snap).parent.mkdir(parents=True)
+    (store / snap).write_text(json.dumps({
+        "apiVersion": "perennial.ai/v1alpha1", "kind": "FeedbackSnapshot", "deployment": "chat", "name": "chat-00000001", "sequence": 1,
+        "segments": [{"name": str(seg.relative_to(store)), "offset": 0, "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                      "interactions": n, "ratings": n + ghosts}],
+        "joinSegments": [], "window": {}, "counts": {}, "cursor": {"sequence": 2}}))
+    return store, snap
+
+
+def test_too_little_feedback_fails_the_run_permanently_with_the_counts(tmp_path):
+    from perennial_trainer.cli import main
+
+    store, snap = _feedback_store(tmp_path, n=3, ghosts=2)
+    cfg = _cfg(tmp_path, datasets=[{"name": "fb", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": str(store), "snapshot": snap}}])
+    term = tmp_path / "term"
+    assert main(["--config", write_config(tmp_path / "run.yaml", cfg), "--termination-log", str(term)]) == 11
+    res = json.loads(term.read_text())
+    assert res["status"] == "Failed" and res["reason"] == "InsufficientData"
+    assert "only 3 usable SFT examples" in res["message"] and "minimum is 16" in res["message"] and "interactionMissing 2" in res["message"]
+    # the template can lower the minimum: then the data is accepted (the run goes on to load the model, absent here)
+    cfg["spec"]["datasets"][0]["feedback"]["minExamples"] = 3
+    assert main(["--config", write_config(tmp_path / "run.yaml", cfg), "--termination-log", str(term)]) == 13
+    assert json.loads(term.read_text())["reason"] in ("BaseModelUnavailable", "NotFound")

@@ -575,3 +575,26 @@ def load_feedback(name: str, store_uri: str, method: str, *, segments: list[str]
     elif not out.rows:
         raise TrainerError(f"dataset {name!r}: the feedback in {uri} yields no {method} rows ({out.summary()})", "EmptyDataset")
     return LoadedDataset(name, uri, split, out.rows, digest, [s.name for s in segs], stats=stats)
+
+
+def report(datasets: list[Any]) -> tuple[dict[str, float], str]:
+    """What a run says about its feedback datasets (`LoadedDataset`s with `stats`): metrics for the
+    termination message (`data/feedback_rows`, `data/feedback_records`, `data/dropped/<reason>`, summed over
+    the feedback datasets; they become the TrainingRun's `status.metrics`) and a sentence for its message."""
+    metrics: dict[str, float] = {}
+    parts = []
+    dropped: Counter[str] = Counter()
+    for ds in datasets:
+        st = getattr(ds, "stats", None)
+        if not st:
+            continue
+        metrics["data/feedback_rows"] = metrics.get("data/feedback_rows", 0.0) + len(ds.rows)
+        metrics["data/feedback_records"] = metrics.get("data/feedback_records", 0.0) + st.get("interactions", 0) + st.get("feedback", 0)
+        dropped.update(st.get("dropped", {}))
+        text = f"feedback {ds.name!r}: {len(ds.rows)} rows from {st.get('interactions', 0)} interactions and {st.get('feedback', 0)} feedback records"
+        if st.get("dropped"):
+            text += " (dropped " + ", ".join(f"{r} {n}" for r, n in sorted(st["dropped"].items(), key=lambda x: (-x[1], x[0]))) + ")"
+        parts.append(text)
+    for r, n in dropped.items():
+        metrics[f"data/dropped/{r}"] = float(n)
+    return metrics, "; ".join(parts)

@@ -19,6 +19,7 @@ from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
 from .callbacks import ProgressCallback
+from .feedback import report as feedback_report
 from .curves import CurvePlotter
 from .progress import atomic_write_json
 from .storage import is_local, localize, resolve_uri, upload_dir
@@ -48,7 +49,8 @@ def load_datasets(cfg: RunConfig) -> tuple[list[LoadedDataset], list[dict], list
             store = fb.store_uri or cfg.feedback_store_uri
             if not store:
                 raise TrainerError(f"dataset {d.name!r}: feedback snapshot without a store URI (set feedback.storeUri or feedbackStoreUri)", "InvalidConfig")
-            ds = load_feedback_dataset(d.name, store, fb.segments, spec.method, _f(fb.min_rating), d.split)
+            ds = load_feedback_dataset(d.name, store, fb.segments, spec.method, _f(fb.min_rating), d.split, snapshot=fb.snapshot,
+                                       min_examples=fb.min_examples, deployment=fb.deployment_ref.name)
         if d.split == "Train":
             check_columns(ds, spec.method)
         loaded.append(ds)
@@ -342,6 +344,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datasets_, train_rows, eval_rows = load_datasets(cfg)
     if not train_rows:
         raise TrainerError("no training rows left after the held-out split", "EmptyDataset")
+    _, data_note = feedback_report(datasets_)
+    if data_note:
+        log.info("%s", data_note)
     log.info("%s run %s/%s: %d train rows, %d eval rows, device %s", method, cfg.namespace, cfg.run_name, len(train_rows), len(eval_rows), "cuda" if dev["cuda"] else "cpu")
 
     work = Path(tempfile.mkdtemp(prefix="perennial-run-"))
@@ -446,6 +451,9 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     metrics["train/resumed_from_step"] = float(progress.start_step)
     metrics["train/seconds"] = train_seconds
 
+    data_metrics, data_note = feedback_report(datasets_)
+    metrics.update(data_metrics)
+
     del trainer
     if spec.evaluation.enabled:
         metrics.update(evaluate(cfg, base_path, str(staging), parent_path, eval_rows, dev))
@@ -456,7 +464,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         # The operator resolves parentTrainingRunRef / parentAdapterFamily to parentAdapterUri (the name is in the run's status).
         "parentAdapter": {"ref": spec.parent_adapter_ref.name if spec.parent_adapter_ref else None, "uri": cfg.parent_adapter_uri}
         if spec.parent_adapter_ref or cfg.parent_adapter_uri else None,
-        "datasets": [{"name": d.name, "uri": d.uri, "sha256": d.sha256, "rows": len(d.rows), "split": d.split} for d in datasets_],
+        "datasets": [{"name": d.name, "uri": d.uri, "sha256": d.sha256, "rows": len(d.rows), "split": d.split,
+                      **({"feedback": d.stats} if d.stats else {})} for d in datasets_],
         "configHash": cfg.config_hash(),
     }
     if lineage["parentAdapter"] and spec.parent_adapter_ref is None:
@@ -491,5 +500,7 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     message = f"{method} trained {int(metrics['train/steps'])} steps"
     if "eval/mean_reward" in metrics:
         message += f"; eval mean reward {metrics['eval/mean_reward']:.3f} vs baseline {metrics['eval/baseline_mean_reward']:.3f}"
+    if data_note:
+        message += f"; {data_note}"
     return {"status": "Succeeded", "reason": "Trained", "message": message, "artifactUri": cfg.output_uri,
             "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage}

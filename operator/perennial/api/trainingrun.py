@@ -51,8 +51,17 @@ class FeedbackSnapshot(Model):
 
     deployment_ref: LocalObjectReference = Field(description="The Deployment whose feedback is used.")
     store_uri: str | None = Field(default=None, max_length=2048, description="The feedback store (fsspec URI); the Deployment's if unset.")
-    segments: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=10000, description="Segment object names, relative to `storeUri`. Empty means every segment present when the run starts.")
+    segments: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=10000, description=(
+        "Segment object names, relative to `storeUri`. Empty (and no `snapshot`) means every segment of the Deployment "
+        "(`<deployment>/` in the store) present when the run starts. With `snapshot`: empty, or exactly its segments."))
+    snapshot: str | None = Field(default=None, max_length=2048, description=(
+        "A dataset snapshot document written by continuous learning (relative to `storeUri`, or a URI): the run trains on "
+        "exactly the segment byte ranges it lists, each verified against its sha256 first (a changed or missing segment "
+        "fails the run), and reads its join segments only for the interactions its ratings rate."))
     min_rating: Decimal | None = Field(default=None, description="Only responses rated at least this (in [0, 1]) become SFT rows.")
+    min_examples: int | None = Field(default=None, ge=1, le=10000000, description=(
+        "Fail the run (reason `InsufficientData`) instead of training when the feedback yields fewer usable examples than "
+        "this (rows after dropping unusable records). Default: SFT 16, DPO 16 pairs, GRPO 8 prompts."))
 
 
 class DatasetSource(Model):
