@@ -474,3 +474,27 @@ def test_a_lost_index_never_makes_a_grown_segment_train_twice(mem: str) -> None:
     assert res.pending.ratings == 1  # not 2: the first snapshot's bytes stay consumed
     s2 = FeedbackStore(mem).take_snapshot(DEP)
     assert [(p.offset, p.ratings) for p in s2.segments] == [(s1.segments[0].length, 1)]
+
+
+def test_links_and_oversized_segments_are_never_read(tmp_path, reads: Reads) -> None:
+    store_dir = tmp_path / "store"
+    seg = store_dir / segment_name(DEP, "pod", 1, NOW)
+    seg.parent.mkdir(parents=True)
+    seg.write_bytes(lines(inter("a", NOW), thumbs("a", NOW)))
+    secret = tmp_path / "secret.jsonl"
+    secret.write_bytes(lines(inter("s", NOW), thumbs("s", NOW)))
+    os.symlink(secret, seg.parent / "evil-00000001.jsonl")  # a link written by a compromised sidecar
+    big = seg.parent / "big-00000001.jsonl"
+    big.write_bytes(lines(*[inter(f"b{i}", NOW) for i in range(50)]))
+    store = FeedbackStore(str(store_dir), max_segment_bytes=4096)
+    res = store.scan(DEP)
+    assert reads.paths == [str(seg)]
+    assert res.pending.ratings == 1 and res.skipped == {"SegmentTooLarge": 1} and res.damaged_examples == [f"{DEP}/{NOW:%Y/%m/%d}/big-00000001.jsonl"]
+    reads.paths.clear()
+    assert store.scan(DEP).pending.ratings == 1 and reads.n == 0
+
+
+def test_shared_store_is_one_object_per_uri(mem: str) -> None:
+    from perennial.feedback.store import shared_store
+
+    assert shared_store(mem) is shared_store(mem + "/") is not shared_store(mem, {"skip_instance_cache": True})

@@ -45,6 +45,7 @@ import asyncio
 import datetime as _dt
 import hashlib
 import heapq
+import json
 import logging
 import os
 import re
@@ -135,6 +136,7 @@ class SegmentEntry(_Doc):
     covered: int = Field(default=0, ge=0, description="End of the last part (bytes of whole lines indexed).")
     covered_sha256: str = Field(description="sha256 of bytes [0, covered).")
     torn_tail: int = Field(default=0, ge=0, description="Bytes after the last complete line (a torn line) at the last read.")
+    too_large: bool = Field(default=False, description="Larger than the store's `max_segment_bytes`: not read.")
     parts: list[SegmentPart] = Field(default_factory=list)
 
 
@@ -179,7 +181,7 @@ class ScanResult:
     days_listed: int = 0
     days_total: int = 0
     full_listing: bool = False
-    skipped: dict[str, int] = field(default_factory=dict)  # lines skipped over the whole index, by reason
+    skipped: dict[str, int] = field(default_factory=dict)  # lines skipped over the whole index, by reason (SegmentTooLarge: segments)
     damaged_segments: int = 0  # segments with skipped lines or a torn last line
     damaged_examples: list[str] = field(default_factory=list)  # a few of their names (for a condition's message)
     pending: Pending = field(default_factory=Pending)
@@ -319,7 +321,9 @@ class _State:
                 self._pend(p)
         if entry.torn_tail:
             self.skipped["TornLine"] += 1
-        if entry.torn_tail or any(p.skipped for p in entry.parts):
+        if entry.too_large:
+            self.skipped["SegmentTooLarge"] += 1
+        if entry.torn_tail or entry.too_large or any(p.skipped for p in entry.parts):
             self.damaged.add(entry.name)
 
     def remove(self, day: str, name: str) -> None:
@@ -331,6 +335,8 @@ class _State:
             self._unpend(p.key)
         if entry.torn_tail:
             self.skipped["TornLine"] -= 1
+        if entry.too_large:
+            self.skipped["SegmentTooLarge"] -= 1
         self.damaged.discard(name)
 
     def add_snapshot(self, snap: Snapshot) -> None:
@@ -400,6 +406,7 @@ class FeedbackStore:
         pvc_root: str | None = None,
         recent_days: int = 2,
         full_rescan_seconds: float = 3600.0,
+        max_segment_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         if recent_days < 1:
             raise ValueError("recent_days must be at least 1")
@@ -407,6 +414,7 @@ class FeedbackStore:
         self.pvc_root = pvc_root or os.environ.get("PERENNIAL_PVC_ROOT") or "/mnt/pvc"
         self.recent_days = recent_days
         self.full_rescan_seconds = full_rescan_seconds
+        self.max_segment_bytes = max_segment_bytes
         url = storage.fsspec_url(self.uri, self.pvc_root)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -549,15 +557,15 @@ class FeedbackStore:
         base = self._path(st.deployment)
         for y in self._ls(base):
             yn = _base(y["name"])
-            if y.get("type") != "directory" or not _YEAR.match(yn):
+            if y.get("type") != "directory" or y.get("islink") or not _YEAR.match(yn):
                 continue
             for m in self._ls(y["name"]):
                 mn = _base(m["name"])
-                if m.get("type") != "directory" or not _TWO.match(mn):
+                if m.get("type") != "directory" or m.get("islink") or not _TWO.match(mn):
                     continue
                 for d in self._ls(m["name"]):
                     dn = _base(d["name"])
-                    if d.get("type") != "directory" or not _TWO.match(dn):
+                    if d.get("type") != "directory" or d.get("islink") or not _TWO.match(dn):
                         continue
                     out.append((f"{yn}/{mn}/{dn}", d["name"], _dir_mtime(d)))
         return sorted(out)
@@ -615,11 +623,21 @@ class FeedbackStore:
             if info.get("type") != "file" or not base.endswith(".jsonl") or base.startswith("."):
                 continue
             name = f"{st.deployment}/{day}/{base}"
+            if info.get("islink"):  # a link on a local store could point at any file the operator can read
+                log.warning("Ignored symbolic link in the feedback store name=%s", name)
+                continue
             seen.add(name)
             size = int(info.get("size") or 0)
             etag, mtime = _ident(info)
             old = entries.get(name)
             if old is not None and old.size == size and ((etag is not None and old.etag == etag) or (etag is None and old.mtime == mtime)):
+                continue
+            if size > self.max_segment_bytes:  # never read into memory; counted, not retried until it changes
+                res.changed_segments += old is not None
+                res.new_segments += old is None
+                st.add(day, SegmentEntry(name=name, size=size, etag=etag, mtime=mtime, sha256="", covered=0,
+                                         covered_sha256=hashlib.sha256(b"").hexdigest(), too_large=True))
+                dirty.add(day)
                 continue
             data = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
             if data is None:  # deleted between the listing and the read
@@ -897,6 +915,21 @@ class FeedbackStore:
 
     async def latest_snapshot_async(self, deployment: str) -> Snapshot | None:
         return await asyncio.to_thread(self.latest_snapshot, deployment)
+
+
+_shared: dict[tuple[str, str, str], FeedbackStore] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_store(uri: str, storage_options: dict[str, Any] | None = None, *, pvc_root: str | None = None) -> FeedbackStore:
+    """The process's one FeedbackStore for this URI and options: its in-memory index is what keeps a tick
+    incremental (a new object loads the whole index from the store first, as after a restart)."""
+    key = (uri.rstrip("/"), json.dumps(storage_options or {}, sort_keys=True, default=str), pvc_root or "")
+    with _shared_lock:
+        st = _shared.get(key)
+        if st is None:
+            st = _shared[key] = FeedbackStore(uri, storage_options, pvc_root=pvc_root)
+        return st
 
 
 def _seq_of(name: str) -> int | None:
