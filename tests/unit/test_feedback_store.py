@@ -498,3 +498,33 @@ def test_shared_store_is_one_object_per_uri(mem: str) -> None:
     from perennial.feedback.store import shared_store
 
     assert shared_store(mem) is shared_store(mem + "/") is not shared_store(mem, {"skip_instance_cache": True})
+
+
+def test_a_store_that_goes_away_is_unavailable_and_nothing_is_forgotten(tmp_path, reads: Reads) -> None:
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    ratings = make_store(str(store_dir), days=3, per_day=2)
+    store = FeedbackStore(str(store_dir), full_rescan_seconds=0)
+    store.scan(DEP)
+    store_dir.rename(tmp_path / "away")  # the volume is unmounted under the operator
+    with pytest.raises(StoreUnavailable):
+        store.scan(DEP)
+    assert not store_dir.exists()  # nothing written where the store was
+    (tmp_path / "away").rename(store_dir)
+    reads.paths.clear()
+    res = store.scan(DEP)
+    assert res.pending.ratings == ratings and reads.n == 0 and res.removed_segments == 0
+
+
+def test_an_object_store_bucket_that_goes_away_is_unavailable(mem: str) -> None:
+    make_store(mem, days=1, per_day=2)
+    store = FeedbackStore(mem, full_rescan_seconds=0)
+    store.scan(DEP)
+    fs, root = fsspec.core.url_to_fs(mem)
+    saved = {k: v for k, v in fs.store.items() if k.startswith(root + "/")}
+    fs.rm(root, recursive=True)
+    with pytest.raises(StoreUnavailable):
+        store.scan(DEP)
+    for k, v in saved.items():
+        fs.store[k] = v
+    assert store.scan(DEP).pending.ratings == 6

@@ -575,11 +575,15 @@ class FeedbackStore:
         st = self._state(deployment)
         with st.lock:
             self._load(st)
+            self._check_root()  # every tick: an unmounted volume is not an empty store
             self._refresh_snapshots(st)
             res = ScanResult(deployment=deployment)
             now = time.monotonic()
             full = st.last_full is None or now - st.last_full >= self.full_rescan_seconds
             days = self._days(st)
+            if not days and any(st.days.values()) and not self._call("checking the store root", self.fs.exists, self.root or "/"):
+                # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
+                raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
             res.days_total, res.full_listing = len(days), full
             today = _dt.datetime.now(_dt.timezone.utc).date()
             newest = days[-1][0] if days else f"{today:%Y/%m/%d}"
