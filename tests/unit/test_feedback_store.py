@@ -528,3 +528,19 @@ def test_an_object_store_bucket_that_goes_away_is_unavailable(mem: str) -> None:
     for k, v in saved.items():
         fs.store[k] = v
     assert store.scan(DEP).pending.ratings == 6
+
+
+def test_take_snapshot_by_sequence_is_a_retry_safe_commit_point(mem: str) -> None:
+    make_store(mem, days=1, per_day=3)
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    s1 = store.take_snapshot(DEP, sequence=1)
+    assert s1 is not None and s1.sequence == 1
+    put(mem, segment_name(DEP, "new", 1, NOW), lines(inter("n", NOW), thumbs("n", NOW)))
+    store.scan(DEP)
+    # a controller that crashed after writing 1 asks for 1 again: the same document, nothing new taken
+    assert FeedbackStore(mem).take_snapshot(DEP, sequence=1) == s1
+    assert store.get_snapshot(DEP, 1) == s1 and store.get_snapshot(DEP, 2) is None
+    with pytest.raises(SnapshotConflict):
+        store.take_snapshot(DEP, sequence=3)
+    assert store.take_snapshot(DEP, sequence=2).counts.ratings == 1

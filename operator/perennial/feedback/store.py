@@ -761,13 +761,30 @@ class FeedbackStore:
             return None
         return snapshot_name(st.deployment, st.next_sequence()), chosen
 
-    def take_snapshot(self, deployment: str, *, max_segments: int = DEFAULT_MAX_SEGMENTS,
-                      lookback_seconds: float = DEFAULT_LOOKBACK_SECONDS) -> Snapshot | None:
-        """Plan and write the next snapshot of everything pending (None when nothing is)."""
+    def get_snapshot(self, deployment: str, sequence: int) -> Snapshot | None:
+        """Snapshot number `sequence` of the Deployment, if written (re-lists the store)."""
         st = self._state(deployment)
         with st.lock:
             self._load(st)
             self._refresh_snapshots(st)
+            return st.snapshots.get(sequence)
+
+    def take_snapshot(self, deployment: str, *, sequence: int | None = None, max_segments: int = DEFAULT_MAX_SEGMENTS,
+                      lookback_seconds: float = DEFAULT_LOOKBACK_SECONDS) -> Snapshot | None:
+        """Plan and write the next snapshot of everything pending (None when nothing is).
+
+        With `sequence`: an existing snapshot of that number is returned as it is (a retry after a crash);
+        otherwise it must be the next number (`SnapshotConflict` if not)."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            self._refresh_snapshots(st)
+            if sequence is not None:
+                if sequence in st.snapshots:
+                    return st.snapshots[sequence]
+                if sequence != st.next_sequence():
+                    raise SnapshotConflict(f"snapshot {snapshot_name(deployment, sequence)} is out of sequence; "
+                                           f"the next snapshot is {snapshot_name(deployment, st.next_sequence())}")
             plan = self._plan(st, max_segments)
             if plan is None:
                 return None
