@@ -220,6 +220,11 @@ def test_dpo_from_a_feedback_snapshot_reports_what_it_used_and_dropped(tmp_path)
                  InteractionRecord(id=bad, deployment="chat", messages=r["prompt"], response="<answer>blue</answer>" if r["answer"] != "blue" else "<answer>red</answer>"),
                  FeedbackRecord(response_id=good, type="thumbs", thumbs="up", deployment="chat"),
                  FeedbackRecord(response_id=bad, type="thumbs", thumbs="down", deployment="chat")]
+    long_q = [{"role": "user", "content": "colour of " + "banana " * 200}]  # > maxLength: it would be cut, not trained on
+    recs += [InteractionRecord(id="long-g", deployment="chat", messages=long_q, response="<answer>yellow</answer>"),
+             InteractionRecord(id="long-b", deployment="chat", messages=long_q, response="<answer>blue</answer>"),
+             FeedbackRecord(response_id="long-g", type="thumbs", thumbs="up", deployment="chat"),
+             FeedbackRecord(response_id="long-b", type="thumbs", thumbs="down", deployment="chat")]
     recs += [FeedbackRecord(response_id="nobody-served-this", type="score", score=1.0, deployment="chat"),
              FeedbackRecord(response_id="g0", type="score", score=1000.0, deployment="chat")]  # forged
     data = "".join(x.to_json() + "\n" for x in recs).encode()
@@ -231,13 +236,13 @@ def test_dpo_from_a_feedback_snapshot_reports_what_it_used_and_dropped(tmp_path)
     (store / snap).write_text(json.dumps({"kind": "FeedbackSnapshot", "deployment": "chat", "segments": [
         {"name": seg, "offset": 0, "length": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}))
     res, _ = _train(tmp_path, "fb", run_config(
-        name="fb", method="DPO", base=tiny_model_path(), output=str(tmp_path / "out"), hp={"maxSteps": 2, "batchSize": 8},
+        name="fb", method="DPO", base=tiny_model_path(), output=str(tmp_path / "out"), hp={"maxSteps": 2, "batchSize": 8, "maxLength": 128},
         datasets=[{"name": "fb", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": str(store), "snapshot": snap}}]))
     n = len(fruit_rows())
     m = res["metrics"]
-    assert m["data/feedback_rows"] == n and m["data/feedback_records"] == 4 * n + 2
-    assert m["data/dropped/interactionMissing"] == 1 and m["data/dropped/scoreOutOfRange"] == 1
-    assert f"feedback 'fb': {n} rows" in res["message"] and "scoreOutOfRange 1" in res["message"]
+    assert m["data/feedback_rows"] == n and m["data/feedback_records"] == 4 * n + 6
+    assert m["data/dropped/interactionMissing"] == 1 and m["data/dropped/scoreOutOfRange"] == 1 and m["data/dropped/tooLong"] == 1
+    assert f"feedback 'fb': {n} rows" in res["message"] and "scoreOutOfRange 1" in res["message"] and "tooLong 1" in res["message"]
     lineage = json.loads((tmp_path / "out" / "manifest.json").read_text())["lineage"]["datasets"][0]
     assert lineage["uri"] == f"{store}/{snap}" and lineage["sha256"] == hashlib.sha256((store / snap).read_bytes()).hexdigest()
-    assert lineage["feedback"]["dropped"] == {"interactionMissing": 1, "scoreOutOfRange": 1}
+    assert lineage["feedback"]["dropped"] == {"interactionMissing": 1, "scoreOutOfRange": 1, "tooLong": 1}

@@ -433,3 +433,28 @@ def test_a_byte_range_part_is_read_and_verified(tmp_path):
     with pytest.raises(TrainerError) as e:
         load_feedback("fb", str(store), "SFT", snapshot="snap.json")
     assert e.value.reason == "DatasetHashMismatch"
+
+
+def test_rows_longer_than_max_length_are_dropped_counted_and_the_minimum_rechecked(tmp_path):
+    from perennial_trainer.data import LoadedDataset
+    from perennial_trainer.feedback import drop_too_long
+
+    store, segs = _store(tmp_path, n=20)
+    fbds = load_feedback("fb", str(store), "SFT", snapshot=_snapshot(store, segs))
+    fbds.rows[3]["completion"][0]["content"] = "long " * 500
+    fbds.rows[7]["completion"][0]["content"] = "long " * 500
+    filed = LoadedDataset("file", "/x.jsonl", "Train", [{"prompt": "p", "completion": "long " * 500}], "0" * 64)
+    train, evals = fbds.rows[:18] + filed.rows, fbds.rows[18:]
+
+    def too_long(r):
+        return len(json.dumps(r).split()) > 100
+
+    train2, evals2 = drop_too_long([fbds, filed], [train, evals], too_long, {"fb": 16})
+    assert len(train2) == 17 and evals2 == evals  # the file dataset's long row is the user's to truncate
+    assert fbds.stats["dropped"] == {"tooLong": 2} and len(fbds.rows) == 18
+    fbds.rows[0]["completion"][0]["content"] = "long " * 500
+    fbds.rows[1]["completion"][0]["content"] = "long " * 500
+    fbds.rows[2]["completion"][0]["content"] = "long " * 500
+    with pytest.raises(TrainerError, match="the minimum is 16") as e:
+        drop_too_long([fbds], [fbds.rows], too_long, {"fb": 16})
+    assert e.value.reason == "InsufficientData"

@@ -598,3 +598,38 @@ def report(datasets: list[Any]) -> tuple[dict[str, float], str]:
     for r, n in dropped.items():
         metrics[f"data/dropped/{r}"] = float(n)
     return metrics, "; ".join(parts)
+
+
+def drop_too_long(datasets: list[Any], splits: list[list[dict[str, Any]]], too_long: Any, minimums: dict[str, int]) -> list[list[dict[str, Any]]]:
+    """`splits` (lists of rows: train, eval) without the rows of feedback datasets for which `too_long(row)` is
+    true (longer than the run's `maxLength` in tokens: truncated, an SFT completion or a DPO answer would be cut
+    away), counted per dataset as `tooLong` (rows, not records) in its `stats`. A Train feedback dataset left with
+    fewer rows than `minimums[name]` fails the run (`InsufficientData`). Rows of file datasets are kept as they are."""
+    owner = {id(r): ds for ds in datasets if getattr(ds, "stats", None) for r in ds.rows}
+    if not owner:
+        return splits
+    gone: set[int] = set()
+    out = []
+    for rows in splits:
+        keep = []
+        for r in rows:
+            if id(r) in owner and too_long(r):
+                gone.add(id(r))
+            else:
+                keep.append(r)
+        out.append(keep)
+    for ds in datasets:
+        if not getattr(ds, "stats", None):
+            continue
+        n = sum(id(r) in gone for r in ds.rows)
+        if n:
+            ds.stats["dropped"]["tooLong"] = ds.stats["dropped"].get("tooLong", 0) + n
+            ds.rows = [r for r in ds.rows if id(r) not in gone]
+            log.info("dataset %r: %d rows longer than maxLength dropped, %d left", ds.name, n, len(ds.rows))
+        minimum = minimums.get(ds.name, 1)
+        if ds.split == "Train" and len(ds.rows) < minimum:
+            raise TrainerError(
+                f"dataset {ds.name!r}: only {len(ds.rows)} usable examples from feedback fit in `hyperparameters.maxLength` "
+                f"({n} longer dropped), the minimum is {minimum} (`feedback.minExamples`); not training on too little data",
+                "InsufficientData")
+    return out

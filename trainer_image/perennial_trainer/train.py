@@ -19,6 +19,7 @@ from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
 from .callbacks import ProgressCallback
+from .feedback import DEFAULT_MIN_EXAMPLES, drop_too_long
 from .feedback import report as feedback_report
 from .curves import CurvePlotter
 from .progress import atomic_write_json
@@ -97,6 +98,31 @@ def eval_prompt(row: dict) -> Any:
             msgs.pop()
         return msgs
     return row.get("text", "")
+
+
+def row_tokens(tok, row: dict, method: str) -> int:
+    """Tokens of a feedback row as the trainer sees it (chat template applied): SFT prompt + completion, DPO
+    prompt + the longer answer, GRPO the prompt."""
+
+    def count(prompt: Any, completion: Any = None) -> int:
+        if isinstance(prompt, list):
+            msgs = list(prompt)
+            if completion is not None:
+                msgs += completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            try:
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=completion is None)
+            except Exception:  # noqa: BLE001 - no chat template: the contents alone
+                text = "\n".join(str(m.get("content") or "") for m in msgs)
+        else:
+            tail = completion if isinstance(completion, str) else "".join(str(m.get("content") or "") for m in completion or [])
+            text = str(prompt) + tail
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    if method == "SFT":
+        return count(row["prompt"], row["completion"])
+    if method == "DPO":
+        return max(count(row["prompt"], row["chosen"]), count(row["prompt"], row["rejected"]))
+    return count(row["prompt"])
 
 
 # ------------------------------------------------------------------------------------ model
@@ -383,6 +409,12 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
     tok, model = load_base(base_path, dev)
     cpu_threads(model, dev)
+    minimums = {d.name: d.feedback.min_examples or DEFAULT_MIN_EXAMPLES[method] for d in spec.datasets if d.feedback}
+    if minimums:  # feedback rows that would be truncated are dropped (counted), not trained on cut
+        max_len = spec.hyperparameters.max_length or 1024
+        train_rows, eval_rows = drop_too_long(datasets_, [train_rows, eval_rows], lambda r: row_tokens(tok, r, method) > max_len, minimums)
+        if not train_rows:
+            raise TrainerError("no training rows fit in `hyperparameters.maxLength`", "EmptyDataset")
     peft_config = None
     if parent_path:
         from peft import PeftModel
