@@ -38,7 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from perennial.feedback.store import FeedbackStore
 from perennial_records import FeedbackRecord, InteractionRecord, segment_name
@@ -61,7 +62,7 @@ def _templates() -> tuple[str, str]:
 def generate(root: str, records: int, per_segment: int, days: int, start_seq: int = 0, only_today: bool = False) -> int:
     """Write `records` records (interaction + its rating pairs) in segments of `per_segment`; returns segments written."""
     inter_t, rate_t = _templates()
-    today = dt.datetime.now(dt.timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
+    today = dt.datetime.now(dt.UTC).replace(hour=12, minute=0, second=0, microsecond=0)
     n_seg = max(1, -(-records // per_segment))
     written = 0
     for s in range(n_seg):
@@ -81,9 +82,9 @@ def generate(root: str, records: int, per_segment: int, days: int, start_seq: in
     return n_seg
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
-    r = fn()
+    r = fn(*args)
     return time.perf_counter() - t0, r
 
 
@@ -108,23 +109,23 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
         root = os.path.join(workdir, f"store-{size}")
         os.makedirs(root)
         days = max(1, -(-size // args.records_per_day))
-        t_gen, n_seg = _timed(lambda: generate(root, size, args.records_per_segment, days))
+        t_gen, n_seg = _timed(generate, root, size, args.records_per_segment, days)
         store = FeedbackStore(root)
-        t_first, first = _timed(lambda: store.scan(DEPLOYMENT))
+        t_first, first = _timed(store.scan, DEPLOYMENT)
         incr_t, incr_read, restart_t, restart_read, idle_t, idle_read = [], [], [], [], [], []
         for _ in range(args.repeat):  # one new segment shipped, then a tick
             ship_one(root)
-            t, r = _timed(lambda: store.scan(DEPLOYMENT))
+            t, r = _timed(store.scan, DEPLOYMENT)
             incr_t.append(t)
             incr_read.append(r.records_read)
         for _ in range(args.repeat):  # one new segment shipped, then a restarted operator's first tick
             ship_one(root)
             store = FeedbackStore(root)
-            t, r = _timed(lambda: store.scan(DEPLOYMENT))
+            t, r = _timed(store.scan, DEPLOYMENT)
             restart_t.append(t)
             restart_read.append(r.records_read)
         for _ in range(args.repeat):  # nothing new
-            t, last = _timed(lambda: store.scan(DEPLOYMENT))
+            t, last = _timed(store.scan, DEPLOYMENT)
             idle_t.append(t)
             idle_read.append(last.records_read)
         row = (size, n_seg, t_first, first.records_read, median(incr_t), max(incr_read), median(restart_t), max(restart_read),

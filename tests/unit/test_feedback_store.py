@@ -8,18 +8,22 @@ import json
 import os
 import uuid
 
+import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractFileSystem
-import fsspec
-
 from perennial.feedback.snapshot import Cursor, Snapshot, snapshot_name
-from perennial.feedback.store import FeedbackStore, SegmentChanged, SnapshotConflict, StoreUnavailable
+from perennial.feedback.store import (
+    FeedbackStore,
+    SegmentChanged,
+    SnapshotConflict,
+    StoreUnavailable,
+)
 from perennial_records import FeedbackRecord, InteractionRecord, segment_name
 
 DEP = "chat"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def inter(rid: str, when: dt.datetime) -> str:
@@ -242,7 +246,7 @@ def test_pending_reports_the_oldest_rating(mem: str) -> None:
     store.scan(DEP)
     p = store.pending(DEP)
     assert p.ratings == 2
-    assert p.oldest_rating == (old + dt.timedelta(minutes=1)).astimezone(dt.timezone.utc)
+    assert p.oldest_rating == (old + dt.timedelta(minutes=1)).astimezone(dt.UTC)
     assert 5 * 3600 - 120 < p.age_seconds(NOW) < 5 * 3600
     s1 = store.take_snapshot(DEP)
     assert store.pending(DEP).ratings == 0 and store.pending(DEP).oldest_rating is None

@@ -53,19 +53,28 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import fsspec
 import pydantic
 from fsspec.implementations.local import LocalFileSystem
+from perennial_records import FeedbackRecord, InteractionRecord, parse_record
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from perennial import storage
-from perennial_records import FeedbackRecord, InteractionRecord, parse_record
 
-from .snapshot import Cursor, SegmentPart, SegmentRef, Snapshot, SnapshotCounts, TimeWindow, snapshot_name
+from .snapshot import (
+    Cursor,
+    SegmentPart,
+    SegmentRef,
+    Snapshot,
+    SnapshotCounts,
+    TimeWindow,
+    snapshot_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +173,7 @@ class Pending:
         """Age of the oldest pending rating (for `maxAgeSeconds`); None when none is pending or its time is unknown."""
         if self.oldest_rating is None:
             return None
-        now = now or _dt.datetime.now(_dt.timezone.utc)
+        now = now or _dt.datetime.now(_dt.UTC)
         return max(0.0, (now - self.oldest_rating).total_seconds())
 
 
@@ -200,9 +209,9 @@ def _time(s: Any) -> str | None:
     except ValueError:
         return None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
+        t = t.replace(tzinfo=_dt.UTC)
     try:
-        return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+        return t.astimezone(_dt.UTC).isoformat(timespec="microseconds")
     except (OverflowError, ValueError):
         return None
 
@@ -450,7 +459,7 @@ class FeedbackStore:
             raise StoreUnavailable(f"feedback store {self.uri}: {what}: not found") from None
         except (FeedbackStoreError, FileExistsError):  # FileExistsError: a create-only write lost (the caller decides)
             raise
-        except Exception as e:  # noqa: BLE001 -- any filesystem failure is the store being unavailable
+        except Exception as e:
             raise StoreUnavailable(f"feedback store {self.uri}: {what} failed: {type(e).__name__}: {e}") from e
 
     def _ls(self, path: str) -> list[dict[str, Any]]:
@@ -585,7 +594,7 @@ class FeedbackStore:
                 # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
                 raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
             res.days_total, res.full_listing = len(days), full
-            today = _dt.datetime.now(_dt.timezone.utc).date()
+            today = _dt.datetime.now(_dt.UTC).date()
             newest = days[-1][0] if days else f"{today:%Y/%m/%d}"
             cutoff = min(f"{today - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}",
                          f"{_dt.date(*map(int, newest.split('/'))) - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}")
@@ -881,7 +890,7 @@ class FeedbackStore:
             data = self.fs.cat_file(path, start=p.offset, end=p.offset + p.length)
         except FileNotFoundError:
             raise SegmentChanged(f"segment {p.name} is gone from the store") from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StoreUnavailable(f"feedback store {self.uri}: reading {path} failed: {type(e).__name__}: {e}") from e
         if hashlib.sha256(data).hexdigest() != p.sha256:
             raise SegmentChanged(f"segment {p.name} (bytes {p.offset}-{p.offset + p.length}) changed since it was indexed (scan again)")
