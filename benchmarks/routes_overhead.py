@@ -177,7 +177,7 @@ def main() -> None:
     for mode in ("plain", "routed"):
         port = free_port()
         argv = [sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", f"http://{HOST}:{up_port}",
-                "--host", HOST, "--port", str(port), "--spool-dir", str(tmp / f"spool-{mode}"), "--token-file", str(tmp / "token"),
+                "--host", HOST, "--port", str(port), "--admin-port", "0", "--spool-dir", str(tmp / f"spool-{mode}"), "--token-file", str(tmp / "token"),
                 "--base-model-name", BASE]
         if mode == "routed":
             argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters")]

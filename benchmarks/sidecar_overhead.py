@@ -365,7 +365,7 @@ async def compare(direct: str, proxied: str, body: bytes, headers: dict, args: a
 async def bench(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
     (tmp / "token").write_text(TOKEN)
-    up_port, sc_port = free_port(), free_port()
+    up_port, sc_port, admin_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_")}
     load_cpus, sc_cpus = placement(not args.no_pin, args.sidecar_cpus or args.workers)
     if load_cpus:
@@ -373,7 +373,7 @@ async def bench(args: argparse.Namespace) -> dict:
     up = spawn([sys.executable, __file__, "--serve-upstream", str(up_port), "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms)], env, load_cpus)
     sc = spawn([
         sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", f"http://{HOST}:{up_port}",
-        "--host", HOST, "--port", str(sc_port), "--spool-dir", str(tmp / "spool"), "--store-uri", str(tmp / "store"),
+        "--host", HOST, "--port", str(sc_port), "--admin-port", str(admin_port), "--spool-dir", str(tmp / "spool"), "--store-uri", str(tmp / "store"),
         "--token-file", str(tmp / "token"), "--sample-percent", "100", "--rate-limit-per-second", "1000000",
         "--deployment", "bench", "--pod", "bench-0", "--base-model-name", "base", "--workers", str(args.workers),
     ], env, sc_cpus)  # workers inherit the supervisor's CPUs
@@ -407,7 +407,7 @@ async def bench(args: argparse.Namespace) -> dict:
                 relay.wait(10)
 
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://{HOST}:{sc_port}/metrics") as r:
+            async with s.get(f"http://{HOST}:{admin_port}/metrics") as r:
                 mt = await r.text()
         h50, h99, hn = hist_quantiles(mt, "perennial_sidecar_proxy_added_latency_seconds")
         res["sidecar_histogram"] = {"p50_le_ms": h50 * 1e3, "p99_le_ms": h99 * 1e3, "observations": hn}

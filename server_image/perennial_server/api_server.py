@@ -1,13 +1,17 @@
 """The feedback sidecar's server: routes, lifecycle and entrypoint, as vLLM's `entrypoints/openai/api_server.py`.
 
-Routes (thin) -> handlers:
+Routes (thin) -> handlers, on the client port (`--port`, the one a Service exposes):
     POST /v1/feedback        serving_feedback.FeedbackHandler: ratings, bearer token, answered once fsync'd
     GET  /healthz            process alive (and its spool writer)
     GET  /readyz             ready only when the engine answers (and, with --routes-file, the first routes applied)
-    GET  /metrics            Prometheus
-    GET  /perennial/routes   with --routes-file: the applied routes revision, loaded adapters, errors (routes.py)
     GET  /v1/models          with --routes-file: the base and the served names (else proxied)
+    *    /metrics, /perennial/*   404: the admin port's (never proxied to the engine either)
     *    /{anything else}    proxy.ProxyHandler: proxied to the engine; chat/completions captured (capture.py)
+
+and on the admin port (`--admin-port`, 9090; no Service exposes it: Prometheus and the operator reach the pod):
+    GET  /metrics            Prometheus: the sidecar's metrics and the engine's own (relayed from its localhost
+                             /metrics, bounded in time and size: engine_metrics.py)
+    GET  /perennial/routes   with --routes-file: the applied routes revision, loaded adapters, errors (routes.py)
 
 Request models: protocol.py. Auth, rate limit, body reading, JSON errors: middleware.py. Client
 connection timeouts and limits: connections.py. The sidecar needs no Kubernetes API access and
@@ -29,6 +33,7 @@ from aiohttp import web
 from .capture import Capture, SeenResponses
 from .config import SidecarConfig
 from .connections import GuardedAppRunner, Limits, auto_max_connections, raise_nofile
+from .engine_metrics import EngineMetrics
 from .errors import json_error
 from .idempotency import FeedbackIds
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -42,6 +47,11 @@ from .spool import Spool, closed_segments
 from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("perennial_server.sidecar")
+
+#: connections the admin port keeps at most (Prometheus, the operator, a person with port-forward)
+ADMIN_MAX_CONNECTIONS = 16
+#: paths only the admin port answers (the client port answers 404 and never proxies them to the engine)
+ADMIN_PATHS = ("/metrics", "/perennial/")
 
 
 class Sidecar:
@@ -67,6 +77,8 @@ class Sidecar:
         self.routes = self._routes() if cfg.routes_file else None  # served name -> adapter (routes.py)
         self.feedback = FeedbackHandler(self).create_feedback
         self.proxy = ProxyHandler(self).proxy
+        self.engine_metrics = EngineMetrics(cfg.engine_metrics_path, timeout_s=cfg.engine_metrics_timeout_s,
+                                            max_bytes=cfg.engine_metrics_max_bytes, own_prefix="perennial_sidecar_")
 
     def _routes(self) -> Routes:
         cfg, root = self.cfg, self.root_cfg
@@ -84,15 +96,24 @@ class Sidecar:
         app.router.add_post("/v1/feedback", self.feedback)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_route("*", "/metrics{tail:.*}", self.admin_only)
+        app.router.add_route("*", "/perennial/{tail:.*}", self.admin_only)
         if self.routes is not None:
-            app.router.add_get("/perennial/routes", self.routes.routes_handler)
             app.router.add_get("/v1/models", self.routes.models_handler)
             app.router.add_get("/v1/models/{model:.+}", self.routes.model_handler)
         app.router.add_route("*", "/v1/feedback", self.method_not_allowed)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
+        return app
+
+    def make_admin_app(self) -> web.Application:
+        """The admin port's app: /metrics (the sidecar's and the engine's) and /perennial/routes. Served next to
+        make_app()'s, by the same process and loop (serve()); it has no lifecycle of its own."""
+        app = web.Application(client_max_size=1024, handler_args={"max_field_size": 8192})
+        app.router.add_get("/metrics", self.metrics_handler)
+        if self.routes is not None:
+            app.router.add_get("/perennial/routes", self.routes.routes_handler)
         return app
 
     async def _startup(self, _app: web.Application) -> None:
@@ -161,10 +182,18 @@ class Sidecar:
         OpenAI-style JSON (errors_as_json around every request, router errors included)."""
         return GuardedAppRunner(app, limits=self.limits(), around=errors_as_json, access_log=None, **kwargs)
 
-    def limits(self) -> Limits:
-        """Client connection limits (connections.py); the connection limit derived from RLIMIT_NOFILE unless set."""
+    def admin_runner(self, app: web.Application, **kwargs: Any) -> GuardedAppRunner:
+        """The runner of the admin port: the same guards, at most ADMIN_MAX_CONNECTIONS connections."""
+        return GuardedAppRunner(app, limits=self.limits(admin=True), around=errors_as_json, access_log=None, **kwargs)
+
+    def limits(self, admin: bool = False) -> Limits:
+        """Client connection limits (connections.py); the connection limit derived from RLIMIT_NOFILE unless set
+        (what the admin port may hold is set aside first)."""
         cfg = self.cfg
-        max_conn = cfg.max_connections or auto_max_connections(raise_nofile())
+        if admin:
+            max_conn = ADMIN_MAX_CONNECTIONS
+        else:
+            max_conn = cfg.max_connections or auto_max_connections(raise_nofile() - 2 * ADMIN_MAX_CONNECTIONS)
         return Limits(header_timeout_s=cfg.client_header_timeout_s, body_timeout_s=cfg.client_body_timeout_s,
                       keepalive_timeout_s=cfg.keepalive_timeout_s, max_connections=max_conn)
 
@@ -198,8 +227,15 @@ class Sidecar:
         return web.json_response({"status": "ready"})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
+        """The sidecar's metrics, then the engine's (when it answers in time, within the size limit, in the text
+        format; `perennial_sidecar_engine_metrics_up` says whether they are there)."""
         self._count("/metrics", 200)
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        engine = await self.engine_metrics.scrape(self.pool, self.upstream_prefix)
+        return web.Response(body=self.metrics.exposition() + engine, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def admin_only(self, request: web.Request) -> web.Response:
+        self._count(request.path, 404)
+        return json_error(404, f"`{request.path}` is served on the sidecar's admin port only", "admin_port_only")
 
     async def method_not_allowed(self, request: web.Request) -> web.Response:
         self._count(request.path, 405)
@@ -211,12 +247,17 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
     sidecar = Sidecar(cfg)
     app = sidecar.make_app()
     runner = sidecar.runner(app, handle_signals=False, shutdown_timeout=cfg.drain_timeout_s)
+    admin_runner = sidecar.admin_runner(sidecar.make_admin_app(), handle_signals=False, shutdown_timeout=1.0)
     limits = runner.limits
     await runner.setup()
-    # several workers (see workers.py) share the port; the kernel spreads connections over them
+    await admin_runner.setup()
+    # several workers (see workers.py) share the ports; the kernel spreads connections over them
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048, reuse_address=True, reuse_port=cfg.workers > 1 or None)
     await site.start()
-    log.info("Listening host=%s port=%d max_connections=%d header_timeout=%gs body_timeout=%gs keepalive_timeout=%gs", cfg.host, cfg.port,
+    admin_site = web.TCPSite(admin_runner, cfg.host, cfg.admin_port, backlog=64, reuse_address=True, reuse_port=cfg.workers > 1 or None)
+    await admin_site.start()
+    log.info("Listening host=%s port=%d admin_port=%d max_connections=%d header_timeout=%gs body_timeout=%gs keepalive_timeout=%gs",
+             cfg.host, cfg.port, admin_site._server.sockets[0].getsockname()[1] if admin_site._server else cfg.admin_port,  # type: ignore[union-attr]
              limits.max_connections, limits.header_timeout_s, limits.body_timeout_s, limits.keepalive_timeout_s)
     # Everything allocated so far (modules, pydantic schemas, the app) lives as long as the process:
     # move it out of the collector's sight, so that a full collection under load does not stall the
@@ -236,6 +277,7 @@ async def serve(cfg: SidecarConfig, ready: asyncio.Event | None = None, stop: as
         ready.set()
     await stop.wait()
     log.info("Draining in-flight requests timeout=%.0fs", cfg.drain_timeout_s)
+    await admin_runner.cleanup()  # first: its /metrics uses the engine connections the client app's cleanup closes
     await runner.cleanup()  # stop listening, drain handlers, flush + ship (on_cleanup)
 
 

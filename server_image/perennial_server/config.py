@@ -26,6 +26,7 @@ class SidecarConfig:
     upstream: str = "http://127.0.0.1:8000"
     host: str = "0.0.0.0"
     port: int = 8080
+    admin_port: int = 9090
     deployment: str = "default"
     namespace: str = ""
     revision: str = ""
@@ -46,6 +47,9 @@ class SidecarConfig:
     upstream_connect_timeout_s: float = 5.0
     upstream_timeout_s: float = 600.0
     engine_health_path: str = "/health"
+    engine_metrics_path: str = "/metrics"
+    engine_metrics_timeout_s: float = 2.0
+    engine_metrics_max_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 30.0
     capture_queue_max: int = 10000
     feedback_batch_max: int = 1000
@@ -75,6 +79,17 @@ class SidecarConfig:
 
     def validate(self) -> None:
         self.upstream_url()
+        for name in ("port", "admin_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"`{name}` must be within 0..65535 (0: any free port)")
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError("`admin_port` must differ from `port` (the admin port is never behind a Service)")
+        if self.engine_metrics_path and not self.engine_metrics_path.startswith("/"):
+            raise ValueError("`engine_metrics_path` must start with '/' (or be empty: no engine metrics)")
+        if not self.engine_metrics_timeout_s > 0:
+            raise ValueError("`engine_metrics_timeout_s` must be positive")
+        if self.engine_metrics_max_bytes < 1024:
+            raise ValueError("`engine_metrics_max_bytes` must be at least 1024")
         if not 0 <= self.sample_percent <= 100:
             raise ValueError("`sample_percent` must be within 0..100")
         if self.max_body_bytes < 1024:
@@ -124,6 +139,7 @@ _HELP = {
     "upstream": "engine base URL (localhost only)",
     "host": "listen address",
     "port": "listen port (the Service port)",
+    "admin_port": "admin listen port: /metrics (the sidecar's and the engine's) and /perennial/routes; never behind a Service (0: any free port)",
     "deployment": "Perennial Deployment name (records, object names)",
     "namespace": "namespace of the Deployment",
     "revision": "served revision / color",
@@ -144,6 +160,9 @@ _HELP = {
     "upstream_connect_timeout_s": "engine connect timeout (502 on failure)",
     "upstream_timeout_s": "engine read timeout: no byte for this long is a 504 (mid-stream: the stream is cut)",
     "engine_health_path": "engine path probed by /readyz",
+    "engine_metrics_path": "engine path whose Prometheus text the admin /metrics relays (empty: none)",
+    "engine_metrics_timeout_s": "the engine's metrics must arrive within this many seconds, else the admin /metrics has the sidecar's only",
+    "engine_metrics_max_bytes": "largest engine metrics answer relayed (above it: the sidecar's only)",
     "drain_timeout_s": "on SIGTERM, wait this long for in-flight requests",
     "capture_queue_max": "captured interactions waiting for the writer before new ones are dropped",
     "feedback_batch_max": "most feedback objects in one POST /v1/feedback array (stored all or none)",

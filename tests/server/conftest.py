@@ -66,7 +66,8 @@ def sidecar_factory(tmp_path: Path):
                 app_hook(app)
             return app
 
-        t = AppThread(make_app, runner=sc.runner).start()  # served as in the pod (api_server.serve)
+        # served as in the pod (api_server.serve): the client port and the admin port (/metrics, /perennial/routes)
+        t = AppThread(make_app, runner=sc.runner, admin=sc.make_admin_app).start()
         started.append(t)
         return t, sc, cfg
 
@@ -97,5 +98,19 @@ def routed(fake: Any, sidecar_factory: Callable[..., Any], tmp_path: Path) -> Ca
             kd.write(first)
         t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
         return t, sc, kd
+
+    return start
+
+
+@pytest.fixture
+def routed_admin(sidecar_factory: Callable[..., Any], tmp_path: Path) -> Callable[..., Any]:
+    """start(engine url, **config) -> a sidecar thread with routes (an empty routes document) and its admin port."""
+    from routesutil import KubeletDir
+
+    def start(upstream: str, **overrides: Any) -> Any:
+        kd = KubeletDir(tmp_path / "configmap-admin")
+        kd.write({"revision": "r0", "base": {"name": "tiny-base"}, "adapters": {}, "routes": {}})
+        t, _, _ = sidecar_factory(upstream, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
+        return t
 
     return start

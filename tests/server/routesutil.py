@@ -163,7 +163,7 @@ def make_adapter_dir(root: Path, name: str) -> str:
 
 
 def routes_state(t: AppThread) -> dict:
-    r = requests.get(t.url + "/perennial/routes", timeout=30)
+    r = requests.get(t.admin_url + "/perennial/routes", timeout=30)  # the admin port only
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -22,13 +22,17 @@ def free_port() -> int:
 class AppThread:
     """Runs an aiohttp Application on 127.0.0.1 in its own thread and loop."""
 
-    def __init__(self, make_app: Callable[[], Any], shutdown_timeout: float = 5.0, runner: Callable[..., Any] | None = None) -> None:
-        """`runner(app, shutdown_timeout=...)`: the AppRunner to serve it with (default aiohttp's plain one)."""
+    def __init__(self, make_app: Callable[[], Any], shutdown_timeout: float = 5.0, runner: Callable[..., Any] | None = None,
+                 admin: Callable[[], Any] | None = None) -> None:
+        """`runner(app, shutdown_timeout=...)`: the AppRunner to serve it with (default aiohttp's plain one);
+        `admin`: a second app served on its own port by the same loop (the sidecar's admin port: `admin_url`)."""
         self.make_app = make_app
+        self.make_admin = admin
         self.runner = runner
         self.shutdown_timeout = shutdown_timeout
         self.loop = asyncio.new_event_loop()
         self.port = 0
+        self.admin_port = 0
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -51,17 +55,33 @@ class AppThread:
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            admin_runner = None
+            if self.make_admin is not None:
+                admin_app = self.make_admin()
+                admin_runner = (self.runner(admin_app, shutdown_timeout=1.0) if self.runner is not None
+                                else web.AppRunner(admin_app, shutdown_timeout=1.0, access_log=None))
+                await admin_runner.setup()
+                admin_site = web.TCPSite(admin_runner, "127.0.0.1", 0)
+                await admin_site.start()
+                self.admin_port = admin_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         except BaseException as e:
             self._error = e
             self._ready.set()
             raise
         self._ready.set()
         await self._stop.wait()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        assert self.admin_port, "no admin app"
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self) -> "AppThread":
         self.thread.start()

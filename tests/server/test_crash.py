@@ -21,7 +21,7 @@ def _start(tmp: Path, port: int, upstream: str | None = None) -> subprocess.Pope
     args = [
         sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar",
         "--upstream", upstream or f"http://127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port),
-        "--deployment", "demo", "--pod", "demo-pod-1", "--spool-dir", str(tmp / "spool"), "--store-uri", f"file://{tmp / 'store'}",
+        "--admin-port", "0", "--deployment", "demo", "--pod", "demo-pod-1", "--spool-dir", str(tmp / "spool"), "--store-uri", f"file://{tmp / 'store'}",
         "--token-file", str(tmp / "token"), "--rate-limit-per-second", "100000", "--segment-max-bytes", "8192",
         "--segment-max-age-s", "0.3", "--ship-interval-s", "0.1",
     ]
@@ -129,7 +129,7 @@ def test_sigterm_drains_in_flight_requests_then_ships(tmp_path: Path) -> None:
     port = free_port()
     args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "WARNING", "sidecar", "--upstream", up.url, "--host", "127.0.0.1",
             "--port", str(port), "--spool-dir", str(tmp_path / "spool"), "--store-uri", str(tmp_path / "store"), "--token-file", str(tmp_path / "token"),
-            "--deployment", "demo", "--pod", "p0"]
+            "--deployment", "demo", "--pod", "p0", "--admin-port", "0"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 30

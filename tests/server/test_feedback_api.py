@@ -244,7 +244,7 @@ def test_feedback_metrics_count_every_answer(fake_upstream, sidecar_factory) -> 
     assert requests.post(url, json=[GOOD, GOOD], headers=AUTH, timeout=30).status_code == 200
     assert requests.post(url, json=GOOD, timeout=30).status_code == 401
     assert requests.post(url, json={"response_id": "x"}, headers=AUTH, timeout=30).status_code == 400
-    text = requests.get(t.url + "/metrics", timeout=30).text
+    text = requests.get(t.admin_url + "/metrics", timeout=30).text
 
     def value(name: str) -> float:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))

@@ -66,13 +66,14 @@ def upstream() -> Iterator[AppThread]:
 class Sidecar:
     def __init__(self, tmp: Path, upstream: str, *extra: str) -> None:
         (tmp / "token").write_text(TOKEN)
-        self.port = free_port()
+        self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.spool = tmp / "spool"
         self.log = tmp / "sidecar.log"
         # util-linux prlimit sets RLIMIT_NOFILE (soft and hard) for the sidecar it then executes
         args = ["prlimit", f"--nofile={NOFILE}:{NOFILE}", sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", upstream,
-                "--host", "127.0.0.1", "--port", str(self.port), "--deployment", "demo", "--pod", "p0",
+                "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(self.admin_port), "--deployment", "demo", "--pod", "p0",
                 "--spool-dir", str(self.spool), "--store-uri", "", "--token-file", str(tmp / "token"),
                 "--client-header-timeout-s", "1", "--client-body-timeout-s", "2", "--keepalive-timeout-s", "3", *extra]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_")}
@@ -291,7 +292,7 @@ def test_idle_connections_cannot_exhaust_file_descriptors(tmp_path: Path, upstre
             time.sleep(0.5)
             for _ in range(20):
                 assert requests.get(sc.url + "/healthz", timeout=5).status_code == 200
-                assert requests.get(sc.url + "/metrics", timeout=5).status_code == 200
+                assert requests.get(sc.admin_url + "/metrics", timeout=5).status_code == 200
         for s in socks:
             s.close()
         log = sc.log.read_text()
@@ -305,7 +306,11 @@ def test_trickled_head_bytes_never_make_a_slowloris_look_fresher_than_a_waiting_
     must count as idle since its head started: were each trickle to refresh it, a legitimate client whose
     request had not been read yet (a busy server) would be closed without an answer instead."""
     sc = Sidecar(tmp_path, upstream.url, "--client-header-timeout-s", "600", "--keepalive-timeout-s", "600")
-    limit = (NOFILE - 64) // 2  # connections.auto_max_connections for the test's RLIMIT_NOFILE
+    from perennial_server.api_server import ADMIN_MAX_CONNECTIONS
+    from perennial_server.connections import auto_max_connections
+
+    # the client port's limit for the test's RLIMIT_NOFILE (what the admin port may hold set aside first)
+    limit = auto_max_connections(NOFILE - 2 * ADMIN_MAX_CONNECTIONS)
     try:
         tricklers = []
         for _ in range(limit - 1):

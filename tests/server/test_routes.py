@@ -442,7 +442,7 @@ def test_routes_with_worker_processes(fake: FakeEngine, tmp_path: Path) -> None:
     port = free_port()
     spool = tmp_path / "spool"
     args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", fake.url,
-            "--host", "127.0.0.1", "--port", str(port), "--spool-dir", str(spool), "--token-file", str(tmp_path / "token"),
+            "--host", "127.0.0.1", "--port", str(port), "--admin-port", "0", "--spool-dir", str(spool), "--token-file", str(tmp_path / "token"),
             "--base-model-name", BASE, "--workers", "2", "--routes-file", str(kd.path), "--adapters-dir", str(tmp_path / "adapters")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     with open(tmp_path / "sidecar.log", "w") as log:

@@ -78,7 +78,7 @@ def test_openai_client_through_sidecar_then_feedback(engine, sidecar_factory, tm
 
     assert requests.get(t.url + "/healthz").status_code == 200
     assert requests.get(t.url + "/readyz").status_code == 200
-    metrics = requests.get(t.url + "/metrics").text
+    metrics = requests.get(t.admin_url + "/metrics").text
     assert 'perennial_sidecar_feedback_total{type="thumbs"} 2.0' in metrics
     assert 'route="/v1/chat/completions"' in metrics
 

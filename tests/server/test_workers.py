@@ -20,10 +20,11 @@ from srvutil import TOKEN, free_port, read_store
 from waiting import wait_for
 
 
-def start(tmp: Path, port: int, workers: int, *extra: str) -> subprocess.Popen:
+def start(tmp: Path, port: int, workers: int, *extra: str, admin_port: int | None = None) -> subprocess.Popen:
     args = [
         sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar",
         "--upstream", f"http://127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port),
+        "--admin-port", str(admin_port or free_port()),  # shared by the workers, like the client port
         "--deployment", "demo", "--pod", "demo-pod", "--spool-dir", str(tmp / "spool"), "--store-uri", str(tmp / "store"),
         "--token-file", str(tmp / "token"), "--rate-limit-per-second", "100000", "--ship-interval-s", "0.2",
         "--workers", str(workers), *extra,
@@ -89,8 +90,8 @@ def metric(port: int, line_prefix: str) -> float:
 
 
 class Running:
-    def __init__(self, proc: subprocess.Popen, port: int, workers: dict[int, int]) -> None:
-        self.proc, self.port, self.workers = proc, port, workers
+    def __init__(self, proc: subprocess.Popen, port: int, workers: dict[int, int], admin_port: int) -> None:
+        self.proc, self.port, self.workers, self.admin_port = proc, port, workers, admin_port
         self.rc: int | None = None
 
 
@@ -98,9 +99,9 @@ class Running:
 def running(tmp: Path, workers: int) -> Iterator[Running]:
     """A healthy sidecar with `workers` worker processes; SIGTERM on leaving (exit code in `.rc`)."""
     (tmp / "token").write_text(TOKEN)
-    port = free_port()
-    proc = start(tmp, port, workers)
-    r = Running(proc, port, {})
+    port, admin_port = free_port(), free_port()
+    proc = start(tmp, port, workers, admin_port=admin_port)
+    r = Running(proc, port, {}, admin_port)
     try:
         wait_healthy(port, proc)
         if workers > 1:
@@ -121,7 +122,7 @@ def test_workers_share_the_port_metrics_and_ship_every_record_once(tmp_path: Pat
     with running(tmp_path, 2) as sc:
         acked = send_feedback(sc.port, [f"fb-{i}" for i in range(80)])
         # one /metrics answer counts what both workers accepted
-        assert metric(sc.port, 'perennial_sidecar_feedback_total{type="thumbs"}') == 80
+        assert metric(sc.admin_port, 'perennial_sidecar_feedback_total{type="thumbs"}') == 80  # the admin port's
         # both workers took connections: each has written to its own spool
         assert {p.parent.name for p in (tmp_path / "spool").rglob("next_seq")} == {"spool", "w1"}
     assert sc.rc == 0
