@@ -458,3 +458,22 @@ def test_rows_longer_than_max_length_are_dropped_counted_and_the_minimum_recheck
     with pytest.raises(TrainerError, match="the minimum is 16") as e:
         drop_too_long([fbds], [fbds.rows], too_long, {"fb": 16})
     assert e.value.reason == "InsufficientData"
+
+
+def test_a_snapshot_on_another_claim_is_mounted_read_only_into_the_training_pod():
+    from perennial.api import TrainingRunSpec
+    from perennial.resources import trainingrun as tr
+
+    body = {"apiVersion": "perennial.ai/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "run1", "namespace": "team", "uid": "u-1"}}
+    spec = TrainingRunSpec.model_validate({
+        "method": "SFT", "baseModelRef": {"name": "m"}, "output": {"adapterFamily": "fam"},
+        "datasets": [{"name": "fb", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": "pvc://feedback/team",
+                                                  "snapshot": "pvc://snapshots/chat/chat-00000001.json", "minExamples": 4}}]})
+    config = tr.run_config(body, spec, base_model_uri="/models/m", output="pvc://artifacts/out", parent_adapter_uri=None,
+                           reward_spec=None, eval_reward_spec=None, feedback_store_uri=None)
+    job = tr.job(body, spec, config, image="trainer:1", credential_secrets=[], judge_keys=[])
+    pod = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims["feedback"] is True and claims["snapshots"] is True
+    mounts = {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/pvc/snapshots"] is True

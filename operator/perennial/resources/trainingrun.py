@@ -182,6 +182,7 @@ def job(
     output = _output_mount(config.get("outputUri"))
     inputs = [config.get("baseModelUri"), config.get("parentAdapterUri"), config.get("feedbackStoreUri")]
     inputs += [d.uri for d in spec.datasets] + [d.feedback.store_uri for d in spec.datasets if d.feedback]
+    inputs += [d.feedback.snapshot for d in spec.datasets if d.feedback and d.feedback.snapshot]  # a snapshot given as a URI
     input_claims = _claims(inputs)
     claims = _claims(inputs + [config.get("outputUri")])
     out_claim, out_path = output or ("", "")
