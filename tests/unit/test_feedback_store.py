@@ -548,3 +548,23 @@ def test_take_snapshot_by_sequence_is_a_retry_safe_commit_point(mem: str) -> Non
     with pytest.raises(SnapshotConflict):
         store.take_snapshot(DEP, sequence=3)
     assert store.take_snapshot(DEP, sequence=2).counts.ratings == 1
+
+
+def test_ratings_of_responses_that_never_existed_cost_a_bounded_search(mem: str, reads: Reads) -> None:
+    t0 = NOW - dt.timedelta(hours=1)
+    for i in range(40):
+        put(mem, segment_name(DEP, "p", i, t0), lines(*[inter(f"x{i}-{k}", t0) for k in range(20)]))
+    later = NOW + dt.timedelta(hours=2)  # interactions after every rating are never searched
+    put(mem, segment_name(DEP, "future", 1, NOW), lines(inter("f", later)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    store.take_snapshot(DEP)
+    put(mem, segment_name(DEP, "spam", 1, NOW), lines(*[thumbs(f"nope{k}", NOW) for k in range(100)]))
+    store.scan(DEP)
+    size = len(lines(*[inter(f"x39-{k}", t0) for k in range(20)]))
+    store.join_budget_bytes = 5 * size
+    reads.paths.clear()
+    s2 = store.take_snapshot(DEP)
+    assert s2.counts.unmatched_ratings == 100 and not s2.join_segments
+    searched = [p for p in reads.paths if "spam" not in p]
+    assert len(searched) == 5 and not [p for p in searched if "future" in p]

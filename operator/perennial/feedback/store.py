@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 INDEX_VERSION = 1
 META_DIR = "_perennial"
 DEFAULT_LOOKBACK_SECONDS = 7 * 24 * 3600
+JOIN_CLOCK_SKEW = _dt.timedelta(minutes=10)
 #: A TrainingRun's `feedback.segments` holds at most this many names.
 DEFAULT_MAX_SEGMENTS = 10000
 
@@ -416,6 +417,7 @@ class FeedbackStore:
         recent_days: int = 2,
         full_rescan_seconds: float = 3600.0,
         max_segment_bytes: int = 256 * 1024 * 1024,
+        join_budget_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         if recent_days < 1:
             raise ValueError("recent_days must be at least 1")
@@ -424,6 +426,8 @@ class FeedbackStore:
         self.recent_days = recent_days
         self.full_rescan_seconds = full_rescan_seconds
         self.max_segment_bytes = max_segment_bytes
+        #: bytes a snapshot may read looking for the interactions its late ratings rate
+        self.join_budget_bytes = join_budget_bytes
         url = storage.fsspec_url(self.uri, self.pvc_root)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -903,8 +907,10 @@ class FeedbackStore:
         found: set[str] = set()
         own = {p.key for p in parts}
         times = [t for t in dangling.values() if t]
-        oldest = _dt_of(min(times)) if times else None
+        oldest, newest = (_dt_of(min(times)), _dt_of(max(times))) if times else (None, None)
         since = (oldest - _dt.timedelta(seconds=lookback_seconds)).isoformat(timespec="microseconds") if oldest else None
+        # an interaction comes before its rating (give pods' clocks JOIN_CLOCK_SKEW of slack)
+        until = (newest + JOIN_CLOCK_SKEW).isoformat(timespec="microseconds") if newest else None
         candidates = []
         for entries in st.days.values():
             for e in entries.values():
@@ -913,13 +919,20 @@ class FeedbackStore:
                         continue
                     if since is not None and p.last_time is not None and p.last_time < since:
                         continue
+                    if until is not None and p.first_time is not None and p.first_time > until:
+                        continue
                     candidates.append(p)
         candidates.sort(key=lambda p: (p.last_time or "", p.name, p.offset), reverse=True)
         want = set(dangling)
         out = []
+        spent = 0
         for p in candidates:
             if not want:
                 break
+            if spent + p.length > self.join_budget_bytes:  # ratings of responses that never existed cost no more
+                log.warning("Stopped looking for rated interactions deployment=%s unmatched=%d read_bytes=%d", st.deployment, len(want), spent)
+                break
+            spent += p.length
             try:
                 data = self._read_range(p)
             except SegmentChanged:
