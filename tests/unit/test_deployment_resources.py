@@ -177,17 +177,27 @@ def test_restricted_no_service_account_token_read_only_root_bounded_disks():
     assert volumes(pod)["spool"]["emptyDir"]["sizeLimit"] == "3Gi"  # feedback.spoolSize
 
 
-def test_only_the_sidecar_port_is_exposed():
+def test_only_the_sidecar_ports_are_exposed_and_services_never_route_to_the_admin_port():
     s = serving()
     pod = pod_of(s)
     engine, sidecar = containers(pod)["engine"], containers(pod)["sidecar"]
     assert "ports" not in engine
-    assert sidecar["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert sidecar["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                                {"name": d.ADMIN_PORT_NAME, "containerPort": d.ADMIN_PORT, "protocol": "TCP"}]
+    assert (d.ADMIN_PORT_NAME, d.ADMIN_PORT) == ("admin", 9090)
     for svc in (d.stable_service(s, "blue"), d.preview_service(s, "green")):
         assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
         assert svc["spec"]["type"] == "ClusterIP"
+    # the sidecar listens on it (its own parser) and Prometheus is pointed at it
+    ns = _parser().parse_args(sidecar["args"])
+    assert ns.admin_port == d.ADMIN_PORT and ns.port == 8080
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(d.ADMIN_PORT), "/metrics")
     policy = d.network_policy(s)
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    # clients reach the client port from anywhere; the admin port only from pods of the cluster (Prometheus,
+    # the operator), never from outside it (no ipBlock), and no Service names it
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]},
+                                         {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": d.ADMIN_PORT}]}]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 

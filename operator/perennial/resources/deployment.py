@@ -2,7 +2,7 @@
 
 Per region and color an `apps/v1` Deployment whose pods run the engine (vLLM through `perennial-server
 vllm`, or the CPU engine `perennial-server engine` for `engine.type: Transformers`) on localhost and the
-feedback sidecar as the pod's only port; per region a stable and a preview Service, a PDB per color, an
+feedback sidecar's ports as the pod's only ports (clients; admin: metrics and routes, behind no Service); per region a stable and a preview Service, a PDB per color, an
 HPA or a KEDA ScaledObject on the active color, the routes ConfigMap the sidecar watches (served name ->
 adapter), the generated feedback-token Secret and the pods' NetworkPolicy. Names, labels and annotations
 are the shared contract of the Deployment controller (see the constants below); nothing here does I/O,
@@ -72,6 +72,10 @@ ENGINE_PORT = 8000
 SIDECAR_PORT = 8080
 SERVICE_PORT = 80
 PORT_NAME = "http"
+#: the sidecar's admin port (`--admin-port`): /metrics (its own and the engine's vllm:*) and /perennial/routes (what
+#: the controller reads per pod). No Service names it; the NetworkPolicy admits pods of the cluster only.
+ADMIN_PORT_NAME = "admin"
+ADMIN_PORT = 9090
 
 ROUTES_DIR = "/etc/perennial/routes"
 ROUTES_KEY = "routes.json"
@@ -445,6 +449,7 @@ def sidecar_args(s: Serving, revision: str) -> list[str]:
     fb = s.spec.feedback
     args = ["perennial-server", "sidecar",
             "--upstream", f"http://127.0.0.1:{ENGINE_PORT}", "--host", "0.0.0.0", "--port", str(SIDECAR_PORT),
+            "--admin-port", str(ADMIN_PORT),
             "--deployment", s.name, "--namespace", s.namespace, "--revision", revision, "--region", s.region.name,
             "--base-model-name", s.served_base_name, "--spool-dir", SPOOL_DIR, "--token-file", TOKEN_FILE,
             "--sample-percent", str(fb.sample_percent if fb.enabled else 0),
@@ -612,7 +617,8 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "command": sidecar_argv[:1],
         "args": sidecar_argv[1:],
-        "ports": [{"name": PORT_NAME, "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": SIDECAR_PORT, "protocol": "TCP"},
+                  {"name": ADMIN_PORT_NAME, "containerPort": ADMIN_PORT, "protocol": "TCP"}],
         "env": sidecar_env,
         "volumeMounts": sidecar_mounts,
         "resources": ephemeral_resources({"requests": {"cpu": str(workers), "memory": sidecar_mem}, "limits": {"memory": sidecar_mem}},
@@ -656,7 +662,7 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
             "annotations": {
                 "kubectl.kubernetes.io/default-container": "engine",
                 "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(SIDECAR_PORT),
+                "prometheus.io/port": str(ADMIN_PORT),
                 "prometheus.io/path": "/metrics",
             },
         },
@@ -954,8 +960,9 @@ def token_secret(s: Serving, token: str) -> dict[str, Any]:
 
 
 def network_policy(s: Serving, settings: EgressSettings | None = None) -> dict[str, Any]:
-    """The serving pods' NetworkPolicy: ingress to the sidecar's port only; egress to DNS, the feedback
-    store, the adapters' artifact stores and an uncached model source."""
+    """The serving pods' NetworkPolicy: ingress to the sidecar's client port from anywhere and to its admin port from
+    pods of the cluster only (Prometheus, the operator); egress to DNS, the feedback store, the adapters' artifact
+    stores and an uncached model source."""
     settings = settings or EgressSettings()
     dests = netpol.Destinations()
     dests.add(feedback_store_uri(s), settings)
@@ -971,7 +978,8 @@ def network_policy(s: Serving, settings: EgressSettings | None = None) -> dict[s
         "spec": {
             "podSelector": {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_DEPLOYMENT: label_value(s.name), LABEL_REGION: s.region.name}},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": SIDECAR_PORT}]}],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": SIDECAR_PORT}]},
+                        {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}],
             "egress": netpol.egress_rules(dests.items, settings),
         },
     }
