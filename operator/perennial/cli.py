@@ -230,6 +230,35 @@ Press Ctrl-C to stop.
     return 0
 
 
+def _promote(args: argparse.Namespace) -> int:
+    """Promote the rollout of a Perennial Deployment that waits for it (`autoPromote: false`): set the annotation
+    `perennial.ai/promote` to the value its status names (`status.regions[].pendingPromotion`)."""
+    from .api.deployment import PROMOTE_ANNOTATION
+    from .kube import connect
+
+    logging.basicConfig(level=logging.WARNING)
+    kube = connect(kubeconfig=args.kubeconfig, context=args.context)
+    obj = kube.get("perennial.ai/v1alpha1", "Deployment", args.namespace, args.name)
+    if obj is None:
+        print(f"Deployment {args.namespace}/{args.name} (perennial.ai) not found", file=sys.stderr)
+        return 1
+    pending = sorted({r["pendingPromotion"] for r in (obj.get("status") or {}).get("regions") or [] if r.get("pendingPromotion")})
+    value = args.value
+    if value is None:
+        if not pending:
+            print(f"Deployment {args.namespace}/{args.name}: no rollout waits for a promotion "
+                  "(status.regions[].pendingPromotion is empty)", file=sys.stderr)
+            return 1
+        if len(pending) > 1:
+            print(f"Deployment {args.namespace}/{args.name}: regions wait for different promotions ({', '.join(pending)}): "
+                  "name one with --value", file=sys.stderr)
+            return 1
+        value = pending[0]
+    kube.patch("perennial.ai/v1alpha1", "Deployment", args.namespace, args.name, {"metadata": {"annotations": {PROMOTE_ANNOTATION: value}}})
+    print(f"deployment.perennial.ai/{args.name} promoted: {PROMOTE_ANNOTATION}={value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perennial", description="Perennial: the lifecycle of specialized LLMs on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--log-format", choices=["plain", "json"], default="plain")
     dev.add_argument("--verbose", action="store_true")
     dev.set_defaults(func=_dev)
+
+    promote = sub.add_parser("promote", help="promote the rollout of a Deployment that waits for it (autoPromote: false)")
+    promote.add_argument("name", help="the Perennial Deployment")
+    promote.add_argument("--namespace", "-n", default="default")
+    promote.add_argument("--value", help="the revision (or Adapter) to promote; default: the one status.regions[].pendingPromotion names")
+    promote.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    promote.add_argument("--context", default=None)
+    promote.set_defaults(func=_promote)
 
     cp = sub.add_parser("control-plane", help="only the embedded control plane (API server, CRDs installed), in this process")
     cp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
