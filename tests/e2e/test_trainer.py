@@ -246,3 +246,28 @@ def test_dpo_from_a_feedback_snapshot_reports_what_it_used_and_dropped(tmp_path)
     lineage = json.loads((tmp_path / "out" / "manifest.json").read_text())["lineage"]["datasets"][0]
     assert lineage["uri"] == f"{store}/{snap}" and lineage["sha256"] == hashlib.sha256((store / snap).read_bytes()).hexdigest()
     assert lineage["feedback"]["dropped"] == {"interactionMissing": 1, "scoreOutOfRange": 1, "tooLong": 1}
+
+
+def test_grpo_from_feedback_prompts_with_the_human_feedback_grader(tmp_path):
+    """GRPO on the prompts of the feedback, graded by the RewardSpec including a HumanFeedback grader: unrated
+    prompts (the first one here) and rated ones train together (every row has the rating column)."""
+    from perennial.api import FeedbackRecord, InteractionRecord
+
+    store = tmp_path / "store"
+    recs = []
+    for i, r in enumerate(fruit_rows()[:16]):
+        recs.append(InteractionRecord(id=f"r{i}", deployment="chat", messages=r["prompt"], response=f"<answer>{r['answer']}</answer>"))
+        if i:  # the first prompt is unrated
+            recs.append(FeedbackRecord(response_id=f"r{i}", type="thumbs", thumbs="up", deployment="chat"))
+    seg = store / "chat" / "2026" / "11" / "29" / "pod-a-00000001.jsonl"
+    seg.parent.mkdir(parents=True)
+    seg.write_text("".join(x.to_json() + "\n" for x in recs))
+    spec = {"graders": [FRUIT_REWARD_SPEC["graders"][0], {"name": "human", "type": "HumanFeedback", "humanFeedback": {"missingScore": "0.25"}}]}
+    res, _ = _train(tmp_path, "grpo-fb", run_config(
+        name="grpo-fb", method="GRPO", base=tiny_model_path(), output=str(tmp_path / "out"), reward_spec=spec,
+        hp={"maxSteps": 2, "batchSize": 8, "numGenerations": 4, "maxCompletionLength": 8},
+        datasets=[{"name": "fb", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": str(store)}}]))
+    assert res["metrics"]["data/feedback_rows"] == 16 and res["metrics"]["train/steps"] == 2
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    # each step holds a rated prompt (1.0): the rating column survived the unrated first row (0.25, missingScore)
+    assert progress["rewards"]["human"] > 0.25

@@ -175,6 +175,9 @@ def test_grpo_rows_are_distinct_prompts_with_rating_and_reference():
     assert banana["feedback_score"] == 0.1  # r2's score is the later rating of the two answers
     lime = [r for r in out.rows if r["prompt"] == chat("colour of lime?")][0]
     assert lime["reference"] == "<answer>green</answer>"
+    # the same columns in every row (`datasets.Dataset.from_list` keeps only the first row's), None when unknown
+    assert all(set(r) == {"prompt", "feedback_score", "reference"} for r in out.rows)
+    assert [r["feedback_score"] for r in out.rows if r["prompt"] == "plain prompt"] == [None]
     assert out.dropped == {"notForMethod": 1, "unusableType": 1}
 
 
@@ -321,7 +324,7 @@ def test_feedback_of_a_join_segment_is_never_trained_here():
     sft = build_rows([old, new], "SFT")
     assert len(sft.rows) == 1 and sft.dropped == {"unrated": 2}
     grpo = build_rows([old, new], "GRPO")  # prompts of the snapshot's interactions; no rating taken from the join part
-    assert len(grpo.rows) == 3 and all("feedback_score" not in r or r["prompt"] == chat("third") for r in grpo.rows)
+    assert len(grpo.rows) == 3 and all(r["feedback_score"] is None or r["prompt"] == chat("third") for r in grpo.rows)
 
 
 # ------------------------------------------------------------------------------ with the operator's FeedbackStore

@@ -53,7 +53,8 @@ How records become rows
   worst, ... (each response in at most one pair, so one popular or flooded prompt gives as many
   pairs as it has responses / 2, not their square).
 * **GRPO**: each distinct prompt, with the latest rating of its responses as ``feedback_score`` (for
-  a ``HumanFeedback`` grader) and the latest correction as ``reference``.
+  a ``HumanFeedback`` grader; its ``missingScore`` when None) and the latest correction as
+  ``reference`` (None when there is none: every row has both columns).
 * Chat prompts stay chats (every turn, system and earlier assistant turns included); text parts of
   multi-part message contents are joined, any other part (an image) drops the interaction.
 
@@ -372,11 +373,10 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                     if g[which] is None or (_when(f.time), f.id) > (_when(g[which].time), g[which].id):
                         g[which] = f
         for g in by_prompt.values():
-            row: dict[str, Any] = {"prompt": g["prompt"]}
-            if g["rating"] is not None:
-                row["feedback_score"] = _reward(g["rating"])
-            if g["reference"] is not None:
-                row["reference"] = g["reference"].correction
+            # every row has both columns (None when unknown): `datasets` takes the columns of the first row only
+            row: dict[str, Any] = {"prompt": g["prompt"],
+                                   "feedback_score": None if g["rating"] is None else _reward(g["rating"]),
+                                   "reference": None if g["reference"] is None else g["reference"].correction}
             emit(g["keys"], row, prompt_only=True)
         for f in prefs:
             reason(fk(f), "notForMethod")
