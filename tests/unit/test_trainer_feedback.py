@@ -96,11 +96,14 @@ def test_duplicate_interactions_count_once():
 
 def test_unparsable_lines_redacted_empty_and_other_deployments_are_counted():
     out = build_rows([seg("s1", inter("r1"), fb("r1"),
-                          inter("r2", response=""), fb("r2"),                     # redacted to nothing
+                          inter("r2", response=""), fb("r2"),                     # empty
+                          inter("r4", response="[REDACTED:email] [REDACTED:phone]."), fb("r4"),  # redacted to nothing
                           inter("r3", deployment="other"), fb("r3"),            # another Deployment's record
                           extra_lines=["not json", '{"kind": "interaction"}', '[1,2]'])], "SFT", deployment="dep")
     assert texts(out.rows) == ["<answer>yellow</answer>"]
-    assert out.dropped == {"unparsable": 3, "empty": 2, "otherDeployment": 1, "interactionMissing": 1}
+    assert out.dropped == {"unparsable": 3, "empty": 4, "otherDeployment": 1, "interactionMissing": 1}
+    kept = build_rows([seg("s1", inter("r1", response="mail [REDACTED:email] today"), fb("r1"))], "SFT")
+    assert texts(kept.rows) == ["mail [REDACTED:email] today"]  # partly redacted text is still an answer
 
 
 # ------------------------------------------------------------------------------------------ methods

@@ -80,6 +80,7 @@ import json
 import logging
 import math
 import posixpath
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,14 @@ def _when(t: str) -> _dt.datetime:
     return d if d.tzinfo else d.replace(tzinfo=_dt.timezone.utc)
 
 
+_REDACTED = re.compile(r"\[REDACTED:[^\]]*\]")
+
+
+def _blank(text: str) -> bool:
+    """Nothing to learn from: empty, or only the sidecar's `[REDACTED:<name>]` placeholders and punctuation."""
+    return not any(c.isalnum() for c in _REDACTED.sub("", text))
+
+
 def _text_content(content: Any) -> str | None:
     """A message content as text; None when it holds something other than text."""
     if content is None or isinstance(content, str):
@@ -160,10 +169,10 @@ def _prompt(inter: InteractionRecord) -> tuple[Any, str | None]:
                 return None, "unsupportedContent"
             d["content"] = text
             msgs.append(d)
-        if not any(m["content"].strip() for m in msgs if m["role"] != "assistant"):
+        if all(_blank(m["content"]) for m in msgs if m["role"] != "assistant"):
             return None, "empty"
         return msgs, None
-    if not (inter.prompt or "").strip():
+    if _blank(inter.prompt or ""):
         return None, "empty"
     return inter.prompt, None
 
@@ -300,14 +309,14 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
             if corr is not None:
                 if rate is not None:
                     reason(fk(rate), "superseded")  # the correction says what the answer should have been
-                if not corr.correction.strip():
+                if _blank(corr.correction):
                     reason(ik, "empty"), reason(fk(corr), "empty")
                 else:
                     emit([ik, fk(corr)], {"prompt": p, "completion": _completion(p, corr.correction)})
             elif rate is not None:
                 if _reward(rate) < threshold:
                     reason(ik, "belowThreshold"), reason(fk(rate), "belowThreshold")
-                elif not inters[rid].response.strip():
+                elif _blank(inters[rid].response):
                     reason(ik, "empty"), reason(fk(rate), "empty")
                 else:
                     emit([ik, fk(rate)], {"prompt": p, "completion": _completion(p, inters[rid].response)})
@@ -318,7 +327,7 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
         seen: set[tuple[str, str, str]] = set()
 
         def pair(keys: list[Key], p: Any, pkey: str, chosen: str, rejected: str) -> None:
-            if not chosen.strip() or not rejected.strip():
+            if _blank(chosen) or _blank(rejected):
                 for k in keys:
                     reason(k, "empty")
             elif chosen.strip() == rejected.strip():
