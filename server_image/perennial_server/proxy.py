@@ -76,9 +76,9 @@ class ProxyHandler:
             if request.path in MANAGED_PATHS:
                 return managed_path_error(request.path)
             if body and request.method == "POST":
-                r = routes.route(body)
+                r = routes.route(body, request.headers)
                 if r is not None and not isinstance(r, Routed):
-                    return r  # not a served model: 404 without the engine
+                    return r  # not a served model (404), a preview name without the operator's token (401): not the engine's
                 rt = r
         endpoint = CAPTURED.get(request.path) if request.method == "POST" else None
         # the request is parsed (and redacted) later, in the capture batch, not on the response path
@@ -86,7 +86,10 @@ class ProxyHandler:
         t_send = time.perf_counter()
         up: UpstreamResponse | None = None
         try:
-            up = await self.s.pool.request(request.method, self.s.upstream_prefix + request.raw_path, self._fwd_headers(request),
+            headers = self._fwd_headers(request)
+            if rt is not None and rt.preview:  # the operator's token stops here
+                headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+            up = await self.s.pool.request(request.method, self.s.upstream_prefix + request.raw_path, headers,
                                            (rt.body if rt is not None else body) or None)
             if rt is not None and up.status == 404 and rt.adapter is not None:
                 routes.kick()  # type: ignore[union-attr]  # the engine lost the adapter (restarted): reload it soon

@@ -30,6 +30,12 @@ through; any other name is a 404 `model_not_found` that never reaches the engine
 is not addressable). The answer's `model` says the served name again. `GET /v1/models` lists the base
 and the served names (what a client may ask for), not the adapters.
 
+Preview names (a served name ending in `-preview`: the operator loads the next adapter under `<served>-preview`
+and smoke-tests it before moving `<served>` to it) answer only requests with `Authorization: Bearer <feedback
+token>` (the token file of /v1/feedback, which the operator reads from the token Secret); any other request naming
+one is a 401 `preview_unauthorized`, and `GET /v1/models` lists them only to that token. The token is not
+forwarded to the engine.
+
 The engine's adapters are those of its `/v1/models` entries with a `parent` (vLLM and the CPU engine
 list LoRA adapters that way). The sidecar re-checks them every `resync_s` and reloads what an engine
 restart lost.
@@ -65,8 +71,11 @@ from pydantic_core import from_json, to_json
 from .errors import json_error
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from aiohttp import web
 
+    from .middleware import TokenFile
     from .upstream import UpstreamPool
 
 log = logging.getLogger("perennial_server.routes")
@@ -79,6 +88,9 @@ DOCUMENT_KEY = "(document)"  # key of document-level errors in `errors` (no adap
 ENGINE_KEY = "(engine)"
 MANAGED_PATHS = frozenset(("/v1/load_lora_adapter", "/v1/unload_lora_adapter"))
 MAX_DOCUMENT_BYTES = 1 << 20
+#: served names ending so are previews: only the operator's token may call them (the operator's PREVIEW_SUFFIX)
+PREVIEW_SUFFIX = "-preview"
+PREVIEW_UNAUTHORIZED = "preview names need the operator's token (`Authorization: Bearer <feedback token>`)"
 SOURCE_MARKER = ".perennial-source"
 
 
@@ -176,12 +188,18 @@ def parse_document(data: bytes) -> RoutesDocument:
         raise ValueError("the routes document is not valid: " + "; ".join(parts)) from None
 
 
+def is_preview(served: str) -> bool:
+    return served.endswith(PREVIEW_SUFFIX)
+
+
 class Route:
-    """One served name's adapters and weights; `pick` chooses one (weight 0: never)."""
+    """One served name's adapters and weights; `pick` chooses one (weight 0: never). `preview`: callable with the
+    operator's token only."""
 
-    __slots__ = ("adapters", "cum", "total")
+    __slots__ = ("adapters", "cum", "preview", "total")
 
-    def __init__(self, entries: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, entries: Sequence[tuple[str, int]], preview: bool = False) -> None:
+        self.preview = preview
         live = [(a, w) for a, w in entries if w > 0]
         if not live:
             raise ValueError("a route needs a positive weight")
@@ -392,14 +410,16 @@ class Renamer:
 
 
 class Routed:
-    """One request's route: the body to send, the served name, the adapter (None: the base)."""
+    """One request's route: the body to send, the served name, the adapter (None: the base); `preview`: the
+    request carried the operator's token (not to be forwarded)."""
 
-    __slots__ = ("adapter", "body", "renamer", "served")
+    __slots__ = ("adapter", "body", "preview", "renamer", "served")
 
-    def __init__(self, body: bytes, served: str, adapter: str | None) -> None:
+    def __init__(self, body: bytes, served: str, adapter: str | None, preview: bool = False) -> None:
         self.body = body
         self.served = served
         self.adapter = adapter
+        self.preview = preview
         self.renamer = Renamer(adapter, served) if adapter is not None and adapter != served else None
 
 
@@ -456,8 +476,10 @@ class Routes:
     resync_s = 15.0  # the engine's adapters are re-checked this often (an engine restart loses them)
 
     def __init__(self, path: str, *, base_name: str, adapters_dir: str, max_bytes: int, manage: bool = True,
-                 state_file: str | None = None, peer_state_files: Sequence[str] = (), rng: random.Random | None = None) -> None:
+                 state_file: str | None = None, peer_state_files: Sequence[str] = (), rng: random.Random | None = None,
+                 token: TokenFile | None = None) -> None:
         self.path = path
+        self.token = token  # the operator's token: the only key to preview names (None: previews answer nobody)
         self.cfg_base = base_name
         self.adapters_dir = Path(adapters_dir)
         self.max_bytes = max_bytes
@@ -490,10 +512,11 @@ class Routes:
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ hot path
-    def route(self, body: bytes) -> Routed | web.Response | None:
+    def route(self, body: bytes, headers: Mapping[str, str] | None = None) -> Routed | web.Response | None:
         """The route of a request body: None when it names no model (or is a JSON value but not an
         object: the engine answers it), a 400 for a body that is not UTF-8 JSON, a 404 response for a
-        model that is not served, else a `Routed` (its adapter counted in flight until `done`).
+        model that is not served, a 401 for a preview name without the operator's token (in `headers`),
+        else a `Routed` (its adapter counted in flight until `done`).
 
         A body this parser refuses is never forwarded: the engine's parser may read it (vLLM's
         `json.loads` takes UTF-16/32, a BOM, lone surrogates, deeper nesting), and with a `model`
@@ -514,9 +537,15 @@ class Routes:
         r = self.table.get(model)
         if r is None:
             return json_error(404, f"The model `{model}` does not exist.", "model_not_found", param="model")
+        if r.preview and not self.authorized(headers):
+            return json_error(401, PREVIEW_UNAUTHORIZED, "preview_unauthorized", param="model")
         adapter = r.pick(self.rng)
         self.inflight[adapter] = self.inflight.get(adapter, 0) + 1
-        return Routed(_with_model(body, req, model, adapter), model, adapter)
+        return Routed(_with_model(body, req, model, adapter), model, adapter, r.preview)
+
+    def authorized(self, headers: Mapping[str, str] | None) -> bool:
+        """Whether `headers` carry the operator's token (`Authorization: Bearer <feedback token>`)."""
+        return self.token is not None and headers is not None and self.token.check(headers.get("Authorization"))
 
     def done(self, routed: Routed) -> None:
         a = routed.adapter
@@ -546,9 +575,12 @@ class Routes:
         return {"revision": self.revision, "pending": pending, "loaded": sorted(self.engine_loaded & listed),
                 "draining": sorted(self.draining), "errors": errors}
 
-    def models(self) -> dict:
+    def models(self, previews: bool = False) -> dict:
+        """The base and the served names; preview names only when `previews` (the operator's token)."""
         data = [{"id": self.base, "object": "model", "created": self.created, "owned_by": "perennial", "parent": None}] if self.base else []
-        for served in self.table:
+        for served, route in self.table.items():
+            if route.preview and not previews:
+                continue
             data.append({"id": served, "object": "model", "created": self.created, "owned_by": "perennial", "parent": self.base or None})
         return {"object": "list", "data": data}
 
@@ -663,7 +695,7 @@ class Routes:
             return None
 
     def _apply(self, doc: RoutesDocument) -> None:
-        table = {served: Route([(e.adapter, e.weight) for e in entries]) for served, entries in doc.routes.items()}
+        table = {served: Route([(e.adapter, e.weight) for e in entries], is_preview(served)) for served, entries in doc.routes.items()}
         self.base = doc.base.name if doc.base else self.cfg_base
         self.table = table  # one assignment: a request sees the old table or the new one
         self.applied = doc
@@ -762,14 +794,19 @@ class Routes:
     async def models_handler(self, request: web.Request) -> web.Response:
         from aiohttp import web
 
-        return web.json_response(self.models())
+        previews = any(r.preview for r in self.table.values()) and self.authorized(request.headers)
+        return web.json_response(self.models(previews))
 
     async def model_handler(self, request: web.Request) -> web.Response:
-        """`GET /v1/models/{model}` (the OpenAI clients' `models.retrieve`): a base or served name only."""
+        """`GET /v1/models/{model}` (the OpenAI clients' `models.retrieve`): a base or served name only (a preview
+        name with the operator's token only)."""
         from aiohttp import web
 
         name = request.match_info["model"]
-        for m in self.models()["data"]:
+        r = self.table.get(name)
+        if r is not None and r.preview and not self.authorized(request.headers):
+            return json_error(401, PREVIEW_UNAUTHORIZED, "preview_unauthorized", param="model")
+        for m in self.models(previews=True)["data"]:
             if m["id"] == name:
                 return web.json_response(m)
         return json_error(404, f"The model `{name}` does not exist.", "model_not_found", param="model")

@@ -66,6 +66,7 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
         self.chats: list[str] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each chat request
         self.fail: dict[str, str] = {}
         self.hold_loads: threading.Event | None = None
         self.load_delay = 0.0
@@ -119,6 +120,7 @@ class FakeEngine:
         body = await request.json()
         model = body["model"]
         self.chats.append(model)
+        self.authorizations.append(request.headers.get("Authorization"))
         if model != BASE and model not in self.loaded:
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.", "code": 404}}, status=404)
         if body.get("hold"):

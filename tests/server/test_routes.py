@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 from routesutil import BASE, FakeEngine, KubeletDir, applied, doc, make_adapter_dir, routes_state, wait_until
-from srvutil import AppThread, read_store
+from srvutil import TOKEN, AppThread, read_store
 
 
 def chat(t: AppThread, model: str, **kw: Any) -> requests.Response:
@@ -64,7 +64,7 @@ def test_models_lists_served_names_and_base(fake: FakeEngine, routed, tmp_path: 
     a1 = make_adapter_dir(tmp_path, "a1")
     t, _, _ = routed(doc("r1", {"a1": a1}, {"support": [("a1", 100)], "support-preview": [("a1", 100)]}))
     applied(t, "r1")
-    client = openai.OpenAI(base_url=t.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=t.url + "/v1", api_key=TOKEN, max_retries=0)  # the operator's token: previews too
     models = client.models.list().data
     assert [m.id for m in models] == [BASE, "support", "support-preview"]  # never the internal adapter names
     assert all(m.object == "model" and m.owned_by for m in models)

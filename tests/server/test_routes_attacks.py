@@ -96,6 +96,46 @@ def test_odd_model_values_never_name_an_adapter(fake: FakeEngine, routed, tmp_pa
     assert "a1" not in fake.chats and "support" not in fake.chats, (r.status_code, fake.chats)
 
 
+# ---------------------------------------------------------------- preview names
+def test_preview_names_answer_only_with_the_operators_token(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    """`<served>-preview` names an adapter the operator is smoke-testing before it moves a served name to it: only
+    the operator (the feedback token, the same file as /v1/feedback) may call it, never an anonymous client of
+    the Service. The token goes no further than the sidecar."""
+    import openai
+    from srvutil import TOKEN
+
+    a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
+    t, _, _ = routed(doc("r1", {"a1": a1, "a2": a2}, {"support": [("a1", 100)], "support-preview": [("a2", 100)]}))
+    applied(t, "r1")
+    chat_body = {"model": "support-preview", "messages": [{"role": "user", "content": "hi"}]}
+    for auth in (None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer ", TOKEN):
+        headers = {"Authorization": auth} if auth is not None else {}
+        for path, body in (("/v1/chat/completions", chat_body), ("/v1/chat/completions", {**chat_body, "stream": True}),
+                           ("/v1/completions", {"model": "support-preview", "prompt": "hi"})):
+            r = requests.post(t.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (auth, path, r.status_code, r.text)
+            e = r.json()["error"]
+            assert e["code"] == "preview_unauthorized" and e["type"] == "authentication_error" and e["param"] == "model"
+            assert "preview names need the operator's token" in e["message"], e
+    assert fake.chats == []
+    # anonymous clients do not see the preview name at all
+    anon = openai.OpenAI(base_url=t.url + "/v1", api_key="client-key", max_retries=0)
+    assert [m.id for m in anon.models.list().data] == [BASE, "support"]
+    with pytest.raises(openai.AuthenticationError):
+        anon.models.retrieve("support-preview")
+    assert anon.chat.completions.create(model="support", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "answer of a1"
+    # the operator's smoke test: the token, through the same port; the engine never sees the token
+    op = openai.OpenAI(base_url=t.url + "/v1", api_key=TOKEN, max_retries=0)
+    assert [m.id for m in op.models.list().data] == [BASE, "support", "support-preview"]
+    c = op.chat.completions.create(model="support-preview", messages=[{"role": "user", "content": "hi"}])
+    assert c.choices[0].message.content == "answer of a2" and c.model == "support-preview"
+    chunks = list(op.chat.completions.create(model="support-preview", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "".join(x.choices[0].delta.content or "" for x in chunks) == "answer of a2"
+    assert fake.chats == ["a1", "a2", "a2"]
+    assert fake.authorizations[1:] == [None, None], fake.authorizations  # stripped before the engine
+    assert fake.authorizations[0] == "Bearer client-key"  # other requests go on as they came
+
+
 # ---------------------------------------------------------------- hostile routes documents
 class _Recorder(BaseHTTPRequestHandler):
     hits: ClassVar[list[str]] = []
