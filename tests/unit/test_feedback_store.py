@@ -568,3 +568,56 @@ def test_ratings_of_responses_that_never_existed_cost_a_bounded_search(mem: str,
     assert s2.counts.unmatched_ratings == 100 and not s2.join_segments
     searched = [p for p in reads.paths if "spam" not in p]
     assert len(searched) == 5 and not [p for p in searched if "future" in p]
+
+
+def test_old_consumed_days_leave_memory_and_still_count(tmp_path, reads: Reads) -> None:
+    uri = str(tmp_path / "store")
+    os.makedirs(uri)
+    ratings = make_store(uri, days=30, per_day=3)
+    old_day = NOW - dt.timedelta(days=25)
+    put(uri, segment_name(DEP, "only", 1, old_day), lines(inter("old-unrated", old_day)))
+    store = FeedbackStore(uri, keep_days=8)
+    first = store.scan(DEP)
+    assert first.segments_in_memory == first.segments == 91  # nothing in a snapshot yet: all of it pending
+    s1 = store.take_snapshot(DEP, lookback_seconds=40 * 86400)
+    res = store.scan(DEP)
+    assert res.segments == 91 and res.segments_in_memory == 3 * 9  # the last 9 days (today and 8 before)
+    assert res.pending.ratings == 0
+    # a rating of a 25-day-old interaction, an evicted day: found through its day's index file
+    put(uri, segment_name(DEP, "late", 1, NOW), lines(thumbs("old-unrated", NOW)))
+    store.scan(DEP)
+    reads.paths.clear()
+    s2 = store.take_snapshot(DEP, lookback_seconds=40 * 86400)
+    assert [r.name for r in s2.join_segments] == [segment_name(DEP, "only", 1, old_day)] and s2.counts.unmatched_ratings == 0
+    assert s2.join_segments[0].snapshot == s1.name
+    # a segment shipped late into an evicted day is found; the day's old segments are not read again
+    put(uri, segment_name(DEP, "slow", 9, old_day), lines(inter("slow", old_day), thumbs("slow", old_day)))
+    reads.paths.clear()
+    res = store.scan(DEP)
+    assert reads.n == 1 and res.new_segments == 1 and res.pending.ratings == 1 and res.segments == 93
+    s3 = store.take_snapshot(DEP)
+    assert [p.name for p in s3.segments] == [segment_name(DEP, "slow", 9, old_day)]
+    # a restarted operator holds the same, reading no segment
+    reads.paths.clear()
+    again = FeedbackStore(uri, keep_days=8).scan(DEP)
+    assert reads.n == 0 and again.segments == 93 and again.pending.ratings == 0 and again.segments_in_memory == 3 * 9 + 1
+    assert FeedbackStore(uri).pending(DEP, Cursor(sequence=1)).ratings == ratings + 2
+
+
+def test_an_evicted_day_whose_index_file_is_lost_is_read_again_without_double_counting(tmp_path) -> None:
+    uri = str(tmp_path / "store")
+    os.makedirs(uri)
+    old_day = NOW - dt.timedelta(days=20)
+    name = segment_name(DEP, "p", 1, old_day)
+    put(uri, name, lines(inter("a", old_day), thumbs("a", old_day)) + b"{torn")
+    put(uri, segment_name(DEP, "p", 3, NOW), lines(inter("c", NOW)))
+    store = FeedbackStore(uri, keep_days=8)
+    store.scan(DEP)
+    store.take_snapshot(DEP)
+    res = store.scan(DEP)
+    assert res.segments_in_memory == 1 and res.segments == 2 and res.skipped == {"TornLine": 1}
+    os.unlink(tmp_path / "store" / DEP / "_perennial" / "index" / f"{old_day:%Y-%m-%d}.json")
+    put(uri, segment_name(DEP, "p", 2, old_day), lines(inter("b", old_day), thumbs("b", old_day)))
+    res = store.scan(DEP)
+    assert res.segments == 3 and res.skipped == {"TornLine": 1} and res.damaged_segments == 1
+    assert res.pending.ratings == 1  # only the new segment: the first stays in its snapshot

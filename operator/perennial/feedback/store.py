@@ -182,6 +182,7 @@ class Pending:
 class ScanResult:
     deployment: str
     segments: int = 0  # segments in the index after the scan
+    segments_in_memory: int = 0  # of which held in memory (the rest: old days every part of which is in a snapshot)
     new_segments: int = 0
     changed_segments: int = 0  # re-read: grown or rewritten
     removed_segments: int = 0  # gone from the store
@@ -298,6 +299,13 @@ def _base(path: str) -> str:
 # ------------------------------------------------------------------------------------ state
 
 
+@dataclass
+class _DaySummary:
+    segments: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    damaged: set[str] = field(default_factory=set)
+
+
 class _State:
     """One Deployment's index and snapshots, in memory (loaded from the store on first use)."""
 
@@ -318,6 +326,8 @@ class _State:
         self.skipped: Counter[str] = Counter()
         self.damaged: set[str] = set()  # segments with skipped lines or a torn tail
         self.last_full: float | None = None
+        # days dropped from memory (old, every part in a snapshot): what they add to the totals above
+        self.evicted: dict[str, _DaySummary] = {}
 
     # bookkeeping of entries, so that pending() and skipped totals never walk the whole index
     def add(self, day: str, entry: SegmentEntry) -> None:
@@ -348,6 +358,39 @@ class _State:
         if entry.too_large:
             self.skipped["SegmentTooLarge"] -= 1
         self.damaged.discard(name)
+
+    def evict(self, day: str) -> None:
+        """Drop a day's entries from memory (its index file in the store is current); its counts stay in the totals."""
+        entries = self.days.pop(day, {})
+        summary = _DaySummary(segments=len(entries))
+        for e in entries.values():
+            for p in e.parts:
+                summary.skipped.update(p.skipped)
+            summary.skipped["TornLine"] += bool(e.torn_tail)
+            summary.skipped["SegmentTooLarge"] += bool(e.too_large)
+            if e.name in self.damaged:
+                summary.damaged.add(e.name)
+        self.evicted[day] = summary
+
+    def restore(self, day: str, doc: DayIndex | None) -> None:
+        """An evicted day back in memory from its index file; without one (lost), its counts leave the totals and its
+        segments are read again (the snapshots keep what they consumed consumed)."""
+        summary = self.evicted.pop(day, None)
+        if summary is None:
+            return
+        if doc is not None and len(doc.segments) == summary.segments:
+            self.days[day] = {e.name: e for e in doc.segments}
+            for e in doc.segments:  # evicted only when consumed, but a snapshot may have been lost since
+                for p in e.parts:
+                    if p.key not in self.consumed:
+                        self._pend(p)
+            return
+        self.skipped.subtract(summary.skipped)
+        self.damaged -= summary.damaged
+        self.days[day] = {}
+
+    def evictable(self, day: str) -> bool:
+        return all(p.key in self.consumed for e in self.days.get(day, {}).values() for p in e.parts)
 
     def add_snapshot(self, snap: Snapshot) -> None:
         self.snapshots[snap.sequence] = snap
@@ -418,6 +461,7 @@ class FeedbackStore:
         full_rescan_seconds: float = 3600.0,
         max_segment_bytes: int = 256 * 1024 * 1024,
         join_budget_bytes: int = 512 * 1024 * 1024,
+        keep_days: int = 8,
     ) -> None:
         if recent_days < 1:
             raise ValueError("recent_days must be at least 1")
@@ -428,6 +472,8 @@ class FeedbackStore:
         self.max_segment_bytes = max_segment_bytes
         #: bytes a snapshot may read looking for the interactions its late ratings rate
         self.join_budget_bytes = join_budget_bytes
+        #: days held in memory whatever they hold (older ones only while some part of them is in no snapshot)
+        self.keep_days = keep_days
         url = storage.fsspec_url(self.uri, self.pvc_root)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -542,7 +588,24 @@ class FeedbackStore:
             st.day_mtime[doc.day] = doc.dir_mtime
             for entry in doc.segments:
                 st.add(doc.day, entry)
+            if doc.day < self._keep_after() and st.evictable(doc.day):
+                st.evict(doc.day)
         st.loaded = True
+
+    def _keep_after(self) -> str:
+        """Days before this one whose every part is in a snapshot are not held in memory."""
+        return f"{_dt.datetime.now(_dt.UTC).date() - _dt.timedelta(days=self.keep_days):%Y/%m/%d}"
+
+    def _day_doc(self, st: _State, day: str) -> DayIndex | None:
+        path = self._meta(st.deployment, "index", day.replace("/", "-") + ".json")
+        raw = self._call(f"reading {path}", self.fs.cat_file, path, missing_ok=True)
+        if raw is None:
+            return None
+        try:
+            doc = DayIndex.model_validate_json(raw)
+        except pydantic.ValidationError:
+            return None
+        return doc if doc.version == INDEX_VERSION and doc.deployment == st.deployment and doc.day == day else None
 
     def _refresh_snapshots(self, st: _State) -> None:
         prefix = f"{st.deployment}-"
@@ -611,20 +674,28 @@ class FeedbackStore:
                 if day < cutoff and known and (same_mtime or (mtime is None and not full)):
                     continue
                 res.days_listed += 1
+                if day in st.evicted:
+                    st.restore(day, self._day_doc(st, day))
                 self._scan_day(st, day, path, res, dirty)
                 if st.day_mtime.get(day) != mtime or not known:
                     st.day_mtime[day] = mtime
                     dirty.add(day)
             if full:
-                for day in [d for d in st.days if d not in present_days]:  # a whole day directory deleted
-                    for name in list(st.days[day]):
+                for day in [d for d in list(st.days) + list(st.evicted) if d not in present_days]:  # a whole day directory deleted
+                    if day in st.evicted:
+                        st.restore(day, self._day_doc(st, day))
+                    for name in list(st.days.get(day, {})):
                         st.remove(day, name)
                         res.removed_segments += 1
                     dirty.add(day)
                 st.last_full = now
             for day in sorted(dirty):
                 self._save_day(st, day)
-            res.segments = sum(len(v) for v in st.days.values())
+            keep_after = self._keep_after()
+            for day in [d for d in st.days if d < keep_after and d < cutoff and st.evictable(d)]:
+                st.evict(day)
+            res.segments_in_memory = sum(len(v) for v in st.days.values())
+            res.segments = res.segments_in_memory + sum(v.segments for v in st.evicted.values())
             res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
             res.damaged_segments = len(st.damaged)
             res.damaged_examples = sorted(st.damaged)[:5]
@@ -712,7 +783,7 @@ class FeedbackStore:
         if cursor is None or cursor.sequence >= st.next_sequence():  # the usual case: running totals
             return Pending(ratings=st.pending_ratings, interactions=st.pending_interactions, parts=len(st.unconsumed),
                            oldest_rating=_dt_of(st.oldest_pending_rating()))
-        extra = [p for k, seq in st.consumed.items() if seq >= cursor.sequence and (p := st.find_part(k)) is not None]
+        extra = [p for seq, snap in st.snapshots.items() if seq >= cursor.sequence for p in snap.segments]
         parts: Iterable[SegmentPart] = list(st.unconsumed.values()) + extra
         ratings = inter = n = 0
         oldest = None
@@ -818,10 +889,11 @@ class FeedbackStore:
             for s in segments:
                 if isinstance(s, str):
                     entry = st.entry(s)
-                    if entry is None:
+                    mine = [p for p in st.snap_parts.get(s, []) if st.consumed.get(p.key) == _seq_of(name)]
+                    if entry is None and not mine:
                         raise SnapshotConflict(f"segment {s} is not in the index of {deployment!r} (scan first)")
-                    got = [p for p in entry.parts if p.key not in st.consumed] or [p for p in entry.parts if st.consumed.get(p.key) == _seq_of(name)]
-                    parts.extend(got)
+                    got = [p for p in entry.parts if p.key not in st.consumed] if entry is not None else []
+                    parts.extend(got or mine)
                 else:
                     parts.append(s)
             return self._write_snapshot(st, name, parts, lookback_seconds)
@@ -912,7 +984,12 @@ class FeedbackStore:
         # an interaction comes before its rating (give pods' clocks JOIN_CLOCK_SKEW of slack)
         until = (newest + JOIN_CLOCK_SKEW).isoformat(timespec="microseconds") if newest else None
         candidates = []
-        for entries in st.days.values():
+        since_day = since[:10].replace("-", "/") if since else ""
+        days = list(st.days.values())
+        for day in sorted(st.evicted):  # old days not in memory: their index files, for this search only
+            if day >= since_day and (doc := self._day_doc(st, day)) is not None:
+                days.append({e.name: e for e in doc.segments})
+        for entries in days:
             for e in entries.values():
                 for p in e.parts:
                     if p.key in own or not p.interactions:
