@@ -1,12 +1,14 @@
-"""The README's first command: `perennial dev --demo --apply examples/local` trains for real on a laptop CPU."""
+"""The README's first command: `perennial dev --demo --apply examples/local` trains for real on a laptop CPU, then serves."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_perennial_dev_demo_trains_an_adapter(tmp_path: Path):
+def test_perennial_dev_demo_trains_adapters_and_serves_them(tmp_path: Path):
     port, metrics, health = free_port(), free_port(), free_port()
     log = open(tmp_path / "dev.log", "w")
     proc = subprocess.Popen(
@@ -54,6 +56,25 @@ def test_perennial_dev_demo_trains_an_adapter(tmp_path: Path):
         if shutil.which("kubectl"):
             out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "get", "perennial"], capture_output=True, text=True, timeout=60).stdout
             assert "fruit-v1" in out and "fruit-grpo" in out
+
+        # The demo ends serving its adapters: the Deployment fruit-chat moves `fruit` to fruit-v2 once GRPO made it
+        # (in the running pod), and perennial dev printed where it serves.
+        def served() -> dict | None:
+            st = (kube.get(API, "Deployment", "default", "fruit-chat") or {}).get("status") or {}
+            names = {r["name"]: r.get("adapter") for r in st.get("servedAdapters") or []}
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or [])
+            return st if ready and names == {"fruit": "fruit-v2", "fruit-sft": "fruit-v1"} else None
+
+        st = wait_for(served, timeout=600, interval=1, message="the demo's adapters served")
+        url = st["endpoint"]
+        log_text = wait_for(lambda: "now serves fruit -> fruit-v2" in (t := (tmp_path / "dev.log").read_text()) and t, timeout=30, interval=0.5,
+                            message="perennial dev printing the move to fruit-v2")
+        assert f"is serving (OpenAI API) at {url}" in log_text
+        req = urllib.request.Request(f"{url}/v1/chat/completions", headers={"Content-Type": "application/json"}, data=json.dumps(
+            {"model": "fruit", "messages": [{"role": "user", "content": "What colour is a banana?"}], "max_tokens": 8}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert answer["model"] == "fruit" and answer["choices"][0]["message"]["content"]
     finally:
         stop_dev(proc, log)
     assert proc.returncode == 0, (tmp_path / "dev.log").read_text()[-2000:]
