@@ -9,11 +9,13 @@ Sections (run one or more; default: all that exist):
            production --, half interactions and half ratings; nothing is trained) and
            `perennial.feedback.store.FeedbackStore.scan` is timed:
              first     a fresh FeedbackStore, empty index: reads every segment;
+                       then one snapshot takes all of it (as when the loop fires; timed apart);
              incr      the same object, after one new segment was shipped;
              restart   a new FeedbackStore (an operator restart: the index is loaded from the
                        store) after one more new segment;
              idle      the same object again, nothing new.
-           incr, restart and idle are medians of `--repeat` (5) ticks each.
+           incr, restart and idle are medians of `--repeat` (7) ticks each (an incremental tick is
+           mostly the fsync of its index file and the parse of the new segment: noisy on a shared disk).
            It prints records read and the wall time of each tick, and ratios measured in this
            one run: first / incremental per size, and each tick's time at the largest size over
            the smallest (a tick whose cost does not grow with history stays near 1x while the
@@ -112,6 +114,8 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
         t_gen, n_seg = _timed(generate, root, size, args.records_per_segment, days)
         store = FeedbackStore(root)
         t_first, first = _timed(store.scan, DEPLOYMENT)
+        # the history so far goes into one snapshot, as when the loop fired: the steady state ticks run in
+        t_snap, snap = _timed(store.take_snapshot, DEPLOYMENT)
         incr_t, incr_read, restart_t, restart_read, idle_t, idle_read = [], [], [], [], [], []
         for _ in range(args.repeat):  # one new segment shipped, then a tick
             ship_one(root)
@@ -129,14 +133,16 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
             idle_t.append(t)
             idle_read.append(last.records_read)
         row = (size, n_seg, t_first, first.records_read, median(incr_t), max(incr_read), median(restart_t), max(restart_read),
-               median(idle_t), max(idle_read))
+               median(idle_t), max(idle_read), t_snap, last.segments_in_memory)
         rows.append(row)
         print(f"records={size:>9,} segments={n_seg:>6,} days={days:>3} (generated in {t_gen:.1f}s) | "
               f"first: read {first.records_read:>9,} records in {t_first * 1000:9.1f} ms | "
               f"incr: read {row[5]:>4,} records in {row[4] * 1000:6.1f} ms | "
               f"restart: read {row[7]:>4,} records in {row[6] * 1000:6.1f} ms | "
               f"idle: read {row[9]} records in {row[8] * 1000:5.1f} ms | "
-              f"first/incr = {t_first / row[4]:6.1f}x | pending ratings {last.pending.ratings:,}", flush=True)
+              f"first/incr = {t_first / row[4]:6.1f}x | snapshot of the first tick's {snap.counts.ratings:,} ratings "
+              f"{t_snap * 1000:.0f} ms | pending ratings {last.pending.ratings:,} | segments held in memory {last.segments_in_memory:,}",
+              flush=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     if len(rows) >= 2:
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="store sizes in records")
     p.add_argument("--records-per-segment", type=int, default=200)
     p.add_argument("--records-per-day", type=int, default=10_000, help="records a day in the generated history (ending today)")
-    p.add_argument("--repeat", type=int, default=5, help="incremental, restart and idle ticks per size (medians printed)")
+    p.add_argument("--repeat", type=int, default=7, help="incremental, restart and idle ticks per size (medians printed)")
     p.add_argument("--keep", action="store_true", help="keep the generated stores")
     args = p.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(args, name, False)] or list(SECTIONS)
