@@ -2,41 +2,50 @@
 
 The sidecar ships closed segments (JSON Lines of `perennial_records` records) to
 `<store>/<deployment>/<yyyy>/<mm>/<dd>/<pod>-<seq>.jsonl` (`perennial_records.segment_name`).
-`FeedbackStore` (one per store URI, over fsspec) keeps, per Deployment:
+`FeedbackStore` (one per store URI, over fsspec: `pvc://` resolved under the operator's PVC root as
+`perennial.storage` does, `file://`, plain paths, `memory://`, object stores) keeps, per Deployment:
 
 **An index** of every segment it has read: size, ETag or mtime, sha256 and per part the counts
-(interactions, ratings, first/last record time, oldest rating, skipped lines by reason).
-A tick (`scan`) lists the store and reads only segments that are new or whose size/ETag/mtime
-changed since they were indexed, so it reads each record once, however long the history.
-Listing is pruned too: a day directory is listed when it is recent (the last `recent_days` days,
-by today's UTC date and by the newest day in the store), new, or its directory mtime changed
+(interactions, ratings = feedback records, first/last record time, oldest rating, skipped lines by
+reason). A tick (`scan`) lists the store and reads only segments that are new or whose
+size/ETag/mtime changed since they were indexed, so it reads each record once, however long the
+history. Listing is pruned too: a day directory is listed when it is recent (the last `recent_days`
+days, by today's UTC date and by the newest day in the store), new, or its directory mtime changed
 (local and PVC stores report one); every day is listed on the first tick of a process and every
-`full_rescan_seconds` (segments shipped days late to an object store are found then).
+`full_rescan_seconds` (segments shipped days late to an object store are found then). An idle tick
+costs one listing per year and month directory and one stat per day directory, no reads.
 
 The index lives in the store itself, so it survives an operator restart:
 `<deployment>/_perennial/index/<yyyy>-<mm>-<dd>.json`, one document per day directory of
 segments (never one per tick: a tick rewrites, atomically, only the days it changed; the file count
 is the number of day directories the store holds). The index is a cache: a lost or corrupt index
-file only makes the next tick read that day's segments again.
+file only makes the next tick read that day's segments again, and what snapshots hold stays consumed.
+A restarted operator reads every index file once (no segment). In memory: the last `keep_days` days,
+and older days only while some part of them is in no snapshot (~4 KB a segment).
 
 **Snapshots**, the source of truth for exactly-once: `<deployment>/_perennial/snapshots/<name>.json`,
 created once (create-only; the same parts written again return the existing document, different
 parts under an existing name raise `SnapshotConflict`), named deterministically
 (`snapshot_name(deployment, sequence)`), so a controller that crashed after writing one finds it
-again (`latest_snapshot`) and creates the TrainingRun it owes. A part (a byte range of a segment, see
-`snapshot.py`) is in at most one snapshot; a rating is trained on in the snapshot that holds its
-record. What the next snapshot takes (`pending`) is every indexed part no snapshot holds, oldest
-first -- including segments that arrived late with old names. Ratings that arrive after their
-interaction's segment was snapshotted are in a later snapshot; that snapshot's `joinSegments`
-names the earlier parts holding the interactions they rate (searched within `lookback_seconds`
-of the rating), so the trainer can join them by response id.
+again (`latest_snapshot`, `take_snapshot(sequence=N)`) and creates the TrainingRun it owes. A part
+(a byte range of a segment, see `snapshot.py`) is in at most one snapshot; a rating is trained on in
+the snapshot that holds its record. What the next snapshot takes (`pending`) is every indexed part no
+snapshot holds, oldest first -- including segments that arrived late with old names. Ratings that
+arrive after their interaction's segment was snapshotted are in a later snapshot; that snapshot's
+`joinSegments` names the earlier parts holding the interactions they rate (searched newest first
+within `lookback_seconds` before the rating, at most `join_budget_bytes` read), so the trainer can
+join them by response id.
 
 Bad data never raises: a torn last line, invalid JSON, an unknown `kind` or a record that fails its
-schema is counted by reason (`skipped`) and skipped. A store that cannot be listed or read raises
-`StoreUnavailable` (reason `FeedbackStoreUnavailable`), for a condition on the Deployment.
+schema is counted by reason (`skipped`) and skipped; a segment over `max_segment_bytes` is not read
+(`SegmentTooLarge`); symbolic links on a local store are never followed. A store that cannot be
+listed or read, or that disappears (an unmounted volume, a deleted bucket), raises `StoreUnavailable`
+(reason `FeedbackStoreUnavailable`), for a condition on the Deployment; the next tick after it is
+back carries on where the last good one stopped.
 
 Every method here blocks (fsspec I/O); from the operator's event loop call the `*_async`
-wrappers (or `asyncio.to_thread`). Calls for one Deployment are serialised by a lock.
+wrappers (or `asyncio.to_thread`). Calls for one Deployment are serialised by a lock. Use
+`shared_store(uri)` for the process's one object per store: a new object starts as after a restart.
 """
 
 from __future__ import annotations
