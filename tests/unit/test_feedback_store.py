@@ -621,3 +621,39 @@ def test_an_evicted_day_whose_index_file_is_lost_is_read_again_without_double_co
     res = store.scan(DEP)
     assert res.segments == 3 and res.skipped == {"TornLine": 1} and res.damaged_segments == 1
     assert res.pending.ratings == 1  # only the new segment: the first stays in its snapshot
+
+
+class CachingMemFS(MemoryFileSystem):
+    """Lists like s3fs and gcsfs do by default: from a listings cache that only `invalidate_cache` empties."""
+
+    protocol = "cachingmem"
+    root_marker = "/"
+
+    def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+        super().__init__(*a, **kw)
+        self.listings: dict = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):  # type: ignore[no-untyped-def]
+        path = path.removeprefix("cachingmem://")
+        return MemoryFileSystem._strip_protocol(path)
+
+    def ls(self, path, detail=True, **kw):  # type: ignore[no-untyped-def]
+        key = (self._strip_protocol(path).rstrip("/"), detail)
+        if key not in self.listings:
+            self.listings[key] = super().ls(path, detail=detail, **kw)
+        return self.listings[key]
+
+    def invalidate_cache(self, path=None):  # type: ignore[no-untyped-def]
+        self.listings.clear()
+
+
+def test_listings_caches_of_object_store_filesystems_are_bypassed(mem: str) -> None:
+    fsspec.register_implementation("cachingmem", CachingMemFS, clobber=True)
+    root = mem[len("memory://"):]
+    uri = f"cachingmem://{root}"
+    put(mem, segment_name(DEP, "p", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(uri)
+    assert store.scan(DEP).pending.ratings == 1
+    put(mem, segment_name(DEP, "p", 2, NOW), lines(inter("b", NOW), thumbs("b", NOW)))
+    assert store.scan(DEP).pending.ratings == 2

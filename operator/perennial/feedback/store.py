@@ -522,8 +522,14 @@ class FeedbackStore:
             raise StoreUnavailable(f"feedback store {self.uri}: {what} failed: {type(e).__name__}: {e}") from e
 
     def _ls(self, path: str) -> list[dict[str, Any]]:
+        # s3fs, gcsfs, ... answer ls from a listings cache that never expires by default: a tick must see new objects
+        self._call(f"listing {path}", self.fs.invalidate_cache, path)
         out = self._call(f"listing {path}", self.fs.ls, path, detail=True, missing_ok=True)
         return list(out or [])
+
+    def _root_exists(self) -> bool:
+        self._call("checking the store root", self.fs.invalidate_cache, self.root or "/")
+        return bool(self._call("checking the store root", self.fs.exists, self.root or "/"))
 
     def _check_root(self) -> None:
         if self.local and not os.path.isdir(self.root or "/"):
@@ -666,7 +672,7 @@ class FeedbackStore:
             now = time.monotonic()
             full = st.last_full is None or now - st.last_full >= self.full_rescan_seconds
             days = self._days(st)
-            if not days and any(st.days.values()) and not self._call("checking the store root", self.fs.exists, self.root or "/"):
+            if not days and (any(st.days.values()) or st.evicted) and not self._root_exists():
                 # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
                 raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
             res.days_total, res.full_listing = len(days), full
