@@ -243,3 +243,22 @@ def test_too_little_feedback_fails_the_run_permanently_with_the_counts(tmp_path)
     cfg["spec"]["datasets"][0]["feedback"]["minExamples"] = 3
     assert main(["--config", write_config(tmp_path / "run.yaml", cfg), "--termination-log", str(term)]) == 13
     assert json.loads(term.read_text())["reason"] in ("BaseModelUnavailable", "NotFound")
+
+
+def test_held_out_split_never_puts_one_prompt_on_both_sides():
+    import random
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{i % 6}"}], "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(60)]
+    train, held = split_held_out(rows, 20, 7)
+    assert held and train and len(train) + len(held) == 60
+    key = lambda r: r["prompt"][0]["content"]  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    assert len(held) == 10  # whole prompts: 1 of 6 groups of 10 rows ~ 20% of 60 rounded to whole groups
+    # distinct prompts (and rows without one): exactly the row-by-row split it always was
+    singles = [{"prompt": f"p{i}"} for i in range(20)]
+    idx = list(range(20))
+    random.Random(3).shuffle(idx)
+    assert split_held_out(singles, 25, 3)[1] == [singles[i] for i in sorted(idx[:5])]
+    # a single prompt cannot be split by prompt: rows then
+    same = [{"prompt": "p", "completion": str(i)} for i in range(10)]
+    assert len(split_held_out(same, 20, 1)[1]) == 2

@@ -129,11 +129,27 @@ def load_feedback_dataset(name: str, store_uri: str, segments: list[str], method
 
 
 def split_held_out(rows: list[dict[str, Any]], percent: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held out): about `percent` of the rows held out, deterministically, whole prompts at a time: rows
+    with the same `prompt` (feedback: many users asking one question, several pairs of one prompt) are never on
+    both sides, so evaluation does not grade prompts the adapter was trained on. Rows without a `prompt`, and
+    data with a single prompt, are split row by row."""
     if percent <= 0 or len(rows) < 2:
         return rows, []
-    idx = list(range(len(rows)))
-    random.Random(seed).shuffle(idx)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        key = json.dumps(r["prompt"], sort_keys=True, default=str) if "prompt" in r else f"#row{i}"
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(rows))]
+    order = list(range(len(members)))
+    random.Random(seed).shuffle(order)
     n = max(1, round(len(rows) * percent / 100))
     n = min(n, len(rows) - 1)
-    held = set(idx[:n])
+    held: set[int] = set()
+    for g in order:
+        if len(held) >= n:
+            break
+        after = len(held) + len(members[g])
+        if after > len(rows) - 1 or (held and after - n > n - len(held)):
+            continue  # it would overshoot more than it fills: a smaller group may fit better
+        held.update(members[g])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
