@@ -483,3 +483,18 @@ def test_a_snapshot_on_another_claim_is_mounted_read_only_into_the_training_pod(
     assert claims["feedback"] is True and claims["snapshots"] is True
     mounts = {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["/mnt/pvc/snapshots"] is True
+
+
+def test_a_correction_wins_over_a_rating_and_content_parts():
+    out = build_rows([seg("s1", inter("r1"), fb("r1"), fb("r1", type="correction", correction="<answer>yellow!</answer>"),
+                          inter("r2", q="x", messages=[{"role": "user", "content": [{"type": "text", "text": "colour of "}, {"type": "text", "text": "plum?"}]}],
+                                response="<answer>purple</answer>"), fb("r2"),
+                          inter("r3", q="y", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]), fb("r3"))],
+                     "SFT")
+    assert sorted(texts(out.rows)) == ["<answer>purple</answer>", "<answer>yellow!</answer>"]
+    plum = [r for r in out.rows if texts([r]) == ["<answer>purple</answer>"]][0]
+    assert plum["prompt"] == [{"role": "user", "content": "colour of plum?"}]  # text parts joined
+    assert out.dropped == {"superseded": 1, "unsupportedContent": 2}
+    # DPO: a correction that says what the answer already said is no preference
+    same = build_rows([seg("s1", inter("r1"), fb("r1", type="correction", correction=" <answer>yellow</answer> "))], "DPO")
+    assert same.rows == [] and same.dropped == {"identical": 2}
