@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from perennial.api import FeedbackRecord, InteractionRecord
 from perennial_trainer.errors import TrainerError
-from perennial_trainer.feedback import DEFAULT_MIN_EXAMPLES, Segment, build_rows, load_feedback
+from perennial_trainer.feedback import (
+    DEFAULT_MIN_EXAMPLES,
+    Segment,
+    build_rows,
+    load_feedback,
+)
 
 T0 = "2026-11-29T10:00:00+00:00"
 
@@ -309,7 +313,7 @@ def test_too_little_data_is_refused_with_the_counts(tmp_path):
 
 
 def test_every_segment_of_the_deployment_when_none_is_listed(tmp_path):
-    store, segs = _store(tmp_path)
+    store, _ = _store(tmp_path)
     _write(store, "other/2026/11/29/pod-a-00000001.jsonl", *[inter(f"o{i}", q=f"o{i}", deployment="other") for i in range(30)],
            *[fb(f"o{i}", deployment="other") for i in range(30)])
     ds = load_feedback("fb", str(store), "SFT", deployment="dep")
@@ -369,7 +373,7 @@ def test_snapshots_of_the_operators_store_train_each_rating_exactly_once(mem_sto
     from perennial.feedback.store import FeedbackStore
     from perennial_records import segment_name
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     t = now.isoformat()
     dep = "chat"
     s_a, s_b, s_c = (segment_name(dep, p, 1, now) for p in ("pod-a", "pod-b", "pod-c"))

@@ -96,7 +96,7 @@ DEFAULT_MIN_RATING = 0.5
 #: Usable examples a Train feedback dataset needs at least, per method (`feedback.minExamples` overrides).
 DEFAULT_MIN_EXAMPLES = {"SFT": 16, "DPO": 16, "GRPO": 8}
 RATING_TYPES = ("thumbs", "score")
-_OLDEST = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+_OLDEST = _dt.datetime.min.replace(tzinfo=_dt.UTC)
 
 Key = tuple[str, str]  # ("i", interaction id) or ("f", feedback id)
 
@@ -132,7 +132,7 @@ def _when(t: str) -> _dt.datetime:
         d = _dt.datetime.fromisoformat(t)
     except (TypeError, ValueError):
         return _OLDEST  # the sidecar writes RFC 3339; anything else never wins "latest"
-    return d if d.tzinfo else d.replace(tzinfo=_dt.timezone.utc)
+    return d if d.tzinfo else d.replace(tzinfo=_dt.UTC)
 
 
 _REDACTED = re.compile(r"\[REDACTED:[^\]]*\]")
