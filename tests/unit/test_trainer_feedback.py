@@ -502,3 +502,10 @@ def test_a_correction_wins_over_a_rating_and_content_parts():
     # DPO: a correction that says what the answer already said is no preference
     same = build_rows([seg("s1", inter("r1"), fb("r1", type="correction", correction=" <answer>yellow</answer> "))], "DPO")
     assert same.rows == [] and same.dropped == {"identical": 2}
+
+
+def test_the_api_documents_the_trainers_default_minimums():
+    from perennial.api.trainingrun import FeedbackSnapshot
+
+    doc = FeedbackSnapshot.model_fields["min_examples"].description
+    assert all(f"{m} {n}" in doc for m, n in DEFAULT_MIN_EXAMPLES.items())
