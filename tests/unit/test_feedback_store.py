@@ -657,3 +657,14 @@ def test_listings_caches_of_object_store_filesystems_are_bypassed(mem: str) -> N
     assert store.scan(DEP).pending.ratings == 1
     put(mem, segment_name(DEP, "p", 2, NOW), lines(inter("b", NOW), thumbs("b", NOW)))
     assert store.scan(DEP).pending.ratings == 2
+
+
+def test_a_snapshot_takes_its_counts_from_the_index_not_the_caller(mem: str) -> None:
+    put(mem, segment_name(DEP, "p", 1, NOW), lines(inter("a", NOW), thumbs("a", NOW)))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    name, parts = store.plan_snapshot(DEP)
+    forged = [parts[0].model_copy(update={"ratings": 1000})]
+    assert store.write_snapshot(DEP, name, forged).counts.ratings == 1
+    with pytest.raises(SegmentChanged):
+        store.write_snapshot(DEP, snapshot_name(DEP, 2), [parts[0].model_copy(update={"offset": 5})])

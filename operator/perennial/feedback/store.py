@@ -931,11 +931,15 @@ class FeedbackStore:
             raise SnapshotConflict(f"snapshot {name} exists with other segments; the next snapshot is {snapshot_name(dep, st.next_sequence())}")
         if seq != st.next_sequence():
             raise SnapshotConflict(f"snapshot {name} is out of sequence; the next snapshot is {snapshot_name(dep, st.next_sequence())}")
+        indexed = []
         for p in parts:
             if p.key in st.consumed:
                 raise SnapshotConflict(f"segment {p.name} (bytes {p.offset}-{p.end}) is already in snapshot {snapshot_name(dep, st.consumed[p.key])}")
-            if st.find_part(p.key) is None:
+            known = st.find_part(p.key)
+            if known is None or known.length != p.length:
                 raise SegmentChanged(f"segment {p.name} (bytes {p.offset}-{p.end}, sha256 {p.sha256[:12]}) is not in the index (scan first)")
+            indexed.append(known)  # the index's counts, whatever the caller's copy says
+        parts = indexed
         # read every part back: its bytes must still be what was indexed; collect the join keys
         inter_ids: set[str] = set()
         rated: dict[str, str | None] = {}  # response id -> rating time
