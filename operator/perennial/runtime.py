@@ -19,6 +19,7 @@ from .controllers.manager import Manager
 from .kube.aio import AsyncKube, configuration
 from .kube.client import ApiError
 from .kube.cache import Cache
+from .kube.clusters import Clusters
 from .resources.common import FINALIZER
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def build_registry(
     clusters = {"local": AsyncKube(configuration(server, kubeconfig, token=token, ca_file=ca_file), name="local")}
     ctx = Context(clusters=clusters, cache=Cache(), config=config, clock=clock)
     manager = Manager(all_controllers(), ctx, workers=config.workers)
+    # Regions in other clusters: a change there (or the cluster lost or back) wakes its Deployments.
+    ctx.remote = Clusters(wake=lambda owners: manager.wake("Deployment", owners))
 
     @kopf.on.startup(registry=registry, id="settings")
     def settings_(settings: kopf.OperatorSettings, **_: Any) -> None:

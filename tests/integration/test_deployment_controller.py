@@ -712,3 +712,20 @@ def test_operator_killed_at_random_points_of_a_rollout_converges_and_always_serv
     found = {kind: len(w.kube.list(api, kind, NS, "perennial.ai/deployment=chat"))
              for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"))}
     assert found == {"Deployment": 2, "Service": 2, "PodDisruptionBudget": 2, "ConfigMap": 1}, found
+
+
+def test_a_child_name_taken_by_a_users_object_is_a_condition_and_the_rest_still_applies(serving: Serving):
+    """A user's ConfigMap that bears the routes ConfigMap's name is never taken over: the Deployment says so
+    (`Degraded`/`ChildConflict` naming it, a Warning Event) and its other children are still created."""
+    w = serving
+    w.kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat-routes", "namespace": NS}, "data": {"mine": "yes"}})
+    w.cluster.create("Deployment", "chat", spec())
+    c = w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "ChildConflict")
+    assert "chat-routes" in c["message"] and "not Perennial's" in c["message"]
+    wait_for(lambda: w.deploy("chat-blue"), message="the other children are applied")
+    assert w.kube.get("v1", "ConfigMap", NS, "chat-routes")["data"] == {"mine": "yes"}, "the user's object is left as it is"
+    wait_for(lambda: any(r.startswith("ChildConflict") for r in w.reasons()), message="a Warning Event names the conflict")
+    w.kube.delete("v1", "ConfigMap", NS, "chat-routes")
+    w.cluster.wait_condition("Deployment", "chat", "Degraded", "False", timeout=60)
+    routes = w.kube.get("v1", "ConfigMap", NS, "chat-routes")
+    assert routes["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "perennial-operator" and "routes.json" in routes["data"]

@@ -166,14 +166,28 @@ def test_status_of_one_serving_region():
 
 
 def test_a_remote_region_is_reported_unsupported_and_named():
+    """An operator run without remote-cluster support (no `Clusters` in its context) names the region it cannot serve."""
     from perennial.api.deployment import Region
 
-    st = ctl.decide_status(BODY, [result("eu")], [Region(name="us", clusterSecretRef={"name": "us-kubeconfig"})], [])
+    st = ctl.decide_status(BODY, [result("eu")], [ctl.unsupported_region(Region(name="us", clusterSecretRef={"name": "us-kubeconfig"}))], [])
     c = {x["type"]: x for x in st["conditions"]}
     assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "RegionUnsupported" and "us" in c["Ready"]["message"]
     assert c["Degraded"]["status"] == "True"
     assert st["regions"][1] == {"name": "us", "phase": "Pending", "message": f"Region us: {ctl.UNSUPPORTED_REGION}", "readyReplicas": 0, "desiredReplicas": 0}
     assert st["activeColor"] == "blue", "the regions that serve still show"
+
+
+@pytest.mark.parametrize(("reason", "phase"), [("RegionUnreachable", "Unreachable"), ("ClusterSecretNotFound", "Degraded"),
+                                               ("ClusterAuthUnsupported", "Degraded")])
+def test_a_region_whose_cluster_cannot_be_worked_in_is_named_with_its_reason_and_cluster(reason: str, phase: str):
+    st = ctl.decide_status(BODY, [result("eu")], [ctl.unreachable("us", "us-kubeconfig", "connection refused", reason)], [])
+    c = {x["type"]: x for x in st["conditions"]}
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", reason) and "us" in c["Ready"]["message"]
+    assert c["Degraded"]["status"] == "True" and "connection refused" in c["Degraded"]["message"]
+    assert st["phase"] == phase
+    us = st["regions"][1]
+    assert (us["name"], us["phase"], us["cluster"]) == ("us", phase, "us-kubeconfig") and "connection refused" in us["message"]
+    assert st["activeColor"] == "blue" and st["regions"][0]["name"] == "eu", "the region that serves still shows"
 
 
 def test_adapters_without_an_object_make_the_deployment_degraded_not_unready():

@@ -368,20 +368,25 @@ class RegionStatus(Model):
     desired_replicas: int = Field(default=0, ge=0, description="Replicas the active color should have.")
     endpoint: str | None = Field(default=None, max_length=512, description="URL of this region's stable Service (in its cluster).")
     message: str | None = Field(default=None, max_length=1024, description="Human-readable detail of the phase.")
+    cluster: str | None = Field(default=None, max_length=253, description="The cluster Secret (`clusterSecretRef`) this region's children live behind; "
+                                "kept while a region taken out of the spec is cleaned up there.")
 
 
 class DeploymentStatus(CommonStatus):
     conditions: list[Condition] | None = Field(
         default=None, max_length=16,
         description="`Ready`: every region serves (reasons `Serving`, `ScaledToZero`; False: `NoReadyReplicas`, "
-        "`FirstRolloutInProgress`, `RolloutAborted`, `RegionUnreachable`, `RegionUnsupported`; and, while nothing served yet, `InvalidSpec`, "
+        "`FirstRolloutInProgress`, `RolloutAborted`, `RegionUnreachable`, `RegionUnsupported`, `ClusterSecretNotFound`, `ClusterSecretInvalid`, "
+        "`ClusterAuthUnsupported` (a region's cluster Secret gives no client); and, while nothing served yet, `InvalidSpec`, "
         "`BaseModelNotFound`, `BaseModelNotReady`). `Progressing`: a rollout or a scale is under way "
         "(`FirstRollout`, `PreviewProgressing`, `SmokeTesting`, `PreviewScalingUp`, `Switched`, `ScalingDown`, `Scaling`, "
         "`AdapterRollout`, `UnloadDelay`, `FailedOver`, `RecreatingActiveColor`; Unknown: `RolloutPaused`, `WaitingForPromotion`, "
         "`WaitingForRegion` (regionOrder Sequential), `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady`; False: "
         "`RolloutComplete`, `RolloutAborted`). `Degraded`: `RolloutAborted` (the cause and the revision in the message; the "
         "revision is not retried until the spec asks for another), `RolledBack`, `FailedOver`, `NoReadyReplicas`, "
-        "`RegionUnreachable`, `RegionUnsupported`, `AdapterRankTooHigh`, `BaseModelMismatch`, `TooManyAdapters`, `AdapterNotReady`, "
+        "`RegionUnreachable`, `RegionUnsupported`, `ClusterSecretNotFound`, `ClusterSecretInvalid`, `ClusterAuthUnsupported`, "
+        "`ChildConflict` (a child's name is taken by an object that is not Perennial's: rename or delete it), "
+        "`AdapterRankTooHigh`, `BaseModelMismatch`, `TooManyAdapters`, `AdapterNotReady`, "
         "`KEDANotInstalled`, `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady` (nothing moves; what serves keeps serving); "
         "False: `AsExpected`. "
         "With several regions, a message names the region.",

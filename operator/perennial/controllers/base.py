@@ -82,6 +82,9 @@ class Context:
     cache: Cache
     config: OperatorConfig
     clock: Callable[[], float]
+    #: Other clusters, reached through Secrets (`perennial.kube.clusters.Clusters`): the regions of Deployments
+    #: with `clusterSecretRef`. None: this operator reconciles its own cluster only.
+    remote: Any = None
     #: when running trainers' progress (their pod logs) is read
     progress: Ticker = field(init=False)
 
@@ -114,6 +117,8 @@ class Outcome:
     requeue_after: float | None = None
     #: Run once the status is written (metrics of transitions: counted once, not per attempt).
     after_write: list[Callable[[], None]] = field(default_factory=list)
+    #: Events about other objects (e.g. an Adapter the reconcile marked), posted after the status write.
+    events: list[tuple[dict[str, Any], list[Note]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,24 @@ class Controller:
     #: Which condition transitions deserve an Event: "Normal", "Warning" or None (none: the status says
     #: it, and an Event would be a write that tells nothing new, e.g. a trainer pod starting).
     event_for: Callable[[dict[str, Any]], str | None] = lambda c: default_event_type(c)
+    #: The kind of the objects it reconciles when it is not `kind` (a second controller of one kind, e.g. the learning
+    #: loop of Deployments next to their serving controller): its keys are its own, the objects and status the resource's.
+    resource: str | None = None
+    #: The status fields it owns when it shares the object's status with another controller: only these are compared
+    #: and written (a merge patch of them), the others are left to their owner.
+    status_fields: frozenset[str] | None = None
+    #: Kinds of owned children whose changes wake this controller only (not the resource's other controllers).
+    owns: frozenset[str] = frozenset()
+
+    #: A finalizer of the kind's own (never kopf's legacy one), set by its reconcile where it needs one (children
+    #: no ownerReference can reach: in other clusters); while the object is being deleted `finalize(obj, ctx)` runs
+    #: until it returns None (done: the manager removes the finalizer), else the seconds after which to try again.
+    finalizer: str | None = None
+    finalize: Callable[[dict[str, Any], Context], Awaitable[float | None]] | None = None
+
+    @property
+    def resource_kind(self) -> str:
+        return self.resource or self.kind
 
 
 def generation(body: Any) -> int | None:

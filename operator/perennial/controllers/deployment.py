@@ -16,12 +16,13 @@ reported per region (`Pending`, with a message) and the Deployment is `Degraded`
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as _dt
 import json
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -41,7 +42,10 @@ from ..api.deployment import (
     Region,
 )
 from ..kube import ApiError
+from ..kube.aio import AsyncKube
+from ..kube.cache import Cache
 from ..kube.client import path_for
+from ..kube.clusters import CHILD_KINDS, ClusterSecretError
 from ..resources import conditions as cond
 from ..resources import deployment as build
 from . import rollout
@@ -68,6 +72,8 @@ ROUTES_POLL_SECONDS = 2.0
 #: Limit of one sidecar's `GET /perennial/routes`.
 SIDECAR_TIMEOUT_SECONDS = 2.0
 KEDA = ("keda.sh/v1alpha1", "ScaledObject")
+#: The sidecar's admin port (`/perennial/routes`, `/metrics`), which no Service exposes (resources.deployment).
+ADMIN_PORT_NAME = "admin"
 #: Children whose creation is no Event of its own: the rollout decisions' notes say what was done and why.
 QUIET_CHILDREN: dict[str | tuple[str, str], str | None] = {
     kind: None for kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"),
@@ -217,6 +223,45 @@ def keda_missing() -> rollout.ConditionPart:
 
 
 @dataclass
+class Where:
+    """The cluster a region's children live in: its client and watch-fed cache, and how its Services and pods are
+    reached over HTTP — directly in the operator's own cluster (pod IPs, the Services' DNS names or the local
+    runtime's URLs), through that cluster's API server proxy (`services/proxy`, `pods/proxy`) in another one, where
+    no pod network is shared."""
+
+    kube: AsyncKube
+    cache: Cache
+    remote: bool = False
+    #: the cluster Secret's name (remote regions)
+    cluster: str | None = None
+
+    async def call(self, method: str, *, service: Mapping[str, Any] | None = None, service_name: str | None = None,
+                   pod: Mapping[str, Any] | None = None, port: int | str | None = None, namespace: str, path: str,
+                   body: Any = None, headers: Mapping[str, str] | None = None, timeout: float) -> tuple[int, str]:
+        """One HTTP request to a Service (by its object or name; port `http`) or a pod (`port`): (status, body text).
+        Failures to connect are status 0 with the error as text."""
+        headers = dict(headers or {})
+        if self.remote:
+            target = (f"services/{service_name}:{build.PORT_NAME}" if pod is None else f"pods/{pod['metadata']['name']}:{port}")
+            try:
+                text = await self.kube.request(method, f"/api/v1/namespaces/{namespace}/{target}/proxy{path}", body, raw=True,
+                                               headers=headers, timeout=timeout)
+                return 200, text
+            except ApiError as exc:
+                return exc.status, json.dumps(exc.body)[:2048] if exc.status else str(exc.body.get("message"))
+        if pod is None:
+            url = service_url(service, service_name or "", namespace) + path
+        else:
+            url = f"http://{(pod.get('status') or {}).get('podIP')}:{port}{path}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
+                    session.request(method, url, json=body, headers=headers) as resp:
+                return resp.status, await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return 0, f"{url} did not answer: {type(exc).__name__}: {exc}"[:300]
+
+
+@dataclass
 class RegionWorld:
     serving: build.Serving
     colors: dict[str, dict[str, Any] | None]
@@ -225,6 +270,7 @@ class RegionWorld:
     routes: dict[str, Any] | None
     pods: list[dict[str, Any]] = field(default_factory=list)
     pod_routes: tuple[rollout.PodRoutes, ...] = ()
+    where: Where | None = None
 
     @property
     def stable_color(self) -> str | None:
@@ -249,36 +295,38 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
 
 
 def sidecar_port(pod: Mapping[str, Any]) -> int:
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        for p in c.get("ports") or []:
-            if p.get("name") == build.PORT_NAME and p.get("containerPort"):
-                return int(p["containerPort"])
-    return build.SIDECAR_PORT
+    """The sidecar's port that answers `/perennial/routes`: its admin port (no Service exposes it), else (pods of
+    an earlier template) its client port."""
+    ports = {p.get("name"): int(p["containerPort"]) for c in (pod.get("spec") or {}).get("containers") or []
+             for p in c.get("ports") or [] if p.get("containerPort")}
+    return ports.get(ADMIN_PORT_NAME) or ports.get(build.PORT_NAME) or build.SIDECAR_PORT
 
 
-async def pod_routes(session: aiohttp.ClientSession, pod: Mapping[str, Any]) -> rollout.PodRoutes:
+async def pod_routes(where: Where, pod: Mapping[str, Any]) -> rollout.PodRoutes:
     """What one pod's sidecar applied (`GET /perennial/routes`); not ready (or unreadable): revision None."""
     name = pod["metadata"]["name"]
     ip = (pod.get("status") or {}).get("podIP")
     if not pod_ready(pod) or not ip:
         return rollout.PodRoutes(name, False, None)
+    status, text = await where.call("GET", pod=pod, port=sidecar_port(pod), namespace=pod["metadata"]["namespace"],
+                                    path="/perennial/routes", timeout=SIDECAR_TIMEOUT_SECONDS)
     try:
-        async with session.get(f"http://{ip}:{sidecar_port(pod)}/perennial/routes") as resp:
-            if resp.status != 200:
-                return rollout.PodRoutes(name, True, None)
-            body = await resp.json(content_type=None)
-    except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
-        log.debug("Could not read the routes of pod=%s: %s", name, exc)
+        body = json.loads(text) if status == 200 else None
+    except ValueError:
+        body = None
+    if body is None:
+        log.debug("Could not read the routes of pod=%s: %s %s", name, status, text[:200])
         return rollout.PodRoutes(name, True, None)
     errors = body.get("errors") if isinstance(body, dict) and isinstance(body.get("errors"), dict) else {}
     revision = body.get("revision") if isinstance(body, dict) else None
     return rollout.PodRoutes(name, True, revision if isinstance(revision, str) else None, {str(k): str(v)[:512] for k, v in errors.items()})
 
 
-def observe_region(ctx: Context, s: build.Serving) -> RegionWorld:
+def observe_region(where: Where, s: build.Serving) -> RegionWorld:
     ns, prefix = s.namespace, s.prefix
-    cache = ctx.cache
+    cache = where.cache
     world = RegionWorld(
+        where=where,
         serving=s,
         colors={c: cache.get("apps/v1", "Deployment", ns, build.deployment_name(prefix, c)) for c in build.COLORS},
         stable=cache.get("v1", "Service", ns, build.stable_service_name(prefix)),
@@ -294,9 +342,7 @@ async def read_pods(worlds: list[RegionWorld]) -> None:
     pods = [(w, p) for w in worlds for p in w.pods]
     if not pods:
         return
-    timeout = aiohttp.ClientTimeout(total=SIDECAR_TIMEOUT_SECONDS)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        results = await asyncio.gather(*(pod_routes(session, p) for _, p in pods))
+    results = await asyncio.gather(*(pod_routes(w.where, p) for w, p in pods))  # type: ignore[arg-type]
     for w in worlds:
         w.pod_routes = tuple(r for (ww, _), r in zip(pods, results) if ww is w)
 
@@ -310,29 +356,57 @@ def service_url(svc: Mapping[str, Any] | None, name: str, namespace: str) -> str
     return local.rstrip("/") if local else f"http://{name}.{namespace}.svc.cluster.local"
 
 
-async def smoke_test(url: str, names: Iterable[str], *, prompt: str, expect_regex: str | None, max_tokens: int,
-                     timeout: float) -> tuple[bool, str]:
-    """Every model name answers a chat completion at `url` (non-empty, matching `expect_regex`): (passed, why not)."""
+#: The header the sidecar also reads the operator's token from: the API server's proxy (other clusters) consumes
+#: the Authorization header itself.
+TOKEN_HEADER = "X-Perennial-Token"
+Post = Callable[[dict[str, Any]], Awaitable[tuple[int, str]]]
+
+
+async def smoke_test(target: str | Post, names: Iterable[str], *, prompt: str, expect_regex: str | None, max_tokens: int,
+                     timeout: float, headers: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Every model name answers a chat completion (non-empty, matching `expect_regex`) at `target`: a base URL, or a
+    function posting one request body to a Service's `/v1/chat/completions` -> (status, text). (passed, why not)."""
     pattern = re.compile(expect_regex) if expect_regex else None
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            for name in names:
-                body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-                    text = await resp.text()
-                    if resp.status != 200:
-                        return False, f"{name}: HTTP {resp.status}: {text[:200]}"
-                try:
-                    answer = json.loads(text)["choices"][0]["message"]["content"] or ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return False, f"{name}: not a chat completion: {text[:200]}"
-                if not answer.strip():
-                    return False, f"{name}: empty answer"
-                if pattern is not None and not pattern.search(answer):
-                    return False, f"{name}: answer {answer[:120]!r} does not match {expect_regex!r}"
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return False, f"{url} did not answer: {type(exc).__name__}: {exc}"[:300]
+
+    async def by_url(body: dict[str, Any]) -> tuple[int, str]:
+        assert isinstance(target, str)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
+                    session.post(f"{target}/v1/chat/completions", json=body, headers=dict(headers or {})) as resp:
+                return resp.status, await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return 0, f"{target} did not answer: {type(exc).__name__}: {exc}"[:300]
+
+    post = by_url if isinstance(target, str) else target
+    for name in names:
+        body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        status, text = await post(body)
+        if status == 0:
+            return False, text[:300]
+        if status != 200:
+            return False, f"{name}: HTTP {status}: {text[:200]}"
+        try:
+            answer = json.loads(text)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False, f"{name}: not a chat completion: {text[:200]}"
+        if not answer.strip():
+            return False, f"{name}: empty answer"
+        if pattern is not None and not pattern.search(answer):
+            return False, f"{name}: answer {answer[:120]!r} does not match {expect_regex!r}"
     return True, ""
+
+
+def smoke_target(w: RegionWorld, service: Mapping[str, Any] | None, service_name: str, token: str | None, timeout: float) -> Post:
+    """Posting to a region's Service (stable or preview) wherever it is, with the operator's token (preview names
+    answer only with it)."""
+    assert w.where is not None
+    headers = {TOKEN_HEADER: token, "Authorization": f"Bearer {token}"} if token else {}
+
+    async def post(body: dict[str, Any]) -> tuple[int, str]:
+        assert w.where is not None
+        return await w.where.call("POST", service=service, service_name=service_name, namespace=w.serving.namespace,
+                                  path="/v1/chat/completions", body=body, headers=headers, timeout=timeout)
+    return post
 
 
 # ----------------------------------------------------------------------------- reconcile
@@ -352,6 +426,22 @@ class RegionResult:
     selector: str | None = None
     routes_revision: str | None = None
     endpoint: str | None = None
+    where: Where | None = None
+    serving: build.Serving | None = None
+
+    @property
+    def cluster(self) -> str | None:
+        return self.where.cluster if self.where is not None else None
+
+
+@dataclass
+class Unavailable:
+    """A region nothing can be done in this pass (its cluster unreachable, its Secret missing or unusable)."""
+
+    name: str
+    rollout: rollout.RegionRollout
+    conditions: list[rollout.ConditionPart]
+    cluster: str | None = None
 
 
 def region_status(r: RegionResult) -> dict[str, Any]:
@@ -361,7 +451,7 @@ def region_status(r: RegionResult) -> dict[str, Any]:
         "name": r.name, "phase": st.phase, "activeColor": st.active_color, "revision": st.revision,
         "previewColor": st.preview_color, "previewRevision": st.preview_revision, "pendingPromotion": st.pending_promotion,
         "routesRevision": r.routes_revision, "readyReplicas": st.ready_replicas, "desiredReplicas": st.desired_replicas,
-        "endpoint": r.endpoint, "message": st.message[:1024] or None,
+        "endpoint": r.endpoint, "message": st.message[:1024] or None, "cluster": r.cluster,
     }
     return {k: v for k, v in region.items() if v is not None}
 
@@ -384,7 +474,8 @@ def rolled_out(r: RegionResult) -> bool:
 
 
 async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSpec, w: RegionWorld,
-                           desired: dict[str, Mapping[str, Any]], now: _dt.datetime, *, held_by: str | None = None) -> RegionResult:
+                           desired: dict[str, Mapping[str, Any]], now: _dt.datetime, *, held_by: str | None = None,
+                           token: str | None = None) -> RegionResult:
     """One region's pass. `held_by`: an earlier region still rolling out (`regionOrder: Sequential`): this one does not
     start its pod rollout until that one is done (a rollout already started here goes on)."""
     s = w.serving
@@ -406,8 +497,8 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
     if pods.smoke is not None and pods.smoke.color is not None:
         names = [s.served_base_name] + sorted(k for k in (routes_document(w.routes) or {}).get("routes", {}) if not k.endswith(rollout.PREVIEW_SUFFIX))
-        url = service_url(w.preview, build.preview_service_name(s.prefix), ns)
-        passed, why = await smoke_test(url, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
+        post = smoke_target(w, w.preview, build.preview_service_name(s.prefix), token, pods.smoke.timeout_seconds)
+        passed, why = await smoke_test(post, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
                                        max_tokens=bg.smoke_test.max_tokens, timeout=pods.smoke.timeout_seconds)
         log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s", s.name, ns, pods.smoke.revision, passed)
         observed = rollout.RegionObserved(**{**observed.__dict__, "smoke_result": rollout.SmokeResult(pods.smoke.revision, passed, why)})
@@ -428,8 +519,8 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
                                     max_lora_rank=engine.max_lora_rank)
     adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
     if adapters.smoke is not None:
-        url = service_url(w.stable, build.stable_service_name(s.prefix), ns)
-        passed, why = await smoke_test(url, adapters.smoke.model_names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
+        post = smoke_target(w, w.stable, build.stable_service_name(s.prefix), token, adapters.smoke.timeout_seconds)
+        passed, why = await smoke_test(post, adapters.smoke.model_names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
                                        max_tokens=bg.smoke_test.max_tokens, timeout=adapters.smoke.timeout_seconds)
         aobs = rollout.AdaptersObserved(**{**aobs.__dict__, "smoke_result": rollout.SmokeResult(adapters.smoke.revision, passed, why)})
         adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
@@ -474,25 +565,41 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
         notes=list(pods.notes) + list(adapters.notes),
         requeue_after=_min(pods.requeue_after, adapters.requeue_after, ROUTES_POLL_SECONDS if waiting_pods else None),
         served=adapters.served, selector=build.selector_string(s, st.active_color) if st.active_color else None,
-        routes_revision=applied, endpoint=endpoint,
+        routes_revision=applied, endpoint=endpoint, where=w.where, serving=s,
     )
 
 
-UNSUPPORTED_REGION = "regions in other clusters (`clusterSecretRef`) are not reconciled by this operator yet"
+UNSUPPORTED_REGION = "regions in other clusters (`clusterSecretRef`) are not reconciled by this operator (it runs without remote-cluster support)"
 
 
-def decide_status(obj: dict[str, Any], results: list[RegionResult], remote: list[Region], problems: list[str]) -> dict[str, Any]:
+def unsupported_region(region: Region) -> Unavailable:
+    text = f"Region {region.name}: {UNSUPPORTED_REGION}"
+    return Unavailable(region.name, rollout.RegionRollout(phase="Pending", active_color=None, revision=None, ready_replicas=0,
+                                                          desired_replicas=0, message=text),
+                       [rollout.ConditionPart(CONDITION_READY, "False", "RegionUnsupported", text),
+                        rollout.ConditionPart(CONDITION_DEGRADED, "True", "RegionUnsupported", text)])
+
+
+def unreachable(region: str, cluster: str | None, message: str, reason: str = "RegionUnreachable") -> Unavailable:
+    """A region whose cluster cannot be worked in now: `RegionUnreachable` (its API server does not answer) or the
+    reason its Secret gives no client (`ClusterSecretNotFound`, `ClusterSecretInvalid`, `ClusterAuthUnsupported`)."""
+    st, conds = rollout.unreachable_region(region, message)
+    if reason != "RegionUnreachable":
+        text = f"Region {region}: {message}"[:1024]
+        st = replace(st, phase="Degraded", message=text)
+        conds = [replace(c, reason=reason, message=text) for c in conds]
+    return Unavailable(region, st, conds, cluster)
+
+
+def decide_status(obj: dict[str, Any], results: list[RegionResult], unavailable: list[Unavailable], problems: list[str],
+                  removing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The typed status of the whole Deployment from its regions' results (pure): the regions' phases and
     conditions combined (`rollout.summarize`: a region that does not serve is named), the first region's active
-    color, revision, endpoint and served adapters, every region's own state."""
+    color, revision, endpoint and served adapters, every region's own state. `removing`: regions taken out of the
+    spec whose children in another cluster are still being deleted (kept in status until they are gone)."""
     gen = generation(obj)
     regions = [(r.name, r.rollout, rollout.combine_conditions([(None, c) for c in r.conditions])) for r in results]
-    for region in remote:
-        text = f"Region {region.name}: {UNSUPPORTED_REGION}"
-        regions.append((region.name, rollout.RegionRollout(phase="Pending", active_color=None, revision=None, ready_replicas=0,
-                                                           desired_replicas=0, message=text),
-                        [rollout.ConditionPart(CONDITION_READY, "False", "RegionUnsupported", text),
-                         rollout.ConditionPart(CONDITION_DEGRADED, "True", "RegionUnsupported", text)]))
+    regions += [(u.name, u.rollout, u.conditions) for u in unavailable]
     first = results[0] if results else None
     served = first.served if first else []
     summary = rollout.summarize(regions, served)
@@ -509,8 +616,9 @@ def decide_status(obj: dict[str, Any], results: list[RegionResult], remote: list
         "conditions": conds,
         "phase": summary.phase,
         "regions": [region_status(r) for r in results] + [
-            {"name": name, "phase": st.phase, "message": st.message, "readyReplicas": 0, "desiredReplicas": 0}
-            for name, st, _ in regions[len(results):]],
+            {k: v for k, v in (("name", u.name), ("phase", u.rollout.phase), ("message", u.rollout.message), ("readyReplicas", 0),
+                               ("desiredReplicas", 0), ("cluster", u.cluster)) if v is not None}
+            for u in unavailable] + list(removing or []),
         "readyReplicas": summary.ready_replicas,
         "desiredReplicas": summary.desired_replicas,
         "readySummary": summary.ready_summary,
@@ -549,27 +657,83 @@ def _blocked_status(obj: dict[str, Any], reason: str, message: str) -> dict[str,
 
 
 AUTOSCALERS = (("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA)
+#: The kinds of a region's children that are pruned when no region wants them any more (a region renamed or
+#: removed, two node-pool regions become one): never the token Secret (the Deployment's, not a region's).
+PRUNED_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"),
+                ("networking.k8s.io/v1", "NetworkPolicy")) + AUTOSCALERS
+#: Children of regions in other clusters carry no ownerReference (none crosses clusters): this finalizer keeps the
+#: Deployment until they are deleted. Distinct from the finalizer earlier operators left (released on sight).
+REMOTE_FINALIZER = "perennial.ai/remote-children"
+#: While a child's name is taken by someone else's object (not watched: it bears no label of ours), look again this often.
+CONFLICT_POLL_SECONDS = 10.0
+#: While a cluster's children are being deleted (or it cannot be reached), look again this often.
+CLEANUP_POLL_SECONDS = 5.0
+UNAVAILABLE_POLL_SECONDS = 30.0
 
 
-async def prune_autoscalers(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult]) -> list[Note]:
-    """Delete this Deployment's HPAs/ScaledObjects that no region wants any more (autoscaling turned off, the provider
-    changed): an autoscaler left behind would keep resizing the active color."""
-    ns, uid = obj["metadata"]["namespace"], obj["metadata"]["uid"]
-    wanted = {(m["apiVersion"], m["kind"], m["metadata"]["name"]) for r in results for m in r.manifests}
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _labelled_for(obj: Mapping[str, Any], name: str) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(build.LABEL_DEPLOYMENT) == build.label_value(name) and labels.get(build.LABEL_MANAGED_BY) == build.MANAGED_BY
+
+
+def expected_children(s: build.Serving) -> set[tuple[str, str, str]]:
+    """Every child name a region may have, whatever its rollout's state: both colors and their PDBs, both Services,
+    the routes, the autoscaler, the NetworkPolicy."""
+    p = s.prefix
+    names = {("apps/v1", "Deployment", build.deployment_name(p, c)) for c in build.COLORS}
+    names |= {("policy/v1", "PodDisruptionBudget", build.pdb_name(p, c)) for c in build.COLORS}
+    names |= {("v1", "Service", build.stable_service_name(p)), ("v1", "Service", build.preview_service_name(p)),
+              ("v1", "ConfigMap", build.routes_config_map_name(p)), ("networking.k8s.io/v1", "NetworkPolicy", build.network_policy_name(p))}
+    return names | {(a, k, build.autoscaler_name(p)) for a, k in AUTOSCALERS}
+
+
+async def _delete(kube: AsyncKube, cache: Cache, child: Mapping[str, Any]) -> None:
+    meta = child["metadata"]
+    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+            **({"preconditions": {"uid": meta["uid"]}} if meta.get("uid") else {})}
+    try:
+        await kube.request("DELETE", path_for(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"]), body)
+    except ApiError as exc:
+        if exc.status not in (404, 409):  # gone, or another object of that name now (not this one to delete)
+            raise
+    cache.remove(dict(child))
+    log.info("Deleted %s, name=%s, namespace=%s", child["kind"], meta["name"], meta.get("namespace"))
+
+
+async def prune(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult]) -> list[Note]:
+    """Delete what no region wants any more, in each cluster worked in. Autoscalers at once (autoscaling turned off,
+    the provider changed: one left behind would keep resizing the active color); the other children of a region
+    that was renamed or removed (two node-pool regions become one: the names lose their region infix) only once
+    every region of that cluster serves again, so traffic that reached them is never cut before its replacement
+    is up. In the operator's own cluster children are found by ownerReference, in others by their labels."""
+    ns, uid, name = obj["metadata"]["namespace"], obj["metadata"]["uid"], obj["metadata"]["name"]
     notes: list[Note] = []
-    for api_version, kind in AUTOSCALERS:
-        for child in ctx.cache.list(api_version, kind, ns):
-            meta = child["metadata"]
-            if (api_version, kind, meta["name"]) in wanted or not any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
+    by_cluster: dict[str | None, list[RegionResult]] = {}
+    for r in results:
+        by_cluster.setdefault(r.cluster, []).append(r)
+    for cluster, rs in by_cluster.items():
+        where = rs[0].where
+        assert where is not None
+        wanted = {(m["apiVersion"], m["kind"], m["metadata"]["name"]) for r in rs for m in r.manifests}
+        possible = set().union(*(expected_children(r.serving) for r in rs)) if all(r.serving is not None for r in rs) else None
+        serving = all(rolled_out(r) for r in rs)
+        for api_version, kind in PRUNED_KINDS:
+            if is_unserved(api_version, kind, cluster=where.kube.name):
                 continue
-            try:
-                await ctx.kube.request("DELETE", path_for(api_version, kind, ns, meta["name"]))
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
-            ctx.cache.remove(child)
-            log.info("Deleted %s, name=%s, namespace=%s", kind, meta["name"], ns)
-            notes.append(Note("AutoscalerRemoved", f"Deleted {kind} {meta['name']}: `autoscaling` no longer asks for it"))
+            for child in where.cache.list(api_version, kind, ns):
+                key = (api_version, kind, child["metadata"]["name"])
+                if key in wanted or not (_owned_by(child, uid) if cluster is None else _labelled_for(child, name)):
+                    continue
+                if (api_version, kind) in AUTOSCALERS:
+                    await _delete(where.kube, where.cache, child)
+                    notes.append(Note("AutoscalerRemoved", f"Deleted {kind} {key[2]}: `autoscaling` no longer asks for it"))
+                elif possible is not None and key not in possible and serving:
+                    await _delete(where.kube, where.cache, child)
+                    notes.append(Note("ChildRemoved", f"Deleted {kind} {key[2]}{f' in cluster {cluster}' if cluster else ''}: no region has it any more"))
     return notes
 
 
@@ -580,7 +744,7 @@ async def ensure_token(ctx: Context, s: build.Serving) -> list[Note]:
     name = build.token_secret_name(s.name)
     if ctx.cache.get("v1", "Secret", s.namespace, name) is not None:
         return []
-    manifest = build.token_secret(s, secrets.token_urlsafe(32))
+    manifest = build.token_secret(replace(s, owned=True), secrets.token_urlsafe(32))
     try:
         created = await ctx.kube.create(manifest)
     except ApiError as exc:
@@ -592,13 +756,102 @@ async def ensure_token(ctx: Context, s: build.Serving) -> list[Note]:
     return [Note("TokenCreated", f"Generated the feedback token Secret {name}")]
 
 
+def feedback_token(ctx: Context, namespace: str, spec: DeploymentSpec, name: str) -> str | None:
+    """The feedback token's value (the user's `tokenSecretRef`, else the generated one), from the cache."""
+    ref = spec.feedback.token_secret_ref
+    secret, key = (ref.name, ref.key) if ref else (build.token_secret_name(name), build.TOKEN_KEY)
+    raw = ((ctx.cache.get("v1", "Secret", namespace, secret) or {}).get("data") or {}).get(key)
+    if not raw:
+        return None
+    try:
+        return base64.b64decode(raw).decode().strip() or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def remote_secrets(spec: DeploymentSpec | None, status: Mapping[str, Any] | None) -> set[str]:
+    """The cluster Secrets a Deployment's children may live behind: its remote regions' and, from its status, those
+    of regions taken out of the spec whose children are still there."""
+    names = {r.cluster_secret_ref.name for r in (build.regions(spec) if spec else []) if r.cluster_secret_ref is not None}
+    return names | {r["cluster"] for r in (status or {}).get("regions") or [] if isinstance(r, dict) and r.get("cluster")}
+
+
+async def _ensure_finalizer(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if REMOTE_FINALIZER in finalizers:
+        return obj
+    written = await ctx.kube.patch(API_VERSION, KIND, meta["namespace"], meta["name"],
+                                   {"metadata": {"finalizers": finalizers + [REMOTE_FINALIZER], "resourceVersion": meta.get("resourceVersion")}})
+    ctx.cache.put(written)
+    log.info("Added the finalizer, deployment=%s, namespace=%s, finalizer=%s", meta["name"], meta["namespace"], REMOTE_FINALIZER)
+    return written
+
+
+async def _drop_finalizer(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if REMOTE_FINALIZER not in finalizers:
+        return obj
+    rest = [f for f in finalizers if f != REMOTE_FINALIZER]
+    written = await ctx.kube.patch(API_VERSION, KIND, meta["namespace"], meta["name"],
+                                   {"metadata": {"finalizers": rest or None, "resourceVersion": meta.get("resourceVersion")}})
+    ctx.cache.put(written)
+    return written
+
+
+async def connect(ctx: Context, obj: Mapping[str, Any], secret_names: set[str]) -> dict[str, Any]:
+    """The clusters behind `secret_names` for this Deployment (`Clusters.sync_owner`): Secret name ->
+    `RemoteCluster` or the `ClusterSecretError` that keeps it from one."""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    return await ctx.remote.sync_owner((ns, name), {sec: ctx.cache.get("v1", "Secret", ns, sec) for sec in sorted(secret_names)})
+
+
+def cluster_problem(region: str, secret: str, conn: Any) -> Unavailable | None:
+    """Why nothing can be done in a region's cluster now, or None when it can be worked in."""
+    if isinstance(conn, ClusterSecretError):
+        return unreachable(region, secret, conn.message, conn.reason)
+    reach = conn.reachability()
+    if reach.reachable is False:
+        return unreachable(region, secret, f"cluster Secret {secret}, server {conn.server}: {reach.last_error or 'no answer'}")
+    if not conn.synced:
+        return unreachable(region, secret, f"connecting to cluster Secret {secret}, server {conn.server}")
+    return None
+
+
+async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Note]]:
+    """Regions taken out of the spec (their status entries, with the cluster): their children there are deleted.
+    Returns the entries still being removed (children not gone yet, or their cluster not reachable)."""
+    name = obj["metadata"]["name"]
+    left: list[dict[str, Any]] = []
+    notes: list[Note] = []
+    for entry in gone:
+        conn = conns.get(entry["cluster"])
+        if isinstance(conn, ClusterSecretError):
+            log.warning("Left the children of a removed region behind: its cluster Secret gives no client, deployment=%s, region=%s, error=%s",
+                        name, entry["name"], conn.message)
+            notes.append(Note("RegionChildrenLeft", f"Region {entry['name']}: its children in cluster {entry['cluster']} were left "
+                                                    f"behind ({conn.message}); delete them there by hand", True))
+            continue
+        if conn is None or cluster_problem(entry["name"], entry["cluster"], conn) is not None:
+            left.append({**entry, "phase": "Pending", "message": f"Region {entry['name']} was removed: its children will be deleted once cluster Secret {entry['cluster']} answers"})
+            continue
+        if conn.children(name, CHILD_KINDS, region=entry["name"]):
+            await conn.delete_children(name, CHILD_KINDS, region=entry["name"])
+        if conn.children(name, CHILD_KINDS, region=entry["name"]):
+            left.append({**entry, "phase": "Pending", "message": f"Region {entry['name']} was removed: deleting its children"})
+        else:
+            notes.append(Note("RegionRemoved", f"Deleted the children of region {entry['name']} in cluster {entry['cluster']}"))
+    return left, notes
+
+
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     gen = generation(obj)
     try:
         spec = DeploymentSpec.model_validate(obj.get("spec") or {})
     except pydantic.ValidationError as exc:
         return Outcome(_blocked_status(obj, "InvalidSpec", first_error(exc)), [Note("InvalidSpec", first_error(exc), True)])
-    ns = obj["metadata"]["namespace"]
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
         base = ctx.cache.get(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)
         if base is None:
@@ -609,10 +862,13 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         return Outcome(_blocked_status(obj, b.reason, b.message))
     desired, problems = resolve_adapters(spec, ctx.cache.list(API_VERSION, "Adapter", ns))
     image = spec.engine.image or ctx.config.server_image
-    local = [r for r in build.regions(spec) if r.cluster_secret_ref is None]
-    remote = [r for r in build.regions(spec) if r.cluster_secret_ref is not None]
+    regions = build.regions(spec)
     try:
-        servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values())) for r in local]
+        used = [r.cluster_secret_ref.name for r in regions if r.cluster_secret_ref is not None]
+        if len(used) != len(set(used)):
+            raise ValueError("two regions name the same `clusterSecretRef`: a cluster holds one region of a Deployment "
+                             "(use `nodeSelector` regions for node pools of one cluster)")
+        servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values())) for r in regions]
         for s in servings:
             build.revision(s)  # every builder's validation, before anything is applied
     except ValueError as exc:
@@ -621,26 +877,110 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
 
     now = now_of(ctx)
     notes: list[Note] = []
-    if servings:
+    if any(s.region.cluster_secret_ref is None for s in servings) or spec.feedback.token_secret_ref is None:
         notes += await ensure_token(ctx, servings[0])
-    worlds = [observe_region(ctx, s) for s in servings]
+    token = feedback_token(ctx, ns, spec, name)
+
+    # Other clusters: connected through their Secrets; regions taken out of the spec are cleaned up there.
+    unavailable: list[Unavailable] = []
+    conns: dict[str, Any] = {}
+    wanted_remote = {(r.name, r.cluster_secret_ref.name) for r in regions if r.cluster_secret_ref is not None}
+    gone = [r for r in (obj.get("status") or {}).get("regions") or []
+            if isinstance(r, dict) and r.get("cluster") and (r.get("name"), r["cluster"]) not in wanted_remote]
+    if ctx.remote is not None and (wanted_remote or gone):
+        obj = await _ensure_finalizer(ctx, obj)
+        conns = await connect(ctx, obj, {c for _, c in wanted_remote} | {r["cluster"] for r in gone})
+
+    worlds: list[RegionWorld] = []
+    here = Where(ctx.kube, ctx.cache)
+    for s in servings:
+        ref = s.region.cluster_secret_ref
+        if ref is None:
+            worlds.append(observe_region(here, s))
+        elif ctx.remote is None:
+            unavailable.append(unsupported_region(s.region))
+        elif (problem := cluster_problem(s.region.name, ref.name, conns[ref.name])) is not None:
+            unavailable.append(problem)
+        else:
+            conn = conns[ref.name]
+            worlds.append(observe_region(Where(conn.kube, conn.cache, remote=True, cluster=ref.name), s))
     await read_pods(worlds)
+
     results: list[RegionResult] = []
     held_by: str | None = None
     for w in worlds:
-        r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by)
+        assert w.where is not None
+        try:
+            r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by, token=token)
+            if w.where.remote and token is not None:
+                r.manifests.insert(0, build.token_secret(w.serving, token))  # the pods there mount a copy
+            notes += r.notes
+            conflicts: list[str] = []
+            notes += await apply_all(ctx, r.manifests, reasons=QUIET_CHILDREN, kube=w.where.kube, cache=w.where.cache, conflicts=conflicts)
+            if conflicts:
+                where = f" in cluster {w.where.cluster}" if w.where.remote else ""
+                text = f"Region {r.name}{where}: " + "; ".join(conflicts)
+                r.conditions.append(rollout.ConditionPart(CONDITION_DEGRADED, "True", "ChildConflict", text[:1024]))
+                notes.append(Note("ChildConflict", text[:1024], True))
+                r.requeue_after = _min(r.requeue_after, CONFLICT_POLL_SECONDS)  # the other object is not watched: look again
+        except ApiError as exc:
+            if not w.where.remote or not (exc.status == 0 or exc.status >= 500 or exc.status == 429):
+                raise
+            # the region's API server stopped answering mid-pass: the others go on
+            unavailable.append(unreachable(w.serving.region.name, w.where.cluster, str(exc)[:300]))
+            continue
         if spec.strategy.region_order == "Sequential" and held_by is None and not rolled_out(r):
             held_by = r.name
-        results.append(r)
-    for r in results:
-        notes += r.notes
-        notes += await apply_all(ctx, r.manifests, reasons=QUIET_CHILDREN)
-        if any(resource_of(m) == KEDA for m in r.manifests) and is_unserved(*KEDA):
+        if any(resource_of(m) == KEDA for m in r.manifests) and is_unserved(*KEDA, cluster=w.where.kube.name):
             r.conditions.append(keda_missing())
-    notes += await prune_autoscalers(ctx, obj, results)
-    status = decide_status(obj, results, remote, problems)
+        results.append(r)
+    notes += await prune(ctx, obj, results)
+    removing, removed_notes = await remove_regions(obj, conns, gone)
+    notes += removed_notes
+    if ctx.remote is not None and not wanted_remote and not removing and REMOTE_FINALIZER in (obj["metadata"].get("finalizers") or []):
+        obj = await _drop_finalizer(ctx, obj)
+        await ctx.remote.release((ns, name))
+    status = decide_status(obj, results, unavailable, problems, removing)
     assert status["observedGeneration"] == gen
-    return Outcome(status, notes, _min(*(r.requeue_after for r in results)))
+    # A cluster coming back wakes its Deployments (`Clusters`); the look every UNAVAILABLE_POLL_SECONDS is a safety net.
+    requeue = _min(*(r.requeue_after for r in results), CLEANUP_POLL_SECONDS if removing else None,
+                   UNAVAILABLE_POLL_SECONDS if unavailable and wanted_remote else None)
+    return Outcome(status, notes, requeue)
+
+
+async def finalize(obj: dict[str, Any], ctx: Context) -> float | None:
+    """Deleting a Deployment with regions in other clusters: its children there are deleted (no ownerReference
+    reaches them); the finalizer stays until they are gone, retried while a cluster cannot be reached. A cluster whose
+    Secret was deleted or gives no client cannot be cleaned: that is logged and the deletion goes on (a Warning Event
+    names what was left behind)."""
+    if ctx.remote is None:
+        return None
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    try:
+        spec: DeploymentSpec | None = DeploymentSpec.model_validate(obj.get("spec") or {})
+    except pydantic.ValidationError:
+        spec = None
+    conns = await connect(ctx, obj, remote_secrets(spec, obj.get("status")))
+    waiting = False
+    for secret, conn in conns.items():
+        if isinstance(conn, ClusterSecretError):
+            log.warning("Left the children of a deleted Deployment behind: its cluster Secret gives no client, deployment=%s, namespace=%s, error=%s",
+                        name, ns, conn.message)
+            continue
+        if cluster_problem("", secret, conn) is not None:
+            waiting = True
+            continue
+        try:
+            await conn.delete_children(name, CHILD_KINDS)
+        except ApiError as exc:
+            log.info("Could not delete the children in a remote cluster yet, deployment=%s, cluster=%s, error=%s", name, secret, exc)
+            waiting = True
+            continue
+        waiting = waiting or bool(conn.children(name, CHILD_KINDS))
+    if waiting:
+        return CLEANUP_POLL_SECONDS
+    await ctx.remote.release((ns, name))
+    return None
 
 
 def dependencies(obj: dict[str, Any]) -> list[Dependency]:
@@ -651,6 +991,10 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
         return []
     ns = obj["metadata"]["namespace"]
     deps: list[Dependency] = [(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)]
+    # the cluster Secrets of remote regions (a rotated credential) and the token they get a copy of
+    deps += [("v1", "Secret", ns, r.cluster_secret_ref.name) for r in build.regions(spec) if r.cluster_secret_ref is not None]
+    ref = spec.feedback.token_secret_ref
+    deps.append(("v1", "Secret", ns, ref.name if ref else build.token_secret_name(obj["metadata"]["name"])))
     for a in spec.adapters:
         if a.adapter_ref is not None:
             deps.append((API_VERSION, "Adapter", ns, a.adapter_ref.name))
@@ -669,4 +1013,5 @@ def event_for(c: dict[str, Any]) -> str | None:
     return default_event_type(c)
 
 
-CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for)
+CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for,
+                        finalizer=REMOTE_FINALIZER, finalize=finalize)

@@ -163,6 +163,10 @@ class Manager:
 
     def __init__(self, controllers: Iterable[Controller], ctx: Context, *, workers: int = 16):
         self.controllers = {c.kind: c for c in controllers}
+        #: resource kind -> the controllers reconciling its objects (the serving and the learning one of Deployments)
+        self.by_resource: dict[str, list[Controller]] = {}
+        for c in self.controllers.values():
+            self.by_resource.setdefault(c.resource_kind, []).append(c)
         self.ctx = ctx
         self.cache: Cache = ctx.cache
         self.cache.on_change = self._on_change
@@ -235,6 +239,11 @@ class Manager:
         """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
         self._route(self.keys_for(old, new))
 
+    def wake(self, kind: str, names: set[tuple[str, str]]) -> None:
+        """Reconcile these (namespace, name) objects of `kind`: a change seen outside the cache (another cluster)."""
+        if kind in self.controllers:
+            self._route({Key(kind, ns, name) for ns, name in names})
+
     def _route(self, keys: set[Key]) -> None:
         if self._ready:
             for key in keys:
@@ -305,6 +314,8 @@ class Manager:
                 await asyncio.wait_for(self._task, timeout=10)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self.ctx.remote is not None:
+            await self.ctx.remote.close()
         for client in self.ctx.clusters.values():
             await client.close()
 
@@ -318,13 +329,13 @@ class Manager:
         ns, name = meta.get("namespace") or "", meta["name"]
         keys: set[Key] = set()
         ours = api_version == API_VERSION
-        if ours and kind in self.controllers:
-            key = Key(kind, ns, name)
-            self._track_dependencies(key, None if new is None else self.controllers[kind].dependencies(new))
+        for controller in self.by_resource.get(kind, []) if ours else []:
+            key = Key(controller.kind, ns, name)
+            self._track_dependencies(key, None if new is None else controller.dependencies(new))
             if _self_changed(old, new):
                 keys.add(key)
         for ref in (meta.get("ownerReferences") or []) + ((old or {}).get("metadata", {}).get("ownerReferences") or []):
-            keys |= self._owner_keys(ns, ref)
+            keys |= self._owner_keys(ns, ref, child=kind if ours else None)
         for dep in self._dependencies_of(obj):
             keys |= self.dependents.get(dep, set())
         if not ours and "Deployment" in self.controllers:
@@ -333,9 +344,11 @@ class Manager:
                     keys.add(Key("Deployment", ns, labels[DEPLOYMENT_LABEL]))
         return keys
 
-    def _owner_keys(self, ns: str, ref: dict[str, Any], depth: int = 0) -> set[Key]:
-        if ref.get("apiVersion") == API_VERSION and ref.get("kind") in self.controllers:
-            return {Key(ref["kind"], ns, ref["name"])}
+    def _owner_keys(self, ns: str, ref: dict[str, Any], depth: int = 0, child: str | None = None) -> set[Key]:
+        if ref.get("apiVersion") == API_VERSION and (owners := self.by_resource.get(ref.get("kind") or "")):
+            # a child kind one controller owns (the learning loop's TrainingRuns) wakes only that one
+            claimed = [c for c in owners if child is not None and child in c.owns]
+            return {Key(c.kind, ns, ref["name"]) for c in claimed or [c for c in owners if not c.owns or c.kind == c.resource_kind]}
         if depth == 0 and ref.get("apiVersion") == "batch/v1" and ref.get("kind") == "Job":
             job = self.cache.get("batch/v1", "Job", ns, ref["name"])
             return {k for r in ((job or {}).get("metadata") or {}).get("ownerReferences") or [] for k in self._owner_keys(ns, r, 1)}
@@ -377,13 +390,13 @@ class Manager:
     # -- processing ------------------------------------------------------------
     async def process(self, key: Key) -> None:
         controller = self.controllers[key.kind]
-        obj = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
+        obj = self.cache.get(API_VERSION, controller.resource_kind, key.namespace, key.name)
         QUEUE_DEPTH.set(len(self.queue))
         if obj is not None and (legacy := legacy_metadata_patch(obj["metadata"])) is not None:
             # Left by an operator before this one (kopf's finalizer and annotations): released once, even
             # while the object is being deleted (nothing else would ever remove that finalizer).
             try:
-                released = await self.ctx.kube.patch(API_VERSION, key.kind, key.namespace, key.name,
+                released = await self.ctx.kube.patch(API_VERSION, controller.resource_kind, key.namespace, key.name,
                                                      {"metadata": {**legacy, "resourceVersion": obj["metadata"].get("resourceVersion")}})
             except ApiError as exc:
                 if exc.status != 404:
@@ -392,6 +405,10 @@ class Manager:
             log.info("Released what an earlier operator left, kind=%s, name=%s, namespace=%s", key.kind, key.name, key.namespace)
             self.cache.put(released)
             obj = released
+        if obj is not None and (obj.get("metadata") or {}).get("deletionTimestamp") and controller.finalizer \
+                and controller.finalize is not None and controller.finalizer in (obj["metadata"].get("finalizers") or []):
+            await self.finalize(controller, key, obj)
+            return
         if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
             # Gone, or going (foreground deletion): its children go with it; nothing to do.
             CONDITIONS.forget(key.kind, key.namespace, key.name)
@@ -410,6 +427,8 @@ class Manager:
             if written:
                 for record in outcome.after_write:
                     record()
+            for other, other_notes in outcome.events:
+                await self.post_event(other, other_notes)
             self.queue.forget(key)
             if outcome.requeue_after is not None:
                 self.queue.add_after(key, outcome.requeue_after)
@@ -427,12 +446,41 @@ class Manager:
             RECONCILES.labels(key.kind, result).inc()
             RECONCILE_SECONDS.labels(key.kind).observe(time.perf_counter() - started)
 
+    async def finalize(self, controller: Controller, key: Key, obj: dict[str, Any]) -> None:
+        """An object being deleted that holds the controller's finalizer: its cleanup, then the finalizer removed
+        (only ours: a list patch with the resourceVersion, so another's finalizer added meanwhile is never lost)."""
+        assert controller.finalize is not None and controller.finalizer is not None
+        try:
+            again = await controller.finalize(obj, self.ctx)
+            if again is not None:
+                self.queue.add_after(key, again)
+                return
+            meta = obj["metadata"]
+            rest = [f for f in meta.get("finalizers") or [] if f != controller.finalizer]
+            released = await self.ctx.kube.patch(API_VERSION, key.kind, key.namespace, key.name,
+                                                 {"metadata": {"finalizers": rest or None, "resourceVersion": meta.get("resourceVersion")}})
+            self.cache.put(released)
+            log.info("Removed the finalizer, kind=%s, name=%s, namespace=%s, finalizer=%s", key.kind, key.name, key.namespace, controller.finalizer)
+            self.queue.forget(key)
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            wait = self.queue.add_rate_limited(key, exc.retry_after)
+            log.log(logging.DEBUG if exc.status in (0, 409) else logging.WARNING,
+                    "Finalizing requeued after an API error, kind=%s, name=%s, namespace=%s, delay=%.2fs, error=%s", key.kind, key.name, key.namespace, wait, exc)
+        except Exception:
+            wait = self.queue.add_rate_limited(key)
+            log.exception("Finalizing failed, kind=%s, name=%s, namespace=%s, retry_in=%.2fs", key.kind, key.name, key.namespace, wait)
+
     async def write_status(self, controller: Controller, obj: dict[str, Any], desired: dict[str, Any], notes: list[Note]) -> bool:
         """The one status writer: typed, from the cached object, only what changed, then one Event."""
         meta = obj["metadata"]
-        kind, ns, name = controller.kind, meta["namespace"], meta["name"]
+        kind, ns, name = controller.resource_kind, meta["namespace"], meta["name"]
         desired = controller.status_model.model_validate(desired).model_dump(by_alias=True, exclude_none=True, mode="json")
         current = obj.get("status") or {}
+        if controller.status_fields is not None:
+            # a status shared with another controller: only this one's fields are compared and patched
+            current = {k: v for k, v in current.items() if k in controller.status_fields}
         CONDITIONS.observe(kind, ns, name, desired.get("conditions") or [])
         patch = status_patch(current, desired)
         if patch is None:

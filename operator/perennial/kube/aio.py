@@ -119,15 +119,20 @@ class AsyncKube:
         return headers
 
     async def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
-                      content_type: str | None = None, raw: bool = False) -> Any:
+                      content_type: str | None = None, raw: bool = False, headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> Any:
+        """`headers`: more request headers (e.g. for a Service behind the API server's proxy; never Authorization,
+        which is the API server's); `timeout`: this request's total, instead of the client's."""
         params = {k: str(v) for k, v in (query or {}).items() if v is not None}
         data = None if body is None else json.dumps(body, separators=(",", ":"))
         ctype = (content_type or "application/json") if body is not None else None
+        extra = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+        options: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
         try:
             for attempt in (0, 1):
-                headers = self._headers(ctype)
+                headers = {**extra, **self._headers(ctype)}
                 async with self.session().request(method, self.host + path, data=data, params=params, headers=headers,
-                                                  **self._tls_options()) as response:
+                                                  **options, **self._tls_options()) as response:
                     text = await response.text()
                     if response.status == 401 and attempt == 0 and self._authorization(fresh=True) != headers.get("Authorization"):
                         continue  # the credentials rotated since they were read: once more with the new ones

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import kubernetes
 import yaml
 
+from ..resources.common import MANAGED_BY
 from .aio import AsyncKube
 from .cache import Cache
 from .client import ApiError, path_for
@@ -342,7 +343,13 @@ DEFAULT_RESOURCES: tuple[tuple[str, str], ...] = (
     ("policy/v1", "PodDisruptionBudget"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("keda.sh/v1alpha1", "ScaledObject"),  # where KEDA is installed (an unserved kind counts as listed, empty)
+    ("v1", "Secret"),  # the feedback token's copy (only Secrets labelled for a Deployment are listed)
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
+#: The kinds a region's children are of: what a cleanup deletes (Pods go with their apps/v1 Deployments).
+CHILD_KINDS: tuple[tuple[str, str], ...] = tuple(k for k in DEFAULT_RESOURCES if k != ("v1", "Pod"))
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+REGION_LABEL = "perennial.ai/region"
 
 
 class RemoteCluster:
@@ -426,19 +433,20 @@ class RemoteCluster:
             self.cache.put({**written, "apiVersion": obj["apiVersion"], "kind": obj["kind"]})
         return written, action
 
-    def children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    def children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None, *, region: str | None = None) -> list[dict[str, Any]]:
         """The cached objects (of `kinds`, else every watched kind) labelled for the Perennial Deployment `deployment`
-        of this cluster's namespace."""
-        return [o for api_version, kind in (kinds or self.informers)
-                for o in self.cache.list(api_version, kind, self.namespace, labels={DEPLOYMENT_LABEL: deployment})]
+        of this cluster's namespace and managed by Perennial (of `region` only, if given)."""
+        labels = {DEPLOYMENT_LABEL: deployment, MANAGED_BY_LABEL: MANAGED_BY, **({REGION_LABEL: region} if region else {})}
+        return [o for api_version, kind in (kinds or self.informers) if (api_version, kind) in self.informers
+                for o in self.cache.list(api_version, kind, self.namespace, labels=labels)]
 
-    async def delete_children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None) -> int:
+    async def delete_children(self, deployment: str, kinds: Iterable[tuple[str, str]] | None = None, *, region: str | None = None) -> int:
         """Delete what `children` lists (a finalizer's cleanup: no ownerReference crosses clusters; Pods go with their
         apps/v1 Deployments through the remote cluster's own garbage collector, so pass the kinds you created). A 404
         is success. Returns how many were asked to go; the caller waits until `children` is empty (the watch tells)
         before it removes its finalizer. An unreachable cluster raises `ApiError(0)`: retry later."""
         asked = 0
-        for obj in self.children(deployment, kinds):
+        for obj in self.children(deployment, kinds, region=region):
             meta = obj["metadata"]
             if meta.get("deletionTimestamp"):
                 continue

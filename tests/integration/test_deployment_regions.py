@@ -1,0 +1,237 @@
+"""A Perennial `Deployment` with a region in another cluster: two embedded control planes as hub and region.
+
+The hub runs the operator (real kopf) and holds the region's kubeconfig Secret; the region is a second API server.
+The test plays what each cluster's nodes would do: the apps/v1 controller-manager (ready replicas), the kubelet
+(pods with a pod IP, Running and Ready) and the serving pods themselves (one small HTTP server answering chat
+completions and `/perennial/routes`). The operator reaches the region's Services and pods only through the region
+API server's proxy (`services/proxy`, `pods/proxy`), as it must across clusters.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import API, Cluster, running_cluster, wait_for
+from perennial.kube import Kube, connect
+from perennial.local.apiserver import ServerThread, new_token, start_in_thread
+from perennial.local.tls import self_signed
+
+NS = "default"
+LOCAL_URL = "perennial.ai/local-url"
+MANAGED = "app.kubernetes.io/managed-by=perennial-operator"
+
+
+class Pods:
+    """The serving pods of one cluster, as HTTP sees them: chat completions (every name, or failures) and what their
+    sidecars applied (`GET /perennial/routes`: the routes ConfigMap's current document, read from `kube`)."""
+
+    def __init__(self, kube: Kube, config_map: str) -> None:
+        self.kube, self.config_map = kube, config_map
+        self.answer_text = "Hello there."
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests.append((self.command, self.path, dict(self.headers)))
+                status, obj = outer.answer(self.command, self.path, body)
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = reply
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        if path.startswith("/perennial/routes"):
+            doc = json.loads(self.kube.get("v1", "ConfigMap", NS, self.config_map)["data"]["routes.json"])
+            return 200, {"revision": doc["revision"], "loaded": sorted(doc["adapters"]), "errors": {}}
+        model = json.loads(body or b"{}").get("model")
+        return 200, {"object": "chat.completion", "model": model,
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer_text}}]}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_pods(kube: Kube, deployment: str, pods: Pods, n: int = 1) -> None:
+    """Play the ReplicaSet controller, the kubelet and the controller-manager: `n` ready pods of an apps/v1
+    Deployment at pod IP 127.0.0.1 whose every container port is the fake pods' port, and its status ready."""
+    d = wait_for(lambda: kube.get("apps/v1", "Deployment", NS, deployment), message=f"apps/v1 Deployment {deployment}")
+    template = d["spec"]["template"]
+    spec = json.loads(json.dumps(template["spec"]))
+    for c in spec["containers"]:
+        for p in c.get("ports") or []:
+            p["containerPort"] = pods.port
+    for i in range(n):
+        name = f"{deployment}-7c9d4-{i}"
+        if kube.get("v1", "Pod", NS, name) is None:
+            kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": template["metadata"]["labels"]},
+                         "spec": spec})
+        kube.patch("v1", "Pod", NS, name, {"status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}, subresource="status")
+    replicas = d["spec"].get("replicas", 1)
+    status = {"observedGeneration": d["metadata"]["generation"], "replicas": replicas, "updatedReplicas": replicas,
+              "readyReplicas": replicas, "availableReplicas": replicas}
+    kube.patch("apps/v1", "Deployment", NS, deployment, {"status": status}, subresource="status")
+
+
+class World:
+    def __init__(self, hub: Cluster, region: ServerThread, region_kube: Kube, home: Pods, east: Pods) -> None:
+        self.hub, self.region, self.region_kube, self.home, self.east = hub, region, region_kube, home, east
+
+    def status(self) -> dict[str, Any]:
+        return (self.hub.get("Deployment", "chat") or {}).get("status") or {}
+
+    def region_status(self, name: str) -> dict[str, Any]:
+        return next((r for r in self.status().get("regions") or [] if r["name"] == name), {})
+
+    def condition(self, ctype: str) -> dict[str, Any]:
+        return next((c for c in self.status().get("conditions") or [] if c["type"] == ctype), {})
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    region = start_in_thread(token=new_token(), tls=self_signed())
+    pods: list[Pods] = []
+    worlds: list[World] = []
+    try:
+        region_kube = connect(server=region.url, token=region.token, ca_file=region.ca_file)
+        if region_kube.get("v1", "Namespace", None, NS) is None:
+            region_kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        with running_cluster(tmp_path) as hub:
+            kubeconfig = region.write_kubeconfig(tmp_path / "east.kubeconfig", namespace=NS).read_text()
+            hub.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "east-cluster", "namespace": NS},
+                             "type": "Opaque", "data": {"kubeconfig": b64(kubeconfig)}})
+            artifact = tmp_path / "artifacts" / "support-v1"
+            artifact.mkdir(parents=True)
+            (artifact / "adapter_config.json").write_text("{}")
+            hub.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+            hub.create("Adapter", "support-v1", {"baseModelRef": {"name": "base"}, "family": "support", "version": 1,
+                                                 "artifactUri": "s3://models/support-v1", "lora": {"rank": 8}})
+            hub.wait_condition("BaseModel", "base", "Ready", "True")
+            pods = [Pods(hub.kube, "chat-routes"), Pods(region_kube, "chat-routes")]
+            worlds.append(World(hub, region, region_kube, *pods))
+            yield worlds[0]
+    finally:
+        for p in pods:
+            p.close()
+        (worlds[0].region if worlds else region).stop()
+
+
+SPEC: dict[str, Any] = {
+    "baseModelRef": {"name": "base"},
+    "replicas": 1,
+    "regions": [{"name": "home"}, {"name": "east", "clusterSecretRef": {"name": "east-cluster"}}],
+    "strategy": {"blueGreen": {"scaleDownDelaySeconds": 1, "abortScaleDownDelaySeconds": 1, "previewReplicas": 1,
+                               "smokeTest": {"expectRegex": "(?i)hello", "timeoutSeconds": 10}}},
+}
+
+
+def serve_home(w: World) -> None:
+    """The hub's own region (its only local one: its children's names have no region infix): the local runtime's
+    Service URLs and its pods (the operator reaches them directly)."""
+    kube = w.hub.kube
+
+    def proxied(svc: str) -> None:
+        wait_for(lambda: kube.get("v1", "Service", NS, svc), timeout=60, message=f"Service {svc}")
+        kube.patch("v1", "Service", NS, svc, {"metadata": {"annotations": {LOCAL_URL: f"http://127.0.0.1:{w.home.port}"}}})
+
+    proxied("chat-preview")
+    run_pods(kube, "chat-blue", w.home)
+    proxied("chat")
+
+
+def test_children_land_in_the_region_a_lost_region_degrades_only_itself_and_converges_when_back(world: World):
+    w = world
+    w.hub.create("Deployment", "chat", SPEC)
+    serve_home(w)
+    run_pods(w.region_kube, "chat-blue", w.east)
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+
+    # Children in the region: no ownerReference crosses clusters; labels say whose they are; the token is copied.
+    kinds = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"), ("v1", "Secret"))
+    there = {(k, o["metadata"]["name"]) for a, k in kinds for o in w.region_kube.list(a, k, NS, MANAGED)}
+    assert {("Deployment", "chat-blue"), ("Service", "chat"), ("Service", "chat-preview"), ("ConfigMap", "chat-routes"),
+            ("PodDisruptionBudget", "chat-blue"), ("Secret", "chat-feedback-token")} <= there, there
+    for a, k in kinds:
+        for o in w.region_kube.list(a, k, NS, MANAGED):
+            assert not o["metadata"].get("ownerReferences"), o["metadata"]
+            assert o["metadata"]["labels"]["perennial.ai/deployment"] == "chat" and o["metadata"]["labels"]["perennial.ai/region"] == "east"
+    hub_token = w.hub.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"]
+    assert w.region_kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"] == hub_token
+    assert {o["metadata"]["labels"]["perennial.ai/region"] for o in w.hub.kube.list("apps/v1", "Deployment", NS, MANAGED)} == {"home"}
+    east = w.region_status("east")
+    assert (east["phase"], east["activeColor"], east["cluster"], east["readyReplicas"]) == ("Stable", "blue", "east-cluster", 1), east
+    assert w.region_status("home")["activeColor"] == "blue"
+    assert API in w.hub.get("Deployment", "chat")["apiVersion"]
+    assert "perennial.ai/remote-children" in w.hub.get("Deployment", "chat")["metadata"]["finalizers"]
+    # The smoke test reached the region's preview Service through the region's API server, with the operator's token.
+    smoke = [h for m, p, h in w.east.requests if m == "POST" and p.endswith("/v1/chat/completions")]
+    assert smoke and all(h.get("X-Perennial-Token") for h in smoke), smoke
+
+    # The region's API server stops: that region (and the Deployment) is degraded, naming it; home keeps serving.
+    w.region.stop()
+    wait_for(lambda: w.region_status("east").get("phase") == "Unreachable", timeout=60, message="east reported unreachable")
+    ready, degraded = w.condition("Ready"), w.condition("Degraded")
+    assert (ready["status"], ready["reason"]) == ("False", "RegionUnreachable") and "east" in ready["message"]
+    assert degraded["status"] == "True" and "east" in degraded["message"] and "home" not in ready["message"]
+    home = w.region_status("home")
+    assert (home["phase"], home["activeColor"], home["readyReplicas"]) == ("Stable", "blue", 1), home
+    assert w.hub.kube.get("v1", "Service", NS, "chat")["spec"]["selector"]["perennial.ai/color"] == "blue"
+
+    # A change of the pods meanwhile rolls out at home; east converges to it once back.
+    w.hub.kube.patch(API, "Deployment", NS, "chat", {"spec": {"engine": {"extraArgs": ["--enforce-eager"]}}})
+    run_pods(w.hub.kube, "chat-green", w.home)
+    wait_for(lambda: w.region_status("home").get("activeColor") == "green", timeout=60, message="home switched to green")
+    w.region = ServerThread(w.region.server, "127.0.0.1", w.region.server.port)  # the same store, certificate and port
+    w.region_kube = w.east.kube = connect(server=w.region.url, token=w.region.token, ca_file=w.region.ca_file)
+    run_pods(w.region_kube, "chat-green", w.east)
+    wait_for(lambda: w.region_status("east").get("activeColor") == "green", timeout=90, message="east converged to green")
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+    green = w.region_kube.get("apps/v1", "Deployment", NS, "chat-green")
+    assert green["metadata"]["labels"]["perennial.ai/revision"] == w.region_status("east")["revision"]
+    assert "--enforce-eager" in json.dumps(green["spec"]["template"]["spec"]["containers"]), "east runs the spec changed while it was away"
+
+    # Deleted: its children in the region are deleted too, then the finalizer lets it go.
+    w.hub.kube.delete(API, "Deployment", NS, "chat")
+    wait_for(lambda: w.hub.get("Deployment", "chat") is None, timeout=60, message="the Deployment is gone")
+    left = [(k, o["metadata"]["name"]) for a, k in kinds for o in w.region_kube.list(a, k, NS, MANAGED)]
+    assert not left, left
+
+
+def test_a_missing_cluster_secret_names_the_region_and_the_reason(world: World):
+    w = world
+    spec = {**SPEC, "regions": [{"name": "home"}, {"name": "east", "clusterSecretRef": {"name": "nope"}}]}
+    w.hub.create("Deployment", "chat", spec)
+    serve_home(w)
+    wait_for(lambda: w.region_status("east").get("cluster") == "nope", timeout=60, message="east reported")
+    east = w.region_status("east")
+    assert east["phase"] == "Degraded" and "nope" in east["message"], east
+    wait_for(lambda: w.condition("Ready").get("reason") == "ClusterSecretNotFound", timeout=30, message="Ready names the reason")
+    assert w.region_status("home")["activeColor"] == "blue"
+    # Deleting it is not held up by a cluster that never was.
+    w.hub.kube.delete(API, "Deployment", NS, "chat")
+    wait_for(lambda: w.hub.get("Deployment", "chat") is None, timeout=60, message="the Deployment is gone")
