@@ -729,3 +729,29 @@ def test_a_child_name_taken_by_a_users_object_is_a_condition_and_the_rest_still_
     w.cluster.wait_condition("Deployment", "chat", "Degraded", "False", timeout=60)
     routes = w.kube.get("v1", "ConfigMap", NS, "chat-routes")
     assert routes["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "perennial-operator" and "routes.json" in routes["data"]
+
+
+def test_two_node_pool_regions_become_one_and_the_old_childrens_names_go_once_the_new_serve(serving: Serving):
+    """Two regions in this cluster become one: the children's names lose their region infix, so the one region's
+    children are new (`chat-*`); the old ones (`chat-eu-*`, `chat-us-*`) keep serving until the new ones do, then go."""
+    w = serving
+    regions = [{"name": "eu"}, {"name": "us"}]
+    w.cluster.create("Deployment", "chat", spec(regions=regions))
+    for r in ("eu", "us"):
+        w.proxied(f"chat-{r}-preview")
+        w.ready(f"chat-{r}-blue")
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True")
+    old = {(k, o["metadata"]["name"]) for a, k in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"))
+           for o in w.kube.list(a, k, NS, "perennial.ai/deployment=chat")}
+    assert ("Deployment", "chat-us-blue") in old and ("Service", "chat-eu") in old
+
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"regions": [{"name": "eu"}]}})
+    w.proxied("chat-preview")
+    assert w.deploy("chat-eu-blue") is not None and w.stable_color("chat-eu") == "blue", "the old region serves until the new one does"
+    w.ready("chat-blue")
+    wait_for(lambda: w.stable_color("chat") == "blue", message="the one region serves under its new names")
+    for kind, name in sorted(old):
+        api = {"Deployment": "apps/v1", "Service": "v1", "ConfigMap": "v1", "PodDisruptionBudget": "policy/v1"}[kind]
+        wait_for(lambda api=api, kind=kind, name=name: w.kube.get(api, kind, NS, name) is None, message=f"{kind} {name} pruned")
+    assert w.kube.get("v1", "Secret", NS, "chat-feedback-token") is not None, "the token is the Deployment's, not a region's"
+    assert [r["name"] for r in w.status()["regions"]] == ["eu"]
