@@ -668,3 +668,54 @@ def test_a_snapshot_takes_its_counts_from_the_index_not_the_caller(mem: str) -> 
     assert store.write_snapshot(DEP, name, forged).counts.ratings == 1
     with pytest.raises(SegmentChanged):
         store.write_snapshot(DEP, snapshot_name(DEP, 2), [parts[0].model_copy(update={"offset": 5})])
+
+
+def _index_reads(uri: str, fn) -> list[str]:  # type: ignore[no-untyped-def]
+    """Paths of the index files read (cat_file) while fn() runs."""
+    seen: list[str] = []
+    fs, _ = fsspec.core.url_to_fs(uri)
+    cls = type(fs)
+    orig = cls.cat_file
+
+    def counting(self, path, *a, **kw):  # type: ignore[no-untyped-def]
+        if "/_perennial/index/" in str(path):
+            seen.append(str(path))
+        return orig(self, path, *a, **kw)
+
+    cls.cat_file = counting  # type: ignore[method-assign]
+    try:
+        fn()
+    finally:
+        cls.cat_file = orig  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_restarts_and_full_rescans_never_read_the_index_of_old_consumed_days(kind: str, tmp_path, mem: str, reads: Reads) -> None:
+    uri = str(tmp_path / "store") if kind == "local" else mem
+    if kind == "local":
+        os.makedirs(uri)
+    ratings = make_store(uri, days=40, per_day=2)
+    store = FeedbackStore(uri, keep_days=8, full_rescan_seconds=0)  # every tick is a full listing
+    store.scan(DEP)
+    store.take_snapshot(DEP)
+    before = store.scan(DEP)
+    assert before.segments_in_memory == 2 * 9
+    # a full rescan of an unchanged history reads no index file
+    assert _index_reads(uri, lambda: store.scan(DEP)) == []
+    # a restarted operator reads the index files of the days it holds, not of the 31 evicted ones
+    restarted = FeedbackStore(uri, keep_days=8, full_rescan_seconds=0)
+    reads.paths.clear()
+    got = _index_reads(uri, lambda: restarted.scan(DEP))
+    res = restarted.scan(DEP)
+    assert len(got) <= 9 and reads.n == 0
+    assert (res.segments, res.segments_in_memory, res.pending.ratings) == (80, 18, 0)
+    assert FeedbackStore(uri).pending(DEP, Cursor(sequence=1)).ratings == ratings
+    # a late segment in an evicted day: that day's index file only, its other segment not read again
+    old_day = NOW - dt.timedelta(days=30)
+    put(uri, segment_name(DEP, "slow", 5, old_day), lines(inter("slow", old_day), thumbs("slow", old_day)))
+    reads.paths.clear()
+    got = _index_reads(uri, lambda: restarted.scan(DEP))
+    assert got == [f"{restarted.root}/{DEP}/_perennial/index/{old_day:%Y-%m-%d}.json"] and reads.n == 1
+    res = restarted.scan(DEP)
+    assert (res.segments, res.pending.ratings) == (81, 1)

@@ -159,6 +159,26 @@ class SegmentEntry(_Doc):
     parts: list[SegmentPart] = Field(default_factory=list)
 
 
+class DaySummary(_Doc):
+    """An old day held out of memory (every part of it in a snapshot): what it adds to the totals."""
+
+    segments: int = Field(default=0, ge=0)
+    skipped: dict[str, int] = Field(default_factory=dict)
+    damaged_count: int = Field(default=0, ge=0)
+    damaged_examples: list[str] = Field(default_factory=list)
+    fingerprint: str = Field(description="sha256 of its segments' (name, size, ETag or mtime) when it was evicted.")
+    dir_mtime: str | None = None
+
+
+class IndexSummary(_Doc):
+    """`<deployment>/_perennial/summary.json`: the evicted days, so that a restart reads none of their index files."""
+
+    version: int = INDEX_VERSION
+    deployment: str
+    snapshot_sequence: int = Field(default=0, ge=0, description="The last snapshot when it was written: valid while snapshots 1..this exist.")
+    evicted: dict[str, DaySummary] = Field(default_factory=dict)
+
+
 class DayIndex(_Doc):
     version: int = INDEX_VERSION
     deployment: str
@@ -308,11 +328,20 @@ def _base(path: str) -> str:
 # ------------------------------------------------------------------------------------ state
 
 
-@dataclass
-class _DaySummary:
-    segments: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    damaged: set[str] = field(default_factory=set)
+def _fingerprint(items: Iterable[tuple[str, int, str | None]]) -> str:
+    """Of a day's segments as listed: (name, size, ETag or mtime) -- equal when the day holds what it held."""
+    h = hashlib.sha256()
+    for name, size, ident in sorted(items, key=lambda t: t[0]):
+        h.update(f"{name}\t{size}\t{ident}\n".encode())
+    return h.hexdigest()
+
+
+def _entry_ident(e: SegmentEntry) -> tuple[str, int, str | None]:
+    return (e.name, e.size, e.etag if e.etag is not None else e.mtime)
+
+
+#: damaged segment names a summary keeps per evicted day (the count is exact)
+DAMAGED_EXAMPLES = 20
 
 
 class _State:
@@ -336,7 +365,8 @@ class _State:
         self.damaged: set[str] = set()  # segments with skipped lines or a torn tail
         self.last_full: float | None = None
         # days dropped from memory (old, every part in a snapshot): what they add to the totals above
-        self.evicted: dict[str, _DaySummary] = {}
+        self.evicted: dict[str, DaySummary] = {}
+        self.summary_dirty = False
 
     # bookkeeping of entries, so that pending() and skipped totals never walk the whole index
     def add(self, day: str, entry: SegmentEntry) -> None:
@@ -371,32 +401,42 @@ class _State:
     def evict(self, day: str) -> None:
         """Drop a day's entries from memory (its index file in the store is current); its counts stay in the totals."""
         entries = self.days.pop(day, {})
-        summary = _DaySummary(segments=len(entries))
+        skipped: Counter[str] = Counter()
+        damaged = []
         for e in entries.values():
             for p in e.parts:
-                summary.skipped.update(p.skipped)
-            summary.skipped["TornLine"] += bool(e.torn_tail)
-            summary.skipped["SegmentTooLarge"] += bool(e.too_large)
+                skipped.update(p.skipped)
+            skipped["TornLine"] += bool(e.torn_tail)
+            skipped["SegmentTooLarge"] += bool(e.too_large)
             if e.name in self.damaged:
-                summary.damaged.add(e.name)
-        self.evicted[day] = summary
+                damaged.append(e.name)
+                self.damaged.discard(e.name)
+        self.evicted[day] = DaySummary(segments=len(entries), skipped={k: v for k, v in skipped.items() if v},
+                                       damaged_count=len(damaged), damaged_examples=sorted(damaged)[:DAMAGED_EXAMPLES],
+                                       fingerprint=_fingerprint(_entry_ident(e) for e in entries.values()),
+                                       dir_mtime=self.day_mtime.get(day))
+        self.summary_dirty = True
 
     def restore(self, day: str, doc: DayIndex | None) -> None:
-        """An evicted day back in memory from its index file; without one (lost), its counts leave the totals and its
-        segments are read again (the snapshots keep what they consumed consumed)."""
+        """An evicted day back in memory from its index file (without one, a lost file: its segments are read
+        again; the snapshots keep what they consumed consumed)."""
         summary = self.evicted.pop(day, None)
         if summary is None:
             return
-        if doc is not None and len(doc.segments) == summary.segments:
-            self.days[day] = {e.name: e for e in doc.segments}
-            for e in doc.segments:  # evicted only when consumed, but a snapshot may have been lost since
-                for p in e.parts:
-                    if p.key not in self.consumed:
-                        self._pend(p)
-            return
-        self.skipped.subtract(summary.skipped)
-        self.damaged -= summary.damaged
-        self.days[day] = {}
+        self.summary_dirty = True
+        self.skipped.subtract(summary.skipped)  # the entries bring their own counts back
+        self.days.setdefault(day, {})
+        for e in doc.segments if doc is not None else ():
+            self.add(day, e)
+
+    def damaged_count(self) -> int:
+        return len(self.damaged) + sum(v.damaged_count for v in self.evicted.values())
+
+    def damaged_examples(self, n: int) -> list[str]:
+        names = set(self.damaged)
+        for v in self.evicted.values():
+            names.update(v.damaged_examples)
+        return sorted(names)[:n]
 
     def evictable(self, day: str) -> bool:
         return all(p.key in self.consumed for e in self.days.get(day, {}).values() for p in e.parts)
@@ -586,9 +626,17 @@ class FeedbackStore:
             return
         self._check_root()
         self._refresh_snapshots(st)
+        summary = self._read_summary(st)
+        if summary is not None:
+            for day, d in summary.evicted.items():
+                st.evicted[day] = d
+                st.day_mtime[day] = d.dir_mtime
+                st.skipped.update(d.skipped)
         for info in self._ls(self._meta(st.deployment, "index")):
             name = _base(info["name"])
             if info.get("type") != "file" or not name.endswith(".json") or name.startswith("."):
+                continue
+            if name[:-len(".json")].replace("-", "/") in st.evicted:  # held out of memory: not read
                 continue
             raw = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
             if raw is None:
@@ -606,6 +654,32 @@ class FeedbackStore:
             if doc.day < self._keep_after() and st.evictable(doc.day):
                 st.evict(doc.day)
         st.loaded = True
+
+    def _summary_path(self, st: _State) -> str:
+        return self._meta(st.deployment, "summary.json")
+
+    def _read_summary(self, st: _State) -> IndexSummary | None:
+        raw = self._call("reading the index summary", self.fs.cat_file, self._summary_path(st), missing_ok=True)
+        if raw is None:
+            return None
+        try:
+            doc = IndexSummary.model_validate_json(raw)
+        except pydantic.ValidationError as e:
+            log.warning("Ignored unreadable index summary deployment=%s error=%s", st.deployment, e.errors()[:1])
+            return None
+        if doc.version != INDEX_VERSION or doc.deployment != st.deployment:
+            return None
+        if any(seq not in st.snapshots for seq in range(1, doc.snapshot_sequence + 1)):
+            # a snapshot it counted on is gone: what it calls consumed may not be; read every day's index
+            log.warning("Ignored the index summary: snapshots are missing deployment=%s", st.deployment)
+            return None
+        return doc
+
+    def _save_summary(self, st: _State) -> None:
+        doc = IndexSummary(deployment=st.deployment, snapshot_sequence=max(st.snapshots, default=0), evicted=st.evicted)
+        path = self._summary_path(st)
+        self._call(f"writing {path}", self._write, path, doc.model_dump_json(by_alias=True, exclude_none=True).encode())
+        st.summary_dirty = False
 
     def _keep_after(self) -> str:
         """Days before this one whose every part is in a snapshot are not held in memory."""
@@ -689,38 +763,53 @@ class FeedbackStore:
                 if day < cutoff and known and (same_mtime or (mtime is None and not full)):
                     continue
                 res.days_listed += 1
-                if day in st.evicted:
+                listing = self._list_segments(st, day, path)
+                ev = st.evicted.get(day)
+                if ev is not None:
+                    if _fingerprint((n, size, etag if etag is not None else mt) for n, _, size, etag, mt in listing) == ev.fingerprint:
+                        if ev.dir_mtime != mtime:  # nothing of ours changed (the directory did)
+                            ev.dir_mtime = st.day_mtime[day] = mtime
+                            st.summary_dirty = True
+                        continue
                     st.restore(day, self._day_doc(st, day))
-                self._scan_day(st, day, path, res, dirty)
+                self._scan_day(st, day, listing, res, dirty)
                 if st.day_mtime.get(day) != mtime or not known:
                     st.day_mtime[day] = mtime
                     dirty.add(day)
             if full:
                 for day in [d for d in list(st.days) + list(st.evicted) if d not in present_days]:  # a whole day directory deleted
-                    if day in st.evicted:
-                        st.restore(day, self._day_doc(st, day))
+                    gone = st.evicted.pop(day, None)
+                    if gone is not None:
+                        st.skipped.subtract(gone.skipped)
+                        res.removed_segments += gone.segments
+                        st.summary_dirty = True
                     for name in list(st.days.get(day, {})):
                         st.remove(day, name)
                         res.removed_segments += 1
-                    dirty.add(day)
+                    st.days.pop(day, None)
+                    st.day_mtime.pop(day, None)
+                    dirty.discard(day)
+                    self._drop_day(st, day)
                 st.last_full = now
             for day in sorted(dirty):
                 self._save_day(st, day)
             keep_after = self._keep_after()
             for day in [d for d in st.days if d < keep_after and d < cutoff and st.evictable(d)]:
                 st.evict(day)
+            if st.summary_dirty:
+                self._save_summary(st)
             res.segments_in_memory = sum(len(v) for v in st.days.values())
             res.segments = res.segments_in_memory + sum(v.segments for v in st.evicted.values())
             res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
-            res.damaged_segments = len(st.damaged)
-            res.damaged_examples = sorted(st.damaged)[:5]
+            res.damaged_segments = st.damaged_count()
+            res.damaged_examples = st.damaged_examples(5)
             res.pending = self._pending(st, None)
             res.cursor = st.cursor()
             return res
 
-    def _scan_day(self, st: _State, day: str, path: str, res: ScanResult, dirty: set[str]) -> None:
-        entries = st.days.setdefault(day, {})
-        seen = set()
+    def _list_segments(self, st: _State, day: str, path: str) -> list[tuple[str, str, int, str | None, str | None]]:
+        """(name, path, size, etag, mtime) of the day's segment objects."""
+        out = []
         for info in self._ls(path):
             base = _base(info["name"])
             if info.get("type") != "file" or not base.endswith(".jsonl") or base.startswith("."):
@@ -729,9 +818,15 @@ class FeedbackStore:
             if info.get("islink"):  # a link on a local store could point at any file the operator can read
                 log.warning("Ignored symbolic link in the feedback store name=%s", name)
                 continue
+            out.append((name, info["name"], int(info.get("size") or 0), *_ident(info)))
+        return out
+
+    def _scan_day(self, st: _State, day: str, listing: list[tuple[str, str, int, str | None, str | None]],
+                  res: ScanResult, dirty: set[str]) -> None:
+        entries = st.days.setdefault(day, {})
+        seen = set()
+        for name, path, size, etag, mtime in listing:
             seen.add(name)
-            size = int(info.get("size") or 0)
-            etag, mtime = _ident(info)
             old = entries.get(name)
             if old is not None and old.size == size and ((etag is not None and old.etag == etag) or (etag is None and old.mtime == mtime)):
                 continue
@@ -742,7 +837,7 @@ class FeedbackStore:
                                          covered_sha256=hashlib.sha256(b"").hexdigest(), too_large=True))
                 dirty.add(day)
                 continue
-            data = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
+            data = self._call(f"reading {path}", self.fs.cat_file, path, missing_ok=True)
             if data is None:  # deleted between the listing and the read
                 continue
             res.segments_read += 1
@@ -787,7 +882,12 @@ class FeedbackStore:
                              covered=end, covered_sha256=hashlib.sha256(data[:end]).hexdigest(), torn_tail=len(data) - end, parts=parts)
         return entry, lines
 
+    def _drop_day(self, st: _State, day: str) -> None:
+        path = self._meta(st.deployment, "index", day.replace("/", "-") + ".json")
+        self._call(f"deleting {path}", self.fs.rm_file, path, missing_ok=True)
+
     def _save_day(self, st: _State, day: str) -> None:
+        assert day not in st.evicted, "an evicted day's index file is never rewritten from memory"
         doc = DayIndex(deployment=st.deployment, day=day, dir_mtime=st.day_mtime.get(day),
                        segments=sorted(st.days.get(day, {}).values(), key=lambda e: e.name))
         path = self._meta(st.deployment, "index", day.replace("/", "-") + ".json")
