@@ -6,9 +6,10 @@ from .base import Controller
 
 
 def all_controllers() -> list[Controller]:
-    from . import adapter, basemodel, deployment, rewardspec, trainingrun
+    from . import adapter, basemodel, deployment, learning, rewardspec, trainingrun
 
-    return [basemodel.CONTROLLER, rewardspec.CONTROLLER, trainingrun.CONTROLLER, adapter.CONTROLLER, deployment.CONTROLLER]
+    return [basemodel.CONTROLLER, rewardspec.CONTROLLER, trainingrun.CONTROLLER, adapter.CONTROLLER, deployment.CONTROLLER,
+            learning.make_controller(None)]
 
 
 __all__ = ["Controller", "all_controllers"]

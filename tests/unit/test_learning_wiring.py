@@ -1,0 +1,95 @@
+"""The learning loop as a second controller of Deployments: its own keys (never inside the serving reconcile), woken by
+its TrainingRuns and its family's Adapters, and a status writer that patches only the loop's fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perennial.config import OperatorConfig
+from perennial.controllers import all_controllers, learning
+from perennial.controllers.base import Context, Note
+from perennial.controllers.manager import Key, Manager
+from perennial.kube.cache import Cache
+from perennial.resources import conditions as cond
+
+API = "perennial.ai/v1alpha1"
+LEARN = learning.KIND
+
+
+def o(kind: str, name: str, api: str = API, **extra: Any) -> dict:
+    meta = {"name": name, "namespace": "default", "uid": f"uid-{kind}-{name}", "resourceVersion": "1", "generation": 1, **extra.pop("meta", {})}
+    return {"apiVersion": api, "kind": kind, "metadata": meta, **extra}
+
+
+DEPLOYMENT_SPEC = {"baseModelRef": {"name": "base"}, "adapters": [{"name": "chat", "track": {"family": "fam"}}],
+                   "continuousLearning": {"enabled": True, "adapterFamily": "fam"}}
+
+
+class RecordingKube:
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, str, dict]] = []
+        self.created: list[dict] = []
+
+    async def patch(self, api_version: str, kind: str, ns: str, name: str, body: dict, subresource: str | None = None) -> dict:
+        self.patches.append((kind, subresource or "", body))
+        return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": ns, "resourceVersion": "2"}, "status": body.get("status")}
+
+    async def create(self, obj: dict) -> dict:
+        self.created.append(obj)
+        return obj
+
+
+def manager() -> tuple[Manager, RecordingKube]:
+    kube = RecordingKube()
+    ctx = Context(clusters={"local": kube}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0)  # type: ignore[dict-item]
+    return Manager(all_controllers(), ctx), kube
+
+
+def test_a_deployment_has_a_serving_and_a_learning_key():
+    m, _ = manager()
+    dep = o("Deployment", "chat", spec=DEPLOYMENT_SPEC)
+    assert m.keys_for(None, dep) == {Key("Deployment", "default", "chat"), Key(LEARN, "default", "chat")}
+
+
+def test_the_loops_runs_and_adapters_wake_the_loop_only():
+    m, _ = manager()
+    dep = o("Deployment", "chat", spec=DEPLOYMENT_SPEC)
+    m.cache.put(dep)
+    m.keys_for(None, dep)  # dependencies tracked
+    run = o("TrainingRun", "chat-learn-1", meta={"labels": {learning.DEPLOYMENT_LABEL: "chat"},
+                                                  "ownerReferences": [{"apiVersion": API, "kind": "Deployment", "name": "chat", "uid": "uid-Deployment-chat"}]},
+            spec={"method": "SFT", "baseModelRef": {"name": "base"}, "datasets": [{"name": "d", "uri": "file:///d"}], "output": {"adapterFamily": "fam"}})
+    keys = m.keys_for(None, run)
+    assert Key(LEARN, "default", "chat") in keys
+    assert Key("Deployment", "default", "chat") not in keys  # a run's progress never costs a serving reconcile
+    # an Adapter of the learned family: both (the serving one tracks the family, the loop gates it)
+    adapter = o("Adapter", "fam-v2", spec={"family": "fam"})
+    assert {Key(LEARN, "default", "chat"), Key("Deployment", "default", "chat")} <= m.keys_for(None, adapter)
+    # serving children (built-in, labelled) wake the serving controller only
+    pod = o("Pod", "chat-blue-0", api="v1", meta={"labels": {"perennial.ai/deployment": "chat", "app.kubernetes.io/managed-by": "perennial-operator"}})
+    assert m.keys_for(None, pod) == {Key("Deployment", "default", "chat")}
+    # learning off: the family's Adapters no longer wake the loop
+    off = o("Deployment", "chat", spec={**DEPLOYMENT_SPEC, "continuousLearning": {"enabled": False, "adapterFamily": "fam"}}, meta={"generation": 2})
+    m.keys_for(dep, off)
+    assert Key(LEARN, "default", "chat") not in m.keys_for(None, o("Adapter", "fam-v3", spec={"family": "fam"}))
+
+
+async def test_the_loop_patches_only_its_own_status_fields():
+    m, kube = manager()
+    serving = {"phase": "Stable", "activeColor": "blue", "servedAdapters": [{"name": "chat", "adapter": "fam-v1"}],
+               "conditions": cond.set_condition(None, "Ready", True, "Serving", "", 1)}
+    dep = o("Deployment", "chat", spec=DEPLOYMENT_SPEC, status=serving)
+    desired = {"newFeedbackRecords": 12, "conditions": cond.set_condition(serving["conditions"], "Learning", True, "Collecting", "12 new", 1)}
+    written = await m.write_status(m.controllers[LEARN], dep, desired, [Note("X", "y")])
+    assert written
+    [(kind, sub, body)] = kube.patches
+    assert (kind, sub) == ("Deployment", "status")
+    # the serving fields are neither removed nor rewritten; the condition list keeps Ready
+    assert set(body["status"]) == {"newFeedbackRecords", "conditions"}
+    assert [c["type"] for c in body["status"]["conditions"]] == ["Learning", "Ready"]
+    assert body["metadata"]["resourceVersion"] == "1"  # on a stale copy: a 409, retried, never a lost write
+    # the same again: no write
+    kube.patches.clear()
+    dep["status"] = {**serving, **desired}
+    assert not await m.write_status(m.controllers[LEARN], dep, desired, [])
+    assert kube.patches == []
