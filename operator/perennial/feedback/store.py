@@ -20,8 +20,11 @@ The index lives in the store itself, so it survives an operator restart:
 segments (never one per tick: a tick rewrites, atomically, only the days it changed; the file count
 is the number of day directories the store holds). The index is a cache: a lost or corrupt index
 file only makes the next tick read that day's segments again, and what snapshots hold stays consumed.
-A restarted operator reads every index file once (no segment). In memory: the last `keep_days` days,
-and older days only while some part of them is in no snapshot (~4 KB a segment).
+In memory: the last `keep_days` days, and older days only while some part of them is in no snapshot
+(~4 KB a segment). The old days every part of which is in a snapshot are summarised in
+`<deployment>/_perennial/summary.json` (their counts and a fingerprint of their listing): a restarted
+operator reads that and the index files of the other days, no segment; a full rescan reads the index
+file of an old day only when its listing changed (a segment shipped late into it).
 
 **Snapshots**, the source of truth for exactly-once: `<deployment>/_perennial/snapshots/<name>.json`,
 created once (create-only; the same parts written again return the existing document, different
