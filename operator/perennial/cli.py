@@ -191,7 +191,9 @@ Press Ctrl-C to stop.
 
     config = OperatorConfig(
         pvc_root=str(pvc_root),
-        artifact_uri=f"file://{state / 'artifacts'}",
+        # under the PVC root: the serving pods' sidecars load local adapter paths from their claims only (the local
+        # runtime gives its processes PERENNIAL_PVC_ROOT=<pvc_root>), as a cluster's adapters live on a claim
+        artifact_uri=f"file://{pvc_root / 'artifacts'}",
         feedback_store_uri=f"file://{state / 'feedback'}",
         trainer_image=LOCAL_TRAINER_IMAGE,
         server_image=LOCAL_SERVER_IMAGE,

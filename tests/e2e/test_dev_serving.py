@@ -86,7 +86,9 @@ def test_perennial_dev_serves_adapters_to_the_openai_client_rates_and_switches_w
 
     state = tmp_path / "state"
     base = Path(build_tiny_model(state / "pvc" / "models" / "tiny"))
-    adapters = {"chat-a": tmp_path / "adapters" / "chat-a", "chat-b": tmp_path / "adapters" / "chat-b"}
+    # on the PVC root, as `perennial dev` keeps its artifacts: a serving pod's sidecar loads local adapter paths
+    # from its claims only
+    adapters = {name: state / "pvc" / "adapters" / name for name in ("chat-a", "chat-b")}
     for seed, path in enumerate(adapters.values(), start=1):
         make_adapter(base, path, seed)
     (tmp_path / "apply").mkdir()
