@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -368,7 +369,7 @@ def test_a_pod_that_is_not_running_is_a_503(env: Env) -> None:
 
 
 def test_a_pod_that_refuses_the_connection_is_a_503(env: Env) -> None:
-    with __import__("socket").socket() as s:  # a port nothing listens on
+    with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     env.make_pod("dead", {"app": "dead"}, ports=[{"containerPort": closed}])

@@ -277,6 +277,43 @@ def test_deleted_pod_counts_as_a_failure_and_is_replaced(env: Env) -> None:
     assert env.get_job("evicted")["status"]["failed"] == 1
 
 
+def test_a_late_look_at_the_deleted_pod_does_not_kill_its_replacement(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet's loop may look at the worker between its handling of a deleted pod and the creation of the
+    replacement: the worker still named the deleted pod, so the loop cancelled it again "PodDeleted", and the
+    replacement was killed as if it had been deleted (a second failure: BackoffLimitExceeded, or a stall). The loop is
+    made to look at exactly that moment."""
+    from perennial.local.kubelet import _JobWorker
+
+    kubelet = env.start_kubelet()
+    created: list[str | None] = []
+    original = _JobWorker._create_pod
+
+    def create_pod(self: _JobWorker) -> dict[str, Any]:
+        created.append(self.pod_name)
+        if len(created) == 2:
+            kubelet.sync_once()  # the loop looks now: the deleted pod is still absent from the list
+        return original(self)
+
+    monkeypatch.setattr(_JobWorker, "_create_pod", create_pod)
+    env.job("late", """
+        import os, sys, time
+        marker = os.path.join(sys.argv[1], "pid")
+        if os.path.exists(marker):
+            time.sleep(1)
+            sys.exit(0)
+        open(marker, "w").write(str(os.getpid()))
+        time.sleep(60)
+    """, args=["/data"], backoff=1, container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+        pod={"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "late"}}]})
+    pid_file = env.tmp / "pvc" / "late" / "pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), message="pid file")
+    first = env.pods("late")[0]["metadata"]["name"]
+    env.kube.delete("v1", "Pod", NS, first)
+    wait_for(lambda: env.condition("late", "Complete") or env.condition("late", "Failed"), 60, message="Job finished")
+    assert env.condition("late", "Complete"), env.get_job("late")["status"]
+    assert env.get_job("late")["status"]["failed"] == 1 and len(created) == 2
+
+
 def test_missing_config_map_waits_then_runs(env: Env) -> None:
     env.start_kubelet()
     env.job("later", "import sys; print(open(sys.argv[1]).read())", args=["/cfg/k"],
@@ -415,3 +452,56 @@ def test_match_pod_failure_policy_table() -> None:
     fail_on_condition = {"rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
     assert match_pod_failure_policy(fail_on_condition, pod(conditions=disrupted)) == ("FailJob", "Pod ns/p has condition DisruptionTarget matching FailJob rule at index 0")
     assert match_pod_failure_policy(fail_on_condition, pod(conditions=[{"type": "DisruptionTarget", "status": "False"}])) == (None, None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie nobody reaps (PID 1 of a container may not) is gone too
+
+
+def test_job_pod_processes_do_not_outlive_a_killed_kubelet(tmp_path: Path) -> None:
+    """`perennial dev` killed (SIGKILL, OOM, a crash) runs no stop(): a training Job's process, in a session of its
+    own, went on for hours holding its memory (and a GPU) with nobody left to stop it or read its result. The
+    container's processes (the trainer and what it started) now end once the kubelet's process is gone."""
+    import subprocess
+
+    pidfile = tmp_path / "pids"
+    job_script = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'])\n"
+        f"open({str(pidfile)!r} + '.tmp', 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        f"os.rename({str(pidfile)!r} + '.tmp', {str(pidfile)!r})\n"
+        "while True: time.sleep(1)\n"
+    )
+    owner_code = textwrap.dedent(f"""
+        import sys, time
+        from perennial.kube import connect
+        from perennial.local.apiserver import start_in_thread
+        from perennial.local.kubelet import LocalKubelet
+        server = start_in_thread()
+        kube = connect(server=server.url)
+        LocalKubelet(kube, server, workdir={str(tmp_path / 'pods')!r}, pvc_root={str(tmp_path / 'pvc')!r},
+                     images={{"tiny:1": [sys.executable, "-c"]}}, poll_seconds=0.05).start()
+        kube.create({{"apiVersion": "batch/v1", "kind": "Job", "metadata": {{"name": "long", "namespace": "default"}},
+                     "spec": {{"backoffLimit": 0, "template": {{"spec": {{"restartPolicy": "Never", "containers": [
+                         {{"name": "main", "image": "tiny:1", "args": [{job_script!r}]}}]}}}}}}}})
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", owner_code])
+    pids: list[int] = []
+    try:
+        wait_for(pidfile.exists, 60, 0.1, "the Job's process and its child started")
+        pids = [int(p) for p in pidfile.read_text().split()]
+        assert all(_alive(p) for p in pids)  # alive while the kubelet is
+        owner.kill()
+        owner.wait()
+        wait_for(lambda: not any(_alive(p) for p in pids), 60, 0.1, "the orphaned Job processes exited")
+    finally:
+        owner.kill()
+        owner.wait()
+        for p in pids:
+            if _alive(p):
+                os.kill(p, 9)

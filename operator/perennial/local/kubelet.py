@@ -11,6 +11,10 @@ Perennial's own (a key of `images`) and runs each Job's Pod as a local process:
   mountPath to its local directory in command, args, env and workingDir;
 - it streams the process output into the pod log API line by line while it
   runs (and into `<pod dir>/log`);
+- the container's process runs under a watchdog (`podwatch.py`, the leader of its
+  process group) that ends the group once the kubelet's process is gone (killed
+  without its stop(): SIGTERM, then SIGKILL after `kill_grace_seconds`), as the
+  serving pods end themselves (`podnet`); `containerID` is `local://<the command's pid>`;
 - it writes Pod and Job status as the kubelet and the Job controller do:
   Running/Succeeded/Failed, `containerStatuses[0].state`, the termination
   message, `active`/`succeeded`/`failed`, `Complete`/`Failed` conditions with
@@ -43,11 +47,13 @@ from __future__ import annotations
 import base64
 import collections
 import datetime as _dt
+import json
 import logging
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -73,6 +79,8 @@ TERMINATION_MESSAGE_MAX = 4096
 FALLBACK_LOG_LINES = 80
 FALLBACK_LOG_BYTES = 2048
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+PODWATCH = str(Path(__file__).resolve().with_name("podwatch.py"))
+HANDSHAKE_TIMEOUT = 60.0
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
@@ -138,6 +146,44 @@ def match_pod_failure_policy(policy: dict[str, Any] | None, pod: dict[str, Any])
 
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as runtimes report
+
+
+def spawn_watched(argv: list[str], env: dict[str, str], cwd: str, grace_seconds: float,
+                  **popen: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a container's command under `podwatch.py` (the leader of a new session and process group), which ends
+    it once this process is gone: (the watchdog's Popen, the command's pid). The watchdog exits as the command does.
+    argv/env/cwd travel on a socket, never in the watchdog's environment. OSError when the command cannot start."""
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", PODWATCH, str(theirs.fileno()), str(os.getpid()),
+                                 str(grace_seconds)], cwd=cwd, env={k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ},
+                                pass_fds=(theirs.fileno(),), start_new_session=True, **popen)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        ours.settimeout(HANDSHAKE_TIMEOUT)
+        ours.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode())
+        ours.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := ours.recv(65536):
+            answer += chunk
+        reply = json.loads(answer or b"{}")
+    except (OSError, ValueError) as exc:
+        reply = {"error": f"the pod watchdog did not answer: {exc}"}
+    finally:
+        ours.close()
+    if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
+        message = reply.get("error") if isinstance(reply, dict) else None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(10)
+        raise OSError(message or "the pod watchdog did not start the command")
+    return proc, reply["pid"]
 
 
 class _ConfigError(Exception):
@@ -259,8 +305,8 @@ class LocalKubelet:
             job = by_uid.get(uid)
             if job is None or job["metadata"].get("deletionTimestamp"):
                 w.cancel("JobDeleted")
-            elif w.pod_name and w.pod_created_at < listed_at and (w.ns, w.pod_name) not in live_pods:
-                w.cancel("PodDeleted")
+            else:
+                w.notice_deleted_pod(listed_at, live_pods)
         if self._stop.is_set():
             return
         for job in jobs:
@@ -483,16 +529,30 @@ class _JobWorker(_PodSandbox):
         self.pod_dir: Path | None = None
         self._cancel = threading.Event()
         self.cancel_reason = ""
-        self._proc: subprocess.Popen[bytes] | None = None
+        # held to change (pod_name, pod_created_at) or the cancellation: the kubelet's loop reads them together
+        self._pod_lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None  # the container's watchdog (podwatch.py)
+        self._container_pid = 0  # the container's command
         self.thread = threading.Thread(target=self._main, name=f"kubelet-{self.ns}-{self.job_name}", daemon=True)
 
     # ------------------------------------------------------------------ control
 
     def cancel(self, reason: str) -> None:
-        if not self._cancel.is_set() or (self.cancel_reason == "PodDeleted" and reason != "PodDeleted"):
-            self.cancel_reason = reason
-            self._cancel.set()
-            log.info("Killing Job process job=%s namespace=%s reason=%s", self.job_name, self.ns, reason)
+        with self._pod_lock:
+            if not self._cancel.is_set() or (self.cancel_reason == "PodDeleted" and reason != "PodDeleted"):
+                self.cancel_reason = reason
+                self._cancel.set()
+                log.info("Killing Job process job=%s namespace=%s reason=%s", self.job_name, self.ns, reason)
+
+    def notice_deleted_pod(self, listed_at: float, live_pods: set[tuple[str, str]]) -> None:
+        """Cancel "PodDeleted" if the current pod, created before the list taken at `listed_at`, is not in it. Under
+        the lock that names a new pod: a list of before the deleted pod was handled cannot cancel its replacement."""
+        with self._pod_lock:
+            if (self.pod_name and self.pod_created_at < listed_at and (self.ns, self.pod_name) not in live_pods
+                    and not self._cancel.is_set()):
+                self.cancel_reason = "PodDeleted"
+                self._cancel.set()
+                log.info("Killing Job process job=%s namespace=%s reason=PodDeleted", self.job_name, self.ns)
 
     def _deadline_left(self) -> float | None:
         if not self.deadline_seconds:
@@ -658,14 +718,15 @@ class _JobWorker(_PodSandbox):
                 if exc.status == 409:
                     continue
                 raise
-            self.pod_name, self.pod_created_at = name, time.monotonic()
+            with self._pod_lock:
+                self.pod_name, self.pod_created_at = name, time.monotonic()
             log.info("Created Pod pod=%s job=%s namespace=%s", name, self.job_name, self.ns)
             return pod
         raise RuntimeError(f"could not name a pod for Job {self.job_name}")
 
     def _container_status(self, running: bool, state: dict[str, Any], restarts: int,
                           last: dict[str, Any] | None = None) -> dict[str, Any]:
-        pid = self._proc.pid if self._proc is not None else 0
+        pid = self._container_pid if self._proc is not None else 0
         return {
             "name": self.container.get("name", "main"), "image": self.container.get("image", ""), "imageID": "",
             "containerID": f"local://{pid}", "ready": running, "started": running, "restartCount": restarts,
@@ -675,9 +736,12 @@ class _JobWorker(_PodSandbox):
     def _run_pod(self) -> str:
         """Create a pod and run its container (restarting it per OnFailure). Returns the outcome."""
         self._check_cancel()
-        if self._cancel.is_set():  # PodDeleted of a previous pod was handled: start afresh
-            self._cancel.clear()
-            self.cancel_reason = ""
+        with self._pod_lock:
+            if self._cancel.is_set() and self.cancel_reason == "PodDeleted":  # handled: start afresh
+                self._cancel.clear()
+                self.cancel_reason = ""
+            self.pod_name = None  # gone: a late look at it must not cancel the next one
+        self._check_cancel()
         self._create_pod()
         assert self.pod_name is not None
         pod_name = self.pod_name
@@ -704,13 +768,15 @@ class _JobWorker(_PodSandbox):
             started = _now()
             tail: collections.deque[str] = collections.deque(maxlen=FALLBACK_LOG_LINES)
             try:
-                self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, start_new_session=True)
+                # under a watchdog that ends the container's processes once this process is gone (podwatch.py)
+                self._proc, self._container_pid = spawn_watched(
+                    argv, env, cwd, self.k.kill_grace_seconds, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
             except OSError as exc:
-                self._proc = None
+                self._proc, self._container_pid = None, 0
                 rc, reason, message = 128, "StartError", f"failed to start the container process: {exc}"
             else:
-                log.info("Started container pod=%s namespace=%s pid=%d argv=%s", pod_name, self.ns, self._proc.pid, argv)
+                log.info("Started container pod=%s namespace=%s pid=%d argv=%s", pod_name, self.ns, self._container_pid, argv)
                 reader = threading.Thread(target=self._pump, args=(self._proc, pod_name, tail), daemon=True)
                 reader.start()
                 self._patch_pod(pod_name, {"phase": "Running", "podIP": "127.0.0.1", "conditions": _pod_conditions(True),
@@ -723,7 +789,7 @@ class _JobWorker(_PodSandbox):
                 reason = "Completed" if rc == 0 else "Error"
                 message = self._termination_message(term_paths, rc, tail)
             terminated = {"exitCode": rc, "reason": reason, "startedAt": started, "finishedAt": _now(),
-                          "containerID": f"local://{self._proc.pid if self._proc else 0}"}
+                          "containerID": f"local://{self._container_pid if self._proc else 0}"}
             if message:
                 terminated["message"] = message
             log.info("Container exited pod=%s namespace=%s exitCode=%d", pod_name, self.ns, rc)
