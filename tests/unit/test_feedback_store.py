@@ -719,3 +719,44 @@ def test_restarts_and_full_rescans_never_read_the_index_of_old_consumed_days(kin
     assert got == [f"{restarted.root}/{DEP}/_perennial/index/{old_day:%Y-%m-%d}.json"] and reads.n == 1
     res = restarted.scan(DEP)
     assert (res.segments, res.pending.ratings) == (81, 1)
+
+
+# ------------------------------------------------------------------------------ live approval per adapter
+
+
+def served(rid: str, when: dt.datetime, adapter: str | None) -> str:
+    return InteractionRecord(id=rid, deployment=DEP, adapter=adapter, messages=[{"role": "user", "content": "q"}],
+                             response="a", time=when.isoformat()).to_json()
+
+
+def test_approval_per_adapter_joins_thumbs_across_segments_and_ticks(mem: str) -> None:
+    t = NOW - dt.timedelta(hours=1)
+    put(mem, segment_name(DEP, "p1", 1, t), lines(served("a1", t, "v1"), served("a2", t, "v1"), served("b1", t, "v2"),
+                                                 served("base", t, None), thumbs("a1", t)))
+    # ratings from another pod: one arrives before its interaction's segment is in the store
+    put(mem, segment_name(DEP, "p2", 1, NOW), lines(thumbs("a2", NOW, up=False), thumbs("b1", NOW), thumbs("base", NOW),
+                                                   thumbs("c1", NOW, up=False),
+                                                   FeedbackRecord(response_id="a1", type="score", score=0.1, time=NOW.isoformat()).to_json()))
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    got = store.approval(DEP)
+    assert {k: (v.up, v.total) for k, v in got.items()} == {"v1": (1, 2), "v2": (1, 1), "": (1, 1)}
+    put(mem, segment_name(DEP, "p3", 1, NOW), lines(served("c1", NOW, "v2"), served("c2", NOW, "v2"), thumbs("c2", NOW)))
+    store.scan(DEP)  # the waiting rating of c1 meets its interaction; c2 joins in the same segment
+    got = store.approval(DEP)
+    assert (got["v2"].up, got["v2"].total) == (2, 3) and got["v2"].rate == pytest.approx(2 / 3)
+    store.scan(DEP)
+    assert store.approval(DEP) == got  # nothing counted twice
+
+
+def test_approval_after_a_restart_reads_only_the_window(mem: str, reads: Reads) -> None:
+    old = NOW - dt.timedelta(days=20)
+    put(mem, segment_name(DEP, "old", 1, old), lines(served("o", old, "v1"), thumbs("o", old, up=False)))
+    put(mem, segment_name(DEP, "new", 1, NOW), lines(served("n", NOW, "v1"), thumbs("n", NOW)))
+    FeedbackStore(mem).scan(DEP)
+    store = FeedbackStore(mem)
+    store.scan(DEP)
+    reads.paths.clear()
+    got = store.approval(DEP, window_seconds=3 * 86400)
+    assert {k: (v.up, v.total) for k, v in got.items()} == {"v1": (1, 1)}
+    assert reads.n == 1 and "new" in reads.paths[0]

@@ -39,6 +39,10 @@ arrive after their interaction's segment was snapshotted are in a later snapshot
 within `lookback_seconds` before the rating, at most `join_budget_bytes` read), so the trainer can
 join them by response id.
 
+**Live approval** (`approval`, for rolling back a promoted adapter users like less): thumbs per adapter
+that served the rated response, joined by response id across segments, pods and ticks, over a window of
+rating time; nothing is spent on it until it is first asked for.
+
 Bad data never raises: a torn last line, invalid JSON, an unknown `kind` or a record that fails its
 schema is counted by reason (`skipped`) and skipped; a segment over `max_segment_bytes` is not read
 (`SegmentTooLarge`); symbolic links on a local store are never followed. A store that cannot be
@@ -64,7 +68,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +98,7 @@ INDEX_VERSION = 1
 META_DIR = "_perennial"
 DEFAULT_LOOKBACK_SECONDS = 7 * 24 * 3600
 JOIN_CLOCK_SKEW = _dt.timedelta(minutes=10)
+DEFAULT_APPROVAL_WINDOW_SECONDS = 7 * 24 * 3600
 #: A TrainingRun's `feedback.segments` holds at most this many names.
 DEFAULT_MAX_SEGMENTS = 10000
 
@@ -271,8 +276,9 @@ def _skip_reason(e: pydantic.ValidationError) -> str:
     return "InvalidRecord"
 
 
-def _part_of(name: str, data: bytes, offset: int, end: int) -> tuple[SegmentPart, int]:
-    """Index the whole lines of data[offset:end) as one part; returns it and the lines parsed."""
+def _part_of(name: str, data: bytes, offset: int, end: int, collect: list[tuple[int, str, Any, str | None]] | None = None) -> tuple[SegmentPart, int]:
+    """Index the whole lines of data[offset:end) as one part; returns it and the lines parsed. With `collect`, the
+    join keys of live approval go there too: (0, interaction id, adapter or "", time), (1, rated id, thumbs up, time)."""
     chunk = data[offset:end]
     n_inter = n_rate = lines = 0
     first = last = oldest_rating = None
@@ -291,8 +297,12 @@ def _part_of(name: str, data: bytes, offset: int, end: int) -> tuple[SegmentPart
         if isinstance(rec, FeedbackRecord):
             n_rate += 1
             oldest_rating = _min(oldest_rating, t)
+            if collect is not None and rec.type == "thumbs":
+                collect.append((1, rec.response_id, rec.thumbs == "up", t))
         else:
             n_inter += 1
+            if collect is not None:
+                collect.append((0, rec.id, rec.adapter or "", t))
     part = SegmentPart(name=name, offset=offset, length=len(chunk), sha256=hashlib.sha256(chunk).hexdigest(),
                        interactions=n_inter, ratings=n_rate, first_time=first, last_time=last,
                        oldest_rating_time=oldest_rating, skipped=dict(skipped))
@@ -326,6 +336,68 @@ def _dir_mtime(info: dict[str, Any]) -> str | None:
 
 def _base(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------ live approval
+
+
+@dataclass(frozen=True)
+class Approval:
+    """Thumbs given to the responses one adapter served (`""`: the base model)."""
+
+    up: int = 0
+    total: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.up / self.total if self.total else 0.0
+
+
+class _Approval:
+    """Thumbs joined to the adapter that served the rated response, by response id, incrementally: each part is fed
+    once; a rating read before its interaction waits for it. Tallied per adapter and hour of the rating. Holds at most
+    `max_ids` interaction ids and as many waiting ratings (the oldest go first)."""
+
+    def __init__(self, max_ids: int) -> None:
+        self.max_ids = max_ids
+        self.ids: OrderedDict[str, str] = OrderedDict()
+        self.waiting: OrderedDict[str, list[tuple[str, bool]]] = OrderedDict()
+        self.buckets: dict[tuple[str, str], list[int]] = {}
+        self.fed: set[tuple[str, int, str]] = set()
+
+    def _count(self, adapter: str, hour: str, up: bool) -> None:
+        b = self.buckets.setdefault((adapter, hour), [0, 0])
+        b[0] += up
+        b[1] += 1
+
+    def feed(self, key: tuple[str, int, str], items: Iterable[tuple[int, str, Any, str | None]]) -> None:
+        if key in self.fed:
+            return
+        self.fed.add(key)
+        for kind, rid, val, t in items:
+            hour = (t or "")[:13]
+            if kind == 0:
+                self.ids[rid] = val
+                self.ids.move_to_end(rid)
+                if len(self.ids) > self.max_ids:
+                    self.ids.popitem(last=False)
+                for h, up in self.waiting.pop(rid, ()):
+                    self._count(val, h, up)
+            elif (adapter := self.ids.get(rid)) is not None:
+                self._count(adapter, hour, bool(val))
+            else:
+                self.waiting.setdefault(rid, []).append((hour, bool(val)))
+                if len(self.waiting) > self.max_ids:
+                    self.waiting.popitem(last=False)
+
+    def tally(self, since_hour: str) -> dict[str, Approval]:
+        out: dict[str, list[int]] = {}
+        for (adapter, hour), (up, total) in self.buckets.items():
+            if hour >= since_hour:
+                o = out.setdefault(adapter, [0, 0])
+                o[0] += up
+                o[1] += total
+        return {a: Approval(up, total) for a, (up, total) in sorted(out.items())}
 
 
 # ------------------------------------------------------------------------------------ state
@@ -370,6 +442,7 @@ class _State:
         # days dropped from memory (old, every part in a snapshot): what they add to the totals above
         self.evicted: dict[str, DaySummary] = {}
         self.summary_dirty = False
+        self.approval: _Approval | None = None  # live approval, once asked for
 
     # bookkeeping of entries, so that pending() and skipped totals never walk the whole index
     def add(self, day: str, entry: SegmentEntry) -> None:
@@ -514,6 +587,7 @@ class FeedbackStore:
         max_segment_bytes: int = 256 * 1024 * 1024,
         join_budget_bytes: int = 512 * 1024 * 1024,
         keep_days: int = 8,
+        approval_max_ids: int = 500_000,
     ) -> None:
         if recent_days < 1:
             raise ValueError("recent_days must be at least 1")
@@ -526,6 +600,8 @@ class FeedbackStore:
         self.join_budget_bytes = join_budget_bytes
         #: days held in memory whatever they hold (older ones only while some part of them is in no snapshot)
         self.keep_days = keep_days
+        #: interaction ids (and waiting ratings) live approval holds at most (~100 bytes each)
+        self.approval_max_ids = approval_max_ids
         url = storage.fsspec_url(self.uri, self.pvc_root)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -845,7 +921,10 @@ class FeedbackStore:
                 continue
             res.segments_read += 1
             res.bytes_read += len(data)
-            entry, lines = self._index(name, data, old, etag, mtime, st.snap_parts.get(name, ()))
+            collect: list[tuple[int, str, Any, str | None]] | None = [] if st.approval is not None else None
+            entry, lines = self._index(name, data, old, etag, mtime, st.snap_parts.get(name, ()), collect)
+            if st.approval is not None and collect is not None and entry.parts:
+                st.approval.feed(entry.parts[-1].key, collect)
             res.records_read += lines
             if old is None:
                 res.new_segments += 1
@@ -860,7 +939,7 @@ class FeedbackStore:
 
     @staticmethod
     def _index(name: str, data: bytes, old: SegmentEntry | None, etag: str | None, mtime: str | None,
-               snapshotted: Iterable[SegmentPart] = ()) -> tuple[SegmentEntry, int]:
+               snapshotted: Iterable[SegmentPart] = (), collect: list[tuple[int, str, Any, str | None]] | None = None) -> tuple[SegmentEntry, int]:
         """Index one segment's bytes; a grown segment (old bytes still its prefix) keeps its old parts and gains one.
         Without a usable old entry (a lost index), the parts snapshots hold that are still this object's bytes are
         its first parts again: a snapshotted byte is never pending twice."""
@@ -879,7 +958,7 @@ class FeedbackStore:
                 start = sp.end
         lines = 0
         if end > start:
-            part, lines = _part_of(name, data, start, end)
+            part, lines = _part_of(name, data, start, end, collect)
             parts.append(part)
         entry = SegmentEntry(name=name, size=len(data), etag=etag, mtime=mtime, sha256=hashlib.sha256(data).hexdigest(),
                              covered=end, covered_sha256=hashlib.sha256(data[:end]).hexdigest(), torn_tail=len(data) - end, parts=parts)
@@ -1145,6 +1224,42 @@ class FeedbackStore:
                                       snapshot=snapshot_name(st.deployment, seq) if seq else None))
         return sorted(out, key=lambda r: (r.name, r.offset)), found
 
+    # ------------------------------------------------------------------ live approval
+    def approval(self, deployment: str, window_seconds: float = DEFAULT_APPROVAL_WINDOW_SECONDS) -> dict[str, Approval]:
+        """Thumbs up / thumbs given per adapter that served the rated response (`""`: the base model), counting ratings
+        made in the last `window_seconds` (whole hours), joined by response id across segments, pods and ticks.
+
+        Costs nothing until first asked: the first call reads the parts of the last `window_seconds` once (the first
+        call's window bounds what is known before it; after a restart too), then every `scan` feeds the parts it
+        reads. Ratings whose interaction is not found yet are not counted (they are once it is)."""
+        st = self._state(deployment)
+        with st.lock:
+            self._load(st)
+            now = _dt.datetime.now(_dt.UTC)
+            since = (now - _dt.timedelta(seconds=window_seconds)).isoformat(timespec="microseconds")
+            if st.approval is None:
+                st.approval = _Approval(self.approval_max_ids)
+                self._approval_backfill(st, since)
+            return st.approval.tally(since[:13])
+
+    def _approval_backfill(self, st: _State, since: str) -> None:
+        assert st.approval is not None
+        since_day = since[:10].replace("-", "/")
+        days = list(st.days.values())
+        for day in sorted(st.evicted):
+            if day >= since_day and (doc := self._day_doc(st, day)) is not None:
+                days.append({e.name: e for e in doc.segments})
+        parts = [p for entries in days for e in entries.values() for p in e.parts
+                 if p.last_time is None or p.last_time >= since]
+        for p in sorted(parts, key=lambda p: (p.first_time or "", p.name, p.offset)):
+            try:
+                data = self._read_range(p)
+            except SegmentChanged:  # rewritten since the last scan: the next scan feeds its new part
+                continue
+            collect: list[tuple[int, str, Any, str | None]] = []
+            _part_of(p.name, data, 0, len(data), collect)
+            st.approval.feed(p.key, collect)
+
     # ------------------------------------------------------------------ async wrappers
     async def scan_async(self, deployment: str) -> ScanResult:
         return await asyncio.to_thread(self.scan, deployment)
@@ -1154,6 +1269,9 @@ class FeedbackStore:
 
     async def take_snapshot_async(self, deployment: str, **kw: Any) -> Snapshot | None:
         return await asyncio.to_thread(lambda: self.take_snapshot(deployment, **kw))
+
+    async def approval_async(self, deployment: str, window_seconds: float = DEFAULT_APPROVAL_WINDOW_SECONDS) -> dict[str, Approval]:
+        return await asyncio.to_thread(self.approval, deployment, window_seconds)
 
     async def latest_snapshot_async(self, deployment: str) -> Snapshot | None:
         return await asyncio.to_thread(self.latest_snapshot, deployment)
