@@ -62,6 +62,7 @@ def build_registry(
     manager = Manager(all_controllers(), ctx, workers=config.workers)
     # Regions in other clusters: a change there (or the cluster lost or back) wakes its Deployments.
     ctx.remote = Clusters(wake=lambda owners: manager.wake("Deployment", owners))
+    ctx.wake = manager.wake
 
     @kopf.on.startup(registry=registry, id="settings")
     def settings_(settings: kopf.OperatorSettings, **_: Any) -> None:

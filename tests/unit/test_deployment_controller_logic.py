@@ -317,3 +317,54 @@ def test_an_unserved_optional_resource_holds_no_reconcile_back(monkeypatch, answ
     asyncio.run(m._skip_unserved(optional))
     assert set(asked) == {"/apis/keda.sh/v1alpha1"} and len(asked) == len(answers)
     assert m._ready is skipped
+
+
+def test_a_slow_smoke_test_lets_the_worker_go_and_its_end_wakes_the_deployment():
+    """A smoke test longer than SMOKE_INLINE_SECONDS goes on in the background: the reconcile returns None (still
+    running), the test's end wakes the Deployment, and the next reconcile gets its verdict once."""
+    from perennial.controllers.base import Context
+
+    async def scenario() -> None:
+        woken: list[tuple[str, set]] = []
+        ctx = Context.__new__(Context)
+        ctx.tasks, ctx.wake = {}, lambda kind, keys: woken.append((kind, keys))
+        release = asyncio.Event()
+
+        async def slow() -> tuple[bool, str]:
+            await release.wait()
+            return True, ""
+
+        key = ("smoke", ("team", "chat"), "default", "pods", "green", "r2")
+        old = ctl.SMOKE_INLINE_SECONDS
+        ctl.SMOKE_INLINE_SECONDS = 0.05
+        try:
+            assert await ctl.smoke_in_background(ctx, key, ("team", "chat"), slow) is None
+            assert await ctl.smoke_in_background(ctx, key, ("team", "chat"), slow) is None, "one test per key, not two"
+            release.set()
+            for _ in range(100):
+                if woken:
+                    break
+                await asyncio.sleep(0.01)
+            assert woken == [("Deployment", {("team", "chat")})]
+            assert await ctl.smoke_in_background(ctx, key, ("team", "chat"), slow) == (True, "")
+            assert key not in ctx.tasks, "handed out once"
+            # a test no decision asks for any more (the spec moved on) is cancelled; another region's is kept
+            never, other = asyncio.Event(), ("smoke", ("team", "chat"), "us", "pods", "blue", "r3")
+
+            async def hangs() -> tuple[bool, str]:
+                await never.wait()
+                return True, ""
+
+            stale = ("smoke", ("team", "chat"), "default", "pods", "blue", "r3")
+            assert await ctl.smoke_in_background(ctx, stale, ("team", "chat"), hangs) is None
+            assert await ctl.smoke_in_background(ctx, other, ("team", "chat"), hangs) is None
+            task = ctx.tasks[stale]
+            ctl.forget_smoke_tests(ctx, ("team", "chat"), set(), {"default"})
+            await asyncio.sleep(0)
+            assert stale not in ctx.tasks and task.cancelled() and other in ctx.tasks
+            ctl.forget_smoke_tests(ctx, ("team", "chat"))
+            assert not ctx.tasks
+        finally:
+            ctl.SMOKE_INLINE_SECONDS = old
+
+    asyncio.run(scenario())

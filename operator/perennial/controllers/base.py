@@ -85,6 +85,10 @@ class Context:
     #: Other clusters, reached through Secrets (`perennial.kube.clusters.Clusters`): the regions of Deployments
     #: with `clusterSecretRef`. None: this operator reconciles its own cluster only.
     remote: Any = None
+    #: Wake objects: `wake(kind, {(namespace, name), ...})` (the manager's), for work that finishes outside a reconcile.
+    wake: Callable[[str, set[tuple[str, str]]], None] | None = None
+    #: Work a reconcile started that outlives it (a smoke test taking longer than a reconcile may wait), by key.
+    tasks: dict[Hashable, Any] = field(default_factory=dict)
     #: when running trainers' progress (their pod logs) is read
     progress: Ticker = field(init=False)
 

@@ -396,6 +396,42 @@ async def smoke_test(target: str | Post, names: Iterable[str], *, prompt: str, e
     return True, ""
 
 
+#: How long a reconcile waits for a smoke test before it lets the worker go (the test goes on; its end wakes the
+#: Deployment): a fast engine's smoke test is decided in the same pass, a slow one never holds a worker for long.
+SMOKE_INLINE_SECONDS = 2.0
+
+
+async def smoke_in_background(ctx: Context, key: tuple[Any, ...], owner: tuple[str, str],
+                              run: Callable[[], Awaitable[tuple[bool, str]]]) -> tuple[bool, str] | None:
+    """The result of the smoke test `key`, started now if it is not running: None while it runs (it goes on after
+    this returns, and wakes `owner` when it ends), else (passed, why) — handed out once."""
+    task = ctx.tasks.get(key)
+    if task is None:
+        task = ctx.tasks[key] = asyncio.ensure_future(run())
+        if ctx.wake is not None:
+            wake = ctx.wake
+            task.add_done_callback(lambda _t: wake(KIND, {owner}))
+    if not task.done():
+        await asyncio.wait({task}, timeout=SMOKE_INLINE_SECONDS)
+        if not task.done():
+            return None
+    del ctx.tasks[key]
+    if task.cancelled():
+        return None
+    if (exc := task.exception()) is not None:
+        return False, f"the smoke test failed to run: {type(exc).__name__}: {exc}"[:300]
+    return task.result()
+
+
+def forget_smoke_tests(ctx: Context, owner: tuple[str, str], keep: set[tuple[Any, ...]] | None = None,
+                       regions: set[str] | None = None) -> None:
+    """Cancel the smoke tests of `owner` (of `regions`, else all) no decision asks for any more (`keep`): its spec
+    moved on, or it is gone."""
+    for key in [k for k in ctx.tasks if isinstance(k, tuple) and k[:2] == ("smoke", owner)
+                and k not in (keep or ()) and (regions is None or k[2] in regions)]:
+        ctx.tasks.pop(key).cancel()
+
+
 def smoke_target(w: RegionWorld, service: Mapping[str, Any] | None, service_name: str, token: str | None, timeout: float) -> Post:
     """Posting to a region's Service (stable or preview) wherever it is, with the operator's token (preview names
     answer only with it)."""
@@ -475,12 +511,13 @@ def rolled_out(r: RegionResult) -> bool:
 
 async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSpec, w: RegionWorld,
                            desired: dict[str, Mapping[str, Any]], now: _dt.datetime, *, held_by: str | None = None,
-                           token: str | None = None) -> RegionResult:
+                           token: str | None = None, smoke_keys: set[tuple[Any, ...]] | None = None) -> RegionResult:
     """One region's pass. `held_by`: an earlier region still rolling out (`regionOrder: Sequential`): this one does not
     start its pod rollout until that one is done (a rollout already started here goes on)."""
     s = w.serving
     bg = spec.strategy.blue_green
     ns = s.namespace
+    smoke_keys = smoke_keys if smoke_keys is not None else set()
     promote = (obj["metadata"].get("annotations") or {}).get(PROMOTE_ANNOTATION)
     autoscaled = spec.autoscaling.enabled
     region_replicas = s.region.replicas if s.region.replicas is not None else spec.replicas
@@ -495,14 +532,20 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
                                       desired_revision=revision, desired_replicas=desired_replicas, autoscaled=autoscaled,
                                       stable_annotations=dict(((w.stable or {}).get("metadata") or {}).get("annotations") or {}))
     pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
+    owner = (ns, s.name)
     if pods.smoke is not None and pods.smoke.color is not None:
         names = [s.served_base_name] + sorted(k for k in (routes_document(w.routes) or {}).get("routes", {}) if not k.endswith(rollout.PREVIEW_SUFFIX))
         post = smoke_target(w, w.preview, build.preview_service_name(s.prefix), token, pods.smoke.timeout_seconds)
-        passed, why = await smoke_test(post, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
-                                       max_tokens=bg.smoke_test.max_tokens, timeout=pods.smoke.timeout_seconds)
-        log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s", s.name, ns, pods.smoke.revision, passed)
-        observed = rollout.RegionObserved(**{**observed.__dict__, "smoke_result": rollout.SmokeResult(pods.smoke.revision, passed, why)})
-        pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
+        key = ("smoke", owner, s.region.name, "pods", pods.smoke.color, pods.smoke.revision)
+        smoke_keys.add(key)
+        verdict = await smoke_in_background(ctx, key, owner, lambda: smoke_test(
+            post, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
+            max_tokens=bg.smoke_test.max_tokens, timeout=pods.smoke.timeout_seconds))
+        if verdict is not None:
+            passed, why = verdict
+            log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s", s.name, ns, pods.smoke.revision, passed)
+            observed = rollout.RegionObserved(**{**observed.__dict__, "smoke_result": rollout.SmokeResult(pods.smoke.revision, passed, why)})
+            pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
     if hold and pods.status.phase == "Paused":
         wait = f"Waiting for region {held_by} to finish its rollout before revision {revision} starts here (regionOrder Sequential)"
         pods.status = replace(pods.status, message=wait)
@@ -520,10 +563,16 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
     if adapters.smoke is not None:
         post = smoke_target(w, w.stable, build.stable_service_name(s.prefix), token, adapters.smoke.timeout_seconds)
-        passed, why = await smoke_test(post, adapters.smoke.model_names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
-                                       max_tokens=bg.smoke_test.max_tokens, timeout=adapters.smoke.timeout_seconds)
-        aobs = rollout.AdaptersObserved(**{**aobs.__dict__, "smoke_result": rollout.SmokeResult(adapters.smoke.revision, passed, why)})
-        adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
+        smoke = adapters.smoke
+        key = ("smoke", owner, s.region.name, "adapters", smoke.revision, smoke.model_names)
+        smoke_keys.add(key)
+        verdict = await smoke_in_background(ctx, key, owner, lambda: smoke_test(
+            post, smoke.model_names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
+            max_tokens=bg.smoke_test.max_tokens, timeout=smoke.timeout_seconds))
+        if verdict is not None:
+            passed, why = verdict
+            aobs = rollout.AdaptersObserved(**{**aobs.__dict__, "smoke_result": rollout.SmokeResult(smoke.revision, passed, why)})
+            adapters = rollout.decide_adapters(aobs, bg, spec.strategy.adapter_rollout, paused=spec.paused, promote=promote, now=now)
 
     # Children: routes first (the pods mount them), then the colors, Services, PDBs, the autoscaler.
     manifests: list[dict[str, Any]] = [routes_manifest(s, adapters)]
@@ -908,10 +957,11 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
 
     results: list[RegionResult] = []
     held_by: str | None = None
+    smoke_keys: set[tuple[Any, ...]] = set()
     for w in worlds:
         assert w.where is not None
         try:
-            r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by, token=token)
+            r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by, token=token, smoke_keys=smoke_keys)
             if w.where.remote and token is not None:
                 r.manifests.insert(0, build.token_secret(w.serving, token))  # the pods there mount a copy
             notes += r.notes
@@ -934,6 +984,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         if any(resource_of(m) == KEDA for m in r.manifests) and is_unserved(*KEDA, cluster=w.where.kube.name):
             r.conditions.append(keda_missing())
         results.append(r)
+    forget_smoke_tests(ctx, (ns, name), smoke_keys, {r.name for r in results})
     notes += await prune(ctx, obj, results)
     removing, removed_notes = await remove_regions(obj, conns, gone)
     notes += removed_notes
@@ -1013,5 +1064,9 @@ def event_for(c: dict[str, Any]) -> str | None:
     return default_event_type(c)
 
 
+def gone(ctx: Context, namespace: str, name: str) -> None:
+    forget_smoke_tests(ctx, (namespace, name))
+
+
 CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for,
-                        finalizer=REMOTE_FINALIZER, finalize=finalize)
+                        finalizer=REMOTE_FINALIZER, finalize=finalize, gone=gone)
