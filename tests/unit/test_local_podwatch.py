@@ -57,3 +57,32 @@ def test_the_commands_environment_is_not_in_the_watchdogs() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+
+
+def test_what_the_command_left_running_ends_with_it(tmp_path: Path) -> None:
+    """As a container's processes end with its main process: a helper the command started and left behind (still
+    holding the log pipe) is killed when the command exits, and the command's status still comes back."""
+    from waiting import wait_for
+
+    pidfile = tmp_path / "helper"
+    script = ("import subprocess, sys\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+              "sys.exit(5)\n")
+    proc, _ = _run([sys.executable, "-c", script])
+    try:
+        assert proc.wait(30) == 5
+        helper = int(pidfile.read_text())
+        wait_for(lambda: not _alive(helper), 30, 0.05, "the helper ended")
+        assert proc.stdout.read() == b""  # type: ignore[union-attr]  # EOF: nobody holds the log pipe any more
+    finally:
+        if pidfile.exists() and _alive(pid := int(pidfile.read_text())):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -6,8 +6,9 @@ stop() (SIGKILL, OOM, a crash of `perennial dev`) left such a process running fo
 with nobody to stop it or read its result. The kubelet therefore starts this watchdog as the group's leader; it
 starts the container's command in the same group, then
 
-- waits for the command (a pidfd: woken at its exit) and exits as it did (the same code, or the same signal), so
-  the kubelet sees the container's own status;
+- waits for the command (a pidfd: woken at its exit), kills what it left running in the group (as a container's
+  processes end with its main process; they would hold the log pipe open) and exits as the command did (the same
+  code, or the same signal), so the kubelet sees the container's own status;
 - ignores SIGTERM/SIGINT/SIGHUP itself: the kubelet's SIGTERM to the group reaches the command, whose exit ends
   the watchdog; the kubelet's SIGKILL to the group ends both;
 - once its owner (the kubelet's process, its parent) is gone (a pidfd on it; else polling getppid every second):
@@ -87,6 +88,26 @@ def _exit_like(returncode: int) -> None:
     os._exit(returncode & 0xFF)
 
 
+def _kill_the_rest() -> None:
+    """SIGKILL every other process of our process group (what the command started and left behind), as a
+    container's processes end with its main process. Linux (/proc); elsewhere nothing."""
+    me, group = os.getpid(), os.getpgid(0)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == group:  # state, ppid, pgrp
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 def _wait(child: subprocess.Popen, owner: int) -> bool:
     """Wait until the command exits (True) or the owner is gone (False, unless the command ended meanwhile)."""
     child_fd, owner_fd = _pidfd(child.pid), _pidfd(owner)  # the owner's, opened before its check below
@@ -133,6 +154,7 @@ def main(argv: list[str]) -> None:
         sock.close()
     del spec  # the command's environment is not kept here
     if _wait(child, owner):
+        _kill_the_rest()
         _exit_like(child.returncode)
     group = os.getpgid(0)
     try:
