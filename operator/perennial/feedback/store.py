@@ -363,7 +363,7 @@ class _Approval:
         self.ids: OrderedDict[str, str] = OrderedDict()
         self.waiting: OrderedDict[str, list[tuple[str, bool]]] = OrderedDict()
         self.buckets: dict[tuple[str, str], list[int]] = {}
-        self.fed: set[tuple[str, int, str]] = set()
+        self.fed: OrderedDict[tuple[str, int, str], None] = OrderedDict()  # parts fed (the newest max_ids)
 
     def _count(self, adapter: str, hour: str, up: bool) -> None:
         b = self.buckets.setdefault((adapter, hour), [0, 0])
@@ -373,7 +373,9 @@ class _Approval:
     def feed(self, key: tuple[str, int, str], items: Iterable[tuple[int, str, Any, str | None]]) -> None:
         if key in self.fed:
             return
-        self.fed.add(key)
+        self.fed[key] = None
+        if len(self.fed) > self.max_ids:
+            self.fed.popitem(last=False)
         for kind, rid, val, t in items:
             hour = (t or "")[:13]
             if kind == 0:
