@@ -180,7 +180,7 @@ def main() -> None:
                 "--host", HOST, "--port", str(port), "--admin-port", "0", "--spool-dir", str(tmp / f"spool-{mode}"), "--token-file", str(tmp / "token"),
                 "--base-model-name", BASE]
         if mode == "routed":
-            argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters")]
+            argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters"), "--adapter-roots", str(tmp)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / d) for d in ("server_image", "common", "operator")]))
         procs[mode] = subprocess.Popen(argv, env=env)
         urls[mode] = f"http://{HOST}:{port}"

@@ -62,6 +62,8 @@ class SidecarConfig:
     worker_index: int = -1
     routes_file: str = ""
     adapters_dir: str = "/var/lib/perennial/adapters"
+    pvc_root: str = "/mnt/pvc"
+    adapter_roots: str = ""
     adapter_max_bytes: int = 8 * 1024 * 1024 * 1024
 
     def upstream_url(self) -> SplitResult:
@@ -112,8 +114,23 @@ class SidecarConfig:
         json.loads(self.redaction_extra_patterns or "[]")
         if self.routes_file and not os.path.isabs(self.adapters_dir):
             raise ValueError("`adapters_dir` must be an absolute path")
+        if self.routes_file:
+            for root in self.local_adapter_roots():
+                if not os.path.isabs(root):
+                    raise ValueError(f"`adapter_roots` must be absolute paths, not {root!r}")
         if self.adapter_max_bytes < 1:
             raise ValueError("`adapter_max_bytes` must be positive")
+
+    def local_adapter_roots(self) -> list[str]:
+        """Folders a local adapter path of the routes document may lie under: the adapters dir, the pod's claims,
+        and `adapter_roots` (comma-separated)."""
+        extra = [r.strip() for r in self.adapter_roots.split(",") if r.strip()]
+        return [r for r in (self.adapters_dir, self.pvc_root, *extra) if r]
+
+    def sidecar_folders(self) -> list[str]:
+        """The sidecar's own folders (token, spool, routes document): never an adapter, whatever the roots."""
+        return [d for d in (os.path.dirname(self.token_file) if self.token_file else "", self.spool_dir,
+                            os.path.dirname(self.routes_file) if self.routes_file else "") if d]
 
     def worker_spool(self, index: int) -> tuple[str, str]:
         """(spool dir, pod name) of worker `index`: worker 0 (or a single process) the spool dir and
@@ -176,6 +193,8 @@ _HELP = {
     "routes_file": "routes document (served name -> adapters, a mounted ConfigMap) the sidecar watches and loads into the engine; empty = the engine's own model names (see routes.py)",
     "adapters_dir": "where adapters with a remote `uri` in the routes document are fetched to (a volume the engine reads too)",
     "adapter_max_bytes": "largest adapter fetched from a remote `uri`",
+    "pvc_root": "where the pod's PersistentVolumeClaims are mounted (<pvc-root>/<claim>): local adapter paths may lie there",
+    "adapter_roots": "comma-separated absolute folders local adapter paths of the routes document may lie under, besides --adapters-dir and --pvc-root (e.g. a file:// artifact store on this machine)",
 }
 
 

@@ -94,6 +94,47 @@ PREVIEW_UNAUTHORIZED = "preview names need the operator's token (`Authorization:
 SOURCE_MARKER = ".perennial-source"
 
 
+# never an adapter's folder, whatever the roots say: the system's and the sidecar's own (Routes.denied adds these)
+DENIED_DIRS = ("/proc", "/sys", "/dev", "/etc", "/run", "/var/run", "/boot", "/root")
+MAX_LOCAL_ENTRIES = 1000
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root == "/" else root + "/")
+
+
+def check_local_adapter(name: str, path: str, roots: Sequence[str], denied: Sequence[str]) -> str:
+    """`path` when a local adapter folder may be loaded from it, else ValueError: absolute, no `.`/`..` parts,
+    under one of `roots` both as written and once its symlinks are resolved, not under `denied` (either way),
+    and no symlink inside it resolving elsewhere (at most MAX_LOCAL_ENTRIES entries looked at)."""
+    where = f"adapter `{name}`: the local path {path!r}"
+    if not os.path.isabs(path) or any(p in (".", "..") for p in path.split("/")):
+        raise ValueError(f"{where} must be absolute, without `.` or `..`")
+    norm = os.path.normpath(path)
+    real = os.path.realpath(norm)
+    real_roots = [(os.path.normpath(r), os.path.realpath(r)) for r in roots]
+    real_denied = {os.path.normpath(d) for d in denied} | {os.path.realpath(d) for d in denied}
+    def allowed(p: str) -> bool:
+        return not any(_under(p, d) for d in real_denied) and any(_under(p, rr) for _, rr in real_roots)
+    if not any(_under(norm, r) for r, _ in real_roots):
+        raise ValueError(f"{where} must be under {', '.join(roots)}")
+    if any(_under(norm, d) or _under(real, d) for d in real_denied):
+        raise ValueError(f"{where} must not be a system folder or the sidecar's own (token, spool, routes)")
+    if not allowed(real):
+        raise ValueError(f"{where} must not lead out of {', '.join(roots)} through a symlink")
+    seen = 0
+    for dirpath, dirs, files in os.walk(real):  # symlinked folders are not followed: each is checked as an entry
+        for entry in (*dirs, *files):
+            seen += 1
+            if seen > MAX_LOCAL_ENTRIES:
+                raise ValueError(f"{where} must not hold more than {MAX_LOCAL_ENTRIES} files and folders")
+            full = os.path.join(dirpath, entry)
+            if os.path.islink(full) and not allowed(os.path.realpath(full)):
+                raise ValueError(f"{where} must not hold a symlink leading out of {', '.join(roots)} ({entry!r})")
+    return norm
+
+
 def check_adapter_name(name: str) -> str:
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"adapter name {name!r} must be a lowercase DNS-1123 subdomain (a-z, 0-9, '-', '.'; no '..')")
@@ -477,8 +518,11 @@ class Routes:
 
     def __init__(self, path: str, *, base_name: str, adapters_dir: str, max_bytes: int, manage: bool = True,
                  state_file: str | None = None, peer_state_files: Sequence[str] = (), rng: random.Random | None = None,
-                 token: TokenFile | None = None) -> None:
+                 token: TokenFile | None = None, local_roots: Sequence[str] | None = None, denied: Sequence[str] = ()) -> None:
         self.path = path
+        # where local adapter paths may be (check_local_adapter); default: the adapters dir only
+        self.local_roots = list(local_roots) if local_roots is not None else [adapters_dir]
+        self.denied = [*DENIED_DIRS, *denied]
         self.token = token  # the operator's token: the only key to preview names (None: previews answer nobody)
         self.cfg_base = base_name
         self.adapters_dir = Path(adapters_dir)
@@ -663,8 +707,10 @@ class Routes:
                     errors[name] = "not loaded in the engine yet (worker 0 loads adapters)"
                     continue
                 try:
-                    path = src.uri if is_local(src.uri) else await asyncio.to_thread(
-                        fetch_adapter, name, src.uri, self.adapters_dir, max_bytes=self.max_bytes)
+                    if is_local(src.uri):
+                        path = await asyncio.to_thread(check_local_adapter, name, src.uri, self.local_roots, self.denied)
+                    else:
+                        path = await asyncio.to_thread(fetch_adapter, name, src.uri, self.adapters_dir, max_bytes=self.max_bytes)
                     await self.engine.load(name, path)
                 except (EngineCallError, ValueError, OSError, ImportError) as e:
                     errors[name] = str(e)[:500] or type(e).__name__

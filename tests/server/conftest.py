@@ -48,8 +48,9 @@ def sidecar_factory(tmp_path: Path):
     def make(upstream: str, app_hook: Callable[[Any], None] | None = None, **overrides: Any) -> tuple[AppThread, Sidecar, SidecarConfig]:
         """A running sidecar in front of `upstream`; `app_hook(app)` may add to its aiohttp app before it starts."""
         n = len(started)
-        token_file = tmp_path / "token"
+        token_file = tmp_path / "secret" / "token"  # a folder of its own, as the pod mounts the Secret
         if not token_file.exists():
+            token_file.parent.mkdir(exist_ok=True)
             token_file.write_text(TOKEN + "\n")
         cfg = SidecarConfig(
             upstream=upstream, host="127.0.0.1", port=0, deployment="demo", namespace="ns", revision="blue", region="eu",
@@ -92,10 +93,14 @@ def routed(fake: Any, sidecar_factory: Callable[..., Any], tmp_path: Path) -> Ca
     routing from a mounted routes file (routesutil.KubeletDir)."""
     from routesutil import KubeletDir
 
+    made: list[Any] = []
+
     def start(first: dict | None, **overrides: Any) -> tuple[Any, Any, Any]:
-        kd = KubeletDir(tmp_path / "configmap")
+        kd = KubeletDir(tmp_path / ("configmap" + (str(len(made)) if made else "")))
+        made.append(kd)
         if first is not None:
             kd.write(first)
+        overrides.setdefault("adapter_roots", str(tmp_path / "artifacts"))  # where routesutil.make_adapter_dir puts them
         t, sc, _ = sidecar_factory(fake.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"), **overrides)
         return t, sc, kd
 

@@ -274,7 +274,8 @@ def test_routes_with_the_cpu_engine(engine, sidecar_factory, tiny_model, tmp_pat
     kd.write({"revision": "r1", "base": {"name": BASE},
               "adapters": {"fruit-a": {"uri": ad["fruit-a"]}, "fruit-b": {"uri": ad["fruit-b"]}, "fruit-copy": {"uri": f"memory://fruit-{tmp_path.name}"}},
               "routes": {"fruit": [{"adapter": "fruit-copy", "weight": 100}], "other": [{"adapter": "fruit-b", "weight": 100}]}})
-    t, _, _ = sidecar_factory(engine.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"))
+    t, _, _ = sidecar_factory(engine.url, routes_file=str(kd.path), adapters_dir=str(tmp_path / "adapters"),
+                              adapter_roots=str(Path(ad["fruit-a"]).parent))
     applied(t, "r1")
     client = openai.OpenAI(base_url=t.url + "/v1", api_key="unused", max_retries=0)
 
@@ -318,7 +319,8 @@ def test_workers_unload_only_when_every_worker_is_done(fake: FakeEngine, sidecar
     a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
     kd = KubeletDir(tmp_path / "cm")
     kd.write(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
-    common = {"routes_file": str(kd.path), "adapters_dir": str(tmp_path / "adapters"), "workers": 2, "spool_dir": str(tmp_path / "spool")}
+    common = {"routes_file": str(kd.path), "adapters_dir": str(tmp_path / "adapters"), "workers": 2, "spool_dir": str(tmp_path / "spool"),
+              "adapter_roots": str(tmp_path / "artifacts")}
     w0, _, _ = sidecar_factory(fake.url, worker_index=0, **common)
     w1, _, _ = sidecar_factory(fake.url, worker_index=1, **common)
     applied(w0, "r1")
@@ -437,13 +439,15 @@ def test_routes_with_worker_processes(fake: FakeEngine, tmp_path: Path) -> None:
     a1, a2 = make_adapter_dir(tmp_path, "a1"), make_adapter_dir(tmp_path, "a2")
     kd = KubeletDir(tmp_path / "cm")
     kd.write(doc("r1", {"a1": a1}, {"svc": [("a1", 100)]}))
-    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "token").write_text(TOKEN + "\n")
     fake.load_delay = 1.5  # a worker that loaded too would find the adapter still missing and load it again
     port = free_port()
     spool = tmp_path / "spool"
     args = [sys.executable, "-m", "perennial_server.cli", "--log-level", "INFO", "sidecar", "--upstream", fake.url,
-            "--host", "127.0.0.1", "--port", str(port), "--admin-port", "0", "--spool-dir", str(spool), "--token-file", str(tmp_path / "token"),
-            "--base-model-name", BASE, "--workers", "2", "--routes-file", str(kd.path), "--adapters-dir", str(tmp_path / "adapters")]
+            "--host", "127.0.0.1", "--port", str(port), "--admin-port", "0", "--spool-dir", str(spool), "--token-file", str(tmp_path / "secret" / "token"),
+            "--base-model-name", BASE, "--workers", "2", "--routes-file", str(kd.path), "--adapters-dir", str(tmp_path / "adapters"),
+            "--adapter-roots", str(tmp_path / "artifacts")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERENNIAL_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     with open(tmp_path / "sidecar.log", "w") as log:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)

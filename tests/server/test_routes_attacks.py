@@ -207,6 +207,77 @@ def test_adapter_uris_outside_the_artifact_stores_are_refused(fake: FakeEngine, 
     assert [c for c in fake.calls if c[1] == "evil"] == []
 
 
+def test_local_adapter_paths_must_lie_under_the_pods_adapter_roots(fake: FakeEngine, routed, tmp_path: Path) -> None:
+    """A local adapter path in the routes document reaches the engine's `/v1/load_lora_adapter` (the engine reads it
+    and may echo what it found in its error): only folders under the adapters dir, the pod's claims (--pvc-root) and
+    --adapter-roots may be named; never by `..`, never through a symlink leading out, never the system's folders or
+    the sidecar's own (token, spool, routes) even under a root."""
+    import os
+
+    from srvutil import TOKEN
+
+    artifacts = tmp_path / "artifacts"
+    secret = tmp_path / "secret"  # the token's own folder, as the pod mounts it
+    secret.mkdir()
+    (secret / "token").write_text(TOKEN)
+    good = make_adapter_dir(tmp_path, "good")
+    (artifacts / "to-etc").symlink_to("/etc")  # a folder under the root that is /etc
+    leaky = Path(make_adapter_dir(tmp_path, "leaky"))  # an adapter folder whose config is the feedback token
+    (leaky / "adapter_config.json").unlink()
+    (leaky / "adapter_config.json").symlink_to(secret / "token")
+    pvc = tmp_path / "pvc" / "claim" / "adapters" / "on-claim"
+    pvc.mkdir(parents=True)
+    (pvc / "adapter_config.json").write_text("{}")
+    t, sc, kd = routed(doc("r1", {"good": good, "on-claim": str(pvc)}, {"svc": [("good", 100)], "claim": [("on-claim", 100)]}),
+                       pvc_root=str(tmp_path / "pvc"), token_file=str(secret / "token"))
+    applied(t, "r1")
+    assert set(fake.loaded) == {"good", "on-claim"}
+    token_dir = str(secret)
+    bad = {
+        "etc": "/etc",
+        "proc": "/proc/self",
+        "root": "/",
+        "dotdot": f"{artifacts}/../../../../etc",
+        "dotdot-inside": f"{artifacts}/good/../good",
+        "symlink-out": str(artifacts / "to-etc"),
+        "symlink-in-folder": str(leaky),
+        "unlisted": str(tmp_path / "elsewhere"),
+        "token-dir": token_dir,
+        "spool": sc.cfg.spool_dir,
+        "routes-dir": str(kd.root),
+        "sibling-prefix": str(artifacts) + "-evil",  # /x/artifacts-evil is not under /x/artifacts
+    }
+    os.makedirs(tmp_path / "elsewhere", exist_ok=True)
+    os.makedirs(str(artifacts) + "-evil", exist_ok=True)
+    loads = len([c for c in fake.calls if c[0] == "load"])
+    for i, (kind, path) in enumerate(sorted(bad.items())):
+        kd.write(doc(f"bad-{i}", {"good": good, "evil": path}, {"svc": [("good", 100)], "x": [("evil", 100)]}))
+        st = wait_until(lambda i=i: (s := routes_state(t))["pending"] == f"bad-{i}" and s["errors"].get("evil") and s, what=kind)
+        assert "adapter `evil`" in st["errors"]["evil"] and "must" in st["errors"]["evil"], (kind, st["errors"])
+        assert st["revision"] == "r1", kind
+    assert len([c for c in fake.calls if c[0] == "load"]) == loads  # the engine was never asked
+    # roots that include the sidecar's own folders still never reach them
+    t2, sc2, kd2 = routed(None, adapter_roots=f"{tmp_path},/", pvc_root=str(tmp_path / "pvc"), token_file=str(secret / "token"))
+    for i, path in enumerate([token_dir, sc2.cfg.spool_dir, "/etc/ssl", "/proc/1", str(leaky)]):
+        kd2.write(doc(f"own-{i}", {"evil": path}, {"x": [("evil", 100)]}))
+        st = wait_until(lambda i=i: (s := routes_state(t2))["pending"] == f"own-{i}" and s["errors"].get("evil") and s, what=path)
+        assert "must" in st["errors"]["evil"], (path, st["errors"])
+    assert len([c for c in fake.calls if c[0] == "load"]) == loads
+
+
+def test_adapter_roots_flag() -> None:
+    from perennial_server.cli import build_parser
+    from perennial_server.config import sidecar_config_from_args
+
+    def cfg(*argv: str):
+        return sidecar_config_from_args(build_parser().parse_args(["sidecar", "--routes-file", "/r.json", *argv]))
+
+    assert cfg().pvc_root == "/mnt/pvc" and cfg().adapter_roots == ""
+    assert cfg("--adapter-roots", "/a,/b/c").local_adapter_roots() == ["/var/lib/perennial/adapters", "/mnt/pvc", "/a", "/b/c"]
+    with pytest.raises(ValueError, match="absolute"):
+        cfg("--adapter-roots", "/a,rel")
+
+
 def test_a_compressed_request_is_routed_and_forwarded_decoded(fake: FakeEngine, routed, tmp_path: Path) -> None:
     """aiohttp decodes a `Content-Encoding: gzip` request body before the sidecar routes it; the decoded (and
     rewritten) body went on with the header still saying gzip: an engine that decodes request bodies (the CPU

@@ -368,6 +368,22 @@ def test_sidecar_command_line_parses_with_the_sidecars_own_parser():
     assert sidecar_config_from_args(ns).sample_percent == 0 and ns.store_uri == ""
 
 
+def test_sidecar_adapter_roots_come_from_the_operators_settings():
+    """Local adapter paths the sidecar may load: its adapters dir and the pod's claims (PERENNIAL_PVC_ROOT), and
+    only with the operator's settings more (a file:// artifact store on the machine of `perennial dev`)."""
+    from perennial_server.config import sidecar_config_from_args
+
+    s = serving()
+    sidecar = containers(pod_of(s))["sidecar"]
+    assert "--adapter-roots" not in sidecar["args"]
+    assert {e["name"]: e.get("value") for e in sidecar["env"]}["PERENNIAL_PVC_ROOT"] == d.PVC_ROOT
+    local = serving(settings=d.ServingSettings(adapter_roots=("/home/me/.perennial/artifacts",)))
+    cfg = sidecar_config_from_args(_parser().parse_args(containers(pod_of(local))["sidecar"]["args"]))
+    assert cfg.local_adapter_roots()[-1] == "/home/me/.perennial/artifacts" and cfg.local_adapter_roots()[0] == d.ADAPTERS_DIR
+    with pytest.raises(ValueError, match="absolute"):
+        d.sidecar_args(serving(settings=d.ServingSettings(adapter_roots=("relative",))), "r")
+
+
 def test_extra_args_may_not_take_over_the_operators_flags():
     for flag in ("--port", "--host=0.0.0.0", "--model", "--served-model-name"):
         with pytest.raises(ValueError, match="extraArgs"):

@@ -233,6 +233,9 @@ class ServingSettings:
     scale_down_period_seconds: int = 600
     #: the feedback store when a Deployment names none (the operator's)
     feedback_store_uri: str | None = None
+    #: absolute folders (besides the adapters emptyDir and the claims under PVC_ROOT) whose adapter paths the sidecar
+    #: may load: a file:// artifact store on the machine of `perennial dev`; empty in a cluster (`--adapter-roots`)
+    adapter_roots: tuple[str, ...] = ()
 
     def startup_seconds(self, engine_type: str) -> int:
         return self.vllm_startup_seconds if engine_type == "VLLM" else self.cpu_startup_seconds
@@ -464,6 +467,11 @@ def sidecar_args(s: Serving, revision: str) -> list[str]:
     store = feedback_store_uri(s)
     if store:
         args += ["--store-uri", local_path(store) or store]
+    roots = s.settings.adapter_roots
+    if roots:
+        if not all(r.startswith("/") and "," not in r for r in roots):
+            raise ValueError(f"adapter roots must be absolute paths without ',': {roots!r}")
+        args += ["--adapter-roots", ",".join(roots)]
     return args
 
 
