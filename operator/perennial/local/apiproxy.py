@@ -189,7 +189,9 @@ class ProxyForwarder:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=False),
+                # a connection per request: a pooled one the pod closed meanwhile (idle eviction) would fail a POST,
+                # which is never retried (a streamed body cannot be sent twice); on loopback a connect costs little
+                connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=False, force_close=True),
                 cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.read_timeout))
         return self._session
@@ -237,10 +239,7 @@ class ProxyForwarder:
             try:
                 return await self._relay(request, upstream)
             finally:
-                if upstream.content.is_eof():
-                    upstream.release()  # read to the end: the connection goes back to the pool
-                else:
-                    upstream.close()
+                upstream.close()
         raise APIError(503, "ServiceUnavailable", f"error trying to reach {what}: {last}")
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
