@@ -52,7 +52,8 @@ certificate) and write them into their kubeconfig (mode 0600, ``server.write_kub
 token (in-process tests) requests are anonymous and all allowed.
 
 Not emulated: controllers (Deployments make no Pods, Jobs never finish), exec/port-forward/attach, WebSocket upgrades through proxy,
-authorization (RBAC: the one token may do everything), managedFields and apply conflicts, CRD version conversion, aggregated discovery.
+authorization for the server's own token (it may do everything; service-account tokens from
+``issue_service_account_token`` are authorized by RBAC, see ``rbac.py``), managedFields and apply conflicts, CRD version conversion, aggregated discovery.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from aiohttp import web
 from aiohttp.web import AbstractResource, ResourceRoute, UrlMappingMatchInfo
 from yarl import URL
 
-from . import protobuf
+from . import protobuf, rbac
 from .apiproxy import ProxyForwarder, pod_targets, service_targets, split_scheme_name_port
 from .faults import Fault, FaultConfig, FaultInjector, RequestCounter, client_of
 from .patches import PatchError, json_patch, merge_patch
@@ -230,6 +231,12 @@ class APIServer:
         self.ca_file: str | None = None  # the serving certificate as a file, for clients that take a path
         self._ca_dir: tempfile.TemporaryDirectory | None = None
         self._expected = f"Bearer {token}".encode() if token is not None else None
+        # service-account tokens (issue_service_account_token): their requests are authorized by RBAC (rbac.py)
+        self._sa_tokens: dict[bytes, rbac.User] = {}
+        self.authorizer = rbac.Authorizer(
+            lambda plural, ns: self.store.list(self._rt(rbac.RBAC, "v1", plural), ns)[0])
+        #: set to a list to record every RBAC decision: (user, attributes, decision)
+        self.authz_log: list[tuple[rbac.User, rbac.Attributes, rbac.Decision]] | None = None
         self.store = Store()
         self.injector = FaultInjector(faults)
         self.requests = RequestCounter()
@@ -382,11 +389,47 @@ class APIServer:
 
     # ------------------------------------------------------------------ dispatch
 
+    def issue_service_account_token(self, namespace: str, name: str) -> str:
+        """A bearer token of the ServiceAccount `namespace/name`: its requests are authorized by the RBAC objects
+        in the store (Roles, ClusterRoles and their bindings; see rbac.py), not allowed everything as the
+        server's own token is. The ServiceAccount object itself need not exist (as with a bound token)."""
+        token = new_token()
+        self._sa_tokens[f"Bearer {token}".encode()] = rbac.User.service_account(namespace, name)
+        return token
+
+    def _identity(self, request: web.Request) -> rbac.User | None:
+        """The service account a request's token names, if any."""
+        if not self._sa_tokens:
+            return None
+        given = request.headers.get("Authorization", "").strip().encode()
+        for expected, user in self._sa_tokens.items():
+            if hmac.compare_digest(given, expected):
+                return user
+        return None
+
     def _authenticated(self, request: web.Request, path: str) -> bool:
         if self._expected is None or path in PUBLIC_PATHS:
             return True
         given = request.headers.get("Authorization", "").strip().encode()
         return hmac.compare_digest(given, self._expected)
+
+    def _authorize(self, request: web.Request, path: str, user: rbac.User) -> web.Response | None:
+        """None when RBAC allows `user` the request, else kube-apiserver's 403."""
+        if path.startswith(DEBUG_PREFIX):
+            attrs = rbac.Attributes(verb=request.method.lower(), path=path, resource_request=False)
+            decision = rbac.Decision(False)
+        else:
+            attrs = rbac.attributes(request.method, path, request.query, self._namespaced)
+            decision = self.authorizer.decide(user, attrs)
+        if self.authz_log is not None:
+            self.authz_log.append((user, attrs, decision))
+        if decision.allowed:
+            return None
+        return web.Response(status=403, text=json.dumps(rbac.forbidden(user, attrs)), content_type="application/json")
+
+    def _namespaced(self, group: str, version: str, plural: str) -> bool | None:
+        rt = self.store.lookup(group, version, plural)
+        return None if rt is None else rt.namespaced
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -395,8 +438,13 @@ class APIServer:
         user_agent = request.headers.get("User-Agent", "")
         if not debug:
             request[ACCOUNT] = (client_of(user_agent, self.requests.clients), verb, resource or path)
-        if not self._authenticated(request, path):  # counted (code 401) like any other answer
+        user = self._identity(request)
+        if user is None and not self._authenticated(request, path):  # counted (code 401) like any other answer
             return web.Response(status=401, text=json.dumps(UNAUTHORIZED), content_type="application/json")
+        if user is not None and path not in PUBLIC_PATHS:
+            denied = self._authorize(request, path, user)
+            if denied is not None:  # counted (code 403)
+                return denied
         if debug:
             return await self._debug(request, path)
         fault = self.injector.draw(user_agent, verb, "resourceVersion" in request.query) if resource else None
