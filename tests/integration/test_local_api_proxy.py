@@ -187,7 +187,8 @@ def test_a_request_reaches_the_pod_through_the_service_proxy_with_method_query_b
     resp = env.http.post(env.url(f"/api/v1/namespaces/{NS}/services/web:http/proxy/echo/a/b?x=1&y=%20z&y=2"),
                          data=b'{"model": "base"}', timeout=30,
                          headers=env.headers(**{"Content-Type": "application/json", "X-Custom": "kept",
-                                                "Connection": "keep-alive, X-Hop", "X-Hop": "dropped"}))
+                                                "Connection": "keep-alive, X-Hop", "X-Hop": "dropped",
+                                                "Impersonate-User": "admin", "X-Remote-User": "admin"}))
     assert resp.status_code == 200, resp.text
     seen = resp.json()
     assert seen["method"] == "POST" and seen["path"] == "/echo/a/b"
@@ -196,6 +197,7 @@ def test_a_request_reaches_the_pod_through_the_service_proxy_with_method_query_b
     assert hdrs["x-custom"] == "kept" and hdrs["content-type"] == "application/json"
     # the caller's credentials for the API server never reach the pod (kube-apiserver drops them once authenticated)
     assert "authorization" not in hdrs and env.token not in json.dumps(hdrs)
+    assert "impersonate-user" not in hdrs and "x-remote-user" not in hdrs  # the API server's, never a pod's
     assert "x-hop" not in hdrs, "a header named in Connection is hop-by-hop"
     # the pod's answer comes back, its own hop-by-hop headers dropped
     assert resp.headers["X-Pod"] == "yes" and "X-Pod-Hop" not in resp.headers

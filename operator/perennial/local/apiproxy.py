@@ -18,7 +18,7 @@
   comes (server-sent events arrive as the pod sends them), status and headers as the pod gave them, bytes untouched
   (no decompression).
 - Hop-by-hop headers (RFC 9110 7.6.1 and those named in ``Connection``) are dropped both ways; so are the caller's
-  ``Authorization`` and ``Impersonate-*`` headers (kube-apiserver removes them once it has authenticated the request:
+  ``Authorization``, ``Impersonate-*`` and ``X-Remote-*`` headers (kube-apiserver removes them once it has authenticated the request:
   the API server's credentials never reach a pod), ``Host`` (the pod's address) and ``Expect``;
   ``X-Forwarded-For`` gets the caller's address appended. Cookies are never kept between requests.
 - Authentication is the API server's (its bearer token); requests are accounted as kube-apiserver's authorizer
@@ -57,6 +57,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "transfer-encoding", "upgrade"})
 # never forwarded to a pod: the API server's own credentials, its host, what aiohttp already answered or decoded
 _REQUEST_DROP = frozenset({"authorization", "host", "expect", "x-forwarded-for"})
+# kube-apiserver's own authentication inputs, removed once it has authenticated: impersonation and the front proxy's
+# request headers
+_AUTH_PREFIXES = ("impersonate-", "x-remote-")
 _SCHEMES = ("", "http", "https")
 
 Target = tuple[str, str, int]  # (scheme, ip, port)
@@ -207,7 +210,7 @@ class ProxyForwarder:
             drop = drop | {"content-encoding", "content-length"}
         headers: CIMultiDict[str] = CIMultiDict()
         for k, v in request.headers.items():
-            if k.lower() not in drop and not k.lower().startswith("impersonate-"):
+            if k.lower() not in drop and not k.lower().startswith(_AUTH_PREFIXES):
                 headers.add(k, v)
         forwarded = [*request.headers.getall("X-Forwarded-For", []), request.remote or ""]
         headers.add("X-Forwarded-For", ", ".join(f for f in forwarded if f))
