@@ -32,7 +32,7 @@ from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
 from ..resources.common import FINALIZER, MANAGED_BY
 from . import listings
-from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes
+from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes, generation
 from .queue import WorkQueue
 
 log = logging.getLogger("perennial.controllers")
@@ -419,6 +419,11 @@ class Manager:
         result = "success"
         try:
             outcome = await controller.reconcile(obj, self.ctx)
+            # A reconcile that wrote the object's metadata itself (a finalizer) wrote it through to the cache: the
+            # status is written against that version, unless the spec moved meanwhile (then the 409 retries).
+            latest = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
+            if latest is not None and latest is not obj and generation(latest) == generation(obj) and not _self_changed(obj, latest):
+                obj = latest
             try:
                 written = await self.write_status(controller, obj, outcome.status, outcome.notes)
             except ApiError:
