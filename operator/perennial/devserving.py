@@ -18,6 +18,8 @@ from typing import Any
 from .resources import conditions as cond
 
 API = "perennial.ai/v1alpha1"
+#: Where the local runtime relays a Service (perennial.local.proxy): the URL that answers on this machine.
+LOCAL_URL = "perennial.ai/local-url"
 POLL_SECONDS = 2.0
 EXAMPLE_PROMPT = "What colour is a banana?"
 
@@ -120,6 +122,17 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | Non
     return f"Deployment {ns}/{name} " + "; ".join(parts) + (f" (waiting for {', '.join(pending)})" if pending else "")
 
 
+def with_local_endpoint(obj: Mapping[str, Any], local_url: str | None) -> dict[str, Any]:
+    """`obj` with `status.endpoint` the URL that answers on this machine: the stable Service's local URL; without one
+    (the relay not up yet), an endpoint that is no local address is left out (a cluster DNS name answers nowhere here)."""
+    status = dict(obj.get("status") or {})
+    if local_url:
+        status["endpoint"] = local_url
+    elif not str(status.get("endpoint") or "").startswith(("http://127.", "http://localhost", "http://[::1]")):
+        status.pop("endpoint", None)
+    return {**obj, "status": status}
+
+
 class ServingAnnouncer:
     """Polls every Perennial Deployment and prints `describe_ready` once it is Ready, then `describe_change`."""
 
@@ -137,9 +150,22 @@ class ServingAnnouncer:
     def stop(self) -> None:
         self._stop.set()
 
+    def local_url(self, obj: Mapping[str, Any]) -> str | None:
+        """The local URL of the stable Service (`<name>`, or `<name>-<region>` for node-pool regions), if relayed."""
+        ns, name = _ns_name(obj)
+        regions = [r["name"] for r in (obj.get("status") or {}).get("regions") or [] if isinstance(r, dict) and r.get("name")]
+        for svc_name in [name] + [f"{name}-{r}" for r in regions]:
+            svc = self.kube.get("v1", "Service", ns, svc_name) or {}
+            url = (svc.get("metadata", {}).get("annotations") or {}).get(LOCAL_URL)
+            if url:
+                return str(url).rstrip("/")
+        return None
+
     def poll(self) -> None:
         objs = self.kube.list(API, "Deployment", None)
-        for obj in objs:
+        for raw in objs:
+            ready = cond.is_true((raw.get("status") or {}).get("conditions"), "Ready")
+            obj = with_local_endpoint(raw, self.local_url(raw) if ready else None)
             key = _ns_name(obj)
             last = self._seen.get(key)
             if last is None:

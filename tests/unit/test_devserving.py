@@ -5,7 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from perennial.devserving import ServingAnnouncer, describe_change, describe_ready, token_command
+from perennial.devserving import (
+    ServingAnnouncer,
+    describe_change,
+    describe_ready,
+    token_command,
+)
 
 
 def deployment(ready: bool = True, served: list[dict[str, Any]] | None = None, **status: Any) -> dict[str, Any]:
@@ -57,10 +62,34 @@ def test_changes_are_one_line_each_and_nothing_when_nothing_changed():
 class FakeKube:
     def __init__(self) -> None:
         self.objs: list[dict[str, Any]] = []
+        self.local_url: str | None = "http://127.0.0.1:4321"
 
     def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict[str, Any]]:
         assert (api_version, kind, namespace) == ("perennial.ai/v1alpha1", "Deployment", None)
         return copy.deepcopy(self.objs)
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        assert (api_version, kind, namespace) == ("v1", "Service", "default")
+        if name != "fruit-chat" or self.local_url is None:
+            return None
+        return {"metadata": {"name": name, "annotations": {"perennial.ai/local-url": self.local_url}}}
+
+
+def test_the_url_printed_is_the_local_one_never_a_cluster_dns_name():
+    """The status names the cluster DNS name until the local relay annotated the stable Service: nothing is printed
+    before the local URL is known (a URL that answers nowhere on this machine was printed)."""
+    kube, out = FakeKube(), []
+    a = ServingAnnouncer(kube, "/k", out=out.append)
+    kube.local_url = None
+    kube.objs = [deployment(endpoint="http://fruit-chat.default.svc.cluster.local")]
+    a.poll()
+    assert out == []
+    kube.local_url = "http://127.0.0.1:5555"
+    a.poll()
+    assert len(out) == 1 and "is serving (OpenAI API) at http://127.0.0.1:5555" in out[0] and "svc.cluster.local" not in out[0]
+    kube.objs = [deployment(endpoint="http://127.0.0.1:5555")]  # the status catches up: nothing new to say
+    a.poll()
+    assert len(out) == 1
 
 
 def test_the_announcer_prints_once_ready_then_each_change():
