@@ -136,11 +136,14 @@ def _when(t: str) -> _dt.datetime:
 
 
 _REDACTED = re.compile(r"\[REDACTED:[^\]]*\]")
+_ALNUM = re.compile(r"[^\W_]")  # a letter or digit, in any script
 
 
 def _blank(text: str) -> bool:
     """Nothing to learn from: empty, or only the sidecar's `[REDACTED:<name>]` placeholders and punctuation."""
-    return not any(c.isalnum() for c in _REDACTED.sub("", text))
+    if "[REDACTED:" in text:
+        text = _REDACTED.sub("", text)
+    return _ALNUM.search(text) is None
 
 
 def _text_content(content: Any) -> str | None:
