@@ -35,6 +35,9 @@ class OperatorConfig:
     #: each is read less often than every `progress_seconds` (5 a second: 25 trainers are read every 5 s;
     #: each read is one API request the API server proxies to a kubelet, and ~1.5 ms of the operator's CPU).
     progress_reads_per_second: float = field(default_factory=lambda: float(_env("PERENNIAL_PROGRESS_READS_PER_SECOND", "5")))
+    #: Seconds between looks at the feedback store of a Deployment with `continuousLearning.enabled` (the store cannot
+    #: be watched; a look reads only segments new since the last one). Deployments without it are never looked at.
+    learning_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_LEARNING_SECONDS", "30")))
     #: Concurrent reconciles (all kinds).
     workers: int = field(default_factory=lambda: int(_env("PERENNIAL_WORKERS", "16")))
     # --- pods that run untrusted code (resources/podsecurity.py, resources/networkpolicy.py) ---

@@ -93,3 +93,49 @@ async def test_the_loop_patches_only_its_own_status_fields():
     dep["status"] = {**serving, **desired}
     assert not await m.write_status(m.controllers[LEARN], dep, desired, [])
     assert kube.patches == []
+
+
+class ConflictKube:
+    """Answers a TrainingRun creation with 409 (it exists: made before a restart, not in the cache yet)."""
+
+    def __init__(self, existing: dict | None):
+        self.existing = existing
+        self.created: list[dict] = []
+
+    async def create(self, obj: dict) -> dict:
+        from perennial.kube.client import ApiError
+
+        raise ApiError(409, {"reason": "AlreadyExists", "message": "exists"}, "POST", "/trainingruns")
+
+    async def get(self, api_version: str, kind: str, ns: str, name: str) -> dict | None:
+        return self.existing
+
+
+class OneSnapshot:
+    def get_snapshot(self, store_uri: str, namespace: str, deployment: str, seq: int) -> learning.Snapshot:
+        return learning.Snapshot(seq, f"chat/_perennial/snapshots/chat-{seq:08d}.json")
+
+
+async def test_a_run_answered_409_is_adopted_only_when_it_is_that_snapshots():
+    import pytest
+
+    from perennial.api.deployment import DeploymentSpec
+    from perennial.kube.client import ApiError
+
+    dep = o("Deployment", "chat", spec=DEPLOYMENT_SPEC)
+    spec = DeploymentSpec.model_validate(DEPLOYMENT_SPEC)
+    fb = learning.FeedbackView(last_snapshot=learning.Snapshot(3))
+    ours = learning.training_run(dep, spec, learning.Snapshot(3, "x.json"), parent=None, store_uri=None, trigger="Resumed")
+    for existing, adopted in ((ours, True), (None, False),
+                              ({**ours, "metadata": {**ours["metadata"], "labels": {learning.DEPLOYMENT_LABEL: "chat", learning.SNAPSHOT_SEQ_LABEL: "2"}}}, False),
+                              ({**ours, "metadata": {**ours["metadata"], "labels": {}}}, False)):
+        kube = ConflictKube(existing)
+        ctx = Context(clusters={"local": kube}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0)  # type: ignore[dict-item]
+        d = learning.Decision(create_run=3, trigger="Resumed")
+        if adopted:
+            run, made = await learning.create_run(ctx, dep, spec, fb, d, OneSnapshot(), [])  # type: ignore[arg-type]
+            assert (run["metadata"]["name"], made) == ("chat-learn-3", False)
+            assert ctx.cache.get(API, "TrainingRun", "default", "chat-learn-3") is not None
+        else:
+            with pytest.raises(ApiError):  # someone else's object of that name: never taken for ours
+                await learning.create_run(ctx, dep, spec, fb, d, OneSnapshot(), [])  # type: ignore[arg-type]

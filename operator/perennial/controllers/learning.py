@@ -622,7 +622,7 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
     async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        tick = tick_seconds if tick_seconds is not None else float(getattr(ctx.config, "learning_seconds", 30.0))
+        tick = tick_seconds if tick_seconds is not None else ctx.config.learning_seconds
         status = obj.get("status") or {}
         try:
             spec: DeploymentSpec | None = DeploymentSpec.model_validate(obj.get("spec") or {})
@@ -653,8 +653,8 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
                 raise
             except Exception as exc:  # noqa: BLE001 - the store refused the snapshot: a condition, retried at the next tick
                 created = None
-                message = f"the snapshot could not be written: {type(exc).__name__}: {exc}"[:1024]
-                log.warning("Feedback snapshot failed, deployment=%s, namespace=%s, error=%s", name, ns, message)
+                message = f"snapshot {d.create_run} or its TrainingRun could not be made: {type(exc).__name__}: {exc}"[:1024]
+                log.warning("Learning step failed, deployment=%s, namespace=%s, error=%s", name, ns, message)
                 d.status["conditions"] = cond.set_condition(d.status.get("conditions"), CONDITION_LEARNING, False, "SnapshotFailed",
                                                             message, o.generation)
             if created is not None:
