@@ -401,3 +401,28 @@ def test_a_caller_without_the_token_is_refused_before_reaching_the_pod(env: Env,
                                 data=b"x" if method == "POST" else None, timeout=30)
         assert resp.status_code == 401 and _status(resp)["reason"] == "Unauthorized"
     assert env.pod.seen == []
+
+
+def test_a_service_accounts_rbac_decides_get_and_create_on_services_proxy(env: Env) -> None:
+    """kube-apiserver authorizes a proxied GET as `get` and a POST as `create` on `services/proxy`: a service account
+    allowed only `get` reads through the proxy, its POST is a 403 that never reaches the pod, and its token is not
+    forwarded either."""
+    _web(env)
+    env.server.create("rbac.authorization.k8s.io/v1", "roles", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "proxy-reader", "namespace": NS},
+        "rules": [{"apiGroups": [""], "resources": ["services/proxy"], "verbs": ["get"]}]}, namespace=NS)
+    env.server.create("rbac.authorization.k8s.io/v1", "rolebindings", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "prober", "namespace": NS},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "proxy-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "prober", "namespace": NS}]}, namespace=NS)
+    token = env.server.issue_service_account_token(NS, "prober")
+    url = env.url(f"/api/v1/namespaces/{NS}/services/web:http/proxy/echo")
+    got = env.http.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert got.status_code == 200, got.text
+    assert "authorization" not in got.json()["headers"] and token not in json.dumps(got.json())
+    posted = env.http.post(url, data=b"{}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert posted.status_code == 403 and _status(posted)["reason"] == "Forbidden"
+    assert [s["method"] for s in env.pod.seen] == ["GET"]
+    other = env.http.get(env.url(f"/api/v1/namespaces/{NS}/pods/web-0/proxy/echo"),
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert other.status_code == 403  # pods/proxy is another resource
