@@ -254,3 +254,53 @@ def test_store_unreachable_is_a_condition_and_serving_status_is_left_alone(tmp_p
         c.wait_condition("Deployment", DEP, "Learning", "True", timeout=30)
         wait_for(lambda: len(runs(c)) == 1, 30, message="a run once the store is back")
     fresh_process()
+
+
+def test_the_gate_marks_each_learned_adapter_with_its_numbers(tmp_path: Path):
+    """Runs of the loop finish (the test plays the kubelet): an Adapter better than its baseline is `Promoted`, one
+    worse is not, each with the held-out numbers, and both objects get an Event saying so."""
+    import json as _json
+
+    from harness import FakeKubelet
+
+    fresh_process()
+    with running_cluster(tmp_path, learning_seconds=0.3) as c:
+        kubelet = FakeKubelet(c)
+        c.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+        c.wait_condition("BaseModel", "base", "Ready", "True")
+        fb = Feedback(tmp_path / "feedback")
+        spec = deployment_spec()
+        spec["continuousLearning"]["maxConcurrentRuns"] = 1
+        spec["continuousLearning"]["promotion"] = {"minImprovement": "0.05"}
+        c.create("Deployment", DEP, spec)
+
+        def finish(seq: int, version: int, mean: float, baseline: float) -> str:
+            run = learning.run_name(DEP, seq)
+            art = tmp_path / "art" / run
+            art.mkdir(parents=True)
+            (art / "adapter_config.json").write_text("{}")
+            pod = kubelet.start(f"{run}-train")
+            result = {"status": "Succeeded", "artifactUri": f"file://{art}",
+                      "metrics": {"eval/mean_reward": mean, "eval/baseline_mean_reward": baseline, "eval/improvement": mean - baseline, "eval/samples": 20}}
+            kubelet.finish(f"{run}-train", pod, exit_code=0, message=_json.dumps(result), job_condition="Complete")
+            c.wait_condition("TrainingRun", run, "Succeeded", "True", "AdapterCreated", timeout=30)
+            return f"chat-v{version}"
+
+        fb.ship(2)
+        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 1)), 30, message="the first run")
+        good = finish(1, 1, 0.8, 0.6)
+        promoted = c.wait_condition("Adapter", good, "Promoted", "True", "GatePassed", timeout=30)
+        assert "held-out mean reward 0.8 vs 0.6 of the base model on 20 held-out examples: improvement 0.2 (minImprovement 0.05)" in promoted["message"]
+        assert "Deployment chat" in promoted["message"]
+
+        fb.ship(2)
+        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 2)), 30, message="the second run")
+        bad = finish(2, 2, 0.55, 0.6)
+        failed = c.wait_condition("Adapter", bad, "Promoted", "False", "BelowMinImprovement", timeout=30)
+        assert "improvement -0.05" in failed["message"]
+        wait_for(lambda: {"AdapterPromoted"} <= {e["reason"] for e in c.events(good)}, 30, message="an Event on the promoted Adapter")
+        wait_for(lambda: {"AdapterNotPromoted"} <= {e["reason"] for e in c.events(bad)}, 30, message="a Warning on the failed one")
+        assert all(e["type"] == "Warning" for e in c.events(bad) if e["reason"] == "AdapterNotPromoted")
+        wait_for(lambda: f"Adapter {bad} failed the promotion gate" in " ".join(e["message"] for e in c.events(DEP)), 30,
+                 message="the Deployment's Event names the failed Adapter")
+    fresh_process()
