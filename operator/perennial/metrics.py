@@ -22,6 +22,11 @@ QUEUE_DEPTH = Gauge("perennial_workqueue_depth", "Objects waiting for a reconcil
 QUEUE_SECONDS = Histogram(
     "perennial_trainingrun_queue_seconds", "Time from TrainingRun creation to trainer start.", buckets=(1, 5, 15, 60, 300, 900, 3600, 14400)
 )
+# Continuous learning (controllers/learning.py).
+FEEDBACK_NEW_RECORDS = Gauge("perennial_feedback_new_records", "Rated feedback records in no snapshot yet, per Deployment with continuous learning.",
+                             ["namespace", "deployment"])
+LEARNING_RUNS = Counter("perennial_learning_trainingruns_created_total", "TrainingRuns created from feedback snapshots, by trigger.", ["trigger"])
+PROMOTIONS = Counter("perennial_adapter_promotion_decisions_total", "Promotion decisions written on learned Adapters, by reason.", ["reason"])
 
 
 class ConditionCollector:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from harness import API, Cluster, running_cluster, wait_for
 
 from perennial.controllers import learning
@@ -227,10 +228,14 @@ def test_a_restart_after_the_run_was_made_makes_no_second_one(tmp_path: Path):
         made = runs(c)
         assert [r["metadata"]["name"] for r in made] == [learning.run_name(DEP, 1)]
         fresh_process()
+        created_before = REGISTRY.get_sample_value("perennial_learning_trainingruns_created_total", {"trigger": "MinNewRecords"}) or 0
         c.start_operator()
         fb.ship(1)
         wait_for(lambda: converged(c, fb, root), 30, message="snapshot 2 and its run")
         assert_exactly_once(c, fb, root)
+        assert REGISTRY.get_sample_value("perennial_learning_trainingruns_created_total", {"trigger": "MinNewRecords"}) == created_before + 1
+        wait_for(lambda: REGISTRY.get_sample_value("perennial_feedback_new_records", {"namespace": "default", "deployment": DEP}) == 0, 30,
+                 message="the metric of new records")
         wait_for(lambda: (c.get("Deployment", DEP).get("status") or {}).get("lastTrainingRun") == learning.run_name(DEP, 2), 30)
         created = [e for e in c.events(DEP) if e.get("reason") == "TrainingRunCreated" or "TrainingRunCreated" in e.get("message", "")]
         assert created, "an Event says a run was created"

@@ -37,6 +37,7 @@ from cronsim import CronSim, CronSimError
 from ..api.common import Condition, Model
 from ..api.deployment import ContinuousLearning, DeploymentSpec, PromotionGate
 from ..kube import ApiError
+from ..metrics import FEEDBACK_NEW_RECORDS, LEARNING_RUNS, PROMOTIONS
 from ..resources import conditions as cond
 from ..resources.common import MANAGED_BY, child_name, owner_reference
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, generation
@@ -663,6 +664,7 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
                 if (t := run["metadata"].get("creationTimestamp")):
                     d.status["lastTrainingTime"] = t
                 if made:
+                    LEARNING_RUNS.labels(d.trigger or "").inc()
                     notes.append(Note("TrainingRunCreated", f"Created TrainingRun {run['metadata']['name']} from feedback snapshot "
                                       f"{d.create_run} (trigger {d.trigger})"))
         if enabled:
@@ -672,8 +674,13 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
             for act in decide_adapters(name, cl.promotion, adapters_of(ctx, obj, cl.adapter_family), served, approval):
                 written = await write_adapter_conditions(ctx, act)
                 if written is not None:
+                    PROMOTIONS.labels((cond.get(act.conditions, CONDITION_PROMOTED) or {}).get("reason", "")).inc()
                     notes.append(act.note)
                     events.append((written, [act.note]))
+        if "newFeedbackRecords" in d.status:
+            FEEDBACK_NEW_RECORDS.labels(ns, name).set(d.status["newFeedbackRecords"])
+        else:
+            forget_gauge(ns, name)
         return Outcome(d.status, notes, d.requeue_after, events=events)
 
     def dependencies(obj: dict[str, Any]) -> list[Dependency]:
@@ -683,8 +690,18 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
             return []
         return [(API_VERSION, "AdapterFamily", obj["metadata"]["namespace"], str(cl["adapterFamily"]))]
 
-    return Controller(KIND, "deployments", LearningStatus, reconcile, dependencies, event_for=event_for,
+    def gone(ctx: Context, namespace: str, name: str) -> None:
+        forget_gauge(namespace, name)
+
+    return Controller(KIND, "deployments", LearningStatus, reconcile, dependencies, gone, event_for=event_for,
                       resource=RESOURCE, status_fields=STATUS_FIELDS, owns=frozenset({"TrainingRun"}))
+
+
+def forget_gauge(namespace: str, name: str) -> None:
+    try:
+        FEEDBACK_NEW_RECORDS.remove(namespace, name)
+    except KeyError:
+        pass
 
 
 def event_for(c: dict[str, Any]) -> str | None:
