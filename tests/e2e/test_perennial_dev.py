@@ -63,7 +63,8 @@ def test_perennial_dev_demo_trains_adapters_and_serves_them(tmp_path: Path):
             st = (kube.get(API, "Deployment", "default", "fruit-chat") or {}).get("status") or {}
             names = {r["name"]: r.get("adapter") for r in st.get("servedAdapters") or []}
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions") or [])
-            return st if ready and names == {"fruit": "fruit-v2", "fruit-sft": "fruit-v1"} else None
+            local = str(st.get("endpoint")).startswith("http://127.0.0.1:")  # the local relay's URL (the cluster DNS name before)
+            return st if ready and local and names == {"fruit": "fruit-v2", "fruit-sft": "fruit-v1"} else None
 
         st = wait_for(served, timeout=600, interval=1, message="the demo's adapters served")
         url = st["endpoint"]
