@@ -1,0 +1,287 @@
+"""The Helm chart (charts/perennial): lint, render, validate every object, RBAC shape, values -> operator settings.
+
+Offline: Helm's own Go SDK through `helm-python-sdk` (lint --strict, values.schema.json, rendering) and every
+rendered object through `kubernetes-validate --strict` (unknown fields are errors) for the oldest Kubernetes the
+chart supports, 1.28 (its CRDs' CEL rules name a `fieldPath`, a field since 1.28; the chart's kubeVersion says
+>=1.28), and the newest the validator bundles, 1.37.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+from perennial import crdgen
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "perennial"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+NAMESPACE = "perennial-system"
+#: the oldest Kubernetes the chart supports and the newest the validator bundles schemas of
+KUBE_VERSIONS = ("1.28.0", "1.37.0")
+#: kinds no bundled schema covers (their CRDs are someone else's): checked by shape below instead
+FOREIGN_KINDS = {"ServiceMonitor"}
+
+
+def render(values: dict[str, Any] | None = None, name: str = "perennial") -> list[dict[str, Any]]:
+    out = helm_python.Chart.load(str(CHART)).render(values or {}, name=name, namespace=NAMESPACE)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def values_of(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_ci_values_cover_the_modes_a_platform_team_needs():
+    names = {p.name for p in CI_VALUES}
+    assert {"all-namespaces-values.yaml", "one-namespace-values.yaml", "namespace-list-values.yaml", "keda-values.yaml",
+            "servicemonitor-values.yaml", "member-region-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "default")
+def test_helm_lint_strict_is_clean(values_file):
+    report = helm_python.lint(str(CHART), values_of(values_file) if values_file else None, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+def test_values_schema_refuses_what_the_operator_cannot_take():
+    for bad in ({"mode": "hub"}, {"watch": {"namespaces": ["Not_A_Namespace"]}}, {"operator": {"logFormat": "xml"}},
+                {"storage": {"artifactUri": "ftp://x/y"}}, {"jobs": {"trainerScratchSize": "lots"}}, {"unknownTopLevel": 1},
+                {"image": {"digest": "sha256:short"}}, {"operator": {"workers": 0}}):
+        report = helm_python.lint(str(CHART), bad, strict=True)
+        assert report["errors"], bad
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "default")
+def test_every_rendered_object_validates_strictly(values_file, version):
+    docs = render(values_of(values_file) if values_file else None)
+    assert docs
+    for doc in docs:
+        if doc["kind"] in FOREIGN_KINDS:
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError on any problem
+
+
+def test_the_validated_versions_are_the_charts_oldest_and_the_newest_the_validator_bundles():
+    versions = sorted(kv_utils.all_versions(), key=lambda v: tuple(int(x) for x in v.split(".")))
+    assert versions[-1] == KUBE_VERSIONS[-1]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}-0"
+    # and why not older: 1.27 does not know a CEL rule's fieldPath
+    crd = next(c for c in by_kind(render(), "CustomResourceDefinition") if c["metadata"]["name"] == "basemodels.perennial.ai")
+    with pytest.raises(kubernetes_validate.ValidationError, match="fieldPath"):
+        kubernetes_validate.validate(crd, "1.27.0", strict=True)
+
+
+def test_a_broken_object_fails_validation():
+    """The validation above can fail: an unknown field in the Deployment is refused."""
+    dep = by_kind(render(), "Deployment")[0]
+    dep["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, KUBE_VERSIONS[0], strict=True)
+
+
+def test_service_monitor_shape():
+    sm = by_kind(render(values_of(CHART / "ci" / "servicemonitor-values.yaml")), "ServiceMonitor")
+    assert len(sm) == 1
+    sm = sm[0]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    svc = by_kind(render(), "Service")[0]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+
+
+# ---------------------------------------------------------------------------------------------------- the operator
+
+def operator(docs: list[dict]) -> dict:
+    (dep,) = by_kind(docs, "Deployment")
+    return dep
+
+
+def test_operator_deployment_one_replica_recreate_probes_restricted():
+    dep = operator(render())
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["perennial"] and c["args"][:2] == ["run", "--standalone"]
+    assert "--log-format=json" in c["args"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
+    assert "--metrics-port=8080" in c["args"] and "--health-port=8081" in c["args"]
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert pod["serviceAccountName"] == "perennial"
+
+
+def test_namespaces_priority_class_and_pull_secrets_reach_the_pod():
+    dep = operator(render(values_of(CHART / "ci" / "namespace-list-values.yaml")))
+    pod = dep["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=team-a", "--namespace=team-b"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    one = operator(render(values_of(CHART / "ci" / "one-namespace-values.yaml")))["spec"]["template"]["spec"]
+    assert one["imagePullSecrets"] == [{"name": "registry"}]
+    assert one["containers"][0]["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+    assert {"name": "claim-perennial-feedback", "mountPath": "/mnt/pvc/perennial-feedback"} in one["containers"][0]["volumeMounts"]
+
+
+def _config_env_vars() -> set[str]:
+    return set(re.findall(r'"(PERENNIAL_[A-Z0-9_]+)"', (ROOT / "operator" / "perennial" / "config.py").read_text()))
+
+
+def test_every_operator_setting_is_a_chart_value_and_every_env_var_the_chart_sets_is_read():
+    """values -> the operator's real settings: each PERENNIAL_* variable config.py reads can be set from values
+    (the full example sets every optional one), and the chart sets no variable the operator does not read."""
+    full = {**values_of(CHART / "ci" / "one-namespace-values.yaml"),
+            "jobs": {"trainerScratchSize": "1Gi", "trainerCheckpointSize": "1Gi", "sharedMemorySize": "1Gi",
+                     "validationScratchSize": "1Gi", "downloadScratchSize": "1Gi", "trainingDeadlineSeconds": 1,
+                     "validationDeadlineSeconds": 1, "downloadDeadlineSeconds": 1}}
+    env = {e["name"]: e for e in operator(render(full))["spec"]["template"]["spec"]["containers"][0]["env"]}
+    read = _config_env_vars()
+    assert read, "config.py reads no PERENNIAL_* variable?"
+    assert read <= set(env), f"settings the chart cannot set: {sorted(read - set(env))}"
+    assert {n for n in env if n.startswith("PERENNIAL_")} <= read
+    assert env["PERENNIAL_S3_ENDPOINT"]["value"] == "https://minio.example.com"
+    assert env["PERENNIAL_EGRESS_CIDRS"]["value"] == "10.20.0.0/16"
+    assert env["PERENNIAL_ARTIFACT_URI"]["value"] == "s3://models/adapters"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_operator_reads_the_values_it_is_given(monkeypatch):
+    """The env the chart renders, put in the environment, is what OperatorConfig holds."""
+    from perennial.config import OperatorConfig
+
+    env = operator(render(values_of(CHART / "ci" / "one-namespace-values.yaml")))["spec"]["template"]["spec"]["containers"][0]["env"]
+    for e in env:
+        if "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    cfg = OperatorConfig()
+    assert cfg.artifact_uri == "s3://models/adapters" and cfg.s3_endpoint == "https://minio.example.com"
+    assert cfg.trainer_image.startswith("registry.example.com/perennial-trainer@sha256:")
+    assert cfg.trainer_scratch_size == "40Gi" and cfg.training_deadline_seconds == 86400
+    assert cfg.egress_cidrs == ("10.20.0.0/16",) and cfg.dns_cidrs == ("169.254.20.10/32",)
+    assert cfg.network_policies is True and cfg.workers == 16
+
+
+# ---------------------------------------------------------------------------------------------------- CRDs
+
+def test_crd_templates_render_the_generated_crds_kept_on_uninstall():
+    crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
+    want = {c["metadata"]["name"]: c for c in crdgen.all_crds()}
+    assert set(crds) == set(want)
+    for name, crd in crds.items():
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["spec"] == want[name]["spec"], name  # template escaping kept every `{{` of the schemas' text
+    no_keep = by_kind(render({"crds": {"enabled": True, "keep": False}}), "CustomResourceDefinition")
+    assert no_keep and all("helm.sh/resource-policy" not in c["metadata"]["annotations"] for c in no_keep)
+    assert by_kind(render({"crds": {"enabled": False, "keep": True}}), "CustomResourceDefinition") == []
+    assert not (CHART / "crds").exists(), "a CRD both in crds/ and in templates/ makes `helm install` fail"
+
+
+def test_crd_template_drift_is_caught(tmp_path):
+    crdgen.write(tmp_path)
+    assert crdgen.check(tmp_path) == []
+    target = crdgen.chart_crd_dir(tmp_path) / "adapters.perennial.ai.yaml"
+    target.write_text(target.read_text().replace("helm.sh/resource-policy: keep", "helm.sh/resource-policy: delete"))
+    assert any("adapters.perennial.ai.yaml" in p for p in crdgen.check(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------- RBAC
+
+def rbac_objects(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io/")]
+
+
+def rules(docs: list[dict]) -> list[tuple[dict, dict]]:
+    return [(d, r) for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d.get("rules") or []]
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "default")
+def test_no_wildcard_in_any_rule(values_file):
+    docs = render(values_of(values_file) if values_file else None)
+    assert rules(docs)
+    for role, rule in rules(docs):
+        for key in ("verbs", "apiGroups", "resources", "resourceNames", "nonResourceURLs"):
+            assert not any("*" in x for x in rule.get(key) or []), (role["metadata"]["name"], rule)
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def cluster_wide_grants(docs: list[dict]) -> list[dict]:
+    """Rules granted in every namespace: those of ClusterRoles bound by a ClusterRoleBinding."""
+    bound = {b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")}
+    return [r for role, r in rules(docs) if role["kind"] == "ClusterRole" and role["metadata"]["name"] in bound]
+
+
+def reads_secrets(rule: dict) -> bool:
+    return "" in rule["apiGroups"] and "secrets" in rule["resources"] and bool({"list", "watch", "get"} & set(rule["verbs"]))
+
+
+def test_secrets_are_read_cluster_wide_only_when_the_option_asks():
+    assert any(reads_secrets(r) for r in cluster_wide_grants(render({"rbac": {"create": True, "clusterWideSecrets": True}})))
+    for f in ("namespace-list-values.yaml", "one-namespace-values.yaml", "member-region-values.yaml"):
+        docs = render(values_of(CHART / "ci" / f))
+        assert not any(reads_secrets(r) for r in cluster_wide_grants(docs)), f
+        namespaces = values_of(CHART / "ci" / f)["watch"]["namespaces"]
+        assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == sorted(namespaces)
+    with pytest.raises(helm_python.HelmError, match="rbac.clusterWideSecrets"):
+        render({"rbac": {"create": True, "clusterWideSecrets": False}})
+
+
+def test_member_region_mode_has_rbac_and_no_operator():
+    docs = render(values_of(CHART / "ci" / "member-region-values.yaml"))
+    kinds = {d["kind"] for d in docs}
+    assert kinds == {"ServiceAccount", "ClusterRole", "RoleBinding"}, kinds
+    granted = {(g, res, v) for _, r in rules(docs) for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    assert {("", "services/proxy", "create"), ("", "pods/proxy", "get"), ("apps", "deployments", "create")} <= granted
+    assert not any(g == "perennial.ai" for g, _, _ in granted)
+
+
+def test_keda_rules_only_with_keda():
+    def keda(docs):
+        return [r for _, r in rules(docs) if "keda.sh" in r["apiGroups"]]
+    assert keda(render()) == []
+    assert keda(render(values_of(CHART / "ci" / "keda-values.yaml")))
+
+
+def test_checks_helm_test_and_argocd_post_sync():
+    jobs = by_kind(render(values_of(CHART / "ci" / "namespace-list-values.yaml")), "Job")
+    hooks = {j["metadata"]["name"]: j["metadata"]["annotations"] for j in jobs}
+    assert hooks["perennial-test"]["helm.sh/hook"] == "test"
+    assert hooks["perennial-postsync-check"]["argocd.argoproj.io/hook"] == "PostSync"
+    for j in jobs:
+        pod = j["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False  # the check needs no API access
+        assert "perennial-metrics.perennial-system.svc:8081/healthz" in pod["containers"][0]["command"][-1]
+    assert [j["metadata"]["name"] for j in by_kind(render(), "Job")] == ["perennial-test"]
+
+
+def test_network_policy_admits_the_checks_and_the_selected_namespaces_on_the_two_ports():
+    (np,) = by_kind(render(values_of(CHART / "ci" / "namespace-list-values.yaml")), "NetworkPolicy")
+    (rule,) = np["spec"]["ingress"]
+    assert {p["port"] for p in rule["ports"]} == {"metrics", "health"}
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in rule["from"]
+    assert np["spec"]["policyTypes"] == ["Ingress"]
