@@ -12,6 +12,16 @@ the snapshot, create the TrainingRun, mark Adapters `Promoted`) → the learning
 (`newFeedbackRecords`, `lastTrainingRun`, `lastTrainingTime`, the `Learning` condition), written by the manager's
 status writer restricted to those fields, so it never fights the serving controller over the rest.
 
+Promotion and rollback. An Adapter made by one of this Deployment's runs gets the condition `Promoted` once it is
+Ready: True (`GatePassed`) or False (`BelowMinImprovement`, `BelowMinMeanReward`, `NoEvaluation`) with the held-out
+numbers against its baseline (its parent: the adapter served when its run was made) and the gate's thresholds, and an
+Event on the Adapter and on the Deployment. A promoted adapter that the Deployment serves is compared, on live
+thumbs, with its parent: the thumbs of the ratings in the last `APPROVAL_SNAPSHOTS` snapshots, joined by response id
+to the interaction (and so the adapter) they rate. "Worse" with little data (`worse`) needs at least
+`ROLLBACK_MIN_SAMPLES` thumbs on each side, a drop of at least `ROLLBACK_MIN_DROP` and a one-sided Fisher exact test
+below `ROLLBACK_ALPHA` (strict, as it is repeated); then `Promoted` turns False (`RolledBack`, for good) and a `track`
+falls back to the newest adapter that is still promoted.
+
 Exactly once. A snapshot has a sequence number `N`; the TrainingRun trained on it is named from (Deployment, N).
 The snapshot is the commit point (the next one starts where it ended: no record is in two). A snapshot without its
 run (the operator stopped in between) gets its run on the next pass before any new snapshot is written; a run
@@ -124,13 +134,53 @@ class FeedbackSource(Protocol):
     def get_snapshot(self, store_uri: str, namespace: str, deployment: str, seq: int) -> Snapshot | None: ...
 
 
+#: The window of live approval: the ratings of the last this many snapshots.
+APPROVAL_SNAPSHOTS = 4
+#: The name live approval of the base model (no adapter) is counted under.
+BASE_MODEL = ""
+
+
+def tally(doc: Any, read: Any) -> dict[str, Approval]:
+    """Thumbs per adapter of the thumbs ratings a snapshot trains on (`segments`), each joined by response id to the
+    interaction it rates (in `segments` or `joinSegments`), whose `adapter` made the response. Ratings of responses
+    not found are not counted."""
+    from ..api.records import FeedbackRecord, InteractionRecord, parse_record
+
+    made_by: dict[str, str] = {}
+    thumbs: list[tuple[str, bool]] = []
+    trained = {(p.name, p.offset) for p in doc.segments}
+    for part in list(doc.segments) + list(doc.join_segments):
+        mine = (part.name, part.offset) in trained
+        for line in read(part).split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                r = parse_record(line)
+            except ValueError:
+                continue  # counted as skipped by the store's index already
+            if isinstance(r, InteractionRecord):
+                made_by[r.id] = r.adapter or BASE_MODEL
+            elif mine and isinstance(r, FeedbackRecord) and r.type == "thumbs":
+                thumbs.append((r.response_id, r.thumbs == "up"))
+    out: dict[str, list[int]] = {}
+    for rid, up in thumbs:
+        if (adapter := made_by.get(rid)) is not None:
+            t = out.setdefault(adapter, [0, 0])
+            t[0] += int(up)
+            t[1] += 1
+    return {k: Approval(up, n) for k, (up, n) in out.items()}
+
+
 class StoreSource:
     """`FeedbackSource` over `perennial.feedback.store` (one `FeedbackStore` per store URI in the process: its
     in-memory index keeps a tick incremental). The store lays a Deployment's feedback out by its name
     (`<store>/<deployment>/...`): two namespaces' Deployments of one name must not share a store URI."""
 
-    def __init__(self, pvc_root: str | None = None) -> None:
+    def __init__(self, pvc_root: str | None = None, *, approval_snapshots: int = APPROVAL_SNAPSHOTS) -> None:
         self.pvc_root = pvc_root
+        self.approval_snapshots = approval_snapshots
+        #: (store URI, deployment, snapshot sequence) -> thumbs per adapter of the ratings it holds (immutable: read once)
+        self._tallies: dict[tuple[str, str, int], dict[str, Approval]] = {}
 
     def _store(self, uri: str) -> Any:
         from ..feedback.store import shared_store
@@ -146,8 +196,28 @@ class StoreSource:
         skipped = sum(res.skipped.values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(res.skipped.items()))
         where = f" in {res.damaged_segments} segment(s), e.g. {', '.join(res.damaged_examples[:3])}" if res.damaged_examples else ""
+        approval = self.approval(store, store_uri, deployment, last.seq) if last is not None else {}
         return FeedbackView(new_records=res.pending.ratings, oldest_new=res.pending.oldest_rating, last_snapshot=last,
-                            skipped=skipped, skipped_reason=f"{reasons}{where}" if skipped else "")
+                            skipped=skipped, skipped_reason=f"{reasons}{where}" if skipped else "", approval=approval)
+
+    def approval(self, store: Any, store_uri: str, deployment: str, last: int) -> dict[str, Approval]:
+        """Live approval per adapter over the last `approval_snapshots` snapshots (the window). A snapshot's tally is
+        read once per process (its trained parts and join parts, each verified against its sha256), so a tick costs
+        nothing new unless a snapshot was written; a restart reads at most the window."""
+        out: dict[str, list[int]] = {}
+        window = range(max(1, last - self.approval_snapshots + 1), last + 1)
+        for key in [k for k in self._tallies if k[:2] == (store_uri, deployment) and k[2] not in window]:
+            del self._tallies[key]
+        for seq in window:
+            key = (store_uri, deployment, seq)
+            if key not in self._tallies:
+                doc = store.get_snapshot(deployment, seq)
+                self._tallies[key] = tally(doc, store._read_range) if doc is not None else {}
+            for adapter, a in self._tallies[key].items():
+                t = out.setdefault(adapter, [0, 0])
+                t[0] += a.up
+                t[1] += a.total
+        return {k: Approval(up, total) for k, (up, total) in out.items()}
 
     def _snapshot(self, store: Any, deployment: str, doc: Any) -> Snapshot:
         return Snapshot(doc.sequence, store.snapshot_path(deployment, doc.name), (), doc.counts.ratings)
