@@ -88,7 +88,8 @@ class Sidecar:
             peers = [os.path.join(root.worker_spool(i)[0], "routes-state.json") for i in range(1, cfg.workers)] if cfg.worker_index <= 0 else []
         return Routes(cfg.routes_file, base_name=cfg.base_model_name, adapters_dir=cfg.adapters_dir, max_bytes=cfg.adapter_max_bytes,
                       manage=cfg.worker_index <= 0, state_file=state, peer_state_files=peers or (), token=self.token,
-                      local_roots=cfg.local_adapter_roots(), denied=[*cfg.sidecar_folders(), *root.sidecar_folders()])
+                      local_roots=cfg.local_adapter_roots(), denied=[*cfg.sidecar_folders(), *root.sidecar_folders()],
+                      fetch_timeout_s=cfg.adapter_fetch_timeout_s)
 
     # ------------------------------------------------------------ lifecycle
     def make_app(self) -> web.Application:

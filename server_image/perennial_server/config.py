@@ -65,6 +65,7 @@ class SidecarConfig:
     pvc_root: str = "/mnt/pvc"
     adapter_roots: str = ""
     adapter_max_bytes: int = 8 * 1024 * 1024 * 1024
+    adapter_fetch_timeout_s: float = 600.0
 
     def upstream_url(self) -> SplitResult:
         """The engine's base URL: plain HTTP (it sits in the same pod), host and port, optional path prefix."""
@@ -120,6 +121,8 @@ class SidecarConfig:
                     raise ValueError(f"`adapter_roots` must be absolute paths, not {root!r}")
         if self.adapter_max_bytes < 1:
             raise ValueError("`adapter_max_bytes` must be positive")
+        if not self.adapter_fetch_timeout_s > 0:
+            raise ValueError("`adapter_fetch_timeout_s` must be positive")
 
     def local_adapter_roots(self) -> list[str]:
         """Folders a local adapter path of the routes document may lie under: the adapters dir, the pod's claims,
@@ -193,6 +196,7 @@ _HELP = {
     "routes_file": "routes document (served name -> adapters, a mounted ConfigMap) the sidecar watches and loads into the engine; empty = the engine's own model names (see routes.py)",
     "adapters_dir": "where adapters with a remote `uri` in the routes document are fetched to (a volume the engine reads too)",
     "adapter_max_bytes": "largest adapter fetched from a remote `uri`",
+    "adapter_fetch_timeout_s": "an adapter fetch from a remote `uri` (listing and copying) must end within this many seconds, else that routes document fails (reported at /perennial/routes, retried)",
     "pvc_root": "where the pod's PersistentVolumeClaims are mounted (<pvc-root>/<claim>): local adapter paths may lie there",
     "adapter_roots": "comma-separated absolute folders local adapter paths of the routes document may lie under, besides --adapters-dir and --pvc-root (e.g. a file:// artifact store on this machine)",
 }

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import inspect
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,13 +281,77 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files: int = 1000, chunk: int = 1 << 20) -> str:
+class FetchTimeout(ValueError):
+    """An adapter fetch ran past its deadline."""
+
+
+def _remaining(deadline: float, name: str, timeout_s: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchTimeout(f"adapter `{name}`: fetching it took longer than adapter_fetch_timeout_s={timeout_s:g}")
+    return left
+
+
+def list_files(fs: Any, path: str, *, max_files: int, deadline: float, name: str = "", timeout_s: float = 0.0) -> dict[str, int]:
+    """{file path: size} of the files below `path`, the listing stopped once it passed `max_files` entries
+    (ValueError then): a prefix holding millions of objects never sits in memory, whatever the store.
+
+    s3fs: one paginated `list_objects_v2` with MaxItems (`S3FileSystem._iterdir(max_items=)`); gcsfs: `maxResults`
+    pages up to the limit (`GCSFileSystem._do_list_objects(max_results=)`); any other filesystem (the in-process
+    memory store): `walk`, stopped between folders. Every call bounded by `deadline` (time.monotonic())."""
+    from fsspec.asyn import sync
+
+    limit = max_files + 1
+    too_many = ValueError(f"adapter `{name}` has more than {max_files} files")
+    out: dict[str, int] = {}
+
+    def add(p: str, size: Any) -> None:
+        if not p.endswith("/"):  # a folder marker object
+            out[p] = int(size or 0)
+        if len(out) >= limit:
+            raise too_many
+
+    iterdir = getattr(fs, "_iterdir", None)
+    if iterdir is not None and "max_items" in inspect.signature(iterdir).parameters:  # s3fs
+        bucket, key, *_ = fs.split_path(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        async def s3_list() -> list[tuple[str, Any]]:
+            got = []
+            async for c in iterdir(bucket, max_items=limit, delimiter="", prefix=prefix):
+                got.append((c["name"], c.get("size")))
+                if len(got) >= limit:
+                    break
+            return got
+
+        for p, size in sync(fs.loop, s3_list, timeout=_remaining(deadline, name, timeout_s)):
+            add(p, size)
+        return out
+    if hasattr(fs, "_do_list_objects"):  # gcsfs
+        items, _ = sync(fs.loop, fs._do_list_objects, path.rstrip("/"), max_results=limit, delimiter="",
+                        timeout=_remaining(deadline, name, timeout_s))
+        for item in items[:limit]:
+            add(item["name"], item.get("size"))
+        return out
+    for _root, _dirs, files in fs.walk(path, detail=True):
+        _remaining(deadline, name, timeout_s)
+        for p, info in files.items():
+            add(info.get("name") or p, info.get("size"))
+    return out
+
+
+def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files: int = 1000, chunk: int = 1 << 20,
+                  timeout_s: float = 600.0) -> str:
     """Copy the adapter folder at `uri` (any fsspec URL) to `root/<name>`; returns that path.
 
     Atomic: files go into a temporary folder next to it, fsync'd, renamed into place. A folder
     already fetched from the same URI is reused. ValueError for a bad name, a listing that climbs
-    out, too many files or bytes (counted while copying, not trusted from the listing)."""
+    out, too many files (the listing stops there: list_files) or bytes (counted while copying, not
+    trusted from the listing), and FetchTimeout once `timeout_s` have passed (checked around every
+    listing and between chunks: a store that stops answering is also bounded by the caller)."""
     import fsspec
+
+    deadline = time.monotonic() + timeout_s
 
     check_adapter_name(name)
     check_fetch_uri(uri)
@@ -300,13 +366,14 @@ def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files:
     except OSError:
         pass
     fs, path = fsspec.core.url_to_fs(uri)
-    listing = fs.find(path, withdirs=False, detail=True)
+    try:
+        listing = list_files(fs, path, max_files=max_files, deadline=deadline, name=name, timeout_s=timeout_s)
+    except (TimeoutError, asyncio.TimeoutError):  # fsspec's FSTimeoutError is one
+        raise FetchTimeout(f"adapter `{name}`: listing it took longer than adapter_fetch_timeout_s={timeout_s:g}") from None
     if not listing:
         raise ValueError(f"adapter `{name}`: no files at its uri")
-    if len(listing) > max_files:
-        raise ValueError(f"adapter `{name}` has more than {max_files} files")
     rels = {p: _relative(path, p) for p in listing}
-    if sum(int(i.get("size") or 0) for i in listing.values()) > max_bytes:
+    if sum(listing.values()) > max_bytes:
         raise ValueError(f"adapter `{name}` is larger than adapter_max_bytes={max_bytes}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
@@ -317,6 +384,7 @@ def fetch_adapter(name: str, uri: str, root: Path, *, max_bytes: int, max_files:
             target.parent.mkdir(parents=True, exist_ok=True)
             with fs.open(p, "rb") as src, open(target, "wb") as out:
                 while True:
+                    _remaining(deadline, name, timeout_s)
                     buf = src.read(chunk)
                     if not buf:
                         break
@@ -518,8 +586,11 @@ class Routes:
 
     def __init__(self, path: str, *, base_name: str, adapters_dir: str, max_bytes: int, manage: bool = True,
                  state_file: str | None = None, peer_state_files: Sequence[str] = (), rng: random.Random | None = None,
-                 token: TokenFile | None = None, local_roots: Sequence[str] | None = None, denied: Sequence[str] = ()) -> None:
+                 token: TokenFile | None = None, local_roots: Sequence[str] | None = None, denied: Sequence[str] = (),
+                 fetch_timeout_s: float = 600.0) -> None:
         self.path = path
+        self.fetch_timeout_s = fetch_timeout_s
+        self._fetches: dict[tuple[str, str], asyncio.Future[str]] = {}  # (adapter, uri) -> its fetch, until it ends
         # where local adapter paths may be (check_local_adapter); default: the adapters dir only
         self.local_roots = list(local_roots) if local_roots is not None else [adapters_dir]
         self.denied = [*DENIED_DIRS, *denied]
@@ -710,7 +781,7 @@ class Routes:
                     if is_local(src.uri):
                         path = await asyncio.to_thread(check_local_adapter, name, src.uri, self.local_roots, self.denied)
                     else:
-                        path = await asyncio.to_thread(fetch_adapter, name, src.uri, self.adapters_dir, max_bytes=self.max_bytes)
+                        path = await self._fetch(name, src.uri)
                     await self.engine.load(name, path)
                 except (EngineCallError, ValueError, OSError, ImportError) as e:
                     errors[name] = str(e)[:500] or type(e).__name__
@@ -732,6 +803,43 @@ class Routes:
         if self.manage:
             await self._unload_unused(have)
         self.engine_loaded = have
+
+    async def _fetch(self, name: str, uri: str) -> str:
+        """fetch_adapter in a daemon thread, awaited at most `fetch_timeout_s` (and a little): a store that stops
+        answering mid-read fails this apply (reported, retried later) instead of holding the routes for ever, and
+        never holds the process at exit. A fetch still running when the document is retried is awaited again, not
+        started twice."""
+        key = (name, uri)
+        fut = self._fetches.get(key)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = self._fetches[key] = loop.create_future()
+
+            def settle(result: Any, error: BaseException | None) -> None:
+                if self._fetches.get(key) is fut:
+                    del self._fetches[key]
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+                fut.exception()  # retrieved: nobody may be waiting any more
+
+            def run() -> None:
+                try:
+                    r = fetch_adapter(name, uri, self.adapters_dir, max_bytes=self.max_bytes, timeout_s=self.fetch_timeout_s)
+                except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+                    loop.call_soon_threadsafe(settle, None, e)
+                else:
+                    loop.call_soon_threadsafe(settle, r, None)
+
+            threading.Thread(target=run, name=f"fetch-{name}", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.fetch_timeout_s + 5.0)
+        except TimeoutError:
+            raise FetchTimeout(f"adapter `{name}`: fetching it took longer than adapter_fetch_timeout_s={self.fetch_timeout_s:g}"
+                               " (the store stopped answering)") from None
 
     def _fetched_from(self, name: str) -> str | None:
         """The uri an adapter folder was fetched from (by an earlier run of the sidecar: the folder outlives it)."""
