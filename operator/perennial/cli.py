@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_argument("--context", default=None)
     promote.set_defaults(func=_promote)
 
+    from .simusers import add_parser as add_simulate_users
+
+    add_simulate_users(sub)
+
     cp = sub.add_parser("control-plane", help="only the embedded control plane (API server, CRDs installed), in this process")
     cp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     cp.add_argument("--port", type=int, default=6444)
