@@ -79,7 +79,7 @@ def describe_ready(obj: Mapping[str, Any], kubeconfig: str) -> str:
              f"  base model     {base_name(obj)}"]
     lines += [f"  served name    {n} -> Adapter {a}" for n, a in names]
     if pending := waiting_for(obj):
-        lines.append(f"  waiting for    {', '.join(pending)} (its Adapter is not Ready yet: loaded into the running pods when it is)")
+        lines.append(f"  waiting for    {', '.join(pending)} (no Ready Adapter yet: loaded into the running pods once there is one)")
     request = {"model": model, "messages": [{"role": "user", "content": EXAMPLE_PROMPT}], "max_tokens": 16}
     body, stream = json.dumps(request), json.dumps({**request, "stream": True})
     lines += [
