@@ -3,7 +3,7 @@
 
 Run on a machine with a CUDA GPU, from the repository root:
 
-    PYTHONPATH=operator:trainer_image:server_image:. python3 scripts/gpu_check.py [--out gpu_check.json]
+    PYTHONPATH=operator:trainer_image:server_image:common:. python3 scripts/gpu_check.py [--out gpu_check.json]
 
 (the script puts those folders on its own `sys.path` and its children's PYTHONPATH as well, so a
 plain `python3 scripts/gpu_check.py` works too once torch, transformers, peft, trl, datasets and
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SRC_DIRS = [REPO / "operator", REPO / "trainer_image", REPO / "server_image", REPO / "tests", REPO]
+SRC_DIRS = [REPO / "operator", REPO / "trainer_image", REPO / "server_image", REPO / "common", REPO / "tests", REPO]
 
 for _p in reversed(SRC_DIRS):
     if str(_p) not in sys.path:
