@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fault_config
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.kube import Kube, connect
 from perennial.local.apiserver import ServerThread, new_token, start_in_thread
@@ -112,8 +113,11 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+@pytest.fixture(params=["clean", "faults"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """Hub and region; with "faults", both API servers fight back at the operator's requests (500s, 429s, 409s,
+    slow answers, cut watches, 410s), and the region ends with no duplicate child."""
+    faults = fault_config(seed=len(request.node.nodeid)) if request.param == "faults" else None
     region = start_in_thread(token=new_token(), tls=self_signed())
     pods: list[Pods] = []
     worlds: list[World] = []
@@ -121,7 +125,8 @@ def world(tmp_path: Path) -> Iterator[World]:
         region_kube = connect(server=region.url, token=region.token, ca_file=region.ca_file)
         if region_kube.get("v1", "Namespace", None, NS) is None:
             region_kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        with running_cluster(tmp_path) as hub:
+        region.set_faults(faults)  # the operator's requests only (by User-Agent); the test's own are never hit
+        with running_cluster(tmp_path, faults=faults) as hub:
             kubeconfig = region.write_kubeconfig(tmp_path / "east.kubeconfig", namespace=NS).read_text()
             hub.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "east-cluster", "namespace": NS},
                              "type": "Opaque", "data": {"kubeconfig": b64(kubeconfig)}})

@@ -368,3 +368,43 @@ def test_a_slow_smoke_test_lets_the_worker_go_and_its_end_wakes_the_deployment()
             ctl.SMOKE_INLINE_SECONDS = old
 
     asyncio.run(scenario())
+
+
+def test_an_api_server_failure_on_the_way_to_another_clusters_pods_is_no_verdict_on_them():
+    """Through another cluster's API server proxy, that server's own error (a 429, a 500, no endpoints yet: a
+    `Status` body) never fails a smoke test (it would abort a good rollout): no verdict, asked again after a pause.
+    The pod's own error answer (not a `Status`) is a verdict."""
+    from perennial.controllers.base import Context
+    from perennial.kube import ApiError
+
+    class Kube:
+        def __init__(self, exc: ApiError) -> None:
+            self.exc = exc
+
+        async def request(self, *args: object, **kwargs: object) -> str:
+            raise self.exc
+
+    async def scenario() -> None:
+        status = ApiError(503, {"kind": "Status", "code": 503, "message": "no endpoints available for service \"chat-preview\""}, "POST", "/x")
+        where = ctl.Where(kube=Kube(status), cache=None, remote=True, cluster="east")  # type: ignore[arg-type]
+        code, text = await where.call("POST", service_name="chat-preview", namespace="team", path="/v1/chat/completions", body={}, timeout=1)
+        assert code == ctl.INCONCLUSIVE and "east" in text
+        pod_error = ApiError(500, {"error": {"message": "engine crashed"}}, "POST", "/x")
+        code, text = await ctl.Where(kube=Kube(pod_error), cache=None, remote=True, cluster="east").call(  # type: ignore[arg-type]
+            "POST", service_name="chat-preview", namespace="team", path="/v1/chat/completions", body={}, timeout=1)
+        assert code == 500 and "engine crashed" in text
+
+        async def post(body: dict) -> tuple[int, str]:
+            return ctl.INCONCLUSIVE, "the API server answered 429"
+
+        ctx = Context.__new__(Context)
+        ctx.tasks, ctx.wake = {}, None
+        key = ("smoke", ("team", "chat"), "east", "pods", "green", "r2")
+        run = lambda: ctl.smoke_test(post, ["m"], prompt="hi", expect_regex=None, max_tokens=4, timeout=1)  # noqa: E731
+        assert await ctl.smoke_in_background(ctx, key, ("team", "chat"), run) is None, "no verdict"
+        assert isinstance(ctx.tasks[key], float), "held before it is asked again"
+        assert await ctl.smoke_in_background(ctx, key, ("team", "chat"), run) is None and isinstance(ctx.tasks[key], float)
+        ctl.forget_smoke_tests(ctx, ("team", "chat"))
+        assert not ctx.tasks
+
+    asyncio.run(scenario())

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -222,6 +223,11 @@ def keda_missing() -> rollout.ConditionPart:
 # ----------------------------------------------------------------------------- observe
 
 
+#: `Where.call`'s status when the request never reached the pod (the other cluster's API server failed or refused it):
+#: no verdict on the pod, ask again later.
+INCONCLUSIVE = -1
+
+
 @dataclass
 class Where:
     """The cluster a region's children live in: its client and watch-fed cache, and how its Services and pods are
@@ -248,7 +254,10 @@ class Where:
                                                headers=headers, timeout=timeout)
                 return 200, text
             except ApiError as exc:
-                return exc.status, json.dumps(exc.body)[:2048] if exc.status else str(exc.body.get("message"))
+                if exc.status == 0 or (isinstance(exc.body, dict) and exc.body.get("kind") == "Status"):
+                    # the API server's own answer (429, 5xx, no endpoints yet), not the pod's: nothing was asked of it
+                    return INCONCLUSIVE, f"the API server of cluster {self.cluster} answered {exc.status or 'nothing'}: {exc}"[:300]
+                return exc.status, json.dumps(exc.body)[:2048]
         if pod is None:
             url = service_url(service, service_name or "", namespace) + path
         else:
@@ -381,6 +390,8 @@ async def smoke_test(target: str | Post, names: Iterable[str], *, prompt: str, e
     for name in names:
         body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
         status, text = await post(body)
+        if status == INCONCLUSIVE:
+            raise SmokeInconclusive(text)
         if status == 0:
             return False, text[:300]
         if status != 200:
@@ -399,6 +410,12 @@ async def smoke_test(target: str | Post, names: Iterable[str], *, prompt: str, e
 #: How long a reconcile waits for a smoke test before it lets the worker go (the test goes on; its end wakes the
 #: Deployment): a fast engine's smoke test is decided in the same pass, a slow one never holds a worker for long.
 SMOKE_INLINE_SECONDS = 2.0
+#: After a smoke test that could not reach the pods (another cluster's API server failing), wait this long.
+SMOKE_RETRY_SECONDS = 5.0
+
+
+class SmokeInconclusive(Exception):
+    """The smoke test could not ask the pods (the other cluster's API server failed): no verdict, it runs again."""
 
 
 async def smoke_in_background(ctx: Context, key: tuple[Any, ...], owner: tuple[str, str],
@@ -406,6 +423,10 @@ async def smoke_in_background(ctx: Context, key: tuple[Any, ...], owner: tuple[s
     """The result of the smoke test `key`, started now if it is not running: None while it runs (it goes on after
     this returns, and wakes `owner` when it ends), else (passed, why) — handed out once."""
     task = ctx.tasks.get(key)
+    if isinstance(task, float):  # inconclusive a moment ago: not asked again before then
+        if time.monotonic() < task:
+            return None
+        task = None
     if task is None:
         task = ctx.tasks[key] = asyncio.ensure_future(run())
         if ctx.wake is not None:
@@ -418,7 +439,11 @@ async def smoke_in_background(ctx: Context, key: tuple[Any, ...], owner: tuple[s
     del ctx.tasks[key]
     if task.cancelled():
         return None
-    if (exc := task.exception()) is not None:
+    if isinstance(exc := task.exception(), SmokeInconclusive):
+        log.info("The smoke test could not reach the pods; it runs again in %.0f s, key=%s, reason=%s", SMOKE_RETRY_SECONDS, key, exc)
+        ctx.tasks[key] = time.monotonic() + SMOKE_RETRY_SECONDS
+        return None
+    if exc is not None:
         return False, f"the smoke test failed to run: {type(exc).__name__}: {exc}"[:300]
     return task.result()
 
@@ -429,7 +454,9 @@ def forget_smoke_tests(ctx: Context, owner: tuple[str, str], keep: set[tuple[Any
     moved on, or it is gone."""
     for key in [k for k in ctx.tasks if isinstance(k, tuple) and k[:2] == ("smoke", owner)
                 and k not in (keep or ()) and (regions is None or k[2] in regions)]:
-        ctx.tasks.pop(key).cancel()
+        task = ctx.tasks.pop(key)
+        if isinstance(task, asyncio.Future):
+            task.cancel()
 
 
 def smoke_target(w: RegionWorld, service: Mapping[str, Any] | None, service_name: str, token: str | None, timeout: float) -> Post:
