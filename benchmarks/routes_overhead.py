@@ -170,8 +170,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="routes-bench-"))
     (tmp / "token").write_text("bench-token\n")
     routes = tmp / "routes.json"
+    art = tmp / "artifacts"  # an adapter root of its own: the sidecar never loads from the folder of its token
+    art.mkdir()
     routes.write_text(json.dumps({"revision": "r1", "base": {"name": BASE},
-                                  "adapters": {"svc-v1": {"uri": str(tmp)}, "svc-v2": {"uri": str(tmp)}},
+                                  "adapters": {"svc-v1": {"uri": str(art)}, "svc-v2": {"uri": str(art)}},
                                   "routes": {SERVED: [{"adapter": "svc-v1", "weight": 90}, {"adapter": "svc-v2", "weight": 10}]}}))
     procs, urls = {}, {}
     for mode in ("plain", "routed"):
@@ -180,7 +182,7 @@ def main() -> None:
                 "--host", HOST, "--port", str(port), "--admin-port", "0", "--spool-dir", str(tmp / f"spool-{mode}"), "--token-file", str(tmp / "token"),
                 "--base-model-name", BASE]
         if mode == "routed":
-            argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters"), "--adapter-roots", str(tmp)]
+            argv += ["--routes-file", str(routes), "--adapters-dir", str(tmp / "adapters"), "--adapter-roots", str(art)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / d) for d in ("server_image", "common", "operator")]))
         procs[mode] = subprocess.Popen(argv, env=env)
         urls[mode] = f"http://{HOST}:{port}"

@@ -562,13 +562,18 @@ def _repeats_model(body: bytes) -> bool:
         return True  # pydantic-core parsed it: refuse what the two parsers disagree on
 
 
-def _with_model(body: bytes, req: dict, served: str, adapter: str) -> bytes:
+def _with_model(body: bytes, req: dict, served: str, adapter: str, keys: int | None = None, escaped: bool | None = None) -> bytes:
     """`body` with its top-level `model` (== served) set to `adapter`. The bytes are spliced when the
     served name appears exactly once, quoted, right after the only `"model":` key, and the body has no
     escapes a served name could be written with (`\\u`, `\\/`): then the top-level value is written
-    literally, so that one occurrence is it. Else the parsed body is re-serialized."""
+    literally, so that one occurrence is it. Else the parsed body is re-serialized. `keys`, `escaped`:
+    body.count(b'"model"') and whether the body has a backslash, when the caller knows them."""
     q = b'"' + served.encode() + b'"'
-    if body.count(q) == 1 and body.count(_KEY) == 1 and (b"\\" not in body or (b"\\u" not in body and b"\\/" not in body)):
+    if keys is None:
+        keys = body.count(_KEY)
+    if escaped is None:
+        escaped = b"\\" in body
+    if keys == 1 and body.count(q) == 1 and (not escaped or (b"\\u" not in body and b"\\/" not in body)):
         i = body.find(q)
         head = body[max(0, i - 24):i].rstrip()
         if head.endswith(b":") and head[:-1].rstrip().endswith(_KEY):
@@ -642,7 +647,8 @@ class Routes:
             return json_error(400, "the request body must be a JSON object in UTF-8", "invalid_json")
         if not isinstance(req, dict):
             return None
-        if (body.count(_KEY) > 1 or b"\\u" in body) and _repeats_model(body):
+        keys, escaped = body.count(_KEY), b"\\" in body  # two scans, shared with _with_model
+        if (keys > 1 or (escaped and b"\\u" in body)) and _repeats_model(body):
             return json_error(400, "the request body must not repeat the key `model`", "duplicate_model", param="model")
         model = req.get("model")
         if not isinstance(model, str):
@@ -656,7 +662,7 @@ class Routes:
             return json_error(401, PREVIEW_UNAUTHORIZED, "preview_unauthorized", param="model")
         adapter = r.pick(self.rng)
         self.inflight[adapter] = self.inflight.get(adapter, 0) + 1
-        return Routed(_with_model(body, req, model, adapter), model, adapter, r.preview)
+        return Routed(_with_model(body, req, model, adapter, keys, escaped), model, adapter, r.preview)
 
     def authorized(self, headers: Mapping[str, str] | None) -> bool:
         """Whether `headers` carry the operator's token (`Authorization: Bearer <feedback token>`)."""
