@@ -278,6 +278,14 @@ CASES = [
     ("Deployment", with_spec(DEP, strategy={"adapterRollout": {"canarySteps": [{"weight": 10}, {"weight": 10, "pauseSeconds": 5}]}}), None,
      "`canarySteps` weights must be unique"),
     ("Deployment", with_spec(DEP, strategy={"adapterRollout": {"canarySteps": [{"weight": 50}, {"weight": 10}], "unloadDelaySeconds": 0}}), None, None),
+    ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
+        "evalDatasets": [{"name": "golden", "uri": "file:///g.jsonl", "split": "Eval"}]}}), None, None),
+    ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
+        "evalDatasets": [{"name": "golden", "uri": "file:///g.jsonl"}]}}), None,
+     "`evalDatasets` must have `split` 'Eval' and a `uri`, and must not be named 'feedback'"),
+    ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
+        "evalDatasets": [{"name": "g", "uri": "file:///a", "split": "Eval"}, {"name": "g", "uri": "file:///b", "split": "Eval"}]}}), None,
+     "`evalDatasets` names must be unique"),
 ]
 
 # Every grader type without its sub-object.

@@ -139,3 +139,43 @@ async def test_a_run_answered_409_is_adopted_only_when_it_is_that_snapshots():
         else:
             with pytest.raises(ApiError):  # someone else's object of that name: never taken for ours
                 await learning.create_run(ctx, dep, spec, fb, d, OneSnapshot(), [])  # type: ignore[arg-type]
+
+
+def test_template_eval_sets_reach_the_run_and_bad_ones_are_refused_at_admission():
+    import copy
+
+    import requests
+
+    from perennial import crdgen
+    from perennial.api.deployment import DeploymentSpec
+    from perennial.api.trainingrun import TrainingRunSpec
+    from perennial.local.apiserver import start_in_thread
+
+    spec = copy.deepcopy(DEPLOYMENT_SPEC)
+    spec["continuousLearning"]["template"] = {"resources": {"gpus": 0},
+                                              "evalDatasets": [{"name": "golden", "uri": "file:///data/golden.jsonl", "split": "Eval"}]}
+    dep = o("Deployment", "chat", spec=spec)
+    body = learning.training_run(dep, DeploymentSpec.model_validate(spec), learning.Snapshot(1, "s.json"), parent=None, store_uri=None, trigger="x")
+    assert [(d["name"], d["split"]) for d in body["spec"]["datasets"]] == [("feedback", "Train"), ("golden", "Eval")]
+    TrainingRunSpec.model_validate(body["spec"])
+
+    server = start_in_thread()
+    try:
+        for crd in crdgen.all_crds():
+            server.apply_crd(crd)
+        requests.post(server.url + "/api/v1/namespaces", json={"metadata": {"name": "adm"}}).raise_for_status()
+        url = server.url + "/apis/perennial.ai/v1alpha1/namespaces/adm/deployments"
+
+        def create(name: str, eval_sets: list) -> requests.Response:
+            s = copy.deepcopy(spec)
+            s["continuousLearning"]["template"]["evalDatasets"] = eval_sets
+            return requests.post(url, json={"apiVersion": API, "kind": "Deployment", "metadata": {"name": name}, "spec": s})
+
+        assert create("ok", [{"name": "golden", "uri": "file:///g.jsonl", "split": "Eval"}]).status_code == 201
+        for name, bad in (("train", [{"name": "golden", "uri": "file:///g.jsonl"}]),  # split Train
+                          ("named-feedback", [{"name": "feedback", "uri": "file:///g.jsonl", "split": "Eval"}]),
+                          ("twice", [{"name": "g", "uri": "file:///a", "split": "Eval"}, {"name": "g", "uri": "file:///b", "split": "Eval"}])):
+            r = create(name, bad)
+            assert r.status_code == 422 and "evalDatasets" in r.text, (name, r.status_code, r.text[:300])
+    finally:
+        server.stop()

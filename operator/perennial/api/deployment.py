@@ -27,6 +27,7 @@ from .common import (
     validations,
 )
 from .trainingrun import (
+    DatasetSource,
     Evaluation,
     Hyperparameters,
     LoRAConfig,
@@ -289,7 +290,11 @@ class TrainingRunTemplate(Model):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Hyperparameters.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape.")
     resources: ComputeResources = Field(default_factory=lambda: ComputeResources(gpus=1), description="Training pod resources.")
-    evaluation: Evaluation = Field(default_factory=Evaluation, description="Evaluation settings.")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description=(
+        "Evaluation settings. Each run is evaluated, against its parent, on `heldOutPercent` of its feedback snapshot "
+        "(whole prompts, never trained on) plus `evalDatasets`."))
+    eval_datasets: list[DatasetSource] = Field(default_factory=list, max_length=8, description=(
+        "Fixed evaluation sets (`split` 'Eval', a `uri`) added to every created run, next to the held-out share of its feedback."))
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Job policy.")
     continue_from_served: bool = Field(default=True, description="Use the currently served adapter of the family as parent.")
 
@@ -297,6 +302,10 @@ class TrainingRunTemplate(Model):
         "json_schema_extra": validations(
             cel("self.method != 'GRPO' || has(self.rewardSpecRef)", "`rewardSpecRef` is required when `method` is 'GRPO'", field_path=".rewardSpecRef", reason="FieldValueRequired"),
             grpo_batch_rule(),
+            cel("self.evalDatasets.all(d, d.split == 'Eval' && has(d.uri) && d.name != 'feedback')",
+                "`evalDatasets` must have `split` 'Eval' and a `uri`, and must not be named 'feedback'", field_path=".evalDatasets"),
+            cel("self.evalDatasets.all(d, self.evalDatasets.exists_one(e, e.name == d.name))", "`evalDatasets` names must be unique",
+                field_path=".evalDatasets"),
         )
     }
 

@@ -426,7 +426,7 @@ def training_run(deployment: Mapping[str, Any], spec: DeploymentSpec, snapshot: 
     body: dict[str, Any] = {
         "method": t.method,
         "baseModelRef": {"name": spec.base_model_ref.name},
-        "datasets": [{"name": FEEDBACK_DATASET, "feedback": feedback, "split": "Train"}],
+        "datasets": [{"name": FEEDBACK_DATASET, "feedback": feedback, "split": "Train"}] + [d.to_dict() for d in t.eval_datasets],
         "hyperparameters": t.hyperparameters.to_dict(),
         "lora": t.lora.to_dict(),
         "resources": t.resources.to_dict(),
