@@ -299,3 +299,20 @@ def test_a_changed_gate_decides_again():
     a["status"]["conditions"] = first[0].conditions
     stricter = ln.decide_adapters("chat", PromotionGate(min_improvement="0.2"), [a], served=set(), approval={})
     assert cond.get(stricter[0].conditions, "Promoted")["status"] == "False"
+
+
+def test_every_reason_the_loop_writes_is_documented_for_kubectl_explain():
+    import re
+    from pathlib import Path
+
+    from perennial.api.adapter import AdapterStatus
+    from perennial.api.deployment import DeploymentStatus
+
+    source = Path(ln.__file__).read_text()
+    learning = set(re.findall(r'done\("(?:True|False)", "(\w+)"', source)) | set(re.findall(r'CONDITION_LEARNING, False, "(\w+)"', source))
+    promoted = set(re.findall(r'GateResult\((?:True|False), "(\w+)"', source)) | {"RolledBack"}
+    assert {"Collecting", "StoreUnreachable", "SnapshotFailed"} <= learning and {"GatePassed", "NoEvaluation"} <= promoted
+    doc = DeploymentStatus.model_fields["conditions"].description
+    assert {r for r in learning if f"`{r}`" not in doc} == set()
+    doc = AdapterStatus.model_fields["conditions"].description
+    assert {r for r in promoted if f"`{r}`" not in doc} == set()

@@ -9,6 +9,7 @@ from pydantic import Field
 from .common import (
     ARTIFACT_URI,
     CommonStatus,
+    Condition,
     KindInfo,
     LocalObjectReference,
     Metric,
@@ -62,6 +63,13 @@ class AdapterSpec(Model):
 
 
 class AdapterStatus(CommonStatus):
+    conditions: list[Condition] | None = Field(
+        default=None, max_length=16,
+        description="`Ready`, `ArtifactAvailable`, `LineageConsistent`. On an Adapter made by a Deployment's continuous learning, "
+        "`Promoted` (the Deployment's promotion gate, the numbers in the message): True `GatePassed`, `PromotedWithoutEvaluation`; "
+        "False `BelowMinImprovement`, `BelowMinMeanReward`, `NoEvaluation`, or `RolledBack` (its live approval dropped below "
+        "its parent's: for good, a `track` falls back to the adapter before it).",
+    )
     metrics: list[Metric] | None = Field(default=None, max_length=64, description="Evaluation metrics (held-out mean reward of the adapter and its baseline, improvement, loss).")
     mean_reward: str | None = Field(default=None, max_length=32, description="Held-out mean reward.")
     improvement: str | None = Field(default=None, max_length=32, description="Mean reward minus the baseline's.")

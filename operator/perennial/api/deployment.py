@@ -398,7 +398,10 @@ class DeploymentStatus(CommonStatus):
         "`AdapterRankTooHigh`, `BaseModelMismatch`, `TooManyAdapters`, `AdapterNotReady`, "
         "`KEDANotInstalled`, `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady` (nothing moves; what serves keeps serving); "
         "False: `AsExpected`. "
-        "With several regions, a message names the region.",
+        "With several regions, a message names the region. "
+        "`Learning` (only with `continuousLearning.enabled`): True `Collecting`, `TrainingRunCreated`, `WaitingForRun`, "
+        "`MinIntervalNotElapsed`; False `StoreUnreachable`, `InvalidSchedule`, `SnapshotFailed` (serving is not affected; "
+        "the message says why, and counts records skipped in damaged segments).",
     )
     phase: Phase | None = Field(default=None, description="Summary of the regions' phases, derived from the conditions, for humans.")
     active_color: Color | None = Field(default=None, description="Color receiving traffic in the first region.")
