@@ -35,6 +35,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -590,6 +591,58 @@ class Simulation:
             if w.requests:
                 print(format_window(w), file=self.out, flush=True)
         return Result(self.s, started_wall, end, list(self.answers), self.errors, self.feedback_errors)
+
+
+class BackgroundUsers:
+    """A Simulation in a thread of its own (its own event loop), for callers that do other things meanwhile
+    (`perennial dev`, benchmarks/loop.py): `start()`, `approval_since(t)` while it runs, `stop()` -> Result."""
+
+    def __init__(self, settings: Settings, questions: Sequence[Question], **kwargs: Any) -> None:
+        self.sim = Simulation(settings, questions, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="simulated-users", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._result = self._loop.run_until_complete(self.sim.run())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by stop()
+            self._error = e
+        finally:
+            self._loop.close()
+
+    def start(self) -> BackgroundUsers:
+        self._thread.start()
+        return self
+
+    @property
+    def elapsed(self) -> float:
+        return self.sim.now()
+
+    def answers(self) -> list[Answer]:
+        return list(self.sim.answers)  # a copy: the users' thread only ever appends
+
+    def approval_since(self, t: float = 0.0, adapter: str | None = None) -> Proportion:
+        """Approval of the answers since `t` seconds after the start (of one adapter, if named)."""
+        judged = [a for a in self.answers() if a.approved is not None and a.t >= t and (adapter is None or a.adapter == adapter)]
+        return Proportion(sum(bool(a.approved) for a in judged), len(judged))
+
+    def stop(self, timeout: float = 120.0) -> Result:
+        """Stop the users (each finishes its request in flight) and return the run's Result."""
+        if self._thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self.sim.stop.set)
+            except RuntimeError:  # the loop already closed: the run ended by itself
+                pass
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the simulated users did not stop within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 # ----------------------------------------------------------------------------- outputs

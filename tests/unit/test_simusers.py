@@ -352,3 +352,23 @@ async def test_a_probe_that_fails_is_counted_and_the_run_goes_on(sidecar_factory
     assert len(result.answers) == 20
     assert result.errors["probe:ConnectionError"] >= 1
     assert "approval" in out.getvalue()
+
+
+def test_background_users_run_beside_the_caller_and_stop_on_demand(sidecar_factory) -> None:
+    from perennial.simusers import BackgroundUsers
+    from waiting import wait_for
+
+    sidecar = sidecar_factory()
+    users = BackgroundUsers(Settings(url=sidecar.url, model="fruit", token=TOKEN, users=2, think=0.01, window=60, duration=600),
+                            demo_questions(), out=None).start()
+    wait_for(lambda: users.approval_since().n >= 10, timeout=60, message="answers of the bad adapter")
+    assert users.approval_since().k == 0
+    sidecar.adapter = "good"
+    wait_for(lambda: sum(v["adapter"] == "good" for v in sidecar.served.values()) >= 10, timeout=60,
+             message="answers of the good adapter")
+    result = users.stop()
+    served = sidecar.served
+    assert all(a.approved == (served[a.response_id]["adapter"] == "good") for a in result.answers)
+    assert users.approval_since() == result.approval and 0 < result.approval.k < result.approval.n
+    assert len(result.answers) >= 20 and result.duration < 600
+    assert assert_ratings_follow_the_rule(sidecar) == len(result.answers)
