@@ -47,15 +47,16 @@ class Feedback:
         self.ratings: list[str] = []
         self.seq = 0
 
-    def ship(self, n: int, pod: str = "chat-blue-0") -> None:
+    def ship(self, n: int, pod: str = "chat-blue-0", *, adapter: str | None = None, up: int | None = None) -> None:
+        """`n` answers (by `adapter`), each rated: thumbs up for the first `up` of them (all if None), down after."""
         now = dt.datetime.now(dt.UTC)
         lines = []
-        for _ in range(n):
+        for i in range(n):
             self.seq += 1
             rid = f"r{self.seq}"
-            lines.append(InteractionRecord(id=rid, deployment=DEP, messages=[{"role": "user", "content": f"q{self.seq}"}], response="a",
-                                           time=now.isoformat()).to_json())
-            fb = FeedbackRecord(response_id=rid, type="thumbs", thumbs="up", deployment=DEP, time=now.isoformat())
+            lines.append(InteractionRecord(id=rid, deployment=DEP, adapter=adapter, messages=[{"role": "user", "content": f"q{self.seq}"}],
+                                           response="a", time=now.isoformat()).to_json())
+            fb = FeedbackRecord(response_id=rid, type="thumbs", thumbs="up" if up is None or i < up else "down", deployment=DEP, time=now.isoformat())
             lines.append(fb.to_json())
             self.ratings.append(fb.id)
         path = self.root / segment_name(DEP, pod, self.seq, now)
@@ -261,9 +262,10 @@ def test_store_unreachable_is_a_condition_and_serving_status_is_left_alone(tmp_p
     fresh_process()
 
 
-def test_the_gate_marks_each_learned_adapter_with_its_numbers(tmp_path: Path):
+def test_the_gate_marks_each_learned_adapter_with_its_numbers_and_live_feedback_rolls_one_back(tmp_path: Path):
     """Runs of the loop finish (the test plays the kubelet): an Adapter better than its baseline is `Promoted`, one
-    worse is not, each with the held-out numbers, and both objects get an Event saying so."""
+    worse is not, each with the held-out numbers, and both objects get an Event saying so. A promoted adapter whose
+    users approve of it clearly less than of the one before it is rolled back (`Promoted` False, `RolledBack`)."""
     import json as _json
 
     from harness import FakeKubelet
@@ -300,7 +302,20 @@ def test_the_gate_marks_each_learned_adapter_with_its_numbers(tmp_path: Path):
 
         fb.ship(2)
         wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 2)), 30, message="the second run")
-        bad = finish(2, 2, 0.55, 0.6)
+        newer = finish(2, 2, 0.9, 0.6)
+        c.wait_condition("Adapter", newer, "Promoted", "True", "GatePassed", timeout=30)
+
+        # live feedback: users like chat-v1's answers (32 of 40) and not chat-v2's (10 of 40) -> chat-v2 rolled back
+        fb.ship(40, adapter=good, up=32)
+        fb.ship(40, adapter=newer, up=10)
+        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 3)), 30, message="the third run (its snapshot holds the live feedback)")
+        back = c.wait_condition("Adapter", newer, "Promoted", "False", "RolledBack", timeout=30)
+        assert "approval 10/40 (25%) vs 32/40 (80%)" in back["message"] and f"falls back to {good}" in back["message"]
+        assert c.condition("Adapter", good, "Promoted")["status"] == "True"
+        wait_for(lambda: any(e["reason"] == "AdapterRolledBack" and e["type"] == "Warning" for e in c.events(newer)), 30,
+                 message="a Warning Event on the rolled-back Adapter")
+
+        bad = finish(3, 3, 0.55, 0.6)
         failed = c.wait_condition("Adapter", bad, "Promoted", "False", "BelowMinImprovement", timeout=30)
         assert "improvement -0.05" in failed["message"]
         wait_for(lambda: {"AdapterPromoted"} <= {e["reason"] for e in c.events(good)}, 30, message="an Event on the promoted Adapter")

@@ -265,39 +265,49 @@ def test_worse(case, new, old, is_worse, reason):
 # ----------------------------------------------------------------------------- Promoted on the Adapters
 
 
+def versioned(a: dict, version: int) -> dict:
+    a["spec"]["version"] = version
+    return a
+
+
 def test_adapters_are_gated_once_and_rolled_back_for_good():
     g = PromotionGate()
-    good = adapter("fam-v2", status=evaluated("0.8", "0.1", "0.7"), parent="fam-v1")
-    bad = adapter("fam-v3", status=evaluated("0.5", "-0.2", "0.7"), parent="fam-v1", run="chat-learn-2")
-    not_ready = adapter("fam-v4", status={}, run="chat-learn-3")
-    acts = ln.decide_adapters("chat", g, [good, bad, not_ready], served={"fam-v1"}, approval={})
+    v1 = versioned(adapter("fam-v1", status=evaluated("0.7", "0.1"), run="manual"), 1)  # not the loop's: no Promoted, a track serves it
+    good = versioned(adapter("fam-v2", status=evaluated("0.8", "0.1", "0.7"), parent="fam-v1"), 2)
+    bad = versioned(adapter("fam-v3", status=evaluated("0.5", "-0.2", "0.7"), parent="fam-v1", run="chat-learn-2"), 3)
+    not_ready = versioned(adapter("fam-v4", status={}, run="chat-learn-3"), 4)
+    family = [v1, good, bad, not_ready]
+    acts = ln.decide_adapters("chat", g, [good, bad, not_ready], family, approval={})
     assert {a.adapter["metadata"]["name"]: (cond.get(a.conditions, "Promoted")["status"], a.note.reason) for a in acts} == {
         "fam-v2": ("True", "AdapterPromoted"), "fam-v3": ("False", "AdapterNotPromoted")}
     assert any(c["type"] == "Ready" for c in acts[0].conditions)  # the Adapter controller's conditions kept
     # written: nothing more to do
     good["status"]["conditions"] = acts[0].conditions
     bad["status"]["conditions"] = acts[1].conditions
-    assert ln.decide_adapters("chat", g, [good, bad], served={"fam-v2"}, approval={}) == []
-    # live approval of the served new adapter drops against its parent's: rolled back, with the numbers
+    assert ln.decide_adapters("chat", g, [good, bad], family, approval={}) == []
+    assert ln.fallback_of(bad, family) is good  # v3 not promoted: a track serves v2, and without v2, v1
+    # too few thumbs: not yet
+    assert ln.decide_adapters("chat", g, [good], family, approval={"fam-v2": ln.Approval(0, 20), "fam-v1": ln.Approval(20, 20)}) == []
+    # live approval of the new adapter drops against the one a track falls back to: rolled back, with the numbers
     approval = {"fam-v2": ln.Approval(10, 40), "fam-v1": ln.Approval(30, 40)}
-    acts = ln.decide_adapters("chat", g, [good], served={"fam-v2"}, approval=approval)
+    acts = ln.decide_adapters("chat", g, [good], family, approval=approval)
     promoted = cond.get(acts[0].conditions, "Promoted")
     assert (promoted["status"], promoted["reason"], acts[0].note.reason, acts[0].note.warning) == ("False", "RolledBack", "AdapterRolledBack", True)
     assert "10/40" in promoted["message"] and "30/40" in promoted["message"] and "falls back to fam-v1" in promoted["message"]
     # it sticks: better numbers later do not promote it again
     good["status"]["conditions"] = acts[0].conditions
-    assert ln.decide_adapters("chat", g, [good], served={"fam-v1"}, approval={"fam-v2": ln.Approval(40, 40), "fam-v1": ln.Approval(0, 40)}) == []
-    # not served now: no live comparison (its approval is history)
-    fresh = adapter("fam-v5", status=evaluated("0.9", "0.1", "0.8"), parent="fam-v1", run="chat-learn-4")
-    acts = ln.decide_adapters("chat", g, [fresh], served={"fam-v1"}, approval=approval | {"fam-v5": ln.Approval(0, 40)})
+    assert ln.decide_adapters("chat", g, [good], family, approval={"fam-v2": ln.Approval(40, 40), "fam-v1": ln.Approval(0, 40)}) == []
+    # the first adapter of a family has nothing to fall back to: never rolled back
+    first = versioned(adapter("fam-v1", status=evaluated("0.9", "0.1", "0.8")), 1)
+    acts = ln.decide_adapters("chat", g, [first], [first], approval={"fam-v1": ln.Approval(0, 400)})
     assert cond.get(acts[0].conditions, "Promoted")["status"] == "True"
 
 
 def test_a_changed_gate_decides_again():
     a = adapter("fam-v2", status=evaluated("0.8", "0.1", "0.7"))
-    first = ln.decide_adapters("chat", PromotionGate(), [a], served=set(), approval={})
+    first = ln.decide_adapters("chat", PromotionGate(), [a], [a], approval={})
     a["status"]["conditions"] = first[0].conditions
-    stricter = ln.decide_adapters("chat", PromotionGate(min_improvement="0.2"), [a], served=set(), approval={})
+    stricter = ln.decide_adapters("chat", PromotionGate(min_improvement="0.2"), [a], [a], approval={})
     assert cond.get(stricter[0].conditions, "Promoted")["status"] == "False"
 
 

@@ -15,9 +15,9 @@ status writer restricted to those fields, so it never fights the serving control
 Promotion and rollback. An Adapter made by one of this Deployment's runs gets the condition `Promoted` once it is
 Ready: True (`GatePassed`) or False (`BelowMinImprovement`, `BelowMinMeanReward`, `NoEvaluation`) with the held-out
 numbers against its baseline (its parent: the adapter served when its run was made) and the gate's thresholds, and an
-Event on the Adapter and on the Deployment. A promoted adapter that the Deployment serves is compared, on live
-thumbs, with its parent: the thumbs of the ratings in the last `APPROVAL_SNAPSHOTS` snapshots, joined by response id
-to the interaction (and so the adapter) they rate. "Worse" with little data (`worse`) needs at least
+Event on the Adapter and on the Deployment. A promoted adapter is compared, on live thumbs, with the adapter a
+`track` would fall back to (`fallback_of`): the thumbs of the ratings in the last `APPROVAL_SNAPSHOTS` snapshots,
+joined by response id to the interaction (and so the adapter) they rate. "Worse" with little data (`worse`) needs at least
 `ROLLBACK_MIN_SAMPLES` thumbs on each side, a drop of at least `ROLLBACK_MIN_DROP` and a one-sided Fisher exact test
 below `ROLLBACK_ALPHA` (strict, as it is repeated); then `Promoted` turns False (`RolledBack`, for good) and a `track`
 falls back to the newest adapter that is still promoted.
@@ -604,13 +604,28 @@ class AdapterAction:
     note: Note
 
 
-def decide_adapters(deployment: str, g: PromotionGate, adapters: Iterable[Mapping[str, Any]], served: set[str],
+def _version(a: Mapping[str, Any]) -> int:
+    v = (a.get("spec") or {}).get("version")
+    return v if isinstance(v, int) else 0
+
+
+def fallback_of(a: Mapping[str, Any], family: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """What a `track` of the family serves when `a` is not promoted: the newest Ready adapter of a lower version whose
+    `Promoted` is not False (promoted, or not made by the loop)."""
+    older = [b for b in family if _version(b) < _version(a) and cond.is_true((b.get("status") or {}).get("conditions"), "Ready")
+             and (cond.get((b.get("status") or {}).get("conditions"), CONDITION_PROMOTED) or {}).get("status") != "False"]
+    return max(older, key=_version, default=None)
+
+
+def decide_adapters(deployment: str, g: PromotionGate, mine: Iterable[Mapping[str, Any]], family: Iterable[Mapping[str, Any]],
                     approval: Mapping[str, Approval]) -> list[AdapterAction]:
-    """The `Promoted` condition of each Ready Adapter made by this Deployment's learning runs (pure): the gate's
-    verdict (again when the gate changes), or, for a promoted adapter that serves now, `RolledBack` when live feedback
-    says it is worse than its parent. A rollback sticks: nothing promotes that adapter again."""
+    """The `Promoted` condition of each Ready Adapter made by this Deployment's learning runs (`mine`; pure): the gate's
+    verdict (again when the gate changes), or `RolledBack` for a promoted one whose live approval is worse than that of
+    the adapter a `track` would fall back to (`fallback_of`: both measured over the same window of snapshots, e.g.
+    while both served during a canary, or each while it served). A rollback sticks: nothing promotes it again."""
+    family = list(family)
     out: list[AdapterAction] = []
-    for a in adapters:
+    for a in mine:
         status = a.get("status") or {}
         conds = status.get("conditions")
         gen = generation(a)
@@ -624,11 +639,13 @@ def decide_adapters(deployment: str, g: PromotionGate, adapters: Iterable[Mappin
         status_, reason, message = ("True" if result.promoted else "False"), result.reason, f"for Deployment {deployment}: {result.message}"
         note = Note("AdapterPromoted" if result.promoted else "AdapterNotPromoted", f"Adapter {name} {'passed' if result.promoted else 'failed'} "
                     f"the promotion gate ({reason}) {message}", warning=not result.promoted)
-        parent = (((a.get("spec") or {}).get("lineage") or {}).get("parentAdapterRef") or {}).get("name")
-        if result.promoted and name in served and parent and name in approval and parent in approval:
-            v = worse(approval[name], approval[parent])
+        before = fallback_of(a, family)
+        previous = before["metadata"]["name"] if before is not None else None
+        if result.promoted and previous and name in approval and previous in approval:
+            v = worse(approval[name], approval[previous])
             if v.worse:
-                status_, reason, message = "False", "RolledBack", f"for Deployment {deployment}: live feedback is worse: {v.message}; serving falls back to {parent}"
+                status_, reason, message = "False", "RolledBack", (f"for Deployment {deployment}: live feedback is worse than {previous}'s: "
+                                                                   f"{v.message}; serving falls back to {previous}")
                 note = Note("AdapterRolledBack", f"Adapter {name} rolled back: {message}", warning=True)
         if (current.get("status"), current.get("reason"), current.get("message"), current.get("observedGeneration")) == (status_, reason, message, gen):
             continue
@@ -739,9 +756,9 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
                                       f"{d.create_run} (trigger {d.trigger})"))
         if enabled:
             assert cl is not None
-            served = {str(e.get("adapter")) for e in status.get("servedAdapters") or [] if e.get("adapter")}
             approval = o.feedback.approval if o.feedback is not None else {}
-            for act in decide_adapters(name, cl.promotion, adapters_of(ctx, obj, cl.adapter_family), served, approval):
+            family = [a for a in ctx.cache.list(API_VERSION, "Adapter", ns) if (a.get("spec") or {}).get("family") == cl.adapter_family]
+            for act in decide_adapters(name, cl.promotion, adapters_of(ctx, obj, cl.adapter_family), family, approval):
                 written = await write_adapter_conditions(ctx, act)
                 if written is not None:
                     PROMOTIONS.labels((cond.get(act.conditions, CONDITION_PROMOTED) or {}).get("reason", "")).inc()
