@@ -179,3 +179,41 @@ def test_template_eval_sets_reach_the_run_and_bad_ones_are_refused_at_admission(
             assert r.status_code == 422 and "evalDatasets" in r.text, (name, r.status_code, r.text[:300])
     finally:
         server.stop()
+
+
+class CountingSource:
+    def __init__(self, view: learning.FeedbackView):
+        self.view = view
+        self.reads = 0
+        self.snapshots: list[int] = []
+
+    def read(self, store_uri: str, namespace: str, deployment: str) -> learning.FeedbackView:
+        self.reads += 1
+        return self.view
+
+    def write_snapshot(self, store_uri: str, namespace: str, deployment: str, seq: int) -> learning.Snapshot:
+        self.snapshots.append(seq)
+        return learning.Snapshot(seq, f"s{seq}.json", records=self.view.new_records)
+
+    def get_snapshot(self, store_uri: str, namespace: str, deployment: str, seq: int) -> learning.Snapshot:
+        return learning.Snapshot(seq, f"s{seq}.json")
+
+
+async def test_wakes_between_ticks_decide_on_the_last_read():
+    """A run's progress or an Adapter of the family wakes the loop often; the store is read once per tick, and again at
+    once after the loop changed it (a snapshot written)."""
+    source = CountingSource(learning.FeedbackView(new_records=3))
+    controller = learning.make_controller(source, tick_seconds=3600)
+    kube = RecordingKube()
+    ctx = Context(clusters={"local": kube}, cache=Cache(), config=OperatorConfig(), clock=lambda: 1.8e9)  # type: ignore[dict-item]
+    dep = o("Deployment", "chat", spec={**DEPLOYMENT_SPEC, "continuousLearning": {"enabled": True, "adapterFamily": "fam", "minNewRecords": 10}},
+            meta={"creationTimestamp": "2026-11-29T00:00:00Z"})
+    for _ in range(3):
+        out = await controller.reconcile(dep, ctx)
+    assert source.reads == 1 and out.status["newFeedbackRecords"] == 3 and out.requeue_after == 3600
+    source.view = learning.FeedbackView(new_records=12)  # enough now, but not read before the tick...
+    controller = learning.make_controller(source, tick_seconds=3600)  # ...or by a new process
+    out = await controller.reconcile(dep, ctx)
+    assert source.reads == 2 and source.snapshots == [1] and [r["metadata"]["name"] for r in kube.created] == ["chat-learn-1"]
+    await controller.reconcile(dep, ctx)
+    assert source.reads == 3  # read again right after it wrote a snapshot

@@ -36,6 +36,7 @@ import datetime as _dt
 import logging
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -707,6 +708,10 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
             source = StoreSource(ctx.config.pvc_root)
         return source
 
+    #: (namespace, name) -> (store URI, monotonic time, view) of the last read: a wake-up between two ticks (a run's
+    #: progress, an Adapter of the family) decides on it instead of listing the store again
+    views: dict[tuple[str, str], tuple[str, float, FeedbackView]] = {}
+
     async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -726,15 +731,25 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
         enabled = spec is not None and cl is not None and cl.enabled
         if enabled:
             assert spec is not None
-            try:
-                o.feedback = await asyncio.to_thread(get_source(ctx).read, store_uri_of(spec, ctx), ns, name)
-            except Exception as exc:  # noqa: BLE001 - any failure of the store is a condition, never a crash loop
-                o.store_error = f"{type(exc).__name__}: {exc}"[:512]
+            uri, now_m = store_uri_of(spec, ctx), time.monotonic()
+            cached = views.get((ns, name))
+            if cached is not None and cached[0] == uri and now_m - cached[1] < 0.9 * tick:
+                o.feedback = cached[2]
+            else:
+                try:
+                    o.feedback = await asyncio.to_thread(get_source(ctx).read, uri, ns, name)
+                    views[(ns, name)] = (uri, now_m, o.feedback)
+                except Exception as exc:  # noqa: BLE001 - any failure of the store is a condition, never a crash loop
+                    views.pop((ns, name), None)
+                    o.store_error = f"{type(exc).__name__}: {exc}"[:512]
+        else:
+            views.pop((ns, name), None)
         d = decide_learning(o, tick_seconds=tick)
         notes = list(d.notes)
         events: list[tuple[dict[str, Any], list[Note]]] = []
         if enabled and d.create_run is not None:
             assert spec is not None and cl is not None and o.feedback is not None
+            views.pop((ns, name), None)  # the store changes now: the next pass reads it
             try:
                 created = await create_run(ctx, obj, spec, o.feedback, d, get_source(ctx), runs)
             except ApiError:
@@ -779,6 +794,7 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
 
     def gone(ctx: Context, namespace: str, name: str) -> None:
         forget_gauge(namespace, name)
+        views.pop((namespace, name), None)
 
     return Controller(KIND, "deployments", LearningStatus, reconcile, dependencies, gone, event_for=event_for,
                       resource=RESOURCE, status_fields=STATUS_FIELDS, owns=frozenset({"TrainingRun"}))
