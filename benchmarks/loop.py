@@ -22,13 +22,14 @@ Sections (run one or more; default: all that exist):
            the smallest (a tick whose cost does not grow with history stays near 1x while the
            store grows 100x).
 
-  (--loop, the whole loop's timings -- threshold to TrainingRun, to Adapter, to serving; approval
-   before/after -- is another section, added to SECTIONS.)
+  --loop   The whole loop with simulated users (benchmarks/loop_live.py): threshold -> TrainingRun ->
+           Adapter -> serving, and approval before/after with confidence intervals and sample sizes.
 
 Nothing is asserted; the exit status is 0 unless something crashed. The generated stores live in
 a temporary directory removed at the end (`--keep` keeps it). Usage:
 
     python benchmarks/loop.py [--tick] [--sizes 10000 100000 1000000] [--records-per-segment 200] [--records-per-day 10000]
+    python benchmarks/loop.py --loop [--loop-kubeconfig .perennial/kubeconfig] [--loop-users 4] [--loop-after 60]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from loop_live import add_arguments as add_loop_arguments
+from loop_live import loop_section
 from perennial.feedback.store import FeedbackStore
 from perennial_records import FeedbackRecord, InteractionRecord, segment_name
 
@@ -159,7 +162,7 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
               f"per idle tick {lo[9]} -> {hi[9]} (medians of {args.repeat} ticks)", flush=True)
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, str], None]] = {"tick": tick_cost}
+SECTIONS: dict[str, Callable[[argparse.Namespace, str], None]] = {"tick": tick_cost, "loop": loop_section}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records-per-day", type=int, default=10_000, help="records a day in the generated history (ending today)")
     p.add_argument("--repeat", type=int, default=7, help="incremental, restart and idle ticks per size (medians printed)")
     p.add_argument("--keep", action="store_true", help="keep the generated stores")
+    add_loop_arguments(p)
     args = p.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(args, name, False)] or list(SECTIONS)
     workdir = tempfile.mkdtemp(prefix="perennial-loop-bench-")

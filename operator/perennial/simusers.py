@@ -448,6 +448,9 @@ class Simulation:
         self.stop = asyncio.Event()
         self.issued = 0
         self._t0 = 0.0
+        self.started_wall = 0.0
+        #: set once the clock runs (`now()`, `started_wall`): a thread waiting on it sees the run's start
+        self.started = threading.Event()
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -560,8 +563,9 @@ class Simulation:
             import openai
         except ImportError as e:
             raise RuntimeError(f"simulate-users needs {e.name}: {INSTALL_HINT}") from None
-        started_wall = time.time()
+        self.started_wall = started_wall = time.time()
         self._t0 = time.monotonic()
+        self.started.set()
         client = openai.AsyncOpenAI(base_url=f"{self.s.base}/v1", api_key=self.s.api_key, max_retries=0, timeout=self.s.timeout)
         timeout = aiohttp.ClientTimeout(total=self.s.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -613,9 +617,18 @@ class BackgroundUsers:
         finally:
             self._loop.close()
 
-    def start(self) -> BackgroundUsers:
+    def start(self, timeout: float = 60.0) -> BackgroundUsers:
+        """Start the users; returns once their clock runs (`elapsed`, `started_wall`)."""
         self._thread.start()
+        if not self.sim.started.wait(timeout) and self._error is None:
+            raise TimeoutError(f"the simulated users did not start within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
         return self
+
+    @property
+    def started_wall(self) -> float:
+        return self.sim.started_wall
 
     @property
     def elapsed(self) -> float:
