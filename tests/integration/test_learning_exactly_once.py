@@ -262,7 +262,7 @@ def test_store_unreachable_is_a_condition_and_serving_status_is_left_alone(tmp_p
     fresh_process()
 
 
-def test_the_gate_marks_each_learned_adapter_with_its_numbers_and_live_feedback_rolls_one_back(tmp_path: Path):
+def test_the_gate_marks_each_learned_adapter_with_its_numbers_and_live_feedback_rolls_one_back(loop, tmp_path: Path):
     """Runs of the loop finish (the test plays the kubelet): an Adapter better than its baseline is `Promoted`, one
     worse is not, each with the held-out numbers, and both objects get an Event saying so. A promoted adapter whose
     users approve of it clearly less than of the one before it is rolled back (`Promoted` False, `RolledBack`)."""
@@ -270,57 +270,54 @@ def test_the_gate_marks_each_learned_adapter_with_its_numbers_and_live_feedback_
 
     from harness import FakeKubelet
 
-    fresh_process()
-    with running_cluster(tmp_path, learning_seconds=0.3) as c:
-        kubelet = FakeKubelet(c)
-        c.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
-        c.wait_condition("BaseModel", "base", "Ready", "True")
-        fb = Feedback(tmp_path / "feedback")
-        spec = deployment_spec()
-        spec["continuousLearning"]["maxConcurrentRuns"] = 1
-        spec["continuousLearning"]["promotion"] = {"minImprovement": "0.05"}
-        c.create("Deployment", DEP, spec)
+    c, fb, _root = loop
+    kubelet = FakeKubelet(c)
+    c.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+    c.wait_condition("BaseModel", "base", "Ready", "True")
+    spec = deployment_spec()
+    spec["continuousLearning"]["maxConcurrentRuns"] = 1
+    spec["continuousLearning"]["promotion"] = {"minImprovement": "0.05"}
+    c.create("Deployment", DEP, spec)
 
-        def finish(seq: int, version: int, mean: float, baseline: float) -> str:
-            run = learning.run_name(DEP, seq)
-            art = tmp_path / "art" / run
-            art.mkdir(parents=True)
-            (art / "adapter_config.json").write_text("{}")
-            pod = kubelet.start(f"{run}-train")
-            result = {"status": "Succeeded", "artifactUri": f"file://{art}",
-                      "metrics": {"eval/mean_reward": mean, "eval/baseline_mean_reward": baseline, "eval/improvement": mean - baseline, "eval/samples": 20}}
-            kubelet.finish(f"{run}-train", pod, exit_code=0, message=_json.dumps(result), job_condition="Complete")
-            c.wait_condition("TrainingRun", run, "Succeeded", "True", "AdapterCreated", timeout=30)
-            return f"chat-v{version}"
+    def finish(seq: int, version: int, mean: float, baseline: float) -> str:
+        run = learning.run_name(DEP, seq)
+        art = tmp_path / "art" / run
+        art.mkdir(parents=True)
+        (art / "adapter_config.json").write_text("{}")
+        pod = kubelet.start(f"{run}-train")
+        result = {"status": "Succeeded", "artifactUri": f"file://{art}",
+                  "metrics": {"eval/mean_reward": mean, "eval/baseline_mean_reward": baseline, "eval/improvement": mean - baseline, "eval/samples": 20}}
+        kubelet.finish(f"{run}-train", pod, exit_code=0, message=_json.dumps(result), job_condition="Complete")
+        c.wait_condition("TrainingRun", run, "Succeeded", "True", "AdapterCreated", timeout=30)
+        return f"chat-v{version}"
 
-        fb.ship(2)
-        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 1)), 30, message="the first run")
-        good = finish(1, 1, 0.8, 0.6)
-        promoted = c.wait_condition("Adapter", good, "Promoted", "True", "GatePassed", timeout=30)
-        assert "held-out mean reward 0.8 vs 0.6 of the base model on 20 held-out examples: improvement 0.2 (minImprovement 0.05)" in promoted["message"]
-        assert "Deployment chat" in promoted["message"]
+    fb.ship(2)
+    wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 1)), 30, message="the first run")
+    good = finish(1, 1, 0.8, 0.6)
+    promoted = c.wait_condition("Adapter", good, "Promoted", "True", "GatePassed", timeout=30)
+    assert "held-out mean reward 0.8 vs 0.6 of the base model on 20 held-out examples: improvement 0.2 (minImprovement 0.05)" in promoted["message"]
+    assert "Deployment chat" in promoted["message"]
 
-        fb.ship(2)
-        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 2)), 30, message="the second run")
-        newer = finish(2, 2, 0.9, 0.6)
-        c.wait_condition("Adapter", newer, "Promoted", "True", "GatePassed", timeout=30)
+    fb.ship(2)
+    wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 2)), 30, message="the second run")
+    newer = finish(2, 2, 0.9, 0.6)
+    c.wait_condition("Adapter", newer, "Promoted", "True", "GatePassed", timeout=30)
 
-        # live feedback: users like chat-v1's answers (32 of 40) and not chat-v2's (10 of 40) -> chat-v2 rolled back
-        fb.ship(40, adapter=good, up=32)
-        fb.ship(40, adapter=newer, up=10)
-        wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 3)), 30, message="the third run (its snapshot holds the live feedback)")
-        back = c.wait_condition("Adapter", newer, "Promoted", "False", "RolledBack", timeout=30)
-        assert "approval 10/40 (25%) vs 32/40 (80%)" in back["message"] and f"falls back to {good}" in back["message"]
-        assert c.condition("Adapter", good, "Promoted")["status"] == "True"
-        wait_for(lambda: any(e["reason"] == "AdapterRolledBack" and e["type"] == "Warning" for e in c.events(newer)), 30,
-                 message="a Warning Event on the rolled-back Adapter")
+    # live feedback: users like chat-v1's answers (32 of 40) and not chat-v2's (10 of 40) -> chat-v2 rolled back
+    fb.ship(40, adapter=good, up=32)
+    fb.ship(40, adapter=newer, up=10)
+    wait_for(lambda: c.get("TrainingRun", learning.run_name(DEP, 3)), 30, message="the third run (its snapshot holds the live feedback)")
+    back = c.wait_condition("Adapter", newer, "Promoted", "False", "RolledBack", timeout=30)
+    assert "approval 10/40 (25%) vs 32/40 (80%)" in back["message"] and f"falls back to {good}" in back["message"]
+    assert c.condition("Adapter", good, "Promoted")["status"] == "True"
+    wait_for(lambda: any(e["reason"] == "AdapterRolledBack" and e["type"] == "Warning" for e in c.events(newer)), 30,
+             message="a Warning Event on the rolled-back Adapter")
 
-        bad = finish(3, 3, 0.55, 0.6)
-        failed = c.wait_condition("Adapter", bad, "Promoted", "False", "BelowMinImprovement", timeout=30)
-        assert "improvement -0.05" in failed["message"]
-        wait_for(lambda: {"AdapterPromoted"} <= {e["reason"] for e in c.events(good)}, 30, message="an Event on the promoted Adapter")
-        wait_for(lambda: {"AdapterNotPromoted"} <= {e["reason"] for e in c.events(bad)}, 30, message="a Warning on the failed one")
-        assert all(e["type"] == "Warning" for e in c.events(bad) if e["reason"] == "AdapterNotPromoted")
-        wait_for(lambda: f"Adapter {bad} failed the promotion gate" in " ".join(e["message"] for e in c.events(DEP)), 30,
-                 message="the Deployment's Event names the failed Adapter")
-    fresh_process()
+    bad = finish(3, 3, 0.55, 0.6)
+    failed = c.wait_condition("Adapter", bad, "Promoted", "False", "BelowMinImprovement", timeout=30)
+    assert "improvement -0.05" in failed["message"]
+    wait_for(lambda: {"AdapterPromoted"} <= {e["reason"] for e in c.events(good)}, 30, message="an Event on the promoted Adapter")
+    wait_for(lambda: {"AdapterNotPromoted"} <= {e["reason"] for e in c.events(bad)}, 30, message="a Warning on the failed one")
+    assert all(e["type"] == "Warning" for e in c.events(bad) if e["reason"] == "AdapterNotPromoted")
+    wait_for(lambda: f"Adapter {bad} failed the promotion gate" in " ".join(e["message"] for e in c.events(DEP)), 30,
+             message="the Deployment's Event names the failed Adapter")
