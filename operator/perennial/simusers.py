@@ -365,6 +365,8 @@ class Result:
     errors: Counter[str]
     feedback_errors: Counter[str]
     events: list[Change] = field(default_factory=list)
+    #: failed reads of the serving adapter (the answers keep the last one read)
+    probe_errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def changes(self) -> list[Change]:
@@ -391,6 +393,8 @@ class Result:
             "thumbsUp": sum(a.feedback == "up" for a in self.answers),
             "thumbsDownWithCorrection": sum(a.feedback == "down+correction" for a in self.answers),
             "feedbackErrors": dict(self.feedback_errors),
+            "notRated": sum(a.approved is not None and a.feedback is None and a.feedback_error is None for a in self.answers),
+            "probeErrors": dict(self.probe_errors),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,6 +448,7 @@ class Simulation:
         self.answers: list[Answer] = []
         self.errors: Counter[str] = Counter()
         self.feedback_errors: Counter[str] = Counter()
+        self.probe_errors: Counter[str] = Counter()
         self.adapter: str | None = None
         self.stop = asyncio.Event()
         self.issued = 0
@@ -468,7 +473,7 @@ class Simulation:
             try:
                 self.adapter = await self.probe()
             except Exception as e:  # noqa: BLE001 - an unreachable API server leaves the last known adapter
-                self.errors[f"probe:{type(e).__name__}"] += 1
+                self.probe_errors[type(e).__name__] += 1
             await self._sleep(self.s.poll)
 
     async def _rate(self, http: Any, user: int, rid: str, q: Question, approved: bool, a: Answer) -> None:
@@ -540,7 +545,8 @@ class Simulation:
             if rid and self.s.feedback_rate > 0 and rnd.random() < self.s.feedback_rate:
                 await self._rate(http, user, rid, q, approved, a)
             elif not rid:
-                self.errors["no-response-id"] += 1
+                a.feedback_error = "no response id"  # nothing to rate
+                self.feedback_errors["no response id"] += 1
             await self._sleep(self.s.think * rnd.uniform(0.5, 1.5))
         if self.s.max_requests is not None and self.issued >= self.s.max_requests:
             self.stop.set()
@@ -575,7 +581,7 @@ class Simulation:
                 try:
                     self.adapter = await self.probe()
                 except Exception as e:  # noqa: BLE001
-                    self.errors[f"probe:{type(e).__name__}"] += 1
+                    self.probe_errors[type(e).__name__] += 1
                 helpers.append(asyncio.create_task(self._poll(), name="probe"))
             try:
                 await asyncio.wait_for(self.stop.wait(), self.s.duration)
@@ -594,7 +600,7 @@ class Simulation:
             w = windows(self.answers, self.s.window, end)[-1]
             if w.requests:
                 print(format_window(w), file=self.out, flush=True)
-        return Result(self.s, started_wall, end, list(self.answers), self.errors, self.feedback_errors)
+        return Result(self.s, started_wall, end, list(self.answers), self.errors, self.feedback_errors, probe_errors=self.probe_errors)
 
 
 class BackgroundUsers:
@@ -858,7 +864,7 @@ def main(args: argparse.Namespace) -> int:
             async def probe() -> str | None:
                 return await asyncio.to_thread(src.served_adapter, args.model)
         sim = Simulation(settings, questions, checker=args.checker, adapter_probe=probe)
-    except (ValueError, LookupError, OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - bad flags or files, an unreachable or refusing API server: one line, exit 2
         print(f"simulate-users: {e}", file=sys.stderr)
         return 2
     print(f"{settings.users} simulated users asking {settings.model} at {settings.base} for {settings.duration:g} s "

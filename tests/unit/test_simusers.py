@@ -260,6 +260,9 @@ def test_cli_refuses_to_rate_without_a_token(monkeypatch: pytest.MonkeyPatch, ca
     assert "feedback token" in capsys.readouterr().err
     assert main(["simulate-users", "--url", "ftp://x", "--feedback-rate", "0"]) == 2
     assert main(["simulate-users", "--url", "http://127.0.0.1:9", "--feedback-rate", "1.5", "--token-file", "/dev/null"]) == 2
+    capsys.readouterr()
+    assert main(["simulate-users", "--deployment", "fruit-chat", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
+    assert capsys.readouterr().err.startswith("simulate-users: ")
 
 
 def test_questions_file_checker_rate_and_events(sidecar_factory, tmp_path: Path) -> None:
@@ -350,7 +353,8 @@ async def test_a_probe_that_fails_is_counted_and_the_run_goes_on(sidecar_factory
                               window=0.2, duration=120), demo_questions(), adapter_probe=probe, out=out)
     result = await sim.run()
     assert len(result.answers) == 20
-    assert result.errors["probe:ConnectionError"] >= 1
+    assert result.probe_errors["ConnectionError"] >= 1 and not result.errors
+    assert result.to_dict()["totals"]["probeErrors"]["ConnectionError"] >= 1
     assert "approval" in out.getvalue()
 
 
