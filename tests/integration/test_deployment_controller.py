@@ -267,7 +267,12 @@ def test_first_rollout_children_status_events_and_no_writes_once_stable(serving:
     assert pod["automountServiceAccountToken"] is False
     assert containers["engine"]["resources"]["limits"]["nvidia.com/gpu"] == 1  # vLLM: tensorParallelSize GPUs
     assert containers["engine"]["startupProbe"] and containers["sidecar"]["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert [p["containerPort"] for p in containers["sidecar"].get("ports", [])] == [8080] and "ports" not in containers["engine"]
+    assert {p["name"]: p["containerPort"] for p in containers["sidecar"].get("ports", [])} == {"http": 8080, "admin": 9090}
+    assert "ports" not in containers["engine"]
+    args = containers["sidecar"]["args"]
+    assert args[args.index("--store-uri") + 1] == str(w.cluster.config.feedback_store_uri).removeprefix("file://"), \
+        "no `feedback.storeUri`: the operator's feedback store (ratings never stay in the pod's spool only)"
+    assert [p["targetPort"] for p in w.service("chat")["spec"]["ports"]] == ["http"], "no Service exposes the admin port"
     token = {v["name"]: v for v in pod["volumes"]}["feedback-token"]["secret"]
     assert token["secretName"] == "chat-feedback-token"
     children = [blue, w.service("chat"), w.service("chat-preview"), w.kube.get("v1", "ConfigMap", NS, "chat-routes"),

@@ -944,7 +944,9 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         if len(used) != len(set(used)):
             raise ValueError("two regions name the same `clusterSecretRef`: a cluster holds one region of a Deployment "
                              "(use `nodeSelector` regions for node pools of one cluster)")
-        servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values())) for r in regions]
+        settings = build.ServingSettings(feedback_store_uri=ctx.config.feedback_store_uri or None)
+        servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values()),
+                                  settings=settings) for r in regions]
         for s in servings:
             build.revision(s)  # every builder's validation, before anything is applied
     except ValueError as exc:
