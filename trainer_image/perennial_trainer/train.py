@@ -62,8 +62,8 @@ def load_datasets(cfg: RunConfig) -> tuple[list[LoadedDataset], list[dict], list
     elif spec.evaluation.enabled and any(d.feedback for d in spec.datasets if d.split == "Train"):
         # Feedback (continuous learning's snapshots) keeps its held-out share next to the Eval sets: the promotion gate
         # compares the adapter with its parent on live data too, not only on fixed sets.
-        feedback = [r for ds, d in zip(loaded, spec.datasets) if ds.split == "Train" and d.feedback for r in ds.rows]
-        files = [r for ds, d in zip(loaded, spec.datasets) if ds.split == "Train" and not d.feedback for r in ds.rows]
+        feedback = [r for ds, d in zip(loaded, spec.datasets, strict=True) if ds.split == "Train" and d.feedback for r in ds.rows]
+        files = [r for ds, d in zip(loaded, spec.datasets, strict=True) if ds.split == "Train" and not d.feedback for r in ds.rows]
         kept, held = split_held_out(feedback, spec.evaluation.held_out_percent, spec.hyperparameters.seed)
         train, evals = files + kept, held + evals
     return loaded, train, evals[: spec.evaluation.max_samples]
