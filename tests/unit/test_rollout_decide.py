@@ -1063,3 +1063,20 @@ def test_a_hand_edited_adapter_rollouts_annotation_never_crashes_the_decision(pr
         assert "fruit" in d.routes["routes"]
         _adapter_invariants(o, d)
         assert d.requeue_after is None or d.requeue_after <= 1800
+
+
+def test_a_served_adapter_the_pods_cannot_load_is_degraded_naming_it_and_the_error():
+    """A new served name is served at once; when the pods cannot load its adapter they keep their last document and
+    report the new one as pending with the error: the region says so (the status must not claim it is served)."""
+    two = doc({"fruit": [("fruit-v1", 100)], "veg": [("veg-v1", 100)]})
+    failing = tuple(PodRoutes(f"p{i}", True, STABLE["revision"], {"veg-v1": "adapter_config.json missing"}, pending=two["revision"])
+                    for i in range(2))
+    d = arun(aobs(two, {"fruit": V1, "veg": OTHER}, pod_list=failing))
+    conds = {c.type: (c.status, c.reason, c.message) for c in d.conditions}
+    assert conds["Degraded"][:2] == ("True", "AdapterLoadFailed") and "veg-v1" in conds["Degraded"][2] and "missing" in conds["Degraded"][2]
+    assert d.phase == "Degraded"
+    ok = arun(aobs(two, {"fruit": V1, "veg": OTHER}, pod_list=pods(two)))
+    assert {c.type: c.status for c in ok.conditions}.get("Degraded") != "True", "loaded: no problem"
+    stale = tuple(PodRoutes(f"p{i}", True, STABLE["revision"], {"veg-v1": "an older document's error"}, pending="zzz") for i in range(2))
+    assert {c.type: c.status for c in arun(aobs(two, {"fruit": V1, "veg": OTHER}, pod_list=stale)).conditions}.get("Degraded") != "True", \
+        "errors about another document say nothing about this one"

@@ -328,7 +328,9 @@ async def pod_routes(where: Where, pod: Mapping[str, Any]) -> rollout.PodRoutes:
         return rollout.PodRoutes(name, True, None)
     errors = body.get("errors") if isinstance(body, dict) and isinstance(body.get("errors"), dict) else {}
     revision = body.get("revision") if isinstance(body, dict) else None
-    return rollout.PodRoutes(name, True, revision if isinstance(revision, str) else None, {str(k): str(v)[:512] for k, v in errors.items()})
+    pending = body.get("pending") if isinstance(body, dict) else None
+    return rollout.PodRoutes(name, True, revision if isinstance(revision, str) else None, {str(k)[:253]: str(v)[:512] for k, v in list(errors.items())[:64]},
+                             pending if isinstance(pending, str) else None)
 
 
 def observe_region(where: Where, s: build.Serving) -> RegionWorld:

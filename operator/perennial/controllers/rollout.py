@@ -893,6 +893,9 @@ class PodRoutes:
     ready: bool
     revision: str | None
     errors: Mapping[str, str] = field(default_factory=dict)  # adapter -> error
+    #: the revision of the newest document the sidecar read but could not apply (an adapter failed to load):
+    #: its `errors` are about that document
+    pending: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1024,7 +1027,7 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
     ready_pods = [p for p in obs.pods if p.ready]
     applied = bool(ready_pods) and obs.routes is not None and all(p.revision == current.get("revision") for p in ready_pods)
     # Only a pod that applied the current document speaks about the adapters in it (an older report is stale).
-    load_errors = {a: e for p in ready_pods if p.revision == current.get("revision") for a, e in p.errors.items()}
+    load_errors = {a: e for p in ready_pods if current.get("revision") in (p.revision, p.pending) for a, e in p.errors.items()}
 
     # Refuse what cannot fit before touching anything.
     distinct_desired = {info.name for info in obs.desired.values()}
@@ -1084,6 +1087,9 @@ def decide_adapters(obs: AdaptersObserved, bg: BlueGreen, rollout: AdapterRollou
             progress.pop(s, None)
             notes.append(Note("AdapterServed", f"Serving {s} with adapter {want}"))
             continue
+        if primary == want and want in load_errors:
+            # Served (a new name is served at once), but the pods could not load it: they keep their last document.
+            problems.append(("AdapterLoadFailed", f"{s}: adapter {want} does not load in the pods: {load_errors[want]}"))
         if primary == want:
             # Stable. Cancel a preview (or canary) of something else; unload the old adapter after the delay.
             if pr.get("adapter") and pr.get("adapter") != want and not pr.get("switchedAt"):
