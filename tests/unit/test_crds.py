@@ -265,6 +265,10 @@ CASES = [
     ("Deployment", with_spec(DEP, autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2}), None, "`minReplicas` must not exceed `maxReplicas`"),
     ("Deployment", with_spec(DEP, autoscaling={"minReplicas": 0, "maxReplicas": 2}), None, "`minReplicas` 0 needs `provider` 'KEDA'"),
     ("Deployment", with_spec(DEP, autoscaling={"minReplicas": 0, "maxReplicas": 2, "provider": "KEDA"}), None, None),
+    ("Deployment", with_spec(DEP, autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 2, "provider": "KEDA"}), None,
+     "`minReplicas` 0 needs `wakeQuery`: the engine's metrics vanish with the last pod, so nothing would ever wake it"),
+    ("Deployment", with_spec(DEP, autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 2, "provider": "KEDA",
+                                               "wakeQuery": "sum(rate(http_requests_total[1m]))"}), None, None),
     ("Deployment", with_spec(DEP, feedback={"enabled": False}, continuousLearning={"enabled": True, "adapterFamily": "f"}), None, "`continuousLearning` needs `feedback.enabled`"),
     ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {"method": "GRPO"}}), None, "`rewardSpecRef` is required when `method` is 'GRPO'"),
     ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {

@@ -485,7 +485,8 @@ def test_hpa_on_cpu_uses_the_engine_containers_utilization():
 
 
 KEDA = {"enabled": True, "provider": "KEDA", "minReplicas": 0, "maxReplicas": 6, "metric": "QueueLength", "target": "4",
-        "prometheusAddress": "http://prometheus.monitoring.svc:9090"}
+        "prometheusAddress": "http://prometheus.monitoring.svc:9090",
+        "wakeQuery": 'sum(rate(nginx_ingress_controller_requests{host="chat.example.com"}[1m]))'}
 
 
 def _promql_pod_regex(query: str) -> re.Pattern:
@@ -504,8 +505,12 @@ def test_keda_scaled_object_targets_the_active_color_and_scales_to_zero_slowly()
     start = containers(pod_of(s))["engine"]["startupProbe"]
     assert spec["cooldownPeriod"] > start["periodSeconds"] * start["failureThreshold"]
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == d.behavior(s)
-    (trigger,) = spec["triggers"]
+    trigger, wake = spec["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "4"
+    # from zero the engine's metrics do not exist: the user's demand query wakes it (only: never beyond one replica)
+    assert wake["metadata"]["query"] == KEDA["wakeQuery"] and wake["metadata"]["activationThreshold"] == "0"
+    assert float(wake["metadata"]["threshold"]) >= 1e9
+    assert len(d.autoscaler(serving({**SPEC, "autoscaling": {**KEDA, "minReplicas": 1, "wakeQuery": None}}), "green")["spec"]["triggers"]) == 1
     query = trigger["metadata"]["query"]
     assert query.startswith("sum(vllm:num_requests_waiting{") and 'namespace="team"' in query
     pods = _promql_pod_regex(query)

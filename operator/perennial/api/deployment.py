@@ -232,11 +232,21 @@ class Autoscaling(Model):
     metric: Literal["RequestsInFlight", "QueueLength", "GPUCacheUsage", "CPU"] = Field(default="RequestsInFlight", description="Metric scaled on.")
     target: Decimal = Field(default="8", description="Target value of the metric per replica.")
     prometheus_address: str | None = Field(default=None, max_length=2048, description="KEDA: Prometheus server address.")
+    wake_query: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="KEDA with `minReplicas` 0: a PromQL query of demand that exists while no pod runs (e.g. your ingress "
+        "controller's or gateway's request rate for this Deployment's host); a value above 0 wakes the active color from zero. "
+        "Required then: vLLM's metrics vanish with the last pod, so nothing else could ever scale it up again. It only wakes: "
+        "beyond one replica the `metric` decides.",
+    )
 
     model_config = Model.model_config | {
         "json_schema_extra": validations(
             cel("self.minReplicas <= self.maxReplicas", "`minReplicas` must not exceed `maxReplicas`"),
             cel("self.minReplicas > 0 || self.provider == 'KEDA'", "`minReplicas` 0 needs `provider` 'KEDA'", field_path=".minReplicas"),
+            cel("self.minReplicas > 0 || !self.enabled || has(self.wakeQuery)",
+                "`minReplicas` 0 needs `wakeQuery`: the engine's metrics vanish with the last pod, so nothing would ever wake it",
+                field_path=".wakeQuery"),
         )
     }
 

@@ -840,6 +840,10 @@ def keda_query(s: Serving, active_color: str) -> str:
     return f'sum({VLLM_METRICS[a.metric]}{{namespace="{s.namespace}",pod=~"{pods}"}}) or vector(0)'
 
 
+#: The wake trigger's threshold: no demand divides into more than one replica by it (it only activates from zero).
+WAKE_THRESHOLD = "1000000000"
+
+
 def scaled_object(s: Serving, active_color: str) -> dict[str, Any]:
     """KEDA ScaledObject on the active color: a Prometheus trigger on the vLLM metric named by `metric`."""
     a = s.spec.autoscaling
@@ -869,7 +873,14 @@ def scaled_object(s: Serving, active_color: str) -> dict[str, Any]:
                     "threshold": a.target,
                     "activationThreshold": "0",
                 },
-            }],
+            }] + ([{
+                # from zero: the engine's metrics exist only while a pod runs, so demand measured before the pods
+                # (the user's query) wakes the color; its threshold is out of reach, so it never scales beyond one
+                "type": "prometheus",
+                "name": "wake",
+                "metricType": "AverageValue",
+                "metadata": {"serverAddress": address, "query": a.wake_query, "threshold": WAKE_THRESHOLD, "activationThreshold": "0"},
+            }] if a.wake_query else []),
             "advanced": {"restoreToOriginalReplicaCount": False, "horizontalPodAutoscalerConfig": {"behavior": behavior(s)}},
         },
     }
