@@ -212,11 +212,12 @@ class Window:
 
 
 def windows(answers: Iterable[Answer], width: float, end: float) -> list[Window]:
-    """The answers in windows [i·width, (i+1)·width) up to `end` (the last one may be shorter)."""
+    """The answers in windows [i·width, (i+1)·width) up to `end`; a last stretch shorter than half a window (the
+    requests in flight when the run stopped) joins the window before it, so the series ends on no tiny sample."""
     if width <= 0:
         raise ValueError("the window must be positive")
-    count = max(1, math.ceil(end / width - 1e-9))
-    out = [Window(i, i * width, min(end, (i + 1) * width)) for i in range(count)]
+    count = max(1, math.ceil(end / width - 0.5))
+    out = [Window(i, i * width, end if i == count - 1 else (i + 1) * width) for i in range(count)]
     for a in answers:
         w = out[min(count - 1, max(0, int(a.t // width)))]
         w.requests += 1
@@ -456,6 +457,7 @@ class Simulation:
         self.started_wall = 0.0
         #: set once the clock runs (`now()`, `started_wall`): a thread waiting on it sees the run's start
         self.started = threading.Event()
+        self._printed = -1
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -553,6 +555,7 @@ class Simulation:
 
     async def _report(self) -> None:
         index = 0
+        self._printed = -1
         while True:
             await self._sleep(self._t0 + (index + 1) * self.s.window - time.monotonic())
             if self.stop.is_set():
@@ -561,6 +564,7 @@ class Simulation:
                 w = windows([a for a in self.answers if index * self.s.window <= a.t < (index + 1) * self.s.window],
                             self.s.window, (index + 1) * self.s.window)[index]
                 print(format_window(w), file=self.out, flush=True)
+                self._printed = index
             index += 1
 
     async def run(self) -> Result:
@@ -598,7 +602,7 @@ class Simulation:
         end = self.now()
         if self.out is not None and self.answers:
             w = windows(self.answers, self.s.window, end)[-1]
-            if w.requests:
+            if w.requests and w.index > self._printed:  # else its line is out (a few answers in flight join it)
                 print(format_window(w), file=self.out, flush=True)
         return Result(self.s, started_wall, end, list(self.answers), self.errors, self.feedback_errors, probe_errors=self.probe_errors)
 

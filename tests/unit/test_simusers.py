@@ -335,6 +335,10 @@ def test_windows_changes_and_stretches() -> None:
     assert [(s.adapters, s.approval.k, s.approval.n) for s in parts] == [(("v1",), 1, 3), (("v2",), 3, 3)]
     with pytest.raises(ValueError):
         windows(answers, 0, 3.0)
+    # the requests in flight at the end (0.3 s past the last full window) join it; half a window or more is its own
+    tail = [*answers, a(3.2, "v2", False)]
+    assert [(w.start, w.end, w.answered) for w in windows(tail, 1.0, 3.3)][-1] == (2.0, 3.3, 4)
+    assert [(w.start, w.end, w.answered) for w in windows(tail, 1.0, 3.6)][-2:] == [(2.0, 3.0, 2), (3.0, 3.6, 2)]
 
 
 async def test_a_probe_that_fails_is_counted_and_the_run_goes_on(sidecar_factory) -> None:
