@@ -131,9 +131,9 @@ class SidecarConfig:
         return [r for r in (self.adapters_dir, self.pvc_root, *extra) if r]
 
     def sidecar_folders(self) -> list[str]:
-        """The sidecar's own folders (token, spool, routes document): never an adapter, whatever the roots."""
-        return [d for d in (os.path.dirname(self.token_file) if self.token_file else "", self.spool_dir,
-                            os.path.dirname(self.routes_file) if self.routes_file else "") if d]
+        """The sidecar's own files: its token and its spool, never (in) an adapter, whatever the roots (the token's
+        Secret folder is under /var/run in the pod, a system folder)."""
+        return [d for d in (self.token_file, self.spool_dir) if d]
 
     def worker_spool(self, index: int) -> tuple[str, str]:
         """(spool dir, pod name) of worker `index`: worker 0 (or a single process) the spool dir and

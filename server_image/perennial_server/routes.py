@@ -109,7 +109,7 @@ def _under(path: str, root: str) -> bool:
 def check_local_adapter(name: str, path: str, roots: Sequence[str], denied: Sequence[str]) -> str:
     """`path` when a local adapter folder may be loaded from it, else ValueError: absolute, no `.`/`..` parts,
     under one of `roots` both as written and once its symlinks are resolved, not under `denied` (either way),
-    and no symlink inside it resolving elsewhere (at most MAX_LOCAL_ENTRIES entries looked at)."""
+    and no symlink inside it resolving elsewhere or to a denied file (at most MAX_LOCAL_ENTRIES entries looked at)."""
     where = f"adapter `{name}`: the local path {path!r}"
     if not os.path.isabs(path) or any(p in (".", "..") for p in path.split("/")):
         raise ValueError(f"{where} must be absolute, without `.` or `..`")
@@ -122,7 +122,7 @@ def check_local_adapter(name: str, path: str, roots: Sequence[str], denied: Sequ
     if not any(_under(norm, r) for r, _ in real_roots):
         raise ValueError(f"{where} must be under {', '.join(roots)}")
     if any(_under(norm, d) or _under(real, d) for d in real_denied):
-        raise ValueError(f"{where} must not be a system folder or the sidecar's own (token, spool, routes)")
+        raise ValueError(f"{where} must not be a system folder or the sidecar's own (its token, its spool)")
     if not allowed(real):
         raise ValueError(f"{where} must not lead out of {', '.join(roots)} through a symlink")
     seen = 0
@@ -551,7 +551,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
 def _repeats_model(body: bytes) -> bool:
     """Whether the body's top-level object has the key `model` twice or more (however its keys are escaped).
     Which duplicate a parser keeps is its own choice (json.loads and pydantic-core keep the last, others the
-    first): routing must not depend on it. Called only for a body with two `"model"` or a `\\u` escape;
+    first): routing must not depend on it. Called only for a body with two `"model"` or a `\\u006` escape;
     a body with fewer than two keys spelling `model` anywhere is cleared by one regex scan, the rest (nested
     `model` keys) parsed once more with json.loads, whose object_pairs_hook sees every key."""
     if len(_MODEL_KEY.findall(body)) < 2:
@@ -648,7 +648,8 @@ class Routes:
         if not isinstance(req, dict):
             return None
         keys, escaped = body.count(_KEY), b"\\" in body  # two scans, shared with _with_model
-        if (keys > 1 or (escaped and b"\\u" in body)) and _repeats_model(body):
+        # a second `model` key is either literal or has a letter escaped: m o d e l are \\u006d \\u006f \\u0064 \\u0065 \\u006c
+        if (keys > 1 or (escaped and b"\\u006" in body)) and _repeats_model(body):
             return json_error(400, "the request body must not repeat the key `model`", "duplicate_model", param="model")
         model = req.get("model")
         if not isinstance(model, str):

@@ -85,6 +85,12 @@ def test_a_body_repeating_the_model_key_is_refused(fake: FakeEngine, routed, tmp
     body = {"model": "support", "messages": [{"role": "user", "content": 'say "model": "a1"'}], "tools": [{"model": "a1"}]}
     ok = requests.post(t.url + "/v1/chat/completions", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "answer of a1"
+    # nor are \\u escapes of other text (json.dumps writes non-ASCII so), even a key spelled with one once
+    for raw in (rb'{"model": "support", "messages": [{"role": "user", "content": "gr\u00fcn \u006dodel"}], "tools": [{"model": "a1"}]}',
+                rb'{"mod\u0065l": "support", "messages": []}'):
+        assert json.loads(raw)["model"] == "support"
+        ok = requests.post(t.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "answer of a1", ok.text
 
 
 @pytest.mark.parametrize("model", [5, None, ["support"], {"model": "a1"}, True, "x" * 100_000, "a1\u0000", "ａ1", "support\u200b"])
@@ -211,7 +217,7 @@ def test_local_adapter_paths_must_lie_under_the_pods_adapter_roots(fake: FakeEng
     """A local adapter path in the routes document reaches the engine's `/v1/load_lora_adapter` (the engine reads it
     and may echo what it found in its error): only folders under the adapters dir, the pod's claims (--pvc-root) and
     --adapter-roots may be named; never by `..`, never through a symlink leading out, never the system's folders or
-    the sidecar's own (token, spool, routes) even under a root."""
+    the sidecar's own (its token, its spool) even under a root."""
     import os
 
     from srvutil import TOKEN
@@ -244,7 +250,6 @@ def test_local_adapter_paths_must_lie_under_the_pods_adapter_roots(fake: FakeEng
         "unlisted": str(tmp_path / "elsewhere"),
         "token-dir": token_dir,
         "spool": sc.cfg.spool_dir,
-        "routes-dir": str(kd.root),
         "sibling-prefix": str(artifacts) + "-evil",  # /x/artifacts-evil is not under /x/artifacts
     }
     os.makedirs(tmp_path / "elsewhere", exist_ok=True)
@@ -258,7 +263,7 @@ def test_local_adapter_paths_must_lie_under_the_pods_adapter_roots(fake: FakeEng
     assert len([c for c in fake.calls if c[0] == "load"]) == loads  # the engine was never asked
     # roots that include the sidecar's own folders still never reach them
     t2, sc2, kd2 = routed(None, adapter_roots=f"{tmp_path},/", pvc_root=str(tmp_path / "pvc"), token_file=str(secret / "token"))
-    for i, path in enumerate([token_dir, sc2.cfg.spool_dir, "/etc/ssl", "/proc/1", str(leaky)]):
+    for i, path in enumerate([str(secret / "token"), sc2.cfg.spool_dir, "/etc/ssl", "/proc/1", str(leaky)]):
         kd2.write(doc(f"own-{i}", {"evil": path}, {"x": [("evil", 100)]}))
         st = wait_until(lambda i=i: (s := routes_state(t2))["pending"] == f"own-{i}" and s["errors"].get("evil") and s, what=path)
         assert "must" in st["errors"]["evil"], (path, st["errors"])
