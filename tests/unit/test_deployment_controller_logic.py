@@ -408,3 +408,49 @@ def test_an_api_server_failure_on_the_way_to_another_clusters_pods_is_no_verdict
         assert not ctx.tasks
 
     asyncio.run(scenario())
+
+
+def test_a_status_another_controller_wrote_during_a_reconcile_is_never_overwritten_by_its_stale_copy():
+    """The serving controller keeps the learning loop's status fields and conditions as it read them. When the loop
+    writes its status while a serving reconcile runs (the cache gets the newer object, same generation, same
+    metadata), the serving status must not be written against that newer version from the older copy: the loop's
+    newer values would be silently reverted. The write goes against the version the reconcile read (a 409 then
+    retries it with the current object)."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers.base import Context, Controller, Outcome
+    from perennial.kube import ApiError
+    from perennial.kube.cache import Cache
+
+    read = {**BODY, "metadata": {**BODY["metadata"], "resourceVersion": "10"},
+            "status": {"observedGeneration": 3, "newFeedbackRecords": 5}}
+    by_loop = {**read, "metadata": {**read["metadata"], "resourceVersion": "11"},
+               "status": {"observedGeneration": 3, "newFeedbackRecords": 9}}
+    patches: list[dict] = []
+
+    class Kube:
+        async def patch(self, api_version: str, kind: str, ns: str, name: str, body: dict, subresource: str | None = None) -> dict:
+            patches.append(body)
+            if body["metadata"]["resourceVersion"] != "11":
+                raise ApiError(409, {"reason": "Conflict", "message": "the object has been modified"}, "PATCH", "/x")
+            return {**by_loop, "status": {**by_loop["status"], **body["status"]}}
+
+        async def create(self, obj: dict) -> dict:
+            return obj
+
+    cache = Cache()
+
+    async def reconcile(obj: dict, ctx: Context) -> Outcome:
+        cache.put(by_loop)  # the learning loop's status write arrives through the watch meanwhile
+        return Outcome(ctl.decide_status(obj, [result()], [], []))
+
+    controller = Controller("Deployment", "deployments", ctl.DeploymentStatus, reconcile)
+    m = Manager([controller], Context(clusters={"local": Kube()}, cache=cache, config=OperatorConfig(), clock=lambda: 0.0))  # type: ignore[dict-item]
+    cache.put(read)
+
+    async def scenario() -> None:
+        await m.process(Key("Deployment", "team", "chat"))
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    reverted = [p for p in patches if p["metadata"]["resourceVersion"] == "11" and p["status"].get("newFeedbackRecords") == 5]
+    assert not reverted, f"the loop's newer newFeedbackRecords (9) was written back to the stale 5: {patches}"

@@ -420,9 +420,11 @@ class Manager:
         try:
             outcome = await controller.reconcile(obj, self.ctx)
             # A reconcile that wrote the object's metadata itself (a finalizer) wrote it through to the cache: the
-            # status is written against that version, unless the spec moved meanwhile (then the 409 retries).
-            latest = self.cache.get(API_VERSION, key.kind, key.namespace, key.name)
-            if latest is not None and latest is not obj and generation(latest) == generation(obj) and not _self_changed(obj, latest):
+            # status is written against that version, unless the spec or the status moved meanwhile (then the 409
+            # retries): a status another controller wrote (the learning loop's fields) is never reverted from our copy.
+            latest = self.cache.get(API_VERSION, controller.resource_kind, key.namespace, key.name)
+            if latest is not None and latest is not obj and generation(latest) == generation(obj) and not _self_changed(obj, latest) \
+                    and latest.get("status") == obj.get("status"):
                 obj = latest
             try:
                 written = await self.write_status(controller, obj, outcome.status, outcome.notes)
