@@ -145,6 +145,42 @@ class RunPolicy(Model):
     service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="ServiceAccount of the training pod (e.g. for workload identity to the artifact store).")
 
 
+#: The engines a multi-node run (`resources.nodes` > 1) can run on; `Auto` picks the first the cluster serves.
+DistributedEngine = Literal["Auto", "TrainJob", "JobSet", "IndexedJob"]
+
+
+class EnvVar(Model):
+    """One environment variable (a plain value)."""
+
+    name: str = Field(max_length=128, pattern=r"^(NCCL|TORCH_NCCL|GLOO)_[A-Z0-9_]+$", description="`NCCL_*`, `TORCH_NCCL_*` or `GLOO_*`.")
+    value: str = Field(max_length=1024, description="The value.")
+
+
+class Distributed(Model):
+    """How the pods of a multi-node run (`nodes` > 1) run as one group."""
+
+    engine: DistributedEngine = Field(default="Auto", description=(
+        "`Auto`: Kubeflow Trainer's `TrainJob` when the cluster serves it (`trainjobs.trainer.kubeflow.org`), else a `JobSet` "
+        "(`jobsets.jobset.x-k8s.io`), else an indexed `batch/v1` Job with a headless Service; torchrun's c10d rendezvous "
+        "joins the pods. Naming an engine the cluster does not serve fails the run (`EngineNotInstalled`). Which CRDs are "
+        "served is read when the operator starts."))
+    training_runtime: Name = Field(default="torch-distributed", description=(
+        "TrainJob only: the ClusterTrainingRuntime (torch) the TrainJob runs on; its failure policy decides whether a failed "
+        "pod restarts the group."))
+    rendezvous_port: int = Field(default=29400, ge=1024, le=65535, description="Port of torchrun's c10d rendezvous on the first pod (IndexedJob, JobSet).")
+    env: list[EnvVar] = Field(default_factory=list, max_length=32, description=(
+        "NCCL / Gloo settings for every process (e.g. `NCCL_SOCKET_IFNAME`, `NCCL_IB_DISABLE`, `NCCL_DEBUG`)."))
+
+
+class TrainingResources(ComputeResources):
+    """What each training pod needs, and how many pods (nodes) train together."""
+
+    nodes: int = Field(default=1, ge=1, le=128, description=(
+        "Pods (nodes) training together, each with `gpus` GPUs and one trainer process per GPU (one on CPU). 1 runs a plain Job; "
+        "more run one group on `distributed.engine`: one failed pod fails or restarts the whole group, never part of it."))
+    distributed: Distributed = Field(default_factory=Distributed, description="Multi-node settings (used when `nodes` > 1).")
+
+
 DATASETS_HELP = (
     "Training (and optional evaluation) data. Each row is a JSON object; its fields depend on `method`. "
     "SFT: `messages` (a chat: a list of `{role, content}`), or `prompt` and `completion` (strings, or `prompt` a chat and "
@@ -175,7 +211,7 @@ class TrainingRunSpec(Model):
     datasets: list[DatasetSource] = Field(min_length=1, max_length=16, description=DATASETS_HELP)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Hyperparameters.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape.")
-    resources: ComputeResources = Field(default_factory=lambda: ComputeResources(gpus=1), description="What the training pod needs.")
+    resources: TrainingResources = Field(default_factory=lambda: TrainingResources(gpus=1), description="What each training pod needs, and how many pods train together (`nodes`).")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Evaluation settings.")
     output: Output = Field(description="Where the adapter goes.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Job policy.")
@@ -208,6 +244,9 @@ class Progress(Model):
 class TrainingRunStatus(CommonStatus):
     phase: Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"] | None = Field(default=None, description="Derived from conditions, for humans.")
     job_name: str | None = Field(default=None, max_length=253, description="Name of the training Job.")
+    engine: Literal["Job", "IndexedJob", "JobSet", "TrainJob"] | None = Field(default=None, description=(
+        "What runs the trainer: a `Job` (one pod), or for `resources.nodes` > 1 an `IndexedJob` (with a headless Service), a "
+        "`JobSet` or a Kubeflow `TrainJob`, all named `jobName`."))
     start_time: str | None = Field(default=None, max_length=64, description="When the trainer started.")
     completion_time: str | None = Field(default=None, max_length=64, description="When the run finished.")
     progress: Progress | None = None
