@@ -111,8 +111,12 @@ def _decimal(value: Any) -> Decimal | None:
 
 
 def passes_gate(adapter: Mapping[str, Any], gate: PromotionGate) -> bool:
-    """Whether an Adapter passed a Deployment's promotion gate (its held-out evaluation against its baseline)."""
+    """Whether an Adapter passed a Deployment's promotion gate (its held-out evaluation against its baseline) and was
+    not rolled back since (the learning loop's `Promoted` False/`RolledBack`: its live approval dropped)."""
     status = adapter.get("status") or {}
+    promoted = cond.get(status.get("conditions"), "Promoted") or {}
+    if promoted.get("status") == "False" and promoted.get("reason") == "RolledBack":
+        return False
     improvement, mean = _decimal(status.get("improvement")), _decimal(status.get("meanReward"))
     if improvement is None:
         return not gate.require_evaluation
