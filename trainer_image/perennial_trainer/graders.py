@@ -135,6 +135,30 @@ def _regex(g: Grader, sample: dict, item: dict) -> GradeResult:
     return GradeResult(1.0 if ok else 0.0, "matches" if ok else "no match")
 
 
+def _format(g: Grader, sample: dict, item: dict) -> GradeResult:
+    """One `<tag>...</tag>` block (semantics: `FormatGrader` in the API). Credit can be earned once: a second
+    opening or closing tag anywhere zeroes it, so repeating tags or blocks never pays."""
+    c = g.config()
+    text = sample["output_text"].strip()
+    open_t, close_t = f"<{c.tag}>", f"</{c.tag}>"
+    n_open, n_close = text.count(open_t), text.count(close_t)
+    if n_open == 0 and n_close == 0:
+        return GradeResult(0.0, f"no {open_t} block")
+    if n_open != 1 or n_close != 1:
+        return GradeResult(0.0, f"{n_open} {open_t} and {n_close} {close_t}: exactly one block earns credit")
+    start, end = text.index(open_t), text.index(close_t)
+    if end < start:
+        return GradeResult(0.0, f"{close_t} before {open_t}")
+    content = text[start + len(open_t):end]
+    ok = c.content is None or re.fullmatch(c.content, content) is not None
+    block = len(text[start:end + len(close_t)])
+    score = 1.0 if block == len(text) else float(c.partial_credit) * block / len(text)
+    why = "one block" if block == len(text) else f"one block, {len(text) - block} characters of other text"
+    if not ok:
+        score, why = score / 2, why + f"; content does not match {c.content!r}"
+    return GradeResult(score, why)
+
+
 def _first_json(text: str) -> Any:
     dec = json.JSONDecoder()
     for i, ch in enumerate(text):
@@ -456,7 +480,7 @@ def _judge_batch(g: Grader, samples: list[dict], items: list[dict]) -> list[Grad
 
 
 _SINGLE: dict[str, Callable[[Grader, dict, dict], GradeResult]] = {
-    "Regex": _regex, "JSONSchema": _json_schema, "StringCheck": _string_check,
+    "Regex": _regex, "Format": _format, "JSONSchema": _json_schema, "StringCheck": _string_check,
     "Similarity": _similarity, "HumanFeedback": _human_feedback,
 }
 _BATCH = {"Code": _code_batch, "Python": _python_batch, "LLMJudge": _judge_batch}
@@ -603,6 +627,11 @@ def check_reward_spec(spec: RewardSpecSpec, what: str = "rewardSpec") -> None:
                 re.compile(c.pattern)
             except re.error as e:
                 raise TrainerError(f"{where}: `regex.pattern` must be a valid regular expression: {e}", "InvalidRewardSpec") from None
+        elif g.type == "Format" and c.content is not None:
+            try:
+                re.compile(c.content)
+            except re.error as e:
+                raise TrainerError(f"{where}: `format.content` must be a valid regular expression: {e}", "InvalidRewardSpec") from None
         elif g.type == "Python":
             try:
                 tree = ast.parse(c.source)

@@ -24,11 +24,12 @@ from .common import (
     validations,
 )
 
-GraderType = Literal["Regex", "JSONSchema", "StringCheck", "Similarity", "Code", "Python", "LLMJudge", "HumanFeedback"]
+GraderType = Literal["Regex", "Format", "JSONSchema", "StringCheck", "Similarity", "Code", "Python", "LLMJudge", "HumanFeedback"]
 
 # Which sub-object configures which grader type.
 GRADER_FIELDS: dict[str, str] = {
     "Regex": "regex",
+    "Format": "format",
     "JSONSchema": "jsonSchema",
     "StringCheck": "stringCheck",
     "Similarity": "similarity",
@@ -88,6 +89,22 @@ class RegexGrader(Model):
     mode: Literal["Search", "Match", "FullMatch"] = Field(default="Search", description="How the pattern is applied: `Search` anywhere, `Match` at the start, `FullMatch` whole text.")
     ignore_case: bool = Field(default=False, description="Case-insensitive matching.")
     multiline: bool = Field(default=False, description="`^`/`$` match at line boundaries and `.` matches newlines.")
+
+
+class FormatGrader(Model):
+    """Partial credit for answering in one `<tag>...</tag>` block, which repetition and padding cannot game.
+
+    1 for exactly one well-formed block and nothing else (surrounding whitespace aside) whose content fully
+    matches `content`; one block in other text earns `partialCredit` times the block's share of the text
+    (padding lowers it); a block whose content does not match `content` earns half of what it would have
+    earned. Any other use of the tag
+    (none, a second opening or closing tag anywhere, nesting, an unclosed block) scores 0: repeating
+    `</answer>` or the whole block never pays more than giving no answer at all.
+    """
+
+    tag: str = Field(default="answer", min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.\-]*$", description="The tag name: `answer` grades `<answer>...</answer>`.")
+    content: str | None = Field(default=None, min_length=1, max_length=4096, description="A Python `re` pattern the block's content must match in full (e.g. `[a-z]+`); any content if unset.")
+    partial_credit: UnitScore = Field(default="0.5", description="Most credit, in [0, 1], for a single well-formed block with other text around it (scaled by the block's share of the text).")
 
 
 class JSONSchemaGrader(Model):
@@ -198,6 +215,7 @@ class Grader(Model):
     weight: Weight = Field(default="1", description="Weight of this grader in the total (a weighted sum), from -1000000 to 1000000.")
     failure_score: Weight = Field(default="0", description="Score when the grader itself fails (timeout, crash, memory limit, unparsable judge answer, a result that is not a number in the grader's range), from -1000000 to 1000000; may lie outside the range (a penalty).")
     regex: RegexGrader | None = None
+    format: FormatGrader | None = None
     json_schema: JSONSchemaGrader | None = Field(default=None, alias="jsonSchema")
     string_check: StringCheckGrader | None = None
     similarity: SimilarityGrader | None = None
@@ -215,6 +233,7 @@ class Grader(Model):
 
 _PY_FIELDS = {
     "Regex": "regex",
+    "Format": "format",
     "JSONSchema": "json_schema",
     "StringCheck": "string_check",
     "Similarity": "similarity",

@@ -57,6 +57,11 @@ def grader_problems(grader: Grader) -> list[str]:
             re.compile(grader.regex.pattern, flags)
         except re.error as exc:
             problems.append(f"grader {name!r}: `regex.pattern` does not compile: {exc}")
+    if grader.format is not None and grader.format.content is not None:
+        try:
+            re.compile(grader.format.content)
+        except re.error as exc:
+            problems.append(f"grader {name!r}: `format.content` does not compile: {exc}")
     if grader.json_schema is not None:
         try:
             import jsonschema
