@@ -47,6 +47,8 @@ from typing import Any, TextIO
 from .stats import Comparison, Proportion, compare
 
 TOKEN_ENV = "PERENNIAL_FEEDBACK_TOKEN"
+#: Event reasons marked on the chart with --deployment (the controllers' Notes about training, promotion and rollout)
+MARKED_REASONS = frozenset({"TrainingRunCreated", "AdapterPromoted", "AdapterRolledBack", "AdapterServed", "Switched", "RolledBack"})
 MAX_FEEDBACK_BACKOFF_S = 5.0
 INSTALL_HINT = "pip install 'perennial[simulate]'"
 
@@ -368,6 +370,8 @@ class Result:
     events: list[Change] = field(default_factory=list)
     #: failed reads of the serving adapter (the answers keep the last one read)
     probe_errors: Counter[str] = field(default_factory=Counter)
+    #: moments only marked on the chart (the Deployment's Kubernetes Events): they split no stretch
+    markers: list[Change] = field(default_factory=list)
 
     @property
     def changes(self) -> list[Change]:
@@ -408,6 +412,7 @@ class Result:
             "approval": {"approved": self.approval.k, "n": self.approval.n, "rate": self.approval.rate, "interval": list(self.approval.interval)},
             "windows": [w.row() for w in self.windows()],
             "changes": [{"t_s": round(c.t, 3), "label": c.label, "source": c.source} for c in self.changes],
+            "markers": [{"t_s": round(c.t, 3), "label": c.label, "source": c.source} for c in self.markers],
             "stretches": [s.to_dict() for s in parts],
             "comparisons": [c.to_dict() for c in comparisons(parts)],
         }
@@ -701,10 +706,10 @@ def write_chart(result: Result, path: Path) -> None:
             ax.hlines(s.approval.rate, s.start, s.end, colors="tab:green", linestyles="dotted")
             ax.annotate(f"{' -> '.join(s.adapters) or 'approval'}: {s.approval.rate:.2f} (n={s.approval.n})", ((s.start + s.end) / 2, s.approval.rate),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:green")
-    for c in result.changes:
-        color = "tab:red" if c.source == "adapter" else "tab:purple"
-        ax.axvline(c.t, color=color, linestyle="--", linewidth=1)
-        ax.annotate(c.label, (c.t, 0.02), rotation=90, fontsize=8, color=color, ha="right", va="bottom")
+    for c in [*result.changes, *(m for m in result.markers if 0 <= m.t <= result.duration)]:
+        color, style = {"adapter": ("tab:red", "--"), "event": ("tab:purple", "--")}.get(c.source, ("tab:gray", ":"))
+        ax.axvline(c.t, color=color, linestyle=style, linewidth=1)
+        ax.annotate(c.label, (c.t, 0.02), rotation=90, fontsize=7, color=color, ha="right", va="bottom")
     ax.set_xlim(0, max(result.duration, 1e-3))
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("seconds since start")
@@ -751,8 +756,12 @@ def summary(result: Result) -> list[str]:
     parts = result.stretches()
     for s in parts:
         lines.append(f"  {s.start:7.1f}s-{s.end:7.1f}s  {' -> '.join(s.adapters) or '-':<24} approval {s.approval.format()}")
-    for c, s in zip(result.changes, comparisons(parts), strict=False):
-        lines.append(f"  at {c.t:.1f}s ({c.label}): {s.format()}")
+    changes = result.changes
+    for part, s in zip(parts[1:], comparisons(parts), strict=True):
+        label = ", ".join(c.label for c in changes if c.t == part.start)
+        lines.append(f"  at {part.start:.1f}s ({label}): {s.format()}")
+    for m in result.markers:
+        lines.append(f"  event at {m.t:.1f}s: {m.label}")
     return lines
 
 
@@ -776,6 +785,26 @@ class DeploymentSource:
     def token(self) -> str:
         ref = ((self.get().get("spec") or {}).get("feedback") or {}).get("tokenSecretRef") or {}
         return secret_value(self.kube, self.namespace, ref.get("name") or f"{self.name}-feedback-token", ref.get("key") or "token")
+
+    def events(self, start_wall: float, end_wall: float) -> list[Change]:
+        """The Deployment's rollout and learning Events (and its Adapters' promotions) between two wall-clock times,
+        as chart markers (seconds since `start_wall`)."""
+        out = []
+        for e in self.kube.list("v1", "Event", self.namespace):
+            obj = e.get("involvedObject") or {}
+            reason = e.get("reason") or ""
+            ours = obj.get("name") == self.name or (obj.get("kind") == "Adapter" and self.name in (e.get("message") or ""))
+            if reason not in MARKED_REASONS or not ours:
+                continue
+            stamp = e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or (e.get("metadata") or {}).get("creationTimestamp")
+            try:
+                t = _dt.datetime.fromisoformat(stamp).timestamp()
+            except (TypeError, ValueError):
+                continue
+            if start_wall - 1 <= t <= end_wall + 1:  # Event times have a resolution of 1 s
+                who = "" if obj.get("name") == self.name else f" {obj.get('name')}"
+                out.append(Change(t - start_wall, f"{reason}{who}", "k8s"))
+        return sorted(out, key=lambda c: c.t)
 
     def served_adapter(self, model: str) -> str | None:
         for s in (self.get().get("status") or {}).get("servedAdapters") or []:
@@ -887,6 +916,11 @@ def main(args: argparse.Namespace) -> int:
         result = asyncio.run(go())
         if args.events:
             result.events = read_events(args.events, result.started_wall)
+        if source is not None:
+            try:
+                result.markers = source.events(result.started_wall, result.started_wall + result.duration)
+            except Exception as e:  # noqa: BLE001 - markers are a garnish: the run's outputs are written regardless
+                print(f"simulate-users: could not read the Deployment's Events: {e}", file=sys.stderr)
         for line in summary(result):
             print(line)
         paths = write_outputs(result, args.out)

@@ -6,6 +6,7 @@ bearer token, injected 500s and 429s. The adapter switch is seen through a Peren
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import re
@@ -172,9 +173,15 @@ def test_cli_against_a_deployment_rates_by_the_rule_counts_errors_and_charts_the
         install_crds(kube)
         kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
 
-        def serve(adapter: str) -> None:
+        def serve(adapter: str, ago: float = 0.0) -> None:
             kube.patch_status("perennial.ai/v1alpha1", "Deployment", "default", "fruit-chat",
                               {"endpoint": sidecar.url, "servedAdapters": [{"name": "fruit", "adapter": adapter}]})
+            now = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for reason in ("AdapterServed", "ScaledDown"):  # the operator's Events: one marked, one not
+                kube.create({"apiVersion": "v1", "kind": "Event", "metadata": {"name": f"fruit-chat.{uuid.uuid4().hex[:10]}", "namespace": "default"},
+                             "involvedObject": {"apiVersion": "perennial.ai/v1alpha1", "kind": "Deployment", "name": "fruit-chat", "namespace": "default"},
+                             "reason": reason, "message": f"now {adapter}", "type": "Normal", "firstTimestamp": now, "lastTimestamp": now,
+                             "source": {"component": "perennial-operator"}})
 
         sidecar = sidecar_factory(fail_every=7, throttle_every=11, feedback_429_first=2, switch_after=60,
                                   on_switch=lambda: serve("fruit-v2"), pause_after_switch=1.0)
@@ -183,7 +190,7 @@ def test_cli_against_a_deployment_rates_by_the_rule_counts_errors_and_charts_the
                               "feedback": {"enabled": True, "storeUri": "pvc://feedback/fruit-chat"}}})
         kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fruit-chat-feedback-token", "namespace": "default"},
                      "stringData": {"token": TOKEN}})
-        serve("fruit-v1")
+        serve("fruit-v1", ago=60)  # its Events stamped a minute before the run: not marked
 
         out = tmp_path / "run" / "users"
         rc = main(["simulate-users", "--deployment", "fruit-chat", "--kubeconfig", str(kubeconfig), "--model", "fruit",
@@ -210,6 +217,10 @@ def test_cli_against_a_deployment_rates_by_the_rule_counts_errors_and_charts_the
 
     # the adapter switch: seen through the Deployment's status, marked, and approval moves from ~0 to ~1
     assert [c["label"] for c in doc["changes"]] == ["fruit-v1 -> fruit-v2"]
+    # the Deployment's Events during the run (the switch's, not the first serve's before it) are marked on the chart,
+    # splitting nothing; the ScaledDown ones are not marked
+    assert [m["label"] for m in doc["markers"]] == ["AdapterServed"]
+    assert doc["markers"][0]["t_s"] <= doc["changes"][0]["t_s"] + 1  # Event times are cut to the second
     before, after = doc["stretches"]
     assert before["adapters"] == ["fruit-v1"] and after["adapters"] == ["fruit-v2"]
     assert before["n"] > 20 and after["n"] > 20
