@@ -251,6 +251,15 @@ def test_secrets_are_read_cluster_wide_only_when_the_option_asks():
         render({"rbac": {"create": True, "clusterWideSecrets": False}})
 
 
+def test_namespaces_are_listed_cluster_wide_only_when_watching_a_list():
+    """kopf watching a list of namespaces lists and watches Namespaces (it follows them appearing)."""
+    def ns_rules(docs):
+        return [r for r in cluster_wide_grants(docs) if "namespaces" in r["resources"]]
+    assert ns_rules(render()) == []
+    assert ns_rules(render(values_of(CHART / "ci" / "namespace-list-values.yaml"))) == [
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
+
+
 def test_member_region_mode_has_rbac_and_no_operator():
     docs = render(values_of(CHART / "ci" / "member-region-values.yaml"))
     kinds = {d["kind"] for d in docs}
