@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         if flag in ("max_steps", "epochs", "batch_size", "seed", "num_generations", "max_completion_length", "checkpoint_every_steps"):
             kind = int
         t.add_argument("--" + flag.replace("_", "-"), type=kind, default=None, help=f"overrides `{OVERRIDES[flag]}`")
+    # Several processes (torchrun, see `distributed.py`): the pod's entrypoint launches, the workers train.
+    t.add_argument("--nproc-per-node", type=int, default=None, help="trainer processes in this pod (one per GPU; default $PERENNIAL_NPROC_PER_NODE or 1)")
+    t.add_argument("--nnodes", type=int, default=1, help="pods training together (c10d rendezvous at --rdzv-endpoint)")
+    t.add_argument("--node-rank", type=int, default=None, help="this pod's index among --nnodes (default $JOB_COMPLETION_INDEX)")
+    t.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (pod 0) when --nnodes > 1")
+    t.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the run name)")
     g = sub.add_parser("grade", help="grade samples with a RewardSpec, or run its tests")
     g.add_argument("--reward-spec", required=True, help="RewardSpec YAML (a resource or a bare spec)")
     g.add_argument("--samples", help="JSONL: one object per line with `completion` (or `output_text`), optional `prompt`, `item`")
@@ -152,10 +159,55 @@ def cmd_grade(a) -> int:
     return 0
 
 
-def cmd_train(a, config_path: str) -> int:
+LAUNCHER_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line a torchrun worker gets: the launcher's own, less the launcher flags."""
+    out: list[str] = []
+    skip = False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x in LAUNCHER_FLAGS:
+            skip = True
+            continue
+        if any(x.startswith(f + "=") for f in LAUNCHER_FLAGS):
+            continue
+        out.append(x)
+    return out
+
+
+def cmd_train(a, config_path: str, argv: list[str] | None = None) -> int:
     from .config import DEFAULT_CONFIG_PATH, load_config
+    from .distributed import NPROC_ENV, die_with_parent, is_worker, launch, quiet_if_replica, world
     from .errors import TrainerError
     from .progress import write_termination
+
+    if not is_worker():
+        try:
+            nproc = a.nproc_per_node if a.nproc_per_node is not None else int(os.environ.get(NPROC_ENV) or 1)
+        except ValueError:
+            nproc = 0
+        if nproc < 1 or a.nnodes < 1:
+            msg = f"--nproc-per-node ({nproc}) and --nnodes ({a.nnodes}) must be at least 1"
+            write_termination({"status": "Failed", "reason": "InvalidConfig", "message": msg}, a.termination_log)
+            return TrainerError(msg, "InvalidConfig").exit_code
+        if nproc > 1 or a.nnodes > 1:
+            try:
+                return launch(worker_argv(argv or []), nproc_per_node=nproc, nnodes=a.nnodes, node_rank=a.node_rank,
+                              rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id or "perennial", termination_log=a.termination_log)
+            except TrainerError as e:
+                write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
+                return e.exit_code
+    w = world()
+    if w.distributed:
+        die_with_parent()
+        quiet_if_replica(w)
+        if not w.main:  # rank 0 alone writes the termination message (and prints the result)
+            def write_termination(result, path=None):  # noqa: F811
+                return ""
 
     overrides = {OVERRIDES[k]: getattr(a, k, None) for k in OVERRIDES}
     if overrides.get("spec.hyperparameters.learningRate") is not None:
@@ -167,14 +219,16 @@ def cmd_train(a, config_path: str) -> int:
         result = run(cfg)
     except TrainerError as e:
         log.error("run failed: %s", e)
-        write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
+        write_termination({"status": "Failed", "reason": e.reason, "message": str(e),
+                           **({"metrics": {k: round(v, 6) for k, v in e.metrics.items()}} if e.metrics else {})}, a.termination_log)
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - report, never a silent crash
         traceback.print_exc()
         write_termination({"status": "Failed", "reason": "TrainerCrashed", "message": f"{e.__class__.__name__}: {e}"}, a.termination_log)
         return 1
     text = write_termination(result, a.termination_log)
-    print("PERENNIAL_RESULT " + text, flush=True)
+    if w.main:
+        print("PERENNIAL_RESULT " + text, flush=True)
     return 0
 
 
@@ -212,6 +266,6 @@ def main(argv: list[str] | None = None) -> int:
                 write_termination({"status": "Failed", "reason": e.reason, "message": str(e)}, a.termination_log)
             return 2
     if a.command == "train":
-        return cmd_train(a, a.train_config or a.config)
+        return cmd_train(a, a.train_config or a.config, argv)
     p.print_help()
     return 2

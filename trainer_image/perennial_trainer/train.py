@@ -22,7 +22,9 @@ from .callbacks import ProgressCallback
 from .feedback import DEFAULT_MIN_EXAMPLES, drop_too_long
 from .feedback import report as feedback_report
 from .curves import CurvePlotter
+from .distributed import World, fsdp_wanted, world
 from .progress import atomic_write_json
+from .signals import eval_signals, train_signals
 from .storage import is_local, localize, resolve_uri, upload_dir
 
 log = logging.getLogger("perennial_trainer")
@@ -139,9 +141,12 @@ def device_setup() -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
+    w = world()
+    if cuda and w.distributed:
+        torch.cuda.set_device(w.local_rank)  # one GPU per process: "cuda" below means this process's own
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     return {"cuda": cuda, "use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": cuda,
-            "dtype": torch.bfloat16 if bf16 else torch.float32}
+            "dtype": torch.bfloat16 if bf16 else torch.float32, "fsdp": False}
 
 
 def load_base(path: str, dev: dict[str, Any]):
@@ -226,6 +231,15 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
     # TRL turns activation (gradient) checkpointing on by default: worth its recomputation on a GPU
     # short of memory, pure cost on CPU (about 10% of a GRPO step on the tiny model). Always explicit.
     common["activation_checkpointing"] = bool(dev["gradient_checkpointing"])
+    if world().distributed:
+        # Every LoRA parameter takes part in every step: no search for unused ones (DDP's costly default).
+        common["ddp_find_unused_parameters"] = False
+        if dev["fsdp"]:  # FSDP2 (Accelerate's `fsdp_version: 2`): the frozen base weights are sharded over the processes
+            common["fsdp"] = "full_shard auto_wrap"
+            common["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                                     "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+                                     "activation_checkpointing": bool(dev["gradient_checkpointing"])}
+            common["activation_checkpointing"] = False  # FSDP's own (above) instead of the model's
     if method == "SFT":
         return SFTConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024, **common)
     if method == "DPO":
@@ -331,8 +345,9 @@ def default_checkpoint_dir(cfg: RunConfig) -> str:
     return os.path.join(tempfile.gettempdir(), "perennial-checkpoints", cfg.namespace, cfg.run_name)
 
 
-def last_complete_checkpoint(ckpt_dir: str) -> str | None:
-    """The newest `checkpoint-N` that was completely written (a kill mid-save leaves a partial one)."""
+def last_complete_checkpoint(ckpt_dir: str, clean: bool = True) -> str | None:
+    """The newest `checkpoint-N` that was completely written (a kill mid-save leaves a partial one, removed when
+    `clean`: only one process of a pod removes)."""
     if not os.path.isdir(ckpt_dir):
         return None
     found = []
@@ -348,7 +363,7 @@ def last_complete_checkpoint(ckpt_dir: str) -> str | None:
     if not found:
         return None
     partial = [d for d in Path(ckpt_dir).glob("checkpoint-*") if str(d) != max(found)[1] and d.name.split("-", 1)[1].isdigit() and int(d.name.split("-", 1)[1]) > max(found)[0]]
-    for d in partial:
+    for d in partial if clean else []:
         log.warning("ignoring incomplete checkpoint %s", d)
         shutil.rmtree(d, ignore_errors=True)
     return max(found)[1]
@@ -385,7 +400,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="perennial-run-"))
     staging = work / "artifact"
     staging.mkdir()
-    plotter = CurvePlotter(str(staging / "curves.png"))  # imports matplotlib on another core meanwhile
+    # imports matplotlib on another core meanwhile; only rank 0 draws (it alone writes the artifact)
+    plotter = CurvePlotter(str(staging / "curves.png")) if world().main else _NoPlot()
     try:
         return _run(cfg, dev, datasets_, train_rows, eval_rows, work, staging, plotter, t_start)
     finally:
@@ -393,10 +409,34 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _NoPlot:
+    def send(self, history) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def _barrier(w: World, dev: dict[str, Any]):
+    """A function waiting for every process (nothing to wait for in a single-process run). The process group is
+    Accelerate's, the one the Trainer uses next (gloo on CPU, NCCL on GPU)."""
+    if not w.distributed:
+        return lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=dev["use_cpu"])
+    return state.wait_for_everyone
+
+
 def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], train_rows: list[dict], eval_rows: list[dict],
-         work: Path, staging: Path, plotter: CurvePlotter, t_start: float) -> dict[str, Any]:
+         work: Path, staging: Path, plotter: CurvePlotter | _NoPlot, t_start: float) -> dict[str, Any]:
     spec = cfg.spec
     method = spec.method
+    w = world()
+    barrier = _barrier(w, dev)
     base_path = localize(cfg.base_model_uri, work)
     parent_path = None
     if cfg.parent_adapter_uri:
@@ -406,16 +446,26 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
             raise TrainerError(f"parent adapter {cfg.parent_adapter_uri} has no adapter_config.json", "ParentAdapterInvalid")
 
     ckpt_dir = default_checkpoint_dir(cfg)
-    os.makedirs(ckpt_dir, exist_ok=True)
     mirror = checkpoints.mirror_uri(cfg.output_uri)
-    if mirror and last_complete_checkpoint(ckpt_dir) is None:
-        checkpoints.restore_checkpoint(mirror, ckpt_dir)  # a new pod: the local checkpoint dir is empty
+    if w.local_main:  # one process per pod prepares the checkpoints every process resumes from
+        os.makedirs(ckpt_dir, exist_ok=True)
+        if mirror and last_complete_checkpoint(ckpt_dir) is None:
+            checkpoints.restore_checkpoint(mirror, ckpt_dir)  # a new pod: the local checkpoint dir is empty
+    barrier()
     progress_paths = [str(staging / "progress.json")]
     if is_local(cfg.output_uri):
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
 
     tok, model = load_base(base_path, dev)
     cpu_threads(model, dev)
+    if w.distributed:
+        import torch
+
+        n_params = sum(p.numel() for p in model.parameters())
+        gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory if dev["cuda"] else None
+        dev = dict(dev, fsdp=fsdp_wanted(n_params, model.dtype.itemsize, gpu_bytes, w))
+        if w.main:
+            log.info("%d processes, %s", w.size, "FSDP2 (sharded base weights)" if dev["fsdp"] else "DDP")
     minimums = {d.name: d.feedback.min_examples or DEFAULT_MIN_EXAMPLES[method] for d in spec.datasets if d.feedback}
     if minimums:  # feedback rows that would be truncated are dropped (counted), not trained on cut
         max_len = spec.hyperparameters.max_length or 1024
@@ -448,7 +498,7 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         reward_names = [g.name for g in cfg.reward_spec.graders]
     args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
     progress = ProgressCallback(progress_paths, reward_names, remote_uri=None if is_local(cfg.output_uri) else cfg.output_uri)
-    callbacks = [progress] + ([checkpoints.mirror_callback(mirror)] if mirror else [])
+    callbacks = [progress] + ([checkpoints.mirror_callback(mirror)] if mirror else []) if w.main else []
     common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=callbacks, peft_config=peft_config)
     if method == "SFT":
         from trl import SFTTrainer
@@ -463,13 +513,19 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
         trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
 
-    last = last_complete_checkpoint(ckpt_dir)
-    if last:
+    last = last_complete_checkpoint(ckpt_dir, clean=w.local_main)
+    if last and w.main:
         log.info("resuming from checkpoint %s", last)
         print(f"PERENNIAL_RESUME {json.dumps({'checkpoint': last})}", flush=True)
     train_out = trainer.train(resume_from_checkpoint=last)
     plotter.send(progress.history)  # drawn while the adapter is saved and evaluated
-    trainer.model.save_pretrained(str(staging))
+    if dev["fsdp"]:  # the sharded adapter is gathered by every process; rank 0 writes it
+        trainer.save_model(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)
+    elif w.main:
+        trainer.model.save_pretrained(str(staging))
+    if not w.main:  # rank 0 alone evaluates and writes the artifact, metrics and the result
+        return {"status": "Succeeded", "reason": "Trained", "message": f"rank {w.rank} of {w.size} done"}
     tok.save_pretrained(str(staging))
     train_seconds = time.monotonic() - t_start
 
@@ -492,10 +548,15 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
     data_metrics, data_note = feedback_report(datasets_)
     metrics.update(data_metrics)
+    signal_metrics, warnings = train_signals(progress.history)
+    metrics.update(signal_metrics)
 
     del trainer
     if spec.evaluation.enabled:
         metrics.update(evaluate(cfg, base_path, str(staging), parent_path, eval_rows, dev))
+        warnings += eval_signals(metrics, has_parent=parent_path is not None)
+    for w in warnings:
+        log.warning("%s: %s", w["reason"], w["message"])
 
     lineage = {
         "trainingRun": cfg.run_name, "namespace": cfg.namespace, "trainingRunUid": cfg.run_uid,
@@ -541,5 +602,11 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         message += f"; eval mean reward {metrics['eval/mean_reward']:.3f} vs baseline {metrics['eval/baseline_mean_reward']:.3f}"
     if data_note:
         message += f"; {data_note}"
+    worse = next((w for w in warnings if w["reason"] in ("WorseThanParent", "WorseThanBase")), None)
+    if worse and spec.evaluation.fail_if_worse_than_parent:
+        raise TrainerError(f"{worse['message']}; `evaluation.failIfWorseThanParent` is set, so the run fails and no Adapter is "
+                           f"made (the artifact stays at {cfg.output_uri} for inspection)", worse["reason"], metrics=metrics)
+    if warnings:
+        message += "; WARNING " + ", ".join(w["reason"] for w in warnings) + " (see `warnings`)"
     return {"status": "Succeeded", "reason": "Trained", "message": message, "artifactUri": cfg.output_uri,
-            "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage}
+            "warnings": warnings, "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage}
