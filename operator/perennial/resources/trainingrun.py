@@ -220,6 +220,9 @@ def job(
     }
     if not container["envFrom"]:
         del container["envFrom"]
+    if spec.resources.gpus > 1:
+        # one trainer process per GPU: the trainer's launcher runs torchrun (DDP, or FSDP2 for big models) in the pod
+        container["args"] += ["--nproc-per-node", str(spec.resources.gpus)]
     pod_spec: dict[str, Any] = harden_pod({
         # Never (podFailurePolicy requires it): a retry is a new pod; it resumes from the checkpoints on the
         # output volume, or mirrored to the object store (see run_config).
