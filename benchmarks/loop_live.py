@@ -38,6 +38,7 @@ from typing import Any
 
 from perennial.simusers import (
     BackgroundUsers,
+    Change,
     DeploymentSource,
     Result,
     Settings,
@@ -54,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", action="store_true", help="the whole loop with simulated users: threshold -> TrainingRun -> Adapter -> serving, approval before/after")
     p.add_argument("--loop-kubeconfig", help="a running control plane's kubeconfig (default: start `perennial dev --demo` here)")
+    p.add_argument("--loop-apply", default=str(REPO / "examples" / "local"), help="the manifests `perennial dev --demo` applies when started here")
     p.add_argument("--loop-deployment", default="fruit-chat")
     p.add_argument("--loop-namespace", default="default")
     p.add_argument("--loop-model", default="fruit", help="the served name the users ask")
@@ -126,6 +128,10 @@ def timeline(observations: list[Observation], answers: list[Any], min_new_record
             tl.serving = o.t
     if tl.adapter is not None:
         tl.answered = min((a.t for a in answers if a.approved is not None and a.adapter == tl.adapter), default=None)
+        if tl.answered is not None:  # "before" is what answered just before it (another adapter may have come meanwhile)
+            earlier = [a for a in answers if a.approved is not None and a.adapter not in (None, tl.adapter) and a.t < tl.answered]
+            if earlier:
+                tl.before = max(earlier, key=lambda a: a.t).adapter
     return tl
 
 
@@ -180,7 +186,7 @@ def loop_section(args: argparse.Namespace, workdir: str) -> None:
         if not kubeconfig:
             state = Path(workdir) / "dev"
             log = open(Path(workdir) / "dev.log", "w")  # noqa: SIM115 - closed with the process
-            cmd = [sys.executable, "-m", "perennial.cli", "dev", "--demo", "--apply", str(REPO / "examples" / "local"),
+            cmd = [sys.executable, "-m", "perennial.cli", "dev", "--demo", "--apply", str(Path(args.loop_apply).resolve()),
                    "--state-dir", str(state), "--port", str(_free_port()), "--metrics-port", str(_free_port()),
                    "--health-port", str(_free_port())]
             print(f"loop: starting {' '.join(cmd[2:])} (log: {log.name})", flush=True)
@@ -236,6 +242,9 @@ def loop_section(args: argparse.Namespace, workdir: str) -> None:
         finally:
             result = users.stop()
         tl = timeline(observations, result.answers, min_new, existing, served_at_start)
+        result.markers = [Change(t, label, "loop") for t, label in
+                          [(tl.threshold, f"{min_new} rating records sent"), (tl.run_created, f"TrainingRun {tl.run}"),
+                           (tl.adapter_created, f"Adapter {tl.adapter}")] if t is not None]
         for line in [*summary(result), *report(tl, result)]:
             print(line, flush=True)
         paths = write_outputs(result, args.loop_out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_timeline_takes_the_first_new_run_its_adapter_and_the_first_poll_serving
     tl = timeline(polls, ANSWERS, 5, {"fruit-sft"}, "fruit-v1")
     assert (tl.threshold, tl.seen, tl.run, tl.run_created, tl.adapter, tl.adapter_created, tl.serving, tl.answered) == (
         4.0, 25.0, "fruit-chat-1", 5.0, "fruit-v2", 18.0, 25.0, 30.0)
+    assert tl.before == "fruit-v1"
+    # another adapter answered between the start and the new one: it is the "before"
+    mid = [*ANSWERS[:5], ans(20.0, "fruit-v1b", False), *ANSWERS[5:]]
+    assert timeline(polls, mid, 5, {"fruit-sft"}, "fruit-v1").before == "fruit-v1b"
     # nothing new yet: no run, no adapter, no serving
     empty = timeline(polls[:1], ANSWERS[:2], 5, {"fruit-sft"}, "fruit-v1")
     assert (empty.threshold, empty.run, empty.adapter, empty.serving, empty.answered) == (None, None, None, None, None)
@@ -135,3 +140,5 @@ def test_loop_section_against_a_stand_in_operator(tmp_path: Path, capsys: pytest
     line = next(ln for ln in out.splitlines() if ln.startswith("approval of fruit-v1 vs fruit-v2"))
     assert line.endswith(": higher"), line
     assert (tmp_path / "users.png").read_bytes()[:4] == b"\x89PNG"
+    markers = [m["label"] for m in json.loads((tmp_path / "users.json").read_text())["markers"]]
+    assert markers == ["20 rating records sent", "TrainingRun fruit-chat-1", "Adapter fruit-v2"]
