@@ -240,3 +240,22 @@ def test_a_missing_cluster_secret_names_the_region_and_the_reason(world: World):
     # Deleting it is not held up by a cluster that never was.
     w.hub.kube.delete(API, "Deployment", NS, "chat")
     wait_for(lambda: w.hub.get("Deployment", "chat") is None, timeout=60, message="the Deployment is gone")
+
+
+def test_a_deployment_moved_out_of_the_operators_cluster_leaves_no_serving_children_there(world: World):
+    """Its only local region taken out of the spec (it now serves from the other cluster only): the local children
+    (pods holding GPUs, Services, PDBs, routes) go once every region left serves, as a renamed local region's do."""
+    w = world
+    w.hub.create("Deployment", "chat", SPEC)
+    serve_home(w)
+    run_pods(w.region_kube, "chat-blue", w.east)
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+    assert w.hub.kube.list("apps/v1", "Deployment", NS, MANAGED)
+
+    w.hub.kube.patch(API, "Deployment", NS, "chat", {"spec": {"regions": [SPEC["regions"][1]]}})
+    wait_for(lambda: [r["name"] for r in w.status().get("regions") or []] == ["east"], timeout=60, message="only east is reported")
+    kinds = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"))
+    wait_for(lambda: not [o for a, k in kinds for o in w.hub.kube.list(a, k, NS, MANAGED)], timeout=60,
+             message="the local children are pruned")
+    assert w.region_status("east")["activeColor"] == "blue" and w.region_kube.get("apps/v1", "Deployment", NS, "chat-blue")
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=30)

@@ -786,23 +786,27 @@ async def _delete(kube: AsyncKube, cache: Cache, child: Mapping[str, Any]) -> No
     log.info("Deleted %s, name=%s, namespace=%s", child["kind"], meta["name"], meta.get("namespace"))
 
 
-async def prune(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult]) -> list[Note]:
+async def prune(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult], *, none_here: bool = False) -> list[Note]:
     """Delete what no region wants any more, in each cluster worked in. Autoscalers at once (autoscaling turned off,
     the provider changed: one left behind would keep resizing the active color); the other children of a region
     that was renamed or removed (two node-pool regions become one: the names lose their region infix) only once
     every region of that cluster serves again, so traffic that reached them is never cut before its replacement
-    is up. In the operator's own cluster children are found by ownerReference, in others by their labels."""
+    is up. In the operator's own cluster children are found by ownerReference, in others by their labels.
+    `none_here`: no region is in the operator's own cluster any more (every region is elsewhere and was worked in this
+    pass): its children there go too, once every region serves."""
     ns, uid, name = obj["metadata"]["namespace"], obj["metadata"]["uid"], obj["metadata"]["name"]
     notes: list[Note] = []
     by_cluster: dict[str | None, list[RegionResult]] = {}
     for r in results:
         by_cluster.setdefault(r.cluster, []).append(r)
+    if none_here and results and None not in by_cluster:
+        by_cluster[None] = []  # the Deployment moved out of this cluster: nothing of it is wanted here
     for cluster, rs in by_cluster.items():
-        where = rs[0].where
+        where = rs[0].where if rs else Where(ctx.kube, ctx.cache)
         assert where is not None
         wanted = {(m["apiVersion"], m["kind"], m["metadata"]["name"]) for r in rs for m in r.manifests}
         possible = set().union(*(expected_children(r.serving) for r in rs)) if all(r.serving is not None for r in rs) else None
-        serving = all(rolled_out(r) for r in rs)
+        serving = all(rolled_out(r) for r in (rs or results))
         for api_version, kind in PRUNED_KINDS:
             if is_unserved(api_version, kind, cluster=where.kube.name):
                 continue
@@ -1020,7 +1024,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
             r.conditions.append(keda_missing())
         results.append(r)
     forget_smoke_tests(ctx, (ns, name), smoke_keys, {r.name for r in results})
-    notes += await prune(ctx, obj, results)
+    notes += await prune(ctx, obj, results, none_here=not unavailable and all(s.region.cluster_secret_ref is not None for s in servings))
     removing, removed_notes = await remove_regions(obj, conns, gone)
     notes += removed_notes
     if ctx.remote is not None and not wanted_remote and not removing and REMOTE_FINALIZER in (obj["metadata"].get("finalizers") or []):
