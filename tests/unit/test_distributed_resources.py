@@ -34,8 +34,8 @@ def single_job(s: TrainingRunSpec) -> dict:
     return tr.job(BODY, s, config, image="trainer:1", credential_secrets=["hf"], judge_keys=[])
 
 
-def group(s: TrainingRunSpec, engine: str) -> list[dict]:
-    return dist.group(BODY, s, single_job(s), engine, network_policies=True)
+def group(s: TrainingRunSpec, engine: str, secret_keys=None) -> list[dict]:
+    return dist.group(BODY, s, single_job(s), engine, network_policies=True, secret_keys=secret_keys or {"hf": ["HF_TOKEN"]})
 
 
 @pytest.mark.parametrize("nodes,engine,served,want", [
@@ -184,7 +184,7 @@ def test_trainjob_matches_the_trainjob_schema_and_carries_the_pod_settings():
     from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
     s = spec(nodes=2, gpus=4, nodeSelector={"gpu": "h100"}, distributed={"trainingRuntime": "torch-distributed-cuda", "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]})
-    peers, tj = group(s, "TrainJob")
+    peers, tj = group(s, "TrainJob", {"hf": ["HF_TOKEN", "not a name", "AWS_REGION"]})
     validator = kubeflow_validator(TrainerV1alpha1TrainJob)
     assert not _errors(validator, tj)
     TrainerV1alpha1TrainJob.from_dict(tj)
@@ -196,6 +196,11 @@ def test_trainjob_matches_the_trainjob_schema_and_carries_the_pod_settings():
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
     assert t["command"] == ["torchrun"] and t["args"][:2] == ["-m", "perennial_trainer"]
     assert {"name": "NCCL_DEBUG", "value": "WARN"} in t["env"]
+    # the credentials Secret the pod took whole (envFrom), key by key: a trainer takes `env` only
+    assert [e for e in t["env"] if "valueFrom" in e] == [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": "hf", "key": k}}} for k in ("AWS_REGION", "HF_TOKEN")]
+    with pytest.raises(ValueError, match="Secret 'hf'"):
+        dist.group(BODY, s, single_job(s), "TrainJob", network_policies=True, secret_keys={})
     pod = sp["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
     assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}
     assert {v["name"] for v in pod["spec"]["volumes"]} >= {"run-config", "dshm", "checkpoints", "tmp"}

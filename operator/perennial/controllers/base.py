@@ -89,6 +89,9 @@ class Context:
     wake: Callable[[str, set[tuple[str, str]]], None] | None = None
     #: Work a reconcile started that outlives it (a smoke test taking longer than a reconcile may wait), by key.
     tasks: dict[Hashable, Any] = field(default_factory=dict)
+    #: Optional resources (`<plural>.<group>`: JobSet, TrainJob, ...) the API server was found to serve when the
+    #: operator started (the manager's discovery); what a multi-node TrainingRun runs on follows it.
+    served: set[str] = field(default_factory=set)
     #: when running trainers' progress (their pod logs) is read
     progress: Ticker = field(init=False)
 
@@ -190,4 +193,4 @@ def condition_notes(old: list[dict[str, Any]] | None, new: list[dict[str, Any]] 
 
 
 #: Condition types whose False means something is wrong (a Warning Event), per kind convention.
-HEALTH_CONDITIONS = frozenset({"Ready", "Succeeded", "Validated", "ArtifactAvailable", "LineageConsistent", "LearningSignal"})
+HEALTH_CONDITIONS = frozenset({"Ready", "Succeeded", "Validated", "ArtifactAvailable", "LineageConsistent", "LearningSignal", "Improved"})

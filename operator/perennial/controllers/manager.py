@@ -81,7 +81,14 @@ BUILTIN_WATCHES = (
     Watched("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", MANAGED),
     Watched("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", MANAGED),
     Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True),
+    # Engines of multi-node TrainingRuns, where installed: JobSet, Kubeflow Trainer's TrainJob (their Jobs and pods
+    # carry the run's labels and are watched above).
+    Watched("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", MANAGED, optional=True),
+    Watched("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", MANAGED, optional=True),
 )
+#: The label naming the TrainingRun of a trainer pod or Job: maps the pods of a group (owned by Jobs that a JobSet
+#: or a TrainJob owns, not the run) to their run.
+TRAININGRUN_LABEL = "perennial.ai/trainingrun"
 #: The label naming the Perennial Deployment of a serving child: maps what no ownerReference ties to it
 #: (its pods, owned by ReplicaSets) to its parent.
 DEPLOYMENT_LABEL = "perennial.ai/deployment"
@@ -231,6 +238,8 @@ class Manager:
         if gone:
             log.info("Dropped objects deleted while the watch was down, kind=%s, count=%d", w.kind, gone)
         self._listed_once.add((w.group, w.plural))
+        if w.optional:
+            self.ctx.served.add(w.id)  # listed: served (whether discovery has answered yet or not)
         if not self._ready and self._listed_once >= set(self._by_plural):
             self._start_reconciling()
             log.info("Listed the world, objects=%d", len(self.queue))
@@ -280,6 +289,8 @@ class Manager:
             if served is None:
                 log.warning("Could not tell whether the API server serves %s", w.id)
                 continue  # unknown: READY_TIMEOUT_SECONDS still bounds the wait
+            if served:
+                self.ctx.served.add(w.id)
             if not served and (w.group, w.plural) not in self._listed_once:
                 log.warning("Not watching %s: the API server does not serve it (its CRD is not installed)", w.id)
                 self._listed_once.add((w.group, w.plural))
@@ -342,6 +353,10 @@ class Manager:
             for labels in ((new or {}).get("metadata", {}).get("labels") or {}, (old or {}).get("metadata", {}).get("labels") or {}):
                 if labels.get(DEPLOYMENT_LABEL) and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY:
                     keys.add(Key("Deployment", ns, labels[DEPLOYMENT_LABEL]))
+        if not ours and kind in ("Pod", "Job") and "TrainingRun" in self.controllers:
+            for labels in ((new or {}).get("metadata", {}).get("labels") or {}, (old or {}).get("metadata", {}).get("labels") or {}):
+                if labels.get(TRAININGRUN_LABEL) and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY:
+                    keys.add(Key("TrainingRun", ns, labels[TRAININGRUN_LABEL]))
         return keys
 
     def _owner_keys(self, ns: str, ref: dict[str, Any], depth: int = 0, child: str | None = None) -> set[Key]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,8 @@ from ..api.trainingrun import TrainingRunSpec, TrainingRunStatus
 from ..kube import ApiError
 from ..metrics import QUEUE_SECONDS, TRAINING_RUNS, TRAINING_SECONDS
 from ..resources import conditions as cond
+from . import verdicts
+from ..resources import distributed as dist
 from ..resources import trainingrun as build
 from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings, scrub, secret_values
@@ -207,6 +209,8 @@ class World(Observed):
     family: list[dict[str, Any]] = field(default_factory=list)  # adapters of the output family
     parent_family: list[dict[str, Any]] = field(default_factory=list)  # adapters of `parentAdapterFamily`
     deployments: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    #: keys of the Secrets the trainer takes whole (envFrom), by name: a TrainJob's trainer lists them one by one
+    secret_keys: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _ready_ref(obj: dict[str, Any] | None, kind: str, name: str, what: str) -> dict[str, Any]:
@@ -366,14 +370,20 @@ def learning_signal(spec: TrainingRunSpec, frac: str | None, conds: Any, gen: in
     return cond.set_condition(conds, "LearningSignal", True, "RewardVaries", "rewards vary within groups of completions", gen)
 
 
+def _has_parent(spec: TrainingRunSpec, parent: dict[str, Any] | None) -> bool:
+    """Whether the run's evaluation baseline is a parent adapter (else the base model)."""
+    return bool(parent or spec.parent_adapter_ref or spec.parent_training_run_ref or spec.parent_adapter_family)
+
+
 def _final_zero_std(metrics: list[dict[str, str]]) -> str | None:
     by_name = {m["name"]: m["value"] for m in metrics}
     return by_name.get("train/frac_reward_zero_std_mean") or by_name.get("train/frac_reward_zero_std")
 
 
 def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_uri: str, feedback_store_uri: str, progress_seconds: float,
-           pods: PodSettings = PodSettings(), egress: EgressSettings | None = None) -> Decision:
-    """A TrainingRun's status and actions from what was observed (pure)."""
+           pods: PodSettings = PodSettings(), egress: EgressSettings | None = None, served: Collection[str] = ()) -> Decision:
+    """A TrainingRun's status and actions from what was observed (pure). `served`: the optional engines' resources
+    the cluster serves (`resources.nodes` > 1 runs on one of them, else on an indexed Job)."""
     meta = obj["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old = dict(obj.get("status") or {})
@@ -384,6 +394,10 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
     def done(**kw: Any) -> Decision:
         status["conditions"] = conds
         status["phase"] = phase_of(conds or [])
+        if warnings := verdicts.warnings_text(conds):  # the `Warnings` column: NoRewardVariance, WorseThanParent, ...
+            status["warnings"] = warnings
+        else:
+            status.pop("warnings", None)
         return Decision(status, **kw)
 
     try:
@@ -423,17 +437,36 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         job = build.job(obj, spec, resolved.config, image=image, credential_secrets=resolved.credentials, judge_keys=resolved.judge_keys, pods=pods)
         if resolved.parent:
             job["metadata"].setdefault("annotations", {})[PARENT_ANNOTATION] = resolved.parent
+        try:
+            engine = dist.choose_engine(spec, served)
+        except dist.EngineNotInstalled as exc:
+            conds = cond.set_condition(conds, "Waiting", False, "EngineNotInstalled", str(exc), gen)
+            conds = cond.set_condition(conds, "Succeeded", False, "EngineNotInstalled", str(exc), gen)
+            status["completionTime"] = now
+            return done(after_write=[lambda: TRAINING_RUNS.labels("Failed").inc()])
+        missing = [c for c in resolved.credentials if engine == dist.TRAINJOB and c not in world.secret_keys]
+        if missing:
+            message = f"Secret {missing[0]!r} does not exist yet (a TrainJob's trainer takes its keys one by one)"
+            conds = cond.set_condition(conds, "Waiting", True, "SecretNotFound", message, gen)
+            conds = cond.set_condition(conds, "Succeeded", "Unknown", "SecretNotFound", message, gen)
+            return done()
+        if resolved.parent:
             parent = {"name": resolved.parent}
-        children = [build.config_map(obj, resolved.config), job]
+        status["engine"] = engine
+        children = [build.config_map(obj, resolved.config),
+                    *dist.group(obj, spec, job, engine, network_policies=egress is not None, secret_keys=world.secret_keys)]
         if egress is not None:
             # before the Job: its pods never run without their NetworkPolicy
             children.insert(0, build.network_policy(obj, resolved.config, egress))
     if parent:
         status["parentAdapterRef"] = parent
+    if world.job is not None:
+        status["engine"] = dist.engine_of(world.job)
     status["artifactUri"] = build.output_uri(spec, artifact_uri, ns, name)
     conds = cond.set_condition(conds, "Waiting", False, "ReferencesResolved", "base model and references are ready", gen)
 
-    job_status = (world.job or {}).get("status") or {}
+    # a JobSet's or a TrainJob's status, read as a Job's
+    job_status = dist.job_like_status(world.job) if world.job is not None else {}
     job_conds = job_status.get("conditions") or []
     container = world.container()
     after_write: list[Callable[[], None]] = []
@@ -465,10 +498,14 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         streak = line.get("zeroStdStreak")
         conds = learning_signal(spec, status["progress"].get("fracRewardZeroStd"), conds, gen, final=False,
                                 streak=streak if isinstance(streak, int) and not isinstance(streak, bool) else None)
+        live = line.get("warnings") if isinstance(line.get("warnings"), list) else []
+        if spec.method == "GRPO" and "RewardCollapsed" in live and (cond.get(conds, "LearningSignal") or {}).get("status") != "False":
+            conds = cond.set_condition(conds, "LearningSignal", False, "RewardCollapsed", "the training reward fell well below its level "
+                                       "of the first logged steps: the policy is getting worse at the task (lower `learningRate`, raise `beta`)", gen)
 
     waiting = (container.get("state") or {}).get("waiting") or {}
     requeue = None
-    if (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")) and (hold := jobs.result_pending(world.job, [world.pod] if world.pod else [], now)):
+    if (cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")) and (hold := jobs.result_pending({"status": job_status}, [world.pod] if world.pod else [], now)):
         # the Job says it finished before the trainer's result (its pod's final state) reached us: the pod's event wakes us
         return done(children=children, notes=notes, requeue_after=hold, after_write=after_write)
     if cond.is_true(job_conds, "Complete"):
@@ -480,6 +517,9 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         if "progress" in status:
             status["progress"] = {**status["progress"], "percent": 100, "etaSeconds": 0}
         conds = learning_signal(spec, _final_zero_std(status["metrics"]), conds, gen, final=True)
+        if spec.method == "GRPO" and (said := verdicts.trainer_warning(result.get("warnings"))):
+            conds = cond.set_condition(conds, "LearningSignal", False, said[0], said[1], gen)  # the trainer saw every step
+        conds = verdicts.improved(status["metrics"], conds, gen, has_parent=_has_parent(spec, parent or old.get("parentAdapterRef")))
         uid = meta.get("uid")
         mine = [a for a in world.family if ((a.get("spec") or {}).get("lineage") or {}).get("trainingRunUid") == uid]
         adapter = None
@@ -501,6 +541,10 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
     if cond.is_true(job_conds, "Failed"):
         reason, message = failure(world)
         status["completionTime"] = now
+        measured = (parse_termination(world.terminated().get("message")) or {}).get("metrics")
+        if isinstance(measured, dict) and measured:  # e.g. refused as worse than its parent: the numbers stay visible
+            status["metrics"] = metrics_list(measured)
+            conds = verdicts.improved(status["metrics"], conds, gen, has_parent=_has_parent(spec, parent or old.get("parentAdapterRef")))
         conds = cond.set_condition(conds, "Succeeded", False, reason, message, gen)
         after_write.append(lambda: TRAINING_RUNS.labels("Failed").inc())
         return done(children=children, notes=notes, after_write=after_write)
@@ -544,14 +588,18 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
         return world
     cache = ctx.cache
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-    world.job = cache.get("batch/v1", "Job", ns, build.job_name(name))
+    world.job = group_object(cache, ns, build.job_name(name))
     if world.job is not None:
-        world.secrets = pod_secret_values(cache, ns, world.job)
-        pods = cache.owned_by("v1", "Pod", world.job["metadata"]["uid"])
-        if pods:
-            world.pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+        world.secrets = [v for pod_spec in dist.pod_specs(world.job) for v in pod_secret_values(cache, ns, {"spec": {"template": {"spec": pod_spec}}})]
+        job_conds = dist.job_like_status(world.job).get("conditions")
+        pods = group_pods(cache, world.job)
+        if dist.engine_of(world.job) == dist.JOB:
+            if pods:
+                world.pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+        else:
+            outcome = "Complete" if cond.is_true(job_conds, "Complete") else "Failed" if cond.is_true(job_conds, "Failed") else None
+            world.pod = dist.representative_pod(pods, outcome)
         phase = ((world.pod or {}).get("status") or {}).get("phase")
-        job_conds = (world.job.get("status") or {}).get("conditions")
         finished = cond.is_true(job_conds, "Complete") or cond.is_true(job_conds, "Failed")
         read = False
         if phase == "Running" and not finished:
@@ -565,7 +613,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
             except ApiError as exc:
                 if exc.status not in (400, 404):
                     raise
-        if cond.is_true(((world.job.get("status") or {}).get("conditions")), "Complete"):
+        if cond.is_true(job_conds, "Complete"):
             world.family = family_of(cache, ns, spec.output.adapter_family)
         return world
     world.base = cache.get(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)
@@ -585,7 +633,32 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
     for d in spec.datasets:
         if d.feedback and not d.feedback.store_uri:
             world.deployments[d.feedback.deployment_ref.name] = cache.get(API_VERSION, "Deployment", ns, d.feedback.deployment_ref.name)
+    if spec.resources.nodes > 1:
+        refs = [((world.base or {}).get("spec") or {}).get("source", {}).get("credentialsSecretRef", {}).get("name"),
+                spec.output.credentials_secret_ref.name if spec.output.credentials_secret_ref else None]
+        for secret in filter(None, refs):
+            if (found := cache.get("v1", "Secret", ns, secret)) is not None:
+                world.secret_keys[secret] = sorted({**(found.get("data") or {}), **(found.get("stringData") or {})})
     return world
+
+
+def group_object(cache: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """What runs the trainer, of whichever engine made it: a TrainJob, a JobSet, a Job (one pod, or an indexed
+    group). The TrainJob first: the JobSet it makes has its name (and our labels)."""
+    for _, api_version, kind in reversed(dist.GROUP_KINDS):
+        if (found := cache.get(api_version, kind, namespace, name)) is not None:
+            return found
+    return None
+
+
+def group_pods(cache: Any, group: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trainer pods of a group: a Job's; a JobSet's Jobs' ones; a TrainJob's JobSet's Jobs' ones."""
+    uid = group["metadata"]["uid"]
+    if group.get("kind") == "Job":
+        return cache.owned_by("v1", "Pod", uid)
+    jobsets = [group] if group.get("kind") == "JobSet" else cache.owned_by(dist.JOBSET_API, "JobSet", uid)
+    job_list = [j for js in jobsets for j in cache.owned_by("batch/v1", "Job", js["metadata"]["uid"])]
+    return [p for j in job_list for p in cache.owned_by("v1", "Pod", j["metadata"]["uid"])]
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
@@ -593,9 +666,10 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     decision = decide(
         obj, world, now=ctx.now(), image=ctx.config.trainer_image, artifact_uri=ctx.config.artifact_uri,
         feedback_store_uri=ctx.config.feedback_store_uri, progress_seconds=ctx.config.progress_seconds,
-        pods=ctx.config.pod_settings(), egress=ctx.config.egress_settings(),
+        pods=ctx.config.pod_settings(), egress=ctx.config.egress_settings(), served=ctx.served,
     )
-    notes = decision.notes + await apply_all(ctx, decision.children, reasons={"Job": "JobCreated", "ConfigMap": None, "NetworkPolicy": None})
+    notes = decision.notes + await apply_all(ctx, decision.children, reasons={
+        "Job": "JobCreated", "JobSet": "JobCreated", "TrainJob": "JobCreated", "ConfigMap": None, "NetworkPolicy": None, "Service": None})
     if decision.adapter is not None:
         # A 409 means another run claimed this version: the error requeues us, and the next pass
         # sees that Adapter in the cache and takes the next version.

@@ -35,6 +35,9 @@ PLURALS: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    # engines of multi-node TrainingRuns, where installed
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobsets",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 for _kind, _plural in (

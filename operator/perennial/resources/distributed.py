@@ -22,7 +22,8 @@ turns it into the group, so one pod of a group is configured exactly like the po
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ..api.trainingrun import TrainingRunSpec
@@ -197,11 +198,30 @@ def jobset(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any]) -> 
     }
 
 
-def train_job(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any]) -> dict[str, Any]:
-    """A Kubeflow TrainJob on the run's ClusterTrainingRuntime; its torch plugin sets torchrun's `PET_*` variables."""
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def secret_env(env_from: list[dict[str, Any]], secret_keys: Mapping[str, Collection[str]]) -> list[dict[str, Any]]:
+    """`envFrom` Secrets as one `env` entry per key (a TrainJob's trainer takes `env` only): the keys that are
+    valid variable names, as envFrom would take them. A Secret whose keys are unknown is an error."""
+    out: list[dict[str, Any]] = []
+    for src in env_from:
+        name = (src.get("secretRef") or {}).get("name")
+        if not name:
+            raise ValueError(f"a TrainJob's trainer cannot take envFrom {src}")
+        if name not in secret_keys:
+            raise ValueError(f"Secret {name!r} is not readable: its keys become the TrainJob trainer's variables")
+        out += [{"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}} for k in sorted(secret_keys[name]) if _ENV_NAME.match(k)]
+    return out
+
+
+def train_job(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], secret_keys: Mapping[str, Collection[str]] | None = None) -> dict[str, Any]:
+    """A Kubeflow TrainJob on the run's ClusterTrainingRuntime; its torch plugin sets torchrun's `PET_*` variables.
+    `secret_keys`: the keys of the credential Secrets the pod takes whole (`envFrom`), by Secret name."""
     tpl = _group_pod(job, spec, None)
     pod = tpl["spec"]
     container = pod["containers"][0]
+    container["env"] = secret_env(container.pop("envFrom", []), secret_keys or {}) + container["env"]
     pod_labels = job["metadata"]["labels"]
     patch_pod: dict[str, Any] = {
         "volumes": pod["volumes"],
@@ -263,7 +283,8 @@ def peer_network_policy(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def group(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], engine: str, *, network_policies: bool) -> list[dict[str, Any]]:
+def group(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], engine: str, *, network_policies: bool,
+          secret_keys: Mapping[str, Collection[str]] | None = None) -> list[dict[str, Any]]:
     """The children that run the trainer on `engine` (in creation order), in place of the single-pod `job`."""
     if engine == JOB:
         return [job]
@@ -273,7 +294,7 @@ def group(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], engi
     if engine == JOBSET:
         return [*peers, jobset(body, spec, job)]
     if engine == TRAINJOB:
-        return [*peers, train_job(body, spec, job)]
+        return [*peers, train_job(body, spec, job, secret_keys)]
     raise ValueError(f"unknown engine {engine!r}")
 
 
@@ -313,6 +334,23 @@ def job_like_status(obj: dict[str, Any]) -> dict[str, Any]:
         restarts = [int(j.get("failed") or 0) for j in status.get("jobsStatus") or []]
         out["failed"] = sum(restarts)
     return out
+
+
+def pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs a group object's pods are made from (what Secrets they are given), as far as it says."""
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "Job":
+        return [((spec.get("template") or {}).get("spec")) or {}]
+    if obj.get("kind") == "JobSet":
+        return [((((rj.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")) or {} for rj in spec.get("replicatedJobs") or []]
+    if obj.get("kind") == "TrainJob":
+        trainer = spec.get("trainer") or {}
+        pods = [{"containers": [{"env": trainer.get("env") or []}]}]
+        for patch in spec.get("runtimePatches") or []:
+            rjs = ((((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get("replicatedJobs")) or []
+            pods += [((((rj.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec")) or {} for rj in rjs]
+        return pods
+    return []
 
 
 def _index(pod: dict[str, Any]) -> int:

@@ -1,0 +1,152 @@
+"""Multi-node TrainingRuns against the embedded control plane: the operator runs the group on the engine whose CRD
+the cluster serves (an indexed Job and a headless Service without any; a JobSet or a Kubeflow TrainJob when their
+CRDs are installed), and a group's outcome is the run's — one failed worker fails the run with the trainer's own
+word, a complete group makes the Adapter. The test plays the engines' controllers and the kubelet."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from harness import API, Cluster, running_cluster, wait_for
+
+from perennial.resources import distributed as dist
+
+RESULT = {"status": "Succeeded", "artifactUri": "file:///art/default/big", "metrics": {"train/loss": 0.1}}
+NOW = "2026-01-01T00:10:00Z"
+
+
+def engine_crd(group: str, version: str, plural: str, kind: str) -> dict:
+    """A stand-in CRD of an engine, so that the API server serves its resource (the engines' own schemas are
+    checked against the builders in tests/unit/test_distributed_resources.py)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind, "listKind": f"{kind}List"},
+            "versions": [{"name": version, "served": True, "storage": True, "subresources": {"status": {}},
+                          "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+        },
+    }
+
+
+JOBSET_CRD = engine_crd("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet")
+TRAINJOB_CRD = engine_crd("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
+
+
+def prerequisites(c: Cluster) -> None:
+    c.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+    c.wait_condition("BaseModel", "base", "Ready", "True")
+
+
+def group_run(c: Cluster, name: str, engine: str = "Auto") -> None:
+    c.create("TrainingRun", name, {
+        "method": "SFT", "baseModelRef": {"name": "base"}, "datasets": [{"name": "d", "uri": "pvc://data/train.jsonl"}],
+        "output": {"adapterFamily": name}, "resources": {"gpus": 2, "nodes": 2, "distributed": {"engine": engine}},
+    })
+
+
+def pod(c: Cluster, name: str, owner: dict, labels: dict, index: int, phase: str, message: str = "", exit_code: int = 0) -> None:
+    c.kube.create({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {**labels, dist.COMPLETION_INDEX: str(index)},
+                     "ownerReferences": [{"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+                                          "uid": owner["metadata"]["uid"], "controller": True}]},
+        "spec": {"containers": [{"name": "trainer", "image": "trainer:test"}]},
+    })
+    state = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    if phase in ("Succeeded", "Failed"):
+        state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message, "finishedAt": NOW}}
+    c.kube.patch("v1", "Pod", "default", name, {"status": {"phase": phase, "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": state}]}}, subresource="status")
+
+
+def test_without_engine_crds_the_group_is_an_indexed_job_and_one_failed_worker_fails_the_run(cluster: Cluster):
+    prerequisites(cluster)
+    group_run(cluster, "big")
+    job = wait_for(lambda: cluster.kube.get("batch/v1", "Job", "default", "big-train"), message="indexed Job")
+    svc = wait_for(lambda: cluster.kube.get("v1", "Service", "default", "big-train"), message="headless Service")
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 2, 2)
+    assert svc["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "big-train"
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--rdzv-backend=c10d" in args and "--rdzv-endpoint=big-train-0.big-train.default.svc:29400" in args
+    wait_for(lambda: (cluster.get("TrainingRun", "big").get("status") or {}).get("engine") == "IndexedJob", message="status.engine")
+    # no JobSet was tried: the cluster does not serve it
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    pod(cluster, "big-train-0-a", job, labels, 0, "Running")
+    pod(cluster, "big-train-1-a", job, labels, 1, "Running")
+    cluster.kube.patch("batch/v1", "Job", "default", "big-train", {"status": {"active": 2, "startTime": "2026-01-01T00:00:00Z"}}, subresource="status")
+    cluster.wait_condition("TrainingRun", "big", "Succeeded", "Unknown", "Training")
+    # worker 1 hits a permanent trainer error: the Job fails as a whole (its podFailurePolicy) and so does the run
+    pod(cluster, "big-train-1-b", job, labels, 1, "Failed", json.dumps({"status": "Failed", "reason": "DatasetNotFound", "message": "no such file"}), 11)
+    cluster.kube.patch("batch/v1", "Job", "default", "big-train", {"status": {"active": 0, "failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "pod failed", "lastTransitionTime": NOW}]}}, subresource="status")
+    failed = cluster.wait_condition("TrainingRun", "big", "Succeeded", "False", timeout=30)
+    assert failed["reason"] == "DatasetNotFound" and "no such file" in failed["message"]
+    assert cluster.kube.get(dist.JOBSET_API, "JobSet", "default", "big-train") is None
+
+
+def _install(c: Cluster, *crds: dict) -> None:
+    for crd in crds:
+        c.kube.apply(crd)
+    wait_for(lambda: all(c.kube.request("GET", f"/apis/{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}") for crd in crds), message="CRDs served")
+    c.restart_operator()  # what the cluster serves is read when the operator starts
+
+
+def test_with_the_jobset_crd_the_group_is_a_jobset_and_its_completion_makes_the_adapter(tmp_path: Path):
+    with running_cluster(tmp_path) as c:
+        _install(c, JOBSET_CRD)
+        prerequisites(c)
+        group_run(c, "big")
+        js = wait_for(lambda: c.kube.get(dist.JOBSET_API, "JobSet", "default", "big-train"), message="JobSet")
+        assert c.kube.get("batch/v1", "Job", "default", "big-train") is None  # not also an indexed Job
+        assert c.kube.get("v1", "Service", "default", "big-train") is None  # JobSet makes its own
+        rj = js["spec"]["replicatedJobs"][0]
+        assert rj["template"]["spec"]["completions"] == 2 and js["spec"]["failurePolicy"]["maxRestarts"] == 2
+        wait_for(lambda: (c.get("TrainingRun", "big").get("status") or {}).get("engine") == "JobSet", message="status.engine")
+        # play the JobSet controller: one child Job of two pods, a restart, then success
+        child = c.kube.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+            "name": "big-train-node-0", "namespace": "default", "labels": rj["template"]["metadata"]["labels"],
+            "ownerReferences": [{"apiVersion": dist.JOBSET_API, "kind": "JobSet", "name": "big-train", "uid": js["metadata"]["uid"], "controller": True}]},
+            "spec": rj["template"]["spec"]})
+        labels = rj["template"]["spec"]["template"]["metadata"]["labels"]
+        pod(c, "big-train-node-0-0-a", child, labels, 0, "Running")
+        pod(c, "big-train-node-0-1-a", child, labels, 1, "Running")
+        c.kube.patch(dist.JOBSET_API, "JobSet", "default", "big-train", {"status": {"restarts": 1}}, subresource="status")
+        c.wait_condition("TrainingRun", "big", "Succeeded", "Unknown", "Training", timeout=30)
+        wait_for(lambda: (c.get("TrainingRun", "big").get("status") or {}).get("attempts") == 2, message="attempts counted from the JobSet's restarts")
+        c.kube.patch("v1", "Pod", "default", "big-train-node-0-1-a", {"status": {"phase": "Succeeded", "containerStatuses": [
+            {"name": "trainer", "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": "", "finishedAt": NOW}}}]}}, subresource="status")
+        c.kube.patch("v1", "Pod", "default", "big-train-node-0-0-a", {"status": {"phase": "Succeeded", "containerStatuses": [
+            {"name": "trainer", "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(RESULT), "finishedAt": NOW}}}]}}, subresource="status")
+        c.kube.patch(dist.JOBSET_API, "JobSet", "default", "big-train", {"status": {"restarts": 1, "terminalState": "Completed", "conditions": [
+            {"type": "Completed", "status": "True", "reason": "AllJobsCompleted", "message": "jobset completed successfully", "lastTransitionTime": NOW}]}}, subresource="status")
+        done = c.wait_condition("TrainingRun", "big", "Succeeded", "True", "AdapterCreated", timeout=30)
+        assert "big-v1" in done["message"]
+        adapter = c.get("Adapter", "big-v1")
+        assert adapter["spec"]["artifactUri"] == RESULT["artifactUri"]
+        time.sleep(1)
+        assert [a["metadata"]["name"] for a in c.kube.list(API, "Adapter", "default")] == ["big-v1"]
+
+
+def test_with_the_trainjob_crd_the_group_is_a_trainjob_and_an_engine_not_served_fails_the_run(tmp_path: Path):
+    with running_cluster(tmp_path) as c:
+        prerequisites(c)
+        # before the CRDs: TrainJob asked for by name is refused at once
+        group_run(c, "named", engine="TrainJob")
+        refused = c.wait_condition("TrainingRun", "named", "Succeeded", "False", "EngineNotInstalled")
+        assert "trainjobs.trainer.kubeflow.org" in refused["message"]
+        _install(c, JOBSET_CRD, TRAINJOB_CRD)
+        group_run(c, "big")
+        tj = wait_for(lambda: c.kube.get(dist.TRAINJOB_API, "TrainJob", "default", "big-train"), message="TrainJob")
+        assert c.kube.get(dist.JOBSET_API, "JobSet", "default", "big-train") is None  # the TrainJob makes it, not us
+        assert tj["spec"]["trainer"]["numNodes"] == 2 and tj["spec"]["trainer"]["numProcPerNode"] == 2
+        assert tj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+        wait_for(lambda: (c.get("TrainingRun", "big").get("status") or {}).get("engine") == "TrainJob", message="status.engine")
+        c.kube.patch(dist.TRAINJOB_API, "TrainJob", "default", "big-train", {"status": {"conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "trainjob exceeded its deadline", "lastTransitionTime": NOW}]}}, subresource="status")
+        failed = c.wait_condition("TrainingRun", "big", "Succeeded", "False", timeout=60)
+        assert failed["reason"] == "DeadlineExceeded"
