@@ -454,3 +454,30 @@ def test_a_status_another_controller_wrote_during_a_reconcile_is_never_overwritt
     asyncio.run(scenario())
     reverted = [p for p in patches if p["metadata"]["resourceVersion"] == "11" and p["status"].get("newFeedbackRecords") == 5]
     assert not reverted, f"the loop's newer newFeedbackRecords (9) was written back to the stale 5: {patches}"
+
+
+def test_one_outage_of_a_regions_cluster_is_one_message_whichever_request_failed_last():
+    """While a region's API server is down, each pass reports it from whichever of its watches (one per kind) failed
+    last, or from the request of the pass that failed: the message (status and conditions) must not change with the
+    kind or request, or every pass writes the status again (one write per 30 s per Deployment for the whole outage)."""
+    from perennial.kube import ApiError
+    from perennial.kube.informer import Reachability
+
+    refused = "ClientConnectorError: Cannot connect to host 10.0.0.9:6443 ssl:<ssl.SSLContext object at 0x7f3a2c> [Connect call failed ('10.0.0.9', 6443)]"
+
+    class Conn:
+        server, synced = "https://10.0.0.9:6443", True
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def reachability(self) -> Reachability:
+            return Reachability(False, 100.0, str(ApiError(0, {"message": refused}, "GET", self.path)), 200.0)
+
+    a = ctl.cluster_problem("east", "east-cluster", Conn("/apis/apps/v1/namespaces/team/deployments"))
+    b = ctl.cluster_problem("east", "east-cluster", Conn("/api/v1/namespaces/team/services"))
+    assert a is not None and b is not None
+    assert a.rollout.message == b.rollout.message and a.conditions == b.conditions
+    assert "Cannot connect to host 10.0.0.9:6443" in a.rollout.message, "the cause is still said"
+    mid_pass = ctl.unreachable("east", "east-cluster", ctl.outage(ApiError(0, {"message": refused}, "PATCH", "/apis/apps/v1/namespaces/team/deployments/chat-blue")))
+    assert mid_pass.conditions == ctl.unreachable("east", "east-cluster", ctl.outage(ApiError(0, {"message": refused}, "POST", "/api/v1/namespaces/team/configmaps"))).conditions

@@ -893,13 +893,23 @@ async def connect(ctx: Context, obj: Mapping[str, Any], secret_names: set[str]) 
     return await ctx.remote.sync_owner((ns, name), {sec: ctx.cache.get("v1", "Secret", ns, sec) for sec in sorted(secret_names)})
 
 
+def outage(error: Any) -> str:
+    """An error of an unreachable cluster as its status says it: the same text for every request of one outage, so
+    that the status is not written again each pass (which watch failed last, or which request of a pass failed, and
+    an object's address vary; the cause does not)."""
+    text = f"{error.status or ''} {error.message}".strip() if isinstance(error, ApiError) else str(error or "no answer")
+    text = re.sub(r"^[A-Z]+ /\S*: ", "", text)  # an ApiError's text: "<METHOD> <path>: <status> <message>"
+    text = re.sub(r"^0 ", "", text)  # status 0: no HTTP answer at all
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)[:300] or "no answer"
+
+
 def cluster_problem(region: str, secret: str, conn: Any) -> Unavailable | None:
     """Why nothing can be done in a region's cluster now, or None when it can be worked in."""
     if isinstance(conn, ClusterSecretError):
         return unreachable(region, secret, conn.message, conn.reason)
     reach = conn.reachability()
     if reach.reachable is False:
-        return unreachable(region, secret, f"cluster Secret {secret}, server {conn.server}: {reach.last_error or 'no answer'}")
+        return unreachable(region, secret, f"cluster Secret {secret}, server {conn.server}: {outage(reach.last_error)}")
     if not conn.synced:
         return unreachable(region, secret, f"connecting to cluster Secret {secret}, server {conn.server}")
     return None
@@ -1016,7 +1026,8 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
             if not w.where.remote or not (exc.status == 0 or exc.status >= 500 or exc.status == 429):
                 raise
             # the region's API server stopped answering mid-pass: the others go on
-            unavailable.append(unreachable(w.serving.region.name, w.where.cluster, str(exc)[:300]))
+            unavailable.append(unreachable(w.serving.region.name, w.where.cluster,
+                                           f"cluster Secret {w.where.cluster}, server {w.where.kube.host}: {outage(exc)}"))
             continue
         if spec.strategy.region_order == "Sequential" and held_by is None and not rolled_out(r):
             held_by = r.name
