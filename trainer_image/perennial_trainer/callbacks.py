@@ -12,6 +12,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .progress import PROGRESS_PREFIX, _num, atomic_write_json
+from .signals import train_signals
 
 log = logging.getLogger("perennial_trainer")
 
@@ -73,6 +74,8 @@ class ProgressCallback(TrainerCallback):
             "fracRewardZeroStd": frac if frac is not None else self.last.get("fracRewardZeroStd"),
             # logged steps in a row where every group's rewards were equal (the operator warns at 3)
             "zeroStdStreak": self.zero_std_streak,
+            # what the run shows so far: `NoRewardVariance`, `RewardCollapsed` (perennial_trainer.signals)
+            "warnings": [w["reason"] for w in train_signals(self.history, live=True)[1]],
             "etaSeconds": eta if phase == "Training" else 0,
             "epoch": _num(state.epoch) if state.epoch is not None else None,
             "resumedFromStep": self.start_step,

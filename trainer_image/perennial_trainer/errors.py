@@ -13,9 +13,10 @@ class TrainerError(Exception):
     the exit code (permanent failures end the Job at once, others are retried).
     """
 
-    def __init__(self, message: str, reason: str = "TrainerError"):
+    def __init__(self, message: str, reason: str = "TrainerError", metrics: dict[str, float] | None = None):
         super().__init__(message)
         self.reason = reason
+        self.metrics = metrics  # what the run measured before it failed (e.g. an adapter worse than its parent)
 
     @property
     def exit_code(self) -> int:

@@ -34,6 +34,10 @@ log = logging.getLogger("perennial_trainer")
 
 PROGRESS_PREFIX = "PERENNIAL_PROGRESS "
 TERMINATION_LIMIT = 4096
+#: Metrics kept (with every `eval/` one) when the result must be trimmed: what the operator's conditions read.
+KEEP_METRICS = ("train/loss", "train/mean_reward", "train/frac_reward_zero_std", "train/frac_reward_zero_std_mean",
+                "train/flat_steps_share", "train/no_reward_variance", "train/early_mean_reward", "train/late_mean_reward",
+                "train/reward_collapsed")
 
 
 def termination_log_path() -> str:
@@ -84,7 +88,7 @@ def write_termination(result: dict[str, Any], path: str | None = None) -> str:
 
     text = dump()
     if len(text.encode()) > TERMINATION_LIMIT and isinstance(res.get("metrics"), dict):
-        keep = {k: v for k, v in res["metrics"].items() if k.startswith("eval/") or k in ("train/loss", "train/mean_reward")}
+        keep = {k: v for k, v in res["metrics"].items() if k.startswith("eval/") or k in KEEP_METRICS}
         res["metrics"] = keep
         text = dump()
     if len(text.encode()) > TERMINATION_LIMIT and isinstance(res.get("lineage"), dict):

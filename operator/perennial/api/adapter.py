@@ -65,7 +65,9 @@ class AdapterSpec(Model):
 class AdapterStatus(CommonStatus):
     conditions: list[Condition] | None = Field(
         default=None, max_length=16,
-        description="`Ready`, `ArtifactAvailable`, `LineageConsistent`. On an Adapter made by a Deployment's continuous learning, "
+        description="`Ready`, `ArtifactAvailable`, `LineageConsistent`; `Improved` (False `WorseThanParent` / `WorseThanBase`: its "
+        "held-out mean reward is below its baseline's, the numbers in the message) and `LearningSignal` (False `NoRewardVariance` / "
+        "`RewardCollapsed`, from its run's metrics). On an Adapter made by a Deployment's continuous learning, "
         "`Promoted` (the Deployment's promotion gate, the numbers in the message): True `GatePassed`, `PromotedWithoutEvaluation`; "
         "False `BelowMinImprovement`, `BelowMinMeanReward`, `NoEvaluation`, or `RolledBack` (its live approval dropped below "
         "its parent's: for good, a `track` falls back to the adapter before it).",
@@ -73,6 +75,8 @@ class AdapterStatus(CommonStatus):
     metrics: list[Metric] | None = Field(default=None, max_length=64, description="Evaluation metrics (held-out mean reward of the adapter and its baseline, improvement, loss).")
     mean_reward: str | None = Field(default=None, max_length=32, description="Held-out mean reward.")
     improvement: str | None = Field(default=None, max_length=32, description="Mean reward minus the baseline's.")
+    warnings: str | None = Field(default=None, max_length=256, description=(
+        "The reasons of the `Improved` and `LearningSignal` conditions that are False, comma-separated (e.g. `WorseThanParent`)."))
 
 
 class AdapterResource(Resource, KindInfo):
@@ -90,6 +94,8 @@ class AdapterResource(Resource, KindInfo):
         PrinterColumn(name="Version", type="integer", json_path=".spec.version"),
         PrinterColumn(name="Reward", type="string", json_path=".status.meanReward"),
         PrinterColumn(name="Improvement", type="string", json_path=".status.improvement", priority=1),
+        PrinterColumn(name="Warnings", type="string", json_path=".status.warnings",
+                      description="WorseThanParent, WorseThanBase, NoRewardVariance, RewardCollapsed."),
         ready_column(),
         age_column(),
     ]

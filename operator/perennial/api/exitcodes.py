@@ -14,6 +14,7 @@ saying why.
 | 11 | a dataset that is missing, unreadable or has the wrong rows (`DatasetNotFound`, `InvalidDataset`, `DatasetHashMismatch`, `EmptyDataset`, `InsufficientData`, `MissingColumn`) | no |
 | 12 | an invalid reward spec (`InvalidRewardSpec`) | no |
 | 13 | a base model or parent adapter that is missing or cannot be loaded (`BaseModelUnavailable`, `ParentAdapterInvalid`, `NotFound`) | no |
+| 14 | the adapter's held-out reward is below its parent's (or the base model's) and `evaluation.failIfWorseThanParent` is set (`WorseThanParent`, `WorseThanBase`) | no |
 
 A container killed by a signal exits 128+N (137 for SIGKILL, e.g. out of memory): retried.
 Evicted or preempted pods (condition `DisruptionTarget`) are not counted at all.
@@ -31,11 +32,13 @@ class TrainerExit(IntEnum):
     INVALID_DATASET = 11
     INVALID_REWARD_SPEC = 12
     INVALID_MODEL = 13
+    WORSE_THAN_PARENT = 14
 
 
 #: Exit codes of failures that no retry can fix.
 PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(int(c) for c in (
     TrainerExit.INVALID_CONFIG, TrainerExit.INVALID_DATASET, TrainerExit.INVALID_REWARD_SPEC, TrainerExit.INVALID_MODEL,
+    TrainerExit.WORSE_THAN_PARENT,
 ))  # plain ints: they go into manifests
 
 #: The trainer's failure reasons (`TrainerError.reason`) that are permanent, by exit code. Any other reason is
@@ -54,6 +57,8 @@ PERMANENT_REASONS: dict[str, TrainerExit] = {
     "BaseModelUnavailable": TrainerExit.INVALID_MODEL,
     "ParentAdapterInvalid": TrainerExit.INVALID_MODEL,
     "NotFound": TrainerExit.INVALID_MODEL,
+    "WorseThanParent": TrainerExit.WORSE_THAN_PARENT,
+    "WorseThanBase": TrainerExit.WORSE_THAN_PARENT,
 }
 
 

@@ -122,6 +122,10 @@ class Evaluation(Model):
     max_completion_length: int | None = Field(default=None, ge=1, le=65536, description=(
         "Maximum length in tokens of the completions generated for evaluation (greedy), for every method; "
         f"`hyperparameters.maxCompletionLength` if unset, else {EVAL_DEFAULT_MAX_COMPLETION_LENGTH}."))
+    fail_if_worse_than_parent: bool = Field(default=False, description=(
+        "Fail the run (reason `WorseThanParent`, or `WorseThanBase` without a parent; no Adapter is made) when the new "
+        "adapter's held-out mean reward is below its baseline's. Unset, such a run succeeds with the `Improved` condition "
+        "False, a Warning Event and the `Warnings` column."))
 
 
 class Output(Model):
@@ -257,6 +261,9 @@ class TrainingRunStatus(CommonStatus):
         "or `spec.parentAdapterFamily`."))
     artifact_uri: str | None = Field(default=None, max_length=2048, description="Where the artifact was written.")
     metrics: list[Metric] | None = Field(default=None, max_length=64, description="Final metrics from the trainer.")
+    warnings: str | None = Field(default=None, max_length=256, description=(
+        "Why the run may not have helped, comma-separated: the reasons of the `LearningSignal` (`NoRewardVariance`, "
+        "`RewardCollapsed`) and `Improved` (`WorseThanParent`, `WorseThanBase`) conditions that are False."))
     attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far.")
 
 
@@ -278,6 +285,8 @@ class TrainingRunResource(Resource, KindInfo):
         PrinterColumn(name="Reward", type="string", json_path=".status.progress.meanReward"),
         PrinterColumn(name="ETA", type="integer", json_path=".status.progress.etaSeconds", priority=1),
         PrinterColumn(name="Adapter", type="string", json_path=".status.adapterRef.name"),
+        PrinterColumn(name="Warnings", type="string", json_path=".status.warnings",
+                      description="Why the run may not have helped: NoRewardVariance, RewardCollapsed, WorseThanParent, WorseThanBase."),
         PrinterColumn(name="Succeeded", type="string", json_path='.status.conditions[?(@.type=="Succeeded")].status', priority=1),
         PrinterColumn(name="Signal", type="string", json_path='.status.conditions[?(@.type=="LearningSignal")].reason', priority=1,
                       description="GRPO: whether the rewards varied within groups (the `LearningSignal` condition's reason)."),

@@ -18,6 +18,7 @@ import pydantic
 from .. import storage
 from ..api.adapter import AdapterSpec, AdapterStatus
 from ..resources import conditions as cond
+from . import verdicts
 from .base import API_VERSION, Context, Controller, Dependency, Outcome, first_error, generation
 
 KIND = "Adapter"
@@ -95,7 +96,12 @@ def decide(obj: dict[str, Any], world: World) -> dict[str, Any]:
             conds = cond.set_condition(conds, "Ready", False, "ArtifactNotFound", artifact["message"], gen)
         else:
             conds = cond.set_condition(conds, "Ready", True, "Available", f"{spec.family} v{spec.version} of {spec.base_model_ref.name}", gen)
+    conds = verdicts.improved(status.get("metrics"), conds, gen, has_parent=spec.lineage.parent_adapter_ref is not None)
+    if said := verdicts.from_metrics(status.get("metrics")):
+        conds = cond.set_condition(conds, "LearningSignal", False, said[0], said[1], gen)
     status["conditions"] = conds
+    if warnings := verdicts.warnings_text(conds):
+        status["warnings"] = warnings
     return status
 
 
