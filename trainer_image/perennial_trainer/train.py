@@ -431,6 +431,47 @@ def _barrier(w: World, dev: dict[str, Any]):
     return state.wait_for_everyone
 
 
+GPU_MEMORY_ENV = "PERENNIAL_GPU_MEMORY"  # bytes per GPU as a quantity ("24Gi"): what the estimate checks against when set
+
+
+def check_memory(cfg: RunConfig, base_path: str, dev: dict[str, Any], w: World) -> None:
+    """Fail at once, with the estimate, when the run cannot fit its GPUs (`perennial.memory`): read from the base
+    model's config.json, against each GPU's memory (or `$PERENNIAL_GPU_MEMORY`). CPU runs are not checked."""
+    from perennial.memory import check_fits, shape_of
+    from perennial.resources.podsecurity import quantity_bytes
+
+    override = os.environ.get(GPU_MEMORY_ENV)
+    if override:
+        try:
+            gpu_bytes = quantity_bytes(override)
+        except ValueError as e:
+            raise TrainerError(f"${GPU_MEMORY_ENV}: {e}", "InvalidConfig") from None
+    elif dev["cuda"]:
+        import torch
+
+        gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory
+    else:
+        return
+    try:
+        shape = shape_of(json.loads((Path(base_path) / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no memory estimate for %s: %s", base_path, e)
+        return
+    spec, hp = cfg.spec, cfg.spec.hyperparameters
+    if spec.method == "GRPO":
+        _, batch = grpo_group(cfg)
+        seq = (hp.max_length or 512) + (hp.max_completion_length or 256)
+    else:
+        batch = (hp.batch_size or 8) * (2 if spec.method == "DPO" else 1)  # DPO: chosen and rejected
+        seq = hp.max_length or 1024
+    weight_bytes = 4 if dev["cuda"] and not dev["bf16"] else 2
+    sharded = fsdp_wanted(shape.params, weight_bytes, gpu_bytes, w)
+    why = check_fits(shape, gpu_bytes, lora_rank=spec.lora.rank, lora_targets=list(spec.lora.target_modules), batch=batch, seq=seq,
+                     gpus=w.size, sharded=sharded, weight_bytes=weight_bytes, checkpointing=True)
+    if why:
+        raise TrainerError(why, "InsufficientGPUMemory")
+
+
 def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], train_rows: list[dict], eval_rows: list[dict],
          work: Path, staging: Path, plotter: CurvePlotter | _NoPlot, t_start: float) -> dict[str, Any]:
     spec = cfg.spec
@@ -456,6 +497,7 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     if is_local(cfg.output_uri):
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
 
+    check_memory(cfg, base_path, dev, w)  # before any weight is loaded: a run that cannot fit fails in seconds
     tok, model = load_base(base_path, dev)
     cpu_threads(model, dev)
     if w.distributed:

@@ -10,7 +10,7 @@ saying why.
 |---|---|---|
 | 0 | the run succeeded | - |
 | 1 | a transient or unexpected failure (a crash, an I/O error, a storage outage) | yes, up to `backoffLimit` |
-| 10 | invalid run config (`InvalidConfig`, `ConfigNotFound`, `StorageUnavailable`) | no |
+| 10 | invalid run config (`InvalidConfig`, `ConfigNotFound`, `StorageUnavailable`), or a run that cannot fit its GPUs (`InsufficientGPUMemory`, the estimate in the message: `perennial.memory`) | no |
 | 11 | a dataset that is missing, unreadable or has the wrong rows (`DatasetNotFound`, `InvalidDataset`, `DatasetHashMismatch`, `EmptyDataset`, `InsufficientData`, `MissingColumn`) | no |
 | 12 | an invalid reward spec (`InvalidRewardSpec`) | no |
 | 13 | a base model or parent adapter that is missing or cannot be loaded (`BaseModelUnavailable`, `ParentAdapterInvalid`, `NotFound`) | no |
@@ -47,6 +47,7 @@ PERMANENT_REASONS: dict[str, TrainerExit] = {
     "InvalidConfig": TrainerExit.INVALID_CONFIG,
     "ConfigNotFound": TrainerExit.INVALID_CONFIG,
     "StorageUnavailable": TrainerExit.INVALID_CONFIG,
+    "InsufficientGPUMemory": TrainerExit.INVALID_CONFIG,
     "DatasetNotFound": TrainerExit.INVALID_DATASET,
     "InvalidDataset": TrainerExit.INVALID_DATASET,
     "DatasetHashMismatch": TrainerExit.INVALID_DATASET,

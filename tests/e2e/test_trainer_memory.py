@@ -1,0 +1,57 @@
+"""A run that cannot fit its GPUs fails in seconds, before any weight is read, with the estimate in the termination
+message (which the TrainingRun controller copies into the run's Succeeded=False condition) and a permanent exit
+code (the Job's podFailurePolicy fails it at once, no retry)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinymodel import tiny_model_path  # noqa: E402
+from trainer_support import run_config, write_config, write_fruit_data  # noqa: E402
+
+from perennial.api.exitcodes import PERMANENT_EXIT_CODES  # noqa: E402
+
+LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
+              "vocab_size": 128256, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def _run(tmp: Path, base: str, monkeypatch, gpu_memory: str) -> tuple[int, dict]:
+    from perennial_trainer.cli import main
+
+    monkeypatch.setenv("PERENNIAL_GPU_MEMORY", gpu_memory)  # one GPU of this size (this machine has none)
+    data = write_fruit_data(tmp / "data")
+    cfg = write_config(tmp / "run.yaml", run_config(name="big", method="SFT", base=base, output=str(tmp / "out"),
+                                                    datasets=[{"name": "d", "uri": data["sft"]}], hp={"maxSteps": 1, "batchSize": 4}))
+    term = tmp / "termination-log"
+    rc = main(["train", "--config", cfg, "--termination-log", str(term)])
+    return rc, json.loads(term.read_text())
+
+
+def test_a_70b_base_on_one_24gb_gpu_fails_fast_with_the_estimate(tmp_path, monkeypatch):
+    base = tmp_path / "llama-70b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA3_70B))  # no weights at all: they are never read
+    rc, term = _run(tmp_path, str(base), monkeypatch, "24Gi")
+    print(term["message"])
+    assert rc in PERMANENT_EXIT_CODES
+    assert term["status"] == "Failed" and term["reason"] == "InsufficientGPUMemory"
+    assert term["message"].startswith("the run does not fit its GPUs: estimated ") and "70.55B parameters" in term["message"]
+    assert "each GPU has 24.0 GiB" in term["message"] and "sharded with FSDP" in term["message"]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_the_tiny_model_fits_and_trains(tmp_path, monkeypatch):
+    rc, term = _run(tmp_path, tiny_model_path(), monkeypatch, "24Gi")
+    assert rc == 0 and term["status"] == "Succeeded", term
+
+
+def test_a_bad_gpu_memory_setting_is_a_config_error(tmp_path, monkeypatch):
+    rc, term = _run(tmp_path, tiny_model_path(), monkeypatch, "lots")
+    assert rc in PERMANENT_EXIT_CODES and term["reason"] == "InvalidConfig" and "PERENNIAL_GPU_MEMORY" in term["message"]
