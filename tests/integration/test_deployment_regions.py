@@ -259,3 +259,43 @@ def test_a_deployment_moved_out_of_the_operators_cluster_leaves_no_serving_child
              message="the local children are pruned")
     assert w.region_status("east")["activeColor"] == "blue" and w.region_kube.get("apps/v1", "Deployment", NS, "chat-blue")
     w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=30)
+
+
+def test_two_deployments_sharing_a_token_secret_neither_fight_over_nor_delete_each_others_copy_in_a_region(world: World):
+    """Two Deployments of a namespace name one `feedback.tokenSecretRef` and serve in one other cluster: each one's
+    copy of the token there is its own (no relabelling back and forth, a write storm), and deleting one leaves the
+    other's pods their token."""
+    import time
+
+    w = world
+    w.hub.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "shared-token", "namespace": NS},
+                       "type": "Opaque", "data": {"token": b64("a-shared-feedback-token-0123456789")}})
+    spec = {**SPEC, "regions": [SPEC["regions"][1]], "feedback": {"tokenSecretRef": {"name": "shared-token", "key": "token"}}}
+    other = Pods(w.region_kube, "chat2-routes")
+    try:
+        w.hub.create("Deployment", "chat", spec)
+        w.hub.create("Deployment", "chat2", spec)
+        run_pods(w.region_kube, "chat-blue", w.east)
+        run_pods(w.region_kube, "chat2-blue", other)
+        for name in ("chat", "chat2"):
+            w.hub.wait_condition("Deployment", name, "Ready", "True", "Serving", timeout=60)
+
+        def token_secrets() -> dict[str, tuple[str, str]]:
+            return {o["metadata"]["name"]: (o["metadata"]["labels"]["perennial.ai/deployment"], o["metadata"]["resourceVersion"])
+                    for o in w.region_kube.list("v1", "Secret", NS, MANAGED)}
+
+        def mounted(deployment: str) -> str:
+            d = w.region_kube.get("apps/v1", "Deployment", NS, f"{deployment}-blue")
+            return next(v["secret"]["secretName"] for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "feedback-token")
+
+        before = token_secrets()
+        time.sleep(3)  # nothing changes in a region that serves: the copies stay as written
+        assert token_secrets() == before, f"the token copies are rewritten while nothing changes: {before} -> {token_secrets()}"
+        assert before[mounted("chat")][0] == "chat" and before[mounted("chat2")][0] == "chat2", before
+
+        w.hub.kube.delete(API, "Deployment", NS, "chat")
+        wait_for(lambda: w.hub.get("Deployment", "chat") is None, timeout=60, message="chat is gone")
+        secret = w.region_kube.get("v1", "Secret", NS, mounted("chat2"))
+        assert secret is not None and base64.b64decode(secret["data"]["token"]).decode() == "a-shared-feedback-token-0123456789"
+    finally:
+        other.close()

@@ -227,13 +227,15 @@ def test_feedback_token_is_a_file_from_the_secret_in_the_sidecar_only_and_no_sec
     assert volumes(pod_of(own))["feedback-token"]["secret"]["secretName"] == "my-token"
     with pytest.raises(ValueError, match="16 characters"):
         d.token_secret(s, "short")
-    # the user's Secret is never written in the operator's cluster; a remote region gets a copy under its name and key
+    # the user's Secret is never written in the operator's cluster; a remote region gets the Deployment's own copy
+    # (Deployments sharing a tokenSecretRef would else fight over one Secret there), which its pods mount
     with pytest.raises(ValueError, match="user's"):
         d.token_secret(own, TOKEN)
     remote_spec = {**SPEC, "feedback": {"tokenSecretRef": {"name": "my-token", "key": "bearer"}},
                    "regions": [{"name": "ap", "clusterSecretRef": {"name": "ap"}}]}
     copy_ = d.token_secret(serving(remote_spec), TOKEN)
-    assert copy_["metadata"]["name"] == "my-token" and set(copy_["data"]) == {"bearer"} and "ownerReferences" not in copy_["metadata"]
+    assert copy_["metadata"]["name"] == "chat-feedback-token" and set(copy_["data"]) == {"token"} and "ownerReferences" not in copy_["metadata"]
+    assert volumes(pod_of(serving(remote_spec)))["feedback-token"]["secret"]["secretName"] == "chat-feedback-token"
 
 
 def test_model_cache_adapters_spool_routes_and_store_volumes():

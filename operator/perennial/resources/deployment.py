@@ -953,14 +953,16 @@ def routes_config_map(s: Serving, routes: Mapping[str, Sequence[RouteTarget]], l
 
 
 def feedback_token_ref(s: Serving) -> tuple[str, str]:
-    """(Secret, key) the pods mount the feedback token from: `feedback.tokenSecretRef`, else the generated one."""
+    """(Secret, key) the pods mount the feedback token from: `feedback.tokenSecretRef`, else the generated one. In
+    another cluster always the Deployment's own copy `<name>-feedback-token` (key `token`): Deployments sharing one
+    `tokenSecretRef` would else write (and on deletion delete) one and the same Secret there."""
     ref = s.spec.feedback.token_secret_ref
-    return (ref.name, ref.key) if ref else (token_secret_name(s.name), TOKEN_KEY)
+    return (ref.name, ref.key) if ref and s.region.cluster_secret_ref is None else (token_secret_name(s.name), TOKEN_KEY)
 
 
 def token_secret(s: Serving, token: str) -> dict[str, Any]:
     """The Secret the pods mount the feedback token from, holding `token` (the caller's value: the generated
-    `<name>-feedback-token`, or in a remote region a copy of the user's `tokenSecretRef` under its name and key).
+    `<name>-feedback-token`, also the name of the copy of a user's `tokenSecretRef` in a remote region).
     The user's own Secret in the operator's cluster is never the operator's to write."""
     import base64
 
