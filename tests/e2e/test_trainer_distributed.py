@@ -117,6 +117,7 @@ def test_two_processes_write_once_and_resume_after_a_kill(tmp_path, method, step
     term = json.loads((tmp_path / "termination-log").read_text())
     assert term["status"] == "Succeeded" and term["metrics"]["train/steps"] == steps
     assert term["metrics"]["train/resumed_from_step"] >= every
+    assert term["metrics"]["train/processes"] == 2 and term["metrics"]["train/fsdp"] == 0  # DDP (gloo)
     out = Path(term["artifactUri"])
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "metrics.json", "manifest.json", "progress.json", "curves.png"):
         assert (out / f).is_file(), f

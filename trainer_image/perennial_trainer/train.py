@@ -235,7 +235,7 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
         # Every LoRA parameter takes part in every step: no search for unused ones (DDP's costly default).
         common["ddp_find_unused_parameters"] = False
         if dev["fsdp"]:  # FSDP2 (Accelerate's `fsdp_version: 2`): the frozen base weights are sharded over the processes
-            common["fsdp"] = "full_shard auto_wrap"
+            common["fsdp"] = True
             common["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
                                      "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
                                      "activation_checkpointing": bool(dev["gradient_checkpointing"])}
@@ -505,9 +505,12 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
         n_params = sum(p.numel() for p in model.parameters())
         gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory if dev["cuda"] else None
-        dev = dict(dev, fsdp=fsdp_wanted(n_params, model.dtype.itemsize, gpu_bytes, w))
-        if w.main:
-            log.info("%d processes, %s", w.size, "FSDP2 (sharded base weights)" if dev["fsdp"] else "DDP")
+        fsdp = fsdp_wanted(n_params, model.dtype.itemsize, gpu_bytes, w)
+        if fsdp and not dev["cuda"]:
+            # Accelerate (1.15) builds FSDP only on accelerators: asked for on CPU it would silently be DDP anyway
+            log.warning("FSDP needs GPUs (Accelerate ignores it on CPU): training with DDP")
+            fsdp = False
+        dev = dict(dev, fsdp=fsdp)
     minimums = {d.name: d.feedback.min_examples or DEFAULT_MIN_EXAMPLES[method] for d in spec.datasets if d.feedback}
     if minimums:  # feedback rows that would be truncated are dropped (counted), not trained on cut
         max_len = spec.hyperparameters.max_length or 1024
@@ -555,13 +558,16 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
         trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
 
+    if w.distributed and w.main:
+        log.info("%d processes (%s), %s", w.size, "nccl" if dev["cuda"] else "gloo",
+                 "FSDP2: base weights sharded" if trainer.is_fsdp_enabled else "DDP: a full copy per process")
     last = last_complete_checkpoint(ckpt_dir, clean=w.local_main)
     if last and w.main:
         log.info("resuming from checkpoint %s", last)
         print(f"PERENNIAL_RESUME {json.dumps({'checkpoint': last})}", flush=True)
     train_out = trainer.train(resume_from_checkpoint=last)
     plotter.send(progress.history)  # drawn while the adapter is saved and evaluated
-    if dev["fsdp"]:  # the sharded adapter is gathered by every process; rank 0 writes it
+    if trainer.is_fsdp_enabled:  # the sharded adapter is gathered by every process; rank 0 writes it
         trainer.save_model(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)
     elif w.main:
@@ -586,6 +592,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         metrics["train/frac_reward_zero_std_mean"] = float(sum(fz) / len(fz))
     metrics["train/steps"] = float(trainer.state.global_step)
     metrics["train/resumed_from_step"] = float(progress.start_step)
+    metrics["train/processes"] = float(w.size)
+    metrics["train/fsdp"] = 1.0 if trainer.is_fsdp_enabled else 0.0
     metrics["train/seconds"] = train_seconds
 
     data_metrics, data_note = feedback_report(datasets_)
