@@ -65,6 +65,13 @@ class TokenFile:
             return False
         return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), expected)
 
+    def check_raw(self, presented: str | None) -> bool:
+        """The token itself (no scheme), as in the `X-Perennial-Token` header (constant time)."""
+        expected = self.token()
+        if expected is None or not presented:
+            return False
+        return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), expected)
+
 
 class RateLimiter:
     """Token bucket per client key; bounded number of tracked clients."""

@@ -28,12 +28,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("perennial_server.proxy")
 
 # request headers not forwarded to the engine (lower-case bytes, as aiohttp's raw_headers compare);
-# Content-Encoding too: aiohttp decodes a compressed request body, the engine gets the decoded bytes
+# Content-Encoding too: aiohttp decodes a compressed request body, the engine gets the decoded bytes;
+# X-Perennial-Token: the operator's token is the sidecar's (routes.TOKEN_HEADER)
 HOP_BY_HOP = frozenset(
     h.lower().encode()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
         "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding", "Content-Encoding",
+        "X-Perennial-Token",
     )
 )
 RESP_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Content-Encoding", "Date", "Server", "X-Request-Id"))

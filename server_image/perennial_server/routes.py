@@ -32,9 +32,10 @@ and the served names (what a client may ask for), not the adapters.
 
 Preview names (a served name ending in `-preview`: the operator loads the next adapter under `<served>-preview`
 and smoke-tests it before moving `<served>` to it) answer only requests with `Authorization: Bearer <feedback
-token>` (the token file of /v1/feedback, which the operator reads from the token Secret); any other request naming
-one is a 401 `preview_unauthorized`, and `GET /v1/models` lists them only to that token. The token is not
-forwarded to the engine.
+token>` (the token file of /v1/feedback, which the operator reads from the token Secret) or `X-Perennial-Token: <feedback
+token>` (what passes another cluster's API server proxy); any other request naming one is a 401
+`preview_unauthorized`, and `GET /v1/models` lists them only to that token. The token is not forwarded to the
+engine.
 
 The engine's adapters are those of its `/v1/models` entries with a `parent` (vLLM and the CPU engine
 list LoRA adapters that way). The sidecar re-checks them every `resync_s` and reloads what an engine
@@ -93,6 +94,8 @@ MAX_DOCUMENT_BYTES = 1 << 20
 #: served names ending so are previews: only the operator's token may call them (the operator's PREVIEW_SUFFIX)
 PREVIEW_SUFFIX = "-preview"
 PREVIEW_UNAUTHORIZED = "preview names need the operator's token (`Authorization: Bearer <feedback token>`)"
+#: the header the operator's token may come in instead (never forwarded to the engine: proxy.HOP_BY_HOP)
+TOKEN_HEADER = "X-Perennial-Token"
 SOURCE_MARKER = ".perennial-source"
 
 
@@ -666,8 +669,12 @@ class Routes:
         return Routed(_with_model(body, req, model, adapter, keys, escaped), model, adapter, r.preview)
 
     def authorized(self, headers: Mapping[str, str] | None) -> bool:
-        """Whether `headers` carry the operator's token (`Authorization: Bearer <feedback token>`)."""
-        return self.token is not None and headers is not None and self.token.check(headers.get("Authorization"))
+        """Whether `headers` carry the operator's token: `Authorization: Bearer <feedback token>`, or
+        `X-Perennial-Token: <feedback token>` (through another cluster's API server proxy, which consumes
+        Authorization itself)."""
+        if self.token is None or headers is None:
+            return False
+        return self.token.check(headers.get("Authorization")) or self.token.check_raw(headers.get(TOKEN_HEADER))
 
     def done(self, routed: Routed) -> None:
         a = routed.adapter

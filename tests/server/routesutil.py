@@ -67,6 +67,7 @@ class FakeEngine:
         self.calls: list[tuple[str, str]] = []
         self.chats: list[str] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each chat request
+        self.engine_saw_token_header = 0  # chat requests that came with X-Perennial-Token
         self.fail: dict[str, str] = {}
         self.hold_loads: threading.Event | None = None
         self.load_delay = 0.0
@@ -121,6 +122,7 @@ class FakeEngine:
         model = body["model"]
         self.chats.append(model)
         self.authorizations.append(request.headers.get("Authorization"))
+        self.engine_saw_token_header += "X-Perennial-Token" in request.headers
         if model != BASE and model not in self.loaded:
             return web.json_response({"error": {"message": f"The model `{model}` does not exist.", "code": 404}}, status=404)
         if body.get("hold"):

@@ -140,6 +140,16 @@ def test_preview_names_answer_only_with_the_operators_token(fake: FakeEngine, ro
     assert fake.chats == ["a1", "a2", "a2"]
     assert fake.authorizations[1:] == [None, None], fake.authorizations  # stripped before the engine
     assert fake.authorizations[0] == "Bearer client-key"  # other requests go on as they came
+    # through another cluster's API server proxy, which consumes Authorization itself: the token in X-Perennial-Token
+    for value in ("wrong-token", "", f"Bearer {TOKEN}"):
+        r = requests.post(t.url + "/v1/chat/completions", json=chat_body, headers={"X-Perennial-Token": value}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "preview_unauthorized", (value, r.text)
+    r = requests.post(t.url + "/v1/chat/completions", json=chat_body, headers={"X-Perennial-Token": TOKEN}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "answer of a2"
+    r = requests.get(t.url + "/v1/models", headers={"X-Perennial-Token": TOKEN}, timeout=30)
+    assert [m["id"] for m in r.json()["data"]] == [BASE, "support", "support-preview"]
+    requests.post(t.url + "/v1/chat/completions", json={**chat_body, "model": "support"}, headers={"X-Perennial-Token": TOKEN}, timeout=30)
+    assert fake.engine_saw_token_header == 0  # the sidecar's header never reaches the engine, whatever the model
 
 
 # ---------------------------------------------------------------- hostile routes documents
