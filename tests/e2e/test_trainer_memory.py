@@ -45,6 +45,16 @@ def test_a_70b_base_on_one_24gb_gpu_fails_fast_with_the_estimate(tmp_path, monke
     assert term["message"].startswith("the run does not fit its GPUs: estimated ") and "70.55B parameters" in term["message"]
     assert "each GPU has 24.0 GiB" in term["message"] and "sharded with FSDP" in term["message"]
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # What the TrainingRun controller makes of that pod: the Job fails at once (podFailurePolicy FailJob on this
+    # exit code), and the run's Succeeded=False condition carries the trainer's reason and the estimate.
+    from perennial.controllers import trainingrun as controller
+    from perennial.resources.trainingrun import pod_failure_policy
+
+    assert rc in pod_failure_policy()["rules"][0]["onExitCodes"]["values"]
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": rc, "message": json.dumps(term)}}}]}}
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}}
+    reason, message = controller.failure(controller.Observed(job, pod))
+    assert reason == "InsufficientGPUMemory" and message == term["message"]
 
 
 def test_the_tiny_model_fits_and_trains(tmp_path, monkeypatch):
