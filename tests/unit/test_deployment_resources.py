@@ -194,11 +194,15 @@ def test_only_the_sidecar_ports_are_exposed_and_services_never_route_to_the_admi
     annotations = pod["metadata"]["annotations"]
     assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(d.ADMIN_PORT), "/metrics")
     policy = d.network_policy(s)
-    # clients reach the client port from anywhere; the admin port only from pods of the cluster (Prometheus,
-    # the operator), never from outside it (no ipBlock), and no Service names it
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]},
-                                         {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": d.ADMIN_PORT}]}]
+    # both ports reachable at the pod (the admin port by Prometheus and by the operator, in another region through
+    # that cluster's API server proxy, which is no pod); no Service names the admin port
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}, {"ports": [{"protocol": "TCP", "port": d.ADMIN_PORT}]}]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # a platform team narrows the admin port to its Prometheus and API servers
+    peers = ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}, {"ipBlock": {"cidr": "10.0.0.0/28"}})
+    narrow = d.network_policy(serving(settings=d.ServingSettings(admin_ingress_from=peers)))
+    assert narrow["spec"]["ingress"][1] == {"from": list(peers), "ports": [{"protocol": "TCP", "port": d.ADMIN_PORT}]}
+    assert narrow["spec"]["ingress"][0] == {"ports": [{"protocol": "TCP", "port": 8080}]}
 
 
 def test_feedback_token_is_a_file_from_the_secret_in_the_sidecar_only_and_no_secret_value_is_in_env():

@@ -236,6 +236,9 @@ class ServingSettings:
     #: absolute folders (besides the adapters emptyDir and the claims under PVC_ROOT) whose adapter paths the sidecar
     #: may load: a file:// artifact store on the machine of `perennial dev`; empty in a cluster (`--adapter-roots`)
     adapter_roots: tuple[str, ...] = ()
+    #: NetworkPolicy peers the sidecar's admin port admits (e.g. Prometheus' namespace and the API servers' CIDR,
+    #: through which the operator reads other regions' pods); empty: any source, like the client port
+    admin_ingress_from: tuple[Mapping[str, Any], ...] = ()
 
     def startup_seconds(self, engine_type: str) -> int:
         return self.vllm_startup_seconds if engine_type == "VLLM" else self.cpu_startup_seconds
@@ -982,8 +985,10 @@ def token_secret(s: Serving, token: str) -> dict[str, Any]:
 
 def network_policy(s: Serving, settings: EgressSettings | None = None) -> dict[str, Any]:
     """The serving pods' NetworkPolicy: ingress to the sidecar's client port from anywhere and to its admin port from
-    pods of the cluster only (Prometheus, the operator); egress to DNS, the feedback store, the adapters' artifact
-    stores and an uncached model source."""
+    `ServingSettings.admin_ingress_from` (default anywhere too: the operator reaches other regions' pods through their
+    API server's proxy, which is no pod; no Service names the admin port); egress to DNS, the feedback store, the
+    adapters' artifact stores and an uncached model source."""
+    settings_admin_from = s.settings.admin_ingress_from
     settings = settings or EgressSettings()
     dests = netpol.Destinations()
     dests.add(feedback_store_uri(s), settings)
@@ -1000,7 +1005,8 @@ def network_policy(s: Serving, settings: EgressSettings | None = None) -> dict[s
             "podSelector": {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_DEPLOYMENT: label_value(s.name), LABEL_REGION: s.region.name}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"ports": [{"protocol": "TCP", "port": SIDECAR_PORT}]},
-                        {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}],
+                        {**({"from": [dict(p) for p in settings_admin_from]} if settings_admin_from else {}),
+                         "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}],
             "egress": netpol.egress_rules(dests.items, settings),
         },
     }
