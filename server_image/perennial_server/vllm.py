@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from perennial.api.deployment import EngineSpec
 
 # vLLM's LoRAConfig accepts only these `max_lora_rank` values
 SUPPORTED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-RESERVED_FLAGS = ("--host", "--port", "--model", "--served-model-name", "--lora-modules")
+RESERVED_FLAGS = ("--host", "--port", "--model", "--served-model-name", "--lora-modules", "--pipeline-parallel-size", "--distributed-executor-backend")
+#: The Ray head's port on a LeaderWorkerSet leader (its workers `ray start --address=$(LWS_LEADER_ADDRESS):<port>`).
+RAY_PORT = 6379
 
 
 def lora_rank(r: int) -> int:
@@ -87,6 +91,9 @@ def build_vllm_command(
     if mml:
         cmd += ["--max-model-len", str(mml)]
     cmd += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.pipeline_parallel_size > 1:
+        # one pipeline stage per pod of the group, joined by the Ray cluster the leader heads
+        cmd += ["--pipeline-parallel-size", str(engine.pipeline_parallel_size), "--distributed-executor-backend", "ray"]
     if engine.gpu_memory_utilization is not None:
         g = float(engine.gpu_memory_utilization)
         if not 0 < g <= 1:
@@ -101,6 +108,33 @@ def build_vllm_env(runtime_lora: bool, base: dict[str, str] | None = None) -> di
     if runtime_lora:  # /v1/load_lora_adapter and /v1/unload_lora_adapter
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
+
+
+def start_ray_head(port: int, nodes: int, *, run: Any = subprocess.run, count: Any = None, timeout_s: float = 900.0,
+                   sleep: Any = time.sleep, clock: Any = time.monotonic) -> None:
+    """On a LeaderWorkerSet leader: start the Ray head, then wait until `nodes` nodes (the leader and its workers)
+    joined, so vLLM's placement finds every GPU of the group. Raises RuntimeError when they do not come in time
+    (the container exits; the LeaderWorkerSet recreates the group)."""
+    run(["ray", "start", "--head", f"--port={port}", "--disable-usage-stats"], check=True)
+    count = count or _ray_nodes
+    deadline = clock() + timeout_s
+    while True:
+        alive = count()
+        if alive >= nodes:
+            return
+        if clock() >= deadline:
+            raise RuntimeError(f"only {alive} of {nodes} Ray nodes joined within {timeout_s:.0f}s")
+        sleep(2.0)
+
+
+def _ray_nodes() -> int:
+    """Alive nodes of the local Ray cluster (0 when it cannot be asked yet)."""
+    code = "import ray; ray.init(address='auto', logging_level='ERROR'); print(sum(1 for n in ray.nodes() if n.get('Alive')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    try:
+        return int(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
 
 
 def _spec(text: str | None) -> EngineSpec:
@@ -121,6 +155,8 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entrypoint", choices=["serve", "module"], default="serve")
     p.add_argument("--runtime-lora", action="store_true", default=os.environ.get("PERENNIAL_RUNTIME_LORA", "").strip().lower() in ("1", "true", "yes", "on"),
                    help="allow loading adapters at runtime: the sidecar's --routes-file loads them (env PERENNIAL_RUNTIME_LORA)")
+    p.add_argument("--ray-head", action="store_true", help=(
+        "LeaderWorkerSet leader of a pipelineParallelSize > 1 spec: start the Ray head and wait for the workers first"))
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
 
 
@@ -134,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(cmd))
         return 0
+    if args.ray_head:
+        start_ray_head(RAY_PORT, _spec(args.engine_spec).pipeline_parallel_size)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, build_vllm_env(args.runtime_lora))
     return 127  # not reached

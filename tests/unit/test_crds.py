@@ -290,6 +290,12 @@ CASES = [
     ("Deployment", with_spec(DEP, continuousLearning={"enabled": True, "adapterFamily": "f", "template": {
         "evalDatasets": [{"name": "g", "uri": "file:///a", "split": "Eval"}, {"name": "g", "uri": "file:///b", "split": "Eval"}]}}), None,
      "`evalDatasets` names must be unique"),
+    # Across nodes: LeaderWorkerSet groups of vLLM pods; never switched to or from one pod per replica in place.
+    ("Deployment", with_spec(DEP, engine={"pipelineParallelSize": 2, "tensorParallelSize": 8}), None, None),
+    ("Deployment", with_spec(DEP, engine={"type": "Transformers", "pipelineParallelSize": 2}), None, "`pipelineParallelSize` above 1 needs `type` 'VLLM'"),
+    ("Deployment", with_spec(DEP, engine={"pipelineParallelSize": 2}), DEP, "`pipelineParallelSize` must not change between 1 and more than 1"),
+    ("Deployment", DEP, with_spec(DEP, engine={"pipelineParallelSize": 2}), "`pipelineParallelSize` must not change between 1 and more than 1"),
+    ("Deployment", with_spec(DEP, engine={"pipelineParallelSize": 4}), with_spec(DEP, engine={"pipelineParallelSize": 2}), None),
 ]
 
 # Every grader type without its sub-object.

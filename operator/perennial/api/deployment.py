@@ -94,6 +94,11 @@ class EngineSpec(Model):
     image: str | None = Field(default=None, max_length=512, description="Server image; the operator's default if unset.")
     served_model_name: str | None = Field(default=None, max_length=256, description="Name the base model is served under; the BaseModel's name if unset.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=16, description="Tensor parallel size (GPUs per replica).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=16, description=(
+        "Pipeline parallel size: pods per replica, each with `tensorParallelSize` GPUs (vLLM `--pipeline-parallel-size` over "
+        "Ray), for a model that does not fit one node. More than 1 needs vLLM and LeaderWorkerSet "
+        "(`leaderworkersets.leaderworkerset.x-k8s.io`): one leader (engine and sidecar) and workers per replica, "
+        "restarted and counted ready as a group."))
     max_model_len: int | None = Field(default=None, ge=16, le=1048576, description="Max context length; the BaseModel's if unset.")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (`--max-loras`).")
     max_lora_rank: int = Field(default=64, ge=1, le=512, description="Largest LoRA rank served (`--max-lora-rank`).")
@@ -101,6 +106,14 @@ class EngineSpec(Model):
     gpu_memory_utilization: Decimal | None = Field(default=None, description="Fraction of GPU memory vLLM may use, e.g. `\"0.9\"`.")
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64, description="Extra engine command-line arguments.")
     resources: ComputeResources | None = Field(default=None, description="Resources of one replica; the BaseModel's if unset.")
+
+    model_config = Model.model_config | {"json_schema_extra": validations(
+        cel("!has(self.pipelineParallelSize) || self.pipelineParallelSize == 1 || !has(self.type) || self.type == 'VLLM'", "`pipelineParallelSize` above 1 needs `type` 'VLLM'",
+            field_path=".pipelineParallelSize"),
+        cel("(!has(oldSelf.pipelineParallelSize) || oldSelf.pipelineParallelSize == 1) == (!has(self.pipelineParallelSize) || self.pipelineParallelSize == 1)",
+            "`pipelineParallelSize` must not change between 1 and more than 1 (one pod per replica vs LeaderWorkerSet groups): "
+            "create a new Deployment instead", field_path=".pipelineParallelSize"),
+    )}
 
 
 def _compiles(pattern: str | None) -> str | None:
