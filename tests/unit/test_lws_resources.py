@@ -144,3 +144,15 @@ def test_pipeline_parallel_needs_vllm():
     s = serving({**PP_SPEC, "engine": {"type": "Transformers", "pipelineParallelSize": 2}})
     with pytest.raises(ValueError, match="needs `engine.type` 'VLLM'"):
         lws.leader_worker_set(s, "blue", d.revision(s), 1)
+
+
+def test_the_workload_of_a_color_follows_the_group_size():
+    one = serving(SPEC)
+    assert lws.workload_kind(one) == ("apps/v1", "Deployment")
+    assert lws.workload(one, "blue", d.revision(one), 2) == d.deployment(one, "blue", d.revision(one), 2)
+    s, obj = build()
+    assert lws.workload_kind(s) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
+    assert lws.workload(s, "blue", d.revision(s), 3) == obj
+    assert lws.scale_target(s, "green") == {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+                                            "name": d.deployment_name(s.prefix, "green")}
+    assert lws.scale_target(one, "green")["kind"] == "Deployment"

@@ -86,3 +86,22 @@ def group_ready(lws: dict[str, Any] | None) -> tuple[int, int]:
     if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 1):
         return 0, wanted
     return min(int(status.get("readyReplicas") or 0), int(status.get("updatedReplicas") or 0)), wanted
+
+
+# ----------------------------------------------------------------------------- what the Deployment controller plugs in
+
+
+def workload_kind(s: d.Serving) -> tuple[str, str]:
+    """(apiVersion, kind) of a color's workload: a LeaderWorkerSet across nodes, else an apps/v1 Deployment."""
+    return (LWS_API, "LeaderWorkerSet") if group_size(s) > 1 else ("apps/v1", "Deployment")
+
+
+def workload(s: d.Serving, color: str, revision: str, replicas: int | None) -> dict[str, Any]:
+    """A color's workload, named as the apps/v1 Deployment of a one-pod-per-replica spec would be."""
+    return leader_worker_set(s, color, revision, replicas) if group_size(s) > 1 else d.deployment(s, color, revision, replicas)
+
+
+def scale_target(s: d.Serving, color: str) -> dict[str, Any]:
+    """What an autoscaler scales (LeaderWorkerSet has a /scale subresource: replicas are groups)."""
+    api_version, kind = workload_kind(s)
+    return {"apiVersion": api_version, "kind": kind, "name": d.deployment_name(s.prefix, color)}
