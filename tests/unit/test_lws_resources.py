@@ -19,6 +19,7 @@ from perennial.resources import lws
 from test_deployment_resources import SPEC, serving
 
 PP_SPEC = {**SPEC, "engine": {**SPEC["engine"], "pipelineParallelSize": 2}}
+REV = "0123456789"
 
 #: LeaderWorkerSet v0.10.0, leaderworkerset.x-k8s.io/v1: the fields of the objects the builder writes
 LWS_SPEC_FIELDS = {"leaderWorkerTemplate", "networkConfig", "replicas", "rolloutStrategy", "startupPolicy"}
@@ -52,7 +53,7 @@ def lws_problems(obj: dict) -> list[str]:
 
 def build(spec=PP_SPEC, replicas=3):
     s = serving(spec)
-    return s, lws.leader_worker_set(s, "blue", d.revision(s), replicas)
+    return s, lws.leader_worker_set(s, "blue", REV, replicas)
 
 
 def test_leader_worker_set_is_valid_and_groups_pipeline_stages():
@@ -143,7 +144,7 @@ def test_pipeline_parallel_needs_vllm():
     assert any("pipelineParallelSize" in r for r in rules)
     s = serving({**PP_SPEC, "engine": {"type": "Transformers", "pipelineParallelSize": 2}})
     with pytest.raises(ValueError, match="needs `engine.type` 'VLLM'"):
-        lws.leader_worker_set(s, "blue", d.revision(s), 1)
+        lws.leader_worker_set(s, "blue", REV, 1)
 
 
 def test_the_workload_of_a_color_follows_the_group_size():
@@ -152,7 +153,15 @@ def test_the_workload_of_a_color_follows_the_group_size():
     assert lws.workload(one, "blue", d.revision(one), 2) == d.deployment(one, "blue", d.revision(one), 2)
     s, obj = build()
     assert lws.workload_kind(s) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
-    assert lws.workload(s, "blue", d.revision(s), 3) == obj
+    assert lws.workload(s, "blue", REV, 3) == obj
     assert lws.scale_target(s, "green") == {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
                                             "name": d.deployment_name(s.prefix, "green")}
     assert lws.scale_target(one, "green")["kind"] == "Deployment"
+
+
+def test_until_the_rollout_uses_it_a_pipeline_parallel_spec_is_refused_not_served_wrong():
+    """The Deployment controller validates every spec through `revision()` first (InvalidSpec, nothing applied):
+    without this, a pipelineParallelSize > 1 spec would start one-pod replicas whose vLLM waits for a Ray cluster."""
+    with pytest.raises(ValueError, match="`engine.pipelineParallelSize` above 1 .* not rolled out"):
+        d.revision(serving(PP_SPEC))
+    d.revision(serving(SPEC))
