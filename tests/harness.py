@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import threading
 from collections.abc import Iterator
@@ -55,9 +56,11 @@ class Cluster:
     kube: Kube
     config: OperatorConfig
     operator: OperatorThread | None = None
+    #: the operator's bearer token when it is not the server's own (PERENNIAL_TEST_RBAC)
+    operator_token: str | None = None
 
     def start_operator(self) -> OperatorThread:
-        self.operator = OperatorThread(self.server.url, self.config, self.server.token, self.server.ca_file)
+        self.operator = OperatorThread(self.server.url, self.config, self.operator_token or self.server.token, self.server.ca_file)
         return self.operator
 
     def stop_operator(self) -> None:
@@ -164,6 +167,12 @@ def running_cluster(tmp_path: Path, faults: FaultConfig | None = None, **config:
     )
     settings.update(config)
     c = Cluster(server=server, kube=kube, config=OperatorConfig(**settings))
+    # PERENNIAL_TEST_RBAC=<file>: the operator runs as a ServiceAccount with exactly the RBAC objects of that
+    # YAML file (the Helm chart's rendered RBAC: tests/unit/test_chart_rbac.py), not with the server's token.
+    rbac_file = os.environ.get("PERENNIAL_TEST_RBAC")
+    if rbac_file:
+        c.operator_token = apply_operator_rbac(server, kube, Path(rbac_file))
+        server.server.authz_log = []
     # Set after the CRDs are in: faults target the operator's clients (kopf's and its own), never the test's.
     server.set_faults(faults)
     c.start_operator()
@@ -173,4 +182,38 @@ def running_cluster(tmp_path: Path, faults: FaultConfig | None = None, **config:
         try:
             c.stop_operator()
         finally:
+            if rbac_file:
+                record_authz(server)
             server.stop()
+
+
+def apply_operator_rbac(server: ServerThread, kube: Kube, path: Path) -> str:
+    """Create the ServiceAccount and RBAC objects of `path` (namespaces as needed); a token of its ServiceAccount."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict) and d.get("kind")]
+    for ns in sorted({d["metadata"].get("namespace") for d in docs if d["metadata"].get("namespace")}):
+        if kube.get("v1", "Namespace", None, ns) is None:
+            kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    plurals = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+               "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings"}
+    for d in docs:
+        server.create(d["apiVersion"], plurals[d["kind"]], d, d["metadata"].get("namespace"))
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    return server.issue_service_account_token(sa["metadata"]["namespace"], sa["metadata"]["name"])
+
+
+def record_authz(server: ServerThread, where: str = "hub") -> None:
+    """PERENNIAL_TEST_AUTHZ_LOG=<file>: append every RBAC decision of `server` (JSON lines; `where`: which cluster)."""
+    import json
+
+    out = os.environ.get("PERENNIAL_TEST_AUTHZ_LOG")
+    if not out or server.server.authz_log is None:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    with open(out, "a") as f:
+        for user, a, d in server.server.authz_log:
+            f.write(json.dumps({"where": where, "test": test, "user": user.name, "verb": a.verb, "group": a.api_group, "resource": a.resource,
+                                "subresource": a.subresource, "namespace": a.namespace, "name": a.name,
+                                "path": "" if a.resource_request else a.path, "allowed": d.allowed,
+                                "rules": [str(r) for r in d.rules]}) + "\n")
