@@ -312,8 +312,8 @@ def test_an_unserved_optional_resource_holds_no_reconcile_back(monkeypatch, answ
     monkeypatch.setattr("perennial.controllers.manager.asyncio.sleep", no_sleep)
     m = Manager(all_controllers(), Context(clusters={"local": Kube()}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0))  # type: ignore[dict-item]
     m._by_plural = {(w.group, w.plural): w for w in m.watched()}
-    optional = [w for w in m._by_plural.values() if w.optional]
-    m._listed_once = {k for k, w in m._by_plural.items() if not w.optional}  # every other resource was listed
+    optional = [w for w in m._by_plural.values() if w.group == "keda.sh"]
+    m._listed_once = {k for k, w in m._by_plural.items() if w.group != "keda.sh"}  # every other resource was listed
     asyncio.run(m._skip_unserved(optional))
     assert set(asked) == {"/apis/keda.sh/v1alpha1"} and len(asked) == len(answers)
     assert m._ready is skipped

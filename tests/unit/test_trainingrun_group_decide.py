@@ -131,3 +131,34 @@ def test_pods_of_a_jobset_and_of_a_trainjob_are_found_through_their_jobs():
     assert sorted(p["metadata"]["name"] for p in tr.group_pods(cache, tj)) == ["r-train-node-0-0-a", "r-train-node-0-1-b"]
     js = cache.get(dist.JOBSET_API, "JobSet", "default", "r-train")
     assert sorted(p["metadata"]["name"] for p in tr.group_pods(cache, js)) == ["r-train-node-0-0-a", "r-train-node-0-1-b"]
+
+
+@pytest.mark.parametrize(("answers", "served"), [
+    ({"jobset.x-k8s.io": {"resources": [{"name": "jobsets"}]}, "trainer.kubeflow.org": 404}, {dist.JOBSET_RESOURCE}),
+    ({"jobset.x-k8s.io": {"resources": [{"name": "jobsets"}]}, "trainer.kubeflow.org": {"resources": [{"name": "trainjobs"}]}},
+     {dist.JOBSET_RESOURCE, dist.TRAINJOB_RESOURCE}),
+    ({"jobset.x-k8s.io": 404, "trainer.kubeflow.org": {"resources": [{"name": "trainingruntimes"}]}}, set()),
+    ({"jobset.x-k8s.io": 403, "trainer.kubeflow.org": 404}, set()),  # cannot tell: not counted as served
+])
+def test_the_manager_records_which_engines_the_cluster_serves(answers, served):
+    import asyncio
+
+    from perennial.config import OperatorConfig
+    from perennial.controllers import all_controllers
+    from perennial.controllers.base import Context
+    from perennial.controllers.manager import Manager
+    from perennial.kube import ApiError
+    from perennial.kube.cache import Cache
+
+    class Kube:
+        async def request(self, method, path, **_):
+            answer = answers.get(path.split("/")[2], 404)
+            if isinstance(answer, int):
+                raise ApiError(answer, {"message": "injected"}, method, path)
+            return answer
+
+    ctx = Context(clusters={"local": Kube()}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0)  # type: ignore[dict-item]
+    m = Manager(all_controllers(), ctx)
+    m._by_plural = {(w.group, w.plural): w for w in m.watched()}
+    asyncio.run(m._skip_unserved([w for w in m._by_plural.values() if w.group in answers]))
+    assert ctx.served == served
