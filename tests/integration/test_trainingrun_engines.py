@@ -72,7 +72,7 @@ def test_without_engine_crds_the_group_is_an_indexed_job_and_one_failed_worker_f
     assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 2, 2)
     assert svc["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "big-train"
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--rdzv-backend=c10d" in args and "--rdzv-endpoint=big-train-0.big-train.default.svc:29400" in args
+    assert args[args.index("--nnodes") + 1] == "2" and args[args.index("--rdzv-endpoint") + 1] == "big-train-0.big-train.default.svc:29400"
     wait_for(lambda: (cluster.get("TrainingRun", "big").get("status") or {}).get("engine") == "IndexedJob", message="status.engine")
     # no JobSet was tried: the cluster does not serve it
     labels = job["spec"]["template"]["metadata"]["labels"]

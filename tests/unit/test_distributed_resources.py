@@ -34,6 +34,15 @@ def single_job(s: TrainingRunSpec) -> dict:
     return tr.job(BODY, s, config, image="trainer:1", credential_secrets=["hf"], judge_keys=[])
 
 
+def assert_trainer_parses(cmd: list[str]) -> None:
+    """The trainer's own parser takes the command line (perennial_trainer.cli)."""
+    from perennial_trainer.cli import _parser
+
+    assert cmd[0] == "perennial-trainer"
+    a = _parser().parse_args(cmd[1:])
+    assert a.command == "train" and a.nnodes > 1 and a.nproc_per_node >= 1 and a.rdzv_endpoint and a.rdzv_id
+
+
 def group(s: TrainingRunSpec, engine: str, secret_keys=None) -> list[dict]:
     return dist.group(BODY, s, single_job(s), engine, network_policies=True, secret_keys=secret_keys or {"hf": ["HF_TOKEN"]})
 
@@ -81,18 +90,18 @@ def test_indexed_job_group_is_valid_and_joins_through_c10d():
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
     c = pod["containers"][0]
     cmd = [*c["command"], *c["args"]]
-    assert cmd[0] == "torchrun"
-    assert "--nnodes=3" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
-    assert "--rdzv-endpoint=big-train-0.big-train.team.svc:29500" in cmd and "--rdzv-id=u-9" in cmd
-    assert f"--max-restarts={s.run_policy.backoff_limit}" in cmd
-    assert cmd[-5:] == ["-m", "perennial_trainer", "train", "--config", tr.CONFIG_FILE]
+    # the trainer's own launcher (torchrun inside): its parser takes exactly these
+    assert cmd == ["perennial-trainer", "train", "--config", tr.CONFIG_FILE, "--nproc-per-node", "8", "--nnodes", "3",
+                   "--rdzv-endpoint", "big-train-0.big-train.team.svc:29500", "--rdzv-id", "u-9"]
+    assert_trainer_parses(cmd)
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["PERENNIAL_NODES"] == "3"
     # every pod: the GPUs, the shared memory, the permanent-error rule that fails the whole Job
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in pod["volumes"])
     assert js["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
-    assert js["backoffLimit"] == s.run_policy.backoff_limit and "backoffLimitPerIndex" not in js
+    # one restart of the group fails up to every pod once
+    assert js["backoffLimit"] == s.run_policy.backoff_limit * 3 and "backoffLimitPerIndex" not in js
     # the peers may reach each other on any port (rendezvous, NCCL), nothing else is opened
     assert peers["spec"]["ingress"] == [{"from": [{"podSelector": peers["spec"]["podSelector"]}]}]
     assert peers["spec"]["egress"] == [{"to": [{"podSelector": peers["spec"]["podSelector"]}]}]
@@ -169,7 +178,8 @@ def test_jobset_group_matches_the_jobset_schema_and_restarts_as_a_whole():
     assert fp["rules"] == [{"name": "PermanentTrainerError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
     assert js["spec"]["network"]["enableDNSHostnames"] is True
     c = rj["template"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--rdzv-endpoint=big-train-node-0-0.big-train.team.svc:29400" in c["args"] and "--max-restarts=0" in c["args"]
+    assert c["args"][c["args"].index("--rdzv-endpoint") + 1] == "big-train-node-0-0.big-train.team.svc:29400"
+    assert_trainer_parses([*c["command"], *c["args"]])
     assert js["metadata"]["ownerReferences"][0]["uid"] == "u-9"
     # the strict schema is not a rubber stamp
     bad = copy.deepcopy(js)
@@ -194,7 +204,10 @@ def test_trainjob_matches_the_trainjob_schema_and_carries_the_pod_settings():
     t = sp["trainer"]
     assert (t["numNodes"], t["numProcPerNode"]) == (2, 4)
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
-    assert t["command"] == ["torchrun"] and t["args"][:2] == ["-m", "perennial_trainer"]
+    assert t["command"] == ["perennial-trainer"]
+    # pod 0's address and port as the TrainJob's torch runtime gives them (expanded by the kubelet)
+    assert t["args"][t["args"].index("--rdzv-endpoint") + 1] == "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)"
+    assert_trainer_parses([*t["command"], *t["args"]])
     assert {"name": "NCCL_DEBUG", "value": "WARN"} in t["env"]
     # the credentials Secret the pod took whole (envFrom), key by key: a trainer takes `env` only
     assert [e for e in t["env"] if "valueFrom" in e] == [

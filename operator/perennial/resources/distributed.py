@@ -11,10 +11,13 @@ The engines, in the order `Auto` prefers them when the cluster serves them:
   `runPolicy.backoffLimit` times; a permanent trainer error (its exit codes) fails the JobSet at once.
 - `IndexedJob` (built in, always there): an indexed `batch/v1` Job of `nodes` pods and a headless Service
   giving each pod a DNS name (what Kubeflow's PyTorchJob did). torchrun's c10d rendezvous, hosted on pod 0,
-  joins them; when a pod fails the Job replaces it and the torchrun agents restart every worker of the
-  group in a new rendezvous round (`--max-restarts`); once the Job's failures pass `backoffLimit`, or a
-  permanent trainer error hits, the Job fails and the Job controller ends every pod: never a half-group.
+  joins them. A failed worker fails its pod, the other pods' workers fail on their next collective, the Job
+  replaces the pods and the group meets again in a new rendezvous round (resuming from the last checkpoint),
+  up to `runPolicy.backoffLimit` restarts of the group; a permanent trainer error fails the Job at once; a
+  failed Job ends every pod: never a half-group.
 
+Every pod runs the trainer's own launcher (`perennial-trainer train --nnodes ...`, torchrun inside), as a
+one-node run with several GPUs does.
 Each builder takes the single-pod Job `trainingrun.job()` builds (volumes, mounts, security, resources) and
 turns it into the group, so one pod of a group is configured exactly like the pod of a one-node run.
 """
@@ -46,8 +49,6 @@ REPLICATED_JOB = "node"
 TRAINJOB_CONTAINER = "node"
 #: who owns our runtime patch of a TrainJob
 PATCH_MANAGER = "perennial.ai/operator"
-#: the trainer module torchrun starts in every process (`python -m perennial_trainer train ...`)
-TRAINER_MODULE = "perennial_trainer"
 #: the label the Job controller puts on each pod of an indexed Job
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
@@ -101,16 +102,17 @@ def rendezvous_endpoint(engine: str, run: str, namespace: str, port: int) -> str
     return f"{host}.{namespace}.svc:{port}"
 
 
-def trainer_args() -> list[str]:
-    """What torchrun runs in each process."""
-    return ["-m", TRAINER_MODULE, "train", "--config", CONFIG_FILE]
+#: What a TrainJob's torch runtime tells each pod: pod 0's address and port (the rendezvous host).
+TRAINJOB_ENDPOINT = "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)"
 
 
-def torchrun_command(spec: TrainingRunSpec, endpoint: str, run_id: str, max_restarts: int) -> list[str]:
-    """torchrun with the c10d rendezvous on `endpoint`: `nodes` agents, one process per GPU each."""
-    return ["torchrun", f"--nnodes={spec.resources.nodes}", f"--nproc-per-node={procs_per_node(spec)}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-            f"--max-restarts={max_restarts}", *trainer_args()]
+def launcher_command(spec: TrainingRunSpec, endpoint: str, run_id: str) -> list[str]:
+    """The trainer's own launcher in each pod (`perennial-trainer train ... --nnodes`): torchrun with the c10d
+    rendezvous on `endpoint`, one process per GPU, this pod's node rank from `$JOB_COMPLETION_INDEX`. Through the
+    launcher (not a bare torchrun) a worker's exit code is the pod's, so a permanent trainer error still fails the
+    group at once (the podFailurePolicy), and the workers' output passes the trainer's log redaction."""
+    return ["perennial-trainer", "train", "--config", CONFIG_FILE, "--nproc-per-node", str(procs_per_node(spec)),
+            "--nnodes", str(spec.resources.nodes), "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
 
 
 def _env(spec: TrainingRunSpec) -> list[dict[str, str]]:
@@ -136,11 +138,15 @@ def indexed_job(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any]
     port = spec.resources.distributed.rendezvous_port
     endpoint = rendezvous_endpoint(INDEXED_JOB, meta["name"], meta["namespace"], port)
     out = copy.deepcopy(job)
-    tpl = _group_pod(job, spec, torchrun_command(spec, endpoint, meta.get("uid") or meta["name"], spec.run_policy.backoff_limit))
+    tpl = _group_pod(job, spec, launcher_command(spec, endpoint, meta.get("uid") or meta["name"]))
     tpl["spec"]["subdomain"] = service_name(meta["name"])
     nodes = spec.resources.nodes
-    out["spec"].update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "template": tpl})
-    # the group's failures together (not per index): past backoffLimit the Job fails and ends every pod
+    # The group's failures together (not per index). One failed worker takes its pod down; the pods it was
+    # training with fail on their next collective and go too (each launcher allows no restart of its own), so
+    # one restart of the group costs up to `nodes` pod failures: backoffLimit counts group restarts that way.
+    # Past it the Job fails and ends every pod; a permanent trainer error fails it at once (podFailurePolicy).
+    out["spec"].update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "template": tpl,
+                        "backoffLimit": spec.run_policy.backoff_limit * nodes})
     return out
 
 
@@ -166,8 +172,8 @@ def jobset(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any]) -> 
     meta = body["metadata"]
     port = spec.resources.distributed.rendezvous_port
     endpoint = rendezvous_endpoint(JOBSET, meta["name"], meta["namespace"], port)
-    # torchrun restarts nothing itself: JobSet recreates every Job of the group (a clean new rendezvous)
-    tpl = _group_pod(job, spec, torchrun_command(spec, endpoint, meta.get("uid") or meta["name"], 0))
+    # no pod retries on its own: JobSet recreates every Job of the group (a clean new rendezvous)
+    tpl = _group_pod(job, spec, launcher_command(spec, endpoint, meta.get("uid") or meta["name"]))
     nodes = spec.resources.nodes
     inner = job["spec"]
     job_spec = {
@@ -231,10 +237,11 @@ def train_job(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], 
     for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName"):
         if key in pod:
             patch_pod[key] = pod[key]
+    launcher = launcher_command(spec, TRAINJOB_ENDPOINT, (body["metadata"].get("uid") or body["metadata"]["name"]))
     trainer: dict[str, Any] = {
         "image": container["image"],
-        "command": ["torchrun"],
-        "args": trainer_args(),
+        "command": launcher[:1],
+        "args": launcher[1:],
         "env": container["env"],
         "numNodes": spec.resources.nodes,
         "numProcPerNode": procs_per_node(spec),
