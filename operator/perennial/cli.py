@@ -197,6 +197,9 @@ Press Ctrl-C to stop.
         feedback_store_uri=f"file://{state / 'feedback'}",
         trainer_image=LOCAL_TRAINER_IMAGE,
         server_image=LOCAL_SERVER_IMAGE,
+        # one machine, one store on its disk: look at the feedback of learning Deployments often (a look reads only
+        # the segments new since the last one)
+        learning_seconds=10.0,
     )
     # The local runtime: Pods (of Jobs, of apps/v1 Deployments) that run Perennial's own images become local
     # processes; Services get local ports (annotation perennial.ai/local-url).
@@ -214,6 +217,16 @@ Press Ctrl-C to stop.
     from .devserving import ServingAnnouncer
 
     announcer = ServingAnnouncer(kube, str(kubeconfig)).start()
+    # The demo's loop: simulated users ask and rate through the sidecar once the Deployment serves; the story is
+    # printed as it happens and the approval chart written under the state dir.
+    story = None
+    if args.demo and args.users > 0:
+        from .devloop import LoopStory
+
+        story = LoopStory(kube, state / "loop", deployment=args.users_deployment, model=args.users_model, users=args.users,
+                          think=args.users_think).start()
+        print(f"Simulated users: {args.users}, once Deployment {args.users_deployment} serves {args.users_model} "
+              f"(--no-users to opt out); approval chart: {state / 'loop.png'}\n", flush=True)
     try:
         run(
             server=server.url,
@@ -226,6 +239,8 @@ Press Ctrl-C to stop.
             metrics_host=args.host,
         )
     finally:
+        if story is not None:
+            story.stop()
         announcer.stop()
         kubelet.stop()
         server.stop()
@@ -285,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--state-dir", default=".perennial")
     dev.add_argument("--apply", action="append", help="manifest file or directory to apply at start (repeatable)")
     dev.add_argument("--demo", action="store_true", help="build a tiny offline model and toy data for examples/local (trains on a laptop CPU)")
+    dev.add_argument("--users", type=int, default=2, help="with --demo: simulated users asking and rating once the demo's Deployment serves")
+    dev.add_argument("--no-users", dest="users", action="store_const", const=0, help="with --demo: no simulated users (nothing trains by itself)")
+    dev.add_argument("--users-think", type=float, default=1.0, help="mean seconds a simulated user waits between questions")
+    dev.add_argument("--users-deployment", default="fruit-chat", help="the Deployment (namespace default) the simulated users ask")
+    dev.add_argument("--users-model", default="fruit", help="the served name the simulated users ask")
     dev.add_argument("--metrics-port", type=int, default=9090)
     dev.add_argument("--health-port", type=int, default=9091)
     dev.add_argument("--log-format", choices=["plain", "json"], default="plain")
