@@ -43,7 +43,7 @@ log = logging.getLogger("perennial.dev")
 def _created(obj: Mapping[str, Any]) -> float | None:
     ts = (obj.get("metadata") or {}).get("creationTimestamp")
     try:
-        return _dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp() if ts else None
+        return _dt.datetime.fromisoformat(str(ts)).timestamp() if ts else None
     except ValueError:
         return None
 
@@ -190,7 +190,12 @@ class LoopStory:
         return None
 
     def _start_users(self, obj: Mapping[str, Any], url: str) -> None:
-        from .simusers import BackgroundUsers, DeploymentSource, Settings, demo_questions
+        from .simusers import (
+            BackgroundUsers,
+            DeploymentSource,
+            Settings,
+            demo_questions,
+        )
 
         source = DeploymentSource(self.kube, self.namespace, self.deployment)
         settings = Settings(url=url, model=self.model, token=source.token(), users=self.n_users, think=self.think,

@@ -7,7 +7,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from perennial.devloop import LoopStory, Round, describe_gate, describe_run_created, describe_run_finished, rating_records_after
+from perennial.devloop import (
+    LoopStory,
+    Round,
+    describe_gate,
+    describe_run_created,
+    describe_run_finished,
+    rating_records_after,
+)
 from perennial.simusers import Answer
 
 API = "perennial.ai/v1alpha1"
