@@ -262,6 +262,8 @@ CASES = [
     ("Deployment", with_spec(DEP, adapters=[{"name": "x", "track": {"family": "f"}, "adapterRef": {"name": "a"}}]), None, "exactly one of `adapterRef`, `track` must be set"),
     ("Deployment", with_spec(DEP, adapters=[{"name": "x", "track": {"family": "f"}}, {"name": "x", "adapterRef": {"name": "a"}}]), None, "served adapter names must be unique"),
     ("Deployment", with_spec(DEP, regions=[{"name": "eu"}, {"name": "eu"}]), None, "region names must be unique"),
+    ("Deployment", with_spec(DEP, adapters=[{"name": "chat-preview", "adapterRef": {"name": "a"}}]), None,
+     "served names ending in `-preview` are the operator's"),
     ("Deployment", with_spec(DEP, autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2}), None, "`minReplicas` must not exceed `maxReplicas`"),
     ("Deployment", with_spec(DEP, autoscaling={"minReplicas": 0, "maxReplicas": 2}), None, "`minReplicas` 0 needs `provider` 'KEDA'"),
     ("Deployment", with_spec(DEP, autoscaling={"minReplicas": 0, "maxReplicas": 2, "provider": "KEDA"}), None, None),

@@ -84,7 +84,11 @@ class ServedAdapter(Model):
     adapter_ref: LocalObjectReference | None = Field(default=None, description="Serve exactly this Adapter.")
     track: AdapterTrack | None = Field(default=None, description="Serve the latest promoted Adapter of a family.")
 
-    model_config = Model.model_config | {"json_schema_extra": validations(exactly_one_of("adapterRef", "track"))}
+    model_config = Model.model_config | {"json_schema_extra": validations(
+        exactly_one_of("adapterRef", "track"),
+        cel("!self.name.endsWith('-preview')", "served names ending in `-preview` are the operator's (the next adapter is "
+            "smoke-tested under `<name>-preview`, callable with the operator's token only)", field_path=".name"),
+    )}
 
 
 class EngineSpec(Model):
