@@ -760,3 +760,41 @@ def test_two_node_pool_regions_become_one_and_the_old_childrens_names_go_once_th
         wait_for(lambda api=api, kind=kind, name=name: w.kube.get(api, kind, NS, name) is None, message=f"{kind} {name} pruned")
     assert w.kube.get("v1", "Secret", NS, "chat-feedback-token") is not None, "the token is the Deployment's, not a region's"
     assert [r["name"] for r in w.status()["regions"]] == ["eu"]
+
+
+def test_naming_the_region_keeps_traffic_on_the_serving_pods_and_later_rollouts_go_through(serving: Serving):
+    """A Deployment without `regions` serves as region `default`; naming its region (e.g. to add one in another
+    cluster) changes its pods' region label, so a new revision rolls out blue-green. Meanwhile the stable Service must
+    keep selecting the pods that serve (a selector built for the new label selects none: an outage until the switch),
+    and the color left at the old label (whose apps/v1 selector is immutable) must not block the next rollout."""
+    w = serving
+    first_rollout(w)
+
+    def selects(service: str, deployment: str) -> bool:
+        selector = (w.service(service) or {}).get("spec", {}).get("selector") or {}
+        labels = w.deploy(deployment)["spec"]["template"]["metadata"]["labels"]
+        return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"regions": [{"name": "home"}]}})
+    generation = w.cluster.get("Deployment", "chat")["metadata"]["generation"]
+    wait_for(lambda: w.status().get("observedGeneration") == generation, message="the change is observed")
+    wait_for(lambda: w.deploy("chat-green"), message="the new revision's color")
+    assert w.stable_color() == "blue" and selects("chat", "chat-blue"), (w.service("chat")["spec"], "the serving pods lost their traffic")
+
+    def switched(color: str) -> bool:
+        w.ready(f"chat-{color}")  # every replica asked for (the preview scales up before the switch) is ready
+        return w.stable_color() == color
+
+    wait_for(lambda: switched("green"), timeout=60, interval=0.5, message="switched to the new revision")
+    assert selects("chat", "chat-green")
+    wait_for(lambda: w.deploy("chat-blue")["spec"]["replicas"] == 0, message="the old color scaled down")
+
+    before = change_pods(w)
+
+    def next_revision(d: dict[str, Any] | None) -> bool:
+        return bool(d) and d["metadata"]["labels"].get("perennial.ai/revision") not in (None, before) and d["spec"].get("replicas", 0) > 0
+
+    wait_for(lambda: next_revision(w.deploy("chat-blue")), timeout=60, message="the old color brought to the next revision")
+    wait_for(lambda: switched("blue"), timeout=60, interval=0.5, message="the next rollout switched")
+    assert selects("chat", "chat-blue") and w.deploy("chat-blue")["spec"]["selector"]["matchLabels"]["perennial.ai/region"] == "home"
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True", "Serving")

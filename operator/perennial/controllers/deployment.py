@@ -291,6 +291,14 @@ class RegionWorld:
         return color if color in build.COLORS else None
 
 
+def color_selector(colors: Mapping[str, Mapping[str, Any] | None], s: build.Serving, color: str) -> dict[str, str]:
+    """The labels that select a color's pods: its apps/v1 Deployment's own (immutable) selector where it exists, else
+    the one built from the spec. They differ when the region's name changed (naming the `default` region, a rename):
+    its pods keep the old label until that color is rolled, so the Services and the PDB must select them by it."""
+    actual = ((((colors.get(color) or {}).get("spec") or {}).get("selector") or {}).get("matchLabels"))
+    return dict(actual) if isinstance(actual, dict) and actual else build.selector(s, color)
+
+
 def routes_document(cm: Mapping[str, Any] | None) -> dict[str, Any] | None:
     raw = ((cm or {}).get("data") or {}).get(build.ROUTES_KEY)
     if not raw:
@@ -349,7 +357,7 @@ def observe_region(where: Where, s: build.Serving) -> RegionWorld:
         routes=cache.get("v1", "ConfigMap", ns, build.routes_config_map_name(prefix)),
     )
     if world.stable_color:
-        world.pods = cache.list("v1", "Pod", ns, labels=build.selector(s, world.stable_color))
+        world.pods = cache.list("v1", "Pod", ns, labels=color_selector(world.colors, s, world.stable_color))
     return world
 
 
@@ -609,16 +617,32 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
 
     # Children: routes first (the pods mount them), then the colors, Services, PDBs, the autoscaler.
     manifests: list[dict[str, Any]] = [routes_manifest(s, adapters)]
+    notes: list[Note] = []
     for c, target in pods.colors.items():
         m = color_manifest(s, c, target, revision, current=w.colors[c],
                            autoscaled_active=autoscaled and c == pods.stable_color)
+        current = w.colors[c]
+        if m is not None and current is not None and target.revision == revision and c not in (pods.stable_color, w.stable_color) \
+                and color_selector(w.colors, s, c) != build.selector(s, c):
+            # a color that serves nothing, to be brought to a revision whose pods' labels its immutable selector
+            # cannot select (the region was renamed): created anew (its deletion wakes the next pass)
+            assert w.where is not None
+            await _delete(w.where.kube, w.where.cache, current)
+            notes.append(Note("ColorRecreated", f"Deleted {current['metadata']['name']} to create it anew: its selector "
+                                                f"names region {current['spec']['selector']['matchLabels'].get(build.LABEL_REGION)!r}"))
+            continue
         if m is not None:
             manifests.append(m)
-            manifests.append(build.pdb(s, c))
+            pdb = build.pdb(s, c)
+            pdb["spec"]["selector"]["matchLabels"] = color_selector(w.colors, s, c)
+            manifests.append(pdb)
     if pods.preview_color is not None:
-        manifests.append(build.preview_service(s, pods.preview_color))
+        svc = build.preview_service(s, pods.preview_color)
+        svc["spec"]["selector"] = color_selector(w.colors, s, pods.preview_color)
+        manifests.append(svc)
     if pods.stable_color is not None:
         svc = build.stable_service(s, pods.stable_color)
+        svc["spec"]["selector"] = color_selector(w.colors, s, pods.stable_color)
         if pods.stable_annotations:
             svc["metadata"]["annotations"] = dict(pods.stable_annotations)
         manifests.append(svc)
@@ -644,9 +668,10 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     status = replace(st, phase=merged.phase or st.phase, message=merged.message or "", pending_promotion=merged.pending_promotion)
     return RegionResult(
         name=s.region.name, desired_revision=revision, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
-        notes=list(pods.notes) + list(adapters.notes),
+        notes=list(pods.notes) + list(adapters.notes) + notes,
         requeue_after=_min(pods.requeue_after, adapters.requeue_after, ROUTES_POLL_SECONDS if waiting_pods else None),
-        served=adapters.served, selector=build.selector_string(s, st.active_color) if st.active_color else None,
+        served=adapters.served,
+        selector=",".join(f"{k}={v}" for k, v in color_selector(w.colors, s, st.active_color).items()) if st.active_color else None,
         routes_revision=applied, endpoint=endpoint, where=w.where, serving=s,
     )
 
