@@ -110,6 +110,8 @@ def test_two_processes_write_once_and_resume_after_a_kill(tmp_path, method, step
     second = subprocess.run(_cmd(cfg, 2), cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert second.returncode == 0, second.stderr[-4000:]
     assert second.stdout.count("PERENNIAL_RESUME") == 1 and second.stdout.count("PERENNIAL_RESULT ") == 1
+    if method == "SFT":  # the other rank stays quiet: no second set of progress bars
+        assert second.stderr.count("Tokenizing train dataset: 100%") == 1, second.stderr[-3000:]
     lines = progress_lines(second.stdout)
     steps2 = _one_set(lines)
     assert lines[0]["resumedFromStep"] >= every and steps2[0] == lines[0]["resumedFromStep"] and steps2[-1] == steps

@@ -68,10 +68,26 @@ def is_worker() -> bool:
 
 
 def quiet_if_replica(w: World) -> None:
-    """Ranks other than 0 say only what is wrong (warnings and errors)."""
+    """Ranks other than 0 say only what is wrong (log warnings and errors): no progress bars, no library
+    deprecation chatter (rank 0 shows the same once)."""
     if not w.main:
+        import warnings
+
         logging.getLogger().setLevel(logging.WARNING)
         log.setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            import datasets
+            import transformers
+
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.set_verbosity_error()
+        except ImportError:
+            pass
 
 
 def die_with_parent() -> None:
