@@ -239,7 +239,7 @@ class LoopStory:
         self._adapters(cl.get("adapterFamily"))
         if served != self.state.served:
             self._serving(served, answers, now)
-        self._window_line(answers, st.get("newFeedbackRecords"), min_new)
+        self._window_line(answers, started, st.get("newFeedbackRecords"), min_new)
         if time.monotonic() - self._last_chart >= self.chart_seconds:
             self._last_chart = time.monotonic()
             self._chart()
@@ -306,7 +306,7 @@ class LoopStory:
             timing = f"; {r.timings()}" if r.timings() else ""
         self.out(f"serving   {self.model} -> {served or '-'} (was {before or '-'}, approval {approval.format()}){timing}")
 
-    def _window_line(self, answers: list[Any], new_records: Any, min_new: int) -> None:
+    def _window_line(self, answers: list[Any], started: float, new_records: Any, min_new: int) -> None:
         from .simusers import windows
 
         elapsed = self.users.elapsed
@@ -315,9 +315,10 @@ class LoopStory:
             return
         self._last_window = index
         w = windows([a for a in answers if index * self.window <= a.t < (index + 1) * self.window], self.window, (index + 1) * self.window)[index]
-        fb = f"{new_records}/{min_new}" if new_records is not None else f"-/{min_new}"
-        self.out(f"approval  [{w.start:5.0f}s-{w.end:5.0f}s] {self.model} -> {w.adapter_label or '-'}: {w.approval.format()}  "
-                 f"(errors {w.errors}; new rated records in the store {fb})")
+        after = max([started] + [r.created for r in self.state.rounds.values() if r.created is not None])
+        sent = sum(1 if a.feedback == "up" else 2 for a in answers if a.feedback is not None and started + a.t >= after)
+        self.out(f"approval  [{w.start:5.0f}s-{w.end:5.0f}s] {self.model} -> {w.adapter_label or '-'}: {w.approval.format()}  (errors {w.errors}) "
+                 f"| rating records sent since the last run {sent}/{min_new}, in the store not trained on {new_records if new_records is not None else '-'}")
 
     # ------------------------------------------------------------------ chart
     def _markers(self, started_wall: float) -> list[Any]:
