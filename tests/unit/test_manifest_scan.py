@@ -30,7 +30,7 @@ import yaml
 from perennial.api.basemodel import BaseModelSpec
 from perennial.api.rewardspec import RewardSpecSpec
 from perennial.api.trainingrun import TrainingRunSpec
-from perennial.resources import basemodel, rewardspec, trainingrun
+from perennial.resources import basemodel, distributed, rewardspec, trainingrun
 from perennial.resources.networkpolicy import EgressSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +45,7 @@ ACCEPTED: dict[tuple[str, str], str] = {
     # no privilege escalation and a read-only root filesystem hold whatever the uid.
     ("CKV_K8S_40", "training-job"): "uid 1000 is the trainer image's user",
     ("CKV_K8S_40", "training-job-no-resources"): "uid 1000 is the trainer image's user",
+    ("CKV_K8S_40", "training-group-job"): "uid 1000 is the trainer image's user",
     ("CKV_K8S_40", "validation-job"): "uid 1000 is the trainer image's user",
     ("CKV_K8S_40", "download-job"): "uid 1000 is the trainer image's user",
     # Object-store / Hub credentials reach the trainer as env (envFrom) on purpose: the trainer is non-dumpable
@@ -52,10 +53,12 @@ ACCEPTED: dict[tuple[str, str], str] = {
     # by every uid-1000 process of the pod. Judge keys, which graders need, are files (0440).
     ("CKV_K8S_35", "training-job"): "credentials as env of the non-dumpable trainer only; children get none",
     ("CKV_K8S_35", "training-job-no-resources"): "credentials as env of the non-dumpable trainer only; children get none",
+    ("CKV_K8S_35", "training-group-job"): "credentials as env of the non-dumpable trainer only; children get none",
     ("CKV_K8S_35", "download-job"): "Hub/object-store token as env of the download process, which starts no child",
     # CPU limits throttle training (CFS quota) for no isolation gain: CPU is requested, not limited.
     ("CKV_K8S_11", "training-job"): "CPU is requested; a CPU limit would only throttle training",
     ("CKV_K8S_11", "training-job-no-resources"): "CPU is requested; a CPU limit would only throttle training",
+    ("CKV_K8S_11", "training-group-job"): "CPU is requested; a CPU limit would only throttle training",
     # A run that names no `resources.memory` has no memory limit (a default would OOM-kill real models); the
     # namespace's LimitRange is the platform's tool for that; with `resources.memory` the limit is set.
     ("CKV_K8S_13", "training-job-no-resources"): "no `resources.memory` in the run: the namespace's LimitRange decides",
@@ -116,6 +119,11 @@ def manifests() -> dict[str, dict]:
         "weight-cache-claim": basemodel.cache_pvc(bm_body, bm_spec),
         **serving.every_manifest(),
     }
+    # a multi-node group without JobSet or Kubeflow Trainer: the indexed Job, its headless Service, the peers' policy
+    group_spec = TrainingRunSpec.model_validate({**t.RUN, "resources": {"cpu": "4", "memory": "32Gi", "gpus": 2, "nodes": 2}})
+    group_job = trainingrun.job(run, group_spec, config, image=t.DIGEST, credential_secrets=["store-creds"], judge_keys=[])
+    peers, service, indexed = distributed.group(run, group_spec, group_job, distributed.INDEXED_JOB, network_policies=True)
+    out |= {"training-group-job": indexed, "training-group-service": service, "training-group-peers": peers}
     assert job["kind"] == "Job"
     return out
 
