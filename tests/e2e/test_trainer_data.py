@@ -180,7 +180,8 @@ def test_progress_callback_lines_and_zero_std_warning(tmp_path, capsys):
     lines = [json.loads(l.split(" ", 1)[1]) for l in out.getvalue().splitlines()]
     assert all(l.startswith("PERENNIAL_PROGRESS {") for l in out.getvalue().splitlines())
     assert lines[-1] | {"etaSeconds": None} == {"step": 1, "totalSteps": 10, "loss": 0.5, "meanReward": 0.0, "rewards": {"format": 0.0},
-                                                 "fracRewardZeroStd": 1.0, "zeroStdStreak": 1, "etaSeconds": None, "epoch": 0.1, "resumedFromStep": 0, "phase": "Training"}
+                                                 "fracRewardZeroStd": 1.0, "zeroStdStreak": 1, "warnings": [], "etaSeconds": None, "epoch": 0.1, "resumedFromStep": 0,
+                                                 "phase": "Training"}
     assert "NO learning signal" in capsys.readouterr().err
     assert json.loads((tmp_path / "progress.json").read_text())["step"] == 1
     # flat steps in a row are counted (the operator reports no learning signal at 3); a varied one resets the count
@@ -189,6 +190,9 @@ def test_progress_callback_lines_and_zero_std_warning(tmp_path, capsys):
         cb.on_log(None, state, None, logs={"loss": 0.5, "frac_reward_zero_std": frac})
     streaks = [json.loads(l.split(" ", 1)[1])["zeroStdStreak"] for l in out.getvalue().splitlines()[-3:]]
     assert streaks == [2, 3, 0]
+    # and judged over the run so far (perennial_trainer.signals): most logged steps flat is no learning signal
+    warned = [json.loads(l.split(" ", 1)[1])["warnings"] for l in out.getvalue().splitlines()[-3:]]
+    assert warned == [[], ["NoRewardVariance"], ["NoRewardVariance"]]
 
 
 def test_resume_skips_a_checkpoint_killed_mid_save(tmp_path):
