@@ -65,3 +65,38 @@ def test_the_tiny_model_fits_and_trains(tmp_path, monkeypatch):
 def test_a_bad_gpu_memory_setting_is_a_config_error(tmp_path, monkeypatch):
     rc, term = _run(tmp_path, tiny_model_path(), monkeypatch, "lots")
     assert rc in PERMANENT_EXIT_CODES and term["reason"] == "InvalidConfig" and "PERENNIAL_GPU_MEMORY" in term["message"]
+
+
+def _cfg(tmp: Path, base: str, lora: dict) -> str:
+    data = write_fruit_data(tmp / "data")
+    return write_config(tmp / "q.yaml", run_config(name="q", method="SFT", base=base, output=str(tmp / "qout"), lora=lora,
+                                                   datasets=[{"name": "d", "uri": data["sft"]}], hp={"maxSteps": 1, "batchSize": 1}))
+
+
+def test_qlora_estimate_uses_4bit_weights(tmp_path, monkeypatch):
+    """70B with `lora.quantization: 4bit` on one 24 GB GPU: ~40 GiB, still too big, and the message says 4-bit."""
+    from perennial_trainer.cli import main
+
+    base = tmp_path / "llama-70b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA3_70B))
+    monkeypatch.setenv("PERENNIAL_GPU_MEMORY", "24Gi")
+    import perennial_trainer.train as train
+
+    # as on a GPU machine with bitsandbytes (this one has neither): the estimate decides
+    monkeypatch.setattr(train, "check_quantization", lambda cfg, dev: dict(dev, quantize=True))
+    cfg = _cfg(tmp_path, str(base), {"rank": 16, "alpha": 32, "dropout": "0", "quantization": "4bit"})
+    rc = main(["train", "--config", cfg, "--termination-log", str(tmp_path / "t")])
+    term = json.loads((tmp_path / "t").read_text())
+    assert rc in PERMANENT_EXIT_CODES and term["reason"] == "InsufficientGPUMemory", term
+    assert "(70.55B parameters, 4-bit)" in term["message"] and "QLoRA" not in term["message"].split("It would fit")[-1]
+
+
+def test_qlora_on_cpu_is_refused_clearly(tmp_path):
+    from perennial_trainer.cli import main
+
+    cfg = _cfg(tmp_path, tiny_model_path(), {"rank": 8, "alpha": 16, "dropout": "0", "quantization": "4bit"})
+    rc = main(["train", "--config", cfg, "--termination-log", str(tmp_path / "t")])
+    term = json.loads((tmp_path / "t").read_text())
+    assert rc in PERMANENT_EXIT_CODES and term["reason"] == "InvalidConfig", term
+    assert "lora.quantization" in term["message"] and "GPU" in term["message"]

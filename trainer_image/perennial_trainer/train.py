@@ -152,17 +152,40 @@ def device_setup() -> dict[str, Any]:
 def load_base(path: str, dev: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra: dict[str, Any] = {}
+    if dev.get("quantize"):  # QLoRA: frozen base weights in 4-bit NF4, computed in bf16
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dev["bf16"] else torch.float16)
+        extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dev["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dev["dtype"], **extra)
     except (OSError, ValueError) as e:
         raise TrainerError(f"cannot load base model from {path}: {e}", "BaseModelUnavailable") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    if dev["cuda"]:
+    if dev["cuda"] and not dev.get("quantize"):
         model = model.to("cuda")
     return tok, model
+
+
+def check_quantization(cfg: RunConfig, dev: dict[str, Any]) -> dict[str, Any]:
+    """`dev` with `quantize` set for `lora.quantization: 4bit` (QLoRA), which needs a CUDA GPU and bitsandbytes."""
+    if cfg.spec.lora.quantization != "4bit":
+        return dict(dev, quantize=False)
+    if not dev["cuda"]:
+        raise TrainerError("`lora.quantization: 4bit` (QLoRA) needs CUDA GPUs (bitsandbytes' 4-bit kernels); this run has "
+                           "no GPU: set `resources.gpus`, or leave `lora.quantization` unset", "InvalidConfig")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainerError("`lora.quantization: 4bit` (QLoRA) needs the bitsandbytes package in the trainer image", "InvalidConfig") from None
+    return dict(dev, quantize=True)
 
 
 def cpu_threads(model, dev: dict[str, Any]) -> None:
@@ -381,6 +404,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if method == "GRPO" and cfg.reward_spec is None:
         raise TrainerError("method GRPO needs a rewardSpec", "InvalidConfig")
     check_hyperparameters(cfg)
+    check_quantization(cfg, dev)  # a QLoRA run without a GPU fails before reading any data
     if cfg.reward_spec is not None or cfg.eval_reward_spec is not None:
         from .graders import check_reward_spec
 
@@ -465,9 +489,10 @@ def check_memory(cfg: RunConfig, base_path: str, dev: dict[str, Any], w: World) 
         batch = (hp.batch_size or 8) * (2 if spec.method == "DPO" else 1)  # DPO: chosen and rejected
         seq = hp.max_length or 1024
     weight_bytes = 4 if dev["cuda"] and not dev["bf16"] else 2
-    sharded = fsdp_wanted(shape.params, weight_bytes, gpu_bytes, w)
+    quantized = spec.lora.quantization == "4bit"
+    sharded = fsdp_wanted(shape.params, weight_bytes, gpu_bytes, w) and not quantized
     why = check_fits(shape, gpu_bytes, lora_rank=spec.lora.rank, lora_targets=list(spec.lora.target_modules), batch=batch, seq=seq,
-                     gpus=w.size, sharded=sharded, weight_bytes=weight_bytes, checkpointing=True)
+                     gpus=w.size, sharded=sharded, quantized=quantized, weight_bytes=weight_bytes, checkpointing=True)
     if why:
         raise TrainerError(why, "InsufficientGPUMemory")
 
@@ -498,6 +523,7 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
 
     check_memory(cfg, base_path, dev, w)  # before any weight is loaded: a run that cannot fit fails in seconds
+    dev = check_quantization(cfg, dev)
     tok, model = load_base(base_path, dev)
     cpu_threads(model, dev)
     if w.distributed:
@@ -505,7 +531,7 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
         n_params = sum(p.numel() for p in model.parameters())
         gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory if dev["cuda"] else None
-        fsdp = fsdp_wanted(n_params, model.dtype.itemsize, gpu_bytes, w)
+        fsdp = fsdp_wanted(n_params, model.dtype.itemsize, gpu_bytes, w) and not dev["quantize"]  # QLoRA: DDP
         if fsdp and not dev["cuda"]:
             # Accelerate (1.15) builds FSDP only on accelerators: asked for on CPU it would silently be DDP anyway
             log.warning("FSDP needs GPUs (Accelerate ignores it on CPU): training with DDP")

@@ -110,6 +110,11 @@ class LoRAConfig(Model):
     alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha.")
     dropout: Decimal = Field(default="0.05", description="LoRA dropout.")
     target_modules: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64, description="Modules to adapt (`all-linear` or module names).")
+    quantization: Literal["None", "4bit"] = Field(default="None", description=(
+        "`4bit`: QLoRA. The frozen base weights are loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute), "
+        "about a quarter of their bf16 memory, so a base model about 3x larger fits the same GPUs; the adapter itself is an "
+        "ordinary LoRA adapter. Needs CUDA GPUs and bitsandbytes in the trainer image (a CPU run fails with `InvalidConfig`); "
+        "several processes train it with DDP (no FSDP)."))
 
 
 class Evaluation(Model):
