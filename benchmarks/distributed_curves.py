@@ -26,8 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tinymodel import tiny_model_path  # noqa: E402
-from trainer_support import FRUIT_REWARD_SPEC, REPO, progress_lines, run_config, trainer_env, write_config, write_fruit_data  # noqa: E402
+from tinymodel import tiny_model_path
+from trainer_support import (
+    FRUIT_REWARD_SPEC,
+    REPO,
+    progress_lines,
+    run_config,
+    trainer_env,
+    write_config,
+    write_fruit_data,
+)
 
 
 def train(tmp: Path, name: str, cfg: dict, nproc: int) -> tuple[list[dict], float]:

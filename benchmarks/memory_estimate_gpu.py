@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from perennial.memory import GiB, MARGIN, OVERHEAD_BYTES, estimate, shape_of
+from perennial.memory import MARGIN, OVERHEAD_BYTES, GiB, estimate, shape_of
 
 SIZES = {
     "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 1000, "intermediate_size": 512,

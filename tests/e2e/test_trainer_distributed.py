@@ -17,8 +17,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinymodel import tiny_model_path  # noqa: E402
-from trainer_support import FRUIT_REWARD_SPEC, REPO, progress_lines, run_config, trainer_env, write_config, write_fruit_data  # noqa: E402
+from tinymodel import tiny_model_path
+from trainer_support import (
+    FRUIT_REWARD_SPEC,
+    REPO,
+    progress_lines,
+    run_config,
+    trainer_env,
+    write_config,
+    write_fruit_data,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +133,7 @@ def test_two_processes_write_once_and_resume_after_a_kill(tmp_path, method, step
         assert (out / f).is_file(), f
     assert not (out / "training_args.bin").exists()
     # 2 processes x batch per step: an epoch is covered in half the steps of one process
-    rows = 48 if method == "SFT" else len([1 for _ in open(write_fruit_data(tmp_path / "data")["grpo"])])
+    rows = 48 if method == "SFT" else len(Path(write_fruit_data(tmp_path / "data")["grpo"]).read_text().splitlines())
     per_step = 2 * batch if method == "SFT" else 2 * batch // 4  # GRPO: prompts (batch counts completions)
     assert term["metrics"]["train/epoch"] == pytest.approx(steps * per_step / rows, rel=0.05)
     if method == "GRPO":

@@ -8,14 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinymodel import tiny_model_path  # noqa: E402
-from trainer_support import run_config, write_config, write_fruit_data  # noqa: E402
-
-from perennial.api.exitcodes import PERMANENT_EXIT_CODES  # noqa: E402
+from perennial.api.exitcodes import PERMANENT_EXIT_CODES
+from tinymodel import tiny_model_path
+from trainer_support import run_config, write_config, write_fruit_data
 
 LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
               "vocab_size": 128256, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -81,7 +78,7 @@ def test_qlora_estimate_uses_4bit_weights(tmp_path, monkeypatch):
     base.mkdir()
     (base / "config.json").write_text(json.dumps(LLAMA3_70B))
     monkeypatch.setenv("PERENNIAL_GPU_MEMORY", "24Gi")
-    import perennial_trainer.train as train
+    from perennial_trainer import train
 
     # as on a GPU machine with bitsandbytes (this one has neither): the estimate decides
     monkeypatch.setattr(train, "check_quantization", lambda cfg, dev: dict(dev, quantize=True))

@@ -4,7 +4,6 @@ and the message a run that cannot fit fails with."""
 from __future__ import annotations
 
 import pytest
-
 from perennial.memory import GiB, check_fits, count_parameters, estimate, shape_of
 
 LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
@@ -28,9 +27,8 @@ def test_parameter_count_of_the_tiny_model_is_exact():
     import json
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
     from perennial_trainer.tinymodel import tiny_model_path
+    from transformers import AutoModelForCausalLM
 
     path = tiny_model_path()
     config = json.loads((Path(path) / "config.json").read_text())

@@ -5,7 +5,6 @@ Job passes."""
 from __future__ import annotations
 
 import pytest
-
 from perennial.api import TrainingRunSpec
 from perennial.resources import trainingrun as tr
 

@@ -206,7 +206,7 @@ def cmd_train(a, config_path: str, argv: list[str] | None = None) -> int:
         die_with_parent()
         quiet_if_replica(w)
         if not w.main:  # rank 0 alone writes the termination message (and prints the result)
-            def write_termination(result, path=None):  # noqa: F811
+            def write_termination(result, path=None):
                 return ""
 
     overrides = {OVERRIDES[k]: getattr(a, k, None) for k in OVERRIDES}
