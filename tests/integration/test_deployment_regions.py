@@ -299,3 +299,35 @@ def test_two_deployments_sharing_a_token_secret_neither_fight_over_nor_delete_ea
         assert secret is not None and base64.b64decode(secret["data"]["token"]).decode() == "a-shared-feedback-token-0123456789"
     finally:
         other.close()
+
+
+def test_a_region_renamed_in_the_same_cluster_keeps_serving_there_until_its_new_revision_does(world: World):
+    """`east` renamed `east2` (same cluster Secret): its children keep their names there, so the old region's removal
+    must not delete what the renamed region still serves with (its active color): the rename rolls out blue-green."""
+    w = world
+    w.hub.create("Deployment", "chat", SPEC)
+    serve_home(w)
+    run_pods(w.region_kube, "chat-blue", w.east)
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+
+    serving_blue = w.region_kube.get("apps/v1", "Deployment", NS, "chat-blue")["metadata"]["uid"]
+    renamed = [SPEC["regions"][0], {"name": "east2", "clusterSecretRef": {"name": "east-cluster"}}]
+    w.hub.kube.patch(API, "Deployment", NS, "chat", {"spec": {"regions": renamed}})
+    generation = w.hub.get("Deployment", "chat")["metadata"]["generation"]
+    wait_for(lambda: w.status().get("observedGeneration") == generation and w.region_status("east2"), timeout=60, message="the rename is observed")
+    wait_for(lambda: w.region_kube.get("apps/v1", "Deployment", NS, "chat-green"), timeout=60, message="east2 starts its rollout")
+    blue = w.region_kube.get("apps/v1", "Deployment", NS, "chat-blue")
+    assert blue is not None and blue["metadata"]["uid"] == serving_blue and not blue["metadata"].get("deletionTimestamp"), \
+        "the serving color of the renamed region was deleted"
+    assert blue["spec"]["replicas"] > 0 and w.region_status("east2")["activeColor"] == "blue"
+    selector = w.region_kube.get("v1", "Service", NS, "chat")["spec"]["selector"]
+    assert all(blue["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in selector.items()), selector
+
+    def switched() -> bool:
+        run_pods(w.region_kube, "chat-green", w.east)
+        return w.region_status("east2").get("activeColor") == "green"
+
+    wait_for(switched, timeout=90, interval=0.5, message="east2 serves its new revision")
+    wait_for(lambda: [r["name"] for r in w.status().get("regions") or []] == ["home", "east2"], timeout=60,
+             message="the old name is no longer reported")
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)

@@ -940,9 +940,22 @@ def cluster_problem(region: str, secret: str, conn: Any) -> Unavailable | None:
     return None
 
 
-async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Note]]:
-    """Regions taken out of the spec (their status entries, with the cluster): their children there are deleted.
-    Returns the entries still being removed (children not gone yet, or their cluster not reachable)."""
+def claimed_remote(servings: Iterable[build.Serving]) -> dict[str, set[tuple[str, str, str]]]:
+    """Per cluster Secret, the children's names a region of the spec has there: a region renamed in the same cluster
+    keeps them (no infix there), and what it serves with must not go with the old name."""
+    out: dict[str, set[tuple[str, str, str]]] = {}
+    for s in servings:
+        if s.region.cluster_secret_ref is not None:
+            out.setdefault(s.region.cluster_secret_ref.name, set()).update(
+                expected_children(s) | {("v1", "Secret", build.token_secret_name(s.name))})
+    return out
+
+
+async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone: list[dict[str, Any]],
+                         claimed: Mapping[str, set[tuple[str, str, str]]] | None = None) -> tuple[list[dict[str, Any]], list[Note]]:
+    """Regions taken out of the spec (their status entries, with the cluster): their children there are deleted, but
+    those whose names a region of the spec has in that cluster (`claimed`: a rename; that region's rollout brings them
+    about). Returns the entries still being removed (children not gone yet, or their cluster not reachable)."""
     name = obj["metadata"]["name"]
     left: list[dict[str, Any]] = []
     notes: list[Note] = []
@@ -957,9 +970,23 @@ async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone:
         if conn is None or cluster_problem(entry["name"], entry["cluster"], conn) is not None:
             left.append({**entry, "phase": "Pending", "message": f"Region {entry['name']} was removed: its children will be deleted once cluster Secret {entry['cluster']} answers"})
             continue
-        if conn.children(name, CHILD_KINDS, region=entry["name"]):
-            await conn.delete_children(name, CHILD_KINDS, region=entry["name"])
-        if conn.children(name, CHILD_KINDS, region=entry["name"]):
+        kept = (claimed or {}).get(entry["cluster"], set())
+
+        def removable() -> list[dict[str, Any]]:
+            return [c for c in conn.children(name, CHILD_KINDS, region=entry["name"])
+                    if (c["apiVersion"], c["kind"], c["metadata"]["name"]) not in kept]
+        for child in removable():
+            meta = child["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            try:  # the watch tells when it is gone (then the entry is dropped)
+                await conn.kube.request("DELETE", path_for(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"]),
+                                        {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+                                         **({"preconditions": {"uid": meta["uid"]}} if meta.get("uid") else {})})
+            except ApiError as exc:
+                if exc.status not in (404, 409):
+                    raise
+        if removable():
             left.append({**entry, "phase": "Pending", "message": f"Region {entry['name']} was removed: deleting its children"})
         else:
             notes.append(Note("RegionRemoved", f"Deleted the children of region {entry['name']} in cluster {entry['cluster']}"))
@@ -1061,7 +1088,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         results.append(r)
     forget_smoke_tests(ctx, (ns, name), smoke_keys, {r.name for r in results})
     notes += await prune(ctx, obj, results, none_here=not unavailable and all(s.region.cluster_secret_ref is not None for s in servings))
-    removing, removed_notes = await remove_regions(obj, conns, gone)
+    removing, removed_notes = await remove_regions(obj, conns, gone, claimed_remote(servings))
     notes += removed_notes
     if ctx.remote is not None and not wanted_remote and not removing and REMOTE_FINALIZER in (obj["metadata"].get("finalizers") or []):
         obj = await _drop_finalizer(ctx, obj)
