@@ -194,3 +194,35 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(tmp_path):
     assert curves[1][-1] < curves[1][0] - 1.0  # it learns (so equal curves are not two flat lines)
     for a, b in zip(curves[1], curves[2], strict=True):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-3)
+
+
+def test_two_pods_one_process_each_join_by_c10d_and_write_once(tmp_path):
+    """`--nnodes 2` as the multi-node groups run it (one launcher per pod, c10d rendezvous on pod 0's endpoint):
+    one artifact, one result, written by whichever launcher holds global rank 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(tmp_path, "SFT", steps=6, batch=8, name="nodes")
+    procs = []
+    for node in (0, 1):
+        pod = tmp_path / f"pod{node}"
+        pod.mkdir()
+        cmd = [sys.executable, "-m", "perennial_trainer", "train", "--config", cfg, "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "run-uid",
+               "--termination-log", str(pod / "termination-log")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=trainer_env(pod), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [out.count("PERENNIAL_RESULT ") for out, _ in outs]
+    assert sorted(results) == [0, 1], results
+    writer = results.index(1)
+    steps = _one_set(progress_lines(outs[writer][0]))
+    assert steps[-1] == 6 and not progress_lines(outs[1 - writer][0])
+    term = json.loads((tmp_path / f"pod{writer}" / "termination-log").read_text())
+    assert term["status"] == "Succeeded" and term["metrics"]["train/processes"] == 2
+    assert not (tmp_path / f"pod{1 - writer}" / "termination-log").exists()
+    assert term["metrics"]["train/epoch"] == pytest.approx(6 * 16 / 48)
+    assert isinstance(_loads_and_generates(term["artifactUri"]), str)
