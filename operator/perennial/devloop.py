@@ -210,7 +210,7 @@ class LoopStory:
         cl = (obj.get("spec") or {}).get("continuousLearning") or {}
         loop = (f"the operator trains family {cl.get('adapterFamily')} at {cl.get('minNewRecords', 1000)} new rated records"
                 if cl.get("enabled") else f"Deployment {self.deployment} has no continuousLearning.enabled: nothing will train")
-        self.out(f"users     {self.n_users} simulated users ask {self.model} at {url} and rate every answer "
+        self.out(f"users     {self.n_users} simulated user{'s' if self.n_users != 1 else ''} ask {self.model} at {url} and rate every answer "
                  f"(thumbs up when right, down + a correction when wrong); {loop}")
         self.out(f"users     approval chart: {self.prefix}.png (and .csv, .json), rewritten every {self.chart_seconds:g} s")
 
