@@ -505,3 +505,15 @@ def test_job_pod_processes_do_not_outlive_a_killed_kubelet(tmp_path: Path) -> No
         for p in pids:
             if _alive(p):
                 os.kill(p, 9)
+
+
+def test_a_job_of_several_pods_at_once_is_refused_with_the_reason(env: Env) -> None:
+    """A multi-node TrainingRun's indexed Job: this runtime runs one process per Job (and its pods could not reach each
+    other by DNS name), so the Job fails at once saying why, instead of one pod waiting for a rendezvous forever."""
+    env.start_kubelet()
+    env.job("group", "print('never runs')", completionMode="Indexed", completions=2, parallelism=2)
+    env.job("single", "print('ok')")
+    failed = wait_for(lambda: env.condition("group", "Failed"), 20, message="group Job failed")
+    assert failed["reason"] == "UnsupportedLocally" and "resources.nodes" in failed["message"]
+    assert env.pods("group") == []
+    wait_for(lambda: env.condition("single", "Complete"), 30, message="one-pod Job still runs")

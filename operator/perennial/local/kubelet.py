@@ -325,12 +325,35 @@ class LocalKubelet:
                     self._ignored.add(uid)
                     log.info("Ignored Job of an unmapped image job=%s namespace=%s image=%s", meta["name"], meta["namespace"], image)
                 continue
+            if int((job.get("spec") or {}).get("parallelism") or 1) > 1:
+                self._refuse_group(job)
+                continue
             with self._lock:
                 if len(self._workers) >= self.max_parallel:
                     return
                 worker = _JobWorker(self, job)
                 self._workers[uid] = worker
             worker.thread.start()
+
+    def _refuse_group(self, job: dict[str, Any]) -> None:
+        """A Job of several pods at once (a multi-node TrainingRun's group): this runtime runs one process per Job,
+        and pods on one machine cannot reach each other by their DNS names. Failed at once with the reason, not
+        left waiting for a rendezvous that never forms."""
+        meta = job["metadata"]
+        now = _now()
+        message = (f"the local runtime runs one pod per Job; this Job asks for {job['spec'].get('parallelism')} at once "
+                   "(a TrainingRun with `resources.nodes` > 1): use `resources.nodes: 1` here (several processes in one pod "
+                   "with `resources.gpus` or PERENNIAL_NPROC_PER_NODE), or a cluster")
+        self._finished.add(meta["uid"])
+        try:
+            self.kube.patch("batch/v1", "Job", meta["namespace"], meta["name"], {"status": {"active": 0, "conditions": [
+                _condition("FailureTarget", "UnsupportedLocally", message, now), _condition("Failed", "UnsupportedLocally", message, now)]}},
+                subresource="status")
+        except ApiError as exc:
+            if exc.status != 404:
+                self._finished.discard(meta["uid"])
+                raise
+        log.warning("Refused a Job of several pods job=%s namespace=%s", meta["name"], meta["namespace"])
 
     def _worker_done(self, worker: "_JobWorker", finished: bool) -> None:
         with self._lock:
