@@ -145,4 +145,4 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
     return deps
 
 
-CONTROLLER = Controller(KIND, "adapters", AdapterStatus, reconcile, dependencies)
+CONTROLLER = Controller(KIND, "adapters", AdapterStatus, reconcile, dependencies, event_for=verdicts.event_for)

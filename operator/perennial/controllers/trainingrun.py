@@ -728,7 +728,7 @@ def event_for(c: dict[str, Any]) -> str | None:
     """Events of a run: what the operator did (JobCreated, AdapterCreated), why it waits, outcomes and
     problems. A trainer starting, references resolving and the Job's own progress are status only: on a
     busy cluster each would be one more write per run for what `kubectl get tr` already shows."""
-    if (c["type"], c["status"]) in (("Started", "True"), ("Waiting", "False")):
+    if (c["type"], c["status"]) in (("Started", "True"), ("Waiting", "False"), ("Improved", "True")):
         return None
     if c["type"] == "Succeeded" and c["status"] == "Unknown":
         if c.get("reason") in _ON_ITS_WAY:

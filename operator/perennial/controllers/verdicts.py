@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..resources import conditions as cond
+from .base import default_event_type
 
 #: `LearningSignal` reasons the trainer may report (anything else from the pod is ignored), most fundamental first.
 TRAINER_REASONS = ("NoRewardVariance", "RewardCollapsed")
@@ -69,6 +70,14 @@ def improved(metrics: list[dict[str, Any]] | None, conds: Any, gen: int | None, 
         return cond.set_condition(conds, "Improved", False, f"WorseThan{suffix}", numbers + "; the adapter is worse than its baseline "
                                   "(set `evaluation.failIfWorseThanParent` to fail such runs)", gen)
     return cond.set_condition(conds, "Improved", True, f"NotWorseThan{suffix}", numbers, gen)
+
+
+def event_for(c: dict[str, Any]) -> str | None:
+    """`Improved` True is status only (an Event for every adapter that did not get worse would be noise); the
+    rest as the default: a Warning when a health condition turns False."""
+    if c["type"] == "Improved" and c["status"] == "True":
+        return None
+    return default_event_type(c)
 
 
 def warnings_text(conds: Any) -> str | None:
