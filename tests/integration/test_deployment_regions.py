@@ -331,3 +331,17 @@ def test_a_region_renamed_in_the_same_cluster_keeps_serving_there_until_its_new_
     wait_for(lambda: [r["name"] for r in w.status().get("regions") or []] == ["home", "east2"], timeout=60,
              message="the old name is no longer reported")
     w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+
+
+def test_a_users_token_that_cannot_be_copied_to_a_region_is_a_condition_and_the_rest_goes_on(world: World):
+    """A `tokenSecretRef` whose value the operator refuses to copy to another cluster (shorter than 16 characters):
+    the region and the Deployment say so (Degraded, FeedbackTokenInvalid, naming the region), the Secret's value
+    never appears, and the status of every region is still written (the pass is not aborted)."""
+    w = world
+    w.hub.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "short-token", "namespace": NS},
+                       "type": "Opaque", "data": {"token": b64("tiny-s3cret")}})
+    w.hub.create("Deployment", "chat", {**SPEC, "feedback": {"tokenSecretRef": {"name": "short-token", "key": "token"}}})
+    degraded = w.hub.wait_condition("Deployment", "chat", "Degraded", "True", "FeedbackTokenInvalid", timeout=60)
+    assert "east" in degraded["message"] and "tiny-s3cret" not in json.dumps(w.status())
+    assert {r["name"] for r in w.status()["regions"]} == {"home", "east"}
+    assert w.region_kube.get("v1", "Secret", NS, "chat-feedback-token") is None

@@ -1063,9 +1063,14 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         assert w.where is not None
         try:
             r = await reconcile_region(ctx, obj, spec, w, desired, now, held_by=held_by, token=token, smoke_keys=smoke_keys)
-            if w.where.remote and token is not None:
-                r.manifests.insert(0, build.token_secret(w.serving, token))  # the pods there mount a copy
             notes += r.notes
+            if w.where.remote and token is not None:
+                try:
+                    r.manifests.insert(0, build.token_secret(w.serving, token))  # the pods there mount a copy
+                except ValueError as exc:  # never the value in the message: the builder's reason only
+                    text = f"Region {r.name}: the feedback token is not copied to cluster {w.where.cluster}: {exc}"[:1024]
+                    r.conditions.append(rollout.ConditionPart(CONDITION_DEGRADED, "True", "FeedbackTokenInvalid", text))
+                    notes.append(Note("FeedbackTokenInvalid", text, True))
             conflicts: list[str] = []
             notes += await apply_all(ctx, r.manifests, reasons=QUIET_CHILDREN, kube=w.where.kube, cache=w.where.cache, conflicts=conflicts)
             if conflicts:
