@@ -12,11 +12,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinymodel import tiny_model_path  # noqa: E402
-from trainer_support import FRUIT_REWARD_SPEC, progress_lines, run_config, write_config, write_fruit_data  # noqa: E402
-
-from perennial.api.exitcodes import PERMANENT_EXIT_CODES, exit_code_for  # noqa: E402
-from perennial_trainer.demo import write_jsonl  # noqa: E402
+from perennial.api.exitcodes import PERMANENT_EXIT_CODES, exit_code_for
+from perennial_trainer.demo import write_jsonl
+from tinymodel import tiny_model_path
+from trainer_support import (
+    FRUIT_REWARD_SPEC,
+    progress_lines,
+    run_config,
+    write_config,
+    write_fruit_data,
+)
 
 pytestmark = pytest.mark.slow
 

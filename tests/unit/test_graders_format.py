@@ -6,11 +6,17 @@ These tests run the real grader code path (RewardSpec -> score_all / run_tests /
 
 from __future__ import annotations
 
+import pydantic
 import pytest
-
 from perennial.api import RewardSpecSpec
 from perennial_trainer.errors import TrainerError
-from perennial_trainer.graders import check_reward_spec, grade, reward_functions, run_tests, score_all
+from perennial_trainer.graders import (
+    check_reward_spec,
+    grade,
+    reward_functions,
+    run_tests,
+    score_all,
+)
 
 SPEC = RewardSpecSpec.model_validate({
     "graders": [
@@ -60,7 +66,7 @@ def test_partial_credit_for_one_block_shrinks_with_padding():
 
 
 def test_trl_reward_function_and_spec_tests_agree():
-    funcs, weights = reward_functions(SPEC)
+    funcs, _ = reward_functions(SPEC)
     rewards = funcs[0](prompts=["q"] * 3, completions=[[{"role": "assistant", "content": c}] for c in (HONEST, GAMED[0], NO_ANSWER)])
     assert rewards == [1.0, 0.0, 0.0]
     spec = RewardSpecSpec.model_validate({
@@ -75,7 +81,7 @@ def test_trl_reward_function_and_spec_tests_agree():
 
 
 def test_tag_and_content_are_checked():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="tag"):
         RewardSpecSpec.model_validate({"graders": [{"name": "f", "type": "Format", "format": {"tag": "an swer"}}]})
     bad = RewardSpecSpec.model_validate({"graders": [{"name": "f", "type": "Format", "format": {"tag": "answer", "content": "[a-"}}]})
     with pytest.raises(TrainerError, match="content"):

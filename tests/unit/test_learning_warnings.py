@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-from test_decide import BASE, _job, _pod, decide_run, obj, ready, reason, run_spec, started
-
 from perennial.api.adapter import AdapterResource
 from perennial.api.trainingrun import TrainingRunResource
 from perennial.controllers import adapter as ad
@@ -14,6 +12,17 @@ from perennial.controllers import trainingrun as tr
 from perennial.controllers.base import condition_notes
 from perennial.resources import conditions as cond
 from perennial_trainer.signals import eval_signals, train_signals
+from test_decide import (
+    BASE,
+    _job,
+    _pod,
+    decide_run,
+    obj,
+    ready,
+    reason,
+    run_spec,
+    started,
+)
 
 WORSE = {"eval/mean_reward": 1.5, "eval/baseline_mean_reward": 1.708, "eval/improvement": -0.208, "eval/samples": 24.0}
 
