@@ -422,6 +422,7 @@ class DeploymentStatus(CommonStatus):
         "revision is not retried until the spec asks for another), `RolledBack`, `FailedOver`, `NoReadyReplicas`, "
         "`RegionUnreachable`, `RegionUnsupported`, `ClusterSecretNotFound`, `ClusterSecretInvalid`, `ClusterAuthUnsupported`, "
         "`ChildConflict` (a child's name is taken by an object that is not Perennial's: rename or delete it), "
+        "`FeedbackTokenInvalid` (the `tokenSecretRef` value cannot be copied to a region in another cluster), "
         "`AdapterRankTooHigh`, `BaseModelMismatch`, `TooManyAdapters`, `AdapterNotReady`, `AdapterLoadFailed` (a served adapter the "
         "pods could not load: they keep their last routes), "
         "`KEDANotInstalled`, `InvalidSpec`, `BaseModelNotFound`, `BaseModelNotReady` (nothing moves; what serves keeps serving); "
