@@ -345,3 +345,33 @@ def test_a_users_token_that_cannot_be_copied_to_a_region_is_a_condition_and_the_
     assert "east" in degraded["message"] and "tiny-s3cret" not in json.dumps(w.status())
     assert {r["name"] for r in w.status()["regions"]} == {"home", "east"}
     assert w.region_kube.get("v1", "Secret", NS, "chat-feedback-token") is None
+
+
+@pytest.mark.parametrize("world", ["clean"], indirect=True)  # under injected faults a region may really be lost a moment
+def test_a_restart_of_the_operator_writes_nothing_to_a_deployment_with_a_region_elsewhere(world: World):
+    """After a restart the other cluster's watches must list again before its region is judged: a region reported
+    unreachable meanwhile ('connecting') would be two status writes (and a Warning Event) on every restart."""
+    import time
+
+    w = world
+    w.hub.create("Deployment", "chat", SPEC)
+    serve_home(w)
+    run_pods(w.region_kube, "chat-blue", w.east)
+    w.hub.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=60)
+
+    def version() -> str:
+        return w.hub.get("Deployment", "chat")["metadata"]["resourceVersion"]
+
+    before = version()
+    for _ in range(100):  # settled: no write for 3 s in a row
+        time.sleep(3)
+        if version() == before:
+            break
+        before = version()
+    warnings = len([e for e in w.hub.events("chat") if e.get("type") == "Warning"])
+    w.region.server.reset_request_counts()
+    w.hub.restart_operator()
+    wait_for(lambda: w.region.server.count(verb="watch") >= 7, timeout=60, message="the region's kinds listed and watched again")
+    time.sleep(3)
+    assert version() == before, (w.status().get("regions"), w.condition("Ready"))
+    assert len([e for e in w.hub.events("chat") if e.get("type") == "Warning"]) == warnings

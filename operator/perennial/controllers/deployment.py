@@ -776,6 +776,8 @@ CONFLICT_POLL_SECONDS = 10.0
 #: While a cluster's children are being deleted (or it cannot be reached), look again this often.
 CLEANUP_POLL_SECONDS = 5.0
 UNAVAILABLE_POLL_SECONDS = 30.0
+#: While a just connected cluster is being listed (its first success wakes the Deployment; this is a safety net).
+CONNECT_POLL_SECONDS = 2.0
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
@@ -1040,6 +1042,13 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     if ctx.remote is not None and (wanted_remote or gone):
         obj = await _ensure_finalizer(ctx, obj)
         conns = await connect(ctx, obj, {c for _, c in wanted_remote} | {r["cluster"] for r in gone})
+        # A cluster just connected (an operator restart, a rotated Secret) is judged once its watches have listed it:
+        # until then the status stays as it is (their first success wakes this Deployment), so a restart writes nothing.
+        connecting = [sec for sec, conn in conns.items() if not isinstance(conn, ClusterSecretError)
+                      and not conn.synced and conn.reachability().reachable is not False]
+        if connecting and (obj.get("status") or {}).get("regions"):
+            log.debug("Waiting for remote clusters to be listed, deployment=%s, namespace=%s, clusters=%s", name, ns, connecting)
+            return Outcome(dict(obj["status"]), notes, CONNECT_POLL_SECONDS)
 
     worlds: list[RegionWorld] = []
     here = Where(ctx.kube, ctx.cache)
