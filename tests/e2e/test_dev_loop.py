@@ -67,7 +67,7 @@ def manifests() -> list[dict[str, Any]]:
             "enabled": True, "adapterFamily": "fruit", "minNewRecords": 60, "minIntervalSeconds": 0,
             "template": {"method": "SFT", "rewardSpecRef": {"name": "fruit-colours"},
                          "hyperparameters": {"maxSteps": 60, "learningRate": "3e-3", "batchSize": 8}, "lora": {"rank": 8, "alpha": 16},
-                         "resources": {"gpus": 0}, "evaluation": {"maxSamples": 24},
+                         "resources": {"gpus": 0}, "evaluation": {"maxSamples": 128},  # eval.jsonl too (rows after the held-out feedback)
                          "evalDatasets": [{"name": "held-out", "uri": "pvc://data/eval.jsonl", "split": "Eval"}]},
             "promotion": {"requireEvaluation": True, "minImprovement": "0"}},
     }})
