@@ -288,9 +288,14 @@ def test_two_deployments_sharing_a_token_secret_neither_fight_over_nor_delete_ea
             d = w.region_kube.get("apps/v1", "Deployment", NS, f"{deployment}-blue")
             return next(v["secret"]["secretName"] for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "feedback-token")
 
-        before = token_secrets()
+        def both() -> dict[str, tuple[str, str]] | None:
+            found = token_secrets()
+            return found if len(found) == 2 else None
+
+        before = wait_for(both, timeout=30, message="each Deployment's copy of the token")
         time.sleep(3)  # nothing changes in a region that serves: the copies stay as written
-        assert token_secrets() == before, f"the token copies are rewritten while nothing changes: {before} -> {token_secrets()}"
+        after = wait_for(both, timeout=30, message="each Deployment's copy of the token")
+        assert after == before, f"the token copies are rewritten while nothing changes: {before} -> {after}"
         assert before[mounted("chat")][0] == "chat" and before[mounted("chat2")][0] == "chat2", before
 
         w.hub.kube.delete(API, "Deployment", NS, "chat")

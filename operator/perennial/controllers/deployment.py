@@ -974,8 +974,8 @@ async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone:
             continue
         kept = (claimed or {}).get(entry["cluster"], set())
 
-        def removable() -> list[dict[str, Any]]:
-            return [c for c in conn.children(name, CHILD_KINDS, region=entry["name"])
+        def removable(conn: Any = conn, region: str = entry["name"], kept: set[tuple[str, str, str]] = kept) -> list[dict[str, Any]]:
+            return [c for c in conn.children(name, CHILD_KINDS, region=region)
                     if (c["apiVersion"], c["kind"], c["metadata"]["name"]) not in kept]
         for child in removable():
             meta = child["metadata"]
