@@ -326,3 +326,15 @@ def test_every_reason_the_loop_writes_is_documented_for_kubectl_explain():
     assert {r for r in learning if f"`{r}`" not in doc} == set()
     doc = AdapterStatus.model_fields["conditions"].description
     assert {r for r in promoted if f"`{r}`" not in doc} == set()
+
+
+def test_an_adapter_whose_runs_results_have_not_reached_it_yet_gets_no_verdict():
+    """The TrainingRun controller makes the Adapter before it writes the run's status: a Ready Adapter without any
+    metrics yet is not judged (it was marked not promoted, NoEvaluation, with a Warning, then promoted a moment later)."""
+    g = PromotionGate()
+    fresh = adapter("fam-v2", status={"conditions": cond.set_condition(None, "Ready", True, "Available", "", 1)}, parent="fam-v1")
+    assert ln.decide_adapters("chat", g, [fresh], [fresh], approval={}) == []
+    # the run's results arrived without an evaluation: now it is judged (and not promoted)
+    fresh["status"]["metrics"] = [{"name": "train/loss", "value": "0.5"}]
+    (act,) = ln.decide_adapters("chat", g, [fresh], [fresh], approval={})
+    assert cond.get(act.conditions, "Promoted")["reason"] == "NoEvaluation"

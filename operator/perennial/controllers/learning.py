@@ -637,6 +637,10 @@ def decide_adapters(deployment: str, g: PromotionGate, mine: Iterable[Mapping[st
             continue
         name = a["metadata"]["name"]
         result = gate(a, g, served=None)
+        if result.reason == "NoEvaluation" and not status.get("metrics") and ((a.get("spec") or {}).get("lineage") or {}).get("trainingRunRef"):
+            # Ready before its run's results were copied onto it (the run's status is written after the Adapter is
+            # made): no verdict yet, rather than a "not promoted" Warning that the next look contradicts
+            continue
         status_, reason, message = ("True" if result.promoted else "False"), result.reason, f"for Deployment {deployment}: {result.message}"
         note = Note("AdapterPromoted" if result.promoted else "AdapterNotPromoted", f"Adapter {name} {'passed' if result.promoted else 'failed'} "
                     f"the promotion gate ({reason}) {message}", warning=not result.promoted)
