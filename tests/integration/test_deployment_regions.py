@@ -380,3 +380,20 @@ def test_a_restart_of_the_operator_writes_nothing_to_a_deployment_with_a_region_
     time.sleep(3)
     assert version() == before, (w.status().get("regions"), w.condition("Ready"))
     assert len([e for e in w.hub.events("chat") if e.get("type") == "Warning"]) == warnings
+
+
+def test_a_deployment_with_a_long_name_deletes_its_children_in_the_region(world: World):
+    """A name over 63 characters is shortened in the `perennial.ai/deployment` label (with a hash): the children in
+    the other cluster must still be found by it when the Deployment is deleted (else they are left running there)."""
+    w = world
+    name = "chat-" + "x" * 70
+    w.hub.create("Deployment", name, {**SPEC, "regions": [SPEC["regions"][1]]})
+    kinds = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "Secret"))
+
+    def there() -> list[tuple[str, str]]:
+        return [(k, o["metadata"]["name"]) for a, k in kinds for o in w.region_kube.list(a, k, NS, MANAGED)]
+
+    wait_for(lambda: len(there()) >= 4, timeout=60, message="children in the region")
+    w.hub.kube.delete(API, "Deployment", NS, name)
+    wait_for(lambda: w.hub.get("Deployment", name) is None, timeout=60, message="the Deployment is gone")
+    wait_for(lambda: not there(), timeout=30, message="its children in the region are deleted")

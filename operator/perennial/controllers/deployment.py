@@ -975,7 +975,7 @@ async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone:
         kept = (claimed or {}).get(entry["cluster"], set())
 
         def removable(conn: Any = conn, region: str = entry["name"], kept: set[tuple[str, str, str]] = kept) -> list[dict[str, Any]]:
-            return [c for c in conn.children(name, CHILD_KINDS, region=region)
+            return [c for c in conn.children(build.label_value(name), CHILD_KINDS, region=region)
                     if (c["apiVersion"], c["kind"], c["metadata"]["name"]) not in kept]
         for child in removable():
             meta = child["metadata"]
@@ -1138,12 +1138,12 @@ async def finalize(obj: dict[str, Any], ctx: Context) -> float | None:
             waiting = True
             continue
         try:
-            await conn.delete_children(name, CHILD_KINDS)
+            await conn.delete_children(build.label_value(name), CHILD_KINDS)  # by its label (a long name is shortened)
         except ApiError as exc:
             log.info("Could not delete the children in a remote cluster yet, deployment=%s, cluster=%s, error=%s", name, secret, exc)
             waiting = True
             continue
-        waiting = waiting or bool(conn.children(name, CHILD_KINDS))
+        waiting = waiting or bool(conn.children(build.label_value(name), CHILD_KINDS))
     if waiting:
         return CLEANUP_POLL_SECONDS
     await ctx.remote.release((ns, name))
