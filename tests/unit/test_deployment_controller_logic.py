@@ -481,3 +481,30 @@ def test_one_outage_of_a_regions_cluster_is_one_message_whichever_request_failed
     assert "Cannot connect to host 10.0.0.9:6443" in a.rollout.message, "the cause is still said"
     mid_pass = ctl.unreachable("east", "east-cluster", ctl.outage(ApiError(0, {"message": refused}, "PATCH", "/apis/apps/v1/namespaces/team/deployments/chat-blue")))
     assert mid_pass.conditions == ctl.unreachable("east", "east-cluster", ctl.outage(ApiError(0, {"message": refused}, "POST", "/api/v1/namespaces/team/configmaps"))).conditions
+
+
+def test_children_of_a_deployment_with_a_long_name_wake_it():
+    """A name over 63 characters is shortened in the children's `perennial.ai/deployment` label: a pod's change (no
+    ownerReference reaches the Deployment) and a child's change in another cluster (none crosses clusters) must still
+    wake the Deployment by its full name."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers import all_controllers
+    from perennial.controllers.base import Context
+    from perennial.kube.cache import Cache
+
+    long = "chat-" + "x" * 70
+    cache = Cache()
+    m = Manager(all_controllers(), Context(clusters={}, cache=cache, config=OperatorConfig(), clock=lambda: 0.0))
+    cache.put({**BODY, "metadata": {**BODY["metadata"], "name": long}})
+    label = build.label_value(long)
+    assert label != long
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "team", "labels": {
+        "perennial.ai/deployment": label, "app.kubernetes.io/managed-by": build.MANAGED_BY}}}
+    assert Key("Deployment", "team", long) in m.keys_for(None, pod)
+    m._ready = True
+
+    async def wake() -> None:
+        m.wake("Deployment", {("team", label)})
+
+    asyncio.run(wake())
+    assert Key("Deployment", "team", long) in m.queue._queued

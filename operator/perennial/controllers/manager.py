@@ -31,6 +31,7 @@ from ..kube.cache import Cache, resource_key
 from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
 from ..resources.common import FINALIZER, MANAGED_BY
+from ..resources.deployment import label_value
 from . import listings
 from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes, generation
 from .queue import WorkQueue
@@ -251,7 +252,16 @@ class Manager:
     def wake(self, kind: str, names: set[tuple[str, str]]) -> None:
         """Reconcile these (namespace, name) objects of `kind`: a change seen outside the cache (another cluster)."""
         if kind in self.controllers:
-            self._route({Key(kind, ns, name) for ns, name in names})
+            self._route({k for ns, name in names for k in (self._labelled(ns, name) if kind == "Deployment" else {Key(kind, ns, name)})})
+
+    def _labelled(self, ns: str, value: str) -> set[Key]:
+        """The Perennial Deployments a `perennial.ai/deployment` label value names: a name over 63 characters is
+        shortened there (`label_value`), so the object is found by its label value when none bears it as its name."""
+        if len(value) < 63 or self.cache.get(API_VERSION, "Deployment", ns, value) is not None:
+            return {Key("Deployment", ns, value)}
+        found = {Key("Deployment", ns, o["metadata"]["name"]) for o in self.cache.list(API_VERSION, "Deployment", ns)
+                 if label_value(o["metadata"]["name"]) == value}
+        return found or {Key("Deployment", ns, value)}
 
     def _route(self, keys: set[Key]) -> None:
         if self._ready:
@@ -352,7 +362,7 @@ class Manager:
         if not ours and "Deployment" in self.controllers:
             for labels in ((new or {}).get("metadata", {}).get("labels") or {}, (old or {}).get("metadata", {}).get("labels") or {}):
                 if labels.get(DEPLOYMENT_LABEL) and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY:
-                    keys.add(Key("Deployment", ns, labels[DEPLOYMENT_LABEL]))
+                    keys |= self._labelled(ns, labels[DEPLOYMENT_LABEL])
         if not ours and kind in ("Pod", "Job") and "TrainingRun" in self.controllers:
             for labels in ((new or {}).get("metadata", {}).get("labels") or {}, (old or {}).get("metadata", {}).get("labels") or {}):
                 if labels.get(TRAININGRUN_LABEL) and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY:
