@@ -31,8 +31,15 @@ import helm_python
 import pytest
 import yaml
 
-#: a full run of the flows, then one short run per rule of the chart (~30 s each)
-pytestmark = pytest.mark.timeout(3600)
+#: a full run of the flows, then one short run per rule of the chart (~30 s each): ~23 minutes on 2 cores, more
+#: than the whole suite besides, so it is its own CI job (.github/workflows/ci.yml `rbac-proof`) and runs here with
+#: PERENNIAL_RBAC_PROOF=1. The default suite still runs the operator under the chart's RBAC, enforced, in
+#: test_chart_rbac_flows.py (a member-cluster region, KEDA installed, a namespace list) and tests the authorizer
+#: (tests/unit/test_rbac_authorizer.py) and the rendered rules (tests/unit/test_chart.py: no wildcard, no
+#: cluster-wide Secrets unless asked).
+pytestmark = [pytest.mark.timeout(3600),
+              pytest.mark.skipif(os.environ.get("PERENNIAL_RBAC_PROOF") != "1",
+                                 reason="the ~23-minute RBAC proof runs with PERENNIAL_RBAC_PROOF=1 (CI job rbac-proof)")]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "perennial"
@@ -40,10 +47,7 @@ FLOWS = ["tests/integration/test_trainingrun.py", "tests/integration/test_reward
          "tests/integration/test_operator_foundation.py", "tests/integration/test_controller_pattern.py",
          "tests/integration/test_deployment_controller.py", "tests/integration/test_chart_rbac_flows.py"]
 #: flows that fail on main without any RBAC (not this test's to judge): fix them and empty this list
-#: (at 548f452 these three wait for an AdapterCreated Event that never comes, RBAC or not)
-KNOWN_RED = ["tests/integration/test_trainingrun.py::test_job_progress_success_adapter_and_delete[clean]",
-             "tests/integration/test_controller_pattern.py::test_chained_runs_applied_at_once[clean]",
-             "tests/integration/test_controller_pattern.py::test_adapter_created_once_per_run[clean]"]
+KNOWN_RED: list[str] = []
 NAMESPACE = "perennial-system"
 #: KEDA on: one flow autoscales with a ScaledObject
 VALUES = yaml.safe_load((CHART / "ci" / "keda-values.yaml").read_text())
