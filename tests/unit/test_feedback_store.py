@@ -26,6 +26,15 @@ DEP = "chat"
 NOW = dt.datetime.now(dt.UTC)
 
 
+@pytest.fixture(autouse=True)
+def _today_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stores here see the day NOW was taken on, even when a test runs after midnight (CI collected these at
+    23:5x and ran them at 00:1x: the recent and old days moved by one)."""
+    import perennial.feedback.store as store_module
+
+    monkeypatch.setattr(store_module, "utcnow", lambda: NOW)
+
+
 def inter(rid: str, when: dt.datetime) -> str:
     return InteractionRecord(id=rid, deployment=DEP, messages=[{"role": "user", "content": "q " + rid}], response="a", time=when.isoformat()).to_json()
 

@@ -110,6 +110,12 @@ _SEQ = re.compile(r"-(\d{8})\.json$")
 # ------------------------------------------------------------------------------------ errors
 
 
+
+def utcnow() -> _dt.datetime:
+    """The store's clock for "today" (which days are recent, which are old enough to leave memory): one function,
+    so a test can hold it at one instant across midnight."""
+    return _dt.datetime.now(_dt.UTC)
+
 class FeedbackStoreError(Exception):
     """Base of this module's errors; `reason` is CamelCase, for a condition."""
 
@@ -764,7 +770,7 @@ class FeedbackStore:
 
     def _keep_after(self) -> str:
         """Days before this one whose every part is in a snapshot are not held in memory."""
-        return f"{_dt.datetime.now(_dt.UTC).date() - _dt.timedelta(days=self.keep_days):%Y/%m/%d}"
+        return f"{utcnow().date() - _dt.timedelta(days=self.keep_days):%Y/%m/%d}"
 
     def _day_doc(self, st: _State, day: str) -> DayIndex | None:
         path = self._meta(st.deployment, "index", day.replace("/", "-") + ".json")
@@ -831,7 +837,7 @@ class FeedbackStore:
                 # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
                 raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
             res.days_total, res.full_listing = len(days), full
-            today = _dt.datetime.now(_dt.UTC).date()
+            today = utcnow().date()
             newest = days[-1][0] if days else f"{today:%Y/%m/%d}"
             cutoff = min(f"{today - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}",
                          f"{_dt.date(*map(int, newest.split('/'))) - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}")
@@ -1237,7 +1243,7 @@ class FeedbackStore:
         st = self._state(deployment)
         with st.lock:
             self._load(st)
-            now = _dt.datetime.now(_dt.UTC)
+            now = utcnow()
             since = (now - _dt.timedelta(seconds=window_seconds)).isoformat(timespec="microseconds")
             if st.approval is None:
                 st.approval = _Approval(self.approval_max_ids)
