@@ -670,10 +670,28 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
         name=s.region.name, desired_revision=revision, manifests=manifests, rollout=status, conditions=parts + list(adapters.conditions),
         notes=list(pods.notes) + list(adapters.notes) + notes,
         requeue_after=_min(pods.requeue_after, adapters.requeue_after, ROUTES_POLL_SECONDS if waiting_pods else None),
-        served=adapters.served,
+        served=served_now(adapters.served, w.pod_routes, adapters.routes.get("revision"), (obj.get("status") or {}).get("servedAdapters")),
         selector=",".join(f"{k}={v}" for k, v in color_selector(w.colors, s, st.active_color).items()) if st.active_color else None,
         routes_revision=applied, endpoint=endpoint, where=w.where, serving=s,
     )
+
+
+def served_now(desired: list[rollout.ServedRoute], pods: Iterable[rollout.PodRoutes], revision: str | None,
+               reported: Any) -> list[rollout.ServedRoute]:
+    """What the status says is served: the routes document's served names once every ready pod that reports applied
+    it; before that (a pod still on an earlier document, e.g. loading a new served name's adapter) what was reported
+    before, so a client that waits for the status never asks for a name no pod serves yet. With no pod reporting
+    (none ready yet, or sidecars that cannot be read) the document's."""
+    reporting = [p for p in pods if p.ready and p.revision is not None]
+    if not reporting or all(p.revision == revision for p in reporting):
+        return desired
+    out = []
+    for r in reported if isinstance(reported, list) else []:
+        if isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("adapter"), str):
+            weight = r.get("canaryWeight")
+            out.append(rollout.ServedRoute(r["name"], r["adapter"], r.get("canaryAdapter") if isinstance(r.get("canaryAdapter"), str) else None,
+                                           weight if isinstance(weight, int) else None))
+    return out
 
 
 UNSUPPORTED_REGION = "regions in other clusters (`clusterSecretRef`) are not reconciled by this operator (it runs without remote-cluster support)"
