@@ -249,7 +249,8 @@ async def test_a_deletion_missed_while_down_is_dropped_by_the_relist(hub_and_reg
         region.set_faults(None)
         await until(lambda: names(cluster) == truth(region), message="convergence after the relist")
         assert names(cluster) == {"chat-kept": {"v": "1"}}
-        assert cluster.reachability().reachable is True
+        # every kind's informer answers again (each retries on its own backoff: the ConfigMaps' relist may come first)
+        await until(lambda: cluster.reachability().reachable is True, message="reachable again")
     finally:
         await clusters.close()
         if restarted is not None:
