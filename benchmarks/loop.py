@@ -152,6 +152,13 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
               flush=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    table = getattr(args, "table", None)
+    if table is not None:
+        for r in rows:
+            table.append((f"tick, store of {r[0]:,} records ({r[1]:,} segments)",
+                          (f"records read: first {r[3]:,} / incr {r[5]:,} / restart {r[7]:,} / idle {r[9]:,}; "
+                          f"ms: first {r[2] * 1000:.0f} / incr {r[4] * 1000:.1f} (CPU {r[12] * 1000:.1f}) / "
+                          f"restart {r[6] * 1000:.1f} / idle {r[8] * 1000:.1f}")))
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         growth = hi[0] / lo[0]
@@ -160,6 +167,10 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
               f"restart tick {hi[6] / lo[6]:.2f}x, idle tick {hi[8] / lo[8]:.2f}x; "
               f"records read per incremental tick {lo[5]} -> {hi[5]}, per restart tick {lo[7]} -> {hi[7]}, "
               f"per idle tick {lo[9]} -> {hi[9]} (medians of {args.repeat} ticks)", flush=True)
+        if table is not None:
+            table.append((f"tick cost, store {growth:.0f}x larger",
+                          (f"first {hi[2] / lo[2]:.1f}x, incr {hi[4] / lo[4]:.2f}x (CPU {hi[12] / lo[12]:.2f}x), "
+                          f"restart {hi[6] / lo[6]:.2f}x, idle {hi[8] / lo[8]:.2f}x")))
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, str], None]] = {"tick": tick_cost, "loop": loop_section}
@@ -177,9 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(args, name, False)] or list(SECTIONS)
     workdir = tempfile.mkdtemp(prefix="perennial-loop-bench-")
+    args.table = []  # (what, figure) rows each section adds: printed as one table at the end
     try:
         for name in chosen:
             SECTIONS[name](args, workdir)
+        if args.table:
+            width = max(len(k) for k, _ in args.table)
+            print(f"== summary ({', '.join(chosen)} in one run) ==", flush=True)
+            for k, v in args.table:
+                print(f"  {k:<{width}}  {v}", flush=True)
     finally:
         if args.keep:
             print(f"kept {workdir}")

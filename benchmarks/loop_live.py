@@ -151,6 +151,27 @@ def report(tl: Timeline, result: Result) -> list[str]:
     return lines
 
 
+def table_rows(tl: Timeline, result: Result, min_new_records: int) -> list[tuple[str, str]]:
+    """The loop's figures as (what, figure) rows of the benchmark's summary table."""
+
+    def since(t: float | None) -> str:
+        return "-" if t is None or tl.threshold is None else f"{t - tl.threshold:.1f} s"
+
+    before, after = approval_of(result.answers, tl.before), approval_of(result.answers, tl.adapter)
+    return [(f"loop: threshold ({min_new_records} rating records sent) -> TrainingRun created", f"{since(tl.run_created)} ({tl.run or '-'})"),
+            ("loop: threshold -> Adapter created", f"{since(tl.adapter_created)} ({tl.adapter or '-'})"),
+            ("loop: threshold -> serving", since(tl.serving)),
+            ("loop: approval before -> after (Wilson 95%)", f"{tl.before or '-'} {before.format()} -> {tl.adapter or '-'} {after.format()}"),
+            ("loop: difference (Newcombe 95%), one-sided z-test", difference(compare(before, after)))]
+
+
+def difference(c: Any) -> str:
+    d, di, t = c.difference, c.difference_interval, c.test
+    if d is None or di is None or t is None:
+        return "no comparison (a side has no answers)"
+    return f"{d:+.3f} [{di[0]:+.3f}, {di[1]:+.3f}], z={t.z:.2f}, p(after > before)={t.p_greater:.3g}: {c.verdict}"
+
+
 # ----------------------------------------------------------------------------- the run
 def _free_port() -> int:
     with socket.socket() as s:
@@ -247,6 +268,9 @@ def loop_section(args: argparse.Namespace, workdir: str) -> None:
                            (tl.adapter_created, f"Adapter {tl.adapter}")] if t is not None]
         for line in [*summary(result), *report(tl, result)]:
             print(line, flush=True)
+        table = getattr(args, "table", None)
+        if table is not None:
+            table.extend(table_rows(tl, result, min_new))
         paths = write_outputs(result, args.loop_out)
         print("loop: wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
     finally:
