@@ -16,7 +16,7 @@ from perennial.api.deployment import DeploymentSpec
 from perennial.resources import deployment as d
 from perennial.resources import lws
 
-from test_deployment_resources import SPEC, serving
+from test_deployment_resources import KEDA, SPEC, _promql_pod_regex, serving
 
 PP_SPEC = {**SPEC, "engine": {**SPEC["engine"], "pipelineParallelSize": 2}}
 REV = "0123456789"
@@ -159,9 +159,25 @@ def test_the_workload_of_a_color_follows_the_group_size():
     assert lws.scale_target(one, "green")["kind"] == "Deployment"
 
 
-def test_until_the_rollout_uses_it_a_pipeline_parallel_spec_is_refused_not_served_wrong():
-    """The Deployment controller validates every spec through `revision()` first (InvalidSpec, nothing applied):
-    without this, a pipelineParallelSize > 1 spec would start one-pod replicas whose vLLM waits for a Ray cluster."""
-    with pytest.raises(ValueError, match="`engine.pipelineParallelSize` above 1 .* not rolled out"):
-        d.revision(serving(PP_SPEC))
-    d.revision(serving(SPEC))
+def test_a_pipeline_parallel_spec_has_a_revision_of_its_own():
+    """The Deployment controller rolls a pipelineParallelSize > 1 spec out as LeaderWorkerSets: `revision()` (every
+    builder's validation, run before anything is applied) accepts it, and the group size is part of the revision
+    (a color's workload kind follows it: one revision, one kind)."""
+    one, two = serving(SPEC), serving(PP_SPEC)
+    three = serving({**SPEC, "engine": {**SPEC["engine"], "pipelineParallelSize": 3}})
+    assert len({d.revision(one), d.revision(two), d.revision(three)}) == 3
+
+
+def test_the_autoscalers_scale_the_groups_of_the_active_color():
+    """HPA and KEDA scale a LeaderWorkerSet through its /scale subresource (replicas are groups); KEDA's query sums
+    the vLLM metric of the leaders (`<lws>-<group>`: the engine's API server), never of the workers (`<lws>-<group>-<n>`)."""
+    hpa = d.autoscaler(serving({**PP_SPEC, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}), "green")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": lws.LWS_API, "kind": "LeaderWorkerSet", "name": "chat-green"}
+    so = d.autoscaler(serving({**PP_SPEC, "autoscaling": KEDA}), "green")
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": lws.LWS_API, "kind": "LeaderWorkerSet", "name": "chat-green"}
+    leaders = _promql_pod_regex(so["spec"]["triggers"][0]["metadata"]["query"])
+    assert leaders.fullmatch("chat-green-0") and leaders.fullmatch("chat-green-12")
+    for other in ("chat-green-0-1", "chat-blue-0", "chat-green-7d9f8c6b5-x2k9q", "chatty-green-0"):
+        assert not leaders.fullmatch(other), other
+    # one pod per replica: the apps/v1 Deployment, as before
+    assert d.autoscaler(serving({**SPEC, "autoscaling": KEDA}), "green")["spec"]["scaleTargetRef"]["kind"] == "Deployment"

@@ -683,11 +683,11 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
 
 def revision(s: Serving) -> str:
     """The pod-level revision: 10 hex chars of sha256 over the pod template (color and revision left out)."""
-    if s.spec.engine.pipeline_parallel_size > 1:
-        # `resources.lws` builds a color's LeaderWorkerSet; the rollout does not use it yet: refused as an invalid spec
-        raise ValueError("`engine.pipelineParallelSize` above 1 (LeaderWorkerSet groups across nodes) is not rolled out by this "
-                         "operator version yet; use 1 and `tensorParallelSize` up to the GPUs of one node")
     template = pod_template(s, "", "")
+    if s.spec.engine.pipeline_parallel_size > 1:  # a LeaderWorkerSet per color (`resources.lws`): its builder's checks too
+        from . import lws
+
+        lws.leader_worker_set(s, "blue", "", 1)
     return short_hash(template, 10)
 
 
@@ -799,7 +799,10 @@ def behavior(s: Serving) -> dict[str, Any]:
 
 
 def _scale_target(s: Serving, active_color: str) -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment_name(s.prefix, active_color)}
+    """The active color's workload (a LeaderWorkerSet across nodes: its /scale counts groups)."""
+    from . import lws
+
+    return lws.scale_target(s, active_color)
 
 
 def hpa(s: Serving, active_color: str) -> dict[str, Any]:
@@ -842,8 +845,12 @@ def keda_query(s: Serving, active_color: str) -> str:
     if a.metric == "CPU":
         raise ValueError("KEDA scales on a vLLM metric: `metric` must be one of " + ", ".join(f"'{m}'" for m in VLLM_METRICS))
     deploy = deployment_name(s.prefix, active_color)
-    # pod names of an apps/v1 Deployment: <deployment>-<pod-template-hash>-<5 chars>
-    pods = f"{_promql_regex(deploy)}-[a-z0-9]{{1,10}}-[a-z0-9]{{5}}"
+    if s.spec.engine.pipeline_parallel_size > 1:
+        # a LeaderWorkerSet's leaders (vLLM's API server and metrics): <lws>-<group index>; workers add -<index>
+        pods = f"{_promql_regex(deploy)}-[0-9]{{1,9}}"
+    else:
+        # pod names of an apps/v1 Deployment: <deployment>-<pod-template-hash>-<5 chars>
+        pods = f"{_promql_regex(deploy)}-[a-z0-9]{{1,10}}-[a-z0-9]{{5}}"
     return f'sum({VLLM_METRICS[a.metric]}{{namespace="{s.namespace}",pod=~"{pods}"}}) or vector(0)'
 
 
