@@ -49,8 +49,9 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0, vocab_size: int = 400) -> str:
-    """Build and save the tiny model + tokenizer under `path`; returns the path."""
+def build_tiny_model(path: str | os.PathLike, seed: int = 0, vocab_size: int = 400, hidden_size: int = 64, num_layers: int = 2) -> str:
+    """Build and save the tiny model + tokenizer under `path`; returns the path. `hidden_size` / `num_layers`
+    make it larger (4 heads, MLP twice the hidden size) for the RFT benchmark's size trade-off."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -71,7 +72,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0, vocab_size: int = 4
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         tie_word_embeddings=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
         bos_token_id=None,
