@@ -11,7 +11,11 @@ operator's integration flows run as the chart's ServiceAccount with exactly the 
 The same for the member-region mode: the RBAC `mode=member-region` renders in a member cluster, where a hub
 operator serves a Deployment's region (PERENNIAL_TEST_MEMBER_RBAC; test_chart_rbac_flows.py).
 
-The flows: TrainingRuns (SFT/GRPO, progress from pod logs, Adapters), RewardSpec validation, BaseModel caches,
+The control plane also enforces OwnerReferencesPermissionEnforcement (OpenShift's admission plugin): every child's
+blockOwnerDeletion needs `update` on its owner's finalizers, which the chart grants.
+
+The flows: TrainingRuns (SFT/GRPO, progress from pod logs, Adapters; multi-node groups as JobSets and TrainJobs),
+RewardSpec validation, BaseModel caches,
 Deployments (serving children, rollouts, KEDA autoscaling), the controller pattern, a region in a member cluster,
 an operator start where KEDA is installed. Long: several minutes.
 """
@@ -45,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "perennial"
 FLOWS = ["tests/integration/test_trainingrun.py", "tests/integration/test_rewardspec_validation.py",
          "tests/integration/test_operator_foundation.py", "tests/integration/test_controller_pattern.py",
-         "tests/integration/test_deployment_controller.py", "tests/integration/test_chart_rbac_flows.py"]
+         "tests/integration/test_deployment_controller.py", "tests/integration/test_chart_rbac_flows.py",
+         "tests/integration/test_trainingrun_engines.py"]
 #: flows that fail on main without any RBAC (not this test's to judge): fix them and empty this list
 KNOWN_RED: list[str] = []
 NAMESPACE = "perennial-system"

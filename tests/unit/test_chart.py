@@ -260,6 +260,35 @@ def test_namespaces_are_listed_cluster_wide_only_when_watching_a_list():
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
 
 
+def granted(docs: list[dict]) -> set[tuple[str, str, str]]:
+    return {(g, res, v) for _, r in rules(docs) for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+
+
+def test_every_kind_the_operator_watches_is_listed_and_watched_and_multi_node_engines_are_created():
+    """The manager's watches (optional ones too: where their CRD is served, a forbidden listing holds the caches back),
+    and the engines of multi-node TrainingRuns (JobSet, TrainJob): created like a Job, read after a 409, never changed."""
+    from perennial.controllers.manager import BUILTIN_WATCHES, OUR_KINDS
+
+    have = granted(render())
+    for w in BUILTIN_WATCHES:
+        assert {(w.group, w.plural, "list"), (w.group, w.plural, "watch")} <= have, w
+    for plural, _ in OUR_KINDS:
+        assert {("perennial.ai", plural, "list"), ("perennial.ai", plural, "watch")} <= have
+    for group, plural in (("jobset.x-k8s.io", "jobsets"), ("trainer.kubeflow.org", "trainjobs")):
+        assert {v for g, r, v in have if (g, r) == (group, plural)} == {"get", "list", "watch", "create"}
+
+
+def test_owners_finalizers_can_be_updated_for_block_owner_deletion():
+    """Every child's ownerReference has blockOwnerDeletion true (resources/common.py); under the
+    OwnerReferencesPermissionEnforcement admission plugin (OpenShift) that needs `update` on the owner's
+    `<kind>/finalizers`: the four kinds that own children (Adapters own nothing), and nothing more."""
+    from perennial.resources.common import owner_reference
+
+    assert owner_reference({"apiVersion": "v", "kind": "K", "metadata": {"name": "n", "uid": "u"}})["blockOwnerDeletion"] is True
+    finalizers = {(g, r, v) for g, r, v in granted(render()) if r.endswith("/finalizers")}
+    assert finalizers == {("perennial.ai", f"{k}/finalizers", "update") for k in ("basemodels", "rewardspecs", "trainingruns", "deployments")}
+
+
 def test_member_region_mode_has_rbac_and_no_operator():
     docs = render(values_of(CHART / "ci" / "member-region-values.yaml"))
     kinds = {d["kind"] for d in docs}

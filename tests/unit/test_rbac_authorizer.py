@@ -167,3 +167,71 @@ def test_request_attributes_as_kube_apiserver_names_them(method, path, query, wa
     a = rbac.attributes(method, path, query, lambda *_: True)
     assert (a.verb, a.api_group, a.resource, a.subresource, a.namespace, a.name) == want
     assert a.resource_request
+
+
+# ------------------------------------------------------------------ OwnerReferencesPermissionEnforcement
+
+def _owner(server) -> dict:
+    return admin(server, "POST", "/apis/apps/v1/namespaces/team-a/deployments", {
+        "metadata": {"name": "web"}, "spec": {"selector": {"matchLabels": {"a": "b"}},
+                                              "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
+
+
+def _child(owner: dict, block: bool | None, name: str = "c") -> dict:
+    ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": owner["metadata"]["uid"], "controller": True}
+    if block is not None:
+        ref["blockOwnerDeletion"] = block
+    return {**CM, "metadata": {"name": name, "ownerReferences": [ref]}}
+
+
+def test_block_owner_deletion_needs_update_on_the_owners_finalizers(server):
+    """As kube-apiserver's OwnerReferencesPermissionEnforcement admission plugin (OpenShift enables it): creating an
+    object whose ownerReference has blockOwnerDeletion true needs `update` on `<owner resource>/finalizers` of that
+    owner (by name); without blockOwnerDeletion, creating any ownerReference is allowed."""
+    owner = _owner(server)
+    bind(server, rules=[{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch", "update"]}],
+         namespace="team-a")
+    token = server.issue_service_account_token(*SA)
+    cms = "/api/v1/namespaces/team-a/configmaps"
+    assert call(server, token, "POST", cms, _child(owner, None, "plain")).status_code == 201
+    assert call(server, token, "POST", cms, _child(owner, False, "not-blocking")).status_code == 201
+    r = call(server, token, "POST", cms, _child(owner, True, "blocking"))
+    assert r.status_code == 403, r.text
+    assert r.json()["reason"] == "Forbidden"
+    assert r.json()["message"] == ('configmaps "blocking" is forbidden: cannot set blockOwnerDeletion if an ownerReference '
+                                   "refers to a resource you can't set finalizers on: , <nil>")
+    assert call(server, token, "GET", f"{cms}/blocking").status_code == 404
+    # turning blockOwnerDeletion on in an update is refused the same way (a patch is an update)
+    r = call(server, token, "PATCH", f"{cms}/not-blocking", {"metadata": {"ownerReferences": _child(owner, True)["metadata"]["ownerReferences"]}},
+             headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 403 and "can't delete" in r.json()["message"], r.text  # first: changing ownerReferences needs delete
+    # finalizers of another Deployment by name do not help; of this one they do
+    bind(server, rules=[{"apiGroups": ["apps"], "resources": ["deployments/finalizers"], "verbs": ["update"], "resourceNames": ["other"]}],
+         namespace="team-a", name="other")
+    assert call(server, token, "POST", cms, _child(owner, True, "blocking")).status_code == 403
+    bind(server, rules=[{"apiGroups": ["apps"], "resources": ["deployments/finalizers"], "verbs": ["update"], "resourceNames": ["web"]}],
+         namespace="team-a", name="web")
+    assert call(server, token, "POST", cms, _child(owner, True, "blocking")).status_code == 201
+    # an update that changes the ownerReferences also needs `delete` on the object itself; one that keeps them does not
+    patch = {"metadata": {"ownerReferences": _child(owner, True)["metadata"]["ownerReferences"]}}
+    r = call(server, token, "PATCH", f"{cms}/not-blocking", patch, headers={"Content-Type": "application/merge-patch+json"})
+    assert r.status_code == 403 and "cannot set an ownerRef on a resource you can't delete" in r.json()["message"], r.text
+    assert call(server, token, "PATCH", f"{cms}/blocking", {"data": {"b": "2"}, **patch},
+                headers={"Content-Type": "application/merge-patch+json"}).status_code == 200
+    bind(server, rules=[{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["delete"]}], namespace="team-a", name="deleter")
+    assert call(server, token, "PATCH", f"{cms}/not-blocking", patch, headers={"Content-Type": "application/merge-patch+json"}).status_code == 200
+    # the admission decisions are logged like the requests' own (the chart's RBAC proof counts them)
+    server.server.authz_log = []
+    call(server, token, "POST", cms, _child(owner, True, "logged"))
+    assert [(a.verb, a.resource, a.subresource, a.name, d.allowed) for _, a, d in server.server.authz_log] == [
+        ("create", "configmaps", "", "", True), ("update", "deployments", "finalizers", "web", True)]
+    # the server's own token (cluster admin) is not checked
+    assert call(server, server.token, "POST", cms, _child(owner, True, "admin")).status_code == 201
+
+
+def test_an_owner_of_a_kind_the_server_does_not_serve_cannot_be_blocked(server):
+    bind(server, rules=[{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}], namespace="team-a")
+    token = server.issue_service_account_token(*SA)
+    ref = {"apiVersion": "example.com/v1", "kind": "Gadget", "name": "g", "uid": "0000", "blockOwnerDeletion": True}
+    r = call(server, token, "POST", "/api/v1/namespaces/team-a/configmaps", {**CM, "metadata": {"name": "x", "ownerReferences": [ref]}})
+    assert r.status_code == 403 and "cannot find RESTMapping for APIVersion example.com/v1 Kind Gadget" in r.json()["message"], r.text

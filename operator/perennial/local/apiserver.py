@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextvars
 import hashlib
 import hmac
 import json
@@ -104,6 +105,10 @@ DEBUG_PREFIX = "/debug/perennial/"
 PUBLIC_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
 UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+
+
+#: the service account whose request is being served (None: the server's own token, anonymous, in-process)
+_REQUEST_USER: contextvars.ContextVar[rbac.User | None] = contextvars.ContextVar("perennial_request_user", default=None)
 
 
 def new_token() -> str:
@@ -238,6 +243,7 @@ class APIServer:
         #: set to a list to record every RBAC decision: (user, attributes, decision)
         self.authz_log: list[tuple[rbac.User, rbac.Attributes, rbac.Decision]] | None = None
         self.store = Store()
+        self.store.admission = self._admit_owner_references
         self.injector = FaultInjector(faults)
         self.requests = RequestCounter()
         self.count_requests = count_requests
@@ -427,6 +433,31 @@ class APIServer:
             return None
         return web.Response(status=403, text=json.dumps(rbac.forbidden(user, attrs)), content_type="application/json")
 
+    def _admit_owner_references(self, rt: ResourceType, new: dict, old: dict | None, subresource: str | None) -> None:
+        """OwnerReferencesPermissionEnforcement (rbac.owner_reference_checks) for the service account whose request
+        is being served (none: the server's own token and in-process writes are cluster admin)."""
+        user = _REQUEST_USER.get()
+        if user is None:
+            return
+        meta = new.get("metadata") or {}
+        name = meta.get("name", "")
+        attrs = rbac.Attributes(verb="update" if old is not None else "create", path="", resource_request=True,
+                                api_group=rt.group, resource=rt.plural, subresource=subresource or "",
+                                namespace=meta.get("namespace") or "", name=name)
+
+        def resource_of(api_version: str, kind: str) -> str | None:
+            group, _, version = api_version.rpartition("/")
+            return next((t.plural for t in list(self.store.types.values())
+                         if t.group == group and t.version == version and t.kind == kind), None)
+
+        for check, message in rbac.owner_reference_checks(attrs, new, old, resource_of):
+            decision = self.authorizer.decide(user, check) if check is not None else rbac.Decision(False)
+            if check is not None and self.authz_log is not None:
+                self.authz_log.append((user, check, decision))
+            if not decision.allowed:
+                raise APIError(403, "Forbidden", f'{rt.resource_name} "{name}" is forbidden: {message}',
+                               {"name": name, **({"group": rt.group} if rt.group else {}), "kind": rt.plural})
+
     def _namespaced(self, group: str, version: str, plural: str) -> bool | None:
         rt = self.store.lookup(group, version, plural)
         return None if rt is None else rt.namespaced
@@ -439,6 +470,7 @@ class APIServer:
         if not debug:
             request[ACCOUNT] = (client_of(user_agent, self.requests.clients), verb, resource or path)
         user = self._identity(request)
+        _REQUEST_USER.set(user)  # for admission (_admit_owner_references); a connection's requests share a context
         if user is None and not self._authenticated(request, path):  # counted (code 401) like any other answer
             return web.Response(status=401, text=json.dumps(UNAUTHORIZED), content_type="application/json")
         if user is not None and path not in PUBLIC_PATHS:

@@ -18,6 +18,10 @@ DELETE ``delete``/``deletecollection``), the namespace from ``/namespaces/<ns>/`
 name. Discovery and the public paths (``/api``, ``/apis``, ``/openapi``, ``/version``, probes) are open to every
 authenticated identity, as the ``system:discovery`` and ``system:public-info-viewer`` bindings make them.
 
+Admission: :func:`owner_reference_checks` is kube-apiserver's OwnerReferencesPermissionEnforcement plugin (on in
+OpenShift): a create or update that sets an ownerReference with ``blockOwnerDeletion: true`` needs ``update`` on the
+owner's ``<resource>/finalizers`` (by name), and an update that changes ownerReferences needs ``delete`` on the object.
+
 Not emulated: aggregated ClusterRoles (``aggregationRule``), impersonation, the escalation checks on writes of
 RBAC objects, Node and Webhook authorizers.
 """
@@ -212,6 +216,49 @@ class Authorizer:
             if rule_allows(rule, attrs):
                 found.append(ref)
         return Decision(bool(found), found)
+
+
+def _blocking(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in refs if isinstance(r, dict) and r.get("blockOwnerDeletion") is True]
+
+
+def owner_reference_checks(attrs: Attributes, new: dict[str, Any], old: dict[str, Any] | None,
+                           resource_of: Callable[[str, str], str | None]) -> list[tuple[Attributes | None, str]]:
+    """What OwnerReferencesPermissionEnforcement (kubernetes plugin/pkg/admission/gc) asks the authorizer before
+    `attrs` (a create, or an update of `old`) stores `new`: [(attributes to authorize, message when denied)];
+    attributes None: refused outright (`message`). `resource_of(apiVersion, kind)` is the plural serving that
+    kind, or None.
+
+    Nothing when the ownerReferences do not change (and for ``pods/status``). An update that changes them needs
+    ``delete`` on the object itself (a create need not: the creator could have never created it); every
+    ownerReference that is new with ``blockOwnerDeletion: true``, or turns it on, needs ``update`` on the owner's
+    ``<resource>/finalizers`` by name in the object's namespace (an owner is always in its dependent's namespace)."""
+    if attrs.api_group == "" and attrs.resource == "pods" and attrs.subresource == "status":
+        return []
+    new_refs = list((new.get("metadata") or {}).get("ownerReferences") or [])
+    old_refs = list(((old or {}).get("metadata") or {}).get("ownerReferences") or []) if old is not None else []
+    if (not new_refs if old is None else new_refs == old_refs):
+        return []
+    checks: list[tuple[Attributes | None, str]] = []
+    if old is not None:
+        checks.append((Attributes(verb="delete", path="", resource_request=True, api_group=attrs.api_group,
+                                  resource=attrs.resource, subresource=attrs.subresource, namespace=attrs.namespace,
+                                  name=attrs.name), "cannot set an ownerRef on a resource you can't delete: , <nil>"))
+    was_blocking = {r.get("uid") for r in _blocking(old_refs)}
+    for ref in _blocking(new_refs):
+        if ref.get("uid") in was_blocking:
+            continue
+        api_version, kind = str(ref.get("apiVersion") or ""), str(ref.get("kind") or "")
+        group = api_version.rpartition("/")[0]
+        plural = resource_of(api_version, kind)
+        if plural is None:
+            checks.append((None, (f"cannot set blockOwnerDeletion in this case because cannot find RESTMapping for "
+                                  f"APIVersion {api_version} Kind {kind}: , <nil>")))
+            continue
+        checks.append((Attributes(verb="update", path="", resource_request=True, api_group=group, resource=plural,
+                                  subresource="finalizers", namespace=attrs.namespace, name=str(ref.get("name") or "")),
+                       "cannot set blockOwnerDeletion if an ownerReference refers to a resource you can't set finalizers on: , <nil>"))
+    return checks
 
 
 def forbidden(user: User, attrs: Attributes) -> dict[str, Any]:

@@ -331,6 +331,9 @@ class Store:
         self._ips_used: set[str] = set()
         self._node_ports = itertools.count()
         self.epoch = 0  # bumped whenever the set of types changes (discovery/openapi caches)
+        # validating admission of the request being served, after defaulting and validation: (type, new object, old
+        # object or None on create, subresource) -> None, or raises APIError (the API server's RBAC admission)
+        self.admission: Callable[[ResourceType, dict, dict | None, str | None], None] | None = None
         for rt in builtin_types():
             self.register(rt)
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
@@ -678,6 +681,8 @@ class Store:
                 obj = self._admit_custom(rt, obj, None, strict, warnings)
             else:
                 obj = self._admit_builtin(rt, obj, None, strict, warnings)
+            if self.admission is not None:
+                self.admission(rt, obj, None, None)
             meta = obj["metadata"]
             meta["creationTimestamp"] = now_iso()
             if rt.has_generation or rt.crd is not None:
@@ -781,6 +786,8 @@ class Store:
                 new = self._admit_custom(rt, new, old, strict, warnings, settled)
             else:
                 new = self._admit_builtin(rt, new, old, strict, warnings)
+            if self.admission is not None:
+                self.admission(rt, new, old, subresource)
             # generation: bumped on changes outside metadata (and status, when it is a subresource)
             if "generation" in old["metadata"]:
                 skip = {"metadata", "status"} if "status" in rt.subresources else {"metadata"}
