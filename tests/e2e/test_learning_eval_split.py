@@ -42,3 +42,33 @@ def test_feedback_keeps_its_held_out_share_next_to_the_eval_sets(tmp_path):
                                               evaluation={"enabled": True, "heldOutPercent": 20}))
     _, train, evals = load_datasets(cfg)
     assert len(train) == 3 and len(evals) == 3
+
+
+def test_held_out_feedback_carries_the_reference_the_reward_specs_graders_read(tmp_path):
+    """A correction (or a thumbs-up answer) is the right answer to its prompt: the held-out rows carry it in the field
+    the RewardSpec's reference template reads (`<answer>{{item.answer}}</answer>` -> `answer`), so the gate's held-out
+    reward measures correctness, not format only."""
+    seg = tmp_path / "store" / "chat" / "2026" / "11" / "29"
+    seg.mkdir(parents=True)
+    colours = ["red", "green", "blue", "pink", "gold"]
+    records = []
+    for i in range(20):
+        right = colours[i % 5]
+        ok = i % 2 == 0
+        records.append(InteractionRecord(id=f"r{i}", messages=[{"role": "user", "content": f"colour of fruit {i}?"}],
+                                         response=f"<answer>{right if ok else 'grey'}</answer>"))
+        records.append(FeedbackRecord(response_id=f"r{i}", type="thumbs", thumbs="up" if ok else "down"))
+        if not ok:
+            records.append(FeedbackRecord(response_id=f"r{i}", type="correction", correction=f"<answer>{right}</answer>"))
+    (seg / "pod-00000001.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    reward_spec = {"graders": [
+        {"name": "format", "type": "Regex", "regex": {"pattern": "<answer>[a-z]+</answer>", "mode": "FullMatch"}},
+        {"name": "correct", "type": "StringCheck", "stringCheck": {"operation": "Equals", "reference": "<answer>{{item.answer}}</answer>"}}]}
+    datasets = [{"name": "feedback", "feedback": {"deploymentRef": {"name": "chat"}, "storeUri": str(tmp_path / "store"), "minExamples": 1}}]
+    cfg = RunConfig.model_validate(run_config(name="r", method="SFT", base="/m", output=str(tmp_path / "out"), datasets=datasets,
+                                              reward_spec=reward_spec, evaluation={"enabled": True, "heldOutPercent": 25}))
+    _, train, evals = load_datasets(cfg)
+    assert len(evals) == 5 and len(train) == 15
+    for r in evals:
+        i = int(r["prompt"][0]["content"].split()[-1].rstrip("?"))
+        assert r["answer"] == colours[i % 5], r  # from the correction, or from the approved answer

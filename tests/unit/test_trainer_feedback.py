@@ -509,3 +509,77 @@ def test_the_api_documents_the_trainers_default_minimums():
 
     doc = FeedbackSnapshot.model_fields["min_examples"].description
     assert all(f"{m} {n}" in doc for m, n in DEFAULT_MIN_EXAMPLES.items())
+
+
+# ------------------------------------------------------------------------------- held-out references
+
+FRUIT_SPEC = {"graders": [
+    {"name": "format", "type": "Regex", "regex": {"pattern": "<answer>[a-z]+</answer>", "mode": "FullMatch"}},
+    {"name": "correct", "type": "StringCheck", "stringCheck": {"operation": "Equals", "reference": "<answer>{{item.answer}}</answer>"}},
+]}
+
+
+def _spec(raw):
+    from perennial.api.rewardspec import RewardSpecSpec
+
+    return RewardSpecSpec.model_validate(raw)
+
+
+def _refs():
+    return seg("s1",
+               inter("r1", response="<answer>yellow</answer>"), fb("r1", thumbs="up"),                       # approved: a reference
+               inter("r2", q="colour of lime?", response="<answer>red</answer>"),
+               fb("r2", thumbs="down"), fb("r2", type="correction", correction="<answer>green</answer>"),      # corrected
+               inter("r3", q="colour of plum?", response="<answer>purple</answer>"), fb("r3", type="score", score=0.7))  # liked, not "right"
+
+
+@pytest.mark.parametrize("method", ["SFT", "DPO", "GRPO"])
+def test_rows_carry_the_reference_a_correction_or_a_thumbs_up_gives(method):
+    recs = [_refs()]
+    if method == "DPO":  # a differently rated second answer to the banana prompt makes a rated pair
+        recs.append(seg("s2", inter("r9", response="<answer>blue</answer>"), fb("r9", thumbs="down")))
+    out = build_rows(recs, method)
+    by_prompt = {json.dumps(r["prompt"]): r for r in out.rows}
+    assert all("reference" in r for r in out.rows), out.rows  # one column set for every row
+    assert by_prompt[json.dumps(chat("colour of lime?"))]["reference"] == "<answer>green</answer>"
+    assert by_prompt[json.dumps(chat("colour of banana?"))]["reference"] == "<answer>yellow</answer>"
+    if method != "DPO":
+        assert by_prompt[json.dumps(chat("colour of plum?"))]["reference"] is None  # a 0.7 says "good enough", not "right"
+
+
+def test_held_out_rows_get_the_field_the_graders_read_so_the_gate_grades_correctness():
+    from perennial_trainer.feedback import with_reference_fields
+    from perennial_trainer.graders import score_all
+
+    rows = build_rows([_refs()], "SFT").rows
+    spec = _spec(FRUIT_SPEC)
+    items = with_reference_fields(rows, spec)
+    by_prompt = {json.dumps(r["prompt"]): r for r in items}
+    assert by_prompt[json.dumps(chat("colour of lime?"))]["answer"] == "green"   # `<answer>{{item.answer}}</answer>` inverted
+    assert by_prompt[json.dumps(chat("colour of banana?"))]["answer"] == "yellow"
+    assert "answer" not in by_prompt[json.dumps(chat("colour of plum?"))]
+    assert all("answer" not in r for r in rows)  # the rows given are left as they are
+    lime = by_prompt[json.dumps(chat("colour of lime?"))]
+    # the gate's held-out reward now tells a right answer from a well-formed wrong one (it was 1 vs 1: format only)
+    right, wrong = score_all(spec, [{"output_text": "<answer>green</answer>"}, {"output_text": "<answer>red</answer>"}], [lime, lime])
+    assert (right.total, wrong.total) == (2.0, 1.0)
+
+
+def test_reference_fields_respect_the_graders_options_and_never_overwrite():
+    from perennial_trainer.feedback import with_reference_fields
+
+    spec = _spec({"graders": [
+        {"name": "exact", "type": "StringCheck", "stringCheck": {"operation": "Equals", "reference": "Answer: {{item.city}}.", "caseSensitive": False}},
+        {"name": "close", "type": "Similarity", "similarity": {"metric": "FuzzyRatio", "reference": "{{item.text}}"}},
+        {"name": "two", "type": "StringCheck", "stringCheck": {"operation": "Contains", "reference": "{{item.a}} and {{item.b}}"}},
+    ]})
+    rows = [{"prompt": "p1", "completion": "x", "reference": "  ANSWER: Paris.\n"},
+            {"prompt": "p2", "completion": "x", "reference": "no prefix here", "text": "kept"},
+            {"prompt": "p3", "completion": "x", "reference": None},
+            {"prompt": "p4", "completion": "x"}]
+    out = with_reference_fields(rows, spec)
+    assert out[0]["city"] == "Paris" and out[0]["text"] == "  ANSWER: Paris.\n"  # stripped, case-insensitive prefix
+    assert "city" not in out[1] and out[1]["text"] == "kept"  # no match: nothing; an existing field is never overwritten
+    assert out[2] == rows[2] and out[3] == rows[3]
+    assert not any({"a", "b"} & set(r) for r in out)  # two placeholders: not invertible
+    assert with_reference_fields(rows, None) == rows

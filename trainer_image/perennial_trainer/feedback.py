@@ -184,6 +184,11 @@ def _completion(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
+def _approves(f: FeedbackRecord | None) -> bool:
+    """A thumbs-up (or a top score): the user says the answer is right, so it is a reference for the prompt."""
+    return f is not None and _reward(f) == 1.0
+
+
 def _reward(f: FeedbackRecord) -> float | None:
     if f.type == "thumbs":
         return 1.0 if f.thumbs == "up" else 0.0
@@ -315,21 +320,22 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                 if _blank(corr.correction):
                     reason(ik, "empty"), reason(fk(corr), "empty")
                 else:
-                    emit([ik, fk(corr)], {"prompt": p, "completion": _completion(p, corr.correction)})
+                    emit([ik, fk(corr)], {"prompt": p, "completion": _completion(p, corr.correction), "reference": corr.correction})
             elif rate is not None:
                 if _reward(rate) < threshold:
                     reason(ik, "belowThreshold"), reason(fk(rate), "belowThreshold")
                 elif _blank(inters[rid].response):
                     reason(ik, "empty"), reason(fk(rate), "empty")
                 else:
-                    emit([ik, fk(rate)], {"prompt": p, "completion": _completion(p, inters[rid].response)})
+                    emit([ik, fk(rate)], {"prompt": p, "completion": _completion(p, inters[rid].response),
+                                          "reference": inters[rid].response if _approves(rate) else None})
             reason(ik, "notForMethod" if touched.get(rid) else "unrated")
         for f in prefs:
             reason(fk(f), "notForMethod")
     elif method == "DPO":
         seen: set[tuple[str, str, str]] = set()
 
-        def pair(keys: list[Key], p: Any, pkey: str, chosen: str, rejected: str) -> None:
+        def pair(keys: list[Key], p: Any, pkey: str, chosen: str, rejected: str, reference: str | None = None) -> None:
             if _blank(chosen) or _blank(rejected):
                 for k in keys:
                     reason(k, "empty")
@@ -340,14 +346,14 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                 emit(keys, None)  # the same pair again (another user): one row
             else:
                 before = len(rows)
-                emit(keys, {"prompt": p, "chosen": _completion(p, chosen), "rejected": _completion(p, rejected)})
+                emit(keys, {"prompt": p, "chosen": _completion(p, chosen), "rejected": _completion(p, rejected), "reference": reference})
                 if len(rows) > before:
                     seen.add((pkey, chosen, rejected))
 
         for rid, corr in correction.items():
             if rid in prompts:
                 p, pkey = prompts[rid]
-                pair([("i", rid), fk(corr)], p, pkey, corr.correction, inters[rid].response)
+                pair([("i", rid), fk(corr)], p, pkey, corr.correction, inters[rid].response, corr.correction)
         for f in prefs:
             better, worse = (f.response_id, f.other_response_id) if f.chosen == "this" else (f.other_response_id, f.response_id)
             keys = [fk(f), ("i", better), ("i", worse)]
@@ -369,7 +375,8 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
                 a, b = ids[i], ids[len(ids) - 1 - i]
                 if _reward(rating[a]) > _reward(rating[b]):
                     p, pkey = prompts[a]
-                    pair([("i", a), fk(rating[a]), ("i", b), fk(rating[b])], p, pkey, inters[a].response, inters[b].response)
+                    pair([("i", a), fk(rating[a]), ("i", b), fk(rating[b])], p, pkey, inters[a].response, inters[b].response,
+                         inters[a].response if _approves(rating[a]) else None)
             for r in ids:
                 reason(("i", r), "unpaired"), reason(fk(rating[r]), "unpaired")
         for rid in prompts:
@@ -377,18 +384,22 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
     else:  # GRPO: the prompts
         by_prompt: dict[str, dict[str, Any]] = {}
         for rid, (p, pkey) in prompts.items():
-            g = by_prompt.setdefault(pkey, {"prompt": p, "keys": [], "rating": None, "reference": None})
+            g = by_prompt.setdefault(pkey, {"prompt": p, "keys": [], "rating": None, "reference": None, "approved": None})
             g["keys"].append(("i", rid))
             for which, f in (("rating", rating.get(rid)), ("reference", correction.get(rid))):
                 if f is not None:
                     g["keys"].append(fk(f))
                     if g[which] is None or (_when(f.time), f.id) > (_when(g[which].time), g[which].id):
                         g[which] = f
+            f = rating.get(rid)
+            if _approves(f) and (g["approved"] is None or (_when(f.time), f.id) > (_when(g["approved"][0].time), g["approved"][0].id)):
+                g["approved"] = (f, inters[rid].response)
         for g in by_prompt.values():
             # every row has both columns (None when unknown): `datasets` takes the columns of the first row only
             row: dict[str, Any] = {"prompt": g["prompt"],
                                    "feedback_score": None if g["rating"] is None else _reward(g["rating"]),
-                                   "reference": None if g["reference"] is None else g["reference"].correction}
+                                   "reference": g["reference"].correction if g["reference"] is not None
+                                   else g["approved"][1] if g["approved"] is not None else None}
             emit(g["keys"], row, prompt_only=True)
         for f in prefs:
             reason(fk(f), "notForMethod")
@@ -405,6 +416,60 @@ def build_rows(segments: list[Segment], method: str, min_rating: float | None = 
         "rows": len(rows), "joinedFromEarlier": joined,
     }
     return FeedbackData(rows, dict(dropped), counts)
+
+
+# ------------------------------------------------------------------------------- references for the graders
+
+_ITEM_FIELD = re.compile(r"\{\{\s*item\.([A-Za-z0-9_\-]+)\s*\}\}")
+_ANY_PLACEHOLDER = re.compile(r"\{\{.*?\}\}")
+
+
+def _inverse(template: str, reference: str, *, strip: bool, case_sensitive: bool) -> tuple[str, str] | None:
+    """(field, value) such that rendering `template` (one `{{item.<field>}}` between literal text) with it gives
+    `reference` (compared as the grader compares: stripped, case-insensitively when it says so); None otherwise."""
+    if len(_ANY_PLACEHOLDER.findall(template)) != 1 or (m := _ITEM_FIELD.search(template)) is None:
+        return None
+    prefix, suffix = template[:m.start()], template[m.end():]
+    text = reference
+    if strip:
+        text, prefix, suffix = text.strip(), prefix.lstrip(), suffix.rstrip()
+    fold = (lambda x: x) if case_sensitive else str.lower
+    if len(text) <= len(prefix) + len(suffix) or not fold(text).startswith(fold(prefix)) or not fold(text).endswith(fold(suffix)):
+        return None
+    value = text[len(prefix):len(text) - len(suffix)]
+    return (m.group(1), value) if value.strip() else None
+
+
+def with_reference_fields(rows: list[dict[str, Any]], spec: Any) -> list[dict[str, Any]]:
+    """Feedback rows as the RewardSpec's graders read them: a row's `reference` (a correction, or an answer the
+    user approved) is the right completion for its prompt, so a grader comparing the output with a reference
+    template -- StringCheck or Similarity, e.g. `<answer>{{item.answer}}</answer>` -- gets the item field that
+    renders it (`answer: green` from the correction `<answer>green</answer>`). Without it the field renders
+    empty and a held-out feedback row grades format only. Fields a row has already are never overwritten; rows
+    without a reference, and references the template does not produce, are left as they are. New dicts; `spec`
+    None (no graders) returns the rows."""
+    if spec is None:
+        return rows
+    templates = []
+    for g in getattr(spec, "graders", None) or []:
+        if g.type in ("StringCheck", "Similarity"):
+            c = g.config()
+            templates.append((c.reference, bool(getattr(c, "strip", False)), bool(getattr(c, "case_sensitive", True))))
+    if not templates:
+        return rows
+    out = []
+    for r in rows:
+        ref = r.get("reference")
+        if isinstance(ref, list):  # a chat completion
+            ref = "".join(m.get("content") or "" for m in ref if isinstance(m, dict))
+        row = dict(r)
+        if isinstance(ref, str) and ref:
+            for template, strip, case_sensitive in templates:
+                found = _inverse(template, ref, strip=strip, case_sensitive=case_sensitive)
+                if found is not None and row.get(found[0]) is None:
+                    row[found[0]] = found[1]
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- the store

@@ -19,7 +19,7 @@ from .config import RunConfig
 from .data import LoadedDataset, check_columns, load_feedback_dataset, load_uri_dataset, split_held_out
 from .errors import TrainerError
 from .callbacks import ProgressCallback
-from .feedback import DEFAULT_MIN_EXAMPLES, drop_too_long
+from .feedback import DEFAULT_MIN_EXAMPLES, drop_too_long, with_reference_fields
 from .feedback import report as feedback_report
 from .curves import CurvePlotter
 from .distributed import World, fsdp_wanted, world
@@ -68,7 +68,8 @@ def load_datasets(cfg: RunConfig) -> tuple[list[LoadedDataset], list[dict], list
         files = [r for ds, d in zip(loaded, spec.datasets, strict=True) if ds.split == "Train" and not d.feedback for r in ds.rows]
         kept, held = split_held_out(feedback, spec.evaluation.held_out_percent, spec.hyperparameters.seed)
         train, evals = files + kept, held + evals
-    return loaded, train, evals[: spec.evaluation.max_samples]
+    # a held-out feedback row's reference (its correction, an approved answer) in the field the graders read
+    return loaded, train, with_reference_fields(evals[: spec.evaluation.max_samples], cfg.grading_spec())
 
 
 def normalise_rows(rows: list[dict], method: str) -> list[dict]:
