@@ -1,0 +1,33 @@
+-- Argo CD health of a Perennial RewardSpec (perennial.ai/v1alpha1).
+-- The operator writes a Ready condition (static validation of the graders: Valid; InvalidSpec,
+-- InvalidGrader, SecretNotAllowed) and a Validated condition (the rubric's self-tests in a Job:
+-- TestsPassed, NoTests; Unknown ValidationRunning; False TestsFailed, ValidationJobFailed).
+local ready = condition("Ready")
+if ready == nil or ready.status == "Unknown" then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Ready condition"
+  return hs
+end
+if ready.status == "False" then
+  hs.status = "Degraded"
+  hs.message = ready.reason .. ": " .. text(ready)
+  return hs
+end
+local validated = condition("Validated")
+if validated == nil or validated.status == "Unknown" then
+  hs.status = "Progressing"
+  if validated ~= nil then
+    hs.message = text(validated)
+  else
+    hs.message = "Waiting for the rubric's tests to run"
+  end
+  return hs
+end
+if validated.status == "False" then
+  hs.status = "Degraded"
+  hs.message = validated.reason .. ": " .. text(validated)
+  return hs
+end
+hs.status = "Healthy"
+hs.message = text(validated)
+return hs
