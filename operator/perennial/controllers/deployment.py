@@ -49,6 +49,7 @@ from ..kube.client import path_for
 from ..kube.clusters import CHILD_KINDS, ClusterSecretError
 from ..resources import conditions as cond
 from ..resources import deployment as build
+from ..resources import lws
 from . import rollout
 from .base import (
     API_VERSION,
@@ -73,11 +74,14 @@ ROUTES_POLL_SECONDS = 2.0
 #: Limit of one sidecar's `GET /perennial/routes`.
 SIDECAR_TIMEOUT_SECONDS = 2.0
 KEDA = ("keda.sh/v1alpha1", "ScaledObject")
+LWS_NOT_INSTALLED = "LeaderWorkerSetNotInstalled"
+#: A color's workload across nodes (`engine.pipelineParallelSize` > 1), where LeaderWorkerSet is installed.
+LWS = (lws.LWS_API, "LeaderWorkerSet")
 #: The sidecar's admin port (`/perennial/routes`, `/metrics`), which no Service exposes (resources.deployment).
 ADMIN_PORT_NAME = "admin"
 #: Children whose creation is no Event of its own: the rollout decisions' notes say what was done and why.
 QUIET_CHILDREN: dict[str | tuple[str, str], str | None] = {
-    kind: None for kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"),
+    kind: None for kind in (("apps/v1", "Deployment"), LWS, ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"),
                             ("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA, ("networking.k8s.io/v1", "NetworkPolicy"))}
 _REGION_CONDITIONS = (CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED)
 
@@ -186,18 +190,20 @@ def desired_routes(spec: DeploymentSpec, resolved: Mapping[str, Mapping[str, Any
 
 def color_manifest(s: build.Serving, color: str, target: rollout.ColorTarget, desired_revision: str, *,
                    current: Mapping[str, Any] | None, autoscaled_active: bool) -> dict[str, Any] | None:
-    """The manifest applied to one color's apps/v1 Deployment: the whole object at the desired revision; only
-    replicas and annotations for a color at another revision (its pod template belongs to an earlier spec and is
-    never rebuilt from this one). Replicas are left out on the autoscaled active color (the autoscaler's)."""
+    """The manifest applied to one color's workload (an apps/v1 Deployment, or a LeaderWorkerSet across nodes:
+    `lws.workload`): the whole object at the desired revision; only replicas and annotations for a color at another
+    revision (its pod template belongs to an earlier spec and is never rebuilt from this one).
+    Replicas are left out on the autoscaled active color (the autoscaler's)."""
     replicas: int | None = target.replicas
     if autoscaled_active and current is not None and int((current.get("spec") or {}).get("replicas", 1)) == target.replicas:
         replicas = None
     if target.revision == desired_revision:
-        m = build.deployment(s, color, desired_revision, replicas)
+        m = lws.workload(s, color, desired_revision, replicas)
     elif current is None:
         return None  # a color of another revision that does not exist: nothing to bring back
     else:
-        m = {"apiVersion": "apps/v1", "kind": "Deployment",
+        api_version, kind = lws.workload_kind(s)
+        m = {"apiVersion": api_version, "kind": kind,
              "metadata": {"name": current["metadata"]["name"], "namespace": current["metadata"]["namespace"]}, "spec": {}}
         if replicas is not None:
             m["spec"]["replicas"] = replicas
@@ -351,7 +357,8 @@ def observe_region(where: Where, s: build.Serving) -> RegionWorld:
     world = RegionWorld(
         where=where,
         serving=s,
-        colors={c: cache.get("apps/v1", "Deployment", ns, build.deployment_name(prefix, c)) for c in build.COLORS},
+        # one kind per Deployment: the API refuses a change of pipelineParallelSize between 1 and more
+        colors={c: cache.get(*lws.workload_kind(s), ns, build.deployment_name(prefix, c)) for c in build.COLORS},
         stable=cache.get("v1", "Service", ns, build.stable_service_name(prefix)),
         preview=cache.get("v1", "Service", ns, build.preview_service_name(prefix)),
         routes=cache.get("v1", "ConfigMap", ns, build.routes_config_map_name(prefix)),
@@ -784,7 +791,7 @@ def _blocked_status(obj: dict[str, Any], reason: str, message: str) -> dict[str,
 AUTOSCALERS = (("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA)
 #: The kinds of a region's children that are pruned when no region wants them any more (a region renamed or
 #: removed, two node-pool regions become one): never the token Secret (the Deployment's, not a region's).
-PRUNED_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"),
+PRUNED_KINDS = (("apps/v1", "Deployment"), LWS, ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"),
                 ("networking.k8s.io/v1", "NetworkPolicy")) + AUTOSCALERS
 #: Children of regions in other clusters carry no ownerReference (none crosses clusters): this finalizer keeps the
 #: Deployment until they are deleted. Distinct from the finalizer earlier operators left (released on sight).
@@ -811,7 +818,7 @@ def expected_children(s: build.Serving) -> set[tuple[str, str, str]]:
     """Every child name a region may have, whatever its rollout's state: both colors and their PDBs, both Services,
     the routes, the autoscaler, the NetworkPolicy."""
     p = s.prefix
-    names = {("apps/v1", "Deployment", build.deployment_name(p, c)) for c in build.COLORS}
+    names = {(*lws.workload_kind(s), build.deployment_name(p, c)) for c in build.COLORS}
     names |= {("policy/v1", "PodDisruptionBudget", build.pdb_name(p, c)) for c in build.COLORS}
     names |= {("v1", "Service", build.stable_service_name(p)), ("v1", "Service", build.preview_service_name(p)),
               ("v1", "ConfigMap", build.routes_config_map_name(p)), ("networking.k8s.io/v1", "NetworkPolicy", build.network_policy_name(p))}
@@ -1041,9 +1048,19 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
                                   settings=settings) for r in regions]
         for s in servings:
             build.revision(s)  # every builder's validation, before anything is applied
+            if lws.group_size(s) > 1 and s.region.cluster_secret_ref is not None:
+                raise ValueError(f"region {s.region.name!r}: `engine.pipelineParallelSize` above 1 (LeaderWorkerSet groups) is "
+                                 "served in the operator's own cluster only (its regions without `clusterSecretRef`, node pools "
+                                 "with `nodeSelector`), not yet in other clusters")
     except ValueError as exc:
         message = str(exc)[:1024]
         return Outcome(_blocked_status(obj, "InvalidSpec", message), [Note("InvalidSpec", message, True)])
+    if any(lws.group_size(s) > 1 for s in servings) and lws.LWS_RESOURCE not in ctx.served:
+        # nothing is created (not even the token): a group across nodes has no other engine here
+        message = (f"`engine.pipelineParallelSize` is {spec.engine.pipeline_parallel_size}: a model across nodes is served by "
+                   f"LeaderWorkerSet groups, but the API server does not serve {lws.LWS_RESOURCE} (its CRD is not installed, or "
+                   "was installed after the operator started: restart it); install LeaderWorkerSet, or use pipelineParallelSize 1")
+        return Outcome(_blocked_status(obj, LWS_NOT_INSTALLED, message), [Note(LWS_NOT_INSTALLED, message, True)])
 
     now = now_of(ctx)
     notes: list[Note] = []

@@ -82,6 +82,9 @@ BUILTIN_WATCHES = (
     Watched("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", MANAGED),
     Watched("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", MANAGED),
     Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True),
+    # A color's workload across nodes (engine.pipelineParallelSize > 1), where LeaderWorkerSet is installed: its
+    # status (groups ready as a whole) wakes the Deployment; its leader pods carry the Deployment's labels (above).
+    Watched("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet", MANAGED, optional=True),
     # Engines of multi-node TrainingRuns, where installed: JobSet, Kubeflow Trainer's TrainJob (their Jobs and pods
     # carry the run's labels and are watched above).
     Watched("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", MANAGED, optional=True),

@@ -38,6 +38,8 @@ PLURALS: dict[tuple[str, str], str] = {
     # engines of multi-node TrainingRuns, where installed
     ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobsets",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjobs",
+    # a serving color's workload across nodes, where installed
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkersets",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 for _kind, _plural in (

@@ -1,0 +1,174 @@
+"""A model across nodes (`engine.pipelineParallelSize` > 1) against the embedded control plane: each color of a
+Perennial Deployment is a LeaderWorkerSet where the cluster serves that CRD, and the Deployment is blocked with a
+clear reason where it does not (nothing created). The test plays the LeaderWorkerSet controller (its status: groups
+ready as a whole), the local kube-proxy and the serving pods, as test_deployment_controller.py plays the
+controller-manager for apps/v1 Deployments."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import API, running_cluster, wait_for
+from test_deployment_controller import NS, Engines, Serving, assert_one_child_each, spec
+from test_trainingrun_engines import engine_crd
+
+from perennial.resources import lws
+
+LWS_CRD = engine_crd("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
+LWS_CRD["spec"]["versions"][0]["subresources"]["scale"] = {
+    "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas", "labelSelectorPath": ".status.hpaPodSelector"}
+ENGINE = {"type": "VLLM", "tensorParallelSize": 2, "pipelineParallelSize": 2}
+
+
+def install_lws(w: Serving) -> None:
+    w.kube.apply(LWS_CRD)
+    wait_for(lambda: w.kube.request("GET", "/apis/leaderworkerset.x-k8s.io/v1"), message="LeaderWorkerSet served")
+    w.cluster.restart_operator()  # what the cluster serves is read when the operator starts
+
+
+@pytest.fixture
+def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
+    """A clean control plane with the operator (its managers captured: their cache), a BaseModel and an Adapter."""
+    from perennial import runtime
+
+    managers: list[Any] = []
+
+    class Recorded(runtime.Manager):  # type: ignore[name-defined,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            managers.append(self)
+
+    monkeypatch.setattr(runtime, "Manager", Recorded)
+    engines = Engines()
+    try:
+        with running_cluster(tmp_path) as cluster:
+            artifact = tmp_path / "artifacts" / "support-v1"
+            artifact.mkdir(parents=True)
+            (artifact / "adapter_config.json").write_text("{}")
+            cluster.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
+            cluster.create("Adapter", "support-v1", {"baseModelRef": {"name": "base"}, "family": "support", "version": 1,
+                                                     "artifactUri": f"file://{artifact}", "lora": {"rank": 8}})
+            cluster.wait_condition("BaseModel", "base", "Ready", "True")
+            cluster.wait_condition("Adapter", "support-v1", "Ready", "True")
+            yield Serving(cluster, managers, engines)
+            assert_one_child_each(cluster)
+    finally:
+        engines.close()
+
+
+def get_lws(w: Serving, name: str) -> dict[str, Any] | None:
+    return w.kube.get(lws.LWS_API, "LeaderWorkerSet", NS, name)
+
+
+def groups_ready(w: Serving, name: str, ready: int | None = None) -> None:
+    """Play the LeaderWorkerSet controller: every group of `name` (or `ready` of them) has all its pods ready."""
+    obj = wait_for(lambda: get_lws(w, name), message=f"LeaderWorkerSet {name}")
+    n = obj["spec"].get("replicas", 1)
+    up = n if ready is None else ready
+    status = {"observedGeneration": obj["metadata"]["generation"], "replicas": n, "updatedReplicas": n, "readyReplicas": up,
+              "hpaPodSelector": "leaderworkerset.sigs.k8s.io/name=" + name + ",leaderworkerset.sigs.k8s.io/worker-index=0",
+              "conditions": [{"type": "Available", "status": "True" if up == n else "False", "reason": "AllGroupsReady" if up == n else "GroupsProgressing",
+                              "message": f"{up}/{n} groups ready", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    w.kube.patch(lws.LWS_API, "LeaderWorkerSet", NS, name, {"status": status}, subresource="status")
+
+
+def assert_valid_pods(obj: dict[str, Any]) -> None:
+    """The pods a LeaderWorkerSet makes are valid Kubernetes (strict): its leader and worker templates as Pods."""
+    import kubernetes_validate
+
+    lwt = obj["spec"]["leaderWorkerTemplate"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        tpl = lwt[role]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role.lower()}", "namespace": NS, **tpl["metadata"]}, "spec": tpl["spec"]}
+        kubernetes_validate.validate(pod, "1.30.0", strict=True)
+
+
+def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned_with_its_region(serving: Serving):
+    w = serving
+    install_lws(w)
+    autoscaling = {"enabled": True, "provider": "HPA", "minReplicas": 2, "maxReplicas": 4}
+    w.cluster.create("Deployment", "chat", spec(engine=ENGINE, autoscaling=autoscaling))
+
+    # The first color: a LeaderWorkerSet of groups (leader + worker, each with tensorParallelSize GPUs), no apps/v1 one.
+    blue = wait_for(lambda: get_lws(w, "chat-blue"), message="LeaderWorkerSet chat-blue")
+    assert w.deploy("chat-blue") is None
+    lwt = blue["spec"]["leaderWorkerTemplate"]
+    assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart" and blue["spec"]["replicas"] == 2
+    leader = {c["name"]: c for c in lwt["leaderTemplate"]["spec"]["containers"]}
+    (worker,) = lwt["workerTemplate"]["spec"]["containers"]
+    assert leader["engine"]["resources"]["limits"]["nvidia.com/gpu"] == 2 and worker["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert "--ray-head" in leader["engine"]["args"] and "--address=$(LWS_LEADER_ADDRESS):6379" in worker["command"]
+    assert [r["uid"] for r in blue["metadata"]["ownerReferences"]] == [w.cluster.get("Deployment", "chat")["metadata"]["uid"]]
+    assert_valid_pods(blue)
+
+    # Served only when every group is whole: one of two groups ready is no switch.
+    w.proxied("chat-preview")
+    groups_ready(w, "chat-blue", ready=1)
+    time.sleep(1.0)
+    assert w.stable_color() is None
+    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "False"
+    groups_ready(w, "chat-blue")
+    wait_for(lambda: w.stable_color() == "blue", message="the stable Service selects blue's leaders")
+    w.proxied("chat")
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True", "Serving")
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+    hpa = w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": lws.LWS_API, "kind": "LeaderWorkerSet", "name": "chat-blue"}
+    st = w.status()
+    assert st["activeColor"] == "blue" and st["readySummary"] == "2/2"
+
+    # A new revision: green's LeaderWorkerSet as the preview, smoke test, full count, switch, blue scaled to zero.
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"engine": {"extraArgs": ["--enforce-eager"]}}})
+    green = wait_for(lambda: get_lws(w, "chat-green"), message="preview green")
+    assert green["spec"]["replicas"] == 1 and w.stable_color() == "blue"
+    groups_ready(w, "chat-green")
+    wait_for(lambda: get_lws(w, "chat-green")["spec"]["replicas"] == 2, message="the preview scaled to the full count")
+    assert w.stable_color() == "blue"
+    groups_ready(w, "chat-green")
+    wait_for(lambda: w.stable_color() == "green", message="switched to green")
+    wait_for(lambda: w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat")["spec"]["scaleTargetRef"]["name"] == "chat-green",
+             message="the HPA follows the active color's LeaderWorkerSet")
+    wait_for(lambda: get_lws(w, "chat-blue")["spec"]["replicas"] == 0, message="old color scaled to zero after the delay")
+    w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+
+    # Node pools: two regions of this cluster, a LeaderWorkerSet per region and color on its nodes; once both serve,
+    # the groups of the region that is no more are pruned (its Services too).
+    pools = [{"name": r, "nodeSelector": {"topology.kubernetes.io/region": r}} for r in ("eu", "us")]
+    w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"regions": pools}})
+    for r in ("eu", "us"):
+        obj = wait_for(lambda r=r: get_lws(w, f"chat-{r}-blue"), message=f"region {r}'s LeaderWorkerSet")
+        for role in ("leaderTemplate", "workerTemplate"):
+            assert obj["spec"]["leaderWorkerTemplate"][role]["spec"]["nodeSelector"] == {"topology.kubernetes.io/region": r}
+        w.proxied(f"chat-{r}-preview")
+        groups_ready(w, f"chat-{r}-blue")
+    assert get_lws(w, "chat-green")["spec"]["replicas"] == 2, "the old region serves until the new ones do"
+    wait_for(lambda: w.stable_color("chat-eu") == "blue" and w.stable_color("chat-us") == "blue", message="both regions serve")
+    for r in ("eu", "us"):
+        w.proxied(f"chat-{r}")
+    wait_for(lambda: get_lws(w, "chat-green") is None and get_lws(w, "chat-blue") is None, message="the old region's groups pruned")
+    assert w.service("chat") is None and w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True")
+    assert [r["name"] for r in w.status()["regions"]] == ["eu", "us"]
+    text = " ".join(w.reasons())
+    assert "Deleted LeaderWorkerSet chat-green" in text, text
+
+
+def test_without_leaderworkerset_a_group_across_nodes_is_blocked_and_nothing_is_created(serving: Serving):
+    w = serving
+    w.cluster.create("Deployment", "big", spec(engine=ENGINE))
+    c = w.cluster.wait_condition("Deployment", "big", "Ready", "False", "LeaderWorkerSetNotInstalled")
+    assert "leaderworkersets.leaderworkerset.x-k8s.io" in c["message"] and "pipelineParallelSize" in c["message"]
+    wait_for(lambda: [e for e in w.cluster.events("big") if e["type"] == "Warning" and e["reason"] == "LeaderWorkerSetNotInstalled"],
+             message="a Warning Event")
+    # nothing half-created: no workload of either kind, no Service, no routes, no token
+    for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"), ("v1", "Secret")):
+        assert w.kube.list(api, kind, NS, "perennial.ai/deployment=big") == [], kind
+    assert w.kube.get("v1", "Secret", NS, "big-feedback-token") is None
+    # LeaderWorkerSet installed (the operator restarted): the same Deployment goes on
+    install_lws(w)
+    wait_for(lambda: get_lws(w, "big-blue"), message="the LeaderWorkerSet once its CRD is served")
+    w.cluster.wait_condition("Deployment", "big", "Ready", "False", "FirstRolloutInProgress")
