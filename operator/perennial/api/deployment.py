@@ -102,7 +102,9 @@ class EngineSpec(Model):
         "Pipeline parallel size: pods per replica, each with `tensorParallelSize` GPUs (vLLM `--pipeline-parallel-size` over "
         "Ray), for a model that does not fit one node. More than 1 needs vLLM and LeaderWorkerSet "
         "(`leaderworkersets.leaderworkerset.x-k8s.io`): one leader (engine and sidecar) and workers per replica, "
-        "restarted and counted ready as a group. Not rolled out by this operator version yet: above 1 is refused (`InvalidSpec`)."))
+        "restarted and counted ready as a group; each color is a LeaderWorkerSet (the autoscaler scales its groups). "
+        "Without the LeaderWorkerSet CRD the Deployment is blocked (`LeaderWorkerSetNotInstalled`); regions in other clusters "
+        "(`clusterSecretRef`) are not supported yet."))
     max_model_len: int | None = Field(default=None, ge=16, le=1048576, description="Max context length; the BaseModel's if unset.")
     max_loras: int = Field(default=4, ge=1, le=256, description="Adapters in one batch (`--max-loras`).")
     max_lora_rank: int = Field(default=64, ge=1, le=512, description="Largest LoRA rank served (`--max-lora-rank`).")
