@@ -16,7 +16,7 @@ blockOwnerDeletion needs `update` on its owner's finalizers, which the chart gra
 
 The flows: TrainingRuns (SFT/GRPO, progress from pod logs, Adapters; multi-node groups as JobSets and TrainJobs),
 RewardSpec validation, BaseModel caches,
-Deployments (serving children, rollouts, KEDA autoscaling), the controller pattern, a region in a member cluster,
+Deployments (serving children, rollouts, KEDA autoscaling, LeaderWorkerSet colors), the controller pattern, a region in a member cluster,
 an operator start where KEDA is installed. Long: several minutes.
 """
 
@@ -50,7 +50,7 @@ CHART = ROOT / "charts" / "perennial"
 FLOWS = ["tests/integration/test_trainingrun.py", "tests/integration/test_rewardspec_validation.py",
          "tests/integration/test_operator_foundation.py", "tests/integration/test_controller_pattern.py",
          "tests/integration/test_deployment_controller.py", "tests/integration/test_chart_rbac_flows.py",
-         "tests/integration/test_trainingrun_engines.py"]
+         "tests/integration/test_trainingrun_engines.py", "tests/integration/test_deployment_lws.py"]
 #: flows that fail on main without any RBAC (not this test's to judge): fix them and empty this list
 KNOWN_RED: list[str] = []
 NAMESPACE = "perennial-system"

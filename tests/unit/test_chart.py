@@ -266,7 +266,8 @@ def granted(docs: list[dict]) -> set[tuple[str, str, str]]:
 
 def test_every_kind_the_operator_watches_is_listed_and_watched_and_multi_node_engines_are_created():
     """The manager's watches (optional ones too: where their CRD is served, a forbidden listing holds the caches back),
-    and the engines of multi-node TrainingRuns (JobSet, TrainJob): created like a Job, read after a 409, never changed."""
+    the engines of multi-node TrainingRuns (JobSet, TrainJob): created like a Job, read after a 409, never changed;
+    and LeaderWorkerSets (serving across nodes) handled like apps/v1 Deployments."""
     from perennial.controllers.manager import BUILTIN_WATCHES, OUR_KINDS
 
     have = granted(render())
@@ -276,6 +277,9 @@ def test_every_kind_the_operator_watches_is_listed_and_watched_and_multi_node_en
         assert {("perennial.ai", plural, "list"), ("perennial.ai", plural, "watch")} <= have
     for group, plural in (("jobset.x-k8s.io", "jobsets"), ("trainer.kubeflow.org", "trainjobs")):
         assert {v for g, r, v in have if (g, r) == (group, plural)} == {"get", "list", "watch", "create"}
+    # serving colors across nodes: LeaderWorkerSets, applied and pruned like the colors' apps/v1 Deployments
+    assert {v for g, r, v in have if (g, r) == ("leaderworkerset.x-k8s.io", "leaderworkersets")} == {
+        v for g, r, v in have if (g, r) == ("apps", "deployments")}
 
 
 def test_owners_finalizers_can_be_updated_for_block_owner_deletion():
