@@ -217,3 +217,29 @@ async def test_wakes_between_ticks_decide_on_the_last_read():
     assert source.reads == 2 and source.snapshots == [1] and [r["metadata"]["name"] for r in kube.created] == ["chat-learn-1"]
     await controller.reconcile(dep, ctx)
     assert source.reads == 3  # read again right after it wrote a snapshot
+
+
+async def test_skipped_records_are_told_once_in_a_warning_event_and_not_again_after_a_restart():
+    """Damaged records in the store (counted by reason in the `Learning` condition) get a Warning Event when their count
+    grows; the same count again, or a restarted operator whose condition already reports it, tells nothing new."""
+    source = CountingSource(learning.FeedbackView(new_records=3))
+    ctx = Context(clusters={"local": RecordingKube()}, cache=Cache(), config=OperatorConfig(), clock=lambda: 1.8e9)  # type: ignore[dict-item]
+    dep = o("Deployment", "chat", spec={**DEPLOYMENT_SPEC, "feedback": {"enabled": True, "storeUri": "file:///store"},
+                                        "continuousLearning": {"enabled": True, "adapterFamily": "fam", "minNewRecords": 10}},
+            meta={"creationTimestamp": "2026-11-29T00:00:00Z"})
+
+    def warnings(out: Any) -> list[Note]:
+        return [n for n in out.notes if n.reason == "FeedbackRecordsSkipped"]
+
+    controller = learning.make_controller(source, tick_seconds=0)
+    assert warnings(await controller.reconcile(dep, ctx)) == []
+    source.view = learning.FeedbackView(new_records=3, skipped=7, skipped_reason="InvalidJSON 6, TornLine 1 in 2 segment(s), e.g. chat/x.jsonl")
+    out = await controller.reconcile(dep, ctx)
+    [told] = warnings(out)
+    assert told.warning and "7 record(s)" in told.message and "file:///store" in told.message and "chat/x.jsonl" in told.message
+    assert "7 record(s) skipped: InvalidJSON 6, TornLine 1" in cond.get(out.status["conditions"], "Learning")["message"]
+    dep["status"] = {"conditions": out.status["conditions"]}
+    assert warnings(await controller.reconcile(dep, ctx)) == []  # nothing new
+    assert warnings(await learning.make_controller(source, tick_seconds=0).reconcile(dep, ctx)) == []  # a restart: told already
+    source.view = learning.FeedbackView(new_records=3, skipped=9, skipped_reason="InvalidJSON 8, TornLine 1")
+    assert [n.message.split(" record")[0] for n in warnings(await controller.reconcile(dep, ctx))] == ["9"]

@@ -715,6 +715,8 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
     #: (namespace, name) -> (store URI, monotonic time, view) of the last read: a wake-up between two ticks (a run's
     #: progress, an Adapter of the family) decides on it instead of listing the store again
     views: dict[tuple[str, str], tuple[str, float, FeedbackView]] = {}
+    #: (namespace, name) -> skipped records already told in a Warning Event (seeded from the condition after a restart)
+    told_skipped: dict[tuple[str, str], int] = {}
 
     async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         meta = obj["metadata"]
@@ -750,6 +752,16 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
             views.pop((ns, name), None)
         d = decide_learning(o, tick_seconds=tick)
         notes = list(d.notes)
+        if o.feedback is not None:
+            told = told_skipped.get((ns, name))
+            if told is None:  # what the condition said before (this process's first look): told already
+                told = skipped_in(cond.get(o.conditions, CONDITION_LEARNING))
+            if o.feedback.skipped > told:
+                assert spec is not None
+                notes.append(Note("FeedbackRecordsSkipped", f"{o.feedback.skipped} record(s) in the feedback store "
+                                  f"{store_uri_of(spec, ctx)} cannot be used and are skipped (not counted, not trained on): "
+                                  f"{o.feedback.skipped_reason or 'unreadable'}", warning=True))
+            told_skipped[(ns, name)] = o.feedback.skipped
         events: list[tuple[dict[str, Any], list[Note]]] = []
         if enabled and d.create_run is not None:
             assert spec is not None and cl is not None and o.feedback is not None
@@ -799,9 +811,19 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
     def gone(ctx: Context, namespace: str, name: str) -> None:
         forget_gauge(namespace, name)
         views.pop((namespace, name), None)
+        told_skipped.pop((namespace, name), None)
 
     return Controller(KIND, "deployments", LearningStatus, reconcile, dependencies, gone, event_for=event_for,
                       resource=RESOURCE, status_fields=STATUS_FIELDS, owns=frozenset({"TrainingRun"}))
+
+
+_SKIPPED = re.compile(r"; (\d+) record\(s\) skipped")
+
+
+def skipped_in(condition: Mapping[str, Any] | None) -> int:
+    """The skipped records a `Learning` condition's message reports (0 when none)."""
+    m = _SKIPPED.search((condition or {}).get("message") or "")
+    return int(m.group(1)) if m else 0
 
 
 def forget_gauge(namespace: str, name: str) -> None:
