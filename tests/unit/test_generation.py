@@ -261,8 +261,10 @@ def test_choose_on_this_cpu_machine_uses_transformers(tmp_path):
                                               datasets=[{"name": "p", "uri": str(tmp_path / "p.jsonl")}],
                                               hp={"batchSize": 8, "numGenerations": 4}))
     dev = {"cuda": False, "bf16": False, "fsdp": False, "quantize": False}
-    c = G.choose(cfg, tiny_model_path(), dev, World(), env={})
+    measured = []
+    c = G.choose(cfg, tiny_model_path(), dev, World(), env={}, max_prompt_tokens=lambda: measured.append(1) or 10)
     assert c.engine == "transformers" and "no CUDA" in c.reason and c.kwargs == {"use_vllm": False}
+    assert measured == []  # the prompts are tokenized only when colocated vLLM is possible
     with pytest.raises(TrainerError, match="no CUDA"):
         G.choose(cfg, tiny_model_path(), dev, World(), env={G.ENGINE_ENV: "vllm"})
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -372,10 +372,11 @@ def model_shape(config: Mapping[str, Any]) -> ModelShape | None:
     return ModelShape(s.params, s.layers, s.kv_heads, s.head_dim, int(mpe) if isinstance(mpe, int) and mpe > 0 else None)
 
 
-def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens: int | None = None,
+def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens: int | Callable[[], int] | None = None,
            env: Mapping[str, str] | None = None) -> Choice:
     """Gather the facts of this GRPO run and decide (the trainer's call). `dev` is the trainer's device setup after
-    the FSDP/QLoRA decisions; `w` its `World`."""
+    the FSDP/QLoRA decisions; `w` its `World`; `max_prompt_tokens` the longest training prompt in tokens, or a
+    function measuring it (called only when colocated vLLM is possible: it tokenizes every prompt)."""
     import json
     from pathlib import Path
 
@@ -410,6 +411,9 @@ def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens:
             train_bytes = estimate(shape_of(config), lora_rank=cfg.spec.lora.rank, lora_targets=list(cfg.spec.lora.target_modules),
                                    batch=batch, seq=seq, gpus=w.size, sharded=bool(dev.get("fsdp")),
                                    quantized=bool(dev.get("quantize")), weight_bytes=weight_bytes).per_gpu
+    if callable(max_prompt_tokens):
+        vllm_possible = cuda and version is not None and error is None and request.engine != "transformers"
+        max_prompt_tokens = max_prompt_tokens() if vllm_possible and not request.server_url else None
     facts = Facts(cuda=cuda, trl_version=trl_version, grpo_fields=fields, trl_vllm_specifier=spec, vllm_version=version,
                   vllm_import_error=error, world_size=w.size, local_world_size=max(1, local), gpu_bytes=gpu_bytes,
                   train_bytes=train_bytes, shape=shape, quantized=bool(dev.get("quantize")), per_device_batch=batch,
