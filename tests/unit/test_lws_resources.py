@@ -181,3 +181,24 @@ def test_the_autoscalers_scale_the_groups_of_the_active_color():
         assert not leaders.fullmatch(other), other
     # one pod per replica: the apps/v1 Deployment, as before
     assert d.autoscaler(serving({**SPEC, "autoscaling": KEDA}), "green")["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+
+
+def test_the_pods_of_a_group_reach_each_other_and_nothing_else_opens():
+    """Ray (its GCS on the leader, workers' own ports) and NCCL between the pods of a group use many ports: the
+    serving NetworkPolicy lets the region's pods of this Deployment reach each other on any port, both ways; clients
+    still reach the sidecar's port only. One pod per replica keeps the policy as it was."""
+    import kubernetes_validate
+
+    s = serving(PP_SPEC)
+    pol = d.network_policy(s)
+    own = {"podSelector": {"matchLabels": pol["spec"]["podSelector"]["matchLabels"]}}
+    obj = lws.leader_worker_set(s, "blue", REV, 1)
+    for role in ("leaderTemplate", "workerTemplate"):  # the policy's pods are the group's pods, leader and workers
+        labels = obj["spec"]["leaderWorkerTemplate"][role]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in own["podSelector"]["matchLabels"].items()), role
+    assert {"from": [own]} in pol["spec"]["ingress"] and {"to": [own]} in pol["spec"]["egress"]
+    kubernetes_validate.validate(pol, "1.30.0", strict=True)
+    assert all(r.get("ports") for r in pol["spec"]["ingress"] if r != {"from": [own]}), "other ingress stays port-limited"
+    one = d.network_policy(serving(SPEC))
+    assert {"from": [own]} not in one["spec"]["ingress"] and {"to": [own]} not in one["spec"]["egress"]
+    assert one["spec"]["ingress"] == [r for r in pol["spec"]["ingress"] if r != {"from": [own]}]

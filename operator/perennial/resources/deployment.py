@@ -19,6 +19,7 @@ sidecar settings, the claims adapters live on) changes it, and adapters, replica
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -1008,17 +1009,25 @@ def network_policy(s: Serving, settings: EgressSettings | None = None) -> dict[s
     model = model_location(s)
     if model.hub:
         dests.add(f"hf://{model.path}", settings)
+    pods = {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_DEPLOYMENT: label_value(s.name), LABEL_REGION: s.region.name}}
+    ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": SIDECAR_PORT}]},
+                                     {**({"from": [dict(p) for p in settings_admin_from]} if settings_admin_from else {}),
+                                      "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}]
+    egress = netpol.egress_rules(dests.items, settings)
+    if s.spec.engine.pipeline_parallel_size > 1:
+        # LeaderWorkerSet groups: Ray (the leader's GCS, the workers' own ports) and NCCL between a group's pods use
+        # many ports; these pods (leaders and workers of this Deployment's region) reach each other on any of them
+        ingress.append({"from": [{"podSelector": copy.deepcopy(pods)}]})
+        egress = [*egress, {"to": [{"podSelector": copy.deepcopy(pods)}]}]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(s, network_policy_name(s.prefix)),
         "spec": {
-            "podSelector": {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_DEPLOYMENT: label_value(s.name), LABEL_REGION: s.region.name}},
+            "podSelector": pods,
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": SIDECAR_PORT}]},
-                        {**({"from": [dict(p) for p in settings_admin_from]} if settings_admin_from else {}),
-                         "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}],
-            "egress": netpol.egress_rules(dests.items, settings),
+            "ingress": ingress,
+            "egress": egress,
         },
     }
 
