@@ -104,6 +104,8 @@ def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned
     assert "--ray-head" in leader["engine"]["args"] and "--address=$(LWS_LEADER_ADDRESS):6379" in worker["command"]
     assert [r["uid"] for r in blue["metadata"]["ownerReferences"]] == [w.cluster.get("Deployment", "chat")["metadata"]["uid"]]
     assert_valid_pods(blue)
+    pdb = wait_for(lambda: w.kube.get("policy/v1", "PodDisruptionBudget", NS, "chat-blue"), message="blue's PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"][lws.SET_NAME_LABEL] == "chat-blue", "it counts the workers too"
 
     # Served only when every group is whole: one of two groups ready is no switch.
     w.proxied("chat-preview")

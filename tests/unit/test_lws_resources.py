@@ -202,3 +202,23 @@ def test_the_pods_of_a_group_reach_each_other_and_nothing_else_opens():
     one = d.network_policy(serving(SPEC))
     assert {"from": [own]} not in one["spec"]["ingress"] and {"to": [own]} not in one["spec"]["egress"]
     assert one["spec"]["ingress"] == [r for r in pol["spec"]["ingress"] if r != {"from": [own]}]
+
+
+def test_the_disruption_budget_covers_every_pod_of_a_color_s_groups():
+    """A worker evicted takes its whole group down (RecreateGroupOnPodRestart): the PodDisruptionBudget of a color
+    counts leaders and workers (LeaderWorkerSet's own `leaderworkerset.sigs.k8s.io/name` label on each of its pods),
+    so a drain takes one pod, one group, at a time; the other color's pods are not counted."""
+    import kubernetes_validate
+
+    s = serving(PP_SPEC)
+    pdb = lws.pdb(s, "blue")
+    kubernetes_validate.validate(pdb, "1.30.0", strict=True)
+    assert pdb["metadata"]["name"] == d.pdb_name(s.prefix, "blue") and pdb["spec"]["maxUnavailable"] == 1
+    sel = pdb["spec"]["selector"]["matchLabels"]
+    matches = lambda labels: all(labels.get(k) == v for k, v in sel.items())  # noqa: E731
+    for color, want in (("blue", True), ("green", False)):
+        lwt = lws.leader_worker_set(s, color, REV, 1)["spec"]["leaderWorkerTemplate"]
+        for role in ("leaderTemplate", "workerTemplate"):  # the pods as LeaderWorkerSet labels them
+            labels = {**lwt[role]["metadata"]["labels"], lws.SET_NAME_LABEL: d.deployment_name(s.prefix, color)}
+            assert matches(labels) is want, (color, role)
+    assert lws.pdb(serving(SPEC), "blue") == d.pdb(serving(SPEC), "blue")

@@ -640,8 +640,9 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
             continue
         if m is not None:
             manifests.append(m)
-            pdb = build.pdb(s, c)
-            pdb["spec"]["selector"]["matchLabels"] = color_selector(w.colors, s, c)
+            pdb = lws.pdb(s, c)
+            if lws.group_size(s) == 1:
+                pdb["spec"]["selector"]["matchLabels"] = color_selector(w.colors, s, c)
             manifests.append(pdb)
     if pods.preview_color is not None:
         svc = build.preview_service(s, pods.preview_color)
@@ -1043,7 +1044,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         if len(used) != len(set(used)):
             raise ValueError("two regions name the same `clusterSecretRef`: a cluster holds one region of a Deployment "
                              "(use `nodeSelector` regions for node pools of one cluster)")
-        settings = build.ServingSettings(feedback_store_uri=ctx.config.feedback_store_uri or None)
+        settings = ctx.config.serving_settings()
         servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values()),
                                   settings=settings) for r in regions]
         for s in servings:

@@ -8,8 +8,9 @@ hold their GPUs. `restartPolicy: RecreateGroupOnPodRestart`: any pod of a group 
 group, and LeaderWorkerSet counts a replica ready only when every pod of its group is (`readyReplicas`), which
 is what `group_ready()` reads: the group is ready as a whole or not at all.
 
-Workers carry the Deployment's labels but not its color, so the Services and the PodDisruptionBudget (which
-select a color) reach the leaders only: the sidecar is the only port, as in a one-node replica.
+Workers carry the Deployment's labels but not its color, so the Services (which select a color) reach the leaders
+only: the sidecar is the only port, as in a one-node replica. A color's PodDisruptionBudget counts leaders and
+workers (`pdb`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ LWS_RESOURCE = "leaderworkersets.leaderworkerset.x-k8s.io"
 #: the Ray head's port on the leader (perennial_server.vllm.RAY_PORT)
 RAY_PORT = 6379
 ROLE_LABEL = "perennial.ai/role"
+#: The label LeaderWorkerSet puts on every pod of a set, leader and workers (`leaderworkerset.sigs.k8s.io/name`).
+SET_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 
 
 def group_size(s: d.Serving) -> int:
@@ -99,6 +102,16 @@ def workload_kind(s: d.Serving) -> tuple[str, str]:
 def workload(s: d.Serving, color: str, revision: str, replicas: int | None) -> dict[str, Any]:
     """A color's workload, named as the apps/v1 Deployment of a one-pod-per-replica spec would be."""
     return leader_worker_set(s, color, revision, replicas) if group_size(s) > 1 else d.deployment(s, color, revision, replicas)
+
+
+def pdb(s: d.Serving, color: str) -> dict[str, Any]:
+    """A color's PodDisruptionBudget. Across nodes it counts every pod of the color's groups (by LeaderWorkerSet's
+    own label; workers carry no color), so a drain evicts one pod, hence one group, at a time."""
+    out = d.pdb(s, color)
+    if group_size(s) > 1:
+        sel = {k: v for k, v in d.selector(s, color).items() if k != d.LABEL_COLOR}
+        out["spec"]["selector"]["matchLabels"] = {**sel, SET_NAME_LABEL: d.deployment_name(s.prefix, color)}
+    return out
 
 
 def scale_target(s: d.Serving, color: str) -> dict[str, Any]:
