@@ -170,6 +170,10 @@ def test_without_leaderworkerset_a_group_across_nodes_is_blocked_and_nothing_is_
     for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"), ("v1", "Secret")):
         assert w.kube.list(api, kind, NS, "perennial.ai/deployment=big") == [], kind
     assert w.kube.get("v1", "Secret", NS, "big-feedback-token") is None
+    # groups in another cluster are not supported (its CRDs and watches are not known there): refused with that reason
+    w.cluster.create("Deployment", "far", spec(engine=ENGINE, regions=[{"name": "ap", "clusterSecretRef": {"name": "ap-cluster"}}]))
+    c = w.cluster.wait_condition("Deployment", "far", "Ready", "False", "InvalidSpec")
+    assert "region 'ap'" in c["message"] and "not yet in other clusters" in c["message"]
     # LeaderWorkerSet installed (the operator restarted): the same Deployment goes on
     install_lws(w)
     wait_for(lambda: get_lws(w, "big-blue"), message="the LeaderWorkerSet once its CRD is served")
