@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 from harness import API, running_cluster, wait_for
+from perennial.resources import lws
 from test_deployment_controller import NS, Engines, Serving, assert_one_child_each, spec
 from test_trainingrun_engines import engine_crd
-
-from perennial.resources import lws
 
 LWS_CRD = engine_crd("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
 LWS_CRD["spec"]["versions"][0]["subresources"]["scale"] = {
