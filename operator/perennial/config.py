@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .resources.networkpolicy import EgressSettings
 from .resources.podsecurity import PodSettings
 
+if TYPE_CHECKING:
+    from .resources.deployment import ServingSettings
+
 
 def _list(name: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in os.environ.get(name, "").split(",") if x.strip())
+
+
+#: a Secret's name: a DNS subdomain
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def _env(name: str, default: str) -> str:
@@ -63,6 +72,15 @@ class OperatorConfig:
     dns_namespace: str = field(default_factory=lambda: _env("PERENNIAL_DNS_NAMESPACE", "kube-system"))
     #: the S3-compatible endpoint `s3://` URIs go to (MinIO, ...), if not AWS
     s3_endpoint: str = field(default_factory=lambda: _env("PERENNIAL_S3_ENDPOINT", ""))
+    #: Secrets (names, comma-separated) every pod the operator creates pulls its images with: trainer, validation,
+    #: download and serving pods. Each must exist in the namespace of the pods (the operator never reads them).
+    image_pull_secrets: tuple[str, ...] = field(default_factory=lambda: _list("PERENNIAL_IMAGE_PULL_SECRETS"))
+
+    def __post_init__(self) -> None:
+        for name in self.image_pull_secrets:
+            if len(name) > 253 or not _SECRET_NAME.match(name):
+                raise ValueError(f"PERENNIAL_IMAGE_PULL_SECRETS: {name!r} is not a Secret name (a DNS subdomain: lower-case "
+                                 "letters, digits, '-' and '.')")
 
     def pod_settings(self) -> PodSettings:
         return PodSettings(
@@ -70,7 +88,14 @@ class OperatorConfig:
             shared_memory=self.shared_memory_size, validation_scratch=self.validation_scratch_size,
             download_scratch=self.download_scratch_size, training_deadline_seconds=self.training_deadline_seconds,
             validation_deadline_seconds=self.validation_deadline_seconds, download_deadline_seconds=self.download_deadline_seconds,
+            image_pull_secrets=self.image_pull_secrets,
         )
+
+    def serving_settings(self) -> "ServingSettings":
+        """The operator-wide settings of serving pods (resources.deployment.ServingSettings)."""
+        from .resources.deployment import ServingSettings
+
+        return ServingSettings(feedback_store_uri=self.feedback_store_uri or None, image_pull_secrets=self.image_pull_secrets)
 
     def egress_settings(self) -> EgressSettings | None:
         """None when the operator builds no NetworkPolicies."""

@@ -63,7 +63,9 @@ def test_helm_lint_strict_is_clean(values_file):
 def test_values_schema_refuses_what_the_operator_cannot_take():
     for bad in ({"mode": "hub"}, {"watch": {"namespaces": ["Not_A_Namespace"]}}, {"operator": {"logFormat": "xml"}},
                 {"storage": {"artifactUri": "ftp://x/y"}}, {"jobs": {"trainerScratchSize": "lots"}}, {"unknownTopLevel": 1},
-                {"image": {"digest": "sha256:short"}}, {"operator": {"workers": 0}}):
+                {"image": {"digest": "sha256:short"}}, {"operator": {"workers": 0}},
+                {"images": {"trainer": "t", "server": "s", "pullSecrets": ["registry"]}},
+                {"images": {"trainer": "t", "server": "s", "pullSecrets": [{"name": "Not/A/Secret"}]}}):
         report = helm_python.lint(str(CHART), bad, strict=True)
         assert report["errors"], bad
 
@@ -185,6 +187,11 @@ def test_the_operator_reads_the_values_it_is_given(monkeypatch):
     assert cfg.trainer_scratch_size == "40Gi" and cfg.training_deadline_seconds == 86400
     assert cfg.egress_cidrs == ("10.20.0.0/16",) and cfg.dns_cidrs == ("169.254.20.10/32",)
     assert cfg.network_policies is True and cfg.workers == 16
+    # the workload pods' pull secrets (images.pullSecrets), apart from the operator pod's own (imagePullSecrets)
+    assert cfg.image_pull_secrets == ("registry", "mirror.example.com")
+    assert cfg.pod_settings().image_pull_secrets == cfg.serving_settings().image_pull_secrets == cfg.image_pull_secrets
+    default_env = {e["name"] for e in operator(render())["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "PERENNIAL_IMAGE_PULL_SECRETS" not in default_env
 
 
 # ---------------------------------------------------------------------------------------------------- CRDs

@@ -80,7 +80,7 @@ def download_job(body: dict[str, Any], spec: BaseModelSpec, image: str, pods: Po
                         {"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim_name(name)}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": pods.download_scratch}},
                     ],
-                }),
+                }, pods.image_pull_secrets),
             },
         },
     }

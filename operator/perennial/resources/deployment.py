@@ -240,6 +240,8 @@ class ServingSettings:
     #: NetworkPolicy peers the sidecar's admin port admits (e.g. Prometheus' namespace and the API servers' CIDR,
     #: through which the operator reads other regions' pods); empty: any source, like the client port
     admin_ingress_from: tuple[Mapping[str, Any], ...] = ()
+    #: Secrets the serving pods pull their images with (names; PERENNIAL_IMAGE_PULL_SECRETS)
+    image_pull_secrets: tuple[str, ...] = ()
 
     def startup_seconds(self, engine_type: str) -> int:
         return self.vllm_startup_seconds if engine_type == "VLLM" else self.cpu_startup_seconds
@@ -657,7 +659,7 @@ def pod_template(s: Serving, color: str, revision: str) -> dict[str, Any]:
             {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": spread_selector}
             for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
         ],
-    })
+    }, settings.image_pull_secrets)
     pod_spec["securityContext"] = {**pod_security_context(), "runAsUser": SERVER_UID, "runAsGroup": SERVER_UID, "fsGroup": SERVER_UID}
     node_selector = {**(res.node_selector or {}), **(s.region.node_selector or {})}
     if node_selector:

@@ -234,7 +234,7 @@ def train_job(body: dict[str, Any], spec: TrainingRunSpec, job: dict[str, Any], 
         "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": container["volumeMounts"], "securityContext": container["securityContext"]}],
         "securityContext": pod["securityContext"],
     }
-    for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName"):
+    for key in ("nodeSelector", "tolerations", "affinity", "serviceAccountName", "imagePullSecrets"):
         if key in pod:
             patch_pod[key] = pod[key]
     launcher = launcher_command(spec, TRAINJOB_ENDPOINT, (body["metadata"].get("uid") or body["metadata"]["name"]))

@@ -62,6 +62,8 @@ class PodSettings:
     download_deadline_seconds: int = 6 * 3600
     #: ephemeral storage allowed besides the emptyDirs (container logs; the root filesystem is read-only)
     log_allowance: str = "1Gi"
+    #: Secrets the pods pull their images with (names; PERENNIAL_IMAGE_PULL_SECRETS)
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
@@ -120,8 +122,10 @@ def pod_security_context() -> dict[str, Any]:
     }
 
 
-def harden_pod(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """Pod-level settings every Job pod of the operator gets (in place; returns it)."""
+def harden_pod(pod_spec: dict[str, Any], image_pull_secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Pod-level settings every pod of the operator gets (in place; returns it); `image_pull_secrets` by name."""
+    if image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in image_pull_secrets]
     pod_spec["automountServiceAccountToken"] = False
     pod_spec["enableServiceLinks"] = False  # no `<SVC>_SERVICE_HOST` variables: the environment is the trainer's own
     pod_spec["securityContext"] = pod_security_context()

@@ -80,7 +80,7 @@ def validation_job(body: dict[str, Any], spec: RewardSpecSpec, image: str, pods:
                         }
                     ],
                     "volumes": volumes,
-                }),
+                }, pods.image_pull_secrets),
             },
         },
     }

@@ -229,7 +229,7 @@ def job(
         "restartPolicy": "Never",
         "containers": [container],
         "volumes": volumes,
-    })
+    }, pods.image_pull_secrets)
     res = spec.resources
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
