@@ -508,3 +508,27 @@ def test_children_of_a_deployment_with_a_long_name_wake_it():
 
     asyncio.run(wake())
     assert Key("Deployment", "team", long) in m.queue._queued
+
+
+def test_a_color_s_leaderworkerset_and_its_pods_wake_the_perennial_deployment():
+    """Across nodes (pipelineParallelSize > 1) a color is a LeaderWorkerSet: watched where installed (optional: its CRD
+    may not be), its changes (the groups' readiness) and its leader and worker pods wake the Deployment."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers import all_controllers
+    from perennial.controllers.base import Context
+    from perennial.kube.cache import Cache
+    from perennial.resources import lws
+
+    watched = {(w.api_version, w.kind): w for w in BUILTIN_WATCHES}
+    w = watched[(lws.LWS_API, "LeaderWorkerSet")]
+    assert w.optional and w.id == lws.LWS_RESOURCE and w.labels == {"app.kubernetes.io/managed-by": build.MANAGED_BY}
+    m = Manager(all_controllers(), Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0))
+    s = serving(typed(engine={"pipelineParallelSize": 2}))
+    obj = lws.workload(s, "blue", build.revision(s), 1)
+    child = {**obj, "metadata": {**obj["metadata"], "ownerReferences": [{"apiVersion": "perennial.ai/v1alpha1", "kind": "Deployment", "name": "chat", "uid": "u1"}]}}
+    assert m.keys_for(None, child) == {Key("Deployment", "team", "chat")}
+    for role in ("leaderTemplate", "workerTemplate"):
+        labels = obj["spec"]["leaderWorkerTemplate"][role]["metadata"]["labels"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"chat-blue-0-{role}", "namespace": "team", "labels": labels,
+                                                               "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "chat-blue", "uid": "ss"}]}}
+        assert m.keys_for(None, pod) == {Key("Deployment", "team", "chat")}, role
