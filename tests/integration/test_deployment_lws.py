@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from harness import API, running_cluster, wait_for
 from perennial.resources import lws
+from test_controller_pattern import WRITES, count, quiet
 from test_deployment_controller import NS, Engines, Serving, assert_one_child_each, spec
 from test_trainingrun_engines import engine_crd
 
@@ -121,6 +122,16 @@ def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": lws.LWS_API, "kind": "LeaderWorkerSet", "name": "chat-blue"}
     st = w.status()
     assert st["activeColor"] == "blue" and st["readySummary"] == "2/2"
+    # Stable: the LeaderWorkerSet controller's status writes wake the Deployment and make no write of ours.
+    quiet(w.cluster)
+    w.cluster.server.reset_request_counts()
+    for i in range(3):
+        w.kube.patch(lws.LWS_API, "LeaderWorkerSet", NS, "chat-blue", {"status": {"conditions": [
+            {"type": "Available", "status": "True", "reason": "AllGroupsReady", "message": f"pass {i}",
+             "lastTransitionTime": f"2026-01-01T00:00:0{i}Z"}]}}, subresource="status")
+        time.sleep(0.3)
+    quiet(w.cluster)
+    assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
 
     # A new revision: green's LeaderWorkerSet as the preview, smoke test, full count, switch, blue scaled to zero.
     w.kube.patch(API, "Deployment", NS, "chat", {"spec": {"engine": {"extraArgs": ["--enforce-eager"]}}})
