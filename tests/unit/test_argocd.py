@@ -151,19 +151,14 @@ def test_argocd_cm_snippet_is_generated_from_the_customizations():
     assert yaml.safe_load((ROOT / "charts" / "perennial" / "files" / "argocd-cm-data.yaml").read_text()) == data
 
 
-def test_the_chart_data_file_renders_into_an_argocd_cm_through_files_get(tmp_path: Path):
-    """The snippet the chart's Argo CD option is to use, rendered by the Helm SDK on a copy of the chart."""
-    import shutil
-
+def test_the_charts_argocd_option_renders_the_same_keys():
+    """The chart's option (argocd.resourceCustomizations.enabled) renders the generated data file through .Files.Get."""
     from helm_python import Chart
 
-    chart = tmp_path / "perennial"
-    shutil.copytree(ROOT / "charts" / "perennial", chart)
-    (chart / "templates" / "zz-argocd-cm.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: argocd-cm\n  namespace: argocd\ndata:\n"
-        '  {{- .Files.Get "files/argocd-cm-data.yaml" | nindent 2 }}\n')
-    rendered = Chart.load(str(chart)).render({}, name="perennial", namespace="perennial-system")
-    cm = yaml.safe_load(rendered["perennial/templates/zz-argocd-cm.yaml"])
+    rendered = Chart.load(str(ROOT / "charts" / "perennial")).render(
+        {"argocd": {"resourceCustomizations": {"enabled": True}}}, name="perennial", namespace="perennial-system")
+    cm = yaml.safe_load(rendered["perennial/templates/argocd-cm.yaml"])
+    assert (cm["metadata"]["name"], cm["metadata"]["namespace"]) == ("argocd-cm", "argocd")
     assert cm["data"] == yaml.safe_load((ROOT / "argocd" / "argocd-cm.yaml").read_text())["data"]
 
 

@@ -51,7 +51,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 def test_ci_values_cover_the_modes_a_platform_team_needs():
     names = {p.name for p in CI_VALUES}
     assert {"all-namespaces-values.yaml", "one-namespace-values.yaml", "namespace-list-values.yaml", "keda-values.yaml",
-            "servicemonitor-values.yaml", "member-region-values.yaml"} <= names
+            "servicemonitor-values.yaml", "member-region-values.yaml", "argocd-values.yaml"} <= names
 
 
 @pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "default")
@@ -65,7 +65,9 @@ def test_values_schema_refuses_what_the_operator_cannot_take():
                 {"storage": {"artifactUri": "ftp://x/y"}}, {"jobs": {"trainerScratchSize": "lots"}}, {"unknownTopLevel": 1},
                 {"image": {"digest": "sha256:short"}}, {"operator": {"workers": 0}},
                 {"images": {"trainer": "t", "server": "s", "pullSecrets": ["registry"]}},
-                {"images": {"trainer": "t", "server": "s", "pullSecrets": [{"name": "Not/A/Secret"}]}}):
+                {"images": {"trainer": "t", "server": "s", "pullSecrets": [{"name": "Not/A/Secret"}]}},
+                {"argocd": {"resourceCustomizations": {"enabled": True, "namespace": "Argo_CD"}}},
+                {"argocd": {"resourceCustomizations": {"enabled": "yes"}}}):
         report = helm_python.lint(str(CHART), bad, strict=True)
         assert report["errors"], bad
 
@@ -192,6 +194,28 @@ def test_the_operator_reads_the_values_it_is_given(monkeypatch):
     assert cfg.pod_settings().image_pull_secrets == cfg.serving_settings().image_pull_secrets == cfg.image_pull_secrets
     default_env = {e["name"] for e in operator(render())["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "PERENNIAL_IMAGE_PULL_SECRETS" not in default_env
+
+
+# ---------------------------------------------------------------------------------------------------- Argo CD
+
+def test_argocd_option_emits_perennials_argocd_cm_keys_for_a_server_side_merge():
+    """argocd.resourceCustomizations: the keys of argocd/argocd-cm.yaml (generated from argocd/, drift-checked) in a
+    ConfigMap Argo CD server-side applies into its existing argocd-cm: never pruned, deleted or uninstalled, and
+    labelled only as Argo CD labels argocd-cm (a label of ours would take app.kubernetes.io/part-of from Argo CD's)."""
+    def argocd_cms(docs):
+        return [d for d in by_kind(docs, "ConfigMap") if any(k.startswith("resource.customizations.") for k in d.get("data") or {})]
+
+    assert argocd_cms(render()) == []
+    (cm,) = argocd_cms(render(values_of(CHART / "ci" / "argocd-values.yaml")))
+    assert (cm["metadata"]["name"], cm["metadata"]["namespace"]) == ("argocd-cm", "gitops")
+    assert cm["data"] == yaml.safe_load((ROOT / "argocd" / "argocd-cm.yaml").read_text())["data"]
+    assert len([k for k in cm["data"] if k.startswith("resource.customizations.health.perennial.ai_")]) == 5
+    assert cm["metadata"]["labels"] == {"app.kubernetes.io/name": "argocd-cm", "app.kubernetes.io/part-of": "argocd"}
+    assert cm["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep",
+                                             "argocd.argoproj.io/sync-options": "ServerSideApply=true,Prune=false,Delete=false"}
+    (named,) = argocd_cms(render({"argocd": {"resourceCustomizations": {"enabled": True, "configMapName": "argocd-cm-perennial",
+                                                                        "namespace": "argocd"}}}))
+    assert (named["metadata"]["name"], named["metadata"]["namespace"]) == ("argocd-cm-perennial", "argocd")
 
 
 # ---------------------------------------------------------------------------------------------------- CRDs
@@ -347,16 +371,16 @@ def test_network_policy_admits_the_checks_and_the_selected_namespaces_on_the_two
 #: check id -> (values files where it is accepted, why). One line each; a finding that no longer occurs fails too.
 CHECKOV_ACCEPTED: dict[str, tuple[frozenset[str], str]] = {
     # the operator must talk to the API server: its token is mounted (the check pods get none)
-    "CKV_K8S_38": (frozenset({"default", "all-namespaces", "keda", "namespace-list", "one-namespace", "servicemonitor"}),
+    "CKV_K8S_38": (frozenset({"default", "all-namespaces", "argocd", "keda", "namespace-list", "one-namespace", "servicemonitor"}),
                    "the operator's pod needs its service-account token; nothing else mounts one"),
     # the defaults name a release tag; `image.digest` pins (ci/one-namespace-values.yaml shows both findings gone)
-    "CKV_K8S_43": (frozenset({"default", "all-namespaces", "keda", "namespace-list", "servicemonitor"}),
+    "CKV_K8S_43": (frozenset({"default", "all-namespaces", "argocd", "keda", "namespace-list", "servicemonitor"}),
                    "a tag by default; image.digest pins the image (one-namespace-values.yaml)"),
-    "CKV_K8S_15": (frozenset({"default", "all-namespaces", "keda", "namespace-list", "servicemonitor"}),
+    "CKV_K8S_15": (frozenset({"default", "all-namespaces", "argocd", "keda", "namespace-list", "servicemonitor"}),
                    "IfNotPresent with an immutable release tag; pullPolicy Always is a value (one-namespace-values.yaml)"),
     # NetworkPolicies are opt-in (networkPolicy.enabled: a cluster without a CNI that enforces them gains nothing);
     # with them on (namespace-list-values.yaml) every pod of the chart is selected by one
-    "CKV2_K8S_6": (frozenset({"default", "all-namespaces", "keda", "one-namespace", "servicemonitor"}),
+    "CKV2_K8S_6": (frozenset({"default", "all-namespaces", "argocd", "keda", "one-namespace", "servicemonitor"}),
                    "NetworkPolicies are opt-in; namespace-list-values.yaml turns them on and the finding is gone"),
 }
 
