@@ -74,8 +74,12 @@ def test_every_pod_the_operator_builds_names_the_pull_secrets(monkeypatch: pytes
     pods = {**job_pods(cfg.pod_settings()), **serving_pods(cfg.serving_settings())}
     assert {"training", "validation", "download", "serving", "lws-leader", "lws-worker"} <= set(pods)
     assert any(k.startswith("JobSet:") for k in pods) and any(k.startswith("TrainJob:") for k in pods) and any(k.startswith("IndexedJob:") for k in pods)
+    import kubernetes_validate
+
     for name, pod in pods.items():
         assert pod.get("imagePullSecrets") == WANT, name
+        if not name.startswith("TrainJob:"):  # a TrainJob carries a patch of its runtime's pod, not a whole pod
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, "1.30.0", strict=True)
 
 
 def test_without_the_setting_no_pod_names_any(monkeypatch: pytest.MonkeyPatch):
