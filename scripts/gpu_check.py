@@ -24,8 +24,18 @@ What it does, offline:
    checkpointing really ran). Then it checks the termination message says Succeeded, the adapter,
    metrics.json and manifest.json were written, the LoRA B matrices moved away from zero, and that
    every adapter reloads (one PeftModel, three adapters) and generates on the GPU;
-4. prints a summary and writes it as JSON to `--out` (default ./gpu_check.json);
-5. exits 2 when CUDA is absent unless `--allow-cpu` (then the same run checks the trainer's CPU
+4. then the modes beyond one plain process (`--modes`, `mode_plan`), each through the same entrypoint, SFT unless
+   said: `ddp1` (`--nproc-per-node 1`), `ddp` (every GPU, NCCL; 2 gloo processes on CPU), `fsdp` (PERENNIAL_FSDP=1
+   over every GPU: parameters must be FSDP2 shards on every rank; on CPU the trainer must fall back to DDP and say
+   so), `qlora` (`lora.quantization: 4bit`: base weights stored in 4 bits; on CPU refused with InvalidConfig), and
+   `grpo-vllm` (GRPO from the SFT adapter with PERENNIAL_GRPO_GENERATION=vllm: TRL's use_vllm colocate and the
+   result's `generation` record; on CPU refused with InvalidConfig). A mode the machine cannot run is skipped with
+   the reason ("skipped: 1 GPU", "bitsandbytes not importable (...)", "vllm not importable (...)"). With several
+   processes the trainer's own launcher starts them (torchrun in-process) and every worker runs under the probe:
+   one set of progress lines, each rank on its own GPU, steps/s of rank 0, peak memory of every rank;
+5. prints a summary (one table: steps/s and peak GPU memory of every run and mode) and writes it as JSON to `--out`
+   (default ./gpu_check.json);
+6. exits 2 when CUDA is absent unless `--allow-cpu` (then the same run checks the trainer's CPU
    policy: fp32, no bf16, no activation checkpointing), 1 when a check fails, 0 when all pass.
 
 `--rehearse-gpu-flags` (CPU only, with `--allow-cpu`) makes the trainer's `device_setup()` return
@@ -65,12 +75,19 @@ def _param_summary(model) -> dict[str, Any]:
     devices: dict[str, int] = {}
     trainable: dict[str, int] = {}
     frozen: dict[str, int] = {}
+    local = full = dtensors = 0
     for p in model.parameters():
         devices[str(p.device)] = devices.get(str(p.device), 0) + p.numel()
         d = trainable if p.requires_grad else frozen
         d[str(p.dtype).replace("torch.", "")] = d.get(str(p.dtype).replace("torch.", ""), 0) + p.numel()
+        full += p.numel()
+        if hasattr(p, "to_local"):  # an FSDP2 shard (DTensor): this rank holds only its part
+            dtensors += 1
+            local += p.to_local().numel()
+        else:
+            local += p.numel()
     return {"devices": devices, "trainable_dtypes": trainable, "frozen_dtypes": frozen,
-            "model_class": type(model).__name__}
+            "model_class": type(model).__name__, "numel": full, "local_numel": local, "dtensor_params": dtensors}
 
 
 def _is_ckpt(model) -> bool | None:
@@ -88,6 +105,26 @@ def child_main(probe_path: str, trainer_argv: list[str]) -> int:
 
     probe: dict[str, Any] = {"trl_args": [], "train": [], "steps": {}, "ckpt_calls": 0, "errors": []}
     cuda = torch.cuda.is_available()
+    if "LOCAL_RANK" in os.environ:  # a worker of the trainer's launcher (torchrun): one probe file per rank
+        probe["rank"] = int(os.environ.get("RANK", "0"))
+        probe["local_rank"] = int(os.environ["LOCAL_RANK"])
+        probe_path = f"{probe_path}.rank{probe['rank']}"
+    else:
+        # The trainer's own launcher (`--nproc-per-node N`: perennial_trainer.distributed.launch, torchrun in-process)
+        # starts `-m perennial_trainer`; run this probe in its place, with the same arguments, so every worker is observed.
+        import torch.distributed.run as torchrun
+
+        orig_run = torchrun.run
+
+        def probed_run(args):
+            if args.module and args.training_script == "perennial_trainer":
+                args.module = False
+                args.training_script = str(Path(__file__).resolve())
+                args.training_script_args = [CHILD_FLAG, probe_path, "--", *args.training_script_args]
+                probe["launched_workers"] = args.nproc_per_node
+            return orig_run(args)
+
+        torchrun.run = probed_run
 
     if os.environ.get(REHEARSE_ENV) == "1":
         if cuda:
@@ -121,7 +158,8 @@ def child_main(probe_path: str, trainer_argv: list[str]) -> int:
         rec = {"class": type(args).__name__}
         for k in ("bf16", "fp16", "activation_checkpointing", "gradient_checkpointing", "gradient_checkpointing_kwargs",
                   "activation_checkpointing_kwargs", "use_cpu", "per_device_train_batch_size", "max_steps",
-                  "learning_rate", "num_generations", "max_completion_length"):
+                  "learning_rate", "num_generations", "max_completion_length", "fsdp_config", "use_vllm", "vllm_mode",
+                  "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"):
             if hasattr(args, k):
                 v = getattr(args, k)
                 rec[k] = v if isinstance(v, (bool, int, float, str, type(None), dict, list)) else repr(v)
@@ -140,7 +178,10 @@ def child_main(probe_path: str, trainer_argv: list[str]) -> int:
                 rec = {"step": state.global_step, "ckpt_calls_so_far": probe["ckpt_calls"],
                        "model_is_activation_checkpointing": _is_ckpt(model) if model is not None else None}
                 if model is not None:
-                    rec["param_devices"] = _param_summary(model)["devices"]
+                    ps = _param_summary(model)
+                    rec["param_devices"] = ps["devices"]
+                    rec["numel"], rec["local_numel"], rec["dtensor_params"] = ps["numel"], ps["local_numel"], ps["dtensor_params"]
+                    rec["frozen_dtypes"] = ps["frozen_dtypes"]
                 if cuda:
                     rec["max_memory_allocated"] = torch.cuda.max_memory_allocated()
                 probe["steps"][key] = rec
@@ -155,6 +196,8 @@ def child_main(probe_path: str, trainer_argv: list[str]) -> int:
             rec["mixed_precision"] = str(getattr(self.accelerator, "mixed_precision", None))
             rec["args_bf16"] = bool(self.args.bf16)
             rec["args_activation_checkpointing"] = bool(getattr(self.args, "activation_checkpointing", getattr(self.args, "gradient_checkpointing", False)))
+            rec["is_fsdp_enabled"] = bool(getattr(self, "is_fsdp_enabled", False))
+            rec["num_processes"] = int(getattr(self.accelerator, "num_processes", 1))
             self.add_callback(StepProbe())
         except Exception as e:  # noqa: BLE001 - never let the probe break the run
             probe["errors"].append(f"before train: {e!r}")
@@ -218,7 +261,7 @@ class Checks:
         return [c for c in self.items if c["hard"] and not c["ok"]]
 
 
-def _child_env(work: Path, rehearse: bool) -> dict[str, str]:
+def _child_env(work: Path, rehearse: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     pp = [str(p) for p in SRC_DIRS]
     if env.get("PYTHONPATH"):
@@ -231,13 +274,19 @@ def _child_env(work: Path, rehearse: bool) -> dict[str, str]:
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for k in ("PERENNIAL_FSDP", "PERENNIAL_GRPO_GENERATION", "PERENNIAL_NPROC_PER_NODE"):
+        env.pop(k, None)  # each run says what it wants (below)
     if rehearse:
         env[REHEARSE_ENV] = "1"
+    env.update(extra or {})
     return env
 
 
-def run_method(name: str, cfg: dict, work: Path, timeout: float, rehearse: bool) -> dict[str, Any]:
-    """One `perennial-trainer --config` run in a child process; returns termination message, probe, log tail."""
+def run_method(name: str, cfg: dict, work: Path, timeout: float, rehearse: bool, extra_args: list[str] | None = None,
+               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One `perennial-trainer --config` run in a child process; returns termination message, probe(s), log tail.
+    `extra_args` (e.g. `--nproc-per-node 2`) go to the trainer's command line; with several processes the trainer's
+    own launcher starts them and each worker writes its probe (`rank_probes`)."""
     from trainer_support import write_config
 
     cfg_path = write_config(work / f"{name}.yaml", cfg)
@@ -245,13 +294,14 @@ def run_method(name: str, cfg: dict, work: Path, timeout: float, rehearse: bool)
     probe_path = work / f"{name}.probe.json"
     log_path = work / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, str(probe_path), "--",
-           "--config", cfg_path, "--termination-log", str(term)]
-    print(f"\n== {name}: {cfg['spec']['method']} ({cfg['spec']['hyperparameters']})", flush=True)
+           "train", "--config", cfg_path, "--termination-log", str(term), *(extra_args or [])]
+    how = " ".join([*(extra_args or []), *(f"{k}={v}" for k, v in (extra_env or {}).items())])
+    print(f"\n== {name}: {cfg['spec']['method']} ({cfg['spec']['hyperparameters']}){' ' + how if how else ''}", flush=True)
     t0 = time.perf_counter()
     timed_out = False
     with open(log_path, "w") as log:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_child_env(work, rehearse), stdout=log, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, cwd=REPO, env=_child_env(work, rehearse, extra_env), stdout=log, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc, timed_out = -9, True
@@ -261,6 +311,10 @@ def run_method(name: str, cfg: dict, work: Path, timeout: float, rehearse: bool)
     out: dict[str, Any] = {"rc": rc, "timed_out": timed_out, "wall_seconds": round(wall, 2), "log": str(log_path)}
     out["termination"] = json.loads(term.read_text()) if term.is_file() else None
     out["probe"] = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    out["rank_probes"] = {int(f.name.rsplit(".rank", 1)[1]): json.loads(f.read_text())
+                          for f in sorted(work.glob(f"{probe_path.name}.rank*")) if f.name.rsplit(".rank", 1)[1].isdigit()}
+    out["progress_steps"] = [p.get("step") for p in progress]
+    out["log_text"] = "\n".join(lines)
     out["progress_first"] = progress[1] if len(progress) > 1 else (progress[0] if progress else None)
     out["progress_last"] = progress[-1] if progress else None
     if rc != 0:
@@ -276,7 +330,10 @@ def check_run(name: str, res: dict[str, Any], expect: dict[str, Any], checks: Ch
     term = res.get("termination") or {}
     probe = res.get("probe") or {}
     row: dict[str, Any] = {"method": name, "rc": res["rc"], "status": term.get("status"), "reason": term.get("reason"),
-                           "message": term.get("message"), "wall_seconds": res["wall_seconds"]}
+                           "message": term.get("message"), "wall_seconds": res["wall_seconds"],
+                           "generation": (term.get("generation") or {}).get("engine")}
+    if term.get("generation"):
+        row["generation_reason"] = term["generation"].get("reason")
     checks.add(f"{name}: trainer exit 0 and termination status Succeeded", res["rc"] == 0 and term.get("status") == "Succeeded",
                f"rc={res['rc']} status={term.get('status')} reason={term.get('reason')} message={str(term.get('message'))[:300]}")
     if probe.get("errors"):
@@ -421,6 +478,182 @@ def reload_and_generate(base: str, outputs: dict[str, str], expect: dict[str, An
     return out
 
 
+# ============================================================================ multi-process, QLoRA and vLLM modes
+
+MODES = ("ddp1", "ddp", "fsdp", "qlora", "grpo-vllm")
+
+
+def _importable(mod: str) -> str | None:
+    """None when `mod` imports, else why not (one line)."""
+    try:
+        __import__(mod)
+    except Exception as e:  # noqa: BLE001 - a CUDA/ABI mismatch is not always an ImportError
+        return f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None
+
+
+def mode_plan(cuda: bool, gpus: int, bnb_error: str | None, vllm_error: str | None) -> list[dict[str, Any]]:
+    """The runs beyond one plain process, and what each must show. On GPUs: `ddp1` (`--nproc-per-node 1`), `ddp`
+    (every GPU, NCCL), `fsdp` (PERENNIAL_FSDP=1 over every GPU), `qlora` (`lora.quantization: 4bit`), `grpo-vllm`
+    (GRPO with PERENNIAL_GRPO_GENERATION=vllm); skipped with the reason when the machine cannot. On CPU (the rehearsal)
+    the same plumbing with what a CPU can show: 2 gloo processes, FSDP asked for and refused (DDP, a warning), QLoRA
+    and vLLM asked for and failed at once with `InvalidConfig`."""
+    n = max(2, gpus) if not cuda else gpus
+    ok = {"outcome": "Succeeded"}
+    plan = [
+        {"name": "ddp1", "method": "SFT", "nproc": 1, "env": {}, **ok,
+         "note": "--nproc-per-node 1: the launcher runs the one process in place"},
+        {"name": "ddp", "method": "SFT", "nproc": n, "env": {"PERENNIAL_FSDP": "0"}, **ok, "fsdp": False,
+         "skip": None if n >= 2 else "skipped: 1 GPU", "note": f"{n} processes, DDP over {'NCCL' if cuda else 'gloo'}"},
+        {"name": "fsdp", "method": "SFT", "nproc": n, "env": {"PERENNIAL_FSDP": "1"}, **ok, "fsdp": cuda,
+         "skip": None if n >= 2 else "skipped: 1 GPU",
+         "note": f"FSDP2 over {n} GPUs" if cuda else "FSDP asked for on CPU: the trainer trains with DDP and warns",
+         "log_has": None if cuda else "FSDP needs GPUs"},
+    ]
+    if cuda:
+        plan.append({"name": "qlora", "method": "SFT", "nproc": 1, "env": {}, "lora": {"quantization": "4bit"}, **ok,
+                     "skip": f"skipped: bitsandbytes not importable ({bnb_error})" if bnb_error else None,
+                     "note": "4-bit NF4 base weights (bitsandbytes), bf16 LoRA"})
+        plan.append({"name": "grpo-vllm", "method": "GRPO", "nproc": 1, "env": {"PERENNIAL_GRPO_GENERATION": "vllm"}, **ok,
+                     "vllm": True, "skip": f"skipped: vllm not importable ({vllm_error})" if vllm_error else None,
+                     "note": "GRPO generating with vLLM colocated on the training GPU"})
+    else:
+        plan.append({"name": "qlora", "method": "SFT", "nproc": 1, "env": {}, "lora": {"quantization": "4bit"},
+                     "outcome": "Failed", "reason": "InvalidConfig", "message_has": "(QLoRA) needs CUDA GPUs",
+                     "note": "QLoRA on CPU: refused before any data is read"})
+        plan.append({"name": "grpo-vllm", "method": "GRPO", "nproc": 1, "env": {"PERENNIAL_GRPO_GENERATION": "vllm"},
+                     "outcome": "Failed", "reason": "InvalidConfig", "message_has": "asks for vLLM generation, but no CUDA GPU",
+                     "note": "vLLM asked for on CPU: refused with the reason", "needs_wiring": True})
+    return plan
+
+
+def mode_config(m: dict[str, Any], base: str, data: dict[str, str], work: Path, steps: int, parent: str | None) -> dict:
+    from trainer_support import FRUIT_REWARD_SPEC, run_config
+
+    out = str(work / "out" / m["name"])
+    lora = {"rank": 8, "alpha": 16, "dropout": "0", **(m.get("lora") or {})}
+    if m["method"] == "GRPO":
+        return run_config(name=f"gpu-{m['name']}", method="GRPO", base=base, output=out, parent=parent, lora=lora,
+                          datasets=[{"name": "prompts", "uri": data["grpo"]}],
+                          hp={"learningRate": "3e-4", "maxSteps": steps, "batchSize": 16, "numGenerations": 8,
+                              "maxCompletionLength": 12, "entropyCoef": "0.05", "temperature": "1.0", "seed": 42},
+                          reward_spec=FRUIT_REWARD_SPEC, checkpoint_every=max(1, steps // 2))
+    return run_config(name=f"gpu-{m['name']}", method="SFT", base=base, output=out, lora=lora,
+                      datasets=[{"name": "format", "uri": "file://" + data["sft"]}],
+                      hp={"learningRate": "3e-3", "maxSteps": steps, "batchSize": 8, "seed": 42, "maxCompletionLength": 12},
+                      reward_spec=FRUIT_REWARD_SPEC, checkpoint_every=max(1, steps // 2))
+
+
+def check_mode(m: dict[str, Any], res: dict[str, Any], expect: dict[str, Any], steps: int, checks: Checks) -> dict[str, Any]:
+    """What a mode must show; returns its summary row (steps/s from rank 0, peak memory the largest of any rank)."""
+    name, nproc = m["name"], m["nproc"]
+    term = res.get("termination") or {}
+    row: dict[str, Any] = {"mode": name, "procs": nproc, "rc": res["rc"], "status": term.get("status"), "reason": term.get("reason"),
+                           "note": m.get("note"), "generation": (term.get("generation") or {}).get("engine")}
+    if m["outcome"] == "Failed":
+        msg = str(term.get("message") or "")
+        ok = res["rc"] != 0 and term.get("status") == "Failed" and term.get("reason") == m["reason"] and m["message_has"] in msg
+        if not ok and m.get("needs_wiring") and term.get("status") == "Succeeded" and "generation" not in term:
+            checks.add(f"{name}: train.py wires perennial_trainer.generation", False,
+                       "not yet: the run ignored PERENNIAL_GRPO_GENERATION (see the generation wiring snippet)", hard=False)
+            row["note"] = "not wired: PERENNIAL_GRPO_GENERATION ignored"
+            return row
+        checks.add(f"{name}: fails at once with {m['reason']} ({m['message_has']!r})", ok,
+                   f"rc={res['rc']} status={term.get('status')} reason={term.get('reason')} message={msg[:200]}")
+        checks.add(f"{name}: no adapter written", not (Path(expect["output"]) / "adapter_model.safetensors").exists())
+        return row
+
+    checks.add(f"{name}: trainer exit 0 and termination status Succeeded", res["rc"] == 0 and term.get("status") == "Succeeded",
+               f"rc={res['rc']} status={term.get('status')} reason={term.get('reason')} message={str(term.get('message'))[:300]}")
+    probes = res.get("rank_probes") or {}
+    if nproc > 1:
+        checks.add(f"{name}: {nproc} worker processes observed", sorted(probes) == list(range(nproc)), sorted(probes))
+    else:
+        probes = {0: res.get("probe") or {}}
+    trains = {r: (p.get("train") or [{}])[-1] for r, p in probes.items()}
+    t0 = trains.get(0) or {}
+    row["steps"] = t0.get("steps")
+    row["steps_per_s"] = round(t0["steps_per_s"], 3) if t0.get("steps_per_s") else None
+    peaks = [t.get("max_memory_allocated") for t in trains.values() if t.get("max_memory_allocated") is not None]
+    row["peak_gpu_mem_mib"] = round(max(peaks) / 2**20, 1) if peaks else None
+    row["peak_gpu_mem_mib_per_rank"] = {r: round(t["max_memory_allocated"] / 2**20, 1) for r, t in trains.items()
+                                        if t.get("max_memory_allocated") is not None}
+    checks.add(f"{name}: trained the requested steps", t0.get("steps") == steps, f"{t0.get('steps')} of {steps}")
+    want = "cuda" if expect["cuda"] else "cpu"
+    devs = {r: sorted((p.get("steps") or {}).get("first", {}).get("param_devices") or {}) for r, p in probes.items()}
+    if expect["cuda"]:
+        good = all(d == [f"cuda:{r}"] for r, d in devs.items()) if nproc > 1 else all(d and all(x.startswith("cuda") for x in d) for d in devs.values())
+    else:
+        good = all(d == ["cpu"] for d in devs.values())
+    checks.add(f"{name}: each process's parameters on its own {want} device at step 1", good, devs)
+    steps_seen = res.get("progress_steps") or []
+    # rank 0 alone prints: each step once (the last twice: its log and the end of training)
+    repeated = sorted({x for x in steps_seen if steps_seen.count(x) > (2 if x == max(steps_seen) else 1)}) if steps_seen else None
+    checks.add(f"{name}: one set of progress lines (rank 0's)", repeated == [],
+               f"{len(steps_seen)} lines, steps {steps_seen[:8]}{'…' if len(steps_seen) > 8 else ''}; repeated: {repeated}")
+    d = Path(term.get("artifactUri") or expect["output"])
+    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    row["train_loss"] = metrics.get("train/loss")
+    checks.add(f"{name}: metrics.json says {nproc} processes, {steps} steps",
+               metrics.get("train/processes") == nproc and metrics.get("train/steps") == steps,
+               {k: metrics.get(k) for k in ("train/processes", "train/steps", "train/fsdp")})
+    if "fsdp" in m:
+        row["fsdp"] = metrics.get("train/fsdp") == 1.0
+        checks.add(f"{name}: FSDP2 {'on' if m['fsdp'] else 'off'} (metrics.json train/fsdp)", metrics.get("train/fsdp") == (1.0 if m["fsdp"] else 0.0),
+                   metrics.get("train/fsdp"))
+        if m["fsdp"]:
+            firsts = {r: (p.get("steps") or {}).get("first") or {} for r, p in probes.items()}
+            sharded = {r: (f.get("dtensor_params"), f.get("local_numel"), f.get("numel")) for r, f in firsts.items()}
+            checks.add(f"{name}: parameters are FSDP2 shards on every rank (DTensors, local < full)",
+                       all(dt and loc < full for dt, loc, full in sharded.values()), sharded)
+    if m.get("log_has"):
+        checks.add(f"{name}: the log says {m['log_has']!r}", m["log_has"] in res.get("log_text", ""))
+    if m.get("lora", {}).get("quantization") == "4bit":
+        frozen = ((probes.get(0) or {}).get("train") or [{}])[-1].get("before", {}).get("frozen_dtypes", {})
+        row["frozen_dtypes"] = frozen
+        checks.add(f"{name}: base weights stored in 4 bits (uint8-packed Params4bit)", "uint8" in frozen, frozen)
+    if m.get("vllm"):
+        args = ((probes.get(0) or {}).get("trl_args") or [{}])[-1]
+        gen = term.get("generation") or {}
+        checks.add(f"{name}: TRL args use_vllm=True, vllm_mode colocate", args.get("use_vllm") is True and args.get("vllm_mode") == "colocate",
+                   {k: args.get(k) for k in ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")})
+        checks.add(f"{name}: the result records vLLM generation", gen.get("engine") == "vllm" and metrics.get("train/generation_vllm") == 1.0, gen)
+    if (d / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(d / "adapter_model.safetensors"))
+        b = [v.float().abs().max().item() for k, v in sd.items() if "lora_B" in k]
+        checks.add(f"{name}: adapter written, LoRA B weights trained (non-zero)", bool(b) and max(b) > 0, f"max |B| = {max(b) if b else None}")
+    else:
+        checks.add(f"{name}: adapter written", False, f"no adapter_model.safetensors in {d}")
+    return row
+
+
+def run_modes(modes: list[str], base: str, data: dict[str, str], work: Path, steps: int, parent: str | None, a, expect: dict[str, Any],
+              gpus: int, checks: Checks) -> list[dict[str, Any]]:
+    cuda = expect["cuda"]
+    bnb_error = _importable("bitsandbytes") if cuda else "no CUDA"
+    vllm_error = _importable("vllm") if cuda else "no CUDA"
+    rows = []
+    for m in mode_plan(cuda, gpus, bnb_error, vllm_error):
+        if m["name"] not in modes:
+            continue
+        if m.get("skip"):
+            print(f"\n== {m['name']}: {m['skip']}", flush=True)
+            rows.append({"mode": m["name"], "procs": m["nproc"], "status": m["skip"], "note": m.get("note")})
+            continue
+        if m["method"] == "GRPO" and not parent:
+            rows.append({"mode": m["name"], "procs": m["nproc"], "status": "skipped: needs the sft run's adapter", "note": m.get("note")})
+            continue
+        cfg = mode_config(m, base, data, work, steps, parent if m["method"] == "GRPO" else None)
+        extra = ["--nproc-per-node", str(m["nproc"])]
+        res = run_method(m["name"], cfg, work, a.timeout, a.rehearse_gpu_flags, extra, m["env"])
+        row = check_mode(m, res, {**expect, "output": cfg["outputUri"]}, steps, checks)
+        row["output"] = cfg["outputUri"]
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == CHILD_FLAG:
@@ -440,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per trainer run (default 420)")
     ap.add_argument("--methods", default="sft,grpo,dpo", help="comma-separated subset of sft,grpo,dpo (grpo continues sft)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated subset of {','.join(MODES)}, or 'none': several processes, FSDP2, QLoRA, vLLM (see mode_plan)")
+    ap.add_argument("--mode-steps", type=int, default=20, help="training steps per mode (default 20)")
     a = ap.parse_args(argv)
 
     t_all = time.perf_counter()
@@ -468,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             versions[mod] = f"import failed: {e.__class__.__name__}: {e}"
     device = {"cuda": cuda, "name": torch.cuda.get_device_name(0) if cuda else "cpu", "bf16_supported": bf16_ok,
+              "count": torch.cuda.device_count() if cuda else 0,
               "total_memory_mib": round(torch.cuda.get_device_properties(0).total_memory / 2**20) if cuda else None}
     print(f"gpu_check: device {device['name']} (cuda={cuda}, bf16 supported={bf16_ok}); " +
           ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
@@ -521,8 +758,18 @@ def main(argv: list[str] | None = None) -> int:
                 print("gpu_check: SFT failed; GRPO continues its adapter and is skipped", flush=True)
                 methods = [x for x in methods if x != "grpo"]
 
+        modes = [] if a.modes.strip().lower() == "none" else [x.strip().lower() for x in a.modes.split(",") if x.strip()]
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise SystemExit(f"gpu_check: unknown --modes {unknown}; known: {', '.join(MODES)}")
+        if modes:
+            parent = configs["sft"]["outputUri"] if (Path(configs["sft"]["outputUri"]) / "adapter_model.safetensors").is_file() else None
+            summary["modes"] = run_modes(modes, base, data, work, a.mode_steps, parent, a, expect, device["count"], checks)
+
         outputs = {m: configs[m]["outputUri"] for m in summary["runs"]
                    if (Path(configs[m]["outputUri"]) / "adapter_model.safetensors").is_file()}
+        outputs.update({r["mode"]: r["output"] for r in summary.get("modes", [])
+                        if r.get("output") and (Path(r["output"]) / "adapter_model.safetensors").is_file()})
         print("\n== reload every adapter into one PeftModel and generate", flush=True)
         if outputs:
             summary["reload"] = reload_and_generate(base, outputs, expect, checks)
@@ -558,6 +805,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{f(r.get('peak_gpu_mem_process_mib'), '9.1f'):>9} {str(r.get('bf16')):>5} {str(r.get('mixed_precision')):>5} "
               f"{str(r.get('activation_checkpointing_model')):>5} {f(r.get('checkpointed_layer_calls'), '10d'):>10} "
               f"{f(r.get('train_loss'), '8.4f'):>8}  {evs}")
+    # one table: steps/s and peak GPU memory of every run (the methods are one process each)
+    print(f"\n{'run':10} {'procs':>5} {'status':34} {'steps':>5} {'steps/s':>8} {'peak MiB':>9} {'gen':>12}  note")
+    table = [{"mode": m, "procs": 1, "status": r.get("status"), "steps": r.get("steps"), "steps_per_s": r.get("steps_per_s"),
+              "peak_gpu_mem_mib": r.get("peak_gpu_mem_train_mib"), "generation": r.get("generation"), "note": "one process"}
+             for m, r in summary["runs"].items()] + summary.get("modes", [])
+    for r in table:
+        def g(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+        note = r.get("note") or ""
+        if r.get("peak_gpu_mem_mib_per_rank") and len(r["peak_gpu_mem_mib_per_rank"]) > 1:
+            note += f"; peak MiB per rank {r['peak_gpu_mem_mib_per_rank']}"
+        if r.get("reason") and r.get("status") == "Failed":
+            note = f"{r['reason']} (expected); " + note
+        print(f"{r['mode']:10} {r.get('procs', 1):>5} {str(r.get('status'))[:34]:34} {g(r.get('steps'), 'd'):>5} "
+              f"{g(r.get('steps_per_s'), '.2f'):>8} {g(r.get('peak_gpu_mem_mib'), '.1f'):>9} {str(r.get('generation') or '-'):>12}  {note}")
     for m, r in summary["reload"].items():
         print(f"reload {m:5} on {r['output_device']}: {r['outputs']}")
     if summary["warnings"]:
