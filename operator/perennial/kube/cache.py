@@ -3,7 +3,9 @@
 Controllers read here instead of calling the API server: a reconcile of an
 object whose world did not change costs no request. kopf's watches feed it
 (see `controllers.manager`); it holds the latest body of every watched object,
-indexed by namespace and by owner uid. Secrets are kept whole, as client-go's
+indexed by namespace, by owner uid and by label (a label-selected list reads only
+the objects that carry the rarest selected label, as client-go's indexers do, so a
+reconcile that lists its pods does not cost more with every other pod). Secrets are kept whole, as client-go's
 informers keep them: a controller scrubs their values out of whatever a pod writes
 back (termination messages, logs) before it reaches status or an Event, so it must
 know them. They never leave the process: nothing logs or serves cache contents.
@@ -53,8 +55,13 @@ def _owner_uids(obj: dict[str, Any]) -> list[str]:
     return [r["uid"] for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("uid")]
 
 
+def _label_pairs(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return list(labels.items()) if isinstance(labels, dict) else []
+
+
 class Cache:
-    """Objects by (apiVersion, kind) → namespace → name, plus an owner-uid index. Thread-safe, never blocks long."""
+    """Objects by (apiVersion, kind) → namespace → name, plus owner-uid and label indexes. Thread-safe, never blocks long."""
 
     def __init__(self, on_change: Callable[[dict[str, Any] | None, dict[str, Any] | None], None] | None = None) -> None:
         #: Called with (old, new) after every change (new None: removed); a put of the same
@@ -63,6 +70,17 @@ class Cache:
         self._lock = threading.Lock()
         self._objects: dict[ResourceKey, dict[str, dict[str, dict[str, Any]]]] = {}
         self._owned: dict[ResourceKey, dict[str, set[tuple[str, str]]]] = {}
+        #: (label key, value) -> the (namespace, name)s of the objects of a kind that carry it (a dict: insertion order)
+        self._labelled: dict[ResourceKey, dict[tuple[str, str], dict[tuple[str, str], None]]] = {}
+
+    def _unlabel(self, rk: ResourceKey, obj: dict[str, Any], ref: tuple[str, str]) -> None:
+        index = self._labelled.get(rk, {})
+        for pair in _label_pairs(obj):
+            refs = index.get(pair)
+            if refs is not None:
+                refs.pop(ref, None)
+                if not refs:
+                    del index[pair]
 
     def put(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Store the latest body of `obj`; returns the one it replaces."""
@@ -82,6 +100,13 @@ class Cache:
                     owned.get(uid, set()).discard((ns, name))
             for uid in _owner_uids(obj):
                 owned.setdefault(uid, set()).add((ns, name))
+            pairs = _label_pairs(obj)
+            if old is None or _label_pairs(old) != pairs:
+                if old is not None:
+                    self._unlabel(rk, old, (ns, name))
+                index = self._labelled.setdefault(rk, {})
+                for pair in pairs:
+                    index.setdefault(pair, {})[(ns, name)] = None
         if self.on_change is not None and (old is None or _rv(old) != _rv(obj)):
             self.on_change(old, obj)
         return old
@@ -100,6 +125,7 @@ class Cache:
                         refs.discard((ns, name))
                         if not refs:
                             del owned[uid]
+                self._unlabel(rk, old, (ns, name))
         if old is not None and self.on_change is not None:
             self.on_change(old, None)
         return old
@@ -126,13 +152,18 @@ class Cache:
         return self._objects.get((api_version, kind), {}).get(namespace or "", {}).get(name)
 
     def list(self, api_version: str, kind: str, namespace: str | None = None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The objects of a kind (in `namespace`, or everywhere) that carry every label of `labels` (equality)."""
+        rk = (api_version, kind)
         with self._lock:
-            by_ns = self._objects.get((api_version, kind), {})
+            by_ns = self._objects.get(rk, {})
+            if labels:
+                index = self._labelled.get(rk, {})
+                candidates = min((index.get(pair, {}) for pair in labels.items()), key=len)
+                found = [o for ns, name in list(candidates) if (namespace is None or ns == namespace)
+                         and (o := by_ns.get(ns, {}).get(name)) is not None]
+                return [o for o in found if all(((o["metadata"].get("labels") or {}).get(k)) == v for k, v in labels.items())]
             spaces: Iterable[dict[str, dict[str, Any]]] = [by_ns.get(namespace, {})] if namespace is not None else list(by_ns.values())
-            items = [o for space in spaces for o in list(space.values())]
-        if labels:
-            items = [o for o in items if all(((o["metadata"].get("labels") or {}).get(k)) == v for k, v in labels.items())]
-        return items
+            return [o for space in spaces for o in list(space.values())]
 
     def owned_by(self, api_version: str, kind: str, owner_uid: str) -> list[dict[str, Any]]:
         """Objects of a kind with an ownerReference to `owner_uid`."""
