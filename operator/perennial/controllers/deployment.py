@@ -3,7 +3,8 @@
 observe (cache: the BaseModel, the Adapters named or tracked, per region the workloads of both colors: apps/v1
 Deployments, or LeaderWorkerSets when `engine.pipelineParallelSize` > 1 (groups across nodes, ready as a whole;
 blocked with `LeaderWorkerSetNotInstalled` where the cluster does not serve that CRD), the stable and preview
-Services, the routes ConfigMap, the token Secret; the ready pods' sidecars over HTTP: which routes revision each applied) → decide (pure: `rollout.decide_region` for the pods,
+Services, the routes ConfigMap, the token Secret; the ready pods' sidecars over HTTP: which routes revision each
+applied) → decide (pure: `rollout.decide_region` for the pods,
 `rollout.decide_adapters` for served name -> Adapter, then the children's manifests and the typed status,
 `decide_status`) → act (apply the children idempotently; the smoke test through the preview Service when a
 decision asks for it, then decide again with its result) → `Outcome`, with `requeue_after` only where time is
