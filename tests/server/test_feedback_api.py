@@ -11,7 +11,7 @@ import requests
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
+from perennial_server.spool import data_end
 from srvutil import TOKEN, fake_engine, free_port, read_store
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,7 +95,8 @@ def _spooled(spool_dir: str) -> list[dict]:
     out = []
     for p in sorted(Path(spool_dir).glob("*-*.*")):
         if p.suffix in (".open", ".jsonl"):
-            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            data = p.read_bytes()  # an open segment ends in preallocated zeros (spool.data_end)
+            out += [json.loads(line) for line in data[:data_end(data)].splitlines() if line.strip()]
     return out
 
 

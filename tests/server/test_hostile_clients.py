@@ -26,6 +26,7 @@ from typing import Self
 import pytest
 import requests
 from aiohttp import web
+from perennial_server.spool import data_end
 from srvutil import TOKEN, AppThread, fake_engine, free_port
 from waiting import wait_for
 
@@ -102,7 +103,8 @@ class Sidecar:
         out = []
         for p in sorted(self.spool.glob("*-*.*")):
             if p.suffix in (".open", ".jsonl"):
-                out += [r for line in p.read_text().splitlines() if line.strip() and (r := json.loads(line))["kind"] == kind]
+                data = p.read_bytes()  # an open segment ends in preallocated zeros (spool.data_end)
+                out += [r for line in data[:data_end(data)].splitlines() if line.strip() and (r := json.loads(line))["kind"] == kind]
         return out
 
 

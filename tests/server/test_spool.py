@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
-
 from perennial.api.records import segment_name
 from perennial_server.shipper import Shipper, Store
 from perennial_server.spool import Spool, closed_segments
@@ -81,6 +82,67 @@ def test_recover_closes_open_segment_and_drops_torn_line(tmp_path: Path) -> None
     assert [s.seq for s in segs] == [7]
     assert segs[0].path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
     assert segs[0].when == dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+
+
+def test_recover_reads_a_preallocated_segment_up_to_its_first_zero_byte(tmp_path: Path) -> None:
+    """A preallocated segment ends in zeros; after a crash, bytes written after the last commit may
+    have reached the disk while earlier ones did not (zeros in between): the data ends at the first
+    zero byte, and after the last complete line before it."""
+    zeros = bytes(4096)
+    (tmp_path / "00000001-20260102.open").write_bytes(b'{"a": 1}\n{"b": 2}\n' + zeros)  # a zero tail
+    (tmp_path / "00000002-20260102.open").write_bytes(b'{"c": 3}\n{"d": 4, "to' + zeros)  # a torn line, then zeros
+    (tmp_path / "00000003-20260102.open").write_bytes(b'{"e": 5}\n' + zeros + b'{"never": "acknowledged"}\n' + zeros)
+    (tmp_path / "00000004-20260102.open").write_bytes(zeros)  # opened, nothing written
+    Spool(tmp_path).recover()
+    assert {s.seq: s.path.read_bytes() for s in closed_segments(tmp_path)} == {1: b'{"a": 1}\n{"b": 2}\n', 2: b'{"c": 3}\n', 3: b'{"e": 5}\n'}
+    assert not list(tmp_path.glob("*.open"))
+
+
+async def test_closed_segments_hold_no_preallocated_zeros(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, max_segment_bytes=3000, max_segment_age_s=3600)
+    sp.preallocate_bytes = 1000  # several extensions per segment
+    await sp.start()
+    for i in range(60):
+        await sp.append(json.dumps({"i": i, "pad": "x" * 40}), durable=i % 3 == 0)
+    await sp.close()
+    segs = closed_segments(tmp_path)
+    assert len(segs) > 1
+    data = b"".join(s.path.read_bytes() for s in segs)
+    assert b"\0" not in data
+    assert [json.loads(x)["i"] for x in data.splitlines()] == list(range(60))
+
+
+async def test_a_failed_write_leaves_nothing_a_crash_recovery_could_read_as_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails may still leave its bytes in the file; the next, shorter record written at the same
+    offset must not leave the rest of them behind it (a crash would recover them as a torn or foreign line)."""
+    sp = Spool(tmp_path / "spool", max_segment_bytes=1 << 20, max_segment_age_s=3600)
+    await sp.start()
+    await sp.append(json.dumps({"i": 0}), durable=True)
+    real_pwritev, real_pwrite, fail = os.pwritev, os.pwrite, [True]
+
+    def failing(vectored: bool):
+        def call(fd: int, data, offset: int, flags: int = 0) -> int:
+            n = real_pwritev(fd, data, offset, flags) if vectored else real_pwrite(fd, data, offset)  # the bytes land ...
+            if fail[0] and b"lost" in (b"".join(map(bytes, data)) if vectored else bytes(data)):
+                raise OSError(errno.EIO, "injected write failure")  # ... but the device reports an error
+            return n
+        return call
+
+    monkeypatch.setattr(os, "pwritev", failing(True))
+    monkeypatch.setattr(os, "pwrite", failing(False))
+    with pytest.raises(OSError):
+        await sp.append(json.dumps({"i": "lost", "pad": "y" * 200}), durable=True)
+    fail[0] = False
+    await sp.append(json.dumps({"i": 1}), durable=True)
+    # kill -9 now: the open segment as the page cache holds it
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for p in (tmp_path / "spool").glob("*.open"):
+        (crashed / p.name).write_bytes(p.read_bytes())
+    Spool(crashed).recover()
+    lines = [json.loads(x) for s in closed_segments(crashed) for x in s.path.read_bytes().splitlines()]
+    assert [r["i"] for r in lines] == [0, 1]
+    await sp.close()
 
 
 class FlakyStore(Store):
