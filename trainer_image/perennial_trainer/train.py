@@ -280,7 +280,7 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
         temperature=_f(hp.temperature) if hp.temperature is not None else 1.0,
         beta=_f(hp.beta) if hp.beta is not None else 0.0,
         reward_weights=weights, log_completions=False,
-        **extra, **common,
+        **extra, **dev.get("grpo_generation", {}), **common,
     )
 
 
@@ -568,6 +568,14 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
 
         reward_funcs, weights = reward_functions(cfg.reward_spec)
         reward_names = [g.name for g in cfg.reward_spec.graders]
+    generation = None
+    if method == "GRPO":  # vLLM or Transformers generation, and why (perennial_trainer.generation)
+        from .generation import choose
+
+        generation = choose(cfg, base_path, dev, w, max_prompt_tokens=lambda: max(row_tokens(tok, r, method) for r in rows))
+        dev = dict(dev, grpo_generation=generation.kwargs)
+        if w.main:
+            log.info("%s", generation.describe())
     args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
     progress = ProgressCallback(progress_paths, reward_names, remote_uri=None if is_local(cfg.output_uri) else cfg.output_uri)
     callbacks = [progress] + ([checkpoints.mirror_callback(mirror)] if mirror else []) if w.main else []
@@ -621,6 +629,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     metrics["train/resumed_from_step"] = float(progress.start_step)
     metrics["train/processes"] = float(w.size)
     metrics["train/fsdp"] = 1.0 if trainer.is_fsdp_enabled else 0.0
+    if generation is not None:
+        metrics.update(generation.metrics)
     metrics["train/seconds"] = train_seconds
 
     data_metrics, data_note = feedback_report(datasets_)
@@ -686,4 +696,5 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     if warnings:
         message += "; WARNING " + ", ".join(w["reason"] for w in warnings) + " (see `warnings`)"
     return {"status": "Succeeded", "reason": "Trained", "message": message, "artifactUri": cfg.output_uri,
-            "warnings": warnings, "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage}
+            "warnings": warnings, "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage,
+            **({"generation": generation.record} if generation is not None else {})}
