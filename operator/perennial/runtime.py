@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,20 @@ from .kube.clusters import Clusters
 from .resources.common import FINALIZER
 
 log = logging.getLogger(__name__)
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The operator's event loop: uvloop when installed (TLS, transports and the selector in C: the API client's
+    requests and watch streams cost less CPU than on asyncio's pure-Python SSL protocol,
+    benchmarks/operator_scale.py), as the control plane and the feedback sidecar do; asyncio's otherwise, or with
+    ``PERENNIAL_OPERATOR_LOOP=asyncio``."""
+    if os.environ.get("PERENNIAL_OPERATOR_LOOP", "") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -130,7 +145,7 @@ def run(
     # kopf waits for a threading.Event stop flag in an executor thread: always release it on the way
     # out (kopf stops on SIGINT/SIGTERM by itself), or the loop's shutdown would hang on that thread.
     stop_flag = stop_flag or threading.Event()
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:
             runner.run(
                 kopf.operator(
