@@ -7,7 +7,8 @@ For each kind and size N (default 1,000 and 10,000; `--quick`: 200) it starts a 
     pool of `--concurrency` (16) threads over the `kubernetes` client, `perennial.kube`'s `Kube`);
   * convergence: a fresh control plane with the operator (`perennial run`, its own process)
     running, the same N creates by the same client; objects/s from the first create until a
-    LIST shows every object with the expected condition at the current `observedGeneration`;
+    watch shows every object with the expected condition at the current `observedGeneration`
+    (then confirmed by a LIST);
     and convergence / raw (target >= 0.5);
   * writes and reads per object by the operator (its own client `perennial-operator` plus
     `kopf`), counted by the control plane (`/debug/perennial/requests`) from the first create
@@ -434,6 +435,63 @@ class ConvergencePoller:
             time.sleep(max(0.1, min(5.0, 3 * took)))  # the poll costs the machine at most ~25 %
 
 
+class ConvergenceWatch:
+    """Sees convergence as `kubectl wait` does: a watch on the kind (opened before the first create), each object's
+    latest state judged as it arrives; converged at the event that made the last object converge, then confirmed by
+    one LIST (`ConvergencePoller`, which also takes over if the LIST disagrees). Unlike polling, this costs the
+    control plane and this script one watch event per status change instead of repeated LISTs of every object,
+    and it is late by one event's delivery instead of by up to a polling interval."""
+
+    def __init__(self, cp: ControlPlane, kube: Any, kind: str, n: int):
+        self.kind, self.n = kind, n
+        self.ctype, self.status = EXPECTED[kind]
+        self.also = ALSO_EXPECTED.get(kind, ())
+        self.poller = ConvergencePoller(kube, kind, n)
+        self.state: dict[str, bool] = {}
+        self.done = 0
+        self.done_at: float | None = None
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        plural = PLURAL_OF[KIND_OF[kind]]
+        self.watch = Watch(cp, f"/apis/{API}/namespaces/{NS}/{plural}", "", self._on_event, self.errors)
+
+    def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        ok = kind != "DELETED" and converged(obj, self.ctype, self.status, *self.also)
+        with self.lock:
+            if ok != self.state.get(name, False):
+                self.done += 1 if ok else -1
+            if kind == "DELETED":
+                self.state.pop(name, None)
+            else:
+                self.state[name] = ok
+            if self.done >= self.n and self.done_at is None:
+                self.done_at = time.monotonic()
+
+    def wait(self, timeout: float, procs: list[Proc]) -> float:
+        """Blocks until converged; returns time.monotonic() of the watch event that showed it (or of the LIST)."""
+        deadline = time.monotonic() + timeout
+        last_report = time.monotonic()
+        try:
+            while self.done_at is None:
+                for p in procs:
+                    if not p.alive():
+                        raise RuntimeError(f"{p.name} exited during convergence:\n{p.tail()}")
+                if time.monotonic() > deadline:
+                    self.poller.poll()  # names one object that did not converge
+                    return self.poller.wait(0, procs)
+                if time.monotonic() - last_report > 15:
+                    log(f"  converged {self.done}/{self.n}")
+                    last_report = time.monotonic()
+                time.sleep(0.05)
+            if self.poller.poll() >= self.n:
+                return self.done_at
+            log(f"  the watch saw {self.n} converged but a LIST {self.poller.done}: polling (watch errors: {self.errors})")
+            return self.poller.wait(max(1.0, deadline - time.monotonic()), procs)
+        finally:
+            self.watch.stop()
+
+
 # ----------------------------------------------------------------------------- the parts of a cluster this script plays
 
 MANAGED = "app.kubernetes.io/managed-by=perennial-operator"
@@ -447,6 +505,7 @@ class Watch:
     def __init__(self, cp: ControlPlane, path: str, selector: str, on_event: Callable[[str, dict[str, Any]], None], errors: list[str]):
         self.cp, self.path, self.selector, self.on_event, self.errors = cp, path, selector, on_event, errors
         self.stop_flag = threading.Event()
+        self.conn: http.client.HTTPSConnection | None = None
         self.thread = threading.Thread(target=self._run, name=f"watch {path.rsplit('/', 1)[-1]}", daemon=True)
         self.thread.start()
 
@@ -456,8 +515,8 @@ class Watch:
         while not self.stop_flag.is_set():
             conn = None
             try:
-                conn = http.client.HTTPSConnection(HOST, int(self.cp.url.rsplit(":", 1)[1]), timeout=120, context=self.cp.ssl)  # bookmarks come every 20 s
-                path = f"{self.path}?watch=true&allowWatchBookmarks=true&timeoutSeconds=300&labelSelector={selector}"
+                conn = self.conn = http.client.HTTPSConnection(HOST, int(self.cp.url.rsplit(":", 1)[1]), timeout=120, context=self.cp.ssl)  # bookmarks come every 20 s
+                path = f"{self.path}?watch=true&allowWatchBookmarks=true&timeoutSeconds=300" + (f"&labelSelector={selector}" if selector else "")
                 if rv:
                     path += f"&resourceVersion={rv}"
                 conn.request("GET", path, headers={"User-Agent": BENCH_UA, "Accept": "application/json", **self.cp.headers})
@@ -491,6 +550,12 @@ class Watch:
 
     def stop(self) -> None:
         self.stop_flag.set()
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading the stream
+            except OSError:
+                pass
         self.thread.join(15)
 
 
@@ -852,6 +917,8 @@ class Result:
     converge_cpu: dict[str, float] = field(default_factory=dict)
     #: CPU per converged object of each process (µs), the load-independent figure
     cpu_us_per_object: dict[str, float] = field(default_factory=dict)
+    #: CPU per raw create (µs): the control plane's and this script's (the client)
+    raw_cpu_us_per_object: dict[str, float] = field(default_factory=dict)
     floor_rate: float = 0.0
     steady: dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 0.0
@@ -879,13 +946,19 @@ def operator_log_counts(proc: Proc) -> dict[str, int]:
     }
 
 
-def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path, *, with_writes: bool = False) -> tuple[float, int]:
+def raw_create(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: list[Proc], artifact_dir: Path, *, with_writes: bool = False,
+               cpu: dict[str, float] | None = None) -> tuple[float, int]:
+    """Objects/s and failures; `cpu`: filled with the CPU per object (µs) of the control plane and of this script."""
     cp = ControlPlane(workdir, procs)
     try:
         kube = client(cp, args.concurrency)
         create_all(kube, prerequisites(kind, artifact_dir), 1)
+        c0 = {"control plane": cp.proc.cpu_seconds(), "this script": own_cpu_seconds()}
         t0, t1, failures = create_all(kube, objects(kind, n, artifact_dir), args.concurrency, with_writes=with_writes,
                                       run_start=kind == "running")
+        if cpu is not None:
+            cpu.update({"control plane": (cp.proc.cpu_seconds() - c0["control plane"]) / n * 1e6,
+                        "this script": (own_cpu_seconds() - c0["this script"]) / n * 1e6})
         return n / (t1 - t0), failures
     finally:
         cp.proc.stop()
@@ -898,7 +971,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
     (artifact_dir / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
 
     log(f"{kind} x{n}: raw create throughput (no operator)")
-    res.raw_rate, res.raw_failures = raw_create(args, kind, n, workdir, procs, artifact_dir)
+    res.raw_rate, res.raw_failures = raw_create(args, kind, n, workdir, procs, artifact_dir, cpu=res.raw_cpu_us_per_object)
     log(f"  raw: {res.raw_rate:.0f} objects/s")
     # The floor: what the control plane allows anything that writes what the operator writes per object
     # (one status patch, one Event; for running runs also their children and this script's kubelet:
@@ -931,7 +1004,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
 
         log(f"{kind} x{n}: convergence with the operator running")
         objs = objects(kind, n, artifact_dir)
-        poller = ConvergencePoller(kube, kind, n)
+        poller = ConvergenceWatch(cp, kube, kind, n)
         if kubelet is not None:
             kubelet.expected = n
         cpu0 = {"operator": op.cpu_seconds(), "control plane": cp.proc.cpu_seconds(), "this script": own_cpu_seconds()}
@@ -945,7 +1018,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         res.converge_cpu["this script"] = 100 * (own_cpu_seconds() - cpu0["this script"]) / max(res.converge_seconds, 1e-9)
         res.cpu_us_per_object = {k: v / 100 * res.converge_seconds / n * 1e6 for k, v in res.converge_cpu.items()}
         res.converge_rate = n / res.converge_seconds
-        log(f"  converged in {res.converge_seconds:.1f}s ({res.converge_rate:.0f} objects/s; {poller.lists} LISTs took {poller.list_seconds:.1f}s)")
+        log(f"  converged in {res.converge_seconds:.1f}s ({res.converge_rate:.0f} objects/s; seen by a watch, confirmed by {poller.poller.lists} LIST(s))")
         _, quiet = wait_quiet(cp, 3.0, 60 + n * 0.02, [cp.proc, op])
         if not quiet:
             res.notes.append("the operator did not get quiet after convergence (counts cut at the timeout)")
@@ -1049,6 +1122,19 @@ def restart_reads(d: dict[str, Any]) -> str:
     return "; ".join(out)
 
 
+def cpu_budget(r: Result) -> str:
+    """Where CPU bounds the ratio (every process on the same cores): convergence / raw is at most the CPU of a raw
+    create over the CPU of a converged object. With the operator's own CPU at zero that is the ceiling any operator
+    could reach here; the operator CPU per object that would allow 0.5x follows."""
+    raw, conv, op = sum(r.raw_cpu_us_per_object.values()), sum(r.cpu_us_per_object.values()), r.cpu_us_per_object.get("operator", 0.0)
+    if not raw or not conv:
+        return "-"
+    rest = conv - op
+    allow = 2 * raw - rest
+    return (f"CPU-bound ratio raw/converged {raw / conv:.2f}x; with an operator costing no CPU {raw / rest:.2f}x; 0.5x needs the operator "
+            + (f"at <= {allow:,.0f} µs per object (now {op:,.0f})" if allow > 0 else f"to cost less than nothing (the rest alone is {rest:,.0f} µs > 2 x {raw:,.0f})"))
+
+
 def print_result(r: Result) -> None:
     n = r.n
     st, idle, rs = r.steady, r.idle, r.restart
@@ -1063,8 +1149,11 @@ def print_result(r: Result) -> None:
         ("floor / raw", (f"{r.floor_rate / r.raw_rate:.2f}x ({r.floor_rate:,.0f} objects/s: the load generator making the operator's writes itself, "
                          f"no operator); convergence / floor {r.converge_rate / r.floor_rate:.2f}x") if r.floor_rate and r.raw_rate else "-"),
         ("  CPU while converging", ", ".join(f"{k} {v:.0f} % of a core" for k, v in r.converge_cpu.items())
-         + " (this script: the load generator, the poller and the stand-ins, on the same cores)"),
-        ("  CPU per object", ", ".join(f"{k} {v:,.0f} µs" for k, v in r.cpu_us_per_object.items())),
+         + " (this script: the load generator, the convergence watch and the stand-ins, on the same cores)"),
+        ("  CPU per object", ", ".join(f"{k} {v:,.0f} µs" for k, v in r.cpu_us_per_object.items())
+         + f", all {sum(r.cpu_us_per_object.values()):,.0f} µs; a raw create: " + ", ".join(f"{k} {v:,.0f} µs" for k, v in r.raw_cpu_us_per_object.items())
+         + f", all {sum(r.raw_cpu_us_per_object.values()):,.0f} µs (the load-independent figures: CPU, not wall time)"),
+        ("  CPU budget", cpu_budget(r)),
         ("writes/object to steady", f"{(w['object'] + w['events'] + w['other']) / n:.2f} (status/object {w['object'] / n:.2f}, Events {w['events'] / n:.2f}, "
                                     f"other {w['other'] / n:.2f}); children {w['children'] / n:.2f}"
                                     + (f"; creates of kinds not served here (404, wrote nothing) {fmt_counter(st['unserved'], 1, 0)}" if st["unserved"] else "")),
@@ -1109,6 +1198,9 @@ def figures(r: Result) -> dict[str, float]:
         "raw create/s": r.raw_rate,
         "convergence/s": r.converge_rate,
         "convergence/raw": r.converge_rate / r.raw_rate if r.raw_rate else 0.0,
+        "CPU µs/object operator": r.cpu_us_per_object.get("operator", 0.0),
+        "CPU µs/object all": sum(r.cpu_us_per_object.values()),
+        "CPU µs/raw create all": sum(r.raw_cpu_us_per_object.values()),
         "writes/object": (w["object"] + w["events"] + w["other"]) / n,
         "children writes/object": w["children"] / n,
         "reads/object": sum(r.steady["reads"].values()) / n,
@@ -1128,12 +1220,15 @@ def figures(r: Result) -> dict[str, float]:
 def print_summary(results: list[Result]) -> None:
     ok = [r for r in results if r.error is None]
     print("\n== summary ==")
-    head = f"  {'kind':<11} {'N':>6} {'raw/s':>7} {'conv/s':>7} {'ratio':>6} {'wr/obj':>6} {'child':>5} {'rd/obj':>6} {'idle r/s':>8} {'prog/s':>6} " \
+    head = f"  {'kind':<11} {'N':>6} {'raw/s':>7} {'conv/s':>7} {'ratio':>6} {'µs/o op':>7} {'µs/o':>6} {'µs/raw':>6} {'wr/obj':>6} {'child':>5} {'rd/obj':>6} {'idle r/s':>8} {'prog/s':>6} " \
            f"{'cpu op%':>7} {'cpu cp%':>7} {'KiB/o op':>8} {'KiB/o cp':>8} {'rst wr':>6} {'rst get':>7} {'rst s':>5}"
     print(head)
+    print("  (µs/o op: the operator's CPU per converged object; µs/o: every process's, this script's included; "
+          "µs/raw: the control plane's and this script's per raw create)")
     for r in ok:
         f = figures(r)
-        print(f"  {r.kind:<11} {r.n:>6} {f['raw create/s']:>7.0f} {f['convergence/s']:>7.0f} {f['convergence/raw']:>6.2f} {f['writes/object']:>6.2f} "
+        print(f"  {r.kind:<11} {r.n:>6} {f['raw create/s']:>7.0f} {f['convergence/s']:>7.0f} {f['convergence/raw']:>6.2f} "
+              f"{f['CPU µs/object operator']:>7.0f} {f['CPU µs/object all']:>6.0f} {f['CPU µs/raw create all']:>6.0f} {f['writes/object']:>6.2f} "
               f"{f['children writes/object']:>5.2f} {f['reads/object']:>6.3f} {f['idle requests/s']:>8.2f} {f['idle progress reads/s']:>6.1f} "
               f"{f['idle CPU % operator']:>7.2f} {f['idle CPU % control plane']:>7.2f} {f['RSS KiB/object operator']:>8.1f} "
               f"{f['RSS KiB/object control plane']:>8.1f} {f['restart writes']:>6.0f} {f['restart gets']:>7.0f} {f['restart seconds to quiet']:>5.1f}")
