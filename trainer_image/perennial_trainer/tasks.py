@@ -6,7 +6,7 @@ question (the reward is a verifier, no human label is needed). For every task th
 * a small **labelled budget** (`Task.labelled`, 16-32 rows) for SFT: prompt + the right completion;
 * many **unlabelled prompts** for GRPO: the prompt and the `answer` field the RewardSpec's `correct` grader
   checks against (computed by the rule, as a verifier would; the model never sees it);
-* **held-out prompts that are new instances** (new numbers / new strings, never in either training set);
+* **held-out prompts that are new instances** (new strings, never in either training set);
 * a **format warm-up** (the task's prompts answered in the right format with random answers: no labels) for
   GRPO without labelled data.
 
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -39,42 +40,59 @@ class Task:
     answers: tuple[str, ...]  # every possible right answer (the warm-up draws its random answers from these)
     content: str  # the regex the `format` grader requires of the <answer> block's content
     labelled: int  # the labelled budget for SFT
-    completion_tokens: int  # enough tokens for `<answer>...</answer>` and the end of turn
+    completion_tokens: int  # the tiny model's tokens for `<answer>...</answer>` and the end of turn, plus 2
 
 
-def _number(rng: random.Random) -> int:
-    return rng.randrange(10, 10000)
+# What the answer depends on is ONE character that stands out by its kind (the only digit among letters, the only
+# letter among digits), anywhere in a random string: the tiny model, whose weights are random and frozen (LoRA
+# trains), learns to find a token by what it is far sooner than by where it is. (Questions about a number's last
+# digit, where every other character is a digit too, stayed at chance: issue 16's notes.) Held-out instances are
+# new strings; every answer class also occurs among the training prompts.
+
+
+def _letters(rng: random.Random, n: int) -> list[str]:
+    return [rng.choice(string.ascii_lowercase) for _ in range(n)]
+
+
+def _with_digit(rng: random.Random) -> tuple[str, int]:
+    chars = _letters(rng, rng.randint(3, 5))
+    d = rng.randrange(10)
+    chars.insert(rng.randint(0, len(chars)), str(d))
+    return "".join(chars), d
 
 
 def _parity(rng: random.Random) -> tuple[str, str, str]:
-    n = _number(rng)
-    return str(n), f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd"
+    s, d = _with_digit(rng)
+    return s, f"Is the digit in {s} even or odd?", "even" if d % 2 == 0 else "odd"
 
 
-def _mod5(rng: random.Random) -> tuple[str, str, str]:
-    n = _number(rng)
-    return str(n), f"What is {n} mod 5?", str(n % 5)
+def _plus_one(rng: random.Random) -> tuple[str, str, str]:
+    s, d = _with_digit(rng)
+    return s, f"The digit in {s} plus one, mod 10?", str((d + 1) % 10)
 
 
-def _last_upper(rng: random.Random) -> tuple[str, str, str]:
-    s = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
-    return s, f"Last letter of {s} in capitals?", s[-1].upper()
+def _upper(rng: random.Random) -> tuple[str, str, str]:
+    chars = [str(rng.randrange(10)) for _ in range(rng.randint(3, 5))]
+    c = rng.choice(string.ascii_lowercase)
+    chars.insert(rng.randint(0, len(chars)), c)
+    s = "".join(chars)
+    return s, f"Capitalise the letter in {s}.", c.upper()
 
 
 def _digit_word(rng: random.Random) -> tuple[str, str, str]:
-    n = _number(rng)
-    return str(n), f"Spell the last digit of {n}.", DIGIT_WORDS[n % 10]
+    s, d = _with_digit(rng)
+    return s, f"Spell the digit in {s}.", DIGIT_WORDS[d]
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("parity", "arithmetic", "Is a number (2-4 digits) even or odd? Answer <answer>even</answer> or <answer>odd</answer>.",
-         _parity, ("even", "odd"), "even|odd", 16, 8),
-    Task("mod5", "arithmetic", "A number (2-4 digits) modulo 5, answered <answer>d</answer>.",
-         _mod5, tuple("01234"), "[0-4]", 16, 6),
-    Task("last-upper", "string", "The last letter of a random lowercase string (3-6 letters), upper-cased: <answer>X</answer>.",
-         _last_upper, tuple(string.ascii_uppercase), "[A-Z]", 32, 6),
-    Task("digit-word", "format", "The last digit of a number spelled as a lowercase word: <answer>seven</answer>.",
-         _digit_word, tuple(DIGIT_WORDS), "[a-z]+", 32, 9),
+    Task("parity", "arithmetic", "Is the one digit in a random string even or odd? <answer>even</answer> or <answer>odd</answer>.",
+         _parity, ("even", "odd"), "even|odd", 16, 12),
+    Task("plus-one", "arithmetic", "The one digit in a random string plus one, mod 10: <answer>d</answer>.",
+         _plus_one, tuple("0123456789"), "[0-9]", 16, 10),
+    Task("upper", "string", "The one letter in a random string of digits, upper-cased: <answer>X</answer>.",
+         _upper, tuple(string.ascii_uppercase), "[A-Z]", 32, 10),
+    Task("digit-word", "format", "The one digit in a random string, spelled as a lowercase word: <answer>seven</answer>.",
+         _digit_word, tuple(DIGIT_WORDS), "[a-z]+", 32, 14),
 ]}
 
 
