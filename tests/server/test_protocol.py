@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -83,3 +84,70 @@ def test_the_fields_dict_accepts_and_rejects_exactly_what_the_model_does(body: d
         assert (got is None) == (want is None), (body, got, want)
         if want is not None:
             assert got == want.model_dump(exclude_unset=True), body
+
+
+_RAW_EDGES = [b'{"response_id":"a","score":1}', b'{"response_id":"a","thumbs":"up","thumbs":"down"}', b'{"response_id":"\\ud800"}',
+              b'{"response_id":"a\xff"}', b'\xef\xbb\xbf{"response_id":"a"}', b'{"response_id":"a"} x', b'{"response_id":"a",}',
+              b'{"response_id":"a","score":NaN}', b'{"response_id":"a","score":Infinity}', b'{"response_id":"a","score":1e400}',
+              b'{"response_id":"a","score":-0.0}', b'{"response_id":"a","score":100000000000000000000000}', b'{"response_id":"a","id":null}',
+              b'{"response_id":"a","responseId":"b"}', b'{"response_id":"\\u0000"}', b' {"response_id":"a"}\n', b'{"response_id":"a","score":5e-324}',
+              b'{"response_id":"a","label":"\\ud83d\\ude00"}', b'{"response_id":"a","score":true}', b'{"response_id":"a","score":"0.5"}',
+              b'{"response_id":"' + b"x" * 129 + b'"}', b'{"response_id":"a","label":""}', b'{"response_id":"a","thumbs":"UP"}', b'{}', b'[]']
+
+
+def _fast_and_model(raw: bytes) -> tuple[Any, Any]:
+    import pydantic
+    from perennial_server.protocol import FeedbackRequest, _fast
+
+    assert _fast is not None, "msgspec is installed with the server extras"
+    try:
+        got = _fast(raw)
+    except Exception:  # noqa: BLE001 -- any refusal: the pydantic path decides
+        got = None
+    try:
+        want = FeedbackRequest.model_validate_json(raw).model_dump(exclude_unset=True)
+    except pydantic.ValidationError:
+        want = None
+    return got, want
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_the_fast_decoder_accepts_only_what_the_model_accepts_with_the_same_values(body: dict) -> None:
+    """protocol's msgspec fast path never accepts what FeedbackRequest refuses, and what it accepts has the
+    model's values (what it refuses, a camelCase key included, goes to the pydantic path)."""
+    got, want = _fast_and_model(json.dumps(body).encode())
+    if got is not None:
+        assert want is not None and got == want, (body, got, want)
+    elif want is not None:  # refused by the fast path, accepted by the model: only for the camelCase spellings
+        assert {"responseId", "otherResponseId"} & set(body), (body, want)
+
+
+@pytest.mark.parametrize("raw", _RAW_EDGES)
+def test_the_fast_decoder_agrees_with_the_model_on_json_edge_cases(raw: bytes) -> None:
+    got, want = _fast_and_model(raw)
+    if got is not None:
+        assert got == want and [type(v) for v in got.values()] == [type(want[k]) for k in got], (raw, got, want)
+    assert parse_feedback(raw, 10) == _parse_with_pydantic_only(raw), raw
+
+
+def _parse_with_pydantic_only(raw: bytes) -> Any:
+    from perennial_server import protocol
+
+    fast, protocol._fast = protocol._fast, None
+    try:
+        return parse_feedback(raw, 10)
+    finally:
+        protocol._fast = fast
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**53), max_value=2**53),
+                                                      st.floats(allow_nan=False, allow_infinity=False), st.text())))
+def test_records_are_encoded_to_the_json_values_pydantic_would_write(rec: dict) -> None:
+    """serving_feedback encodes records and answers with msgspec: one line, the values pydantic-core's to_json writes."""
+    from perennial_server.serving_feedback import encode
+    from pydantic_core import from_json, to_json
+
+    line = encode(rec)
+    assert b"\n" not in line and from_json(line) == from_json(to_json(rec)) == rec
