@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -385,63 +386,9 @@ async def bench(args: argparse.Namespace) -> dict:
         proxied = f"http://{HOST}:{sc_port}/v1/chat/completions"
         instant = {"X-Bench-Engine": "instant"}
 
-        # 1 client, instant upstream: the proxy's own cost per request
-        d1, _, _ = await load(direct, CHAT, 1, args.seconds / 2, headers=instant)
-        p1, _, _ = await load(proxied, CHAT, 1, args.seconds / 2, headers=instant)
-        res["unloaded"] = {"direct_p50_ms": pct(d1, .5) * 1e3, "sidecar_p50_ms": pct(p1, .5) * 1e3,
-                           "added_p50_ms": (pct(p1, .5) - pct(d1, .5)) * 1e3, "added_p99_ms": (pct(p1, .99) - pct(d1, .99)) * 1e3}
-        for engine, hdrs in (("engine", {}), ("instant", instant)):
-            for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
-                res[f"{engine}_{kind}"] = await compare(direct, proxied, body, hdrs, args, sc.pid)
-        if not args.no_floor:
-            # the same fast-engine comparisons through a bare byte relay placed like the sidecar
-            relay_port = free_port()
-            relay = spawn([sys.executable, __file__, "--serve-relay", str(relay_port), str(up_port)], env, sc_cpus)
-            try:
-                wait_http(f"http://{HOST}:{relay_port}/health", relay)
-                relayed = f"http://{HOST}:{relay_port}/v1/chat/completions"
-                for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
-                    res[f"floor_{kind}"] = await compare(direct, relayed, body, {}, args, relay.pid)
-            finally:
-                relay.terminate()
-                relay.wait(10)
-
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://{HOST}:{admin_port}/metrics") as r:
-                mt = await r.text()
-        h50, h99, hn = hist_quantiles(mt, "perennial_sidecar_proxy_added_latency_seconds")
-        res["sidecar_histogram"] = {"p50_le_ms": h50 * 1e3, "p99_le_ms": h99 * 1e3, "observations": hn}
-        captured = [l for l in mt.splitlines() if l.startswith('perennial_sidecar_captured_records_total{kind="interaction"}')]
-        res["captured_interactions"] = int(float(captured[0].rsplit(" ", 1)[1])) if captured else 0
-
-        # durable feedback over HTTP: one record per request, then arrays of --batch records
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        one = {"response_id": "chatcmpl-bench", "type": "thumbs", "thumbs": "up"}
-        for name, body, per in (("feedback_http", json.dumps(one).encode(), 1),
-                                ("feedback_http_batch", json.dumps([{"response_id": f"chatcmpl-{i}", "type": "score", "score": i / args.batch} for i in range(args.batch)]).encode(), args.batch)):
-            c0 = cpu_seconds(sc.pid)
-            fl, frps, fe = await load(f"http://{HOST}:{sc_port}/v1/feedback", body, args.clients, args.seconds, headers=auth)
-            fcpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl) * per) * 1e6
-            res[name] = {"records_per_request": per, "durable_records_per_s": frps * per, "requests_per_s": frps, "p50_ms": pct(fl, .5) * 1e3,
-                         "p99_ms": pct(fl, .99) * 1e3, "errors": fe, "sidecar_cpu_us_per_record": fcpu}
-        if not args.no_floor:
-            hello_port = free_port()
-            hello = spawn([sys.executable, __file__, "--serve-hello", str(hello_port)], env, sc_cpus)
-            try:
-                wait_http(f"http://{HOST}:{hello_port}/health", hello)
-                hl, hrps, he = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
-                res["floor_feedback"] = {"requests_per_s": hrps, "p50_ms": pct(hl, .5) * 1e3, "errors": he}
-                # side by side on a noisy machine: alternate rounds (sidecar feedback, empty endpoint), a ratio per round
-                ratios = []
-                for i in range(args.rounds):
-                    _, frps_i, _ = await load(f"http://{HOST}:{sc_port}/v1/feedback", json.dumps(one).encode(),
-                                              args.clients, args.seconds, headers=auth)
-                    _, hrps_i, _ = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
-                    ratios.append(round(frps_i / max(1.0, hrps_i), 3))
-                res["feedback_vs_floor"] = {"round_ratios": ratios, "ratio": statistics.median(ratios)}
-            finally:
-                hello.terminate()
-                hello.wait(10)
+        if not args.feedback_only:
+            await proxy_phases(res, direct, proxied, instant, args, sc, up_port, env, sc_cpus, admin_port)
+        await feedback_phases(res, args, sc, sc_port, env, sc_cpus)
     finally:
         sc.terminate()
         try:
@@ -452,9 +399,79 @@ async def bench(args: argparse.Namespace) -> dict:
         up.wait(10)
     stored = sum(1 for p in (tmp / "store").rglob("*.jsonl") for _ in p.open())
     res["stored_records_after_shutdown"] = stored
+    shutil.rmtree(tmp, ignore_errors=True)
     rate, fs = await spool_rate(min(3.0, args.seconds), args.clients)
     res["feedback_spool"] = {"durable_records_per_s": rate, "fsyncs": fs}
     return res
+
+
+async def proxy_phases(res: dict, direct: str, proxied: str, instant: dict, args: argparse.Namespace, sc: subprocess.Popen, up_port: int,
+                       env: dict, sc_cpus: set[int] | None, admin_port: int) -> None:
+    # 1 client, instant upstream: the proxy's own cost per request
+    d1, _, _ = await load(direct, CHAT, 1, args.seconds / 2, headers=instant)
+    p1, _, _ = await load(proxied, CHAT, 1, args.seconds / 2, headers=instant)
+    res["unloaded"] = {"direct_p50_ms": pct(d1, .5) * 1e3, "sidecar_p50_ms": pct(p1, .5) * 1e3,
+                       "added_p50_ms": (pct(p1, .5) - pct(d1, .5)) * 1e3, "added_p99_ms": (pct(p1, .99) - pct(d1, .99)) * 1e3}
+    for engine, hdrs in (("engine", {}), ("instant", instant)):
+        for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
+            res[f"{engine}_{kind}"] = await compare(direct, proxied, body, hdrs, args, sc.pid)
+    if not args.no_floor:
+        # the same fast-engine comparisons through a bare byte relay placed like the sidecar
+        relay_port = free_port()
+        relay = spawn([sys.executable, __file__, "--serve-relay", str(relay_port), str(up_port)], env, sc_cpus)
+        try:
+            wait_http(f"http://{HOST}:{relay_port}/health", relay)
+            relayed = f"http://{HOST}:{relay_port}/v1/chat/completions"
+            for kind, body in (("json", CHAT), ("sse", CHAT_STREAM)):
+                res[f"floor_{kind}"] = await compare(direct, relayed, body, {}, args, relay.pid)
+        finally:
+            relay.terminate()
+            relay.wait(10)
+
+    async with aiohttp.ClientSession() as s, s.get(f"http://{HOST}:{admin_port}/metrics") as r:
+        mt = await r.text()
+    h50, h99, hn = hist_quantiles(mt, "perennial_sidecar_proxy_added_latency_seconds")
+    res["sidecar_histogram"] = {"p50_le_ms": h50 * 1e3, "p99_le_ms": h99 * 1e3, "observations": hn}
+    captured = [l for l in mt.splitlines() if l.startswith('perennial_sidecar_captured_records_total{kind="interaction"}')]
+    res["captured_interactions"] = int(float(captured[0].rsplit(" ", 1)[1])) if captured else 0
+
+
+async def feedback_phases(res: dict, args: argparse.Namespace, sc: subprocess.Popen, sc_port: int, env: dict, sc_cpus: set[int] | None) -> None:
+    # durable feedback over HTTP: one record per request, then arrays of --batch records
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    one = {"response_id": "chatcmpl-bench", "type": "thumbs", "thumbs": "up"}
+    for name, body, per in (("feedback_http", json.dumps(one).encode(), 1),
+                            ("feedback_http_batch", json.dumps([{"response_id": f"chatcmpl-{i}", "type": "score", "score": i / args.batch} for i in range(args.batch)]).encode(), args.batch)):
+        c0 = cpu_seconds(sc.pid)
+        fl, frps, fe = await load(f"http://{HOST}:{sc_port}/v1/feedback", body, args.clients, args.seconds, headers=auth)
+        fcpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl) * per) * 1e6
+        res[name] = {"records_per_request": per, "durable_records_per_s": frps * per, "requests_per_s": frps, "p50_ms": pct(fl, .5) * 1e3,
+                     "p99_ms": pct(fl, .99) * 1e3, "errors": fe, "sidecar_cpu_us_per_record": fcpu}
+    if not args.no_floor:
+        hello_port = free_port()
+        hello = spawn([sys.executable, __file__, "--serve-hello", str(hello_port)], env, sc_cpus)
+        try:
+            wait_http(f"http://{HOST}:{hello_port}/health", hello)
+            hl, hrps, he = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
+            res["floor_feedback"] = {"requests_per_s": hrps, "p50_ms": pct(hl, .5) * 1e3, "errors": he}
+            # side by side on a noisy machine: alternate rounds (sidecar feedback, empty endpoint), a ratio per round
+            # and the CPU each process takes per request (less sensitive to what else the machine runs)
+            ratios, cpu_ratios = [], []
+            for _ in range(args.rounds):
+                c0 = cpu_seconds(sc.pid)
+                fl_i, frps_i, _ = await load(f"http://{HOST}:{sc_port}/v1/feedback", json.dumps(one).encode(),
+                                             args.clients, args.seconds, headers=auth)
+                f_cpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl_i))
+                c0 = cpu_seconds(hello.pid)
+                hl_i, hrps_i, _ = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
+                h_cpu = (cpu_seconds(hello.pid) - c0) / max(1, len(hl_i))
+                ratios.append(round(frps_i / max(1.0, hrps_i), 3))
+                cpu_ratios.append(round(h_cpu / f_cpu, 3) if f_cpu > 0 else float("nan"))
+            res["feedback_vs_floor"] = {"round_ratios": ratios, "ratio": statistics.median(ratios),
+                                        "cpu_round_ratios": cpu_ratios, "cpu_ratio": statistics.median(cpu_ratios)}
+        finally:
+            hello.terminate()
+            hello.wait(10)
 
 
 def main() -> None:
@@ -473,6 +490,7 @@ def main() -> None:
     p.add_argument("--serve-hello", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-floor", action="store_true", help="skip the floors: a byte relay and an empty aiohttp endpoint placed like the sidecar")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    p.add_argument("--feedback-only", action="store_true", help="only the feedback phases (and the empty endpoint's floor): skip the proxy's")
     args = p.parse_args()
     if args.serve_relay:
         run_relay(*args.serve_relay)
@@ -493,9 +511,10 @@ def main() -> None:
     pl = r["placement"]
     print(f"cores={os.cpu_count()} clients={N} rounds={args.rounds}x{args.seconds}s sidecar workers={args.workers} total={time.time() - t0:.1f}s; "
           f"CPUs: load generator + upstream {pl['load_generator_and_upstream']}, sidecar {pl['sidecar']}")
-    u = r["unloaded"]
-    print(f"1 client, instant engine   : direct p50 {u['direct_p50_ms']:.3f} ms, sidecar p50 {u['sidecar_p50_ms']:.3f} ms -> added p50 {u['added_p50_ms']:.3f} ms, p99 {u['added_p99_ms']:.3f} ms   (target < 1 / < 5 ms)")
-    for engine, label in (("engine", f"fast engine {args.ttft_ms:g}+7x{args.itl_ms:g} ms"), ("instant", "instant engine (CPU stress)")):
+    u = r.get("unloaded")
+    if u:
+        print(f"1 client, instant engine   : direct p50 {u['direct_p50_ms']:.3f} ms, sidecar p50 {u['sidecar_p50_ms']:.3f} ms -> added p50 {u['added_p50_ms']:.3f} ms, p99 {u['added_p99_ms']:.3f} ms   (target < 1 / < 5 ms)")
+    for engine, label in () if args.feedback_only else (("engine", f"fast engine {args.ttft_ms:g}+7x{args.itl_ms:g} ms"), ("instant", "instant engine (CPU stress)")):
         for kind in ("json", "sse"):
             x = r[f"{engine}_{kind}"]
             target = "(target >= 0.9x, < 1 / < 5 ms)" if engine == "engine" else f"(1 sidecar core ~ {1e6 / max(1.0, x['sidecar_cpu_us_per_request']):.0f} req/s)"
@@ -505,8 +524,9 @@ def main() -> None:
         x = r[f"floor_{kind}"]
         print(f"{N} clients {kind:4s} {'byte relay, same engine':28s}: added p50 {x['added_p50_ms']:.2f} p99 {x['added_p99_ms']:.2f} ms | throughput ratio {x['throughput_ratio']:.2f}x {x['round_ratios']}"
               f" | relay CPU {x['sidecar_cpu_us_per_request']:.0f} us/request   (the floor for any proxy process placed like the sidecar here)")
-    h = r["sidecar_histogram"]
-    print(f"sidecar histogram          : time added in the sidecar p50 <= {h['p50_le_ms']:.2f} ms, p99 <= {h['p99_le_ms']:.2f} ms over {h['observations']} requests; captured interactions {r['captured_interactions']}")
+    h = r.get("sidecar_histogram")
+    if h:
+        print(f"sidecar histogram          : time added in the sidecar p50 <= {h['p50_le_ms']:.2f} ms, p99 <= {h['p99_le_ms']:.2f} ms over {h['observations']} requests; captured interactions {r['captured_interactions']}")
     for name in ("feedback_http", "feedback_http_batch"):
         f = r[name]
         print(f"feedback, {f['records_per_request']:3d} per request  : {f['durable_records_per_s']:.0f} durable records/s ({f['requests_per_s']:.0f} requests/s, fsync before 200), p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms, errors {f['errors']}, sidecar CPU {f['sidecar_cpu_us_per_record']:.0f} us/record   (target >= 10,000 records/s)")
@@ -515,6 +535,7 @@ def main() -> None:
         print(f"aiohttp endpoint, no work  : {f['requests_per_s']:.0f} requests/s, p50 {f['p50_ms']:.2f} ms   (the ceiling for one record per request in one process here)")
         v = r["feedback_vs_floor"]
         print(f"feedback vs empty endpoint : 1 record per request / empty aiohttp endpoint, alternating rounds: {v['ratio']:.2f}x {v['round_ratios']}   (target >= 0.8x)")
+        print(f"  the same by CPU          : empty endpoint's CPU per request / the sidecar's, same rounds: {v['cpu_ratio']:.2f}x {v['cpu_round_ratios']}")
     if "floor_json" in r:
         for kind in ("json", "sse"):
             x, fl = r[f"engine_{kind}"], r[f"floor_{kind}"]
