@@ -47,6 +47,12 @@ class OperatorConfig:
     #: Seconds between looks at the feedback store of a Deployment with `continuousLearning.enabled` (the store cannot
     #: be watched; a look reads only segments new since the last one). Deployments without it are never looked at.
     learning_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_LEARNING_SECONDS", "30")))
+    #: How long after its UTC day ends a feedback day directory is still listed by every look (segments are named by
+    #: the day their pod opened them and shipped within about a minute); older days are sealed once consumed.
+    feedback_late_arrival_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_FEEDBACK_LATE_ARRIVAL_SECONDS", "86400")))
+    #: Seconds between full rescans of a feedback store (every day directory listed: segments shipped later than the
+    #: window above, e.g. spooled through a store outage, are found then and counted in a metric).
+    feedback_full_rescan_seconds: float = field(default_factory=lambda: float(_env("PERENNIAL_FEEDBACK_FULL_RESCAN_SECONDS", "21600")))
     #: Concurrent reconciles (all kinds).
     workers: int = field(default_factory=lambda: int(_env("PERENNIAL_WORKERS", "16")))
     # --- pods that run untrusted code (resources/podsecurity.py, resources/networkpolicy.py) ---

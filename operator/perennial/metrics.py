@@ -27,6 +27,9 @@ FEEDBACK_NEW_RECORDS = Gauge("perennial_feedback_new_records", "Rated feedback r
                              ["namespace", "deployment"])
 LEARNING_RUNS = Counter("perennial_learning_trainingruns_created_total", "TrainingRuns created from feedback snapshots, by trigger.", ["trigger"])
 PROMOTIONS = Counter("perennial_adapter_promotion_decisions_total", "Promotion decisions written on learned Adapters, by reason.", ["reason"])
+FEEDBACK_FULL_RESCANS = Counter("perennial_feedback_full_rescans_total", "Full rescans of a feedback store (every day directory listed).")
+FEEDBACK_LATE_SEGMENTS = Counter("perennial_feedback_late_segments_total",
+                                 "Feedback segments found by a full rescan where no tick looks (shipped later than the late-arrival window).")
 
 
 class ConditionCollector:

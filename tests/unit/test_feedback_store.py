@@ -183,6 +183,7 @@ def test_late_segment_in_an_old_day_of_an_object_store_is_found_by_the_full_resc
     store.full_rescan_seconds = 0
     res = store.scan(DEP)
     assert res.full_listing and res.new_segments == 1 and res.pending.ratings == 31
+    assert res.late_segments == 1  # found where no tick looks (the metric counts these)
 
 
 def test_index_is_one_file_per_day_however_many_ticks(mem: str) -> None:
@@ -599,11 +600,17 @@ def test_old_consumed_days_leave_memory_and_still_count(tmp_path, reads: Reads) 
     s2 = store.take_snapshot(DEP, lookback_seconds=40 * 86400)
     assert [r.name for r in s2.join_segments] == [segment_name(DEP, "only", 1, old_day)] and s2.counts.unmatched_ratings == 0
     assert s2.join_segments[0].snapshot == s1.name
-    # a segment shipped late into an evicted day is found; the day's old segments are not read again
+    # a segment shipped late into an evicted (sealed) day: no tick looks there; the next full rescan finds it, counts
+    # it as late, and reads none of the day's old segments again
     put(uri, segment_name(DEP, "slow", 9, old_day), lines(inter("slow", old_day), thumbs("slow", old_day)))
     reads.paths.clear()
     res = store.scan(DEP)
+    assert reads.n == 0 and res.new_segments == 0 and res.pending.ratings == 0 and not res.full_listing
+    store.full_rescan_seconds = 0
+    res = store.scan(DEP)
+    store.full_rescan_seconds = 3600
     assert reads.n == 1 and res.new_segments == 1 and res.pending.ratings == 1 and res.segments == 93
+    assert res.full_listing and res.late_segments == 1
     s3 = store.take_snapshot(DEP)
     assert [p.name for p in s3.segments] == [segment_name(DEP, "slow", 9, old_day)]
     # a restarted operator holds the same, reading no segment
@@ -627,6 +634,7 @@ def test_an_evicted_day_whose_index_file_is_lost_is_read_again_without_double_co
     assert res.segments_in_memory == 1 and res.segments == 2 and res.skipped == {"TornLine": 1}
     os.unlink(tmp_path / "store" / DEP / "_perennial" / "index" / f"{old_day:%Y-%m-%d}.json")
     put(uri, segment_name(DEP, "p", 2, old_day), lines(inter("b", old_day), thumbs("b", old_day)))
+    store.full_rescan_seconds = 0  # a sealed day: only a full rescan looks at it
     res = store.scan(DEP)
     assert res.segments == 3 and res.skipped == {"TornLine": 1} and res.damaged_segments == 1
     assert res.pending.ratings == 1  # only the new segment: the first stays in its snapshot
@@ -769,3 +777,110 @@ def test_approval_after_a_restart_reads_only_the_window(mem: str, reads: Reads) 
     got = store.approval(DEP, window_seconds=3 * 86400)
     assert {k: (v.up, v.total) for k, v in got.items()} == {"v1": (1, 1)}
     assert reads.n == 1 and "new" in reads.paths[0]
+
+
+# ------------------------------------------------------------------------------ tick cost against the store's history
+
+
+class CountingFS:
+    """Stands in for a FeedbackStore's fsspec filesystem and counts the calls the store makes on it, by method
+    (`invalidate_cache`, which touches no storage, is not counted)."""
+
+    FREE = frozenset({"invalidate_cache"})
+
+    def __init__(self, fs: AbstractFileSystem) -> None:
+        self._fs = fs
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        attr = getattr(self._fs, name)
+        if not callable(attr) or name in self.FREE:
+            return attr
+
+        def counted(*a, **kw):  # type: ignore[no-untyped-def]
+            self.calls.append((name, str(a[0]) if a else ""))
+            return attr(*a, **kw)
+
+        return counted
+
+    def count(self, fn) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+        self.calls.clear()
+        fn()
+        return list(self.calls)
+
+
+def _counted(store: FeedbackStore) -> CountingFS:
+    store.fs = CountingFS(store.fs)  # type: ignore[assignment]
+    return store.fs  # type: ignore[return-value]
+
+
+def _tick_calls(uri: str, days: int) -> dict[str, list[tuple[str, str]]]:
+    """fs calls of an idle tick and of a restarted operator's first and second ticks, on a store of `days` past days
+    (2 segments a day) that one snapshot consumed, after one new segment today."""
+    make_store(uri, days=days, per_day=2)
+    store = FeedbackStore(uri, keep_days=8)
+    store.scan(DEP)
+    store.take_snapshot(DEP, lookback_seconds=0)
+    store.scan(DEP)
+    put(uri, segment_name(DEP, "new", 1, NOW), lines(inter("new", NOW), thumbs("new", NOW)))
+    assert store.scan(DEP).pending.ratings == 1
+    fs = _counted(store)
+    idle = fs.count(lambda: store.scan(DEP))
+    restarted = FeedbackStore(uri, keep_days=8)
+    rfs = _counted(restarted)
+    holder: dict = {}
+    restart = rfs.count(lambda: holder.setdefault("res", restarted.scan(DEP)))
+    res = holder["res"]
+    assert (res.segments, res.pending.ratings, res.records_read) == (2 * days + 1, 1, 0)
+    idle_after_restart = rfs.count(lambda: restarted.scan(DEP))
+    return {"idle": idle, "restart": restart, "idle after restart": idle_after_restart}
+
+
+def _shape(calls: list[tuple[str, str]]) -> list[str]:
+    return sorted(name for name, _ in calls)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_idle_and_restart_ticks_make_as_many_store_calls_whatever_the_number_of_past_days(kind: str, tmp_path, mem: str) -> None:
+    """A store of 20 past days and one of 90 (three months more of history, every old day consumed): an idle tick and
+    a restarted operator's ticks make the same calls (no listing of old days, months or years; no index file of an
+    old day read)."""
+    got = {}
+    for days in (20, 90):
+        if kind == "local":
+            uri = str(tmp_path / f"store-{days}")
+            os.makedirs(uri)
+        else:
+            uri = f"{mem}-{days}"
+        got[days] = _tick_calls(uri, days)
+    for tick in ("idle", "restart", "idle after restart"):
+        small, large = _shape(got[20][tick]), _shape(got[90][tick])
+        assert small == large, f"{tick} tick: 20 past days {len(small)} calls, 90 past days {len(large)} calls: {got[90][tick]}"
+        # bounded by what is held in memory (keep_days=8: an index file read on restart and a stat per tick each)
+        assert len(large) <= 32, got[90][tick]
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_an_operator_down_for_days_lists_the_days_it_missed_without_a_full_rescan(kind: str, tmp_path, mem: str,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import perennial.feedback.store as store_module
+
+    uri = str(tmp_path / "store") if kind == "local" else mem
+    if kind == "local":
+        os.makedirs(uri)
+    make_store(uri, days=3, per_day=1)
+    store = FeedbackStore(uri, full_rescan_seconds=30 * 86400)
+    assert store.scan(DEP).full_listing
+    # the operator is down for 4 days; segments are shipped on each of them; then it starts again
+    for d in range(1, 5):
+        day = NOW + dt.timedelta(days=d)
+        put(uri, segment_name(DEP, "gap", d, day), lines(inter(f"g{d}", day), thumbs(f"g{d}", day)))
+    monkeypatch.setattr(store_module, "utcnow", lambda: NOW + dt.timedelta(days=4))
+    res = FeedbackStore(uri, full_rescan_seconds=30 * 86400).scan(DEP)
+    assert not res.full_listing and res.new_segments == 4 and res.pending.ratings == 9 + 4
+    # and the next restart's window starts where this tick's began: an older day is listed only when its directory
+    # says it changed (local), else by the next full rescan
+    put(uri, segment_name(DEP, "gap", 9, NOW + dt.timedelta(days=1)), lines(inter("x", NOW), thumbs("x", NOW)))
+    res = FeedbackStore(uri, full_rescan_seconds=30 * 86400).scan(DEP)
+    assert not res.full_listing
+    assert (res.new_segments, res.days_listed) == ((1, 3) if kind == "local" else (0, 2))

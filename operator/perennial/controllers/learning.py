@@ -48,7 +48,7 @@ from cronsim import CronSim, CronSimError
 from ..api.common import Condition, Model
 from ..api.deployment import ContinuousLearning, DeploymentSpec, PromotionGate
 from ..kube import ApiError
-from ..metrics import FEEDBACK_NEW_RECORDS, LEARNING_RUNS, PROMOTIONS
+from ..metrics import FEEDBACK_FULL_RESCANS, FEEDBACK_LATE_SEGMENTS, FEEDBACK_NEW_RECORDS, LEARNING_RUNS, PROMOTIONS
 from ..resources import conditions as cond
 from ..resources.common import MANAGED_BY, child_name, owner_reference
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, generation
@@ -177,8 +177,12 @@ class StoreSource:
     in-memory index keeps a tick incremental). The store lays a Deployment's feedback out by its name
     (`<store>/<deployment>/...`): two namespaces' Deployments of one name must not share a store URI."""
 
-    def __init__(self, pvc_root: str | None = None, *, approval_snapshots: int = APPROVAL_SNAPSHOTS) -> None:
+    def __init__(self, pvc_root: str | None = None, *, approval_snapshots: int = APPROVAL_SNAPSHOTS,
+                 late_arrival_seconds: float | None = None, full_rescan_seconds: float | None = None) -> None:
         self.pvc_root = pvc_root
+        #: the store's listing settings (None: its defaults)
+        self.store_options = {k: v for k, v in (("late_arrival_seconds", late_arrival_seconds),
+                                                ("full_rescan_seconds", full_rescan_seconds)) if v is not None}
         self.approval_snapshots = approval_snapshots
         #: (store URI, deployment, snapshot sequence) -> thumbs per adapter of the ratings it holds (immutable: read once)
         self._tallies: dict[tuple[str, str, int], dict[str, Approval]] = {}
@@ -186,11 +190,15 @@ class StoreSource:
     def _store(self, uri: str) -> Any:
         from ..feedback.store import shared_store
 
-        return shared_store(uri, pvc_root=self.pvc_root)
+        return shared_store(uri, pvc_root=self.pvc_root, **self.store_options)
 
     def read(self, store_uri: str, namespace: str, deployment: str) -> FeedbackView:
         store = self._store(store_uri)
         res = store.scan(deployment)
+        if res.full_listing:
+            FEEDBACK_FULL_RESCANS.inc()
+        if res.late_segments:
+            FEEDBACK_LATE_SEGMENTS.inc(res.late_segments)
         last = None
         if res.cursor.after:
             last = Snapshot(res.cursor.sequence - 1, store.snapshot_path(deployment, res.cursor.after))
@@ -709,7 +717,8 @@ def make_controller(source: FeedbackSource | None, *, tick_seconds: float | None
     def get_source(ctx: Context) -> FeedbackSource:
         nonlocal source
         if source is None:
-            source = StoreSource(ctx.config.pvc_root)
+            source = StoreSource(ctx.config.pvc_root, late_arrival_seconds=ctx.config.feedback_late_arrival_seconds,
+                                 full_rescan_seconds=ctx.config.feedback_full_rescan_seconds)
         return source
 
     #: (namespace, name) -> (store URI, monotonic time, view) of the last read: a wake-up between two ticks (a run's

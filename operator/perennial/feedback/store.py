@@ -9,11 +9,27 @@ The sidecar ships closed segments (JSON Lines of `perennial_records` records) to
 (interactions, ratings = feedback records, first/last record time, oldest rating, skipped lines by
 reason). A tick (`scan`) lists the store and reads only segments that are new or whose
 size/ETag/mtime changed since they were indexed, so it reads each record once, however long the
-history. Listing is pruned too: a day directory is listed when it is recent (the last `recent_days`
-days, by today's UTC date and by the newest day in the store), new, or its directory mtime changed
-(local and PVC stores report one); every day is listed on the first tick of a process and every
-`full_rescan_seconds` (segments shipped days late to an object store are found then). An idle tick
-costs one listing per year and month directory and one stat per day directory, no reads.
+history. Listing is bounded too, by when segments can arrive. The sidecar names a segment by the UTC
+day its pod *opened* it (`spool.py`: `<seq>-<yyyymmdd>.open`; `shipper.py` keeps that day in the
+object name), not by its records' times nor by when it is shipped; it closes within its segment age
+(60 s by default) and is shipped seconds later, retried with back-off up to a minute. So a day
+directory receives segments until shortly after its day ends (`late_arrival_seconds` after midnight
+UTC, default a day, covering clock skew and retries), except for segments held in a pod's spool
+through a store outage, shipped whenever the store is back, into their old day's directory. Hence:
+
+- a tick lists, by name (no listing of years or months), the days of its window (days whose end plus
+  `late_arrival_seconds` is not past, through the day a pod's clock a few minutes ahead names), from
+  where the last tick's window began (persisted: an operator down for days lists the days it missed);
+- on a store that reports directory mtimes (local, PVC) it stats each older day held in memory and
+  lists it when its mtime changed; on object stores those are left to the full rescan;
+- an old day every part of which is in a snapshot is *sealed* (below): no tick looks at it again;
+- every `full_rescan_seconds` (default 6 h; the time of the last one is persisted, so a restart does
+  not start with one) every day directory is listed: what that finds where no tick looks is counted
+  (`ScanResult.late_segments`, the `perennial_feedback_late_segments_total` metric) and logged.
+
+An idle tick thus costs the snapshot listing, a listing per window day (and a stat per day held in
+memory on local stores), however many days the store holds; a restarted operator reads the summary and
+the index files of the days held in memory by name. Neither grows with the store's history.
 
 The index lives in the store itself, so it survives an operator restart:
 `<deployment>/_perennial/index/<yyyy>-<mm>-<dd>.json`, one document per day directory of
@@ -21,10 +37,13 @@ segments (never one per tick: a tick rewrites, atomically, only the days it chan
 is the number of day directories the store holds). The index is a cache: a lost or corrupt index
 file only makes the next tick read that day's segments again, and what snapshots hold stays consumed.
 In memory: the last `keep_days` days, and older days only while some part of them is in no snapshot
-(~4 KB a segment). The old days every part of which is in a snapshot are summarised in
-`<deployment>/_perennial/summary.json` (their counts and a fingerprint of their listing): a restarted
-operator reads that and the index files of the other days, no segment; a full rescan reads the index
-file of an old day only when its listing changed (a segment shipped late into it).
+(~4 KB a segment). The old days every part of which is in a snapshot are sealed: summarised in
+`<deployment>/_perennial/summary.json` (their counts and a fingerprint of their listing, ~200 bytes a
+day), which also names the days held in memory, the last full rescan and the last window: a restarted
+operator reads that and the index files of the days it names, no segment and no listing of the index
+(without a summary, e.g. a store written by an older version, it lists the index once); a full rescan
+reads the index file of a sealed day only when its listing changed (a segment shipped late into it),
+which unseals it until it is consumed again.
 
 **Snapshots**, the source of truth for exactly-once: `<deployment>/_perennial/snapshots/<name>.json`,
 created once (create-only; the same parts written again return the existing document, different
@@ -185,12 +204,18 @@ class DaySummary(_Doc):
 
 
 class IndexSummary(_Doc):
-    """`<deployment>/_perennial/summary.json`: the evicted days, so that a restart reads none of their index files."""
+    """`<deployment>/_perennial/summary.json`: the sealed (evicted) days, so that a restart reads none of their index
+    files; the days held in memory, so that a restart reads their index files by name instead of listing them all;
+    when the last full rescan ran and where the last tick's window began, so that a restart lists no more than a
+    tick does."""
 
     version: int = INDEX_VERSION
     deployment: str
     snapshot_sequence: int = Field(default=0, ge=0, description="The last snapshot when it was written: valid while snapshots 1..this exist.")
     evicted: dict[str, DaySummary] = Field(default_factory=dict)
+    live_days: list[str] | None = Field(default=None, description="Days held in memory (their index files are read on load); None: unknown, list the index.")
+    last_full_rescan: float | None = Field(default=None, description="Wall-clock time (Unix seconds) of the last full rescan.")
+    window_start: str | None = Field(default=None, description="First day (`yyyy/mm/dd`) the last tick listed as still receiving segments.")
 
 
 class DayIndex(_Doc):
@@ -232,9 +257,10 @@ class ScanResult:
     segments_read: int = 0
     bytes_read: int = 0
     records_read: int = 0  # lines parsed this tick (new parts only)
-    days_listed: int = 0
-    days_total: int = 0
-    full_listing: bool = False
+    days_listed: int = 0  # day directories listed this tick
+    days_total: int = 0  # day directories known (held in memory or sealed)
+    full_listing: bool = False  # this tick was a full rescan (every day directory of the store)
+    late_segments: int = 0  # new segments a full rescan found where no tick looks (shipped later than the window)
     skipped: dict[str, int] = field(default_factory=dict)  # lines skipped over the whole index, by reason (SegmentTooLarge: segments)
     damaged_segments: int = 0  # segments with skipped lines or a torn last line
     damaged_examples: list[str] = field(default_factory=list)  # a few of their names (for a condition's message)
@@ -446,7 +472,9 @@ class _State:
         self._oldest: list[tuple[str, tuple[str, int, str]]] = []  # heap of (oldest rating time, key), lazily pruned
         self.skipped: Counter[str] = Counter()
         self.damaged: set[str] = set()  # segments with skipped lines or a torn tail
-        self.last_full: float | None = None
+        self.last_full: float | None = None  # wall-clock time of the last full rescan (persisted in the summary)
+        self.window_start: str | None = None  # first day of the last tick's late-arrival window (persisted too)
+        self.saved_sig: tuple[Any, ...] | None = None  # what the summary in the store says of the three above
         # days dropped from memory (old, every part in a snapshot): what they add to the totals above
         self.evicted: dict[str, DaySummary] = {}
         self.summary_dirty = False
@@ -590,18 +618,23 @@ class FeedbackStore:
         storage_options: dict[str, Any] | None = None,
         *,
         pvc_root: str | None = None,
-        recent_days: int = 2,
-        full_rescan_seconds: float = 3600.0,
+        late_arrival_seconds: float = 86400.0,
+        full_rescan_seconds: float = 6 * 3600.0,
         max_segment_bytes: int = 256 * 1024 * 1024,
         join_budget_bytes: int = 512 * 1024 * 1024,
         keep_days: int = 8,
         approval_max_ids: int = 500_000,
     ) -> None:
-        if recent_days < 1:
-            raise ValueError("recent_days must be at least 1")
+        if late_arrival_seconds < 0:
+            raise ValueError("late_arrival_seconds must not be negative")
+        if full_rescan_seconds < 0:
+            raise ValueError("full_rescan_seconds must not be negative")
         self.uri = uri.rstrip("/") or uri
         self.pvc_root = pvc_root or os.environ.get("PERENNIAL_PVC_ROOT") or "/mnt/pvc"
-        self.recent_days = recent_days
+        #: how long after its UTC day ends a day directory still receives segments in normal operation (a segment is
+        #: named by the day its pod opened it, closed within the sidecar's segment age and shipped seconds later)
+        self.late_arrival_seconds = late_arrival_seconds
+        #: how often every day directory is listed (segments shipped later than the window: after a store outage)
         self.full_rescan_seconds = full_rescan_seconds
         self.max_segment_bytes = max_segment_bytes
         #: bytes a snapshot may read looking for the interactions its late ratings rate
@@ -719,28 +752,69 @@ class FeedbackStore:
                 st.evicted[day] = d
                 st.day_mtime[day] = d.dir_mtime
                 st.skipped.update(d.skipped)
-        for info in self._ls(self._meta(st.deployment, "index")):
-            name = _base(info["name"])
-            if info.get("type") != "file" or not name.endswith(".json") or name.startswith("."):
-                continue
-            if name[:-len(".json")].replace("-", "/") in st.evicted:  # held out of memory: not read
-                continue
-            raw = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"], missing_ok=True)
+            st.last_full, st.window_start = summary.last_full_rescan, summary.window_start
+        paths: list[str] = []
+        if summary is not None and summary.live_days is not None:
+            # the days held in memory, and the days this tick's window will list (an index file written just
+            # before a crash that kept the summary from naming its day), by name: no listing of the index
+            live = set(summary.live_days) | set(self._window(st)[0])
+            for day in sorted(live - set(st.evicted)):
+                st.days.setdefault(day, {})  # without a readable index file: listed again (known to be there)
+                paths.append(self._meta(st.deployment, "index", day.replace("/", "-") + ".json"))
+        else:  # no summary (or one from before it named them): every index file there is
+            for info in self._ls(self._meta(st.deployment, "index")):
+                name = _base(info["name"])
+                if info.get("type") != "file" or not name.endswith(".json") or name.startswith("."):
+                    continue
+                if name[:-len(".json")].replace("-", "/") in st.evicted:  # held out of memory: not read
+                    continue
+                paths.append(info["name"])
+        for path in paths:
+            raw = self._call(f"reading {path}", self.fs.cat_file, path, missing_ok=True)
             if raw is None:
                 continue
             try:
                 doc = DayIndex.model_validate_json(raw)
             except pydantic.ValidationError as e:
-                log.warning("Ignored unreadable index file path=%s error=%s", info["name"], e.errors()[:1])
+                log.warning("Ignored unreadable index file path=%s error=%s", path, e.errors()[:1])
                 continue
-            if doc.version != INDEX_VERSION or doc.deployment != st.deployment:
+            if doc.version != INDEX_VERSION or doc.deployment != st.deployment or doc.day in st.evicted:
                 continue
             st.day_mtime[doc.day] = doc.dir_mtime
             for entry in doc.segments:
                 st.add(doc.day, entry)
             if doc.day < self._keep_after() and st.evictable(doc.day):
                 st.evict(doc.day)
+        for day in [d for d, entries in st.days.items() if not entries and d not in st.day_mtime]:
+            if day not in (summary.live_days if summary is not None and summary.live_days else ()):
+                del st.days[day]  # a window day with no index file: nothing known of it
+        st.saved_sig = self._summary_sig(st) if summary is not None and summary.live_days is not None else None
         st.loaded = True
+
+    def _window(self, st: _State) -> tuple[list[str], str]:
+        """The days a tick lists whatever their directories say: those still receiving segments in normal operation
+        (a day ends at midnight UTC; its segments arrive within `late_arrival_seconds` after it), from where the last
+        tick's window began (an operator down for days lists the days it missed), through the day a pod's clock a
+        little ahead already names. Returns (days, the first day of this tick's own window)."""
+        now = utcnow()
+        first = (now - _dt.timedelta(seconds=self.late_arrival_seconds)).date()
+        start = first
+        if st.window_start is not None:
+            try:
+                start = min(start, _dt.date(*map(int, st.window_start.split("/"))))
+            except ValueError:
+                pass
+        last = (now + JOIN_CLOCK_SKEW).date()
+        days = []
+        d = start
+        while d <= last:
+            days.append(f"{d:%Y/%m/%d}")
+            d += _dt.timedelta(days=1)
+        return days, f"{first:%Y/%m/%d}"
+
+    @staticmethod
+    def _summary_sig(st: _State) -> tuple[Any, ...]:
+        return (tuple(sorted(st.days)), st.last_full, st.window_start)
 
     def _summary_path(self, st: _State) -> str:
         return self._meta(st.deployment, "summary.json")
@@ -763,10 +837,13 @@ class FeedbackStore:
         return doc
 
     def _save_summary(self, st: _State) -> None:
-        doc = IndexSummary(deployment=st.deployment, snapshot_sequence=max(st.snapshots, default=0), evicted=st.evicted)
+        sig = self._summary_sig(st)
+        doc = IndexSummary(deployment=st.deployment, snapshot_sequence=max(st.snapshots, default=0), evicted=st.evicted,
+                           live_days=list(sig[0]), last_full_rescan=st.last_full, window_start=st.window_start)
         path = self._summary_path(st)
         self._call(f"writing {path}", self._write, path, doc.model_dump_json(by_alias=True, exclude_none=True).encode())
         st.summary_dirty = False
+        st.saved_sig = sig
 
     def _keep_after(self) -> str:
         """Days before this one whose every part is in a snapshot are not held in memory."""
@@ -830,17 +907,18 @@ class FeedbackStore:
             self._check_root()  # every tick: an unmounted volume is not an empty store
             self._refresh_snapshots(st)
             res = ScanResult(deployment=deployment)
-            now = time.monotonic()
-            full = st.last_full is None or now - st.last_full >= self.full_rescan_seconds
-            days = self._days(st)
-            if not days and (any(st.days.values()) or st.evicted) and not self._root_exists():
-                # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
-                raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
-            res.days_total, res.full_listing = len(days), full
-            today = utcnow().date()
-            newest = days[-1][0] if days else f"{today:%Y/%m/%d}"
-            cutoff = min(f"{today - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}",
-                         f"{_dt.date(*map(int, newest.split('/'))) - _dt.timedelta(days=self.recent_days - 1):%Y/%m/%d}")
+            now = time.time()
+            full = st.last_full is None or not (0 <= now - st.last_full < self.full_rescan_seconds)
+            window, window_start = self._window(st)
+            cutoff = window[0]
+            if full:
+                days = self._days(st)
+                if not days and (any(st.days.values()) or st.evicted) and not self._root_exists():
+                    # a bucket (or prefix) gone under us: unavailable, not "everything deleted"
+                    raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
+            else:
+                days = self._tick_days(st, window)
+            res.full_listing = full
             dirty: set[str] = set()
             present_days = set()
             for day, path, mtime in days:
@@ -849,8 +927,13 @@ class FeedbackStore:
                 same_mtime = mtime is not None and known and st.day_mtime.get(day) == mtime
                 if day < cutoff and known and (same_mtime or (mtime is None and not full)):
                     continue
-                res.days_listed += 1
                 listing = self._list_segments(st, day, path)
+                if listing is None:  # gone between the listing of its month (or its stat) and now
+                    continue
+                res.days_listed += 1
+                # a segment a tick could not have found: in a sealed day, or an old day an object store gives no mtime of
+                late = full and st.last_full is not None and day < cutoff and (day in st.evicted or mtime is None or day not in st.days)
+                before = res.new_segments
                 ev = st.evicted.get(day)
                 if ev is not None:
                     if _fingerprint((n, size, etag if etag is not None else mt) for n, _, size, etag, mt in listing) == ev.fingerprint:
@@ -860,9 +943,15 @@ class FeedbackStore:
                         continue
                     st.restore(day, self._day_doc(st, day))
                 self._scan_day(st, day, listing, res, dirty)
+                if late and res.new_segments > before:
+                    res.late_segments += res.new_segments - before
+                    log.warning("Found segments shipped late by a full rescan deployment=%s day=%s segments=%d",
+                                deployment, day, res.new_segments - before)
                 if st.day_mtime.get(day) != mtime or not known:
                     st.day_mtime[day] = mtime
                     dirty.add(day)
+            if not full and not res.days_listed and (any(st.days.values()) or st.evicted) and not self._root_exists():
+                raise StoreUnavailable(f"feedback store {self.uri}: {self.root or '/'} does not exist any more")
             if full:
                 for day in [d for d in list(st.days) + list(st.evicted) if d not in present_days]:  # a whole day directory deleted
                     gone = st.evicted.pop(day, None)
@@ -878,15 +967,17 @@ class FeedbackStore:
                     dirty.discard(day)
                     self._drop_day(st, day)
                 st.last_full = now
+            st.window_start = window_start
             for day in sorted(dirty):
                 self._save_day(st, day)
             keep_after = self._keep_after()
             for day in [d for d in st.days if d < keep_after and d < cutoff and st.evictable(d)]:
-                st.evict(day)
-            if st.summary_dirty:
+                st.evict(day)  # sealed: no tick lists it again, only a full rescan
+            if st.summary_dirty or st.saved_sig != self._summary_sig(st):
                 self._save_summary(st)
             res.segments_in_memory = sum(len(v) for v in st.days.values())
             res.segments = res.segments_in_memory + sum(v.segments for v in st.evicted.values())
+            res.days_total = len(set(st.days) | set(st.evicted))
             res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
             res.damaged_segments = st.damaged_count()
             res.damaged_examples = st.damaged_examples(5)
@@ -894,10 +985,34 @@ class FeedbackStore:
             res.cursor = st.cursor()
             return res
 
-    def _list_segments(self, st: _State, day: str, path: str) -> list[tuple[str, str, int, str | None, str | None]]:
-        """(name, path, size, etag, mtime) of the day's segment objects."""
+    def _tick_days(self, st: _State, window: list[str]) -> list[tuple[str, str, str | None]]:
+        """(day, path, dir mtime) of the days a tick that is not a full rescan looks at, found by name (no listing of
+        years or months): the window's days that exist, and the old days held in memory on a store that reports a
+        directory's mtime (listed only when it changed). Sealed days are never looked at."""
         out = []
-        for info in self._ls(path):
+        base = self._path(st.deployment)
+        wanted = set(window)
+        if self.local:
+            wanted |= set(st.days)
+        for day in sorted(wanted):
+            path = f"{base}/{day}"
+            mtime = None
+            if self.local:
+                info = self._call(f"checking {path}", self.fs.info, path, missing_ok=True)
+                if info is None or info.get("type") != "directory" or info.get("islink"):
+                    continue
+                mtime = _dir_mtime(info)
+            out.append((day, path, mtime))
+        return out
+
+    def _list_segments(self, st: _State, day: str, path: str) -> list[tuple[str, str, int, str | None, str | None]] | None:
+        """(name, path, size, etag, mtime) of the day's segment objects; None when the directory is not there."""
+        out = []
+        self._call(f"listing {path}", self.fs.invalidate_cache, path)
+        infos = self._call(f"listing {path}", self.fs.ls, path, detail=True, missing_ok=True)
+        if infos is None:
+            return None
+        for info in infos:
             base = _base(info["name"])
             if info.get("type") != "file" or not base.endswith(".jsonl") or base.startswith("."):
                 continue
@@ -1285,18 +1400,20 @@ class FeedbackStore:
         return await asyncio.to_thread(self.latest_snapshot, deployment)
 
 
-_shared: dict[tuple[str, str, str], FeedbackStore] = {}
+_shared: dict[tuple[str, str, str, str], FeedbackStore] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_store(uri: str, storage_options: dict[str, Any] | None = None, *, pvc_root: str | None = None) -> FeedbackStore:
-    """The process's one FeedbackStore for this URI and options: its in-memory index is what keeps a tick
-    incremental (a new object loads the whole index from the store first, as after a restart)."""
-    key = (uri.rstrip("/"), json.dumps(storage_options or {}, sort_keys=True, default=str), pvc_root or "")
+def shared_store(uri: str, storage_options: dict[str, Any] | None = None, *, pvc_root: str | None = None,
+                 **settings: Any) -> FeedbackStore:
+    """The process's one FeedbackStore for this URI, options and settings (`late_arrival_seconds`, ...): its in-memory
+    index is what keeps a tick incremental (a new object loads the index from the store first, as after a restart)."""
+    key = (uri.rstrip("/"), json.dumps(storage_options or {}, sort_keys=True, default=str), pvc_root or "",
+           json.dumps(settings, sort_keys=True, default=str))
     with _shared_lock:
         st = _shared.get(key)
         if st is None:
-            st = _shared[key] = FeedbackStore(uri, storage_options, pvc_root=pvc_root)
+            st = _shared[key] = FeedbackStore(uri, storage_options, pvc_root=pvc_root, **settings)
         return st
 
 
