@@ -29,21 +29,23 @@ through a store outage, shipped whenever the store is back, into their old day's
 
 An idle tick thus costs the snapshot listing, a listing per window day (and a stat per day held in
 memory on local stores), however many days the store holds; a restarted operator reads the summary and
-the index files of the days held in memory by name. Neither grows with the store's history.
+the index files of the days held in memory by name. Neither lists nor reads more as the history grows,
+except that a restart still reads every snapshot document (the exactly-once record of what was ever
+trained on, ~10 us a part to load): its one cost that grows with the history.
 
 The index lives in the store itself, so it survives an operator restart:
 `<deployment>/_perennial/index/<yyyy>-<mm>-<dd>.json`, one document per day directory of
 segments (never one per tick: a tick rewrites, atomically, only the days it changed; the file count
 is the number of day directories the store holds). The index is a cache: a lost or corrupt index
 file only makes the next tick read that day's segments again, and what snapshots hold stays consumed.
-In memory: the last `keep_days` days, and older days only while some part of them is in no snapshot
-(~4 KB a segment). The old days every part of which is in a snapshot are sealed: summarised in
-`<deployment>/_perennial/summary.json` (their counts and a fingerprint of their listing, ~200 bytes a
-day), which also names the days held in memory, the last full rescan and the last window: a restarted
-operator reads that and the index files of the days it names, no segment and no listing of the index
-(without a summary, e.g. a store written by an older version, it lists the index once); a full rescan
-reads the index file of a sealed day only when its listing changed (a segment shipped late into it),
-which unseals it until it is consumed again.
+In memory: the last `keep_days` days (default 1: what the late-arrival window lists anyway), and older
+days only while some part of them is in no snapshot (~4 KB a segment). The old days every part of which
+is in a snapshot are sealed: summarised in `<deployment>/_perennial/summary.json` (their counts and a
+fingerprint of their listing, ~200 bytes a day), which also names the days held in memory, the last full
+rescan and the last window: a restarted operator reads that and the index files of the days it names, no
+segment and no listing of the index (without a summary, e.g. a store written by an older version, it
+lists the index once); a full rescan reads the index file of a sealed day only when its listing changed
+(a segment shipped late into it), which unseals it until it is consumed again.
 
 **Snapshots**, the source of truth for exactly-once: `<deployment>/_perennial/snapshots/<name>.json`,
 created once (create-only; the same parts written again return the existing document, different
@@ -622,7 +624,7 @@ class FeedbackStore:
         full_rescan_seconds: float = 6 * 3600.0,
         max_segment_bytes: int = 256 * 1024 * 1024,
         join_budget_bytes: int = 512 * 1024 * 1024,
-        keep_days: int = 8,
+        keep_days: int = 1,
         approval_max_ids: int = 500_000,
     ) -> None:
         if late_arrival_seconds < 0:
@@ -639,7 +641,9 @@ class FeedbackStore:
         self.max_segment_bytes = max_segment_bytes
         #: bytes a snapshot may read looking for the interactions its late ratings rate
         self.join_budget_bytes = join_budget_bytes
-        #: days held in memory whatever they hold (older ones only while some part of them is in no snapshot)
+        #: days before today held in memory whatever they hold (older ones only while some part of them is in no
+        #: snapshot, or while in the late-arrival window): what a restart loads; the sealed ones cost an index file read
+        #: when a snapshot's join search or live approval's first look reaches back to them
         self.keep_days = keep_days
         #: interaction ids (and waiting ratings) live approval holds at most (~100 bytes each)
         self.approval_max_ids = approval_max_ids
