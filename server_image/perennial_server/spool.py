@@ -15,7 +15,8 @@ ran shares the next one). Non-durable appends (interactions) return
 immediately.
 
 Preallocated segments: a segment is extended ahead of its records with zeros
-that are written and `fdatasync`'d (`PREALLOCATE_BYTES` at a time), so a commit
+that are written and `fdatasync`'d (64 KiB, doubling up to `PREALLOCATE_BYTES`
+at a time, never past the roll size), so a commit
 overwrites blocks the file already has without changing its size, and one
 `pwritev(..., RWF_DSYNC)` both writes the group and makes it durable: no
 journal commit of the file's size or block map per group, one syscall (and one
@@ -398,7 +399,10 @@ class Spool:
             if end > zeroed:
                 # zeros ahead of the records (and over what a failed write left), durable before a
                 # record is written over them; the fdatasync makes every byte before `start` durable too
-                upto = max(end, zeroed + self.preallocate_bytes, self._stale)
+                # a new segment grows from 64 KiB, doubling up to `preallocate_bytes`, never past the roll size: a
+                # quiet segment (rolled by age) costs little zeroing, a busy one one extension per MiB
+                step = min(self.preallocate_bytes, max(zeroed, 64 << 10))
+                upto = max(end, min(zeroed + step, self.max_segment_bytes), self._stale)
                 self._pwrite_all(fd, bytes(upto - zeroed), zeroed, 0)
                 _datasync(fd)
                 self._zeroed, self._stale, self._synced = upto, 0, start

@@ -112,6 +112,27 @@ async def test_closed_segments_hold_no_preallocated_zeros(tmp_path: Path) -> Non
     assert [json.loads(x)["i"] for x in data.splitlines()] == list(range(60))
 
 
+async def test_a_segment_is_preallocated_from_64_kib_doubling_to_one_mib(tmp_path: Path) -> None:
+    """A quiet segment (rolled by age) is not given a whole MiB of zeros to write; a busy one grows by doubling."""
+    sp = Spool(tmp_path, max_segment_bytes=16 << 20, max_segment_age_s=3600)
+    await sp.start()
+    await sp.append(json.dumps({"i": 0}), durable=True)
+    (p,) = tmp_path.glob("*.open")
+    sizes = [p.stat().st_size]
+    written = len(json.dumps({"i": 0})) + 1
+    while written < 3 << 20:
+        line = json.dumps({"pad": "x" * 30000})
+        await sp.append(line, durable=True)
+        written += len(line) + 1
+        if p.stat().st_size != sizes[-1]:
+            sizes.append(p.stat().st_size)
+    assert sizes[:5] == [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20], sizes
+    assert all(b - a == 1 << 20 for a, b in zip(sizes[4:], sizes[5:])), sizes
+    await sp.close()
+    (seg,) = closed_segments(tmp_path)
+    assert seg.path.stat().st_size == written
+
+
 async def test_a_failed_write_leaves_nothing_a_crash_recovery_could_read_as_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails may still leave its bytes in the file; the next, shorter record written at the same
     offset must not leave the rest of them behind it (a crash would recover them as a torn or foreign line)."""
