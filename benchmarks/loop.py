@@ -9,7 +9,8 @@ Sections (run one or more; default: all that exist):
            production --, half interactions and half ratings; nothing is trained) and
            `perennial.feedback.store.FeedbackStore.scan` is timed:
              first     a fresh FeedbackStore, empty index: reads every segment;
-                       then one snapshot takes all of it (as when the loop fires; timed apart);
+                       then snapshots take all of it, one per day of history (as a loop firing daily
+                       would have; `--one-snapshot`: one over all of it), timed apart;
              incr      the same object, after one new segment was shipped;
              restart   a new FeedbackStore (an operator restart: the index is loaded from the
                        store) after one more new segment;
@@ -47,6 +48,7 @@ from typing import Any
 
 from loop_live import add_arguments as add_loop_arguments
 from loop_live import loop_section
+from perennial.feedback.snapshot import snapshot_name
 from perennial.feedback.store import FeedbackStore
 from perennial_records import FeedbackRecord, InteractionRecord, segment_name
 
@@ -88,6 +90,25 @@ def generate(root: str, records: int, per_segment: int, days: int, start_seq: in
     return n_seg
 
 
+def snapshot_history(store: FeedbackStore, one: bool) -> int:
+    """Snapshot everything pending: in one snapshot, or one a day (by segment day, as a daily loop would have);
+    returns the ratings snapshotted."""
+    if one:
+        snap = store.take_snapshot(DEPLOYMENT)
+        return snap.counts.ratings if snap else 0
+    plan = store.plan_snapshot(DEPLOYMENT)
+    if plan is None:
+        return 0
+    by_day: dict[str, list[Any]] = {}
+    for part in plan[1]:
+        by_day.setdefault("/".join(part.name.split("/")[1:4]), []).append(part)
+    ratings = 0
+    seq = store.cursor(DEPLOYMENT).sequence
+    for i, day in enumerate(sorted(by_day)):
+        ratings += store.write_snapshot(DEPLOYMENT, snapshot_name(DEPLOYMENT, seq + i), by_day[day]).counts.ratings
+    return ratings
+
+
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     r = fn(*args)
@@ -118,8 +139,9 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
         t_gen, n_seg = _timed(generate, root, size, args.records_per_segment, days)
         store = FeedbackStore(root)
         t_first, first = _timed(store.scan, DEPLOYMENT)
-        # the history so far goes into one snapshot, as when the loop fired: the steady state ticks run in
-        t_snap, snap = _timed(store.take_snapshot, DEPLOYMENT)
+        # the history so far goes into snapshots, as when the loop fired (once a day, or once over all of it with
+        # --one-snapshot): the steady state ticks run in
+        t_snap, snap_ratings = _timed(snapshot_history, store, args.one_snapshot)
         incr_t, incr_read, restart_t, restart_read, idle_t, idle_read = [], [], [], [], [], []
         incr_cpu: list[float] = []
         for _ in range(args.repeat):  # one new segment shipped, then a tick
@@ -147,7 +169,7 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
               f"incr: read {row[5]:>4,} records in {row[4] * 1000:6.1f} ms ({row[12] * 1000:5.1f} ms CPU) | "
               f"restart: read {row[7]:>4,} records in {row[6] * 1000:6.1f} ms | "
               f"idle: read {row[9]} records in {row[8] * 1000:5.1f} ms | "
-              f"first/incr = {t_first / row[4]:6.1f}x | snapshot of the first tick's {snap.counts.ratings:,} ratings "
+              f"first/incr = {t_first / row[4]:6.1f}x | snapshot(s) of the first tick's {snap_ratings:,} ratings "
               f"{t_snap * 1000:.0f} ms | pending ratings {last.pending.ratings:,} | segments held in memory {last.segments_in_memory:,}",
               flush=True)
         if not args.keep:
@@ -195,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records-per-day", type=int, default=10_000, help="records a day in the generated history (ending today)")
     p.add_argument("--repeat", type=int, default=7, help="incremental, restart and idle ticks per size (medians printed)")
     p.add_argument("--keep", action="store_true", help="keep the generated stores")
+    p.add_argument("--one-snapshot", action="store_true",
+                   help="the generated history goes into one snapshot (default: one a day, as a loop firing daily)")
     add_loop_arguments(p)
     args = p.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(args, name, False)] or list(SECTIONS)

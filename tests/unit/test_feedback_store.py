@@ -884,3 +884,42 @@ def test_an_operator_down_for_days_lists_the_days_it_missed_without_a_full_resca
     res = FeedbackStore(uri, full_rescan_seconds=30 * 86400).scan(DEP)
     assert not res.full_listing
     assert (res.new_segments, res.days_listed) == ((1, 3) if kind == "local" else (0, 2))
+
+
+def test_a_restart_reads_no_snapshot_of_sealed_days_until_one_is_needed(mem: str) -> None:
+    """One snapshot a day for 30 days: a restart loads the snapshots that hold parts of the days it keeps in memory,
+    not the 28 of sealed days; asking for what they hold loads them, and exactly-once still holds."""
+    ratings = 0
+    store = FeedbackStore(mem, full_rescan_seconds=0)  # the history is written here in one go: every day listed
+    for d in range(30):
+        day = NOW - dt.timedelta(days=29 - d)
+        put(mem, segment_name(DEP, "p", d, day), lines(inter(f"a{d}", day), thumbs(f"a{d}", day)))
+        ratings += 1
+        store.scan(DEP)
+        assert store.take_snapshot(DEP).sequence == d + 1
+    store.full_rescan_seconds = 3600
+    store.scan(DEP)
+    restarted = FeedbackStore(mem)
+    fs = _counted(restarted)
+    holder: dict = {}
+    calls = fs.count(lambda: holder.setdefault("res", restarted.scan(DEP)))
+    read = sorted(path.rsplit("/", 1)[-1] for name, path in calls if name == "cat_file" and "/snapshots/" in path)
+    assert read == [f"{snapshot_name(DEP, 29)}.json", f"{snapshot_name(DEP, 30)}.json"]
+    res = holder["res"]
+    assert res.pending.ratings == 0 and res.cursor.sequence == 31 and res.cursor.after == snapshot_name(DEP, 30)
+    # what the sealed snapshots hold is still known when asked for
+    assert restarted.get_snapshot(DEP, 3).counts.ratings == 1
+    assert restarted.pending(DEP, Cursor(sequence=1)).ratings == ratings
+    again = FeedbackStore(mem)
+    again.scan(DEP)
+    first = FeedbackStore(mem).get_snapshot(DEP, 1)
+    with pytest.raises(SnapshotConflict):  # a part of a sealed day is in a snapshot: never taken twice
+        again.write_snapshot(DEP, snapshot_name(DEP, 31), first.segments)
+    assert [s.sequence for s in FeedbackStore(mem).snapshots(DEP)] == list(range(1, 31))
+    # a late segment unseals its day: its old part stays consumed, only the new one is pending
+    old = NOW - dt.timedelta(days=20)
+    put(mem, segment_name(DEP, "late", 1, old), lines(inter("late", old), thumbs("late", old)))
+    late = FeedbackStore(mem, full_rescan_seconds=0)
+    res = late.scan(DEP)
+    assert res.late_segments == 1 and res.pending.ratings == 1
+    assert [p.name for p in late.take_snapshot(DEP).segments] == [segment_name(DEP, "late", 1, old)]

@@ -29,9 +29,11 @@ through a store outage, shipped whenever the store is back, into their old day's
 
 An idle tick thus costs the snapshot listing, a listing per window day (and a stat per day held in
 memory on local stores), however many days the store holds; a restarted operator reads the summary and
-the index files of the days held in memory by name. Neither lists nor reads more as the history grows,
-except that a restart still reads every snapshot document (the exactly-once record of what was ever
-trained on, ~10 us a part to load): its one cost that grows with the history.
+the index files of the days held in memory by name, and the snapshot documents that hold parts of those
+days: the snapshots every part of which is in a sealed day (`sealed_sequence` in the summary) are loaded
+only when something needs them (a late segment unsealing a day, a cursor before them, their documents or
+parts asked for). Neither lists nor reads more as the history grows (the listing of the snapshot
+documents, one call, lists one name per snapshot ever taken).
 
 The index lives in the store itself, so it survives an operator restart:
 `<deployment>/_perennial/index/<yyyy>-<mm>-<dd>.json`, one document per day directory of
@@ -214,6 +216,7 @@ class IndexSummary(_Doc):
     version: int = INDEX_VERSION
     deployment: str
     snapshot_sequence: int = Field(default=0, ge=0, description="The last snapshot when it was written: valid while snapshots 1..this exist.")
+    sealed_sequence: int = Field(default=0, ge=0, description="Snapshots 1..this hold parts of sealed days only: a restart does not read them.")
     evicted: dict[str, DaySummary] = Field(default_factory=dict)
     live_days: list[str] | None = Field(default=None, description="Days held in memory (their index files are read on load); None: unknown, list the index.")
     last_full_rescan: float | None = Field(default=None, description="Wall-clock time (Unix seconds) of the last full rescan.")
@@ -464,7 +467,9 @@ class _State:
         self.loaded = False
         self.days: dict[str, dict[str, SegmentEntry]] = {}
         self.day_mtime: dict[str, str | None] = {}
-        self.snapshots: dict[int, Snapshot] = {}
+        self.snapshots: dict[int, Snapshot] = {}  # loaded (snapshots of sealed days only are loaded when needed)
+        self.listed: dict[int, str] = {}  # sequence -> path of every snapshot document in the store
+        self.sealed_seq = 0  # snapshots 1..this hold parts of sealed days only (not loaded until needed)
         self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
         self.snap_parts: dict[str, list[SegmentPart]] = {}  # segment name -> the parts snapshots hold
         self.unconsumed: dict[tuple[str, int, str], SegmentPart] = {}
@@ -583,12 +588,15 @@ class _State:
         return self._oldest[0][0] if self._oldest else None
 
     def next_sequence(self) -> int:
-        return max(self.snapshots, default=0) + 1
+        return max(max(self.snapshots, default=0), max(self.listed, default=0)) + 1
 
     def cursor(self) -> Cursor:
         seq = self.next_sequence()
-        last = self.snapshots.get(seq - 1)
-        return Cursor(sequence=seq, after=last.name if last else None)
+        return Cursor(sequence=seq, after=snapshot_name(self.deployment, seq - 1) if seq > 1 else None)
+
+    def lazy(self) -> bool:
+        """Some snapshot in the store is not loaded (its parts, all in sealed days, are not in `consumed`)."""
+        return any(seq not in self.snapshots for seq in self.listed)
 
     def find_part(self, key: tuple[str, int, str]) -> SegmentPart | None:
         if key in self.unconsumed:
@@ -749,8 +757,11 @@ class FeedbackStore:
         if st.loaded:
             return
         self._check_root()
-        self._refresh_snapshots(st)
+        self._refresh_snapshots(st, load=False)
         summary = self._read_summary(st)
+        if summary is not None:
+            st.sealed_seq = summary.sealed_sequence
+        self._refresh_snapshots(st)  # the snapshots after the sealed ones
         if summary is not None:
             for day, d in summary.evicted.items():
                 st.evicted[day] = d
@@ -834,7 +845,7 @@ class FeedbackStore:
             return None
         if doc.version != INDEX_VERSION or doc.deployment != st.deployment:
             return None
-        if any(seq not in st.snapshots for seq in range(1, doc.snapshot_sequence + 1)):
+        if doc.sealed_sequence > doc.snapshot_sequence or any(seq not in st.listed for seq in range(1, doc.snapshot_sequence + 1)):
             # a snapshot it counted on is gone: what it calls consumed may not be; read every day's index
             log.warning("Ignored the index summary: snapshots are missing deployment=%s", st.deployment)
             return None
@@ -842,7 +853,13 @@ class FeedbackStore:
 
     def _save_summary(self, st: _State) -> None:
         sig = self._summary_sig(st)
-        doc = IndexSummary(deployment=st.deployment, snapshot_sequence=max(st.snapshots, default=0), evicted=st.evicted,
+        # snapshots holding parts of sealed days only need not be loaded by a restart (those before `sealed_seq`
+        # are not loaded now, and still hold only sealed days: unsealing a day loads every snapshot and resets it)
+        seq = st.sealed_seq + 1
+        while seq in st.snapshots and all(_day_of(p.name) in st.evicted for p in st.snapshots[seq].segments):
+            st.sealed_seq, seq = seq, seq + 1
+        doc = IndexSummary(deployment=st.deployment, snapshot_sequence=st.next_sequence() - 1, sealed_sequence=st.sealed_seq,
+                           evicted=st.evicted,
                            live_days=list(sig[0]), last_full_rescan=st.last_full, window_start=st.window_start)
         path = self._summary_path(st)
         self._call(f"writing {path}", self._write, path, doc.model_dump_json(by_alias=True, exclude_none=True).encode())
@@ -864,24 +881,39 @@ class FeedbackStore:
             return None
         return doc if doc.version == INDEX_VERSION and doc.deployment == st.deployment and doc.day == day else None
 
-    def _refresh_snapshots(self, st: _State) -> None:
+    def _refresh_snapshots(self, st: _State, load: bool = True) -> None:
+        """List the snapshot documents; load those not loaded yet, except the sealed ones (see `_ensure_snapshots`)."""
         prefix = f"{st.deployment}-"
         for info in self._ls(self._meta(st.deployment, "snapshots")):
             base = _base(info["name"])
             m = _SEQ.search(base)
             if info.get("type") != "file" or not base.startswith(prefix) or not m or base.startswith("."):
                 continue
-            seq = int(m.group(1))
-            if seq in st.snapshots:
-                continue
-            raw = self._call(f"reading {info['name']}", self.fs.cat_file, info["name"])
-            try:
-                snap = Snapshot.model_validate_json(raw)
-            except pydantic.ValidationError as e:
-                raise SnapshotCorrupt(f"feedback snapshot {info['name']} is not a valid snapshot document: {e.errors()[:1]}") from None
-            if snap.sequence != seq or snap.deployment != st.deployment:
-                raise SnapshotCorrupt(f"feedback snapshot {info['name']} names sequence {snap.sequence} of {snap.deployment!r}")
-            st.add_snapshot(snap)
+            st.listed[int(m.group(1))] = info["name"]
+        if load:
+            for seq in sorted(st.listed):
+                if seq > st.sealed_seq and seq not in st.snapshots:
+                    self._load_snapshot(st, seq)
+
+    def _load_snapshot(self, st: _State, seq: int) -> None:
+        path = st.listed[seq]
+        raw = self._call(f"reading {path}", self.fs.cat_file, path)
+        try:
+            snap = Snapshot.model_validate_json(raw)
+        except pydantic.ValidationError as e:
+            raise SnapshotCorrupt(f"feedback snapshot {path} is not a valid snapshot document: {e.errors()[:1]}") from None
+        if snap.sequence != seq or snap.deployment != st.deployment:
+            raise SnapshotCorrupt(f"feedback snapshot {path} names sequence {snap.sequence} of {snap.deployment!r}")
+        st.add_snapshot(snap)
+
+    def _ensure_snapshots(self, st: _State, seqs: Iterable[int] | None = None) -> None:
+        """Load the snapshots not loaded yet (all, or `seqs`): what needs the parts of sealed days (a sealed day
+        unsealed by a late segment, a cursor before them, their documents asked for, a part of them named)."""
+        for seq in sorted(st.listed if seqs is None else seqs):
+            if seq in st.listed and seq not in st.snapshots:
+                self._load_snapshot(st, seq)
+        if seqs is None:
+            st.sealed_seq = 0  # recomputed from the first when the summary is written next
 
     # ------------------------------------------------------------------ scanning
     def _days(self, st: _State) -> list[tuple[str, str, str | None]]:
@@ -945,6 +977,7 @@ class FeedbackStore:
                             ev.dir_mtime = st.day_mtime[day] = mtime
                             st.summary_dirty = True
                         continue
+                    self._ensure_snapshots(st)  # its parts' snapshots, before its entries count as pending or not
                     st.restore(day, self._day_doc(st, day))
                 self._scan_day(st, day, listing, res, dirty)
                 if late and res.new_segments > before:
@@ -1107,6 +1140,7 @@ class FeedbackStore:
         if cursor is None or cursor.sequence >= st.next_sequence():  # the usual case: running totals
             return Pending(ratings=st.pending_ratings, interactions=st.pending_interactions, parts=len(st.unconsumed),
                            oldest_rating=_dt_of(st.oldest_pending_rating()))
+        self._ensure_snapshots(st, range(cursor.sequence, st.next_sequence()))
         extra = [p for seq, snap in st.snapshots.items() if seq >= cursor.sequence for p in snap.segments]
         parts: Iterable[SegmentPart] = list(st.unconsumed.values()) + extra
         ratings = inter = n = 0
@@ -1134,6 +1168,7 @@ class FeedbackStore:
         with st.lock:
             self._load(st)
             self._refresh_snapshots(st)
+            self._ensure_snapshots(st)
             return [st.snapshots[k] for k in sorted(st.snapshots)]
 
     def latest_snapshot(self, deployment: str) -> Snapshot | None:
@@ -1175,6 +1210,7 @@ class FeedbackStore:
         with st.lock:
             self._load(st)
             self._refresh_snapshots(st)
+            self._ensure_snapshots(st, [sequence])
             return st.snapshots.get(sequence)
 
     def take_snapshot(self, deployment: str, *, sequence: int | None = None, max_segments: int = DEFAULT_MAX_SEGMENTS,
@@ -1188,6 +1224,7 @@ class FeedbackStore:
             self._load(st)
             self._refresh_snapshots(st)
             if sequence is not None:
+                self._ensure_snapshots(st, [sequence])
                 if sequence in st.snapshots:
                     return st.snapshots[sequence]
                 if sequence != st.next_sequence():
@@ -1213,6 +1250,8 @@ class FeedbackStore:
             for s in segments:
                 if isinstance(s, str):
                     entry = st.entry(s)
+                    if entry is None:  # in a sealed day, if anywhere: what snapshots hold of it
+                        self._ensure_snapshots(st)
                     mine = [p for p in st.snap_parts.get(s, []) if st.consumed.get(p.key) == _seq_of(name)]
                     if entry is None and not mine:
                         raise SnapshotConflict(f"segment {s} is not in the index of {deployment!r} (scan first)")
@@ -1232,6 +1271,7 @@ class FeedbackStore:
         keys = [p.key for p in parts]
         if len(set(keys)) != len(keys):
             raise ValueError("a snapshot lists a segment part twice")
+        self._ensure_snapshots(st, [seq])
         existing = st.snapshots.get(seq)
         if existing is not None:
             want = (dep, name, seq, tuple(p.key + (p.length,) for p in parts))
@@ -1245,6 +1285,10 @@ class FeedbackStore:
             if p.key in st.consumed:
                 raise SnapshotConflict(f"segment {p.name} (bytes {p.offset}-{p.end}) is already in snapshot {snapshot_name(dep, st.consumed[p.key])}")
             known = st.find_part(p.key)
+            if known is None and st.lazy():  # not in memory: a part of a sealed day? then it is in a snapshot
+                self._ensure_snapshots(st)
+                if p.key in st.consumed:
+                    raise SnapshotConflict(f"segment {p.name} (bytes {p.offset}-{p.end}) is already in snapshot {snapshot_name(dep, st.consumed[p.key])}")
             if known is None or known.length != p.length:
                 raise SegmentChanged(f"segment {p.name} (bytes {p.offset}-{p.end}, sha256 {p.sha256[:12]}) is not in the index (scan first)")
             indexed.append(known)  # the index's counts, whatever the caller's copy says
@@ -1271,8 +1315,7 @@ class FeedbackStore:
         counts.skipped = dict(sk)
         window = TimeWindow(start=min((p.first_time for p in parts if p.first_time), default=None),
                             end=max((p.last_time for p in parts if p.last_time), default=None))
-        prev = st.snapshots.get(seq - 1)
-        snap = Snapshot(deployment=dep, name=name, sequence=seq, previous=prev.name if prev else None, segments=parts,
+        snap = Snapshot(deployment=dep, name=name, sequence=seq, previous=snapshot_name(dep, seq - 1) if seq > 1 else None, segments=parts,
                         join_segments=joins, window=window, counts=counts, cursor=Cursor(sequence=seq + 1, after=name))
         path = self._path(self.snapshot_path(dep, name))
         try:
@@ -1314,6 +1357,8 @@ class FeedbackStore:
         candidates = []
         since_day = since[:10].replace("-", "/") if since else ""
         days = list(st.days.values())
+        if st.lazy() and any(day >= since_day for day in st.evicted):
+            self._ensure_snapshots(st)  # which snapshot holds a part found there (`SegmentRef.snapshot`)
         for day in sorted(st.evicted):  # old days not in memory: their index files, for this search only
             if day >= since_day and (doc := self._day_doc(st, day)) is not None:
                 days.append({e.name: e for e in doc.segments})
@@ -1419,6 +1464,11 @@ def shared_store(uri: str, storage_options: dict[str, Any] | None = None, *, pvc
         if st is None:
             st = _shared[key] = FeedbackStore(uri, storage_options, pvc_root=pvc_root, **settings)
         return st
+
+
+def _day_of(name: str) -> str:
+    """`yyyy/mm/dd` of a segment object name `<deployment>/<yyyy>/<mm>/<dd>/<file>`."""
+    return "/".join(name.split("/")[1:4])
 
 
 def _seq_of(name: str) -> int | None:
