@@ -904,9 +904,13 @@ def test_a_restart_reads_no_snapshot_of_sealed_days_until_one_is_needed(mem: str
     holder: dict = {}
     calls = fs.count(lambda: holder.setdefault("res", restarted.scan(DEP)))
     read = sorted(path.rsplit("/", 1)[-1] for name, path in calls if name == "cat_file" and "/snapshots/" in path)
-    assert read == [f"{snapshot_name(DEP, 29)}.json", f"{snapshot_name(DEP, 30)}.json"]
+    # 29 and 30 hold parts of yesterday and today; 31: the look for a new one (by name, not a listing)
+    assert read == [f"{snapshot_name(DEP, n)}.json" for n in (29, 30, 31)]
     res = holder["res"]
     assert res.pending.ratings == 0 and res.cursor.sequence == 31 and res.cursor.after == snapshot_name(DEP, 30)
+    # an idle tick does not list the 30 snapshot documents: it looks for the next one by name
+    idle = fs.count(lambda: restarted.scan(DEP))
+    assert [c for c in idle if "/snapshots" in c[1]] == [("cat_file", f"{restarted.root}/{DEP}/_perennial/snapshots/{snapshot_name(DEP, 31)}.json")]
     # what the sealed snapshots hold is still known when asked for
     assert restarted.get_snapshot(DEP, 3).counts.ratings == 1
     assert restarted.pending(DEP, Cursor(sequence=1)).ratings == ratings

@@ -470,6 +470,7 @@ class _State:
         self.snapshots: dict[int, Snapshot] = {}  # loaded (snapshots of sealed days only are loaded when needed)
         self.listed: dict[int, str] = {}  # sequence -> path of every snapshot document in the store
         self.sealed_seq = 0  # snapshots 1..this hold parts of sealed days only (not loaded until needed)
+        self.listed_once = False  # the snapshot documents were listed once (later looks read the next one by name)
         self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
         self.snap_parts: dict[str, list[SegmentPart]] = {}  # segment name -> the parts snapshots hold
         self.unconsumed: dict[tuple[str, int, str], SegmentPart] = {}
@@ -882,22 +883,39 @@ class FeedbackStore:
         return doc if doc.version == INDEX_VERSION and doc.deployment == st.deployment and doc.day == day else None
 
     def _refresh_snapshots(self, st: _State, load: bool = True) -> None:
-        """List the snapshot documents; load those not loaded yet, except the sealed ones (see `_ensure_snapshots`)."""
+        """Find the snapshot documents written since the last look and load them. The first look lists them (names
+        only); later ones read the next sequence number's document by name until one is missing (snapshots are
+        written in sequence, create-only: a look costs one read however many there are). The sealed ones are not
+        loaded (see `_ensure_snapshots`)."""
+        if st.listed_once:
+            seq = st.next_sequence()
+            while True:
+                path = self._meta(st.deployment, "snapshots", f"{snapshot_name(st.deployment, seq)}.json")
+                raw = self._call(f"reading {path}", self.fs.cat_file, path, missing_ok=True)
+                if raw is None:
+                    return
+                st.listed[seq] = path
+                self._load_snapshot(st, seq, raw)
+                seq += 1
         prefix = f"{st.deployment}-"
-        for info in self._ls(self._meta(st.deployment, "snapshots")):
-            base = _base(info["name"])
+        path = self._meta(st.deployment, "snapshots")
+        self._call(f"listing {path}", self.fs.invalidate_cache, path)
+        for name in self._call(f"listing {path}", self.fs.ls, path, detail=False, missing_ok=True) or ():
+            base = _base(name if isinstance(name, str) else name["name"])
             m = _SEQ.search(base)
-            if info.get("type") != "file" or not base.startswith(prefix) or not m or base.startswith("."):
+            if not base.startswith(prefix) or not m or base.startswith("."):
                 continue
-            st.listed[int(m.group(1))] = info["name"]
+            st.listed[int(m.group(1))] = f"{path}/{base}"
+        st.listed_once = load
         if load:
             for seq in sorted(st.listed):
                 if seq > st.sealed_seq and seq not in st.snapshots:
                     self._load_snapshot(st, seq)
 
-    def _load_snapshot(self, st: _State, seq: int) -> None:
+    def _load_snapshot(self, st: _State, seq: int, raw: bytes | None = None) -> None:
         path = st.listed[seq]
-        raw = self._call(f"reading {path}", self.fs.cat_file, path)
+        if raw is None:
+            raw = self._call(f"reading {path}", self.fs.cat_file, path)
         try:
             snap = Snapshot.model_validate_json(raw)
         except pydantic.ValidationError as e:
