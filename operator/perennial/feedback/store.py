@@ -470,6 +470,7 @@ class _State:
         self.snapshots: dict[int, Snapshot] = {}  # loaded (snapshots of sealed days only are loaded when needed)
         self.listed: dict[int, str] = {}  # sequence -> path of every snapshot document in the store
         self.sealed_seq = 0  # snapshots 1..this hold parts of sealed days only (not loaded until needed)
+        self.top = 0  # the highest snapshot sequence seen
         self.listed_once = False  # the snapshot documents were listed once (later looks read the next one by name)
         self.consumed: dict[tuple[str, int, str], int] = {}  # part key -> snapshot sequence
         self.snap_parts: dict[str, list[SegmentPart]] = {}  # segment name -> the parts snapshots hold
@@ -485,6 +486,8 @@ class _State:
         self.saved_sig: tuple[Any, ...] | None = None  # what the summary in the store says of the three above
         # days dropped from memory (old, every part in a snapshot): what they add to the totals above
         self.evicted: dict[str, DaySummary] = {}
+        self.evicted_version = 0  # bumped on every change of `evicted` (see `_sealed_totals`)
+        self._sealed_cache: tuple[Any, ...] | None = None
         self.summary_dirty = False
         self.approval: _Approval | None = None  # live approval, once asked for
 
@@ -531,6 +534,7 @@ class _State:
             if e.name in self.damaged:
                 damaged.append(e.name)
                 self.damaged.discard(e.name)
+        self.evicted_version += 1
         self.evicted[day] = DaySummary(segments=len(entries), skipped={k: v for k, v in skipped.items() if v},
                                        damaged_count=len(damaged), damaged_examples=sorted(damaged)[:DAMAGED_EXAMPLES],
                                        fingerprint=_fingerprint(_entry_ident(e) for e in entries.values()),
@@ -541,6 +545,7 @@ class _State:
         """An evicted day back in memory from its index file (without one, a lost file: its segments are read
         again; the snapshots keep what they consumed consumed)."""
         summary = self.evicted.pop(day, None)
+        self.evicted_version += 1
         if summary is None:
             return
         self.summary_dirty = True
@@ -549,20 +554,33 @@ class _State:
         for e in doc.segments if doc is not None else ():
             self.add(day, e)
 
+    def _sealed_totals(self) -> tuple[int, int, list[str]]:
+        """(segments, damaged segments, damaged examples) of the sealed days, recomputed only when they changed:
+        a tick costs nothing per sealed day."""
+        key = (self.evicted_version, len(self.evicted))
+        if self._sealed_cache is None or self._sealed_cache[0] != key:
+            names: set[str] = set()
+            for v in self.evicted.values():
+                names.update(v.damaged_examples)
+            self._sealed_cache = (key, sum(v.segments for v in self.evicted.values()),
+                                  sum(v.damaged_count for v in self.evicted.values()), sorted(names)[:DAMAGED_EXAMPLES])
+        return self._sealed_cache[1:]
+
+    def sealed_segments(self) -> int:
+        return self._sealed_totals()[0]
+
     def damaged_count(self) -> int:
-        return len(self.damaged) + sum(v.damaged_count for v in self.evicted.values())
+        return len(self.damaged) + self._sealed_totals()[1]
 
     def damaged_examples(self, n: int) -> list[str]:
-        names = set(self.damaged)
-        for v in self.evicted.values():
-            names.update(v.damaged_examples)
-        return sorted(names)[:n]
+        return sorted(set(self.damaged) | set(self._sealed_totals()[2]))[:n]
 
     def evictable(self, day: str) -> bool:
         return all(p.key in self.consumed for e in self.days.get(day, {}).values() for p in e.parts)
 
     def add_snapshot(self, snap: Snapshot) -> None:
         self.snapshots[snap.sequence] = snap
+        self.top = max(self.top, snap.sequence)
         for p in snap.segments:
             self.consumed[p.key] = snap.sequence
             self.snap_parts.setdefault(p.name, []).append(p)
@@ -589,7 +607,12 @@ class _State:
         return self._oldest[0][0] if self._oldest else None
 
     def next_sequence(self) -> int:
-        return max(max(self.snapshots, default=0), max(self.listed, default=0)) + 1
+        return self.top + 1
+
+    def note(self, seq: int, path: str) -> None:
+        """A snapshot document seen in the store."""
+        self.listed[seq] = path
+        self.top = max(self.top, seq)
 
     def cursor(self) -> Cursor:
         seq = self.next_sequence()
@@ -766,6 +789,7 @@ class FeedbackStore:
         if summary is not None:
             for day, d in summary.evicted.items():
                 st.evicted[day] = d
+                st.evicted_version += 1
                 st.day_mtime[day] = d.dir_mtime
                 st.skipped.update(d.skipped)
             st.last_full, st.window_start = summary.last_full_rescan, summary.window_start
@@ -894,7 +918,7 @@ class FeedbackStore:
                 raw = self._call(f"reading {path}", self.fs.cat_file, path, missing_ok=True)
                 if raw is None:
                     return
-                st.listed[seq] = path
+                st.note(seq, path)
                 self._load_snapshot(st, seq, raw)
                 seq += 1
         prefix = f"{st.deployment}-"
@@ -905,7 +929,7 @@ class FeedbackStore:
             m = _SEQ.search(base)
             if not base.startswith(prefix) or not m or base.startswith("."):
                 continue
-            st.listed[int(m.group(1))] = f"{path}/{base}"
+            st.note(int(m.group(1)), f"{path}/{base}")
         st.listed_once = load
         if load:
             for seq in sorted(st.listed):
@@ -1010,6 +1034,7 @@ class FeedbackStore:
             if full:
                 for day in [d for d in list(st.days) + list(st.evicted) if d not in present_days]:  # a whole day directory deleted
                     gone = st.evicted.pop(day, None)
+                    st.evicted_version += 1
                     if gone is not None:
                         st.skipped.subtract(gone.skipped)
                         res.removed_segments += gone.segments
@@ -1031,8 +1056,8 @@ class FeedbackStore:
             if st.summary_dirty or st.saved_sig != self._summary_sig(st):
                 self._save_summary(st)
             res.segments_in_memory = sum(len(v) for v in st.days.values())
-            res.segments = res.segments_in_memory + sum(v.segments for v in st.evicted.values())
-            res.days_total = len(set(st.days) | set(st.evicted))
+            res.segments = res.segments_in_memory + st.sealed_segments()
+            res.days_total = len(st.days) + len(st.evicted)  # disjoint
             res.skipped = {k: v for k, v in st.skipped.items() if v > 0}
             res.damaged_segments = st.damaged_count()
             res.damaged_examples = st.damaged_examples(5)
