@@ -206,7 +206,7 @@ for p in paths:
         pass
 for o in gc.get_objects():
     if isinstance(o, dict):
-        for v in o.values():
+        for v in list(o.values()):  # this module's own globals are among them: `v` is new the first time
             if isinstance(v, str) and "EXPECTED-MARKER" in v:
                 found.append(v)
 data = sys.stdin.read()
