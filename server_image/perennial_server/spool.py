@@ -12,27 +12,28 @@ future to await). Lines accumulate in a buffer; one flusher task writes the
 whole buffer with a single write and, when a durable writer is waiting, makes
 it durable (group commit: every writer that arrived while the previous commit
 ran shares the next one). Non-durable appends (interactions) return
-immediately.
+immediately. Tags given with durable records are handed to `on_durable` once
+per group, after its commit and before its writers are woken (per-group
+bookkeeping such as metrics, instead of per record). Segments roll by size and
+age; closing fsyncs the file, renames it to `.jsonl` and fsyncs the directory.
 
 Preallocated segments: a segment is extended ahead of its records with zeros
 that are written and `fdatasync`'d (64 KiB, doubling up to `PREALLOCATE_BYTES`
-at a time, never past the roll size), so a commit
-overwrites blocks the file already has without changing its size, and one
+at a time, never past the roll size), so a commit overwrites blocks the file
+already has without changing its size, and one
 `pwritev(..., RWF_DSYNC)` both writes the group and makes it durable: no
 journal commit of the file's size or block map per group, one syscall (and one
 GIL release) on the I/O thread instead of a write and an fsync. `RWF_DSYNC`
 makes only its own bytes durable, so it is used only when every byte before
 them already is; after a non-durable write (interactions) a commit is a write
-and an `fdatasync` of the whole file. Where `pwritev`/`RWF_DSYNC` are missing
-(not Linux) or refused, a commit is a write and an fsync. Zero bytes never
+and an `fdatasync` of the whole file, as it is where `pwritev`/`RWF_DSYNC` are
+missing (not Linux) or refused (`preallocate_bytes = 0`: O_APPEND writes and
+fsyncs, no preallocation). Zero bytes never
 occur in a record (JSON escapes control characters), so the first zero byte of
 a segment is the end of its data: closing truncates the file there; recovery
 after a crash cuts it there (and then after the last complete line). A failed
 write or commit leaves bytes that may or may not reach the disk: the zeros
-from its offset on are written again before the next record. Tags given with durable records are handed to `on_durable` once
-per group, after its fsync and before its writers are woken (per-group
-bookkeeping such as metrics, instead of per record). Segments roll by size and age; closing
-fsyncs the file, renames it to `.jsonl` and fsyncs the directory.
+from its offset on are written again before the next record.
 
 On start, `recover()` closes what a crashed predecessor left open, dropping a
 torn final line and the zeros after the data.
