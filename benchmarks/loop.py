@@ -17,7 +17,7 @@ Sections (run one or more; default: all that exist):
              idle      the same object again, nothing new.
            incr, restart and idle are medians of `--repeat` (7) ticks each (an incremental tick is
            mostly the fsync of its index file and the parse of the new segment: noisy on a shared disk,
-           so its CPU time is printed too).
+           so its CPU time is printed too, as is a restart's).
            It prints records read and the wall time of each tick, and ratios measured in this
            one run: first / incremental per size, and each tick's time at the largest size over
            the smallest (a tick whose cost does not grow with history stays near 1x while the
@@ -144,6 +144,7 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
         t_snap, snap_ratings = _timed(snapshot_history, store, args.one_snapshot)
         incr_t, incr_read, restart_t, restart_read, idle_t, idle_read = [], [], [], [], [], []
         incr_cpu: list[float] = []
+        restart_cpu: list[float] = []
         for _ in range(args.repeat):  # one new segment shipped, then a tick
             ship_one(root)
             c0 = time.process_time()
@@ -153,8 +154,10 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
             incr_read.append(r.records_read)
         for _ in range(args.repeat):  # one new segment shipped, then a restarted operator's first tick
             ship_one(root)
+            c0 = time.process_time()
             store = FeedbackStore(root)
             t, r = _timed(store.scan, DEPLOYMENT)
+            restart_cpu.append(time.process_time() - c0)
             restart_t.append(t)
             restart_read.append(r.records_read)
         for _ in range(args.repeat):  # nothing new
@@ -162,12 +165,12 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
             idle_t.append(t)
             idle_read.append(last.records_read)
         row = (size, n_seg, t_first, first.records_read, median(incr_t), max(incr_read), median(restart_t), max(restart_read),
-               median(idle_t), max(idle_read), t_snap, last.segments_in_memory, median(incr_cpu))
+               median(idle_t), max(idle_read), t_snap, last.segments_in_memory, median(incr_cpu), median(restart_cpu))
         rows.append(row)
         print(f"records={size:>9,} segments={n_seg:>6,} days={days:>3} (generated in {t_gen:.1f}s) | "
               f"first: read {first.records_read:>9,} records in {t_first * 1000:9.1f} ms | "
               f"incr: read {row[5]:>4,} records in {row[4] * 1000:6.1f} ms ({row[12] * 1000:5.1f} ms CPU) | "
-              f"restart: read {row[7]:>4,} records in {row[6] * 1000:6.1f} ms | "
+              f"restart: read {row[7]:>4,} records in {row[6] * 1000:6.1f} ms ({row[13] * 1000:5.1f} ms CPU) | "
               f"idle: read {row[9]} records in {row[8] * 1000:5.1f} ms | "
               f"first/incr = {t_first / row[4]:6.1f}x | snapshot(s) of the first tick's {snap_ratings:,} ratings "
               f"{t_snap * 1000:.0f} ms | pending ratings {last.pending.ratings:,} | segments held in memory {last.segments_in_memory:,}",
@@ -180,30 +183,31 @@ def tick_cost(args: argparse.Namespace, workdir: str) -> None:
             table.append((f"tick, store of {r[0]:,} records ({r[1]:,} segments)",
                           (f"records read: first {r[3]:,} / incr {r[5]:,} / restart {r[7]:,} / idle {r[9]:,}; "
                           f"ms: first {r[2] * 1000:.0f} / incr {r[4] * 1000:.1f} (CPU {r[12] * 1000:.1f}) / "
-                          f"restart {r[6] * 1000:.1f} / idle {r[8] * 1000:.1f}")))
+                          f"restart {r[6] * 1000:.1f} (CPU {r[13] * 1000:.1f}) / idle {r[8] * 1000:.1f}")))
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         growth = hi[0] / lo[0]
         print(f"store grew {growth:.0f}x ({lo[0]:,} -> {hi[0]:,} records): "
               f"first tick {hi[2] / lo[2]:.1f}x, incremental tick {hi[4] / lo[4]:.2f}x (CPU {hi[12] / lo[12]:.2f}x), "
-              f"restart tick {hi[6] / lo[6]:.2f}x, idle tick {hi[8] / lo[8]:.2f}x; "
+              f"restart tick {hi[6] / lo[6]:.2f}x (CPU {hi[13] / lo[13]:.2f}x), idle tick {hi[8] / lo[8]:.2f}x; "
               f"records read per incremental tick {lo[5]} -> {hi[5]}, per restart tick {lo[7]} -> {hi[7]}, "
               f"per idle tick {lo[9]} -> {hi[9]} (medians of {args.repeat} ticks)", flush=True)
         if table is not None:
             table.append((f"tick cost, store {growth:.0f}x larger",
                           (f"first {hi[2] / lo[2]:.1f}x, incr {hi[4] / lo[4]:.2f}x (CPU {hi[12] / lo[12]:.2f}x), "
-                          f"restart {hi[6] / lo[6]:.2f}x, idle {hi[8] / lo[8]:.2f}x")))
+                          f"restart {hi[6] / lo[6]:.2f}x (CPU {hi[13] / lo[13]:.2f}x), idle {hi[8] / lo[8]:.2f}x")))
     if len(rows) >= 3:
         # the two largest stores both hold more days than a tick's window and what is kept in memory: only the length
         # of the history differs (the smallest may hold less than a window, so a restart there loads less)
         mid, hi = rows[-2], rows[-1]
         growth = hi[0] / mid[0]
         print(f"store grew {growth:.0f}x ({mid[0]:,} -> {hi[0]:,} records): incremental tick {hi[4] / mid[4]:.2f}x "
-              f"(CPU {hi[12] / mid[12]:.2f}x), restart tick {hi[6] / mid[6]:.2f}x, idle tick {hi[8] / mid[8]:.2f}x", flush=True)
+              f"(CPU {hi[12] / mid[12]:.2f}x), restart tick {hi[6] / mid[6]:.2f}x (CPU {hi[13] / mid[13]:.2f}x), "
+              f"idle tick {hi[8] / mid[8]:.2f}x", flush=True)
         if table is not None:
             table.append((f"tick cost, store {growth:.0f}x larger ({mid[0]:,} -> {hi[0]:,})",
                           (f"incr {hi[4] / mid[4]:.2f}x (CPU {hi[12] / mid[12]:.2f}x), "
-                          f"restart {hi[6] / mid[6]:.2f}x, idle {hi[8] / mid[8]:.2f}x")))
+                          f"restart {hi[6] / mid[6]:.2f}x (CPU {hi[13] / mid[13]:.2f}x), idle {hi[8] / mid[8]:.2f}x")))
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, str], None]] = {"tick": tick_cost, "loop": loop_section}
