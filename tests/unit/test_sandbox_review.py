@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -395,6 +396,22 @@ def test_the_trash_of_a_dead_supervisor_is_removed_by_the_next():
         if os.path.exists(dead):
             subprocess.run(["chmod", "-R", "u+rwx", dead], check=False)
             shutil.rmtree(dead, ignore_errors=True)
+
+
+def test_the_scratch_of_a_killed_supervisors_sample_is_removed():
+    """Before: a supervisor killed while a sample ran (the OOM killer, the trainer's deadline) left that
+    sample's scratch directory in /tmp for good: one per run of `test_a_killed_supervisor_leaves_no_sample_running`.
+    Now a sample's scratch is named after its supervisor's trash, and the supervisor that takes over the
+    trash takes it too (at its start: before it answers)."""
+    code = "import os, time\nos.mkdir('d')\nopen('d/f', 'w').write('x')\nprint('ready', flush=True)\ntime.sleep(600)"
+    sandbox.run([sandbox.Job("io", "print(0)")], sandbox.Limits(timeout_s=3), parallel=1)
+    sups = list(sandbox._pool.values())
+    threading.Timer(1.5, lambda: [sup.proc.kill() for sup in sups]).start()
+    sandbox.run([sandbox.Job("io", code)], sandbox.Limits(timeout_s=3), parallel=1)  # killed, retried once
+    sandbox.run([sandbox.Job("io", "print(1)")], sandbox.Limits(timeout_s=4), parallel=1)  # a new supervisor
+    left = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "perennial-sample-*"))
+            if os.path.exists(d) and os.lstat(d).st_uid == UID]
+    assert not left, left
 
 
 def test_removal_does_not_follow_a_link_put_in_place_of_the_scratch():

@@ -505,7 +505,9 @@ class _Trash:
     directory there through descriptors (no recursion, no long paths; the sample's own modes do not keep
     it): files are unlinked, subdirectories moved up into the trash as entries of their own, for any
     thread to take. A trash directory nobody holds (its supervisor died, e.g. killed with the trainer,
-    mid-removal) is taken over by the next supervisor that starts."""
+    mid-removal) is taken over by the next supervisor that starts, with the scratch directories of the
+    samples that supervisor was running (named after its trash: ``perennial-sample-<tag>-*``). Waits
+    (`wait`) are for this supervisor's own samples' trees, not for what it took over."""
 
     WORKERS = 4
 
@@ -516,11 +518,12 @@ class _Trash:
         new = tempfile.mkdtemp(prefix="perennial-rmnew-", dir=root)  # not yet a name others take over
         self.fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self.path = os.path.join(root, "perennial-rm-" + os.path.basename(new)[len("perennial-rmnew-"):])
+        self.tag = os.path.basename(new)[len("perennial-rmnew-"):]
+        self.path = os.path.join(root, "perennial-rm-" + self.tag)
         os.rename(new, self.path)
         self.n = 0
-        self.pending: list[str] = []  # entries of the trash directory to empty and remove
-        self.busy = 0
+        self.pending: list[tuple[str, bool]] = []  # entries of the trash directory to remove, and whether our samples'
+        self.own = 0  # entries of our own samples' trees pending or being removed
         self.cv = threading.Condition()
         for name in sorted(os.listdir(root)):  # trash of supervisors that died
             if name.startswith("perennial-rm-") and os.path.join(root, name) != self.path:
@@ -546,7 +549,17 @@ class _Trash:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its supervisor lives
             name = self._name()
             os.rename(path, name, dst_dir_fd=self.fd)
-            self.pending.append(name)
+            self.pending.append((name, False))
+            root, tag = os.path.dirname(path), os.path.basename(path)[len("perennial-rm-"):]
+            for sample in os.listdir(root):  # the scratch of the samples it was running
+                if sample.startswith(f"perennial-sample-{tag}-"):
+                    name = self._name()
+                    try:
+                        _chmod_dir(os.path.join(root, sample))
+                        os.rename(os.path.join(root, sample), name, dst_dir_fd=self.fd)
+                        self.pending.append((name, False))
+                    except OSError:
+                        pass
         except OSError:
             pass
         finally:
@@ -568,14 +581,15 @@ class _Trash:
             shutil.rmtree(path, ignore_errors=True)
             return
         with self.cv:
-            self.pending.append(name)
+            self.pending.append((name, True))
+            self.own += 1
             self.cv.notify()
 
     def wait(self, seconds: float) -> bool:
         """Wait until every tree put here is removed, at most `seconds`; whether it is."""
         end = time.monotonic() + seconds
         with self.cv:
-            while self.pending or self.busy:
+            while self.own:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -587,24 +601,25 @@ class _Trash:
             with self.cv:
                 while not self.pending:
                     self.cv.wait()
-                name = self.pending.pop()
-                self.busy += 1
+                name, own = self.pending.pop()
             try:
-                self._remove(name)
+                self._remove(name, own)
             except Exception:  # noqa: BLE001 - a tree that cannot be removed stays; the thread goes on
                 traceback.print_exc()
             finally:
                 with self.cv:
-                    self.busy -= 1
-                    self.cv.notify_all()
+                    self.own -= own
+                    if not self.own:
+                        self.cv.notify_all()
 
-    def _more(self, names: list[str]) -> None:
+    def _more(self, names: list[str], own: bool) -> None:
         with self.cv:
-            self.pending += names
+            self.pending += [(n, own) for n in names]
+            self.own += len(names) if own else 0
             self.cv.notify_all()
         names.clear()
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, own: bool) -> None:
         """Remove the entry `name` of the trash: files unlinked, subdirectories moved up into the trash
         (handed to the other threads as they go), then the directory itself."""
         try:
@@ -626,7 +641,7 @@ class _Trash:
                 entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
             for e, is_dir in entries:
                 if len(moved) >= 64:
-                    self._more(moved)
+                    self._more(moved, own)
                 try:
                     if is_dir:
                         _chmod_dir(e, fd)  # moving a directory rewrites its `..`
@@ -639,7 +654,7 @@ class _Trash:
                     pass
         finally:
             os.close(fd)
-            self._more(moved)
+            self._more(moved, own)
         try:
             os.rmdir(name, dir_fd=self.fd)
         except OSError:
@@ -891,7 +906,7 @@ def main() -> None:
             time.sleep(0.0005)
 
     def start(job) -> None:
-        scratch = tempfile.mkdtemp(prefix="perennial-sample-", dir=cfg["scratch_root"])
+        scratch = tempfile.mkdtemp(prefix=f"perennial-sample-{trash.tag}-", dir=cfg["scratch_root"])
         if os.geteuid() == 0:
             os.chown(scratch, cfg["uid"], cfg["gid"])
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(5)]  # stdin, stdout, stderr, records, the job
