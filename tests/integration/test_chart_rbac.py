@@ -146,11 +146,13 @@ def test_removing_any_rule_breaks_a_flow(full_run):
         docs = [dict(doc) for doc in rbac[where]]
         docs[di] = {**docs[di], "rules": [r for i, r in enumerate(rbac[where][di]["rules"]) if i != ri]}
         name = f"{where}-{ref}".replace("/", "_").replace("#", "-")
-        for test in tests[:3]:  # the quickest flows first; the first that fails shows the rule is needed
+        # the quickest flows first; the first that fails shows the rule is needed. Up to 8: a quick flow may need a rule
+        # without checking what it gives (e.g. the multi-node engine flows make Events but never read them)
+        for test in tests[:8]:
             code, seen, _, out = run_flows(tmp, {**rbac, where: docs}, [test], name)
             if code != 0:
                 assert any(not d["allowed"] for d in seen), f"{where} {ref}: {test} failed, but nothing was denied: {out}"
                 break
         else:
-            survivors.append(f"{where} {ref} ({', '.join(tests[:3])})")
+            survivors.append(f"{where} {ref} ({', '.join(tests[:8])})")
     assert not survivors, f"flows that still pass without a rule (the rule is unneeded, or the flow does not check it): {survivors}"
