@@ -2,8 +2,9 @@
 
 Offline: Helm's own Go SDK through `helm-python-sdk` (lint --strict, values.schema.json, rendering) and every
 rendered object through `kubernetes-validate --strict` (unknown fields are errors) for the oldest Kubernetes the
-chart supports, 1.28 (its CRDs' CEL rules name a `fieldPath`, a field since 1.28; the chart's kubeVersion says
->=1.28), and the newest the validator bundles, 1.37.
+chart supports, 1.30 (the serving pods' `lifecycle.preStop.sleep` is on by default since 1.30, and the CRDs' CEL
+rules name a `fieldPath`, a field since 1.28; the chart's kubeVersion says >=1.30), and the newest the validator
+bundles, 1.37. The operator-built workloads are validated on the same versions (KUBE_VERSIONS, used by their tests).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ CHART = ROOT / "charts" / "perennial"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 NAMESPACE = "perennial-system"
 #: the oldest Kubernetes the chart supports and the newest the validator bundles schemas of
-KUBE_VERSIONS = ("1.28.0", "1.37.0")
+KUBE_VERSIONS = ("1.30.0", "1.37.0")  # oldest supported (Chart.yaml kubeVersion), newest bundled
 #: kinds no bundled schema covers (their CRDs are someone else's): checked by shape below instead
 FOREIGN_KINDS = {"ServiceMonitor"}
 

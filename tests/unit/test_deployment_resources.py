@@ -648,7 +648,7 @@ def every_manifest() -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("version", ["1.30.0", "1.33.0"])
+@pytest.mark.parametrize("version", ["1.30.0", "1.33.0", "1.37.0"])  # 1.30: the chart's kubeVersion floor (test_chart.KUBE_VERSIONS)
 def test_every_built_in_manifest_is_valid_kubernetes(version):
     import kubernetes_validate  # its Kubernetes schemas, strict: unknown fields are errors
 
