@@ -56,6 +56,20 @@ def _scratch_dirs(uid: int) -> list[str]:
     return found
 
 
+def _scratch_dirs_after_removal(uid: int, seconds: float = 300) -> list[str]:
+    """`_scratch_dirs(uid)` once the supervisors' background removal is done: empty on three scans in a
+    row (one scan can miss a directory being moved up inside a trash while its parent is removed), or
+    what is left after `seconds`."""
+    end, empty = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        dirs = _scratch_dirs(uid)
+        empty = 0 if dirs else empty + 1
+        if empty == 3:
+            return []
+        time.sleep(0.05)
+    return dirs
+
+
 @pytest.fixture(autouse=True)
 def survives():
     """After every attack: an honest sample is graded correctly, nothing of the sandbox's uid is left
@@ -76,11 +90,7 @@ def survives():
         ipc = _ipc_objects(UID)
         for kind, ident in ipc:  # removed, so that one failure does not fail the tests after it
             os.system(f"ipcrm -{ {'shm': 'm', 'sem': 's', 'msg': 'q'}[kind]} {ident}")
-        dirs = _scratch_dirs(UID)
-        end = time.monotonic() + 300
-        while dirs and time.monotonic() < end:  # trees of stopped samples are removed in the background
-            time.sleep(0.5)
-            dirs = _scratch_dirs(UID)
+        dirs = _scratch_dirs_after_removal(UID)  # trees of stopped samples are removed in the background
         for d in dirs:
             os.system(f"rm -rf '{d}'")
         assert not left, f"processes of the sandbox uid outlived grading: {left}"
@@ -384,10 +394,7 @@ def test_the_trash_of_a_dead_supervisor_is_removed_by_the_next():
         assert o.stdout == "1\n", o
         assert not os.path.exists(dead), os.listdir(dead)
         assert os.listdir(held) == ["1"], "the trash of a live supervisor is left alone"
-        end = time.monotonic() + 300
-        while _scratch_dirs(UID) and time.monotonic() < end:
-            time.sleep(0.2)
-        assert not _scratch_dirs(UID), "the dead supervisor's trash was not removed"
+        assert not _scratch_dirs_after_removal(UID), "the dead supervisor's trash was not removed"
         assert os.listdir(keep) == ["f"], "the removal followed a link out of the trash"
     finally:
         os.close(fd)
