@@ -376,3 +376,54 @@ def test_what_an_earlier_operator_left_is_released(clean_cluster: Cluster):
     meta = cluster.get("BaseModel", "old")["metadata"]
     assert meta["finalizers"] == ["example.com/keep"] and meta["annotations"] == {"user/note": "x"}
     wait_for(lambda: cluster.get("BaseModel", "leaving") is None, message="the stuck deletion finishes")
+
+
+async def test_a_watcher_cancelled_as_its_stream_ends_stops(monkeypatch):
+    """The operator stopping while one of kopf's watches ends (after every 410 Gone: each watch of
+    test_deletions_missed_while_the_watch_was_down_are_noticed) must stop that watcher: kopf's `streaming_block`
+    swallowed such a cancellation, the watcher listed and watched again for ever, and the operator never stopped
+    (the harness's "operator did not stop"; SIGKILL at the end of a pod's grace period)."""
+    import asyncio
+
+    from kopf._cogs.aiokits import aiotoggles
+    from kopf._cogs.clients import watching
+    from kopf._cogs.configs import configuration
+
+    from perennial.config import OperatorConfig
+    from perennial.controllers import listings
+    from perennial.runtime import build_registry
+
+    _, manager = build_registry(OperatorConfig(), server="http://127.0.0.1:9")  # installs the operator's stream hooks
+    listings.unsubscribe(manager)
+    streams = 0
+    again = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+
+    async def one_stream(**_):
+        """A stream that ends at once (as on a 410); the stop arrives while the watcher closes it."""
+        nonlocal streams
+        streams += 1
+        if streams == 1:
+            asyncio.get_running_loop().call_soon(watcher.cancel)
+        else:
+            again.set()
+        return
+        yield
+
+    monkeypatch.setattr(watching, "continuous_watch", one_stream)
+    settings = configuration.OperatorSettings()
+    settings.watching.reconnect_backoff = 0.01
+
+    async def watch() -> None:
+        async for _ in watching.infinite_watch(settings=settings, resource="pods", namespace=None, operator_paused=aiotoggles.ToggleSet(any)):
+            pass
+
+    watcher = asyncio.create_task(watch())
+    reopened = asyncio.create_task(again.wait())
+    try:
+        await asyncio.wait([watcher, reopened], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert streams == 1, "the watcher was cancelled, yet it opened another stream"
+        assert watcher.done() and watcher.cancelled()
+    finally:
+        watcher.cancel()
+        reopened.cancel()

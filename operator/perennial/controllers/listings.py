@@ -17,6 +17,8 @@ function moves.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -35,6 +37,26 @@ class Observer(Protocol):
 log = logging.getLogger(__name__)
 _observers: list[Observer] = []
 _original = watching.infinite_watch
+_original_block = watching.streaming_block
+
+
+@contextlib.asynccontextmanager
+async def _streaming_block(**kwargs: Any) -> AsyncIterator[Any]:
+    """kopf's `streaming_block` (around each stream of `infinite_watch`), without its lost cancellations.
+
+    kopf ends the block by cancelling its pause-waiter task and awaiting it under
+    `contextlib.suppress(CancelledError)`: a cancellation of the watcher that arrives during that await (the
+    operator stopping while a watch ends, as after every 410 Gone) goes to the waiter, is swallowed, and the
+    watcher lists and watches again, for ever: kopf waits for it without end and the operator never stops
+    (SIGKILL at the end of the pod's grace period). Here the waiter is cancelled and awaited first, with
+    `asyncio.wait`, which lets the watcher's own cancellation through; kopf's await then finds it done."""
+    async with _original_block(**kwargs) as waiter:
+        try:
+            yield waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.wait([waiter])
 
 
 def _safely(method: Any, *args: Any) -> None:
@@ -77,6 +99,8 @@ def subscribe(observer: Observer, consumes: set[tuple[str, str]] | None = None) 
     kopf gets only their listings' ends, so its per-object machinery does no work for them."""
     if watching.infinite_watch is not _infinite_watch:
         watching.infinite_watch = _infinite_watch
+    if watching.streaming_block is not _streaming_block:
+        watching.streaming_block = _streaming_block
     if observer not in _observers:
         _observers.append(observer)
     _consumed[id(observer)] = set(consumes or ())
