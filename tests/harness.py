@@ -22,6 +22,16 @@ from waiting import wait_for  # noqa: F401 - re-exported for the tests
 API = "perennial.ai/v1alpha1"
 
 
+def grace_seconds() -> int:
+    """The operator pod's terminationGracePeriodSeconds (the chart's): how long a stop may take before the kubelet kills it."""
+    import re
+
+    chart = Path(__file__).resolve().parents[1] / "charts" / "perennial" / "templates" / "deployment.yaml"
+    found = re.search(r"terminationGracePeriodSeconds:\s*(\d+)", chart.read_text())
+    assert found, f"no terminationGracePeriodSeconds in {chart}"
+    return int(found.group(1))
+
+
 class OperatorThread:
     """`perennial.runtime.run` in a thread, stoppable and restartable."""
 
@@ -44,8 +54,8 @@ class OperatorThread:
 
     def stop(self) -> None:
         self.stop_flag.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "operator did not stop"
+        self.thread.join(grace_seconds())  # in a pod, the kubelet's SIGKILL would end it here
+        assert not self.thread.is_alive(), f"operator did not stop within the pod's grace period ({grace_seconds()} s)"
         if self.error:
             raise self.error
 
