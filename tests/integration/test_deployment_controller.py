@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -175,6 +176,15 @@ def run_pods(w: Serving, deployment: str, n: int, sidecars: Sidecars) -> list[st
 def serving(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
     """A clean control plane (writes are counted) with the operator, its managers captured (to see its cache);
     parametrized indirectly with "faults", one that fights back (conftest.fault_config), ending with no duplicates."""
+    faults = fault_config(seed=len(request.node.nodeid)) if getattr(request, "param", "clean") == "faults" else None
+    with serving_cluster(tmp_path, monkeypatch, faults) as w:
+        yield w
+
+
+@contextlib.contextmanager
+def serving_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: Any = None) -> Iterator[Serving]:
+    """The operator on a control plane (with `faults` if given), a Ready BaseModel `base` and Adapter `support-v1`;
+    on exit, every serving child exists once (assert_one_child_each)."""
     from perennial import runtime
 
     managers: list[Any] = []
@@ -186,7 +196,6 @@ def serving(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(runtime, "Manager", Recorded)
     engines = Engines()
-    faults = fault_config(seed=len(request.node.nodeid)) if getattr(request, "param", "clean") == "faults" else None
     try:
         with running_cluster(tmp_path, faults=faults) as cluster:
             artifact = tmp_path / "artifacts" / "support-v1"

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import API, running_cluster, wait_for
+from harness import API, wait_for
 from perennial.resources import lws
 from test_controller_pattern import WRITES, count, quiet
-from test_deployment_controller import NS, Engines, Serving, assert_one_child_each, spec
+from test_deployment_controller import NS, Serving, serving_cluster, spec
 from test_trainingrun_engines import engine_crd
 
 LWS_CRD = engine_crd("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
@@ -33,31 +33,8 @@ def install_lws(w: Serving) -> None:
 @pytest.fixture
 def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serving]:
     """A clean control plane with the operator (its managers captured: their cache), a BaseModel and an Adapter."""
-    from perennial import runtime
-
-    managers: list[Any] = []
-
-    class Recorded(runtime.Manager):  # type: ignore[name-defined,misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            managers.append(self)
-
-    monkeypatch.setattr(runtime, "Manager", Recorded)
-    engines = Engines()
-    try:
-        with running_cluster(tmp_path) as cluster:
-            artifact = tmp_path / "artifacts" / "support-v1"
-            artifact.mkdir(parents=True)
-            (artifact / "adapter_config.json").write_text("{}")
-            cluster.create("BaseModel", "base", {"source": {"uri": "hf://org/model"}})
-            cluster.create("Adapter", "support-v1", {"baseModelRef": {"name": "base"}, "family": "support", "version": 1,
-                                                     "artifactUri": f"file://{artifact}", "lora": {"rank": 8}})
-            cluster.wait_condition("BaseModel", "base", "Ready", "True")
-            cluster.wait_condition("Adapter", "support-v1", "Ready", "True")
-            yield Serving(cluster, managers, engines)
-            assert_one_child_each(cluster)
-    finally:
-        engines.close()
+    with serving_cluster(tmp_path, monkeypatch) as w:
+        yield w
 
 
 def get_lws(w: Serving, name: str) -> dict[str, Any] | None:
