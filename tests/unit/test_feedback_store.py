@@ -927,3 +927,28 @@ def test_a_restart_reads_no_snapshot_of_sealed_days_until_one_is_needed(mem: str
     res = late.scan(DEP)
     assert res.late_segments == 1 and res.pending.ratings == 1
     assert [p.name for p in late.take_snapshot(DEP).segments] == [segment_name(DEP, "late", 1, old)]
+
+
+def test_a_sealed_day_whose_directory_goes_and_comes_back_is_not_pending_again(tmp_path) -> None:
+    """Exactly-once across sealing: a restarted operator does not load the snapshots of sealed days. A sealed day's
+    directory missing from one full rescan (moved away, a restore from backup) is dropped from the index; when it is
+    back, its segments must be matched against the snapshots that hold them, not counted as new ratings to train on."""
+    uri = str(tmp_path / "store")
+    os.makedirs(uri)
+    store = FeedbackStore(uri, full_rescan_seconds=0)
+    for d in range(10):
+        day = NOW - dt.timedelta(days=9 - d)
+        put(uri, segment_name(DEP, "p", d, day), lines(inter(f"a{d}", day), thumbs(f"a{d}", day)))
+        store.scan(DEP)
+        store.take_snapshot(DEP)
+    assert store.scan(DEP).pending.ratings == 0
+    restarted = FeedbackStore(uri, full_rescan_seconds=0)  # every tick a full rescan
+    assert restarted.scan(DEP).pending.ratings == 0
+    old = tmp_path / "store" / DEP / f"{NOW - dt.timedelta(days=5):%Y/%m/%d}"
+    os.rename(old, f"{old}.away")
+    assert restarted.scan(DEP).pending.ratings == 0
+    os.rename(f"{old}.away", old)
+    res = restarted.scan(DEP)
+    assert res.segments == 10 and res.pending.ratings == 0
+    assert FeedbackStore(uri).scan(DEP).pending.ratings == 0
+    assert restarted.take_snapshot(DEP) is None  # nothing to take twice

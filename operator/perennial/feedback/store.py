@@ -1030,6 +1030,10 @@ class FeedbackStore:
                         continue
                     self._ensure_snapshots(st)  # its parts' snapshots, before its entries count as pending or not
                     st.restore(day, self._day_doc(st, day))
+                elif day < cutoff and day not in st.days and st.lazy():
+                    # an old day neither in memory nor sealed (a sealed day's directory gone from a full rescan, then
+                    # back): its parts may be in snapshots not loaded; without them its records would be pending again
+                    self._ensure_snapshots(st)
                 self._scan_day(st, day, listing, res, dirty)
                 if late and res.new_segments > before:
                     res.late_segments += res.new_segments - before
