@@ -33,7 +33,11 @@ occur in a record (JSON escapes control characters), so the first zero byte of
 a segment is the end of its data: closing truncates the file there; recovery
 after a crash cuts it there (and then after the last complete line). A failed
 write or commit leaves bytes that may or may not reach the disk: the zeros
-from its offset on are written again before the next record.
+from its offset on are written again before the next record. A failed write or
+sync may also have dropped earlier bytes not yet durable (a failed writeback
+leaves its pages clean in the cache; the next sync succeeds without them): then
+the segment is closed and the next record goes to a new one, never behind a
+hole that recovery would end the segment at.
 
 On start, `recover()` closes what a crashed predecessor left open, dropping a
 torn final line and the zeros after the data.
@@ -194,6 +198,10 @@ class Spool:
         self._stale = 0  # after a failed write: zeros are due up to here
         self._synced = 0  # every byte of the open segment before this offset is durable
         self._dsync = _RWF_DSYNC  # 0 once the filesystem refused it
+        # a write or sync failed while bytes before it were not known durable: those may never reach the disk (a
+        # failed writeback leaves its pages clean in the cache, and the next sync succeeds without them); recovery
+        # ends a segment at its first zero byte, so nothing more is written behind them: the segment is closed first
+        self._suspect = False
         self.preallocate_bytes = PREALLOCATE_BYTES
         self._seg_opened = 0.0
         self._dirty = False  # written but not fsync'd
@@ -334,6 +342,7 @@ class Spool:
         self._fd = fd
         self._seg = Segment(path, seq, day)
         self._seg_bytes = self._zeroed = self._synced = self._stale = 0
+        self._suspect = False
         self._seg_opened = time.monotonic()
 
     def _close_segment(self) -> Segment | None:
@@ -359,38 +368,50 @@ class Spool:
     def _sync_segment(self) -> None:
         """Runs in a worker thread: make the open segment durable (interactions, once a second)."""
         if self._fd is not None:
-            if self.preallocate_bytes > 0:
-                _datasync(self._fd)
-            else:
-                os.fsync(self._fd)
+            try:
+                if self.preallocate_bytes > 0:
+                    _datasync(self._fd)
+                else:
+                    os.fsync(self._fd)
+            except BaseException:
+                self._suspect = self._synced < self._seg_bytes
+                raise
             self._synced = self._seg_bytes
             self._dirty = False
 
     def _write_batch(self, data: bytes, sync: bool) -> Segment | None:
         """Runs in a worker thread: write (and make durable) one batch, roll if due."""
+        closed = None
+        if self._suspect and self._fd is not None:
+            closed = self._close_segment()  # see `_suspect`: what it holds stays; the batch goes to a new segment
         if self._fd is None:
             self._open_segment()
         fd = self._fd
         assert fd is not None
         now = time.monotonic()
         sync = sync or now - self._last_fsync >= self.interaction_fsync_interval_s
-        if self.preallocate_bytes <= 0:
-            view = memoryview(data)  # O_APPEND
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            self._seg_bytes += len(data)
-            if sync:
-                os.fsync(fd)
-        else:
-            self._write_preallocated(fd, data, sync)
+        try:
+            if self.preallocate_bytes <= 0:
+                view = memoryview(data)  # O_APPEND
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                self._seg_bytes += len(data)
+                if sync:
+                    os.fsync(fd)
+                    self._synced = self._seg_bytes
+            else:
+                self._write_preallocated(fd, data, sync)
+        except BaseException:
+            self._suspect = self._synced < self._seg_bytes  # (preallocated: the failed bytes are zeroed again)
+            raise
         self._dirty = not sync
         if sync:
             self.fsyncs += 1
             self._last_fsync = now
         if self._seg_bytes >= self.max_segment_bytes:
-            return self._close_segment()
-        return None
+            return self._close_segment() or closed
+        return closed
 
     def _write_preallocated(self, fd: int, data: bytes, sync: bool) -> None:
         start = self._seg_bytes

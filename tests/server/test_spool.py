@@ -198,3 +198,109 @@ def test_store_over_fsspec_memory_filesystem() -> None:
     st = Store("memory://perennial-test/fb")
     st.put("demo/2026/01/05/p-00000001.jsonl", b'{"x": 1}\n')
     assert fsspec.filesystem("memory").cat_file("/perennial-test/fb/demo/2026/01/05/p-00000001.jsonl") == b'{"x": 1}\n'
+
+
+class _WritebackDisk:
+    """What reaches the disk of each spool file: bytes written stay in the page cache until an `fdatasync`/`fsync`
+    (or their own `RWF_DSYNC` write) succeeds. A sync that fails leaves its pages clean in the cache (Linux: the
+    next sync of the file succeeds without writing them: "fsyncgate"), so those bytes never reach the disk."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = {n: getattr(os, n) for n in ("write", "pwrite", "pwritev", "fdatasync", "fsync", "ftruncate")}
+        self.dirty: dict[int, list[tuple[int, int]]] = {}  # inode -> byte ranges written, not on disk
+        self.disk: dict[int, bytearray] = {}
+        self.fail_sync = False
+        for n in self.real:
+            monkeypatch.setattr(os, n, getattr(self, n))
+
+    def _ino(self, fd: int) -> int | None:
+        st = os.fstat(fd)
+        return st.st_ino if st.st_mode & 0o170000 == 0o100000 else None
+
+    def _to_disk(self, fd: int, ino: int, start: int, end: int) -> None:
+        d = self.disk.setdefault(ino, bytearray())
+        if len(d) < end:
+            d.extend(bytes(end - len(d)))
+        r = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the spool's descriptor is write-only
+        try:
+            d[start:end] = os.pread(r, end - start, start).ljust(end - start, b"\0")
+        finally:
+            os.close(r)
+
+    def write(self, fd: int, data) -> int:
+        ino = self._ino(fd)
+        offset = os.fstat(fd).st_size  # the spool's plain writes are O_APPEND
+        n = self.real["write"](fd, data)
+        if ino is not None:
+            self.dirty.setdefault(ino, []).append((offset, offset + n))
+        return n
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        n = self.real["pwrite"](fd, data, offset)
+        if (ino := self._ino(fd)) is not None:
+            self.dirty.setdefault(ino, []).append((offset, offset + n))
+        return n
+
+    def pwritev(self, fd: int, buffers, offset: int, flags: int = 0) -> int:
+        n = self.real["pwritev"](fd, buffers, offset, flags)
+        if (ino := self._ino(fd)) is not None:
+            if flags & getattr(os, "RWF_DSYNC", 0):
+                self._to_disk(fd, ino, offset, offset + n)
+            else:
+                self.dirty.setdefault(ino, []).append((offset, offset + n))
+        return n
+
+    def _sync(self, name: str, fd: int) -> None:
+        ino = self._ino(fd)
+        if ino is not None and self.fail_sync:
+            self.dirty.pop(ino, None)  # written back in vain: clean in the cache, never on the disk
+            raise OSError(errno.EIO, "injected writeback failure")
+        self.real[name](fd)
+        for start, end in self.dirty.pop(ino, []) if ino is not None else ():
+            self._to_disk(fd, ino, start, end)
+
+    def fdatasync(self, fd: int) -> None:
+        self._sync("fdatasync", fd)
+
+    def fsync(self, fd: int) -> None:
+        self._sync("fsync", fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self.real["ftruncate"](fd, length)
+        if (ino := self._ino(fd)) is not None:
+            del self.disk.setdefault(ino, bytearray())[length:]
+
+    def crash(self, spool_dir: Path, into: Path) -> None:
+        """kill -9 and a power cut: each open segment as its disk holds it."""
+        into.mkdir()
+        for p in spool_dir.glob("*.open"):
+            (into / p.name).write_bytes(bytes(self.disk.get(os.stat(p).st_ino, b"")))
+
+
+@pytest.mark.parametrize("preallocate", [1 << 20, 0])
+async def test_a_failed_sync_never_costs_a_later_acknowledged_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preallocate: int) -> None:
+    """Interactions are written without a sync; a rating's sync that fails leaves their pages clean in the cache but
+    not on the disk (the preallocated zeros stay there). A later rating acknowledged after a successful sync must
+    survive a crash: recovery ends a segment at its first zero byte, so the spool must not go on writing behind bytes
+    it cannot know are on the disk."""
+    disk = _WritebackDisk(monkeypatch)
+    sp = Spool(tmp_path / "spool", max_segment_bytes=1 << 20, max_segment_age_s=3600, interaction_fsync_interval_s=3600)
+    sp.preallocate_bytes = preallocate
+    await sp.start()
+    await sp.append(json.dumps({"i": "durable-0"}), durable=True)
+    await sp.append(json.dumps({"i": "interaction"}), durable=False)
+    while sp.pending:  # written (to the cache), not synced
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    disk.fail_sync = True
+    with pytest.raises(OSError):
+        await sp.append(json.dumps({"i": "refused"}), durable=True)
+    disk.fail_sync = False
+    await sp.append(json.dumps({"i": "acknowledged"}), durable=True)
+    disk.crash(tmp_path / "spool", tmp_path / "crashed")
+    for seg in closed_segments(tmp_path / "spool"):  # a segment closed meanwhile: its disk image too
+        (tmp_path / "crashed" / seg.path.name).write_bytes(bytes(disk.disk.get(os.stat(seg.path).st_ino, b"")))
+    Spool(tmp_path / "crashed").recover()
+    recovered = [json.loads(x)["i"] for s in closed_segments(tmp_path / "crashed") for x in s.path.read_bytes().splitlines() if x.strip(b"\0")]
+    assert "durable-0" in recovered and "acknowledged" in recovered, recovered
+    await sp.close()
