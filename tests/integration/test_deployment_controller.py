@@ -807,3 +807,33 @@ def test_naming_the_region_keeps_traffic_on_the_serving_pods_and_later_rollouts_
     wait_for(lambda: switched("blue"), timeout=60, interval=0.5, message="the next rollout switched")
     assert selects("chat", "chat-blue") and w.deploy("chat-blue")["spec"]["selector"]["matchLabels"]["perennial.ai/region"] == "home"
     w.cluster.wait_condition("Deployment", "chat", "Ready", "True", "Serving")
+
+
+def test_a_deployment_named_as_another_ones_label_value_is_refused_and_takes_nothing(serving: Serving):
+    """Attack (review of the LeaderWorkerSet wiring): label values are at most 63 characters, so a longer Deployment
+    name is shortened to 56 characters and a hash — itself a valid name. A second Deployment named exactly that
+    would carry the first one's `perennial.ai/deployment` label: its pods (with an image of its own) would be
+    selected by the first one's Services, be peers in its NetworkPolicy (all ports between a group's pods) and
+    go with its children's removal by label. Before: it rolled out. Now the later one is refused (LabelConflict,
+    a Warning Event), creates nothing, and the first one keeps serving."""
+    from perennial.resources import deployment as build
+
+    w = serving
+    victim = "chat-" + "a" * 64
+    w.cluster.create("Deployment", victim, spec())
+
+    def owned_by(name: str) -> list[dict[str, Any]]:
+        return [o for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("policy/v1", "PodDisruptionBudget"))
+                for o in w.kube.list(api, kind, NS) if any(r.get("name") == name for r in o["metadata"].get("ownerReferences") or [])]
+
+    wait_for(lambda: owned_by(victim), message="the first Deployment's children")
+    attacker = build.label_value(victim)
+    assert attacker != victim and len(attacker) <= 63
+    w.cluster.create("Deployment", attacker, spec())
+    w.cluster.wait_condition("Deployment", attacker, "Ready", "False", "LabelConflict")
+    cond = next(c for c in w.cluster.get("Deployment", attacker)["status"]["conditions"] if c["type"] == "Ready")
+    assert victim in cond["message"], cond
+    assert [e for e in w.kube.list("v1", "Event", NS) if e["involvedObject"]["name"] == attacker and e["reason"] == "LabelConflict"]
+    assert owned_by(attacker) == [], [o["metadata"]["name"] for o in owned_by(attacker)]
+    first = next(c for c in w.cluster.get("Deployment", victim)["status"]["conditions"] if c["type"] == "Ready")
+    assert first["reason"] != "LabelConflict", first

@@ -77,6 +77,9 @@ ROUTES_POLL_SECONDS = 2.0
 SIDECAR_TIMEOUT_SECONDS = 2.0
 KEDA = ("keda.sh/v1alpha1", "ScaledObject")
 LWS_NOT_INSTALLED = "LeaderWorkerSetNotInstalled"
+LABEL_CONFLICT = "LabelConflict"
+#: a Deployment blocked by another one's label value looks again this often (the other may be deleted or renamed)
+LABEL_CONFLICT_POLL_SECONDS = 60.0
 #: A color's workload across nodes (`engine.pipelineParallelSize` > 1), where LeaderWorkerSet is installed.
 LWS = (lws.LWS_API, "LeaderWorkerSet")
 #: The sidecar's admin port (`/perennial/routes`, `/metrics`), which no Service exposes (resources.deployment).
@@ -1027,6 +1030,24 @@ async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone:
     return left, notes
 
 
+def label_rival(ctx: Context, obj: dict[str, Any]) -> str | None:
+    """Another Perennial Deployment of this namespace whose label value is this one's and that came first (created
+    earlier; in the same second, the one whose name is too long for a label, then the smaller name): this one must not roll out, or the two would select each other's pods
+    (Services, NetworkPolicy peers, removal by label). A long name's label value (56 characters and a hash) is a
+    valid name itself, so a user could otherwise take another's labels by naming a Deployment after them."""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    mine = build.label_value(name)
+
+    def order(o: dict[str, Any]) -> tuple[str, bool, str]:
+        n = o["metadata"]["name"]
+        return (o["metadata"].get("creationTimestamp") or "", build.label_value(n) == n, n)
+
+    rivals = [o for o in ctx.cache.list(API_VERSION, "Deployment", ns)
+              if o["metadata"]["name"] != name and build.label_value(o["metadata"]["name"]) == mine]
+    first = min(rivals, key=order, default=None)
+    return first["metadata"]["name"] if first is not None and order(first) < order(obj) else None
+
+
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     gen = generation(obj)
     try:
@@ -1034,6 +1055,11 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     except pydantic.ValidationError as exc:
         return Outcome(_blocked_status(obj, "InvalidSpec", first_error(exc)), [Note("InvalidSpec", first_error(exc), True)])
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if (rival := label_rival(ctx, obj)) is not None:
+        message = (f"Deployment {rival!r} in this namespace already has the label value {build.label_value(name)!r} (names longer "
+                   "than 63 characters are shortened to 56 characters and a hash for labels): two Deployments with one label "
+                   "value would select each other's pods; rename this Deployment")
+        return Outcome(_blocked_status(obj, LABEL_CONFLICT, message), [Note(LABEL_CONFLICT, message, True)], LABEL_CONFLICT_POLL_SECONDS)
     try:
         base = ctx.cache.get(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)
         if base is None:
