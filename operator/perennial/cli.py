@@ -238,6 +238,8 @@ Press Ctrl-C to stop.
             metrics_port=args.metrics_port,
             metrics_host=args.host,
         )
+    except KeyboardInterrupt:  # Ctrl-C while the operator was still starting (before kopf handles the signal itself)
+        print("Stopped while the operator was starting.", flush=True)
     finally:
         if story is not None:
             story.stop()
