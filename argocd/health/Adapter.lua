@@ -4,15 +4,9 @@
 -- still serves: Ready stays True.
 local ready = condition("Ready")
 if ready == nil or ready.status == "Unknown" then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
-  return hs
+  return set("Progressing", "Waiting for the Ready condition")
 end
 if ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(ready)
-  return hs
+  return set("Healthy", text(ready))
 end
-hs.status = "Degraded"
-hs.message = ready.reason .. ": " .. text(ready)
-return hs
+return set("Degraded", why(ready))

@@ -4,19 +4,12 @@
 -- DownloadFailed, InvalidSpec when it cannot work).
 local ready = condition("Ready")
 if ready == nil or ready.status == "Unknown" then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
-  return hs
+  return set("Progressing", "Waiting for the Ready condition")
 end
 if ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(ready)
-  return hs
+  return set("Healthy", text(ready))
 end
 if ready.reason == "Downloading" then
-  hs.status = "Progressing"
-else
-  hs.status = "Degraded"
+  return set("Progressing", why(ready))
 end
-hs.message = ready.reason .. ": " .. text(ready)
-return hs
+return set("Degraded", why(ready))

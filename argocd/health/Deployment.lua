@@ -6,39 +6,27 @@
 
 local degraded = condition("Degraded")
 if degraded ~= nil and degraded.status == "True" then
-  hs.status = "Degraded"
-  hs.message = degraded.reason .. ": " .. text(degraded)
-  return hs
+  return set("Degraded", why(degraded))
 end
 
 local progressing = condition("Progressing")
 if progressing ~= nil and progressing.status == "Unknown"
     and (progressing.reason == "WaitingForPromotion" or progressing.reason == "RolloutPaused") then
-  hs.status = "Suspended"
-  hs.message = progressing.reason .. ": " .. text(progressing)
-  return hs
+  return set("Suspended", why(progressing))
 end
 if obj.spec ~= nil and obj.spec.paused == true then
-  hs.status = "Suspended"
-  hs.message = "RolloutPaused: rollouts are paused (spec.paused); nothing is waiting to roll out"
-  return hs
+  return set("Suspended", "RolloutPaused: rollouts are paused (spec.paused); nothing is waiting to roll out")
 end
 
 local ready = condition("Ready")
 if ready == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
-  return hs
+  return set("Progressing", "Waiting for the Ready condition")
 end
 if ready.status ~= "True" then
-  hs.status = "Progressing"
-  hs.message = ready.reason .. ": " .. text(ready)
-  return hs
+  return set("Progressing", why(ready))
 end
 if progressing ~= nil and progressing.status ~= "False" then
-  hs.status = "Progressing"
-  hs.message = progressing.reason .. ": " .. text(progressing)
-  return hs
+  return set("Progressing", why(progressing))
 end
 hs.status = "Healthy"
 hs.message = text(ready)

@@ -4,14 +4,10 @@
 -- TestsPassed, NoTests; Unknown ValidationRunning; False TestsFailed, ValidationJobFailed).
 local ready = condition("Ready")
 if ready == nil or ready.status == "Unknown" then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
-  return hs
+  return set("Progressing", "Waiting for the Ready condition")
 end
 if ready.status == "False" then
-  hs.status = "Degraded"
-  hs.message = ready.reason .. ": " .. text(ready)
-  return hs
+  return set("Degraded", why(ready))
 end
 local validated = condition("Validated")
 if validated == nil or validated.status == "Unknown" then
@@ -24,10 +20,6 @@ if validated == nil or validated.status == "Unknown" then
   return hs
 end
 if validated.status == "False" then
-  hs.status = "Degraded"
-  hs.message = validated.reason .. ": " .. text(validated)
-  return hs
+  return set("Degraded", why(validated))
 end
-hs.status = "Healthy"
-hs.message = text(validated)
-return hs
+return set("Healthy", text(validated))

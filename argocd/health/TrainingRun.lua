@@ -4,19 +4,13 @@
 -- (waiting for references such as a parent run, the Job pending, the trainer running).
 local succeeded = condition("Succeeded")
 if succeeded == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Succeeded condition"
-  return hs
+  return set("Progressing", "Waiting for the Succeeded condition")
 end
 if succeeded.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(succeeded)
-  return hs
+  return set("Healthy", text(succeeded))
 end
 if succeeded.status == "False" then
-  hs.status = "Degraded"
-  hs.message = succeeded.reason .. ": " .. text(succeeded)
-  return hs
+  return set("Degraded", why(succeeded))
 end
 hs.status = "Progressing"
 hs.message = text(succeeded)

@@ -18,6 +18,14 @@ local function text(c)
   end
   return c.reason or ""
 end
+local function why(c)
+  return c.reason .. ": " .. text(c)
+end
+local function set(status, message)
+  hs.status = status
+  hs.message = message
+  return hs
+end
 
 if obj.status == nil or obj.status.observedGeneration == nil then
   hs.status = "Progressing"

@@ -23,6 +23,14 @@ local function text(c)
   end
   return c.reason or ""
 end
+local function why(c)
+  return c.reason .. ": " .. text(c)
+end
+local function set(status, message)
+  hs.status = status
+  hs.message = message
+  return hs
+end
 
 if obj.status == nil or obj.status.observedGeneration == nil then
   hs.status = "Progressing"
@@ -36,15 +44,9 @@ if obj.metadata.generation ~= nil and obj.status.observedGeneration < obj.metada
 end
 local ready = condition("Ready")
 if ready == nil or ready.status == "Unknown" then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
-  return hs
+  return set("Progressing", "Waiting for the Ready condition")
 end
 if ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(ready)
-  return hs
+  return set("Healthy", text(ready))
 end
-hs.status = "Degraded"
-hs.message = ready.reason .. ": " .. text(ready)
-return hs
+return set("Degraded", why(ready))

@@ -23,6 +23,14 @@ local function text(c)
   end
   return c.reason or ""
 end
+local function why(c)
+  return c.reason .. ": " .. text(c)
+end
+local function set(status, message)
+  hs.status = status
+  hs.message = message
+  return hs
+end
 
 if obj.status == nil or obj.status.observedGeneration == nil then
   hs.status = "Progressing"
@@ -36,19 +44,13 @@ if obj.metadata.generation ~= nil and obj.status.observedGeneration < obj.metada
 end
 local succeeded = condition("Succeeded")
 if succeeded == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the Succeeded condition"
-  return hs
+  return set("Progressing", "Waiting for the Succeeded condition")
 end
 if succeeded.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(succeeded)
-  return hs
+  return set("Healthy", text(succeeded))
 end
 if succeeded.status == "False" then
-  hs.status = "Degraded"
-  hs.message = succeeded.reason .. ": " .. text(succeeded)
-  return hs
+  return set("Degraded", why(succeeded))
 end
 hs.status = "Progressing"
 hs.message = text(succeeded)
