@@ -389,10 +389,10 @@ def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens:
         local = int(env.get("LOCAL_WORLD_SIZE") or 1)
     except ValueError:
         local = 1
-    from .train import grpo_group
+    from .train import gpu_memory_bytes, memory_workload
 
     hp = cfg.spec.hyperparameters
-    _, batch = grpo_group(cfg)
+    batch, seq = memory_workload(cfg)
     shape = train_bytes = gpu_bytes = None
     try:
         config = json.loads((Path(base_path) / "config.json").read_text())
@@ -400,14 +400,11 @@ def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens:
     except (OSError, ValueError):
         config = None
     if cuda:
-        import torch
-
-        gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory
+        gpu_bytes = gpu_memory_bytes(dev, w)  # as the trainer's memory check ($PERENNIAL_GPU_MEMORY too)
         if config is not None and shape is not None:
             from perennial.memory import estimate, shape_of
 
             weight_bytes = 2 if dev.get("bf16") else 4
-            seq = (hp.max_length or 512) + (hp.max_completion_length or 256)  # as the trainer's memory check
             train_bytes = estimate(shape_of(config), lora_rank=cfg.spec.lora.rank, lora_targets=list(cfg.spec.lora.target_modules),
                                    batch=batch, seq=seq, gpus=w.size, sharded=bool(dev.get("fsdp")),
                                    quantized=bool(dev.get("quantize")), weight_bytes=weight_bytes).per_gpu

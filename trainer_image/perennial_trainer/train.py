@@ -459,36 +459,48 @@ def _barrier(w: World, dev: dict[str, Any]):
 GPU_MEMORY_ENV = "PERENNIAL_GPU_MEMORY"  # bytes per GPU as a quantity ("24Gi"): what the estimate checks against when set
 
 
-def check_memory(cfg: RunConfig, base_path: str, dev: dict[str, Any], w: World) -> None:
-    """Fail at once, with the estimate, when the run cannot fit its GPUs (`perennial.memory`): read from the base
-    model's config.json, against each GPU's memory (or `$PERENNIAL_GPU_MEMORY`). CPU runs are not checked."""
-    from perennial.memory import check_fits, shape_of
+def memory_workload(cfg: RunConfig) -> tuple[int, int]:
+    """The per-device batch and sequence length the memory estimates assume (`check_memory`, and the room the GRPO
+    generation engine leaves in `generation.choose`)."""
+    spec, hp = cfg.spec, cfg.spec.hyperparameters
+    if spec.method == "GRPO":
+        _, batch = grpo_group(cfg)
+        return batch, (hp.max_length or 512) + (hp.max_completion_length or 256)
+    return (hp.batch_size or 8) * (2 if spec.method == "DPO" else 1), hp.max_length or 1024  # DPO: chosen and rejected
+
+
+def gpu_memory_bytes(dev: dict[str, Any], w: World) -> int | None:
+    """Each GPU's memory: `$PERENNIAL_GPU_MEMORY` if set, else what CUDA reports; None on CPU."""
     from perennial.resources.podsecurity import quantity_bytes
 
     override = os.environ.get(GPU_MEMORY_ENV)
     if override:
         try:
-            gpu_bytes = quantity_bytes(override)
+            return quantity_bytes(override)
         except ValueError as e:
             raise TrainerError(f"${GPU_MEMORY_ENV}: {e}", "InvalidConfig") from None
-    elif dev["cuda"]:
+    if dev["cuda"]:
         import torch
 
-        gpu_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory
-    else:
+        return torch.cuda.get_device_properties(w.local_rank).total_memory
+    return None
+
+
+def check_memory(cfg: RunConfig, base_path: str, dev: dict[str, Any], w: World) -> None:
+    """Fail at once, with the estimate, when the run cannot fit its GPUs (`perennial.memory`): read from the base
+    model's config.json, against each GPU's memory (or `$PERENNIAL_GPU_MEMORY`). CPU runs are not checked."""
+    from perennial.memory import check_fits, shape_of
+
+    gpu_bytes = gpu_memory_bytes(dev, w)
+    if gpu_bytes is None:
         return
     try:
         shape = shape_of(json.loads((Path(base_path) / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         log.warning("no memory estimate for %s: %s", base_path, e)
         return
-    spec, hp = cfg.spec, cfg.spec.hyperparameters
-    if spec.method == "GRPO":
-        _, batch = grpo_group(cfg)
-        seq = (hp.max_length or 512) + (hp.max_completion_length or 256)
-    else:
-        batch = (hp.batch_size or 8) * (2 if spec.method == "DPO" else 1)  # DPO: chosen and rejected
-        seq = hp.max_length or 1024
+    spec = cfg.spec
+    batch, seq = memory_workload(cfg)
     weight_bytes = 4 if dev["cuda"] and not dev["bf16"] else 2
     quantized = spec.lora.quantization == "4bit"
     sharded = fsdp_wanted(shape.params, weight_bytes, gpu_bytes, w) and not quantized
