@@ -1091,8 +1091,8 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     if any(lws.group_size(s) > 1 for s in servings) and lws.LWS_RESOURCE not in ctx.served:
         # nothing is created (not even the token): a group across nodes has no other engine here
         message = (f"`engine.pipelineParallelSize` is {spec.engine.pipeline_parallel_size}: a model across nodes is served by "
-                   f"LeaderWorkerSet groups, but the API server does not serve {lws.LWS_RESOURCE} (its CRD is not installed, or "
-                   "was installed after the operator started: restart it); install LeaderWorkerSet, or use pipelineParallelSize 1")
+                   f"LeaderWorkerSet groups, but the API server does not serve {lws.LWS_RESOURCE} (its CRD is not installed); "
+                   "install LeaderWorkerSet (noticed without a restart), or use pipelineParallelSize 1")
         return Outcome(_blocked_status(obj, LWS_NOT_INSTALLED, message), [Note(LWS_NOT_INSTALLED, message, True)])
 
     now = now_of(ctx)
