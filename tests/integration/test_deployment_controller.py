@@ -324,6 +324,32 @@ def test_first_rollout_children_status_events_and_no_writes_once_stable(serving:
     assert base64.b64decode(w.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"]) == secret, "the token is never rewritten"
 
 
+def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_switch(serving: Serving):
+    """The writes to the Perennial Deployment itself (its status, its Events; children apart) of a first rollout: the
+    status while the pods come up (a state a user must see: Progressing, FirstRollout), then serving -- what the
+    serving pods applied (routes revision, served adapters) known in the pass that switched, not one write later."""
+    w = serving
+    sidecars = Sidecars(w.kube, "chat-routes")
+    try:
+        quiet(w.cluster)
+        w.cluster.server.reset_request_counts()
+        w.cluster.create("Deployment", "chat", spec())
+        w.proxied("chat-preview")
+        run_pods(w, "chat-blue", w.deploy("chat-blue")["spec"]["replicas"], sidecars)
+        w.ready("chat-blue")
+        w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+        quiet(w.cluster)
+        st = w.status()
+        assert st["regions"][0].get("routesRevision"), st
+        assert st["servedAdapters"] == [{"name": "support", "adapter": "support-v1"}]
+        status_writes = count(w.cluster, ("patch", "update"), "perennial.ai/deployments/status")
+        events = count(w.cluster, ("create",), "events")
+        assert status_writes <= 2, w.cluster.server.request_counts()
+        assert status_writes + events <= 4, w.cluster.server.request_counts()
+    finally:
+        sidecars.close()
+
+
 @pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
 def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(serving: Serving):
     w = serving

@@ -605,6 +605,13 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
         pods.conditions = [rollout.ConditionPart(CONDITION_PROGRESSING, "Unknown", "WaitingForRegion", wait) if c.type == CONDITION_PROGRESSING
                            else c for c in pods.conditions]
 
+    if pods.stable_color is not None and pods.stable_color != w.stable_color and w.where is not None:
+        # The stable Service selects another color from this pass on (a switch, the first traffic): the pods that
+        # serve are that color's, so what they applied is read now (else the status changes one write later).
+        w.pods = w.where.cache.list("v1", "Pod", ns, labels=color_selector(w.colors, s, pods.stable_color))
+        w.pod_routes = ()
+        await read_pods([w])
+
     # Adapters: served name -> Adapter in the running pods of the active color.
     engine = spec.engine
     current_routes = routes_document(w.routes)
