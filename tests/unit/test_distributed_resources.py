@@ -67,6 +67,17 @@ def test_an_engine_named_but_not_served_is_refused(engine, served):
         dist.choose_engine(spec(nodes=2, distributed={"engine": engine}), served)
 
 
+@pytest.mark.parametrize("started,served", [("IndexedJob", BOTH), ("JobSet", BOTH), ("JobSet", {dist.JOBSET_RESOURCE}), ("TrainJob", BOTH)])
+def test_a_started_run_keeps_its_engine_whatever_was_installed_since(started, served):
+    assert dist.choose_engine(spec(nodes=2), served, started=started) == started
+
+
+@pytest.mark.parametrize("started", ["TrainJob", "JobSet"])
+def test_a_started_run_whose_engine_was_removed_is_refused_not_moved(started):
+    with pytest.raises(dist.EngineNotInstalled, match=f"started on {started}.*no longer serves"):
+        dist.choose_engine(spec(nodes=2), set(), started=started)
+
+
 def test_one_node_is_the_plain_job_unchanged():
     s = spec()
     assert group(s, "Job") == [single_job(s)]

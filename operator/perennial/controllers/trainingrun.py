@@ -438,7 +438,7 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         if resolved.parent:
             job["metadata"].setdefault("annotations", {})[PARENT_ANNOTATION] = resolved.parent
         try:
-            engine = dist.choose_engine(spec, served)
+            engine = dist.choose_engine(spec, served, started=old.get("engine"))  # a group made again: on the same engine
         except dist.EngineNotInstalled as exc:
             conds = cond.set_condition(conds, "Waiting", False, "EngineNotInstalled", str(exc), gen)
             conds = cond.set_condition(conds, "Succeeded", False, "EngineNotInstalled", str(exc), gen)

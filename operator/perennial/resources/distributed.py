@@ -61,9 +61,17 @@ class EngineNotInstalled(ValueError):
     """The run names an engine whose CRD the cluster does not serve."""
 
 
-def choose_engine(spec: TrainingRunSpec, served: Collection[str]) -> str:
+def choose_engine(spec: TrainingRunSpec, served: Collection[str], started: str | None = None) -> str:
     """What runs the trainer: `Job` for one node; for more, the engine named, or under `Auto` the first of
-    TrainJob, JobSet the cluster serves (`served`: discovery ids), else `IndexedJob`."""
+    TrainJob, JobSet the cluster serves (`served`: discovery ids, as of now: CRDs installed or removed while the
+    operator runs count), else `IndexedJob`. `started`: the engine the run's group was made on (its status), kept
+    whatever the cluster serves now: a run never changes engine (a removed one fails it)."""
+    if started in (JOB, INDEXED_JOB, JOBSET, TRAINJOB):
+        if started in _SERVES and _SERVES[started] not in served:
+            raise EngineNotInstalled(
+                f"the run started on {started}, but the cluster no longer serves {_SERVES[started]} (its CRD was removed, and its "
+                f"{started}s with it); a run never changes engine: create the run again to train on what is installed now")
+        return started
     res = spec.resources
     if res.nodes <= 1:
         return JOB
@@ -76,7 +84,7 @@ def choose_engine(spec: TrainingRunSpec, served: Collection[str]) -> str:
     if wanted in _SERVES and _SERVES[wanted] not in served:
         raise EngineNotInstalled(
             f"`resources.distributed.engine` is '{wanted}' but the cluster does not serve {_SERVES[wanted]} (its CRD is not "
-            f"installed, or was installed after the operator started); install it, or use 'Auto' or 'IndexedJob'")
+            f"installed); install it, or use 'Auto' or 'IndexedJob'")
     return wanted
 
 
