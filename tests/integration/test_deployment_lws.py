@@ -6,6 +6,7 @@ controller-manager for apps/v1 Deployments."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,35 @@ def test_without_leaderworkerset_a_group_across_nodes_is_blocked_and_nothing_is_
     install_lws(w)
     wait_for(lambda: get_lws(w, "big-blue"), message="the LeaderWorkerSet once its CRD is served")
     w.cluster.wait_condition("Deployment", "big", "Ready", "False", "FirstRolloutInProgress")
+
+
+def test_leaderworkerset_installed_and_removed_while_the_operator_runs_without_a_restart(serving: Serving, caplog: pytest.LogCaptureFixture):
+    w = serving
+    w.cluster.create("Deployment", "chat", spec(engine=ENGINE))
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "False", "LeaderWorkerSetNotInstalled")
+    # The platform team installs LeaderWorkerSet; the operator is NOT restarted.
+    w.kube.apply(LWS_CRD)
+    wait_for(lambda: get_lws(w, "chat-blue"), timeout=30, message="the LeaderWorkerSet once its CRD is served, without a restart")
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "False", "FirstRolloutInProgress", timeout=30)
+    # The watch of that kind started: the LeaderWorkerSet controller's status reaches the operator's cache and wakes
+    # the Deployment (its groups ready as a whole: it serves).
+    w.proxied("chat-preview")
+    groups_ready(w, "chat-blue")
+    cache = w.managers[-1].cache
+    wait_for(lambda: ((cache.get(lws.LWS_API, "LeaderWorkerSet", NS, "chat-blue") or {}).get("status") or {}).get("readyReplicas"),
+             timeout=30, message="the LeaderWorkerSet's status in the operator's cache (its watch)")
+    wait_for(lambda: w.stable_color() == "blue", timeout=30, message="the stable Service selects blue's leaders")
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "True", "Serving", timeout=30)
+    assert len(w.managers) == 1, "the operator was not restarted"
+
+    # The CRD removed (its LeaderWorkerSets with it): the Deployment says so again, the watch ends quietly.
+    caplog.clear()
+    w.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, LWS_CRD["metadata"]["name"])
+    w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "LeaderWorkerSetNotInstalled", timeout=30)
+    wait_for(lambda: cache.get(lws.LWS_API, "LeaderWorkerSet", NS, "chat-blue") is None, message="dropped from the operator's cache")
+    time.sleep(2)
+    w.cluster.server.reset_request_counts()
+    time.sleep(3)
+    assert w.cluster.server.count(resource="leaderworkerset.x-k8s.io/leaderworkersets") == 0, w.cluster.server.request_counts()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors

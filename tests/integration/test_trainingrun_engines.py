@@ -150,3 +150,67 @@ def test_with_the_trainjob_crd_the_group_is_a_trainjob_and_an_engine_not_served_
             {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "trainjob exceeded its deadline", "lastTransitionTime": NOW}]}}, subresource="status")
         failed = c.wait_condition("TrainingRun", "big", "Succeeded", "False", timeout=60)
         assert failed["reason"] == "DeadlineExceeded"
+
+
+def _engine_requests(c: Cluster) -> int:
+    """The operator's requests to the engines' resources (lists and watches of kopf, creates of ours)."""
+    return sum(r["count"] for r in c.server.request_counts()["requests"]
+               if r["client"] != "test" and r["resource"].split("/")[:2] in (["jobset.x-k8s.io", "jobsets"], ["trainer.kubeflow.org", "trainjobs"]))
+
+
+def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Cluster, caplog):
+    """No restart: a run created after the engines' CRDs appear runs on them; one that started keeps its engine (its
+    group made again on the same engine, never moved); a removed CRD stops its watch quietly and new runs fall back."""
+    import logging
+
+    c = cluster
+    prerequisites(c)
+    group_run(c, "before")
+    first = wait_for(lambda: c.kube.get("batch/v1", "Job", "default", "before-train"), message="indexed Job")
+    wait_for(lambda: (c.get("TrainingRun", "before").get("status") or {}).get("engine") == "IndexedJob", message="status.engine")
+
+    for crd in (JOBSET_CRD, TRAINJOB_CRD):
+        c.kube.apply(crd)
+    # the operator learns of them from its watch of CRDs (not at once): once it watches their kinds, it uses them
+    for resource in ("jobset.x-k8s.io/jobsets", "trainer.kubeflow.org/trainjobs"):
+        wait_for(lambda r=resource: c.server.count(verb="watch", resource=r), timeout=30, message=f"the operator watches {resource}")
+    group_run(c, "after")
+    wait_for(lambda: c.kube.get(dist.TRAINJOB_API, "TrainJob", "default", "after-train"), timeout=30, message="TrainJob, without a restart")
+    wait_for(lambda: (c.get("TrainingRun", "after").get("status") or {}).get("engine") == "TrainJob", message="status.engine")
+    assert c.kube.get("batch/v1", "Job", "default", "after-train") is None
+
+    # A run that started keeps its engine: its indexed Job, deleted, is made again as an indexed Job.
+    c.kube.delete("batch/v1", "Job", "default", "before-train")
+
+    def remade() -> dict | None:
+        for _, api, kind in dist.GROUP_KINDS:
+            if (o := c.kube.get(api, kind, "default", "before-train")) is not None and o["metadata"]["uid"] != first["metadata"]["uid"]:
+                return o
+        return None
+
+    again = wait_for(remade, timeout=30, message="the run's group made again")
+    assert (again["kind"], again["spec"].get("completionMode")) == ("Job", "Indexed"), again["kind"]
+    assert (c.get("TrainingRun", "before").get("status") or {}).get("engine") == "IndexedJob"
+
+    # TrainJob's CRD removed (its TrainJobs go with it): the run on it fails (never moved to another engine), new runs
+    # use JobSet; then JobSet's removed too: new runs are indexed Jobs again.
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    c.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "trainjobs.trainer.kubeflow.org")
+    failed = c.wait_condition("TrainingRun", "after", "Succeeded", "False", "EngineNotInstalled", timeout=30)
+    assert "TrainJob" in failed["message"], failed
+    group_run(c, "later")
+    wait_for(lambda: c.kube.get(dist.JOBSET_API, "JobSet", "default", "later-train"), timeout=30, message="JobSet")
+    assert c.kube.get(dist.TRAINJOB_API, "TrainJob", "default", "later-train") is None
+    c.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "jobsets.jobset.x-k8s.io")
+    group_run(c, "last")
+    wait_for(lambda: c.kube.get("batch/v1", "Job", "default", "last-train"), timeout=30, message="an indexed Job again")
+    wait_for(lambda: (c.get("TrainingRun", "last").get("status") or {}).get("engine") == "IndexedJob", message="status.engine")
+
+    # The watches of the removed kinds ended cleanly: no more requests to them, no errors logged about them.
+    time.sleep(2)
+    c.server.reset_request_counts()
+    time.sleep(3)
+    assert _engine_requests(c) == 0, c.server.request_counts()
+    noisy = [r for r in caplog.records if r.levelno >= logging.ERROR and any(k in r.getMessage() for k in ("trainjobs", "jobsets", "TrainJob", "JobSet"))]
+    assert not noisy, [r.getMessage() for r in noisy]

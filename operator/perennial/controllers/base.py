@@ -89,8 +89,9 @@ class Context:
     wake: Callable[[str, set[tuple[str, str]]], None] | None = None
     #: Work a reconcile started that outlives it (a smoke test taking longer than a reconcile may wait), by key.
     tasks: dict[Hashable, Any] = field(default_factory=dict)
-    #: Optional resources (`<plural>.<group>`: JobSet, TrainJob, ...) the API server was found to serve when the
-    #: operator started (the manager's discovery); what a multi-node TrainingRun runs on follows it.
+    #: Optional resources (`<plural>.<group>`: JobSet, TrainJob, ...) the API server serves now (the manager's
+    #: discovery at start, then kopf's watch of CRDs: installed or removed while running); what a multi-node
+    #: TrainingRun starts on follows it.
     served: set[str] = field(default_factory=set)
     #: when running trainers' progress (their pod logs) is read
     progress: Ticker = field(init=False)

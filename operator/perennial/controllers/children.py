@@ -40,6 +40,11 @@ def is_unserved(api_version: str, kind: str, cluster: str = "local") -> bool:
     return True
 
 
+def forget_unserved(api_version: str, kind: str, cluster: str = "local") -> None:
+    """The kind is served now (its CRD was installed): its children are created again at once."""
+    _unserved.pop(_unserved_key(api_version, kind, cluster), None)
+
+
 def without_nulls(value: Any) -> Any:
     """A manifest without the null fields (those a merge patch would remove), at any depth."""
     if isinstance(value, dict):

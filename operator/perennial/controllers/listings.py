@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.clients import watching
 
 
@@ -67,23 +68,39 @@ def _safely(method: Any, *args: Any) -> None:
         log.exception("A stream observer failed, observer=%r", getattr(method, "__self__", method))
 
 
+#: Waits before listing a resource again that the API server no longer serves (404), until kopf stops the watch.
+GONE_BACKOFF_SECONDS = (1.0, 5.0, 30.0, 60.0)
+
+
 async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
     resource, namespace = kwargs["resource"], kwargs.get("namespace")
-    listed: dict[tuple[str, str], str] = {}
-    async for raw in _original(**kwargs):
-        if raw is watching.Bookmark.LISTED:
-            for observer in list(_observers):
-                _safely(observer.listed, resource, namespace, listed)
-            listed = {}
-        elif isinstance(raw, dict) and raw.get("type") in (None, "ADDED", "MODIFIED", "DELETED") and isinstance(raw.get("object"), dict):
-            if raw.get("type") is None:
-                meta = raw["object"].get("metadata") or {}
-                listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
-            for observer in list(_observers):
-                _safely(observer.observed, resource, namespace, raw)
-            if _is_consumed(resource):
-                continue  # consumed here: kopf's per-object machinery has no handler to run for it
-        yield raw
+    gone = 0
+    while True:
+        listed: dict[tuple[str, str], str] = {}
+        try:
+            async for raw in _original(**kwargs):
+                gone = 0
+                if raw is watching.Bookmark.LISTED:
+                    for observer in list(_observers):
+                        _safely(observer.listed, resource, namespace, listed)
+                    listed = {}
+                elif isinstance(raw, dict) and raw.get("type") in (None, "ADDED", "MODIFIED", "DELETED") and isinstance(raw.get("object"), dict):
+                    if raw.get("type") is None:
+                        meta = raw["object"].get("metadata") or {}
+                        listed[(meta.get("namespace") or "", meta.get("name") or "")] = str(meta.get("resourceVersion") or "")
+                    for observer in list(_observers):
+                        _safely(observer.observed, resource, namespace, raw)
+                    if _is_consumed(resource):
+                        continue  # consumed here: kopf's per-object machinery has no handler to run for it
+                yield raw
+            return
+        except kopf_errors.APINotFoundError:
+            # The resource is no longer served (its CRD was removed): kopf's watch of CRDs stops this watch in a
+            # moment; until then (or for good, without permission to watch CRDs) it is listed again now and then,
+            # quietly, instead of the watcher dying with a traceback (and never coming back with the CRD).
+            log.log(logging.INFO if gone == 0 else logging.DEBUG, "The API server no longer serves %s: not watching it", resource)
+            await asyncio.sleep(GONE_BACKOFF_SECONDS[min(gone, len(GONE_BACKOFF_SECONDS) - 1)])
+            gone += 1
 
 
 _consumed: dict[int, set[tuple[str, str]]] = {}  # id(observer) -> (group, plural) whose events end with it

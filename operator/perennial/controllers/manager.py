@@ -34,6 +34,7 @@ from ..resources.common import FINALIZER, MANAGED_BY
 from ..resources.deployment import label_value
 from . import listings
 from .base import API_VERSION, Context, Controller, Dependency, Note, condition_notes, generation
+from .children import forget_unserved
 from .queue import WorkQueue
 
 log = logging.getLogger("perennial.controllers")
@@ -56,8 +57,12 @@ class Watched:
     kind: str
     labels: dict[str, str] | None = None
     #: Served only where an add-on is installed (KEDA's CRD): when the API server does not serve it, it counts as
-    #: listed (empty) at once instead of holding every reconcile back until READY_TIMEOUT_SECONDS.
+    #: listed (empty) at once instead of holding every reconcile back until READY_TIMEOUT_SECONDS. Its CRD installed
+    #: or removed while the operator runs is followed (kopf's watch of CRDs starts or stops the watch; `Manager.crd`).
     optional: bool = False
+    #: The kinds of ours whose objects look again when this optional resource becomes served (a Deployment waiting
+    #: for LeaderWorkerSet or KEDA); the others pick it up at their next reconcile.
+    wakes: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -81,10 +86,10 @@ BUILTIN_WATCHES = (
     Watched("", "v1", "services", "Service", MANAGED),
     Watched("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", MANAGED),
     Watched("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", MANAGED),
-    Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True),
+    Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True, wakes=("Deployment",)),
     # A color's workload across nodes (engine.pipelineParallelSize > 1), where LeaderWorkerSet is installed: its
     # status (groups ready as a whole) wakes the Deployment; its leader pods carry the Deployment's labels (above).
-    Watched("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet", MANAGED, optional=True),
+    Watched("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet", MANAGED, optional=True, wakes=("Deployment",)),
     # Engines of multi-node TrainingRuns, where installed: JobSet, Kubeflow Trainer's TrainJob (their Jobs and pods
     # carry the run's labels and are watched above).
     Watched("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", MANAGED, optional=True),
@@ -98,6 +103,8 @@ TRAININGRUN_LABEL = "perennial.ai/trainingrun"
 DEPLOYMENT_LABEL = "perennial.ai/deployment"
 #: Reconciles start when every watched resource was listed once, or after this long whatever is missing.
 READY_TIMEOUT_SECONDS = 30.0
+#: kopf's own watch of CustomResourceDefinitions (observation.resource_observer): seen here as any other stream.
+CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
 
 
@@ -223,6 +230,8 @@ class Manager:
 
     def observed(self, resource: Any, namespace: str | None, raw: dict[str, Any]) -> None:
         w = self._by_plural.get((resource.group, resource.plural))
+        if w is None and (resource.group, resource.plural) == CRDS and self._mine():
+            self.crd(raw)
         if w is None or not self._mine():
             return
         obj = {**raw["object"], "apiVersion": w.api_version, "kind": w.kind}  # list items may lack them
@@ -242,11 +251,36 @@ class Manager:
         if gone:
             log.info("Dropped objects deleted while the watch was down, kind=%s, count=%d", w.kind, gone)
         self._listed_once.add((w.group, w.plural))
-        if w.optional:
+        if w.optional and w.id not in self.ctx.served:
             self.ctx.served.add(w.id)  # listed: served (whether discovery has answered yet or not)
+            if self._ready:  # its CRD was installed while the operator runs
+                log.info("Now watching %s: the API server serves it (its CRD was installed)", w.id)
+                forget_unserved(w.api_version, w.kind)
+                for kind in w.wakes:
+                    if (c := self.controllers.get(kind)) is not None:
+                        self._route({Key(kind, o["metadata"].get("namespace") or "", o["metadata"]["name"])
+                                     for o in self.cache.list(API_VERSION, c.resource_kind)})
         if not self._ready and self._listed_once >= set(self._by_plural):
             self._start_reconciling()
             log.info("Listed the world, objects=%d", len(self.queue))
+
+    def crd(self, raw: dict[str, Any]) -> None:
+        """An event of kopf's watch of CustomResourceDefinitions (it starts and stops its watches by them): one of an
+        optional resource removed (or being removed, or no longer serving our version) is no longer served at
+        once; its objects leave the cache (their deletions may never stream: the watch stops), which wakes their
+        owners. Installed, it counts as served once kopf's new watch listed it (`listed`): the cache is whole."""
+        obj = raw.get("object") or {}
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        group, plural = spec.get("group"), (spec.get("names") or {}).get("plural")
+        w = self._by_plural.get((group, plural)) if isinstance(group, str) and isinstance(plural, str) else None
+        if w is None or not w.optional or w.id not in self.ctx.served:
+            return
+        serving = any(v.get("name") == w.version and v.get("served", True) for v in spec.get("versions") or [] if isinstance(v, dict))
+        if raw.get("type") != "DELETED" and serving and not meta.get("deletionTimestamp"):
+            return
+        self.ctx.served.discard(w.id)
+        gone = self.cache.replace(w.api_version, w.kind, None, {})
+        log.warning("No longer watching %s: its CRD was removed (or no longer serves %s), dropped=%d", w.id, w.version, gone)
 
     def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
