@@ -103,3 +103,27 @@ async def test_a_watch_whose_resource_is_no_longer_served_waits_quietly_and_list
     out = [x async for x in listings._infinite_watch(resource=LWS, namespace=None)]
     assert len(calls) == 3 and out[-1] is watching.Bookmark.LISTED
     assert [r.levelname for r in caplog.records if "no longer serves" in r.getMessage()] in ([], ["INFO"])  # once, never an error
+
+
+def test_kopfs_warning_of_unresolved_kinds_is_dropped_when_it_names_only_optional_ones():
+    import logging
+
+    from perennial.controllers import manager as mgr
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf._core.reactor.observation", logging.WARNING, __file__, 1, message, None, None)
+
+    lws_sel = "Selector(group='leaderworkerset.x-k8s.io', version='v1', any_name='leaderworkersets')"
+    keda_sel = "Selector(group='keda.sh', version='v1alpha1', any_name='scaledobjects')"
+    ours = "Selector(group='perennial.ai', version='v1alpha1', any_name='trainingruns')"
+    f = mgr._QUIET_OPTIONAL
+    assert not f.filter(record(f"Unresolved resources cannot be served (try creating their CRDs): {lws_sel}, {keda_sel}"))
+    assert f.filter(record(f"Unresolved resources cannot be served (try creating their CRDs): {lws_sel}, {ours}"))  # our own CRD missing
+    assert f.filter(record("Something else entirely"))
+    m = Manager(all_controllers(), Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0))
+    import kopf
+
+    m.register(kopf.OperatorRegistry())
+    m.register(kopf.OperatorRegistry())
+    assert logging.getLogger("kopf._core.reactor.observation").filters.count(f) == 1
+    listings.unsubscribe(m)

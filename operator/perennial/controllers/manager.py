@@ -108,6 +108,25 @@ CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
 
 
+class _OptionalUnresolved(logging.Filter):
+    """kopf warns of every resource it cannot serve at each CRD event in the cluster (any CRD created, changed or
+    removed); for the optional ones (an add-on not installed, which is normal) that is said once at start
+    (`Manager._skip_unserved`): kopf's line is dropped when it names only those, kept when it names any other."""
+
+    PREFIX = "Unresolved resources cannot be served"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        named = re.findall(r"group='([^']*)', version='([^']*)', any_name='([^']*)'", message)
+        optional = {(w.group, w.version, w.plural) for w in BUILTIN_WATCHES if w.optional}
+        return not named or not set(named) <= optional
+
+
+_QUIET_OPTIONAL = _OptionalUnresolved()
+
+
 def _self_changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
     """Whether an object's own reconcile must run: it is new or gone, or something but its status moved."""
     if old is None or new is None:
@@ -217,6 +236,7 @@ class Manager:
             # handler never runs: no per-object work of kopf's beyond its own bookkeeping.
             kopf.on.event(w.group, w.version, w.plural, registry=registry, id=f"watch-{w.id}", when=_never)(_nothing)
         listings.subscribe(self, consumes=set(self._by_plural))
+        logging.getLogger("kopf._core.reactor.observation").addFilter(_QUIET_OPTIONAL)  # once per process (same filter)
         kopf.on.startup(registry=registry, id="manager-start")(self._startup)
         kopf.on.cleanup(registry=registry, id="manager-stop")(self._cleanup)
 
