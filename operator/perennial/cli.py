@@ -46,9 +46,11 @@ def _configure_logging(fmt: str, verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import runtime_gc
     from .runtime import run
 
     _configure_logging(args.log_format, args.verbose)
+    runtime_gc.tune()  # once imported: a long-running process (runtime_gc)
     run(
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or None,
@@ -135,6 +137,9 @@ def _control_plane(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server, kubeconfig, _ = _start_control_plane(args.host, args.port, state, faults, args.crds)
+    from . import runtime_gc
+
+    runtime_gc.tune()  # started: a long-running process (runtime_gc)
     print(f"control plane  {server.url}\nkubeconfig     {kubeconfig}\n"
           f"faults         {server.faults.to_dict() if faults else 'off'} (PUT {server.url}/debug/perennial/faults)\n"
           f"requests       {server.url}/debug/perennial/requests\nPress Ctrl-C to stop.", flush=True)
