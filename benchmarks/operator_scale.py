@@ -255,15 +255,20 @@ def client(cp: ControlPlane, pool: int) -> Any:
 
 
 def create_all(kube: Any, objs: list[dict[str, Any]], concurrency: int, *, with_writes: bool = False,
-               run_start: bool = False) -> tuple[float, float, int]:
+               run_start: bool = False, created: list[int] | None = None) -> tuple[float, float, int]:
     """Create `objs` with a fixed concurrency; returns (start, end, failures) in time.monotonic().
     `with_writes`: also make, for each, the writes a perfect operator makes (one status patch, one Event; with
-    `run_start`, those of starting a run: `running_floor`)."""
+    `run_start`, those of starting a run: `running_floor`). `created`: its first item counts the creates done."""
     failures = 0
     errors: list[str] = []
 
     def one(obj: dict[str, Any]) -> None:
-        created = kube.create(obj)
+        made = kube.create(obj)
+        if created is not None:
+            created[0] += 1  # for a timeline only (threads may race: approximate)
+        floor(made)
+
+    def floor(created: dict[str, Any]) -> None:
         if with_writes and run_start:  # a waiting run's writes are a status and an Event, as for any kind
             running_floor(kube, created)
         elif with_writes:
@@ -526,18 +531,23 @@ class Watch:
                     rv = ""
                     time.sleep(0.5)
                     continue
-                while not self.stop_flag.is_set():
-                    line = resp.readline()
-                    if not line:
+                buffer, expired = b"", False
+                while not self.stop_flag.is_set() and not expired:
+                    data = resp.read1(1 << 20)  # what the stream holds now (all the events of a chunk), not line by line
+                    if not data:
                         break
-                    ev = json.loads(line)
-                    obj = ev.get("object") or {}
-                    if ev.get("type") == "ERROR":
-                        rv = ""
-                        break
-                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
-                    if ev.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                        self.on_event(ev["type"], obj)
+                    *lines, buffer = (buffer + data).split(b"\n")
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        ev = json.loads(line)
+                        obj = ev.get("object") or {}
+                        if ev.get("type") == "ERROR":
+                            rv, expired = "", True
+                            break
+                        rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                        if ev.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                            self.on_event(ev["type"], obj)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if self.stop_flag.is_set():
                     break
@@ -824,6 +834,49 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+class Profile:
+    """`--profile DIR`: while converging, py-spy samples each process (collapsed stacks, `DIR/<kind>-<n>-<process>.txt`,
+    for flamegraph.pl or speedscope) and a thread writes a timeline every 0.1 s (`DIR/<kind>-<n>-timeline.tsv`: objects
+    created, status writes of the operator (the control plane's counts), objects converged (this script's watch), CPU
+    seconds of each process) -- where each process spends its CPU, and where the pipeline
+    waits. py-spy runs in processes of its own, sampling only while a thread holds the GIL (`--gil`: CPU in Python and
+    in C called with the GIL held), and each sample pauses the process it reads: the figures of a profiled run are not
+    the benchmark's (`--no-spy`: the timeline alone)."""
+
+    def __init__(self, outdir: Path, tag: str, procs: dict[str, int], sample: Callable[[], dict[str, float]], spy: bool = True):
+        self.outdir, self.tag, self.sample = outdir, tag, sample
+        outdir.mkdir(parents=True, exist_ok=True)
+        exe = str(Path(sys.executable).with_name("py-spy"))
+        self.spies = [subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--gil", "--output",
+                                        str(outdir / f"{tag}-{name.replace(' ', '-')}.txt")], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL) for name, pid in procs.items() if spy]
+        self.stop_flag = threading.Event()
+        self.rows: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="timeline", daemon=True)
+        time.sleep(1.0 if spy else 0.0)  # py-spy attached
+        self.t0 = time.monotonic()
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_flag.wait(0.1):
+            row = self.sample()
+            if not self.rows:
+                self.rows.append("t\t" + "\t".join(row))
+            self.rows.append(f"{time.monotonic() - self.t0:.2f}\t" + "\t".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(5)
+        (self.outdir / f"{self.tag}-timeline.tsv").write_text("\n".join(self.rows) + "\n")
+        for spy in self.spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in self.spies:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+
+
 # ----------------------------------------------------------------------------- request accounting
 
 
@@ -985,6 +1038,7 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
     kubelet = None
     serving: ServingCluster | None = None
     op = None
+    profile: Profile | None = None
     try:
         prereq = prerequisites(kind, artifact_dir)
         create_all(kube, prereq, 1)
@@ -1007,12 +1061,22 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         poller = ConvergenceWatch(cp, kube, kind, n)
         if kubelet is not None:
             kubelet.expected = n
+        created = [0]
+        if args.profile:
+            profile = Profile(Path(args.profile), f"{kind}-{n}", {"operator": op.pid, "control plane": cp.proc.pid, "this script": os.getpid()},
+                              lambda: {"created": created[0], "status writes": sum(r["count"] for r in cp.requests() if r["client"] in OPERATOR_CLIENTS
+                                                                                     and r["verb"] == "patch" and r["resource"].endswith("/status")),
+                                       "converged": poller.done, "cpu operator": op.cpu_seconds(),
+                                       "cpu control plane": cp.proc.cpu_seconds(), "cpu this script": own_cpu_seconds()},
+                              spy=not args.no_spy)
         cpu0 = {"operator": op.cpu_seconds(), "control plane": cp.proc.cpu_seconds(), "this script": own_cpu_seconds()}
-        t0, t1, res.converge_failures = create_all(kube, objs, args.concurrency)
+        t0, t1, res.converge_failures = create_all(kube, objs, args.concurrency, created=created)
         res.create_seconds = t1 - t0
         timeout = args.converge_timeout or (120 + n * 0.15)
         t_done = poller.wait(timeout, [cp.proc, op])
         res.converge_seconds = t_done - t0
+        if profile is not None:
+            profile.stop()
         # Who was the bottleneck: each process's CPU over the convergence, in % of one core (100 = saturated).
         res.converge_cpu = {k: 100 * (p.cpu_seconds() - cpu0[k]) / max(res.converge_seconds, 1e-9) for k, p in (("operator", op), ("control plane", cp.proc))}
         res.converge_cpu["this script"] = 100 * (own_cpu_seconds() - cpu0["this script"]) / max(res.converge_seconds, 1e-9)
@@ -1073,6 +1137,8 @@ def scenario(args: argparse.Namespace, kind: str, n: int, workdir: Path, procs: 
         restart_counts = operator_log_counts(op)
         res.log_counts = {k: v + restart_counts[k] for k, v in res.log_counts.items()}
     finally:
+        if profile is not None and not profile.stop_flag.is_set():
+            profile.stop()
         if kubelet is not None:
             kubelet.stop()
         if serving is not None:
@@ -1286,6 +1352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-seconds", type=float, default=3.0, help="no operator request for this long means quiet (restart)")
     parser.add_argument("--converge-timeout", type=float, default=None, help="seconds (default 120 + 0.15 per object)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the processes' logs")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy each process while converging, and a timeline, into DIR (class Profile)")
+    parser.add_argument("--no-spy", action="store_true", help="with --profile: the timeline only (no py-spy)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes = [200]
