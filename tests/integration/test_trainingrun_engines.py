@@ -214,3 +214,9 @@ def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Clus
     assert _engine_requests(c) == 0, c.server.request_counts()
     noisy = [r for r in caplog.records if r.levelno >= logging.ERROR and any(k in r.getMessage() for k in ("trainjobs", "jobsets", "TrainJob", "JobSet"))]
     assert not noisy, [r.getMessage() for r in noisy]
+
+    # Installed again: watched again, used again.
+    c.kube.apply(JOBSET_CRD)
+    wait_for(lambda: c.server.count(verb="watch", resource="jobset.x-k8s.io/jobsets"), timeout=30, message="the operator watches jobsets again")
+    group_run(c, "again")
+    wait_for(lambda: c.kube.get(dist.JOBSET_API, "JobSet", "default", "again-train"), timeout=30, message="JobSet again")
