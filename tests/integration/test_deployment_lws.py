@@ -6,6 +6,7 @@ controller-manager for apps/v1 Deployments."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from harness import API, wait_for
 from perennial.resources import lws
 from test_controller_pattern import WRITES, count, quiet
 from test_deployment_controller import NS, Serving, serving_cluster, spec
-from test_trainingrun_engines import engine_crd
+from test_trainingrun_engines import engine_crd, watch_stopped
 
 LWS_CRD = engine_crd("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
 LWS_CRD["spec"]["versions"][0]["subresources"]["scale"] = {
@@ -90,7 +91,7 @@ def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned
     groups_ready(w, "chat-blue", ready=1)
     time.sleep(1.0)
     assert w.stable_color() is None
-    assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "False"
+    w.cluster.wait_condition("Deployment", "chat", "Ready", "False")
     groups_ready(w, "chat-blue")
     wait_for(lambda: w.stable_color() == "blue", message="the stable Service selects blue's leaders")
     w.proxied("chat")
@@ -189,10 +190,14 @@ def test_leaderworkerset_installed_and_removed_while_the_operator_runs_without_a
 
     # The CRD removed (its LeaderWorkerSets with it): the Deployment says so again, the watch ends quietly.
     caplog.clear()
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="kopf._cogs.clients.watching")
     w.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, LWS_CRD["metadata"]["name"])
     w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "LeaderWorkerSetNotInstalled", timeout=30)
     wait_for(lambda: cache.get(lws.LWS_API, "LeaderWorkerSet", NS, "chat-blue") is None, message="dropped from the operator's cache")
-    time.sleep(2)
+    wait_for(lambda: watch_stopped(caplog, "leaderworkersets.v1.leaderworkerset.x-k8s.io"), timeout=60, message="kopf stopped its watch")
+    loop = w.managers[-1]._loop
+    assert not [t for t in asyncio.all_tasks(loop) if t.get_name().startswith("watcher for leaderworkersets.")], "kopf's watcher task is gone"
     w.cluster.server.reset_request_counts()
     time.sleep(3)
     assert w.cluster.server.count(resource="leaderworkerset.x-k8s.io/leaderworkersets") == 0, w.cluster.server.request_counts()

@@ -158,6 +158,18 @@ def _engine_requests(c: Cluster) -> int:
                if r["client"] != "test" and r["resource"].split("/")[:2] in (["jobset.x-k8s.io", "jobsets"], ["trainer.kubeflow.org", "trainjobs"]))
 
 
+def watch_stopped(caplog, resource: str) -> bool:
+    """kopf's last word on its watch-stream of `resource` (`<plural>.<version>.<group>`) is that it stopped."""
+    said = [m for r in caplog.records for m in [r.getMessage()] if m.startswith((f"Starting the watch-stream for {resource} ",
+                                                                                 f"Stopping the watch-stream for {resource} "))]
+    return bool(said) and said[-1].startswith("Stopping")
+
+
+#: longer than the first two waits of a watch whose resource is gone (listings.GONE_BACKOFF_SECONDS): a watch that
+#: kopf did not stop would list again within it
+QUIET_WINDOW_SECONDS = 7.0
+
+
 def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Cluster, caplog):
     """No restart: a run created after the engines' CRDs appear runs on them; one that started keeps its engine (its
     group made again on the same engine, never moved); a removed CRD stops its watch quietly and new runs fall back."""
@@ -196,6 +208,7 @@ def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Clus
     # use JobSet; then JobSet's removed too: new runs are indexed Jobs again.
     caplog.clear()
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="kopf._cogs.clients.watching")
     c.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "trainjobs.trainer.kubeflow.org")
     failed = c.wait_condition("TrainingRun", "after", "Succeeded", "False", "EngineNotInstalled", timeout=30)
     assert "TrainJob" in failed["message"], failed
@@ -207,11 +220,13 @@ def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Clus
     wait_for(lambda: c.kube.get("batch/v1", "Job", "default", "last-train"), timeout=30, message="an indexed Job again")
     wait_for(lambda: (c.get("TrainingRun", "last").get("status") or {}).get("engine") == "IndexedJob", message="status.engine")
 
-    # The watches of the removed kinds ended cleanly: no more requests to them, no errors logged about them.
-    time.sleep(2)
+    # The watches of the removed kinds ended cleanly: kopf stopped them, no more requests to them, no errors logged.
+    wait_for(lambda: watch_stopped(caplog, "trainjobs.v1alpha1.trainer.kubeflow.org") and watch_stopped(caplog, "jobsets.v1alpha2.jobset.x-k8s.io"),
+             timeout=60, message="kopf stopped its watches of the removed kinds")
     c.server.reset_request_counts()
-    time.sleep(3)
+    time.sleep(QUIET_WINDOW_SECONDS)
     assert _engine_requests(c) == 0, c.server.request_counts()
+    assert watch_stopped(caplog, "trainjobs.v1alpha1.trainer.kubeflow.org") and watch_stopped(caplog, "jobsets.v1alpha2.jobset.x-k8s.io")
     noisy = [r for r in caplog.records if r.levelno >= logging.ERROR and any(k in r.getMessage() for k in ("trainjobs", "jobsets", "TrainJob", "JobSet"))]
     assert not noisy, [r.getMessage() for r in noisy]
 
