@@ -29,7 +29,7 @@ ENGINE = {"type": "VLLM", "tensorParallelSize": 2, "pipelineParallelSize": 2}
 def install_lws(w: Serving) -> None:
     w.kube.apply(LWS_CRD)
     wait_for(lambda: w.kube.request("GET", "/apis/leaderworkerset.x-k8s.io/v1"), message="LeaderWorkerSet served")
-    w.cluster.restart_operator()  # what the cluster serves is read when the operator starts
+    w.cluster.restart_operator()  # found at start too (installed while it runs: test_leaderworkerset_installed_and_removed_...)
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def _install(c: Cluster, *crds: dict) -> None:
     for crd in crds:
         c.kube.apply(crd)
     wait_for(lambda: all(c.kube.request("GET", f"/apis/{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}") for crd in crds), message="CRDs served")
-    c.restart_operator()  # what the cluster serves is read when the operator starts
+    c.restart_operator()  # found at start too (installed while it runs: test_engine_crds_installed_and_removed_...)
 
 
 def test_with_the_jobset_crd_the_group_is_a_jobset_and_its_completion_makes_the_adapter(tmp_path: Path):
