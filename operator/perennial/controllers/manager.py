@@ -396,6 +396,8 @@ class Manager:
             await self.ctx.remote.close()
         for client in self.ctx.clusters.values():
             await client.close()
+        for close in self.ctx.closers:
+            await close()
 
     # -- mapping ---------------------------------------------------------------
     def keys_for(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> set[Key]:
