@@ -98,7 +98,7 @@ async def _infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
             # The resource is no longer served (its CRD was removed): kopf's watch of CRDs stops this watch in a
             # moment; until then (or for good, without permission to watch CRDs) it is listed again now and then,
             # quietly, instead of the watcher dying with a traceback (and never coming back with the CRD).
-            log.log(logging.INFO if gone == 0 else logging.DEBUG, "The API server no longer serves %s: not watching it", resource)
+            log.log(logging.INFO if gone == 0 else logging.DEBUG, "Paused a watch: the API server no longer serves it, resource=%s", resource)
             await asyncio.sleep(GONE_BACKOFF_SECONDS[min(gone, len(GONE_BACKOFF_SECONDS) - 1)])
             gone += 1
 

@@ -274,7 +274,7 @@ class Manager:
         if w.optional and w.id not in self.ctx.served:
             self.ctx.served.add(w.id)  # listed: served (whether discovery has answered yet or not)
             if self._ready:  # its CRD was installed while the operator runs
-                log.info("Now watching %s: the API server serves it (its CRD was installed)", w.id)
+                log.info("Started using an optional resource (its CRD was installed), resource=%s", w.id)
                 forget_unserved(w.api_version, w.kind)
                 for kind in w.wakes:
                     if (c := self.controllers.get(kind)) is not None:
@@ -300,7 +300,8 @@ class Manager:
             return
         self.ctx.served.discard(w.id)
         gone = self.cache.replace(w.api_version, w.kind, None, {})
-        log.warning("No longer watching %s: its CRD was removed (or no longer serves %s), dropped=%d", w.id, w.version, gone)
+        log.warning("Stopped using an optional resource (its CRD was removed, or no longer serves %s), resource=%s, dropped=%d",
+                    w.version, w.id, gone)
 
     def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
         """Every change of the cache — watch events and our own writes alike — wakes whom it concerns."""
