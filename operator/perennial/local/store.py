@@ -273,11 +273,32 @@ class Watcher:
             return False
         return self.labels(meta.get("labels") or {}) and self.fields(obj)
 
+    #: events pushed from another thread than the loop's, not yet in `queue` (in order)
+    backlog: collections.deque = field(default_factory=collections.deque)
+
     def push(self, item: Any) -> None:
+        """Queue an event (pushes are ordered: they happen under the store's lock). On the loop's own thread, with
+        nothing from another thread still on its way, straight into the queue: no wake-up of the loop (a syscall)
+        and no callback per event and watcher; else through the loop, after what is on its way."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            if not self.backlog and _running_loop() is self.loop:
+                self.queue.put_nowait(item)
+                return
+            self.backlog.append(item)
+            self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed
             pass
+
+    def _drain(self) -> None:
+        while self.backlog:
+            self.queue.put_nowait(self.backlog.popleft())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
