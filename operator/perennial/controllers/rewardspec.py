@@ -12,14 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydantic
-
 from ..api.rewardspec import Grader, RewardSpecSpec, RewardSpecStatus
 from ..resources import conditions as cond
 from ..resources import rewardspec as build
 from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings, scrub, secret_values
 from ..resources.trainingrun import judge_secrets
+from .cached_specs import RUBRIC_SPECS
 from .base import Context, Controller, Dependency, Outcome, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -120,10 +119,9 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: P
     gen = generation(obj)
     conds = (obj.get("status") or {}).get("conditions")
     status: dict[str, Any] = {"observedGeneration": gen}
-    try:
-        spec = RewardSpecSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError as exc:
-        status["conditions"] = cond.set_condition(conds, "Ready", False, "InvalidSpec", first_error(exc), gen)
+    spec, invalid = RUBRIC_SPECS.parse(obj)  # parsed once while the spec stays the same
+    if invalid is not None or spec is None:
+        status["conditions"] = cond.set_condition(conds, "Ready", False, "InvalidSpec", first_error(invalid) if invalid else "invalid spec", gen)
         return Decision(status)
     status["graders"] = [{"name": g.name, "value": g.weight} for g in spec.graders]
     problems = spec_problems(spec)
@@ -194,9 +192,8 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: P
 
 
 def observe(obj: dict[str, Any], ctx: Context) -> World:
-    try:
-        spec = RewardSpecSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError:
+    spec = RUBRIC_SPECS.get(obj)
+    if spec is None:
         return World()
     ns = obj["metadata"]["namespace"]
     not_allowed = []
@@ -230,4 +227,8 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
     return out
 
 
-CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile, dependencies)
+def gone(ctx: Context, namespace: str, name: str) -> None:
+    RUBRIC_SPECS.forget(namespace, name)
+
+
+CONTROLLER = Controller(KIND, "rewardspecs", RewardSpecStatus, reconcile, dependencies, gone)

@@ -20,8 +20,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import pydantic
-
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec, TrainingRunStatus
 from ..kube import ApiError
@@ -32,6 +30,7 @@ from ..resources import distributed as dist
 from ..resources import trainingrun as build
 from ..resources.networkpolicy import EgressSettings
 from ..resources.podsecurity import PodSettings, scrub, secret_values
+from .cached_specs import RUN_SPECS, RUBRIC_SPECS
 from .base import API_VERSION, Context, Controller, Dependency, Note, Outcome, default_event_type, first_error, generation
 from . import jobs
 from .children import apply_all
@@ -232,7 +231,11 @@ def _validated_rubric(obj: dict[str, Any] | None, name: str, what: str) -> Rewar
         raise Impossible("RewardSpecTestsFailed", f"{what} RewardSpec {name!r} failed its own tests: {validated.get('message', '')}".strip())
     if validated.get("status") != "True" or not current:
         raise Blocked("RewardSpecNotValidated", f"{what} RewardSpec {name!r} is not validated yet: {validated.get('reason', 'tests not run')} {validated.get('message', '')}".strip())
-    return RewardSpecSpec.model_validate(rs["spec"])
+    spec, error = RUBRIC_SPECS.parse(rs)  # parsed once while its spec stays the same
+    if error is not None:
+        raise error
+    assert spec is not None
+    return spec
 
 
 def _adapter_version(a: dict[str, Any]) -> int:
@@ -400,10 +403,9 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
             status.pop("warnings", None)
         return Decision(status, **kw)
 
-    try:
-        spec = TrainingRunSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError as exc:
-        conds = cond.set_condition(conds, "Succeeded", False, "InvalidSpec", first_error(exc), gen)
+    spec, invalid = RUN_SPECS.parse(obj)  # parsed once while the spec stays the same
+    if invalid is not None:
+        conds = cond.set_condition(conds, "Succeeded", False, "InvalidSpec", first_error(invalid), gen)
         return done()
 
     succeeded = cond.get(conds, "Succeeded") or {}
@@ -565,10 +567,7 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
 
 
 def _spec_or_none(obj: dict[str, Any]) -> TrainingRunSpec | None:
-    try:
-        return TrainingRunSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError:
-        return None
+    return RUN_SPECS.get(obj)
 
 
 def _terminal(obj: dict[str, Any]) -> bool:
@@ -718,6 +717,7 @@ def dependencies(obj: dict[str, Any]) -> list[Dependency]:
 
 def gone(ctx: Context, namespace: str, name: str) -> None:
     ctx.progress.forget((namespace, name))
+    RUN_SPECS.forget(namespace, name)
 
 
 #: Succeeded=Unknown reasons of a run that is on its way: the status shows them, no Event needed.
