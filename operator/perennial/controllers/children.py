@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +42,39 @@ def is_unserved(api_version: str, kind: str, cluster: str = "local") -> bool:
     return True
 
 
+#: Per client: optional kind -> its discovery answer (served?), asked once for every reconcile that needs it at once
+#: (an operator's start reconciles hundreds: each sent a create that 404'd before the first 404 was known).
+_asked: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], asyncio.Future[bool | None]]]" = weakref.WeakKeyDictionary()
+
+
+async def _discover(kube: AsyncKube, api_version: str, kind: str) -> bool | None:
+    """Whether the API server serves `kind` (its group version's discovery document); None: it could not say."""
+    try:
+        doc = await kube.request("GET", f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}")
+    except ApiError as exc:
+        return False if exc.status == 404 else None
+    return any(r.get("kind") == kind and "/" not in str(r.get("name")) for r in (doc or {}).get("resources") or [])
+
+
+async def served(kube: AsyncKube, api_version: str, kind: str) -> bool:
+    """Whether to create children of an optional kind: not when it was found unserved recently (`is_unserved`), else
+    as discovery says (one request per client and kind, whoever asks meanwhile waits for it; served is remembered,
+    unserved for UNSERVED_RECHECK_SECONDS; an error is no answer: the create decides, as before)."""
+    if is_unserved(api_version, kind, cluster=kube.name):
+        return False
+    by_kind = _asked.setdefault(kube, {})
+    future = by_kind.get((api_version, kind))
+    if future is None:
+        future = by_kind[(api_version, kind)] = asyncio.ensure_future(_discover(kube, api_version, kind))
+    answer = await asyncio.shield(future)
+    if answer is not True:
+        by_kind.pop((api_version, kind), None)  # asked again after the recheck (or at once: no answer)
+    if answer is False and (key := _unserved_key(api_version, kind, kube.name)) not in _unserved:
+        _unserved[key] = time.monotonic()
+        log.warning("Not creating %s children: the API server does not serve %s", kind, api_version)
+    return answer is not False
+
+
 def forget_unserved(api_version: str, kind: str, cluster: str = "local") -> None:
     """The kind is served now (its CRD was installed): its children are created again at once."""
     _unserved.pop(_unserved_key(api_version, kind, cluster), None)
@@ -72,6 +107,8 @@ async def apply_all(ctx: Context, manifests: list[dict[str, Any]],
         if is_unserved(*kind, cluster=kube.name):
             continue
         current = cache.get(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        if current is None and kind in OPTIONAL_KINDS and not await served(kube, *kind):
+            continue
         if current is None:
             manifest = without_nulls(manifest)  # null removes a field in a merge patch; a new object just lacks it
         try:
@@ -84,6 +121,7 @@ async def apply_all(ctx: Context, manifests: list[dict[str, Any]],
             if exc.status != 404 or kind not in OPTIONAL_KINDS:
                 raise
             _unserved[_unserved_key(*kind, kube.name)] = time.monotonic()
+            _asked.get(kube, {}).pop(kind, None)
             log.warning("Skipped %s: the API server does not serve %s, name=%s, namespace=%s",
                         manifest["kind"], manifest["apiVersion"], meta["name"], meta.get("namespace"))
             continue
