@@ -401,6 +401,7 @@ def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(
     wait_for(lambda: w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None, message="the HPA deleted")
     wait_for(lambda: w.deploy("chat-green")["spec"]["replicas"] == 3, message="the active color at the spec's count")
     w.ready("chat-green")
+    wait_for(lambda: w.status().get("readySummary") == "3/3", message="the status of the new count (written within its batch)")
     w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
     # Stable again: a restart writes nothing (the HPA, the colors and Services as the control plane defaulted them).
     quiet(w.cluster)
@@ -794,7 +795,7 @@ def test_two_node_pool_regions_become_one_and_the_old_childrens_names_go_once_th
         api = {"Deployment": "apps/v1", "Service": "v1", "ConfigMap": "v1", "PodDisruptionBudget": "policy/v1"}[kind]
         wait_for(lambda api=api, kind=kind, name=name: w.kube.get(api, kind, NS, name) is None, message=f"{kind} {name} pruned")
     assert w.kube.get("v1", "Secret", NS, "chat-feedback-token") is not None, "the token is the Deployment's, not a region's"
-    assert [r["name"] for r in w.status()["regions"]] == ["eu"]
+    wait_for(lambda: [r["name"] for r in w.status()["regions"]] == ["eu"], message="the status has the one region")
 
 
 def test_naming_the_region_keeps_traffic_on_the_serving_pods_and_later_rollouts_go_through(serving: Serving):
@@ -861,5 +862,5 @@ def test_a_deployment_named_as_another_ones_label_value_is_refused_and_takes_not
     assert victim in cond["message"], cond
     assert [e for e in w.kube.list("v1", "Event", NS) if e["involvedObject"]["name"] == attacker and e["reason"] == "LabelConflict"]
     assert owned_by(attacker) == [], [o["metadata"]["name"] for o in owned_by(attacker)]
-    first = next(c for c in w.cluster.get("Deployment", victim)["status"]["conditions"] if c["type"] == "Ready")
+    first = w.cluster.wait_condition("Deployment", victim, "Ready", "False")  # its first rollout's status (its pods never come up here)
     assert first["reason"] != "LabelConflict", first

@@ -143,9 +143,8 @@ def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned
     wait_for(lambda: get_lws(w, "chat-green") is None and get_lws(w, "chat-blue") is None, message="the old region's groups pruned")
     assert w.service("chat") is None and w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None
     w.cluster.wait_condition("Deployment", "chat", "Ready", "True")
-    assert [r["name"] for r in w.status()["regions"]] == ["eu", "us"]
-    text = " ".join(w.reasons())
-    assert "Deleted LeaderWorkerSet chat-green" in text, text
+    wait_for(lambda: [r["name"] for r in w.status()["regions"]] == ["eu", "us"], message="the status has the two regions")
+    wait_for(lambda: "Deleted LeaderWorkerSet chat-green" in " ".join(w.reasons()), message="the Event of the pruned groups")
 
 
 def test_without_leaderworkerset_a_group_across_nodes_is_blocked_and_nothing_is_created(serving: Serving):

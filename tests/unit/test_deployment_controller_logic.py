@@ -532,3 +532,127 @@ def test_a_color_s_leaderworkerset_and_its_pods_wake_the_perennial_deployment():
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"chat-blue-0-{role}", "namespace": "team", "labels": labels,
                                                                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "chat-blue", "uid": "ss"}]}}
         assert m.keys_for(None, pod) == {Key("Deployment", "team", "chat")}, role
+
+
+# ----------------------------------------------------------------------------- status batching
+
+
+def _conds(ready: str, progressing: str, degraded: str = "False", reason: str = "R") -> list[dict[str, Any]]:
+    return [{"type": t, "status": v, "reason": reason if t != "Degraded" else "AsExpected", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            for t, v in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))]
+
+
+def test_status_steps_back_to_back_are_written_once_with_their_notes_and_bad_news_at_once():
+    """`batched`: a status change that is a step on the way is held up to STATUS_BATCH_SECONDS (the Deployment is
+    looked at again when the batch ends), the steps that follow join it, and the write carries every held note; a
+    warning, Ready leaving True or Degraded turning True is written at once with what was held."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers.base import Context, Note, Outcome
+    from perennial.kube.cache import Cache
+
+    clock = [100.0]
+    ctx = Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: clock[0])
+    new = {**BODY}  # no status yet
+    progressing = {"observedGeneration": 3, "phase": "Progressing", "conditions": _conds("False", "True", reason="FirstRolloutInProgress")}
+    serving = {"observedGeneration": 3, "phase": "Stable", "conditions": _conds("True", "False"), "endpoint": "http://a"}
+
+    # the first step: held (nothing written: the status as it stands), looked at again when the batch ends
+    out = ctl.batched(ctx, new, Outcome(progressing, [Note("PreviewCreated", "created blue")], 1800.0))
+    assert out.status == {} and out.notes == [] and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS)
+    # the next step within the batch (the switch): held too, its notes join
+    clock[0] += 0.5
+    out = ctl.batched(ctx, new, Outcome(serving, [Note("Switched", "blue serves")]))
+    assert out.status == {} and out.notes == [] and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS - 0.5)
+    # the batch ended: one write of the latest status, with every note
+    clock[0] += ctl.STATUS_BATCH_SECONDS
+    out = ctl.batched(ctx, new, Outcome(serving, []))
+    assert out.status == serving and [n.reason for n in out.notes] == ["PreviewCreated", "Switched"]
+    written = {**BODY, "status": serving}
+    # nothing changed: written as is (no write), nothing held
+    assert ctl.batched(ctx, written, Outcome(serving, [])).status == serving
+    # not a step of a rollout (Progressing False before and after): written at once
+    assert ctl.batched(ctx, written, Outcome({**serving, "endpoint": "http://b"}, [])).status["endpoint"] == "http://b"
+
+    # bad news during a rollout is never held: Ready leaving True (written at once, with what was held before it)
+    rolling = {**BODY, "status": {**serving, "phase": "Progressing", "conditions": _conds("True", "True")}}
+    step = {**serving, "phase": "Progressing", "conditions": _conds("True", "True"), "readyReplicas": 1}
+    assert ctl.batched(ctx, rolling, Outcome(step, [Note("PreviewScalingUp", "up")])).status == rolling["status"]
+    lost = {**step, "phase": "Degraded", "conditions": _conds("False", "True", reason="NoReadyReplicas")}
+    out = ctl.batched(ctx, rolling, Outcome(lost, []))
+    assert out.status == lost and [n.reason for n in out.notes] == ["PreviewScalingUp"]
+    # Degraded turning True, and a warning note, likewise
+    degraded = {**step, "conditions": _conds("True", "True", degraded="True")}
+    assert ctl.batched(ctx, rolling, Outcome(degraded, [])).status == degraded
+    assert ctl.batched(ctx, rolling, Outcome(step, [Note("ChildConflict", "taken", True)])).status == step
+    # a held change whose world went back to what is written: its notes are posted, nothing is written
+    ctl.batched(ctx, rolling, Outcome(step, [Note("PreviewScalingUp", "up")]))
+    out = ctl.batched(ctx, rolling, Outcome(rolling["status"], []))
+    assert out.status == rolling["status"] and [n.reason for n in out.notes] == ["PreviewScalingUp"]
+    # a Deployment gone forgets what was held for it
+    assert ctl.batched(ctx, rolling, Outcome(step, [Note("PreviewScalingUp", "up")])).status == rolling["status"]
+    ctl.gone(ctx, "team", "chat")
+    assert not [k for k in ctx.tasks if k[0] == "status-batch"]
+
+
+def test_an_optional_kind_the_api_server_does_not_serve_is_asked_once_and_never_created(monkeypatch):
+    """Many reconciles at once (an operator's start) with a NetworkPolicy child where the API server does not serve
+    networking.k8s.io: one discovery request answers them all; no create is sent (each was a 404 before)."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers.base import Context
+    from perennial.kube import ApiError
+    from perennial.kube.cache import Cache
+
+    monkeypatch.setattr(children, "_unserved", {})
+    asked: list[tuple[str, str]] = []
+
+    class Kube:
+        name = "local"
+
+        async def request(self, method: str, path: str, *args: Any, **_: Any) -> Any:
+            asked.append((method, path))
+            await asyncio.sleep(0.01)
+            raise ApiError(404, {"kind": "Status", "message": "not found"}, method, path)
+
+        async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+            asked.append(("POST", obj["kind"]))
+            await asyncio.sleep(0.01)
+            raise ApiError(404, {"kind": "Status", "message": "not found"}, "POST", obj["kind"])
+
+        async def apply(self, obj: dict[str, Any], current: Any) -> tuple[dict[str, Any], str]:
+            assert current is None
+            return await self.create(obj), "created"
+
+    def policy(i: int) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": f"p{i}", "namespace": "team"}, "spec": {}}
+
+    async def scenario() -> None:
+        ctx = Context(clusters={"local": Kube()}, cache=Cache(), config=OperatorConfig(), clock=lambda: 0.0)  # type: ignore[dict-item]
+        await asyncio.gather(*(children.apply_all(ctx, [policy(i)]) for i in range(16)))
+        await children.apply_all(ctx, [policy(99)])
+
+    asyncio.run(scenario())
+    assert ("POST", "NetworkPolicy") not in asked, asked
+    assert asked == [("GET", "/apis/networking.k8s.io/v1")]
+    assert children.is_unserved("networking.k8s.io/v1", "NetworkPolicy")
+
+
+def test_a_batch_with_more_notes_than_one_event_holds_posts_them_all():
+    """The notes of a batch join one Event while they fit its message (1024 characters); the rest go in more Events
+    (`Outcome.events`, posted after the status write), none cut off (a region removed: a note per child deleted)."""
+    from perennial.config import OperatorConfig
+    from perennial.controllers.base import Context, Note, Outcome
+    from perennial.kube.cache import Cache
+
+    clock = [0.0]
+    ctx = Context(clusters={}, cache=Cache(), config=OperatorConfig(), clock=lambda: clock[0])
+    rolling = {**BODY, "status": {"observedGeneration": 3, "phase": "Progressing", "conditions": _conds("True", "True")}}
+    notes = [Note("ChildRemoved", f"Deleted Service chat-eu-{i}: no region has it any more " + "x" * 40) for i in range(30)]
+    for i, n in enumerate(notes):
+        held = ctl.batched(ctx, rolling, Outcome({**rolling["status"], "readyReplicas": i + 1}, [n]))
+        assert held.notes == [] and held.events == []
+    clock[0] += ctl.STATUS_BATCH_SECONDS
+    out = ctl.batched(ctx, rolling, Outcome({**rolling["status"], "readyReplicas": 31}, []))
+    groups = [out.notes] + [ns for obj, ns in out.events]
+    assert all(obj is rolling for obj, _ in out.events) and len(groups) > 1
+    assert [n for g in groups for n in g] == notes, "every note, in order"
+    assert all(sum(len(n.reason) + len(n.message) + 4 for n in g) <= 1024 for g in groups)

@@ -8,7 +8,8 @@ applied) → decide (pure: `rollout.decide_region` for the pods,
 `rollout.decide_adapters` for served name -> Adapter, then the children's manifests and the typed status,
 `decide_status`) → act (apply the children idempotently; the smoke test through the preview Service when a
 decision asks for it, then decide again with its result) → `Outcome`, with `requeue_after` only where time is
-the trigger (a delay or deadline, or pods still applying a routes document: sidecars cannot be watched).
+the trigger (a delay or deadline, or pods still applying a routes document: sidecars cannot be watched). Steps of a
+rollout that follow each other within STATUS_BATCH_SECONDS are written as one status, with one Event (`batched`).
 
 The rollout's state is in the children (annotations, the stable Service's selector), so a restarted operator
 resumes where the world stands. Regions in other clusters (`clusterSecretRef`) are not reconciled yet: they are
@@ -60,11 +61,13 @@ from .base import (
     Dependency,
     Note,
     Outcome,
+    condition_notes,
     default_event_type,
     first_error,
     generation,
 )
 from .children import apply_all, is_unserved
+from .manager import status_patch
 
 log = logging.getLogger("perennial.controllers")
 
@@ -193,6 +196,20 @@ def desired_routes(spec: DeploymentSpec, resolved: Mapping[str, Mapping[str, Any
     return out
 
 
+def revision_of(ctx: Context, s: build.Serving) -> str:
+    """`build.revision(s)` (the pod template built, every builder's checks run, hashed), remembered per region while
+    what the builders read is the same (equal, not rebuilt: a pass of a Deployment whose inputs did not change builds
+    no template to hash). Raises the builders' ValueError as `build.revision` does."""
+    key = ("revision", s.namespace, s.name, s.region.name)
+    inputs = (s.body.get("spec"), s.base_model, s.adapters, s.region, s.image, s.settings, s.owned)
+    known = ctx.tasks.get(key)
+    if known is not None and known[0] == inputs:
+        return known[1]
+    revision = build.revision(s)
+    ctx.tasks[key] = (inputs, revision)
+    return revision
+
+
 def color_manifest(s: build.Serving, color: str, target: rollout.ColorTarget, desired_revision: str, *,
                    current: Mapping[str, Any] | None, autoscaled_active: bool) -> dict[str, Any] | None:
     """The manifest applied to one color's workload (an apps/v1 Deployment, or a LeaderWorkerSet across nodes:
@@ -244,6 +261,38 @@ INCONCLUSIVE = -1
 
 
 @dataclass
+class Http:
+    """The operator's HTTP clients to serving pods and Services, one pair per operator (`http_clients`), closed when
+    it stops: reads (`GET /perennial/routes`, which aiohttp retries once when a kept-alive connection turns out
+    closed) reuse their connections; posts (a smoke test's chat completions, never retried) reuse the session but
+    take a fresh connection each, so a connection a pod closed meanwhile never fails a smoke test."""
+
+    reads: aiohttp.ClientSession
+    posts: aiohttp.ClientSession
+
+    def session(self, method: str) -> aiohttp.ClientSession:
+        return self.reads if method in ("GET", "HEAD") else self.posts
+
+
+_HTTP_KEY = ("http-clients",)
+
+
+def http_clients(ctx: Context) -> Http:
+    """The operator's `Http` (made on first use, in its event loop; the manager closes it at shutdown)."""
+    clients: Http | None = ctx.tasks.get(_HTTP_KEY)
+    if clients is None or clients.reads.closed or clients.posts.closed:
+        clients = Http(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30)),
+                       aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, force_close=True)))
+        ctx.tasks[_HTTP_KEY] = clients
+
+        async def close(c: Http = clients) -> None:
+            await c.reads.close()
+            await c.posts.close()
+        ctx.closers.append(close)
+    return clients
+
+
+@dataclass
 class Where:
     """The cluster a region's children live in: its client and watch-fed cache, and how its Services and pods are
     reached over HTTP — directly in the operator's own cluster (pod IPs, the Services' DNS names or the local
@@ -255,6 +304,8 @@ class Where:
     remote: bool = False
     #: the cluster Secret's name (remote regions)
     cluster: str | None = None
+    #: the operator's pooled HTTP clients (pods and Services reached directly); None: a session per call
+    http: Http | None = None
 
     async def call(self, method: str, *, service: Mapping[str, Any] | None = None, service_name: str | None = None,
                    pod: Mapping[str, Any] | None = None, port: int | str | None = None, namespace: str, path: str,
@@ -278,8 +329,12 @@ class Where:
         else:
             url = f"http://{(pod.get('status') or {}).get('podIP')}:{port}{path}"
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
-                    session.request(method, url, json=body, headers=headers) as resp:
+            if self.http is None:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
+                        session.request(method, url, json=body, headers=headers) as resp:
+                    return resp.status, await resp.text()
+            async with self.http.session(method).request(method, url, json=body, headers=headers,
+                                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return 0, f"{url} did not answer: {type(exc).__name__}: {exc}"[:300]
@@ -575,7 +630,7 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     autoscaled = spec.autoscaling.enabled
     region_replicas = s.region.replicas if s.region.replicas is not None else spec.replicas
     desired_replicas = spec.autoscaling.min_replicas if autoscaled else region_replicas
-    revision = build.revision(s)
+    revision = revision_of(ctx, s)
     hold = held_by is not None and not spec.paused and w.stable_color is not None and not started(w, revision)
     paused = spec.paused or hold
 
@@ -867,7 +922,7 @@ async def prune(ctx: Context, obj: Mapping[str, Any], results: list[RegionResult
     if none_here and results and None not in by_cluster:
         by_cluster[None] = []  # the Deployment moved out of this cluster: nothing of it is wanted here
     for cluster, rs in by_cluster.items():
-        where = rs[0].where if rs else Where(ctx.kube, ctx.cache)
+        where = rs[0].where if rs else Where(ctx.kube, ctx.cache, http=http_clients(ctx))
         assert where is not None
         wanted = {(m["apiVersion"], m["kind"], m["metadata"]["name"]) for r in rs for m in r.manifests}
         possible = set().union(*(expected_children(r.serving) for r in rs)) if all(r.serving is not None for r in rs) else None
@@ -1037,6 +1092,10 @@ async def remove_regions(obj: Mapping[str, Any], conns: Mapping[str, Any], gone:
     return left, notes
 
 
+#: The end of a shortened label value (`build.label_value` of a name over 63 characters).
+_SHORTENED = re.compile(r"-[0-9a-f]{6}\Z")
+
+
 def label_rival(ctx: Context, obj: dict[str, Any]) -> str | None:
     """Another Perennial Deployment of this namespace whose label value is this one's and that came first (created
     earlier; in the same second, the one whose name is too long for a label, then the smaller name): this one must not roll out, or the two would select each other's pods
@@ -1044,6 +1103,10 @@ def label_rival(ctx: Context, obj: dict[str, Any]) -> str | None:
     valid name itself, so a user could otherwise take another's labels by naming a Deployment after them."""
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     mine = build.label_value(name)
+    if mine == name and not _SHORTENED.search(name):
+        # a name that is its own label value is another's only when that one's is shortened to it (56 characters
+        # and '-' and 6 hex digits): no need to look at every Deployment of the namespace in each pass
+        return None
 
     def order(o: dict[str, Any]) -> tuple[str, bool, str]:
         n = o["metadata"]["name"]
@@ -1055,7 +1118,72 @@ def label_rival(ctx: Context, obj: dict[str, Any]) -> str | None:
     return first["metadata"]["name"] if first is not None and order(first) < order(obj) else None
 
 
+#: Status changes that are steps of a rollout (`Progressing` True before or after: preview up, the switch that made it
+#: serve, and what follows while one is held: an endpoint, a count) are written at most this long after the first of
+#: them was decided, together, with one Event of their notes: steps that happen back to back take one write (the
+#: EndpointSlice controller's batch period). What a user must see at once (a warning, Ready leaving True, Degraded
+#: turning True) is written at once, with what was held. The status lags a rollout by this much at most; it never
+#: says Ready before the switch (a held status is the one written before, or none).
+STATUS_BATCH_SECONDS = 2.0
+#: What the notes of one Event may take (the manager joins them into one message, cut at 1024 characters).
+EVENT_MESSAGE_BUDGET = 960
+
+
+@dataclass
+class _Held:
+    """A Deployment's status change not written yet: since when (ctx.clock), and the notes of the passes held."""
+
+    since: float
+    notes: list[Note]
+
+
+def _held_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    return ("status-batch", obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
+def batched(ctx: Context, obj: dict[str, Any], out: Outcome) -> Outcome:
+    """`out` as the manager should write it now, or the status as it stands (nothing written) while the change is
+    held: its notes wait with it, and the Deployment is looked at again when the batch ends. Pure but for the held
+    change kept in `ctx.tasks` (lost on a restart: the status is decided from the world again, the notes are not)."""
+    key = _held_key(obj)
+    held: _Held | None = ctx.tasks.get(key)
+    current = obj.get("status") or {}
+    now = ctx.clock()
+
+    def flush() -> Outcome:
+        ctx.tasks.pop(key, None)
+        if held is None:
+            return out
+        # one Event for the batch, or as many as its notes need (an Event's message ends at 1024 characters)
+        chunks: list[list[Note]] = [[]]
+        size = 0
+        for n in held.notes + list(out.notes):
+            if chunks[-1] and size + len(n.reason) + len(n.message) + 4 > EVENT_MESSAGE_BUDGET:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(n)
+            size += len(n.reason) + len(n.message) + 4
+        return replace(out, notes=chunks[0], events=[(obj, c) for c in chunks[1:]] + list(out.events))
+
+    if status_patch(current, out.status) is None:
+        return flush() if held else out  # nothing to write: what was held (if anything) is posted now
+    transitions = condition_notes(current.get("conditions"), out.status.get("conditions"), event_for)
+    if any(n.warning for n in list(out.notes) + transitions):
+        return flush()
+    rolling = cond.is_true(current.get("conditions"), CONDITION_PROGRESSING) or cond.is_true(out.status.get("conditions"), CONDITION_PROGRESSING)
+    since = held.since if held else now
+    if (held is None and not rolling) or now - since >= STATUS_BATCH_SECONDS or now < since:
+        return flush()  # not a step of a rollout (nor what follows one held), or its batch is over
+    ctx.tasks[key] = _Held(since, (held.notes if held else []) + list(out.notes))
+    return Outcome(dict(current), [], _min(out.requeue_after, since + STATUS_BATCH_SECONDS - now), events=out.events)
+
+
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
+    return batched(ctx, obj, await decide(obj, ctx))
+
+
+async def decide(obj: dict[str, Any], ctx: Context) -> Outcome:
+    """One pass over a Deployment: observe, decide, act; the status and notes of what it found and did."""
     gen = generation(obj)
     try:
         spec = DeploymentSpec.model_validate(obj.get("spec") or {})
@@ -1075,7 +1203,12 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
             raise Blocked("BaseModelNotReady", f"BaseModel {spec.base_model_ref.name!r} is not Ready")
     except Blocked as b:
         return Outcome(_blocked_status(obj, b.reason, b.message))
-    desired, problems = resolve_adapters(spec, ctx.cache.list(API_VERSION, "Adapter", ns))
+    if all(a.adapter_ref is not None for a in spec.adapters):  # pinned only: by name (an Adapter per run is kept for ever)
+        candidates = [a for x in spec.adapters if x.adapter_ref is not None
+                      and (a := ctx.cache.get(API_VERSION, "Adapter", ns, x.adapter_ref.name)) is not None]
+    else:
+        candidates = ctx.cache.list(API_VERSION, "Adapter", ns)
+    desired, problems = resolve_adapters(spec, candidates)
     image = spec.engine.image or ctx.config.server_image
     regions = build.regions(spec)
     try:
@@ -1087,7 +1220,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
         servings = [build.Serving(body=obj, spec=spec, base_model=base, region=r, image=image, adapters=tuple(desired.values()),
                                   settings=settings) for r in regions]
         for s in servings:
-            build.revision(s)  # every builder's validation, before anything is applied
+            revision_of(ctx, s)  # every builder's validation, before anything is applied
             if lws.group_size(s) > 1 and s.region.cluster_secret_ref is not None:
                 raise ValueError(f"region {s.region.name!r}: `engine.pipelineParallelSize` above 1 (LeaderWorkerSet groups) is "
                                  "served in the operator's own cluster only (its regions without `clusterSecretRef`, node pools "
@@ -1126,7 +1259,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
             return Outcome(dict(obj["status"]), notes, CONNECT_POLL_SECONDS)
 
     worlds: list[RegionWorld] = []
-    here = Where(ctx.kube, ctx.cache)
+    here = Where(ctx.kube, ctx.cache, http=http_clients(ctx))
     for s in servings:
         ref = s.region.cluster_secret_ref
         if ref is None:
@@ -1257,6 +1390,8 @@ def event_for(c: dict[str, Any]) -> str | None:
 
 def gone(ctx: Context, namespace: str, name: str) -> None:
     forget_smoke_tests(ctx, (namespace, name))
+    for key in [k for k in ctx.tasks if isinstance(k, tuple) and len(k) >= 3 and k[0] in ("status-batch", "revision") and k[1:3] == (namespace, name)]:
+        del ctx.tasks[key]
 
 
 CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for,
