@@ -1,12 +1,15 @@
 """Does reinforcement fine-tuning help where labels are scarce? (issue 16)
 
-    nice -n 10 python benchmarks/rft_efficacy.py [--quick] [--seeds 3] [--tasks parity,mod5] [--json out.json]
+    nice -n 10 python benchmarks/rft_efficacy.py [--quick] [--seeds 3] [--tasks parity,upper] [--base random]
+                                                 [--json out.json]
 
 For every task of `perennial_trainer.tasks` (toy tasks with verifiable rewards: a labelled budget of 16-32
 examples, 512 unlabelled prompts, 64 held-out prompts that are new instances) and several seeds, four
 models are scored on the held-out prompts (greedy), with the task's RewardSpec (`format` + `correct`, max 2):
 
-* base: the tiny offline model itself (the SFT run's baseline);
+* base: the tiny offline model itself (the SFT run's baseline): by default briefly pretrained at build time on a
+  generic corpus (`tinymodel.build_pretrained_tiny_model`; its build seconds and its accuracy on fresh generic
+  questions are printed), with `--base random` the tests' random-init model;
 * SFT: LoRA SFT on the labelled budget;
 * SFT+GRPO: GRPO on the unlabelled prompts, continuing the SFT adapter;
 * warm-up+GRPO: GRPO continuing a format warm-up (SFT on training prompts answered in the right format with random

@@ -27,7 +27,7 @@ def test_pretrained_base_has_skills_the_random_base_lacks(pretrained, tmp_path):
     untrained = build_pretrained_tiny_model(tmp_path / "untrained", steps=0)  # same tokenizer and init, no steps
     got, control = probe_accuracy(pretrained), probe_accuracy(untrained)
     assert control < 0.05, control
-    assert got > 0.25, got  # (0.395 here) fresh questions (finding the digit, digit facts, case pairs, ...) answered right
+    assert got > 0.3, got  # (0.445 here; 0.895 after the default 1,000 steps) fresh questions (finding the digit, digit facts, case pairs, ...) answered right
     info = json.loads((tmp_path / "untrained" / "pretrain.json").read_text())
     assert info["steps"] == 0 and info["build_seconds"] >= 0
 
@@ -41,9 +41,9 @@ def test_build_is_deterministic_for_a_seed_and_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    a = build_pretrained_tiny_model(tmp_path / "a", steps=20)
-    b = build_pretrained_tiny_model(tmp_path / "b", steps=20)
-    c = build_pretrained_tiny_model(tmp_path / "c", steps=20, seed=1)
+    a = build_pretrained_tiny_model(tmp_path / "a", steps=20, corpus_size=2000)
+    b = build_pretrained_tiny_model(tmp_path / "b", steps=20, corpus_size=2000)
+    c = build_pretrained_tiny_model(tmp_path / "c", steps=20, corpus_size=2000, seed=1)
     wa, wb, wc = (load_file(f"{p}/model.safetensors") for p in (a, b, c))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].shape == wc[k].shape)
