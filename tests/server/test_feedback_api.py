@@ -256,3 +256,41 @@ def test_feedback_metrics_count_every_answer(fake_upstream, sidecar_factory) -> 
     assert value('perennial_sidecar_captured_records_total{kind="feedback"}') == 33
     assert value('perennial_sidecar_feedback_total{type="score"}') == 10
     assert value('perennial_sidecar_feedback_total{type="thumbs"}') == 23
+
+
+def test_feedback_without_the_router_answers_as_with_it(fake_upstream, sidecar_factory) -> None:
+    """An exact `POST /v1/feedback` skips the router (api_server.Sidecar._around); whatever the
+    router would do differently still happens: `Expect: 100-continue` is answered, a query string,
+    another method and a trailing slash take their routes, and a middleware added to the app sees
+    every request (the shortcut is off then)."""
+    import http.client
+
+    t, _, cfg = sidecar_factory(fake_upstream.url, store_uri="")
+    url = t.url + "/v1/feedback"
+    host, port = t.url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({**GOOD, "id": "fb-expect"}).encode()
+    conn.putrequest("POST", "/v1/feedback")
+    for k, v in {**AUTH, "Content-Type": "application/json", "Content-Length": str(len(body)), "Expect": "100-continue"}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.sock.settimeout(30)
+    assert conn.sock.recv(64).startswith(b"HTTP/1.1 100 Continue")  # the router's expect handler answered before the body
+    conn.send(body)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["id"] == "fb-expect"
+    conn.close()
+    assert requests.post(url + "?x=1", json={**GOOD, "id": "fb-query"}, headers=AUTH).status_code == 200
+    assert _err(requests.put(url, json=GOOD, headers=AUTH), 405)["code"] == "method_not_allowed"
+    assert {rec["id"] for rec in _spooled(cfg.spool_dir)} == {"fb-expect", "fb-query"}
+
+    seen: list[str] = []
+
+    @web.middleware
+    async def watch(request: web.Request, handler):
+        seen.append(request.path)
+        return await handler(request)
+
+    t2, _, _ = sidecar_factory(fake_upstream.url, app_hook=lambda app: app.middlewares.append(watch), store_uri="")
+    assert requests.post(t2.url + "/v1/feedback", json=GOOD, headers=AUTH).status_code == 200
+    assert seen == ["/v1/feedback"]
