@@ -6,6 +6,9 @@ with `tokenizers` on a synthetic corpus, wraps it in a `PreTrainedTokenizerFast`
 template) and saves a random-init Llama (hidden 64, 2 layers, 4 heads) whose
 untied `lm_head` is re-initialised with std 0.3 so LoRA can make it confident.
 Deterministic for a given `seed`; `tiny_model_path()` caches one per session.
+
+`build_pretrained_tiny_model(path)` (opt-in, the RFT benchmark's base) builds the same kind of model and pretrains
+all its weights for a few tens of seconds on a generic synthetic corpus (see the comment above it).
 """
 
 from __future__ import annotations
