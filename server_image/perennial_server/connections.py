@@ -133,26 +133,28 @@ class GuardedRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # the header clock starts with the first byte of a request head; a head that arrives whole
-        # (the usual case) never arms it. Called for every read: idle() inlined, no super() object.
+        # (the usual case) never arms it. Called for every read (and with b"" whenever aiohttp resumes
+        # reading a body): idle() inlined, no super() object, and whether the bytes began a new head is
+        # decided after aiohttp's parser, only when no request was completed: the parser sets nothing
+        # that decides it (the waiter, the queue, force-close) unless it completes a request.
         # `_last_active` (who is evicted first at the connection limit) moves when a head starts or a request
         # is read, never for the bytes trickled into a head in progress: a slowloris would look fresher than a
         # client whose request the server has not read yet, and that client would be closed instead.
-        new_head = False
-        if data and self._guard is None:
-            w = self._waiter
-            new_head = w is not None and not self._force_close and not w.done() and not self._messages
         before = self._request_count
+        guard = self._guard
         _data_received(self, data)
         if self._request_count != before:
             self._last_active = self._loop.time()
             if self._guard is not None:
                 self._disarm()  # a head is complete (or was rejected): the handler owns the clock now
-        elif new_head:
-            self._last_active = self._loop.time()
-            self._arm()
-            self._head_bytes = len(data)
-        elif self._guard is not None:
+        elif guard is not None:
             self._head_bytes += len(data)
+        elif data:
+            w = self._waiter
+            if w is not None and not self._force_close and not w.done() and not self._messages:  # idle(): a new head
+                self._last_active = self._loop.time()
+                self._arm()
+                self._head_bytes = len(data)
 
     # ------------------------------------------------------------ errors
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:

@@ -21,6 +21,7 @@ from aiohttp import web
 from .errors import json_error
 
 log = logging.getLogger("perennial_server.middleware")
+_monotonic = time.monotonic
 
 
 class TokenFile:
@@ -37,8 +38,13 @@ class TokenFile:
     def token(self) -> bytes | None:
         if not self.path:
             return None
-        now = time.monotonic()
+        now = _monotonic()
         if now - self._checked >= self.check_interval_s:
+            self._refresh(now)
+        return self._token
+
+    def _refresh(self, now: float) -> None:
+        if self.path:
             self._checked = now
             try:
                 st = os.stat(self.path)
@@ -51,10 +57,12 @@ class TokenFile:
                     self._stamp = stamp
             except OSError:
                 self._token, self._stamp, self._header = None, None, b""
-        return self._token
 
     def check(self, authorization: str | None) -> bool:
-        expected = self.token()
+        now = _monotonic()  # token() inlined: this runs for every feedback request
+        if now - self._checked >= self.check_interval_s:
+            self._refresh(now)
+        expected = self._token
         if expected is None or not authorization:
             return False
         raw = authorization.encode("utf-8", "surrogateescape")
@@ -83,22 +91,30 @@ class RateLimiter:
         self._b: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
 
     def allow(self, key: str) -> tuple[bool, float]:
-        now = time.monotonic()
+        """(allowed, seconds until the next token when not)."""
+        wait = self.wait(key)
+        return wait == 0.0, wait
+
+    def wait(self, key: str) -> float:
+        """0.0: allowed (a token taken); else the seconds until the next token (nothing taken)."""
+        now = _monotonic()
         b = self._b.get(key)
         if b is None:
-            b = [self.burst, now]
-            self._b[key] = b
+            b = self._b[key] = [self.burst, now]
             if len(self._b) > self.max_clients:
                 self._b.popitem(last=False)
+            tokens = b[0]
         else:
             self._b.move_to_end(key)
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            tokens = b[0] + (now - b[1]) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
             b[1] = now
-        if b[0] >= 1.0:
-            b[0] -= 1.0
-            return True, 0.0
-        return False, (1.0 - b[0]) / self.rate
-
+        if tokens >= 1.0:
+            b[0] = tokens - 1.0
+            return 0.0
+        b[0] = tokens
+        return (1.0 - tokens) / self.rate
 
 
 class BodyTooLarge(Exception):

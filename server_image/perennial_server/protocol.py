@@ -91,10 +91,14 @@ def _fast_decoder() -> Any:
     def decode(raw: bytes) -> dict[str, Any]:
         return to_builtins(dec.decode(raw))
 
+    decode.struct_decode = dec.decode  # type: ignore[attr-defined]
+    decode.to_builtins = to_builtins  # type: ignore[attr-defined]
     return decode
 
 
 _fast = _fast_decoder()
+_fast_struct = getattr(_fast, "struct_decode", None)
+_to_builtins = getattr(_fast, "to_builtins", None)
 
 
 class FeedbackResponse(pydantic.BaseModel):
@@ -194,6 +198,26 @@ def _validated(data: Any, json: bool) -> dict[str, Any]:
     except pydantic.ValidationError:
         m = FeedbackRequest.model_validate_json(data) if json else FeedbackRequest.model_validate(data)
         return m.model_dump(exclude_unset=True)  # unreachable unless the two disagree: the model decides
+
+
+def parse_one(raw: bytes) -> tuple[dict[str, Any], FeedbackType] | None:
+    """The usual body, one feedback object that the fast decoder takes and whose type is known and
+    complete: (its fields, its type), as parse_feedback would give them. None for anything else:
+    parse_feedback decides (and words the error)."""
+    if _fast_struct is None or raw[:1] != b"{":
+        return None
+    try:
+        req = _to_builtins(_fast_struct(raw))
+    except Exception:  # noqa: BLE001 -- refused by the fast path: parse_feedback decides
+        return None
+    t = req.get("type")
+    if t is not None:
+        for f in _NEEDS[t]:
+            if req.get(f) is None:
+                return None
+        return req, t
+    t = _type_of(req, None)
+    return None if isinstance(t, RequestError) else (req, t)
 
 
 def parse_feedback(raw: bytes, batch_max: int) -> tuple[list[Feedback], bool] | RequestError:

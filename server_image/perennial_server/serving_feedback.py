@@ -36,6 +36,7 @@ from .protocol import (
     FeedbackRequest,
     RequestError,
     parse_feedback,
+    parse_one,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ _ALIAS = {name: f.alias or name for name, f in FeedbackRecord.model_fields.items
 # the request fields a record copies (`id` and `type` are set from the request's outcome)
 # request field -> (record key, is it free text to redact); `id` and `type` are set from the request's outcome
 _COPIED = {name: (_ALIAS[name], name in TEXT_FIELDS) for name in FeedbackRequest.model_fields if name not in ("id", "type")}
+_PLAIN = {name: alias for name, (alias, text) in _COPIED.items() if not text}  # copied as sent
 # Content-Type values taken as JSON without parsing the header (anything else goes through aiohttp's parser)
 _JSON_TYPES = frozenset(("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"))
 
@@ -115,8 +117,8 @@ class FeedbackHandler:
         if not s.token.check(headers.get("Authorization")):
             return self._answer(json_error(401, "a valid bearer token is required (`Authorization: Bearer <token>`)", "invalid_api_key",
                                            headers={"WWW-Authenticate": 'Bearer realm="perennial-feedback"'}))
-        ok, retry = s.limiter.allow(request.remote or "?")
-        if not ok:
+        retry = s.limiter.wait(request.remote or "?")
+        if retry:
             return self._answer(json_error(429, "too many feedback requests; slow down", "rate_limit_exceeded",
                                            headers={"Retry-After": str(max(1, math.ceil(retry)))}))
         raw_type = headers.get("Content-Type")
@@ -136,30 +138,33 @@ class FeedbackHandler:
                 return self._answer(body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s))
             except BodyTimeout as e:
                 return self._answer(await send_and_close(request, body_error(e, cfg.max_body_bytes, cfg.client_body_timeout_s)))
-        parsed = parse_feedback(raw, cfg.feedback_batch_max)
-        if isinstance(parsed, RequestError):
-            return self._answer(json_error(parsed.status, parsed.message, parsed.code, param=parsed.param))
-        items, batch = parsed
-        if batch or len(items) != 1:
-            return self._answer(await self.store_many(items, batch))
+        one = parse_one(raw)  # the usual body: one object, decided without building the general answer
+        if one is None:
+            parsed = parse_feedback(raw, cfg.feedback_batch_max)
+            if isinstance(parsed, RequestError):
+                return self._answer(json_error(parsed.status, parsed.message, parsed.code, param=parsed.param))
+            items, batch = parsed
+            if batch or len(items) != 1:
+                return self._answer(await self.store_many(items, batch))
+            req, ftype = items[0]
+        else:
+            req, ftype = one
         # one record
-        it = items[0]
-        req = it.req
         f = req.get("id")
         rid = req["response_id"]
         seen = rid in s.seen_responses
         ids = s.feedback_ids
         if f is not None and (f in ids or f in ids.inflight):
-            return self._answer(await self.store_again(it, seen))  # a retry
+            return self._answer(await self.store_again(Feedback(req, ftype), seen))  # a retry
         try:
             if f is None:
                 f = "fb-" + random_hex()  # a fresh random id: no other request can hold it, and it is not stored yet
-                await s.spool.durable(self.record(f, it, seen), it.type)
+                await s.spool.durable(self._record(f, req, ftype, seen), ftype)
             else:
                 fut = asyncio.get_running_loop().create_future()
                 ids.inflight[f] = fut  # a retry arriving meanwhile waits for this outcome (store_again)
                 try:
-                    await s.spool.durable(self.record(f, it, seen), it.type)
+                    await s.spool.durable(self._record(f, req, ftype, seen), ftype)
                 finally:
                     del ids.inflight[f]
                     if not fut.done():
@@ -170,7 +175,7 @@ class FeedbackHandler:
             return self._answer(json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable"))
         ids.add(f)  # counted by durable()
         # the answer's JSON from constant pieces: only the client's strings are encoded
-        return web.Response(body=b"".join((b'{"id":', encode(f), b',"object":"feedback","response_id":', encode(rid), _TYPE_PART[it.type],
+        return web.Response(body=b"".join((b'{"id":', encode(f), b',"object":"feedback","response_id":', encode(rid), _TYPE_PART[ftype],
                                            _SEEN_PART[seen])), content_type="application/json")
 
     @staticmethod
@@ -276,23 +281,23 @@ class FeedbackHandler:
     def record(self, fid: str, it: Feedback, seen: bool) -> bytes:
         """The record's JSON line. The request fields have already been checked against the
         record schema's bounds, so the line is built directly (the record model's own aliases, one
-        pydantic-core encode): validating a second model per record would double the parse cost.
+        msgspec encode): validating a second model per record would double the parse cost.
         A text that redaction changed is re-validated through `FeedbackRecord` (it may have grown)."""
-        s = self.s
-        rec: dict = {"schemaVersion": RECORD_SCHEMA_VERSION, "time": _clock.now(), "kind": "feedback", "id": fid, "type": it.type}
-        red = s.redactor
+        return self._record(fid, it.req, it.type, seen)
+
+    def _record(self, fid: str, req: dict, ftype: str, seen: bool) -> bytes:
+        rec: dict = {"schemaVersion": RECORD_SCHEMA_VERSION, "time": _clock.now(), "kind": "feedback", "id": fid, "type": ftype}
         changed = False
-        for name, v in it.req.items():  # the fields sent, validated (protocol.FeedbackFields)
-            c = _COPIED.get(name)
-            if c is None or v is None:
-                continue
-            alias, text = c
-            if text:
-                r = red.text(v)
+        for name, v in req.items():  # the fields sent, validated (protocol.FeedbackFields)
+            alias = _PLAIN.get(name)
+            if alias is not None:
+                if v is not None:
+                    rec[alias] = v
+            elif name in TEXT_FIELDS and v is not None:
+                r = self.s.redactor.text(v)
                 changed = changed or r is not v
-                v = r
-            rec[alias] = v
-        cfg = s.cfg
+                rec[_ALIAS[name]] = r
+        cfg = self.s.cfg
         rec["deployment"] = cfg.deployment
         rec["namespace"] = cfg.namespace
         rec["responseSeen"] = seen

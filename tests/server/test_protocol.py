@@ -151,3 +151,29 @@ def test_records_are_encoded_to_the_json_values_pydantic_would_write(rec: dict) 
 
     line = encode(rec)
     assert b"\n" not in line and from_json(line) == from_json(to_json(rec)) == rec
+
+
+def _one_agrees_with_parse_feedback(raw: bytes) -> None:
+    from perennial_server.protocol import parse_one
+
+    got = parse_one(raw)
+    if got is None:
+        return  # parse_feedback decides
+    want = parse_feedback(raw, 10)
+    assert not isinstance(want, RequestError), (raw, got, want)
+    (item,), batch = want
+    assert not batch and got == (item.req, item.type), (raw, got, item)
+    assert [type(v) for v in got[0].values()] == [type(v) for v in item.req.values()], raw
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_the_one_object_fast_path_takes_only_what_parse_feedback_accepts_with_the_same_values(body: dict) -> None:
+    """serving_feedback tries protocol.parse_one first: whatever it takes, parse_feedback takes too, as the
+    same fields and type (a missing or incomplete type, arrays and anything refused go to parse_feedback)."""
+    _one_agrees_with_parse_feedback(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("raw", _RAW_EDGES)
+def test_the_one_object_fast_path_agrees_on_json_edge_cases(raw: bytes) -> None:
+    _one_agrees_with_parse_feedback(raw)
