@@ -10,6 +10,7 @@ generation it is not looked up again; a missing one is looked for again after
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,15 @@ def decide(obj: dict[str, Any], world: World) -> dict[str, Any]:
     return status
 
 
+def artifact_exists(uri: str, pvc_root: str) -> bool | None:
+    """`storage.exists`; a local file (`file://`, `pvc://`, a path) by one stat, without fsspec's Python around it
+    (its LocalFileSystem answers the same: a file or directory, links followed, any error False)."""
+    path = storage.local_path(uri, pvc_root)
+    if path is not None:
+        return os.path.exists(path)
+    return storage.exists(uri, pvc_root)
+
+
 async def observe(obj: dict[str, Any], ctx: Context) -> World:
     ns = obj["metadata"]["namespace"]
     spec = obj.get("spec") or {}
@@ -113,7 +123,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
     if found.get("status") == "True" and found.get("observedGeneration") == generation(obj):
         artifact: bool | None = True  # immutable once found: no storage round trip per reconcile
     elif spec.get("artifactUri"):
-        artifact = await asyncio.to_thread(storage.exists, f"{str(spec['artifactUri']).rstrip('/')}/{ARTIFACT_MARKER}", ctx.config.pvc_root)
+        artifact = await asyncio.to_thread(artifact_exists, f"{str(spec['artifactUri']).rstrip('/')}/{ARTIFACT_MARKER}", ctx.config.pvc_root)
     else:
         artifact = False
     return World(
