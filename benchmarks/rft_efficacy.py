@@ -105,12 +105,13 @@ def scores(result: dict[str, Any], baseline: bool = False) -> dict[str, float]:
             "zero_std": m.get("train/frac_reward_zero_std_mean", float("nan"))}
 
 
-def one_seed(task_name: str, seed: int, base: str, tmp: Path, grpo_hp: dict[str, Any], quick: bool, log) -> dict[str, Any]:
+def one_seed(task_name: str, seed: int, base: str, tmp: Path, grpo_hp: dict[str, Any], quick: bool, log,
+             grpo_base: dict[str, Any] | None = None, warmup: bool = True) -> dict[str, Any]:
     task = TASKS[task_name]
     d = tmp / f"{task_name}-{seed}"
     data = write_task_data(task, d / "data", seed=seed)
     spec = reward_spec(task)
-    sft_hp, warm_hp, g_hp = dict(SFT_HP), dict(WARMUP_HP), {**GRPO_HP, **grpo_hp}
+    sft_hp, warm_hp, g_hp = dict(SFT_HP), dict(WARMUP_HP), {**(GRPO_HP if grpo_base is None else grpo_base), **grpo_hp}
     if quick:
         sft_hp.update(QUICK["sft"])
         warm_hp.update(QUICK["warmup"])
@@ -122,7 +123,12 @@ def one_seed(task_name: str, seed: int, base: str, tmp: Path, grpo_hp: dict[str,
     row["base"]["wall_s"], row["SFT"]["wall_s"] = 0.0, sft["wall_s"]
     g = run_trainer(d, "sft-grpo", "GRPO", base, data, "grpo", g_hp, spec, sft["artifact"], seed, ct)
     row["SFT+GRPO"] = scores(g) | {"wall_s": sft["wall_s"] + g["wall_s"], "parent_reward": g["metrics"]["eval/baseline_mean_reward"],
-                                   "warnings": [w["reason"] for w in g.get("warnings", [])]}
+                                   "warnings": [w["reason"] for w in g.get("warnings", [])],
+                                   "grpo_defaults": g["metrics"].get("train/grpo_defaults_toy"), "steps": g["metrics"]["train/steps"]}
+    if not warmup:
+        log(f"{task_name} seed {seed}: " + "  ".join(f"{c} {row[c]['reward']:.3f}/{row[c]['accuracy']:.2f}" for c in CONDITIONS[:3])
+            + f"  ({sft['wall_s'] + g['wall_s']:.0f} s; GRPO {row['SFT+GRPO']['steps']:.0f} steps)")
+        return row
     w = run_trainer(d, "warmup", "SFT", base, data, "warmup", warm_hp, spec, None, seed, ct)
     row["warm-up"] = scores(w) | {"wall_s": w["wall_s"]}
     wg = run_trainer(d, "warmup-grpo", "GRPO", base, data, "grpo", g_hp, spec, w["artifact"], seed, ct)
@@ -138,7 +144,8 @@ def _ms(xs: list[float]) -> tuple[float, float]:
 
 def table(rows: list[dict[str, Any]], tasks: list[str]) -> tuple[str, int]:
     lines = []
-    head = f"{'task':<11} {'labels':>6} " + " ".join(f"{c:>22}" for c in CONDITIONS) + f" {'GRPO gain':>15} {'claim':>5}"
+    conds = [c for c in CONDITIONS if all(c in r for r in rows)]  # --no-warmup: no warm-up+GRPO column
+    head = f"{'task':<11} {'labels':>6} " + " ".join(f"{c:>22}" for c in conds) + f" {'GRPO gain':>15} {'claim':>5}"
     lines.append("held-out reward (max 2) / exact accuracy: mean ± sd over seeds; wall time (s, mean; +GRPO includes its parent's run)")
     lines.append(head)
     met = 0
@@ -147,7 +154,7 @@ def table(rows: list[dict[str, Any]], tasks: list[str]) -> tuple[str, int]:
         if not rs:
             continue
         cells_r, cells_a, cells_t = [], [], []
-        for c in CONDITIONS:
+        for c in conds:
             mr, sr = _ms([r[c]["reward"] for r in rs])
             ma, sa = _ms([r[c]["accuracy"] for r in rs])
             mt, _ = _ms([r[c]["wall_s"] for r in rs])
@@ -174,6 +181,10 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--grpo", default="{}", help="GRPO hyperparameters (JSON, camelCase) over the defaults")
+    ap.add_argument("--grpo-hp", choices=["benchmark", "defaults"], default="benchmark",
+                    help="GRPO hyperparameters under --grpo: the benchmark's (GRPO_HP) or none at all (the TrainingRun's "
+                         "defaults as the trainer resolves them for this base, as a user who sets none gets)")
+    ap.add_argument("--no-warmup", action="store_true", help="only base, SFT and SFT+GRPO (no warm-up conditions)")
     ap.add_argument("--hidden", type=int, default=None, help="tiny model hidden size (default: tinymodel's)")
     ap.add_argument("--layers", type=int, default=None, help="tiny model layers (default: tinymodel's)")
     ap.add_argument("--base", choices=["pretrained", "random"], default="pretrained",
@@ -211,17 +222,18 @@ def main() -> int:
         base = build_tiny_model(tmp / "model", **shape)
         shape = {**shape, "base": "random", "probe_accuracy": probe_accuracy(base)}
     grpo_hp = json.loads(a.grpo)
+    grpo_base = GRPO_HP if a.grpo_hp == "benchmark" else {}
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.0f} s] {msg}", flush=True)
 
-    log(f"tiny model {shape or 'default'} built; tasks {tasks}; seeds {seeds}; GRPO {({**GRPO_HP, **grpo_hp})}")
+    log(f"tiny model {shape or 'default'} built; tasks {tasks}; seeds {seeds}; GRPO {({**grpo_base, **grpo_hp}) or 'defaults'}")
     rows = []
     for seed in seeds:  # seed-major: a partial run still covers every task
         for t in tasks:
-            rows.append(one_seed(t, seed, base, tmp, grpo_hp, a.quick, log))
+            rows.append(one_seed(t, seed, base, tmp, grpo_hp, a.quick, log, grpo_base, not a.no_warmup))
             if a.json:
-                Path(a.json).write_text(json.dumps({"rows": rows, "grpo": {**GRPO_HP, **grpo_hp}, "model": shape}, indent=1))
+                Path(a.json).write_text(json.dumps({"rows": rows, "grpo": {**grpo_base, **grpo_hp}, "model": shape}, indent=1))
     text, _ = table(rows, tasks)
     print(text)
     print(f"total wall time {time.monotonic() - t0:.0f} s")

@@ -392,7 +392,7 @@ def choose(cfg, base_path: str, dev: Mapping[str, Any], w, *, max_prompt_tokens:
     from .train import gpu_memory_bytes, memory_workload
 
     hp = cfg.spec.hyperparameters
-    batch, seq = memory_workload(cfg)
+    batch, seq = memory_workload(cfg, dict(dev))
     shape = train_bytes = gpu_bytes = None
     try:
         config = json.loads((Path(base_path) / "config.json").read_text())

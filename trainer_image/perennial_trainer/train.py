@@ -215,11 +215,13 @@ def lora_config(cfg: RunConfig):
     )
 
 
-def grpo_group(cfg: RunConfig) -> tuple[int, int]:
-    """GRPO's (numGenerations, per-device batch size in completions)."""
+def grpo_group(cfg: RunConfig, dev: dict[str, Any] | None = None) -> tuple[int, int]:
+    """GRPO's (numGenerations, per-device batch size in completions); an unset batch size is the base model's default
+    number of prompts per step (`grpo_defaults`, resolved into `dev["grpo_defaults"]`; one prompt before that)."""
     hp = cfg.spec.hyperparameters
     ng = hp.num_generations or GRPO_DEFAULT_NUM_GENERATIONS
-    return ng, hp.batch_size or ng
+    defaults = (dev or {}).get("grpo_defaults")
+    return ng, hp.batch_size or ng * (defaults.prompts_per_step if defaults else 1)
 
 
 def check_hyperparameters(cfg: RunConfig) -> None:
@@ -237,9 +239,10 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
 
     spec, hp = cfg.spec, cfg.spec.hyperparameters
     method = spec.method
+    grpo_defaults = dev.get("grpo_defaults") if method == "GRPO" else None  # by the base model's size
     common: dict[str, Any] = dict(
         output_dir=checkpoint_dir,
-        learning_rate=_f(hp.learning_rate) or DEFAULT_LR[method],
+        learning_rate=_f(hp.learning_rate) or (grpo_defaults.learning_rate if grpo_defaults else DEFAULT_LR[method]),
         num_train_epochs=hp.epochs or (1 if method == "GRPO" else 3),
         max_steps=hp.max_steps or -1,
         gradient_accumulation_steps=hp.gradient_accumulation_steps or 1,
@@ -270,10 +273,12 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
         return DPOConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024,
                          beta=_f(hp.beta) if hp.beta is not None else 0.1, **common)
     check_hyperparameters(cfg)
-    ng, bs = grpo_group(cfg)
+    ng, bs = grpo_group(cfg, dev)
     extra: dict[str, Any] = {}
     if hp.entropy_coef is not None:
         extra["entropy_coef"] = float(hp.entropy_coef)
+    elif grpo_defaults and grpo_defaults.entropy_coef is not None:
+        extra["entropy_coef"] = grpo_defaults.entropy_coef
     return GRPOConfig(
         per_device_train_batch_size=bs, num_generations=ng,
         max_completion_length=hp.max_completion_length or 256,
@@ -459,12 +464,12 @@ def _barrier(w: World, dev: dict[str, Any]):
 GPU_MEMORY_ENV = "PERENNIAL_GPU_MEMORY"  # bytes per GPU as a quantity ("24Gi"): what the estimate checks against when set
 
 
-def memory_workload(cfg: RunConfig) -> tuple[int, int]:
+def memory_workload(cfg: RunConfig, dev: dict[str, Any] | None = None) -> tuple[int, int]:
     """The per-device batch and sequence length the memory estimates assume (`check_memory`, and the room the GRPO
     generation engine leaves in `generation.choose`)."""
     spec, hp = cfg.spec, cfg.spec.hyperparameters
     if spec.method == "GRPO":
-        _, batch = grpo_group(cfg)
+        _, batch = grpo_group(cfg, dev)
         return batch, (hp.max_length or 512) + (hp.max_completion_length or 256)
     return (hp.batch_size or 8) * (2 if spec.method == "DPO" else 1), hp.max_length or 1024  # DPO: chosen and rejected
 
@@ -500,7 +505,7 @@ def check_memory(cfg: RunConfig, base_path: str, dev: dict[str, Any], w: World) 
         log.warning("no memory estimate for %s: %s", base_path, e)
         return
     spec = cfg.spec
-    batch, seq = memory_workload(cfg)
+    batch, seq = memory_workload(cfg, dev)
     weight_bytes = 4 if dev["cuda"] and not dev["bf16"] else 2
     quantized = spec.lora.quantization == "4bit"
     sharded = fsdp_wanted(shape.params, weight_bytes, gpu_bytes, w) and not quantized
@@ -535,6 +540,14 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     if is_local(cfg.output_uri):
         progress_paths.append(os.path.join(resolve_uri(cfg.output_uri), "progress.json"))
 
+    grpo_defaults = None
+    if method == "GRPO":  # defaults for unset hyperparameters by the base model's size, and why (perennial_trainer.grpo_defaults)
+        from .grpo_defaults import resolve
+
+        grpo_defaults = resolve(base_path)
+        dev = dict(dev, grpo_defaults=grpo_defaults)
+        if w.main:
+            log.info("%s", grpo_defaults.describe())
     check_memory(cfg, base_path, dev, w)  # before any weight is loaded: a run that cannot fit fails in seconds
     dev = check_quantization(cfg, dev)
     tok, model = load_base(base_path, dev)
@@ -643,6 +656,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
     metrics["train/fsdp"] = 1.0 if trainer.is_fsdp_enabled else 0.0
     if generation is not None:
         metrics.update(generation.metrics)
+    if grpo_defaults is not None:
+        metrics.update(grpo_defaults.metrics)
     metrics["train/seconds"] = train_seconds
 
     data_metrics, data_note = feedback_report(datasets_)
@@ -709,4 +724,5 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         message += "; WARNING " + ", ".join(w["reason"] for w in warnings) + " (see `warnings`)"
     return {"status": "Succeeded", "reason": "Trained", "message": message, "artifactUri": cfg.output_uri,
             "warnings": warnings, "metrics": {k: round(v, 6) for k, v in metrics.items()}, "lineage": lineage,
-            **({"generation": generation.record} if generation is not None else {})}
+            **({"generation": generation.record} if generation is not None else {}),
+            **({"grpoDefaults": grpo_defaults.record} if grpo_defaults is not None else {})}
