@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tinymodel import tiny_model_path
-from trainer_support import FRUIT_REWARD_SPEC, run_config, write_config, write_fruit_data
+from trainer_support import (
+    FRUIT_REWARD_SPEC,
+    run_config,
+    write_config,
+    write_fruit_data,
+)
 
 
 def test_unset_grpo_hyperparameters_on_the_tiny_model_take_the_toy_set(tmp_path):
