@@ -68,6 +68,7 @@ def auto_max_connections(nofile: int) -> int:
 
 
 _data_received = RequestHandler.data_received
+_resume_reading = RequestHandler.resume_reading
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -155,6 +156,14 @@ class GuardedRequestHandler(RequestHandler):
                 self._last_active = self._loop.time()
                 self._arm()
                 self._head_bytes = len(data)
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        # aiohttp (3.14) calls this whenever a handler reads a body below its low-water mark, paused or not, and
+        # resumes by parsing b"" and resuming the transport: work for nothing when reading is not paused (the
+        # parser pauses only through pause_reading(), which sets `_reading_paused`; a transport paused for the
+        # message queue is resumed by that queue, not here). About 4% of a feedback request's Python.
+        if self._reading_paused:
+            _resume_reading(self, *args, **kwargs)
 
     # ------------------------------------------------------------ errors
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:

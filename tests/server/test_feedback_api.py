@@ -294,3 +294,50 @@ def test_feedback_without_the_router_answers_as_with_it(fake_upstream, sidecar_f
     t2, _, _ = sidecar_factory(fake_upstream.url, app_hook=lambda app: app.middlewares.append(watch), store_uri="")
     assert requests.post(t2.url + "/v1/feedback", json=GOOD, headers=AUTH).status_code == 200
     assert seen == ["/v1/feedback"]
+
+
+def test_bodies_larger_than_the_read_buffer_pause_and_resume_reading(fake_upstream, sidecar_factory) -> None:
+    """A body that arrives faster than the handler reads it, past aiohttp's read buffer (its high-water
+    mark: 512 KiB), pauses reading until the handler has read it down (connections.GuardedRequestHandler.
+    resume_reading resumes only a paused connection): it is read whole, for feedback and for the proxy, and
+    the connection serves the next request."""
+    import socket
+
+    from perennial_server import connections
+
+    paused = []
+    pause = connections.GuardedRequestHandler.pause_reading
+
+    def watch(self):
+        paused.append(True)
+        pause(self)
+
+    t, _, cfg = sidecar_factory(fake_upstream.url, store_uri="", max_body_bytes=8 << 20)
+    host, port = t.url.split("//")[1].split(":")
+    body = b"[" + json.dumps({**GOOD, "id": "fb-big"}).encode() + b" " * (6 << 20) + b"]"
+    head = (f"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    small = json.dumps({**GOOD, "id": "fb-after"}).encode()
+    head2 = (f"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(small)}\r\n\r\n").encode()
+    connections.GuardedRequestHandler.pause_reading = watch
+    try:
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            # pipelined behind a request the engine takes 2 s to answer: meanwhile the big body is read into its
+            # buffer with no handler reading it yet
+            slow = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}).encode()
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(slow)}\r\n\r\n".encode()
+                      + slow)
+            s.sendall(head + body + head2 + small)
+            got = b""
+            while got.count(b"HTTP/1.1 200") < 3:
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+    finally:
+        connections.GuardedRequestHandler.pause_reading = pause
+    assert paused, "the body never filled the read buffer: nothing tested"
+    assert b"fb-big" in got and b"fb-after" in got
+    assert {rec["id"] for rec in _spooled(cfg.spool_dir) if rec["kind"] == "feedback"} == {"fb-big", "fb-after"}
+    r = requests.post(t.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x" * (900 << 10)}]}, timeout=60)
+    assert r.status_code == 200, r.text
