@@ -350,6 +350,29 @@ def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_s
         sidecars.close()
 
 
+def test_a_first_rollout_whose_pods_take_long_shows_progressing_then_serving_never_ready_before_the_switch(serving: Serving):
+    """Pods that take longer than a status batch: the Progressing state is written (a user must see it), Ready stays
+    False until the switch; then one write of the serving status. Two status writes, an Event with each."""
+    w = serving
+    sidecars = Sidecars(w.kube, "chat-routes")
+    try:
+        quiet(w.cluster)
+        w.cluster.server.reset_request_counts()
+        w.cluster.create("Deployment", "chat", spec())
+        w.proxied("chat-preview")
+        w.cluster.wait_condition("Deployment", "chat", "Progressing", "True", "FirstRollout")
+        assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "False" and w.stable_color() is None
+        run_pods(w, "chat-blue", w.deploy("chat-blue")["spec"]["replicas"], sidecars)
+        w.ready("chat-blue")
+        w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
+        assert w.stable_color() == "blue"
+        quiet(w.cluster)
+        assert count(w.cluster, ("patch", "update"), "perennial.ai/deployments/status") == 2, w.cluster.server.request_counts()
+        assert count(w.cluster, ("create",), "events") == 2, w.cluster.server.request_counts()
+    finally:
+        sidecars.close()
+
+
 @pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
 def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(serving: Serving):
     w = serving

@@ -559,12 +559,17 @@ def test_status_steps_back_to_back_are_written_once_with_their_notes_and_bad_new
     # the first step: held (nothing written: the status as it stands), looked at again when the batch ends
     out = ctl.batched(ctx, new, Outcome(progressing, [Note("PreviewCreated", "created blue")], 1800.0))
     assert out.status == {} and out.notes == [] and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS)
-    # the next step within the batch (the switch): held too, its notes join
+    # the next step within the batch (the switch): held too, its notes join; the batch ends once no step followed
+    # for STATUS_BATCH_SECONDS
     clock[0] += 0.5
     out = ctl.batched(ctx, new, Outcome(serving, [Note("Switched", "blue serves")]))
-    assert out.status == {} and out.notes == [] and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS - 0.5)
+    assert out.status == {} and out.notes == [] and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS)
+    # a pass with nothing new in the batch does not make it longer
+    clock[0] += 1.0
+    out = ctl.batched(ctx, new, Outcome(serving, []))
+    assert out.status == {} and out.requeue_after == pytest.approx(ctl.STATUS_BATCH_SECONDS - 1.0)
     # the batch ended: one write of the latest status, with every note
-    clock[0] += ctl.STATUS_BATCH_SECONDS
+    clock[0] += ctl.STATUS_BATCH_SECONDS - 1.0
     out = ctl.batched(ctx, new, Outcome(serving, []))
     assert out.status == serving and [n.reason for n in out.notes] == ["PreviewCreated", "Switched"]
     written = {**BODY, "status": serving}
@@ -584,6 +589,14 @@ def test_status_steps_back_to_back_are_written_once_with_their_notes_and_bad_new
     degraded = {**step, "conditions": _conds("True", "True", degraded="True")}
     assert ctl.batched(ctx, rolling, Outcome(degraded, [])).status == degraded
     assert ctl.batched(ctx, rolling, Outcome(step, [Note("ChildConflict", "taken", True)])).status == step
+    # steps that keep coming are written STATUS_BATCH_MAX_SECONDS after the first at the latest
+    start = clock[0]
+    for i in range(10):
+        out = ctl.batched(ctx, rolling, Outcome({**step, "readyReplicas": i}, []))
+        if out.status != rolling["status"]:
+            break
+        clock[0] += ctl.STATUS_BATCH_SECONDS * 0.75
+    assert out.status["readyReplicas"] == i and start + ctl.STATUS_BATCH_MAX_SECONDS <= clock[0] < start + ctl.STATUS_BATCH_MAX_SECONDS + ctl.STATUS_BATCH_SECONDS
     # a held change whose world went back to what is written: its notes are posted, nothing is written
     ctl.batched(ctx, rolling, Outcome(step, [Note("PreviewScalingUp", "up")]))
     out = ctl.batched(ctx, rolling, Outcome(rolling["status"], []))
@@ -591,7 +604,7 @@ def test_status_steps_back_to_back_are_written_once_with_their_notes_and_bad_new
     # a Deployment gone forgets what was held for it
     assert ctl.batched(ctx, rolling, Outcome(step, [Note("PreviewScalingUp", "up")])).status == rolling["status"]
     ctl.gone(ctx, "team", "chat")
-    assert not [k for k in ctx.tasks if k[0] == "status-batch"]
+    assert ctl._memo(ctx, "held") == {}
 
 
 def test_an_optional_kind_the_api_server_does_not_serve_is_asked_once_and_never_created(monkeypatch):
@@ -650,7 +663,7 @@ def test_a_batch_with_more_notes_than_one_event_holds_posts_them_all():
     for i, n in enumerate(notes):
         held = ctl.batched(ctx, rolling, Outcome({**rolling["status"], "readyReplicas": i + 1}, [n]))
         assert held.notes == [] and held.events == []
-    clock[0] += ctl.STATUS_BATCH_SECONDS
+    clock[0] += ctl.STATUS_BATCH_MAX_SECONDS
     out = ctl.batched(ctx, rolling, Outcome({**rolling["status"], "readyReplicas": 31}, []))
     groups = [out.notes] + [ns for obj, ns in out.events]
     assert all(obj is rolling for obj, _ in out.events) and len(groups) > 1

@@ -44,7 +44,7 @@ def is_unserved(api_version: str, kind: str, cluster: str = "local") -> bool:
 
 #: Per client: optional kind -> its discovery answer (served?), asked once for every reconcile that needs it at once
 #: (an operator's start reconciles hundreds: each sent a create that 404'd before the first 404 was known).
-_asked: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], asyncio.Future[bool | None]]]" = weakref.WeakKeyDictionary()
+_asked: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], asyncio.Future[bool | None]]] = weakref.WeakKeyDictionary()
 
 
 async def _discover(kube: AsyncKube, api_version: str, kind: str) -> bool | None:

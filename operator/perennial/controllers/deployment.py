@@ -66,12 +66,15 @@ from .base import (
     first_error,
     generation,
 )
+from .cached_specs import SpecCache
 from .children import apply_all, is_unserved
 from .manager import status_patch
 
 log = logging.getLogger("perennial.controllers")
 
 KIND = "Deployment"
+#: Parsed specs of Perennial Deployments, once per object while its `spec` is the same (shared: never changed).
+SPECS: SpecCache[DeploymentSpec] = SpecCache(DeploymentSpec)
 #: The annotation the local runtime's Service proxy writes on a Service: where it is reachable on this machine.
 LOCAL_URL_ANNOTATION = "perennial.ai/local-url"
 #: While ready pods have not applied the routes document yet, look again this often (sidecars are not watchable).
@@ -196,17 +199,24 @@ def desired_routes(spec: DeploymentSpec, resolved: Mapping[str, Mapping[str, Any
     return out
 
 
+def _memo(ctx: Context, name: str) -> dict[Any, Any]:
+    """A dict of this controller's, kept in `ctx.tasks` under one key (not a key per Deployment there: the smoke
+    tests' bookkeeping scans those keys at every pass)."""
+    return ctx.tasks.setdefault(("deployment-memo", name), {})
+
+
 def revision_of(ctx: Context, s: build.Serving) -> str:
     """`build.revision(s)` (the pod template built, every builder's checks run, hashed), remembered per region while
     what the builders read is the same (equal, not rebuilt: a pass of a Deployment whose inputs did not change builds
     no template to hash). Raises the builders' ValueError as `build.revision` does."""
-    key = ("revision", s.namespace, s.name, s.region.name)
+    memo = _memo(ctx, "revision")
+    key = (s.namespace, s.name, s.region.name)
     inputs = (s.body.get("spec"), s.base_model, s.adapters, s.region, s.image, s.settings, s.owned)
-    known = ctx.tasks.get(key)
+    known = memo.get(key)
     if known is not None and known[0] == inputs:
         return known[1]
     revision = build.revision(s)
-    ctx.tasks[key] = (inputs, revision)
+    memo[key] = (inputs, revision)
     return revision
 
 
@@ -1119,12 +1129,14 @@ def label_rival(ctx: Context, obj: dict[str, Any]) -> str | None:
 
 
 #: Status changes that are steps of a rollout (`Progressing` True before or after: preview up, the switch that made it
-#: serve, and what follows while one is held: an endpoint, a count) are written at most this long after the first of
-#: them was decided, together, with one Event of their notes: steps that happen back to back take one write (the
-#: EndpointSlice controller's batch period). What a user must see at once (a warning, Ready leaving True, Degraded
-#: turning True) is written at once, with what was held. The status lags a rollout by this much at most; it never
-#: says Ready before the switch (a held status is the one written before, or none).
+#: serve, and what follows while one is held: an endpoint, a count) are written once no step followed for this long
+#: (and at most STATUS_BATCH_MAX_SECONDS after the first), together, with one Event of their notes: steps that
+#: happen back to back take one write (the EndpointSlice controller's batch period). What a user must see at once (a
+#: warning, Ready leaving True, Degraded turning True) is written at once, with what was held. The status lags a
+#: rollout by STATUS_BATCH_MAX_SECONDS at most; it never says Ready before the switch (a held status is the one
+#: written before, or none).
 STATUS_BATCH_SECONDS = 2.0
+STATUS_BATCH_MAX_SECONDS = 4.0
 #: What the notes of one Event may take (the manager joins them into one message, cut at 1024 characters).
 EVENT_MESSAGE_BUDGET = 960
 
@@ -1135,23 +1147,23 @@ class _Held:
 
     since: float
     notes: list[Note]
-
-
-def _held_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
-    return ("status-batch", obj["metadata"]["namespace"], obj["metadata"]["name"])
+    #: when the status held last changed, and to what
+    changed: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
 
 
 def batched(ctx: Context, obj: dict[str, Any], out: Outcome) -> Outcome:
     """`out` as the manager should write it now, or the status as it stands (nothing written) while the change is
     held: its notes wait with it, and the Deployment is looked at again when the batch ends. Pure but for the held
     change kept in `ctx.tasks` (lost on a restart: the status is decided from the world again, the notes are not)."""
-    key = _held_key(obj)
-    held: _Held | None = ctx.tasks.get(key)
+    holds = _memo(ctx, "held")
+    key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+    held: _Held | None = holds.get(key)
     current = obj.get("status") or {}
     now = ctx.clock()
 
     def flush() -> Outcome:
-        ctx.tasks.pop(key, None)
+        holds.pop(key, None)
         if held is None:
             return out
         # one Event for the batch, or as many as its notes need (an Event's message ends at 1024 characters)
@@ -1172,10 +1184,12 @@ def batched(ctx: Context, obj: dict[str, Any], out: Outcome) -> Outcome:
         return flush()
     rolling = cond.is_true(current.get("conditions"), CONDITION_PROGRESSING) or cond.is_true(out.status.get("conditions"), CONDITION_PROGRESSING)
     since = held.since if held else now
-    if (held is None and not rolling) or now - since >= STATUS_BATCH_SECONDS or now < since:
+    changed = now if held is None or out.status != held.status else held.changed
+    end = min(changed + STATUS_BATCH_SECONDS, since + STATUS_BATCH_MAX_SECONDS)
+    if (held is None and not rolling) or now >= end or now < since:
         return flush()  # not a step of a rollout (nor what follows one held), or its batch is over
-    ctx.tasks[key] = _Held(since, (held.notes if held else []) + list(out.notes))
-    return Outcome(dict(current), [], _min(out.requeue_after, since + STATUS_BATCH_SECONDS - now), events=out.events)
+    holds[key] = _Held(since, (held.notes if held else []) + list(out.notes), changed, out.status)
+    return Outcome(dict(current), [], _min(out.requeue_after, end - now), events=out.events)
 
 
 async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
@@ -1185,10 +1199,10 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
 async def decide(obj: dict[str, Any], ctx: Context) -> Outcome:
     """One pass over a Deployment: observe, decide, act; the status and notes of what it found and did."""
     gen = generation(obj)
-    try:
-        spec = DeploymentSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError as exc:
-        return Outcome(_blocked_status(obj, "InvalidSpec", first_error(exc)), [Note("InvalidSpec", first_error(exc), True)])
+    spec, invalid = SPECS.parse(obj)
+    if spec is None:
+        assert invalid is not None
+        return Outcome(_blocked_status(obj, "InvalidSpec", first_error(invalid)), [Note("InvalidSpec", first_error(invalid), True)])
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     if (rival := label_rival(ctx, obj)) is not None:
         message = (f"Deployment {rival!r} in this namespace already has the label value {build.label_value(name)!r} (names longer "
@@ -1360,9 +1374,8 @@ async def finalize(obj: dict[str, Any], ctx: Context) -> float | None:
 
 def dependencies(obj: dict[str, Any]) -> list[Dependency]:
     """The BaseModel and the Adapters (by name, or their family) a Deployment serves."""
-    try:
-        spec = DeploymentSpec.model_validate(obj.get("spec") or {})
-    except pydantic.ValidationError:
+    spec = SPECS.get(obj)
+    if spec is None:
         return []
     ns = obj["metadata"]["namespace"]
     deps: list[Dependency] = [(API_VERSION, "BaseModel", ns, spec.base_model_ref.name)]
@@ -1390,8 +1403,11 @@ def event_for(c: dict[str, Any]) -> str | None:
 
 def gone(ctx: Context, namespace: str, name: str) -> None:
     forget_smoke_tests(ctx, (namespace, name))
-    for key in [k for k in ctx.tasks if isinstance(k, tuple) and len(k) >= 3 and k[0] in ("status-batch", "revision") and k[1:3] == (namespace, name)]:
-        del ctx.tasks[key]
+    _memo(ctx, "held").pop((namespace, name), None)
+    SPECS.forget(namespace, name)
+    revisions = _memo(ctx, "revision")
+    for key in [k for k in revisions if k[:2] == (namespace, name)]:
+        del revisions[key]
 
 
 CONTROLLER = Controller(KIND, "deployments", DeploymentStatus, reconcile, dependencies, event_for=event_for,
