@@ -1184,7 +1184,7 @@ def batched(ctx: Context, obj: dict[str, Any], out: Outcome) -> Outcome:
         return flush()
     rolling = cond.is_true(current.get("conditions"), CONDITION_PROGRESSING) or cond.is_true(out.status.get("conditions"), CONDITION_PROGRESSING)
     since = held.since if held else now
-    changed = now if held is None or out.status != held.status else held.changed
+    changed = now if held is None or status_patch(held.status, out.status) is not None else held.changed
     end = min(changed + STATUS_BATCH_SECONDS, since + STATUS_BATCH_MAX_SECONDS)
     if (held is None and not rolling) or now >= end or now < since:
         return flush()  # not a step of a rollout (nor what follows one held), or its batch is over
