@@ -61,6 +61,13 @@ WARMUP_HP = {"maxSteps": 60, "learningRate": "3e-3", "batchSize": 8}  # 30 steps
 # GRPO on the pretrained base: 8 prompts x 8 completions a step, 200 steps (3 passes over the 512 prompts). With the demo's
 # settings (50 steps of 2 prompts x 16, lr 3e-4) greedy held-out accuracy on `upper` did not move (0.52 -> 0.52, seed 0).
 GRPO_HP = {"maxSteps": 200, "learningRate": "1e-3", "numGenerations": 8, "batchSize": 64, "entropyCoef": "0.05"}
+# Named GRPO settings for --grpo-hp / --also-grpo-hp: "defaults" sets none (what the trainer resolves for this base:
+# perennial_trainer.grpo_defaults); "model-defaults" is the real-model set written out (lr 1e-5, one prompt of 8
+# completions a step, no entropy bonus, one epoch), what a toy got by default before the size rule.
+GRPO_SETS: dict[str, dict[str, Any]] = {
+    "benchmark": GRPO_HP, "defaults": {},
+    "model-defaults": {"learningRate": "1e-5", "numGenerations": 8, "batchSize": 8, "entropyCoef": "0"},
+}
 QUICK = {"sft": {"maxSteps": 20}, "warmup": {"maxSteps": 10}, "grpo": {"maxSteps": 8}}
 
 
@@ -106,7 +113,7 @@ def scores(result: dict[str, Any], baseline: bool = False) -> dict[str, float]:
 
 
 def one_seed(task_name: str, seed: int, base: str, tmp: Path, grpo_hp: dict[str, Any], quick: bool, log,
-             grpo_base: dict[str, Any] | None = None, warmup: bool = True) -> dict[str, Any]:
+             grpo_base: dict[str, Any] | None = None, warmup: bool = True, also: list[str] = ()) -> dict[str, Any]:
     task = TASKS[task_name]
     d = tmp / f"{task_name}-{seed}"
     data = write_task_data(task, d / "data", seed=seed)
@@ -125,6 +132,13 @@ def one_seed(task_name: str, seed: int, base: str, tmp: Path, grpo_hp: dict[str,
     row["SFT+GRPO"] = scores(g) | {"wall_s": sft["wall_s"] + g["wall_s"], "parent_reward": g["metrics"]["eval/baseline_mean_reward"],
                                    "warnings": [w["reason"] for w in g.get("warnings", [])],
                                    "grpo_defaults": g["metrics"].get("train/grpo_defaults_toy"), "steps": g["metrics"]["train/steps"]}
+    for name in also:  # more GRPO settings from the same SFT parent, side by side
+        hp = {**GRPO_SETS[name], **grpo_hp, **(QUICK["grpo"] if quick else {})}
+        x = run_trainer(d, f"sft-grpo-{name}", "GRPO", base, data, "grpo", hp, spec, sft["artifact"], seed, ct)
+        row[f"SFT+GRPO {name}"] = scores(x) | {"wall_s": sft["wall_s"] + x["wall_s"], "steps": x["metrics"]["train/steps"],
+                                               "grpo_defaults": x["metrics"].get("train/grpo_defaults_toy")}
+        log(f"{task_name} seed {seed}: SFT+GRPO {name} {row[f'SFT+GRPO {name}']['reward']:.3f}/{row[f'SFT+GRPO {name}']['accuracy']:.2f}"
+            f"  ({x['wall_s']:.0f} s; {x['metrics']['train/steps']:.0f} steps)")
     if not warmup:
         log(f"{task_name} seed {seed}: " + "  ".join(f"{c} {row[c]['reward']:.3f}/{row[c]['accuracy']:.2f}" for c in CONDITIONS[:3])
             + f"  ({sft['wall_s'] + g['wall_s']:.0f} s; GRPO {row['SFT+GRPO']['steps']:.0f} steps)")
@@ -170,6 +184,19 @@ def table(rows: list[dict[str, Any]], tasks: list[str]) -> tuple[str, int]:
         lines.append(f"{t:<11} {lab:>6} " + " ".join(f"{'reward ' + x:>22}" for x in cells_r) + f" {gain:>+15.3f} {('yes' if ok else 'no') if len(rs) > 1 else 'n/a':>5}")
         lines.append(f"{'':<11} {'':>6} " + " ".join(f"{'acc ' + x:>22}" for x in cells_a))
         lines.append(f"{'':<11} {'':>6} " + " ".join(f"{'wall ' + x + ' s':>22}" for x in cells_t))
+    extra = sorted({k for r in rows for k in r if k.startswith("SFT+GRPO ")})
+    for t in tasks:  # --also-grpo-hp: the same SFT parents under other GRPO settings
+        rs = [r for r in rows if r["task"] == t]
+        for k in extra:
+            if not rs or not all(k in r for r in rs):
+                continue
+            sft_m, sft_s = _ms([r["SFT"]["reward"] for r in rs])
+            mr, sr = _ms([r[k]["reward"] for r in rs])
+            ma, sa = _ms([r[k]["accuracy"] for r in rs])
+            steps = statistics.fmean(r[k]["steps"] for r in rs)
+            ok = len(rs) > 1 and mr - sft_m > max(sft_s, sr)
+            lines.append(f"{t:<11} {k:<28} reward {mr:.3f}±{sr:.3f} acc {ma:.3f}±{sa:.3f} ({steps:.0f} steps) gain over SFT {mr - sft_m:+.3f} "
+                         f"claim {('yes' if ok else 'no') if len(rs) > 1 else 'n/a'}")
     seeds = sorted({r["seed"] for r in rows})
     lines.append(f"seeds {seeds}; claim (SFT+GRPO - SFT > max sd of the two) met on {met} of {len(tasks)} tasks")
     return "\n".join(lines), met
@@ -181,9 +208,12 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--grpo", default="{}", help="GRPO hyperparameters (JSON, camelCase) over the defaults")
-    ap.add_argument("--grpo-hp", choices=["benchmark", "defaults"], default="benchmark",
-                    help="GRPO hyperparameters under --grpo: the benchmark's (GRPO_HP) or none at all (the TrainingRun's "
-                         "defaults as the trainer resolves them for this base, as a user who sets none gets)")
+    ap.add_argument("--grpo-hp", choices=list(GRPO_SETS), default="benchmark",
+                    help="GRPO hyperparameters under --grpo: the benchmark's (GRPO_HP), none at all (the TrainingRun's "
+                         "defaults as the trainer resolves them for this base, as a user who sets none gets), or the "
+                         "real-model defaults written out")
+    ap.add_argument("--also-grpo-hp", default="", help="comma-separated more GRPO settings (names as --grpo-hp) run from "
+                                                      "the same SFT parents, printed side by side")
     ap.add_argument("--no-warmup", action="store_true", help="only base, SFT and SFT+GRPO (no warm-up conditions)")
     ap.add_argument("--hidden", type=int, default=None, help="tiny model hidden size (default: tinymodel's)")
     ap.add_argument("--layers", type=int, default=None, help="tiny model layers (default: tinymodel's)")
@@ -222,7 +252,10 @@ def main() -> int:
         base = build_tiny_model(tmp / "model", **shape)
         shape = {**shape, "base": "random", "probe_accuracy": probe_accuracy(base)}
     grpo_hp = json.loads(a.grpo)
-    grpo_base = GRPO_HP if a.grpo_hp == "benchmark" else {}
+    grpo_base = GRPO_SETS[a.grpo_hp]
+    also = [x for x in a.also_grpo_hp.split(",") if x]
+    if [x for x in also if x not in GRPO_SETS]:
+        ap.error(f"unknown --also-grpo-hp {also}; known: {list(GRPO_SETS)}")
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.0f} s] {msg}", flush=True)
@@ -231,7 +264,7 @@ def main() -> int:
     rows = []
     for seed in seeds:  # seed-major: a partial run still covers every task
         for t in tasks:
-            rows.append(one_seed(t, seed, base, tmp, grpo_hp, a.quick, log, grpo_base, not a.no_warmup))
+            rows.append(one_seed(t, seed, base, tmp, grpo_hp, a.quick, log, grpo_base, not a.no_warmup, also))
             if a.json:
                 Path(a.json).write_text(json.dumps({"rows": rows, "grpo": {**grpo_base, **grpo_hp}, "model": shape}, indent=1))
     text, _ = table(rows, tasks)
