@@ -67,6 +67,7 @@ GRPO_HP = {"maxSteps": 200, "learningRate": "1e-3", "numGenerations": 8, "batchS
 GRPO_SETS: dict[str, dict[str, Any]] = {
     "benchmark": GRPO_HP, "defaults": {},
     "model-defaults": {"learningRate": "1e-5", "numGenerations": 8, "batchSize": 8, "entropyCoef": "0"},
+    "defaults-no-entropy": {"entropyCoef": "0"},  # what the entropy bonus of the toy set adds
 }
 QUICK = {"sft": {"maxSteps": 20}, "warmup": {"maxSteps": 10}, "grpo": {"maxSteps": 8}}
 

@@ -35,3 +35,7 @@ def test_unset_grpo_hyperparameters_on_the_tiny_model_take_the_toy_set(tmp_path)
     assert result["metrics"]["train/epoch"] == pytest.approx(2 / (rows // 8), rel=0.05)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["train/grpo_defaults_toy"] == 1.0
+    # what the TrainingRun's status shows
+    from perennial.controllers.trainingrun import metrics_list
+
+    assert {"name": "train/grpo_defaults_toy", "value": "1"} in metrics_list(result["metrics"])
