@@ -22,7 +22,8 @@ def test_unset_grpo_hyperparameters_on_the_tiny_model_take_the_toy_set(tmp_path)
     data = write_fruit_data(tmp_path / "data")
     cfg = write_config(tmp_path / "run.yaml", run_config(
         name="defaults", method="GRPO", base=tiny_model_path(), output=str(tmp_path / "out"),
-        datasets=[{"name": "p", "uri": data["grpo"]}], hp={"maxSteps": 2, "maxCompletionLength": 4}, reward_spec=FRUIT_REWARD_SPEC))
+        datasets=[{"name": "p", "uri": data["grpo"]}, {"name": "e", "uri": data["eval"], "split": "Eval"}],
+        hp={"maxSteps": 2, "maxCompletionLength": 4}, reward_spec=FRUIT_REWARD_SPEC, evaluation={"enabled": True, "maxSamples": 4}))
     term = tmp_path / "termination-log"
     assert main(["train", "--config", cfg, "--termination-log", str(term)]) == 0, term.read_text()
     result = json.loads(term.read_text())
@@ -35,7 +36,7 @@ def test_unset_grpo_hyperparameters_on_the_tiny_model_take_the_toy_set(tmp_path)
     assert result["metrics"]["train/epoch"] == pytest.approx(2 / (rows // 8), rel=0.05)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["train/grpo_defaults_toy"] == 1.0
-    # what the TrainingRun's status shows
+    # what the TrainingRun's status shows (its list keeps 64 metrics: this one among them with evaluation's)
     from perennial.controllers.trainingrun import metrics_list
 
     assert {"name": "train/grpo_defaults_toy", "value": "1"} in metrics_list(result["metrics"])
