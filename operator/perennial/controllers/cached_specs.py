@@ -6,6 +6,10 @@ converged object (benchmarks/operator_scale.py --profile). A `SpecCache` keeps, 
 parsed and the result (the model, or the validation error); the next object whose `spec` is the same dict or an
 equal one gets that result back. Equal JSON gives an equal parse, so this is a cache, not a second source of
 truth. Parsed specs are shared: read them, never change them (as the objects of the informer cache).
+
+Bounded (least recently used first out): a parsed TrainingRunSpec holds ~6 KiB, and the parses an object needs
+come close together (its events, then its reconcile), so 1,024 entries keep nearly all the hits while a burst of
+new objects waits in the queue, and the memory (~7 MiB at most) does not grow with the number of objects.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 class SpecCache(Generic[M]):
-    def __init__(self, model: type[M], maxsize: int = 50_000):
+    def __init__(self, model: type[M], maxsize: int = 1024):
         self.model = model
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple[str, str], tuple[Any, M | None, pydantic.ValidationError | None]] = OrderedDict()
@@ -31,6 +35,8 @@ class SpecCache(Generic[M]):
         key = (meta.get("namespace") or "", meta.get("name") or "")
         entry = self._entries.get(key)
         if entry is not None and (entry[0] is raw or entry[0] == raw):
+            if entry[0] is not raw:  # hold the newest dict (the cache's), not an older equal one
+                self._entries[key] = (raw, entry[1], entry[2])
             self._entries.move_to_end(key)
             return entry[1], entry[2]
         try:
