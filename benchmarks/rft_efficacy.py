@@ -1,6 +1,7 @@
 """Does reinforcement fine-tuning help where labels are scarce? (issue 16)
 
     nice -n 10 python benchmarks/rft_efficacy.py [--quick] [--seeds 3] [--tasks parity,upper] [--base random]
+                                                 [--grpo-hp defaults] [--also-grpo-hp model-defaults] [--no-warmup]
                                                  [--json out.json]
 
 For every task of `perennial_trainer.tasks` (toy tasks with verifiable rewards: a labelled budget of 16-32
@@ -17,7 +18,10 @@ models are scored on the held-out prompts (greedy), with the task's RewardSpec (
 
 Every run goes through the trainer's own entrypoint (`perennial_trainer.cli.main(["train", "--config", ...])`, the
 RunConfig an operator renders for a TrainingRun), in this process, one torch thread. GRPO hyperparameters are the
-TrainingRun defaults unless set with `--grpo` (JSON of camelCase `hyperparameters` fields). Reported per task and
+benchmark's (`GRPO_HP`), or with `--grpo-hp defaults` none at all (the TrainingRun defaults the trainer resolves for
+this base: `perennial_trainer.grpo_defaults`), with `--grpo` (JSON of camelCase `hyperparameters` fields) over them;
+`--also-grpo-hp model-defaults,...` adds GRPO runs from the same SFT parents under other named settings
+(`GRPO_SETS`), printed side by side. Reported per task and
 condition: held-out mean reward and exact accuracy (`correct`), mean and standard deviation over seeds, and wall
 time per run; the claim checked is that SFT+GRPO beats SFT on held-out reward by more than the seed spread
 (the larger of the two conditions' standard deviations).
