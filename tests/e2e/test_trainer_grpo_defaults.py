@@ -40,3 +40,20 @@ def test_unset_grpo_hyperparameters_on_the_tiny_model_take_the_toy_set(tmp_path)
     from perennial.controllers.trainingrun import metrics_list
 
     assert {"name": "train/grpo_defaults_toy", "value": "1"} in metrics_list(result["metrics"])
+
+
+def test_the_toy_set_on_fewer_prompts_than_a_step_takes_them_all(tmp_path):
+    """4 prompts, no maxSteps: 8 prompts a step would leave TRL an empty epoch (it failed: `max_steps must be set`)."""
+    from perennial_trainer.cli import main
+
+    data = write_fruit_data(tmp_path / "data")
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(Path(data["grpo"]).read_text().splitlines(True)[:4]))
+    cfg = write_config(tmp_path / "run.yaml", run_config(
+        name="small", method="GRPO", base=tiny_model_path(), output=str(tmp_path / "out"),
+        datasets=[{"name": "p", "uri": str(small)}], hp={"maxCompletionLength": 4}, reward_spec=FRUIT_REWARD_SPEC))
+    term = tmp_path / "termination-log"
+    assert main(["train", "--config", cfg, "--termination-log", str(term)]) == 0, term.read_text()
+    result = json.loads(term.read_text())
+    assert result["metrics"]["train/steps"] == 1 and result["metrics"]["train/epoch"] == 1.0
+    assert result["grpoDefaults"]["set"] == "toy" and result["grpoDefaults"]["promptsPerStep"] == 4

@@ -65,6 +65,14 @@ def test_unset_hyperparameters_on_a_toy_take_the_toy_set(tmp_path):
     assert memory_workload(_cfg(), dev)[0] == 64  # the memory estimate sees the same batch
 
 
+def test_the_toy_batch_is_at_most_the_prompts_there_are(tmp_path):
+    # 8 prompts a step over 4 prompts would be an empty epoch (TRL: "max_steps must be set ... was -1")
+    dev = dict(CPU, grpo_defaults=for_parameters(133_000))
+    assert trl_config(_cfg(), str(tmp_path), dev, 4, [1.0, 1.0]).per_device_train_batch_size == 32
+    assert trl_config(_cfg(), str(tmp_path), dev, 1, [1.0, 1.0]).per_device_train_batch_size == 8
+    assert trl_config(_cfg(batchSize=64), str(tmp_path), dev, 4, [1.0, 1.0]).per_device_train_batch_size == 64  # set: as set
+
+
 def test_unset_hyperparameters_on_a_real_model_keep_the_real_set(tmp_path):
     for dev in (dict(CPU, grpo_defaults=for_parameters(494_000_000)), CPU):  # CPU: nothing resolved (unit callers)
         args = trl_config(_cfg(), str(tmp_path), dev, 512, [1.0, 1.0])
@@ -95,3 +103,6 @@ def test_record_says_which_set_and_why():
     assert rec["set"] == "toy" and rec["learningRate"] == 1e-3 and rec["promptsPerStep"] == 8 and rec["entropyCoef"] == 0.05
     assert "133,000 parameters" in rec["reason"]
     assert for_parameters(494_000_000).record["set"] == "model"
+    capped = for_parameters(133_000).applied(4).record
+    assert capped["promptsPerStep"] == 4 and "4 prompt(s) per step: all the training set has" in capped["reason"]
+    assert for_parameters(133_000).applied(8) == for_parameters(133_000)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,13 @@ class GrpoDefaults:
         if self.entropy_coef is not None:
             rec["entropyCoef"] = self.entropy_coef
         return rec
+
+    def applied(self, prompts_per_step: int) -> GrpoDefaults:
+        """This set as applied: fewer prompts per step when the training set has fewer prompts (per process)."""
+        if prompts_per_step == self.prompts_per_step:
+            return self
+        return replace(self, prompts_per_step=prompts_per_step,
+                       reason=f"{self.reason}; {prompts_per_step} prompt(s) per step: all the training set has per process")
 
     def describe(self) -> str:
         ent = f", entropyCoef {self.entropy_coef}" if self.entropy_coef is not None else ""

@@ -215,13 +215,19 @@ def lora_config(cfg: RunConfig):
     )
 
 
-def grpo_group(cfg: RunConfig, dev: dict[str, Any] | None = None) -> tuple[int, int]:
+def grpo_group(cfg: RunConfig, dev: dict[str, Any] | None = None, prompts: int | None = None) -> tuple[int, int]:
     """GRPO's (numGenerations, per-device batch size in completions); an unset batch size is the base model's default
-    number of prompts per step (`grpo_defaults`, resolved into `dev["grpo_defaults"]`; one prompt before that)."""
+    number of prompts per step (`grpo_defaults`, resolved into `dev["grpo_defaults"]`; one prompt before that), at most
+    the `prompts` each process has (a batch larger than the data makes an empty epoch)."""
     hp = cfg.spec.hyperparameters
     ng = hp.num_generations or GRPO_DEFAULT_NUM_GENERATIONS
+    if hp.batch_size:
+        return ng, hp.batch_size
     defaults = (dev or {}).get("grpo_defaults")
-    return ng, hp.batch_size or ng * (defaults.prompts_per_step if defaults else 1)
+    per_step = defaults.prompts_per_step if defaults else 1
+    if prompts is not None:
+        per_step = max(1, min(per_step, prompts))
+    return ng, ng * per_step
 
 
 def check_hyperparameters(cfg: RunConfig) -> None:
@@ -273,7 +279,7 @@ def trl_config(cfg: RunConfig, checkpoint_dir: str, dev: dict[str, Any], n_train
         return DPOConfig(per_device_train_batch_size=hp.batch_size or 8, max_length=hp.max_length or 1024,
                          beta=_f(hp.beta) if hp.beta is not None else 0.1, **common)
     check_hyperparameters(cfg)
-    ng, bs = grpo_group(cfg, dev)
+    ng, bs = grpo_group(cfg, dev, prompts=n_train // world().size)
     extra: dict[str, Any] = {}
     if hp.entropy_coef is not None:
         extra["entropy_coef"] = float(hp.entropy_coef)
@@ -602,6 +608,8 @@ def _run(cfg: RunConfig, dev: dict[str, Any], datasets_: list[LoadedDataset], tr
         if w.main:
             log.info("%s", generation.describe())
     args = trl_config(cfg, ckpt_dir, dev, len(rows), weights)
+    if grpo_defaults is not None and not spec.hyperparameters.batch_size:  # record the prompts per step it got
+        grpo_defaults = grpo_defaults.applied(args.per_device_train_batch_size // args.num_generations)
     progress = ProgressCallback(progress_paths, reward_names, remote_uri=None if is_local(cfg.output_uri) else cfg.output_uri)
     callbacks = [progress] + ([checkpoints.mirror_callback(mirror)] if mirror else []) if w.main else []
     common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=callbacks, peft_config=peft_config)
