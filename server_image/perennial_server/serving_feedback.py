@@ -161,7 +161,8 @@ class FeedbackHandler:
                 f = "fb-" + random_hex()  # a fresh random id: no other request can hold it, and it is not stored yet
                 await s.spool.durable(self._record(f, req, ftype, seen), ftype)
             else:
-                fut = asyncio.get_running_loop().create_future()
+                # the spool's loop is this one (asyncio.get_running_loop() costs a getpid() system call on Python 3.11)
+                fut = s.spool.loop.create_future()
                 ids.inflight[f] = fut  # a retry arriving meanwhile waits for this outcome (store_again)
                 try:
                     await s.spool.durable(self._record(f, req, ftype, seen), ftype)

@@ -323,6 +323,11 @@ class Spool:
         await fut
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the spool runs on (None before start()): its writers' futures belong to it."""
+        return self._loop
+
+    @property
     def pending(self) -> int:
         return len(self._buf)
 
