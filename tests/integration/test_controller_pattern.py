@@ -15,10 +15,13 @@ WRITES = ("create", "update", "patch", "delete", "deletecollection")
 
 
 def served_watches() -> int:
-    """Resources the operator lists: its own kinds and the built-ins it watches (KEDA's are not served here)."""
+    """Resources the operator lists: its own kinds and the built-ins it watches that are served here (optional ones
+    too where the embedded control plane serves them, as NetworkPolicies; KEDA's are not served here)."""
     from perennial.controllers.manager import BUILTIN_WATCHES, OUR_KINDS
+    from perennial.local.store import builtin_types
 
-    return len(OUR_KINDS) + sum(1 for w in BUILTIN_WATCHES if not w.optional)
+    here = {(t.group, t.plural) for t in builtin_types()}
+    return len(OUR_KINDS) + sum(1 for w in BUILTIN_WATCHES if not w.optional or (w.group, w.plural) in here)
 
 
 def count(cluster: Cluster, verbs: tuple[str, ...] | None = None, resource: str | None = None) -> int:

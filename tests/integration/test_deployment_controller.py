@@ -215,7 +215,7 @@ def serving_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: Any
 def assert_one_child_each(cluster: Cluster) -> None:
     """Every serving child exists once per name and kind, owned by exactly one Perennial Deployment."""
     for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"), ("v1", "ConfigMap"),
-                      ("autoscaling/v2", "HorizontalPodAutoscaler"), ("v1", "Secret")):
+                      ("autoscaling/v2", "HorizontalPodAutoscaler"), ("v1", "Secret"), ("networking.k8s.io/v1", "NetworkPolicy")):
         for obj in cluster.kube.list(api, kind, NS, "app.kubernetes.io/managed-by=perennial-operator"):
             owners = obj["metadata"].get("ownerReferences") or []
             assert len(owners) <= 1, obj["metadata"]
@@ -322,6 +322,61 @@ def test_first_rollout_children_status_events_and_no_writes_once_stable(serving:
     quiet(w.cluster)
     assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
     assert base64.b64decode(w.kube.get("v1", "Secret", NS, "chat-feedback-token")["data"]["token"]) == secret, "the token is never rewritten"
+
+
+NETPOLS = "networking.k8s.io/networkpolicies"
+
+
+def netpol_requests(cluster: Any) -> dict[str, int]:
+    """The operator's requests to NetworkPolicies by verb, its listing and watching apart."""
+    from test_controller_pattern import OPERATOR
+
+    out: dict[str, int] = collections.Counter()
+    for r in cluster.server.request_counts()["requests"]:
+        if r["client"] in OPERATOR and r["resource"] == NETPOLS and r["verb"] not in ("list", "watch"):
+            out[r["verb"]] += r["count"]
+    return dict(out)
+
+
+def test_the_serving_network_policy_is_watched_and_never_written_or_read_again_once_converged(serving: Serving):
+    """Every real API server serves NetworkPolicies (so does the embedded one, defaulting them as kube-apiserver
+    does). The serving pods' policy is made once; then several resyncs and an operator restart send no create (a
+    409), no GET after it, no patch: the operator knows it from its watch, like every other child."""
+    w = serving
+    first_rollout(w)
+    policy = wait_for(lambda: w.kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "chat-serving"), message="NetworkPolicy")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == w.cluster.get("Deployment", "chat")["metadata"]["uid"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert all(p.get("protocol") for rule in policy["spec"]["ingress"] for p in rule.get("ports") or [])
+    validate_strict(policy)
+    cache = w.managers[-1].cache
+    wait_for(lambda: cache.get("networking.k8s.io/v1", "NetworkPolicy", NS, "chat-serving"), message="the operator's watch has it")
+
+    quiet(w.cluster)
+    w.cluster.server.reset_request_counts()
+    for i in range(3):  # resyncs: the Deployment reconciles again at each change of its children
+        w.kube.patch("apps/v1", "Deployment", NS, "chat-blue", {"status": {"conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "lastUpdateTime": f"2026-01-01T00:01:0{i}Z"}]}},
+            subresource="status")
+        time.sleep(0.3)
+    quiet(w.cluster)
+    assert netpol_requests(w.cluster) == {}, w.cluster.server.request_counts()
+    assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
+    for _ in range(2):
+        w.cluster.restart_operator()
+        wait_for(lambda: count(w.cluster, ("list",), NETPOLS) >= 1, message="NetworkPolicies listed again")
+        wait_for(lambda: count(w.cluster, ("list",)) >= 10, message="every watched resource listed again")
+        quiet(w.cluster)
+        assert netpol_requests(w.cluster) == {}, w.cluster.server.request_counts()
+        assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
+        w.cluster.server.reset_request_counts()
+
+    # Drift is still brought back (from the watch: the cached policy differs), with one patch and no read.
+    w.kube.patch("networking.k8s.io/v1", "NetworkPolicy", NS, "chat-serving", {"spec": {"ingress": [{}]}})
+    wait_for(lambda: len(w.kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "chat-serving")["spec"]["ingress"]) >= 2,
+             message="the policy's ingress brought back")
+    quiet(w.cluster)
+    assert netpol_requests(w.cluster) == {"patch": 1}, w.cluster.server.request_counts()
 
 
 def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_switch(serving: Serving):

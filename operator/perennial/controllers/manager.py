@@ -86,6 +86,10 @@ BUILTIN_WATCHES = (
     Watched("", "v1", "services", "Service", MANAGED),
     Watched("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", MANAGED),
     Watched("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", MANAGED),
+    # The NetworkPolicies of serving pods and of pods that run untrusted code (training, validation, download): every
+    # real API server serves them; watched, a restart or a resync compares with the cache (no create, 409 and read).
+    # Optional: an API server without them (rare) still runs the operator (children.OPTIONAL_KINDS skips them).
+    Watched("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", MANAGED, optional=True),
     Watched("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", MANAGED, optional=True, wakes=("Deployment",)),
     # A color's workload across nodes (engine.pipelineParallelSize > 1), where LeaderWorkerSet is installed: its
     # status (groups ready as a whole) wakes the Deployment; its leader pods carry the Deployment's labels (above).

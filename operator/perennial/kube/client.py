@@ -86,9 +86,12 @@ def path_for(api_version: str, kind: str, namespace: str | None = None, name: st
 
 
 def subset(desired: Any, actual: Any) -> bool:
-    """True when every field of `desired` is present and equal in `actual`."""
+    """True when every field of `desired` is present and equal in `actual`. An empty list is an absent field: a
+    real API server stores built-ins as protobuf and returns an empty list as nothing (Go's `omitempty`)."""
     if isinstance(desired, dict):
         return isinstance(actual, dict) and all(subset(v, actual.get(k)) for k, v in desired.items())
+    if desired == [] and actual is None:
+        return True
     if isinstance(desired, list):
         return isinstance(actual, list) and len(desired) == len(actual) and all(subset(d, a) for d, a in zip(desired, actual))
     return desired == actual

@@ -316,6 +316,35 @@ def horizontal_pod_autoscaler(obj: dict) -> dict:
     return obj
 
 
+# --------------------------------------------------------------------------- networking.k8s.io/v1
+
+
+def network_policy(obj: dict) -> dict:
+    """kubernetes pkg/apis/networking/v1/defaults.go: a port's protocol is TCP unless given; no policyTypes (unset
+    or empty) is ["Ingress"], plus "Egress" when there are egress rules. `podSelector` absent: Go's decoding zero-fills
+    the struct (an empty selector: every pod of the namespace), as kube-apiserver stores and returns it."""
+    spec = _sub(obj, "spec")
+    if spec is None:
+        return obj
+    if spec.get("podSelector") is None:
+        spec["podSelector"] = {}
+    for direction in ("ingress", "egress"):
+        rules = spec.get(direction)
+        for rule in rules if isinstance(rules, list) else []:
+            ports = rule.get("ports") if isinstance(rule, dict) else None
+            for port in ports if isinstance(ports, list) else []:
+                if isinstance(port, dict) and port.get("protocol") is None:
+                    port["protocol"] = "TCP"
+            for key in ("ports", "from", "to"):
+                if isinstance(rule, dict) and rule.get(key) == []:
+                    del rule[key]  # stored as protobuf, an empty list comes back absent (omitempty)
+        if rules == []:
+            del spec[direction]
+    if not spec.get("policyTypes"):
+        spec["policyTypes"] = ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
+    return obj
+
+
 # --------------------------------------------------------------------------- dispatch
 
 _BY_KIND: dict[tuple[str, str], Callable[..., dict]] = {
@@ -324,6 +353,7 @@ _BY_KIND: dict[tuple[str, str], Callable[..., dict]] = {
     ("apps", "deployments"): deployment,
     ("apps", "replicasets"): replica_set,
     ("autoscaling", "horizontalpodautoscalers"): horizontal_pod_autoscaler,
+    ("networking.k8s.io", "networkpolicies"): network_policy,
 }
 
 

@@ -162,6 +162,7 @@ def builtin_types() -> list[ResourceType]:
             to_storage=hpa_v1_to_v2, from_storage=hpa_v2_to_v1),
         _rt("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short_names=["pdb"],
             subresources=("status",), has_generation=True),
+        _rt("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=["netpol"], has_generation=True),
         _rt("coordination.k8s.io", "v1", "leases", "Lease"),
         _rt("rbac.authorization.k8s.io", "v1", "roles", "Role"),
         _rt("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),

@@ -197,6 +197,9 @@ BUILTIN_COLUMNS: dict[tuple[str, str], list[Column]] = {
         NAME, ("Min Available", "string", 0, lambda o: str(_g(o, "spec", "minAvailable", default="N/A"))),
         ("Max Unavailable", "string", 0, lambda o: str(_g(o, "spec", "maxUnavailable", default="N/A"))),
         ("Allowed Disruptions", "integer", 0, lambda o: _g(o, "status", "disruptionsAllowed", default=0)), AGE],
+    ("networking.k8s.io", "networkpolicies"): [
+        NAME, ("Pod-Selector", "string", 0, lambda o: ",".join(
+            f"{k}={v}" for k, v in sorted((_g(o, "spec", "podSelector", "matchLabels", default={}) or {}).items())) or "<none>"), AGE],
     ("apiextensions.k8s.io", "customresourcedefinitions"): [
         NAME, ("Created At", "date", 0, lambda o: _g(o, "metadata", "creationTimestamp"))],
 }
