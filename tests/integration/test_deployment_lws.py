@@ -194,6 +194,9 @@ def test_leaderworkerset_installed_and_removed_while_the_operator_runs_without_a
     w.kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, LWS_CRD["metadata"]["name"])
     w.cluster.wait_condition("Deployment", "chat", "Degraded", "True", "LeaderWorkerSetNotInstalled", timeout=30)
     wait_for(lambda: cache.get(lws.LWS_API, "LeaderWorkerSet", NS, "chat-blue") is None, message="dropped from the operator's cache")
+    # its groups went with the CRD: nothing serves any more, and Ready says so (not the Serving of before)
+    ready = w.cluster.wait_condition("Deployment", "chat", "Ready", "False", "LeaderWorkerSetNotInstalled", timeout=30)
+    assert "LeaderWorkerSet" in ready["message"]
     wait_for(lambda: watch_stopped(caplog, "leaderworkersets.v1.leaderworkerset.x-k8s.io"), timeout=60, message="kopf stopped its watch")
     loop = w.managers[-1]._loop
     assert not [t for t in asyncio.all_tasks(loop) if t.get_name().startswith("watcher for leaderworkersets.")], "kopf's watcher task is gone"

@@ -281,6 +281,13 @@ def test_a_blocked_deployment_that_serves_stays_ready_and_says_why_nothing_moves
     blocked = ctl._blocked_status(serving_body, "BaseModelNotReady", "BaseModel 'llama' is not Ready")
     assert conds(blocked) == {"Ready": ("True", "Serving"), "Progressing": ("Unknown", "BaseModelNotReady"), "Degraded": ("True", "BaseModelNotReady")}
     assert blocked["activeColor"] == "blue" and blocked["regions"] == serving_body["status"]["regions"] and blocked["phase"] == "Degraded"
+    # what served went with the cause (LeaderWorkerSet's CRD removed takes its groups): Ready turns False, and it
+    # stays so pass after pass (no flip back to Degraded=Unknown once Ready is False)
+    gone = ctl._blocked_status(serving_body, ctl.LWS_NOT_INSTALLED, "LeaderWorkerSet is not installed", serving_gone=True)
+    assert conds(gone) == {"Ready": ("False", ctl.LWS_NOT_INSTALLED), "Progressing": ("Unknown", ctl.LWS_NOT_INSTALLED),
+                           "Degraded": ("True", ctl.LWS_NOT_INSTALLED)} and gone["phase"] == "Degraded"
+    again = ctl._blocked_status({**serving_body, "status": gone}, ctl.LWS_NOT_INSTALLED, "LeaderWorkerSet is not installed", serving_gone=True)
+    assert again["conditions"] == gone["conditions"] and again["phase"] == "Degraded"
 
 
 @pytest.mark.parametrize(("answers", "skipped"), [

@@ -848,22 +848,26 @@ def decide_status(obj: dict[str, Any], results: list[RegionResult], unavailable:
     return status
 
 
-def _blocked_status(obj: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
+def _blocked_status(obj: dict[str, Any], reason: str, message: str, *, serving_gone: bool = False) -> dict[str, Any]:
     """Nothing can be rolled out (an invalid spec, a BaseModel missing or not Ready): the children are left as they
-    are; what served keeps serving, so a `Ready=True` stays (Degraded says why nothing moves), else Ready is False."""
+    are; what served keeps serving, so a `Ready=True` stays (Degraded says why nothing moves), else Ready is False.
+    `serving_gone`: what served is gone with the cause (LeaderWorkerSet's CRD removed took its groups): Ready is
+    False, and Degraded True where something had served (an active color)."""
     gen = generation(obj)
     old = (obj.get("status") or {}).get("conditions")
     conds = old
-    serving = cond.is_true(old, CONDITION_READY) and bool((obj.get("status") or {}).get("activeColor"))
+    had = bool((obj.get("status") or {}).get("activeColor"))
+    serving = not serving_gone and cond.is_true(old, CONDITION_READY) and had
+    degraded = serving or (serving_gone and had)
     if not serving:
         conds = cond.set_condition(conds, CONDITION_READY, False, reason, message, gen)
     else:
         ready = cond.get(old, CONDITION_READY) or {}
         conds = cond.set_condition(conds, CONDITION_READY, True, ready.get("reason") or "Serving", ready.get("message") or "", gen)
     conds = cond.set_condition(conds, CONDITION_PROGRESSING, "Unknown", reason, message, gen)
-    conds = cond.set_condition(conds, CONDITION_DEGRADED, True if serving else "Unknown", reason, message, gen)
+    conds = cond.set_condition(conds, CONDITION_DEGRADED, True if degraded else "Unknown", reason, message, gen)
     keep = {k: v for k, v in (obj.get("status") or {}).items() if k not in ("conditions", "observedGeneration", "phase")}
-    return {**keep, "observedGeneration": gen, "conditions": conds, "phase": "Degraded" if serving else "Pending"}
+    return {**keep, "observedGeneration": gen, "conditions": conds, "phase": "Degraded" if degraded else "Pending"}
 
 
 AUTOSCALERS = (("autoscaling/v2", "HorizontalPodAutoscaler"), KEDA)
@@ -1247,7 +1251,10 @@ async def decide(obj: dict[str, Any], ctx: Context) -> Outcome:
         message = (f"`engine.pipelineParallelSize` is {spec.engine.pipeline_parallel_size}: a model across nodes is served by "
                    f"LeaderWorkerSet groups, but the API server does not serve {lws.LWS_RESOURCE} (its CRD is not installed); "
                    "install LeaderWorkerSet (noticed without a restart), or use pipelineParallelSize 1")
-        return Outcome(_blocked_status(obj, LWS_NOT_INSTALLED, message), [Note(LWS_NOT_INSTALLED, message, True)])
+        # what served before is still there only as apps/v1 Deployments (a model that fitted one node, before this
+        # spec): LeaderWorkerSet groups went with their CRD
+        still = any(((d.get("status") or {}).get("readyReplicas") or 0) > 0 for d in ctx.cache.owned_by("apps/v1", "Deployment", obj["metadata"]["uid"]))
+        return Outcome(_blocked_status(obj, LWS_NOT_INSTALLED, message, serving_gone=not still), [Note(LWS_NOT_INSTALLED, message, True)])
 
     now = now_of(ctx)
     notes: list[Note] = []
