@@ -17,8 +17,8 @@ from .base import Context, Note
 log = logging.getLogger("perennial.controllers")
 
 #: Kinds a child may be of that an API server may not serve; a 404 on creating one is warned about once
-#: and the child skipped (NetworkPolicy: the embedded control plane of `perennial dev` has none, and there
-#: pods are local processes that no network plugin would police anyway).
+#: and the child skipped (NetworkPolicy: every real API server and the embedded control plane serve it; one
+#: without networking.k8s.io, rare, still runs the operator).
 #: KEDA's ScaledObject: its CRD is installed with KEDA only (a `provider: KEDA` Deployment reports it missing).
 OPTIONAL_KINDS = {("networking.k8s.io/v1", "NetworkPolicy"), ("keda.sh/v1alpha1", "ScaledObject")}
 #: Kinds found unserved -> when (monotonic); tried again after UNSERVED_RECHECK_SECONDS (a CRD installed later).
