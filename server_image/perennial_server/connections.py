@@ -13,7 +13,11 @@
   proxied request also holds an engine connection). At the limit a new connection is not refused:
   the connection idle the longest (between requests, or still sending its head) is closed to make
   room, so that probes (/healthz, /readyz) and /metrics stay answerable while idle connections pile
-  up. Only when every connection is busy with a request is the new one answered 503 and closed.
+  up -- but never one idle for less than `eviction_grace_s` (1 s): a flood's connections are accepted
+  in bursts before the loop reads any of them, and a client accepted in the middle of one would
+  otherwise be closed before its request was even read. When no connection can make room (all busy
+  with a request, or idle for less than the grace), the new one is answered 503 with `Retry-After`
+  and closed.
 * protocol errors (a malformed request line or header, a header too large) are answered with an
   OpenAI-style JSON body that never repeats the request's bytes, and logged at DEBUG only.
 
@@ -48,6 +52,7 @@ class Limits:
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 1024
+    eviction_grace_s: float = 1.0  # a connection idle for less than this is never closed to make room
 
 
 def raise_nofile() -> int:
@@ -67,6 +72,7 @@ def auto_max_connections(nofile: int) -> int:
     return max(8, (nofile - RESERVED_FDS) // 2)
 
 
+_AT_LIMIT = raw_error(503, "the server is at its connection limit; retry later", "too_many_connections", retry_after=1)
 _data_received = RequestHandler.data_received
 _resume_reading = RequestHandler.resume_reading
 
@@ -88,7 +94,7 @@ class GuardedRequestHandler(RequestHandler):
         if server.live >= self._limits.max_connections and not server.evict_idle():
             server.refused += 1
             try:
-                transport.write(raw_error(503, "the server is at its connection limit; retry later", "too_many_connections"))  # type: ignore[attr-defined]
+                transport.write(_AT_LIMIT)  # type: ignore[attr-defined]
             finally:
                 transport.close()
             self._manager = None  # connection_lost: nothing to undo
@@ -195,12 +201,12 @@ class GuardedServer(Server):
         return GuardedRequestHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
 
     def evict_idle(self) -> bool:
-        """Close the connection idle the longest; False when every connection is busy."""
+        """Close the connection idle the longest, if idle for at least the grace; False when none is."""
         best: GuardedRequestHandler | None = None
         for h in self._connections:
             if isinstance(h, GuardedRequestHandler) and h.idle() and (best is None or h._last_active < best._last_active):
                 best = h
-        if best is None:
+        if best is None or self._loop.time() - best._last_active < self.limits.eviction_grace_s:
             return False
         best.force_close()
         self.evicted += 1

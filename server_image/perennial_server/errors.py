@@ -40,9 +40,10 @@ def json_error(status: int, message: str, code: str | None = None, *, type_: str
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
-def raw_error(status: int, message: str, code: str) -> bytes:
+def raw_error(status: int, message: str, code: str, retry_after: int | None = None) -> bytes:
     """A whole HTTP/1.1 error response, for writing straight to a transport that is then closed
     (no request object exists: the head never completed, or the connection was refused)."""
     body = json.dumps(error_body(status, message, code)).encode()
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
-            % (status, _REASONS.get(status, "Error").encode(), len(body), body))
+    retry = b"" if retry_after is None else b"Retry-After: %d\r\n" % retry_after
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n%bConnection: close\r\n\r\n%b"
+            % (status, _REASONS.get(status, "Error").encode(), len(body), retry, body))

@@ -121,20 +121,32 @@ class NormalClient:
     def __init__(self, url: str) -> None:
         self.url = url
         self.ok = 0
+        self.refused = 0  # answered 503 at the connection limit (then retried)
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _call(self, method: str, path: str, **kw: object) -> requests.Response:
+        """One request; a connection refused at the sidecar's connection limit (503 `too_many_connections`, an
+        answer with Retry-After, never a silent close) is retried after Retry-After, as a well-behaved client does."""
+        for _ in range(10):
+            r = requests.request(method, self.url + path, timeout=5, **kw)  # type: ignore[arg-type]
+            if r.status_code != 503 or "too_many_connections" not in r.text:
+                return r
+            self.refused += 1
+            time.sleep(float(r.headers["Retry-After"]))
+        return r
 
     def _run(self) -> None:
         i = 0
         while not self._stop.is_set():
             i += 1
             try:
-                r = requests.get(self.url + "/healthz", timeout=5)
+                r = self._call("GET", "/healthz")
                 assert r.status_code == 200, ("healthz", r.status_code, r.text)
-                r = requests.post(self.url + "/v1/chat/completions", json={"model": "m", "user": f"n{i}", "messages": [{"role": "user", "content": "hi"}]}, timeout=5)
+                r = self._call("POST", "/v1/chat/completions", json={"model": "m", "user": f"n{i}", "messages": [{"role": "user", "content": "hi"}]})
                 assert r.status_code == 200, ("chat", r.status_code, r.text)
-                r = requests.post(self.url + "/v1/feedback", json={"id": f"normal-{i}", "response_id": f"chatcmpl-n{i}", "thumbs": "up"}, headers=AUTH, timeout=5)
+                r = self._call("POST", "/v1/feedback", json={"id": f"normal-{i}", "response_id": f"chatcmpl-n{i}", "thumbs": "up"}, headers=AUTH)
                 assert r.status_code == 200, ("feedback", r.status_code, r.text)
                 self.ok += 1
             except (AssertionError, requests.RequestException) as e:
@@ -291,7 +303,7 @@ def test_idle_connections_cannot_exhaust_file_descriptors(tmp_path: Path, upstre
                     socks.append(_connect(sc.port))
                 except OSError:
                     pass
-            time.sleep(0.5)
+            time.sleep(1.5)  # the flood's connections now idle longer than the eviction grace (1 s): they make room
             for _ in range(20):
                 assert requests.get(sc.url + "/healthz", timeout=5).status_code == 200
                 assert requests.get(sc.admin_url + "/metrics", timeout=5).status_code == 200
