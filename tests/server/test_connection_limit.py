@@ -34,7 +34,7 @@ async def _serve(limits: Limits) -> tuple[GuardedAppRunner, int]:
 async def _read_all(reader: asyncio.StreamReader) -> bytes:
     try:
         return await asyncio.wait_for(reader.read(), 10)
-    except (ConnectionResetError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionResetError):
         return b""
 
 
