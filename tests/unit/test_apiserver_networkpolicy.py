@@ -11,7 +11,6 @@ import json
 
 import pytest
 import requests
-
 from perennial.local.apiserver import start_in_thread
 
 NP = "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
