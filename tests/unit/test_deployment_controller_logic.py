@@ -592,6 +592,11 @@ def test_status_steps_back_to_back_are_written_once_with_their_notes_and_bad_new
     lost = {**step, "phase": "Degraded", "conditions": _conds("False", "True", reason="NoReadyReplicas")}
     out = ctl.batched(ctx, rolling, Outcome(lost, []))
     assert out.status == lost and [n.reason for n in out.notes] == ["PreviewScalingUp"]
+    # Ready leaving True for a reason that is no warning (the stable Service deleted: a first rollout again), or for
+    # Unknown: written at once too -- the status never says Ready while nothing serves
+    for ready, reason in (("False", "FirstRolloutInProgress"), ("Unknown", "R")):
+        restart = {**step, "phase": "Progressing", "conditions": _conds(ready, "True", reason=reason)}
+        assert ctl.batched(ctx, rolling, Outcome(restart, [])).status == restart, (ready, reason)
     # Degraded turning True, and a warning note, likewise
     degraded = {**step, "conditions": _conds("True", "True", degraded="True")}
     assert ctl.batched(ctx, rolling, Outcome(degraded, [])).status == degraded

@@ -1184,8 +1184,11 @@ def batched(ctx: Context, obj: dict[str, Any], out: Outcome) -> Outcome:
     if status_patch(current, out.status) is None:
         return flush() if held else out  # nothing to write: what was held (if anything) is posted now
     transitions = condition_notes(current.get("conditions"), out.status.get("conditions"), event_for)
-    if any(n.warning for n in list(out.notes) + transitions):
-        return flush()
+    before, after = current.get("conditions"), out.status.get("conditions")
+    if (any(n.warning for n in list(out.notes) + transitions)
+            or (cond.is_true(before, CONDITION_READY) and not cond.is_true(after, CONDITION_READY))
+            or (not cond.is_true(before, CONDITION_DEGRADED) and cond.is_true(after, CONDITION_DEGRADED))):
+        return flush()  # bad news is never held: a warning, Ready leaving True (whatever its reason), Degraded turning True
     rolling = cond.is_true(current.get("conditions"), CONDITION_PROGRESSING) or cond.is_true(out.status.get("conditions"), CONDITION_PROGRESSING)
     since = held.since if held else now
     changed = now if held is None or status_patch(held.status, out.status) is not None else held.changed
