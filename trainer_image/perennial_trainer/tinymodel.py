@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 FRUITS = {
     "apple": "red", "banana": "yellow", "lime": "green", "grape": "purple",
@@ -52,35 +53,50 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
-def build_tiny_model(path: str | os.PathLike, seed: int = 0, vocab_size: int = 400, hidden_size: int = 64, num_layers: int = 2) -> str:
-    """Build and save the tiny model + tokenizer under `path`; returns the path. `hidden_size` / `num_layers`
-    make it larger (4 heads, MLP twice the hidden size) for the RFT benchmark's size trade-off."""
-    import torch
+def _save_tokenizer(path: Path, lines: list[str], vocab_size: int, digits_alone: bool = False) -> Any:
+    """A byte-level BPE tokenizer trained on `lines` (the special tokens, the chat template, left padding), saved
+    under `path`. `digits_alone`: every digit a token of its own (as in Llama's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits_alone else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>", unk_token="<|unk|>",
         padding_side="left", chat_template=CHAT_TEMPLATE,
     )
     hf_tok.save_pretrained(path)
+    return hf_tok
 
-    torch.manual_seed(seed)
+
+def _llama(hf_tok: Any, hidden_size: int, num_layers: int) -> Any:
+    """A random-init Llama for `hf_tok`: 4 heads, MLP twice the hidden size, untied head (seed torch first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(
         vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         tie_word_embeddings=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
         bos_token_id=None,
     )
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0, vocab_size: int = 400, hidden_size: int = 64, num_layers: int = 2) -> str:
+    """Build and save the tiny model + tokenizer under `path`; returns the path. `hidden_size` / `num_layers`
+    make it larger (4 heads, MLP twice the hidden size) for the RFT benchmark's size trade-off."""
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_tok = _save_tokenizer(path, _corpus(), vocab_size)
+    torch.manual_seed(seed)
+    model = _llama(hf_tok, hidden_size, num_layers)
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3)
     model.generation_config.pad_token_id = hf_tok.pad_token_id
@@ -250,38 +266,19 @@ def build_pretrained_tiny_model(path: str | os.PathLike, seed: int = 0, steps: i
     import time
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     t0 = time.monotonic()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     corpus = pretrain_corpus(corpus_size, seed)
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    # digits one token each (as in Llama's tokenizer): a digit among letters is a token of its own
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus[:4000] + _corpus(), trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>", unk_token="<|unk|>",
-        padding_side="left", chat_template=CHAT_TEMPLATE,
-    )
-    hf_tok.save_pretrained(path)
+    # digits one token each: a digit among letters is a token of its own
+    hf_tok = _save_tokenizer(path, corpus[:4000] + _corpus(), vocab_size, digits_alone=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-            tie_word_embeddings=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
-            bos_token_id=None,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = _llama(hf_tok, hidden_size, num_layers)
         ids = [hf_tok(line, add_special_tokens=False)["input_ids"] for line in corpus]
         width = max(map(len, ids))
         data = torch.full((len(ids), width), hf_tok.pad_token_id, dtype=torch.long)
