@@ -12,6 +12,7 @@ import time
 import yaml
 from harness import API, Cluster, FakeKubelet, wait_for
 
+from perennial.resources import networkpolicy as netpol
 from perennial_trainer.config import RunConfig
 
 RUBRIC = {
@@ -220,3 +221,26 @@ def test_operator_restarts_never_duplicate_jobs_or_adapters(cluster: Cluster):
     assert sorted(a["spec"]["lineage"]["trainingRunRef"]["name"] for a in adapters) == names
     refs = {cluster.get("TrainingRun", n)["status"]["adapterRef"]["name"] for n in names}
     assert refs == {a["metadata"]["name"] for a in adapters}
+
+
+def test_a_running_trainers_network_policy_deleted_or_edited_is_restored(cluster: Cluster):
+    """The trainer pods run untrusted code (reward functions, model output): their NetworkPolicy stays while they
+    run. Policies are watched: one deleted or edited while the Job runs is restored at once (before, it was made
+    with the Job only, and stayed gone)."""
+    prerequisites(cluster)
+    kubelet = FakeKubelet(cluster)
+    cluster.create("TrainingRun", "run1", run_spec())
+    wait_for(lambda: cluster.kube.get("batch/v1", "Job", "default", "run1-train"), message="Job")
+    kubelet.start("run1-train")
+    cluster.wait_condition("TrainingRun", "run1", "Started", "True")
+    name = netpol.policy_name("run1")
+    made = cluster.kube.get("networking.k8s.io/v1", "NetworkPolicy", "default", name)
+    assert made is not None and made["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+    cluster.kube.delete("networking.k8s.io/v1", "NetworkPolicy", "default", name)
+    back = wait_for(lambda: cluster.kube.get("networking.k8s.io/v1", "NetworkPolicy", "default", name), message="the policy restored")
+    assert back["metadata"]["uid"] != made["metadata"]["uid"] and back["spec"] == made["spec"]
+
+    cluster.kube.patch("networking.k8s.io/v1", "NetworkPolicy", "default", name, {"spec": {"egress": [{}]}})  # allow all egress
+    wait_for(lambda: cluster.kube.get("networking.k8s.io/v1", "NetworkPolicy", "default", name)["spec"] == made["spec"],
+             message="the edited policy repaired")

@@ -376,3 +376,34 @@ def test_the_pod_seen_before_the_jobs_own_update_changes_nothing_later():
     assert pod_first.status["startTime"] == both.status["startTime"] == "2026-11-29T12:00:03Z"
     assert pod_first.status["attempts"] == both.status["attempts"] == 1
     assert status_patch(pod_first.status, both.status) is None
+
+
+# ----------------------------------------------------------------------------- the pods' NetworkPolicy while they run
+# NetworkPolicies are watched (the operator's cache holds them), so the policy of pods that run untrusted code goes
+# with every pass while they run, not only with the Job's creation: one deleted or edited meanwhile is restored
+# (no write when it matches). Before, it was made with the Job only, and a policy deleted while the pods ran stayed gone.
+
+
+def test_a_running_trainers_network_policy_goes_with_every_pass_while_it_runs():
+    from perennial.resources.networkpolicy import EgressSettings
+
+    running = tr.World(job=_job(active=1), pod=_pod("Running"), run_config={"model": {"uri": "hf://org/model"}, "datasets": []})
+    d = tr.decide(started(), running, now=NOW, image="trainer:1", artifact_uri="file:///art", feedback_store_uri="file:///fb",
+                  progress_seconds=5, egress=EgressSettings())
+    assert [c["kind"] for c in d.children] == ["NetworkPolicy"], d.children
+    assert d.children[0]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # without egress policies (the operator's setting), or without the run's config in the cache: nothing to apply
+    assert tr.decide(started(), running, now=NOW, image="t", artifact_uri="file:///a", feedback_store_uri="f", progress_seconds=5).children == []
+    unread = tr.World(job=_job(active=1), pod=_pod("Running"))
+    assert tr.decide(started(), unread, now=NOW, image="t", artifact_uri="file:///a", feedback_store_uri="f", progress_seconds=5,
+                     egress=EgressSettings()).children == []
+
+
+def test_validation_and_download_pods_keep_their_network_policy_while_they_run():
+    from perennial.resources.networkpolicy import EgressSettings
+
+    running = {"status": {"active": 1}}
+    d = rs.decide(obj("RewardSpec", "r", TESTED), rs.World(running, [_pod("Running")]), "trainer:1", NOW, egress=EgressSettings())
+    assert [c["kind"] for c in d.children] == ["NetworkPolicy", "ConfigMap", "Job"]
+    d = bm.decide(obj("BaseModel", "m", {**BASE, "cache": {"enabled": True}}), bm.World(job=running), "trainer:1", egress=EgressSettings())
+    assert "NetworkPolicy" in [c["kind"] for c in d.children]

@@ -91,8 +91,9 @@ def decide(obj: dict[str, Any], world: World, image: str, pods: PodSettings = Po
         failed = cond.get(job_conditions, "Failed") or {}
         return ready(False, "DownloadFailed", f"download Job {job['metadata']['name']} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip(), [pvc, job])
     children = [pvc, job]
-    if egress is not None and world.job is None:
-        # the download pod's NetworkPolicy, made with its Job (NetworkPolicies are not watched)
+    if egress is not None:
+        # the download pod's NetworkPolicy, with its Job and with every pass while it downloads (watched: restored if
+        # deleted or edited; no write when it matches)
         children.insert(0, build.download_network_policy(obj, spec, egress))
     return ready(False, "Downloading", f"download Job {job['metadata']['name']} is fetching {spec.source.uri}", children)
 

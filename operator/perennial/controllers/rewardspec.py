@@ -151,9 +151,9 @@ def decide(obj: dict[str, Any], world: World, image: str, now: str = "", pods: P
         status["conditions"] = cond.set_condition(conds, "Validated", before["status"], before["reason"], before.get("message", ""), gen)
         return Decision(status)
     children = [build.validation_config(obj, spec), build.validation_job(obj, spec, image, pods)]
-    if egress is not None and world.job is None:
-        # the pods' NetworkPolicy goes first, with the Job (NetworkPolicies are not watched: applied when the
-        # Job is made, never re-read on every pass)
+    if egress is not None:
+        # the pods' NetworkPolicy goes first, with the Job, and with every pass while the Job is there (watched: one
+        # deleted or edited meanwhile is restored; no write when it matches)
         children.insert(0, build.validation_network_policy(obj, spec, egress))
     job_name = children[1]["metadata"]["name"]
     job_conds = ((world.job or {}).get("status") or {}).get("conditions") or []

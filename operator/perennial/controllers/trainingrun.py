@@ -14,11 +14,14 @@ the trainer runs, every `progressSeconds` to read progress.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from ..api.rewardspec import RewardSpecSpec
 from ..api.trainingrun import TrainingRunSpec, TrainingRunStatus
@@ -210,6 +213,8 @@ class World(Observed):
     deployments: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     #: keys of the Secrets the trainer takes whole (envFrom), by name: a TrainJob's trainer lists them one by one
     secret_keys: dict[str, list[str]] = field(default_factory=dict)
+    #: the run config of a run whose group exists (its ConfigMap, from the cache): what its pods' NetworkPolicy names
+    run_config: dict[str, Any] | None = None
 
 
 def _ready_ref(obj: dict[str, Any] | None, kind: str, name: str, what: str) -> dict[str, Any]:
@@ -460,6 +465,9 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         if egress is not None:
             # before the Job: its pods never run without their NetworkPolicy
             children.insert(0, build.network_policy(obj, resolved.config, egress))
+    elif egress is not None and world.run_config is not None:
+        # and with every pass while they run (watched: one deleted or edited meanwhile is restored; no write when it matches)
+        children.append(build.network_policy(obj, world.run_config, egress))
     if parent:
         status["parentAdapterRef"] = parent
     if world.job is not None:
@@ -579,6 +587,22 @@ def family_of(cache: Any, namespace: str, family: str) -> list[dict[str, Any]]:
     return [a for a in cache.list(API_VERSION, "Adapter", namespace) if (a.get("spec") or {}).get("family") == family]
 
 
+def _run_config(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run config a run's ConfigMap holds (None if gone or unreadable)."""
+    text = ((config_map or {}).get("data") or {}).get("run.yaml")
+    return _parse_run_yaml(text) if isinstance(text, str) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_run_yaml(text: str) -> dict[str, Any] | None:
+    # parsed once per config text (the cache hands back the same str object each pass: its hash is kept); read only
+    try:
+        config = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
 async def observe(obj: dict[str, Any], ctx: Context) -> World:
     world = World(job=None, pod=None)
     spec = _spec_or_none(obj)
@@ -589,6 +613,7 @@ async def observe(obj: dict[str, Any], ctx: Context) -> World:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     world.job = group_object(cache, ns, build.job_name(name))
     if world.job is not None:
+        world.run_config = _run_config(cache.get("v1", "ConfigMap", ns, build.config_name(name)))
         world.secrets = [v for pod_spec in dist.pod_specs(world.job) for v in pod_secret_values(cache, ns, {"spec": {"template": {"spec": pod_spec}}})]
         job_conds = dist.job_like_status(world.job).get("conditions")
         pods = group_pods(cache, world.job)
