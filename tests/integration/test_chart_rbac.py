@@ -50,7 +50,11 @@ CHART = ROOT / "charts" / "perennial"
 FLOWS = ["tests/integration/test_trainingrun.py", "tests/integration/test_rewardspec_validation.py",
          "tests/integration/test_operator_foundation.py", "tests/integration/test_controller_pattern.py",
          "tests/integration/test_deployment_controller.py", "tests/integration/test_chart_rbac_flows.py",
-         "tests/integration/test_trainingrun_engines.py", "tests/integration/test_deployment_lws.py"]
+         "tests/integration/test_trainingrun_engines.py", "tests/integration/test_deployment_lws.py",
+         # the flow that writes a ScaledObject (KEDA installed while the operator runs): since optional children are
+         # created only where discovery says their kind is served, no other flow sends a ScaledObject create (the
+         # KEDA-not-installed flow used to, answered 404 after authorization)
+         "tests/integration/test_optional_crds.py"]
 #: flows that fail on main without any RBAC (not this test's to judge): fix them and empty this list
 KNOWN_RED: list[str] = []
 NAMESPACE = "perennial-system"
