@@ -379,17 +379,27 @@ def test_the_serving_network_policy_is_watched_and_never_written_or_read_again_o
     assert netpol_requests(w.cluster) == {"patch": 1}, w.cluster.server.request_counts()
 
 
-def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_switch(serving: Serving):
-    """The writes to the Perennial Deployment itself (its status, its Events; children apart) of a first rollout: the
-    status while the pods come up (a state a user must see: Progressing, FirstRollout), then serving -- what the
-    serving pods applied (routes revision, served adapters) known in the pass that switched, not one write later."""
-    w = serving
+@contextlib.contextmanager
+def counted_first_rollout(w: Serving) -> Iterator[Sidecars]:
+    """A first rollout of `chat` with the control plane's request counts reset just before it (the preview Service
+    proxied); yields the sidecars that answer for its pods."""
     sidecars = Sidecars(w.kube, "chat-routes")
     try:
         quiet(w.cluster)
         w.cluster.server.reset_request_counts()
         w.cluster.create("Deployment", "chat", spec())
         w.proxied("chat-preview")
+        yield sidecars
+    finally:
+        sidecars.close()
+
+
+def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_switch(serving: Serving):
+    """The writes to the Perennial Deployment itself (its status, its Events; children apart) of a first rollout: the
+    status while the pods come up (a state a user must see: Progressing, FirstRollout), then serving -- what the
+    serving pods applied (routes revision, served adapters) known in the pass that switched, not one write later."""
+    w = serving
+    with counted_first_rollout(w) as sidecars:
         run_pods(w, "chat-blue", w.deploy("chat-blue")["spec"]["replicas"], sidecars)
         w.ready("chat-blue")
         w.cluster.wait_condition("Deployment", "chat", "Progressing", "False", "RolloutComplete")
@@ -401,20 +411,13 @@ def test_first_rollout_write_budget_status_twice_at_most_and_nothing_after_the_s
         events = count(w.cluster, ("create",), "events")
         assert status_writes <= 2, w.cluster.server.request_counts()
         assert status_writes + events <= 4, w.cluster.server.request_counts()
-    finally:
-        sidecars.close()
 
 
 def test_a_first_rollout_whose_pods_take_long_shows_progressing_then_serving_never_ready_before_the_switch(serving: Serving):
     """Pods that take longer than a status batch: the Progressing state is written (a user must see it), Ready stays
     False until the switch; then one write of the serving status. Two status writes, an Event with each."""
     w = serving
-    sidecars = Sidecars(w.kube, "chat-routes")
-    try:
-        quiet(w.cluster)
-        w.cluster.server.reset_request_counts()
-        w.cluster.create("Deployment", "chat", spec())
-        w.proxied("chat-preview")
+    with counted_first_rollout(w) as sidecars:
         w.cluster.wait_condition("Deployment", "chat", "Progressing", "True", "FirstRollout")
         assert w.cluster.condition("Deployment", "chat", "Ready")["status"] == "False" and w.stable_color() is None
         run_pods(w, "chat-blue", w.deploy("chat-blue")["spec"]["replicas"], sidecars)
@@ -424,8 +427,6 @@ def test_a_first_rollout_whose_pods_take_long_shows_progressing_then_serving_nev
         quiet(w.cluster)
         assert count(w.cluster, ("patch", "update"), "perennial.ai/deployments/status") == 2, w.cluster.server.request_counts()
         assert count(w.cluster, ("create",), "events") == 2, w.cluster.server.request_counts()
-    finally:
-        sidecars.close()
 
 
 @pytest.mark.parametrize("serving", ["clean", "faults"], indirect=True)
