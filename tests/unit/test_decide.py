@@ -407,3 +407,14 @@ def test_validation_and_download_pods_keep_their_network_policy_while_they_run()
     assert [c["kind"] for c in d.children] == ["NetworkPolicy", "ConfigMap", "Job"]
     d = bm.decide(obj("BaseModel", "m", {**BASE, "cache": {"enabled": True}}), bm.World(job=running), "trainer:1", egress=EgressSettings())
     assert "NetworkPolicy" in [c["kind"] for c in d.children]
+
+
+def test_the_run_config_read_back_from_a_configmap_edited_by_hand_is_bounded():
+    """The trainer's policy while it runs is built from the run's ConfigMap, which a namespace user can edit: malformed
+    YAML, a non-mapping or an oversized text (up to the API's 1 MiB, parsed on every pass and cached) read as None."""
+    cm = lambda text: {"data": {"run.yaml": text}}  # noqa: E731
+    assert tr._run_config(cm("model:\n  uri: hf://org/model\n")) == {"model": {"uri": "hf://org/model"}}
+    assert tr._run_config(cm("model: [unclosed")) is None
+    assert tr._run_config(cm("- a list\n")) is None
+    assert tr._run_config(cm("pad: " + "x" * (tr.RUN_CONFIG_MAX_CHARS + 1))) is None
+    assert tr._run_config({"data": {"run.yaml": 42}}) is None and tr._run_config(None) is None

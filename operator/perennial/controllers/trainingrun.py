@@ -587,10 +587,15 @@ def family_of(cache: Any, namespace: str, family: str) -> list[dict[str, Any]]:
     return [a for a in cache.list(API_VERSION, "Adapter", namespace) if (a.get("spec") or {}).get("family") == family]
 
 
+#: A run config the operator writes is a few KiB; a ConfigMap edited to hold more (up to the API's 1 MiB) is not
+#: parsed on every pass nor kept in the parse cache: read as unreadable (its pods' policy is then left as it is).
+RUN_CONFIG_MAX_CHARS = 256 * 1024
+
+
 def _run_config(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The run config a run's ConfigMap holds (None if gone or unreadable)."""
+    """The run config a run's ConfigMap holds (None if gone, unreadable or oversized)."""
     text = ((config_map or {}).get("data") or {}).get("run.yaml")
-    return _parse_run_yaml(text) if isinstance(text, str) else None
+    return _parse_run_yaml(text) if isinstance(text, str) and len(text) <= RUN_CONFIG_MAX_CHARS else None
 
 
 @functools.lru_cache(maxsize=1024)
