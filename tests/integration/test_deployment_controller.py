@@ -77,11 +77,15 @@ class Engines(JSONServer):
         self.answer_text = "Hello there."
         self.status = 200
         self.models: list[str] = []
+        #: the model names the pods serve (None: any), as a sidecar answers for a name its routes do not have yet
+        self.known: set[str] | None = None
         super().__init__()
 
     def answer(self, method: str, body: bytes) -> tuple[int, Any]:
         model = json.loads(body or b"{}").get("model")
         self.models.append(model)
+        if self.known is not None and model not in self.known:
+            return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "code": "model_not_found"}}
         return self.status, {"object": "chat.completion", "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer_text}}]}
 
@@ -489,6 +493,32 @@ def test_pod_change_walks_preview_smoke_switch_delay_scale_down_and_hpa_follows(
     wait_for(lambda: count(w.cluster, ("list",)) >= 10, message="every watched resource listed again")
     quiet(w.cluster)
     assert count(w.cluster, WRITES) == 0, w.cluster.server.request_counts()
+
+
+def test_the_smoke_test_asks_the_preview_pods_only_once_they_applied_the_routes_it_asks_about(serving: Serving):
+    # The routes ConfigMap names an adapter the preview's pods have not applied yet (a ConfigMap volume is
+    # refreshed up to a minute later in a cluster; the sidecar reads it every few seconds): the smoke test waits
+    # for them instead of failing the rollout on the sidecar's 404 for that name (it did: the revision aborted for good).
+    w = serving
+    w.cluster.create("Deployment", "chat", spec())
+    w.proxied("chat-preview")
+    sidecars = Sidecars(w.kube, "chat-routes")
+    try:
+        sidecars.frozen = "the-routes-the-pods-started-with"
+        w.engines.known = {"base"}
+        wait_for(lambda: w.deploy("chat-blue"), message="the first color")
+        run_pods(w, "chat-blue", 1, sidecars)
+        w.ready("chat-blue")
+        wait_for(lambda: sidecars.reads >= 2, timeout=30, message="the controller asked the preview pods what they applied")
+        assert "support" not in w.engines.models, w.engines.models
+        assert w.status().get("phase") != "Aborted" and not [r for r in w.reasons() if "SmokeTestFailed" in r], w.reasons()
+        sidecars.frozen, w.engines.known = None, None  # the pods applied the routes
+        wait_for(lambda: w.stable_color() == "blue", timeout=30, message="smoke-tested, then switched")
+        assert "support" in w.engines.models
+        w.proxied("chat")
+        w.cluster.wait_condition("Deployment", "chat", "Ready", "True", "Serving")
+    finally:
+        sidecars.close()
 
 
 @pytest.mark.parametrize("cause", ["smoke", "deadline"])

@@ -81,6 +81,10 @@ LOCAL_URL_ANNOTATION = "perennial.ai/local-url"
 ROUTES_POLL_SECONDS = 2.0
 #: Limit of one sidecar's `GET /perennial/routes`.
 SIDECAR_TIMEOUT_SECONDS = 2.0
+#: How long a preview's smoke test waits, at least, for its ready pods to apply the routes document it asks about
+#: (a cluster refreshes a ConfigMap volume up to about a minute after the change; the sidecar then reads the file
+#: within seconds); the smoke test's own time limit when that is longer.
+ROUTES_APPLY_SECONDS = 120.0
 KEDA = ("keda.sh/v1alpha1", "ScaledObject")
 LWS_NOT_INSTALLED = "LeaderWorkerSetNotInstalled"
 LABEL_CONFLICT = "LabelConflict"
@@ -550,6 +554,28 @@ def forget_smoke_tests(ctx: Context, owner: tuple[str, str], keep: set[tuple[Any
             task.cancel()
 
 
+async def routes_applied(w: RegionWorld, color: str, revision: str, budget: float) -> str | None:
+    """Wait until every ready pod of `color` reports the routes document `revision` applied: None once they do (or
+    when no pod of it is listed: nothing to wait for), else after `budget` seconds why not. A smoke test asks the
+    pods for the names of that document; asked before their sidecars read it, a new name is a 404 that no rollout
+    should abort for."""
+    assert w.where is not None
+    where, s = w.where, w.serving
+    deadline = time.monotonic() + budget
+    while True:
+        pods = [p for p in where.cache.list("v1", "Pod", s.namespace, labels=color_selector(w.colors, s, color)) if pod_ready(p)]
+        reports = await asyncio.gather(*(pod_routes(where, p) for p in pods))
+        lagging = [r for r in reports if r.revision != revision]
+        if not lagging:
+            return None
+        if time.monotonic() >= deadline:
+            r = lagging[0]
+            errors = "; ".join(f"{k}: {v}" for k, v in list(r.errors.items())[:3])
+            return (f"{len(lagging)} of {len(reports)} ready pods of {color} did not apply routes revision {revision} within "
+                    f"{budget:g}s (pod {r.name} reports {r.revision or 'none'}{': ' + errors if errors else ''})")[:300]
+        await asyncio.sleep(ROUTES_POLL_SECONDS)
+
+
 def smoke_target(w: RegionWorld, service: Mapping[str, Any] | None, service_name: str, token: str | None, timeout: float) -> Post:
     """Posting to a region's Service (stable or preview) wherever it is, with the operator's token (preview names
     answer only with it)."""
@@ -652,16 +678,27 @@ async def reconcile_region(ctx: Context, obj: dict[str, Any], spec: DeploymentSp
     pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
     owner = (ns, s.name)
     if pods.smoke is not None and pods.smoke.color is not None:
-        names = [s.served_base_name] + sorted(k for k in (routes_document(w.routes) or {}).get("routes", {}) if not k.endswith(rollout.PREVIEW_SUFFIX))
+        doc = routes_document(w.routes) or {}
+        names = [s.served_base_name] + sorted(k for k in doc.get("routes", {}) if not k.endswith(rollout.PREVIEW_SUFFIX))
         post = smoke_target(w, w.preview, build.preview_service_name(s.prefix), token, pods.smoke.timeout_seconds)
-        key = ("smoke", owner, s.region.name, "pods", pods.smoke.color, pods.smoke.revision)
+        # one test per routes revision too: a document changed meanwhile is asked about anew (the old test is cancelled)
+        key = ("smoke", owner, s.region.name, "pods", pods.smoke.color, pods.smoke.revision, doc.get("revision"))
         smoke_keys.add(key)
-        verdict = await smoke_in_background(ctx, key, owner, lambda: smoke_test(
-            post, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
-            max_tokens=bg.smoke_test.max_tokens, timeout=pods.smoke.timeout_seconds))
+        color, routes_revision, timeout = pods.smoke.color, doc.get("revision"), pods.smoke.timeout_seconds
+
+        async def run() -> tuple[bool, str]:
+            if isinstance(routes_revision, str):
+                lag = await routes_applied(w, color, routes_revision, max(float(timeout), ROUTES_APPLY_SECONDS))
+                if lag is not None:
+                    return False, lag
+            return await smoke_test(post, names, prompt=bg.smoke_test.prompt, expect_regex=bg.smoke_test.expect_regex,
+                                    max_tokens=bg.smoke_test.max_tokens, timeout=timeout)
+
+        verdict = await smoke_in_background(ctx, key, owner, run)
         if verdict is not None:
             passed, why = verdict
-            log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s", s.name, ns, pods.smoke.revision, passed)
+            log.info("Ran the smoke test, deployment=%s, namespace=%s, revision=%s, passed=%s%s", s.name, ns, pods.smoke.revision, passed,
+                     "" if passed else f", why={why}")
             observed = rollout.RegionObserved(**{**observed.__dict__, "smoke_result": rollout.SmokeResult(pods.smoke.revision, passed, why)})
             pods = rollout.decide_region(observed, bg, paused=paused, promote=promote, now=now)
     if hold and pods.status.phase == "Paused":
