@@ -235,3 +235,41 @@ def test_engine_crds_installed_and_removed_while_the_operator_runs(cluster: Clus
     wait_for(lambda: c.server.count(verb="watch", resource="jobset.x-k8s.io/jobsets"), timeout=30, message="the operator watches jobsets again")
     group_run(c, "again")
     wait_for(lambda: c.kube.get(dist.JOBSET_API, "JobSet", "default", "again-train"), timeout=30, message="JobSet again")
+
+
+def test_a_run_waits_while_discovery_cannot_tell_whether_its_engine_is_served(tmp_path: Path, monkeypatch):
+    # At start the API server's discovery fails for JobSet's group (5xx, over and over): reconciles start anyway
+    # after READY_TIMEOUT_SECONDS, but a run naming JobSet must not fail for good as EngineNotInstalled (nor an
+    # Auto run start on an indexed Job because TrainJob/JobSet looked absent): they wait, and go on once discovery
+    # answers (here: not served, as no CRD is installed).
+    from perennial.controllers import manager
+    from perennial.kube import ApiError
+    from perennial.kube.aio import AsyncKube
+
+    failing = {f"/apis/{dist.JOBSET_API}", f"/apis/{dist.TRAINJOB_API}"}
+    request = AsyncKube.request
+
+    async def flaky(self, method, path, *args, **kwargs):
+        if path in failing:
+            raise ApiError(503, {"kind": "Status", "message": "injected: discovery unavailable"}, method, path)
+        return await request(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncKube, "request", flaky)
+    monkeypatch.setattr(manager, "READY_TIMEOUT_SECONDS", 2.0)
+    monkeypatch.setattr(manager, "DISCOVERY_ATTEMPTS", 2)
+    monkeypatch.setattr(manager, "DISCOVERY_RETRY_SECONDS", 0.5)
+    with running_cluster(tmp_path) as c:
+        prerequisites(c)
+        group_run(c, "named", engine="JobSet")
+        group_run(c, "auto")
+        for name in ("named", "auto"):
+            waiting = c.wait_condition("TrainingRun", name, "Waiting", "True", "EngineDiscovery", timeout=30)
+            assert "not known yet" in waiting["message"]
+        time.sleep(2)  # several discovery retries later: still waiting, nothing made
+        assert c.condition("TrainingRun", "named", "Succeeded")["status"] == "Unknown"
+        assert c.kube.get("batch/v1", "Job", "default", "auto-train") is None
+        failing.clear()  # discovery answers: neither engine CRD is installed
+        refused = c.wait_condition("TrainingRun", "named", "Succeeded", "False", "EngineNotInstalled", timeout=30)
+        assert "jobsets.jobset.x-k8s.io" in refused["message"]
+        wait_for(lambda: c.kube.get("batch/v1", "Job", "default", "auto-train"), timeout=30, message="the Auto run's indexed Job")
+        assert (c.get("TrainingRun", "auto").get("status") or {}).get("engine") == "IndexedJob"

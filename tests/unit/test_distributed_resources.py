@@ -72,6 +72,28 @@ def test_a_started_run_keeps_its_engine_whatever_was_installed_since(started, se
     assert dist.choose_engine(spec(nodes=2), served, started=started) == started
 
 
+@pytest.mark.parametrize("engine,started,served,unknown", [
+    ("JobSet", None, set(), {dist.JOBSET_RESOURCE}),  # named, and discovery has not answered for it yet
+    ("Auto", None, set(), {dist.TRAINJOB_RESOURCE}),  # the first choice unknown: the run would start on the second
+    ("Auto", None, {dist.JOBSET_RESOURCE}, {dist.TRAINJOB_RESOURCE}),
+    ("Auto", None, set(), {dist.JOBSET_RESOURCE}),  # TrainJob known not served, JobSet unknown: not IndexedJob yet
+    ("Auto", "JobSet", set(), {dist.JOBSET_RESOURCE}),  # started on it: not refused as removed before it is known
+])
+def test_an_engine_the_cluster_may_or_may_not_serve_waits_for_discovery(engine, started, served, unknown):
+    with pytest.raises(dist.EngineUnknown, match="not known yet"):
+        dist.choose_engine(spec(nodes=2, distributed={"engine": engine}), served, started=started, unknown=unknown)
+
+
+@pytest.mark.parametrize("engine,served,unknown,want", [
+    ("Auto", {dist.TRAINJOB_RESOURCE}, {dist.JOBSET_RESOURCE}, "TrainJob"),  # the first choice is served: the rest does not matter
+    ("IndexedJob", set(), dist.OPTIONAL_ENGINE_RESOURCES, "IndexedJob"),
+    ("TrainJob", {dist.TRAINJOB_RESOURCE}, {dist.JOBSET_RESOURCE}, "TrainJob"),
+])
+def test_what_does_not_depend_on_an_unknown_resource_goes_on(engine, served, unknown, want):
+    assert dist.choose_engine(spec(nodes=2, distributed={"engine": engine}), served, unknown=unknown) == want
+    assert dist.choose_engine(spec(nodes=1, distributed={"engine": engine}), set(), unknown=dist.OPTIONAL_ENGINE_RESOURCES) == "Job"
+
+
 @pytest.mark.parametrize("started", ["TrainJob", "JobSet"])
 def test_a_started_run_whose_engine_was_removed_is_refused_not_moved(started):
     with pytest.raises(dist.EngineNotInstalled, match=f"started on {started}.*no longer serves"):

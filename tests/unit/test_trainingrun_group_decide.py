@@ -17,9 +17,9 @@ from test_decide import BASE, NOW, RESULT, decide_run, good_world, obj, reason, 
 GROUP = {"gpus": 2, "nodes": 2}
 
 
-def decide(body: dict, world: tr.World, served=()) -> tr.Decision:
+def decide(body: dict, world: tr.World, served=(), unknown=()) -> tr.Decision:
     return tr.decide(body, world, now=NOW, image="trainer:1", artifact_uri="file:///art", feedback_store_uri="file:///fb",
-                     progress_seconds=5, served=set(served))
+                     progress_seconds=5, served=set(served), unknown=set(unknown))
 
 
 def kinds(d: tr.Decision) -> list[str]:
@@ -53,6 +53,17 @@ def test_an_engine_not_served_fails_the_run_at_once():
     d = decide(body, good_world(), {dist.JOBSET_RESOURCE})
     assert reason(d, "Succeeded") == ("False", "EngineNotInstalled") and not d.children and d.status["phase"] == "Failed"
     assert "trainjobs.trainer.kubeflow.org" in cond.get(d.status["conditions"], "Succeeded")["message"]
+
+
+def test_a_run_whose_engine_depends_on_a_resource_discovery_has_not_answered_for_waits():
+    # the operator could not yet tell whether the cluster serves JobSets (discovery failing at start): failing the
+    # run as EngineNotInstalled (or starting it on IndexedJob under Auto) would be for good
+    for engine, asked in (("JobSet", dist.JOBSET_RESOURCE), ("Auto", dist.TRAINJOB_RESOURCE)):
+        body = obj("TrainingRun", "r", run_spec(resources={**GROUP, "distributed": {"engine": engine}}))
+        d = decide(body, good_world(), (), unknown={dist.JOBSET_RESOURCE, dist.TRAINJOB_RESOURCE})
+        assert reason(d, "Waiting") == ("True", "EngineDiscovery") and reason(d, "Succeeded") == ("Unknown", "EngineDiscovery")
+        assert not d.children and d.status["phase"] != "Failed" and "completionTime" not in d.status
+        assert asked in cond.get(d.status["conditions"], "Waiting")["message"]
 
 
 def test_a_trainjob_waits_for_the_credentials_secret_it_lists_key_by_key():

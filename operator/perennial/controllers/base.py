@@ -93,6 +93,9 @@ class Context:
     #: discovery at start, then kopf's watch of CRDs: installed or removed while running); what a multi-node
     #: TrainingRun starts on follows it.
     served: set[str] = field(default_factory=set)
+    #: Optional resources whether served or not is not known yet (discovery has not answered, kopf has not listed
+    #: them): what depends on one waits instead of deciding for good.
+    unknown: set[str] = field(default_factory=set)
     #: Closed by the manager when the operator stops (what controllers opened for the operator's lifetime: the
     #: Deployment controller's pooled HTTP session to sidecars and Services).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -30,6 +30,7 @@ import kopf
 from ..kube.cache import Cache, resource_key
 from ..kube.client import ApiError
 from ..metrics import API_ERRORS, CONDITIONS, QUEUE_DEPTH, RECONCILE_SECONDS, RECONCILES, STATUS_WRITES
+from ..resources import conditions as cond
 from ..resources.common import FINALIZER, MANAGED_BY
 from ..resources.deployment import label_value
 from . import listings
@@ -96,8 +97,8 @@ BUILTIN_WATCHES = (
     Watched("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet", MANAGED, optional=True, wakes=("Deployment",)),
     # Engines of multi-node TrainingRuns, where installed: JobSet, Kubeflow Trainer's TrainJob (their Jobs and pods
     # carry the run's labels and are watched above).
-    Watched("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", MANAGED, optional=True),
-    Watched("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", MANAGED, optional=True),
+    Watched("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", MANAGED, optional=True, wakes=("TrainingRun",)),
+    Watched("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", MANAGED, optional=True, wakes=("TrainingRun",)),
 )
 #: The label naming the TrainingRun of a trainer pod or Job: maps the pods of a group (owned by Jobs that a JobSet
 #: or a TrainJob owns, not the run) to their run.
@@ -107,6 +108,10 @@ TRAININGRUN_LABEL = "perennial.ai/trainingrun"
 DEPLOYMENT_LABEL = "perennial.ai/deployment"
 #: Reconciles start when every watched resource was listed once, or after this long whatever is missing.
 READY_TIMEOUT_SECONDS = 30.0
+#: Discovery of an optional resource at start: asked this many times (5xx, 429, dropped connections) before it is
+#: left unknown, then asked again every DISCOVERY_RETRY_SECONDS until it answers (what depends on it waits).
+DISCOVERY_ATTEMPTS = 8
+DISCOVERY_RETRY_SECONDS = 30.0
 #: kopf's own watch of CustomResourceDefinitions (observation.resource_observer): seen here as any other stream.
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 OUR_KINDS = (("basemodels", "BaseModel"), ("rewardspecs", "RewardSpec"), ("trainingruns", "TrainingRun"), ("adapters", "Adapter"), ("deployments", "Deployment"))
@@ -164,8 +169,6 @@ def _merge_diff(have: Any, want: Any) -> Any:
 def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
     """The merge patch that turns `current` into `desired` (None when equal): removed fields become null,
     nested ones too; conditions compare without the times of unchanged ones."""
-    from ..resources import conditions as cond
-
     patch = _merge_diff({k: v for k, v in current.items() if k != "conditions"}, {k: v for k, v in desired.items() if k != "conditions"})
     patch = {} if patch is _SAME else patch
     if cond.conditions_differ(current.get("conditions"), desired.get("conditions")):
@@ -277,13 +280,11 @@ class Manager:
         self._listed_once.add((w.group, w.plural))
         if w.optional and w.id not in self.ctx.served:
             self.ctx.served.add(w.id)  # listed: served (whether discovery has answered yet or not)
+            self.ctx.unknown.discard(w.id)
             if self._ready:  # its CRD was installed while the operator runs
                 log.info("Started using an optional resource (its CRD was installed), resource=%s", w.id)
                 forget_unserved(w.api_version, w.kind)
-                for kind in w.wakes:
-                    if (c := self.controllers.get(kind)) is not None:
-                        self._route({Key(kind, o["metadata"].get("namespace") or "", o["metadata"]["name"])
-                                     for o in self.cache.list(API_VERSION, c.resource_kind)})
+                self._wake_for(w)
         if not self._ready and self._listed_once >= set(self._by_plural):
             self._start_reconciling()
             log.info("Listed the world, objects=%d", len(self.queue))
@@ -325,6 +326,17 @@ class Manager:
                  if label_value(o["metadata"]["name"]) == value}
         return found or {Key("Deployment", ns, value)}
 
+    def _wake_for(self, w: Watched) -> None:
+        """The objects whose decisions depend on optional resource `w` look again (it is served now, or it became
+        known whether it is): every one of its `wakes` kinds (a Deployment may use it), TrainingRuns only while
+        they wait (one finished or running never changes engine)."""
+        for kind in w.wakes:
+            if (c := self.controllers.get(kind)) is not None:
+                objs = self.cache.list(API_VERSION, c.resource_kind)
+                if kind == "TrainingRun":
+                    objs = [o for o in objs if cond.is_true((o.get("status") or {}).get("conditions"), "Waiting")]
+                self._route({Key(kind, o["metadata"].get("namespace") or "", o["metadata"]["name"]) for o in objs})
+
     def _route(self, keys: set[Key]) -> None:
         if self._ready:
             for key in keys:
@@ -338,34 +350,53 @@ class Manager:
         self._task = asyncio.create_task(self.queue.run_workers(self.workers, self.process), name="perennial-workers")
         self._ready_timer = asyncio.get_running_loop().call_later(READY_TIMEOUT_SECONDS, self._ready_anyway)
         optional = [w for w in self._by_plural.values() if w.optional]
+        # not known yet whether served: what depends on one waits (a run's engine) until discovery or a listing says
+        self.ctx.unknown.update(w.id for w in optional if w.id not in self.ctx.served)
         if optional:
-            self._discovery = asyncio.create_task(self._skip_unserved(optional), name="perennial-discovery")
+            self._discovery = asyncio.create_task(self._discover(optional), name="perennial-discovery")
+
+    async def _discover(self, optional: list[Watched]) -> None:
+        await self._skip_unserved(optional)
+        # what discovery could not tell at start is asked again until it answers
+        while unknown := [w for w in optional if w.id in self.ctx.unknown]:
+            await asyncio.sleep(DISCOVERY_RETRY_SECONDS)
+            for w in unknown:
+                if w.id in self.ctx.unknown:  # (listed meanwhile: known)
+                    self._learned(w, await self._served(w))
+
+    async def _served(self, w: Watched) -> bool | None:
+        """Whether the API server serves `w` (its group version's discovery); None when it cannot tell."""
+        for attempt in range(DISCOVERY_ATTEMPTS):  # an error but 'not served' or 'forbidden' is asked again (5xx, 429, a dropped connection)
+            try:
+                found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
+                return any(r.get("name") == w.plural for r in found.get("resources") or [])
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                if exc.status in (401, 403):
+                    return None
+                await asyncio.sleep(max(exc.retry_after or 0, 0.2 * 2 ** attempt))
+        return None
+
+    def _learned(self, w: Watched, served: bool | None) -> None:
+        if served is None:
+            log.warning("Could not tell whether the API server serves %s; asking again in %.0f s", w.id, DISCOVERY_RETRY_SECONDS)
+            return  # unknown: READY_TIMEOUT_SECONDS still bounds the wait of reconciles; what depends on it waits
+        known = w.id in self.ctx.unknown
+        self.ctx.unknown.discard(w.id)
+        if served:
+            self.ctx.served.add(w.id)
+        if not served and (w.group, w.plural) not in self._listed_once:
+            log.warning("Not watching %s: the API server does not serve it (its CRD is not installed)", w.id)
+            self._listed_once.add((w.group, w.plural))
+        if known and self._ready:
+            self._wake_for(w)
 
     async def _skip_unserved(self, optional: list[Watched]) -> None:
         """Optional resources the API server does not serve (KEDA not installed, which is normal) count as listed:
         kopf never lists them, and nothing may wait for them."""
         for w in optional:
-            served: bool | None = None
-            for attempt in range(8):  # an error but 'not served' or 'forbidden' is asked again (5xx, 429, a dropped connection)
-                try:
-                    found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
-                    served = any(r.get("name") == w.plural for r in found.get("resources") or [])
-                    break
-                except ApiError as exc:
-                    if exc.status == 404:
-                        served = False
-                        break
-                    if exc.status in (401, 403):
-                        break
-                    await asyncio.sleep(max(exc.retry_after or 0, 0.2 * 2 ** attempt))
-            if served is None:
-                log.warning("Could not tell whether the API server serves %s", w.id)
-                continue  # unknown: READY_TIMEOUT_SECONDS still bounds the wait
-            if served:
-                self.ctx.served.add(w.id)
-            if not served and (w.group, w.plural) not in self._listed_once:
-                log.warning("Not watching %s: the API server does not serve it (its CRD is not installed)", w.id)
-                self._listed_once.add((w.group, w.plural))
+            self._learned(w, await self._served(w))
         if not self._ready and self._listed_once >= set(self._by_plural):
             self._start_reconciling()
             log.info("Listed the world, objects=%d", len(self.queue))

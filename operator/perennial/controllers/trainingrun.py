@@ -389,9 +389,11 @@ def _final_zero_std(metrics: list[dict[str, str]]) -> str | None:
 
 
 def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_uri: str, feedback_store_uri: str, progress_seconds: float,
-           pods: PodSettings = PodSettings(), egress: EgressSettings | None = None, served: Collection[str] = ()) -> Decision:
+           pods: PodSettings = PodSettings(), egress: EgressSettings | None = None, served: Collection[str] = (),
+           unknown: Collection[str] = ()) -> Decision:
     """A TrainingRun's status and actions from what was observed (pure). `served`: the optional engines' resources
-    the cluster serves (`resources.nodes` > 1 runs on one of them, else on an indexed Job)."""
+    the cluster serves (`resources.nodes` > 1 runs on one of them, else on an indexed Job); `unknown`: those it is
+    not known yet whether it serves (a run whose engine depends on one waits)."""
     meta = obj["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old = dict(obj.get("status") or {})
@@ -445,7 +447,11 @@ def decide(obj: dict[str, Any], world: World, *, now: str, image: str, artifact_
         if resolved.parent:
             job["metadata"].setdefault("annotations", {})[PARENT_ANNOTATION] = resolved.parent
         try:
-            engine = dist.choose_engine(spec, served, started=old.get("engine"))  # a group made again: on the same engine
+            engine = dist.choose_engine(spec, served, started=old.get("engine"), unknown=unknown)  # made again: on the same engine
+        except dist.EngineUnknown as exc:
+            conds = cond.set_condition(conds, "Waiting", True, "EngineDiscovery", str(exc), gen)
+            conds = cond.set_condition(conds, "Succeeded", "Unknown", "EngineDiscovery", str(exc), gen)
+            return done()
         except dist.EngineNotInstalled as exc:
             conds = cond.set_condition(conds, "Waiting", False, "EngineNotInstalled", str(exc), gen)
             conds = cond.set_condition(conds, "Succeeded", False, "EngineNotInstalled", str(exc), gen)
@@ -695,7 +701,7 @@ async def reconcile(obj: dict[str, Any], ctx: Context) -> Outcome:
     decision = decide(
         obj, world, now=ctx.now(), image=ctx.config.trainer_image, artifact_uri=ctx.config.artifact_uri,
         feedback_store_uri=ctx.config.feedback_store_uri, progress_seconds=ctx.config.progress_seconds,
-        pods=ctx.config.pod_settings(), egress=ctx.config.egress_settings(), served=ctx.served,
+        pods=ctx.config.pod_settings(), egress=ctx.config.egress_settings(), served=ctx.served, unknown=ctx.unknown,
     )
     notes = decision.notes + await apply_all(ctx, decision.children, reasons={
         "Job": "JobCreated", "JobSet": "JobCreated", "TrainJob": "JobCreated", "ConfigMap": None, "NetworkPolicy": None, "Service": None})

@@ -55,19 +55,35 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 #: (engine, apiVersion, kind) of the object each engine's group is
 GROUP_KINDS = ((INDEXED_JOB, "batch/v1", "Job"), (JOBSET, JOBSET_API, "JobSet"), (TRAINJOB, TRAINJOB_API, "TrainJob"))
 _SERVES = {TRAINJOB: TRAINJOB_RESOURCE, JOBSET: JOBSET_RESOURCE}
+#: the resources an engine choice may depend on
+OPTIONAL_ENGINE_RESOURCES = frozenset(_SERVES.values())
 
 
 class EngineNotInstalled(ValueError):
     """The run names an engine whose CRD the cluster does not serve."""
 
 
-def choose_engine(spec: TrainingRunSpec, served: Collection[str], started: str | None = None) -> str:
+class EngineUnknown(ValueError):
+    """Whether the cluster serves what the choice depends on is not known yet (discovery has not answered)."""
+
+
+def _known(resource: str, unknown: Collection[str]) -> None:
+    if resource in unknown:
+        raise EngineUnknown(f"whether the cluster serves {resource} is not known yet (the API server's discovery has not "
+                            f"answered for it); the run starts once it has")
+
+
+def choose_engine(spec: TrainingRunSpec, served: Collection[str], started: str | None = None,
+                  unknown: Collection[str] = ()) -> str:
     """What runs the trainer: `Job` for one node; for more, the engine named, or under `Auto` the first of
     TrainJob, JobSet the cluster serves (`served`: discovery ids, as of now: CRDs installed or removed while the
     operator runs count), else `IndexedJob`. `started`: the engine the run's group was made on (its status), kept
-    whatever the cluster serves now: a run never changes engine (a removed one fails it)."""
+    whatever the cluster serves now: a run never changes engine (a removed one fails it). `unknown`: resources
+    whether served or not is not known yet: a choice that depends on one raises EngineUnknown (the run waits;
+    failing it, or starting it on another engine, would be for good)."""
     if started in (JOB, INDEXED_JOB, JOBSET, TRAINJOB):
         if started in _SERVES and _SERVES[started] not in served:
+            _known(_SERVES[started], unknown)
             raise EngineNotInstalled(
                 f"the run started on {started}, but the cluster no longer serves {_SERVES[started]} (its CRD was removed, and its "
                 f"{started}s with it); a run never changes engine: create the run again to train on what is installed now")
@@ -80,8 +96,10 @@ def choose_engine(spec: TrainingRunSpec, served: Collection[str], started: str |
         for engine in (TRAINJOB, JOBSET):
             if _SERVES[engine] in served:
                 return engine
+            _known(_SERVES[engine], unknown)
         return INDEXED_JOB
     if wanted in _SERVES and _SERVES[wanted] not in served:
+        _known(_SERVES[wanted], unknown)
         raise EngineNotInstalled(
             f"`resources.distributed.engine` is '{wanted}' but the cluster does not serve {_SERVES[wanted]} (its CRD is not "
             f"installed); install it, or use 'Auto' or 'IndexedJob'")
