@@ -253,3 +253,36 @@ async def test_a_resource_never_listed_does_not_hold_reconciles_back_forever():
     assert len(m.queue) == 0  # held until the world is listed
     m._ready_anyway()
     assert len(m.queue) == 1 and m._ready
+
+
+async def test_a_failed_status_write_still_posts_every_event_of_what_the_pass_did(monkeypatch):
+    """The status write failed (409, 5xx): what the pass did stays done, so its Events go now: its own notes and the
+    Events it had for other objects or past a message's length (a Deployment's held batch, already taken out of its
+    hold); the retry decides from the world again and has nothing left to say about them."""
+    import dataclasses
+
+    from perennial.controllers.base import Note, Outcome
+    from perennial.kube import ApiError
+
+    m = manager()
+    obj = o(API, "RewardSpec", "r", spec={})
+    m.cache.put(obj)
+    other = o(API, "Adapter", "a")
+    posted: list[tuple[str, list[str]]] = []
+
+    async def reconcile(_obj, _ctx):
+        return Outcome({"phase": "Ready"}, [Note("Validated", "tests passed")], events=[(other, [Note("Marked", "m")]), (_obj, [Note("More", "x")])])
+
+    async def write_status(*_a, **_k):
+        raise ApiError(409, {"message": "conflict"}, "PATCH", "/x")
+
+    async def post_event(target, notes):
+        posted.append((target["metadata"]["name"], [n.reason for n in notes]))
+
+    controller = m.controllers["RewardSpec"]
+    monkeypatch.setitem(m.controllers, "RewardSpec", dataclasses.replace(controller, reconcile=reconcile))
+    monkeypatch.setattr(m, "write_status", write_status)
+    monkeypatch.setattr(m, "post_event", post_event)
+    await m.process(Key("RewardSpec", "default", "r"))
+    assert sorted(posted) == [("a", ["Marked"]), ("r", ["More"]), ("r", ["Validated"])]
+    await m.queue.shutdown()

@@ -549,7 +549,11 @@ class Manager:
             try:
                 written = await self.write_status(controller, obj, outcome.status, outcome.notes)
             except ApiError:
-                await self.post_event(obj, outcome.notes)  # what was done stays done: say so now
+                # what was done stays done: say so now, all of it (the retry decides from the world again, and has
+                # nothing left to say about it; a Deployment's held notes were taken out of their hold for this write)
+                await self.post_event(obj, outcome.notes)
+                for other, other_notes in outcome.events:
+                    await self.post_event(other, other_notes)
                 raise
             if written:
                 for record in outcome.after_write:
