@@ -388,7 +388,7 @@ async def bench(args: argparse.Namespace) -> dict:
 
         if not args.feedback_only:
             await proxy_phases(res, direct, proxied, instant, args, sc, up_port, env, sc_cpus, admin_port)
-        await feedback_phases(res, args, sc, sc_port, env, sc_cpus)
+        await feedback_phases(res, args, sc, sc_port, env, sc_cpus, tmp / "spool")
     finally:
         sc.terminate()
         try:
@@ -436,12 +436,24 @@ async def proxy_phases(res: dict, direct: str, proxied: str, instant: dict, args
     res["captured_interactions"] = int(float(captured[0].rsplit(" ", 1)[1])) if captured else 0
 
 
-async def feedback_phases(res: dict, args: argparse.Namespace, sc: subprocess.Popen, sc_port: int, env: dict, sc_cpus: set[int] | None) -> None:
+async def shipped(spool: Path, timeout: float = 120.0) -> float:
+    """Wait until the sidecar's shipper has taken every closed segment out of the spool (the one being written stays):
+    a phase then pays for shipping its own records, not for the backlog an earlier phase left (the batched phase
+    writes ~70,000 records/s, whose shipping would otherwise land in the rounds after it). Seconds waited."""
+    t0 = time.monotonic()
+    while any(spool.rglob("*.jsonl")) and time.monotonic() - t0 < timeout:
+        await asyncio.sleep(0.2)
+    return time.monotonic() - t0
+
+
+async def feedback_phases(res: dict, args: argparse.Namespace, sc: subprocess.Popen, sc_port: int, env: dict, sc_cpus: set[int] | None,
+                          spool: Path) -> None:
     # durable feedback over HTTP: one record per request, then arrays of --batch records
     auth = {"Authorization": f"Bearer {TOKEN}"}
     one = {"response_id": "chatcmpl-bench", "type": "thumbs", "thumbs": "up"}
     for name, body, per in (("feedback_http", json.dumps(one).encode(), 1),
                             ("feedback_http_batch", json.dumps([{"response_id": f"chatcmpl-{i}", "type": "score", "score": i / args.batch} for i in range(args.batch)]).encode(), args.batch)):
+        res.setdefault("shipping_waits_s", []).append(round(await shipped(spool), 1))
         c0 = cpu_seconds(sc.pid)
         fl, frps, fe = await load(f"http://{HOST}:{sc_port}/v1/feedback", body, args.clients, args.seconds, headers=auth)
         fcpu = (cpu_seconds(sc.pid) - c0) / max(1, len(fl) * per) * 1e6
@@ -456,7 +468,8 @@ async def feedback_phases(res: dict, args: argparse.Namespace, sc: subprocess.Po
             res["floor_feedback"] = {"requests_per_s": hrps, "p50_ms": pct(hl, .5) * 1e3, "errors": he}
             # side by side on a noisy machine: alternate rounds (sidecar feedback, empty endpoint), a ratio per round
             # and the CPU each process takes per request (less sensitive to what else the machine runs)
-            ratios, cpu_ratios = [], []
+            ratios, cpu_ratios, rates = [], [], []
+            res["shipping_waits_s"].append(round(await shipped(spool), 1))  # the batched phase's backlog
             for _ in range(args.rounds):
                 c0 = cpu_seconds(sc.pid)
                 fl_i, frps_i, _ = await load(f"http://{HOST}:{sc_port}/v1/feedback", json.dumps(one).encode(),
@@ -465,9 +478,10 @@ async def feedback_phases(res: dict, args: argparse.Namespace, sc: subprocess.Po
                 c0 = cpu_seconds(hello.pid)
                 hl_i, hrps_i, _ = await load(f"http://{HOST}:{hello_port}/v1/feedback", json.dumps(one).encode(), args.clients, args.seconds)
                 h_cpu = (cpu_seconds(hello.pid) - c0) / max(1, len(hl_i))
+                rates.append((round(frps_i), round(hrps_i)))
                 ratios.append(round(frps_i / max(1.0, hrps_i), 3))
                 cpu_ratios.append(round(h_cpu / f_cpu, 3) if f_cpu > 0 else float("nan"))
-            res["feedback_vs_floor"] = {"round_ratios": ratios, "ratio": statistics.median(ratios),
+            res["feedback_vs_floor"] = {"round_ratios": ratios, "ratio": statistics.median(ratios), "round_rates": rates,
                                         "cpu_round_ratios": cpu_ratios, "cpu_ratio": statistics.median(cpu_ratios)}
         finally:
             hello.terminate()
@@ -536,6 +550,8 @@ def main() -> None:
         v = r["feedback_vs_floor"]
         print(f"feedback vs empty endpoint : 1 record per request / empty aiohttp endpoint, alternating rounds: {v['ratio']:.2f}x {v['round_ratios']}   (target >= 0.8x)")
         print(f"  the same by CPU          : empty endpoint's CPU per request / the sidecar's, same rounds: {v['cpu_ratio']:.2f}x {v['cpu_round_ratios']}")
+        print(f"  requests/s per round     : (sidecar feedback, empty endpoint) {v['round_rates']}; waited for the shipper to empty the spool "
+              f"before each phase: {r.get('shipping_waits_s')} s (a phase pays for shipping its own records, not an earlier phase's)")
     if "floor_json" in r:
         for kind in ("json", "sse"):
             x, fl = r[f"engine_{kind}"], r[f"floor_{kind}"]
