@@ -438,8 +438,9 @@ async def proxy_phases(res: dict, direct: str, proxied: str, instant: dict, args
 
 async def shipped(spool: Path, timeout: float = 120.0) -> float:
     """Wait until the sidecar's shipper has taken every closed segment out of the spool (the one being written stays):
-    a phase then pays for shipping its own records, not for the backlog an earlier phase left (the batched phase
-    writes ~70,000 records/s, whose shipping would otherwise land in the rounds after it). Seconds waited."""
+    a phase then pays for shipping its own records, not for a backlog an earlier phase left. Seconds waited (printed:
+    0.0 s on the 2-core machine of 2026-11-30, the shipper keeps up with the batched phase's ~70,000 records/s, so
+    the spread of the alternating rounds is not a shipping backlog)."""
     t0 = time.monotonic()
     while any(spool.rglob("*.jsonl")) and time.monotonic() - t0 < timeout:
         await asyncio.sleep(0.2)
