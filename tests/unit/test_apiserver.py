@@ -245,6 +245,20 @@ def test_generation_bumps_only_on_spec_changes(c, ns):
     assert obj["metadata"]["generation"] == 2
 
 
+def test_a_value_that_changes_type_but_not_python_equality_is_a_change(c, ns):
+    # 1 -> true -> 1.0 in a preserve-unknown-fields part: `1 == True == 1.0` in Python, three different JSON values
+    # (a JSON Schema `const`, an affinity weight): each write is stored and bumps the generation, as in kube-apiserver
+    obj = c.ok("POST", W(ns), widget(extra={"v": 1}))
+    for value, gen in ((True, 2), (1.5, 3), (1, 4), (True, 5)):
+        obj = c.ok("PATCH", W(ns, "w1"), {"spec": {"extra": {"v": value}}}, "application/merge-patch+json")
+        assert obj["spec"]["extra"]["v"] is value or (obj["spec"]["extra"]["v"] == value and type(obj["spec"]["extra"]["v"]) is type(value))
+        assert obj["metadata"]["generation"] == gen, value
+    got = c.ok("GET", W(ns, "w1"))
+    assert got["spec"]["extra"]["v"] is True and got["metadata"]["generation"] == 5
+    again = c.ok("PATCH", W(ns, "w1"), {"spec": {"extra": {"v": True}}}, "application/merge-patch+json")
+    assert again["metadata"]["resourceVersion"] == got["metadata"]["resourceVersion"]  # the same JSON: still a no-op
+
+
 def test_status_subresource_split(c, ns):
     obj = c.ok("POST", W(ns), {**widget(), "status": {"phase": "Done"}})
     assert "status" not in obj  # status is dropped on create

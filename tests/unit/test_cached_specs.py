@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from perennial.api.rewardspec import RewardSpecSpec
 from perennial.controllers.cached_specs import SpecCache
 
@@ -50,3 +52,33 @@ def test_the_cache_is_bounded():
     for i in range(5):
         cache.get(obj(RUBRIC, name=f"rs-{i}"))
     assert len(cache) == 3
+
+
+def test_a_spec_equal_in_python_but_not_in_json_is_parsed_again():
+    # `{"const": 1} == {"const": True}` in Python; as JSON Schemas they differ (1 is not true). The API server bumps
+    # the generation on the change: the cached parse of the older generation is not handed out.
+    cache = SpecCache(RewardSpecSpec)
+
+    def schema(value: object, generation: int) -> dict:
+        o = obj({"graders": [{"name": "j", "type": "JSONSchema", "jsonSchema": {"schema": {"const": value}}}]})
+        o["metadata"]["generation"] = generation
+        return o
+
+    assert cache.get(schema(1, 1)).graders[0].json_schema.schema_["const"] == 1
+    parsed = cache.get(schema(True, 2)).graders[0].json_schema.schema_["const"]
+    assert parsed is True
+
+
+@pytest.mark.parametrize("a,b,equal", [
+    ({"v": 1}, {"v": True}, False),
+    ({"v": [1, {"w": 0}]}, {"v": [1, {"w": False}]}, False),
+    ({"v": 1}, {"v": 1.0}, False),
+    ({"v": [1, "x", {"w": None}]}, {"v": [1, "x", {"w": None}]}, True),
+    ({"v": True}, {"v": True}, True),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}, True),  # key order is no difference
+    ({"v": 1}, {"v": 2}, False),
+])
+def test_json_equal_tells_apart_what_pythons_equality_conflates(a, b, equal):
+    from perennial.kube.client import json_equal
+
+    assert json_equal(a, b) is equal and json_equal(b, a) is equal

@@ -215,7 +215,10 @@ def revision_of(ctx: Context, s: build.Serving) -> str:
     no template to hash). Raises the builders' ValueError as `build.revision` does."""
     memo = _memo(ctx, "revision")
     key = (s.namespace, s.name, s.region.name)
-    inputs = (s.body.get("spec"), s.base_model, s.adapters, s.region, s.image, s.settings, s.owned)
+    # the generation too: `==` takes 1, 1.0 and true for one another in the parts of a spec kept as written (an
+    # affinity), and the API server bumps the generation on such a change
+    inputs = (s.body.get("spec"), s.body.get("metadata", {}).get("generation"), s.base_model, s.adapters, s.region, s.image,
+              s.settings, s.owned)
     known = memo.get(key)
     if known is not None and known[0] == inputs:
         return known[1]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import builtin_schema, defaults, validation
+from ..kube.client import json_equal
 from .patches import PatchError, json_copy, json_patch, merge_patch, strategic_merge_patch
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -813,10 +814,10 @@ class Store:
             # generation: bumped on changes outside metadata (and status, when it is a subresource)
             if "generation" in old["metadata"]:
                 skip = {"metadata", "status"} if "status" in rt.subresources else {"metadata"}
-                if _without(new, skip) != _without(old, skip):
+                if not json_equal(_without(new, skip), _without(old, skip)):  # 1 -> true is a change
                     new["metadata"]["generation"] = old["metadata"]["generation"] + 1
             new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
-            if _strip_volatile(new) == _strip_volatile(old):
+            if json_equal(_strip_volatile(new), _strip_volatile(old)):
                 return old  # a no-op write changes nothing, not even the resourceVersion
             if dry_run:
                 return new
