@@ -295,6 +295,8 @@ def test_a_blocked_deployment_that_serves_stays_ready_and_says_why_nothing_moves
     ([0, 404], True),  # the group is not served at all
     ([{"resources": [{"name": "scaledobjects"}]}], False),  # KEDA installed: its listing is waited for
     ([403], False),  # cannot tell: READY_TIMEOUT_SECONDS bounds the wait
+    (["<html>a proxy's page</html>"], False),  # a body that is no discovery document: cannot tell (never a crash
+    ([{"resources": ["scaledobjects", 3, None]}], False),  # of the discovery task, which would leave it unknown for good)
 ])
 def test_an_unserved_optional_resource_holds_no_reconcile_back(monkeypatch, answers, skipped):
     from perennial.config import OperatorConfig

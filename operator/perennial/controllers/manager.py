@@ -369,7 +369,11 @@ class Manager:
         for attempt in range(DISCOVERY_ATTEMPTS):  # an error but 'not served' or 'forbidden' is asked again (5xx, 429, a dropped connection)
             try:
                 found = await self.ctx.kube.request("GET", f"/apis/{w.group}/{w.version}")
-                return any(r.get("name") == w.plural for r in found.get("resources") or [])
+                resources = (found.get("resources") or []) if isinstance(found, dict) else None  # none listed: []
+                if not isinstance(resources, list) or not all(isinstance(r, dict) for r in resources):
+                    log.warning("The discovery answer for %s is not an APIResourceList: %.200r", w.id, found)
+                    return None  # cannot tell (asked again later), never a crash of the discovery task
+                return any(r.get("name") == w.plural for r in resources)
             except ApiError as exc:
                 if exc.status == 404:
                     return False
