@@ -6,7 +6,8 @@ converged object (benchmarks/operator_scale.py --profile). A `SpecCache` keeps, 
 parsed and the result (the model, or the validation error); the next object whose `spec` is the same dict, or an
 equal one of the same `metadata.generation`, gets that result back. Equal JSON gives an equal parse, so this is a
 cache, not a second source of truth (Python's `==` alone would take `1`, `1.0` and `true` for one another in the
-parts kept as written, e.g. a JSON Schema's `const`; the API server bumps the generation on such a change). Parsed specs are shared: read them, never change them (as the objects of the informer cache).
+parts kept as written, e.g. a JSON Schema's `const`; the API server bumps the generation on such a change).
+Parsed specs are shared: read them, never change them (as the objects of the informer cache).
 
 Bounded (least recently used first out): a parsed TrainingRunSpec holds ~6 KiB, and the parses an object needs
 come close together (its events, then its reconcile), so 1,024 entries keep nearly all the hits while a burst of
