@@ -97,8 +97,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, crds: bool = True) -> tuple[Any, Path, Any]:
+def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, crds: bool = True,
+                         cleanup: list[Any] | None = None) -> tuple[Any, Path, Any]:
     """The embedded API server in a background thread, a kubeconfig for it under `state`, and a client (CRDs installed, then `faults` on).
+    The server's stop is appended to `cleanup` as soon as it runs.
 
     The server serves HTTPS with a fresh self-signed certificate and refuses requests without a fresh random bearer
     token; the kubeconfig (mode 0600) holds both."""
@@ -112,6 +114,8 @@ def _start_control_plane(host: str, port: int, state: Path, faults: Any = None, 
             "self-signed certificate, the kubeconfig's bearer token required). Prefer the default --host 127.0.0.1.", host)
     token = new_token()
     server = start_in_thread(host, port, token=token, tls=self_signed(host))
+    if cleanup is not None:
+        cleanup.append(server.stop)
     kubeconfig = server.write_kubeconfig(state / "kubeconfig")
     kube = connect(server=server.url, token=token, ca_file=server.ca_file)
     if crds:
@@ -151,7 +155,51 @@ def _control_plane(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM while `perennial dev` starts (raised by its signal handler).
+
+    Not KeyboardInterrupt: CPython 3.11 records a KeyboardInterrupt that passes through code run by
+    `PyRun_String` (extension modules do, e.g. while they are imported) as unhandled for good, and the
+    process then ends killed by SIGINT (exit status -2) even though `perennial dev` caught it and
+    stopped cleanly."""
+
+
 def _dev(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    stop = threading.Event()  # also kopf's stop flag: a signal after the start stops the operator through it
+    starting = True
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+        if starting:
+            raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cleanup: list[Any] = []  # what started, stopped in reverse order whatever happens next
+    try:
+        run, kwargs = _dev_start(args, cleanup)
+        starting = False
+        if not stop.is_set():
+            # kopf installs its own SIGINT/SIGTERM handlers once it runs; until then on_signal sets the flag
+            run(stop_flag=stop, **kwargs)
+    except _Stopped:
+        print("Stopped while starting.", flush=True)
+    finally:
+        starting = False
+        for sig in previous:  # the event loop's close put back Python's default handlers: a second Ctrl-C waits too
+            signal.signal(sig, on_signal)
+        for stopper in reversed(cleanup):
+            stopper()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _dev_start(args: argparse.Namespace, cleanup: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """Start everything of `perennial dev` but the operator (each part's stop appended to `cleanup`):
+    (the operator's run function, its arguments)."""
     from .local.cluster import LocalCluster
 
     _configure_logging(args.log_format, args.verbose)
@@ -163,7 +211,7 @@ def _dev(args: argparse.Namespace) -> int:
 
         print(f"Preparing the demo: a tiny offline model and toy data under {pvc_root} ...", flush=True)
         prepare(pvc_root)
-    server, kubeconfig, kube = _start_control_plane(args.host, args.port, state)
+    server, kubeconfig, kube = _start_control_plane(args.host, args.port, state, cleanup=cleanup)
     applied = []
     for doc in load_manifests(args.apply or []):
         doc.setdefault("metadata", {}).setdefault("namespace", "default")
@@ -174,7 +222,7 @@ def _dev(args: argparse.Namespace) -> int:
 Perennial dev is running.
   control plane  {server.url}
   kubeconfig     {kubeconfig}
-  metrics        http://{args.host}:{args.metrics_port}/metrics
+  metrics        http://{args.host}:{args.metrics_port}/metrics   (once the operator has started, a few seconds)
   health         http://{args.host}:{args.health_port}/healthz
 {''.join(f'  applied        {a}{chr(10)}' for a in applied)}
 Jobs of the trainer image run here as local processes (logs: kubectl logs -l perennial.ai/trainingrun=<name>),
@@ -217,41 +265,34 @@ Press Ctrl-C to stop.
             LOCAL_TRAINER_IMAGE: [sys.executable, "-m", "perennial_trainer"],
             LOCAL_SERVER_IMAGE: [sys.executable, "-m", "perennial_server.cli"],
         },
-    ).start()
+    )
+    cleanup.append(kubelet.stop)
+    kubelet.start()
     # Once a Perennial Deployment is Ready: its URL, model names and how to call it and rate an answer.
     from .devserving import ServingAnnouncer
 
     announcer = ServingAnnouncer(kube, str(kubeconfig)).start()
+    cleanup.append(announcer.stop)
     # The demo's loop: simulated users ask and rate through the sidecar once the Deployment serves; the story is
     # printed as it happens and the approval chart written under the state dir.
-    story = None
     if args.demo and args.users > 0:
         from .devloop import LoopStory
 
         story = LoopStory(kube, state / "loop", deployment=args.users_deployment, model=args.users_model, users=args.users,
                           think=args.users_think).start()
+        cleanup.append(story.stop)
         print(f"Simulated users: {args.users}, once Deployment {args.users_deployment} serves {args.users_model} "
               f"(--no-users to opt out); approval chart: {state / 'loop.png'}\n", flush=True)
-    try:
-        run(
-            server=server.url,
-            token=server.token,
-            ca_file=server.ca_file,
-            config=config,
-            standalone=True,
-            health_endpoint=f"http://{args.host}:{args.health_port}/healthz",
-            metrics_port=args.metrics_port,
-            metrics_host=args.host,
-        )
-    except KeyboardInterrupt:  # Ctrl-C while the operator was still starting (before kopf handles the signal itself)
-        print("Stopped while the operator was starting.", flush=True)
-    finally:
-        if story is not None:
-            story.stop()
-        announcer.stop()
-        kubelet.stop()
-        server.stop()
-    return 0
+    return run, {
+        "server": server.url,
+        "token": server.token,
+        "ca_file": server.ca_file,
+        "config": config,
+        "standalone": True,
+        "health_endpoint": f"http://{args.host}:{args.health_port}/healthz",
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.host,
+    }
 
 
 def _promote(args: argparse.Namespace) -> int:

@@ -145,6 +145,10 @@ def run(
     # kopf waits for a threading.Event stop flag in an executor thread: always release it on the way
     # out (kopf stops on SIGINT/SIGTERM by itself), or the loop's shutdown would hang on that thread.
     stop_flag = stop_flag or threading.Event()
+    # kopf's "stop-flag waiter" task waits for the flag in an executor thread; when a signal stops the operator
+    # instead, that task outlives the root tasks and kopf waits 5 s for it before cancelling it: release it as
+    # soon as the operator cleans up.
+    kopf.on.cleanup(registry=registry, id="stop-flag")(lambda **_: stop_flag.set())
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:
             runner.run(

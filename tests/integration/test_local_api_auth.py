@@ -68,6 +68,14 @@ def _get(url: str, token: str | None = None, headers: dict | None = None) -> tup
     return code, (json.loads(body) if "json" in ctype else body.decode())
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 def _token(kubeconfig: Path) -> str:
     cfg = yaml.safe_load(kubeconfig.read_text())
     return cfg["users"][0]["user"]["token"]
@@ -218,7 +226,9 @@ def test_perennial_dev_binds_api_and_metrics_to_host_and_requires_the_token(tmp_
         _trust(f"https://127.0.0.1:{port}", _ca(kubeconfig))
         _assert_unauthorized(*_get(f"https://127.0.0.1:{port}/api/v1/secrets"))
         assert _get(f"https://127.0.0.1:{port}/api/v1/secrets", _token(kubeconfig))[0] == 200
-        wait_for(lambda: _get(f"http://127.0.0.1:{metrics}/metrics")[0] == 200, timeout=30, message="metrics")
+        # the banner comes once the control plane serves; the operator (and its metrics endpoint) starts after it
+        wait_for(lambda: _listening("127.0.0.1", metrics), timeout=60, interval=0.2, message="the operator's metrics endpoint")
+        assert _get(f"http://127.0.0.1:{metrics}/metrics")[0] == 200
         addr = _non_loopback_address()
         for p in (port, metrics, health):
             with pytest.raises(OSError):

@@ -1095,7 +1095,11 @@ class APIServer:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
                                                        "Cache-Control": "no-cache, private"})
         resp.enable_chunked_encoding()
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except (ConnectionResetError, RuntimeError):  # the client, or this server stopping, closed the connection first
+            self.store.unwatch(rt, w)  # registered above: never left behind
+            return resp  # aiohttp's own prepare of it meets the closed connection too and drops it quietly
 
         def render(etype: str, obj: dict) -> bytes:
             if table and etype in ("ADDED", "MODIFIED", "DELETED"):
