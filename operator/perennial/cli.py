@@ -186,6 +186,8 @@ def _dev(args: argparse.Namespace) -> int:
             run(stop_flag=stop, **kwargs)
     except _Stopped:
         print("Stopped while starting.", flush=True)
+    except KeyboardInterrupt:  # a Ctrl-C in the instant between kopf's loop putting back Python's handler and ours
+        print("Stopped.", flush=True)
     finally:
         starting = False
         for sig in previous:  # the event loop's close put back Python's default handlers: a second Ctrl-C waits too

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -540,3 +541,37 @@ def test_the_api_servers_proxy_subresources_reach_the_serving_pods(env: Env) -> 
         assert status == 200, body
         seen.add(json.loads(body)["pod"])
     assert seen == {p["metadata"]["name"] for p in env.ready_pods("apx")}
+
+
+def test_a_local_runtime_stopped_before_or_while_it_starts_stops_at_once(tmp_path: Path) -> None:
+    """`perennial dev` stopped while starting stops whatever of the runtime started: a runtime never started left a
+    coroutine for a loop that never ran (RuntimeWarning "never awaited") and waited 10 s for its answer."""
+    import gc
+    import warnings
+
+    server = start_in_thread()
+    try:
+        kube = connect(server=server.url)
+        for started in ((), ("loop",), ("loop", "jobs", "controllers")):
+            cluster = LocalCluster(kube, server, workdir=tmp_path / "pods", pvc_root=tmp_path / "pvc", images={})
+            for part in started:
+                getattr(cluster, part).start()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                box: list[BaseException] = []
+                t = threading.Thread(target=_call, args=(cluster.stop, box), daemon=True)
+                t.start()
+                t.join(5)  # a bound against the 10 s wait it did, not a performance figure
+                assert not t.is_alive(), f"stop() with {started or 'nothing'} started still waits"
+                assert not box, box
+                gc.collect()
+            assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        server.stop()
+
+
+def _call(fn: Any, box: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 -- reported by the test
+        box.append(e)

@@ -52,9 +52,11 @@ class LocalCluster:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        self.proxy.stop()
-        self.controllers.stop()
-        self.pods.stop(timeout)
+        """Stop what started (also when start() was interrupted part way, as `perennial dev` stopped while starting)."""
+        if self.loop.started:  # the proxy, controllers and pod kubelet run on the loop: nothing of theirs runs before it
+            self.proxy.stop()
+            self.controllers.stop()
+            self.pods.stop(timeout)
         self.jobs.stop(timeout)
         self.loop.stop()
 

@@ -53,6 +53,10 @@ class LoopThread:
             self._thread.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
