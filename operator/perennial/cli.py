@@ -176,27 +176,36 @@ def _dev(args: argparse.Namespace) -> int:
         if starting:
             raise _Stopped(signum)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
     cleanup: list[Any] = []  # what started, stopped in reverse order whatever happens next
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
         run, kwargs = _dev_start(args, cleanup)
         starting = False
         if not stop.is_set():
             # kopf installs its own SIGINT/SIGTERM handlers once it runs; until then on_signal sets the flag
             run(stop_flag=stop, **kwargs)
     except _Stopped:
+        starting = False  # a second signal now only sets the flag
         print("Stopped while starting.", flush=True)
-    except KeyboardInterrupt:  # a Ctrl-C in the instant between kopf's loop putting back Python's handler and ours
+    except KeyboardInterrupt:  # with the asyncio loop: a Ctrl-C between its close putting back Python's handler and ours
+        starting = False
         print("Stopped.", flush=True)
     finally:
         starting = False
-        for sig in previous:  # the event loop's close put back Python's default handlers: a second Ctrl-C waits too
+        for sig in previous:  # an asyncio loop's close puts back Python's default handlers: a second signal waits too
             signal.signal(sig, on_signal)
+        failed = 0
         for stopper in reversed(cleanup):
-            stopper()
+            try:
+                stopper()
+            except Exception:  # the rest is stopped all the same (the child processes above all)
+                failed += 1
+                logging.getLogger("perennial").exception("Stopping %s failed", getattr(stopper, "__qualname__", stopper))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 1 if failed else 0
 
 
 def _dev_start(args: argparse.Namespace, cleanup: list[Any]) -> tuple[Any, dict[str, Any]]:

@@ -82,6 +82,9 @@ def test_perennial_dev_stops_cleanly_whenever_it_is_stopped(tmp_path: Path, mome
     text = log_path.read_text()
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
+    if moment in ("once the metrics port listens (the operator builds its registry)", "once kopf runs (/healthz 200)"):
+        # the local runtime had started (before the operator): it was stopped, not left to die with the process
+        assert "Started local kubelet" in text and "Stopped local kubelet" in text, text[-3000:]
     if "Signal SIG" in text:  # kopf ran and stopped on the signal
         # and left no task of its own behind (kopf waits 5 s for such "hung" tasks, then cancels them: its waiter of
         # the stop flag did, until the operator's cleanup set the flag)

@@ -87,3 +87,31 @@ def test_a_stop_queued_behind_events_ends_the_stream_after_them(srv):
     finally:
         conn.close()
     assert [e["object"]["metadata"]["name"] for e in events] == [f"last-{i}" for i in range(5)]
+
+
+def _watchers(srv) -> int:
+    return sum(len(ws) for ws in srv.server.store.watchers.values())
+
+
+def test_a_watch_refused_before_it_streams_leaves_no_watcher_behind(srv):
+    """A watch answered with an error (a bad `timeoutSeconds`; an HTTP/1.0 client, which cannot take the chunked
+    stream) is answered, and the store keeps no watcher for it (one left behind would be fed every event forever)."""
+    url = urllib.parse.urlsplit(srv.url)
+    before = _watchers(srv)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("GET", f"/api/v1/namespaces/{NS}/configmaps?watch=true&timeoutSeconds=soon")
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 400 and body["reason"] == "BadRequest" and "timeoutSeconds" in body["message"], body
+    conn.close()
+
+    class HTTP10(http.client.HTTPConnection):
+        _http_vsn, _http_vsn_str = 10, "HTTP/1.0"
+
+    conn = HTTP10(url.hostname, url.port, timeout=30)
+    conn.request("GET", f"/api/v1/namespaces/{NS}/configmaps?watch=true")
+    resp = conn.getresponse()
+    assert resp.status >= 400, resp.status  # an answer, not silence
+    resp.read()
+    conn.close()
+    assert _watchers(srv) == before

@@ -1086,9 +1086,12 @@ class APIServer:
                     fields=parse_field_selector(q.get("fieldSelector")))
         since = q.get("resourceVersion")
         send_initial = q.get("sendInitialEvents") in ("true", "1", "True")
-        initial = self.store.watch(rt, w, None if send_initial else since)
         timeout = q.get("timeoutSeconds")
-        deadline = time.monotonic() + float(timeout) if timeout else None
+        try:
+            deadline = time.monotonic() + int(timeout) if timeout else None  # an int64 in kube-apiserver's ListOptions
+        except ValueError:
+            raise APIError(400, "BadRequest", f'invalid timeoutSeconds "{timeout[:50]}": an integer number of seconds') from None
+        initial = self.store.watch(rt, w, None if send_initial else since)
         cut_at = time.monotonic() + request[CLOSE_AFTER] if CLOSE_AFTER in request else None
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1", "True")
         include = q.get("includeObject", "Metadata")
@@ -1097,9 +1100,12 @@ class APIServer:
         resp.enable_chunked_encoding()
         try:
             await resp.prepare(request)
-        except (ConnectionResetError, RuntimeError):  # the client, or this server stopping, closed the connection first
+        except ConnectionResetError:  # the client, or this server stopping, closed the connection first
             self.store.unwatch(rt, w)  # registered above: never left behind
             return resp  # aiohttp's own prepare of it meets the closed connection too and drops it quietly
+        except BaseException:
+            self.store.unwatch(rt, w)
+            raise
 
         def render(etype: str, obj: dict) -> bytes:
             if table and etype in ("ADDED", "MODIFIED", "DELETED"):

@@ -57,6 +57,8 @@ class LocalCluster:
             self.proxy.stop()
             self.controllers.stop()
             self.pods.stop(timeout)
+        else:
+            self.pods.addresses.close()  # the pod address range this runtime holds (a lock file) from construction on
         self.jobs.stop(timeout)
         self.loop.stop()
 

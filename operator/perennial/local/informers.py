@@ -55,7 +55,8 @@ class LoopThread:
 
     @property
     def started(self) -> bool:
-        return self._started
+        """Its thread started (not only start() called): what is submitted from now on runs."""
+        return self._thread.ident is not None
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
