@@ -52,13 +52,11 @@ class LocalCluster:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop what started (also when start() was interrupted part way, as `perennial dev` stopped while starting)."""
-        if self.loop.started:  # the proxy, controllers and pod kubelet run on the loop: nothing of theirs runs before it
-            self.proxy.stop()
-            self.controllers.stop()
-            self.pods.stop(timeout)
-        else:
-            self.pods.addresses.close()  # the pod address range this runtime holds (a lock file) from construction on
+        """Stop what started (also when start() was interrupted part way, as `perennial dev` stopped while starting:
+        what the parts would hand to a loop that never ran fails at once, see `LoopThread.submit`)."""
+        self.proxy.stop()
+        self.controllers.stop()
+        self.pods.stop(timeout)
         self.jobs.stop(timeout)
         self.loop.stop()
 

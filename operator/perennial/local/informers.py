@@ -59,6 +59,13 @@ class LoopThread:
         return self._thread.ident is not None
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        """Run `coro` on the loop; a future of its result. Before the thread started nothing would ever run it: the
+        future fails at once (the coroutine closed), instead of a caller waiting out its timeout for it."""
+        if not self.started:
+            coro.close()
+            fut: Future[Any] = Future()
+            fut.set_exception(RuntimeError(f"the event loop thread {self._thread.name} is not running"))
+            return fut
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout: float = 10.0) -> None:
