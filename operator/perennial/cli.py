@@ -181,11 +181,13 @@ def _dev(args: argparse.Namespace) -> int:
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
-        run, kwargs = _dev_start(args, cleanup)
-        starting = False
+        operator = _dev_start(args, cleanup)
+        starting = False  # from here on a signal sets the flag: the operator's imports and its start end on it
+        from .runtime import run
+
         if not stop.is_set():
             # kopf installs its own SIGINT/SIGTERM handlers once it runs; until then on_signal sets the flag
-            run(stop_flag=stop, **kwargs)
+            run(stop_flag=stop, **operator)
     except _Stopped:
         starting = False  # a second signal now only sets the flag
         print("Stopped while starting.", flush=True)
@@ -208,9 +210,9 @@ def _dev(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _dev_start(args: argparse.Namespace, cleanup: list[Any]) -> tuple[Any, dict[str, Any]]:
-    """Start everything of `perennial dev` but the operator (each part's stop appended to `cleanup`):
-    (the operator's run function, its arguments)."""
+def _dev_start(args: argparse.Namespace, cleanup: list[Any]) -> dict[str, Any]:
+    """Start everything of `perennial dev` but the operator (each part's stop appended to `cleanup`): the
+    operator's arguments (`runtime.run`)."""
     from .local.cluster import LocalCluster
 
     _configure_logging(args.log_format, args.verbose)
@@ -251,7 +253,6 @@ Press Ctrl-C to stop.
         flush=True,
     )
     from .config import OperatorConfig
-    from .runtime import run
 
     config = OperatorConfig(
         pvc_root=str(pvc_root),
@@ -294,7 +295,7 @@ Press Ctrl-C to stop.
         cleanup.append(story.stop)
         print(f"Simulated users: {args.users}, once Deployment {args.users_deployment} serves {args.users_model} "
               f"(--no-users to opt out); approval chart: {state / 'loop.png'}\n", flush=True)
-    return run, {
+    return {
         "server": server.url,
         "token": server.token,
         "ca_file": server.ca_file,
