@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
-from devproc import stop_dev
+from devproc import free_port, stop_dev
 from harness import wait_for
 from perennial.kube import connect
 
@@ -39,11 +38,6 @@ API = "perennial.ai/v1alpha1"
 NS = "default"
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def manifests() -> list[dict[str, Any]]:

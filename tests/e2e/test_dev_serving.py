@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from devproc import stop_dev
+from devproc import free_port, stop_dev
 from harness import wait_for
 from perennial.kube import connect
 
@@ -32,11 +31,6 @@ NS = "default"
 PROMPT = "What colour is a banana?"
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> None:

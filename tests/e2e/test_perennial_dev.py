@@ -5,27 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from devproc import free_port, stop_dev
 from harness import wait_for
-from devproc import stop_dev
-
 from perennial.kube import connect
 
 ROOT = Path(__file__).resolve().parents[2]
 API = "perennial.ai/v1alpha1"
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_perennial_dev_demo_trains_adapters_and_serves_them(tmp_path: Path):

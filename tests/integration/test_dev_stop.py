@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -18,21 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from devproc import free_port, listening
 from harness import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return False
-    return True
 
 
 def _healthy(port: int) -> bool:
@@ -43,35 +29,35 @@ def _healthy(port: int) -> bool:
         return False
 
 
+# id -> (the moment, reached when its predicate of (log, metrics port, health port) holds, the local runtime started by then)
 MOMENTS = {
     # the first thing it does once its handler is installed (before it, the interpreter's own start: a Ctrl-C
     # there ends any Python program killed by SIGINT)
-    "once the state dir exists (the control plane starts)": lambda log, metrics, health: (log.parent / "state").is_dir(),
-    "at the banner (the operator imports its modules)": lambda log, metrics, health: "Perennial dev is running" in log.read_text(),
-    "once the metrics port listens (the operator builds its registry)": lambda log, metrics, health: _listening(metrics),
-    "once kopf runs (/healthz 200)": lambda log, metrics, health: _healthy(health),
+    "state-dir": ("once the state dir exists (the control plane starts)", lambda log, metrics, health: (log.parent / "state").is_dir(), False),
+    "banner": ("at the banner (the operator imports its modules)", lambda log, metrics, health: "Perennial dev is running" in log.read_text(), False),
+    "metrics": ("once the metrics port listens (the operator builds its registry)", lambda log, metrics, health: listening(metrics), True),
+    "running": ("once kopf runs (/healthz 200)", lambda log, metrics, health: _healthy(health), True),
 }
-
-
 CASES = [(moment, signal.SIGINT) for moment in MOMENTS] + [
-    ("at the banner (the operator imports its modules)", signal.SIGTERM),  # as a process manager stops it
-    ("once kopf runs (/healthz 200)", signal.SIGTERM),
+    ("banner", signal.SIGTERM),  # as a process manager stops it
+    ("running", signal.SIGTERM),
 ]
 
 
-@pytest.mark.parametrize(("moment", "sig"), CASES, ids=[f"{s.name}-{m.split(' (')[0].replace(' ', '-')}" for m, s in CASES])
+@pytest.mark.parametrize(("moment", "sig"), CASES, ids=[f"{s.name}-{m}" for m, s in CASES])
 def test_perennial_dev_stops_cleanly_whenever_it_is_stopped(tmp_path: Path, moment: str, sig: signal.Signals) -> None:
-    metrics, health = _free_port(), _free_port()
+    what, reached, runtime_started = MOMENTS[moment]
+    metrics, health = free_port(), free_port()
     log_path = tmp_path / "dev.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "perennial.cli", "dev", "--state-dir", str(tmp_path / "state"), "--port", str(_free_port()),
+            [sys.executable, "-m", "perennial.cli", "dev", "--state-dir", str(tmp_path / "state"), "--port", str(free_port()),
              "--metrics-port", str(metrics), "--health-port", str(health), "--log-format", "plain", "--verbose"],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            wait_for(lambda: MOMENTS[moment](log_path, metrics, health) or proc.poll() is not None, timeout=120, interval=0.02,
-                     message=moment)
+            wait_for(lambda: reached(log_path, metrics, health) or proc.poll() is not None, timeout=120, interval=0.02,
+                     message=what)
             assert proc.poll() is None, log_path.read_text()[-3000:]
             proc.send_signal(sig)
             proc.wait(60)  # a bound against a hang, not a performance figure
@@ -82,7 +68,7 @@ def test_perennial_dev_stops_cleanly_whenever_it_is_stopped(tmp_path: Path, mome
     text = log_path.read_text()
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
-    if moment in ("once the metrics port listens (the operator builds its registry)", "once kopf runs (/healthz 200)"):
+    if runtime_started:
         # the local runtime had started (before the operator): it was stopped, not left to die with the process
         assert "Started local kubelet" in text and "Stopped local kubelet" in text, text[-3000:]
     if "Signal SIG" in text:  # kopf ran and stopped on the signal

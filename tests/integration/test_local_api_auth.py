@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import running_cluster, wait_for
-from devproc import stop_dev
+from devproc import free_port, listening, stop_dev
 
 from perennial.cli import _start_control_plane
 from perennial.kube import connect
@@ -33,11 +33,6 @@ API = "perennial.ai/v1alpha1"
 SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "judge-key", "namespace": "default"},
           "stringData": {"key": "sk-very-secret"}}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _non_loopback_address() -> str:
@@ -67,13 +62,6 @@ def _get(url: str, token: str | None = None, headers: dict | None = None) -> tup
         code, body, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
     return code, (json.loads(body) if "json" in ctype else body.decode())
 
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except ConnectionRefusedError:
-        return False
-    return True
 
 
 def _token(kubeconfig: Path) -> str:
@@ -210,7 +198,7 @@ def test_the_operator_of_the_harness_authenticates(tmp_path):
 
 
 def test_perennial_dev_binds_api_and_metrics_to_host_and_requires_the_token(tmp_path):
-    port, metrics, health = _free_port(), _free_port(), _free_port()
+    port, metrics, health = free_port(), free_port(), free_port()
     log = open(tmp_path / "dev.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "perennial.cli", "dev", "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
@@ -227,7 +215,7 @@ def test_perennial_dev_binds_api_and_metrics_to_host_and_requires_the_token(tmp_
         _assert_unauthorized(*_get(f"https://127.0.0.1:{port}/api/v1/secrets"))
         assert _get(f"https://127.0.0.1:{port}/api/v1/secrets", _token(kubeconfig))[0] == 200
         # the banner comes once the control plane serves; the operator (and its metrics endpoint) starts after it
-        wait_for(lambda: _listening("127.0.0.1", metrics), timeout=60, interval=0.2, message="the operator's metrics endpoint")
+        wait_for(lambda: listening(metrics), timeout=60, interval=0.2, message="the operator's metrics endpoint")
         assert _get(f"http://127.0.0.1:{metrics}/metrics")[0] == 200
         addr = _non_loopback_address()
         for p in (port, metrics, health):
