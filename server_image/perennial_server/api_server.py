@@ -43,7 +43,7 @@ from .redact import Redactor
 from .routes import EngineAdapters, Routes
 from .serving_feedback import FeedbackHandler
 from .shipper import Shipper, Store
-from .spool import Spool, closed_segments
+from .spool import Segment, Spool, closed_segments
 from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("perennial_server.sidecar")
@@ -65,7 +65,8 @@ class Sidecar:
         self.token = TokenFile(cfg.token_file)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
         self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
-                           coalesce_s=0.05)  # interactions: one write per 50 ms (their fsync is once a second anyway)
+                           coalesce_s=0.05,  # interactions: one write per 50 ms (their fsync is once a second anyway)
+                           max_keys=cfg.feedback_dedupe_max_ids)  # feedback ids for the journal (idempotency.py)
         self.shipper: Shipper | None = None
         self.adopted: list[Shipper] = []
         self.capture = Capture(self)
@@ -143,9 +144,13 @@ class Sidecar:
 
     def _shipper(self, spool_dir: str, pod: str, **kw: Any) -> Shipper:
         if spool_dir == self.cfg.spool_dir:
-            kw["before_delete"] = self.feedback_ids.journal_segment
+            kw["before_delete"] = self._journal_shipped
         return Shipper(spool_dir, Store(self.cfg.store_uri), deployment=self.cfg.deployment, pod=pod, interval_s=self.cfg.ship_interval_s,
                        on_shipped=lambda s, w: self.metrics.shipped.inc(), on_failure=lambda s, e: self.metrics.ship_failures.inc(), **kw)
+
+    def _journal_shipped(self, seg: Segment, data: bytes) -> None:
+        """The shipper's thread, before a segment of this process's spool leaves it: journal its feedback ids."""
+        self.feedback_ids.journal_segment(data, self.spool.take_keys(seg.seq))
 
     def _recover_orphans(self) -> list[tuple[str, str]]:
         """Spools of workers this configuration no longer runs (the pod ran more workers before):

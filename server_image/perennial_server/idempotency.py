@@ -9,7 +9,8 @@ replica is not recognised -- consumers that need exactly-once drop repeated ids 
 * memory: the ids of the last `max_ids` records acknowledged (insertion order, oldest dropped first);
 * disk, with nothing added to the acknowledgement path: a record is durable in a spool segment
   before it is acknowledged, and a segment leaves the spool only through the shipper, which first
-  appends the segment's feedback ids to a journal in the spool dir (`feedback-ids.0|1`, one JSON
+  appends the segment's feedback ids (as the handlers handed them to the spool with each record, or
+  read from the segment's bytes where the spool does not hold them) to a journal in the spool dir (`feedback-ids.0|1`, one JSON
   string per line, fsync'd) and only then deletes the segment. On start the index is rebuilt from
   the journal and from every segment still in the spool, so it survives restarts and kill -9. The
   journal keeps two generations of `max_ids / 2` ids each: after a restart at least the last
@@ -121,9 +122,12 @@ class FeedbackIds:
                 finally:
                     os.close(fd)
 
-    def journal_segment(self, data: bytes) -> None:
-        """Journal the feedback ids of a segment about to leave the spool (the shipper's thread)."""
-        self._journal(_raw_feedback_ids(data))
+    def journal_segment(self, data: bytes, ids: list[bytes] | None = None) -> None:
+        """Journal the feedback ids of a segment about to leave the spool (the shipper's thread): `ids`, each
+        a JSON string, where the spool knows them (`Spool.take_keys`: the ids the handlers wrote to it); else
+        read from the segment's bytes (a predecessor's segment, or more held than the spool keeps)."""
+        if self.max_ids > 0:
+            self._journal(_raw_feedback_ids(data) if ids is None else ids)
 
 
 # A feedback record as the sidecar writes it (serving_feedback.record, FeedbackRecord.to_json: compact

@@ -159,13 +159,15 @@ class FeedbackHandler:
         try:
             if f is None:
                 f = "fb-" + random_hex()  # a fresh random id: no other request can hold it, and it is not stored yet
-                await s.spool.durable(self._record(f, req, ftype, seen), ftype)
+                fj = encode(f)  # the id as JSON: the answer's, and the spool's key for the id journal (idempotency.py)
+                await s.spool.durable(self._record(f, req, ftype, seen), ftype, fj)
             else:
+                fj = encode(f)
                 # the spool's loop is this one (asyncio.get_running_loop() costs a getpid() system call on Python 3.11)
                 fut = s.spool.loop.create_future()
                 ids.inflight[f] = fut  # a retry arriving meanwhile waits for this outcome (store_again)
                 try:
-                    await s.spool.durable(self._record(f, req, ftype, seen), ftype)
+                    await s.spool.durable(self._record(f, req, ftype, seen), ftype, fj)
                 finally:
                     del ids.inflight[f]
                     if not fut.done():
@@ -176,7 +178,7 @@ class FeedbackHandler:
             return self._answer(json_error(503, f"feedback could not be stored: {e}"[:300], "storage_unavailable"))
         ids.add(f)  # counted by durable()
         # the answer's JSON from constant pieces: only the client's strings are encoded
-        return web.Response(body=b"".join((b'{"id":', encode(f), b',"object":"feedback","response_id":', encode(rid), _TYPE_PART[ftype],
+        return web.Response(body=b"".join((b'{"id":', fj, b',"object":"feedback","response_id":', encode(rid), _TYPE_PART[ftype],
                                            _SEEN_PART[seen])), content_type="application/json")
 
     @staticmethod
@@ -238,8 +240,8 @@ class FeedbackHandler:
         futs = {f: loop.create_future() for f in new}
         ids.inflight.update(futs)
         try:
-            for line in lines:  # no await in between: one write and one fsync carry the whole request
-                s.spool.append_nowait(line)
+            for line, f in zip(lines, new):  # no await in between: one write and one fsync carry the whole request
+                s.spool.append_nowait(line, encode(f))  # the id: the journal's key (idempotency.py)
             await s.spool.sync()
             for f in new:
                 ids.add(f)
@@ -271,7 +273,7 @@ class FeedbackHandler:
         fut = asyncio.get_running_loop().create_future()
         inflight[f] = fut
         try:
-            await s.spool.durable(line)
+            await s.spool.durable(line, key=encode(f))  # the id: the journal's key (idempotency.py)
             ids.add(f)
         finally:
             del inflight[f]

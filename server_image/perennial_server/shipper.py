@@ -80,7 +80,7 @@ class Shipper:
         on_shipped: Callable[[Segment, str], None] | None = None,
         on_failure: Callable[[Segment, BaseException], None] | None = None,
         on_backlog: Callable[[int, int], None] | None = None,
-        before_delete: Callable[[bytes], None] | None = None,
+        before_delete: Callable[[Segment, bytes], None] | None = None,
     ) -> None:
         self.dir = Path(spool_dir)
         self.store = store
@@ -90,7 +90,7 @@ class Shipper:
         self.on_shipped = on_shipped
         self.on_failure = on_failure
         self.on_backlog = on_backlog
-        # called (in the shipping thread) with a shipped segment's bytes before it leaves the spool:
+        # called (in the shipping thread) with a shipped segment and its bytes before it leaves the spool:
         # the feedback-id journal (idempotency.py)
         self.before_delete = before_delete
         self._kick = asyncio.Event()
@@ -122,7 +122,7 @@ class Shipper:
         data = seg.path.read_bytes()
         where = self.store.put(self.object_name(seg), data)
         if self.before_delete is not None:
-            self.before_delete(data)
+            self.before_delete(seg, data)
         seg.path.unlink()
         return where
 

@@ -41,6 +41,14 @@ hole that recovery would end the segment at.
 
 On start, `recover()` closes what a crashed predecessor left open, dropping a
 torn final line and the zeros after the data.
+
+Keys: a writer may hand a record's key (bytes: for feedback, its id as JSON)
+with the record; the spool remembers the keys of each segment this process
+writes (in the I/O thread, before the segment can close), and `take_keys(seq)`
+hands them over once, when the segment leaves the spool (the shipper journals
+them: idempotency.py). At most `max_keys` are held (a store outage piles up
+segments): past that, and for segments recovered from a predecessor,
+`take_keys` answers None and the caller reads the keys from the segment's bytes.
 """
 
 from __future__ import annotations
@@ -170,6 +178,7 @@ class Spool:
         on_closed: Callable[[Segment], None] | None = None,
         on_durable: Callable[[list[str]], None] | None = None,
         coalesce_s: float = 0.0,
+        max_keys: int = 200_000,
     ) -> None:
         self.dir = Path(spool_dir)
         self.max_segment_bytes = max_segment_bytes
@@ -184,6 +193,12 @@ class Spool:
         self._buf: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._tags: list[str] = []
+        self._keys: list[bytes] = []  # the keys of the buffered records that have one
+        # seq -> keys of the records written to it (None: past `max_keys`, read them from the segment)
+        self._seg_keys: dict[int, list[bytes] | None] = {}
+        self._keys_held = 0
+        self.max_keys = max_keys
+        self._keys_lock = threading.Lock()  # the I/O thread notes, the shipper's thread takes
         # the flusher's wake-up: a future it awaits while idle (None while it works), so that an
         # append to a busy flusher costs one attribute test, not an Event.set() call
         self._wake: asyncio.Future[None] | None = None
@@ -271,22 +286,24 @@ class Spool:
         self._age_task = asyncio.create_task(self._ager(), name="spool-ager")
 
     # ---------------------------------------------------------------- writing
-    def append_nowait(self, line: str | bytes) -> None:
-        """Queue a record; it reaches disk with the next flush (no fsync awaited)."""
+    def append_nowait(self, line: str | bytes, key: bytes | None = None) -> None:
+        """Queue a record; it reaches disk with the next flush (no fsync awaited). `key`: see Keys above."""
         if self._closing:
             raise RuntimeError("spool is closed")
         b = line.encode() if isinstance(line, str) else line
         self._buf.append(b if b.endswith(b"\n") else b + b"\n")
+        if key is not None:
+            self._keys.append(key)
         assert self._started, "spool not started"
         if (w := self._wake) is not None:
             self._wake = None
             w.set_result(None)
 
-    def durable(self, line: bytes, tag: str | None = None) -> asyncio.Future[None]:
+    def durable(self, line: bytes, tag: str | None = None, key: bytes | None = None) -> asyncio.Future[None]:
         """Queue a record (bytes, no newline needed); the returned future is resolved once it is
         fsync'd, failed if the write or fsync failed (group commit with every other writer that
         arrives before the flusher's next write). `tag`, if given, reaches `on_durable` with the
-        rest of its group once the group is durable (never for a failed group)."""
+        rest of its group once the group is durable (never for a failed group). `key`: see Keys above."""
         if self._closing:
             raise RuntimeError("spool is closed")
         self._buf.append(line + b"\n" if line[-1:] != b"\n" else line)
@@ -295,6 +312,8 @@ class Spool:
         self._waiters.append(fut)
         if tag is not None:
             self._tags.append(tag)
+        if key is not None:
+            self._keys.append(key)
         if (c := self._coalescing) is not None:
             _resolve(c)
         if (w := self._wake) is not None:
@@ -331,6 +350,28 @@ class Spool:
     def pending(self) -> int:
         return len(self._buf)
 
+    def take_keys(self, seq: int) -> list[bytes] | None:
+        """The keys of the records this process wrote to segment `seq`, once (any thread); None where the
+        spool does not hold them all (a predecessor's segment, or past `max_keys`): read them from the segment."""
+        with self._keys_lock:
+            keys = self._seg_keys.pop(seq, None)
+            if keys is not None:
+                self._keys_held -= len(keys)
+            return keys
+
+    def _note_keys(self, seq: int, keys: list[bytes]) -> None:
+        """The I/O thread, once a batch is written to segment `seq` (before the segment can close)."""
+        with self._keys_lock:
+            held = self._seg_keys.get(seq)
+            if held is None:
+                return  # over the cap before: this segment's keys are read from its bytes
+            if self._keys_held + len(keys) > self.max_keys:
+                self._seg_keys[seq] = None
+                self._keys_held -= len(held)
+                return
+            held.extend(keys)
+            self._keys_held += len(keys)
+
     def _open_segment(self) -> None:
         seq = self._next_seq()
         day = _dt.datetime.now(_dt.timezone.utc).date()
@@ -346,6 +387,8 @@ class Spool:
             raise
         self._fd = fd
         self._seg = Segment(path, seq, day)
+        with self._keys_lock:
+            self._seg_keys[seq] = []
         self._seg_bytes = self._zeroed = self._synced = self._stale = 0
         self._suspect = False
         self._seg_opened = time.monotonic()
@@ -362,6 +405,7 @@ class Spool:
         seg, self._seg = self._seg, None
         if self._seg_bytes == 0:
             seg.path.unlink(missing_ok=True)
+            self.take_keys(seg.seq)
             _fsync_dir(self.dir)
             return None
         final = seg.path.with_suffix(".jsonl")
@@ -384,8 +428,8 @@ class Spool:
             self._synced = self._seg_bytes
             self._dirty = False
 
-    def _write_batch(self, data: bytes, sync: bool) -> Segment | None:
-        """Runs in a worker thread: write (and make durable) one batch, roll if due."""
+    def _write_batch(self, data: bytes, sync: bool, keys: list[bytes] | None = None) -> Segment | None:
+        """Runs in a worker thread: write (and make durable) one batch, note its keys, roll if due."""
         closed = None
         if self._suspect and self._fd is not None:
             closed = self._close_segment()  # see `_suspect`: what it holds stays; the batch goes to a new segment
@@ -414,6 +458,9 @@ class Spool:
         if sync:
             self.fsyncs += 1
             self._last_fsync = now
+        if keys:
+            assert self._seg is not None
+            self._note_keys(self._seg.seq, keys)
         if self._seg_bytes >= self.max_segment_bytes:
             return self._close_segment() or closed
         return closed
@@ -469,10 +516,11 @@ class Spool:
         buf, self._buf = self._buf, []
         waiters, self._waiters = self._waiters, []
         tags, self._tags = self._tags, []
+        keys, self._keys = self._keys, []
         data = b"".join(buf)
         try:
             async with self._io_lock:
-                closed = await self._run_io(self._write_batch, data, bool(waiters))
+                closed = await self._run_io(self._write_batch, data, bool(waiters), keys)
         except BaseException as e:  # disk full, I/O error: fail the waiters, keep going
             log.error("Failed to write spool batch error=%r", e)
             for w in waiters:

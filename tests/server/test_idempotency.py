@@ -51,9 +51,9 @@ async def test_a_cancelled_retry_neither_fails_nor_duplicates_the_request_it_wai
     await sc.spool.start()
     real = sc.spool._write_batch
 
-    def slow(data: bytes, sync: bool):  # the first request's fsync takes a while
+    def slow(data: bytes, sync: bool, keys: list[bytes] | None = None):  # the first request's fsync takes a while
         time.sleep(0.3)
-        return real(data, sync)
+        return real(data, sync, keys)
 
     sc.spool._write_batch = slow  # type: ignore[method-assign]
     handler = sc.feedback.__self__
@@ -96,3 +96,50 @@ def test_the_ids_of_a_segment_are_read_as_the_records_hold_them(tmp_path: Path) 
     ids.journal_segment(data)
     again = FeedbackIds(tmp_path, max_ids=100)
     assert again.load() == len(fids) and all(f in again for f in fids) and "chatcmpl-1" not in again
+
+
+def test_shipped_ids_are_journaled_from_the_spools_keys_and_replayed_after_a_restart(sidecar_factory, tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """The shipper journals the ids the handlers handed the spool with each record, without reading the segment
+    again: every path's ids (one record with and without an id, an array, a one-item array) reach the journal,
+    and a retry after a restart is a replay."""
+    import json
+    import time
+
+    import perennial_server.idempotency as idem
+    import requests
+
+    from srvutil import TOKEN
+
+    def no_scan(data: bytes) -> list[bytes]:
+        raise AssertionError("a segment this process wrote was read again for its ids")
+
+    monkeypatch.setattr(idem, "_raw_feedback_ids", no_scan)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    t, sc, cfg = sidecar_factory("http://127.0.0.1:1")
+    url = t.url + "/v1/feedback"
+    good = {"response_id": "chatcmpl-1", "type": "thumbs", "thumbs": "up"}
+    answers = [requests.post(url, json={**good, "id": "fb-one"}, headers=auth), requests.post(url, json=good, headers=auth),
+               requests.post(url, json=[{**good, "id": "fb-b1"}, {**good, "id": "fb-b2"}], headers=auth),
+               requests.post(url, json=[{**good, "id": "fb-single"}], headers=auth)]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    expected = {"fb-one", answers[1].json()["id"], "fb-b1", "fb-b2", "fb-single"}
+
+    def journaled() -> list[str]:
+        out = []
+        for name in idem.JOURNAL:
+            p = Path(cfg.spool_dir) / name
+            if p.exists():
+                out += [json.loads(line) for line in p.read_text().splitlines()]
+        return out
+
+    deadline = time.monotonic() + 30
+    while set(journaled()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(journaled()) == sorted(expected), "each id journaled once"
+    t.stop()
+    monkeypatch.undo()
+    t2, _, _ = sidecar_factory("http://127.0.0.1:1", spool_dir=cfg.spool_dir)
+    for fid in sorted(expected):
+        r = requests.post(t2.url + "/v1/feedback", json={**good, "id": fid}, headers=auth)
+        assert r.status_code == 200 and r.headers.get("Idempotent-Replayed") == "true", (fid, r.status_code, r.headers)

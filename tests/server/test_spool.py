@@ -32,10 +32,10 @@ async def test_coalescing_batches_interactions_and_never_delays_a_durable_append
     writes = 0
     real = sp._write_batch
 
-    def counting(data: bytes, sync: bool):
+    def counting(data: bytes, sync: bool, keys: list[bytes] | None = None):
         nonlocal writes
         writes += 1
-        return real(data, sync)
+        return real(data, sync, keys)
 
     sp._write_batch = counting  # type: ignore[method-assign]
     for i in range(50):
@@ -304,3 +304,37 @@ async def test_a_failed_sync_never_costs_a_later_acknowledged_record(tmp_path: P
     recovered = [json.loads(x)["i"] for s in closed_segments(tmp_path / "crashed") for x in s.path.read_bytes().splitlines() if x.strip(b"\0")]
     assert "durable-0" in recovered and "acknowledged" in recovered, recovered
     await sp.close()
+
+
+async def test_the_spool_hands_each_segments_keys_over_once(tmp_path: Path) -> None:
+    """Keys given with records (feedback ids, for the shipper's journal) come back per segment, exactly those of
+    the records in it, once; past `max_keys`, and for a predecessor's segments, None (read the segment instead)."""
+    sp = Spool(tmp_path, max_segment_bytes=300, max_segment_age_s=3600, max_keys=1000)
+    await sp.start()
+    for i in range(30):
+        sp.append_nowait(json.dumps({"interaction": i}))  # no key
+        if i % 3:
+            await sp.durable(json.dumps({"k": f"k{i}"}).encode(), key=f'"k{i}"'.encode())
+        else:
+            sp.append_nowait(json.dumps({"k": f"k{i}"}), key=f'"k{i}"'.encode())
+    await sp.close()
+    segs = closed_segments(tmp_path)
+    assert len(segs) >= 3, "the records should span several segments"
+    for s in segs:
+        expected = [json.dumps(r["k"]).encode() for r in map(json.loads, s.path.read_text().splitlines()) if "k" in r]
+        assert sp.take_keys(s.seq) == expected, s.path.name
+        assert sp.take_keys(s.seq) is None, "handed over once"
+    assert sp._keys_held == 0
+
+    capped = Spool(tmp_path / "capped", max_segment_bytes=1 << 20, max_segment_age_s=3600, max_keys=5)
+    await capped.start()
+    for i in range(10):
+        await capped.durable(b'{"k":1}', key=b'"k"')
+    await capped.close()
+    (seg,) = closed_segments(tmp_path / "capped")
+    assert capped.take_keys(seg.seq) is None and capped._keys_held == 0
+
+    again = Spool(tmp_path, max_segment_bytes=300, max_segment_age_s=3600)
+    await again.start()
+    assert all(again.take_keys(s.seq) is None for s in segs), "a predecessor's segments: read from their bytes"
+    await again.close()
