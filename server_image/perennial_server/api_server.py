@@ -66,7 +66,8 @@ class Sidecar:
         self.limiter = RateLimiter(cfg.rate_limit_per_second, burst=max(1.0, cfg.rate_limit_per_second))
         self.spool = Spool(cfg.spool_dir, max_segment_bytes=cfg.segment_max_bytes, max_segment_age_s=cfg.segment_max_age_s,
                            coalesce_s=0.05,  # interactions: one write per 50 ms (their fsync is once a second anyway)
-                           max_keys=cfg.feedback_dedupe_max_ids)  # feedback ids for the journal (idempotency.py)
+                           # the feedback ids the shipper journals (idempotency.py): none held where nothing ships
+                           max_keys=cfg.feedback_dedupe_max_ids if cfg.store_uri else 0)
         self.shipper: Shipper | None = None
         self.adopted: list[Shipper] = []
         self.capture = Capture(self)
