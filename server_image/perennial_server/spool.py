@@ -359,13 +359,14 @@ class Spool:
                 self._keys_held -= len(keys)
             return keys
 
-    def _note_keys(self, seq: int, keys: list[bytes]) -> None:
-        """The I/O thread, once a batch is written to segment `seq` (before the segment can close)."""
+    def _note_keys(self, seq: int, keys: list[bytes] | None) -> None:
+        """The I/O thread, once a batch is written to segment `seq` (before the segment can close); None: a write
+        that failed, whose records may or may not be in the segment (its keys are read from its bytes)."""
         with self._keys_lock:
             held = self._seg_keys.get(seq)
             if held is None:
-                return  # over the cap before: this segment's keys are read from its bytes
-            if self._keys_held + len(keys) > self.max_keys:
+                return  # over the cap before (or a failed write): this segment's keys are read from its bytes
+            if keys is None or self._keys_held + len(keys) > self.max_keys:
                 self._seg_keys[seq] = None
                 self._keys_held -= len(held)
                 return
@@ -453,6 +454,8 @@ class Spool:
                 self._write_preallocated(fd, data, sync)
         except BaseException:
             self._suspect = self._synced < self._seg_bytes  # (preallocated: the failed bytes are zeroed again)
+            if keys and self._seg is not None:
+                self._note_keys(self._seg.seq, None)  # some of them may be in the segment after all: read it when it ships
             raise
         self._dirty = not sync
         if sync:

@@ -306,9 +306,10 @@ async def test_a_failed_sync_never_costs_a_later_acknowledged_record(tmp_path: P
     await sp.close()
 
 
-async def test_the_spool_hands_each_segments_keys_over_once(tmp_path: Path) -> None:
+async def test_the_spool_hands_each_segments_keys_over_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys given with records (feedback ids, for the shipper's journal) come back per segment, exactly those of
-    the records in it, once; past `max_keys`, and for a predecessor's segments, None (read the segment instead)."""
+    the records in it, once; past `max_keys`, after a failed write, and for a predecessor's segments, None (read
+    the segment instead)."""
     sp = Spool(tmp_path, max_segment_bytes=300, max_segment_age_s=3600, max_keys=1000)
     await sp.start()
     for i in range(30):
@@ -333,6 +334,23 @@ async def test_the_spool_hands_each_segments_keys_over_once(tmp_path: Path) -> N
     await capped.close()
     (seg,) = closed_segments(tmp_path / "capped")
     assert capped.take_keys(seg.seq) is None and capped._keys_held == 0
+
+    failing = Spool(tmp_path / "failing", max_segment_bytes=1 << 20, max_segment_age_s=3600)
+    failing.preallocate_bytes = 0  # O_APPEND: a batch whose fsync fails stays in the segment
+    await failing.start()
+    await failing.durable(b'{"k":"a"}', key=b'"a"')
+    real_fsync = os.fsync
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    with pytest.raises(OSError):
+        await failing.durable(b'{"k":"b"}', key=b'"b"')
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    await failing.close()
+    first = closed_segments(tmp_path / "failing")[0]
+    assert b'"b"' in first.path.read_bytes() and failing.take_keys(first.seq) is None
 
     again = Spool(tmp_path, max_segment_bytes=300, max_segment_age_s=3600)
     await again.start()
