@@ -10,11 +10,11 @@ replica is not recognised -- consumers that need exactly-once drop repeated ids 
 * disk, with nothing added to the acknowledgement path: a record is durable in a spool segment
   before it is acknowledged, and a segment leaves the spool only through the shipper, which first
   appends the segment's feedback ids (as the handlers handed them to the spool with each record, or
-  read from the segment's bytes where the spool does not hold them) to a journal in the spool dir (`feedback-ids.0|1`, one JSON
-  string per line, fsync'd) and only then deletes the segment. On start the index is rebuilt from
-  the journal and from every segment still in the spool, so it survives restarts and kill -9. The
-  journal keeps two generations of `max_ids / 2` ids each: after a restart at least the last
-  `max_ids / 2` shipped ids and every unshipped one are known.
+  read from the segment's bytes where the spool does not hold them) to a journal in the spool dir
+  (`feedback-ids.0|1`, one JSON string per line, fsync'd) and only then deletes the segment. On
+  start the index is rebuilt from the journal and from every segment still in the spool, so it
+  survives restarts and kill -9. The journal keeps two generations of `max_ids / 2` ids each:
+  after a restart at least the last `max_ids / 2` shipped ids and every unshipped one are known.
 
 Concurrent requests with one id: the second waits for the first's outcome (stored: replayed; failed:
 it tries itself)."""

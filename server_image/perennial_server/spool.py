@@ -194,7 +194,7 @@ class Spool:
         self._waiters: list[asyncio.Future[None]] = []
         self._tags: list[str] = []
         self._keys: list[bytes] = []  # the keys of the buffered records that have one
-        # seq -> keys of the records written to it (None: past `max_keys`, read them from the segment)
+        # seq -> keys of the records written to it (None: past `max_keys` or after a failed write: read the segment)
         self._seg_keys: dict[int, list[bytes] | None] = {}
         self._keys_held = 0
         self.max_keys = max_keys
