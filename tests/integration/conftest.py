@@ -13,6 +13,7 @@ import collections
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import API, Cluster, running_cluster
@@ -23,6 +24,22 @@ from perennial.local.faults import FaultConfig
 def fault_config(seed: int) -> FaultConfig:
     rate = float(os.environ.get("PERENNIAL_TEST_FAULT_RATE", "0.05"))
     return FaultConfig(rate=rate, seed=seed, retry_after_seconds=1, slow_ms=100, watch_close_after=(0.2, 2.0))
+
+
+def record_managers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The operator's controller managers, as `runtime` makes them from now on (a test reads their watch-fed cache,
+    e.g. to wait until the operator has seen a change before acting on it)."""
+    from perennial import runtime
+
+    managers: list[Any] = []
+
+    class Recorded(runtime.Manager):  # type: ignore[name-defined,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            managers.append(self)
+
+    monkeypatch.setattr(runtime, "Manager", Recorded)
+    return managers
 
 
 def assert_no_duplicates(cluster: Cluster) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fault_config
+from conftest import fault_config, record_managers
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.api.deployment import (
     ABORTED_REVISION_ANNOTATION,
@@ -189,16 +189,7 @@ def serving(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 def serving_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: Any = None) -> Iterator[Serving]:
     """The operator on a control plane (with `faults` if given), a Ready BaseModel `base` and Adapter `support-v1`;
     on exit, every serving child exists once (assert_one_child_each)."""
-    from perennial import runtime
-
-    managers: list[Any] = []
-
-    class Recorded(runtime.Manager):  # type: ignore[name-defined,misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            managers.append(self)
-
-    monkeypatch.setattr(runtime, "Manager", Recorded)
+    managers = record_managers(monkeypatch)
     engines = Engines()
     try:
         with running_cluster(tmp_path, faults=faults) as cluster:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fault_config
+from conftest import fault_config, record_managers
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.kube import Kube, connect
 from perennial.local.apiserver import ServerThread, new_token, start_in_thread
@@ -96,8 +96,9 @@ def run_pods(kube: Kube, deployment: str, pods: Pods, n: int = 1) -> None:
 
 
 class World:
-    def __init__(self, hub: Cluster, region: ServerThread, region_kube: Kube, home: Pods, east: Pods) -> None:
+    def __init__(self, hub: Cluster, region: ServerThread, region_kube: Kube, home: Pods, east: Pods, managers: list[Any]) -> None:
         self.hub, self.region, self.region_kube, self.home, self.east = hub, region, region_kube, home, east
+        self.managers = managers  # the operator's (record_managers): their watch-fed cache
 
     def status(self) -> dict[str, Any]:
         return (self.hub.get("Deployment", "chat") or {}).get("status") or {}
@@ -114,10 +115,11 @@ def b64(text: str) -> str:
 
 
 @pytest.fixture(params=["clean", "faults"])
-def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+def world(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     """Hub and region; with "faults", both API servers fight back at the operator's requests (500s, 429s, 409s,
     slow answers, cut watches, 410s), and the region ends with no duplicate child."""
     faults = fault_config(seed=len(request.node.nodeid)) if request.param == "faults" else None
+    managers = record_managers(monkeypatch)
     region = start_in_thread(token=new_token(), tls=self_signed())
     pods: list[Pods] = []
     worlds: list[World] = []
@@ -138,7 +140,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
                                                  "artifactUri": "s3://models/support-v1", "lora": {"rank": 8}})
             hub.wait_condition("BaseModel", "base", "Ready", "True")
             pods = [Pods(hub.kube, "chat-routes"), Pods(region_kube, "chat-routes")]
-            worlds.append(World(hub, region, region_kube, *pods))
+            worlds.append(World(hub, region, region_kube, *pods, managers))
             yield worlds[0]
     finally:
         for p in pods:
@@ -163,6 +165,11 @@ def serve_home(w: World) -> None:
     def proxied(svc: str) -> None:
         wait_for(lambda: kube.get("v1", "Service", NS, svc), timeout=60, message=f"Service {svc}")
         kube.patch("v1", "Service", NS, svc, {"metadata": {"annotations": {LOCAL_URL: f"http://127.0.0.1:{w.home.port}"}}})
+        # the operator acts on its watch-fed cache: it must have seen the URL before the pods get ready (else its smoke
+        # test may run against the Service's DNS name, fail, and abort the rollout, as it should for a real failure)
+        cache = w.managers[-1].cache
+        wait_for(lambda: ((cache.get("v1", "Service", NS, svc) or {}).get("metadata", {}).get("annotations") or {}).get(LOCAL_URL),
+                 timeout=60, message=f"the operator's cache has the local URL of {svc}")
 
     proxied("chat-preview")
     run_pods(kube, "chat-blue", w.home)
