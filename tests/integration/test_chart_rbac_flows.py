@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 
 import helm_python
+import pytest
 import yaml
+from conftest import record_managers
 from harness import API, Cluster, apply_operator_rbac, record_authz, running_cluster, wait_for
 from test_deployment_regions import NS, SPEC, World, Pods, run_pods, serve_home
 
@@ -88,7 +90,8 @@ def test_the_operator_starts_where_keda_is_installed(tmp_path: Path):
         server.stop()
 
 
-def test_a_region_serves_with_the_charts_member_region_rbac(tmp_path: Path):
+def test_a_region_serves_with_the_charts_member_region_rbac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    managers = record_managers(monkeypatch)
     region = start_in_thread(token=new_token(), tls=self_signed())
     pods: list[Pods] = []
     try:
@@ -110,7 +113,7 @@ def test_a_region_serves_with_the_charts_member_region_rbac(tmp_path: Path):
                                                  "artifactUri": "s3://models/support-v1", "lora": {"rank": 8}})
             hub.wait_condition("BaseModel", "base", "Ready", "True")
             pods = [Pods(hub.kube, "chat-routes"), Pods(admin, "chat-routes")]
-            w = World(hub, region, admin, *pods)
+            w = World(hub, region, admin, *pods, managers)
 
             hub.create("Deployment", "chat", SPEC)
             serve_home(w)
