@@ -388,8 +388,9 @@ class Spool:
             raise
         self._fd = fd
         self._seg = Segment(path, seq, day)
-        with self._keys_lock:
-            self._seg_keys[seq] = []
+        if self.max_keys > 0:  # (none held: no entry either, e.g. a spool nothing ships)
+            with self._keys_lock:
+                self._seg_keys[seq] = []
         self._seg_bytes = self._zeroed = self._synced = self._stale = 0
         self._suspect = False
         self._seg_opened = time.monotonic()

@@ -335,6 +335,13 @@ async def test_the_spool_hands_each_segments_keys_over_once(tmp_path: Path, monk
     (seg,) = closed_segments(tmp_path / "capped")
     assert capped.take_keys(seg.seq) is None and capped._keys_held == 0
 
+    unkept = Spool(tmp_path / "unkept", max_segment_bytes=20, max_segment_age_s=3600, max_keys=0)
+    await unkept.start()
+    for i in range(10):
+        await unkept.durable(b'{"k":1}', key=b'"k"')
+    await unkept.close()
+    assert len(closed_segments(tmp_path / "unkept")) > 1 and unkept._seg_keys == {}, "nothing held per segment when no keys are kept"
+
     failing = Spool(tmp_path / "failing", max_segment_bytes=1 << 20, max_segment_age_s=3600)
     failing.preallocate_bytes = 0  # O_APPEND: a batch whose fsync fails stays in the segment
     await failing.start()
