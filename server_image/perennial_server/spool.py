@@ -47,8 +47,10 @@ with the record; the spool remembers the keys of each segment this process
 writes (in the I/O thread, before the segment can close), and `take_keys(seq)`
 hands them over once, when the segment leaves the spool (the shipper journals
 them: idempotency.py). At most `max_keys` are held (a store outage piles up
-segments): past that, and for segments recovered from a predecessor,
-`take_keys` answers None and the caller reads the keys from the segment's bytes.
+segments; 0: none, and no entry per segment). Past that, after a write that
+failed (its records may or may not be in the segment), and for segments
+recovered from a predecessor, `take_keys` answers None and the caller reads the
+keys from the segment's bytes.
 """
 
 from __future__ import annotations
@@ -352,7 +354,7 @@ class Spool:
 
     def take_keys(self, seq: int) -> list[bytes] | None:
         """The keys of the records this process wrote to segment `seq`, once (any thread); None where the
-        spool does not hold them all (a predecessor's segment, or past `max_keys`): read them from the segment."""
+        spool does not hold them all (see Keys above): read them from the segment."""
         with self._keys_lock:
             keys = self._seg_keys.pop(seq, None)
             if keys is not None:
