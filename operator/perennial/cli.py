@@ -164,6 +164,20 @@ class _Stopped(BaseException):
     stopped cleanly."""
 
 
+def _caused_by_stop(exc: BaseException) -> bool:
+    """Whether `exc` was raised because of a `_Stopped`: the signal handler raises it wherever the main thread
+    is, and some places turn what is raised there into another exception with it as the cause (CPython 3.11
+    wraps what a descriptor's `__set_name__` raises, as while a dataclass is defined, in a RuntimeError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, _Stopped):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _dev(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -188,6 +202,11 @@ def _dev(args: argparse.Namespace) -> int:
         if not stop.is_set():
             # kopf installs its own SIGINT/SIGTERM handlers once it runs; until then on_signal sets the flag
             run(stop_flag=stop, **operator)
+    except Exception as exc:  # _Stopped as the cause of another: raised where Python wraps what is raised there
+        starting = False
+        if not _caused_by_stop(exc):
+            raise
+        print("Stopped while starting.", flush=True)
     except _Stopped:
         starting = False  # a second signal now only sets the flag
         print("Stopped while starting.", flush=True)
