@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import API, Cluster, running_cluster
+from harness import API, Cluster, running_cluster, wait_for
 
 from perennial.local.faults import FaultConfig
+
+LOCAL_URL = "perennial.ai/local-url"  # the Service annotation the local runtime's proxy writes
 
 
 def fault_config(seed: int) -> FaultConfig:
@@ -40,6 +42,18 @@ def record_managers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(runtime, "Manager", Recorded)
     return managers
+
+
+def proxy_service(kube: Any, managers: list[Any], namespace: str, name: str, url: str, timeout: float = 60) -> None:
+    """Play the local kube-proxy: Service `name` answers at `url` (the annotation `perennial.local.proxy` writes), and
+    wait until the operator's watch-fed cache has it. The operator acts on its cache: it must have seen the URL before
+    the pods get ready, else its smoke test may run against the Service's DNS name, fail, and abort the rollout, as it
+    should for a real failure."""
+    wait_for(lambda: kube.get("v1", "Service", namespace, name), timeout=timeout, message=f"Service {name}")
+    kube.patch("v1", "Service", namespace, name, {"metadata": {"annotations": {LOCAL_URL: url}}})
+    cache = managers[-1].cache
+    wait_for(lambda: ((cache.get("v1", "Service", namespace, name) or {}).get("metadata", {}).get("annotations") or {}).get(LOCAL_URL) == url,
+             timeout=timeout, message=f"the operator's cache has the local URL of {name}")
 
 
 def assert_no_duplicates(cluster: Cluster) -> None:

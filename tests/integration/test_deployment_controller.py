@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fault_config, record_managers
+from conftest import fault_config, proxy_service, record_managers
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.api.deployment import (
     ABORTED_REVISION_ANNOTATION,
@@ -30,7 +30,6 @@ from perennial.api.deployment import (
 from test_controller_pattern import WRITES, count, quiet
 
 NS = "default"
-LOCAL_URL = "perennial.ai/local-url"
 
 
 # ----------------------------------------------------------------------------- the parts a cluster plays
@@ -107,11 +106,7 @@ class Serving:
 
     def proxied(self, name: str) -> None:
         """Play the local kube-proxy: the Service answers at the engines' URL; wait until the operator saw it."""
-        wait_for(lambda: self.service(name), message=f"Service {name}")
-        self.kube.patch("v1", "Service", NS, name, {"metadata": {"annotations": {LOCAL_URL: self.engines.url}}})
-        cache = self.managers[-1].cache
-        wait_for(lambda: ((cache.get("v1", "Service", NS, name) or {}).get("metadata", {}).get("annotations") or {}).get(LOCAL_URL),
-                 message=f"the operator's cache has the local URL of {name}")
+        proxy_service(self.kube, self.managers, NS, name, self.engines.url)
 
     def ready(self, name: str, ready: int | None = None) -> dict[str, Any]:
         """Play the controller-manager: every replica of `name` (or `ready` of them) is up and ready."""

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fault_config, record_managers
+from conftest import fault_config, proxy_service, record_managers
 from harness import API, Cluster, running_cluster, wait_for
 from perennial.kube import Kube, connect
 from perennial.local.apiserver import ServerThread, new_token, start_in_thread
 from perennial.local.tls import self_signed
 
 NS = "default"
-LOCAL_URL = "perennial.ai/local-url"
 MANAGED = "app.kubernetes.io/managed-by=perennial-operator"
 
 
@@ -163,13 +162,7 @@ def serve_home(w: World) -> None:
     kube = w.hub.kube
 
     def proxied(svc: str) -> None:
-        wait_for(lambda: kube.get("v1", "Service", NS, svc), timeout=60, message=f"Service {svc}")
-        kube.patch("v1", "Service", NS, svc, {"metadata": {"annotations": {LOCAL_URL: f"http://127.0.0.1:{w.home.port}"}}})
-        # the operator acts on its watch-fed cache: it must have seen the URL before the pods get ready (else its smoke
-        # test may run against the Service's DNS name, fail, and abort the rollout, as it should for a real failure)
-        cache = w.managers[-1].cache
-        wait_for(lambda: ((cache.get("v1", "Service", NS, svc) or {}).get("metadata", {}).get("annotations") or {}).get(LOCAL_URL),
-                 timeout=60, message=f"the operator's cache has the local URL of {svc}")
+        proxy_service(kube, w.managers, NS, svc, f"http://127.0.0.1:{w.home.port}")
 
     proxied("chat-preview")
     run_pods(kube, "chat-blue", w.home)

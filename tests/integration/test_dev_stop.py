@@ -36,7 +36,11 @@ MOMENTS = {
     "state-dir": ("once the state dir exists (the control plane starts)", lambda log, metrics, health: (log.parent / "state").is_dir(), False),
     "banner": ("at the banner (the operator imports its modules)", lambda log, metrics, health: "Perennial dev is running" in log.read_text(), False),
     "metrics": ("once the metrics port listens (the operator builds its registry)", lambda log, metrics, health: listening(metrics), True),
-    "running": ("once kopf runs (/healthz 200)", lambda log, metrics, health: _healthy(health), True),
+    # kopf serves /healthz before its first discovery scan ends; a stop during that scan leaves the scan's requests
+    # running (it awaits them through asyncio.as_completed, which does not cancel them) and kopf cancels them as
+    # "hung" after 5 s. Our own list of the world starts once kopf's watches do, so after the scan.
+    "running": ("once kopf runs and watches (/healthz 200, the world listed)",
+                lambda log, metrics, health: "Listed the world" in log.read_text() and _healthy(health), True),
 }
 CASES = [(moment, signal.SIGINT) for moment in MOMENTS] + [
     ("banner", signal.SIGTERM),  # as a process manager stops it
