@@ -22,8 +22,8 @@ class _SendsSigterm:
         signal.raise_signal(signal.SIGTERM)
 
 
-def _run_dev(monkeypatch: pytest.MonkeyPatch, start: Any) -> tuple[int, list[str]]:
-    stopped: list[str] = []
+def _run_dev(monkeypatch: pytest.MonkeyPatch, start: Any, stopped: list[str]) -> int:
+    """`cli._dev` with its start replaced: a control plane that 'started' (its stop recorded in `stopped`), then `start`."""
 
     def fake_start(args: argparse.Namespace, cleanup: list[Any]) -> dict[str, Any]:
         cleanup.append(lambda: stopped.append("control plane"))
@@ -33,13 +33,12 @@ def _run_dev(monkeypatch: pytest.MonkeyPatch, start: Any) -> tuple[int, list[str
     monkeypatch.setattr(cli, "_dev_start", fake_start)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = cli._dev(argparse.Namespace())
+        return cli._dev(argparse.Namespace())
     finally:
         after = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    assert after == before, "the previous signal handlers are put back"
-    return code, stopped
+        assert after == before, "the previous signal handlers are put back"
 
 
 def _define_a_class_with_a_descriptor() -> None:
@@ -55,8 +54,8 @@ def _wrap_it_explicitly() -> None:
 
 @pytest.mark.parametrize("start", [_define_a_class_with_a_descriptor, _wrap_it_explicitly], ids=["set_name", "raise-from"])
 def test_a_signal_wrapped_in_another_exception_still_stops_the_start_cleanly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], start: Any) -> None:
-    code, stopped = _run_dev(monkeypatch, start)
-    assert code == 0
+    stopped: list[str] = []
+    assert _run_dev(monkeypatch, start, stopped) == 0
     assert stopped == ["control plane"], "what had started is stopped"
     assert "Stopped while starting." in capsys.readouterr().out
 
@@ -66,14 +65,7 @@ def test_an_error_of_its_own_in_the_start_is_not_taken_for_a_stop(monkeypatch: p
         raise RuntimeError("the control plane could not start")
 
     stopped: list[str] = []
-
-    def fake_start(args: argparse.Namespace, cleanup: list[Any]) -> dict[str, Any]:
-        cleanup.append(lambda: stopped.append("control plane"))
-        fails()
-        return {}
-
-    monkeypatch.setattr(cli, "_dev_start", fake_start)
     with pytest.raises(RuntimeError, match="could not start"):
-        cli._dev(argparse.Namespace())
+        _run_dev(monkeypatch, fails, stopped)
     assert stopped == ["control plane"], "what had started is stopped all the same"
     assert "Stopped while starting." not in capsys.readouterr().out
