@@ -272,4 +272,6 @@ def test_a_run_waits_while_discovery_cannot_tell_whether_its_engine_is_served(tm
         refused = c.wait_condition("TrainingRun", "named", "Succeeded", "False", "EngineNotInstalled", timeout=30)
         assert "jobsets.jobset.x-k8s.io" in refused["message"]
         wait_for(lambda: c.kube.get("batch/v1", "Job", "default", "auto-train"), timeout=30, message="the Auto run's indexed Job")
-        assert (c.get("TrainingRun", "auto").get("status") or {}).get("engine") == "IndexedJob"
+        # the status that names the engine is written after the children (a reader may see the Job first)
+        wait_for(lambda: (c.get("TrainingRun", "auto").get("status") or {}).get("engine"), timeout=30, message="the Auto run's engine in its status")
+        assert c.get("TrainingRun", "auto")["status"]["engine"] == "IndexedJob"
