@@ -288,6 +288,8 @@ def test_first_rollout_children_status_events_and_no_writes_once_stable(serving:
 
     # The smoke test asked every served name through the preview Service before the first traffic.
     assert {"base", "support"} <= set(w.engines.models)
+    # the local endpoint comes with the pass after the test's proxy annotated the stable Service (maybe a later write)
+    wait_for(lambda: (w.status().get("regions") or [{}])[0].get("endpoint") == w.engines.url, message="the local endpoint in status")
     st = w.status()
     assert st["activeColor"] == "blue" and st["phase"] == "Stable" and st["readySummary"] == "2/2"
     assert st["servedAdapters"] == [{"name": "support", "adapter": "support-v1"}] and st["servedSummary"] == "support=support-v1"
@@ -627,9 +629,9 @@ def test_adapter_change_in_place_loads_next_to_the_old_then_moves_the_name(servi
         # No new pods: the colors are as they were.
         blue = w.deploy("chat-blue")
         assert blue["spec"] == blue_before["spec"] and w.deploy("chat-green") is None
-        text = " ".join(w.reasons())
-        for step in ("PreviewCreated", "SmokeTestPassed", "Switched", "AdapterUnloaded"):
-            assert step in text, text
+        # Events are posted after the status writes that note them
+        wait_for(lambda: all(step in " ".join(w.reasons()) for step in ("PreviewCreated", "SmokeTestPassed", "Switched", "AdapterUnloaded")),
+                 message="the rollout's Events")
     finally:
         sidecars.close()
 
@@ -955,7 +957,8 @@ def test_a_deployment_named_as_another_ones_label_value_is_refused_and_takes_not
     w.cluster.wait_condition("Deployment", attacker, "Ready", "False", "LabelConflict")
     cond = next(c for c in w.cluster.get("Deployment", attacker)["status"]["conditions"] if c["type"] == "Ready")
     assert victim in cond["message"], cond
-    assert [e for e in w.kube.list("v1", "Event", NS) if e["involvedObject"]["name"] == attacker and e["reason"] == "LabelConflict"]
+    wait_for(lambda: [e for e in w.kube.list("v1", "Event", NS) if e["involvedObject"]["name"] == attacker and e["reason"] == "LabelConflict"],
+             message="the LabelConflict Event (posted after the status)")
     assert owned_by(attacker) == [], [o["metadata"]["name"] for o in owned_by(attacker)]
     first = w.cluster.wait_condition("Deployment", victim, "Ready", "False")  # its first rollout's status (its pods never come up here)
     assert first["reason"] != "LabelConflict", first

@@ -140,8 +140,10 @@ def test_with_leaderworkerset_each_color_is_a_group_rolled_blue_green_and_pruned
     wait_for(lambda: w.stable_color("chat-eu") == "blue" and w.stable_color("chat-us") == "blue", message="both regions serve")
     for r in ("eu", "us"):
         w.proxied(f"chat-{r}")
-    wait_for(lambda: get_lws(w, "chat-green") is None and get_lws(w, "chat-blue") is None, message="the old region's groups pruned")
-    assert w.service("chat") is None and w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None
+    # one DELETE per child, groups before Services: wait for the last of them
+    wait_for(lambda: get_lws(w, "chat-green") is None and get_lws(w, "chat-blue") is None and w.service("chat") is None,
+             message="the old region's groups and Service pruned")
+    assert w.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "chat") is None
     w.cluster.wait_condition("Deployment", "chat", "Ready", "True")
     wait_for(lambda: [r["name"] for r in w.status()["regions"]] == ["eu", "us"], message="the status has the two regions")
     wait_for(lambda: "Deleted LeaderWorkerSet chat-green" in " ".join(w.reasons()), message="the Event of the pruned groups")

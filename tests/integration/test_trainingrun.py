@@ -132,8 +132,8 @@ def test_job_progress_success_adapter_and_delete(cluster: Cluster, tmp_path):
     assert lineage["datasets"][0]["sha256"] == "f" * 64 and lineage["configHash"] == "abc123" and lineage["method"] == "GRPO"
     wait_for(lambda: cluster.get("Adapter", "fruit-v1").get("status", {}).get("meanReward") == "1.85", message="adapter metrics")
     assert "ownerReferences" not in adapter["metadata"]
-    reasons = {e["reason"] for e in cluster.events("run1")}
-    assert {"JobCreated", "AdapterCreated"} <= reasons
+    # Events are posted after the status write that notes them (in the background, retried): wait, do not read once
+    wait_for(lambda: {"JobCreated", "AdapterCreated"} <= {e["reason"] for e in cluster.events("run1")}, message="the run's Events")
 
     # Deleting the run removes its Job and config, never its Adapter.
     cluster.kube.delete(API, "TrainingRun", "default", "run1")
