@@ -202,13 +202,10 @@ def _dev(args: argparse.Namespace) -> int:
         if not stop.is_set():
             # kopf installs its own SIGINT/SIGTERM handlers once it runs; until then on_signal sets the flag
             run(stop_flag=stop, **operator)
-    except Exception as exc:  # _Stopped as the cause of another: raised where Python wraps what is raised there
-        starting = False
+    except (_Stopped, Exception) as exc:  # _Stopped itself, or as the cause of what Python wrapped it in
+        starting = False  # a second signal now only sets the flag
         if not _caused_by_stop(exc):
             raise
-        print("Stopped while starting.", flush=True)
-    except _Stopped:
-        starting = False  # a second signal now only sets the flag
         print("Stopped while starting.", flush=True)
     except KeyboardInterrupt:  # with the asyncio loop: a Ctrl-C between its close putting back Python's handler and ours
         starting = False
